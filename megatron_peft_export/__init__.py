@@ -1,0 +1,16 @@
+"""Export Megatron LoRA/DoRA adapters to Hugging Face PEFT while training runs."""
+
+from .errors import DialectError, ExportError, NoAdaptersError, OutputError, ShapeMismatchError, UnsupportedModelError
+from .export import export_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DialectError",
+    "ExportError",
+    "NoAdaptersError",
+    "OutputError",
+    "ShapeMismatchError",
+    "UnsupportedModelError",
+    "export_adapter",
+]

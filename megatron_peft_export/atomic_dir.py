@@ -1,0 +1,70 @@
+"""Publish a directory whole or not at all: write into a hidden temporary sibling, fsync, rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import OutputError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CARD = "README.md"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Create the temporary sibling that will become `output_dir`; fail early if it cannot be published."""
+    out = Path(output_dir).absolute()
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists; expected a new directory. Pass overwrite=True (--overwrite) to replace it.")
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot write the adapter next to {out}: {exc.strerror} ({exc.filename}); expected a writable directory") from exc
+    return tmp
+
+
+def write_and_publish(tmp: Path, output_dir: str | os.PathLike, *, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str, overwrite: bool) -> Path:
+    """Fill `tmp`, fsync it and rename it to `output_dir`; on any failure remove `tmp` and leave the target as it was."""
+    out = Path(output_dir).absolute()
+    try:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / MODEL_CARD).write_text(card)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD):
+            _fsync(tmp / name)
+        _fsync(tmp)
+        old = None
+        if out.exists():
+            if not overwrite:
+                raise OutputError(f"{out} appeared while the adapter was being written; nothing was replaced")
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
+        _fsync(out.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing the adapter to {out} failed: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out

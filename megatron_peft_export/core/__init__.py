@@ -1,0 +1,1 @@
+"""The pure conversion core: no torch.distributed, no megatron imports, no file I/O."""

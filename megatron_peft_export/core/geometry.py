@@ -1,0 +1,86 @@
+"""What the core needs to know about a model's shapes, from Megatron's config or an HF config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from ..errors import ShapeMismatchError
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelGeometry:
+    """Shapes that decide how fused Megatron tensors split into HF modules."""
+
+    num_layers: int
+    """Transformer layers in the whole model (all pipeline stages)."""
+    hidden_size: int
+    """Model width: input of q/k/v, gate/up; output of o_proj and down_proj."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int
+    """Key/value heads (GQA groups); equals num_attention_heads for plain multi-head attention."""
+    head_dim: int
+    """Channels per attention head (Megatron's kv_channels)."""
+    ffn_hidden_size: int
+    """MLP width (HF intermediate_size): rows of each of gate_proj and up_proj."""
+    gated_linear_unit: bool
+    """True when linear_fc1 fuses gate and up (SwiGLU)."""
+    vocab_size: int | None = None
+    """HF vocabulary size; Megatron pads its vocabulary, and rows past this are dropped."""
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ShapeMismatchError(
+                f"expected num_attention_heads to be a multiple of num_query_groups, found "
+                f"{self.num_attention_heads} heads and {self.num_query_groups} query groups"
+            )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @classmethod
+    def from_megatron(cls, config: Any, vocab_size: int | None = None) -> "ModelGeometry":
+        """From a megatron-core TransformerConfig (duck-typed: only attributes are read)."""
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_attention_heads=heads,
+            num_query_groups=config.num_query_groups or heads,
+            head_dim=config.kv_channels or config.hidden_size // heads,
+            ffn_hidden_size=config.ffn_hidden_size,
+            gated_linear_unit=bool(config.gated_linear_unit),
+            vocab_size=vocab_size,
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool = True) -> "ModelGeometry":
+        """From an HF config.json mapping (Llama-family field names)."""
+        text = config.get("text_config") or config
+        heads = text["num_attention_heads"]
+        return cls(
+            num_layers=text["num_hidden_layers"],
+            hidden_size=text["hidden_size"],
+            num_attention_heads=heads,
+            num_query_groups=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            ffn_hidden_size=text["intermediate_size"],
+            gated_linear_unit=gated_linear_unit,
+            vocab_size=text.get("vocab_size"),
+        )
+
+    def check_matches(self, hf: "ModelGeometry", source: str) -> None:
+        """Raise one error listing every field where the HF config contradicts the Megatron model."""
+        skip = {"vocab_size", "gated_linear_unit"}
+        diffs = [
+            f"{f.name}: Megatron model has {getattr(self, f.name)}, {source} has {getattr(hf, f.name)}"
+            for f in fields(self)
+            if f.name not in skip and getattr(self, f.name) != getattr(hf, f.name)
+        ]
+        if diffs:
+            raise ShapeMismatchError(
+                "the HF config does not describe the Megatron model: " + "; ".join(diffs)
+                + ". Pass the base model the adapter was trained on (base_model_name_or_path)."
+            )

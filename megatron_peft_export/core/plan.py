@@ -1,0 +1,252 @@
+"""The planner: shard metadata -> HF placements, and the checks that every HF tensor is filled exactly once."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DialectError, ShapeMismatchError
+from .archs import ArchMap, Layout, ModuleMap
+from .geometry import ModelGeometry
+from .shards import Placement, ShardSpec
+
+PEFT_PREFIX = "base_model.model."
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+OUTPUT_LAYER = "output_layer"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The HF modules one Megatron adapter (or CanonicalLoRA part) feeds, with their HF shapes."""
+
+    hf_modules: tuple[str, ...]
+    layout: Layout
+    in_features: int
+    out_features: tuple[int, ...]
+    megatron_out: int
+    """Rows of the fused Megatron output (padded vocabulary for the output layer)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+
+
+@dataclass
+class AdapterPlan:
+    """Everything the writer needs: HF tensor shapes, where each shard goes, per-module LoRA settings."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    placements: list[list[Placement]]
+    """One list per input spec, in input order; empty for replicas."""
+    modules: dict[str, LoraSettings]
+    use_dora: bool
+    num_layers: int
+    layer_modules: dict[str, set[int]] = field(default_factory=dict)
+    """HF short module name (e.g. `q_proj`) -> layers that hold it; drives target_modules."""
+
+
+def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tuple[int, ...]]:
+    g = geometry
+    kind = module.megatron.rsplit(".", 1)[-1]
+    if kind == "linear_qkv":
+        return g.hidden_size, (g.num_attention_heads * g.head_dim, g.num_query_groups * g.head_dim, g.num_query_groups * g.head_dim)
+    if kind == "linear_proj":
+        return g.num_attention_heads * g.head_dim, (g.hidden_size,)
+    if kind == "linear_fc1":
+        if (module.layout == "gate_up") != g.gated_linear_unit:
+            want = "a gated (SwiGLU)" if module.layout == "gate_up" else "a non-gated"
+            have = "gated" if g.gated_linear_unit else "non-gated"
+            raise ShapeMismatchError(
+                f"the architecture name map expects {want} MLP, the Megatron model's linear_fc1 is {have}; "
+                "pass the model_type of the family the model was converted from"
+            )
+        return g.hidden_size, (g.ffn_hidden_size,) * len(module.hf)
+    if kind == "linear_fc2":
+        return g.ffn_hidden_size, (g.hidden_size,)
+    raise DialectError(f"no shape rule for Megatron module kind {kind!r}")
+
+
+def resolve_target(module_path: str, part: str | None, geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None) -> Target:
+    """Map a Megatron module path (global layer index) to the HF modules it feeds."""
+    if module_path == OUTPUT_LAYER:
+        padded = megatron_vocab or geometry.vocab_size
+        vocab = geometry.vocab_size or padded
+        if part is not None or vocab is None:
+            raise DialectError(f"cannot map {module_path} (part {part}); the output layer has one plain adapter")
+        return Target((arch.output_layer,), "plain", geometry.hidden_size, (vocab,), padded)
+    match = _LAYER_RE.match(module_path)
+    module = next((m for m in arch.modules if match and m.megatron == match.group(2)), None)
+    if module is None:
+        raise DialectError(
+            f"no HF name for Megatron module {module_path!r} in the {arch.name} name map "
+            f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
+        )
+    layer = int(match.group(1))
+    if layer >= geometry.num_layers:
+        raise ShapeMismatchError(f"{module_path}: layer {layer} is past the model's {geometry.num_layers} layers")
+    prefix = arch.layer_prefix.format(i=layer)
+    in_features, outs = _linear_shapes(module, geometry)
+    names = tuple(f"{prefix}.{name}" for name in module.hf)
+    if part is None:
+        return Target(names, module.layout, in_features, outs, sum(outs))
+    if part not in module.parts:
+        raise DialectError(f"{module_path}: unknown sub-adapter {part!r}; expected one of {module.parts}")
+    i = module.parts.index(part)
+    return Target((names[i],), "plain", in_features, (outs[i],), outs[i])
+
+
+def _row_blocks(target: Target, geometry: ModelGeometry, tp_rank: int, tp_size: int) -> list[tuple[int, int, int, int]]:
+    """(HF module index, HF start row, local start row, rows) for the output rows a TP rank holds."""
+    if target.layout == "qkv":
+        groups = geometry.num_query_groups // tp_size
+        hpg, d = geometry.heads_per_group, geometry.head_dim
+        per_group = (hpg + 2) * d
+        blocks = []
+        for j in range(groups):
+            g, base = tp_rank * groups + j, j * per_group
+            blocks += [(0, g * hpg * d, base, hpg * d), (1, g * d, base + hpg * d, d), (2, g * d, base + (hpg + 1) * d, d)]
+        return blocks
+    if target.layout == "gate_up":
+        rows = target.out_features[0] // tp_size
+        return [(0, tp_rank * rows, 0, rows), (1, tp_rank * rows, rows, rows)]
+    rows = target.megatron_out // tp_size
+    start = tp_rank * rows
+    kept = max(0, min(rows, target.out_features[0] - start))  # padded vocabulary rows are dropped
+    return [(0, start, 0, kept)] if kept else []
+
+
+def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_size: int) -> None:
+    units = {"qkv": ("query groups", geometry.num_query_groups), "gate_up": ("ffn_hidden_size", geometry.ffn_hidden_size)}
+    what, count = units.get(target.layout, ("output rows", target.megatron_out))
+    if count % tp_size:
+        raise ShapeMismatchError(f"{spec.describe()}: {what} ({count}) is not divisible by the tensor-parallel size {tp_size}")
+
+
+def hf_key(module: str, role: str) -> str:
+    suffix = "lora_magnitude_vector" if role == "magnitude" else f"{role}.weight"
+    return f"{PEFT_PREFIX}{module}.{suffix}"
+
+
+def plan_shard(spec: ShardSpec, target: Target, geometry: ModelGeometry) -> list[Placement]:
+    """Where each slice of one shard goes in the HF tensors. Raises on shapes that contradict the geometry."""
+    if spec.is_replica:
+        return []
+    tp_rank, tp_size = (0, 1) if spec.split_dim is None else (spec.tp_rank, spec.tp_size)
+    shape = spec.global_shape
+    if spec.role == "lora_A":
+        if len(shape) != 2 or shape[1] != target.in_features:
+            raise ShapeMismatchError(f"{spec.describe()}: expected lora_A of global shape (r, {target.in_features}), found {shape}; check hidden size, heads and ffn size")
+        dim = 0 if spec.split_dim is None else spec.split_dim
+        rows = spec.shape[dim]
+        return [Placement(hf_key(m, "lora_A"), shape, dim, tp_rank * rows, 0, rows) for m in target.hf_modules]
+    want_dims = 2 if spec.role == "lora_B" else 1
+    if len(shape) != want_dims or spec.split_dim not in (None, 0):
+        raise ShapeMismatchError(f"{spec.describe()}: expected a {want_dims}-D {spec.role} split on dim 0 or replicated, found split_dim {spec.split_dim}")
+    _check_divides(spec, target, geometry, tp_size)
+    if shape[0] != target.megatron_out:
+        raise ShapeMismatchError(
+            f"{spec.describe()}: expected {target.megatron_out} output rows in total ({' + '.join(map(str, target.out_features))} "
+            f"for {', '.join(target.hf_modules)}), found {shape[0]} = {spec.shape[0]} x tp {tp_size}; check heads, query groups and ffn size"
+        )
+    return [
+        Placement(hf_key(target.hf_modules[i], spec.role), (target.out_features[i],) + shape[1:], 0, dst, src, rows)
+        for i, dst, src, rows in _row_blocks(target, geometry, tp_rank, tp_size)
+    ]
+
+
+def _check_coverage(shapes: dict[str, tuple[int, ...]], by_key: dict[str, list[Placement]]) -> None:
+    problems = []
+    for key, shape in shapes.items():
+        placements = sorted(by_key[key], key=lambda p: p.dst_start)
+        dims = {p.dim for p in placements}
+        if len(dims) != 1:
+            problems.append(f"{key}: shards split along different dims {sorted(dims)}")
+            continue
+        covered = 0
+        for p in placements:
+            if p.dst_start != covered:
+                what = "overlap" if p.dst_start < covered else "gap"
+                problems.append(f"{key}: {what} at index {min(p.dst_start, covered)} of dim {p.dim}")
+                break
+            covered += p.length
+        else:
+            if covered != shape[placements[0].dim]:
+                problems.append(f"{key}: filled {covered} of {shape[placements[0].dim]} along dim {placements[0].dim} (shards missing)")
+    if problems:
+        raise ShapeMismatchError("the adapter shards do not tile the HF tensors exactly once: " + "; ".join(problems[:10]))
+
+
+def plan_adapter(specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None) -> AdapterPlan:
+    """Plan every shard of every rank, then check the whole: coverage, ranks, alphas, DoRA everywhere or nowhere."""
+    errors: list[str] = []
+    placements: list[list[Placement]] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    by_key: dict[str, list[Placement]] = defaultdict(list)
+    alphas: dict[str, set[float]] = defaultdict(set)
+    for spec in specs:
+        try:
+            target = resolve_target(spec.module, spec.part, geometry, arch, megatron_vocab)
+            planned = plan_shard(spec, target, geometry)
+        except (ShapeMismatchError, DialectError) as exc:
+            if str(exc) not in errors:
+                errors.append(str(exc))
+            placements.append([])
+            continue
+        placements.append(planned)
+        for p in planned:
+            if shapes.setdefault(p.key, p.shape) != p.shape:
+                errors.append(f"{p.key}: shards disagree on the global shape ({shapes[p.key]} vs {p.shape})")
+            dtypes.setdefault(p.key, spec.dtype)
+            by_key[p.key].append(p)
+        for m in target.hf_modules:
+            alphas[m].add(spec.alpha)
+    if errors:
+        raise ShapeMismatchError(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]))
+    _check_coverage(shapes, by_key)
+    modules = _module_settings(shapes, alphas)
+    use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)
+    layer_modules: dict[str, set[int]] = defaultdict(set)
+    for module in modules:
+        match = re.search(r"layers\.(\d+)\.", module)
+        layer_modules[module.rsplit(".", 1)[-1]].add(int(match.group(1)) if match else -1)
+    if use_dora:
+        missing = [m for m in modules if hf_key(m, "magnitude") not in shapes]
+        if missing:
+            raise DialectError(f"DoRA magnitude found for some modules but not for {', '.join(missing[:5])}; expected it on every adapted module")
+    return AdapterPlan(shapes, dtypes, placements, modules, use_dora, geometry.num_layers, dict(layer_modules))
+
+
+def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[float]]) -> dict[str, LoraSettings]:
+    modules: dict[str, LoraSettings] = {}
+    problems = []
+    for module in sorted(alphas):
+        a, b = shapes.get(hf_key(module, "lora_A")), shapes.get(hf_key(module, "lora_B"))
+        if a is None or b is None:
+            problems.append(f"{module}: has {'lora_B' if a is None else 'lora_A'} but no {'lora_A' if a is None else 'lora_B'}")
+        elif a[0] != b[1]:
+            problems.append(f"{module}: lora_A has rank {a[0]}, lora_B has rank {b[1]}")
+        elif len(alphas[module]) != 1:
+            problems.append(f"{module}: several scales {sorted(alphas[module])}")
+        else:
+            modules[module] = LoraSettings(a[0], next(iter(alphas[module])))
+    if problems:
+        raise ShapeMismatchError("inconsistent adapter: " + "; ".join(problems[:10]))
+    return modules
+
+
+def allocate(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Empty HF tensors for a plan, in each tensor's source dtype unless `dtype` overrides it."""
+    return {key: torch.empty(shape, dtype=dtype or getattr(torch, plan.dtypes[key])) for key, shape in plan.shapes.items()}
+
+
+def apply_placements(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor) -> None:
+    """Copy a shard's slices into the HF tensors (a dtype cast, if any, is the copy's only arithmetic)."""
+    for p in placements:
+        tensors[p.key].narrow(p.dim, p.dst_start, p.length).copy_(shard.narrow(p.dim, p.src_start, p.length))

@@ -1,0 +1,39 @@
+"""NVIDIA ModelOpt PEFT: `<module>.lora_a_<name>.weight` [r, in], `<module>.lora_b_<name>.weight` [out, r].
+
+The output is `base(x) + scale * B(A(x))`, so HF lora_alpha = scale * r. A module may hold several
+named adapters; disabled ones do not act on the training model's output and are not exported.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+NAME = "modelopt"
+
+
+def _adapters(module: torch.nn.Module) -> dict | None:
+    adapters = getattr(module, "_lora_adapters", None)
+    return adapters if isinstance(adapters, dict) else None
+
+
+def adapter_names(module: torch.nn.Module) -> set[str]:
+    return set(_adapters(module) or ())
+
+
+def find(module: torch.nn.Module, adapter_name: str) -> Iterator | None:
+    adapters = _adapters(module)
+    if adapters is None:
+        return None
+    return _tensors(adapters.get(adapter_name))
+
+
+def _tensors(adapter: dict | None) -> Iterator:
+    from . import FoundTensor
+
+    if adapter is None or not adapter.get("enable", True):
+        return
+    alpha = adapter["scale"] * adapter["rank"]
+    yield FoundTensor("lora_A", adapter["lora_a"].weight, alpha)
+    yield FoundTensor("lora_B", adapter["lora_b"].weight, alpha)

@@ -1,0 +1,51 @@
+"""The HF side of naming: read a base model's config.json and choose the architecture name map."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .core.archs import LLAMA, ArchMap, arch_for_model_type
+from .errors import ExportError
+
+log = logging.getLogger("megatron_peft_export")
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ExportError(f"expected dtype one of {', '.join(_DTYPES)}, found {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def read_hf_config(base_model_name_or_path: str | None) -> dict[str, Any] | None:
+    """config.json of a local base model directory; None for a Hub id or no base (nothing is downloaded)."""
+    if not base_model_name_or_path:
+        return None
+    path = Path(base_model_name_or_path) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}; expected the base model's HF config.json") from exc
+
+
+def choose_arch(model_type: str | None, hf_config: dict[str, Any] | None) -> ArchMap:
+    """An explicit model_type wins, then the base model's config; with neither, the Llama-family names."""
+    model_type = model_type or (hf_config or {}).get("model_type")
+    if model_type is None:
+        log.info("no model_type and no local base config: using the Llama-family HF names (model.layers.{i}.self_attn/mlp)")
+        return LLAMA
+    return arch_for_model_type(model_type)
