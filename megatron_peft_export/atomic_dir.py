@@ -41,9 +41,8 @@ def staging_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return tmp
 
 
-def write_and_publish(tmp: Path, output_dir: str | os.PathLike, *, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str, overwrite: bool) -> Path:
-    """Fill `tmp`, fsync it and rename it to `output_dir`; on any failure remove `tmp` and leave the target as it was."""
-    out = Path(output_dir).absolute()
+def write_staging(tmp: Path, *, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str) -> None:
+    """Fill the staging directory and fsync it; on failure remove it."""
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -51,7 +50,18 @@ def write_and_publish(tmp: Path, output_dir: str | os.PathLike, *, tensors: dict
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD):
             _fsync(tmp / name)
         _fsync(tmp)
-        old = None
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"writing the adapter into {tmp.parent} failed: {exc}") from exc
+        raise
+
+
+def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Rename the staging directory into place (replacing the old one only with overwrite)."""
+    out = Path(output_dir).absolute()
+    old = None
+    try:
         if out.exists():
             if not overwrite:
                 raise OutputError(f"{out} appeared while the adapter was being written; nothing was replaced")
@@ -59,12 +69,15 @@ def write_and_publish(tmp: Path, output_dir: str | os.PathLike, *, tensors: dict
             out.rename(old)
         tmp.rename(out)
         _fsync(out.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"writing the adapter to {out} failed: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        discard(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"publishing the adapter to {out} failed: {exc}") from exc
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -57,13 +57,17 @@ def all_gather(obj: Any, group: Any) -> list[Any]:
     return out
 
 
-def agree(error: str | None, group: Any) -> None:
-    """Raise the same ExportError on every rank if any rank reports an error (no rank is left in a collective)."""
-    errors = [(rank, e) for rank, e in enumerate(all_gather(error, group)) if e]
+def _as_export_error(exc: BaseException) -> ExportError:
+    return exc if isinstance(exc, ExportError) else ExportError(f"{type(exc).__name__}: {exc}")
+
+
+def agree(error: ExportError | None, group: Any) -> None:
+    """Raise the same error on every rank if any rank reports one (no rank is left in a collective)."""
+    errors = [(rank, e) for rank, e in enumerate(all_gather(error, group)) if e is not None]
     if errors:
         rank, first = errors[0]
         more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
-        raise ExportError(f"rank {rank}: {first}{more}")
+        raise type(first)(f"rank {rank}: {first}{more}")
 
 
 def broadcast_outcome(run: Callable[[], Any], src: int, group: Any) -> Any:
@@ -74,12 +78,12 @@ def broadcast_outcome(run: Callable[[], Any], src: int, group: Any) -> Any:
             result = run()
         except Exception as exc:  # any failure must reach the other ranks, or they wait forever
             failure = exc
-    box = [None if failure is None else str(failure) if isinstance(failure, ExportError) else f"{type(failure).__name__}: {failure}"]
+    box = [None if failure is None else _as_export_error(failure)]
     dist.broadcast_object_list(box, src=src, group=group)
     if failure is not None:
         raise failure
-    if box[0]:
-        raise ExportError(f"rank {src}: {box[0]}")
+    if box[0] is not None:
+        raise box[0]
     return result
 
 

@@ -1,4 +1,8 @@
-"""`export_adapter`: the collective live export of a Megatron model's adapter to an HF PEFT directory."""
+"""The collective export: every rank snapshots and plans, the writer gathers bytes, converts and publishes.
+
+`export_adapter` runs it synchronously; the training hook takes the snapshot on the training thread
+and runs the rest in the background on its own process group.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import distributed as coll
-from .atomic_dir import staging_dir, write_and_publish
+from .atomic_dir import discard, publish, staging_dir, write_staging
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
 from .core.plan import AdapterPlan, allocate, apply_placements, plan_adapter
@@ -24,17 +28,40 @@ log = logging.getLogger("megatron_peft_export")
 WRITER = 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """What to write and how to name it (the same for every rank)."""
+
+    base_model_name_or_path: str | None = None
+    adapter_name: str = "default"
+    dtype: str | torch.dtype | None = None
+    overwrite: bool = False
+    model_type: str | None = None
+
+
 @dataclass
 class _Report:
     """What a rank tells the others before any byte moves."""
 
-    error: str | None = None
+    error: ExportError | None = None
     dialects: set[str] = field(default_factory=set)
     adapter_names: set[str] = field(default_factory=set)
     specs: list[ShardSpec] = field(default_factory=list)
     geometry: ModelGeometry | None = None
     megatron_vocab: int | None = None
     hf_config: dict[str, Any] | None = None
+
+
+@dataclass
+class Snapshot:
+    """One rank's adapter shards at one moment, with the report the other ranks need."""
+
+    report: _Report
+    shards: list[LocalShard]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in self.shards)
 
 
 def _chunks(model: Any) -> list[torch.nn.Module]:
@@ -50,25 +77,30 @@ def _megatron_config(chunk: torch.nn.Module) -> tuple[Any, int | None]:
     return chunk.config, getattr(chunk, "vocab_size", None)
 
 
-def _local_report(chunks, layout: coll.RankLayout, adapter_name: str, base: str | None) -> tuple[_Report, list[LocalShard]]:
+def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *, copy: bool) -> Snapshot:
+    """This rank's shards of the adapter (copied to host memory when `copy`); errors go into the report."""
     report = _Report()
+    shards: list[LocalShard] = []
     try:
+        chunks = _chunks(model)
         config, report.megatron_vocab = _megatron_config(chunks[0])
         report.geometry = ModelGeometry.from_megatron(config)
-        found = collect(chunks, adapter_name, layout.tp_rank, layout.tp_size)
+        found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size)
         report.dialects, report.adapter_names = found.dialects, found.adapter_names
-        # Replicas (other TP ranks' copies, other data-parallel replicas) are never sent.
-        shards = [s for s in found.shards if not s.spec.is_replica] if layout.is_data_parallel_source else []
+        if layout.is_data_parallel_source:  # replicas (other TP ranks' copies, other DP replicas) are never sent
+            shards = [s for s in found.shards if not s.spec.is_replica]
+        if copy:
+            shards = [LocalShard(s.spec, s.tensor.detach().to("cpu", copy=True)) for s in shards]
         report.specs = [s.spec for s in shards]
         if layout.rank == WRITER:
-            report.hf_config = read_hf_config(base)
+            report.hf_config = read_hf_config(options.base_model_name_or_path)
     except ExportError as exc:
-        report.error = str(exc)
+        report.error = exc
         shards = []
-    return report, shards
+    return Snapshot(report, shards)
 
 
-def _plan(reports: list[_Report], adapter_name: str, model_type: str | None) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]]]:
+def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]]]:
     """Identical on every rank (same inputs, pure code), so every rank raises the same error."""
     dialects = set().union(*(r.dialects for r in reports))
     if not dialects:
@@ -81,9 +113,9 @@ def _plan(reports: list[_Report], adapter_name: str, model_type: str | None) -> 
     ordered = [(rank, i, spec) for rank, r in enumerate(reports) for i, spec in enumerate(r.specs)]
     if not ordered:
         names = sorted(set().union(*(r.adapter_names for r in reports)))
-        raise NoAdaptersError(f"no adapter named {adapter_name!r}; the model has adapters {names}. Pass adapter_name=")
+        raise NoAdaptersError(f"no adapter named {options.adapter_name!r}; the model has adapters {names}. Pass adapter_name=")
     first = reports[WRITER]
-    arch = choose_arch(model_type, first.hf_config)
+    arch = choose_arch(options.model_type, first.hf_config)
     geometry = first.geometry
     if first.hf_config is not None:
         hf = ModelGeometry.from_hf_config(first.hf_config, geometry.gated_linear_unit)
@@ -91,6 +123,60 @@ def _plan(reports: list[_Report], adapter_name: str, model_type: str | None) -> 
         geometry = ModelGeometry(**{**geometry.__dict__, "vocab_size": hf.vocab_size})
     plan = plan_adapter([spec for _, _, spec in ordered], geometry, arch, first.megatron_vocab)
     return plan, dialects.pop(), ordered
+
+
+def run_export(
+    snapshot: Snapshot,
+    output_dir: str | os.PathLike,
+    options: ExportOptions,
+    layout: coll.RankLayout,
+    group: Any,
+    *,
+    finish: Callable[[Path], Path | None],
+    source: str,
+) -> Path | None:
+    """Collective: exchange reports, plan, move bytes to the writer, write a staging directory.
+
+    `finish(staging)` runs on the writer (publish, or hand over for a later publish); its failure
+    raises on every rank. Returns finish's result on the writer, None elsewhere.
+    """
+    out_dtype = parse_dtype(options.dtype)
+    reports = coll.all_gather(snapshot.report, group)
+    coll.agree(snapshot.report.error, group)
+    plan, dialect, ordered = _plan(reports, options)
+    tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite), WRITER, group)
+    if layout.rank != WRITER:
+        for shard in snapshot.shards:
+            coll.send(shard.tensor, WRITER, group)
+        coll.broadcast_outcome(lambda: None, WRITER, group)
+        return None
+
+    def convert_and_write() -> Path | None:
+        tensors = allocate(plan, out_dtype)
+        failure: Exception | None = None
+        for n, (rank, i, spec) in enumerate(ordered):  # every send is received, even after a failure, so no sender hangs
+            if rank == WRITER:
+                data = snapshot.shards[i].tensor.detach().to("cpu")
+            else:
+                data = coll.receive(spec.shape, getattr(torch, spec.dtype), rank, group)
+            if failure is None:
+                try:
+                    apply_placements(tensors, plan.placements[n], data)
+                except Exception as exc:
+                    failure = exc
+        try:
+            if failure is not None:
+                raise failure
+            config = adapter_config(plan, options.base_model_name_or_path)
+            card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors))
+            write_staging(tmp, tensors=tensors, config=config, card=card)
+            log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
+            return finish(tmp)
+        except BaseException:
+            discard(tmp)
+            raise
+
+    return coll.broadcast_outcome(convert_and_write, WRITER, group)
 
 
 def export_adapter(
@@ -111,29 +197,8 @@ def export_adapter(
     `model_type` picks the HF name map when `base_model_name_or_path` is not a local directory.
     A failure on any rank raises the same ExportError on every rank.
     """
+    options = ExportOptions(base_model_name_or_path=base_model_name_or_path, adapter_name=adapter_name, dtype=dtype, overwrite=overwrite, model_type=model_type)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()
-    out_dtype = parse_dtype(dtype)
-    report, shards = _local_report(_chunks(model), layout, adapter_name, base_model_name_or_path)
-    reports = coll.all_gather(report, group)
-    coll.agree(report.error, group)
-    plan, dialect, ordered = _plan(reports, adapter_name, model_type)
-    tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, overwrite), WRITER, group)
-
-    if layout.rank != WRITER:
-        for shard in shards:
-            coll.send(shard.tensor, WRITER, group)
-        coll.broadcast_outcome(lambda: None, WRITER, group)
-        return None
-
-    tensors = allocate(plan, out_dtype)
-    for n, (rank, i, spec) in enumerate(ordered):
-        data = shards[i].tensor.detach().to("cpu") if rank == WRITER else coll.receive(spec.shape, getattr(torch, spec.dtype), rank, group)
-        apply_placements(tensors, plan.placements[n], data)
-    config = adapter_config(plan, base_model_name_or_path)
-    card = model_card(config, dialect=dialect, source="a live Megatron model", num_tensors=len(tensors))
-    out = coll.broadcast_outcome(
-        lambda: write_and_publish(tmp, output_dir, tensors=tensors, config=config, card=card, overwrite=overwrite), WRITER, group
-    )
-    log.info("exported %d %s adapter tensors to %s", len(tensors), dialect, out)
-    return out
+    snapshot = take_snapshot(model, layout, options, copy=False)
+    return run_export(snapshot, output_dir, options, layout, group, finish=lambda tmp: publish(tmp, output_dir, overwrite), source="a live Megatron model")

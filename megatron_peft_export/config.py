@@ -1,0 +1,71 @@
+"""The hook's configuration: one dataclass, loadable from a YAML training config or argparse args."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import ExportError
+
+YAML_KEY = "export_hf_adapter"
+
+
+@dataclass(kw_only=True, frozen=True)
+class HookConfig:
+    """How the training hook exports an HF adapter at each checkpoint save."""
+
+    enabled: bool = True
+    """Export at all."""
+    subdir: str = "hf_adapter"
+    """Directory name, inside each iteration's checkpoint directory, that receives the adapter."""
+    every_n_saves: int = 1
+    """Export the n-th, 2n-th, ... persistent save (1: every save)."""
+    base_model_name_or_path: str | None = None
+    """HF base model (local directory or Hub id) written into the adapter config; a local directory also picks and checks the HF names."""
+    adapter_name: str = "default"
+    """Which named adapter to export (ModelOpt models can hold several)."""
+    dtype: str | None = None
+    """Output dtype (bfloat16, float16, float32); default: the adapter's own."""
+    model_type: str | None = None
+    """HF model_type for the name map when the base model is not a local directory."""
+    on_error: Literal["warn", "raise"] = "warn"
+    """warn: log the failure and keep training; raise: stop every rank with the error at the next save or at finalize."""
+    max_pending: int = 1
+    """Exports in flight at once; a further save waits for the oldest, so host memory stays bounded."""
+    publish_timeout: float = 600.0
+    """Seconds finalize() waits for asynchronously saved checkpoints to be finalized before abandoning their adapters."""
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("warn", "raise"):
+            raise ExportError(f"on_error: expected 'warn' or 'raise', found {self.on_error!r}")
+        if self.every_n_saves < 1 or self.max_pending < 1:
+            raise ExportError(f"every_n_saves and max_pending must be >= 1, found {self.every_n_saves} and {self.max_pending}")
+        if not self.subdir or Path(self.subdir).name != self.subdir:
+            raise ExportError(f"subdir: expected a plain directory name, found {self.subdir!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | bool | None) -> "HookConfig":
+        """From the value of `export_hf_adapter:` in a YAML config: true/false or a mapping of fields."""
+        if values is None or isinstance(values, bool):
+            return cls(enabled=bool(values))
+        if not isinstance(values, Mapping):
+            raise ExportError(f"{YAML_KEY}: expected true/false or a mapping, found {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ExportError(f"{YAML_KEY}: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HookConfig":
+        """From a YAML training config with an `export_hf_adapter:` section (absent: disabled)."""
+        try:
+            document = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ExportError(f"cannot read the hook config from {path}: {exc}") from exc
+        if not isinstance(document, Mapping):
+            raise ExportError(f"{path}: expected a YAML mapping at the top level")
+        return cls.from_mapping(document.get(YAML_KEY))

@@ -1,0 +1,113 @@
+"""Megatron-LM: `--export-hf-adapter` and friends, and a wrapper around `save_checkpoint_and_time`.
+
+Two added lines in a stock `pretrain_gpt.py`, before `pretrain(...)`:
+
+    from megatron_peft_export.integrations import megatron_lm
+    megatron_lm.install()
+
+`install()` wraps `megatron.training.training.save_checkpoint_and_time` (called through the module,
+so the wrapper is seen by the training loop) and chains `add_args` in front of whatever
+`extra_args_provider` the script passes (ModelOpt's, for example). Scripts that build their own
+provider can use `add_args` or `chain(...)` directly instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import inspect
+from typing import Any, Callable
+
+from ..config import HookConfig
+from ..hook import AdapterExportHook, iteration_dir
+
+ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+_DEFAULTS = HookConfig()
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """An `extra_args_provider`: the hook's options as Megatron-LM style flags."""
+    group = parser.add_argument_group("HF adapter export (megatron-peft-export)")
+    group.add_argument("--export-hf-adapter", action="store_true", help="Write an HF PEFT adapter next to every checkpoint.")
+    group.add_argument("--hf-adapter-base-model", default=None, help="HF base model (local directory or Hub id) for the adapter config.")
+    group.add_argument("--hf-adapter-dir-name", default=_DEFAULTS.subdir, help="Directory name inside each iter_* checkpoint directory.")
+    group.add_argument("--hf-adapter-every-n-saves", type=int, default=_DEFAULTS.every_n_saves, help="Export every n-th persistent save.")
+    group.add_argument("--hf-adapter-name", default=_DEFAULTS.adapter_name, help="Which named adapter to export.")
+    group.add_argument("--hf-adapter-dtype", default=None, choices=["bfloat16", "float16", "float32"], help="Output dtype (default: the adapter's).")
+    group.add_argument("--hf-adapter-model-type", default=None, help="HF model_type for the names when the base model is not a local directory.")
+    group.add_argument("--hf-adapter-on-error", default=_DEFAULTS.on_error, choices=["warn", "raise"], help="warn: keep training; raise: stop every rank.")
+    group.add_argument("--hf-adapter-max-pending", type=int, default=_DEFAULTS.max_pending, help="Exports in flight at once before a save waits.")
+    return parser
+
+
+def chain(*providers: ArgsProvider | None) -> ArgsProvider:
+    """One extra_args_provider that applies several in order (None entries are skipped)."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for p in providers:
+            if p is not None:
+                parser = p(parser) or parser
+        return parser
+
+    return provider
+
+
+def config_from_args(args: argparse.Namespace) -> HookConfig:
+    return HookConfig(
+        enabled=bool(getattr(args, "export_hf_adapter", False)),
+        base_model_name_or_path=args.hf_adapter_base_model,
+        subdir=args.hf_adapter_dir_name,
+        every_n_saves=args.hf_adapter_every_n_saves,
+        adapter_name=args.hf_adapter_name,
+        dtype=args.hf_adapter_dtype,
+        model_type=args.hf_adapter_model_type,
+        on_error=args.hf_adapter_on_error,
+        max_pending=args.hf_adapter_max_pending,
+    )
+
+
+def _chain_parse_args(parse_args: Callable) -> Callable:
+    if getattr(parse_args, "_hf_adapter_chained", False):
+        return parse_args
+
+    @functools.wraps(parse_args)
+    def wrapped(extra_args_provider=None, *args, **kwargs):
+        return parse_args(chain(add_args, extra_args_provider), *args, **kwargs)
+
+    wrapped._hf_adapter_chained = True
+    return wrapped
+
+
+def install() -> None:
+    """Wrap Megatron-LM's checkpoint save and argument parsing; idempotent."""
+    from megatron.training import arguments, initialize, training
+
+    arguments.parse_args = _chain_parse_args(arguments.parse_args)
+    if hasattr(initialize, "parse_args"):
+        initialize.parse_args = _chain_parse_args(initialize.parse_args)
+    original = training.save_checkpoint_and_time
+    if getattr(original, "_hf_adapter_hook", None) is not None:
+        return
+    signature = inspect.signature(original)
+    state: dict[str, AdapterExportHook] = {}
+
+    @functools.wraps(original)
+    def save_checkpoint_and_time(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        margs = training.get_args()
+        if getattr(margs, "export_hf_adapter", False):
+            if "hook" not in state:
+                state["hook"] = AdapterExportHook(config_from_args(margs))
+                atexit.register(state["hook"].finalize)
+            call = signature.bind(*args, **kwargs)
+            iteration = call.arguments["iteration"]
+            state["hook"].on_checkpoint_saved(
+                iteration, iteration_dir(margs.save, iteration), call.arguments["model"],
+                finalized=not getattr(margs, "async_save", False),
+                non_persistent=bool(call.arguments.get("non_persistent_ckpt", False)),
+            )
+        return result
+
+    save_checkpoint_and_time._hf_adapter_hook = state
+    training.save_checkpoint_and_time = save_checkpoint_and_time
