@@ -79,35 +79,50 @@ def _chain_parse_args(parse_args: Callable) -> Callable:
     return wrapped
 
 
+_HOOK: AdapterExportHook | None = None
+
+
 def install() -> None:
-    """Wrap Megatron-LM's checkpoint save and argument parsing; idempotent."""
+    """Wrap Megatron-LM's checkpoint save and argument parsing; idempotent.
+
+    The hook is made at the first save with `--export-hf-adapter` and finalized at interpreter exit
+    (or by `finalize()`).
+    """
     from megatron.training import arguments, initialize, training
 
     arguments.parse_args = _chain_parse_args(arguments.parse_args)
     if hasattr(initialize, "parse_args"):
         initialize.parse_args = _chain_parse_args(initialize.parse_args)
     original = training.save_checkpoint_and_time
-    if getattr(original, "_hf_adapter_hook", None) is not None:
+    if getattr(original, "_hf_adapter_wrapped", False):
         return
     signature = inspect.signature(original)
-    state: dict[str, AdapterExportHook] = {}
 
     @functools.wraps(original)
     def save_checkpoint_and_time(*args: Any, **kwargs: Any) -> Any:
+        global _HOOK
         result = original(*args, **kwargs)
         margs = training.get_args()
         if getattr(margs, "export_hf_adapter", False):
-            if "hook" not in state:
-                state["hook"] = AdapterExportHook(config_from_args(margs))
-                atexit.register(state["hook"].finalize)
+            if _HOOK is None:
+                _HOOK = AdapterExportHook(config_from_args(margs))
+                atexit.register(finalize)
             call = signature.bind(*args, **kwargs)
             iteration = call.arguments["iteration"]
-            state["hook"].on_checkpoint_saved(
+            _HOOK.on_checkpoint_saved(
                 iteration, iteration_dir(margs.save, iteration), call.arguments["model"],
                 finalized=not getattr(margs, "async_save", False),
                 non_persistent=bool(call.arguments.get("non_persistent_ckpt", False)),
             )
         return result
 
-    save_checkpoint_and_time._hf_adapter_hook = state
+    save_checkpoint_and_time._hf_adapter_wrapped = True
     training.save_checkpoint_and_time = save_checkpoint_and_time
+
+
+def finalize() -> list:
+    """Complete pending exports (also run at interpreter exit); returns the adapters published on this rank."""
+    if _HOOK is None:
+        return []
+    _HOOK.finalize()
+    return _HOOK.published
