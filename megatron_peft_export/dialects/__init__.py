@@ -81,10 +81,6 @@ def _global_paths(chunk: torch.nn.Module) -> dict[str, str]:
     return paths
 
 
-def _split_dim(tensor: torch.Tensor) -> int | None:
-    return tensor.partition_dim if getattr(tensor, "tensor_model_parallel", False) else None
-
-
 def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, tp_size: int) -> Collected:
     """Walk model chunks (VPP or one) and collect this rank's tensors of `adapter_name`, with global paths."""
     found = Collected(set(), set(), [])
@@ -105,7 +101,7 @@ def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, 
                 for t in tensors:
                     spec = ShardSpec(
                         module=paths[name], role=t.role, part=t.part, shape=tuple(t.tensor.shape),
-                        split_dim=_split_dim(t.tensor), tp_rank=tp_rank, tp_size=tp_size, alpha=float(t.alpha),
+                        split_dim=t.split_dim, tp_rank=tp_rank, tp_size=tp_size, alpha=float(t.alpha),
                         dtype=str(t.tensor.dtype).removeprefix("torch."),
                     )
                     found.shards.append(LocalShard(spec, t.tensor))

@@ -10,6 +10,8 @@ from typing import Iterator
 
 import torch
 
+from .base import FoundTensor, tp_split_dim
+
 NAME = "modelopt"
 
 
@@ -22,18 +24,17 @@ def adapter_names(module: torch.nn.Module) -> set[str]:
     return set(_adapters(module) or ())
 
 
-def find(module: torch.nn.Module, adapter_name: str) -> Iterator | None:
+def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor] | None:
     adapters = _adapters(module)
     if adapters is None:
         return None
     return _tensors(adapters.get(adapter_name))
 
 
-def _tensors(adapter: dict | None) -> Iterator:
-    from . import FoundTensor
-
+def _tensors(adapter: dict | None) -> Iterator[FoundTensor]:
     if adapter is None or not adapter.get("enable", True):
         return
     alpha = adapter["scale"] * adapter["rank"]
-    yield FoundTensor("lora_A", adapter["lora_a"].weight, alpha)
-    yield FoundTensor("lora_B", adapter["lora_b"].weight, alpha)
+    for role, key in (("lora_A", "lora_a"), ("lora_B", "lora_b")):
+        weight = adapter[key].weight
+        yield FoundTensor(role, weight, alpha, tp_split_dim(weight))
