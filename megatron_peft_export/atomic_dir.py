@@ -41,13 +41,18 @@ def staging_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return tmp
 
 
-def write_staging(tmp: Path, *, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str) -> None:
-    """Fill the staging directory and fsync it; on failure remove it."""
+def write_staging(tmp: Path, *, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str, extra_files: dict[str, bytes] | None = None) -> None:
+    """Fill the staging directory (plus `extra_files`, relative path -> bytes) and fsync it; on failure remove it."""
     try:
+        files = {ADAPTER_CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), MODEL_CARD: card.encode(), **(extra_files or {})}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / MODEL_CARD).write_text(card)
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD):
+        for name, data in files.items():
+            path = (tmp / name).resolve()
+            if tmp.resolve() not in path.parents:
+                raise OutputError(f"refusing to write {name!r} outside the adapter directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        for name in (ADAPTER_WEIGHTS, *files):
             _fsync(tmp / name)
         _fsync(tmp)
     except BaseException as exc:

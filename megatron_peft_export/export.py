@@ -134,10 +134,11 @@ def run_export(
     *,
     finish: Callable[[Path], Path | None],
     source: str,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path | None:
     """Collective: exchange reports, plan, move bytes to the writer, write a staging directory.
 
-    `finish(staging)` runs on the writer (publish, or hand over for a later publish); its failure
+    `extra_files` (writer only) are written into the adapter directory too. `finish(staging)` runs on the writer (publish, or hand over for a later publish); its failure
     raises on every rank. Returns finish's result on the writer, None elsewhere.
     """
     out_dtype = parse_dtype(options.dtype)
@@ -169,7 +170,7 @@ def run_export(
                 raise failure
             config = adapter_config(plan, options.base_model_name_or_path)
             card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors))
-            write_staging(tmp, tensors=tensors, config=config, card=card)
+            write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)
         except BaseException:

@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 
@@ -58,8 +58,21 @@ class _AwaitingPublish:
 class AdapterExportHook:
     """Call `on_checkpoint_saved` on every rank after each checkpoint save, and `finalize` at the end."""
 
-    def __init__(self, config: HookConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: HookConfig | None = None,
+        *,
+        capture: Callable[[Any, int], dict[str, bytes] | None] | None = None,
+        after_publish: Sequence[Callable[[int, Path], None]] = (),
+    ) -> None:
+        """`capture(model, iteration)` runs on the training thread on every rank at each exported save
+        (it may use collectives); the files it returns on the writer (relative path -> bytes) are
+        published inside the adapter directory. `after_publish(iteration, path)` callbacks run on the
+        writer, in the background, after each publish; their failures are logged, never raised.
+        """
         self.config = config or HookConfig()
+        self._capture = capture
+        self._after_publish = tuple(after_publish)
         self._options = ExportOptions(
             base_model_name_or_path=self.config.base_model_name_or_path, adapter_name=self.config.adapter_name,
             dtype=self.config.dtype, overwrite=True, model_type=self.config.model_type,
@@ -99,16 +112,17 @@ class AdapterExportHook:
         while len(self._pending) >= self.config.max_pending:
             self._pending.popleft().result()
         layout = coll.RankLayout.from_megatron()
+        extra_files = self._capture(model, iteration) if self._capture is not None else None
         snapshot = take_snapshot(model, layout, self._options, copy=True)
-        job = self._executor.submit(self._export, snapshot, layout, iteration, Path(checkpoint_dir), finalized)
+        job = self._executor.submit(self._export, snapshot, layout, iteration, Path(checkpoint_dir), finalized, extra_files)
         self._pending.append(job)
 
-    def _export(self, snapshot, layout, iteration: int, checkpoint_dir: Path, finalized: bool) -> None:
+    def _export(self, snapshot, layout, iteration: int, checkpoint_dir: Path, finalized: bool, extra_files) -> None:
         output = checkpoint_dir / self.config.subdir
 
         def finish(staging: Path) -> Path:
             if finalized:
-                return self._publish(staging, output)
+                return self._publish(iteration, staging, output)
             with self._lock:
                 self._awaiting.append(_AwaitingPublish(iteration, checkpoint_dir, staging, output))
                 if self._watcher is None:
@@ -117,7 +131,7 @@ class AdapterExportHook:
             return staging
 
         try:
-            run_export(snapshot, output, self._options, layout, self._group, finish=finish, source=f"iteration {iteration}")
+            run_export(snapshot, output, self._options, layout, self._group, finish=finish, source=f"iteration {iteration}", extra_files=extra_files)
         except ExportError as exc:
             if self.config.on_error == "raise":
                 self._failure = self._failure or exc
@@ -125,10 +139,15 @@ class AdapterExportHook:
                 log.warning("HF adapter export for iteration %d failed; training continues: %s", iteration, exc)
         self._publish_finalized()
 
-    def _publish(self, staging: Path, output: Path) -> Path:
+    def _publish(self, iteration: int, staging: Path, output: Path) -> Path:
         path = publish(staging, output, overwrite=True)
         self.published.append(path)
         log.info("published HF adapter %s", path)
+        for callback in self._after_publish:
+            try:
+                callback(iteration, path)
+            except Exception:  # verification, W&B, Hub: never the reason training stops
+                log.exception("after-publish step %s failed for %s", getattr(callback, "__name__", callback), path)
         return path
 
     def _publish_finalized(self) -> None:
@@ -138,7 +157,7 @@ class AdapterExportHook:
             self._awaiting = [a for a in self._awaiting if a not in ready]
         for item in ready:
             try:
-                self._publish(item.staging, item.output)
+                self._publish(item.iteration, item.staging, item.output)
             except ExportError as exc:
                 if self.config.on_error == "raise":
                     self._failure = self._failure or exc
