@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -51,13 +53,7 @@ class HookConfig:
         """From the value of `export_hf_adapter:` in a YAML config: true/false or a mapping of fields."""
         if values is None or isinstance(values, bool):
             return cls(enabled=bool(values))
-        if not isinstance(values, Mapping):
-            raise ExportError(f"{YAML_KEY}: expected true/false or a mapping, found {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ExportError(f"{YAML_KEY}: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
-        return cls(**values)
+        return build_dataclass(cls, values, YAML_KEY)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "HookConfig":
@@ -69,3 +65,22 @@ class HookConfig:
         if not isinstance(document, Mapping):
             raise ExportError(f"{path}: expected a YAML mapping at the top level")
         return cls.from_mapping(document.get(YAML_KEY))
+
+
+def build_dataclass(cls: type, values: Any, where: str) -> Any:
+    """A config dataclass from a mapping; nested dataclass fields (e.g. `verify:`) come from nested mappings."""
+    if not isinstance(values, Mapping):
+        raise ExportError(f"{where}: expected a mapping, found {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ExportError(f"{where}: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    built = {}
+    for name, value in values.items():
+        nested = next((t for t in typing.get_args(hints[name]) or (hints[name],) if dataclasses.is_dataclass(t)), None)
+        built[name] = build_dataclass(nested, value, f"{where}.{name}") if nested is not None and isinstance(value, Mapping) else value
+    try:
+        return cls(**built)
+    except TypeError as exc:
+        raise ExportError(f"{where}: {exc}") from exc
