@@ -2,6 +2,7 @@
 
 from .errors import DialectError, ExportError, NoAdaptersError, OutputError, ShapeMismatchError, UnsupportedModelError
 from .export import export_adapter
+from .importer import load_hf_adapter
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,5 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedModelError",
     "export_adapter",
+    "load_hf_adapter",
 ]

@@ -6,6 +6,7 @@ and runs the rest in the background on its own process group.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 
 from . import distributed as coll
 from .atomic_dir import discard, publish, staging_dir, write_staging
+from .core.archs import ArchMap
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
 from .core.plan import AdapterPlan, allocate, apply_placements, plan_adapter
@@ -64,11 +66,11 @@ class Snapshot:
         return sum(s.tensor.numel() * s.tensor.element_size() for s in self.shards)
 
 
-def _chunks(model: Any) -> list[torch.nn.Module]:
+def model_chunks(model: Any) -> list[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def _megatron_config(chunk: torch.nn.Module) -> tuple[Any, int | None]:
+def megatron_config(chunk: torch.nn.Module) -> tuple[Any, int | None]:
     """The TransformerConfig and padded vocabulary of a (possibly wrapped) megatron-core model."""
     while not hasattr(chunk, "config") and hasattr(chunk, "module"):
         chunk = chunk.module
@@ -82,8 +84,8 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     report = _Report()
     shards: list[LocalShard] = []
     try:
-        chunks = _chunks(model)
-        config, report.megatron_vocab = _megatron_config(chunks[0])
+        chunks = model_chunks(model)
+        config, report.megatron_vocab = megatron_config(chunks[0])
         report.geometry = ModelGeometry.from_megatron(config)
         found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size)
         report.dialects, report.adapter_names = found.dialects, found.adapter_names
@@ -115,14 +117,26 @@ def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, 
         names = sorted(set().union(*(r.adapter_names for r in reports)))
         raise NoAdaptersError(f"no adapter named {options.adapter_name!r}; the model has adapters {names}. Pass adapter_name=")
     first = reports[WRITER]
-    arch = choose_arch(options.model_type, first.hf_config)
-    geometry = first.geometry
-    if first.hf_config is not None:
-        hf = ModelGeometry.from_hf_config(first.hf_config, geometry.gated_linear_unit)
-        geometry.check_matches(hf, "the base model's config.json")
-        geometry = ModelGeometry(**{**geometry.__dict__, "vocab_size": hf.vocab_size})
+    arch, geometry = naming(options.model_type, first.hf_config, first.geometry)
     plan = plan_adapter([spec for _, _, spec in ordered], geometry, arch, first.megatron_vocab)
     return plan, dialects.pop(), ordered
+
+
+def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: ModelGeometry) -> tuple[ArchMap, ModelGeometry]:
+    """The HF name map, and the geometry checked against the base model's config (which also gives the real vocabulary)."""
+    arch = choose_arch(model_type, hf_config)
+    if hf_config is None:
+        return arch, geometry
+    hf = ModelGeometry.from_hf_config(hf_config, geometry.gated_linear_unit)
+    geometry.check_matches(hf, "the base model's config.json")
+    return arch, dataclasses.replace(geometry, vocab_size=hf.vocab_size)
+
+
+def stage_adapter(tmp: Path, plan: AdapterPlan, tensors: dict[str, torch.Tensor], options: ExportOptions, *, dialect: str, source: str, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write config, card and weights into the staging directory."""
+    config = adapter_config(plan, options.base_model_name_or_path)
+    card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors))
+    write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
 
 
 def run_export(
@@ -168,9 +182,7 @@ def run_export(
         try:
             if failure is not None:
                 raise failure
-            config = adapter_config(plan, options.base_model_name_or_path)
-            card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors))
-            write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
+            stage_adapter(tmp, plan, tensors, options, dialect=dialect, source=source, extra_files=extra_files)
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)
         except BaseException:

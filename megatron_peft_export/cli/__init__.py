@@ -12,9 +12,9 @@ import sys
 
 from .. import __version__
 from ..errors import ExportError
-from . import formats
+from . import export, formats
 
-COMMANDS = [formats]
+COMMANDS = [export, formats]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,131 @@
+"""`load_hf_adapter`: fill a Megatron model's adapter parameters from an HF PEFT directory (the reverse direction).
+
+The same planner runs backwards: a placement says which slice of which HF tensor a slice of a local
+shard holds, so each rank reads only those slices (safetensors slices are read lazily).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from . import distributed as coll
+from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .core.geometry import ModelGeometry
+from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
+from .dialects import collect
+from .errors import ExportError, NoAdaptersError, ShapeMismatchError
+from .export import model_chunks, megatron_config, naming
+from .hf_config import read_hf_config
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ExportError(f"{adapter_dir}: expected an HF PEFT adapter ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}), cannot read it: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise ExportError(f"{adapter_dir / ADAPTER_CONFIG}: expected peft_type LORA, found {config.get('peft_type') if isinstance(config, dict) else type(config).__name__}")
+    return config, shapes
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rule: a pattern key matches a module name that ends with it (after a dot)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], adapter_dir: Path) -> None:
+    problems = []
+    missing, unexpected = sorted(set(plan.shapes) - set(shapes)), sorted(set(shapes) - set(plan.shapes))
+    if missing:
+        problems.append(f"the model's adapter needs {len(missing)} tensor(s) the file lacks, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"the file has {len(unexpected)} tensor(s) the model's adapter does not target, e.g. {unexpected[:3]}")
+    problems += [f"{k}: the model expects shape {plan.shapes[k]}, the file has {shapes[k]}" for k in sorted(set(plan.shapes) & set(shapes)) if plan.shapes[k] != shapes[k]][:5]
+    for module, settings in sorted(plan.modules.items()):
+        r = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
+        if r is None or alpha is None:
+            problems.append(f"{ADAPTER_CONFIG} lacks r or lora_alpha")
+            break
+        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        if not math.isclose(scale, settings.alpha / settings.r, rel_tol=1e-6):
+            problems.append(f"{module}: the adapter scales by {scale:g}, the model's adapter by {settings.alpha / settings.r:g}; configure the model's LoRA scale to match")
+    if bool(config.get("use_dora")) != plan.use_dora:
+        problems.append(f"use_dora is {bool(config.get('use_dora'))} in the adapter, {plan.use_dora} in the model")
+    if problems:
+        raise ShapeMismatchError(f"{adapter_dir} does not fit the model's adapter: " + "; ".join(problems[:8]))
+
+
+def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = "default", model_type: str | None = None, base_model_name_or_path: str | None = None, group: Any = None) -> None:
+    """Fill the LoRA parameters of a model that already has adapters (ModelOpt or Bridge) from an HF PEFT directory.
+
+    Collective: every rank calls it with its model (any TP/PP/VPP/DP layout). A mismatch of targets,
+    ranks, scales or shapes raises the same error on every rank, before any parameter is written.
+    """
+    adapter_dir = Path(adapter_dir)
+    layout = coll.RankLayout.from_megatron()
+    group = group if group is not None else coll.export_group()
+    error, local = None, []
+    try:
+        chunks = model_chunks(model)
+        transformer_config, vocab = megatron_config(chunks[0])
+        found = collect(chunks, adapter_name, layout.tp_rank, layout.tp_size)
+        # Every copy is filled; a replicated tensor is planned as TP rank 0's copy.
+        local = [(dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards]
+        config, shapes = _read_adapter(adapter_dir)
+        arch, geometry = naming(model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config))
+    except ExportError as exc:
+        error = exc
+    coll.agree(error, group)
+    specs = _unique(spec for rank_specs in coll.all_gather([spec for spec, _ in local], group) for spec in rank_specs)
+    if not specs:
+        raise NoAdaptersError(f"the model has no adapter named {adapter_name!r} to load {adapter_dir} into; apply the adapter (ModelOpt or Bridge) first")
+    plan = plan_adapter(specs, geometry, arch, vocab)
+    _check_against_file(plan, config, shapes, adapter_dir)
+    error, values = None, []
+    try:
+        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
+            values = [_read_shard(f, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, geometry, arch, vocab), geometry)) for spec, tensor in local]
+    except ExportError as exc:
+        error = exc
+    coll.agree(error, group)
+    with torch.no_grad():
+        for (_, tensor), value in zip(local, values):
+            tensor.copy_(value)
+
+
+def _unique(specs) -> list:
+    return list(dict.fromkeys(specs))
+
+
+def _read_shard(f, spec, tensor: torch.Tensor, placements) -> torch.Tensor:
+    """This shard's values, read slice by slice; slices that land on the same local rows must agree."""
+    value = torch.empty_like(tensor, device="cpu")
+    written: dict[tuple[int, int, int], str] = {}
+    for p in placements:
+        index = [slice(None)] * len(p.shape)
+        index[p.dim] = slice(p.dst_start, p.dst_start + p.length)
+        data = f.get_slice(p.key)[tuple(index)]
+        region = (p.dim, p.src_start, p.length)
+        target = value.narrow(p.dim, p.src_start, p.length)
+        if region in written and not torch.equal(target, data.to(value.dtype)):
+            raise ShapeMismatchError(
+                f"{p.key} and {written[region]} differ, but the Megatron module {spec.module} holds one tensor for both "
+                "(a fused linear has one LoRA A); load such adapters into CanonicalLoRA, or make them equal"
+            )
+        written[region] = p.key
+        target.copy_(data)
+    return value

@@ -1,0 +1,194 @@
+"""`export_checkpoint`: an HF PEFT adapter from a saved Megatron checkpoint, reading adapter bytes only."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..atomic_dir import discard, publish, staging_dir
+from ..core.geometry import ModelGeometry
+from ..core.plan import allocate, apply_placements, plan_adapter
+from ..errors import DialectError, ExportError, NoAdaptersError
+from ..export import ExportOptions, naming, stage_adapter
+from ..hf_config import parse_dtype, read_hf_config
+from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings
+from .keys import AdapterKey, OfflineShard, classify, offline_shards
+
+log = logging.getLogger("megatron_peft_export")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointFacts:
+    """Explicit values for what a checkpoint may not record; each wins over the checkpoint's own."""
+
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None
+    head_dim: int | None = None
+    ffn_hidden_size: int | None = None
+    gated_linear_unit: bool | None = None
+    tp_size: int | None = None
+    """Tensor-parallel size the checkpoint was saved at (undoes the save-time gate/up interleave)."""
+    lora_alpha: float | None = None
+    """HF lora_alpha for every module (ModelOpt: scale * r), when the checkpoint does not record it."""
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    path: Path
+    tensors: int
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        return f"wrote {self.path}: {self.tensors} tensors, {self.bytes / 2**20:.2f} MiB in {self.seconds:.2f} s"
+
+
+# geometry field -> (Megatron-LM args name, Megatron-Bridge run_config model name)
+_RECORDED = {
+    "num_layers": ("num_layers", "num_layers"),
+    "hidden_size": ("hidden_size", "hidden_size"),
+    "num_attention_heads": ("num_attention_heads", "num_attention_heads"),
+    "num_query_groups": ("num_query_groups", "num_query_groups"),
+    "head_dim": ("kv_channels", "kv_channels"),
+    "ffn_hidden_size": ("ffn_hidden_size", "ffn_hidden_size"),
+    "gated_linear_unit": ("swiglu", "gated_linear_unit"),
+    "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
+}
+
+
+def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[str, Any]:
+    """Each fact from the first source that has it: explicit flags, Megatron-LM args, Bridge run_config, HF config."""
+    args, model = settings.args, (settings.run_config or {}).get("model") or {}
+    hf = ModelGeometry.from_hf_config(hf_config).__dict__ if hf_config else {}
+    values = {}
+    for name in _RECORDED:
+        arg_name, bridge_name = _RECORDED[name]
+        from_args = getattr(args, arg_name, None)
+        if name == "num_query_groups" and args is not None and not getattr(args, "group_query_attention", True):
+            from_args = None
+        candidates = (getattr(facts, name), from_args, model.get(bridge_name), hf.get(name) if name != "gated_linear_unit" else None)
+        values[name] = next((v for v in candidates if v is not None), None)
+    if values["num_query_groups"] is None:
+        values["num_query_groups"] = values["num_attention_heads"]
+    if values["head_dim"] is None and values["hidden_size"] and values["num_attention_heads"]:
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+    if values["gated_linear_unit"] is None and hf_config is not None:
+        values["gated_linear_unit"] = True  # the Llama-family name maps are gated
+    return values
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
+    geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
+    missing = [n for n in geometry_fields if values.get(n) is None]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint does not record {', '.join(missing)}; pass --base-model with the HF base model's directory, or "
+            + ", ".join(_flag(n) for n in missing)
+        )
+    return ModelGeometry(**{n: values[n] for n in geometry_fields}, vocab_size=vocab)
+
+
+def _adapter_keys(shapes: dict[str, tuple[int, ...]], adapter_name: str, directory: Path) -> list[AdapterKey]:
+    found = [k for k in (classify(key) for key in shapes) if k is not None]
+    if not found:
+        raise NoAdaptersError(f"{directory}: no adapter tensors among its {len(shapes)} tensors; expected ModelOpt (lora_a_/lora_b_) or Megatron-Bridge (.adapter.) keys")
+    dialects = {k.dialect for k in found}
+    if len(dialects) > 1:
+        raise DialectError(f"{directory}: adapters of several dialects ({', '.join(sorted(dialects))}); expected one")
+    names = {k.adapter_name for k in found if k.adapter_name is not None}
+    if names and adapter_name not in names:
+        raise NoAdaptersError(f"{directory}: no adapter named {adapter_name!r}; the checkpoint has {sorted(names)}. Pass --adapter-name")
+    return [k for k in found if k.adapter_name in (None, adapter_name)]
+
+
+def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_name: str, directory: Path) -> float:
+    if facts.lora_alpha is not None:
+        return facts.lora_alpha
+    if key.dialect == "modelopt":
+        a_shape = shapes[key.key.replace(".lora_b_", ".lora_a_")]
+        alpha = modelopt_alpha(settings.modelopt_peft or [], adapter_name, key.module, a_shape[0])
+    else:
+        alpha = ((settings.run_config or {}).get("peft") or {}).get("alpha")
+    if alpha is None:
+        source = "modelopt_state/" if key.dialect == "modelopt" else "run_config.yaml (peft.alpha)"
+        raise CheckpointError(f"{directory}: the LoRA scale of {key.module} is not recorded (no {source}); pass --lora-alpha")
+    return float(alpha)
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> ExportSummary:
+    """Convert the adapter of one saved checkpoint (an iteration directory, or a save directory via its tracker)."""
+    started = time.perf_counter()
+    directory = locate(checkpoint)
+    if checkpoint_format(directory) != "torch_dist":
+        raise CheckpointError(f"{directory}: the legacy mp_rank_* format is not supported yet; expected a torch_dist checkpoint")
+    reader = TorchDistReader(directory)
+    shapes = reader.tensor_shapes()
+    keys = _adapter_keys(shapes, options.adapter_name, directory)
+    settings = read_settings(directory)
+    hf_config = read_hf_config(options.base_model_name_or_path)
+    values = _recorded(settings, hf_config, facts)
+    output_vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)
+    arch, geometry = naming(options.model_type, hf_config, _geometry(values, None))
+    needs_tp = any(s.spec.split_dim is not None for k in keys for s in offline_shards(k, shapes[k.key], alpha=0.0, tp_save=1, gated=geometry.gated_linear_unit, dtype="float32"))
+    if needs_tp and values["tp_size"] is None:
+        raise CheckpointError(f"{directory}: the tensor-parallel size of the save is not recorded and gate/up rows must be de-interleaved with it; pass --tp-size")
+    shards: list[OfflineShard] = []
+    for key in keys:
+        alpha = _alpha(key, shapes, settings, facts, options.adapter_name, directory)
+        shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=values["tp_size"] or 1, gated=geometry.gated_linear_unit, dtype=reader.dtype(key.key))
+    plan = plan_adapter([s.spec for s in shards], geometry, arch, output_vocab)
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for n, shard in enumerate(shards):
+        by_key[shard.key].append(n)
+    tensors = allocate(plan, parse_dtype(options.dtype))
+    read_bytes = 0
+    for key in tqdm(by_key, desc=f"reading adapter tensors of {directory.name}", unit="tensor", disable=quiet):
+        data = reader.load(key)
+        read_bytes += data.numel() * data.element_size()
+        for n in by_key[key]:
+            apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))
+    tmp = staging_dir(output_dir, options.overwrite)
+    try:
+        stage_adapter(tmp, plan, tensors, options, dialect=keys[0].dialect, source=f"checkpoint {directory}")
+        path = publish(tmp, output_dir, options.overwrite)
+    except BaseException:
+        discard(tmp)
+        raise
+    return ExportSummary(path, len(tensors), read_bytes, time.perf_counter() - started)
+
+
+def _shard_data(data: torch.Tensor, shard: OfflineShard) -> torch.Tensor:
+    if shard.layer is not None:
+        data = data[shard.layer]
+    if shard.rows is None:
+        return data
+    return torch.cat([data.narrow(0, start, length) for start, length in shard.rows])
+
+
+def backfill(save_dir: str | Path, *, subdir: str = "hf_adapter", options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> list[ExportSummary]:
+    """Export every iteration of a save directory that has no `<iter>/<subdir>` yet, as the training hook would."""
+    from .checkpoint import iteration_dirs
+
+    save_dir = Path(save_dir)
+    todo = [d for d in iteration_dirs(save_dir) if not (d / subdir).exists()]
+    if not todo and not iteration_dirs(save_dir):
+        raise CheckpointError(f"{save_dir}: expected a save directory with iter_XXXXXXX checkpoints, found none")
+    summaries = []
+    for directory in todo:
+        summaries.append(export_checkpoint(directory, directory / subdir, options=options, facts=facts, quiet=quiet))
+        if not quiet:
+            print(summaries[-1].line())
+    return summaries

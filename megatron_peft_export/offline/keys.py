@@ -1,0 +1,97 @@
+"""Which checkpoint keys are adapter tensors, and how each becomes shard specs. Pure: names and shapes in, specs out.
+
+On-disk layouts differ from the live ones in a few places, each undone here with the TP size of the save:
+- ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`:
+  read as tp_save shards of the gate_up layout.
+- Megatron-Bridge stacks homogeneous layers (`decoder.layers.<rest>` with a leading layer axis) and
+  stores linear_fc1's fused LoRA B as `[gate; up]` (one whole shard); its DoRA fc1 magnitude is not
+  rearranged, so it is rank-interleaved like ModelOpt's B; and its SwiGLU rearrangement is also
+  applied to CanonicalLoRA's separate gate/up B, storing `[s0 first half; s1 first half; ...; s0 second half; ...]`,
+  which is undone to `[s0; s1; ...]`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..core.shards import Role, ShardSpec
+from ..errors import DialectError
+
+_MODELOPT = re.compile(r"^(decoder\.layers\.\d+\.(?:.+)|output_layer)\.lora_([ab])_(.+)\.weight$")
+_BRIDGE = re.compile(r"^(decoder\.layers\.\d+|decoder\.layers|output_layer)((?:\.[^.]+)*?)\.adapter\.(?:adapter_(q|k|v|gate|up)\.)?(linear_in\.weight|linear_out\.weight|weight_magnitude)$")
+_ROLE = {"a": "lora_A", "b": "lora_B", "linear_in.weight": "lora_A", "linear_out.weight": "lora_B", "weight_magnitude": "magnitude"}
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """One adapter tensor in a checkpoint."""
+
+    key: str
+    dialect: str
+    module: str
+    """Megatron module path; for layer-stacked keys it holds `{i}` for the layer index."""
+    role: Role
+    part: str | None
+    adapter_name: str | None
+    stacked: bool
+
+
+@dataclass(frozen=True)
+class OfflineShard:
+    """A shard spec and where its data is in a checkpoint tensor: a layer (stacked keys) and row ranges."""
+
+    spec: ShardSpec
+    key: str
+    layer: int | None
+    rows: tuple[tuple[int, int], ...] | None
+    """(start, length) row ranges of the (layer's) tensor, concatenated; None for the whole tensor."""
+
+
+def classify(key: str) -> AdapterKey | None:
+    """An AdapterKey for adapter tensors of a known dialect, None for everything else (base weights, optimizer...)."""
+    match = _MODELOPT.match(key)
+    if match:
+        module, ab, name = match.groups()
+        return AdapterKey(key, "modelopt", module, _ROLE[ab], None, name, stacked=False)
+    match = _BRIDGE.match(key)
+    if match:
+        head, rest, part, leaf = match.groups()
+        stacked = head == "decoder.layers"
+        module = ("decoder.layers.{i}" if stacked else head) + rest
+        return AdapterKey(key, "megatron-bridge", module, _ROLE[leaf], part, None, stacked)
+    if ".lora_A." in key or ".lora_B." in key:
+        raise DialectError(f"{key}: peft-style LoRA applied directly to Megatron layers is not supported yet; expected ModelOpt or Megatron-Bridge adapters")
+    return None
+
+
+def _is_fc1(module: str) -> bool:
+    return module.endswith("mlp.linear_fc1")
+
+
+def offline_shards(found: AdapterKey, shape: tuple[int, ...], *, alpha: float, tp_save: int, gated: bool, dtype: str) -> list[OfflineShard]:
+    """Shard specs for one checkpoint tensor (every layer of a stacked one), with the save-time layouts undone."""
+    layers = range(shape[0]) if found.stacked else [None]
+    local = shape[1:] if found.stacked else shape
+    out = []
+    for layer in layers:
+        module = found.module.format(i=layer) if found.stacked else found.module
+        rows_total = local[0]
+        interleaved = gated and _is_fc1(module) and found.part is None and (
+            (found.dialect == "modelopt" and found.role == "lora_B") or (found.dialect == "megatron-bridge" and found.role == "magnitude")
+        )
+        if interleaved:
+            step = rows_total // tp_save
+            pieces = [((t * step, step),) for t in range(tp_save)]
+        elif found.dialect == "megatron-bridge" and found.part in ("gate", "up") and found.role == "lora_B":
+            half = rows_total // (2 * tp_save)
+            pieces = [((t * half, half), (rows_total // 2 + t * half, half)) for t in range(tp_save)]
+        else:
+            pieces = [None]
+        for t, rows in enumerate(pieces):
+            split = rows is not None
+            shard_shape = (sum(n for _, n in rows), *local[1:]) if split else tuple(local)
+            spec = ShardSpec(module=module, role=found.role, part=found.part, shape=shard_shape, split_dim=0 if split else None,
+                             tp_rank=t if split else 0, tp_size=tp_save if split else 1, alpha=alpha, dtype=dtype)
+            out.append(OfflineShard(spec, found.key, layer, rows))
+    return out
