@@ -140,6 +140,7 @@ class TorchDistReader:
 
     def load(self, key: str) -> torch.Tensor:
         from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         meta = self._metadata.state_dict_metadata[key]
         buffer = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
@@ -147,8 +148,8 @@ class TorchDistReader:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assumes a single process": it is one, by design
                 load(buffer, storage_reader=self._reader, no_dist=True)
-        except Exception as exc:
-            raise CheckpointError(f"{self.directory}: reading {key} failed ({type(exc).__name__}: {exc}); is a .distcp file truncated or missing?") from exc
+        except (Exception, CheckpointException) as exc:
+            raise CheckpointError(f"{self.directory}: reading {key} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from exc
         return buffer[key]
 
 

@@ -222,3 +222,38 @@ def _skips_run(rank, world, save):
 def test_non_persistent_saves_are_skipped_and_every_n_counts_persistent_saves(tmp_path):
     assert run_ranks(_skips_run, 2, str(tmp_path))[0] == ["iter_0000003"]
     assert sorted(p.parent.name for p in tmp_path.glob("iter_*/peft")) == ["iter_0000003"]
+
+
+def _real_training_run(rank, world, save):
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.training import TrainConfig, run_training
+
+    hook = AdapterExportHook(HookConfig(max_pending=2))
+    history = run_training(TrainConfig(tp=world), steps=6, save_interval=2, save_dir=save, on_save=hook.on_checkpoint_saved, log=None)
+    hook.finalize()
+    return history
+
+
+def _offline_export(rank, world, checkpoint, out):
+    from megatron_peft_export.offline.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out, quiet=True)
+
+
+def test_tp2_training_run_leaves_one_adapter_per_save_equal_to_its_checkpoint(tmp_path):
+    """Training moves on while the hook exports; each adapter must equal the one converted from its own checkpoint."""
+    from safetensors.torch import load_file
+
+    history = run_ranks(_real_training_run, 2, str(tmp_path))[0]
+    assert history[-1] < history[0]
+    adapters = sorted(tmp_path.glob("iter_*/hf_adapter"))
+    assert [a.parent.name for a in adapters] == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    first = load_file(adapters[0] / "adapter_model.safetensors")
+    for adapter in adapters:
+        assert sorted(p.name for p in adapter.iterdir()) == ADAPTER_FILES
+        run_ranks(_offline_export, 1, str(adapter.parent), str(tmp_path / f"from_{adapter.parent.name}"))
+        ours, reference = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / f"from_{adapter.parent.name}" / "adapter_model.safetensors")
+        assert ours.keys() == reference.keys() and all((ours[k] == reference[k]).all() for k in ours), adapter
+    last = load_file(adapters[-1] / "adapter_model.safetensors")
+    assert any(not (first[k] == last[k]).all() for k in first), "training should have changed the adapter"

@@ -1,0 +1,201 @@
+"""Offline export of checkpoints written by real dist_checkpointing.save: identical to the live export,
+reads no base-weight bytes, and rejects bad input with exit status 2 and nothing written."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.multiprocess import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+ITERATION = 5
+
+
+def _train_save_and_export_live(rank, world, tmp, tp, pp, variant):
+    """A model with random adapters: exported live, and saved as a Megatron-LM / Bridge style torch_dist checkpoint."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
+
+    from megatron_peft_export import export_adapter
+    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from tests.support.bridge_lora import apply_bridge_lora
+    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    cfg = TinyGPTConfig()
+    init_parallel(tp, pp)
+    model = build_gpt(cfg)
+    model = apply_modelopt_lora(model, scale=1.5) if variant == "modelopt" else apply_bridge_lora(model, variant=variant, dim=8, alpha=12)
+    fill_lora_random(model, seed=17)
+    export_adapter(model, Path(tmp) / "live")
+    directory = iteration_dir(Path(tmp) / "save", ITERATION)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.sharded_state_dict(), "iteration": ITERATION}
+    if variant == "modelopt":  # Megatron-LM records its args in common.pt
+        state["args"] = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_layers=cfg.num_layers,
+                                           hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
+                                           group_query_attention=True, num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
+                                           swiglu=True, padded_vocab_size=cfg.vocab_size)
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save(state, str(directory))
+        if variant == "modelopt":
+            save_sharded_modelopt_state([model], str(directory))
+    if rank == 0:
+        if variant != "modelopt":  # Bridge records its config in run_config.yaml
+            run_config = {"model": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+                                    "num_query_groups": cfg.num_query_groups, "kv_channels": cfg.kv_channels, "ffn_hidden_size": cfg.ffn_hidden_size,
+                                    "gated_linear_unit": True, "tensor_model_parallel_size": tp},
+                          "peft": {"_target_": "megatron.bridge.peft.lora.LoRA", "dim": 8, "alpha": 12}}
+            (directory / "run_config.yaml").write_text(yaml.safe_dump(run_config))
+        (Path(tmp) / "save" / TRACKER).write_text(str(ITERATION))
+    dist.barrier()
+
+
+def _offline(rank, world, argv, corrupt_base=False):
+    """The CLI in a fresh rank; returns its exit status, stderr and the bytes it read from .distcp files."""
+    import contextlib
+    import io
+
+    from torch.distributed.checkpoint import filesystem
+
+    from megatron_peft_export.cli import main
+
+    read = []
+    original = filesystem.FileSystemReader._slice_file
+    filesystem.FileSystemReader._slice_file = lambda self, file, sinfo: read.append(sinfo.length) or original(self, file, sinfo)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main([*argv, "--quiet"])
+    return status, err.getvalue(), sum(read)
+
+
+def _corrupt_base_weights(iteration_dir: Path) -> tuple[int, int]:
+    """Overwrite the stored bytes of every non-adapter tensor: a read of any of them would fail to unpickle."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_peft_export.offline.keys import classify
+
+    metadata = FileSystemReader(str(iteration_dir)).read_metadata()
+    adapter = base = 0
+    for index, info in metadata.storage_data.items():
+        if classify(index.fqn) is not None:
+            adapter += info.length
+            continue
+        base += info.length
+        with open(iteration_dir / info.relative_path, "r+b") as f:
+            f.seek(info.offset)
+            f.write(b"\xff" * info.length)
+    return adapter, base
+
+
+def _same_adapter(a: Path, b: Path):
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and (x[k] == y[k]).all(), k
+    assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("variant,tp,pp", [
+    ("modelopt", 1, 1), ("modelopt", 2, 1), ("modelopt", 1, 2), ("modelopt", 2, 2),
+    ("lora", 2, 1), ("lora", 2, 2), ("canonical", 2, 1), ("dora", 2, 1),
+], ids=lambda v: str(v))
+def test_offline_export_equals_live_export_and_reads_no_base_bytes(tmp_path, variant, tp, pp):
+    run_ranks(_train_save_and_export_live, tp * pp, str(tmp_path), tp, pp, variant)
+    adapter_bytes, base_bytes = _corrupt_base_weights(tmp_path / "save" / f"iter_{ITERATION:07d}")
+    status, err, read = run_ranks(_offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")])[0]
+    assert status == 0, err
+    _same_adapter(tmp_path / "live", tmp_path / "offline")
+    assert read == adapter_bytes and base_bytes > 0  # exactly the adapter bytes were read; the corrupted base bytes were not
+
+
+def test_backfill_writes_every_missing_iteration(tmp_path):
+    run_ranks(_train_save_and_export_live, 2, str(tmp_path), 2, 1, "modelopt")
+    save = tmp_path / "save"
+    (save / "iter_0000009").mkdir()  # a second iteration: the same files under another name
+    for f in (save / f"iter_{ITERATION:07d}").rglob("*"):
+        target = save / "iter_0000009" / f.relative_to(save / f"iter_{ITERATION:07d}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if f.is_file():
+            target.write_bytes(f.read_bytes())
+    status, err, _ = run_ranks(_offline, 1, ["export", str(save), "--all"])[0]
+    assert status == 0, err
+    for name in (f"iter_{ITERATION:07d}", "iter_0000009"):
+        _same_adapter(tmp_path / "live", save / name / "hf_adapter")
+    status, _, read = run_ranks(_offline, 1, ["export", str(save), "--all"])[0]
+    assert status == 0 and read == 0  # nothing left to do
+
+
+def _bad(tmp: Path, case: str) -> Path:
+    save = tmp / "save"
+    iteration = save / f"iter_{ITERATION:07d}"
+    if case == "not a checkpoint":
+        (tmp / "empty").mkdir()
+        return tmp / "empty"
+    if case == "unknown format":
+        (tmp / "odd").mkdir()
+        (tmp / "odd" / "weights.bin").write_bytes(b"123")
+        return tmp / "odd"
+    if case == "truncated":
+        victim = max(iteration.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[:100])
+    if case == "corrupt metadata":
+        (iteration / ".metadata").write_bytes(b"not a pickle")
+    if case == "unsafe pickle":
+        import pickle
+
+        class Exploit:
+            def __reduce__(self):
+                return (print, ("pwned",))
+
+        (iteration / "common.pt").write_bytes(pickle.dumps({"args": Exploit()}))
+    return save
+
+
+@pytest.mark.parametrize("case,message", [
+    ("not a checkpoint", "expected a Megatron checkpoint"),
+    ("unknown format", "found ['weights.bin']"),
+    ("truncated", "is a .distcp file truncated or missing?"),
+    ("corrupt metadata", ".metadata: cannot be read"),
+    ("unsafe pickle", "refused, it needs unsafe unpickling"),
+    ("other architecture", "num_query_groups: Megatron model has 4, the base model's config.json has 2"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case, message):
+    run_ranks(_train_save_and_export_live, 1, str(tmp_path), 1, 1, "modelopt")
+    argv = ["export", str(_bad(tmp_path, case)), "--output", str(tmp_path / "out")]
+    if case == "other architecture":
+        base = tmp_path / "base"
+        base.mkdir()
+        (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 8,
+                                                      "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 96, "vocab_size": 128}))
+        argv += ["--base-model", str(base)]
+    status, err, _ = run_ranks(_offline, 1, argv)[0]
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_checkpoint_without_adapters(tmp_path):
+    def save_plain(rank, world, tmp):
+        from megatron.core import dist_checkpointing
+
+        from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, init_parallel
+        from tests.support.training import _in_process_write_results, _may_fork
+
+        init_parallel()
+        (Path(tmp) / "plain").mkdir()
+        _in_process_write_results()
+        with _may_fork():
+            dist_checkpointing.save({"model": build_gpt(TinyGPTConfig()).sharded_state_dict()}, str(Path(tmp) / "plain"))
+
+    run_ranks(save_plain, 1, str(tmp_path))
+    status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "plain"), "--output", str(tmp_path / "out")])[0]
+    assert status == 2 and "no adapter tensors among its" in err and not (tmp_path / "out").exists()
