@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .errors import ExportError
+from .integrations.hub import PushConfig
 
 YAML_KEY = "export_hf_adapter"
 
@@ -39,6 +40,8 @@ class HookConfig:
     """Exports in flight at once; a further save waits for the oldest, so host memory stays bounded."""
     publish_timeout: float = 600.0
     """Seconds finalize() waits for asynchronously saved checkpoints to be finalized before abandoning their adapters."""
+    push: PushConfig | None = None
+    """Push adapters to the Hugging Face Hub (`push: {repo_id: OWNER/NAME, strategy: every_save}`); none when unset."""
 
     def __post_init__(self) -> None:
         if self.on_error not in ("warn", "raise"):

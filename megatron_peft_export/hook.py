@@ -73,6 +73,13 @@ class AdapterExportHook:
         self.config = config or HookConfig()
         self._capture = capture
         self._after_publish = tuple(after_publish)
+        self.pusher = None
+        """Pushes to the Hub (config.push): fed after every other after-publish step, so a push sees their files."""
+        if self.config.push is not None:
+            from .integrations.hub import HubPusher
+
+            self.pusher = HubPusher(self.config.push)
+            self._after_publish += (self.pusher.after_publish,)
         self._options = ExportOptions(
             base_model_name_or_path=self.config.base_model_name_or_path, adapter_name=self.config.adapter_name,
             dtype=self.config.dtype, overwrite=True, model_type=self.config.model_type,
@@ -205,4 +212,6 @@ class AdapterExportHook:
         for item in abandoned:
             discard(item.staging)
             log.warning("checkpoint %s was never finalized; its HF adapter was not published", item.checkpoint_dir)
+        if self.pusher is not None:  # the last push (strategy end) and every push still running; never raises
+            self.pusher.finalize()
         self._raise_agreed_failure()

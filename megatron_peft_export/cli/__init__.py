@@ -12,9 +12,9 @@ import sys
 
 from .. import __version__
 from ..errors import ExportError
-from . import export, formats
+from . import export, formats, push
 
-COMMANDS = [export, formats]
+COMMANDS = [export, formats, push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
-from typing import Any
+from typing import Any, Mapping
+
+import yaml
 
 from .plan import AdapterPlan
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_TAGS = ("lora", "megatron", "megatron-peft-export")
 
 
 def _number(x: float) -> int | float:
@@ -46,13 +52,23 @@ def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None) -> di
     }
 
 
-def model_card(config: dict[str, Any], *, dialect: str, source: str, num_tensors: int) -> str:
-    """README.md with the front matter the Hub reads (library_name: peft, base_model) and the LoRA settings."""
+def model_card(
+    config: dict[str, Any], *, dialect: str | None, source: str, num_tensors: int,
+    iteration: int | None = None, verification: Mapping[str, Any] | None = None,
+) -> str:
+    """README.md with the front matter the Hub reads (library_name, base_model, pipeline_tag, tags), the LoRA
+    settings, and the training iteration and verification result (a verification.json mapping) when given.
+
+    base_model goes into the front matter only when it is a Hub id: the Hub rejects a card whose base_model
+    is a local path.
+    """
     base = config["base_model_name_or_path"]
     front = ["---", "library_name: peft"]
-    if base:
+    if base and _HUB_ID.match(base):
         front.append(f"base_model: {json.dumps(base)}")
-    front += ["tags:", "- lora", "- megatron", "- megatron-peft-export"]
+    front += ["pipeline_tag: text-generation", "tags:", *(f"- {tag}" for tag in _TAGS)]
+    if dialect:
+        front.append(f"- {dialect}")
     if config["use_dora"]:
         front.append("- dora")
     front.append("---")
@@ -61,11 +77,12 @@ def model_card(config: dict[str, Any], *, dialect: str, source: str, num_tensors
         "",
         "# LoRA adapter exported from Megatron",
         "",
-        f"Exported by megatron-peft-export from {source} ({dialect} adapters).",
+        f"Exported by megatron-peft-export from {source}" + (f" ({dialect} adapters)." if dialect else "."),
         "",
         "| setting | value |",
         "| --- | --- |",
         f"| base model | {base or 'not recorded'} |",
+        *([f"| training iteration | {iteration} |"] if iteration is not None else []),
         f"| r | {config['r']} |",
         f"| lora_alpha | {config['lora_alpha']} |",
         f"| target modules | {', '.join(config['target_modules'])} |",
@@ -73,6 +90,7 @@ def model_card(config: dict[str, Any], *, dialect: str, source: str, num_tensors
         f"| DoRA | {'yes' if config['use_dora'] else 'no'} |",
         f"| tensors | {num_tensors} |",
         "",
+        *_verification_section(verification),
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
@@ -83,3 +101,44 @@ def model_card(config: dict[str, Any], *, dialect: str, source: str, num_tensors
         "",
     ]
     return "\n".join(front + body)
+
+
+def _verification_section(verification: Mapping[str, Any] | None) -> list[str]:
+    """The outcome and the numeric fields of verification.json; read defensively, its format is the verifier's.
+
+    Strings (local paths, summaries naming them) and nested values stay out of a card that may be public.
+    """
+    if not verification:
+        return []
+    status = verification.get("status")
+    if not isinstance(status, str):
+        passed = verification.get("passed")
+        status = ("passed" if passed else "failed") if isinstance(passed, bool) else None
+    rows = [(k, v) for k, v in sorted(verification.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    lines = ["## Verification", ""]
+    if status:
+        lines += [f"Verification {status.upper()}: logits of the HF base model with this adapter against the training model's at save time.", ""]
+    if rows:
+        lines += ["| metric | value |", "| --- | --- |", *(f"| {k} | {v:.4g} |" for k, v in rows), ""]
+    return lines
+
+
+def _front_matter(card: str) -> dict[str, Any]:
+    if not card.startswith("---\n"):
+        return {}
+    try:
+        found = yaml.safe_load(card[4:].split("\n---\n", 1)[0])
+    except yaml.YAMLError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def is_ours(card: str) -> bool:
+    """Whether model_card wrote this card (its front matter carries the megatron-peft-export tag)."""
+    return "megatron-peft-export" in (_front_matter(card).get("tags") or [])
+
+
+def card_dialect(card: str) -> str | None:
+    """The dialect model_card recorded in the tags, the inverse of what it writes."""
+    extra = [t for t in _front_matter(card).get("tags") or [] if t not in _TAGS and t != "dora"]
+    return extra[0] if extra else None

@@ -1,0 +1,376 @@
+"""Push adapters to the Hugging Face Hub: the HF Trainer's `push_to_hub` / `hub_strategy` for Megatron runs.
+
+`push_adapters` makes one commit (repo and branch created when missing, retries on transient
+errors); `HubPusher` feeds it from the training hook in the background, per strategy:
+
+- `end`: the last adapter, at the repo root, when training finishes (`finalize`);
+- `every_save`: each adapter, at the root, as it is published; a newer adapter replaces one still
+  waiting (the older is skipped, with a log line);
+- `all_checkpoints`: as every_save, and each iteration also under `iter_XXXXXXX/`; adapters that
+  pile up behind a running push go together in the next commit, so no folder is lost.
+
+The token is never handled here: huggingface_hub reads it (HF_TOKEN, then the stored login) for
+each request, and every message this module logs or raises has it masked.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import logging
+import re
+import shutil
+import struct
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from ..errors import ExportError
+
+log = logging.getLogger("megatron_peft_export")
+STRATEGIES = ("end", "every_save", "all_checkpoints")
+VERIFICATION_FILE = "verification.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_ITERATION_DIR = re.compile(r"^iter_(\d+)$")
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_NETWORK_ERRORS = {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "TimeoutException"}
+
+
+class PushError(ExportError):
+    """A push to the Hub failed; the message says why and what to do."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class PushConfig:
+    """Where and when the training hook pushes adapters to the Hugging Face Hub (the token: HF_TOKEN or `hf auth login`)."""
+
+    repo_id: str
+    """Hub model repository, OWNER/NAME; created when missing."""
+    strategy: Literal["end", "every_save", "all_checkpoints"] = "every_save"
+    """end: the last adapter when training finishes; every_save: each adapter as it is written, in the background; all_checkpoints: also each iteration in its own iter_XXXXXXX/ folder."""
+    private: bool = False
+    """Create the repository private (a repository that exists keeps its visibility)."""
+    revision: str | None = None
+    """Branch to push to (created from main when missing); default main."""
+    commit_message: str | None = None
+    """Commit message; the iteration is appended. Default: 'Upload HF adapter'."""
+    base_model: str | None = None
+    """Hub id of the base model, written into the pushed adapter_config.json and model card when the export names a local directory."""
+    endpoint: str | None = None
+    """Hub address (default: HF_ENDPOINT, else https://huggingface.co)."""
+    retries: int = 3
+    """Retries of a push after a transient error (HTTP 408/429/5xx, timeouts, connection errors)."""
+    retry_wait: float = 5.0
+    """Seconds before the first retry; doubled before each next one."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.repo_id, str) or not _REPO_ID.match(self.repo_id):
+            raise ExportError(f"push.repo_id: expected OWNER/NAME (e.g. my-org/llama-lora), found {self.repo_id!r}")
+        if self.strategy not in STRATEGIES:
+            raise ExportError(f"push.strategy: expected one of {', '.join(STRATEGIES)}, found {self.strategy!r}")
+        if self.retries < 0 or self.retry_wait < 0:
+            raise ExportError(f"push.retries and push.retry_wait must be >= 0, found {self.retries} and {self.retry_wait}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (used as CLI help)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: doc.value.value
+        for node, doc in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+    }
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter directory and the training iteration it holds (None when unknown)."""
+
+    path: Path
+    iteration: int | None = None
+
+    @property
+    def folder(self) -> str:
+        return f"iter_{self.iteration:07d}"
+
+
+def iteration_of(path: Path) -> int | None:
+    """The iteration of `<save>/iter_0000100/<subdir>` (or of `iter_0000100` itself)."""
+    for part in (path.name, path.parent.name):
+        if match := _ITERATION_DIR.match(part):
+            return int(match.group(1))
+    return None
+
+
+def find_adapters(path: str | Path, subdir: str = "hf_adapter") -> list[Adapter]:
+    """An adapter directory itself, or every `<path>/iter_*/<subdir>` adapter of a save directory, oldest first."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return [Adapter(path, iteration_of(path))]
+    found = [Adapter(config.parent, iteration_of(config.parent)) for config in path.glob(f"iter_*/{subdir}/adapter_config.json")]
+    if not found:
+        raise PushError(f"no adapter at {path}: expected {path}/adapter_config.json or {path}/iter_*/{subdir}/adapter_config.json")
+    return sorted(found, key=lambda a: a.iteration if a.iteration is not None else -1)
+
+
+# ---- one push: stage, commit, retry ----
+
+
+def _mask(text: str) -> str:
+    """`text` with the token huggingface_hub would send replaced by ***."""
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:
+        token = None
+    return text.replace(token, "***") if token else text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def describe(exc: BaseException, config: PushConfig) -> tuple[str, bool]:
+    """What went wrong, in one line with what to do, and whether retrying may help."""
+    repo = config.repo_id
+    at = f" at revision {config.revision}" if config.revision else ""
+    names = {c.__name__ for c in type(exc).__mro__}
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, PushError):
+        return str(exc), False
+    if "OfflineModeIsEnabled" in names:
+        return "HF_HUB_OFFLINE is set, so huggingface_hub makes no request; unset it to push", False
+    if "HfHubHTTPError" in names and isinstance(status, int):
+        server = _one_line(getattr(exc, "server_message", None) or "")
+        detail = f" (the Hub says: {server})" if server else ""
+        if status == 401:
+            return (f"authentication failed (401): the Hub did not accept the token{detail}; set HF_TOKEN or run "
+                    f"`hf auth login` with a token that has write access to {repo}"), False
+        if status == 403:
+            return (f"permission denied (403): the token may not create or write {repo}{detail}; use a write token "
+                    f"of an account that may write to the {repo.split('/')[0]} namespace"), False
+        if status == 404:
+            return (f"not found (404): {repo}{at} does not exist or the token cannot see it{detail}; "
+                    f"check the repo id and revision"), False
+        if status in _TRANSIENT_STATUS:
+            return f"the Hub answered {status}{detail}", True
+        return f"the Hub refused the push to {repo} ({status}){detail}", False
+    if names & _NETWORK_ERRORS:
+        endpoint = config.endpoint or "the Hub (HF_ENDPOINT or https://huggingface.co)"
+        return f"cannot reach {endpoint}: {_one_line(exc) or type(exc).__name__}; check the network or the endpoint", True
+    if isinstance(exc, ValueError) and "metadata" in str(exc):
+        return f"the Hub rejected the model card's metadata: {_one_line(exc)}", False
+    if isinstance(exc, OSError):
+        return f"cannot read the adapter: {_one_line(exc)}", False
+    return f"{type(exc).__name__}: {_one_line(exc)}", False
+
+
+def _commit_message(config: PushConfig, latest: Adapter, checkpoints: Sequence[Adapter]) -> str:
+    message = config.commit_message or "Upload HF adapter"
+    iterations = sorted({a.iteration for a in (latest, *checkpoints) if a.iteration is not None})
+    if len(iterations) == 1:
+        return f"{message} (iteration {iterations[0]})"
+    if iterations:
+        return f"{message} (iterations {', '.join(map(str, iterations))}; latest {latest.iteration} at the root)"
+    return message
+
+
+def _tensor_count(weights: Path) -> int:
+    """Tensors in a safetensors file, from its header alone."""
+    with weights.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return sum(1 for key in json.loads(f.read(length)) if key != "__metadata__")
+
+
+def _read_verification(adapter: Path) -> dict[str, Any] | None:
+    path = adapter / VERIFICATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable; the pushed model card has no verification result: %s", path, exc)
+        return None
+    return found if isinstance(found, dict) else {"result": found}
+
+
+def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
+    """Link the adapter's top-level files into `into` (no copies), with the model card (and config) filled in for the Hub."""
+    from ..core.peft_format import card_dialect, is_ours, model_card
+
+    source = adapter.path
+    if not (source / "adapter_config.json").is_file():
+        raise PushError(f"expected an adapter directory with adapter_config.json at {source}; was it removed before the push?")
+    for path in sorted(source.iterdir()):  # top-level files: not working folders (verification's reference logits)
+        if path.is_file() and not path.name.startswith("."):
+            (into / path.name).symlink_to(path.absolute())
+    config_json = json.loads((source / "adapter_config.json").read_text())
+    if config.base_model:
+        config_json["base_model_name_or_path"] = config.base_model
+        (into / "adapter_config.json").unlink()
+        (into / "adapter_config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    card = source / "README.md"
+    old_card = card.read_text() if card.is_file() else None
+    if old_card is not None and not is_ours(old_card):
+        return  # the user's own card goes up unchanged
+    weights = source / "adapter_model.safetensors"
+    text = model_card(
+        config_json,
+        dialect=card_dialect(old_card) if old_card else None,
+        source=f"iteration {adapter.iteration}" if adapter.iteration is not None else "a Megatron adapter directory",
+        num_tensors=_tensor_count(weights) if weights.is_file() else 0,
+        iteration=adapter.iteration,
+        verification=_read_verification(source),
+    )
+    (into / "README.md").unlink(missing_ok=True)
+    (into / "README.md").write_text(text)
+
+
+def push_adapters(
+    config: PushConfig,
+    latest: Adapter,
+    checkpoints: Sequence[Adapter] = (),
+    *,
+    api: Any = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """One commit: `latest` at the repo root, each of `checkpoints` under its `iter_XXXXXXX/`. Returns the commit URL.
+
+    Creates the repository (private when asked) and the branch when missing; retries transient
+    errors `config.retries` times with doubling waits; raises PushError with a one-line message.
+    """
+    missing = [a.path for a in checkpoints if a.iteration is None]
+    if missing:
+        raise PushError(f"cannot name a folder for {missing[0]}: expected it under an iter_XXXXXXX directory")
+    message = _commit_message(config, latest, checkpoints)
+    attempt = 0
+    while True:
+        try:
+            return _push_once(config, latest, checkpoints, message, api)
+        except Exception as exc:
+            problem, transient = describe(exc, config)
+            problem = _mask(problem)
+            if not transient or attempt == config.retries:
+                tries = f" (after {attempt + 1} attempts)" if attempt else ""
+                raise PushError(f"{problem}{tries}") from None
+        wait = config.retry_wait * 2**attempt
+        attempt += 1
+        log.warning("push to %s: %s; retry %d of %d in %.3g s", config.repo_id, problem, attempt, config.retries, wait)
+        sleep(wait)
+
+
+def _push_once(config: PushConfig, latest: Adapter, checkpoints: Sequence[Adapter], message: str, api: Any) -> str:
+    if api is None:
+        from huggingface_hub import HfApi, get_token
+
+        if get_token() is None:
+            raise PushError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing to {config.repo_id} needs write access)")
+        api = HfApi(endpoint=config.endpoint)
+    staging = Path(tempfile.mkdtemp(prefix="hf-adapter-push-"))
+    try:
+        _stage(latest, staging, config)
+        for adapter in checkpoints:
+            (staging / adapter.folder).mkdir()
+            _stage(adapter, staging / adapter.folder, config)
+        api.create_repo(config.repo_id, private=True if config.private else None, exist_ok=True)
+        if config.revision and config.revision != "main":
+            api.create_branch(config.repo_id, branch=config.revision, exist_ok=True)
+        info = api.upload_folder(repo_id=config.repo_id, folder_path=staging, commit_message=message, revision=config.revision)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(getattr(info, "commit_url", info))
+
+
+# ---- the training hook's background pusher ----
+
+
+@dataclass
+class _Job:
+    latest: Adapter
+    checkpoints: tuple[Adapter, ...] = ()
+
+
+class HubPusher:
+    """`after_publish(iteration, path)` and `finalize()` for AdapterExportHook; pushes never block the caller.
+
+    One push runs at a time on a thread of its own; at most one more waits. Failures are logged
+    (token masked) and never raised: training goes on.
+    """
+
+    def __init__(self, config: PushConfig, *, api: Any = None, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self._api, self._sleep = api, sleep
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: Future | None = None
+        self._waiting: _Job | None = None
+        self._last: Adapter | None = None
+        self.pushed: list[str] = []
+        """Commit URLs of the pushes that succeeded (writer only)."""
+        self.failures: list[str] = []
+        """One line per push that failed."""
+
+    def after_publish(self, iteration: int, path: Path) -> None:
+        adapter = Adapter(Path(path), iteration)
+        if self.config.strategy == "end":
+            self._last = adapter
+            return
+        self._submit(_Job(adapter, (adapter,) if self.config.strategy == "all_checkpoints" else ()))
+
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._running is None:
+                log.info("pushing the HF adapter of iteration %s to %s in the background", job.latest.iteration, self.config.repo_id)
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-adapter-push")
+                self._running = self._executor.submit(self._work, job)
+                return
+            old, busy = self._waiting, "a previous push is still running"
+            if old is None:
+                self._waiting = job
+                log.info("push of iteration %s to %s queued: %s", job.latest.iteration, self.config.repo_id, busy)
+            elif self.config.strategy == "all_checkpoints":
+                self._waiting = _Job(job.latest, old.checkpoints + job.checkpoints)
+                log.info("push of iteration %s to %s queued with iteration(s) %s in one commit: %s", job.latest.iteration,
+                         self.config.repo_id, ", ".join(str(a.iteration) for a in old.checkpoints), busy)
+            else:
+                self._waiting = job
+                log.warning("push of iteration %s to %s skipped: iteration %s is newer and replaces it in the queue (%s)",
+                            old.latest.iteration, self.config.repo_id, job.latest.iteration, busy)
+
+    def _work(self, job: _Job | None) -> None:
+        while job is not None:
+            try:
+                url = push_adapters(self.config, job.latest, job.checkpoints, api=self._api, sleep=self._sleep)
+                self.pushed.append(url)
+                log.info("pushed the HF adapter of iteration %s to %s: %s", job.latest.iteration, self.config.repo_id, url)
+            except Exception as exc:  # never the reason training stops
+                problem = _mask(str(exc) if isinstance(exc, PushError) else describe(exc, self.config)[0])
+                self.failures.append(problem)
+                log.warning("pushing the HF adapter of iteration %s to %s failed; training continues: %s",
+                            job.latest.iteration, self.config.repo_id, problem)
+            with self._lock:
+                job, self._waiting = self._waiting, None
+                if job is None:
+                    self._running = None
+
+    def finalize(self) -> None:
+        """Push the last adapter (strategy end) and wait for every push to finish."""
+        if self._last is not None:
+            last, self._last = self._last, None
+            self._submit(_Job(last))
+        with self._lock:
+            running = self._running
+        if running is not None:
+            running.result()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

@@ -1,0 +1,210 @@
+"""Pushes through the training hook on real megatron-core models in real gloo processes, against the fake
+Hub (tests/support/fake_hub.py) running in the pytest process: background pushes, the Megatron-LM flags,
+errors that leave training running, and no token in any file or log."""
+
+import logging
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+
+from megatron_peft_export.cli import main
+from tests.support.fake_hub import FakeHub, closed_port, resume_from
+from tests.support.multiprocess import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+STANDIN = Path(__file__).parents[1] / "support" / "megatron_lm_standin"
+ADAPTER = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.fixture
+def token(monkeypatch, tmp_path):
+    value = "hf_" + secrets.token_hex(16)
+    monkeypatch.setenv("HF_TOKEN", value)  # the forked ranks inherit it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-login"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return value
+
+
+@pytest.fixture
+def hub(token, monkeypatch):
+    with FakeHub(token) as server:
+        # huggingface_hub's own requests to its default endpoint (it fetches a registry of AI agents for the
+        # user-agent header) go to the fake too, so no request leaves 127.0.0.1
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+        yield server
+
+
+def _lora_model(tp):
+    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
+
+    init_parallel(tp)
+    model = apply_modelopt_lora(build_gpt(TinyGPTConfig()))
+    fill_lora_random(model, seed=5)
+    return model
+
+
+def _step(model, iteration):
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.add_(0.01 * iteration)
+
+
+def _save(save, iteration):
+    import torch.distributed as dist
+
+    from megatron_peft_export.hook import TRACKER, iteration_dir
+
+    directory = iteration_dir(save, iteration)
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (Path(save) / TRACKER).write_text(str(iteration))
+    dist.barrier()
+    return directory
+
+
+class _Records(logging.Handler):
+    """Every record of every logger (huggingface_hub's and httpx's debug lines too), formatted with tracebacks."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._level, root.level = root.level, logging.DEBUG
+        root.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self)
+        logging.getLogger().level = self._level
+
+
+def _train_and_push(rank, world, save, push, saves, resume_endpoint=None):
+    """A training loop with the hook; with the fake Hub paused, so no push can finish before training does."""
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from megatron_peft_export.integrations.hub import PushConfig
+
+    with _Records() as records:
+        model = _lora_model(world)
+        hook = AdapterExportHook(HookConfig(push=PushConfig(**push)))
+        outcome = []
+        for iteration in range(1, saves + 1):
+            _step(model, iteration)
+            hook.on_checkpoint_saved(iteration, _save(save, iteration), model)
+            outcome.append(f"trained {iteration}")
+        if resume_endpoint and rank == 0:
+            resume_from(resume_endpoint)
+        hook.finalize()
+        outcome.append("finalized")
+        pushed = list(hook.pusher.pushed)
+    return outcome, pushed, records.lines
+
+
+def test_the_hook_pushes_in_the_background_and_keeps_every_iteration(hub, tmp_path):
+    push = {"repo_id": "me/run", "strategy": "all_checkpoints", "endpoint": hub.endpoint, "retry_wait": 0.0}
+    hub.pause()  # every commit waits until rank 0 has finished training
+    (out0, pushed0, logs0), (out1, pushed1, _) = run_ranks(_train_and_push, 2, str(tmp_path), push, 3, hub.endpoint, timeout=60)
+    assert out0 == out1 == ["trained 1", "trained 2", "trained 3", "finalized"]
+    assert pushed1 == [] and 1 <= len(pushed0) == len(hub.commits) <= 3
+    assert any("queued" in line for line in logs0), "a push waiting behind the running one says so"
+    named = sorted(int(n) for c in hub.commits for n in c.summary.split("(iteration")[1].split(";")[0].strip("s )").split(", "))
+    assert named == [1, 2, 3], [c.summary for c in hub.commits]
+    files = hub.files("me/run")
+    assert sorted(files) == sorted([*ADAPTER, *(f"iter_000000{i}/{n}" for i in (1, 2, 3) for n in ADAPTER)])
+    for i in (1, 2, 3):
+        local = tmp_path / f"iter_000000{i}" / "hf_adapter"
+        assert files[f"iter_000000{i}/adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
+        assert f"| training iteration | {i} |" in files[f"iter_000000{i}/README.md"].decode()
+    assert files["adapter_model.safetensors"] == files["iter_0000003/adapter_model.safetensors"]
+
+
+def _megatron_lm_run(rank, world, save, endpoint, extra_argv):
+    huggingface_hub.constants.ENDPOINT = endpoint  # what HF_ENDPOINT sets when huggingface_hub is imported
+    sys.path.insert(0, str(STANDIN))
+    sys.argv = ["pretrain_gpt.py", "--save", save, "--save-interval", "2", "--train-iters", "4",
+                "--tensor-model-parallel-size", str(world), "--export-hf-adapter", *extra_argv]
+    from tests.support.tiny_gpt import init_parallel
+
+    init_parallel(world)
+    import pretrain_gpt
+
+    from megatron_peft_export.integrations import megatron_lm
+
+    pretrain_gpt.main()
+    return [str(p) for p in megatron_lm.finalize()]
+
+
+def test_megatron_lm_flags_push_the_last_adapter_when_training_ends(hub, tmp_path):
+    argv = ["--hf-adapter-push-repo-id", "me/run", "--hf-adapter-push-strategy", "end", "--hf-adapter-push-private",
+            "--hf-adapter-push-revision", "exp"]
+    published = run_ranks(_megatron_lm_run, 2, str(tmp_path), hub.endpoint, argv)[0]
+    assert published == [str(tmp_path / f"iter_000000{i}" / "hf_adapter") for i in (2, 4)]
+    [commit] = hub.commits
+    assert (commit.revision, commit.summary) == ("exp", "Upload HF adapter (iteration 4)")
+    assert hub.repos["me/run"].private and hub.files("me/run", "main") == {}
+    assert hub.files("me/run", "exp")["adapter_model.safetensors"] == (tmp_path / "iter_0000004" / "hf_adapter" / "adapter_model.safetensors").read_bytes()
+
+
+DOCUMENTED = {
+    401: "authentication failed (401): the Hub did not accept the token",
+    403: "permission denied (403): the token may not create or write me/run",
+    404: "not found (404): me/run does not exist or the token cannot see it",
+    "refused": "cannot reach http://127.0.0.1:",
+}
+
+
+@pytest.mark.parametrize("error", DOCUMENTED, ids=str)
+def test_hub_errors_are_logged_once_per_push_and_training_goes_on(hub, tmp_path, error):
+    endpoint = closed_port() if error == "refused" else hub.endpoint
+    if error != "refused":
+        hub.fail(error)
+    push = {"repo_id": "me/run", "strategy": "every_save", "endpoint": endpoint, "retries": 2, "retry_wait": 0.0}
+    (out0, pushed0, logs0), (out1, _, logs1) = run_ranks(_train_and_push, 2, str(tmp_path), push, 2)
+    assert out0 == out1 == ["trained 1", "trained 2", "finalized"]
+    failures = [line for line in logs0 if "failed; training continues" in line]
+    assert pushed0 == [] and len(failures) == 2 and all(DOCUMENTED[error] in line for line in failures), failures
+    assert not any("failed; training continues" in line for line in logs1), "only the writer pushes"
+    retries = [line for line in logs0 if "retry 1 of 2" in line]
+    assert len(retries) == (2 if error == "refused" else 0), "only the transient error is retried"
+    assert (tmp_path / "iter_0000002" / "hf_adapter" / "adapter_model.safetensors").is_file(), "exports go on"
+
+
+def test_the_token_is_in_no_written_file_and_no_log(hub, token, tmp_path, capfd):
+    save = tmp_path / "save"
+    staged_before = set(Path(tempfile.gettempdir()).glob("hf-adapter-push-*"))
+    push = {"repo_id": "me/run", "strategy": "all_checkpoints", "endpoint": hub.endpoint, "retry_wait": 0.0}
+    logs = []
+    for result in run_ranks(_train_and_push, 2, str(save), push, 2):
+        logs += result[2]
+    hub.fail(401)  # the error paths too: the hook's log and the CLI's message
+    for result in run_ranks(_train_and_push, 2, str(tmp_path / "failing"), push, 1):
+        logs += result[2]
+    with _Records() as records:
+        assert main(["push", str(save), "--repo-id", "me/run", "--endpoint", hub.endpoint]) == 2
+        hub.heal()
+        assert main(["push", str(save), "--repo-id", "me/cli", "--endpoint", hub.endpoint, "--strategy", "all_checkpoints"]) == 0
+    out, err = capfd.readouterr()
+    assert len(hub.commits) >= 2 and any("failed; training continues: authentication failed (401)" in line for line in logs)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_model.safetensors" for p in written) and any(p.name == "README.md" for p in written)
+    leaks = [str(p) for p in written if token.encode() in p.read_bytes()]
+    leaks += [name for name, text in (("stdout", out), ("stderr", err), ("logs", "\n".join(logs + records.lines))) if token in text]
+    leaks += [f"hub:{repo}/{path}" for repo, r in hub.repos.items() for files in r.branches.values() for path, data in files.items() if token.encode() in data]
+    assert leaks == []
+    assert "authentication failed (401)" in err and len(logs) > 50, "the checks saw real output"
+    hosts = {line.split("host='")[1].split("'")[0] for line in logs + records.lines if "connect_tcp.started host='" in line}
+    assert hosts == {"127.0.0.1"}
+    assert set(Path(tempfile.gettempdir()).glob("hf-adapter-push-*")) == staged_before, "no staging directory is left behind"
