@@ -62,10 +62,11 @@ def _import_megatron_quietly() -> None:
         import megatron.core  # noqa: F401
 
 
-def _safe_torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path, mmap: bool = False) -> Any:
+    """weights_only always: a checkpoint that needs arbitrary unpickling is refused, never executed."""
     _import_megatron_quietly()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only weights_only loads are done") from exc
     except (OSError, RuntimeError, EOFError) as exc:
@@ -85,7 +86,7 @@ def read_settings(directory: Path) -> RecordedSettings:
     settings = RecordedSettings()
     common = directory / "common.pt"
     if common.is_file():
-        settings.args = (_safe_torch_load(common) or {}).get("args")
+        settings.args = (safe_torch_load(common) or {}).get("args")
     run_config = directory / "run_config.yaml"
     if run_config.is_file():
         try:
@@ -94,7 +95,7 @@ def read_settings(directory: Path) -> RecordedSettings:
             raise CheckpointError(f"{run_config}: not valid YAML ({exc})") from exc
     modelopt = directory / "modelopt_state" / "common.pt"
     if modelopt.is_file():
-        state = _safe_torch_load(modelopt) or {}
+        state = safe_torch_load(modelopt) or {}
         settings.modelopt_peft = [entry[1]["config"] for entry in state.get("modelopt_state_dict", []) if entry[0] == "peft"]
     return settings
 

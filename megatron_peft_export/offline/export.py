@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ from ..export import ExportOptions, naming, stage_adapter
 from ..hf_config import parse_dtype, read_hf_config
 from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings
 from .keys import AdapterKey, OfflineShard, classify, offline_shards
+from .legacy import LegacyReader, legacy_shard
 
 log = logging.getLogger("megatron_peft_export")
 
@@ -128,19 +130,12 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
     return float(alpha)
 
 
-def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> ExportSummary:
-    """Convert the adapter of one saved checkpoint (an iteration directory, or a save directory via its tracker)."""
-    started = time.perf_counter()
-    directory = locate(checkpoint)
-    if checkpoint_format(directory) != "torch_dist":
-        raise CheckpointError(f"{directory}: the legacy mp_rank_* format is not supported yet; expected a torch_dist checkpoint")
+def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
     reader = TorchDistReader(directory)
     shapes = reader.tensor_shapes()
     keys = _adapter_keys(shapes, options.adapter_name, directory)
     settings = read_settings(directory)
-    hf_config = read_hf_config(options.base_model_name_or_path)
     values = _recorded(settings, hf_config, facts)
-    output_vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)
     arch, geometry = naming(options.model_type, hf_config, _geometry(values, None))
     needs_tp = any(s.spec.split_dim is not None for k in keys for s in offline_shards(k, shapes[k.key], alpha=0.0, tp_save=1, gated=geometry.gated_linear_unit, dtype="float32"))
     if needs_tp and values["tp_size"] is None:
@@ -149,7 +144,35 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options
     for key in keys:
         alpha = _alpha(key, shapes, settings, facts, options.adapter_name, directory)
         shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=values["tp_size"] or 1, gated=geometry.gated_linear_unit, dtype=reader.dtype(key.key))
-    plan = plan_adapter([s.spec for s in shards], geometry, arch, output_vocab)
+    vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)
+    return reader, shards, keys[0].dialect, arch, geometry, vocab
+
+
+def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
+    reader = LegacyReader(directory)
+    settings = reader.settings()
+    values = _recorded(settings, hf_config, dataclasses.replace(facts, tp_size=facts.tp_size or reader.tp_size))
+    arch, geometry = naming(options.model_type, hf_config, _geometry(values, None))
+    found = reader.adapter_keys(geometry.num_layers)
+    shapes = {key.key: shape for key, _, shape, _ in found}
+    keys = _adapter_keys({key.key.split(":", 2)[2]: shape for key, _, shape, _ in found}, options.adapter_name, directory)
+    names = {k.adapter_name for k in keys}
+    shards = [
+        legacy_shard(key, tp, reader.tp_size, shape, _alpha(key, shapes, settings, facts, options.adapter_name, directory), dtype)
+        for key, (tp, _), shape, dtype in found
+        if key.adapter_name in names
+    ]
+    vocab = getattr(settings.args, "padded_vocab_size", None)
+    return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, arch, geometry, vocab
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> ExportSummary:
+    """Convert the adapter of one saved checkpoint (an iteration directory, or a save directory via its tracker)."""
+    started = time.perf_counter()
+    directory = locate(checkpoint)
+    collect = _torch_dist_shards if checkpoint_format(directory) == "torch_dist" else _legacy_shards
+    reader, shards, dialect, arch, geometry, vocab = collect(directory, read_hf_config(options.base_model_name_or_path), options, facts)
+    plan = plan_adapter([s.spec for s in shards], geometry, arch, vocab)
     by_key: dict[str, list[int]] = defaultdict(list)
     for n, shard in enumerate(shards):
         by_key[shard.key].append(n)
@@ -162,7 +185,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))
     tmp = staging_dir(output_dir, options.overwrite)
     try:
-        stage_adapter(tmp, plan, tensors, options, dialect=keys[0].dialect, source=f"checkpoint {directory}")
+        stage_adapter(tmp, plan, tensors, options, dialect=dialect, source=f"checkpoint {directory}")
         path = publish(tmp, output_dir, options.overwrite)
     except BaseException:
         discard(tmp)

@@ -199,3 +199,37 @@ def test_checkpoint_without_adapters(tmp_path):
     run_ranks(save_plain, 1, str(tmp_path))
     status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "plain"), "--output", str(tmp_path / "out")])[0]
     assert status == 2 and "no adapter tensors among its" in err and not (tmp_path / "out").exists()
+
+
+def _save_legacy_and_export_live(rank, world, tmp, tp, pp):
+    """Megatron-LM's legacy format: each (TP, PP) rank torch.saves its local state dict, args and ModelOpt state."""
+    import modelopt.torch.opt as mto
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_peft_export import export_adapter
+    from megatron_peft_export.hook import iteration_dir
+    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
+
+    cfg = TinyGPTConfig()
+    init_parallel(tp, pp)
+    model = apply_modelopt_lora(build_gpt(cfg), scale=0.5)
+    fill_lora_random(model, seed=23)
+    export_adapter(model, Path(tmp) / "live")
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}" + (f"_{ps.get_pipeline_model_parallel_rank():03d}" if pp > 1 else "")
+    path = iteration_dir(Path(tmp) / "save", ITERATION) / name / "model_optim_rng.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                              ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
+                              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels, swiglu=True, padded_vocab_size=cfg.vocab_size)
+    torch.save({"model": model.state_dict(), "args": args, "iteration": ITERATION, "modelopt_state": mto.modelopt_state(model)}, path)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+def test_legacy_format_equals_live_export(tmp_path, tp, pp):
+    run_ranks(_save_legacy_and_export_live, tp * pp, str(tmp_path), tp, pp)
+    status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "save" / f"iter_{ITERATION:07d}"), "--output", str(tmp_path / "offline")])[0]
+    assert status == 0, err
+    _same_adapter(tmp_path / "live", tmp_path / "offline")
