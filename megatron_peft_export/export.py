@@ -159,6 +159,11 @@ def run_export(
     reports = coll.all_gather(snapshot.report, group)
     coll.agree(snapshot.report.error, group)
     plan, dialect, ordered = _plan(reports, options)
+    if layout.rank == WRITER and plan.use_dora and dialect == "megatron-bridge" and any(spec.tp_size > 1 for _, _, spec in ordered):
+        log.warning(
+            "Megatron-Bridge DoRA at tensor-parallel size > 1 normalizes row-parallel weights (linear_proj, linear_fc2) per TP shard; "
+            "the HF adapter follows exact DoRA, so its logits can differ from the training model's there"
+        )
     tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite), WRITER, group)
     if layout.rank != WRITER:
         for shard in snapshot.shards:
