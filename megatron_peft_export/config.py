@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .errors import ExportError
+from .verify import VerifyConfig
 from .integrations.hub import PushConfig
 
 YAML_KEY = "export_hf_adapter"
@@ -40,10 +41,14 @@ class HookConfig:
     """Exports in flight at once; a further save waits for the oldest, so host memory stays bounded."""
     publish_timeout: float = 600.0
     """Seconds finalize() waits for asynchronously saved checkpoints to be finalized before abandoning their adapters."""
+    verify: VerifyConfig | None = None
+    """Capture reference logits at each save and verify each adapter against them (`verify: {base_model: DIR}`, or `verify: true`); none when unset."""
     push: PushConfig | None = None
     """Push adapters to the Hugging Face Hub (`push: {repo_id: OWNER/NAME, strategy: every_save}`); none when unset."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.verify, bool):  # `verify: true` in YAML
+            object.__setattr__(self, "verify", VerifyConfig() if self.verify else None)
         if self.on_error not in ("warn", "raise"):
             raise ExportError(f"on_error: expected 'warn' or 'raise', found {self.on_error!r}")
         if self.every_n_saves < 1 or self.max_pending < 1:

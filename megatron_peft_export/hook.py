@@ -23,6 +23,7 @@ from .atomic_dir import discard, publish
 from .config import HookConfig
 from .errors import ExportError
 from .export import WRITER, ExportOptions, run_export, take_snapshot
+from .integrations.verify_hook import extensions as verification_steps
 
 log = logging.getLogger("megatron_peft_export")
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -71,6 +72,7 @@ class AdapterExportHook:
         writer, in the background, after each publish; their failures are logged, never raised.
         """
         self.config = config or HookConfig()
+        capture, after_publish, self.verification = verification_steps(self.config, capture, after_publish)
         self._capture = capture
         self._after_publish = tuple(after_publish)
         self.pusher = None
@@ -212,6 +214,8 @@ class AdapterExportHook:
         for item in abandoned:
             discard(item.staging)
             log.warning("checkpoint %s was never finalized; its HF adapter was not published", item.checkpoint_dir)
+        if self.verification is not None:  # ends the W&B run it started, if any; never raises
+            self.verification.finish()
         if self.pusher is not None:  # the last push (strategy end) and every push still running; never raises
             self.pusher.finalize()
         self._raise_agreed_failure()

@@ -12,9 +12,9 @@ import sys
 
 from .. import __version__
 from ..errors import ExportError
-from . import export, formats, push
+from . import export, formats, push, verify
 
-COMMANDS = [export, formats, push]
+COMMANDS = [export, formats, push, verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

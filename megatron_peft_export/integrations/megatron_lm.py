@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ..config import HookConfig
 from ..hook import AdapterExportHook, iteration_dir
+from .verify_hook import add_verify_args, verify_config_from_args
 from .hub import STRATEGIES, PushConfig, field_docs
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -39,6 +40,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--hf-adapter-model-type", default=None, help="HF model_type for the names when the base model is not a local directory.")
     group.add_argument("--hf-adapter-on-error", default=_DEFAULTS.on_error, choices=["warn", "raise"], help="warn: keep training; raise: stop every rank.")
     group.add_argument("--hf-adapter-max-pending", type=int, default=_DEFAULTS.max_pending, help="Exports in flight at once before a save waits.")
+    add_verify_args(group)
     push = field_docs(PushConfig)  # the token: HF_TOKEN or `hf auth login`, never a flag
     group.add_argument("--hf-adapter-push-repo-id", default=None, help="Push adapters to the Hugging Face Hub: " + push["repo_id"])
     group.add_argument("--hf-adapter-push-strategy", default="every_save", choices=STRATEGIES, help=push["strategy"])
@@ -70,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> HookConfig:
         model_type=args.hf_adapter_model_type,
         on_error=args.hf_adapter_on_error,
         max_pending=args.hf_adapter_max_pending,
+        verify=verify_config_from_args(args),
         push=PushConfig(
             repo_id=args.hf_adapter_push_repo_id, strategy=args.hf_adapter_push_strategy,
             private=args.hf_adapter_push_private, revision=args.hf_adapter_push_revision,

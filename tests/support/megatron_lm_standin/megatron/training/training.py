@@ -1,5 +1,5 @@
 from .checkpointing import save_checkpoint
-from .global_vars import get_args
+from .global_vars import get_args, get_wandb_writer
 from .initialize import initialize_megatron
 
 
@@ -22,4 +22,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
              extra_args_provider=None, args_defaults={}, store=None):
     initialize_megatron(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
     model = [model_provider()]
-    return train(forward_step_func, model, None, None, None, None, process_non_loss_data_func, None)
+    iteration = train(forward_step_func, model, None, None, None, None, process_non_loss_data_func, None)
+    if get_wandb_writer():  # Megatron-LM ends its run here, before interpreter exit (and the hook's finalize)
+        get_wandb_writer().finish()
+    return iteration

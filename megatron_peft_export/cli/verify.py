@@ -1,0 +1,86 @@
+"""`megatron-peft-export verify`: an adapter against the training model's reference logits, offline."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import re
+import textwrap
+from pathlib import Path
+
+from ..verify import PRECISIONS, RESULT_FILE, VerificationResult, VerifyConfig, verify_adapter
+
+EXAMPLES = """examples:
+  megatron-peft-export verify /ckpt/iter_0000200/hf_adapter --base-model /models/Llama-3.1-8B
+  megatron-peft-export verify out/adapter --base-model /models/base --reference ref.safetensors --dtype bfloat16 --max-abs-diff 0.5
+  megatron-peft-export verify out/adapter --base-model /models/base --wandb-project my-proj --wandb-exp-name sft --wandb-artifact
+
+exit status: 0 verified, 1 verification failed, 2 bad input (no adapter, base model or reference)"""
+_FLOATS = ("max_abs_diff", "mean_abs_diff", "min_top1_agreement", "min_topk_agreement", "max_kl_divergence")
+_STRINGS = ("tokenizer", "wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (the CLI help)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: doc.value.value
+        for node, doc in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+    }
+
+
+def register(commands) -> None:
+    docs = field_docs(VerifyConfig)
+    parser = commands.add_parser(
+        "verify", help="check an HF adapter against the training model's reference logits (transformers + peft)",
+        description="Load the base model with transformers and the adapter with peft, fail on any adapter key peft ignores, "
+        "and compare the logits on the probe with the reference the training hook captured at save time.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="HF PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
+    parser.add_argument("--base-model", required=True, metavar="HF_DIR", help="local HF base model directory (or a Hub id already in the local cache)")
+    parser.add_argument("--reference", metavar="FILE", help="reference logits (safetensors); default: ADAPTER_DIR/verification/reference.safetensors")
+    parser.add_argument("--output", metavar="FILE", help=f"where to write the result; default: ADAPTER_DIR/{RESULT_FILE}")
+    parser.add_argument("--dtype", default="float32", choices=sorted(PRECISIONS), help=docs["dtype"])
+    parser.add_argument("--device", default="cpu", help=docs["device"])
+    parser.add_argument("--top-k", type=int, default=VerifyConfig.top_k, help=docs["top_k"])
+    for name in _FLOATS:
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=docs[name])
+    for name in _STRINGS:
+        parser.add_argument("--" + name.replace("_", "-"), default=None, help=docs[name])
+    parser.add_argument("--wandb-artifact", action="store_true", help=docs["wandb_artifact"])
+    parser.add_argument("--quiet", action="store_true", help="print only the one-line summary")
+    parser.set_defaults(run=run)
+
+
+def _iteration(adapter_dir: Path, result: VerificationResult) -> int:
+    if result.iteration is not None:
+        return result.iteration
+    for part in (adapter_dir.name, adapter_dir.parent.name):
+        if match := re.fullmatch(r"iter_(\d+)", part):
+            return int(match.group(1))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config = VerifyConfig(
+        base_model=args.base_model, dtype=args.dtype, device=args.device, top_k=args.top_k, wandb=bool(args.wandb_project),
+        wandb_artifact=args.wandb_artifact, **{n: getattr(args, n) for n in _FLOATS + _STRINGS},
+    )
+    adapter_dir = Path(args.adapter_dir)
+    result = verify_adapter(adapter_dir, args.base_model, config, reference_path=args.reference)
+    result.write(adapter_dir, args.output)
+    print(result.summary)
+    if not args.quiet:
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+    if config.wandb:
+        from ..integrations.wandb_log import WandbLogger
+
+        logger = WandbLogger(config)
+        logger.log(result, _iteration(adapter_dir, result), adapter_dir)
+        logger.finish()
+    return 0 if result.passed else 1

@@ -1,0 +1,133 @@
+"""The hook's `verify:` option as the hook's two extension points.
+
+- capture (training thread, every rank, each exported save): the training model's reference logits
+  on the probe, published inside the adapter as `verification/reference.safetensors`;
+- after publish (the writer, in the background): verify the adapter with transformers + peft,
+  write `verification.json`, log one summary line, and log to W&B when enabled.
+
+Neither step ever stops training: a failed capture leaves the adapter without a reference (and its
+verification skipped, or failed when required); a failed verification is a logged, recorded result.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..hf_config import read_hf_config
+from ..verify import REFERENCE_FILE, VerificationInputError, VerificationResult, VerifyConfig, reference_bytes, resolve_base_model, skipped, verify_adapter
+
+log = logging.getLogger("megatron_peft_export")
+Capture = Callable[[Any, int], "dict[str, bytes] | None"]
+AfterPublish = Callable[[int, Path], None]
+
+
+class Verification:
+    """Capture at save, verify after publish, log to W&B: built from the hook's config."""
+
+    def __init__(self, config: VerifyConfig, base_model_name_or_path: str | None = None) -> None:
+        self.config = config
+        self.base_model = config.base_model or base_model_name_or_path
+        self.results: list[VerificationResult] = []
+        """This process's verification results, in publish order (the writer's; empty elsewhere)."""
+        self.wandb = None
+        if config.wandb:
+            from .wandb_log import WandbLogger
+
+            self.wandb = WandbLogger(config)
+
+    def capture(self, model: Any, iteration: int) -> dict[str, bytes] | None:
+        """Collective (every rank): the reference file on rank 0, None elsewhere or when capture fails."""
+        import torch.distributed as dist
+
+        from ..reference import capture_reference
+
+        rank = dist.get_rank()
+        hf_vocab = None
+        if rank == 0:
+            try:  # rank 0 alone: nothing here may raise before the collectives below
+                hf_vocab = (read_hf_config(resolve_base_model(self.base_model)) or {}).get("vocab_size")
+            except Exception as exc:
+                log.warning("cannot read the base model's vocabulary size (%s); the probe stays below Megatron's padding", exc)
+        try:
+            reference = capture_reference(model, self.config, iteration=iteration, hf_vocab=hf_vocab)
+        except Exception as exc:  # the same config error on every rank (agreed before any forward pass)
+            if rank == 0:
+                log.warning("no reference logits for iteration %d (its adapter cannot be verified): %s", iteration, exc)
+            return None
+        return None if reference is None else {REFERENCE_FILE: reference_bytes(reference)}
+
+    def after_publish(self, iteration: int, path: Path) -> None:
+        """Verify the published adapter, record verification.json, log the summary and to W&B; never raises."""
+        result = self.run(iteration, Path(path))
+        self.results.append(result)
+        try:
+            result.write(path)
+        except OSError as exc:
+            log.warning("cannot write %s/verification.json: %s", path, exc)
+        level = logging.INFO if result.status == "passed" else logging.WARNING if result.status == "skipped" else logging.ERROR
+        log.log(level, "%s", result.summary)
+        if self.wandb is not None:
+            self.wandb.log(result, iteration, path)
+
+    def run(self, iteration: int, path: Path) -> VerificationResult:
+        required = self.config.required
+        if not (path / REFERENCE_FILE).is_file():
+            return skipped(path, f"no reference logits ({REFERENCE_FILE}) were captured at save time; see the warning logged at that save", failed=required, iteration=iteration)
+        base_dir = resolve_base_model(self.base_model)
+        if base_dir is None:
+            return skipped(
+                path, f"no base model available locally ({self.base_model or 'none configured'}); set verify.base_model (--hf-adapter-verify-base-model) to a local HF model directory"
+                + ("" if required else ", or verify.required to make this a failure"), failed=required, iteration=iteration,
+            )
+        try:
+            return verify_adapter(path, base_dir, self.config)
+        except VerificationInputError as exc:  # e.g. a base model that does not fit the adapter: a failure, not a skip
+            return skipped(path, str(exc), failed=True, iteration=iteration)
+        except Exception as exc:
+            return skipped(path, f"verification crashed: {type(exc).__name__}: {exc}", failed=True, iteration=iteration)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def extensions(
+    config: Any, capture: Capture | None = None, after_publish: Sequence[AfterPublish] = ()
+) -> tuple[Capture | None, tuple[AfterPublish, ...], Verification | None]:
+    """The hook's capture and after-publish steps with verification added when `config.verify` is set."""
+    verify = getattr(config, "verify", None)
+    if verify is None:
+        return capture, tuple(after_publish), None
+    verification = Verification(verify, config.base_model_name_or_path)
+    if capture is None:
+        combined = verification.capture
+    else:
+        def combined(model: Any, iteration: int) -> dict[str, bytes] | None:
+            ours, theirs = verification.capture(model, iteration), capture(model, iteration)
+            return {**(ours or {}), **(theirs or {})} or None
+
+    return combined, (verification.after_publish, *after_publish), verification
+
+
+def add_verify_args(group: Any) -> None:
+    """Megatron-LM flags of the verify option. W&B reuses Megatron-LM's own --wandb-project, --wandb-exp-name,
+    --wandb-save-dir and --wandb-entity (defined by Megatron-LM, not here)."""
+    group.add_argument("--hf-adapter-verify", action="store_true", help="Capture reference logits at each save and verify each HF adapter against them (transformers + peft, on rank 0, in the background).")
+    group.add_argument("--hf-adapter-verify-required", action="store_true", help="Fail the verification (not skip it) when no base model is available locally.")
+    group.add_argument("--hf-adapter-verify-base-model", default=None, help="Local HF base model directory to verify against (default: --hf-adapter-base-model).")
+    group.add_argument("--hf-adapter-verify-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the HF model during verification; picks the default thresholds.")
+    group.add_argument("--hf-adapter-wandb-artifact", action="store_true", help="Log each adapter as a W&B artifact (type model, aliases iter_XXXXXXX and latest); needs --wandb-project.")
+
+
+def verify_config_from_args(args: Any) -> VerifyConfig | None:
+    """The verify section from Megatron-LM args (None without --hf-adapter-verify)."""
+    if not getattr(args, "hf_adapter_verify", False):
+        return None
+    save_dir = getattr(args, "wandb_save_dir", None) or (str(Path(args.save) / "wandb") if getattr(args, "save", None) else None)  # Megatron-LM's default
+    return VerifyConfig(
+        base_model=args.hf_adapter_verify_base_model, required=args.hf_adapter_verify_required, dtype=args.hf_adapter_verify_dtype,
+        wandb_project=getattr(args, "wandb_project", None) or None, wandb_entity=getattr(args, "wandb_entity", None) or None,
+        wandb_exp_name=getattr(args, "wandb_exp_name", None) or None, wandb_save_dir=save_dir, wandb_artifact=args.hf_adapter_wandb_artifact,
+    )

@@ -1,0 +1,485 @@
+"""Verification: the logits of HF base + exported adapter against the training model's, on a fixed probe.
+
+The training model's logits (and, per transformer block, a random projection of the attention and
+MLP outputs) are captured at save time into `verification/reference.safetensors` inside the adapter
+directory (`reference.py`). This module loads the base model with transformers and the adapter with
+peft, fails on any adapter key peft would ignore or leave unfilled, and compares: max and mean
+absolute difference, top-1 and top-k agreement, KL divergence, the adapter's effect (HF base +
+adapter against HF base alone) and, when the logits disagree, the first block whose output
+diverges. The result goes to `verification.json` beside the adapter files.
+
+No torch.distributed, no megatron: transformers and peft are imported only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ExportError
+
+log = logging.getLogger("megatron_peft_export")
+REFERENCE_FILE = "verification/reference.safetensors"
+RESULT_FILE = "verification.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(self_attn|mlp)$")
+_HF_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)$")
+
+
+class VerificationInputError(ExportError):
+    """The adapter, the base model or the reference cannot be read (CLI exit status 2)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class VerifyConfig:
+    """Check each exported adapter against the training model (the hook's `verify:` section)."""
+
+    base_model: str | None = None
+    """HF base model to verify against: a local directory or a Hub id already in the local cache; default: the hook's base_model_name_or_path."""
+    required: bool = False
+    """Fail the verification (instead of skipping it with a warning) when no base model is available locally."""
+    dtype: str = "float32"
+    """dtype of the HF model during verification (float32, bfloat16); also picks the default thresholds."""
+    device: str = "cpu"
+    """Device of the HF model during verification (it runs beside training on the writer rank)."""
+    probe_batch: int = 2
+    """Sequences in the default probe (deterministic token ids)."""
+    probe_length: int = 32
+    """Tokens per probe sequence (at most the model's max_sequence_length)."""
+    probe_seed: int = 0
+    """Seed of the default probe's token ids."""
+    prompt: str | None = None
+    """Probe with this text instead of random token ids (needs `tokenizer`)."""
+    tokenizer: str | None = None
+    """Local HF tokenizer directory for `prompt` (and for token strings in the W&B table)."""
+    top_k: int = 5
+    """k of the top-k agreement and of the W&B table."""
+    max_abs_diff: float | None = None
+    """Largest allowed |HF - Megatron| logit difference; default 1e-3 (float32) or 1.0 (bfloat16)."""
+    mean_abs_diff: float | None = None
+    """Largest allowed mean |HF - Megatron| logit difference; default 1e-4 (float32) or 0.1 (bfloat16)."""
+    min_top1_agreement: float | None = None
+    """Smallest allowed fraction of positions with the same top-1 token; default 0.98 (float32) or 0.9 (bfloat16)."""
+    min_topk_agreement: float | None = None
+    """Smallest allowed mean overlap of the top-k token sets; default 0.95 (float32) or 0.8 (bfloat16)."""
+    max_kl_divergence: float | None = None
+    """Largest allowed mean KL(Megatron || HF) per position, in nats; default 1e-5 (float32) or 0.05 (bfloat16)."""
+    wandb: bool = True
+    """Log to Weights & Biases when a run is active in the writer process or wandb_project is set."""
+    wandb_project: str | None = None
+    """W&B project of the run the writer starts when none is active (Megatron-LM: --wandb-project)."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user) of that run."""
+    wandb_exp_name: str | None = None
+    """W&B run name (Megatron-LM: --wandb-exp-name); the run is named <name>-hf-adapter and grouped under <name>."""
+    wandb_save_dir: str | None = None
+    """Local directory for W&B run files (Megatron-LM: --wandb-save-dir)."""
+    wandb_artifact: bool = False
+    """Also log each adapter directory as a W&B artifact (type model, aliases iter_XXXXXXX and latest)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in PRECISIONS:
+            raise ExportError(f"verify.dtype: expected one of {', '.join(PRECISIONS)}, found {self.dtype!r}")
+        if min(self.probe_batch, self.probe_length, self.top_k) < 1:
+            raise ExportError(f"verify.probe_batch, probe_length and top_k must be >= 1, found {self.probe_batch}, {self.probe_length}, {self.top_k}")
+        if self.prompt is not None and self.tokenizer is None:
+            raise ExportError("verify.prompt needs verify.tokenizer (a local HF tokenizer directory)")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits on the metrics."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    min_top1_agreement: float
+    min_topk_agreement: float
+    max_kl_divergence: float
+    block_rel_diff: float
+    """Relative difference at which a block's output counts as diverged (diagnosis only)."""
+
+    @classmethod
+    def resolve(cls, config: VerifyConfig, precision: str) -> "Thresholds":
+        """The defaults for `precision`, overridden by every limit the config sets."""
+        default = DEFAULT_THRESHOLDS[precision]
+        return cls(**{f.name: getattr(config, f.name, None) if getattr(config, f.name, None) is not None else getattr(default, f.name) for f in fields(cls)})
+
+
+DEFAULT_THRESHOLDS = {
+    "float32": Thresholds(max_abs_diff=1e-3, mean_abs_diff=1e-4, min_top1_agreement=0.98, min_topk_agreement=0.95, max_kl_divergence=1e-5, block_rel_diff=1e-4),
+    "bfloat16": Thresholds(max_abs_diff=1.0, mean_abs_diff=0.1, min_top1_agreement=0.9, min_topk_agreement=0.8, max_kl_divergence=0.05, block_rel_diff=5e-2),
+}
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def precision_of(*dtypes: str | None) -> str:
+    """float32 only when every dtype involved is float32 (the model's and the verification's)."""
+    return "float32" if all(d in (None, "float32", "torch.float32") for d in dtypes) else "bfloat16"
+
+
+# ------------------------------------------------------------------------------ reference
+
+
+@dataclass
+class Reference:
+    """What the training model computed on the probe at save time."""
+
+    input_ids: torch.Tensor
+    logits: torch.Tensor
+    blocks: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    """(global layer, "self_attn" | "mlp") -> the block output projected on `projection`'s directions."""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def iteration(self) -> int | None:
+        value = self.metadata.get("iteration")
+        return int(value) if value not in (None, "") else None
+
+
+def projection(hidden_size: int, seed: int, dim: int) -> torch.Tensor:
+    """The fixed random directions [hidden, dim] block outputs are projected on (identical on both sides)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(hidden_size, dim, generator=gen) / dim**0.5
+
+
+def reference_bytes(reference: Reference) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {"input_ids": reference.input_ids.contiguous(), "logits": reference.logits.float().contiguous()}
+    tensors.update({f"blocks.{layer}.{kind}": t.float().contiguous() for (layer, kind), t in reference.blocks.items()})
+    return save(tensors, metadata={"format": "pt", **{k: str(v) for k, v in reference.metadata.items()}})
+
+
+def load_reference(path: str | Path) -> Reference:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise VerificationInputError(
+            f"no reference logits at {path}; expected {REFERENCE_FILE} inside the adapter (written at save time by the hook's verify option) or --reference FILE"
+        )
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VerificationInputError(f"cannot read the reference {path}: {exc}") from exc
+    if "logits" not in tensors or "input_ids" not in tensors:
+        raise VerificationInputError(f"{path}: expected tensors 'logits' and 'input_ids', found {sorted(tensors)}")
+    logits, ids = tensors.pop("logits"), tensors.pop("input_ids")
+    if logits.dim() != 3 or ids.dim() != 2 or tuple(logits.shape[:2]) != tuple(ids.shape):
+        raise VerificationInputError(f"{path}: expected logits [batch, seq, vocab] over input_ids [batch, seq], found {tuple(logits.shape)} and {tuple(ids.shape)}")
+    blocks = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _BLOCK.match(k))}
+    return Reference(ids.long(), logits.float(), blocks, metadata)
+
+
+# -------------------------------------------------------------------------------- metrics
+
+
+def compare_logits(hf: torch.Tensor, reference: torch.Tensor, base: torch.Tensor, top_k: int) -> dict[str, float]:
+    """Agreement of HF logits with the reference, and the adapter's effect; all [batch, seq, vocab]."""
+    hf, reference, base = hf.double(), reference.double(), base.double()
+    diff = (hf - reference).abs()
+    k = min(top_k, hf.shape[-1])
+    hf_top, ref_top = hf.topk(k, dim=-1).indices, reference.topk(k, dim=-1).indices
+    overlap = (hf_top.unsqueeze(-1) == ref_top.unsqueeze(-2)).any(-1).double().sum(-1) / k
+    log_p, log_q = reference.log_softmax(-1), hf.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
+    effect, reference_effect = (hf - base).abs(), (reference - base).abs()
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": (hf.argmax(-1) == reference.argmax(-1)).double().mean().item(),
+        "topk_agreement": overlap.mean().item(),
+        "kl_divergence": kl.mean().item(),
+        "adapter_effect_max": effect.max().item(),
+        "adapter_effect_mean": effect.mean().item(),
+        "reference_effect_max": reference_effect.max().item(),
+    }
+
+
+def threshold_failures(metrics: dict[str, float], limits: Thresholds, k: int) -> list[str]:
+    """One message per metric outside its limit."""
+    checks = [
+        ("max |HF - Megatron| logit difference", metrics["max_abs_diff"], limits.max_abs_diff, "max_abs_diff", True),
+        ("mean |HF - Megatron| logit difference", metrics["mean_abs_diff"], limits.mean_abs_diff, "mean_abs_diff", True),
+        ("top-1 agreement", metrics["top1_agreement"], limits.min_top1_agreement, "min_top1_agreement", False),
+        (f"top-{k} agreement", metrics["topk_agreement"], limits.min_topk_agreement, "min_topk_agreement", False),
+        ("KL(Megatron || HF)", metrics["kl_divergence"], limits.max_kl_divergence, "max_kl_divergence", True),
+    ]
+    return [
+        f"{what} {value:.3g} {'>' if upper else '<'} {limit:.3g} (verify.{name})"
+        for what, value, limit, name, upper in checks
+        if (value > limit if upper else value < limit)
+    ]
+
+
+def key_failures(file_keys: set[str], loaded_keys: set[str]) -> list[str]:
+    """Keys peft ignores (no module of that name) and adapter weights the file leaves at their initial values."""
+    ignored, unfilled = sorted(file_keys - loaded_keys), sorted(loaded_keys - file_keys)
+    out = []
+    if ignored:
+        out.append(f"{len(ignored)} adapter key(s) match no module of the base model, so peft silently ignores them: {', '.join(ignored[:8])}{' ...' if len(ignored) > 8 else ''}")
+    if unfilled:
+        out.append(f"{len(unfilled)} adapter weight(s) of targeted modules are missing from the file, so peft leaves them at their initial values: {', '.join(unfilled[:8])}{' ...' if len(unfilled) > 8 else ''}")
+    return out
+
+
+def first_divergence(hf_blocks: dict[tuple[int, str], torch.Tensor], reference: dict[tuple[int, str], torch.Tensor], rel_limit: float) -> dict[str, Any] | None:
+    """The first block (in forward order) whose projected output differs beyond rel_limit of its scale."""
+    for key in sorted(set(hf_blocks) & set(reference), key=lambda k: (k[0], k[1] != "self_attn")):
+        ref, ours = reference[key].double(), hf_blocks[key].double()
+        if ref.shape != ours.shape:
+            continue
+        diff, scale = (ours - ref).abs().max().item(), max(ref.abs().max().item(), 1e-12)
+        if diff > rel_limit * scale:
+            return {"layer": key[0], "block": key[1], "max_abs_diff": diff, "relative_diff": diff / scale}
+    return None
+
+
+def _diagnosis(where: dict[str, Any]) -> str:
+    layer, block = where["layer"], where["block"]
+    modules = "q_proj, k_proj, v_proj, o_proj (fused QKV split, KV head order)" if block == "self_attn" else "gate_proj, up_proj, down_proj (gate/up order)"
+    return (
+        f"the outputs first diverge at model.layers.{layer}.{block} (relative difference {where['relative_diff']:.2g}; every earlier block agrees): "
+        f"check the adapter's {modules} of layer {layer}"
+    )
+
+
+def top_k_rows(input_ids: torch.Tensor, hf: torch.Tensor, reference: torch.Tensor, k: int, decode=None) -> list[dict[str, Any]]:
+    """One row per probe position: the HF model's and the Megatron model's top-k tokens with their logits."""
+    k = min(k, hf.shape[-1])
+    hf_top, ref_top = hf.float().topk(k, dim=-1), reference.float().topk(k, dim=-1)
+    rows = []
+    for b in range(input_ids.shape[0]):
+        for s in range(input_ids.shape[1]):
+            h_ids, m_ids = hf_top.indices[b, s].tolist(), ref_top.indices[b, s].tolist()
+            row = {"sample": b, "position": s, "input_id": int(input_ids[b, s]), "hf_top_k": h_ids, "hf_logits": [round(v, 5) for v in hf_top.values[b, s].tolist()],
+                   "megatron_top_k": m_ids, "megatron_logits": [round(v, 5) for v in ref_top.values[b, s].tolist()], "top1_match": h_ids[0] == m_ids[0]}
+            if decode is not None:
+                row.update(input_token=decode([row["input_id"]]), hf_tokens=[decode([i]) for i in h_ids], megatron_tokens=[decode([i]) for i in m_ids])
+            rows.append(row)
+    return rows
+
+
+def histogram(values: torch.Tensor, bins: int = 64) -> dict[str, list[float]]:
+    """Counts and bin edges of the signed logit differences (for W&B and verification.json)."""
+    values = values.double().flatten()
+    low, high = values.min().item(), values.max().item()
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    counts = torch.histc(values, bins=bins, min=low, max=high)
+    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+    return {"counts": [int(c) for c in counts.tolist()], "edges": edges.tolist()}
+
+
+# ------------------------------------------------------------------------------- result
+
+
+@dataclass
+class VerificationResult:
+    """What verification.json holds; `passed` and the scalar fields at the top level."""
+
+    status: str
+    """passed, failed or skipped."""
+    summary: str
+    adapter: str
+    base_model: str | None = None
+    reference: str | None = None
+    iteration: int | None = None
+    precision: str | None = None
+    dtype: str | None = None
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    top1_agreement: float | None = None
+    topk_agreement: float | None = None
+    top_k: int | None = None
+    kl_divergence: float | None = None
+    adapter_effect_max: float | None = None
+    adapter_effect_mean: float | None = None
+    reference_effect_max: float | None = None
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    keys: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] = field(default_factory=dict)
+    first_divergence: dict[str, Any] | None = None
+    logit_diff_histogram: dict[str, list[float]] | None = None
+    top_k_table: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def metrics(self) -> dict[str, float]:
+        names = ("max_abs_diff", "mean_abs_diff", "top1_agreement", "topk_agreement", "kl_divergence", "adapter_effect_max", "adapter_effect_mean", "reference_effect_max")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, **asdict(self)}
+
+    def write(self, adapter_dir: str | Path, path: str | Path | None = None) -> Path:
+        """verification.json in the adapter directory (or `path`), replaced atomically."""
+        path = Path(path) if path is not None else Path(adapter_dir) / RESULT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def skipped(adapter_dir: str | Path, reason: str, *, failed: bool, iteration: int | None = None) -> VerificationResult:
+    """A verification that could not run: skipped, or `failed` (verify.required, or an input that does not fit)."""
+    return VerificationResult(status="failed" if failed else "skipped", summary=f"verification {'FAILED' if failed else 'skipped'} for {adapter_dir}: {reason}",
+                              adapter=str(adapter_dir), iteration=iteration, failures=[reason] if failed else [], warnings=[] if failed else [reason])
+
+
+def _summary(result: VerificationResult) -> str:
+    head = f"verification {'PASSED' if result.passed else 'FAILED'} for {result.adapter}"
+    if result.max_abs_diff is None:
+        return f"{head}: {'; '.join(result.failures)}"
+    numbers = (
+        f"max|diff| {result.max_abs_diff:.2e}, mean|diff| {result.mean_abs_diff:.2e}, top-1 {result.top1_agreement:.1%}, "
+        f"top-{result.top_k} {result.topk_agreement:.1%}, KL {result.kl_divergence:.2e}, adapter effect {result.adapter_effect_max:.3g} ({result.precision} limits)"
+    )
+    return f"{head}: {numbers}" + (f"; {'; '.join(result.failures)}" if result.failures else "")
+
+
+# ------------------------------------------------------------------------- run (HF side)
+
+
+def resolve_base_model(name: str | None) -> str | None:
+    """A local directory, or the cached snapshot of a Hub id; None when neither is on this machine (nothing is downloaded)."""
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return str(name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached, not a valid id, no huggingface_hub: the same answer
+        return None
+
+
+def _block_hooks(model: torch.nn.Module, proj: torch.Tensor, out: dict[tuple[int, str], torch.Tensor]) -> list:
+    handles = []
+    for name, module in model.named_modules():
+        if match := _HF_BLOCK.search(name):
+            key = (int(match.group(1)), match.group(2))
+
+            def hook(_module, _inputs, output, key=key):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                out[key] = (hidden.detach().float().cpu() @ proj)
+
+            handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfig | None = None, *, reference_path: str | Path | None = None) -> VerificationResult:
+    """Verify one adapter directory against its reference; never raises for a wrong adapter (that is a failed result).
+
+    Raises VerificationInputError when the adapter, base model or reference cannot be read.
+    """
+    config = config or VerifyConfig()
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise VerificationInputError(f"{adapter_dir}: expected an HF PEFT adapter directory (adapter_config.json and {ADAPTER_WEIGHTS})")
+    reference_path = Path(reference_path) if reference_path else adapter_dir / REFERENCE_FILE
+    reference = load_reference(reference_path)
+    base_dir = resolve_base_model(base_model)
+    if base_dir is None:
+        raise VerificationInputError(f"base model {base_model!r} is not available locally; expected an HF model directory (or a Hub id in the local cache)")
+
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    dtype = PRECISIONS[config.dtype]
+    precision = precision_of(config.dtype, reference.metadata.get("model_dtype"))
+    limits = Thresholds.resolve(config, precision)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(config.device).eval()
+    except Exception as exc:
+        raise VerificationInputError(f"cannot load the base model from {base_dir} with transformers: {exc}") from exc
+    vocab = base.get_output_embeddings().weight.shape[0]
+    ids, ref_logits = reference.input_ids, reference.logits
+    if ref_logits.shape[-1] < vocab:
+        raise VerificationInputError(f"{reference_path}: reference logits cover {ref_logits.shape[-1]} tokens, the base model's vocabulary {vocab}; is this the right base model?")
+    ref_logits = ref_logits[..., :vocab]  # Megatron's padded vocabulary
+    if ids.max().item() >= vocab:
+        raise VerificationInputError(f"{reference_path}: probe token id {ids.max().item()} is outside the base model's vocabulary ({vocab})")
+    result = VerificationResult(
+        status="failed", summary="", adapter=str(adapter_dir), base_model=str(base_model), reference=str(reference_path), iteration=reference.iteration,
+        precision=precision, dtype=config.dtype, top_k=min(config.top_k, vocab), thresholds=asdict(limits),
+        probe={"batch": ids.shape[0], "length": ids.shape[1], "source": reference.metadata.get("probe", "unknown")},
+    )
+    try:
+        model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+    except Exception as exc:  # a config peft refuses is a wrong adapter, not a bad input
+        result.failures.append(f"peft cannot load the adapter: {type(exc).__name__}: {exc}")
+        result.summary = _summary(result)
+        return result
+    on_disk = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    loaded = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
+    result.failures += key_failures(set(on_disk), set(loaded))
+    result.keys = {"file": len(on_disk), "loaded": len(loaded), "ignored_by_peft": sorted(set(on_disk) - set(loaded)), "missing_from_file": sorted(set(loaded) - set(on_disk))}
+    changed = sorted(k for k in set(on_disk) & set(loaded) if not torch.equal(loaded[k].detach().cpu().to(on_disk[k].dtype), on_disk[k]))
+    if changed:
+        result.failures.append(f"{len(changed)} adapter tensor(s) differ after loading (shape or dtype conversion): {', '.join(changed[:8])}")
+
+    hf_blocks: dict[tuple[int, str], torch.Tensor] = {}
+    proj = None
+    if reference.blocks:
+        dim = next(iter(reference.blocks.values())).shape[-1]
+        proj = projection(base.config.hidden_size, int(reference.metadata.get("projection_seed", 0)), dim)
+    with torch.no_grad():
+        tokens = ids.to(config.device)
+        with model.disable_adapter():
+            base_logits = model(input_ids=tokens).logits.float().cpu()
+        handles = _block_hooks(model, proj, hf_blocks) if proj is not None else []
+        try:
+            hf_logits = model(input_ids=tokens).logits.float().cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
+    metrics = compare_logits(hf_logits, ref_logits, base_logits, result.top_k)
+    for name, value in metrics.items():
+        setattr(result, name, value)
+    numeric = threshold_failures(metrics, limits, result.top_k)
+    result.first_divergence = first_divergence(hf_blocks, reference.blocks, limits.block_rel_diff) if reference.blocks else None
+    if numeric and result.first_divergence is not None:
+        numeric.append(_diagnosis(result.first_divergence))
+    result.failures += numeric
+    if metrics["reference_effect_max"] <= limits.max_abs_diff:
+        result.warnings.append(
+            f"the training model's logits differ from the base model's by at most {metrics['reference_effect_max']:.2g} (<= max_abs_diff): "
+            "the adapter has (almost) no effect yet, so this check cannot tell a correct export from an ignored one"
+        )
+    decode = _decoder(config.tokenizer or base_dir)
+    result.top_k_table = top_k_rows(ids, hf_logits, ref_logits, result.top_k, decode)
+    result.logit_diff_histogram = histogram(hf_logits - ref_logits)
+    result.status = "failed" if result.failures else "passed"
+    result.summary = _summary(result)
+    return result
+
+
+def _decoder(tokenizer_path: str | None):
+    """The tokenizer's decode for readable W&B tables, or None (no tokenizer is not an error)."""
+    if not tokenizer_path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+    except Exception:
+        return None
+    return tokenizer.decode
