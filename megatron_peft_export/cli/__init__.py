@@ -12,9 +12,9 @@ import sys
 
 from .. import __version__
 from ..errors import ExportError
-from . import export, formats, push, verify
+from . import check, export, formats, push, verify
 
-COMMANDS = [export, formats, push, verify]
+COMMANDS = [check, export, formats, push, verify]
 
 
 def build_parser() -> argparse.ArgumentParser:
