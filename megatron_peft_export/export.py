@@ -18,6 +18,7 @@ import torch
 from . import distributed as coll
 from .atomic_dir import discard, publish, staging_dir, write_staging
 from .core.archs import ArchMap
+from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
 from .core.plan import AdapterPlan, allocate, apply_placements, plan_adapter
@@ -39,6 +40,9 @@ class ExportOptions:
     dtype: str | torch.dtype | None = None
     overwrite: bool = False
     model_type: str | None = None
+    expert_layout: str = "auto"
+    """MoE experts: `per_expert` modules (transformers v4, vLLM), `fused` 3-D target_parameters (transformers v5), or
+    `auto`: the layout of the installed transformers."""
 
 
 @dataclass
@@ -87,10 +91,9 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         chunks = model_chunks(model)
         config, report.megatron_vocab = megatron_config(chunks[0])
         report.geometry = ModelGeometry.from_megatron(config)
-        found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size)
+        found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source)
         report.dialects, report.adapter_names = found.dialects, found.adapter_names
-        if layout.is_data_parallel_source:  # replicas (other TP ranks' copies, other DP replicas) are never sent
-            shards = [s for s in found.shards if not s.spec.is_replica]
+        shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
         if copy:
             shards = [LocalShard(s.spec, s.tensor.detach().to("cpu", copy=True)) for s in shards]
         report.specs = [s.spec for s in shards]
@@ -102,7 +105,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     return Snapshot(report, shards)
 
 
-def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]]]:
+def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]], Naming]:
     """Identical on every rank (same inputs, pure code), so every rank raises the same error."""
     dialects = set().union(*(r.dialects for r in reports))
     if not dialects:
@@ -117,24 +120,45 @@ def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, 
         names = sorted(set().union(*(r.adapter_names for r in reports)))
         raise NoAdaptersError(f"no adapter named {options.adapter_name!r}; the model has adapters {names}. Pass adapter_name=")
     first = reports[WRITER]
-    arch, geometry = naming(options.model_type, first.hf_config, first.geometry)
-    plan = plan_adapter([spec for _, _, spec in ordered], geometry, arch, first.megatron_vocab)
-    return plan, dialects.pop(), ordered
+    names = naming(options.model_type, first.hf_config, first.geometry)
+    plan = plan_adapter([spec for _, _, spec in ordered], names.geometry, names.arch, first.megatron_vocab)
+    return plan, dialects.pop(), ordered, names
 
 
-def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: ModelGeometry) -> tuple[ArchMap, ModelGeometry]:
+@dataclass(frozen=True)
+class Naming:
+    """The HF name map and the model geometry (checked against the base model's config when there is one)."""
+
+    arch: ArchMap
+    geometry: ModelGeometry
+
+
+def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: ModelGeometry) -> Naming:
     """The HF name map, and the geometry checked against the base model's config (which also gives the real vocabulary)."""
     arch = choose_arch(model_type, hf_config)
     if hf_config is None:
-        return arch, geometry
+        return Naming(arch, geometry)
     hf = ModelGeometry.from_hf_config(hf_config, geometry.gated_linear_unit)
     geometry.check_matches(hf, "the base model's config.json")
-    return arch, dataclasses.replace(geometry, vocab_size=hf.vocab_size)
+    return Naming(arch, dataclasses.replace(geometry, vocab_size=hf.vocab_size))
 
 
-def stage_adapter(tmp: Path, plan: AdapterPlan, tensors: dict[str, torch.Tensor], options: ExportOptions, *, dialect: str, source: str, extra_files: dict[str, bytes] | None = None) -> None:
-    """Write config, card and weights into the staging directory."""
-    config = adapter_config(plan, options.base_model_name_or_path)
+def _fused_layout(option: str) -> bool:
+    if option not in ("auto", "fused", "per_expert"):
+        raise ExportError(f"expert_layout: expected auto, fused or per_expert, found {option!r}")
+    if option != "auto":
+        return option == "fused"
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def stage_adapter(tmp: Path, plan: AdapterPlan, tensors: dict[str, torch.Tensor], options: ExportOptions, names: Naming, *, dialect: str, source: str, extra_files: dict[str, bytes] | None = None) -> None:
+    """Write config, card and weights into the staging directory (MoE experts in the chosen layout)."""
+    fused: dict[str, list[str]] = {}
+    if names.arch.fused_experts and names.geometry.num_experts and _fused_layout(options.expert_layout):
+        tensors, fused = fuse_experts(plan, tensors, names.arch, names.geometry.num_experts)
+    config = adapter_config(plan, options.base_model_name_or_path, fused_experts=fused or None)
     card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors))
     write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
 
@@ -158,7 +182,7 @@ def run_export(
     out_dtype = parse_dtype(options.dtype)
     reports = coll.all_gather(snapshot.report, group)
     coll.agree(snapshot.report.error, group)
-    plan, dialect, ordered = _plan(reports, options)
+    plan, dialect, ordered, names = _plan(reports, options)
     if layout.rank == WRITER and plan.use_dora and dialect == "megatron-bridge" and any(spec.tp_size > 1 for _, _, spec in ordered):
         log.warning(
             "Megatron-Bridge DoRA at tensor-parallel size > 1 normalizes row-parallel weights (linear_proj, linear_fc2) per TP shard; "
@@ -187,7 +211,7 @@ def run_export(
         try:
             if failure is not None:
                 raise failure
-            stage_adapter(tmp, plan, tensors, options, dialect=dialect, source=source, extra_files=extra_files)
+            stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=source, extra_files=extra_files)
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)
         except BaseException:

@@ -86,19 +86,19 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
         # Every copy is filled; a replicated tensor is planned as TP rank 0's copy.
         local = [(dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards]
         config, shapes = _read_adapter(adapter_dir)
-        arch, geometry = naming(model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config))
+        names = naming(model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config))
     except ExportError as exc:
         error = exc
     coll.agree(error, group)
     specs = _unique(spec for rank_specs in coll.all_gather([spec for spec, _ in local], group) for spec in rank_specs)
     if not specs:
         raise NoAdaptersError(f"the model has no adapter named {adapter_name!r} to load {adapter_dir} into; apply the adapter (ModelOpt or Bridge) first")
-    plan = plan_adapter(specs, geometry, arch, vocab)
+    plan = plan_adapter(specs, names.geometry, names.arch, vocab)
     _check_against_file(plan, config, shapes, adapter_dir)
     error, values = None, []
     try:
         with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
-            values = [_read_shard(f, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, geometry, arch, vocab), geometry)) for spec, tensor in local]
+            values = [_read_shard(f, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry)) for spec, tensor in local]
     except ExportError as exc:
         error = exc
     coll.agree(error, group)

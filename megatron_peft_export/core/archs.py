@@ -19,12 +19,22 @@ class ModuleMap:
     """One Megatron linear inside a transformer layer and the HF modules it becomes."""
 
     megatron: str
-    """Path inside the layer, e.g. `self_attention.linear_qkv`."""
+    """Path inside the layer, e.g. `self_attention.linear_qkv`; `{e}` stands for the global expert index."""
     hf: tuple[str, ...]
-    """HF paths inside the layer, in the order the fused Megatron output holds them."""
+    """HF paths inside the layer, in the order the fused Megatron output holds them (`{e}`: the expert)."""
     layout: Layout
     parts: tuple[str, ...] = ()
     """CanonicalLoRA's names for the sub-adapters, in the order of `hf`."""
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """transformers v5 keeps each layer's experts in 3-D parameters; peft targets them with target_parameters."""
+
+    parameter: str
+    """Inside the layer, e.g. `mlp.experts.gate_up_proj` ([experts, out, in])."""
+    per_expert: tuple[str, ...]
+    """The per-expert HF modules (`{e}`) whose output rows the parameter stacks, in order (gate then up)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,8 @@ class ArchMap:
     modules: tuple[ModuleMap, ...]
     layer_prefix: str = "model.layers.{i}"
     output_layer: str = "lm_head"
+    fused_experts: tuple[FusedExperts, ...] = ()
+    """How transformers v5 fuses the per-expert modules (in parameter registration order); empty for dense models."""
 
 
 _QKV = ModuleMap("self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv", ("q", "k", "v"))
@@ -56,7 +68,40 @@ NEMOTRON = ArchMap(
 )
 """Nemotron decoders: the same attention names, a non-gated MLP (up_proj, down_proj)."""
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON)
+_EXPERT_FC1 = "mlp.experts.local_experts.{e}.linear_fc1"
+_EXPERT_FC2 = "mlp.experts.local_experts.{e}.linear_fc2"
+
+QWEN_MOE = ArchMap(
+    name="qwen3_moe",
+    model_types=("qwen3_moe", "qwen2_moe", "olmoe"),
+    modules=(
+        _QKV, _PROJ,
+        ModuleMap(_EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up")),
+        ModuleMap(_EXPERT_FC2, ("mlp.experts.{e}.down_proj",), "plain"),
+    ),
+    fused_experts=(
+        FusedExperts("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj")),
+        FusedExperts("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj",)),
+    ),
+)
+"""Qwen-style MoE: per-expert `mlp.experts.{e}.{gate,up,down}_proj` (transformers v4, vLLM), fused in v5."""
+
+MIXTRAL = ArchMap(
+    name="mixtral",
+    model_types=("mixtral",),
+    modules=(
+        _QKV, _PROJ,
+        ModuleMap(_EXPERT_FC1, ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"), "gate_up", ("gate", "up")),
+        ModuleMap(_EXPERT_FC2, ("block_sparse_moe.experts.{e}.w2",), "plain"),
+    ),
+    fused_experts=(
+        FusedExperts("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3")),
+        FusedExperts("mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2",)),
+    ),
+)
+"""Mixtral: w1 (gate), w3 (up), w2 (down) per expert in transformers v4; fused under `mlp.experts` in v5."""
+
+ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, MIXTRAL)
 
 
 def supported_model_types() -> list[str]:

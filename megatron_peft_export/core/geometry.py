@@ -28,6 +28,10 @@ class ModelGeometry:
     """True when linear_fc1 fuses gate and up (SwiGLU)."""
     vocab_size: int | None = None
     """HF vocabulary size; Megatron pads its vocabulary, and rows past this are dropped."""
+    num_experts: int | None = None
+    """Routed experts per MoE layer (None: a dense model)."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of each routed expert's MLP (HF moe_intermediate_size; Mixtral: intermediate_size)."""
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_query_groups:
@@ -53,6 +57,8 @@ class ModelGeometry:
             ffn_hidden_size=config.ffn_hidden_size,
             gated_linear_unit=bool(config.gated_linear_unit),
             vocab_size=vocab_size,
+            num_experts=getattr(config, "num_moe_experts", None),
+            moe_ffn_hidden_size=getattr(config, "moe_ffn_hidden_size", None),
         )
 
     @classmethod
@@ -60,6 +66,7 @@ class ModelGeometry:
         """From an HF config.json mapping (Llama-family field names)."""
         text = config.get("text_config") or config
         heads = text["num_attention_heads"]
+        experts = text.get("num_experts") or text.get("num_local_experts")
         return cls(
             num_layers=text["num_hidden_layers"],
             hidden_size=text["hidden_size"],
@@ -69,6 +76,8 @@ class ModelGeometry:
             ffn_hidden_size=text["intermediate_size"],
             gated_linear_unit=gated_linear_unit,
             vocab_size=text.get("vocab_size"),
+            num_experts=experts,
+            moe_ffn_hidden_size=(text.get("moe_intermediate_size") or text["intermediate_size"]) if experts else None,
         )
 
     def check_matches(self, hf: "ModelGeometry", source: str) -> None:

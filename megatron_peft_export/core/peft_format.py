@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any, Mapping
 
 import yaml
 
+from ..errors import ShapeMismatchError
 from .plan import AdapterPlan
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -19,24 +20,36 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def target_modules(plan: AdapterPlan) -> list[str]:
+def target_modules(plan: AdapterPlan, skip: frozenset[str] = frozenset()) -> list[str]:
     """Short names for modules adapted in every layer, full paths for the rest: exactly the modules with tensors."""
-    everywhere = {name for name, layers in plan.layer_modules.items() if layers == set(range(plan.num_layers)) or layers == {-1}}
-    names = {m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in everywhere else m for m in plan.modules}
-    return sorted(names)
+    modules = [m for m in plan.modules if m not in skip]
+    layers: dict[str, set[int]] = defaultdict(set)
+    for module in modules:
+        match = re.search(r"layers\.(\d+)\.", module)
+        layers[module.rsplit(".", 1)[-1]].add(int(match.group(1)) if match else -1)
+    everywhere = {name for name, found in layers.items() if found == set(range(plan.num_layers)) or found == {-1}}
+    return sorted({m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in everywhere else m for m in modules})
 
 
-def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """A complete LoraConfig dict: peft fills missing fields with defaults silently, so every field is written."""
+def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None, *, fused_experts: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+    """A complete LoraConfig dict: peft fills missing fields with defaults silently, so every field is written.
+
+    `fused_experts` maps each targeted fused expert parameter to the per-expert modules it replaces;
+    those go to `target_parameters` (they must share the adapter's r and alpha, which peft applies to them).
+    """
     r, alpha = Counter((s.r, s.alpha) for s in plan.modules.values()).most_common(1)[0][0]
-    return {
+    fused = frozenset(m for modules in (fused_experts or {}).values() for m in modules)
+    odd = sorted(m for m in fused if (plan.modules[m].r, plan.modules[m].alpha) != (r, alpha))
+    if odd:
+        raise ShapeMismatchError(f"fused expert parameters take the adapter's one r and lora_alpha, but {odd[0]} differs; export with expert_layout='per_expert'")
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "r": r,
         "lora_alpha": _number(alpha),
-        "target_modules": target_modules(plan),
+        "target_modules": target_modules(plan, fused),
         "rank_pattern": {m: s.r for m, s in sorted(plan.modules.items()) if s.r != r},
         "alpha_pattern": {m: _number(s.alpha) for m, s in sorted(plan.modules.items()) if s.alpha != alpha},
         "lora_dropout": 0.0,
@@ -50,6 +63,9 @@ def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None) -> di
         "layers_pattern": None,
         "inference_mode": True,
     }
+    if fused_experts:
+        config["target_parameters"] = sorted(fused_experts)
+    return config
 
 
 def model_card(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,13 +47,16 @@ class AdapterPlan:
     modules: dict[str, LoraSettings]
     use_dora: bool
     num_layers: int
-    layer_modules: dict[str, set[int]] = field(default_factory=dict)
-    """HF short module name (e.g. `q_proj`) -> layers that hold it; drives target_modules."""
 
 
 def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tuple[int, ...]]:
     g = geometry
     kind = module.megatron.rsplit(".", 1)[-1]
+    ffn = g.ffn_hidden_size
+    if "{e}" in module.megatron:
+        if not g.num_experts or not g.moe_ffn_hidden_size:
+            raise ShapeMismatchError("found expert adapters, but the model geometry has no experts (num_experts, moe_ffn_hidden_size)")
+        ffn = g.moe_ffn_hidden_size
     if kind == "linear_qkv":
         return g.hidden_size, (g.num_attention_heads * g.head_dim, g.num_query_groups * g.head_dim, g.num_query_groups * g.head_dim)
     if kind == "linear_proj":
@@ -66,10 +69,23 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
                 f"the architecture name map expects {want} MLP, the Megatron model's linear_fc1 is {have}; "
                 "pass the model_type of the family the model was converted from"
             )
-        return g.hidden_size, (g.ffn_hidden_size,) * len(module.hf)
+        return g.hidden_size, (ffn,) * len(module.hf)
     if kind == "linear_fc2":
-        return g.ffn_hidden_size, (g.hidden_size,)
+        return ffn, (g.hidden_size,)
     raise DialectError(f"no shape rule for Megatron module kind {kind!r}")
+
+
+def _match_module(arch: ArchMap, suffix: str) -> tuple[ModuleMap, int | None] | None:
+    """The ModuleMap for a path inside a layer, and the expert index when the map is per expert."""
+    for module in arch.modules:
+        if "{e}" not in module.megatron:
+            if module.megatron == suffix:
+                return module, None
+            continue
+        match = re.fullmatch(re.escape(module.megatron).replace(r"\{e\}", r"(\d+)"), suffix)
+        if match:
+            return module, int(match.group(1))
+    return None
 
 
 def resolve_target(module_path: str, part: str | None, geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None) -> Target:
@@ -81,18 +97,21 @@ def resolve_target(module_path: str, part: str | None, geometry: ModelGeometry, 
             raise DialectError(f"cannot map {module_path} (part {part}); the output layer has one plain adapter")
         return Target((arch.output_layer,), "plain", geometry.hidden_size, (vocab,), padded)
     match = _LAYER_RE.match(module_path)
-    module = next((m for m in arch.modules if match and m.megatron == match.group(2)), None)
-    if module is None:
+    found = _match_module(arch, match.group(2)) if match else None
+    if found is None:
         raise DialectError(
             f"no HF name for Megatron module {module_path!r} in the {arch.name} name map "
             f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
         )
+    module, expert = found
     layer = int(match.group(1))
     if layer >= geometry.num_layers:
         raise ShapeMismatchError(f"{module_path}: layer {layer} is past the model's {geometry.num_layers} layers")
     prefix = arch.layer_prefix.format(i=layer)
     in_features, outs = _linear_shapes(module, geometry)
-    names = tuple(f"{prefix}.{name}" for name in module.hf)
+    if expert is not None and expert >= geometry.num_experts:
+        raise ShapeMismatchError(f"{module_path}: expert {expert} is past the model's {geometry.num_experts} experts")
+    names = tuple(f"{prefix}.{name}".replace("{e}", str(expert)) for name in module.hf)
     if part is None:
         return Target(names, module.layout, in_features, outs, sum(outs))
     if part not in module.parts:
@@ -122,7 +141,7 @@ def _row_blocks(target: Target, geometry: ModelGeometry, tp_rank: int, tp_size: 
 
 
 def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_size: int) -> None:
-    units = {"qkv": ("query groups", geometry.num_query_groups), "gate_up": ("ffn_hidden_size", geometry.ffn_hidden_size)}
+    units = {"qkv": ("query groups", geometry.num_query_groups), "gate_up": ("the MLP width", target.out_features[0])}
     what, count = units.get(target.layout, ("output rows", target.megatron_out))
     if count % tp_size:
         raise ShapeMismatchError(f"{spec.describe()}: {what} ({count}) is not divisible by the tensor-parallel size {tp_size}")
@@ -212,15 +231,11 @@ def plan_adapter(specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap,
     _check_coverage(shapes, by_key)
     modules = _module_settings(shapes, alphas)
     use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)
-    layer_modules: dict[str, set[int]] = defaultdict(set)
-    for module in modules:
-        match = re.search(r"layers\.(\d+)\.", module)
-        layer_modules[module.rsplit(".", 1)[-1]].add(int(match.group(1)) if match else -1)
     if use_dora:
         missing = [m for m in modules if hf_key(m, "magnitude") not in shapes]
         if missing:
             raise DialectError(f"DoRA magnitude found for some modules but not for {', '.join(missing[:5])}; expected it on every adapted module")
-    return AdapterPlan(shapes, dtypes, placements, modules, use_dora, geometry.num_layers, dict(layer_modules))
+    return AdapterPlan(shapes, dtypes, placements, modules, use_dora, geometry.num_layers)
 
 
 def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[float]]) -> dict[str, LoraSettings]:

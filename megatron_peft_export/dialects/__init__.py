@@ -46,6 +46,8 @@ DIALECTS: tuple[Dialect, ...] = (modelopt, bridge)
 class LocalShard:
     spec: ShardSpec
     tensor: torch.Tensor
+    source: bool = True
+    """True when this rank's copy is the one exported (one data-parallel replica; experts: one expert-DP replica)."""
 
 
 @dataclass
@@ -57,17 +59,40 @@ class Collected:
     shards: list[LocalShard]
 
 
+@dataclass(frozen=True)
+class _Where:
+    """A module's global Megatron path and, for experts, the expert-parallel groups it is sharded over."""
+
+    path: str
+    expert_tp: tuple[int, int] | None = None
+    expert_dp_source: bool | None = None
+
+
 _LAYER_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.(\d+))$")
 _PATH_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.\d+|output_layer)((?:\.[^.]+)*)$")
 
 
-def _global_paths(chunk: torch.nn.Module) -> dict[str, str]:
-    """Module name -> Megatron path with the global layer index (`layer_number` is 1-based and global)."""
+def _experts(chunk: torch.nn.Module) -> dict[str, _Where]:
+    """`<experts>.local_experts.<k>` -> the global expert index and groups, from megatron's SequentialMLP attributes."""
+    found = {}
+    for name, module in chunk.named_modules():
+        if not (hasattr(module, "local_experts") and hasattr(module, "num_local_experts") and hasattr(module, "ep_group")):
+            continue
+        offset = module.ep_group.rank() * module.num_local_experts
+        tp = (module.tp_group.rank(), module.tp_group.size())
+        for k in range(module.num_local_experts):
+            found[f"{name}.local_experts.{k}"] = _Where(f"local_experts.{offset + k}", tp, module.dp_group.rank() == 0)
+    return found
+
+
+def _global_paths(chunk: torch.nn.Module) -> dict[str, _Where]:
+    """Module name -> Megatron path with global layer (`layer_number` is 1-based and global) and expert indices."""
     layer_of = {}
     for name, module in chunk.named_modules():
         match = _LAYER_RE.match(name)
         if match and hasattr(module, "layer_number"):
             layer_of[name] = f"decoder.layers.{module.layer_number - 1}"
+    experts = _experts(chunk)
     paths = {}
     for name, _ in chunk.named_modules():
         match = _PATH_RE.match(name)
@@ -75,14 +100,24 @@ def _global_paths(chunk: torch.nn.Module) -> dict[str, str]:
             continue
         head = name[: len(name) - len(match.group(2))]
         if match.group(1) == OUTPUT_LAYER:
-            paths[name] = OUTPUT_LAYER + match.group(2)
+            paths[name] = _Where(OUTPUT_LAYER + match.group(2))
         elif head in layer_of:
-            paths[name] = layer_of[head] + match.group(2)
+            expert = next((prefix for prefix in experts if name == prefix or name.startswith(prefix + ".")), None)
+            if expert is None:
+                paths[name] = _Where(layer_of[head] + match.group(2))
+            else:
+                where = experts[expert]
+                local = expert[len(head):].rsplit(".local_experts.", 1)[0] + "." + where.path + name[len(expert):]
+                paths[name] = _Where(layer_of[head] + local, where.expert_tp, where.expert_dp_source)
     return paths
 
 
-def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, tp_size: int) -> Collected:
-    """Walk model chunks (VPP or one) and collect this rank's tensors of `adapter_name`, with global paths."""
+def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, tp_size: int, dp_source: bool = True) -> Collected:
+    """Walk model chunks (VPP or one) and collect this rank's tensors of `adapter_name`, with global paths.
+
+    Expert linears are sharded over the expert tensor-parallel group and replicated over the expert
+    data-parallel group, read from their SequentialMLP; everything else uses (tp_rank, tp_size, dp_source).
+    """
     found = Collected(set(), set(), [])
     for chunk in chunks:
         paths = _global_paths(chunk)
@@ -98,12 +133,15 @@ def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, 
                         f"found {dialect.NAME} adapter on module {name!r}, which is not under decoder.layers.<i> or "
                         "output_layer; expected adapters on transformer-layer linears or the output layer"
                     )
+                where = paths[name]
+                rank, size = where.expert_tp or (tp_rank, tp_size)
                 for t in tensors:
                     spec = ShardSpec(
-                        module=paths[name], role=t.role, part=t.part, shape=tuple(t.tensor.shape),
-                        split_dim=t.split_dim, tp_rank=tp_rank, tp_size=tp_size, alpha=float(t.alpha),
+                        module=where.path, role=t.role, part=t.part, shape=tuple(t.tensor.shape),
+                        split_dim=t.split_dim, tp_rank=rank, tp_size=size, alpha=float(t.alpha),
                         dtype=str(t.tensor.dtype).removeprefix("torch."),
                     )
-                    found.shards.append(LocalShard(spec, t.tensor))
+                    source = dp_source if where.expert_dp_source is None else where.expert_dp_source
+                    found.shards.append(LocalShard(spec, t.tensor, source))
     return found
 

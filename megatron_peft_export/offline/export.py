@@ -37,6 +37,8 @@ class CheckpointFacts:
     head_dim: int | None = None
     ffn_hidden_size: int | None = None
     gated_linear_unit: bool | None = None
+    num_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
     tp_size: int | None = None
     """Tensor-parallel size the checkpoint was saved at (undoes the save-time gate/up interleave)."""
     lora_alpha: float | None = None
@@ -63,6 +65,8 @@ _RECORDED = {
     "head_dim": ("kv_channels", "kv_channels"),
     "ffn_hidden_size": ("ffn_hidden_size", "ffn_hidden_size"),
     "gated_linear_unit": ("swiglu", "gated_linear_unit"),
+    "num_experts": ("num_experts", "num_moe_experts"),
+    "moe_ffn_hidden_size": ("moe_ffn_hidden_size", "moe_ffn_hidden_size"),
     "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
 }
 
@@ -94,7 +98,8 @@ def _flag(name: str) -> str:
 
 def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
-    missing = [n for n in geometry_fields if values.get(n) is None]
+    optional = {"num_experts", "moe_ffn_hidden_size"}  # dense models have neither
+    missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(
             f"the checkpoint does not record {', '.join(missing)}; pass --base-model with the HF base model's directory, or "
@@ -136,34 +141,34 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     keys = _adapter_keys(shapes, options.adapter_name, directory)
     settings = read_settings(directory)
     values = _recorded(settings, hf_config, facts)
-    arch, geometry = naming(options.model_type, hf_config, _geometry(values, None))
-    needs_tp = any(s.spec.split_dim is not None for k in keys for s in offline_shards(k, shapes[k.key], alpha=0.0, tp_save=1, gated=geometry.gated_linear_unit, dtype="float32"))
+    names = naming(options.model_type, hf_config, _geometry(values, None))
+    needs_tp = any(s.spec.split_dim is not None for k in keys for s in offline_shards(k, shapes[k.key], alpha=0.0, tp_save=1, gated=names.geometry.gated_linear_unit, dtype="float32"))
     if needs_tp and values["tp_size"] is None:
         raise CheckpointError(f"{directory}: the tensor-parallel size of the save is not recorded and gate/up rows must be de-interleaved with it; pass --tp-size")
     shards: list[OfflineShard] = []
     for key in keys:
         alpha = _alpha(key, shapes, settings, facts, options.adapter_name, directory)
-        shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=values["tp_size"] or 1, gated=geometry.gated_linear_unit, dtype=reader.dtype(key.key))
+        shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=values["tp_size"] or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key))
     vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)
-    return reader, shards, keys[0].dialect, arch, geometry, vocab
+    return reader, shards, keys[0].dialect, names, vocab
 
 
 def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
     reader = LegacyReader(directory)
     settings = reader.settings()
     values = _recorded(settings, hf_config, dataclasses.replace(facts, tp_size=facts.tp_size or reader.tp_size))
-    arch, geometry = naming(options.model_type, hf_config, _geometry(values, None))
-    found = reader.adapter_keys(geometry.num_layers)
+    names = naming(options.model_type, hf_config, _geometry(values, None))
+    found = reader.adapter_keys(names.geometry.num_layers)
     shapes = {key.key: shape for key, _, shape, _ in found}
     keys = _adapter_keys({key.key.split(":", 2)[2]: shape for key, _, shape, _ in found}, options.adapter_name, directory)
-    names = {k.adapter_name for k in keys}
+    wanted = {k.adapter_name for k in keys}
     shards = [
         legacy_shard(key, tp, reader.tp_size, shape, _alpha(key, shapes, settings, facts, options.adapter_name, directory), dtype)
         for key, (tp, _), shape, dtype in found
-        if key.adapter_name in names
+        if key.adapter_name in wanted
     ]
     vocab = getattr(settings.args, "padded_vocab_size", None)
-    return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, arch, geometry, vocab
+    return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, names, vocab
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> ExportSummary:
@@ -171,8 +176,8 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options
     started = time.perf_counter()
     directory = locate(checkpoint)
     collect = _torch_dist_shards if checkpoint_format(directory) == "torch_dist" else _legacy_shards
-    reader, shards, dialect, arch, geometry, vocab = collect(directory, read_hf_config(options.base_model_name_or_path), options, facts)
-    plan = plan_adapter([s.spec for s in shards], geometry, arch, vocab)
+    reader, shards, dialect, names, vocab = collect(directory, read_hf_config(options.base_model_name_or_path), options, facts)
+    plan = plan_adapter([s.spec for s in shards], names.geometry, names.arch, vocab)
     by_key: dict[str, list[int]] = defaultdict(list)
     for n, shard in enumerate(shards):
         by_key[shard.key].append(n)
@@ -185,7 +190,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))
     tmp = staging_dir(output_dir, options.overwrite)
     try:
-        stage_adapter(tmp, plan, tensors, options, dialect=dialect, source=f"checkpoint {directory}")
+        stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=f"checkpoint {directory}")
         path = publish(tmp, output_dir, options.overwrite)
     except BaseException:
         discard(tmp)

@@ -1,0 +1,81 @@
+"""transformers v5's fused expert parameters, as peft (>= 0.19.1) targets them with `target_parameters`.
+
+A layer's experts live in 3-D parameters such as `mlp.experts.gate_up_proj` [experts, 2*ffn, hidden].
+peft's LoRA on such a parameter is one lora_A of [experts * r, in], expert-major (rows e*r + j), and
+one lora_B of [out, r * experts], rank-major (columns j*experts + e). Several targeted parameters of
+one module nest: the first registered is innermost (`mlp.experts.base_layer.lora_A`), the last is
+`mlp.experts.lora_A`. The planner works per expert (transformers v4's and vLLM's layout); this module
+re-keys its result into the fused one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+
+from ..errors import ShapeMismatchError
+from .archs import ArchMap
+from .plan import PEFT_PREFIX, AdapterPlan
+
+_LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
+
+
+def _key(module: str, role: str) -> str:
+    return f"{PEFT_PREFIX}{module}.{role}.weight"
+
+
+def fused_prefixes(arch: ArchMap, targeted: list[str]) -> dict[str, str]:
+    """Parameter (inside a layer) -> peft's module path for it, nesting `base_layer` by registration order."""
+    prefixes = {}
+    by_module = defaultdict(list)
+    for fused in arch.fused_experts:
+        if fused.parameter in targeted:
+            by_module[fused.parameter.rsplit(".", 1)[0]].append(fused.parameter)
+    for module, parameters in by_module.items():
+        for i, parameter in enumerate(parameters):
+            prefixes[parameter] = module + ".base_layer" * (len(parameters) - 1 - i)
+    return prefixes
+
+
+def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: ArchMap, num_experts: int) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Per-expert LoRA tensors -> peft's fused target_parameters tensors.
+
+    Returns the tensors and, per targeted parameter, the per-expert HF modules it replaces.
+    """
+    out = dict(tensors)
+    replaced: dict[str, list[str]] = defaultdict(list)
+    layers: dict[str, set[str]] = defaultdict(set)  # layer prefix -> fused parameters with tensors
+    for fused in arch.fused_experts:
+        first = fused.per_expert[0].replace("{e}", "0")
+        for module in plan.modules:
+            match = _LAYER.match(module)
+            if match and match.group(2) == first:
+                layers[match.group(1)].add(fused.parameter)
+    targeted = sorted({p for params in layers.values() for p in params}, key=[f.parameter for f in arch.fused_experts].index)
+    prefixes = fused_prefixes(arch, targeted)
+    for layer, params in layers.items():
+        for fused in (f for f in arch.fused_experts if f.parameter in params):
+            a_parts, b_parts = [], []
+            for e in range(num_experts):
+                modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
+                missing = [m for m in modules if m not in plan.modules]
+                if missing:
+                    raise ShapeMismatchError(
+                        f"the fused expert layout needs every expert adapted; {missing[0]} has no adapter. "
+                        "Export with expert_layout='per_expert'"
+                    )
+                a = [out.pop(_key(m, "lora_A")) for m in modules]
+                if any(not torch.equal(a[0], other) for other in a[1:]):
+                    raise ShapeMismatchError(f"{modules}: one fused parameter needs one lora_A, found different ones; export with expert_layout='per_expert'")
+                a_parts.append(a[0])
+                replaced[fused.parameter] += modules
+                b_parts.append(torch.cat([out.pop(_key(m, "lora_B")) for m in modules]))
+            ranks = {a.shape[0] for a in a_parts}
+            if len(ranks) != 1:
+                raise ShapeMismatchError(f"{layer}.{fused.parameter}: experts have different ranks {sorted(ranks)}; export with expert_layout='per_expert'")
+            module = f"{layer}.{prefixes[fused.parameter]}"
+            out[_key(module, "lora_A")] = torch.cat(a_parts)  # expert-major rows
+            out[_key(module, "lora_B")] = torch.stack(b_parts, dim=-1).flatten(1)  # rank-major columns
+    return out, {p: sorted(replaced[p]) for p in targeted}
