@@ -12,6 +12,8 @@ _FACT_HELP = {
     "tp_size": "tensor-parallel size the checkpoint was saved at",
     "lora_alpha": "HF lora_alpha for every module (ModelOpt: scale * rank)",
     "gated_linear_unit": "linear_fc1 fuses gate and up (SwiGLU)",
+    "num_experts": "routed experts per MoE layer",
+    "moe_ffn_hidden_size": "width of each routed expert's MLP",
 }
 
 
@@ -30,6 +32,8 @@ def register(commands) -> None:
     parser.add_argument("--model-type", help="HF model_type for the names when --base-model is not a local directory")
     parser.add_argument("--adapter-name", default="default", help="which named ModelOpt adapter to export")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="output dtype (default: as saved)")
+    parser.add_argument("--expert-layout", choices=["auto", "per_expert", "fused"], default="auto",
+                        help="MoE experts: per-expert modules (transformers v4, vLLM) or fused target_parameters (transformers v5); auto: the installed transformers'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     facts = parser.add_argument_group("model facts (only needed when the checkpoint does not record them)")
@@ -43,7 +47,8 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = ExportOptions(base_model_name_or_path=args.base_model, adapter_name=args.adapter_name, dtype=args.dtype, overwrite=args.overwrite, model_type=args.model_type)
+    options = ExportOptions(base_model_name_or_path=args.base_model, adapter_name=args.adapter_name, dtype=args.dtype, overwrite=args.overwrite,
+                            model_type=args.model_type, expert_layout=args.expert_layout)
     facts = CheckpointFacts(**{f.name: getattr(args, f.name) for f in fields(CheckpointFacts)})
     if args.all:
         summaries = backfill(args.checkpoint, subdir=args.dir_name, options=options, facts=facts, quiet=args.quiet)

@@ -1,0 +1,94 @@
+"""The fused expert layout checked by peft itself: per-expert LoRA -> target_parameters tensors, loaded into a
+transformers v5 Qwen3-MoE, against the same deltas merged into the expert weights by hand."""
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from megatron_peft_export.core.archs import QWEN_MOE
+from megatron_peft_export.core.experts import fuse_experts
+from megatron_peft_export.core.geometry import ModelGeometry
+from megatron_peft_export.core.peft_format import adapter_config
+from megatron_peft_export.core.plan import allocate, apply_placements, plan_adapter
+from megatron_peft_export.core.shards import ShardSpec
+from megatron_peft_export.errors import ShapeMismatchError
+
+E, R, H, I, LAYERS = 4, 2, 16, 8, 2
+SCALE = 1.5
+
+
+def _hf():
+    cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=H, intermediate_size=24, moe_intermediate_size=I, num_hidden_layers=LAYERS,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=E, num_experts_per_tok=2,
+                                      decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
+def _expert_loras(skip=None):
+    g = torch.Generator().manual_seed(1)
+    loras = {}
+    for layer in range(LAYERS):
+        for e in range(E):
+            if (layer, e) == skip:
+                continue
+            base = f"decoder.layers.{layer}.mlp.experts.local_experts.{e}"
+            loras[f"{base}.linear_fc1"] = (torch.randn(R, H, generator=g) * 0.3, torch.randn(2 * I, R, generator=g) * 0.3)  # B rows [gate; up]
+            loras[f"{base}.linear_fc2"] = (torch.randn(R, I, generator=g) * 0.3, torch.randn(H, R, generator=g) * 0.3)
+    return loras
+
+
+def _convert(loras):
+    geo = ModelGeometry(num_layers=LAYERS, hidden_size=H, num_attention_heads=2, num_query_groups=1, head_dim=8, ffn_hidden_size=24,
+                        gated_linear_unit=True, num_experts=E, moe_ffn_hidden_size=I)
+    pairs = []
+    for module, (a, b) in loras.items():
+        for role, t in (("lora_A", a), ("lora_B", b)):
+            pairs.append((ShardSpec(module=module, role=role, shape=tuple(t.shape), split_dim=None, tp_rank=0, tp_size=1, alpha=SCALE * R), t))
+    plan = plan_adapter([s for s, _ in pairs], geo, QWEN_MOE)
+    tensors = allocate(plan)
+    for placements, (_, t) in zip(plan.placements, pairs):
+        apply_placements(tensors, placements, t)
+    return plan, tensors
+
+
+def test_fused_expert_adapter_loads_into_transformers_v5_and_matches_merged_weights(tmp_path):
+    assert int(transformers.__version__.split(".")[0]) >= 5
+    loras = _expert_loras()
+    plan, tensors = _convert(loras)
+    fused, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
+    assert sorted(replaced) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    config = adapter_config(plan, None, fused_experts=replaced)
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] and config["target_modules"] == []
+    save_file(fused, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    base = _hf()
+    merged = copy.deepcopy(base)
+    with torch.no_grad():  # the HF expert weights plus scale * B @ A, by hand
+        for layer in range(LAYERS):
+            experts = merged.model.layers[layer].mlp.experts
+            for e in range(E):
+                a1, b1 = loras[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc1"]
+                a2, b2 = loras[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc2"]
+                experts.gate_up_proj[e] += SCALE * b1 @ a1
+                experts.down_proj[e] += SCALE * b2 @ a2
+    tokens = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(3))
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    loaded = peft.get_peft_model_state_dict(model)
+    assert set(loaded) == set(fused), "every file key must be one peft holds, and the reverse"
+    with torch.no_grad():
+        diff = (model(input_ids=tokens).logits - merged(input_ids=tokens).logits).abs().max().item()
+        effect = (merged(input_ids=tokens).logits - _hf()(input_ids=tokens).logits).abs().max().item()
+    assert diff < 1e-5 and effect > 1e-2, (diff, effect)
+
+
+def test_fused_layout_needs_every_expert():
+    plan, tensors = _convert(_expert_loras(skip=(1, 2)))
+    with pytest.raises(ShapeMismatchError, match="needs every expert adapted.*expert_layout='per_expert'"):
+        fuse_experts(plan, tensors, QWEN_MOE, E)
