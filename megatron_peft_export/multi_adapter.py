@@ -1,0 +1,197 @@
+"""Several named adapters of one model in peft's multi-adapter layout, published as one directory.
+
+ModelOpt holds any number of named adapters per model (`lora_a_<name>`, `lora_b_<name>`). peft's
+`save_pretrained` writes the adapter named "default" at the root of a directory and every other one
+under `<dir>/<name>/`, each with its own config; `PeftModel.from_pretrained(base, dir)` then
+`load_adapter(f"{dir}/{name}", adapter_name=name)` and `set_adapter(name)` bring each back.
+
+Each adapter goes through the single-adapter export (`run_export`: same planner, same checks, same
+collectives), one after the other on every rank: the first into the staging directory of the whole
+tree, each other into a subdirectory of that staging directory. Only then is the tree published, by one
+rename, so a reader sees all the adapters or none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from . import distributed as coll
+from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, discard, publish
+from .errors import ExportError, NoAdaptersError
+from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
+
+log = logging.getLogger("megatron_peft_export")
+ALL = "all"
+Selection = Sequence[str] | Literal["all"]
+RESERVED = frozenset({"verification", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD})
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_selection(selection: Selection | None) -> Selection | None:
+    """The adapter selection as given (None, "all" or a list of names), or an error saying what is wrong."""
+    if selection is None or selection == ALL:
+        return selection
+    if isinstance(selection, str) or not all(isinstance(n, str) for n in selection):
+        raise ExportError(f"adapter_names: expected 'all' or a list of adapter names, found {selection!r}")
+    names = list(selection)
+    if not names or len(set(names)) != len(names):
+        raise ExportError(f"adapter_names: expected at least one name and no repeats, found {names}")
+    return names
+
+
+@dataclass
+class AdapterSnapshots:
+    """One rank's snapshot of each adapter it holds (or was asked for), taken at one moment."""
+
+    selection: Selection
+    snapshots: dict[str, Snapshot]
+    first: Snapshot
+    """The snapshot taken first: its report carries the model facts (geometry, dialects) every adapter shares."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.snapshots.values())
+
+    def of(self, name: str) -> Snapshot:
+        """This rank's snapshot of `name`; a rank without that adapter sends its report and no shards."""
+        found = self.snapshots.get(name)
+        if found is not None:
+            return found
+        return Snapshot(dataclasses.replace(self.first.report, specs=[]), [])
+
+
+def take_snapshots(model: Any, layout: coll.RankLayout, options: ExportOptions, selection: Selection, *, copy: bool) -> AdapterSnapshots:
+    """This rank's shards of every selected adapter ("all": every adapter this rank holds)."""
+    selection = check_selection(selection)
+    first_name = options.adapter_name if selection == ALL else selection[0]
+    first = take_snapshot(model, layout, dataclasses.replace(options, adapter_name=first_name), copy=copy)
+    names = sorted(first.report.adapter_names) if selection == ALL else list(selection)
+    snapshots = {first_name: first}
+    for name in names:
+        if name not in snapshots:
+            snapshots[name] = take_snapshot(model, layout, dataclasses.replace(options, adapter_name=name), copy=copy)
+    return AdapterSnapshots(selection, snapshots, first)
+
+
+def _choose(gathered: list[dict[str, Any]], selection: Selection, default: str) -> tuple[list[str], list[str]]:
+    """(adapters to export, root first; adapters skipped as disabled). Pure and identical on every rank."""
+    known = sorted(set().union(*(g["names"] for g in gathered)))
+    tensors = {n: sum(g["counts"].get(n, 0) for g in gathered) for n in known}
+    if selection == ALL:
+        chosen = [n for n in known if tensors[n]]
+        skipped = [n for n in known if not tensors[n]]
+        if not chosen:
+            if not known:
+                return [default], []  # run_export names the problem (no adapters at all)
+            raise NoAdaptersError(f"every adapter of the model ({', '.join(known)}) is disabled; enable the ones to export "
+                                  "(ModelOpt: modelopt.torch.peft.enable_adapters(model, adapters_to_enable=[...]))")
+    else:
+        chosen, skipped = list(selection), []
+        unknown = [n for n in chosen if n not in tensors]
+        if unknown and known:
+            raise NoAdaptersError(f"no adapter named {', '.join(map(repr, unknown))}; the model has adapters {known}. Pass adapter_names=")
+        disabled = [n for n in chosen if n in tensors and not tensors[n]]
+        if disabled:
+            raise NoAdaptersError(f"adapter(s) {', '.join(map(repr, disabled))} are disabled on every module (they act on nothing); "
+                                  "enable them first (ModelOpt: modelopt.torch.peft.enable_adapters(model, adapters_to_enable=[...]))")
+    root = default if default in chosen else chosen[0]
+    ordered = [root] + [n for n in chosen if n != root]
+    bad = [n for n in ordered[1:] if not _NAME.match(n) or n in RESERVED]
+    if bad:
+        raise ExportError(f"adapter name(s) {bad} cannot be subdirectory names; expected letters, digits, '_', '-', '.' and none of {sorted(RESERVED)}")
+    return ordered, skipped
+
+
+def _layout_section(names: list[str]) -> str:
+    root, others = names[0], names[1:]
+    lines = ["", "## Adapters in this directory", "", "peft's multi-adapter layout: each adapter has its own config and weights.", "",
+             "| adapter | directory |", "| --- | --- |", f"| {root} | . (loaded as \"default\") |", *(f"| {n} | {n}/ |" for n in others), "",
+             "```python", "from peft import PeftModel", "", 'model = PeftModel.from_pretrained(base, "<this directory>")']
+    lines += [f'model.load_adapter("<this directory>/{n}", adapter_name="{n}")' for n in others]
+    lines += [f'model.set_adapter("{others[0]}")', "```", ""]
+    return "\n".join(lines)
+
+
+def run_multi_export(
+    snapshots: AdapterSnapshots,
+    output_dir: str | os.PathLike,
+    options: ExportOptions,
+    layout: coll.RankLayout,
+    group: Any,
+    *,
+    finish: Callable[[Path], Path | None],
+    source: str,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path | None:
+    """Collective: export every selected adapter into one staging tree, then `finish(staging)` on the writer.
+
+    Returns finish's result on the writer, None elsewhere; a failure anywhere raises the same error on every rank.
+    """
+    local = {"names": sorted(snapshots.first.report.adapter_names), "counts": {n: len(s.report.specs) for n, s in snapshots.snapshots.items()}}
+    gathered = coll.all_gather(local, group)
+    coll.agree(snapshots.first.report.error, group)
+    names, skipped = _choose(gathered, snapshots.selection, options.adapter_name)
+    if skipped and layout.rank == WRITER:
+        log.warning("not exporting disabled adapter(s) %s (they act on nothing in the training model); enable them to export them", ", ".join(skipped))
+    root_name, others = names[0], names[1:]
+    root = run_export(
+        snapshots.of(root_name), output_dir, dataclasses.replace(options, adapter_name=root_name), layout, group,
+        finish=lambda tmp: tmp, source=source, extra_files=extra_files,
+    )
+    try:
+        for name in others:
+            inner = (root / name) if root is not None else Path(output_dir) / name  # the path matters on the writer only
+            run_export(
+                snapshots.of(name), inner, dataclasses.replace(options, adapter_name=name, overwrite=False), layout, group,
+                finish=lambda tmp, inner=inner: publish(tmp, inner, overwrite=False), source=f"{source} (adapter {name!r})",
+            )
+    except BaseException:
+        if root is not None:
+            discard(root)
+        raise
+
+    def publish_tree() -> Path | None:
+        try:
+            if others:
+                with open(root / MODEL_CARD, "a") as card:
+                    card.write(_layout_section(names))
+            return finish(root)
+        except BaseException:
+            discard(root)
+            raise
+
+    return coll.broadcast_outcome(publish_tree, WRITER, group)
+
+
+def export_adapters(
+    model: torch.nn.Module | Sequence[torch.nn.Module],
+    output_dir: str | os.PathLike,
+    *,
+    adapter_names: Selection = ALL,
+    base_model_name_or_path: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    model_type: str | None = None,
+    group: Any = None,
+    **options: Any,
+) -> Path | None:
+    """Write several named adapters of `model` in peft's multi-adapter layout. Collective: call it on every rank.
+
+    `adapter_names`: "all" (every enabled adapter; disabled ones are skipped with a warning) or a list.
+    The adapter named "default" (else the first listed) goes to the root of `output_dir`, each other one
+    to `output_dir/<name>/`, all published at once. Rank 0 returns the directory, the others None.
+    Other keyword arguments are `export_adapter`'s.
+    """
+    opts = ExportOptions(base_model_name_or_path=base_model_name_or_path, dtype=dtype, overwrite=overwrite, model_type=model_type, **options)
+    layout = coll.RankLayout.from_megatron()
+    group = group if group is not None else coll.export_group()
+    snapshots = take_snapshots(model, layout, opts, adapter_names, copy=False)
+    return run_multi_export(snapshots, output_dir, opts, layout, group, finish=lambda tmp: publish(tmp, output_dir, overwrite), source="a live Megatron model")
