@@ -231,15 +231,17 @@ def export_adapter(
     overwrite: bool = False,
     model_type: str | None = None,
     group: Any = None,
+    expert_layout: str = "auto",
 ) -> Path | None:
     """Write `model`'s adapter as an HF PEFT directory. Collective: call it on every rank.
 
     `model` is this rank's megatron-core model, a wrapped one (DDP, Float16Module), or its list of
     virtual-pipeline chunks. Rank 0 writes; it returns the directory there and None elsewhere.
     `model_type` picks the HF name map when `base_model_name_or_path` is not a local directory.
-    A failure on any rank raises the same ExportError on every rank.
+    A failure on any rank raises the same ExportError on every rank. `expert_layout` writes MoE experts
+    per expert (transformers v4, vLLM) or fused (v5); see ExportOptions.
     """
-    options = ExportOptions(base_model_name_or_path=base_model_name_or_path, adapter_name=adapter_name, dtype=dtype, overwrite=overwrite, model_type=model_type)
+    options = ExportOptions(base_model_name_or_path=base_model_name_or_path, adapter_name=adapter_name, dtype=dtype, overwrite=overwrite, model_type=model_type, expert_layout=expert_layout)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()
     snapshot = take_snapshot(model, layout, options, copy=False)

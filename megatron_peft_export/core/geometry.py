@@ -83,6 +83,8 @@ class ModelGeometry:
     def check_matches(self, hf: "ModelGeometry", source: str) -> None:
         """Raise one error listing every field where the HF config contradicts the Megatron model."""
         skip = {"vocab_size", "gated_linear_unit"}
+        if self.num_experts:  # MoE families here have no dense MLP; HF's intermediate_size may name the expert width
+            skip.add("ffn_hidden_size")
         diffs = [
             f"{f.name}: Megatron model has {getattr(self, f.name)}, {source} has {getattr(hf, f.name)}"
             for f in fields(self)

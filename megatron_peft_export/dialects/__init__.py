@@ -115,8 +115,9 @@ def _global_paths(chunk: torch.nn.Module) -> dict[str, _Where]:
 def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, tp_size: int, dp_source: bool = True) -> Collected:
     """Walk model chunks (VPP or one) and collect this rank's tensors of `adapter_name`, with global paths.
 
-    Expert linears are sharded over the expert tensor-parallel group and replicated over the expert
-    data-parallel group, read from their SequentialMLP; everything else uses (tp_rank, tp_size, dp_source).
+    A tensor's TP coordinates come from the process group of the megatron linear that owns it (expert
+    linears: expert TP), else (tp_rank, tp_size); experts are replicated over the expert data-parallel
+    group, read from their SequentialMLP, everything else over data parallelism (dp_source).
     """
     found = Collected(set(), set(), [])
     for chunk in chunks:
@@ -134,8 +135,8 @@ def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, 
                         "output_layer; expected adapters on transformer-layer linears or the output layer"
                     )
                 where = paths[name]
-                rank, size = where.expert_tp or (tp_rank, tp_size)
                 for t in tensors:
+                    rank, size = (t.tp_group.rank(), t.tp_group.size()) if t.tp_group is not None else where.expert_tp or (tp_rank, tp_size)
                     spec = ShardSpec(
                         module=where.path, role=t.role, part=t.part, shape=tuple(t.tensor.shape),
                         split_dim=t.split_dim, tp_rank=rank, tp_size=size, alpha=float(t.alpha),

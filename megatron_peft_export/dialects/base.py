@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,6 +19,13 @@ class FoundTensor:
     alpha: float
     split_dim: int | None
     part: str | None = None
+    tp_group: Any = None
+    """The process group the owning megatron linear is split over (expert linears: expert TP); None: the model's TP group."""
+
+
+def owner_group(linear: torch.nn.Module) -> Any:
+    """A megatron linear's own tensor-parallel group (ModelOpt's LoRA layers on experts use the regular TP group)."""
+    return getattr(linear, "tp_group", None)
 
 
 def tp_split_dim(tensor: torch.Tensor) -> int | None:

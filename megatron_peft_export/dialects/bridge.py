@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .base import FoundTensor, tp_split_dim
+from .base import FoundTensor, owner_group, tp_split_dim
 
 NAME = "megatron-bridge"
 CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
@@ -39,7 +39,7 @@ def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor] | 
 def _lora(adapter: torch.nn.Module, part: str | None) -> Iterator[FoundTensor]:
     alpha = float(adapter.alpha)
     for role, linear in (("lora_A", adapter.linear_in), ("lora_B", adapter.linear_out)):
-        yield FoundTensor(role, linear.weight, alpha, tp_split_dim(linear.weight), part)
+        yield FoundTensor(role, linear.weight, alpha, tp_split_dim(linear.weight), part, owner_group(linear))
 
 
 def _tensors(base: torch.nn.Module, adapter: torch.nn.Module) -> Iterator[FoundTensor]:
@@ -48,7 +48,7 @@ def _tensors(base: torch.nn.Module, adapter: torch.nn.Module) -> Iterator[FoundT
         magnitude = getattr(adapter, "weight_magnitude", None)
         if magnitude is not None:  # split like the base output: rows for a column-parallel base, whole for row-parallel
             base_split = tp_split_dim(base.weight)
-            yield FoundTensor("magnitude", magnitude, float(adapter.alpha), 0 if base_split == 0 else None)
+            yield FoundTensor("magnitude", magnitude, float(adapter.alpha), 0 if base_split == 0 else None, tp_group=owner_group(base))
         return
     children = dict(adapter.named_children())
     for part in CANONICAL_PARTS:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from .base import FoundTensor, tp_split_dim
+from .base import FoundTensor, owner_group, tp_split_dim
 
 NAME = "modelopt"
 
@@ -37,4 +37,4 @@ def _tensors(adapter: dict | None) -> Iterator[FoundTensor]:
     alpha = adapter["scale"] * adapter["rank"]
     for role, key in (("lora_A", "lora_a"), ("lora_B", "lora_b")):
         weight = adapter[key].weight
-        yield FoundTensor(role, weight, alpha, tp_split_dim(weight))
+        yield FoundTensor(role, weight, alpha, tp_split_dim(weight), tp_group=owner_group(adapter[key]))

@@ -1,0 +1,80 @@
+"""MoE: ModelOpt LoRA on attention and SequentialMLP experts, exported under EP / TP+EP+SP, loaded by peft into a
+transformers v5 MoE model (fused expert parameters via target_parameters), matching Megatron's logits."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.multiprocess import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _moe_export(rank, world, tmp, tp, ep, family, sp=False, etp=None, expert_layout="auto", expert_lora=True):
+    from megatron_peft_export import export_adapter
+    from tests.support import tiny_moe
+    from tests.support.tiny_gpt import apply_modelopt_lora, sample_tokens
+
+    cfg = tiny_moe.QWEN3_MOE_LIKE if family == "qwen3_moe" else tiny_moe.MIXTRAL_LIKE
+    tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
+    targets = tiny_moe.EXPERT_LORA_TARGETS if expert_lora else ("*linear_qkv*", "*linear_proj*")
+    model = apply_modelopt_lora(tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp), targets=targets)
+    tiny_moe.fill_moe_lora_random(model, seed=31)
+    tokens = sample_tokens(cfg)
+    logits = tiny_moe.megatron_moe_logits(model, tokens)
+    base = Path(tmp) / "base"
+    if rank == 0:
+        tiny_moe.hf_moe_twin(cfg, family).config.save_pretrained(base)
+    out = export_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(base), expert_layout=expert_layout)
+    if rank != 0:
+        return None
+    result = {"config": json.loads((out / "adapter_config.json").read_text())}
+    if expert_layout != "per_expert":
+        result["diff"] = tiny_moe.compare_moe_peft(out, cfg, tokens, logits, family=family)
+    return result
+
+
+@pytest.mark.parametrize("world,layout", [
+    (1, {"tp": 1, "ep": 1}),
+    (2, {"tp": 1, "ep": 2}),
+    (4, {"tp": 1, "ep": 4}),
+], ids=["ep1", "ep2", "ep4"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_export_matches_megatron_logits(tmp_path, world, layout, family):
+    result = run_ranks(_moe_export, world, str(tmp_path), family=family, **layout)[0]
+    assert result["diff"] <= 1e-5
+    assert result["config"]["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert result["config"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_tp2_ep2_sequence_parallel_attention_lora_on_a_moe_model(tmp_path, family):
+    """ModelOpt 0.47's LoRA on expert linears does not run under sequence parallelism (its LoRA B gathers the
+    tokens a second time), which megatron requires for TP with MoE; attention LoRA is exported here."""
+    result = run_ranks(_moe_export, 4, str(tmp_path), tp=2, ep=2, sp=True, family=family, expert_lora=False)[0]
+    assert result["diff"] <= 1e-5
+    assert "target_parameters" not in result["config"]
+
+
+def test_per_expert_layout_holds_the_same_values_as_the_fused_one(tmp_path):
+    """transformers v5 has no per-expert modules to load into, so the v4/vLLM layout is checked against the fused one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.support.tiny_moe import peft_expert_lora
+
+    run_ranks(_moe_export, 2, str(tmp_path / "fused"), tp=1, ep=2, family="qwen3_moe")
+    result = run_ranks(_moe_export, 2, str(tmp_path / "per_expert"), tp=1, ep=2, family="qwen3_moe", expert_layout="per_expert")[0]
+    assert "target_parameters" not in result["config"] and "gate_proj" in result["config"]["target_modules"]
+    fused = load_file(tmp_path / "fused" / "adapter" / "adapter_model.safetensors")
+    per = load_file(tmp_path / "per_expert" / "adapter" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.{i}.mlp.experts.{e}.{m}.lora_{x}.weight"
+    for i in range(4):
+        experts = range(4)
+        gate_up = [torch.cat([per[key.format(i=i, e=e, m="gate_proj", x="B")], per[key.format(i=i, e=e, m="up_proj", x="B")]]) for e in experts]
+        a, b = peft_expert_lora([per[key.format(i=i, e=e, m="gate_proj", x="A")] for e in experts], gate_up)
+        assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.base_layer.lora_A.weight"], a)
+        assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.base_layer.lora_B.weight"], b)
+        a, b = peft_expert_lora([per[key.format(i=i, e=e, m="down_proj", x="A")] for e in experts], [per[key.format(i=i, e=e, m="down_proj", x="B")] for e in experts])
+        assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.lora_A.weight"], a)
