@@ -10,6 +10,7 @@ from ..offline.export import CheckpointFacts, backfill, export_checkpoint
 
 _FACT_HELP = {
     "tp_size": "tensor-parallel size the checkpoint was saved at",
+    "etp_size": "expert tensor-parallel size the checkpoint was saved at (default: --tp-size)",
     "lora_alpha": "HF lora_alpha for every module (ModelOpt: scale * rank)",
     "gated_linear_unit": "linear_fc1 fuses gate and up (SwiGLU)",
     "num_experts": "routed experts per MoE layer",

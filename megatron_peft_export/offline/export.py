@@ -41,6 +41,8 @@ class CheckpointFacts:
     moe_ffn_hidden_size: int | None = None
     tp_size: int | None = None
     """Tensor-parallel size the checkpoint was saved at (undoes the save-time gate/up interleave)."""
+    etp_size: int | None = None
+    """Expert tensor-parallel size of the save (default: tp_size)."""
     lora_alpha: float | None = None
     """HF lora_alpha for every module (ModelOpt: scale * r), when the checkpoint does not record it."""
 
@@ -68,6 +70,7 @@ _RECORDED = {
     "num_experts": ("num_experts", "num_moe_experts"),
     "moe_ffn_hidden_size": ("moe_ffn_hidden_size", "moe_ffn_hidden_size"),
     "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
+    "etp_size": ("expert_tensor_parallel_size", "expert_tensor_parallel_size"),
 }
 
 
@@ -126,7 +129,7 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
         return facts.lora_alpha
     if key.dialect == "modelopt":
         a_shape = shapes[key.key.replace(".lora_b_", ".lora_a_")]
-        alpha = modelopt_alpha(settings.modelopt_peft or [], adapter_name, key.module, a_shape[0])
+        alpha = modelopt_alpha(settings.modelopt_peft or [], adapter_name, key.module, a_shape[-2])
     else:
         alpha = ((settings.run_config or {}).get("peft") or {}).get("alpha")
     if alpha is None:
@@ -148,7 +151,8 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     shards: list[OfflineShard] = []
     for key in keys:
         alpha = _alpha(key, shapes, settings, facts, options.adapter_name, directory)
-        shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=values["tp_size"] or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key))
+        tp_save = (values["etp_size"] or values["tp_size"]) if ".experts." in key.module else values["tp_size"]
+        shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=tp_save or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key))
     vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)
     return reader, shards, keys[0].dialect, names, vocab
 

@@ -30,7 +30,7 @@ class AdapterKey:
     key: str
     dialect: str
     module: str
-    """Megatron module path; for layer-stacked keys it holds `{i}` for the layer index."""
+    """Megatron module path; a stacked key's holds `{i}` (Bridge's layer axis) or `{e}` (megatron's expert axis)."""
     role: Role
     part: str | None
     adapter_name: str | None
@@ -53,7 +53,9 @@ def classify(key: str) -> AdapterKey | None:
     match = _MODELOPT.match(key)
     if match:
         module, ab, name = match.groups()
-        return AdapterKey(key, "modelopt", module, _ROLE[ab], None, name, stacked=False)
+        stacked = ".mlp.experts.experts." in module  # SequentialMLP saves its experts stacked on a leading axis
+        module = module.replace(".mlp.experts.experts.", ".mlp.experts.local_experts.{e}.")
+        return AdapterKey(key, "modelopt", module, _ROLE[ab], None, name, stacked=stacked)
     match = _BRIDGE.match(key)
     if match:
         head, rest, part, leaf = match.groups()
@@ -66,16 +68,18 @@ def classify(key: str) -> AdapterKey | None:
 
 
 def _is_fc1(module: str) -> bool:
-    return module.endswith("mlp.linear_fc1")
+    return module.endswith("linear_fc1")
 
 
 def offline_shards(found: AdapterKey, shape: tuple[int, ...], *, alpha: float, tp_save: int, gated: bool, dtype: str) -> list[OfflineShard]:
-    """Shard specs for one checkpoint tensor (every layer of a stacked one), with the save-time layouts undone."""
+    """Shard specs for one checkpoint tensor (every layer or expert of a stacked one), with the save-time layouts undone.
+
+    `tp_save` is the tensor-parallel size the tensor was saved at (expert tensor parallelism for experts)."""
     layers = range(shape[0]) if found.stacked else [None]
     local = shape[1:] if found.stacked else shape
     out = []
     for layer in layers:
-        module = found.module.format(i=layer) if found.stacked else found.module
+        module = found.module.replace("{i}", str(layer)).replace("{e}", str(layer)) if found.stacked else found.module
         rows_total = local[0]
         interleaved = gated and _is_fc1(module) and found.part is None and (
             (found.dialect == "modelopt" and found.role == "lora_B") or (found.dialect == "megatron-bridge" and found.role == "magnitude")

@@ -78,3 +78,53 @@ def test_per_expert_layout_holds_the_same_values_as_the_fused_one(tmp_path):
         assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.base_layer.lora_B.weight"], b)
         a, b = peft_expert_lora([per[key.format(i=i, e=e, m="down_proj", x="A")] for e in experts], [per[key.format(i=i, e=e, m="down_proj", x="B")] for e in experts])
         assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.lora_A.weight"], a)
+
+
+def _save_moe_and_export_live(rank, world, tmp, ep):
+    import argparse
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
+
+    from megatron_peft_export import export_adapter
+    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from tests.support import tiny_moe
+    from tests.support.tiny_gpt import apply_modelopt_lora
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    cfg = tiny_moe.QWEN3_MOE_LIKE
+    tiny_moe.init_moe_parallel(ep=ep)
+    model = apply_modelopt_lora(tiny_moe.build_moe_gpt(cfg), targets=tiny_moe.EXPERT_LORA_TARGETS)
+    tiny_moe.fill_moe_lora_random(model, seed=41)
+    export_adapter(model, Path(tmp) / "live", model_type="qwen3_moe")
+    directory = iteration_dir(Path(tmp) / "save", 3)
+    directory.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(tensor_model_parallel_size=1, expert_tensor_parallel_size=1, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                              ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
+                              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels, swiglu=True, padded_vocab_size=cfg.vocab_size,
+                              num_experts=cfg.num_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size)
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "iteration": 3}, str(directory))
+        save_sharded_modelopt_state([model], str(directory))
+    if rank == 0:
+        (Path(tmp) / "save" / TRACKER).write_text("3")
+    dist.barrier()
+
+
+def _offline(rank, world, checkpoint, out):
+    from megatron_peft_export.export import ExportOptions
+    from megatron_peft_export.offline.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out, options=ExportOptions(model_type="qwen3_moe"), quiet=True)
+
+
+def test_offline_export_of_an_ep2_checkpoint_equals_the_live_export(tmp_path):
+    from safetensors.torch import load_file
+
+    run_ranks(_save_moe_and_export_live, 2, str(tmp_path), 2)
+    run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"))
+    live, offline = load_file(tmp_path / "live" / "adapter_model.safetensors"), load_file(tmp_path / "offline" / "adapter_model.safetensors")
+    assert live.keys() == offline.keys() and all((live[k] == offline[k]).all() for k in live)
+    assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads((tmp_path / "offline" / "adapter_config.json").read_text())
