@@ -92,3 +92,21 @@ def test_fused_layout_needs_every_expert():
     plan, tensors = _convert(_expert_loras(skip=(1, 2)))
     with pytest.raises(ShapeMismatchError, match="needs every expert adapted.*expert_layout='per_expert'"):
         fuse_experts(plan, tensors, QWEN_MOE, E)
+
+
+def test_expert_fc1_at_etp2_is_deinterleaved_per_expert():
+    """Expert tensor parallelism shards each expert's fc1 like a dense fc1: a rank holds [gate_t; up_t]."""
+    geo = ModelGeometry(num_layers=1, hidden_size=H, num_attention_heads=2, num_query_groups=1, head_dim=8, ffn_hidden_size=24,
+                        gated_linear_unit=True, num_experts=E, moe_ffn_hidden_size=I)
+    g = torch.Generator().manual_seed(5)
+    gate, up, a = torch.randn(I, R, generator=g), torch.randn(I, R, generator=g), torch.randn(R, H, generator=g)
+    module = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1"
+    pairs = [(ShardSpec(module=module, role="lora_B", shape=(I, R), split_dim=0, tp_rank=t, tp_size=2, alpha=2.0), torch.cat([gate.chunk(2)[t], up.chunk(2)[t]]))
+             for t in range(2)]
+    pairs.append((ShardSpec(module=module, role="lora_A", shape=(R, H), split_dim=None, tp_rank=0, tp_size=2, alpha=2.0), a))
+    plan = plan_adapter([s for s, _ in pairs], geo, QWEN_MOE)
+    tensors = allocate(plan)
+    for placements, (_, t) in zip(plan.placements, pairs):
+        apply_placements(tensors, placements, t)
+    assert torch.equal(tensors["base_model.model.model.layers.0.mlp.experts.3.gate_proj.lora_B.weight"], gate)
+    assert torch.equal(tensors["base_model.model.model.layers.0.mlp.experts.3.up_proj.lora_B.weight"], up)
