@@ -20,6 +20,7 @@ fields it fills with defaults, and ranks that contradict the config.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 from .errors import ExportError
 
+log = logging.getLogger("megatron_peft_export")
 Severity = Literal["error", "warning", "info"]
 TARGETS = ("vllm", "peft")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -213,6 +215,14 @@ def _next_vllm_rank(rank: int) -> int | None:
 
 def has_errors(findings: Iterable[Finding]) -> bool:
     return any(f.severity == "error" for f in findings)
+
+
+def log_findings(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str, target: str = "vllm") -> list[Finding]:
+    """At export time: each finding for `target` as one log line (errors and warnings at WARNING); returns them."""
+    findings = check_adapter(config, shapes, target)
+    for finding in findings:
+        log.log(logging.INFO if finding.severity == "info" else logging.WARNING, "serving check (%s) of %s: %s", target, where, finding.line())
+    return findings
 
 
 # ------------------------------------------------------------------------ adapter directories

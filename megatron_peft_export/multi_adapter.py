@@ -33,6 +33,7 @@ ALL = "all"
 Selection = Sequence[str] | Literal["all"]
 RESERVED = frozenset({"verification", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LAYOUT_HEADING = "\n## Adapters in this directory\n"
 
 
 def check_selection(selection: Selection | None) -> Selection | None:
@@ -112,7 +113,7 @@ def _choose(gathered: list[dict[str, Any]], selection: Selection, default: str) 
 
 def _layout_section(names: list[str]) -> str:
     root, others = names[0], names[1:]
-    lines = ["", "## Adapters in this directory", "", "peft's multi-adapter layout: each adapter has its own config and weights.", "",
+    lines = [LAYOUT_HEADING, "peft's multi-adapter layout: each adapter has its own config and weights.", "",
              "| adapter | directory |", "| --- | --- |", f"| {root} | . (loaded as \"default\") |", *(f"| {n} | {n}/ |" for n in others), "",
              "```python", "from peft import PeftModel", "", 'model = PeftModel.from_pretrained(base, "<this directory>")']
     lines += [f'model.load_adapter("<this directory>/{n}", adapter_name="{n}")' for n in others]

@@ -70,10 +70,11 @@ def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None, *, fu
 
 def model_card(
     config: dict[str, Any], *, dialect: str | None, source: str, num_tensors: int,
-    iteration: int | None = None, verification: Mapping[str, Any] | None = None,
+    iteration: int | None = None, verification: Mapping[str, Any] | None = None, quantization: str | None = None,
 ) -> str:
     """README.md with the front matter the Hub reads (library_name, base_model, pipeline_tag, tags), the LoRA
-    settings, and the training iteration and verification result (a verification.json mapping) when given.
+    settings, and the training iteration, the base's quantization during training (QLoRA-style) and the
+    verification result (a verification.json mapping) when given.
 
     base_model goes into the front matter only when it is a Hub id: the Hub rejects a card whose base_model
     is a local path.
@@ -105,7 +106,9 @@ def model_card(
         f"| per-module rank/alpha overrides | {patterns} |",
         f"| DoRA | {'yes' if config['use_dora'] else 'no'} |",
         f"| tensors | {num_tensors} |",
+        *([f"| base quantization | {quantization} |"] if quantization else []),
         "",
+        *_quantization_note(quantization),
         *_verification_section(verification),
         "```python",
         "from peft import PeftModel",
@@ -117,6 +120,22 @@ def model_card(
         "",
     ]
     return "\n".join(front + body)
+
+
+def _quantization_note(quantization: str | None) -> list[str]:
+    if not quantization:
+        return []
+    return [
+        "Trained over a quantized base (QLoRA-style; the adapter's own weights are not quantized). It loads on the unquantized",
+        "base model like any LoRA adapter; to reproduce the training model's logits, quantize the base the same way.",
+        "",
+    ]
+
+
+def card_quantization(card: str) -> str | None:
+    """The base quantization model_card recorded, the inverse of what it writes."""
+    match = re.search(r"^\| base quantization \| (.+) \|$", card, re.MULTILINE)
+    return match.group(1) if match else None
 
 
 def _verification_section(verification: Mapping[str, Any] | None) -> list[str]:

@@ -37,3 +37,12 @@ def test_verification_fields_become_a_section():
 
 def test_cards_of_others_are_not_ours():
     assert not is_ours("# hello\n") and not is_ours("---\ntags: [lora]\n---\n") and not is_ours("---\n: [\n---\n")
+
+
+def test_the_base_quantization_is_a_row_and_reads_back():
+    from megatron_peft_export.core.peft_format import card_quantization
+
+    text = "ModelOpt fake quantization: weights int8 per-channel, activations int8 per-tensor"
+    card = model_card(CONFIG, dialect="modelopt", source="iteration 3", num_tensors=8, quantization=text)
+    assert f"| base quantization | {text} |" in card and "QLoRA-style" in card and card_quantization(card) == text
+    assert card_quantization(model_card(CONFIG, dialect="modelopt", source="x", num_tensors=8)) is None
