@@ -13,3 +13,4 @@ from transformers import LlamaForCausalLM  # noqa: F401
 
 import megatron_peft_export  # noqa: F401
 import tests.support.tiny_gpt  # noqa: F401
+import tests.support.tiny_moe  # noqa: F401

@@ -10,6 +10,8 @@ torch.compile; compiling them on CPU costs ~30 s per process, so dynamo is
 disabled and they run eagerly. These shims never belong in the library.
 """
 
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -65,3 +67,106 @@ def install_cpu_shims() -> None:
     torch._dynamo.config.disable = True
     _install_rng_tracker()
     _installed = True
+
+
+class _CpuStream:
+    """Stand-in for torch.cuda.Stream / Event: CPU work is already ordered, so every wait is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event or _CpuStream()
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_STREAM = _CpuStream()
+_moe_installed = False
+
+
+def install_moe_cpu_shims() -> None:
+    """The extra shims megatron-core 0.16.1 MoE layers need on CPU (once per process).
+
+    The router always calls ``moe_utils.router_gating_linear``, which reads
+    ``te_general_gemm``, a name only bound when Transformer Engine imports;
+    the alltoall token dispatcher (and overlapped shared experts) create a
+    torch.cuda.Stream at construction and switch streams around host copies,
+    and it converts its split sizes to numpy only when they are CUDA tensors
+    (gloo's all_to_all_single refuses tensors as split sizes). With expert
+    TP > 1 it gathers / reduce-scatters uneven token counts over the expert-TP
+    group, which gloo cannot do (see ``_install_uneven_gloo_collectives``).
+    """
+    global _moe_installed
+    if _moe_installed:
+        return
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    host_copy = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def host_copy_cpu_too(tensor, as_numpy=False, record_stream=False):
+        # Only CUDA tensors become numpy upstream; gloo's all_to_all_single wants int sequences.
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return host_copy(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = host_copy_cpu_too
+    _install_uneven_gloo_collectives()
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuStream
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    _moe_installed = True
+
+
+def _install_uneven_gloo_collectives() -> None:
+    """Uneven-split gather / reduce-scatter along dim 0 in megatron's TP mappings, done with even collectives.
+
+    gloo's all_gather needs equal sizes and its list reduce_scatter is missing;
+    the alltoall dispatcher at expert TP > 1 calls both with per-rank token
+    counts. Gather: pad every piece to the largest, gather, drop the padding.
+    Reduce-scatter: all-reduce the whole input, keep this rank's rows.
+    Calls without split sizes go to megatron's own code.
+    """
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)], dim=0)
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone().contiguous()
+        dist.all_reduce(total, group=group)
+        return torch.split(total, [int(n) for n in input_split_sizes], dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven

@@ -32,6 +32,7 @@ from megatron.core.tensor_parallel import (
     model_parallel_cuda_manual_seed,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -40,6 +41,7 @@ from safetensors.torch import load_file
 from transformers import ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCausalLM
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_LOCAL_EXPERT_RE = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 # Fused kernels are CUDA-only (or apex/TE); the CPU path needs every one off.
 _NO_FUSIONS = dict.fromkeys(
     ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
@@ -88,8 +90,11 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
 
-def transformer_config(cfg: TinyGPTConfig, *, sequence_parallel: bool = False):
-    """The TransformerConfig for ``cfg`` at the current parallel layout, CPU-safe."""
+def transformer_config(cfg: TinyGPTConfig, *, sequence_parallel: bool = False, **extra):
+    """The TransformerConfig for ``cfg`` at the current parallel layout, CPU-safe.
+
+    ``extra``: further TransformerConfig fields not set here (tiny_moe passes the MoE ones).
+    """
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -112,6 +117,7 @@ def transformer_config(cfg: TinyGPTConfig, *, sequence_parallel: bool = False):
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         **_NO_FUSIONS,
+        **extra,
     )
 
 
@@ -123,12 +129,17 @@ class _SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def _layer_spec(config, vp_stage):
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+def _layer_spec(config, vp_stage, **spec_kwargs):
+    """Local layer spec (``spec_kwargs`` go to get_gpt_layer_local_spec, e.g. num_experts)."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **spec_kwargs)
     if not config.sequence_parallel:
         return spec
     spec.submodules.input_layernorm = _SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = _SequenceParallelRMSNorm
+    attention = spec.submodules.self_attention.submodules
+    for qk_norm in ("q_layernorm", "k_layernorm"):
+        if getattr(attention, qk_norm) is not IdentityOp:
+            setattr(attention, qk_norm, _SequenceParallelRMSNorm)
     n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules([spec] * n_layers, layer_norm=_SequenceParallelRMSNorm)
 
@@ -140,41 +151,73 @@ def _chunks(model_or_chunks) -> list:
 
 
 def _global_name(chunk, local_name: str) -> str:
-    """Local parameter name -> name at PP=1 (layer index = layer.layer_number - 1)."""
+    """Local parameter name -> name at PP=1 (layer index = layer.layer_number - 1) and EP=1.
+
+    Under EP a rank's ``mlp.experts.local_experts.{e}`` is global expert
+    ``mlp.local_expert_indices[e]`` (SequentialMLP experts).
+    """
     m = _LAYER_RE.match(local_name)
     if not m:
         return local_name
     layer = chunk.decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+    rest = m.group(2)
+    e = _LOCAL_EXPERT_RE.match(rest)
+    if e:
+        rest = f"{e.group(1)}{layer.mlp.local_expert_indices[int(e.group(2))]}{e.group(3)}"
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
-def _partition(param, cfg, global_name: str):
+def _tp_group(model, param_name: str):
+    """The group a TP-tagged parameter is sharded over: its module's ``tp_group``.
+
+    Megatron's linears record it (routed-expert linears: the expert-TP group;
+    everything else: the TP group); modules without one use the TP group.
+    """
+    owner = model.get_submodule(param_name.rpartition(".")[0])
+    group = getattr(owner, "tp_group", None)
+    return ps.get_tensor_model_parallel_group() if group is None else group
+
+
+def _fc1_width(cfg, global_name: str):
+    """Unfused output width of the linear_fc1 ``global_name`` belongs to."""
+    if ".mlp.experts." in global_name:
+        return cfg.moe_ffn_hidden_size
+    if ".mlp.shared_experts." in global_name:
+        return cfg.moe_shared_expert_intermediate_size
+    return cfg.ffn_hidden_size
+
+
+def _partition(param, cfg, global_name: str, group=None):
     """(partition_dim or None, stride, global shape) of ``param`` under TP.
 
     Megatron's stride rule: split dim into stride * TP equal blocks, rank t owns
     blocks t, t + TP, ... The gated fc1 shard is [gate_t; up_t] (stride 2);
     megatron tags its base weight so, but not a LoRA B / magnitude on fc1, so
     any dim-0 tensor spanning fc1's fused outputs that is not input-side
-    (A / linear_in) gets stride 2 too. ``cfg``: TinyGPTConfig or TransformerConfig.
+    (A / linear_in) gets stride 2 too (dense, shared-expert and expert fc1).
+    ``cfg``: TinyGPTConfig, TinyMoEConfig or TransformerConfig; ``group``: the
+    group ``param`` is sharded over (default TP; see ``_tp_group``).
     """
     if not getattr(param, "tensor_model_parallel", False):
         return None, 1, tuple(param.shape)
     dim, shape = param.partition_dim, list(param.shape)
-    shape[dim] *= ps.get_tensor_model_parallel_world_size()
+    group = ps.get_tensor_model_parallel_group() if group is None else group
+    shape[dim] *= dist.get_world_size(group)
     stride = getattr(param, "partition_stride", 1)
     fused_fc1_out = (
         cfg.gated_linear_unit
-        and ".mlp.linear_fc1." in global_name
+        and ".linear_fc1." in global_name
         and not any(s in global_name for s in ("lora_a", "lora_A", "linear_in"))
-        and shape[0] == 2 * cfg.ffn_hidden_size
+        and shape[0] == 2 * _fc1_width(cfg, global_name)
     )
     return dim, (2 if dim == 0 and fused_fc1_out else stride), tuple(shape)
 
 
-def _load_into(param, full: torch.Tensor, dim, stride: int, name: str) -> None:
-    """Copy this TP rank's slice of the global tensor ``full`` into ``param``."""
+def _load_into(param, full: torch.Tensor, dim, stride: int, name: str, group=None) -> None:
+    """Copy this rank's slice (over ``group``, default TP) of the global tensor ``full`` into ``param``."""
     if dim is not None:
-        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        group = ps.get_tensor_model_parallel_group() if group is None else group
+        tp, rank = dist.get_world_size(group), dist.get_rank(group)
         assert full.shape[dim] % (tp * stride) == 0, (name, full.shape, dim, tp, stride)
         blocks = torch.split(full, full.shape[dim] // (tp * stride), dim)
         full = torch.cat(blocks[rank::tp], dim)
@@ -220,14 +263,22 @@ def global_base_weights(cfg: TinyGPTConfig) -> dict:
 def build_gpt(cfg: TinyGPTConfig, *, sequence_parallel: bool = False):
     """This rank's GPTModel (a list of chunks under VPP) loaded with ``global_base_weights``."""
     config = transformer_config(cfg, sequence_parallel=sequence_parallel)
+    return _build_loaded(cfg, config, global_base_weights(cfg))
+
+
+def _build_loaded(cfg, config, weights: dict, **spec_kwargs):
+    """This rank's GPTModel chunk(s) for ``config``, each parameter sliced from ``weights``.
+
+    ``weights`` is keyed by global names (``_global_name``); ``spec_kwargs`` go to
+    ``_layer_spec``. Shared by build_gpt and tiny_moe.build_moe_gpt.
+    """
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    weights = global_base_weights(cfg)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         model = GPTModel(
             config,
-            _layer_spec(config, stage),
+            _layer_spec(config, stage, **spec_kwargs),
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -240,8 +291,9 @@ def build_gpt(cfg: TinyGPTConfig, *, sequence_parallel: bool = False):
         for name, param in model.named_parameters():
             gname = _global_name(model, name)
             assert gname in weights, f"no base weight for {gname}"
-            dim, stride, _ = _partition(param, config, gname)
-            _load_into(param, weights[gname], dim, stride, gname)
+            group = _tp_group(model, name)
+            dim, stride, _ = _partition(param, config, gname, group)
+            _load_into(param, weights[gname], dim, stride, gname, group)
         chunks.append(model)
     return chunks if vpp else chunks[0]
 
@@ -258,17 +310,20 @@ def fill_lora_random(model_or_chunks, seed: int) -> None:
     are replicated. A dim-0-sharded output-side tensor on gated linear_fc1
     (LoRA B, adapter linear_out, DoRA magnitude) is sliced [gate_t; up_t] like
     the base weight. Matrices get normal * 0.05; 1-D tensors (magnitudes)
-    1 + normal * 0.05. Expert-parallel tensors are not handled.
+    1 + normal * 0.05. MoE: the global name carries the GLOBAL expert index
+    (``_global_name``) and a tagged tensor is split over its own module's
+    ``tp_group`` (``_tp_group``: expert TP for routed-expert linears).
     """
     for chunk in _chunks(model_or_chunks):
         for name, param in chunk.named_parameters():
             if "lora" not in name and ".adapter." not in name:
                 continue
             gname = _global_name(chunk, name)
-            dim, stride, gshape = _partition(param, chunk.config, gname)
+            group = _tp_group(chunk, name)
+            dim, stride, gshape = _partition(param, chunk.config, gname, group)
             mean = 1.0 if len(gshape) == 1 else 0.0
             full = _seeded(f"{seed}|{gname}|{gshape}", gshape, 0.05, mean)
-            _load_into(param, full, dim, stride, gname)
+            _load_into(param, full, dim, stride, gname, group)
 
 
 def apply_modelopt_lora(
@@ -417,8 +472,8 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits.float()
 
 
-def compare_peft(adapter_dir, cfg, tokens, megatron_logits, atol=1e-5, adapter_name=None) -> float:
-    """Load ``adapter_dir`` with peft on the HF twin and check it against Megatron.
+def compare_peft(adapter_dir, cfg, tokens, megatron_logits, atol=1e-5, adapter_name=None, base=None) -> float:
+    """Load ``adapter_dir`` with peft on the HF twin (or on ``base``, an HF model) and check it against Megatron.
 
     Fails if the file's keys differ from what peft's model holds (peft ignores
     unknown keys silently), if any loaded tensor differs from the file, if the
@@ -426,7 +481,7 @@ def compare_peft(adapter_dir, cfg, tokens, megatron_logits, atol=1e-5, adapter_n
     Returns that max abs diff.
     """
     name = adapter_name or "default"
-    base = hf_llama_twin(cfg)
+    base = hf_llama_twin(cfg) if base is None else base
     base_logits = hf_logits(base, tokens)
     model = peft.PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name).eval()
     on_disk = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
