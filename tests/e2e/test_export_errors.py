@@ -65,7 +65,7 @@ def test_hf_config_that_contradicts_the_model(tmp_path):
 
 def test_unsupported_model_type_names_it(tmp_path):
     results = run_ranks(_try_export, 2, str(tmp_path), model_type="gpt2")
-    _assert_everywhere(results, "UnsupportedModelError", "'gpt2'", "llama, mistral, nemotron, qwen2, qwen3")
+    _assert_everywhere(results, "UnsupportedModelError", "'gpt2'", "llama, mistral, mixtral, nemotron, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe")
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path):
