@@ -3,6 +3,9 @@
 from .errors import DialectError, ExportError, NoAdaptersError, OutputError, ShapeMismatchError, UnsupportedModelError
 from .export import export_adapter
 from .importer import load_hf_adapter
+from .redact import install as _mask_secrets_in_logs
+
+_mask_secrets_in_logs()
 
 __version__ = "0.1.0"
 

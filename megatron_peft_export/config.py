@@ -41,6 +41,12 @@ class HookConfig:
     """Exports in flight at once; a further save waits for the oldest, so host memory stays bounded."""
     publish_timeout: float = 600.0
     """Seconds finalize() waits for asynchronously saved checkpoints to be finalized before abandoning their adapters."""
+    collective_timeout: float = 300.0
+    """Seconds any wait of the export's collectives may last (a rank that died or hangs): then every surviving rank leaves the export with a CollectiveError. Must exceed the time the writer needs to convert and write one adapter."""
+    sigterm_grace: float | None = 20.0
+    """On SIGTERM (when no other handler is installed): seconds to let pending exports finish before abandoning them (staging removed, nothing published); the process then terminates as SIGTERM would. None: install no handler."""
+    allow_nonfinite: bool = False
+    """Export adapters whose tensors hold NaN or Inf (by default such an export fails: the adapter would give NaN logits)."""
     verify: VerifyConfig | None = None
     """Capture reference logits at each save and verify each adapter against them (`verify: {base_model: DIR}`, or `verify: true`); none when unset."""
     push: PushConfig | None = None
@@ -55,6 +61,8 @@ class HookConfig:
             raise ExportError(f"every_n_saves and max_pending must be >= 1, found {self.every_n_saves} and {self.max_pending}")
         if not self.subdir or Path(self.subdir).name != self.subdir:
             raise ExportError(f"subdir: expected a plain directory name, found {self.subdir!r}")
+        if not self.collective_timeout > 0 or (self.sigterm_grace is not None and not self.sigterm_grace >= 0):
+            raise ExportError(f"collective_timeout must be > 0 and sigterm_grace >= 0 (or null), found {self.collective_timeout} and {self.sigterm_grace}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | bool | None) -> "HookConfig":

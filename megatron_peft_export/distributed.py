@@ -6,15 +6,21 @@ export never allocates on the GPU beyond the shard being copied off it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from .errors import ExportError
+from .errors import CollectiveError, ExportError
 
-_GLOO_GROUPS: dict[tuple[int, ...], Any] = {}
+log = logging.getLogger("megatron_peft_export")
+_GLOO_GROUPS: dict[tuple[tuple[int, ...], float | None], Any] = {}
+_TIMEOUTS: dict[int, float] = {}
+"""id(group) -> the timeout (seconds) it was made with, for error messages."""
 
 
 @dataclass(frozen=True)
@@ -41,19 +47,52 @@ class RankLayout:
         )
 
 
-def export_group() -> Any:
-    """The default group when it is gloo; otherwise one gloo group over all ranks, made once (collectively)."""
+def new_gloo_group(timeout: float | None) -> Any:
+    """A gloo group over all ranks (collective) whose every operation fails after `timeout` seconds without an answer."""
+    group = dist.new_group(backend="gloo", timeout=None if timeout is None else timedelta(seconds=timeout))
+    if timeout is not None:
+        _TIMEOUTS[id(group)] = timeout
+    return group
+
+
+def export_group(timeout: float | None = None) -> Any:
+    """The default group when it is gloo; otherwise one gloo group over all ranks (with `timeout`), made once (collectively)."""
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
-    key = tuple(range(dist.get_world_size()))
+    key = (tuple(range(dist.get_world_size())), timeout)
     if key not in _GLOO_GROUPS:
-        _GLOO_GROUPS[key] = dist.new_group(backend="gloo")
+        _GLOO_GROUPS[key] = new_gloo_group(timeout)
     return _GLOO_GROUPS[key]
+
+
+@contextlib.contextmanager
+def _collective(group: Any, what: str) -> Iterator[None]:
+    """A failed collective (a peer died: connection reset; or a timeout) becomes a CollectiveError saying so."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo's errors (DistBackendError is one)
+        timeout = _TIMEOUTS.get(id(group))
+        within = f"within the group's timeout of {timeout:g} s" if timeout is not None else "within the process group's timeout"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CollectiveError(
+            f"rank {dist.get_rank()} lost contact with another rank while {what} (a rank died, or did not answer {within}): {detail}"
+        ) from exc
+
+
+def close_group(group: Any) -> None:
+    """After a CollectiveError on a group of our own: close this rank's connections of it, so the ranks still
+    waiting on it fail now (connection closed) rather than after their timeout. The group is unusable after."""
+    try:
+        dist.destroy_process_group(group)
+    except Exception as exc:  # already gone, or a torch without per-group destroy: the timeout still bounds the others
+        log.debug("closing the failed export group: %s", exc)
+    _TIMEOUTS.pop(id(group), None)
 
 
 def all_gather(obj: Any, group: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with _collective(group, "exchanging export metadata"):
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -61,8 +100,9 @@ def _as_export_error(exc: BaseException) -> ExportError:
     return exc if isinstance(exc, ExportError) else ExportError(f"{type(exc).__name__}: {exc}")
 
 
-def agree(error: ExportError | None, group: Any) -> None:
+def agree(error: Exception | None, group: Any) -> None:
     """Raise the same error on every rank if any rank reports one (no rank is left in a collective)."""
+    error = None if error is None else _as_export_error(error)
     errors = [(rank, e) for rank, e in enumerate(all_gather(error, group)) if e is not None]
     if errors:
         rank, first = errors[0]
@@ -79,7 +119,14 @@ def broadcast_outcome(run: Callable[[], Any], src: int, group: Any) -> Any:
         except Exception as exc:  # any failure must reach the other ranks, or they wait forever
             failure = exc
     box = [None if failure is None else _as_export_error(failure)]
-    dist.broadcast_object_list(box, src=src, group=group)
+    try:
+        with _collective(group, f"waiting for rank {src}'s outcome"):
+            dist.broadcast_object_list(box, src=src, group=group)
+    except CollectiveError as exc:
+        if dist.get_rank() != src or failure is not None:
+            raise failure if failure is not None else exc
+        log.warning("%s; rank %d's own step succeeded, the other ranks may not know it", exc, src)
+        return result
     if failure is not None:
         raise failure
     if box[0] is not None:
@@ -87,12 +134,28 @@ def broadcast_outcome(run: Callable[[], Any], src: int, group: Any) -> Any:
     return result
 
 
-def send(tensor: torch.Tensor, dst: int, group: Any) -> None:
-    """Copy one tensor off the device and send it; the sender holds at most this one copy in flight."""
-    dist.send(tensor.detach().to("cpu").contiguous(), dst=dst, group=group)
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()
+
+
+def send(tensor: torch.Tensor, dst: int, group: Any) -> ExportError | None:
+    """Copy one tensor off the device and send it; the sender holds at most this one copy in flight.
+
+    A failure to copy is returned, not raised: zeros of the same shape go instead, so the receiver is
+    not left waiting and the ranks can agree on the failure afterwards. A failed send raises CollectiveError.
+    """
+    failure = None
+    try:
+        data = host_copy(tensor)
+    except Exception as exc:  # e.g. a device error: report it after the data phase, on every rank
+        failure, data = _as_export_error(exc), torch.zeros(tuple(tensor.shape), dtype=tensor.dtype)
+    with _collective(group, f"sending adapter shards to rank {dst}"):
+        dist.send(data, dst=dst, group=group)
+    return failure
 
 
 def receive(shape: tuple[int, ...], dtype: torch.dtype, src: int, group: Any) -> torch.Tensor:
     buffer = torch.empty(shape, dtype=dtype)
-    dist.recv(buffer, src=src, group=group)
+    with _collective(group, f"receiving adapter shards from rank {src}"):
+        dist.recv(buffer, src=src, group=group)
     return buffer

@@ -23,3 +23,15 @@ class UnsupportedModelError(ExportError):
 
 class OutputError(ExportError):
     """The output directory exists, or cannot be written."""
+
+
+class CollectiveError(ExportError):
+    """A collective of the export failed: another rank died, or did not answer within the group's timeout."""
+
+
+class NonFiniteError(ExportError):
+    """Adapter tensors hold NaN or Inf values."""
+
+
+class AdapterFileError(ExportError):
+    """An HF PEFT adapter directory is missing, malformed, or contradicts itself."""

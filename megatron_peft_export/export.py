@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import distributed as coll
+from .adapter_files import check_finite
 from .atomic_dir import discard, publish, staging_dir, write_staging
 from .core.archs import ArchMap
 from .core.experts import fuse_experts
@@ -43,6 +44,8 @@ class ExportOptions:
     expert_layout: str = "auto"
     """MoE experts: `per_expert` modules (transformers v4, vLLM), `fused` 3-D target_parameters (transformers v5), or
     `auto`: the layout of the installed transformers."""
+    allow_nonfinite: bool = False
+    """Write an adapter whose tensors hold NaN or Inf (by default that is an error: such an adapter gives NaN logits)."""
 
 
 @dataclass
@@ -190,27 +193,34 @@ def run_export(
         )
     tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite), WRITER, group)
     if layout.rank != WRITER:
-        for shard in snapshot.shards:
-            coll.send(shard.tensor, WRITER, group)
+        failure = None
+        for shard in snapshot.shards:  # a local failure is sent as zeros and agreed on below, so the writer never waits
+            failure = coll.send(shard.tensor, WRITER, group) or failure
+        coll.agree(failure, group)
         coll.broadcast_outcome(lambda: None, WRITER, group)
         return None
 
-    def convert_and_write() -> Path | None:
-        tensors = allocate(plan, out_dtype)
+    try:  # a collective failure (a rank died or timed out) leaves no staging behind
         failure: Exception | None = None
+        try:
+            tensors = allocate(plan, out_dtype)
+        except Exception as exc:
+            failure = exc
         for n, (rank, i, spec) in enumerate(ordered):  # every send is received, even after a failure, so no sender hangs
-            if rank == WRITER:
-                data = snapshot.shards[i].tensor.detach().to("cpu")
-            else:
-                data = coll.receive(spec.shape, getattr(torch, spec.dtype), rank, group)
+            data = coll.receive(spec.shape, getattr(torch, spec.dtype), rank, group) if rank != WRITER else None
             if failure is None:
                 try:
-                    apply_placements(tensors, plan.placements[n], data)
+                    apply_placements(tensors, plan.placements[n], coll.host_copy(snapshot.shards[i].tensor) if data is None else data)
                 except Exception as exc:
                     failure = exc
+        coll.agree(failure, group)
+    except BaseException:
+        discard(tmp)
+        raise
+
+    def convert_and_write() -> Path | None:
         try:
-            if failure is not None:
-                raise failure
+            check_finite(tensors, allow=options.allow_nonfinite)
             stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=source, extra_files=extra_files)
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)
@@ -232,6 +242,8 @@ def export_adapter(
     model_type: str | None = None,
     group: Any = None,
     expert_layout: str = "auto",
+    allow_nonfinite: bool = False,
+    collective_timeout: float | None = None,
 ) -> Path | None:
     """Write `model`'s adapter as an HF PEFT directory. Collective: call it on every rank.
 
@@ -239,10 +251,13 @@ def export_adapter(
     virtual-pipeline chunks. Rank 0 writes; it returns the directory there and None elsewhere.
     `model_type` picks the HF name map when `base_model_name_or_path` is not a local directory.
     A failure on any rank raises the same ExportError on every rank. `expert_layout` writes MoE experts
-    per expert (transformers v4, vLLM) or fused (v5); see ExportOptions.
+    per expert (transformers v4, vLLM) or fused (v5); see ExportOptions. NaN or Inf in the adapter is an
+    error (NonFiniteError) unless `allow_nonfinite`. `collective_timeout` (seconds) bounds every wait of the
+    gloo group made when the default group is not gloo (a gloo default group keeps its own timeout).
     """
-    options = ExportOptions(base_model_name_or_path=base_model_name_or_path, adapter_name=adapter_name, dtype=dtype, overwrite=overwrite, model_type=model_type, expert_layout=expert_layout)
+    options = ExportOptions(base_model_name_or_path=base_model_name_or_path, adapter_name=adapter_name, dtype=dtype, overwrite=overwrite, model_type=model_type,
+                            expert_layout=expert_layout, allow_nonfinite=allow_nonfinite)
     layout = coll.RankLayout.from_megatron()
-    group = group if group is not None else coll.export_group()
+    group = group if group is not None else coll.export_group(collective_timeout)
     snapshot = take_snapshot(model, layout, options, copy=False)
     return run_export(snapshot, output_dir, options, layout, group, finish=lambda tmp: publish(tmp, output_dir, overwrite), source="a live Megatron model")

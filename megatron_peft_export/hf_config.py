@@ -37,9 +37,12 @@ def read_hf_config(base_model_name_or_path: str | None) -> dict[str, Any] | None
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}; expected the base model's HF config.json") from exc
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ExportError(f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}; expected the base model's HF config.json") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path}: expected a JSON object (the base model's HF config.json), found {type(config).__name__}")
+    return config
 
 
 def choose_arch(model_type: str | None, hf_config: dict[str, Any] | None) -> ArchMap:

@@ -8,20 +8,22 @@ own, in save order on every rank (so the collectives of successive exports pair 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch.distributed as dist
-
 from . import distributed as coll
-from .atomic_dir import discard, publish
+from .atomic_dir import abandon_all, clean_stale, discard, publish
 from .config import HookConfig
-from .errors import ExportError
+from .errors import CollectiveError, ExportError
 from .export import WRITER, ExportOptions, run_export, take_snapshot
 from .integrations.verify_hook import extensions as verification_steps
 
@@ -85,6 +87,7 @@ class AdapterExportHook:
         self._options = ExportOptions(
             base_model_name_or_path=self.config.base_model_name_or_path, adapter_name=self.config.adapter_name,
             dtype=self.config.dtype, overwrite=True, model_type=self.config.model_type,
+            allow_nonfinite=self.config.allow_nonfinite,
         )
         self._saves = 0
         self._group: Any = None
@@ -94,6 +97,9 @@ class AdapterExportHook:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-adapter-export")
         self._pending: deque[Future] = deque()
         self._failure: ExportError | None = None
+        self._broken: CollectiveError | None = None
+        """Set when a collective of an export failed (a rank died or timed out): the group is unusable, no more exports."""
+        self._swept = False
         self._awaiting: list[_AwaitingPublish] = []
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
@@ -111,12 +117,18 @@ class AdapterExportHook:
         if not self.config.enabled:
             return
         if self._group is None:  # collective: every rank reaches the first save together
-            self._group, self._control = dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
+            self._group, self._control = coll.new_gloo_group(self.config.collective_timeout), coll.new_gloo_group(self.config.collective_timeout)
+            _HOOKS.add(self)
+            if self.config.sigterm_grace is not None:
+                _install_sigterm_handler()
         self._raise_agreed_failure()
         if non_persistent:
             return
         self._saves += 1
         if self._saves % self.config.every_n_saves:
+            return
+        if self._broken is not None:
+            log.warning("HF adapter export for iteration %d skipped: an earlier export lost contact with another rank (%s)", iteration, self._broken)
             return
         while len(self._pending) >= self.config.max_pending:
             self._pending.popleft().result()
@@ -131,7 +143,7 @@ class AdapterExportHook:
 
         def finish(staging: Path) -> Path:
             if finalized:
-                return self._publish(iteration, staging, output)
+                return self._publish(staging, output)
             with self._lock:
                 self._awaiting.append(_AwaitingPublish(iteration, checkpoint_dir, staging, output))
                 if self._watcher is None:
@@ -140,24 +152,48 @@ class AdapterExportHook:
             return staging
 
         try:
-            run_export(snapshot, output, self._options, layout, self._group, finish=finish, source=f"iteration {iteration}", extra_files=extra_files)
-        except ExportError as exc:
-            if self.config.on_error == "raise":
-                self._failure = self._failure or exc
-            elif layout.rank == WRITER:
-                log.warning("HF adapter export for iteration %d failed; training continues: %s", iteration, exc)
+            if layout.rank == WRITER and not self._swept:
+                self._swept = True
+                self._clean_leftovers(checkpoint_dir.parent)
+            path = run_export(snapshot, output, self._options, layout, self._group, finish=finish, source=f"iteration {iteration}", extra_files=extra_files)
+            if finalized and path is not None:  # outside the collectives: the other ranks do not wait for these steps
+                self._run_after_publish(iteration, path)
+        except Exception as exc:  # never raised into training: recorded (on_error=raise) or logged
+            self._failed(iteration, exc if isinstance(exc, ExportError) else ExportError(f"unexpected {type(exc).__name__}: {exc}"), layout.rank)
         self._publish_finalized()
 
-    def _publish(self, iteration: int, staging: Path, output: Path) -> Path:
+    def _failed(self, iteration: int, exc: ExportError, rank: int) -> None:
+        if isinstance(exc, CollectiveError):  # every surviving rank says so: each saw its own peer fail
+            if self._broken is None:
+                self._broken = exc
+                coll.close_group(self._group)  # ranks still waiting on it fail at once, not after their timeout
+            log.warning("HF adapter export for iteration %d failed on rank %d (no partial adapter is ever published); this run exports no "
+                        "more adapters (convert checkpoints later with `megatron-peft-export export SAVE_DIR --all`): %s", iteration, rank, exc)
+        if self.config.on_error == "raise":
+            self._failure = self._failure or exc
+        elif rank == WRITER and not isinstance(exc, CollectiveError):
+            log.warning("HF adapter export for iteration %d failed; training continues: %s", iteration, exc)
+
+    def _clean_leftovers(self, save_dir: Path) -> None:
+        """Staging directories that earlier runs left behind (killed mid-export) in this save directory, if their process is gone."""
+        try:
+            for parent in sorted({p.parent for p in save_dir.glob(f"iter_*/.{self.config.subdir}.*")}):
+                clean_stale(parent / self.config.subdir)
+        except OSError as exc:
+            log.warning("could not clean leftovers of interrupted exports under %s: %s", save_dir, exc)
+
+    def _publish(self, staging: Path, output: Path) -> Path:
         path = publish(staging, output, overwrite=True)
         self.published.append(path)
         log.info("published HF adapter %s", path)
+        return path
+
+    def _run_after_publish(self, iteration: int, path: Path) -> None:
         for callback in self._after_publish:
             try:
                 callback(iteration, path)
             except Exception:  # verification, W&B, Hub: never the reason training stops
                 log.exception("after-publish step %s failed for %s", getattr(callback, "__name__", callback), path)
-        return path
 
     def _publish_finalized(self) -> None:
         """Publish every adapter whose asynchronously saved checkpoint has been finalized since."""
@@ -166,7 +202,7 @@ class AdapterExportHook:
             self._awaiting = [a for a in self._awaiting if a not in ready]
         for item in ready:
             try:
-                self._publish(item.iteration, item.staging, item.output)
+                self._run_after_publish(item.iteration, self._publish(item.staging, item.output))
             except ExportError as exc:
                 if self.config.on_error == "raise":
                     self._failure = self._failure or exc
@@ -219,3 +255,42 @@ class AdapterExportHook:
         if self.pusher is not None:  # the last push (strategy end) and every push still running; never raises
             self.pusher.finalize()
         self._raise_agreed_failure()
+
+
+_HOOKS: "weakref.WeakSet[AdapterExportHook]" = weakref.WeakSet()
+_SIGTERM = {"checked": False}
+
+
+def _install_sigterm_handler() -> None:
+    """Once per process, from the main thread, and only where SIGTERM still has its default action (which
+    kills at once, leaving pending exports' staging behind): Megatron-LM's --exit-signal-handler, or a
+    launcher's own handler, is left alone (training then exits normally and finalize() runs at exit)."""
+    if _SIGTERM["checked"] or threading.current_thread() is not threading.main_thread():
+        return
+    _SIGTERM["checked"] = True
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        log.info("SIGTERM already has a handler; pending HF adapter exports finish at exit (finalize)")
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Let pending exports finish within the hooks' sigterm_grace, abandon the rest (their staging removed,
+    nothing published), then terminate as the default action would."""
+    hooks = list(_HOOKS)
+    deadline = time.monotonic() + max((h.config.sigterm_grace or 0.0 for h in hooks), default=0.0)
+    unfinished = 0
+    for hook in hooks:
+        for job in list(hook._pending):
+            try:
+                job.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                unfinished += 1
+            except Exception:  # _export never raises; nothing to do at shutdown anyway
+                pass
+    abandoned = abandon_all(timeout=max(1.0, deadline - time.monotonic()))
+    if unfinished or abandoned:
+        log.warning("SIGTERM: %d pending HF adapter export(s) did not finish in time; abandoned (staging removed: %s), nothing partial was published",
+                    unfinished, ", ".join(str(p) for p in abandoned) or "none")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -7,7 +7,6 @@ shard holds, so each rank reads only those slices (safetensors slices are read l
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from . import distributed as coll
+from .adapter_files import check_finite, read_adapter
 from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .core.geometry import ModelGeometry
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
@@ -27,15 +27,8 @@ from .hf_config import read_hf_config
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    try:
-        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ExportError(f"{adapter_dir}: expected an HF PEFT adapter ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}), cannot read it: {exc}") from exc
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise ExportError(f"{adapter_dir / ADAPTER_CONFIG}: expected peft_type LORA, found {config.get('peft_type') if isinstance(config, dict) else type(config).__name__}")
-    return config, shapes
+    """Config and tensor shapes, checked (malformed or hostile files, lying headers, contradicting shapes: AdapterFileError)."""
+    return read_adapter(adapter_dir)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -69,11 +62,12 @@ def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[
         raise ShapeMismatchError(f"{adapter_dir} does not fit the model's adapter: " + "; ".join(problems[:8]))
 
 
-def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = "default", model_type: str | None = None, base_model_name_or_path: str | None = None, group: Any = None) -> None:
+def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = "default", model_type: str | None = None, base_model_name_or_path: str | None = None, group: Any = None, allow_nonfinite: bool = False) -> None:
     """Fill the LoRA parameters of a model that already has adapters (ModelOpt or Bridge) from an HF PEFT directory.
 
     Collective: every rank calls it with its model (any TP/PP/VPP/DP layout). A mismatch of targets,
-    ranks, scales or shapes raises the same error on every rank, before any parameter is written.
+    ranks, scales or shapes, a malformed file, or NaN/Inf values (unless `allow_nonfinite`) raises the
+    same error on every rank, before any parameter is written.
     """
     adapter_dir = Path(adapter_dir)
     layout = coll.RankLayout.from_megatron()
@@ -99,7 +93,9 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
     try:
         with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
             values = [_read_shard(f, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry)) for spec, tensor in local]
-    except ExportError as exc:
+        check_finite(((f"{spec.module} {spec.role}", value) for (spec, _), value in zip(local, values)), allow=allow_nonfinite,
+                     remedy="pass allow_nonfinite=True to load it anyway")
+    except Exception as exc:  # every rank must reach the agreement below
         error = exc
     coll.agree(error, group)
     with torch.no_grad():

@@ -177,6 +177,8 @@ def load_reference(path: str | Path) -> Reference:
     logits, ids = tensors.pop("logits"), tensors.pop("input_ids")
     if logits.dim() != 3 or ids.dim() != 2 or tuple(logits.shape[:2]) != tuple(ids.shape):
         raise VerificationInputError(f"{path}: expected logits [batch, seq, vocab] over input_ids [batch, seq], found {tuple(logits.shape)} and {tuple(ids.shape)}")
+    if not logits.is_floating_point() or not torch.isfinite(logits).all() or ids.is_floating_point() or (ids.numel() and ids.min().item() < 0):
+        raise VerificationInputError(f"{path}: expected finite reference logits and non-negative integer token ids; the reference is corrupt or the model diverged at save time")
     blocks = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _BLOCK.match(k))}
     return Reference(ids.long(), logits.float(), blocks, metadata)
 
@@ -215,10 +217,10 @@ def threshold_failures(metrics: dict[str, float], limits: Thresholds, k: int) ->
         (f"top-{k} agreement", metrics["topk_agreement"], limits.min_topk_agreement, "min_topk_agreement", False),
         ("KL(Megatron || HF)", metrics["kl_divergence"], limits.max_kl_divergence, "max_kl_divergence", True),
     ]
-    return [
+    return [  # written so that NaN fails every check
         f"{what} {value:.3g} {'>' if upper else '<'} {limit:.3g} (verify.{name})"
         for what, value, limit, name, upper in checks
-        if (value > limit if upper else value < limit)
+        if not (value <= limit if upper else value >= limit)
     ]
 
 
@@ -389,10 +391,14 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
 
     Raises VerificationInputError when the adapter, base model or reference cannot be read.
     """
+    from .adapter_files import read_adapter
+
     config = config or VerifyConfig()
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise VerificationInputError(f"{adapter_dir}: expected an HF PEFT adapter directory (adapter_config.json and {ADAPTER_WEIGHTS})")
+    try:  # malformed or hostile config, lying header, shapes against the config, NaN/Inf: bad input, before peft sees it
+        read_adapter(adapter_dir, values=True, remedy="an adapter with them cannot be verified")
+    except ExportError as exc:
+        raise VerificationInputError(str(exc)) from None
     reference_path = Path(reference_path) if reference_path else adapter_dir / REFERENCE_FILE
     reference = load_reference(reference_path)
     base_dir = resolve_base_model(base_model)

@@ -12,6 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import ExportError
+from ..redact import redact
 from . import check, export, formats, push, verify
 
 COMMANDS = [check, export, formats, push, verify]
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

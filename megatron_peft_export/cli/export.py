@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ..errors import ExportError
 from ..export import ExportOptions
 from ..offline.export import CheckpointFacts, backfill, export_checkpoint
 
@@ -36,6 +37,7 @@ def register(commands) -> None:
     parser.add_argument("--expert-layout", choices=["auto", "per_expert", "fused"], default="auto",
                         help="MoE experts: per-expert modules (transformers v4, vLLM) or fused target_parameters (transformers v5); auto: the installed transformers'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="write the adapter even if its tensors hold NaN or Inf (by default an error)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     facts = parser.add_argument_group("model facts (only needed when the checkpoint does not record them)")
     for f in fields(CheckpointFacts):
@@ -49,7 +51,8 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = ExportOptions(base_model_name_or_path=args.base_model, adapter_name=args.adapter_name, dtype=args.dtype, overwrite=args.overwrite,
-                            model_type=args.model_type, expert_layout=args.expert_layout)
+                            model_type=args.model_type, expert_layout=args.expert_layout, allow_nonfinite=args.allow_nonfinite)
+    plain_name(args.dir_name, "--dir-name")
     facts = CheckpointFacts(**{f.name: getattr(args, f.name) for f in fields(CheckpointFacts)})
     if args.all:
         summaries = backfill(args.checkpoint, subdir=args.dir_name, options=options, facts=facts, quiet=args.quiet)
@@ -57,3 +60,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(export_checkpoint(args.checkpoint, args.output, options=options, facts=facts, quiet=args.quiet).line())
     return 0
+
+
+def plain_name(name: str, flag: str) -> str:
+    """A directory name inside each iteration directory: no path separators, no `..` (nothing is written elsewhere)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ExportError(f"{flag}: expected a plain directory name (e.g. hf_adapter), found {name!r}")
+    return name

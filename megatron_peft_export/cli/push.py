@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..adapter_files import read_adapter
 from ..integrations.hub import STRATEGIES, PushConfig, field_docs, find_adapters, push_adapters
+from .export import plain_name
 
 _EXAMPLES = """examples:
   megatron-peft-export push runs/llama/iter_0000500/hf_adapter --repo-id my-org/llama-lora
@@ -32,6 +34,7 @@ def register(commands) -> None:
     parser.add_argument("--endpoint", help=docs["endpoint"])
     parser.add_argument("--retries", type=int, default=3, help=docs["retries"])
     parser.add_argument("--dir-name", default="hf_adapter", help="adapter directory name inside each iteration of a save directory (default: hf_adapter)")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="push adapters whose tensors hold NaN or Inf (by default refused)")
     parser.set_defaults(run=run)
 
 
@@ -40,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
         repo_id=args.repo_id, strategy=args.strategy, private=args.private, revision=args.revision,
         commit_message=args.commit_message, base_model=args.base_model, endpoint=args.endpoint, retries=args.retries,
     )
-    adapters = find_adapters(args.path, args.dir_name)
+    adapters = find_adapters(args.path, plain_name(args.dir_name, "--dir-name"))
     latest = adapters[-1]
     checkpoints = [a for a in adapters if a.iteration is not None] if config.strategy == "all_checkpoints" else []
+    for path in {a.path for a in (latest, *checkpoints)}:  # nothing malformed, contradictory or NaN reaches the Hub
+        for adapter in [path, *sorted(p.parent for p in path.glob("*/adapter_config.json"))]:  # and peft's multi-adapter subfolders
+            read_adapter(adapter, values=True, allow_nonfinite=args.allow_nonfinite, remedy="pass --allow-nonfinite to push it anyway")
     url = push_adapters(config, latest, checkpoints)
     where = f"{config.repo_id}@{config.revision or 'main'}"
     folders = f" and {len(checkpoints)} iteration folder(s)" if checkpoints else ""

@@ -124,14 +124,14 @@ def find_adapters(path: str | Path, subdir: str = "hf_adapter") -> list[Adapter]
 
 
 def _mask(text: str) -> str:
-    """`text` with the token huggingface_hub would send replaced by ***."""
-    try:
-        from huggingface_hub import get_token
+    """`text` with the token huggingface_hub would send (and every other known secret) replaced by ***."""
+    from ..redact import redact
 
-        token = get_token()
-    except Exception:
-        token = None
-    return text.replace(token, "***") if token else text
+    try:
+        import huggingface_hub  # noqa: F401  (so redact sees the stored login too)
+    except ImportError:
+        pass
+    return redact(text)
 
 
 def _one_line(text: str) -> str:

@@ -40,6 +40,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--hf-adapter-model-type", default=None, help="HF model_type for the names when the base model is not a local directory.")
     group.add_argument("--hf-adapter-on-error", default=_DEFAULTS.on_error, choices=["warn", "raise"], help="warn: keep training; raise: stop every rank.")
     group.add_argument("--hf-adapter-max-pending", type=int, default=_DEFAULTS.max_pending, help="Exports in flight at once before a save waits.")
+    group.add_argument("--hf-adapter-collective-timeout", type=float, default=_DEFAULTS.collective_timeout,
+                       help="Seconds an export waits for another rank before every surviving rank gives the export up.")
+    group.add_argument("--hf-adapter-allow-nonfinite", action="store_true", help="Export adapters holding NaN or Inf (by default such an export fails).")
     add_verify_args(group)
     push = field_docs(PushConfig)  # the token: HF_TOKEN or `hf auth login`, never a flag
     group.add_argument("--hf-adapter-push-repo-id", default=None, help="Push adapters to the Hugging Face Hub: " + push["repo_id"])
@@ -72,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> HookConfig:
         model_type=args.hf_adapter_model_type,
         on_error=args.hf_adapter_on_error,
         max_pending=args.hf_adapter_max_pending,
+        collective_timeout=getattr(args, "hf_adapter_collective_timeout", _DEFAULTS.collective_timeout),
+        allow_nonfinite=getattr(args, "hf_adapter_allow_nonfinite", False),
         verify=verify_config_from_args(args),
         push=PushConfig(
             repo_id=args.hf_adapter_push_repo_id, strategy=args.hf_adapter_push_strategy,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -70,6 +71,8 @@ def safe_torch_load(path: Path, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only weights_only loads are done") from exc
     except (OSError, RuntimeError, EOFError) as exc:
+        if mmap and "mmap can only be used" in str(exc):  # a file in torch's older (non-zip) format: read it whole
+            return safe_torch_load(path, mmap=False)
         raise CheckpointError(f"{path}: cannot be read ({exc}); is the file truncated or corrupt?") from exc
 
 
@@ -120,18 +123,84 @@ def modelopt_alpha(peft_configs: list[dict], adapter_name: str, module: str, ran
     return None
 
 
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint.filesystem")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a class or function outside the allowed ones."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's `.metadata` is a pickle; only its plain data classes may be built from it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import dataclasses
+        import enum
+
+        found = None
+        if module in _METADATA_MODULES:
+            found = getattr(importlib.import_module(module), name, None)
+            if not (isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))):
+                found = None
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+            found = getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            found = torch.serialization._get_layout
+        elif (module, name) == ("collections", "OrderedDict"):
+            import collections
+
+            found = collections.OrderedDict
+        if found is None:
+            raise _RefusedGlobal(f"{module}.{name} is not allowed in checkpoint metadata")
+        return found
+
+
+def _safe_reader(directory: Path):
+    """torch's FileSystemReader, with `.metadata` read by the restricted unpickler (torch itself uses plain pickle.load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeFileSystemReader(FileSystemReader):
+        _metadata_cache = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if self._metadata_cache is None:
+                with open(directory / ".metadata", "rb") as f:
+                    self._metadata_cache = _MetadataUnpickler(f).load()
+            metadata = self._metadata_cache
+            if getattr(metadata, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
+            return metadata
+
+    return SafeFileSystemReader(str(directory))
+
+
 class TorchDistReader:
-    """Reads single keys of a torch_dist checkpoint; bytes of other keys (base weights, optimizer) are never read."""
+    """Reads single keys of a torch_dist checkpoint; bytes of other keys (base weights, optimizer) are never read.
+
+    `.metadata` is unpickled with a restricted unpickler (torch's plain data classes only), and every data
+    file it names must be a plain file name inside the checkpoint directory.
+    """
 
     def __init__(self, directory: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.directory = directory
-        self._reader = FileSystemReader(str(directory))
+        self._reader = _safe_reader(directory)
         try:
             self._metadata = self._reader.read_metadata()
+            state = self._metadata.state_dict_metadata
+            storage = self._metadata.storage_data or {}
+        except _RefusedGlobal as exc:
+            raise CheckpointError(f"{directory / '.metadata'}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only torch's checkpoint metadata classes are loaded") from exc
         except Exception as exc:
             raise CheckpointError(f"{directory / '.metadata'}: cannot be read ({type(exc).__name__}: {exc}); is the checkpoint truncated?") from exc
+        if not isinstance(state, dict) or not isinstance(storage, dict):
+            raise CheckpointError(f"{directory / '.metadata'}: expected torch.distributed.checkpoint metadata, found {type(self._metadata).__name__}")
+        outside = sorted({str(getattr(info, "relative_path", "")) for info in storage.values()
+                          if not _plain_file_name(getattr(info, "relative_path", None))})
+        if outside:
+            raise CheckpointError(f"{directory / '.metadata'}: refused, it names data files outside the checkpoint directory ({', '.join(outside[:3])})")
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.size) for k, v in self._metadata.state_dict_metadata.items() if hasattr(v, "size")}
@@ -152,6 +221,10 @@ class TorchDistReader:
         except (Exception, CheckpointException) as exc:
             raise CheckpointError(f"{self.directory}: reading {key} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from exc
         return buffer[key]
+
+
+def _plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def read_json(path: Path) -> dict | None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..adapter_files import check_finite
 from ..atomic_dir import discard, publish, staging_dir
 from ..core.geometry import ModelGeometry
 from ..core.plan import allocate, apply_placements, plan_adapter
@@ -192,6 +193,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options
         read_bytes += data.numel() * data.element_size()
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))
+    check_finite(tensors, allow=options.allow_nonfinite)
     tmp = staging_dir(output_dir, options.overwrite)
     try:
         stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=f"checkpoint {directory}")

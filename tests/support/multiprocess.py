@@ -89,6 +89,26 @@ def run_ranks(fn, world_size, *args, timeout=120, **kwargs) -> list:
     TimeoutError (after killing every child) if ranks do not finish in
     ``timeout`` seconds.
     """
+    results, errors, missing = _run(fn, world_size, args, kwargs, timeout, deaths_ok=False)
+    if errors:
+        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{text}")
+    if missing:
+        raise TimeoutError(f"ranks {missing} did not finish within {timeout} s; all killed")
+    return [results[r] for r in range(world_size)]
+
+
+def run_ranks_allowing_deaths(fn, world_size, *args, timeout=120, **kwargs) -> list:
+    """As ``run_ranks``, for tests where ranks die on purpose (killed by a signal, or killing themselves).
+
+    A dying rank does not cut the others short. Returns, per rank, ``("ok", value)``, ``("error",
+    traceback)``, ``("died", exit code)`` (negative: the signal) or ``("timeout", None)``.
+    """
+    results, errors, missing = _run(fn, world_size, args, kwargs, timeout, deaths_ok=True)
+    return [("ok", results[r]) if r in results else ("timeout", None) if r in missing else errors[r] for r in range(world_size)]
+
+
+def _run(fn, world_size, args, kwargs, timeout, deaths_ok):
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
     readers, procs = {}, []
@@ -116,18 +136,15 @@ def run_ranks(fn, world_size, *args, timeout=120, **kwargs) -> list:
                     procs[rank].join()
                     status = "error"
                     value = f"rank {rank} died without reporting (exit code {procs[rank].exitcode})"
+                    if deaths_ok:
+                        status, value = "died", procs[rank].exitcode
                 if status == "ok":
                     results[rank] = value
+                elif deaths_ok:
+                    errors[rank] = (status, value)
                 else:
                     errors[rank] = value
                     deadline = min(deadline, time.monotonic() + _ERROR_GRACE_S)
     finally:
         _kill_all(procs)
-
-    if errors:
-        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-        raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{text}")
-    if readers:
-        missing = sorted(readers.values())
-        raise TimeoutError(f"ranks {missing} did not finish within {timeout} s; all killed")
-    return [results[r] for r in range(world_size)]
+    return results, errors, sorted(readers.values())

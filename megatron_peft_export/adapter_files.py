@@ -1,0 +1,247 @@
+"""Reading an HF PEFT adapter directory that may be malformed or hostile, for import, verify and push.
+
+Every problem is an AdapterFileError that names the file and what was expected: a config that is not a
+JSON object or whose LoRA fields have wrong types or values, regular expressions that could backtrack
+for ever, a safetensors header that lies (offsets outside the file, sizes that do not match shapes and
+dtypes, a truncated file), shapes that contradict the config, and NaN or Inf values.
+Nothing here imports transformers or peft; tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import AdapterFileError, NonFiniteError
+
+try:
+    from re import _constants as _sre_constants, _parser as _sre_parse  # Python >= 3.11
+except ImportError:  # pragma: no cover
+    import sre_constants as _sre_constants  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 1 << 20
+MAX_RANK = 1 << 20
+MAX_PATTERN_LENGTH = 256
+MAX_UNBOUNDED_REPEATS = 3
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_ROLE = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _repeats(data: Any, inside: bool, pattern: str) -> int:
+    """Unbounded repeats in a parsed pattern; raises on what can backtrack exponentially."""
+    count = 0
+    for op, av in data:
+        name = str(op)
+        if name in _REPEATS:
+            low, high, sub = av
+            unbounded = high == _sre_constants.MAXREPEAT or high > 100
+            if inside and high > 1:
+                raise ValueError("a repeat inside a repeat can backtrack exponentially")
+            count += unbounded + _repeats(sub, inside or unbounded, pattern)
+        elif name == "BRANCH":
+            if inside:
+                raise ValueError("an alternation inside a repeat can backtrack exponentially")
+            count += sum(_repeats(alt, inside, pattern) for alt in av[1])
+        elif name == "SUBPATTERN":
+            count += _repeats(av[-1], inside, pattern)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            count += _repeats(av[1], inside, pattern)
+        elif name in ("GROUPREF", "GROUPREF_EXISTS", "ATOMIC_GROUP"):
+            raise ValueError("back-references are not supported")
+    return count
+
+
+def check_pattern(pattern: Any, where: str) -> str:
+    """A module-name pattern peft matches as a regular expression, refused when it could run for ever.
+
+    Accepted: at most MAX_PATTERN_LENGTH characters and MAX_UNBOUNDED_REPEATS unbounded repeats, none nested
+    in another repeat, no alternation inside a repeat, no back-references (module paths and patterns such as
+    `.*\\.(q_proj|v_proj)` or `layers\\.\\d+\\.mlp` pass).
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise AdapterFileError(f"{where}: expected a module name or pattern (a non-empty string), found {pattern!r:.80}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise AdapterFileError(f"{where}: a pattern of {len(pattern)} characters; expected at most {MAX_PATTERN_LENGTH}")
+    try:
+        re.compile(pattern)
+        if _repeats(_sre_parse.parse(pattern).data, False, pattern) > MAX_UNBOUNDED_REPEATS:
+            raise ValueError(f"more than {MAX_UNBOUNDED_REPEATS} unbounded repeats")
+    except (re.error, ValueError, RecursionError, OverflowError) as exc:
+        raise AdapterFileError(f"{where}: pattern {pattern!r:.80} is refused ({exc}); use module names or simple patterns") from None
+    return pattern
+
+
+def _check_fields(config: dict[str, Any], where: str) -> None:
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type: expected \"LORA\", found {config.get('peft_type')!r:.40}")
+    r = config.get("r")
+    if not (_is_int(r) and 1 <= r <= MAX_RANK):
+        problems.append(f"r: expected an integer from 1 to {MAX_RANK}, found {r!r:.40}")
+    if not _is_real(config.get("lora_alpha")):
+        problems.append(f"lora_alpha: expected a finite number, found {config.get('lora_alpha')!r:.40}")
+    for name in ("use_dora", "use_rslora"):
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            problems.append(f"{name}: expected true or false, found {config[name]!r:.40}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        problems.append(f"base_model_name_or_path: expected a string, found {type(base).__name__}")
+    for name in ("target_modules", "target_parameters"):
+        value = config.get(name)
+        if value is not None and not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            problems.append(f"{name}: expected a list of module names or one pattern, found {value!r:.60}")
+    for name, valid, expected in (("rank_pattern", lambda v: _is_int(v) and 1 <= v <= MAX_RANK, "ranks"), ("alpha_pattern", _is_real, "finite numbers")):
+        value = config.get(name)
+        if value is not None and not (isinstance(value, dict) and all(valid(v) for v in value.values())):
+            problems.append(f"{name}: expected a mapping of module patterns to {expected}, found {value!r:.60}")
+    if problems:
+        raise AdapterFileError(f"{where}: {'; '.join(problems)}")
+    if isinstance(config.get("target_modules"), str):
+        check_pattern(config["target_modules"], f"{where}: target_modules")
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in config.get(name) or {}:
+            check_pattern(key, f"{where}: {name}")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """adapter_config.json, checked: a JSON object with peft_type LORA and well-typed LoRA fields."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterFileError(f"{path}: {path.stat().st_size} bytes; expected an adapter config of at most {MAX_CONFIG_BYTES} bytes")
+        config = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: missing; expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:200]
+        raise AdapterFileError(f"{path}: not a readable JSON adapter config ({detail})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    _check_fields(config, str(path))
+    return config
+
+
+def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape) of a safetensors file, from its header; safetensors checks that the header is
+    consistent with the file (offsets inside it, contiguous, sizes matching shapes and dtypes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_WEIGHTS})")
+    try:
+        with safe_open(str(path), "pt") as f:
+            found = {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
+        raise AdapterFileError(f"{path}: not a valid safetensors file ({' '.join(str(exc).split())[:200]}); is it truncated or corrupt?") from None
+    odd = sorted(f"{key} ({dtype})" for key, (dtype, _) in found.items() if dtype not in FLOAT_DTYPES)
+    if odd:
+        raise AdapterFileError(f"{path}: expected floating-point adapter tensors ({', '.join(FLOAT_DTYPES)}), found {', '.join(odd[:5])}")
+    return found
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """peft's rule: a pattern key matches a module name that ends with it (after a dot). Keys must be checked patterns."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
+    """LoRA shapes against the config: A [r, in], B [out, r] with the module's r, DoRA magnitudes [out] only with use_dora."""
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, (_, shape) in header.items():
+        match = _ROLE.match(key)
+        if match:
+            modules.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["role"]] = shape
+    fused = bool(config.get("target_parameters"))
+    problems = []
+    for module, roles in sorted(modules.items()):
+        a, b, magnitude = roles.get("lora_A.weight"), roles.get("lora_B.weight"), roles.get("lora_magnitude_vector")
+        r = pattern_value(config.get("rank_pattern"), module, config["r"])
+        ranks = []
+        if a is not None:
+            ranks.append(("lora_A", a[0] if len(a) == 2 else None, a))
+        if b is not None:
+            ranks.append(("lora_B", b[1] if len(b) == 2 else None, b))
+        for role, rank, shape in ranks:
+            if rank is None or not (rank == r or (fused and rank % r == 0)):
+                problems.append(f"{module}.{role} has shape {list(shape)}, expected rank {r} from the config ({'[r, in]' if role == 'lora_A' else '[out, r]'})")
+        if a is not None and b is not None and len(a) == len(b) == 2 and a[0] != b[1]:
+            problems.append(f"{module}: lora_A has rank {a[0]} but lora_B has rank {b[1]}")
+        if magnitude is not None:
+            if not config.get("use_dora"):
+                problems.append(f"{module}.lora_magnitude_vector is present but use_dora is false")
+            elif len(magnitude) != 1 or (b is not None and magnitude[0] != b[0]):
+                problems.append(f"{module}.lora_magnitude_vector has shape {list(magnitude)}, expected [{b[0] if b else 'out'}]")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise AdapterFileError(f"{where}: shapes contradict {ADAPTER_CONFIG}: {'; '.join(problems[:5])}{more}")
+
+
+def nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """`key (n NaN, m Inf)` for every tensor holding NaN or Inf."""
+    found = []
+    for key, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            found.append(f"{key} ({int(torch.isnan(tensor).sum())} NaN, {int(torch.isinf(tensor).sum())} Inf)")
+    return found
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *, allow: bool = False,
+                 remedy: str = "pass allow_nonfinite=True (--allow-nonfinite) to write it anyway") -> None:
+    """Raise NonFiniteError naming every tensor with NaN or Inf, unless `allow`."""
+    if allow:
+        return
+    found = nonfinite(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    if found:
+        listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise NonFiniteError(f"{len(found)} adapter tensor(s) hold NaN or Inf values: {listed}; such an adapter gives NaN logits "
+                             f"(did training diverge?). Check the training run, or {remedy}")
+
+
+def file_tensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """(key, tensor) of a safetensors file whose header was checked, one tensor in memory at a time."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{path}: reading a tensor failed ({' '.join(str(exc).split())[:200]})") from None
+
+
+def read_adapter(adapter_dir: str | Path, *, values: bool = False, allow_nonfinite: bool = False,
+                 remedy: str = "pass --allow-nonfinite to accept it") -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(config, key -> shape) of an adapter directory, every check above passed; `values` also reads every
+    tensor and refuses NaN or Inf unless `allow_nonfinite`."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterFileError(f"{adapter_dir}: expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}), found {'a file' if adapter_dir.exists() else 'nothing'}")
+    config = read_config(adapter_dir / ADAPTER_CONFIG)
+    header = read_header(adapter_dir / ADAPTER_WEIGHTS)
+    check_shapes(config, header, str(adapter_dir))
+    if values:
+        check_finite(file_tensors(adapter_dir / ADAPTER_WEIGHTS), allow=allow_nonfinite, remedy=remedy)
+    return config, {key: shape for key, (_, shape) in header.items()}
