@@ -3,6 +3,7 @@
 from .errors import DialectError, ExportError, NoAdaptersError, OutputError, ShapeMismatchError, UnsupportedModelError
 from .export import export_adapter
 from .importer import load_hf_adapter
+from .multi_adapter import export_adapters
 from .redact import install as _mask_secrets_in_logs
 
 _mask_secrets_in_logs()
@@ -17,5 +18,6 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedModelError",
     "export_adapter",
+    "export_adapters",
     "load_hf_adapter",
 ]

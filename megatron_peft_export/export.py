@@ -18,15 +18,18 @@ import torch
 from . import distributed as coll
 from .adapter_files import check_finite
 from .atomic_dir import discard, publish, staging_dir, write_staging
+from .compat import log_findings
 from .core.archs import ArchMap
 from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
 from .core.plan import AdapterPlan, allocate, apply_placements, plan_adapter
+from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
 from .dialects import LocalShard, collect
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
+from .quantization import describe as describe_quantization, summary as quantization_summary
 
 log = logging.getLogger("megatron_peft_export")
 WRITER = 0
@@ -46,6 +49,8 @@ class ExportOptions:
     `auto`: the layout of the installed transformers."""
     allow_nonfinite: bool = False
     """Write an adapter whose tensors hold NaN or Inf (by default that is an error: such an adapter gives NaN logits)."""
+    pad_rank_to: int | None = None
+    """Pad every module to this rank (zeros, lora_alpha scaled so alpha / r is unchanged); None: as trained."""
 
 
 @dataclass
@@ -59,6 +64,8 @@ class _Report:
     geometry: ModelGeometry | None = None
     megatron_vocab: int | None = None
     hf_config: dict[str, Any] | None = None
+    quantization: set[str] = field(default_factory=set)
+    """How this rank's base linears are quantized (QLoRA-style training), for the model card."""
 
 
 @dataclass
@@ -94,6 +101,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         chunks = model_chunks(model)
         config, report.megatron_vocab = megatron_config(chunks[0])
         report.geometry = ModelGeometry.from_megatron(config)
+        report.quantization = describe_quantization(chunks)
         found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source)
         report.dialects, report.adapter_names = found.dialects, found.adapter_names
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
@@ -156,13 +164,26 @@ def _fused_layout(option: str) -> bool:
     return int(transformers.__version__.split(".")[0]) >= 5
 
 
-def stage_adapter(tmp: Path, plan: AdapterPlan, tensors: dict[str, torch.Tensor], options: ExportOptions, names: Naming, *, dialect: str, source: str, extra_files: dict[str, bytes] | None = None) -> None:
-    """Write config, card and weights into the staging directory (MoE experts in the chosen layout)."""
+def stage_adapter(
+    tmp: Path, plan: AdapterPlan, tensors: dict[str, torch.Tensor], options: ExportOptions, names: Naming, *,
+    dialect: str, source: str, extra_files: dict[str, bytes] | None = None, quantization: str | None = None,
+) -> None:
+    """Write config, card and weights into the staging directory (MoE experts in the chosen layout, ranks padded when asked).
+
+    Logs what vLLM would refuse or mis-scale in the result (`compat`); `quantization` describes the base for the card.
+    """
+    if options.pad_rank_to is not None:
+        plan, tensors = pad_ranks(plan, tensors, options.pad_rank_to)
     fused: dict[str, list[str]] = {}
     if names.arch.fused_experts and names.geometry.num_experts and _fused_layout(options.expert_layout):
         tensors, fused = fuse_experts(plan, tensors, names.arch, names.geometry.num_experts)
+        log.warning(
+            "experts written in peft's fused target_parameters layout (transformers v5); servers that load per-expert LoRA keys "
+            "(vLLM before its target_parameters support, vllm-project/vllm#41384) need expert_layout='per_expert'"
+        )
     config = adapter_config(plan, options.base_model_name_or_path, fused_experts=fused or None)
-    card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors))
+    log_findings(config, {k: tuple(t.shape) for k, t in tensors.items()}, f"the adapter from {source}")
+    card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors), quantization=quantization)
     write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
 
 
@@ -221,7 +242,8 @@ def run_export(
     def convert_and_write() -> Path | None:
         try:
             check_finite(tensors, allow=options.allow_nonfinite)
-            stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=source, extra_files=extra_files)
+            stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=source, extra_files=extra_files,
+                          quantization=quantization_summary(r.quantization for r in reports))
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)
         except BaseException:
@@ -241,9 +263,10 @@ def export_adapter(
     overwrite: bool = False,
     model_type: str | None = None,
     group: Any = None,
-    expert_layout: str = "auto",
     allow_nonfinite: bool = False,
     collective_timeout: float | None = None,
+    expert_layout: str = "auto",
+    pad_rank_to: int | None = None,
 ) -> Path | None:
     """Write `model`'s adapter as an HF PEFT directory. Collective: call it on every rank.
 
@@ -254,9 +277,11 @@ def export_adapter(
     per expert (transformers v4, vLLM) or fused (v5); see ExportOptions. NaN or Inf in the adapter is an
     error (NonFiniteError) unless `allow_nonfinite`. `collective_timeout` (seconds) bounds every wait of the
     gloo group made when the default group is not gloo (a gloo default group keeps its own timeout).
+    `pad_rank_to` pads every module to that rank (same outputs, see core/rank_padding); several named
+    adapters at once: `export_adapters`.
     """
     options = ExportOptions(base_model_name_or_path=base_model_name_or_path, adapter_name=adapter_name, dtype=dtype, overwrite=overwrite, model_type=model_type,
-                            expert_layout=expert_layout, allow_nonfinite=allow_nonfinite)
+                            expert_layout=expert_layout, allow_nonfinite=allow_nonfinite, pad_rank_to=pad_rank_to)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group(collective_timeout)
     snapshot = take_snapshot(model, layout, options, copy=False)

@@ -181,6 +181,7 @@ def export_adapters(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     model_type: str | None = None,
+    pad_rank_to: int | None = None,
     group: Any = None,
     **options: Any,
 ) -> Path | None:
@@ -189,9 +190,10 @@ def export_adapters(
     `adapter_names`: "all" (every enabled adapter; disabled ones are skipped with a warning) or a list.
     The adapter named "default" (else the first listed) goes to the root of `output_dir`, each other one
     to `output_dir/<name>/`, all published at once. Rank 0 returns the directory, the others None.
-    Other keyword arguments are `export_adapter`'s.
+    The other arguments are `export_adapter`'s; further keyword arguments are ExportOptions fields.
     """
-    opts = ExportOptions(base_model_name_or_path=base_model_name_or_path, dtype=dtype, overwrite=overwrite, model_type=model_type, **options)
+    opts = ExportOptions(base_model_name_or_path=base_model_name_or_path, dtype=dtype, overwrite=overwrite, model_type=model_type,
+                         pad_rank_to=pad_rank_to, **options)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()
     snapshots = take_snapshots(model, layout, opts, adapter_names, copy=False)

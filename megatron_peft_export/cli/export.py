@@ -37,6 +37,7 @@ def register(commands) -> None:
     parser.add_argument("--expert-layout", choices=["auto", "per_expert", "fused"], default="auto",
                         help="MoE experts: per-expert modules (transformers v4, vLLM) or fused target_parameters (transformers v5); auto: the installed transformers'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--pad-rank-to", type=int, metavar="R", help="pad every module to rank R (same outputs, lora_alpha scaled): one rank for hot-swapping and servers")
     parser.add_argument("--allow-nonfinite", action="store_true", help="write the adapter even if its tensors hold NaN or Inf (by default an error)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     facts = parser.add_argument_group("model facts (only needed when the checkpoint does not record them)")
@@ -51,7 +52,8 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = ExportOptions(base_model_name_or_path=args.base_model, adapter_name=args.adapter_name, dtype=args.dtype, overwrite=args.overwrite,
-                            model_type=args.model_type, expert_layout=args.expert_layout, allow_nonfinite=args.allow_nonfinite)
+                            model_type=args.model_type, expert_layout=args.expert_layout, allow_nonfinite=args.allow_nonfinite,
+                            pad_rank_to=args.pad_rank_to)
     plain_name(args.dir_name, "--dir-name")
     facts = CheckpointFacts(**{f.name: getattr(args, f.name) for f in fields(CheckpointFacts)})
     if args.all:

@@ -204,7 +204,8 @@ def _read_verification(adapter: Path) -> dict[str, Any] | None:
 
 def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
     """Link the adapter's top-level files into `into` (no copies), with the model card (and config) filled in for the Hub."""
-    from ..core.peft_format import card_dialect, is_ours, model_card
+    from ..core.peft_format import card_dialect, card_quantization, is_ours, model_card
+    from ..multi_adapter import LAYOUT_HEADING
 
     source = adapter.path
     if not (source / "adapter_config.json").is_file():
@@ -212,6 +213,10 @@ def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
     for path in sorted(source.iterdir()):  # top-level files: not working folders (verification's reference logits)
         if path.is_file() and not path.name.startswith("."):
             (into / path.name).symlink_to(path.absolute())
+        elif path.is_dir() and not path.name.startswith(".") and (path / "adapter_config.json").is_file():  # peft's multi-adapter layout
+            (into / path.name).mkdir()
+            for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+                (into / path.name / file.name).symlink_to(file.absolute())
     config_json = json.loads((source / "adapter_config.json").read_text())
     if config.base_model:
         config_json["base_model_name_or_path"] = config.base_model
@@ -229,7 +234,10 @@ def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
         num_tensors=_tensor_count(weights) if weights.is_file() else 0,
         iteration=adapter.iteration,
         verification=_read_verification(source),
+        quantization=card_quantization(old_card) if old_card else None,
     )
+    if old_card and LAYOUT_HEADING in old_card:  # the multi-adapter table the export appended
+        text += old_card[old_card.index(LAYOUT_HEADING):]
     (into / "README.md").unlink(missing_ok=True)
     (into / "README.md").write_text(text)
 

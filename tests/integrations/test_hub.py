@@ -301,3 +301,21 @@ def test_megatron_lm_flags_build_the_push_config():
                               "--hf-adapter-push-private", "--hf-adapter-push-revision", "exp"])
     assert config_from_args(args).push == PushConfig(repo_id="me/x", strategy="all_checkpoints", private=True, revision="exp")
     assert config_from_args(parser.parse_args(["--export-hf-adapter"])).push is None
+
+
+def test_a_multi_adapter_directory_goes_up_whole_and_the_card_keeps_the_quantization_and_the_adapter_table(hub, tmp_path):
+    from megatron_peft_export.core.peft_format import model_card
+    from megatron_peft_export.multi_adapter import _layout_section
+
+    adapter = write_adapter(tmp_path / "iter_0000004" / "hf_adapter", 4)
+    write_adapter(adapter / "math", 4, seed=1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    card = model_card(config, dialect="modelopt", source="iteration 4", num_tensors=2, quantization="ModelOpt fake quantization: weights int8 per-channel")
+    (adapter / "README.md").write_text(card + _layout_section(["default", "math"]))
+    push_adapters(_config(hub), Adapter(adapter, 4))
+    files = hub.files("me/tiny-lora")
+    assert sorted(files) == sorted([*ADAPTER, *(f"math/{n}" for n in ADAPTER)])
+    assert files["math/adapter_model.safetensors"] == (adapter / "math" / "adapter_model.safetensors").read_bytes()
+    pushed = files["README.md"].decode()
+    assert "| base quantization | ModelOpt fake quantization: weights int8 per-channel |" in pushed
+    assert 'model.load_adapter("<this directory>/math", adapter_name="math")' in pushed
