@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .errors import ExportError
+from .multi_adapter import check_selection
 from .verify import VerifyConfig
 from .integrations.hub import PushConfig
 
@@ -31,10 +32,16 @@ class HookConfig:
     """HF base model (local directory or Hub id) written into the adapter config; a local directory also picks and checks the HF names."""
     adapter_name: str = "default"
     """Which named adapter to export (ModelOpt models can hold several)."""
+    adapter_names: list[str] | str | None = None
+    """Several named adapters in peft's multi-adapter layout: `all` (every enabled one) or a list; the one named `default` (else the first) at the root, each other under `<subdir>/<name>/`. None: only `adapter_name`."""
+    pad_rank_to: int | None = None
+    """Pad every adapted module to this rank (zero rows/columns, lora_alpha scaled so alpha / r is unchanged): one rank across modules and checkpoints, for hot-swapping and servers' rank sizes."""
     dtype: str | None = None
     """Output dtype (bfloat16, float16, float32); default: the adapter's own."""
     model_type: str | None = None
     """HF model_type for the name map when the base model is not a local directory."""
+    expert_layout: Literal["auto", "per_expert", "fused"] = "auto"
+    """MoE experts: per-expert modules (transformers v4, vLLM), fused target_parameters (v5), or the installed transformers' layout."""
     on_error: Literal["warn", "raise"] = "warn"
     """warn: log the failure and keep training; raise: stop every rank with the error at the next save or at finalize."""
     max_pending: int = 1
@@ -63,6 +70,9 @@ class HookConfig:
             raise ExportError(f"subdir: expected a plain directory name, found {self.subdir!r}")
         if not self.collective_timeout > 0 or (self.sigterm_grace is not None and not self.sigterm_grace >= 0):
             raise ExportError(f"collective_timeout must be > 0 and sigterm_grace >= 0 (or null), found {self.collective_timeout} and {self.sigterm_grace}")
+        check_selection(self.adapter_names)
+        if self.pad_rank_to is not None and (not isinstance(self.pad_rank_to, int) or self.pad_rank_to < 1):
+            raise ExportError(f"pad_rank_to: expected a rank >= 1, found {self.pad_rank_to!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | bool | None) -> "HookConfig":

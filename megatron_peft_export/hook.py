@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+
 from . import distributed as coll
 from .atomic_dir import abandon_all, clean_stale, discard, publish
 from .config import HookConfig
 from .errors import CollectiveError, ExportError
-from .export import WRITER, ExportOptions, run_export, take_snapshot
+from .export import WRITER, ExportOptions, run_export
+from .host_snapshot import HostSnapshots
 from .integrations.verify_hook import extensions as verification_steps
+from .multi_adapter import AdapterSnapshots, run_multi_export, take_snapshots
 
 log = logging.getLogger("megatron_peft_export")
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -86,9 +89,11 @@ class AdapterExportHook:
             self._after_publish += (self.pusher.after_publish,)
         self._options = ExportOptions(
             base_model_name_or_path=self.config.base_model_name_or_path, adapter_name=self.config.adapter_name,
-            dtype=self.config.dtype, overwrite=True, model_type=self.config.model_type,
+            dtype=self.config.dtype, overwrite=True, model_type=self.config.model_type, pad_rank_to=self.config.pad_rank_to, expert_layout=self.config.expert_layout,
             allow_nonfinite=self.config.allow_nonfinite,
         )
+        self._snapshots = HostSnapshots(self._options)
+        """Finds the adapter when the model changed and reuses host buffers: a save costs the training thread only copies."""
         self._saves = 0
         self._group: Any = None
         """Export traffic, on the background thread."""
@@ -134,9 +139,19 @@ class AdapterExportHook:
             self._pending.popleft().result()
         layout = coll.RankLayout.from_megatron()
         extra_files = self._capture(model, iteration) if self._capture is not None else None
-        snapshot = take_snapshot(model, layout, self._options, copy=True)
-        job = self._executor.submit(self._export, snapshot, layout, iteration, Path(checkpoint_dir), finalized, extra_files)
+        if self.config.adapter_names is None:
+            snapshot = self._snapshots.take(model, layout)
+        else:  # several named adapters, one directory tree
+            snapshot = take_snapshots(model, layout, self._options, self.config.adapter_names, copy=True)
+        job = self._executor.submit(self._export_snapshot, snapshot, layout, iteration, Path(checkpoint_dir), finalized, extra_files)
         self._pending.append(job)
+
+    def _export_snapshot(self, snapshot, *args) -> None:
+        """Background: export the snapshot, then hand its host buffers to a later save."""
+        try:
+            self._export(snapshot, *args)
+        finally:
+            self._snapshots.release(snapshot)
 
     def _export(self, snapshot, layout, iteration: int, checkpoint_dir: Path, finalized: bool, extra_files) -> None:
         output = checkpoint_dir / self.config.subdir
@@ -155,7 +170,8 @@ class AdapterExportHook:
             if layout.rank == WRITER and not self._swept:
                 self._swept = True
                 self._clean_leftovers(checkpoint_dir.parent)
-            path = run_export(snapshot, output, self._options, layout, self._group, finish=finish, source=f"iteration {iteration}", extra_files=extra_files)
+            export = run_multi_export if isinstance(snapshot, AdapterSnapshots) else run_export
+            path = export(snapshot, output, self._options, layout, self._group, finish=finish, source=f"iteration {iteration}", extra_files=extra_files)
             if finalized and path is not None:  # outside the collectives: the other ranks do not wait for these steps
                 self._run_after_publish(iteration, path)
         except Exception as exc:  # never raised into training: recorded (on_error=raise) or logged

@@ -36,8 +36,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--hf-adapter-dir-name", default=_DEFAULTS.subdir, help="Directory name inside each iter_* checkpoint directory.")
     group.add_argument("--hf-adapter-every-n-saves", type=int, default=_DEFAULTS.every_n_saves, help="Export every n-th persistent save.")
     group.add_argument("--hf-adapter-name", default=_DEFAULTS.adapter_name, help="Which named adapter to export.")
+    group.add_argument("--hf-adapter-names", default=None, help="Several named adapters in peft's multi-adapter layout: 'all' or a comma-separated list.")
+    group.add_argument("--hf-adapter-pad-rank-to", type=int, default=None, help="Pad every module to this rank (same outputs): one rank for hot-swapping and servers.")
     group.add_argument("--hf-adapter-dtype", default=None, choices=["bfloat16", "float16", "float32"], help="Output dtype (default: the adapter's).")
     group.add_argument("--hf-adapter-model-type", default=None, help="HF model_type for the names when the base model is not a local directory.")
+    group.add_argument("--hf-adapter-expert-layout", default="auto", choices=["auto", "per_expert", "fused"], help="MoE experts: per-expert modules or fused target_parameters.")
     group.add_argument("--hf-adapter-on-error", default=_DEFAULTS.on_error, choices=["warn", "raise"], help="warn: keep training; raise: stop every rank.")
     group.add_argument("--hf-adapter-max-pending", type=int, default=_DEFAULTS.max_pending, help="Exports in flight at once before a save waits.")
     group.add_argument("--hf-adapter-collective-timeout", type=float, default=_DEFAULTS.collective_timeout,
@@ -71,8 +74,11 @@ def config_from_args(args: argparse.Namespace) -> HookConfig:
         subdir=args.hf_adapter_dir_name,
         every_n_saves=args.hf_adapter_every_n_saves,
         adapter_name=args.hf_adapter_name,
+        adapter_names=_names(getattr(args, "hf_adapter_names", None)),
+        pad_rank_to=getattr(args, "hf_adapter_pad_rank_to", None),
         dtype=args.hf_adapter_dtype,
         model_type=args.hf_adapter_model_type,
+        expert_layout=args.hf_adapter_expert_layout,
         on_error=args.hf_adapter_on_error,
         max_pending=args.hf_adapter_max_pending,
         collective_timeout=getattr(args, "hf_adapter_collective_timeout", _DEFAULTS.collective_timeout),
@@ -83,6 +89,13 @@ def config_from_args(args: argparse.Namespace) -> HookConfig:
             private=args.hf_adapter_push_private, revision=args.hf_adapter_push_revision,
         ) if getattr(args, "hf_adapter_push_repo_id", None) else None,
     )
+
+
+def _names(value: str | None) -> str | list[str] | None:
+    """--hf-adapter-names: 'all' or a comma-separated list."""
+    if value is None or value == "all":
+        return value
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 def _chain_parse_args(parse_args: Callable) -> Callable:
