@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import re
-import textwrap
 from pathlib import Path
 
+from ..field_docs import field_docs
 from ..verify import PRECISIONS, RESULT_FILE, VerificationResult, VerifyConfig, verify_adapter
 
 EXAMPLES = """examples:
@@ -19,17 +17,6 @@ EXAMPLES = """examples:
 exit status: 0 verified, 1 verification failed, 2 bad input (no adapter, base model or reference)"""
 _FLOATS = ("max_abs_diff", "mean_abs_diff", "min_top1_agreement", "min_topk_agreement", "max_kl_divergence")
 _STRINGS = ("tokenizer", "wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a config dataclass (the CLI help)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        node.target.id: doc.value.value
-        for node, doc in zip(body, body[1:])
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
-    }
 
 
 def register(commands) -> None:

@@ -15,15 +15,12 @@ each request, and every message this module logs or raises has it masked.
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import logging
 import re
 import shutil
 import struct
 import tempfile
-import textwrap
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from ..field_docs import field_docs
 from ..errors import ExportError
 
 log = logging.getLogger("megatron_peft_export")
@@ -76,17 +74,6 @@ class PushConfig:
             raise ExportError(f"push.strategy: expected one of {', '.join(STRATEGIES)}, found {self.strategy!r}")
         if self.retries < 0 or self.retry_wait < 0:
             raise ExportError(f"push.retries and push.retry_wait must be >= 0, found {self.retries} and {self.retry_wait}")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a config dataclass (used as CLI help)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        node.target.id: doc.value.value
-        for node, doc in zip(body, body[1:])
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
-    }
 
 
 @dataclass(frozen=True)
