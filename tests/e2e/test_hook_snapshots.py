@@ -1,0 +1,85 @@
+"""The hook's snapshots (host_snapshot.py): the model is walked in full only when it changed, host buffers are reused
+from save to save, and an adapter re-scaled, replaced or joined by another after the first save is exported as it
+is at each save (every adapter equal to a synchronous export of the same weights)."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.multiprocess import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _save(save, iteration):
+    import torch.distributed as dist
+
+    from megatron_peft_export.hook import TRACKER, iteration_dir
+
+    directory = iteration_dir(save, iteration)
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        (Path(save) / TRACKER).write_text(str(iteration))
+    dist.barrier()
+    return directory
+
+
+def _run(rank, world, save):
+    import torch
+    from megatron.core.tensor_parallel.layers import copy_tensor_model_parallel_attributes
+
+    from megatron_peft_export import export_adapter
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
+
+    init_parallel(world)
+    model = apply_modelopt_lora(build_gpt(TinyGPTConfig()))
+    fill_lora_random(model, seed=5)
+    hook = AdapterExportHook(HookConfig())  # max_pending=1: each save waits for the previous export
+    snapshots = hook._snapshots
+    take, walks, buffers = snapshots.take, [], []
+
+    def recording_take(*args):
+        snapshot = take(*args)
+        walks.append(snapshots.walks)
+        buffers.append([s.tensor.data_ptr() for s in snapshot.shards])
+        return snapshot
+
+    snapshots.take = recording_take
+    qkv = model.decoder.layers[0].self_attention.linear_qkv
+    for iteration in range(1, 9):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora" in name:
+                    p.add_(0.01 * iteration)
+        if iteration == 4:  # re-scaled
+            qkv._lora_adapters["default"]["scale"] = 3.0
+        if iteration == 6:  # replaced by a new parameter
+            lora_b = qkv._lora_adapters["default"]["lora_b"]
+            new = torch.nn.Parameter(lora_b.weight.detach().clone() + 0.5)
+            copy_tensor_model_parallel_attributes(new, lora_b.weight)
+            lora_b.weight = new
+        if iteration == 7:  # another named adapter joins (new modules); "default" is still the one exported
+            apply_modelopt_lora(model, adapter_name="other", rank=4)
+        directory = _save(save, iteration)
+        export_adapter(model, Path(save) / f"reference_{iteration}")
+        hook.on_checkpoint_saved(iteration, directory, model)
+    hook.finalize()
+    return {"published": [Path(p).parent.name for p in hook.published], "walks": walks, "buffers": buffers}
+
+
+def test_walks_only_when_the_model_changed_reuses_buffers_and_exports_every_change(tmp_path):
+    from safetensors.torch import load_file
+
+    results = run_ranks(_run, 2, str(tmp_path))
+    assert results[0]["published"] == [f"iter_{i:07d}" for i in range(1, 9)]
+    for result in results:
+        assert result["walks"] == [1, 1, 1, 2, 2, 3, 4, 4], "full walks at saves 1, 4 (re-scaled), 6 (replaced) and 7 (new modules)"
+        ptrs = result["buffers"]
+        assert ptrs[0] == ptrs[1] == ptrs[2] and ptrs[4] == ptrs[3], "saves reuse the buffers of the previous export"
+    for iteration in range(1, 9):
+        ours, reference = (tmp_path / f"iter_{iteration:07d}" / "hf_adapter"), tmp_path / f"reference_{iteration}"
+        a, b = load_file(ours / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), iteration
+        assert (ours / "adapter_config.json").read_text() == (reference / "adapter_config.json").read_text(), iteration
