@@ -7,12 +7,13 @@ import importlib
 import io
 import json
 import logging
+import math
 import pickle
 import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -177,6 +178,10 @@ def _safe_reader(directory: Path):
     return SafeFileSystemReader(str(directory))
 
 
+READ_BATCH_BYTES = 256 * 2**20
+"""Adapter bytes the offline exporter reads per torch.distributed.checkpoint.load call."""
+
+
 class TorchDistReader:
     """Reads single keys of a torch_dist checkpoint; bytes of other keys (base weights, optimizer) are never read.
 
@@ -209,18 +214,44 @@ class TorchDistReader:
         return str(self._metadata.state_dict_metadata[key].properties.dtype).removeprefix("torch.")
 
     def load(self, key: str) -> torch.Tensor:
+        return next(self.load_many([key]))[1]
+
+    def load_many(self, keys: list[str], budget: int = READ_BATCH_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for each key in order, read by one torch.distributed.checkpoint.load per batch of up to `budget` bytes.
+
+        Each load call plans its read anew (and torch reads `.metadata` again unless cached); one call per key made a
+        128-tensor adapter take seconds (bench/). The budget bounds what is read ahead; a larger tensor is read alone.
+        """
+        batch: list[str] = []
+        size = 0
+        for key in keys:
+            meta = self._metadata.state_dict_metadata[key]
+            nbytes = math.prod(meta.size) * meta.properties.dtype.itemsize
+            if batch and size + nbytes > budget:
+                yield from self._load_batch(batch)
+                batch, size = [], 0
+            batch.append(key)
+            size += nbytes
+        if batch:
+            yield from self._load_batch(batch)
+
+    def _load_batch(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-        meta = self._metadata.state_dict_metadata[key]
-        buffer = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
+        buffers = {}
+        for key in keys:
+            meta = self._metadata.state_dict_metadata[key]
+            buffers[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assumes a single process": it is one, by design
-                load(buffer, storage_reader=self._reader, no_dist=True)
+                load(buffers, storage_reader=self._reader, no_dist=True)
         except (Exception, CheckpointException) as exc:
-            raise CheckpointError(f"{self.directory}: reading {key} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from exc
-        return buffer[key]
+            what = keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more tensors)"
+            raise CheckpointError(f"{self.directory}: reading {what} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from exc
+        for key in keys:
+            yield key, buffers.pop(key)
 
 
 def _plain_file_name(name: Any) -> bool:

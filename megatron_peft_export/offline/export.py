@@ -188,8 +188,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options
         by_key[shard.key].append(n)
     tensors = allocate(plan, parse_dtype(options.dtype))
     read_bytes = 0
-    for key in tqdm(by_key, desc=f"reading adapter tensors of {directory.name}", unit="tensor", disable=quiet):
-        data = reader.load(key)
+    for key, data in tqdm(reader.load_many(list(by_key)), total=len(by_key), desc=f"reading adapter tensors of {directory.name}", unit="tensor", disable=quiet):
         read_bytes += data.numel() * data.element_size()
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -67,6 +67,9 @@ class LegacyReader:
     def load(self, key: str) -> torch.Tensor:
         tp, pp, name = key.split(":", 2)
         return self.model_state(int(tp), int(pp))[name]
+
+    def load_many(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((key, self.load(key)) for key in keys)
 
     def adapter_keys(self, num_layers: int) -> list[tuple[AdapterKey, tuple[int, int], tuple[int, ...], str]]:
         """(AdapterKey with GLOBAL layer numbers, (tp, pp), local shape, dtype) for every adapter tensor of every rank file."""
