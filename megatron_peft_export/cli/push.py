@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..adapter_files import read_adapter
-from ..integrations.hub import STRATEGIES, PushConfig, field_docs, find_adapters, push_adapters
+from ..field_docs import field_docs
+from ..integrations.hub import STRATEGIES, PushConfig, find_adapters, push_adapters
 from .export import plain_name
 
 _EXAMPLES = """examples:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from ..field_docs import field_docs
 from ..errors import ExportError
 
 log = logging.getLogger("megatron_peft_export")

@@ -20,9 +20,10 @@ import inspect
 from typing import Any, Callable
 
 from ..config import HookConfig
+from ..field_docs import field_docs
 from ..hook import AdapterExportHook, iteration_dir
+from .hub import STRATEGIES, PushConfig
 from .verify_hook import add_verify_args, verify_config_from_args
-from .hub import STRATEGIES, PushConfig, field_docs
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 _DEFAULTS = HookConfig()

@@ -17,7 +17,7 @@ from ..adapter_files import check_finite
 from ..atomic_dir import discard, publish, staging_dir
 from ..core.geometry import ModelGeometry
 from ..core.plan import allocate, apply_placements, plan_adapter
-from ..errors import DialectError, ExportError, NoAdaptersError
+from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
 from ..hf_config import parse_dtype, read_hf_config
 from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings

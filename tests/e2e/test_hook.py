@@ -1,57 +1,15 @@
 """The training hook on real megatron-core models in real gloo processes: consistency, no stall, async publishing, errors."""
 
-import logging
 import threading
 from pathlib import Path
 
 import pytest
 
+from tests.support.hook_loop import LogRecords, checkpoint_dir, lora_model, optimizer_step
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-
-
-def _lora_model(tp):
-    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
-
-    init_parallel(tp)
-    model = apply_modelopt_lora(build_gpt(TinyGPTConfig()))
-    fill_lora_random(model, seed=5)
-    return model
-
-
-def _step(model, iteration):
-    """Stand-in for an optimizer step: every LoRA weight moves, differently at each iteration."""
-    import torch
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora" in name:
-                p.add_(0.01 * iteration)
-
-
-def _save(save, iteration, tracker=True):
-    import torch.distributed as dist
-
-    from megatron_peft_export.hook import TRACKER, iteration_dir
-
-    directory = iteration_dir(save, iteration)
-    if dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        if tracker:
-            (Path(save) / TRACKER).write_text(str(iteration))
-    dist.barrier()
-    return directory
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def _consistent_run(rank, world, save):
@@ -59,11 +17,11 @@ def _consistent_run(rank, world, save):
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
 
-    model = _lora_model(world)
+    model = lora_model(world)
     hook = AdapterExportHook(HookConfig(max_pending=2))
     for iteration in (1, 2, 3):
-        _step(model, iteration)
-        directory = _save(save, iteration)
+        optimizer_step(model, iteration)
+        directory = checkpoint_dir(save, iteration)
         export_adapter(model, Path(save) / f"reference_{iteration}")  # synchronous, same weights
         hook.on_checkpoint_saved(iteration, directory, model)
     hook.finalize()
@@ -103,17 +61,17 @@ def _slow_export_run(rank, world, save):
         return result
 
     hook_module.run_export = slow_run_export
-    model = _lora_model(world)
+    model = lora_model(world)
     hook = hook_module.AdapterExportHook(HookConfig(max_pending=1))
-    _step(model, 1)
+    optimizer_step(model, 1)
     export_adapter(model, Path(save) / "reference_1")
-    hook.on_checkpoint_saved(1, _save(save, 1), model)
+    hook.on_checkpoint_saved(1, checkpoint_dir(save, 1), model)
     events.append("save 1 returned")
     for iteration in (2, 3):  # training goes on while export 1 waits
-        _step(model, iteration)
+        optimizer_step(model, iteration)
         events.append(f"iteration {iteration}")
     release.set()
-    hook.on_checkpoint_saved(3, _save(save, 3), model)  # max_pending=1: waits for export 1 first
+    hook.on_checkpoint_saved(3, checkpoint_dir(save, 3), model)  # max_pending=1: waits for export 1 first
     events.append("save 3 returned")
     hook.finalize()
     events.append("finalized")
@@ -141,10 +99,10 @@ def _async_run(rank, world, save):
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import TRACKER, AdapterExportHook
 
-    model = _lora_model(world)
+    model = lora_model(world)
     hook = AdapterExportHook(HookConfig(publish_timeout=1.0))
     seen = {}
-    hook.on_checkpoint_saved(1, _save(save, 1, tracker=False), model, finalized=False)
+    hook.on_checkpoint_saved(1, checkpoint_dir(save, 1, tracker=False), model, finalized=False)
     hook._pending[0].result()  # the export itself is done; publishing waits for the tracker
     seen["before tracker"] = (Path(save) / "iter_0000001" / "hf_adapter").exists()
     dist.barrier()
@@ -155,7 +113,7 @@ def _async_run(rank, world, save):
             time.sleep(0.05)
     seen["after tracker"] = (Path(save) / "iter_0000001" / "hf_adapter").exists()
     dist.barrier()
-    hook.on_checkpoint_saved(2, _save(save, 2, tracker=False), model, finalized=False)  # never finalized
+    hook.on_checkpoint_saved(2, checkpoint_dir(save, 2, tracker=False), model, finalized=False)  # never finalized
     hook.finalize()
     seen["never finalized"] = (Path(save) / "iter_0000002" / "hf_adapter").exists()
     return seen
@@ -173,9 +131,8 @@ def _failing_run(rank, world, save, on_error):
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
 
-    records = _Records()
-    logging.getLogger("megatron_peft_export").addHandler(records)
-    model = _lora_model(world)
+    records = LogRecords()
+    model = lora_model(world)
     hook = AdapterExportHook(HookConfig(on_error=on_error))
     blocked = Path(save) / "blocked"
     if rank == 0:
@@ -184,7 +141,7 @@ def _failing_run(rank, world, save, on_error):
     try:
         for iteration in (1, 2):
             hook.on_checkpoint_saved(iteration, blocked, model)
-            _step(model, iteration)
+            optimizer_step(model, iteration)
             outcome.append(f"trained {iteration}")
         hook.finalize()
         outcome.append("finalized")
@@ -211,10 +168,10 @@ def _skips_run(rank, world, save):
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
 
-    model = _lora_model(world)
+    model = lora_model(world)
     hook = AdapterExportHook(HookConfig(every_n_saves=2, subdir="peft"))
     for iteration in (1, 2, 3, 4):
-        hook.on_checkpoint_saved(iteration, _save(save, iteration), model, non_persistent=iteration == 2)
+        hook.on_checkpoint_saved(iteration, checkpoint_dir(save, iteration), model, non_persistent=iteration == 2)
     hook.finalize()
     return [Path(p).parent.name for p in hook.published]
 

@@ -6,22 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hook_loop import checkpoint_dir
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _save(save, iteration):
-    import torch.distributed as dist
-
-    from megatron_peft_export.hook import TRACKER, iteration_dir
-
-    directory = iteration_dir(save, iteration)
-    if dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (Path(save) / TRACKER).write_text(str(iteration))
-    dist.barrier()
-    return directory
 
 
 def _run(rank, world, save):
@@ -62,7 +50,7 @@ def _run(rank, world, save):
             lora_b.weight = new
         if iteration == 7:  # another named adapter joins (new modules); "default" is still the one exported
             apply_modelopt_lora(model, adapter_name="other", rank=4)
-        directory = _save(save, iteration)
+        directory = checkpoint_dir(save, iteration)
         export_adapter(model, Path(save) / f"reference_{iteration}")
         hook.on_checkpoint_saved(iteration, directory, model)
     hook.finalize()

@@ -13,6 +13,7 @@ import pytest
 
 from megatron_peft_export.cli import main
 from tests.support.fake_hub import FakeHub, closed_port, resume_from
+from tests.support.hook_loop import LogRecords, checkpoint_dir, lora_model, optimizer_step
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -38,72 +39,19 @@ def hub(token, monkeypatch):
         yield server
 
 
-def _lora_model(tp):
-    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
-
-    init_parallel(tp)
-    model = apply_modelopt_lora(build_gpt(TinyGPTConfig()))
-    fill_lora_random(model, seed=5)
-    return model
-
-
-def _step(model, iteration):
-    import torch
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora" in name:
-                p.add_(0.01 * iteration)
-
-
-def _save(save, iteration):
-    import torch.distributed as dist
-
-    from megatron_peft_export.hook import TRACKER, iteration_dir
-
-    directory = iteration_dir(save, iteration)
-    if dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (Path(save) / TRACKER).write_text(str(iteration))
-    dist.barrier()
-    return directory
-
-
-class _Records(logging.Handler):
-    """Every record of every logger (huggingface_hub's and httpx's debug lines too), formatted with tracebacks."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
-
-    def __enter__(self):
-        root = logging.getLogger()
-        self._level, root.level = root.level, logging.DEBUG
-        root.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeHandler(self)
-        logging.getLogger().level = self._level
-
-
 def _train_and_push(rank, world, save, push, saves, resume_endpoint=None):
     """A training loop with the hook; with the fake Hub paused, so no push can finish before training does."""
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
     from megatron_peft_export.integrations.hub import PushConfig
 
-    with _Records() as records:
-        model = _lora_model(world)
+    with LogRecords(logging.DEBUG, logger="") as records:
+        model = lora_model(world)
         hook = AdapterExportHook(HookConfig(push=PushConfig(**push)))
         outcome = []
         for iteration in range(1, saves + 1):
-            _step(model, iteration)
-            hook.on_checkpoint_saved(iteration, _save(save, iteration), model)
+            optimizer_step(model, iteration)
+            hook.on_checkpoint_saved(iteration, checkpoint_dir(save, iteration), model)
             outcome.append(f"trained {iteration}")
         if resume_endpoint and rank == 0:
             resume_from(resume_endpoint)
@@ -192,7 +140,7 @@ def test_the_token_is_in_no_written_file_and_no_log(hub, token, tmp_path, capfd)
     hub.fail(401)  # the error paths too: the hook's log and the CLI's message
     for result in run_ranks(_train_and_push, 2, str(tmp_path / "failing"), push, 1):
         logs += result[2]
-    with _Records() as records:
+    with LogRecords(logging.DEBUG, logger="") as records:
         assert main(["push", str(save), "--repo-id", "me/run", "--endpoint", hub.endpoint]) == 2
         hub.heal()
         assert main(["push", str(save), "--repo-id", "me/cli", "--endpoint", hub.endpoint, "--strategy", "all_checkpoints"]) == 0

@@ -5,18 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hook_loop import LogRecords
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def _only(model, name):
@@ -64,8 +56,7 @@ def _two_adapters(rank, world, tmp):
     from megatron_peft_export.hook import AdapterExportHook
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, hf_llama_twin, init_parallel, megatron_logits, sample_tokens
 
-    records = _Records()
-    logging.getLogger("megatron_peft_export").addHandler(records)
+    records = LogRecords(logging.INFO)
     cfg = TinyGPTConfig()
     init_parallel(world)
     model = apply_modelopt_lora(build_gpt(cfg))  # "default": rank 8, scale 2, every linear

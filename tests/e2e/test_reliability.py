@@ -9,7 +9,6 @@ on under on_error=warn; no rank waits for ever (every wait is bounded by the col
 import ctypes
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import pickle
@@ -22,20 +21,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_offline_export import ITERATION, _train_save_and_export_live
+from tests.support.hook_loop import LogRecords, checkpoint_dir
 from tests.support.multiprocess import run_ranks, run_ranks_allowing_deaths
 
 pytestmark = pytest.mark.timeout(300)
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors"}
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-        logging.getLogger("megatron_peft_export").addHandler(self)
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def _model(tp):
@@ -315,7 +305,7 @@ def _train_on(rank, world, save, inject_enospc):
 
     from megatron_peft_export import atomic_dir
 
-    records = _Records()
+    records = LogRecords()
     model = _model(world)
     if inject_enospc and rank == 0:
         from safetensors import SafetensorError
@@ -422,11 +412,10 @@ def _peer_dies(rank, world, save, victim, how, on_error, timeout):
     import megatron_peft_export.distributed as coll_module
     import megatron_peft_export.export as export_module
     from megatron_peft_export import ExportError
-    from tests.e2e.test_hook import _save
 
-    records = _Records()
+    records = LogRecords()
     model = _model(2) if world == 2 else _model_tp2_pp2()
-    directory = _save(save, 1)
+    directory = checkpoint_dir(save, 1)
     hook = _hook(collective_timeout=timeout, on_error=on_error)
     if rank == victim:
         module, name = (export_module, "apply_placements") if victim == 0 else (coll_module, "host_copy")
@@ -495,7 +484,6 @@ def _sigterm_during_export(rank, world, save, scenario):
     import torch.distributed as dist
 
     import megatron_peft_export.export as export_module
-    from tests.e2e.test_hook import _save
 
     model = _model(world)
     entered, release = threading.Event(), threading.Event()
@@ -516,7 +504,7 @@ def _sigterm_during_export(rank, world, save, scenario):
         seen = []
         signal.signal(signal.SIGTERM, lambda *_: seen.append("SIGTERM"))
     hook = _hook(sigterm_grace=30.0 if scenario == "finishes" else 1.0)
-    hook.on_checkpoint_saved(1, _save(save, 1), model)
+    hook.on_checkpoint_saved(1, checkpoint_dir(save, 1), model)
     if rank == 0:
         assert entered.wait(60)
         if scenario in ("finishes", "own handler"):

@@ -11,7 +11,7 @@ import pytest
 
 import wandb  # noqa: F401  (imported in the parent so forked ranks start fast)
 from megatron_peft_export.cli import main
-from tests.e2e.test_hub_push import _Records, _lora_model, _save, _step
+from tests.support.hook_loop import LogRecords, checkpoint_dir, lora_model, optimizer_step
 from tests.e2e.test_verify import _cli, _save_base
 from tests.support.fake_hub import FakeHub
 from tests.support.multiprocess import run_ranks
@@ -26,15 +26,15 @@ def _train_verify_push(rank, world, tmp, endpoint):
     from megatron_peft_export.integrations.hub import PushConfig
     from megatron_peft_export.verify import VerifyConfig
 
-    with _Records() as records:
+    with LogRecords(logging.DEBUG, logger="") as records:
         base = _save_base(tmp)
-        model = _lora_model(world)
+        model = lora_model(world)
         verify = VerifyConfig(wandb_project="proj", wandb_exp_name="sft", wandb_save_dir=str(Path(tmp) / "wandb"), wandb_artifact=True)
         push = PushConfig(repo_id="me/run", strategy="all_checkpoints", endpoint=endpoint, retry_wait=0.0)
         hook = AdapterExportHook(HookConfig(base_model_name_or_path=base, verify=verify, push=push))
         for iteration in (1,):
-            _step(model, iteration)
-            hook.on_checkpoint_saved(iteration, _save(Path(tmp) / "save", iteration), model)
+            optimizer_step(model, iteration)
+            hook.on_checkpoint_saved(iteration, checkpoint_dir(Path(tmp) / "save", iteration), model)
         hook.finalize()
         outcome = ([r.status for r in hook.verification.results], list(hook.pusher.pushed))
     return outcome, records.lines
@@ -56,7 +56,7 @@ def test_no_secret_reaches_any_written_file_log_or_output(tmp_path, monkeypatch,
         ((statuses, pushed), logs), = run_ranks(_train_verify_push, 1, str(tmp_path), hub.endpoint)
         verified = run_ranks(_cli, 1, ["verify", str(adapter), "--base-model", str(tmp_path / "base"), "--output", str(tmp_path / "cli.json"),
                                        "--wandb-project", "proj", "--wandb-exp-name", "cli", "--wandb-save-dir", str(tmp_path / "wandb-cli")])[0]
-        with _Records() as records:
+        with LogRecords(logging.DEBUG, logger="") as records:
             assert main(["push", str(save), "--repo-id", "me/cli", "--endpoint", hub.endpoint, "--strategy", "all_checkpoints"]) == 0
             hub.fail(401)  # the error paths too
             assert main(["push", str(adapter), "--repo-id", "me/cli", "--endpoint", hub.endpoint]) == 2

@@ -28,7 +28,7 @@ def _save_base(tmp):
 def _hook_run(rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, iterations=(1,), verify=None, base=True):
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.verify import VerifyConfig
-    from tests.e2e.test_hook import _save, _step
+    from tests.support.hook_loop import checkpoint_dir, optimizer_step
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
     from megatron_peft_export.hook import AdapterExportHook
 
@@ -41,8 +41,8 @@ def _hook_run(rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, iterations=(1
     hook = AdapterExportHook(HookConfig(base_model_name_or_path=base_dir, verify=VerifyConfig(**(verify or {}))))
     for iteration in iterations:
         for chunk in chunks:
-            _step(chunk, iteration)
-        hook.on_checkpoint_saved(iteration, _save(Path(tmp) / "save", iteration), model)
+            optimizer_step(chunk, iteration)
+        hook.on_checkpoint_saved(iteration, checkpoint_dir(Path(tmp) / "save", iteration), model)
     hook.finalize()
     modes_restored = [c.training for c in chunks] == training_modes
     return {"results": [r.to_json() for r in hook.verification.results], "modes_restored": modes_restored}

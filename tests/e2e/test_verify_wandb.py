@@ -60,7 +60,6 @@ def test_hook_logs_metrics_table_histogram_and_artifact_per_checkpoint(tmp_path)
 
 def _reuse_run(rank, world, tmp):
     """A run someone else started in the writer process is reused, not duplicated."""
-    import wandb
 
     run = wandb.init(project="training", name="main-run", dir=str(Path(tmp) / "wandb"))
     run.log({"loss": 1.0})
@@ -78,18 +77,15 @@ def test_an_active_run_is_reused(tmp_path):
 
 
 def _failing_wandb_run(rank, world, tmp):
-    import logging
 
-    import wandb
 
-    from tests.e2e.test_hook import _Records
+    from tests.support.hook_loop import LogRecords
 
     def broken_init(*args, **kwargs):
         raise RuntimeError("W&B is down")
 
     wandb.init = broken_init
-    records = _Records()
-    logging.getLogger("megatron_peft_export").addHandler(records)
+    records = LogRecords()
     result = _hook_run(rank, world, tmp, tp=2, iterations=(1, 2), verify={"wandb_project": "proj"})
     return result, records.messages
 
