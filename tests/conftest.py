@@ -1,16 +1,42 @@
 """Import the heavy libraries once in the pytest parent so forked ranks start in a fraction of a second.
 
 No torch compute happens here: forking after torch's thread pools started can hang the children.
+Also the fake-Hub fixtures shared by the push tests.
 """
 
+import secrets
+
+import huggingface_hub.constants
 import megatron.core  # noqa: F401
 import megatron.core.models.gpt  # noqa: F401
 import megatron.core.pipeline_parallel  # noqa: F401
 import modelopt.torch.peft  # noqa: F401
 import peft  # noqa: F401
+import pytest
 import transformers  # noqa: F401
 from transformers import LlamaForCausalLM  # noqa: F401
 
 import megatron_peft_export  # noqa: F401
 import tests.support.tiny_gpt  # noqa: F401
 import tests.support.tiny_moe  # noqa: F401
+from tests.support.fake_hub import FakeHub
+
+
+@pytest.fixture
+def token(monkeypatch, tmp_path):
+    """A fresh HF_TOKEN (inherited by forked ranks), with no stored login and the Hub not offline."""
+    value = "hf_" + secrets.token_hex(16)
+    monkeypatch.setenv("HF_TOKEN", value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-login"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return value
+
+
+@pytest.fixture
+def hub(token, monkeypatch):
+    """A fake Hub on 127.0.0.1 accepting `token`."""
+    with FakeHub(token) as server:
+        # huggingface_hub's own requests to its default endpoint (it fetches a registry of AI agents for the
+        # user-agent header) go to the fake too, so no request leaves 127.0.0.1
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+        yield server

@@ -3,7 +3,6 @@ Hub (tests/support/fake_hub.py) running in the pytest process: background pushes
 errors that leave training running, and no token in any file or log."""
 
 import logging
-import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -12,31 +11,13 @@ import huggingface_hub.constants
 import pytest
 
 from megatron_peft_export.cli import main
-from tests.support.fake_hub import FakeHub, closed_port, resume_from
+from tests.support.fake_hub import closed_port, resume_from
 from tests.support.hook_loop import LogRecords, checkpoint_dir, lora_model, optimizer_step
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 STANDIN = Path(__file__).parents[1] / "support" / "megatron_lm_standin"
 ADAPTER = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-
-
-@pytest.fixture
-def token(monkeypatch, tmp_path):
-    value = "hf_" + secrets.token_hex(16)
-    monkeypatch.setenv("HF_TOKEN", value)  # the forked ranks inherit it
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-login"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return value
-
-
-@pytest.fixture
-def hub(token, monkeypatch):
-    with FakeHub(token) as server:
-        # huggingface_hub's own requests to its default endpoint (it fetches a registry of AI agents for the
-        # user-agent header) go to the fake too, so no request leaves 127.0.0.1
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
-        yield server
 
 
 def _train_and_push(rank, world, save, push, saves, resume_endpoint=None):

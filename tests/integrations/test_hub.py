@@ -3,7 +3,6 @@ the background pusher's strategies and queue, the CLI, and the error messages.""
 
 import json
 import logging
-import secrets
 
 import huggingface_hub.constants
 import pytest
@@ -12,28 +11,10 @@ import yaml
 from megatron_peft_export.cli import main
 from megatron_peft_export.errors import ExportError
 from megatron_peft_export.integrations.hub import Adapter, HubPusher, PushConfig, PushError, push_adapters
-from tests.support.fake_hub import FakeHub, closed_port, write_adapter
+from tests.support.fake_hub import closed_port, write_adapter
 
 pytestmark = pytest.mark.timeout(120)
 ADAPTER = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-
-
-@pytest.fixture
-def token(monkeypatch, tmp_path):
-    value = "hf_" + secrets.token_hex(16)
-    monkeypatch.setenv("HF_TOKEN", value)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-login"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return value
-
-
-@pytest.fixture
-def hub(token, monkeypatch):
-    with FakeHub(token) as server:
-        # huggingface_hub's own requests to its default endpoint (it fetches a registry of AI agents for the
-        # user-agent header) go to the fake too, so no request leaves 127.0.0.1
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
-        yield server
 
 
 def _config(hub, **kwargs):
