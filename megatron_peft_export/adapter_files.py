@@ -201,11 +201,18 @@ def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[i
         raise AdapterFileError(f"{where}: shapes contradict {ADAPTER_CONFIG}: {'; '.join(problems[:5])}{more}")
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """A finite sum means every value is finite (NaN and Inf propagate); only a sum that overflows needs the exact,
+    ~17x slower element-wise check (bench/: isfinite().all() was 15% of an offline export)."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 def nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """`key (n NaN, m Inf)` for every tensor holding NaN or Inf."""
     found = []
     for key, tensor in tensors:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not _all_finite(tensor):
             found.append(f"{key} ({int(torch.isnan(tensor).sum())} NaN, {int(torch.isinf(tensor).sum())} Inf)")
     return found
 

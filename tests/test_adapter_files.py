@@ -10,10 +10,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_peft_export.adapter_files import FLOAT_DTYPES, MAX_RANK, check_shapes, read_adapter, read_config, read_header
+from megatron_peft_export.adapter_files import FLOAT_DTYPES, MAX_RANK, check_shapes, nonfinite, read_adapter, read_config, read_header
 from megatron_peft_export.errors import AdapterFileError, ExportError, NonFiniteError
 
 pytestmark = pytest.mark.timeout(300)
@@ -172,3 +173,16 @@ def test_a_consistent_adapter_passes_and_each_contradiction_is_named(scratch):
         with pytest.raises(ExportError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             read_adapter(adapter, values=True)
     read_adapter(adapter, values=True, allow_nonfinite=True)  # NaN/Inf allowed on request
+
+
+def test_nonfinite_names_nan_and_inf_and_not_finite_values_whose_sum_overflows():
+    tensors = {
+        "finite": torch.randn(4, 4),
+        "nan": torch.tensor([1.0, float("nan"), 2.0]),
+        "inf": torch.tensor([float("inf"), 1.0, float("-inf")]),
+        "huge": torch.full((4,), 3e38),  # finite values; their float32 sum is inf
+        "half_huge": torch.full((8,), 6e4, dtype=torch.float16),
+        "bf16_inf": torch.tensor([float("-inf")], dtype=torch.bfloat16),
+        "int": torch.arange(3),
+    }
+    assert nonfinite(tensors.items()) == ["nan (1 NaN, 0 Inf)", "inf (0 NaN, 2 Inf)", "bf16_inf (0 NaN, 1 Inf)"]

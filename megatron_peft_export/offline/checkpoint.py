@@ -20,6 +20,7 @@ import yaml
 
 from ..errors import ExportError
 from ..hook import TRACKER, tracker_iteration
+from .torch_save import NotPlainTensor, decode
 
 log = logging.getLogger("megatron_peft_export")
 
@@ -217,10 +218,11 @@ class TorchDistReader:
         return next(self.load_many([key]))[1]
 
     def load_many(self, keys: list[str], budget: int = READ_BATCH_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor) for each key in order, read by one torch.distributed.checkpoint.load per batch of up to `budget` bytes.
+        """(key, tensor) for each key in order, read in batches of up to `budget` bytes (a larger tensor is read alone).
 
-        Each load call plans its read anew (and torch reads `.metadata` again unless cached); one call per key made a
-        128-tensor adapter take seconds (bench/). The budget bounds what is read ahead; a larger tensor is read alone.
+        Each stored item is read with one `readinto` of its byte range, in file order, and decoded in memory
+        (offline/torch_save.py); a batch holding an item that decoder does not take (compressed, zip64, other
+        encodings) is read by torch.distributed.checkpoint.load instead. The budget bounds what is read ahead.
         """
         batch: list[str] = []
         size = 0
@@ -236,22 +238,70 @@ class TorchDistReader:
             yield from self._load_batch(batch)
 
     def _load_batch(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        try:
+            try:
+                tensors = self._read_items(keys)
+            except NotPlainTensor as exc:
+                log.debug("%s: %s; reading this batch with torch.distributed.checkpoint", self.directory, exc)
+                tensors = self._read_with_torch(keys)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as exc:
+            what = keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more tensors)"
+            raise CheckpointError(f"{self.directory}: reading {what} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from exc
+        for key in keys:
+            yield key, tensors.pop(key)
+
+    def _read_items(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The keys' stored items, each read by one `readinto` of its byte range (in file order) and decoded in memory."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        state, storage = self._metadata.state_dict_metadata, self._metadata.storage_data
+        items = []
+        for key in keys:
+            meta = state[key]
+            if sum(math.prod(chunk.sizes) for chunk in meta.chunks) != math.prod(meta.size):
+                raise CheckpointError(f"{self.directory}: {key} is not fully stored (its chunks cover part of {list(meta.size)}); is the checkpoint complete?")
+            for chunk in meta.chunks:
+                info = storage[MetadataIndex(key, chunk.offsets)]
+                if getattr(info, "transform_descriptors", None):
+                    raise NotPlainTensor(f"{key} is stored transformed ({', '.join(info.transform_descriptors)})")
+                items.append((info.relative_path, info.offset, info.length, key, chunk))
+        tensors: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as files:
+            opened: dict[str, Any] = {}
+            for relative_path, offset, length, key, chunk in sorted(items, key=lambda item: item[:2]):
+                if relative_path not in opened:
+                    opened[relative_path] = files.enter_context(open(self.directory / relative_path, "rb", buffering=0))
+                blob = bytearray(length)
+                opened[relative_path].seek(offset)
+                if opened[relative_path].readinto(blob) != length:
+                    raise EOFError(f"{relative_path} ends before byte {offset + length}")
+                part = decode(blob)
+                meta = state[key]
+                if part.shape != tuple(chunk.sizes) or part.dtype != meta.properties.dtype:
+                    raise NotPlainTensor(f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {meta.properties.dtype} {list(chunk.sizes)}")
+                if tuple(chunk.sizes) == tuple(meta.size):
+                    tensors[key] = part
+                    continue
+                if key not in tensors:
+                    tensors[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                tensors[key][tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] = part
+        return tensors
+
+    def _read_with_torch(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint import load
 
         buffers = {}
         for key in keys:
             meta = self._metadata.state_dict_metadata[key]
             buffers[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "assumes a single process": it is one, by design
-                load(buffers, storage_reader=self._reader, no_dist=True)
-        except (Exception, CheckpointException) as exc:
-            what = keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more tensors)"
-            raise CheckpointError(f"{self.directory}: reading {what} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from exc
-        for key in keys:
-            yield key, buffers.pop(key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assumes a single process": it is one, by design
+            load(buffers, storage_reader=self._reader, no_dist=True)
+        return buffers
 
 
 def _plain_file_name(name: Any) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from collections import defaultdict
@@ -176,8 +178,30 @@ def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: Ch
     return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, names, vocab
 
 
+@contextlib.contextmanager
+def _without_cyclic_gc():
+    """Pause Python's cyclic garbage collector (as it was before, after).
+
+    Unpickling a checkpoint's metadata allocates thousands of objects, which set off full collections over
+    everything torch, megatron and transformers keep alive: 0.8 s of a 1.8 s export of 640 tensors (bench/).
+    An export makes no reference cycles worth collecting; memory is still freed by reference counting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> ExportSummary:
     """Convert the adapter of one saved checkpoint (an iteration directory, or a save directory via its tracker)."""
+    with _without_cyclic_gc():
+        return _export_checkpoint(checkpoint, output_dir, options, facts, quiet)
+
+
+def _export_checkpoint(checkpoint: str | Path, output_dir: str | Path, options: ExportOptions, facts: CheckpointFacts, quiet: bool) -> ExportSummary:
     started = time.perf_counter()
     directory = locate(checkpoint)
     collect = _torch_dist_shards if checkpoint_format(directory) == "torch_dist" else _legacy_shards

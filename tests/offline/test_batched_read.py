@@ -1,12 +1,17 @@
-"""TorchDistReader.load_many: every key once, in order, in torch.distributed.checkpoint.load calls bounded by a byte budget."""
+"""TorchDistReader.load_many: every key once, in order, in batches bounded by a byte budget, decoded without torch.load,
+and read by torch.distributed.checkpoint when an item is not a plain torch.save blob."""
 
+import io
+import pickle
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from megatron_peft_export.offline.checkpoint import CheckpointError, TorchDistReader
+from megatron_peft_export.offline.torch_save import NotPlainTensor, decode
 
 SHAPES = {"a": (8, 16), "b": (64, 16), "c": (4,), "d": (8, 16), "base": (32, 32)}  # float32: 512, 4096, 16, 512, 4096 bytes
 
@@ -31,29 +36,77 @@ def checkpoint(tmp_path):
 
 
 @pytest.fixture
-def load_calls(monkeypatch):
+def torch_loads(monkeypatch):
+    """The key sets of every torch.distributed.checkpoint.load call."""
     calls = []
     load = dcp.load
     monkeypatch.setattr(dcp, "load", lambda state_dict, **kwargs: calls.append(sorted(state_dict)) or load(state_dict, **kwargs))
     return calls
 
 
-def test_every_key_once_in_order_and_equal_to_single_loads(checkpoint, load_calls):
+def test_every_key_once_in_order_equal_to_what_was_saved_without_torch_load(checkpoint, torch_loads):
     directory, tensors = checkpoint
     reader = TorchDistReader(directory)
     keys = ["d", "a", "c", "b"]
     got = list(reader.load_many(keys))
     assert [k for k, _ in got] == keys
     assert all(torch.equal(t, tensors[k]) for k, t in got)
-    assert load_calls == [["a", "b", "c", "d"]], "one load call for the whole batch; the base tensor is never asked for"
     assert torch.equal(reader.load("b"), tensors["b"])
+    assert torch_loads == [], "plain torch.save items are decoded in memory"
 
 
-def test_batches_stay_within_the_budget(checkpoint, load_calls):
+def test_batches_stay_within_the_budget(checkpoint, monkeypatch):
     directory, tensors = checkpoint
+    batches = []
+    read_items = TorchDistReader._read_items
+    monkeypatch.setattr(TorchDistReader, "_read_items", lambda self, keys: batches.append(list(keys)) or read_items(self, keys))
     got = dict(TorchDistReader(directory).load_many(["a", "c", "b", "d"], budget=1024))
     assert all(torch.equal(got[k], tensors[k]) for k in "abcd")
-    assert load_calls == [["a", "c"], ["b"], ["d"]], "b alone exceeds the budget, so it is read alone"
+    assert batches == [["a", "c"], ["b"], ["d"]], "b alone exceeds the budget, so it is read alone"
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(3, 4), torch.randn(5, 6)[1:, ::2], torch.zeros(0, 3), torch.randn(7).to(torch.bfloat16),
+    torch.arange(6, dtype=torch.int64), torch.tensor(2.5, dtype=torch.float16),
+], ids=["float32", "strided view", "empty", "bfloat16", "int64", "scalar"])
+def test_decode_gives_what_torch_load_gives(tensor):
+    blob = io.BytesIO()
+    torch.save(tensor, blob)
+    expected = torch.load(io.BytesIO(blob.getvalue()), weights_only=True)
+    got = decode(bytearray(blob.getvalue()))
+    assert got.dtype == expected.dtype and got.shape == expected.shape and got.stride() == expected.stride()
+    assert torch.equal(got, expected)
+
+
+def test_decode_refuses_what_is_not_a_plain_tensor_blob():
+    legacy = io.BytesIO()
+    torch.save(torch.ones(3), legacy, _use_new_zipfile_serialization=False)
+    pickled_dict = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, pickled_dict)
+    for blob in (legacy.getvalue(), pickled_dict.getvalue(), b"\xff" * 64):
+        with pytest.raises(NotPlainTensor):
+            decode(bytearray(blob))
+
+
+def test_an_item_in_another_encoding_is_read_by_torch(checkpoint, torch_loads):
+    """Item "c" rewritten in torch's legacy (non-zip) format, which torch.load reads and the in-memory decoder does not."""
+    directory, tensors = checkpoint
+    with open(directory / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    index = MetadataIndex("c", torch.Size([0]))
+    info = metadata.storage_data[index]
+    legacy = io.BytesIO()
+    torch.save(tensors["c"], legacy, _use_new_zipfile_serialization=False)
+    data_file = directory / info.relative_path
+    offset = data_file.stat().st_size
+    with open(data_file, "ab") as f:
+        f.write(legacy.getvalue())
+    info.offset, info.length = offset, len(legacy.getvalue())
+    with open(directory / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    got = dict(TorchDistReader(directory).load_many(["a", "c", "b"], budget=1024))
+    assert all(torch.equal(got[k], tensors[k]) for k in "abc")
+    assert torch_loads == [["a", "c"]], "only the batch holding the legacy item goes through torch"
 
 
 def test_a_damaged_data_file_names_the_tensors(checkpoint):
@@ -62,3 +115,11 @@ def test_a_damaged_data_file_names_the_tensors(checkpoint):
         path.write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match=r"reading a \(and 2 more tensors\) failed"):
         list(TorchDistReader(directory).load_many(["a", "b", "c"]))
+
+
+def test_a_truncated_data_file_names_the_tensor(checkpoint):
+    directory, _ = checkpoint
+    (path,) = directory.glob("*.distcp")
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(CheckpointError, match=r"reading b failed \(EOFError\); is a .distcp file truncated or missing\?"):
+        list(TorchDistReader(directory).load_many(["b"]))
