@@ -1,0 +1,95 @@
+"""Benchmarks of megatron-peft-export: training stall per save, offline export against checkpoint size, live export scaling.
+
+    .venv/bin/python bench/run.py            # the full run: ~4 min, ~6 GB of scratch disk and ~7 GB of RAM at most
+    .venv/bin/python bench/run.py --quick    # a smoke run (~25 s): small sizes, few repetitions
+
+Prints markdown tables and writes them, with every sample, as JSON (bench/results/latest.json, or quick.json
+with --quick). Ratios are medians of runs interleaved in this one invocation; absolute times depend on the
+machine and on whatever else runs on it, and are printed, not claimed.
+"""
+
+from __future__ import annotations
+
+import time
+
+PROCESS_STARTED = time.perf_counter()  # before the imports below (~7 s: torch, megatron, transformers, modelopt)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: bench and tests.support
+warnings.filterwarnings("ignore", category=UserWarning)  # megatron/modelopt "not installed / not tested" notices
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import megatron_peft_export.hook  # noqa: E402,F401  (imported before forking: every process starts warm, with the code as it was at the start)
+import megatron_peft_export.offline.export  # noqa: E402,F401
+import tests.support.tiny_gpt  # noqa: E402,F401
+from bench import offline, probe, scaling, stall  # noqa: E402
+from bench.common import Geometry, machine  # noqa: E402
+from bench.report import render  # noqa: E402
+
+PLANS = {
+    "full": {"stall": ({"10MB": 15, "100MB": 9, "1GB": 5},), "offline": (5, [1, 10, 100], offline.ADAPTER), "offline_many_tensors": (5, [1], offline.MANY_TENSORS),
+             "scaling": (3, [1, 2, 4], scaling.ADAPTER)},
+    "quick": {"stall": ({"10MB": 3},), "offline": (1, [1, 10], Geometry(**{**offline.ADAPTER.__dict__, "layers": 4})),
+              "scaling": (1, [1, 2, 4], Geometry(layers=1))},
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions: a smoke run")
+    parser.add_argument("--only", default="stall,offline,offline_many_tensors,scaling", help="comma-separated benchmarks to run (default: %(default)s)")
+    parser.add_argument("--reps", type=int, help="repetitions of every benchmark (default: stall 15/9/5 by size, offline 5, scaling 3; quick 3/1/1)")
+    parser.add_argument("--scratch", type=Path, default=Path(__file__).resolve().parent / ".scratch",
+                        help="where checkpoints and adapters are written, then removed (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="result file (default: bench/results/latest.json, quick.json with --quick)")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    plan = PLANS[mode]
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(only) - set(PLANS["full"]))
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(plan)}")
+    out_json = args.json or Path(__file__).resolve().parent / "results" / ("quick.json" if args.quick else "latest.json")
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
+
+    started = time.perf_counter()
+    scratch = args.scratch
+    scratch.mkdir(parents=True, exist_ok=True)
+    result = {"mode": mode, "command": " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
+    try:
+        result["machine"].update(probe.run(scratch, small=args.quick))
+        log("machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()))
+        if "stall" in only:
+            (reps_per_size,) = plan["stall"]  # more repetitions where a save takes milliseconds and noise weighs most
+            result["stall"] = stall.run({size: args.reps or reps for size, reps in reps_per_size.items()}, scratch, log)
+        for name in ("offline", "offline_many_tensors"):
+            if name in only and name in plan:
+                reps, ratios, adapter = plan[name]
+                result[name] = offline.run(args.reps or reps, ratios, scratch, log, adapter=adapter)
+        if "scaling" in only:
+            reps, worlds, adapter = plan["scaling"]
+            result["scaling"] = scaling.run(args.reps or reps, worlds, scratch, log, geometry=adapter)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result["seconds"] = time.perf_counter() - PROCESS_STARTED
+    result["load_average_at_end"] = os.getloadavg()[0]
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    print(render(result))
+    print(f"\nwrote {out_json} ({result['seconds']:.0f} s in total, imports included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
