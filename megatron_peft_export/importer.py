@@ -46,8 +46,8 @@ def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[
     experts = names.geometry.num_experts or 0
     extra = sorted({e for e in (expert_of(names.arch, k) for k in unexpected) if e is not None and e >= experts})
     if extra:
-        problems.append(f"the file adapts experts {extra}, the Megatron model has {experts} experts (0..{experts - 1}); "
-                        "load it into a model with the expert count of the adapter's base model")
+        has = f"{experts} experts (0..{experts - 1})" if experts else "no experts"
+        problems.append(f"the file adapts experts {extra}, the Megatron model has {has}; load it into a model with the expert count of the adapter's base model")
     if missing:
         problems.append(f"the model's adapter needs {len(missing)} tensor(s) the file lacks, e.g. {missing[:3]}")
     if unexpected:
