@@ -1,14 +1,14 @@
 """`load_hf_adapter`: fill a Megatron model's adapter parameters from an HF PEFT directory (the reverse direction).
 
 The same planner runs backwards: a placement says which slice of which HF tensor a slice of a local
-shard holds, so each rank reads only those slices (safetensors slices are read lazily).
+shard holds, so each rank reads only those slices (safetensors slices are read lazily). The planner works
+per expert, so a fused MoE adapter (peft target_parameters) is read whole and re-keyed per expert first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,14 @@ import torch
 from safetensors import safe_open
 
 from . import distributed as coll
-from .adapter_files import check_finite, read_adapter
+from .adapter_files import check_finite, file_tensors, pattern_value, read_adapter
 from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
 from .dialects import collect
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
-from .export import model_chunks, megatron_config, naming
+from .export import Naming, model_chunks, megatron_config, naming
 from .hf_config import read_hf_config
 
 
@@ -31,25 +32,30 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[in
     return read_adapter(adapter_dir)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """peft's rule: a pattern key matches a module name that ends with it (after a dot)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def _unfused_experts(adapter_dir: Path, config: dict[str, Any], names: Naming) -> dict[str, torch.Tensor] | None:
+    """A fused expert adapter's tensors, read whole, with the experts re-keyed per expert; None for other adapters."""
+    if not config.get("target_parameters"):
+        return None
+    tensors = dict(file_tensors(adapter_dir / ADAPTER_WEIGHTS))
+    return unfuse_experts(tensors, names.arch, names.geometry.num_experts, config["target_parameters"], config["r"])
 
 
-def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], adapter_dir: Path) -> None:
+def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], adapter_dir: Path, names: Naming) -> None:
     problems = []
     missing, unexpected = sorted(set(plan.shapes) - set(shapes)), sorted(set(shapes) - set(plan.shapes))
+    experts = names.geometry.num_experts or 0
+    extra = sorted({e for e in (expert_of(names.arch, k) for k in unexpected) if e is not None and e >= experts})
+    if extra:
+        has = f"{experts} experts (0..{experts - 1})" if experts else "no experts"
+        problems.append(f"the file adapts experts {extra}, the Megatron model has {has}; load it into a model with the expert count of the adapter's base model")
     if missing:
         problems.append(f"the model's adapter needs {len(missing)} tensor(s) the file lacks, e.g. {missing[:3]}")
     if unexpected:
         problems.append(f"the file has {len(unexpected)} tensor(s) the model's adapter does not target, e.g. {unexpected[:3]}")
     problems += [f"{k}: the model expects shape {plan.shapes[k]}, the file has {shapes[k]}" for k in sorted(set(plan.shapes) & set(shapes)) if plan.shapes[k] != shapes[k]][:5]
     for module, settings in sorted(plan.modules.items()):
-        r = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
+        r = pattern_value(config.get("rank_pattern"), module, config.get("r"))
+        alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
         if r is None or alpha is None:
             problems.append(f"{ADAPTER_CONFIG} lacks r or lora_alpha")
             break
@@ -72,7 +78,7 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
     adapter_dir = Path(adapter_dir)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()
-    error, local = None, []
+    error, local, unfused = None, [], None
     try:
         chunks = model_chunks(model)
         transformer_config, vocab = megatron_config(chunks[0])
@@ -81,6 +87,9 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
         local = [(dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards]
         config, shapes = _read_adapter(adapter_dir)
         names = naming(model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config))
+        unfused = _unfused_experts(adapter_dir, config, names)
+        if unfused is not None:
+            shapes = {key: tuple(t.shape) for key, t in unfused.items()}
     except ExportError as exc:
         error = exc
     coll.agree(error, group)
@@ -88,11 +97,12 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
     if not specs:
         raise NoAdaptersError(f"the model has no adapter named {adapter_name!r} to load {adapter_dir} into; apply the adapter (ModelOpt or Bridge) first")
     plan = plan_adapter(specs, names.geometry, names.arch, vocab)
-    _check_against_file(plan, config, shapes, adapter_dir)
+    _check_against_file(plan, config, shapes, adapter_dir, names)
     error, values = None, []
     try:
         with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
-            values = [_read_shard(f, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry)) for spec, tensor in local]
+            read = (lambda key, index: unfused[key][index]) if unfused is not None else (lambda key, index: f.get_slice(key)[index])
+            values = [_read_shard(read, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry)) for spec, tensor in local]
         check_finite(((f"{spec.module} {spec.role}", value) for (spec, _), value in zip(local, values)), allow=allow_nonfinite,
                      remedy="pass allow_nonfinite=True to load it anyway")
     except Exception as exc:  # every rank must reach the agreement below
@@ -107,14 +117,14 @@ def _unique(specs) -> list:
     return list(dict.fromkeys(specs))
 
 
-def _read_shard(f, spec, tensor: torch.Tensor, placements) -> torch.Tensor:
-    """This shard's values, read slice by slice; slices that land on the same local rows must agree."""
+def _read_shard(read, spec, tensor: torch.Tensor, placements) -> torch.Tensor:
+    """This shard's values, read slice by slice (`read(key, index)`); slices that land on the same local rows must agree."""
     value = torch.empty_like(tensor, device="cpu")
     written: dict[tuple[int, int, int], str] = {}
     for p in placements:
         index = [slice(None)] * len(p.shape)
         index[p.dim] = slice(p.dst_start, p.dst_start + p.length)
-        data = f.get_slice(p.key)[tuple(index)]
+        data = read(p.key, tuple(index))
         region = (p.dim, p.src_start, p.length)
         target = value.narrow(p.dim, p.src_start, p.length)
         if region in written and not torch.equal(target, data.to(value.dtype)):

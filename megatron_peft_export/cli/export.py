@@ -16,6 +16,7 @@ _FACT_HELP = {
     "gated_linear_unit": "linear_fc1 fuses gate and up (SwiGLU)",
     "num_experts": "routed experts per MoE layer",
     "moe_ffn_hidden_size": "width of each routed expert's MLP",
+    "moe_shared_expert_intermediate_size": "width of the shared expert's MLP (Qwen2-MoE)",
 }
 
 

@@ -5,6 +5,7 @@ Declared tables only; the planner decides shapes and slices.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,8 @@ class ModuleMap:
     layout: Layout
     parts: tuple[str, ...] = ()
     """CanonicalLoRA's names for the sub-adapters, in the order of `hf`."""
+    width: str = "ffn_hidden_size"
+    """The ModelGeometry field with this MLP's width (routed and shared experts are narrower than a dense MLP)."""
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,15 @@ NEMOTRON = ArchMap(
 
 _EXPERT_FC1 = "mlp.experts.local_experts.{e}.linear_fc1"
 _EXPERT_FC2 = "mlp.experts.local_experts.{e}.linear_fc2"
+_EXPERT = "moe_ffn_hidden_size"
 
 QWEN_MOE = ArchMap(
     name="qwen3_moe",
-    model_types=("qwen3_moe", "qwen2_moe", "olmoe"),
+    model_types=("qwen3_moe", "olmoe"),
     modules=(
         _QKV, _PROJ,
-        ModuleMap(_EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up")),
-        ModuleMap(_EXPERT_FC2, ("mlp.experts.{e}.down_proj",), "plain"),
+        ModuleMap(_EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up"), _EXPERT),
+        ModuleMap(_EXPERT_FC2, ("mlp.experts.{e}.down_proj",), "plain", width=_EXPERT),
     ),
     fused_experts=(
         FusedExperts("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj")),
@@ -86,13 +90,29 @@ QWEN_MOE = ArchMap(
 )
 """Qwen-style MoE: per-expert `mlp.experts.{e}.{gate,up,down}_proj` (transformers v4, vLLM), fused in v5."""
 
+_SHARED = "moe_shared_expert_intermediate_size"
+
+QWEN2_MOE = dataclasses.replace(
+    QWEN_MOE,
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    modules=QWEN_MOE.modules + (
+        ModuleMap("mlp.shared_experts.linear_fc1", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "gate_up", ("gate", "up"), _SHARED),
+        ModuleMap("mlp.shared_experts.linear_fc2", ("mlp.shared_expert.down_proj",), "plain", width=_SHARED),
+    ),
+)
+"""Qwen2-MoE: Qwen-style experts plus one shared expert, megatron's SharedExpertMLP (a dense SwiGLU MLP, split over TP).
+
+Its sigmoid gate (megatron `shared_experts.gate_weight`, HF `mlp.shared_expert_gate`) is a bare parameter in
+megatron, not a linear, so no adapter dialect puts LoRA on it."""
+
 MIXTRAL = ArchMap(
     name="mixtral",
     model_types=("mixtral",),
     modules=(
         _QKV, _PROJ,
-        ModuleMap(_EXPERT_FC1, ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"), "gate_up", ("gate", "up")),
-        ModuleMap(_EXPERT_FC2, ("block_sparse_moe.experts.{e}.w2",), "plain"),
+        ModuleMap(_EXPERT_FC1, ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"), "gate_up", ("gate", "up"), _EXPERT),
+        ModuleMap(_EXPERT_FC2, ("block_sparse_moe.experts.{e}.w2",), "plain", width=_EXPERT),
     ),
     fused_experts=(
         FusedExperts("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3")),
@@ -101,7 +121,7 @@ MIXTRAL = ArchMap(
 )
 """Mixtral: w1 (gate), w3 (up), w2 (down) per expert in transformers v4; fused under `mlp.experts` in v5."""
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, MIXTRAL)
+ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL)
 
 
 def supported_model_types() -> list[str]:

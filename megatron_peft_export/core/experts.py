@@ -5,13 +5,14 @@ peft's LoRA on such a parameter is one lora_A of [experts * r, in], expert-major
 one lora_B of [out, r * experts], rank-major (columns j*experts + e). Several targeted parameters of
 one module nest: the first registered is innermost (`mlp.experts.base_layer.lora_A`), the last is
 `mlp.experts.lora_A`. The planner works per expert (transformers v4's and vLLM's layout); this module
-re-keys its result into the fused one.
+re-keys its result into the fused one, and back for import.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Mapping
 
 import torch
 
@@ -79,3 +80,55 @@ def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: Arch
             out[_key(module, "lora_A")] = torch.cat(a_parts)  # expert-major rows
             out[_key(module, "lora_B")] = torch.stack(b_parts, dim=-1).flatten(1)  # rank-major columns
     return out, {p: sorted(replaced[p]) for p in targeted}
+
+
+def unfuse_experts(tensors: Mapping[str, torch.Tensor], arch: ArchMap, num_experts: int | None, target_parameters: list[str], r: int) -> dict[str, torch.Tensor]:
+    """The inverse of `fuse_experts`: peft's fused target_parameters tensors -> per-expert LoRA tensors; others pass through.
+
+    `r` is the adapter's rank (fused parameters take it); a fused lora_A holds experts x r rows, so a model with
+    another expert count is refused here rather than mis-split.
+    """
+    known = [f.parameter for f in arch.fused_experts]
+    unknown = sorted(set(target_parameters) - set(known))
+    if unknown:
+        raise ShapeMismatchError(
+            f"the adapter targets parameters {unknown}, which the {arch.name} name map does not know as fused experts "
+            f"(known: {known or 'none'}); pass the model_type of the family the adapter was trained on"
+        )
+    if not num_experts:
+        raise ShapeMismatchError(f"the adapter has fused expert LoRA ({', '.join(target_parameters)}), but the Megatron model has no experts")
+    prefixes = fused_prefixes(arch, sorted(target_parameters, key=known.index))
+    out = dict(tensors)
+    for key, a in tensors.items():
+        match = _LAYER.match(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")) if key.endswith(".lora_A.weight") else None
+        fused = next((f for f in arch.fused_experts if match and prefixes.get(f.parameter) == match.group(2)), None)
+        if fused is None:
+            continue
+        layer, b_key = match.group(1), key.removesuffix("lora_A.weight") + "lora_B.weight"
+        b = out.pop(b_key, None)
+        if b is None:
+            raise ShapeMismatchError(f"{key} has no {b_key}; expected both for a LoRA on {layer}.{fused.parameter}")
+        del out[key]
+        if a.shape[0] != num_experts * r or b.shape[1] != a.shape[0]:
+            raise ShapeMismatchError(
+                f"{layer}.{fused.parameter}: the adapter holds {a.shape[0] / r:g} experts (lora_A {list(a.shape)}, lora_B {list(b.shape)}, r {r}), "
+                f"the Megatron model has {num_experts}; load it into a model with the expert count of the adapter's base model"
+            )
+        b_by_expert = b.unflatten(1, (r, num_experts))  # rank-major columns: [out, r, experts]
+        for e, a_e in enumerate(a.split(r)):  # expert-major rows
+            modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
+            for module, b_rows in zip(modules, b_by_expert[..., e].chunk(len(modules))):
+                out[_key(module, "lora_A")] = a_e
+                out[_key(module, "lora_B")] = b_rows.contiguous()
+    return out
+
+
+def expert_of(arch: ArchMap, key: str) -> int | None:
+    """The expert index in a per-expert HF adapter key of this name map; None for other keys."""
+    for module in arch.modules:
+        for name in module.hf:
+            if "{e}" in name:
+                match = re.search(r"\." + re.escape(name).replace(r"\{e\}", r"(\d+)") + r"\.", key)
+                if match:
+                    return int(match.group(1))
+    return None

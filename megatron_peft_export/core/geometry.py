@@ -32,6 +32,8 @@ class ModelGeometry:
     """Routed experts per MoE layer (None: a dense model)."""
     moe_ffn_hidden_size: int | None = None
     """Width of each routed expert's MLP (HF moe_intermediate_size; Mixtral: intermediate_size)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Width of the shared expert's MLP (HF shared_expert_intermediate_size); None: no shared expert."""
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_query_groups:
@@ -59,6 +61,7 @@ class ModelGeometry:
             vocab_size=vocab_size,
             num_experts=getattr(config, "num_moe_experts", None),
             moe_ffn_hidden_size=getattr(config, "moe_ffn_hidden_size", None),
+            moe_shared_expert_intermediate_size=getattr(config, "moe_shared_expert_intermediate_size", None) or None,
         )
 
     @classmethod
@@ -78,6 +81,7 @@ class ModelGeometry:
             vocab_size=text.get("vocab_size"),
             num_experts=experts,
             moe_ffn_hidden_size=(text.get("moe_intermediate_size") or text["intermediate_size"]) if experts else None,
+            moe_shared_expert_intermediate_size=(text.get("shared_expert_intermediate_size") or None) if experts else None,
         )
 
     def check_matches(self, hf: "ModelGeometry", source: str) -> None:

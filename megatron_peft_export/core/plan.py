@@ -52,11 +52,12 @@ class AdapterPlan:
 def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tuple[int, ...]]:
     g = geometry
     kind = module.megatron.rsplit(".", 1)[-1]
-    ffn = g.ffn_hidden_size
-    if "{e}" in module.megatron:
-        if not g.num_experts or not g.moe_ffn_hidden_size:
-            raise ShapeMismatchError("found expert adapters, but the model geometry has no experts (num_experts, moe_ffn_hidden_size)")
-        ffn = g.moe_ffn_hidden_size
+    ffn = getattr(g, module.width)
+    if module.width != "ffn_hidden_size" and not (g.num_experts and ffn):
+        raise ShapeMismatchError(
+            f"found adapters on {module.megatron.replace('{e}', '<e>')}, but the model geometry has no experts of that kind "
+            f"(num_experts {g.num_experts}, {module.width} {ffn}); pass the MoE base model's config or these sizes"
+        )
     if kind == "linear_qkv":
         return g.hidden_size, (g.num_attention_heads * g.head_dim, g.num_query_groups * g.head_dim, g.num_query_groups * g.head_dim)
     if kind == "linear_proj":

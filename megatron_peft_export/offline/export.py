@@ -42,6 +42,7 @@ class CheckpointFacts:
     gated_linear_unit: bool | None = None
     num_experts: int | None = None
     moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
     tp_size: int | None = None
     """Tensor-parallel size the checkpoint was saved at (undoes the save-time gate/up interleave)."""
     etp_size: int | None = None
@@ -72,6 +73,7 @@ _RECORDED = {
     "gated_linear_unit": ("swiglu", "gated_linear_unit"),
     "num_experts": ("num_experts", "num_moe_experts"),
     "moe_ffn_hidden_size": ("moe_ffn_hidden_size", "moe_ffn_hidden_size"),
+    "moe_shared_expert_intermediate_size": ("moe_shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
     "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
     "etp_size": ("expert_tensor_parallel_size", "expert_tensor_parallel_size"),
 }
@@ -104,7 +106,7 @@ def _flag(name: str) -> str:
 
 def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
-    optional = {"num_experts", "moe_ffn_hidden_size"}  # dense models have neither
+    optional = {"num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}  # dense models have none
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(

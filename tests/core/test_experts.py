@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import save_file
 
 from megatron_peft_export.core.archs import QWEN_MOE
-from megatron_peft_export.core.experts import fuse_experts
+from megatron_peft_export.core.experts import expert_of, fuse_experts, unfuse_experts
 from megatron_peft_export.core.geometry import ModelGeometry
 from megatron_peft_export.core.peft_format import adapter_config
 from megatron_peft_export.core.plan import allocate, apply_placements, plan_adapter
@@ -110,3 +110,22 @@ def test_expert_fc1_at_etp2_is_deinterleaved_per_expert():
         apply_placements(tensors, placements, t)
     assert torch.equal(tensors["base_model.model.model.layers.0.mlp.experts.3.gate_proj.lora_B.weight"], gate)
     assert torch.equal(tensors["base_model.model.model.layers.0.mlp.experts.3.up_proj.lora_B.weight"], up)
+
+
+@pytest.mark.parametrize("linears", [("linear_fc1", "linear_fc2"), ("linear_fc2",)], ids=["both", "down_only"])
+def test_unfusing_gives_back_the_per_expert_tensors_bit_for_bit(linears):
+    """Import reads fused adapters through the inverse; with one targeted parameter peft does not nest a base_layer."""
+    loras = {m: t for m, t in _expert_loras().items() if m.endswith(linears)}
+    plan, tensors = _convert(loras)
+    fused, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
+    back = unfuse_experts(fused, QWEN_MOE, E, sorted(replaced), R)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(ShapeMismatchError, match="the adapter holds 4 experts .* the Megatron model has 2; load it into a model"):
+        unfuse_experts(fused, QWEN_MOE, 2, sorted(replaced), R)
+    with pytest.raises(ShapeMismatchError, match="does not know as fused experts"):
+        unfuse_experts(fused, QWEN_MOE, E, ["mlp.experts.w13"], R)
+
+
+def test_expert_of_reads_the_expert_index_of_per_expert_keys():
+    assert expert_of(QWEN_MOE, "base_model.model.model.layers.1.mlp.experts.12.up_proj.lora_B.weight") == 12
+    assert expert_of(QWEN_MOE, "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight") is None

@@ -1,10 +1,12 @@
 """Exact-value tests of the planner: shard global tensors the way Megatron does, plan, reassemble, compare
 with the HF tensors computed here by independent reshapes."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from megatron_peft_export.core.archs import LLAMA, NEMOTRON
+from megatron_peft_export.core.archs import LLAMA, NEMOTRON, QWEN2_MOE, QWEN_MOE
 from megatron_peft_export.core.geometry import ModelGeometry
 from megatron_peft_export.core.peft_format import adapter_config
 from megatron_peft_export.core.plan import allocate, apply_placements, plan_adapter
@@ -182,3 +184,23 @@ def test_mismatched_ranks_between_a_and_b():
     pairs = shards_of(mod, "lora_A", rand(R, 12), 1, 1) + shards_of(mod, "lora_B", rand(16, R + 1), None, 1)
     with pytest.raises(ShapeMismatchError, match="lora_A has rank 4, lora_B has rank 5"):
         export(pairs, geo)
+
+
+def test_shared_expert_fc1_at_tp2_splits_like_a_dense_fc1_and_needs_its_width():
+    """Qwen2-MoE's shared expert: fc1 B's TP shards are [gate_t; up_t]; a geometry without the shared width, or a name map
+    without a shared expert (Qwen3-MoE), refuses it instead of sizing it like a routed expert."""
+    geo = dataclasses.replace(geometry(), num_experts=4, moe_ffn_hidden_size=6, moe_shared_expert_intermediate_size=10)
+    module = "decoder.layers.1.mlp.shared_experts.linear_fc1"
+    gate, up, a = torch.randn(10, R), torch.randn(10, R), torch.randn(R, 16)
+    b_shards = [torch.cat([gate[:5], up[:5]]), torch.cat([gate[5:], up[5:]])]
+    pairs = shards_of(module, "lora_A", a, None, 2)[:1] + [
+        (ShardSpec(module=module, role="lora_B", shape=(10, R), split_dim=0, tp_rank=t, tp_size=2, alpha=8.0), b) for t, b in enumerate(b_shards)
+    ]
+    _, tensors = export(pairs, geo, QWEN2_MOE)
+    assert torch.equal(tensors[key("model.layers.1.mlp.shared_expert.gate_proj", "lora_B")], gate)
+    assert torch.equal(tensors[key("model.layers.1.mlp.shared_expert.up_proj", "lora_B")], up)
+    assert torch.equal(tensors[key("model.layers.1.mlp.shared_expert.up_proj", "lora_A")], a)
+    with pytest.raises(ShapeMismatchError, match="moe_shared_expert_intermediate_size None"):
+        export(pairs, dataclasses.replace(geo, moe_shared_expert_intermediate_size=None), QWEN2_MOE)
+    with pytest.raises(ShapeMismatchError, match="no HF name for Megatron module 'decoder.layers.1.mlp.shared_experts.linear_fc1' in the qwen3_moe"):
+        export(pairs, geo, QWEN_MOE)

@@ -11,14 +11,18 @@ from tests.support.multiprocess import run_ranks
 pytestmark = pytest.mark.timeout(300)
 
 
-def _moe_export(rank, world, tmp, tp, ep, family, sp=False, etp=None, expert_layout="auto", expert_lora=True):
+ATTENTION = ("*linear_qkv*", "*linear_proj*")
+SHARED_EXPERT = ("*.shared_experts.linear_fc1", "*.shared_experts.linear_fc2")
+
+
+def _moe_export(rank, world, tmp, tp, ep, family, sp=False, etp=None, expert_layout="auto", routed=True, shared=False):
     from megatron_peft_export import export_adapter
     from tests.support import tiny_moe
     from tests.support.tiny_gpt import apply_modelopt_lora, sample_tokens
 
-    cfg = tiny_moe.QWEN3_MOE_LIKE if family == "qwen3_moe" else tiny_moe.MIXTRAL_LIKE
+    cfg = {"mixtral": tiny_moe.MIXTRAL_LIKE, "qwen3_moe": tiny_moe.QWEN3_MOE_LIKE, "qwen2_moe": tiny_moe.QWEN2_MOE_LIKE}[family]
     tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
-    targets = tiny_moe.EXPERT_LORA_TARGETS if expert_lora else ("*linear_qkv*", "*linear_proj*")
+    targets = ATTENTION + (tiny_moe.ROUTED_EXPERT_TARGETS if routed else ()) + (SHARED_EXPERT if shared else ())
     model = apply_modelopt_lora(tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp), targets=targets)
     tiny_moe.fill_moe_lora_random(model, seed=31)
     tokens = sample_tokens(cfg)
@@ -52,10 +56,28 @@ def test_moe_export_matches_megatron_logits(tmp_path, world, layout, family):
 def test_tp2_ep2_sequence_parallel_attention_lora_on_a_moe_model(tmp_path, family):
     """ModelOpt 0.47's LoRA on expert linears does not run under sequence parallelism (its LoRA B gathers the
     tokens a second time), which megatron requires for TP with MoE; attention LoRA is exported here."""
-    result = run_ranks(_moe_export, 4, str(tmp_path), tp=2, ep=2, sp=True, family=family, expert_lora=False)[0]
+    result = run_ranks(_moe_export, 4, str(tmp_path), tp=2, ep=2, sp=True, family=family, routed=False)[0]
     assert result["diff"] <= 1e-5
     assert "target_parameters" not in result["config"]
 
+
+@pytest.mark.parametrize("world,layout", [(1, {"tp": 1, "ep": 1}), (2, {"tp": 1, "ep": 2})], ids=["ep1", "ep2"])
+def test_qwen2_moe_shared_expert_lora_with_routed_experts(tmp_path, world, layout):
+    """The shared expert's fused fc1 becomes shared_expert.{gate,up}_proj next to the fused routed experts."""
+    result = run_ranks(_moe_export, world, str(tmp_path), family="qwen2_moe", shared=True, **layout)[0]
+    assert result["diff"] <= 1e-5
+    assert result["config"]["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert result["config"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("world,layout", [(2, {"tp": 2, "ep": 1}), (4, {"tp": 2, "ep": 2})], ids=["tp2", "tp2xep2"])
+def test_qwen2_moe_shared_expert_lora_under_tensor_and_sequence_parallelism(tmp_path, world, layout):
+    """The shared expert is split over TP like a dense MLP ([gate_t; up_t] per rank) and, unlike ModelOpt's routed-expert
+    LoRA, runs under sequence parallelism; the routed experts carry no LoRA here (see the attention-only test above)."""
+    result = run_ranks(_moe_export, world, str(tmp_path), family="qwen2_moe", sp=True, routed=False, shared=True, **layout)[0]
+    assert result["diff"] <= 1e-5
+    assert "target_parameters" not in result["config"]
+    assert result["config"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 def test_per_expert_layout_holds_the_same_values_as_the_fused_one(tmp_path):
     """transformers v5 has no per-expert modules to load into, so the v4/vLLM layout is checked against the fused one."""
@@ -80,7 +102,7 @@ def test_per_expert_layout_holds_the_same_values_as_the_fused_one(tmp_path):
         assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.lora_A.weight"], a)
 
 
-def _save_moe_and_export_live(rank, world, tmp, ep):
+def _save_moe_and_export_live(rank, world, tmp, family, tp=1, ep=1, etp=None, sp=False, routed=True, shared=False):
     import argparse
 
     import torch.distributed as dist
@@ -93,17 +115,19 @@ def _save_moe_and_export_live(rank, world, tmp, ep):
     from tests.support.tiny_gpt import apply_modelopt_lora
     from tests.support.training import _in_process_write_results, _may_fork
 
-    cfg = tiny_moe.QWEN3_MOE_LIKE
-    tiny_moe.init_moe_parallel(ep=ep)
-    model = apply_modelopt_lora(tiny_moe.build_moe_gpt(cfg), targets=tiny_moe.EXPERT_LORA_TARGETS)
+    cfg = {"qwen3_moe": tiny_moe.QWEN3_MOE_LIKE, "qwen2_moe": tiny_moe.QWEN2_MOE_LIKE}[family]
+    tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
+    targets = ATTENTION + (tiny_moe.ROUTED_EXPERT_TARGETS if routed else ()) + (SHARED_EXPERT if shared else ())
+    model = apply_modelopt_lora(tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp), targets=targets)
     tiny_moe.fill_moe_lora_random(model, seed=41)
-    export_adapter(model, Path(tmp) / "live", model_type="qwen3_moe")
+    export_adapter(model, Path(tmp) / "live", model_type=family)
     directory = iteration_dir(Path(tmp) / "save", 3)
     directory.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(tensor_model_parallel_size=1, expert_tensor_parallel_size=1, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+    args = argparse.Namespace(tensor_model_parallel_size=tp, expert_tensor_parallel_size=etp or tp, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                               ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
                               num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels, swiglu=True, padded_vocab_size=cfg.vocab_size,
-                              num_experts=cfg.num_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size)
+                              num_experts=cfg.num_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+                              moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None)
     _in_process_write_results()
     with _may_fork():
         dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "iteration": 3}, str(directory))
@@ -113,18 +137,34 @@ def _save_moe_and_export_live(rank, world, tmp, ep):
     dist.barrier()
 
 
-def _offline(rank, world, checkpoint, out):
+def _offline(rank, world, checkpoint, out, family):
     from megatron_peft_export.export import ExportOptions
     from megatron_peft_export.offline.export import export_checkpoint
 
-    export_checkpoint(checkpoint, out, options=ExportOptions(model_type="qwen3_moe"), quiet=True)
+    export_checkpoint(checkpoint, out, options=ExportOptions(model_type=family), quiet=True)
 
 
-def test_offline_export_of_an_ep2_checkpoint_equals_the_live_export(tmp_path):
+def _offline_equals_live(tmp_path, world, family, **layout) -> set[str]:
+    """Save a checkpoint and export live at one layout, export the checkpoint offline: the same files. Returns the keys."""
     from safetensors.torch import load_file
 
-    run_ranks(_save_moe_and_export_live, 2, str(tmp_path), 2)
-    run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"))
+    run_ranks(_save_moe_and_export_live, world, str(tmp_path), family, **layout)
+    run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"), family)
     live, offline = load_file(tmp_path / "live" / "adapter_model.safetensors"), load_file(tmp_path / "offline" / "adapter_model.safetensors")
     assert live.keys() == offline.keys() and all((live[k] == offline[k]).all() for k in live)
     assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads((tmp_path / "offline" / "adapter_config.json").read_text())
+    return set(live)
+
+
+def test_offline_export_of_an_ep2_checkpoint_equals_the_live_export(tmp_path):
+    _offline_equals_live(tmp_path, 2, "qwen3_moe", ep=2)
+
+
+@pytest.mark.parametrize("world,layout", [
+    (2, {"ep": 2}),
+    (2, {"tp": 2, "ep": 2, "etp": 1, "sp": True, "routed": False}),
+], ids=["ep2-routed-and-shared", "tp2xep2-etp1-sp-shared"])
+def test_offline_export_of_shared_expert_lora_equals_the_live_export(tmp_path, world, layout):
+    """Shared-expert fc1 LoRA B is saved TP-interleaved like a dense fc1's, undone with the TP size (2), not the expert TP size (1)."""
+    keys = _offline_equals_live(tmp_path, world, "qwen2_moe", shared=True, **layout)
+    assert "base_model.model.model.layers.0.mlp.shared_expert.up_proj.lora_B.weight" in keys
