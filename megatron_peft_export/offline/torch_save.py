@@ -97,6 +97,20 @@ def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
     return members
 
 
+@functools.lru_cache(maxsize=4096)
+def _unpickled(pickled: bytes) -> _Rebuilt:
+    """A data.pkl's tensor description; cached, as the tensors of one shape and dtype share the same data.pkl bytes."""
+    try:
+        rebuilt = _TensorPickle(io.BytesIO(pickled)).load()
+    except NotPlainTensor:
+        raise
+    except Exception as exc:
+        raise NotPlainTensor(f"data.pkl: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(rebuilt, _Rebuilt):
+        raise NotPlainTensor(f"data.pkl holds a {type(rebuilt).__name__}, not a tensor")
+    return rebuilt
+
+
 def decode(blob: bytearray) -> torch.Tensor:
     """The tensor in a torch.save blob, sharing `blob`'s memory."""
     view = memoryview(blob)
@@ -109,14 +123,7 @@ def decode(blob: bytearray) -> torch.Tensor:
     if order is not None and bytes(view[order[0]: order[0] + order[1]]) != b"little":
         raise NotPlainTensor("not little-endian")
     start, size = members[pickled]
-    try:
-        rebuilt = _TensorPickle(io.BytesIO(view[start: start + size].tobytes())).load()
-    except NotPlainTensor:
-        raise
-    except Exception as exc:
-        raise NotPlainTensor(f"data.pkl: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(rebuilt, _Rebuilt):
-        raise NotPlainTensor(f"data.pkl holds a {type(rebuilt).__name__}, not a tensor")
+    rebuilt = _unpickled(view[start: start + size].tobytes())
     key, dtype, numel = rebuilt.storage
     data = members.get(f"{prefix}data/{key}")
     if data is None or data[1] != numel * dtype.itemsize:
