@@ -2,7 +2,8 @@
 
 A layer's experts live in 3-D parameters such as `mlp.experts.gate_up_proj` [experts, 2*ffn, hidden].
 peft's LoRA on such a parameter is one lora_A of [experts * r, in], expert-major (rows e*r + j), and
-one lora_B of [out, r * experts], rank-major (columns j*experts + e). Several targeted parameters of
+one lora_B of [out, r * experts], rank-major (columns j*experts + e); a 2-D parameter (a router's weight) has
+plain [r, in] and [out, r]. Several targeted parameters of
 one module nest: the first registered is innermost (`mlp.experts.base_layer.lora_A`), the last is
 `mlp.experts.lora_A`. The planner works per expert (transformers v4's and vLLM's layout); this module
 re-keys its result into the fused one.
@@ -58,7 +59,7 @@ def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: Arch
     for layer, params in layers.items():
         for fused in (f for f in arch.fused_experts if f.parameter in params):
             a_parts, b_parts = [], []
-            for e in range(num_experts):
+            for e in range(num_experts if "{e}" in fused.per_expert[0] else 1):  # a 2-D parameter is one "expert" to peft
                 modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
                 missing = [m for m in modules if m not in plan.modules]
                 if missing:

@@ -1,0 +1,96 @@
+"""Megatron-Bridge LoRA on grouped MoE experts (megatron's TEGroupedMLP with CPU grouped linears) and on the router:
+exported under EP, TP x EP with sequence parallelism and expert TP, loaded by peft into transformers v5 MoE models
+(top-2 of 4 experts per token), matching Megatron's logits; the layouts Bridge computes something else for are refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.multiprocess import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+ATTENTION_AND_EXPERTS = ("linear_qkv", "linear_fc1", "linear_fc2")
+
+
+def _export(rank, world, tmp, expert_adapters, family="mixtral", tp=1, ep=1, etp=None, sp=False, targets=ATTENTION_AND_EXPERTS, refused=False):
+    from megatron_peft_export import ExportError, export_adapter
+    from tests.support import tiny_moe
+    from tests.support.bridge_lora import apply_bridge_lora
+
+    cfg = tiny_moe.QWEN3_MOE_LIKE if family == "qwen3_moe" else tiny_moe.MIXTRAL_LIKE
+    tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
+    model = tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp, grouped_experts=True)
+    apply_bridge_lora(model, dim=8, alpha=16, target_modules=targets, expert_adapters=expert_adapters)
+    tiny_moe.fill_moe_lora_random(model, seed=23)
+    if refused:
+        try:
+            export_adapter(model, Path(tmp) / "adapter", model_type=family)
+        except ExportError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "exported"
+    tokens = tiny_moe.sample_tokens(cfg)
+    logits = tiny_moe.megatron_moe_logits(model, tokens)
+    base = Path(tmp) / "base"
+    if rank == 0:
+        tiny_moe.hf_moe_twin(cfg, family).config.save_pretrained(base)
+    out = export_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(base))
+    if rank != 0:
+        return None
+    config = json.loads((out / "adapter_config.json").read_text())
+    return {"config": config, "diff": tiny_moe.compare_moe_peft(out, cfg, tokens, logits, family=family)}
+
+
+def _check(result, target_modules, target_parameters):
+    print(f"max|diff| {result['diff']:.2e}")
+    assert result["diff"] <= 1e-5
+    assert result["config"]["target_modules"] == target_modules
+    assert result["config"]["target_parameters"] == target_parameters
+
+
+@pytest.mark.parametrize("expert_adapters", ["shared", "per_expert", "shared_outer"])
+@pytest.mark.parametrize("world,layout", [(1, {}), (2, {"ep": 2})], ids=["ep1", "ep2"])
+def test_grouped_expert_adapters_match_megatron_logits(tmp_path, expert_adapters, world, layout):
+    """Per-expert values differ by GLOBAL expert (a wrong expert numbering under EP changes the logits)."""
+    result = run_ranks(_export, world, str(tmp_path), expert_adapters, **layout)[0]
+    _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+
+
+@pytest.mark.parametrize("expert_adapters", ["shared", "per_expert"])
+def test_tp2_ep2_sequence_parallel_with_expert_lora(tmp_path, expert_adapters):
+    """4 ranks: TP2 x EP2 (expert TP 1, so experts are replicated over expert DP 2: one replica is exported)."""
+    result = run_ranks(_export, 4, str(tmp_path), expert_adapters, family="qwen3_moe", tp=2, ep=2, etp=1, sp=True)[0]
+    _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+
+
+@pytest.mark.parametrize("expert_adapters,world,layout", [
+    ("per_expert", 2, {"tp": 2, "etp": 2, "sp": True}),
+    ("shared", 4, {"ep": 2, "etp": 2}),
+], ids=["per-expert-tp2-etp2-sp", "shared-ep2-etp2"])
+def test_expert_tp2_gated_fc1(tmp_path, expert_adapters, world, layout):
+    """Each expert-TP rank's fc1 LoRA B is [gate_t; up_t]: concatenating the ranks' B ([g0; u0; g1; u1]) fails this."""
+    result = run_ranks(_export, world, str(tmp_path), expert_adapters, family="qwen3_moe", targets=("linear_qkv", "linear_fc1"), **layout)[0]
+    _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.gate_up_proj"])
+
+
+@pytest.mark.parametrize("family,world,layout", [("mixtral", 1, {}), ("qwen3_moe", 2, {"tp": 2})], ids=["mixtral-ep1", "qwen3-tp2"])
+def test_router_lora_matches_megatron_logits(tmp_path, family, world, layout):
+    """Router LoRA alone (only routing changes), as peft target_parameters on transformers v5's router weight."""
+    result = run_ranks(_export, world, str(tmp_path), "shared", family=family, targets=("router",), **layout)[0]
+    _check(result, [], ["mlp.gate.weight"])
+
+
+def test_router_and_per_expert_lora_together(tmp_path):
+    result = run_ranks(_export, 2, str(tmp_path), "per_expert", family="qwen3_moe", ep=2, targets=("router", "linear_fc1", "linear_fc2"))[0]
+    _check(result, [], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"])
+
+
+@pytest.mark.parametrize("world,layout,targets,expected", [
+    (2, {"tp": 2, "etp": 2, "sp": True}, ("linear_fc2",), "row-parallel expert linear (linear_fc2) at expert tensor-parallel size 2"),
+    (2, {"tp": 2, "etp": 1, "sp": True}, ("router",), "MoE router at tensor-parallel size 2 with sequence parallelism"),
+], ids=["expert-fc2-etp2", "router-tp2-sp"])
+def test_layouts_where_bridge_computes_no_lora_are_refused(tmp_path, world, layout, targets, expected):
+    results = run_ranks(_export, world, str(tmp_path), "shared", targets=targets, refused=True, **layout)
+    assert results[0] == results[1]
+    assert results[0].startswith("DialectError: ") and expected in results[0], results[0]
+    assert not (tmp_path / "adapter").exists()
