@@ -1,6 +1,8 @@
 """Which checkpoint keys are adapter tensors, and how each becomes shard specs. Pure: names and shapes in, specs out.
 
 On-disk layouts differ from the live ones in a few places, each undone here with the TP size of the save:
+Megatron-Bridge LoRA on MoE experts (stacked on a layer and a global expert axis, BRIDGE_FACTS.md section 7) is
+refused with the key named, never read as a dense linear.
 - ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`:
   read as tp_save shards of the gate_up layout.
 - Megatron-Bridge stacks homogeneous layers (`decoder.layers.<rest>` with a leading layer axis) and
@@ -59,6 +61,12 @@ def classify(key: str) -> AdapterKey | None:
     match = _BRIDGE.match(key)
     if match:
         head, rest, part, leaf = match.groups()
+        if ".mlp.experts." in f"{rest}.":  # routed experts (not mlp.shared_experts)
+            raise DialectError(
+                f"{key}: Megatron-Bridge LoRA on MoE experts is saved with a global expert axis (grouped experts: shared, per-expert "
+                "or shared-outer adapters), which offline export does not read yet; expected adapters on dense linears or the "
+                "router here. Export expert adapters from the live model (export_adapter, or the training hook at save time)"
+            )
         stacked = head == "decoder.layers"
         module = ("decoder.layers.{i}" if stacked else head) + rest
         return AdapterKey(key, "megatron-bridge", module, _ROLE[leaf], part, None, stacked)

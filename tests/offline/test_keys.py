@@ -66,3 +66,22 @@ def test_bridge_stacked_layers_and_canonical_gate_up_permutation(tp_save):
     for layer in range(layers):
         assert torch.equal(out[f"base_model.model.model.layers.{layer}.mlp.gate_proj.lora_B.weight"], gate_b[layer])
     assert "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight" in out
+
+
+@pytest.mark.parametrize("key", [
+    "decoder.layers.mlp.experts.linear_fc1.adapter.linear_in.weight",  # grouped experts (TEGroupedMLP)
+    "decoder.layers.mlp.experts.linear_fc2.adapter.linear_out.weight",
+    "decoder.layers.3.mlp.experts.linear_fc1.adapter.linear_out.weight",
+    "decoder.layers.mlp.experts.experts.linear_fc1.adapter.linear_in.weight",  # SequentialMLP experts, stacked
+])
+def test_bridge_expert_adapter_keys_are_refused_by_name(key):
+    with pytest.raises(DialectError, match="global expert axis") as info:
+        classify(key)
+    assert str(info.value).startswith(key + ": ")
+
+
+def test_bridge_router_and_shared_expert_keys_stay_dense():
+    r = classify("decoder.layers.mlp.router.adapter.linear_in.weight")
+    assert (r.module, r.role, r.stacked) == ("decoder.layers.{i}.mlp.router", "lora_A", True)
+    s = classify("decoder.layers.mlp.shared_experts.linear_fc1.adapter.linear_out.weight")
+    assert s.module == "decoder.layers.{i}.mlp.shared_experts.linear_fc1"
