@@ -94,3 +94,29 @@ def test_layouts_where_bridge_computes_no_lora_are_refused(tmp_path, world, layo
     assert results[0] == results[1]
     assert results[0].startswith("DialectError: ") and expected in results[0], results[0]
     assert not (tmp_path / "adapter").exists()
+
+
+def _round_trip(rank, world, tmp, load_into):
+    """Export per-expert adapters (experts differ) and load them into a model with `load_into` expert adapters."""
+    from megatron_peft_export import ExportError, export_adapter, load_hf_adapter
+    from tests.support import tiny_moe
+    from tests.support.bridge_lora import apply_bridge_lora
+
+    cfg = tiny_moe.MIXTRAL_LIKE
+    tiny_moe.init_moe_parallel(ep=world)
+    source, target = (apply_bridge_lora(tiny_moe.build_moe_gpt(cfg, grouped_experts=True), target_modules=("linear_fc1",), expert_adapters=kind)
+                      for kind in ("per_expert", load_into))
+    tiny_moe.fill_moe_lora_random(source, seed=5)
+    export_adapter(source, Path(tmp) / "adapter", model_type="mixtral", expert_layout="per_expert")
+    try:
+        load_hf_adapter(target, Path(tmp) / "adapter", model_type="mixtral")
+    except ExportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    loaded = dict(target.named_parameters())
+    return all(p.equal(loaded[k]) for k, p in source.named_parameters() if ".adapter." in k)
+
+
+def test_import_fills_per_expert_adapters_and_refuses_differing_experts_for_a_shared_one(tmp_path):
+    assert run_ranks(_round_trip, 2, str(tmp_path / "per_expert"), "per_expert") == [True, True]
+    results = run_ranks(_round_trip, 2, str(tmp_path / "shared"), "shared")
+    assert results[0] == results[1] and "have different lora_A in the adapter, but the model holds one for both" in results[0], results[0]
