@@ -288,16 +288,24 @@ class CanonicalAdapterDict(nn.ModuleDict):
 
 
 class _ExpertWeights(nn.Module):
-    """One 3-D parameter ``weight`` [local experts, out, in], so names read ``adapter.linear_in.weight`` as in Bridge."""
+    """One 3-D parameter ``weight`` [local experts, out, in], so names read ``adapter.linear_in.weight`` as in Bridge.
 
-    def __init__(self, shape, tp_axis: Optional[int], dtype) -> None:
+    Initialised as Bridge's: xavier-normal per expert for A (``xavier``), zeros for B.
+    """
+
+    def __init__(self, shape, tp_axis: Optional[int], dtype, *, xavier: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        if xavier:
+            with torch.no_grad():
+                for matrix in self.weight:
+                    nn.init.xavier_normal_(matrix)
         if tp_axis is not None:
             set_tensor_model_parallel_attributes(self.weight, True, tp_axis, 1)
 
 
-def _per_expert(x: torch.Tensor, m_splits) -> tuple:
+def _expert_runs(x: torch.Tensor, m_splits) -> tuple:
+    """The grouped tokens of each local expert (the dispatcher sorts them by expert)."""
     return torch.split(x, [int(n) for n in m_splits])
 
 
@@ -317,8 +325,8 @@ class BridgeGroupedExpertAdapter(nn.Module):
         self.is_expert = True
         etp = _tp_size(tp_group)
         a_shape = (num_local_experts, dim, in_features // etp) if input_is_parallel else (num_local_experts, dim // etp, in_features)
-        self.linear_in = _ExpertWeights(a_shape, 2 if input_is_parallel else 1, config.params_dtype)
-        self.linear_out = _ExpertWeights((num_local_experts, out_features // etp, dim), 1, config.params_dtype)
+        self.linear_in = _ExpertWeights(a_shape, 2 if input_is_parallel else 1, config.params_dtype, xavier=True)
+        self.linear_out = _ExpertWeights((num_local_experts, out_features // etp, dim), 1, config.params_dtype, xavier=False)
 
     def _gather_last(self, t: torch.Tensor) -> torch.Tensor:
         if _tp_size(self.expert_tp_group) == 1:
@@ -329,7 +337,7 @@ class BridgeGroupedExpertAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, m_splits, *args: Any, **kwargs: Any) -> torch.Tensor:
         outs = []
-        for e, piece in enumerate(_per_expert(x, m_splits)):  # every expert-TP rank holds the same tokens
+        for e, piece in enumerate(_expert_runs(x, m_splits)):  # every expert-TP rank holds the same tokens
             h = F.linear(piece, self.linear_in.weight[e])
             h = h if self.input_is_parallel else self._gather_last(h)
             y = F.linear(h, self.linear_out.weight[e])
@@ -355,18 +363,18 @@ class BridgeSharedOuterExpertAdapter(nn.Module):
         if self.fc1:
             self.linear_in = ColumnParallelLinear(in_features, dim, config=config, init_method=nn.init.xavier_normal_, bias=False,
                                                   gather_output=True, is_expert=True)
-            self.linear_out = _ExpertWeights((num_local_experts, out_features, dim), None, config.params_dtype)
+            self.linear_out = _ExpertWeights((num_local_experts, out_features, dim), None, config.params_dtype, xavier=False)
         else:
-            self.linear_in = _ExpertWeights((num_local_experts, dim, in_features), None, config.params_dtype)
+            self.linear_in = _ExpertWeights((num_local_experts, dim, in_features), None, config.params_dtype, xavier=True)
             self.linear_out = RowParallelLinear(dim, out_features, config=config, init_method=nn.init.zeros_, bias=False,
                                                 input_is_parallel=True, skip_bias_add=True, is_expert=True)
 
     def forward(self, x: torch.Tensor, m_splits, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.fc1:
             h, _ = self.linear_in(x)
-            y = torch.cat([F.linear(p, self.linear_out.weight[e]) for e, p in enumerate(_per_expert(h, m_splits))])
+            y = torch.cat([F.linear(p, self.linear_out.weight[e]) for e, p in enumerate(_expert_runs(h, m_splits))])
         else:
-            h = torch.cat([F.linear(p, self.linear_in.weight[e]) for e, p in enumerate(_per_expert(x, m_splits))])
+            h = torch.cat([F.linear(p, self.linear_in.weight[e]) for e, p in enumerate(_expert_runs(x, m_splits))])
             y, _ = self.linear_out(h)
         return y * (self.alpha / self.dim)
 
