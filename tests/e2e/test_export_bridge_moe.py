@@ -13,14 +13,15 @@ pytestmark = pytest.mark.timeout(300)
 ATTENTION_AND_EXPERTS = ("linear_qkv", "linear_fc1", "linear_fc2")
 
 
-def _export(rank, world, tmp, expert_adapters, family="mixtral", tp=1, ep=1, etp=None, sp=False, targets=ATTENTION_AND_EXPERTS, refused=False):
+def _export(rank, world, tmp, expert_adapters, family="mixtral", tp=1, ep=1, etp=None, sp=False, targets=ATTENTION_AND_EXPERTS, refused=False,
+            grouped=True):
     from megatron_peft_export import ExportError, export_adapter
     from tests.support import tiny_moe
     from tests.support.bridge_lora import apply_bridge_lora
 
     cfg = tiny_moe.QWEN3_MOE_LIKE if family == "qwen3_moe" else tiny_moe.MIXTRAL_LIKE
     tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
-    model = tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp, grouped_experts=True)
+    model = tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp, grouped_experts=grouped)
     apply_bridge_lora(model, dim=8, alpha=16, target_modules=targets, expert_adapters=expert_adapters)
     tiny_moe.fill_moe_lora_random(model, seed=23)
     if refused:
@@ -63,6 +64,13 @@ def test_tp2_ep2_sequence_parallel_with_expert_lora(tmp_path, expert_adapters):
     _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
 
 
+@pytest.mark.parametrize("world,layout", [(2, {"ep": 2}), (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True})], ids=["ep2", "tp2xep2-sp"])
+def test_bridge_lora_on_sequential_mlp_experts(tmp_path, world, layout):
+    """SequentialMLP experts: Bridge's ordinary adapter on each expert linear, on the expert-TP group."""
+    result = run_ranks(_export, world, str(tmp_path), "shared", family="qwen3_moe", grouped=False, **layout)[0]
+    _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+
+
 @pytest.mark.parametrize("expert_adapters,world,layout", [
     ("per_expert", 2, {"tp": 2, "etp": 2, "sp": True}),
     ("shared", 4, {"ep": 2, "etp": 2}),
@@ -88,7 +96,8 @@ def test_router_and_per_expert_lora_together(tmp_path):
 @pytest.mark.parametrize("world,layout,targets,expected", [
     (2, {"tp": 2, "etp": 2, "sp": True}, ("linear_fc2",), "row-parallel expert linear (linear_fc2) at expert tensor-parallel size 2"),
     (2, {"tp": 2, "etp": 1, "sp": True}, ("router",), "MoE router at tensor-parallel size 2 with sequence parallelism"),
-], ids=["expert-fc2-etp2", "router-tp2-sp"])
+    (2, {"tp": 2, "etp": 2, "sp": True, "grouped": False}, ("linear_fc2",), "row-parallel expert linear (linear_fc2) at expert tensor-parallel size 2"),
+], ids=["expert-fc2-etp2", "router-tp2-sp", "sequential-expert-fc2-etp2"])
 def test_layouts_where_bridge_computes_no_lora_are_refused(tmp_path, world, layout, targets, expected):
     results = run_ranks(_export, world, str(tmp_path), "shared", targets=targets, refused=True, **layout)
     assert results[0] == results[1]
