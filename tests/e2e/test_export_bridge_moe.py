@@ -129,3 +129,63 @@ def test_import_fills_per_expert_adapters_and_refuses_differing_experts_for_a_sh
     assert run_ranks(_round_trip, 2, str(tmp_path / "per_expert"), "per_expert") == [True, True]
     results = run_ranks(_round_trip, 2, str(tmp_path / "shared"), "shared")
     assert results[0] == results[1] and "have different lora_A in the adapter, but the model holds one for both" in results[0], results[0]
+
+
+def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, targets=("linear_fc1", "linear_fc2")):
+    """Export live, and save the adapters (as Bridge does: adapter keys only) in a torch_dist checkpoint with Bridge's run_config."""
+    import torch.distributed as dist
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    from megatron_peft_export import export_adapter
+    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from tests.support import tiny_moe
+    from tests.support.bridge_lora import apply_bridge_lora
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    cfg = tiny_moe.MIXTRAL_LIKE
+    tiny_moe.init_moe_parallel(ep=ep, etp=etp)
+    model = apply_bridge_lora(tiny_moe.build_moe_gpt(cfg, grouped_experts=True), dim=8, alpha=16, target_modules=targets, expert_adapters=expert_adapters)
+    tiny_moe.fill_moe_lora_random(model, seed=29)
+    export_adapter(model, Path(tmp) / "live", model_type="mixtral")
+    directory = iteration_dir(Path(tmp) / "save", 3)
+    directory.mkdir(parents=True, exist_ok=True)
+    adapters = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." in k}
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save({"model": adapters, "iteration": 3}, str(directory))
+    if rank == 0:
+        run_config = {"model": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+                                "num_query_groups": cfg.num_query_groups, "kv_channels": cfg.kv_channels, "ffn_hidden_size": cfg.ffn_hidden_size,
+                                "gated_linear_unit": True, "tensor_model_parallel_size": 1, "num_moe_experts": cfg.num_experts,
+                                "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size, "expert_tensor_parallel_size": etp or 1},
+                      "peft": {"_target_": "megatron.bridge.peft.lora.LoRA", "dim": 8, "alpha": 16}}
+        (directory / "run_config.yaml").write_text(yaml.safe_dump(run_config))
+        (Path(tmp) / "save" / TRACKER).write_text("3")
+    dist.barrier()
+
+
+def _offline(rank, world, checkpoint, out):
+    from megatron_peft_export.export import ExportOptions
+    from megatron_peft_export.offline.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out, options=ExportOptions(model_type="mixtral"), quiet=True)
+
+
+@pytest.mark.parametrize("expert_adapters,world,layout", [
+    ("shared", 2, {"ep": 2}),
+    ("per_expert", 2, {"ep": 2}),
+    ("shared_outer", 2, {"ep": 2}),
+    ("shared", 4, {"ep": 2, "etp": 2, "targets": ("linear_fc1",)}),
+    ("per_expert", 4, {"ep": 2, "etp": 2, "targets": ("linear_fc1",)}),
+], ids=["shared-ep2", "per-expert-ep2", "shared-outer-ep2", "shared-ep2-etp2", "per-expert-ep2-etp2"])
+def test_offline_export_of_bridge_expert_adapters_equals_the_live_export(tmp_path, expert_adapters, world, layout):
+    import torch
+    from safetensors.torch import load_file
+
+    run_ranks(_save_and_export_live, world, str(tmp_path), expert_adapters, **layout)
+    run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"))
+    live, offline = load_file(tmp_path / "live" / "adapter_model.safetensors"), load_file(tmp_path / "offline" / "adapter_model.safetensors")
+    assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
+    assert any("mlp.experts" in k for k in live)
+    assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads((tmp_path / "offline" / "adapter_config.json").read_text())

@@ -52,6 +52,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.utils import (
     make_sharded_tensor_for_checkpoint,
@@ -243,6 +244,18 @@ class BridgeParallelAdapter(nn.Module):
         return x * (self.alpha / self.dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        if self.is_expert and ".local_experts." not in self.base_linear_name:  # shared by grouped experts: a global expert axis
+            local = self.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+            first = ps.get_expert_model_parallel_rank() * local
+            gated = "linear_fc1" in self.base_linear_name and self.config.gated_linear_unit
+            return {
+                f"{prefix}{name}.weight": [
+                    t for e in range(local)
+                    for t in _expert_sharded(f"{prefix}{name}.weight", linear.weight, sharded_offsets, expert=(first + e, self.config.num_moe_experts),
+                                             tp_axis=linear.weight.partition_dim, group=self.tp_group, swiglu=gated and name == "linear_out", new_axis=True)
+                ]
+                for name, linear in (("linear_in", self.linear_in), ("linear_out", self.linear_out))
+            }
         sd = {}
         sd.update(self.linear_in.sharded_state_dict(f"{prefix}linear_in.", sharded_offsets, metadata))
         out_sd = self.linear_out.sharded_state_dict(f"{prefix}linear_out.", sharded_offsets, metadata)
@@ -309,6 +322,34 @@ def _expert_runs(x: torch.Tensor, m_splits) -> tuple:
     return torch.split(x, [int(n) for n in m_splits])
 
 
+def _edp_rank() -> int:
+    return ps.get_expert_data_parallel_rank()
+
+
+def _expert_sharded(key: str, tensor: torch.Tensor, sharded_offsets: tuple, *, expert: tuple, tp_axis, group, swiglu: bool,
+                    new_axis: bool) -> list:
+    """Bridge's grouped-expert checkpoint layout for one local tensor: ShardedTensors on a global expert axis.
+
+    ``expert`` is (index, count) on that axis: a new axis in front of a 2-D tensor shared by the rank's experts
+    (``new_axis``, one copy per expert slot, P/utils.py:1401-1511), or a 3-D tensor's own local expert axis sharded
+    over EP (1729-1774). ``tp_axis`` (local axis of the tensor as given) is sharded over expert TP; with ``swiglu``
+    the gated fc1 B's rows [gate_t; up_t] are stored at blocks t and t + etp of 2 * etp (whole [gate; up]).
+    """
+    p = len(sharded_offsets)
+    shift = p + 1 if new_axis else p  # global axis of the tensor's local axis 0
+    rows = 0 if new_axis else 1  # local axis of the output rows
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    pieces = [(tensor, ())]
+    if swiglu:
+        gate, up = torch.chunk(tensor, 2, dim=rows)
+        pieces = [(gate, ((shift + rows, rank, 2 * size),)), (up, ((shift + rows, rank + size, 2 * size),))]
+    tp = () if tp_axis is None or size == 1 or (swiglu and tp_axis == rows) else ((shift + tp_axis, rank, size),)
+    return [
+        ShardedTensor.from_rank_offsets(key, data, *sharded_offsets, (p, *expert), *tp, *split, replica_id=(0, 0, _edp_rank()), prepend_axis_num=shift)
+        for data, split in pieces
+    ]
+
+
 class BridgeGroupedExpertAdapter(nn.Module):
     """Bridge's GroupedExpertLinearAdapter (``share_expert_adapters=False``): one LoRA pair per local expert.
 
@@ -327,6 +368,16 @@ class BridgeGroupedExpertAdapter(nn.Module):
         a_shape = (num_local_experts, dim, in_features // etp) if input_is_parallel else (num_local_experts, dim // etp, in_features)
         self.linear_in = _ExpertWeights(a_shape, 2 if input_is_parallel else 1, config.params_dtype, xavier=True)
         self.linear_out = _ExpertWeights((num_local_experts, out_features // etp, dim), 1, config.params_dtype, xavier=False)
+        self.gated_out = not input_is_parallel and config.gated_linear_unit
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The local expert axis over EP, the TP axis over expert TP, fc1 B split gate/up (P/utils.py:2360-2404)."""
+        ep = (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
+        return {
+            f"{prefix}{name}.weight": _expert_sharded(f"{prefix}{name}.weight", w.weight, sharded_offsets, expert=ep, tp_axis=w.weight.partition_dim,
+                                                      group=self.expert_tp_group, swiglu=self.gated_out and name == "linear_out", new_axis=False)
+            for name, w in (("linear_in", self.linear_in), ("linear_out", self.linear_out))
+        }
 
     def _gather_last(self, t: torch.Tensor) -> torch.Tensor:
         if _tp_size(self.expert_tp_group) == 1:
@@ -359,6 +410,7 @@ class BridgeSharedOuterExpertAdapter(nn.Module):
         if _tp_size(tp_group) != 1:
             raise NotImplementedError("Bridge's shared-outer expert LoRA has full-width per-expert weights: expert TP 1 only")
         self.dim, self.alpha, self.fc1, self.is_expert = dim, alpha if alpha is not None else dim, not input_is_parallel, True
+        self.gated_out = config.gated_linear_unit
         config.perform_initialization = True
         if self.fc1:
             self.linear_in = ColumnParallelLinear(in_features, dim, config=config, init_method=nn.init.xavier_normal_, bias=False,
@@ -368,6 +420,17 @@ class BridgeSharedOuterExpertAdapter(nn.Module):
             self.linear_in = _ExpertWeights((num_local_experts, dim, in_features), None, config.params_dtype, xavier=True)
             self.linear_out = RowParallelLinear(dim, out_features, config=config, init_method=nn.init.zeros_, bias=False,
                                                 input_is_parallel=True, skip_bias_add=True, is_expert=True)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The shared side as its megatron linear saves itself, the per-expert side on the expert axis (P/utils.py:2669-2690)."""
+        ep = (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
+        shared, packed = ("linear_in", "linear_out") if self.fc1 else ("linear_out", "linear_in")
+        sd = getattr(self, shared).sharded_state_dict(f"{prefix}{shared}.", sharded_offsets, metadata)
+        sd = {k: v for k, v in sd.items() if k.endswith(".weight")}
+        key = f"{prefix}{packed}.weight"
+        sd[key] = _expert_sharded(key, getattr(self, packed).weight, sharded_offsets, expert=ep, tp_axis=None, group=None,
+                                  swiglu=self.fc1 and self.gated_out, new_axis=False)
+        return sd
 
     def forward(self, x: torch.Tensor, m_splits, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.fc1:

@@ -216,6 +216,10 @@ class CpuGroupedLinear(torch.nn.Module):
             weight.allreduce = not self.explicit_expert_comm
             self.register_parameter(f"weight{i}", weight)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Nothing: the grouped base weights are not saved here (Bridge's checkpoints hold the adapters only)."""
+        return {}
+
     def forward(self, x, m_splits):
         pieces = torch.split(x, [int(n) for n in m_splits])
         return torch.cat([F.linear(piece, getattr(self, f"weight{i}")) for i, piece in enumerate(pieces)]), None
