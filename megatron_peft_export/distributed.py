@@ -33,6 +33,8 @@ class RankLayout:
     tp_size: int
     is_data_parallel_source: bool
     """True on the one data-parallel (and context-parallel) replica whose shards are exported."""
+    is_expert_data_parallel_source: bool = True
+    """The same for expert weights, replicated over the expert data-parallel group instead."""
 
     @classmethod
     def from_megatron(cls) -> "RankLayout":
@@ -44,6 +46,7 @@ class RankLayout:
             tp_rank=ps.get_tensor_model_parallel_rank(),
             tp_size=ps.get_tensor_model_parallel_world_size(),
             is_data_parallel_source=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
+            is_expert_data_parallel_source=ps.get_expert_data_parallel_rank() == 0,
         )
 
 

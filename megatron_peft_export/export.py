@@ -102,7 +102,8 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         config, report.megatron_vocab = megatron_config(chunks[0])
         report.geometry = ModelGeometry.from_megatron(config)
         report.quantization = describe_quantization(chunks)
-        found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source)
+        found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source,
+                        layout.is_expert_data_parallel_source)
         report.dialects, report.adapter_names = found.dialects, found.adapter_names
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
         if copy:

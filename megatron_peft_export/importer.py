@@ -105,12 +105,25 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
             values = [_read_shard(read, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry)) for spec, tensor in local]
         check_finite(((f"{spec.module} {spec.role}", value) for (spec, _), value in zip(local, values)), allow=allow_nonfinite,
                      remedy="pass allow_nonfinite=True to load it anyway")
+        _check_shared(local, values)
     except Exception as exc:  # every rank must reach the agreement below
         error = exc
     coll.agree(error, group)
     with torch.no_grad():
         for (_, tensor), value in zip(local, values):
             tensor.copy_(value)
+
+
+def _check_shared(local: list, values: list[torch.Tensor]) -> None:
+    """A tensor found for several modules (a Bridge adapter shared by the grouped experts of an EP rank) takes one value."""
+    first: dict[int, tuple[str, torch.Tensor]] = {}
+    for (spec, tensor), value in zip(local, values):
+        module, seen = first.setdefault(id(tensor), (spec.module, value))
+        if not torch.equal(seen, value):
+            raise ShapeMismatchError(
+                f"{spec.module} and {module} have different {spec.role} in the adapter, but the model holds one for both (a Megatron-Bridge "
+                "adapter shared by the experts of an EP rank); load it into per-expert adapters (share_expert_adapters=False), or make them equal"
+            )
 
 
 def _unique(specs) -> list:

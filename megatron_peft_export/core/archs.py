@@ -37,7 +37,8 @@ class FusedExperts:
     parameter: str
     """Inside the layer, e.g. `mlp.experts.gate_up_proj` ([experts, out, in])."""
     per_expert: tuple[str, ...]
-    """The per-expert HF modules (`{e}`) whose output rows the parameter stacks, in order (gate then up)."""
+    """The per-expert HF modules (`{e}`) whose output rows the parameter stacks, in order (gate then up); without
+    `{e}`, the one module a 2-D parameter (a router's weight) stands for."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ NEMOTRON = ArchMap(
 _EXPERT_FC1 = "mlp.experts.local_experts.{e}.linear_fc1"
 _EXPERT_FC2 = "mlp.experts.local_experts.{e}.linear_fc2"
 _EXPERT = "moe_ffn_hidden_size"
+_ROUTER = "mlp.router"
+_V5_ROUTER = FusedExperts("mlp.gate.weight", ("mlp.gate",))
+"""transformers v5's routers (Mixtral, Qwen-MoE) are not nn.Linear (peft cannot target them as modules): their weight is a target parameter."""
 
 QWEN_MOE = ArchMap(
     name="qwen3_moe",
@@ -82,10 +86,12 @@ QWEN_MOE = ArchMap(
         _QKV, _PROJ,
         ModuleMap(_EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up"), _EXPERT),
         ModuleMap(_EXPERT_FC2, ("mlp.experts.{e}.down_proj",), "plain", width=_EXPERT),
+        ModuleMap(_ROUTER, ("mlp.gate",), "plain"),
     ),
     fused_experts=(
         FusedExperts("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj")),
         FusedExperts("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj",)),
+        _V5_ROUTER,
     ),
 )
 """Qwen-style MoE: per-expert `mlp.experts.{e}.{gate,up,down}_proj` (transformers v4, vLLM), fused in v5."""
@@ -113,13 +119,15 @@ MIXTRAL = ArchMap(
         _QKV, _PROJ,
         ModuleMap(_EXPERT_FC1, ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"), "gate_up", ("gate", "up"), _EXPERT),
         ModuleMap(_EXPERT_FC2, ("block_sparse_moe.experts.{e}.w2",), "plain", width=_EXPERT),
+        ModuleMap(_ROUTER, ("block_sparse_moe.gate",), "plain"),
     ),
     fused_experts=(
         FusedExperts("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3")),
         FusedExperts("mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2",)),
+        FusedExperts(_V5_ROUTER.parameter, ("block_sparse_moe.gate",)),
     ),
 )
-"""Mixtral: w1 (gate), w3 (up), w2 (down) per expert in transformers v4; fused under `mlp.experts` in v5."""
+"""Mixtral: w1 (gate), w3 (up), w2 (down) per expert and the router `gate` in transformers v4; under `mlp` in v5."""
 
 ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL)
 

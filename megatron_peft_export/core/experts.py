@@ -2,7 +2,8 @@
 
 A layer's experts live in 3-D parameters such as `mlp.experts.gate_up_proj` [experts, 2*ffn, hidden].
 peft's LoRA on such a parameter is one lora_A of [experts * r, in], expert-major (rows e*r + j), and
-one lora_B of [out, r * experts], rank-major (columns j*experts + e). Several targeted parameters of
+one lora_B of [out, r * experts], rank-major (columns j*experts + e); a 2-D parameter (a router's weight) has
+plain [r, in] and [out, r]. Several targeted parameters of
 one module nest: the first registered is innermost (`mlp.experts.base_layer.lora_A`), the last is
 `mlp.experts.lora_A`. The planner works per expert (transformers v4's and vLLM's layout); this module
 re-keys its result into the fused one, and back for import.
@@ -59,7 +60,7 @@ def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: Arch
     for layer, params in layers.items():
         for fused in (f for f in arch.fused_experts if f.parameter in params):
             a_parts, b_parts = [], []
-            for e in range(num_experts):
+            for e in range(num_experts if "{e}" in fused.per_expert[0] else 1):  # a 2-D parameter is one "expert" to peft
                 modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
                 missing = [m for m in modules if m not in plan.modules]
                 if missing:
@@ -109,12 +110,14 @@ def unfuse_experts(tensors: Mapping[str, torch.Tensor], arch: ArchMap, num_exper
         if b is None:
             raise ShapeMismatchError(f"{key} has no {b_key}; expected both for a LoRA on {layer}.{fused.parameter}")
         del out[key]
-        if a.shape[0] != num_experts * r or b.shape[1] != a.shape[0]:
+        count = num_experts if "{e}" in fused.per_expert[0] else 1  # a 2-D parameter (a router's weight) is one "expert" to peft
+        if a.shape[0] != count * r or b.shape[1] != a.shape[0]:
+            held = f"holds {a.shape[0] / r:g} experts" if count > 1 else "is not a rank-r LoRA"
             raise ShapeMismatchError(
-                f"{layer}.{fused.parameter}: the adapter holds {a.shape[0] / r:g} experts (lora_A {list(a.shape)}, lora_B {list(b.shape)}, r {r}), "
-                f"the Megatron model has {num_experts}; load it into a model with the expert count of the adapter's base model"
+                f"{layer}.{fused.parameter}: the adapter {held} (lora_A {list(a.shape)}, lora_B {list(b.shape)}, r {r}), "
+                f"the Megatron model has {num_experts} experts; load it into a model with the expert count of the adapter's base model"
             )
-        b_by_expert = b.unflatten(1, (r, num_experts))  # rank-major columns: [out, r, experts]
+        b_by_expert = b.unflatten(1, (r, count))  # rank-major columns: [out, r, experts]
         for e, a_e in enumerate(a.split(r)):  # expert-major rows
             modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
             for module, b_rows in zip(modules, b_by_expert[..., e].chunk(len(modules))):

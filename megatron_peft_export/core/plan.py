@@ -73,6 +73,10 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
         return g.hidden_size, (ffn,) * len(module.hf)
     if kind == "linear_fc2":
         return ffn, (g.hidden_size,)
+    if kind == "router":
+        if not g.num_experts:
+            raise ShapeMismatchError("found a router adapter, but the model geometry has no experts (num_experts)")
+        return g.hidden_size, (g.num_experts,)
     raise DialectError(f"no shape rule for Megatron module kind {kind!r}")
 
 

@@ -15,18 +15,9 @@ import torch
 
 from ..core.plan import OUTPUT_LAYER
 from ..errors import DialectError
-from ..core.shards import Role, ShardSpec
+from ..core.shards import ShardSpec
 from . import bridge, modelopt
-
-
-@dataclass(frozen=True)
-class FoundTensor:
-    """An adapter tensor a dialect found on a module."""
-
-    role: Role
-    tensor: torch.Tensor
-    alpha: float
-    part: str | None = None
+from .base import FoundTensor
 
 
 class Dialect(Protocol):
@@ -66,33 +57,55 @@ class _Where:
     path: str
     expert_tp: tuple[int, int] | None = None
     expert_dp_source: bool | None = None
+    expert_offset: int | None = None
+    """Grouped experts: the global index of local expert 0; `path` holds `{e}` for the expert a tensor is for."""
+
+    def tensor_path(self, expert: int | None, module: str, dialect: str) -> str:
+        if (expert is None) == (self.expert_offset is None):
+            return self.path if expert is None else self.path.replace("{e}", str(self.expert_offset + expert))
+        if expert is None:
+            raise DialectError(
+                f"found a {dialect} adapter on the grouped experts linear {module!r} without per-expert tensors; expected "
+                "Megatron-Bridge LoRA on grouped experts (shared, per-expert or shared-outer), or SequentialMLP experts"
+            )
+        raise DialectError(f"found per-expert {dialect} adapter tensors on {module!r}, which is not a grouped experts linear")
 
 
 _LAYER_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.(\d+))$")
 _PATH_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.\d+|output_layer)((?:\.[^.]+)*)$")
 
 
-def _experts(chunk: torch.nn.Module) -> dict[str, _Where]:
-    """`<experts>.local_experts.<k>` -> the global expert index and groups, from megatron's SequentialMLP attributes."""
+def _experts(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _Where]:
+    """Where the experts of each MoE layer go, from megatron's expert modules (EP, expert-TP and expert-DP groups).
+
+    SequentialMLP: `<experts>.local_experts.<k>` -> global expert `ep_rank * num_local_experts + k`. Grouped experts
+    (TEGroupedMLP: `linear_fc1`/`linear_fc2` with one GEMM per local expert, no expert-DP group of its own): `<experts>`,
+    with the expert left to each tensor.
+    """
     found = {}
     for name, module in chunk.named_modules():
-        if not (hasattr(module, "local_experts") and hasattr(module, "num_local_experts") and hasattr(module, "ep_group")):
+        if not all(hasattr(module, a) for a in ("num_local_experts", "ep_group", "tp_group")):
             continue
         offset = module.ep_group.rank() * module.num_local_experts
         tp = (module.tp_group.rank(), module.tp_group.size())
-        for k in range(module.num_local_experts):
-            found[f"{name}.local_experts.{k}"] = _Where(f"local_experts.{offset + k}", tp, module.dp_group.rank() == 0)
+        dp_group = getattr(module, "dp_group", None)
+        source = expert_dp_source if dp_group is None else dp_group.rank() == 0
+        if hasattr(module, "local_experts"):
+            for k in range(module.num_local_experts):
+                found[f"{name}.local_experts.{k}"] = _Where(f"local_experts.{offset + k}", tp, source)
+        elif hasattr(module, "linear_fc1"):  # not the MoE layer itself, which has these groups too
+            found[name] = _Where("local_experts.{e}", tp, source, offset)
     return found
 
 
-def _global_paths(chunk: torch.nn.Module) -> dict[str, _Where]:
+def _global_paths(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _Where]:
     """Module name -> Megatron path with global layer (`layer_number` is 1-based and global) and expert indices."""
     layer_of = {}
     for name, module in chunk.named_modules():
         match = _LAYER_RE.match(name)
         if match and hasattr(module, "layer_number"):
             layer_of[name] = f"decoder.layers.{module.layer_number - 1}"
-    experts = _experts(chunk)
+    experts = _experts(chunk, expert_dp_source)
     paths = {}
     for name, _ in chunk.named_modules():
         match = _PATH_RE.match(name)
@@ -108,20 +121,24 @@ def _global_paths(chunk: torch.nn.Module) -> dict[str, _Where]:
             else:
                 where = experts[expert]
                 local = expert[len(head):].rsplit(".local_experts.", 1)[0] + "." + where.path + name[len(expert):]
-                paths[name] = _Where(layer_of[head] + local, where.expert_tp, where.expert_dp_source)
+                paths[name] = _Where(layer_of[head] + local, where.expert_tp, where.expert_dp_source, where.expert_offset)
     return paths
 
 
-def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, tp_size: int, dp_source: bool = True) -> Collected:
+def collect(
+    chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, tp_size: int, dp_source: bool = True, expert_dp_source: bool = True,
+) -> Collected:
     """Walk model chunks (VPP or one) and collect this rank's tensors of `adapter_name`, with global paths.
 
     A tensor's TP coordinates come from the process group of the megatron linear that owns it (expert
-    linears: expert TP), else (tp_rank, tp_size); experts are replicated over the expert data-parallel
-    group, read from their SequentialMLP, everything else over data parallelism (dp_source).
+    linears: expert TP), else (tp_rank, tp_size); a split over a group of one is no split. Experts are
+    replicated over the expert data-parallel group (SequentialMLP's, else `expert_dp_source`), everything
+    else over data parallelism (`dp_source`). A grouped-experts adapter yields its tensors per local
+    expert; each becomes that global expert's (a shared tensor: every local expert's).
     """
     found = Collected(set(), set(), [])
     for chunk in chunks:
-        paths = _global_paths(chunk)
+        paths = _global_paths(chunk, expert_dp_source)
         for name, module in chunk.named_modules():
             for dialect in DIALECTS:
                 tensors = dialect.find(module, adapter_name)
@@ -138,8 +155,8 @@ def collect(chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, 
                 for t in tensors:
                     rank, size = (t.tp_group.rank(), t.tp_group.size()) if t.tp_group is not None else where.expert_tp or (tp_rank, tp_size)
                     spec = ShardSpec(
-                        module=where.path, role=t.role, part=t.part, shape=tuple(t.tensor.shape),
-                        split_dim=t.split_dim, tp_rank=rank, tp_size=size, alpha=float(t.alpha),
+                        module=where.tensor_path(t.expert, name, dialect.NAME), role=t.role, part=t.part, shape=tuple(t.tensor.shape),
+                        split_dim=t.split_dim if size > 1 else None, tp_rank=rank, tp_size=size, alpha=float(t.alpha),
                         dtype=str(t.tensor.dtype).removeprefix("torch."),
                     )
                     source = dp_source if where.expert_dp_source is None else where.expert_dp_source

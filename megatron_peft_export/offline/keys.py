@@ -1,6 +1,9 @@
 """Which checkpoint keys are adapter tensors, and how each becomes shard specs. Pure: names and shapes in, specs out.
 
 On-disk layouts differ from the live ones in a few places, each undone here with the TP size of the save:
+- Megatron-Bridge LoRA on MoE experts (`mlp.experts.experts.linear_fc1/2`, BRIDGE_FACTS.md section 7) is stacked
+  on a layer and a global expert axis, as TP=1 tensors (fc1 B `[gate; up]`); a tensor without the expert axis
+  (shared-outer's shared side) is every expert's. Other expert layouts are refused with the key named.
 - ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`:
   read as tp_save shards of the gate_up layout.
 - Megatron-Bridge stacks homogeneous layers (`decoder.layers.<rest>` with a leading layer axis) and
@@ -12,6 +15,7 @@ On-disk layouts differ from the live ones in a few places, each undone here with
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -20,6 +24,8 @@ from ..errors import DialectError
 
 _MODELOPT = re.compile(r"^(decoder\.layers\.\d+\.(?:.+)|output_layer)\.lora_([ab])_(.+)\.weight$")
 _BRIDGE = re.compile(r"^(decoder\.layers\.\d+|decoder\.layers|output_layer)((?:\.[^.]+)*?)\.adapter\.(?:adapter_(q|k|v|gate|up)\.)?(linear_in\.weight|linear_out\.weight|weight_magnitude)$")
+_BRIDGE_EXPERTS = re.compile(r"\.mlp\.experts\.experts\.(linear_fc[12])")
+"""Routed experts as megatron saves them (SequentialMLP and TEGroupedMLP alike), on a global expert axis."""
 _ROLE = {"a": "lora_A", "b": "lora_B", "linear_in.weight": "lora_A", "linear_out.weight": "lora_B", "weight_magnitude": "magnitude"}
 
 
@@ -30,22 +36,24 @@ class AdapterKey:
     key: str
     dialect: str
     module: str
-    """Megatron module path; a stacked key's holds `{i}` (Bridge's layer axis) or `{e}` (megatron's expert axis)."""
+    """Megatron module path; `{i}` marks Bridge's layer axis, `{e}` megatron's global expert axis."""
     role: Role
     part: str | None
     adapter_name: str | None
-    stacked: bool
+    axes: str = ""
+    """The leading axes the tensor is stacked on, in order: `i` (layers), `e` (experts)."""
 
 
 @dataclass(frozen=True)
 class OfflineShard:
-    """A shard spec and where its data is in a checkpoint tensor: a layer (stacked keys) and row ranges."""
+    """A shard spec and where its data is in a checkpoint tensor: an index into its leading axes and row ranges."""
 
     spec: ShardSpec
     key: str
-    layer: int | None
+    index: tuple[int, ...]
+    """Index into the stacked leading axes (empty for an unstacked tensor)."""
     rows: tuple[tuple[int, int], ...] | None
-    """(start, length) row ranges of the (layer's) tensor, concatenated; None for the whole tensor."""
+    """(start, length) row ranges of the indexed tensor, concatenated; None for all of it."""
 
 
 def classify(key: str) -> AdapterKey | None:
@@ -55,13 +63,21 @@ def classify(key: str) -> AdapterKey | None:
         module, ab, name = match.groups()
         stacked = ".mlp.experts.experts." in module  # SequentialMLP saves its experts stacked on a leading axis
         module = module.replace(".mlp.experts.experts.", ".mlp.experts.local_experts.{e}.")
-        return AdapterKey(key, "modelopt", module, _ROLE[ab], None, name, stacked=stacked)
+        return AdapterKey(key, "modelopt", module, _ROLE[ab], None, name, "e" if stacked else "")
     match = _BRIDGE.match(key)
     if match:
         head, rest, part, leaf = match.groups()
+        experts = _BRIDGE_EXPERTS.fullmatch(rest)
+        if ".mlp.experts." in f"{rest}." and not experts:  # routed experts (not mlp.shared_experts) in another form
+            raise DialectError(
+                f"{key}: Megatron-Bridge expert adapter in a layout offline export does not read; expected megatron's expert-stacked "
+                "`mlp.experts.experts.linear_fc1/2` keys. Export expert adapters from the live model (export_adapter, or the training hook)"
+            )
         stacked = head == "decoder.layers"
-        module = ("decoder.layers.{i}" if stacked else head) + rest
-        return AdapterKey(key, "megatron-bridge", module, _ROLE[leaf], part, None, stacked)
+        if experts:
+            rest = f".mlp.experts.local_experts.{{e}}.{experts.group(1)}"
+        axes = ("i" if stacked else "") + ("e" if experts else "")
+        return AdapterKey(key, "megatron-bridge", ("decoder.layers.{i}" if stacked else head) + rest, _ROLE[leaf], part, None, axes)
     if ".lora_A." in key or ".lora_B." in key:
         raise DialectError(f"{key}: peft-style LoRA applied directly to Megatron layers is not supported yet; expected ModelOpt or Megatron-Bridge adapters")
     return None
@@ -71,15 +87,35 @@ def _is_fc1(module: str) -> bool:
     return module.endswith("linear_fc1")
 
 
-def offline_shards(found: AdapterKey, shape: tuple[int, ...], *, alpha: float, tp_save: int, gated: bool, dtype: str) -> list[OfflineShard]:
+def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None) -> list[tuple[tuple[int, ...], str]]:
+    """(index into the stored tensor, module path) for each matrix (or magnitude vector) one checkpoint tensor holds.
+
+    Each stacked axis gives one per entry; a Bridge expert tensor without its expert axis (shared-outer's shared
+    side, one tensor for all experts) is every expert's, which needs `num_experts`.
+    """
+    axes, matrix_dims = found.axes, 1 if found.role == "magnitude" else 2
+    shared = "e" in axes and len(shape) == len(axes) - 1 + matrix_dims
+    if shared:
+        if not num_experts:
+            raise DialectError(f"{found.key}: one adapter tensor for all experts, but the number of experts is not known; pass --num-experts")
+        axes = axes.replace("e", "")
+    out = []
+    for index in itertools.product(*(range(n) for n in shape[: len(axes)])):
+        at = dict(zip(axes, index))
+        for expert in range(num_experts) if shared else [at.get("e")]:
+            module = found.module.replace("{i}", str(at.get("i"))).replace("{e}", str(expert))
+            out.append((index, module))
+    return out
+
+
+def offline_shards(found: AdapterKey, shape: tuple[int, ...], *, alpha: float, tp_save: int, gated: bool, dtype: str,
+                   num_experts: int | None = None) -> list[OfflineShard]:
     """Shard specs for one checkpoint tensor (every layer or expert of a stacked one), with the save-time layouts undone.
 
     `tp_save` is the tensor-parallel size the tensor was saved at (expert tensor parallelism for experts)."""
-    layers = range(shape[0]) if found.stacked else [None]
-    local = shape[1:] if found.stacked else shape
     out = []
-    for layer in layers:
-        module = found.module.replace("{i}", str(layer)).replace("{e}", str(layer)) if found.stacked else found.module
+    for index, module in _matrices(found, shape, num_experts):
+        local = shape[len(index):]
         rows_total = local[0]
         interleaved = gated and _is_fc1(module) and found.part is None and (
             (found.dialect == "modelopt" and found.role == "lora_B") or (found.dialect == "megatron-bridge" and found.role == "magnitude")
@@ -97,5 +133,5 @@ def offline_shards(found: AdapterKey, shape: tuple[int, ...], *, alpha: float, t
             shard_shape = (sum(n for _, n in rows), *local[1:]) if split else tuple(local)
             spec = ShardSpec(module=module, role=found.role, part=found.part, shape=shard_shape, split_dim=0 if split else None,
                              tp_rank=t if split else 0, tp_size=tp_save if split else 1, alpha=alpha, dtype=dtype)
-            out.append(OfflineShard(spec, found.key, layer, rows))
+            out.append(OfflineShard(spec, found.key, index, rows))
     return out

@@ -85,7 +85,7 @@ class LegacyReader:
                 if key is None:
                     continue
                 module = re.sub(r"^decoder\.layers\.(\d+)", lambda m: f"decoder.layers.{int(m.group(1)) + pp * per_stage}", key.module)
-                found.append((AdapterKey(f"{tp}:{pp}:{name}", key.dialect, module, key.role, key.part, key.adapter_name, False), (tp, pp), tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
+                found.append((AdapterKey(f"{tp}:{pp}:{name}", key.dialect, module, key.role, key.part, key.adapter_name), (tp, pp), tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
         return found
 
 
@@ -93,4 +93,4 @@ def legacy_shard(found: AdapterKey, tp: int, tp_size: int, shape: tuple[int, ...
     column = found.module.rsplit(".", 1)[-1] in _COLUMN_PARALLEL
     spec = ShardSpec(module=found.module, role=found.role, part=found.part, shape=shape, split_dim=_SPLIT[(found.dialect, column, found.role)],
                      tp_rank=tp, tp_size=tp_size, alpha=alpha, dtype=dtype)
-    return OfflineShard(spec, found.key, None, None)
+    return OfflineShard(spec, found.key, (), None)

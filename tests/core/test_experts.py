@@ -120,7 +120,7 @@ def test_unfusing_gives_back_the_per_expert_tensors_bit_for_bit(linears):
     fused, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
     back = unfuse_experts(fused, QWEN_MOE, E, sorted(replaced), R)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    with pytest.raises(ShapeMismatchError, match="the adapter holds 4 experts .* the Megatron model has 2; load it into a model"):
+    with pytest.raises(ShapeMismatchError, match="the adapter holds 4 experts .* the Megatron model has 2 experts; load it into a model"):
         unfuse_experts(fused, QWEN_MOE, 2, sorted(replaced), R)
     with pytest.raises(ShapeMismatchError, match="does not know as fused experts"):
         unfuse_experts(fused, QWEN_MOE, E, ["mlp.experts.w13"], R)
@@ -129,3 +129,31 @@ def test_unfusing_gives_back_the_per_expert_tensors_bit_for_bit(linears):
 def test_expert_of_reads_the_expert_index_of_per_expert_keys():
     assert expert_of(QWEN_MOE, "base_model.model.model.layers.1.mlp.experts.12.up_proj.lora_B.weight") == 12
     assert expert_of(QWEN_MOE, "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight") is None
+
+
+def test_router_lora_is_a_2d_target_parameter_of_the_v5_router(tmp_path):
+    """transformers v5's router is not an nn.Linear: its weight is targeted as a parameter, with plain [r, in], [out, r] factors."""
+    g = torch.Generator().manual_seed(7)
+    loras = {f"decoder.layers.{layer}.mlp.router": (torch.randn(R, H, generator=g), torch.randn(E, R, generator=g)) for layer in range(LAYERS)}
+    plan, tensors = _convert(loras)
+    fused, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
+    assert replaced == {"mlp.gate.weight": ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]}
+    assert torch.equal(fused["base_model.model.model.layers.1.mlp.gate.lora_B.weight"], loras["decoder.layers.1.mlp.router"][1])
+    config = adapter_config(plan, None, fused_experts=replaced)
+    assert (config["target_modules"], config["target_parameters"]) == ([], ["mlp.gate.weight"])
+    back = unfuse_experts(fused, QWEN_MOE, E, sorted(replaced), R)  # import's direction
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    save_file(fused, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    base, merged = _hf(), _hf()
+    with torch.no_grad():
+        for layer in range(LAYERS):
+            a, b = loras[f"decoder.layers.{layer}.mlp.router"]
+            merged.model.layers[layer].mlp.gate.weight += SCALE * b @ a
+    tokens = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(3))
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    assert set(peft.get_peft_model_state_dict(model)) == set(fused)
+    with torch.no_grad():
+        diff = (model(input_ids=tokens).logits - merged(input_ids=tokens).logits).abs().max().item()
+        effect = (merged(input_ids=tokens).logits - _hf()(input_ids=tokens).logits).abs().max().item()
+    assert diff < 1e-5 and effect > 1e-3, (diff, effect)

@@ -30,9 +30,9 @@ def convert(stored: dict[str, torch.Tensor], tp_save: int):
 
 def test_classify_dialects_and_ignore_base_weights():
     a = classify("decoder.layers.3.self_attention.linear_qkv.lora_a_sft.weight")
-    assert (a.dialect, a.module, a.role, a.adapter_name, a.stacked) == ("modelopt", "decoder.layers.3.self_attention.linear_qkv", "lora_A", "sft", False)
+    assert (a.dialect, a.module, a.role, a.adapter_name, a.axes) == ("modelopt", "decoder.layers.3.self_attention.linear_qkv", "lora_A", "sft", "")
     b = classify("decoder.layers.mlp.linear_fc1.adapter.adapter_gate.linear_out.weight")
-    assert (b.dialect, b.module, b.role, b.part, b.stacked) == ("megatron-bridge", "decoder.layers.{i}.mlp.linear_fc1", "lora_B", "gate", True)
+    assert (b.dialect, b.module, b.role, b.part, b.axes) == ("megatron-bridge", "decoder.layers.{i}.mlp.linear_fc1", "lora_B", "gate", "i")
     m = classify("decoder.layers.mlp.linear_fc2.adapter.weight_magnitude")
     assert (m.role, m.module) == ("magnitude", "decoder.layers.{i}.mlp.linear_fc2")
     assert classify("decoder.layers.1.mlp.linear_fc1.weight") is None
@@ -66,3 +66,38 @@ def test_bridge_stacked_layers_and_canonical_gate_up_permutation(tp_save):
     for layer in range(layers):
         assert torch.equal(out[f"base_model.model.model.layers.{layer}.mlp.gate_proj.lora_B.weight"], gate_b[layer])
     assert "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight" in out
+
+
+@pytest.mark.parametrize("key", [
+    "decoder.layers.mlp.experts.linear_fc1.adapter.linear_in.weight",  # not megatron's expert-stacked form
+    "decoder.layers.3.mlp.experts.linear_fc2.adapter.linear_out.weight",
+    "decoder.layers.mlp.experts.local_experts.linear_fc1.adapter.linear_in.weight",
+])
+def test_bridge_expert_adapter_keys_in_other_layouts_are_refused_by_name(key):
+    with pytest.raises(DialectError, match="layout offline export does not read") as info:
+        classify(key)
+    assert str(info.value).startswith(key + ": ")
+
+
+def test_bridge_expert_keys_on_layer_and_expert_axes():
+    """Per expert and layer, one matrix; a tensor without the expert axis (shared-outer's shared side) is every expert's."""
+    found = classify("decoder.layers.mlp.experts.experts.linear_fc1.adapter.linear_out.weight")
+    assert (found.module, found.axes) == ("decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1", "ie")
+    stacked = torch.randn(2, 3, 8, R)
+    shards = offline_shards(found, tuple(stacked.shape), alpha=8.0, tp_save=2, gated=True, dtype="float32", num_experts=3)
+    assert [(s.spec.module, s.index, s.spec.split_dim) for s in shards[:2]] == [
+        ("decoder.layers.0.mlp.experts.local_experts.0.linear_fc1", (0, 0), None), ("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1", (0, 1), None)]
+    assert torch.equal(_shard_data(stacked, shards[5]), stacked[1, 2])
+    shared = classify("decoder.layers.mlp.experts.experts.linear_fc1.adapter.linear_in.weight")
+    shards = offline_shards(shared, (2, R, 16), alpha=8.0, tp_save=1, gated=True, dtype="float32", num_experts=3)
+    assert [(s.spec.module.split(".")[2], s.spec.module.split(".")[6], s.index) for s in shards] == [
+        (str(i), str(e), (i,)) for i in range(2) for e in range(3)]
+    with pytest.raises(DialectError, match="number of experts is not known"):
+        offline_shards(shared, (2, R, 16), alpha=8.0, tp_save=1, gated=True, dtype="float32")
+
+
+def test_bridge_router_and_shared_expert_keys_stay_dense():
+    r = classify("decoder.layers.mlp.router.adapter.linear_in.weight")
+    assert (r.module, r.role, r.axes) == ("decoder.layers.{i}.mlp.router", "lora_A", "i")
+    s = classify("decoder.layers.mlp.shared_experts.linear_fc1.adapter.linear_out.weight")
+    assert s.module == "decoder.layers.{i}.mlp.shared_experts.linear_fc1"

@@ -19,6 +19,12 @@ like, on megatron-core 0.16.1 local-spec GPT layers (``ColumnParallelLinear`` /
 * ``sharded_state_dict`` (torch_dist layout) including the SwiGLU factory that
   Bridge applies to every adapter ``linear_out`` under ``linear_fc1``.
 
+Mixture of experts (``BRIDGE_FACTS.md`` section 7): LoRA on megatron's
+TEGroupedMLP experts (``tiny_moe.GROUPED_EXPERTS``) as Bridge's three expert
+adapters (one shared 2-D adapter per EP rank, per-expert 3-D, shared-outer) and
+LoRA on the router (LoRATopKRouter); SequentialMLP experts get the ordinary
+adapter on the expert-TP group.
+
 The code is written from the facts in ``BRIDGE_FACTS.md``; nothing here is
 copied from Bridge. Two Bridge behaviours depend on TP: DoRA's weight norm of a
 row-parallel base (linear_proj, linear_fc2) covers only the rank's input
@@ -40,17 +46,24 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     gather_from_tensor_model_parallel_region,
+    set_tensor_model_parallel_attributes,
 )
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.utils import (
     make_sharded_tensor_for_checkpoint,
     make_tp_sharded_tensor_for_checkpoint,
 )
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
+from torch.nn import functional as F
+
+from .tiny_moe import CpuGroupedColumnLinear, CpuGroupedLinear
 
 __all__ = [
     "VARIANTS",
@@ -67,9 +80,15 @@ __all__ = [
     "BridgeLoRASplitQKV",
     "BridgeLoRASplitFC1",
     "BridgeDoRALinear",
+    "EXPERT_ADAPTERS",
+    "BridgeGroupedExpertAdapter",
+    "BridgeSharedOuterExpertAdapter",
+    "BridgeLoRATopKRouter",
 ]
 
 VARIANTS = ("lora", "canonical", "dora")
+EXPERT_ADAPTERS = ("shared", "per_expert", "shared_outer")
+"""Bridge LoRA on grouped experts: ``share_expert_adapters=True`` (default), ``False``, ``experts_shared_outer_loras=True``."""
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 # CanonicalLoRA's own target names; the fused names in DEFAULT_TARGETS are
 # accepted too and expanded (Bridge itself rejects them for CanonicalLoRA).
@@ -135,6 +154,8 @@ class BridgeParallelAdapter(nn.Module):
         dropout: float = 0.0,
         dropout_position: str = "pre",
         disable_sequence_parallel_comm: bool = True,
+        is_expert: bool = False,
+        base_linear_is_parallel: bool = True,
     ) -> None:
         super().__init__()
         if dropout_position not in ("pre", "post"):
@@ -145,6 +166,7 @@ class BridgeParallelAdapter(nn.Module):
         self.input_is_parallel = input_is_parallel
         self.dropout_position = dropout_position
         self.tp_group = tp_group
+        self.is_expert = is_expert
         self.activation = nn.Identity()  # Bridge's LoRA/DoRA always pass activation="identity"
 
         # Bridge builds A/B from the base layer's own config object: sequence
@@ -165,6 +187,7 @@ class BridgeParallelAdapter(nn.Module):
                     bias=False,
                     input_is_parallel=True,
                     skip_bias_add=True,
+                    is_expert=is_expert,
                     tp_group=tp_group,
                 )
             else:
@@ -176,6 +199,7 @@ class BridgeParallelAdapter(nn.Module):
                     bias=False,
                     gather_output=True,
                     disable_grad_reduce=seq_par,
+                    is_expert=is_expert,
                     tp_group=tp_group,
                 )
             self.linear_out = ColumnParallelLinear(
@@ -184,7 +208,8 @@ class BridgeParallelAdapter(nn.Module):
                 config=config,
                 init_method=nn.init.zeros_,
                 bias=False,
-                gather_output=input_is_parallel,
+                gather_output=input_is_parallel or not base_linear_is_parallel,
+                is_expert=is_expert,
                 tp_group=tp_group,
             )
             self.dropout = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
@@ -194,7 +219,8 @@ class BridgeParallelAdapter(nn.Module):
                 self.half()
         finally:
             config.sequence_parallel = seq_par
-        self.disable_sequence_parallel_comm = disable_sequence_parallel_comm or not seq_par
+        # expert inputs are the dispatcher's tokens, never sequence-sharded (Bridge skips SP comm for is_expert)
+        self.disable_sequence_parallel_comm = disable_sequence_parallel_comm or not seq_par or is_expert
 
     @property
     def scale(self) -> float:
@@ -218,6 +244,18 @@ class BridgeParallelAdapter(nn.Module):
         return x * (self.alpha / self.dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        if self.is_expert and ".local_experts." not in self.base_linear_name:  # shared by grouped experts: a global expert axis
+            local = self.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+            first = ps.get_expert_model_parallel_rank() * local
+            gated = "linear_fc1" in self.base_linear_name and self.config.gated_linear_unit
+            return {
+                f"{prefix}{name}.weight": [
+                    t for e in range(local)
+                    for t in _expert_sharded(f"{prefix}{name}.weight", linear.weight, sharded_offsets, expert=(first + e, self.config.num_moe_experts),
+                                             tp_axis=linear.weight.partition_dim, group=self.tp_group, swiglu=gated and name == "linear_out", new_axis=True)
+                ]
+                for name, linear in (("linear_in", self.linear_in), ("linear_out", self.linear_out))
+            }
         sd = {}
         sd.update(self.linear_in.sharded_state_dict(f"{prefix}linear_in.", sharded_offsets, metadata))
         out_sd = self.linear_out.sharded_state_dict(f"{prefix}linear_out.", sharded_offsets, metadata)
@@ -260,6 +298,148 @@ class CanonicalAdapterDict(nn.ModuleDict):
             if adapter is not None:
                 sd.update(adapter.sharded_state_dict(f"{prefix}{key}.", sharded_offsets, metadata))
         return sd
+
+
+class _ExpertWeights(nn.Module):
+    """One 3-D parameter ``weight`` [local experts, out, in], so names read ``adapter.linear_in.weight`` as in Bridge.
+
+    Initialised as Bridge's: xavier-normal per expert for A (``xavier``), zeros for B.
+    """
+
+    def __init__(self, shape, tp_axis: Optional[int], dtype, *, xavier: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        if xavier:
+            with torch.no_grad():
+                for matrix in self.weight:
+                    nn.init.xavier_normal_(matrix)
+        if tp_axis is not None:
+            set_tensor_model_parallel_attributes(self.weight, True, tp_axis, 1)
+
+
+def _expert_runs(x: torch.Tensor, m_splits) -> tuple:
+    """The grouped tokens of each local expert (the dispatcher sorts them by expert)."""
+    return torch.split(x, [int(n) for n in m_splits])
+
+
+def _edp_rank() -> int:
+    return ps.get_expert_data_parallel_rank()
+
+
+def _expert_sharded(key: str, tensor: torch.Tensor, sharded_offsets: tuple, *, expert: tuple, tp_axis, group, swiglu: bool,
+                    new_axis: bool) -> list:
+    """Bridge's grouped-expert checkpoint layout for one local tensor: ShardedTensors on a global expert axis.
+
+    ``expert`` is (index, count) on that axis: a new axis in front of a 2-D tensor shared by the rank's experts
+    (``new_axis``, one copy per expert slot, P/utils.py:1401-1511), or a 3-D tensor's own local expert axis sharded
+    over EP (1729-1774). ``tp_axis`` (local axis of the tensor as given) is sharded over expert TP; with ``swiglu``
+    the gated fc1 B's rows [gate_t; up_t] are stored at blocks t and t + etp of 2 * etp (whole [gate; up]).
+    """
+    p = len(sharded_offsets)
+    shift = p + 1 if new_axis else p  # global axis of the tensor's local axis 0
+    rows = 0 if new_axis else 1  # local axis of the output rows
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    pieces = [(tensor, ())]
+    if swiglu:
+        gate, up = torch.chunk(tensor, 2, dim=rows)
+        pieces = [(gate, ((shift + rows, rank, 2 * size),)), (up, ((shift + rows, rank + size, 2 * size),))]
+    tp = () if tp_axis is None or size == 1 or (swiglu and tp_axis == rows) else ((shift + tp_axis, rank, size),)
+    return [
+        ShardedTensor.from_rank_offsets(key, data, *sharded_offsets, (p, *expert), *tp, *split, replica_id=(0, 0, _edp_rank()), prepend_axis_num=shift)
+        for data, split in pieces
+    ]
+
+
+class BridgeGroupedExpertAdapter(nn.Module):
+    """Bridge's GroupedExpertLinearAdapter (``share_expert_adapters=False``): one LoRA pair per local expert.
+
+    Column base (expert fc1): A [E_local, dim/etp, in] (expert-TP axis 1), B [E_local, out/etp, dim] (axis 1);
+    row base (fc2): A [E_local, dim, in/etp] (axis 2), B as above. Per expert e: ``h = x_e A_e^T``,
+    all-gathered over expert TP on the last dim for a column base; ``y = h B_e^T``, all-gathered for a row
+    base; times alpha/dim. At expert TP > 1 a row base's ``h`` is this rank's partial sum, so the gathered ``y``
+    mixes the ranks' partial sums (BRIDGE_FACTS.md section 7: not B A x), as in Bridge.
+    """
+
+    def __init__(self, in_features, out_features, dim, *, num_local_experts, input_is_parallel, config, tp_group, alpha=None):
+        super().__init__()
+        self.dim, self.alpha, self.input_is_parallel, self.expert_tp_group = dim, alpha if alpha is not None else dim, input_is_parallel, tp_group
+        self.is_expert = True
+        etp = _tp_size(tp_group)
+        a_shape = (num_local_experts, dim, in_features // etp) if input_is_parallel else (num_local_experts, dim // etp, in_features)
+        self.linear_in = _ExpertWeights(a_shape, 2 if input_is_parallel else 1, config.params_dtype, xavier=True)
+        self.linear_out = _ExpertWeights((num_local_experts, out_features // etp, dim), 1, config.params_dtype, xavier=False)
+        self.gated_out = not input_is_parallel and config.gated_linear_unit
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The local expert axis over EP, the TP axis over expert TP, fc1 B split gate/up (P/utils.py:2360-2404)."""
+        ep = (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
+        return {
+            f"{prefix}{name}.weight": _expert_sharded(f"{prefix}{name}.weight", w.weight, sharded_offsets, expert=ep, tp_axis=w.weight.partition_dim,
+                                                      group=self.expert_tp_group, swiglu=self.gated_out and name == "linear_out", new_axis=False)
+            for name, w in (("linear_in", self.linear_in), ("linear_out", self.linear_out))
+        }
+
+    def _gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        if _tp_size(self.expert_tp_group) == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.expert_tp_group.size())]
+        dist.all_gather(parts, t.contiguous(), group=self.expert_tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, x: torch.Tensor, m_splits, *args: Any, **kwargs: Any) -> torch.Tensor:
+        outs = []
+        for e, piece in enumerate(_expert_runs(x, m_splits)):  # every expert-TP rank holds the same tokens
+            h = F.linear(piece, self.linear_in.weight[e])
+            h = h if self.input_is_parallel else self._gather_last(h)
+            y = F.linear(h, self.linear_out.weight[e])
+            outs.append(self._gather_last(y) if self.input_is_parallel else y)
+        return torch.cat(outs) * (self.alpha / self.dim)
+
+
+class BridgeSharedOuterExpertAdapter(nn.Module):
+    """Bridge's SharedOuterGroupedExpertAdapter (``experts_shared_outer_loras=True``).
+
+    fc1: A shared (ColumnParallelLinear, is_expert, output gathered) [dim/etp, in], B per expert
+    [E_local, out, dim] (no TP attributes); fc2: A per expert [E_local, dim, in], B shared
+    (RowParallelLinear, is_expert) [out, dim/etp]. Bridge's per-expert side is not expert-TP aware,
+    so this only runs at expert TP 1 (as in Bridge).
+    """
+
+    def __init__(self, in_features, out_features, dim, *, num_local_experts, input_is_parallel, config, tp_group, alpha=None):
+        super().__init__()
+        if _tp_size(tp_group) != 1:
+            raise NotImplementedError("Bridge's shared-outer expert LoRA has full-width per-expert weights: expert TP 1 only")
+        self.dim, self.alpha, self.fc1, self.is_expert = dim, alpha if alpha is not None else dim, not input_is_parallel, True
+        self.gated_out = config.gated_linear_unit
+        config.perform_initialization = True
+        if self.fc1:
+            self.linear_in = ColumnParallelLinear(in_features, dim, config=config, init_method=nn.init.xavier_normal_, bias=False,
+                                                  gather_output=True, is_expert=True)
+            self.linear_out = _ExpertWeights((num_local_experts, out_features, dim), None, config.params_dtype, xavier=False)
+        else:
+            self.linear_in = _ExpertWeights((num_local_experts, dim, in_features), None, config.params_dtype, xavier=True)
+            self.linear_out = RowParallelLinear(dim, out_features, config=config, init_method=nn.init.zeros_, bias=False,
+                                                input_is_parallel=True, skip_bias_add=True, is_expert=True)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The shared side as its megatron linear saves itself, the per-expert side on the expert axis (P/utils.py:2669-2690)."""
+        ep = (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
+        shared, packed = ("linear_in", "linear_out") if self.fc1 else ("linear_out", "linear_in")
+        sd = getattr(self, shared).sharded_state_dict(f"{prefix}{shared}.", sharded_offsets, metadata)
+        sd = {k: v for k, v in sd.items() if k.endswith(".weight")}
+        key = f"{prefix}{packed}.weight"
+        sd[key] = _expert_sharded(key, getattr(self, packed).weight, sharded_offsets, expert=ep, tp_axis=None, group=None,
+                                  swiglu=self.fc1 and self.gated_out, new_axis=False)
+        return sd
+
+    def forward(self, x: torch.Tensor, m_splits, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.fc1:
+            h, _ = self.linear_in(x)
+            y = torch.cat([F.linear(p, self.linear_out.weight[e]) for e, p in enumerate(_expert_runs(h, m_splits))])
+        else:
+            h = torch.cat([F.linear(p, self.linear_in.weight[e]) for e, p in enumerate(_expert_runs(x, m_splits))])
+            y, _ = self.linear_out(h)
+        return y * (self.alpha / self.dim)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -352,6 +532,19 @@ class BridgeLoRALinear(BridgeAdapterWrapper):
     @property
     def bias(self):
         return getattr(self.to_wrap, "bias", None)
+
+
+class BridgeLoRATopKRouter(BridgeAdapterWrapper):
+    """Bridge's LoRATopKRouter: the LoRA output is added to the router logits before top-k routing."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        router = self.to_wrap
+        router._maintain_float32_expert_bias()
+        x = router.apply_input_jitter(x)
+        logits = router.gating(x)
+        if self._adapter_enabled:
+            logits = logits + self.adapter(x.contiguous()).to(dtype=logits.dtype)
+        return router.routing(logits, *args, **kwargs)
 
 
 class BridgeLoRASplitQKV(BridgeAdapterWrapper):
@@ -476,8 +669,23 @@ class BridgeDoRALinear(BridgeAdapterWrapper):
 # --------------------------------------------------------------------------- apply
 
 
+_EXPERT_LINEAR = re.compile(r".*mlp\..*experts.*\.linear_fc[12]$")
+
+
+def _is_expert_linear(full_name: str) -> bool:
+    """Bridge's is_expert_linear: routed-expert fc1/fc2 (SequentialMLP or grouped), not the shared expert."""
+    return _EXPERT_LINEAR.match(full_name) is not None and ".shared_experts." not in full_name
+
+
 def _base_attrs(module: nn.Module):
-    """(input_is_parallel, global in, global out, disable_sp_comm) like Bridge for local layers."""
+    """(input_is_parallel, global in, global out, disable_sp_comm, TP group, base is parallel) like Bridge."""
+    if isinstance(module, TopKRouter):  # replicated router: a plain linear, no SP communication
+        return False, module.weight.shape[1], module.weight.shape[0], True, ps.get_tensor_model_parallel_group(), False
+    if isinstance(module, CpuGroupedLinear):  # TE grouped linear: local in/out features, expert TP
+        tp = module._tp_group.size()
+        column = isinstance(module, CpuGroupedColumnLinear)
+        in_f, out_f = (module.in_features, module.out_features * tp) if column else (module.in_features * tp, module.out_features)
+        return not column, in_f, out_f, True, module._tp_group, True
     if isinstance(module, ColumnParallelLinear):
         parallel_input = False
     elif isinstance(module, RowParallelLinear):
@@ -486,7 +694,7 @@ def _base_attrs(module: nn.Module):
         raise NotImplementedError(f"Layer type is unrecognized for LoRA: {type(module)}")
     disable_tp_comm = getattr(module, "explicit_expert_comm", False)
     disable_sp_comm = (not module.config.sequence_parallel) or disable_tp_comm
-    return parallel_input, module.input_size, module.output_size, disable_sp_comm
+    return parallel_input, module.input_size, module.output_size, disable_sp_comm, module.tp_group, True
 
 
 def _targets_for(variant: str, target_modules: Sequence[str]) -> dict[str, set[str]]:
@@ -506,8 +714,9 @@ def _targets_for(variant: str, target_modules: Sequence[str]) -> dict[str, set[s
     return mapping
 
 
-def _make_wrapper(variant, module, name, full_name, components, *, dim, alpha, dropout, dropout_position, quirks):
-    parallel_input, in_f, out_f, disable_sp = _base_attrs(module)
+def _make_wrapper(variant, module, name, full_name, components, *, dim, alpha, dropout, dropout_position, quirks, expert_adapters):
+    parallel_input, in_f, out_f, disable_sp, group, base_parallel = _base_attrs(module)
+    is_expert = _is_expert_linear(full_name)
 
     def adapter(out_features, cls=BridgeParallelAdapter):
         return cls(
@@ -517,12 +726,23 @@ def _make_wrapper(variant, module, name, full_name, components, *, dim, alpha, d
             base_linear_name=full_name,
             input_is_parallel=parallel_input,
             config=module.config,
-            tp_group=module.tp_group,
+            tp_group=group,
             alpha=alpha,
             dropout=dropout,
             dropout_position=dropout_position,
             disable_sequence_parallel_comm=disable_sp,
+            is_expert=is_expert,
+            base_linear_is_parallel=base_parallel,
         )
+
+    if isinstance(module, (TopKRouter, CpuGroupedLinear)) and (variant != "lora" or dropout):
+        raise NotImplementedError("router and grouped-expert adapters are modelled for LoRA without dropout")
+    if isinstance(module, TopKRouter):
+        return BridgeLoRATopKRouter(module, adapter(out_f))
+    if isinstance(module, CpuGroupedLinear) and expert_adapters != "shared":
+        cls = BridgeGroupedExpertAdapter if expert_adapters == "per_expert" else BridgeSharedOuterExpertAdapter
+        return BridgeLoRALinear(module, cls(in_f, out_f, dim, num_local_experts=module.num_gemms, input_is_parallel=parallel_input,
+                                            config=module.config, tp_group=group, alpha=alpha))
 
     if variant == "dora":
         if dropout_position != "pre":
@@ -570,6 +790,7 @@ def apply_bridge_lora(
     dropout_position: str = "pre",
     freeze_base: bool = True,
     bridge_tp_quirks: bool = False,
+    expert_adapters: str = "shared",
 ):
     """Wrap the targeted linears of a GPTModel (or list of VPP chunks) in place, as Bridge does.
 
@@ -590,12 +811,18 @@ def apply_bridge_lora(
             row-parallel weight norm over the local input columns only, and
             CanonicalLoRA's QKV reshape with global head counts (raises when
             s*b % tp != 0). Default False: TP-consistent math (== Bridge at TP=1).
+        expert_adapters: LoRA on grouped experts (``tiny_moe.GROUPED_EXPERTS``): "shared" (one
+            2-D adapter for all local experts of an EP rank, Bridge's default), "per_expert" (3-D,
+            ``share_expert_adapters=False``) or "shared_outer" (``experts_shared_outer_loras=True``).
+            Target the router with "router" (LoRATopKRouter).
 
     Returns the same object it was given. Adapters start as Bridge's do: A xavier-normal,
     B zero (DoRA magnitude = row norms of the base weight).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if expert_adapters not in EXPERT_ADAPTERS:
+        raise ValueError(f"expert_adapters must be one of {EXPERT_ADAPTERS}, got {expert_adapters!r}")
     chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
     patterns = _targets_for(variant, tuple(target_modules))
     for chunk in chunks:
@@ -619,6 +846,7 @@ def apply_bridge_lora(
                 dropout=dropout,
                 dropout_position=dropout_position,
                 quirks=bridge_tp_quirks,
+                expert_adapters=expert_adapters,
             )
             setattr(parent, name, wrapper)
     return model_or_chunks

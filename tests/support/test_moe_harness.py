@@ -1,7 +1,7 @@
 """The MoE harness proves itself: Megatron MoE on CPU equals its HF twins at every layout.
 
 Covers ``tiny_moe``: base logits vs Mixtral / Qwen3-MoE / Qwen2-MoE twins at
-EP, TP x EP with sequence parallel, expert TP, PP; routing identical to HF's
+EP, TP x EP with sequence parallel, expert TP, PP, with SequentialMLP or grouped (TEGroupedMLP) experts; routing identical to HF's
 (top-2 of 4, several experts per token); ModelOpt LoRA on routed experts
 independent of the EP layout and exportable to peft ``target_parameters``;
 and the facts about ModelOpt's expert LoRA under expert TP (it is not
@@ -23,9 +23,9 @@ QWEN2_ALLGATHER = dataclasses.replace(tm.QWEN2_MOE_LIKE, moe_token_dispatcher_ty
 
 def _base_vs_hf(rank, world_size, cfg, family, layout):
     layout = dict(layout)
-    sp = layout.pop("sp", False)
+    sp, grouped = layout.pop("sp", False), layout.pop("grouped", False)
     tm.init_moe_parallel(**layout)
-    model = tm.build_moe_gpt(cfg, sequence_parallel=sp)
+    model = tm.build_moe_gpt(cfg, sequence_parallel=sp, grouped_experts=grouped)
     tokens = tm.sample_tokens(cfg)
     logits = tm.megatron_moe_logits(model, tokens)
     if rank != 0:
@@ -50,6 +50,9 @@ def _base_vs_hf(rank, world_size, cfg, family, layout):
         (4, tm.QWEN2_MOE_LIKE, "qwen2_moe", {"ep": 2, "etp": 2}),
         (2, tm.QWEN3_MOE_LIKE, "qwen3_moe", {"pp": 2}),
         (4, tm.MIXTRAL_LIKE, "mixtral", {"pp": 2, "ep": 2}),
+        (1, tm.MIXTRAL_LIKE, "mixtral", {"grouped": True}),
+        (4, tm.QWEN3_MOE_LIKE, "qwen3_moe", {"tp": 2, "ep": 2, "sp": True, "grouped": True}),
+        (4, tm.MIXTRAL_LIKE, "mixtral", {"ep": 2, "etp": 2, "grouped": True}),
     ],
     ids=[
         "mixtral-ep1",
@@ -64,6 +67,9 @@ def _base_vs_hf(rank, world_size, cfg, family, layout):
         "qwen2-tp1-etp2-ep2",
         "qwen3-pp2",
         "mixtral-pp2xep2",
+        "mixtral-grouped-ep1",
+        "qwen3-grouped-tp2xep2-sp",
+        "mixtral-grouped-ep2-etp2",
     ],
 )
 def test_moe_base_model_matches_hf_twin(world, cfg, family, layout):

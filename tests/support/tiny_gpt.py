@@ -42,6 +42,7 @@ from transformers import ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCau
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _LOCAL_EXPERT_RE = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_GROUPED_EXPERT_RE = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 # Fused kernels are CUDA-only (or apex/TE); the CPU path needs every one off.
 _NO_FUSIONS = dict.fromkeys(
     ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
@@ -129,9 +130,14 @@ class _SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def _layer_spec(config, vp_stage, **spec_kwargs):
-    """Local layer spec (``spec_kwargs`` go to get_gpt_layer_local_spec, e.g. num_experts)."""
+def _layer_spec(config, vp_stage, experts_spec=None, **spec_kwargs):
+    """Local layer spec (``spec_kwargs`` go to get_gpt_layer_local_spec, e.g. num_experts).
+
+    ``experts_spec`` replaces the MoE layer's experts module spec (tiny_moe's grouped experts).
+    """
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", **spec_kwargs)
+    if experts_spec is not None:
+        spec.submodules.mlp.submodules.experts = experts_spec
     if not config.sequence_parallel:
         return spec
     spec.submodules.input_layernorm = _SequenceParallelRMSNorm
@@ -154,7 +160,9 @@ def _global_name(chunk, local_name: str) -> str:
     """Local parameter name -> name at PP=1 (layer index = layer.layer_number - 1) and EP=1.
 
     Under EP a rank's ``mlp.experts.local_experts.{e}`` is global expert
-    ``mlp.local_expert_indices[e]`` (SequentialMLP experts).
+    ``mlp.local_expert_indices[e]`` (SequentialMLP experts); a grouped linear's
+    ``mlp.experts.linear_fc1.weight{e}`` (TEGroupedMLP) is named like that expert's
+    SequentialMLP weight, ``mlp.experts.local_experts.{global e}.linear_fc1.weight``.
     """
     m = _LAYER_RE.match(local_name)
     if not m:
@@ -164,6 +172,9 @@ def _global_name(chunk, local_name: str) -> str:
     e = _LOCAL_EXPERT_RE.match(rest)
     if e:
         rest = f"{e.group(1)}{layer.mlp.local_expert_indices[int(e.group(2))]}{e.group(3)}"
+    grouped = _GROUPED_EXPERT_RE.match(rest)
+    if grouped:
+        rest = f"mlp.experts.local_experts.{layer.mlp.local_expert_indices[int(grouped.group(2))]}.{grouped.group(1)}.weight"
     return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
@@ -171,10 +182,11 @@ def _tp_group(model, param_name: str):
     """The group a TP-tagged parameter is sharded over: its module's ``tp_group``.
 
     Megatron's linears record it (routed-expert linears: the expert-TP group;
-    everything else: the TP group); modules without one use the TP group.
+    TE grouped linears as ``_tp_group``; everything else: the TP group);
+    modules without one use the TP group.
     """
     owner = model.get_submodule(param_name.rpartition(".")[0])
-    group = getattr(owner, "tp_group", None)
+    group = getattr(owner, "tp_group", None) or getattr(owner, "_tp_group", None)
     return ps.get_tensor_model_parallel_group() if group is None else group
 
 
@@ -266,7 +278,7 @@ def build_gpt(cfg: TinyGPTConfig, *, sequence_parallel: bool = False):
     return _build_loaded(cfg, config, global_base_weights(cfg))
 
 
-def _build_loaded(cfg, config, weights: dict, **spec_kwargs):
+def _build_loaded(cfg, config, weights: dict, experts_spec=None, **spec_kwargs):
     """This rank's GPTModel chunk(s) for ``config``, each parameter sliced from ``weights``.
 
     ``weights`` is keyed by global names (``_global_name``); ``spec_kwargs`` go to
@@ -278,7 +290,7 @@ def _build_loaded(cfg, config, weights: dict, **spec_kwargs):
         stage = vp_stage if vpp else None
         model = GPTModel(
             config,
-            _layer_spec(config, stage, **spec_kwargs),
+            _layer_spec(config, stage, experts_spec, **spec_kwargs),
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -318,12 +330,30 @@ def fill_lora_random(model_or_chunks, seed: int) -> None:
         for name, param in chunk.named_parameters():
             if "lora" not in name and ".adapter." not in name:
                 continue
-            gname = _global_name(chunk, name)
             group = _tp_group(chunk, name)
-            dim, stride, gshape = _partition(param, chunk.config, gname, group)
-            mean = 1.0 if len(gshape) == 1 else 0.0
-            full = _seeded(f"{seed}|{gname}|{gshape}", gshape, 0.05, mean)
-            _load_into(param, full, dim, stride, gname, group)
+            for gname, tensor in _per_expert(chunk, name, param):
+                dim, stride, gshape = _partition(tensor, chunk.config, gname, group)
+                mean = 1.0 if len(gshape) == 1 else 0.0
+                full = _seeded(f"{seed}|{gname}|{gshape}", gshape, 0.05, mean)
+                _load_into(tensor, full, dim, stride, gname, group)
+
+
+def _per_expert(chunk, name: str, param):
+    """(global name, tensor) pairs to fill: the parameter itself, or, for a 3-D grouped-expert adapter
+    ([local experts, ...], Megatron-Bridge's per-expert LoRA), one view per local expert named with its
+    GLOBAL expert index (so experts differ and every EP layout draws the same values), TP-tagged like a 2-D one.
+    """
+    gname = _global_name(chunk, name)
+    if param.dim() != 3:
+        return [(gname, param)]
+    layer = chunk.decoder.layers[int(_LAYER_RE.match(name).group(1))]
+    pairs = []
+    for k, index in enumerate(layer.mlp.local_expert_indices):
+        view = param.data[k]
+        if getattr(param, "tensor_model_parallel", False):
+            view.tensor_model_parallel, view.partition_dim = True, param.partition_dim - 1
+        pairs.append((gname.replace(".mlp.experts.", f".mlp.experts.local_experts.{index}.", 1), view))
+    return pairs
 
 
 def apply_modelopt_lora(

@@ -34,7 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed, set_tensor_model_parallel_attributes
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import TEGroupedMLP
+from megatron.core.transformer.spec_utils import ModuleSpec
 from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
@@ -182,11 +185,69 @@ def global_moe_base_weights(cfg: TinyMoEConfig) -> dict:
     return weights
 
 
-def build_moe_gpt(cfg: TinyMoEConfig, *, sequence_parallel: bool = False):
+class CpuGroupedLinear(torch.nn.Module):
+    """Transformer Engine's GroupedLinear as megatron's TEGroupedLinear uses it for experts, on CPU.
+
+    ``weight0..weight{num_gemms-1}``, one [out, in] matrix per local expert, sliced over the expert-TP
+    group with megatron's tensor-parallel attributes; ``forward(x, m_splits)`` applies weight i to the
+    i-th run of tokens and returns ``(out, None)``. No communication: TEGroupedLinear makes TE
+    parallel-agnostic for experts (``explicit_expert_comm``) and the token dispatcher gathers and
+    reduces across expert TP. Attribute names follow megatron's class (``num_gemms``, ``_tp_group``,
+    ``explicit_expert_comm``, local ``in_features`` / ``out_features``).
+    """
+
+    PARTITION_DIM = 0
+
+    def __init__(self, num_gemms, input_size, output_size, *, config, init_method, bias, skip_bias_add,
+                 is_expert=True, tp_comm_buffer_name=None, pg_collection=None):
+        super().__init__()
+        assert is_expert and not bias, "stand-in for bias-free expert linears"
+        self.config, self.num_gemms = config, num_gemms
+        self._tp_group = pg_collection.expt_tp
+        self._pg_collection = pg_collection
+        tp = self._tp_group.size()
+        self.explicit_expert_comm = tp > 1 or config.expert_model_parallel_size > 1
+        sizes = [output_size, input_size]
+        sizes[self.PARTITION_DIM] //= tp
+        self.out_features, self.in_features = sizes
+        for i in range(num_gemms):
+            weight = torch.nn.Parameter(torch.empty(sizes, dtype=config.params_dtype))
+            set_tensor_model_parallel_attributes(weight, True, self.PARTITION_DIM, 1)
+            weight.allreduce = not self.explicit_expert_comm
+            self.register_parameter(f"weight{i}", weight)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Nothing: the grouped base weights are not saved here (Bridge's checkpoints hold the adapters only)."""
+        return {}
+
+    def forward(self, x, m_splits):
+        pieces = torch.split(x, [int(n) for n in m_splits])
+        return torch.cat([F.linear(piece, getattr(self, f"weight{i}")) for i, piece in enumerate(pieces)]), None
+
+
+class CpuGroupedColumnLinear(CpuGroupedLinear):
+    """TEColumnParallelGroupedLinear (expert fc1): output rows split over expert TP."""
+
+
+class CpuGroupedRowLinear(CpuGroupedLinear):
+    """TERowParallelGroupedLinear (expert fc2): input columns split over expert TP, partial sums out."""
+
+    PARTITION_DIM = 1
+
+
+GROUPED_EXPERTS = ModuleSpec(
+    module=TEGroupedMLP, submodules=MLPSubmodules(linear_fc1=CpuGroupedColumnLinear, linear_fc2=CpuGroupedRowLinear)
+)
+"""megatron's TEGroupedMLP (``mlp.experts.linear_fc{1,2}.weight{e}``) with the CPU grouped linears above."""
+
+
+def build_moe_gpt(cfg: TinyMoEConfig, *, sequence_parallel: bool = False, grouped_experts: bool = False):
     """This rank's MoE GPTModel (a list of chunks under VPP) loaded with ``global_moe_base_weights``.
 
     Local layer spec with SequentialMLP experts (``mlp.experts.local_experts.{e}``,
-    e local; global index ``mlp.local_expert_indices[e]``) and ``mlp.router``.
+    e local; global index ``mlp.local_expert_indices[e]``) and ``mlp.router``;
+    ``grouped_experts``: megatron's TEGroupedMLP instead (``GROUPED_EXPERTS``), the
+    same function with the same weights (local expert e is ``weight{e}``).
     Expert linears are sliced over the expert-TP group (their ``tp_group``),
     everything else over TP; the router (and shared-expert gate) is
     replicated. TP > 1 with MoE wants ``sequence_parallel=True`` (megatron
@@ -199,6 +260,7 @@ def build_moe_gpt(cfg: TinyMoEConfig, *, sequence_parallel: bool = False):
         config,
         global_moe_base_weights(cfg),
         num_experts=cfg.num_experts,
+        experts_spec=GROUPED_EXPERTS if grouped_experts else None,
         moe_grouped_gemm=False,
         qk_layernorm=cfg.qk_layernorm,
     )
