@@ -207,7 +207,7 @@ def _edit_moe_adapter(directory: Path, edit: str):
 @pytest.mark.parametrize("layout,edit,message", [
     ("per_expert", "extra_expert", "the file adapts experts [4], the Megatron model has 4 experts (0..3); load it into a model with the expert count"),
     ("fused", "three_experts", "model.layers.0.mlp.experts.gate_up_proj: the adapter holds 3 experts (lora_A [24, 64], lora_B [64, 24], r 8), "
-                               "the Megatron model has 4; load it into a model with the expert count"),
+                               "the Megatron model has 4 experts; load it into a model with the expert count"),
 ])
 def test_moe_adapter_mismatches_fail_on_every_rank(tmp_path, layout, edit, message):
     run_ranks(_moe_export_at, 2, str(tmp_path), layout)
