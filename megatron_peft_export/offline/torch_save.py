@@ -72,10 +72,13 @@ _LOCAL = struct.Struct("<4s5H3L2H")
 
 def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
     """Zip member name -> (offset of its data in `blob`, size), for stored (uncompressed) members."""
-    tail = bytes(blob[max(0, len(blob) - 65557):])
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < _EOCD.size:
-        raise NotPlainTensor("no zip end record")
+    if bytes(blob[-_EOCD.size: -_EOCD.size + 4]) == b"PK\x05\x06":  # torch writes no zip comment: the end record is last
+        tail, at = blob, len(blob) - _EOCD.size
+    else:
+        tail = bytes(blob[max(0, len(blob) - 65557):])
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _EOCD.size:
+            raise NotPlainTensor("no zip end record")
     *_, count, directory_size, directory_offset, _comment = _EOCD.unpack_from(tail, at)
     if directory_offset == 0xFFFFFFFF or directory_offset + directory_size > len(blob):
         raise NotPlainTensor("zip64 or a central directory outside the blob")

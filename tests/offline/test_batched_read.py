@@ -78,6 +78,16 @@ def test_decode_gives_what_torch_load_gives(tensor):
     assert torch.equal(got, expected)
 
 
+def test_decode_finds_the_zip_end_record_before_a_comment():
+    """torch writes no zip comment (the end record is then the last 22 bytes); a blob with one is read too."""
+    saved = io.BytesIO()
+    torch.save(torch.arange(5.0), saved)
+    blob = bytearray(saved.getvalue())
+    blob[-2:] = len(b"a comment").to_bytes(2, "little")
+    blob += b"a comment"
+    assert torch.equal(decode(blob), torch.arange(5.0))
+
+
 def test_decode_refuses_what_is_not_a_plain_tensor_blob():
     legacy = io.BytesIO()
     torch.save(torch.ones(3), legacy, _use_new_zipfile_serialization=False)
