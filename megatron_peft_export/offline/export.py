@@ -155,7 +155,7 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
                    for s in offline_shards(k, shapes[k.key], alpha=0.0, tp_save=1, gated=names.geometry.gated_linear_unit, dtype="float32", num_experts=experts))
     if needs_tp and values["tp_size"] is None:
         raise CheckpointError(f"{directory}: the tensor-parallel size of the save is not recorded and gate/up rows must be de-interleaved with it; pass --tp-size")
-    if (values["etp_size"] or 1) > 1 and any(k.dialect == "megatron-bridge" and ".experts." in k.module and k.module.endswith("linear_fc2") for k in keys):
+    if (values["etp_size"] or 1) > 1 and any(k.dialect == "megatron-bridge" and k.routed_expert and k.module.endswith("linear_fc2") for k in keys):
         log.warning(
             "%s: Megatron-Bridge LoRA on expert linear_fc2 saved at expert tensor-parallel size %d; the adapter is exported as B·A, "
             "which is what the model computes at expert TP 1 (at expert TP > 1 Bridge computes a block-diagonal update instead)",
@@ -164,7 +164,7 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     shards: list[OfflineShard] = []
     for key in keys:
         alpha = _alpha(key, shapes, settings, facts, options.adapter_name, directory)
-        tp_save = (values["etp_size"] or values["tp_size"]) if ".experts." in key.module else values["tp_size"]
+        tp_save = (values["etp_size"] or values["tp_size"]) if key.routed_expert else values["tp_size"]
         shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=tp_save or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key),
                                  num_experts=experts)
     vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)

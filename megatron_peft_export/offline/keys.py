@@ -43,6 +43,11 @@ class AdapterKey:
     axes: str = ""
     """The leading axes the tensor is stacked on, in order: `i` (layers), `e` (experts)."""
 
+    @property
+    def routed_expert(self) -> bool:
+        """A routed expert's adapter (megatron saves those on a global expert axis; shared experts are dense MLPs)."""
+        return "e" in self.axes
+
 
 @dataclass(frozen=True)
 class OfflineShard:
