@@ -19,7 +19,7 @@ def _export(rank, world, tmp, expert_adapters, family="mixtral", tp=1, ep=1, etp
     from tests.support import tiny_moe
     from tests.support.bridge_lora import apply_bridge_lora
 
-    cfg = tiny_moe.QWEN3_MOE_LIKE if family == "qwen3_moe" else tiny_moe.MIXTRAL_LIKE
+    cfg = {"qwen3_moe": tiny_moe.QWEN3_MOE_LIKE, "qwen2_moe": tiny_moe.QWEN2_MOE_LIKE}.get(family, tiny_moe.MIXTRAL_LIKE)
     tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
     model = tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp, grouped_experts=grouped)
     apply_bridge_lora(model, dim=8, alpha=16, target_modules=targets, expert_adapters=expert_adapters)
@@ -86,6 +86,13 @@ def test_router_lora_matches_megatron_logits(tmp_path, family, world, layout):
     """Router LoRA alone (only routing changes), as peft target_parameters on transformers v5's router weight."""
     result = run_ranks(_export, world, str(tmp_path), "shared", family=family, targets=("router",), **layout)[0]
     _check(result, [], ["mlp.gate.weight"])
+
+
+@pytest.mark.parametrize("world,layout", [(2, {"ep": 2}), (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True})], ids=["ep2", "tp2xep2-sp"])
+def test_shared_expert_lora_with_grouped_expert_lora(tmp_path, world, layout):
+    """Qwen2-MoE: Bridge LoRA on the shared expert (a dense MLP over TP) next to per-expert LoRA on the grouped experts."""
+    result = run_ranks(_export, world, str(tmp_path), "per_expert", family="qwen2_moe", targets=("linear_fc1", "linear_fc2"), **layout)[0]
+    _check(result, ["down_proj", "gate_proj", "up_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
 
 
 def test_router_and_per_expert_lora_together(tmp_path):
