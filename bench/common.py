@@ -14,52 +14,54 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support.tiny_gpt import TinyGPTConfig
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------ models
 
 
+WIDE = TinyGPTConfig(num_layers=1, hidden_size=1024, ffn_hidden_size=1280, num_attention_heads=8, num_query_groups=8, kv_channels=128, vocab_size=128)
+"""The stall and scaling benchmarks' layers: rank-256 LoRA on them is 12.3 MB of float32 per layer."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """A megatron-core GPT (local spec, SwiGLU, float32) with ModelOpt LoRA on qkv, proj, fc1 and fc2 of every layer."""
+    """The tiny GPT of the tests (local spec, SwiGLU, float32) at `model`'s sizes, with ModelOpt LoRA of `rank` on qkv, proj, fc1 and fc2 of every layer."""
 
-    layers: int
-    hidden: int = 1024
-    ffn: int = 1280
-    heads: int = 8
-    groups: int = 8
-    kv_channels: int = 128
-    vocab: int = 128
+    model: TinyGPTConfig
     rank: int = 256
     scale: float = 2.0
 
+    def resized(self, **model_sizes) -> Geometry:
+        """The same geometry with some TinyGPTConfig fields replaced (num_layers=..., vocab_size=...)."""
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **model_sizes))
+
     @property
-    def qkv_rows(self) -> int:
-        return (self.heads + 2 * self.groups) * self.kv_channels
+    def layers(self) -> int:
+        return self.model.num_layers
 
     @property
     def adapter_bytes(self) -> int:
         """The HF adapter's float32 bytes (the fused qkv/fc1 A counted once, as Megatron holds it)."""
-        h, f, r = self.hidden, self.ffn, self.rank
-        per_layer = r * h + self.qkv_rows * r + r * self.heads * self.kv_channels + h * r + r * h + 2 * f * r + r * f + h * r
-        return 4 * self.layers * per_layer
+        m, r = self.model, self.rank
+        h, f, attention = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads * m.kv_channels
+        qkv_rows = attention + 2 * m.num_query_groups * m.kv_channels
+        per_layer = r * h + qkv_rows * r + r * attention + h * r + r * h + 2 * f * r + r * f + h * r
+        return 4 * m.num_layers * per_layer
 
     @property
     def base_bytes(self) -> int:
-        h, f = self.hidden, self.ffn
-        per_layer = self.qkv_rows * h + h * self.heads * self.kv_channels + 2 * f * h + h * f + 2 * h
-        return 4 * (self.layers * per_layer + 2 * self.vocab * h + h)
+        m = self.model
+        h, f, attention = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads * m.kv_channels
+        qkv_rows = attention + 2 * m.num_query_groups * m.kv_channels
+        per_layer = qkv_rows * h + h * attention + 2 * f * h + h * f + 2 * h
+        return 4 * (m.num_layers * per_layer + 2 * m.vocab_size * h + h)
 
 
-def tiny_config(geometry: Geometry):
-    from tests.support.tiny_gpt import TinyGPTConfig
-
-    return TinyGPTConfig(
-        num_layers=geometry.layers, hidden_size=geometry.hidden, num_attention_heads=geometry.heads,
-        num_query_groups=geometry.groups, kv_channels=geometry.kv_channels, ffn_hidden_size=geometry.ffn,
-        vocab_size=geometry.vocab, seq_length=16,
-    )
+def wide(layers: int) -> Geometry:
+    return Geometry(WIDE).resized(num_layers=layers)
 
 
 def build_lora_model(geometry: Geometry, tp: int, *, fill: str = "uniform", seed: int = 7):
@@ -75,7 +77,7 @@ def build_lora_model(geometry: Geometry, tp: int, *, fill: str = "uniform", seed
     from tests.support.tiny_gpt import apply_modelopt_lora, fill_lora_random, init_parallel, transformer_config
 
     init_parallel(tp)
-    cfg = tiny_config(geometry)
+    cfg = geometry.model
     config = transformer_config(cfg)
     # Base weights start at zero: no adapter export reads them, and megatron's CPU init (a global master weight
     # per tensor, drawn on every rank) would cost minutes at these sizes. The TP attributes are set as usual.

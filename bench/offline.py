@@ -17,27 +17,30 @@ intra-op thread), with the checkpoint evicted from the page cache first (cold re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
 
-from .common import Geometry, build_lora_model, directory_bytes, evict_page_cache, in_fresh_process, median, peak_rss, return_freed_memory, rotated, timed, tiny_config
+from tests.support.tiny_gpt import TinyGPTConfig
+
+from .common import Geometry, build_lora_model, directory_bytes, evict_page_cache, in_fresh_process, median, peak_rss, return_freed_memory, rotated, timed
 
 ITERATION = 10
-ADAPTER = Geometry(layers=16, hidden=256, ffn=320, heads=4, groups=4, kv_channels=64, rank=256)
+ADAPTER = Geometry(TinyGPTConfig(num_layers=16, hidden_size=256, ffn_hidden_size=320, num_attention_heads=4, num_query_groups=4, kv_channels=64), rank=256)
 """49 MB of float32 adapter (128 tensors), 33 MB of base weights in its layers."""
-MANY_TENSORS = Geometry(layers=80, hidden=256, ffn=320, heads=4, groups=4, kv_channels=64, rank=16)
+MANY_TENSORS = dataclasses.replace(ADAPTER.resized(num_layers=80), rank=16)
 """15 MB in 640 tensors (rank 16 on all linears of 80 layers): the shape of real rank-16 adapters, where costs per tensor dominate."""
 VARIANTS = ("export", "full_load", "raw_read", "read_write_floor")
 
 
 def with_base(geometry: Geometry, ratio: float) -> Geometry:
     """The geometry with the vocabulary that makes the base weights ``ratio`` times the adapter (vocab a multiple of 128)."""
-    without_vocab = Geometry(**{**geometry.__dict__, "vocab": 0}).base_bytes
-    vocab = max(128, round((ratio * geometry.adapter_bytes - without_vocab) / (4 * 2 * geometry.hidden) / 128) * 128)
-    return Geometry(**{**geometry.__dict__, "vocab": vocab})
+    without_vocab = geometry.resized(vocab_size=0).base_bytes
+    vocab = max(128, round((ratio * geometry.adapter_bytes - without_vocab) / (4 * 2 * geometry.model.hidden_size) / 128) * 128)
+    return geometry.resized(vocab_size=vocab)
 
 
 def _write_checkpoint(rank, world, geometry: Geometry, save_dir: str):
@@ -59,7 +62,7 @@ def _write_checkpoint(rank, world, geometry: Geometry, save_dir: str):
     directory = Path(save_dir) / f"iter_{ITERATION:07d}"
     directory.mkdir(parents=True, exist_ok=True)
     state = {"model": model.sharded_state_dict(), "iteration": ITERATION, "checkpoint_version": 3.0,
-             "args": _megatron_args(TrainConfig(model=tiny_config(geometry), tp=world, lora_rank=geometry.rank, lora_scale=geometry.scale))}
+             "args": _megatron_args(TrainConfig(model=geometry.model, tp=world, lora_rank=geometry.rank, lora_scale=geometry.scale))}
     _in_process_write_results()
     with _may_fork():
         dist_checkpointing.save(state, str(directory))
@@ -165,7 +168,7 @@ def run(reps: int, ratios: list[int], scratch: Path, log, adapter: Geometry = AD
         seconds, _ = timed(run_ranks, _write_checkpoint, 2, geometry, str(save_dir), timeout=3600)
         directory = save_dir / f"iter_{ITERATION:07d}"
         checkpoints[ratio] = (geometry, directory)
-        log(f"offline: wrote the {ratio}x checkpoint ({directory_bytes(directory) / 1e9:.2f} GB on disk, vocab {geometry.vocab}) in {seconds:.1f} s")
+        log(f"offline: wrote the {ratio}x checkpoint ({directory_bytes(directory) / 1e9:.2f} GB on disk, vocab {geometry.model.vocab_size}) in {seconds:.1f} s")
     samples = {(ratio, v): [] for ratio in ratios for v in VARIANTS}
     order = [(ratio, v) for ratio in ratios for v in VARIANTS]
     for rep in range(reps):
@@ -179,7 +182,7 @@ def run(reps: int, ratios: list[int], scratch: Path, log, adapter: Geometry = AD
         geometry, directory = checkpoints[ratio]
         ranges = _adapter_ranges(directory)
         row = {"ratio": ratio, "adapter_bytes": geometry.adapter_bytes, "base_bytes": geometry.base_bytes,
-               "checkpoint_bytes": directory_bytes(directory), "vocab": geometry.vocab, "layers": geometry.layers, "lora_rank": geometry.rank,
+               "checkpoint_bytes": directory_bytes(directory), "vocab": geometry.model.vocab_size, "layers": geometry.layers, "lora_rank": geometry.rank,
                "adapter_tensors": 8 * geometry.layers, "stored_items": len(ranges), "stored_adapter_bytes": sum(n for _, _, n in ranges)}
         for variant in VARIANTS:
             results = samples[(ratio, variant)]

@@ -30,14 +30,14 @@ import megatron_peft_export.hook  # noqa: E402,F401  (imported before forking: e
 import megatron_peft_export.offline.export  # noqa: E402,F401
 import tests.support.tiny_gpt  # noqa: E402,F401
 from bench import offline, probe, scaling, stall  # noqa: E402
-from bench.common import Geometry, machine  # noqa: E402
+from bench.common import machine, wide  # noqa: E402
 from bench.report import render  # noqa: E402
 
 PLANS = {
     "full": {"stall": ({"10MB": 15, "100MB": 9, "1GB": 5},), "offline": (5, [1, 10, 100], offline.ADAPTER), "offline_many_tensors": (5, [1], offline.MANY_TENSORS),
              "scaling": (3, [1, 2, 4], scaling.ADAPTER)},
-    "quick": {"stall": ({"10MB": 3},), "offline": (1, [1, 10], Geometry(**{**offline.ADAPTER.__dict__, "layers": 4})),
-              "scaling": (1, [1, 2, 4], Geometry(layers=1))},
+    "quick": {"stall": ({"10MB": 3},), "offline": (1, [1, 10], offline.ADAPTER.resized(num_layers=4)),
+              "scaling": (1, [1, 2, 4], wide(1))},
 }
 
 

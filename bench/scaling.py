@@ -11,9 +11,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .common import Geometry, build_lora_model, median, peak_rss, return_freed_memory, rotated, timed
+from .common import Geometry, build_lora_model, median, peak_rss, return_freed_memory, rotated, timed, wide
 
-ADAPTER = Geometry(layers=8)
+ADAPTER = wide(8)
 """99 MB of float32 adapter (64 tensors), rank 256 on all four linears of 8 layers."""
 TIMED_EXPORTS = 2
 

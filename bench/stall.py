@@ -14,10 +14,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .common import Geometry, adapter_parameters, build_lora_model, median, rotated, timed
+from .common import Geometry, adapter_parameters, build_lora_model, median, rotated, timed, wide
 
 # ModelOpt LoRA rank 256 on all four linears of 1, 8 and 80 layers (hidden 1024, ffn 1280): 12 MB, 99 MB, 986 MB of float32 adapter.
-SIZES = {"10MB": Geometry(layers=1), "100MB": Geometry(layers=8), "1GB": Geometry(layers=80)}
+SIZES = {"10MB": wide(1), "100MB": wide(8), "1GB": wide(80)}
 VARIANTS = ("floor", "hook", "sync")
 
 
