@@ -180,7 +180,7 @@ def _safe_reader(directory: Path):
 
 
 READ_BATCH_BYTES = 256 * 2**20
-"""Adapter bytes the offline exporter reads per torch.distributed.checkpoint.load call."""
+"""Adapter bytes the offline exporter reads ahead: one batch of stored items, decoded together."""
 
 
 class TorchDistReader:
