@@ -142,39 +142,6 @@ def peak_rss():
     box[0] = max(0, _status_kib("VmHWM") - start) * 1024
 
 
-def in_fresh_process(fn, *args, timeout: float = 3600, **kwargs):
-    """``fn(*args, **kwargs)`` in a forked child with no CPU shims and no process group (as a CLI runs); returns its result.
-
-    For code that needs no megatron model (the offline exporter, reading files). Results come back pickled.
-    """
-    import multiprocessing
-    import pickle
-    import traceback
-
-    def child(conn):
-        try:
-            payload = pickle.dumps(("ok", fn(*args, **kwargs)))
-        except BaseException:
-            payload = pickle.dumps(("error", traceback.format_exc()))
-        conn.send_bytes(payload)
-        conn.close()
-        os._exit(0)
-
-    ctx = multiprocessing.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=child, args=(send,), daemon=True)
-    process.start()
-    send.close()
-    if not recv.poll(timeout):
-        process.kill()
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish within {timeout} s")
-    status, value = pickle.loads(recv.recv_bytes())
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in its process:\n{value}")
-    return value
-
-
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     started = time.perf_counter()
     result = fn(*args, **kwargs)

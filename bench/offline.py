@@ -26,7 +26,9 @@ from pathlib import Path
 
 from tests.support.tiny_gpt import TinyGPTConfig
 
-from .common import Geometry, build_lora_model, directory_bytes, evict_page_cache, in_fresh_process, median, peak_rss, return_freed_memory, rotated, timed
+from tests.support.multiprocess import run_alone
+
+from .common import Geometry, build_lora_model, directory_bytes, evict_page_cache, median, peak_rss, return_freed_memory, rotated, timed
 
 ITERATION = 10
 ADAPTER = Geometry(TinyGPTConfig(num_layers=16, hidden_size=256, ffn_hidden_size=320, num_attention_heads=4, num_query_groups=4, kv_channels=64), rank=256)
@@ -174,7 +176,7 @@ def run(reps: int, ratios: list[int], scratch: Path, log, adapter: Geometry = AD
     for rep in range(reps):
         for ratio, variant in rotated(order, rep):
             geometry, directory = checkpoints[ratio]
-            result = in_fresh_process(_measure, variant, str(directory), str(scratch / "offline_out"))
+            result = run_alone(_measure, variant, str(directory), str(scratch / "offline_out"), timeout=3600)
             samples[(ratio, variant)].append(result)
         log(f"offline: rep {rep + 1}/{reps} done")
     rows = []

@@ -47,18 +47,19 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
-def _child(rank, world_size, port, timeout, conn, fn, args, kwargs):
+def _child(rank, world_size, port, timeout, conn, fn, args, kwargs, distributed):
     """Body of one rank; always ends in os._exit so no atexit hook can hang."""
     try:
         torch.set_num_threads(1)
-        install_cpu_shims()
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout),
-        )
+        if distributed:
+            install_cpu_shims()
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=timeout),
+            )
         try:
             message = ("ok", fn(rank, world_size, *args, **kwargs))
         finally:
@@ -89,7 +90,22 @@ def run_ranks(fn, world_size, *args, timeout=120, **kwargs) -> list:
     TimeoutError (after killing every child) if ranks do not finish in
     ``timeout`` seconds.
     """
-    results, errors, missing = _run(fn, world_size, args, kwargs, timeout, deaths_ok=False)
+    return _collect(_run(fn, world_size, args, kwargs, timeout, deaths_ok=False), world_size, timeout)
+
+
+def run_alone(fn, *args, timeout=120, **kwargs):
+    """``fn(*args, **kwargs)`` in one forked process with no process group and no CPU shims, as a command-line tool runs.
+
+    Returns its value; raises as ``run_ranks`` does.
+    """
+    def body(rank, world_size, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return _collect(_run(body, 1, args, kwargs, timeout, deaths_ok=False, distributed=False), 1, timeout)[0]
+
+
+def _collect(outcome, world_size, timeout) -> list:
+    results, errors, missing = outcome
     if errors:
         text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{text}")
@@ -108,7 +124,7 @@ def run_ranks_allowing_deaths(fn, world_size, *args, timeout=120, **kwargs) -> l
     return [("ok", results[r]) if r in results else ("timeout", None) if r in missing else errors[r] for r in range(world_size)]
 
 
-def _run(fn, world_size, args, kwargs, timeout, deaths_ok):
+def _run(fn, world_size, args, kwargs, timeout, deaths_ok, distributed=True):
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
     readers, procs = {}, []
@@ -116,7 +132,7 @@ def _run(fn, world_size, args, kwargs, timeout, deaths_ok):
         recv, send = ctx.Pipe(duplex=False)
         p = ctx.Process(
             target=_child,
-            args=(rank, world_size, port, timeout, send, fn, args, kwargs),
+            args=(rank, world_size, port, timeout, send, fn, args, kwargs, distributed),
             daemon=True,
         )
         p.start()
