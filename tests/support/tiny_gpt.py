@@ -463,6 +463,24 @@ def _hf_state_dict(cfg: TinyGPTConfig, w: dict) -> dict:
     return {k: v.clone() for k, v in sd.items()}
 
 
+def hf_config_fields(cfg: TinyGPTConfig) -> dict:
+    """The HF config fields every twin takes from the Megatron geometry: sizes, attention, norm, rope, untied embeddings."""
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.kv_channels,
+        max_position_embeddings=cfg.seq_length,
+        rms_norm_eps=cfg.layernorm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
 def hf_llama_twin(cfg: TinyGPTConfig):
     """The HF model computing what ``build_gpt(cfg)`` computes (eager attention, float32).
 
@@ -473,22 +491,11 @@ def hf_llama_twin(cfg: TinyGPTConfig):
     if not cfg.gated_linear_unit:
         config_cls, model_cls = ArceeConfig, ArceeForCausalLM
     config = config_cls(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
+        **hf_config_fields(cfg),
         intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups,
-        head_dim=cfg.kv_channels,
         hidden_act="silu" if cfg.gated_linear_unit else "relu2",
-        max_position_embeddings=cfg.seq_length,
-        rms_norm_eps=cfg.layernorm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
-        tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
-        bos_token_id=None,
-        eos_token_id=None,
     )
     config._attn_implementation = "eager"
     model = model_cls(config).float()

@@ -362,22 +362,11 @@ def hf_moe_twin(cfg: TinyMoEConfig, family: str | None = None):
     family = family or default_family(cfg)
     _check_family(cfg, family)
     common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups,
-        head_dim=cfg.kv_channels,
+        tg.hf_config_fields(cfg),
         hidden_act="silu",
-        max_position_embeddings=cfg.seq_length,
-        rms_norm_eps=cfg.layernorm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
-        tie_word_embeddings=False,
         num_experts_per_tok=cfg.moe_router_topk,
         router_aux_loss_coef=0.0,
         output_router_logits=False,
-        bos_token_id=None,
-        eos_token_id=None,
         pad_token_id=None,
     )
     if family == "mixtral":
