@@ -98,6 +98,16 @@ def _experts(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _Where
     return found
 
 
+def _enclosing(name: str, prefixes: dict[str, _Where]) -> str | None:
+    """The longest of `prefixes` that is `name` or a dotted ancestor of it: one lookup per path depth, not a scan."""
+    while True:
+        if name in prefixes:
+            return name
+        if "." not in name:
+            return None
+        name = name.rsplit(".", 1)[0]
+
+
 def _global_paths(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _Where]:
     """Module name -> Megatron path with global layer (`layer_number` is 1-based and global) and expert indices."""
     layer_of = {}
@@ -115,7 +125,7 @@ def _global_paths(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _
         if match.group(1) == OUTPUT_LAYER:
             paths[name] = _Where(OUTPUT_LAYER + match.group(2))
         elif head in layer_of:
-            expert = next((prefix for prefix in experts if name == prefix or name.startswith(prefix + ".")), None)
+            expert = _enclosing(name, experts)
             if expert is None:
                 paths[name] = _Where(layer_of[head] + match.group(2))
             else:
