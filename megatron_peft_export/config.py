@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .errors import ExportError
+from .export import check_options
 from .multi_adapter import check_selection
+from .names import check_name
 from .verify import VerifyConfig
 from .integrations.hub import PushConfig
 
@@ -63,16 +66,29 @@ class HookConfig:
         if isinstance(self.verify, bool):  # `verify: true` in YAML
             object.__setattr__(self, "verify", VerifyConfig() if self.verify else None)
         if self.on_error not in ("warn", "raise"):
-            raise ExportError(f"on_error: expected 'warn' or 'raise', found {self.on_error!r}")
-        if self.every_n_saves < 1 or self.max_pending < 1:
-            raise ExportError(f"every_n_saves and max_pending must be >= 1, found {self.every_n_saves} and {self.max_pending}")
-        if not self.subdir or Path(self.subdir).name != self.subdir:
-            raise ExportError(f"subdir: expected a plain directory name, found {self.subdir!r}")
-        if not self.collective_timeout > 0 or (self.sigterm_grace is not None and not self.sigterm_grace >= 0):
-            raise ExportError(f"collective_timeout must be > 0 and sigterm_grace >= 0 (or null), found {self.collective_timeout} and {self.sigterm_grace}")
+            raise ExportError(f"on_error: expected 'warn' or 'raise', found {self.on_error!r:.80}")
+        for name in ("enabled", "allow_nonfinite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ExportError(f"{name}: expected true or false, found {getattr(self, name)!r:.80}")
+        for name in ("every_n_saves", "max_pending"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ExportError(f"{name}: expected an integer >= 1, found {value!r:.80}")
+        check_name(self.subdir, "subdir")
+        if not _seconds(self.collective_timeout) or self.collective_timeout == 0:
+            raise ExportError(f"collective_timeout: expected seconds > 0, found {self.collective_timeout!r:.80}")
+        for name in ("publish_timeout", "sigterm_grace"):
+            value = getattr(self, name)
+            if not _seconds(value) and not (name == "sigterm_grace" and value is None):
+                raise ExportError(f"{name}: expected seconds >= 0{' (or null)' if name == 'sigterm_grace' else ''}, found {value!r:.80}")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ExportError(f"base_model_name_or_path: expected a directory or Hub id, found {self.base_model_name_or_path!r:.80}")
         check_selection(self.adapter_names)
-        if self.pad_rank_to is not None and (not isinstance(self.pad_rank_to, int) or self.pad_rank_to < 1):
-            raise ExportError(f"pad_rank_to: expected a rank >= 1, found {self.pad_rank_to!r}")
+        check_options(adapter_name=self.adapter_name, dtype=self.dtype, expert_layout=self.expert_layout, model_type=self.model_type,
+                      pad_rank_to=self.pad_rank_to)
+        for name, kind in (("verify", VerifyConfig), ("push", PushConfig)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
+                raise ExportError(f"{name}: expected a mapping of {kind.__name__} fields, found {getattr(self, name)!r:.80}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | bool | None) -> "HookConfig":
@@ -91,6 +107,10 @@ class HookConfig:
         if not isinstance(document, Mapping):
             raise ExportError(f"{path}: expected a YAML mapping at the top level")
         return cls.from_mapping(document.get(YAML_KEY))
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def build_dataclass(cls: type, values: Any, where: str) -> Any:

@@ -19,7 +19,7 @@ from . import distributed as coll
 from .adapter_files import check_finite
 from .atomic_dir import discard, publish, staging_dir, write_staging
 from .compat import log_findings
-from .core.archs import ArchMap
+from .core.archs import ArchMap, arch_for_model_type
 from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
@@ -29,6 +29,7 @@ from .core.shards import ShardSpec
 from .dialects import LocalShard, collect
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
+from .names import check_name
 from .quantization import describe as describe_quantization, summary as quantization_summary
 
 log = logging.getLogger("megatron_peft_export")
@@ -51,6 +52,30 @@ class ExportOptions:
     """Write an adapter whose tensors hold NaN or Inf (by default that is an error: such an adapter gives NaN logits)."""
     pad_rank_to: int | None = None
     """Pad every module to this rank (zeros, lora_alpha scaled so alpha / r is unchanged); None: as trained."""
+
+    def __post_init__(self) -> None:
+        check_options(adapter_name=self.adapter_name, dtype=self.dtype, expert_layout=self.expert_layout, model_type=self.model_type,
+                      pad_rank_to=self.pad_rank_to)
+
+
+EXPERT_LAYOUTS = ("auto", "per_expert", "fused")
+
+
+def check_options(*, adapter_name: str, dtype: Any, expert_layout: Any, model_type: Any, pad_rank_to: Any) -> None:
+    """The options an export and the training hook share, checked when they are made (not at the first save)."""
+    check_name(adapter_name, "adapter_name")
+    try:
+        parse_dtype(dtype)
+    except (ExportError, TypeError):
+        raise ExportError(f"dtype: expected bfloat16, float16 or float32 (or bf16, fp16, fp32), found {dtype!r:.80}") from None
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ExportError(f"expert_layout: expected one of {', '.join(EXPERT_LAYOUTS)}, found {expert_layout!r:.80}")
+    if model_type is not None:
+        if not isinstance(model_type, str):
+            raise ExportError(f"model_type: expected an HF model_type (e.g. llama), found {model_type!r:.80}")
+        arch_for_model_type(model_type)
+    if pad_rank_to is not None and (not isinstance(pad_rank_to, int) or isinstance(pad_rank_to, bool) or pad_rank_to < 1):
+        raise ExportError(f"pad_rank_to: expected a rank >= 1, found {pad_rank_to!r:.80}")
 
 
 @dataclass
@@ -156,8 +181,6 @@ def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: M
 
 
 def _fused_layout(option: str) -> bool:
-    if option not in ("auto", "fused", "per_expert"):
-        raise ExportError(f"expert_layout: expected auto, fused or per_expert, found {option!r}")
     if option != "auto":
         return option == "fused"
     import transformers

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -27,12 +26,12 @@ from . import distributed as coll
 from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, discard, publish
 from .errors import ExportError, NoAdaptersError
 from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
+from .names import RULE, check_name
 
 log = logging.getLogger("megatron_peft_export")
 ALL = "all"
 Selection = Sequence[str] | Literal["all"]
 RESERVED = frozenset({"verification", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD})
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LAYOUT_HEADING = "\n## Adapters in this directory\n"
 
 
@@ -42,7 +41,7 @@ def check_selection(selection: Selection | None) -> Selection | None:
         return selection
     if isinstance(selection, str) or not all(isinstance(n, str) for n in selection):
         raise ExportError(f"adapter_names: expected 'all' or a list of adapter names, found {selection!r}")
-    names = list(selection)
+    names = [check_name(n, "adapter_names") for n in selection]
     if not names or len(set(names)) != len(names):
         raise ExportError(f"adapter_names: expected at least one name and no repeats, found {names}")
     return names
@@ -105,10 +104,18 @@ def _choose(gathered: list[dict[str, Any]], selection: Selection, default: str) 
                                   "enable them first (ModelOpt: modelopt.torch.peft.enable_adapters(model, adapters_to_enable=[...]))")
     root = default if default in chosen else chosen[0]
     ordered = [root] + [n for n in chosen if n != root]
-    bad = [n for n in ordered[1:] if not _NAME.match(n) or n in RESERVED]
+    bad = [n for n in ordered[1:] if n in RESERVED or not _is_name(n)]
     if bad:
-        raise ExportError(f"adapter name(s) {bad} cannot be subdirectory names; expected letters, digits, '_', '-', '.' and none of {sorted(RESERVED)}")
+        raise ExportError(f"adapter name(s) {bad} cannot be subdirectory names; expected {RULE}, and none of {sorted(RESERVED)}")
     return ordered, skipped
+
+
+def _is_name(name: str) -> bool:
+    try:
+        check_name(name, "adapter name")
+    except ExportError:
+        return False
+    return True
 
 
 def _layout_section(names: list[str]) -> str:

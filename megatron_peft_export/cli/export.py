@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..errors import ExportError
 from ..export import ExportOptions
+from ..names import check_name
 from ..offline.export import CheckpointFacts, backfill, export_checkpoint
 
 _FACT_HELP = {
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(base_model_name_or_path=args.base_model, adapter_name=args.adapter_name, dtype=args.dtype, overwrite=args.overwrite,
                             model_type=args.model_type, expert_layout=args.expert_layout, allow_nonfinite=args.allow_nonfinite,
                             pad_rank_to=args.pad_rank_to)
-    plain_name(args.dir_name, "--dir-name")
+    check_name(args.dir_name, "--dir-name")
     facts = CheckpointFacts(**{f.name: getattr(args, f.name) for f in fields(CheckpointFacts)})
     if args.all:
         summaries = backfill(args.checkpoint, subdir=args.dir_name, options=options, facts=facts, quiet=args.quiet)
@@ -64,9 +64,3 @@ def run(args: argparse.Namespace) -> int:
         print(export_checkpoint(args.checkpoint, args.output, options=options, facts=facts, quiet=args.quiet).line())
     return 0
 
-
-def plain_name(name: str, flag: str) -> str:
-    """A directory name inside each iteration directory: no path separators, no `..` (nothing is written elsewhere)."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise ExportError(f"{flag}: expected a plain directory name (e.g. hf_adapter), found {name!r}")
-    return name

@@ -7,7 +7,7 @@ import argparse
 from ..adapter_files import read_adapter
 from ..field_docs import field_docs
 from ..integrations.hub import STRATEGIES, PushConfig, find_adapters, push_adapters
-from .export import plain_name
+from ..names import check_name
 
 _EXAMPLES = """examples:
   megatron-peft-export push runs/llama/iter_0000500/hf_adapter --repo-id my-org/llama-lora
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         repo_id=args.repo_id, strategy=args.strategy, private=args.private, revision=args.revision,
         commit_message=args.commit_message, base_model=args.base_model, endpoint=args.endpoint, retries=args.retries,
     )
-    adapters = find_adapters(args.path, plain_name(args.dir_name, "--dir-name"))
+    adapters = find_adapters(args.path, check_name(args.dir_name, "--dir-name"))
     latest = adapters[-1]
     checkpoints = [a for a in adapters if a.iteration is not None] if config.strategy == "all_checkpoints" else []
     for path in {a.path for a in (latest, *checkpoints)}:  # nothing malformed, contradictory or NaN reaches the Hub

@@ -20,6 +20,9 @@ import inspect
 from typing import Any, Callable
 
 from ..config import HookConfig
+from ..errors import ExportError
+from ..multi_adapter import check_selection
+from ..names import check_name
 from ..field_docs import field_docs
 from ..hook import AdapterExportHook, iteration_dir
 from .hub import STRATEGIES, PushConfig
@@ -34,10 +37,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("HF adapter export (megatron-peft-export)")
     group.add_argument("--export-hf-adapter", action="store_true", help="Write an HF PEFT adapter next to every checkpoint.")
     group.add_argument("--hf-adapter-base-model", default=None, help="HF base model (local directory or Hub id) for the adapter config.")
-    group.add_argument("--hf-adapter-dir-name", default=_DEFAULTS.subdir, help="Directory name inside each iter_* checkpoint directory.")
+    group.add_argument("--hf-adapter-dir-name", default=_DEFAULTS.subdir, type=_checked(check_name, "--hf-adapter-dir-name"),
+                       help="Directory name inside each iter_* checkpoint directory.")
     group.add_argument("--hf-adapter-every-n-saves", type=int, default=_DEFAULTS.every_n_saves, help="Export every n-th persistent save.")
-    group.add_argument("--hf-adapter-name", default=_DEFAULTS.adapter_name, help="Which named adapter to export.")
-    group.add_argument("--hf-adapter-names", default=None, help="Several named adapters in peft's multi-adapter layout: 'all' or a comma-separated list.")
+    group.add_argument("--hf-adapter-name", default=_DEFAULTS.adapter_name, type=_checked(check_name, "--hf-adapter-name"), help="Which named adapter to export.")
+    group.add_argument("--hf-adapter-names", default=None, type=_checked(lambda v, what: check_selection(_names(v)) and v, "--hf-adapter-names"),
+                       help="Several named adapters in peft's multi-adapter layout: 'all' or a comma-separated list.")
     group.add_argument("--hf-adapter-pad-rank-to", type=int, default=None, help="Pad every module to this rank (same outputs): one rank for hot-swapping and servers.")
     group.add_argument("--hf-adapter-dtype", default=None, choices=["bfloat16", "float16", "float32"], help="Output dtype (default: the adapter's).")
     group.add_argument("--hf-adapter-model-type", default=None, help="HF model_type for the names when the base model is not a local directory.")
@@ -54,6 +59,18 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--hf-adapter-push-private", action="store_true", help=push["private"])
     group.add_argument("--hf-adapter-push-revision", default=None, help=push["revision"])
     return parser
+
+
+def _checked(check: Callable[[str, str], Any], flag: str) -> Callable[[str], str]:
+    """An argparse `type` that runs one of the config's checks, so a bad value fails when the flags are parsed."""
+
+    def parse(value: str) -> str:
+        try:
+            return check(value, flag)
+        except ExportError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def chain(*providers: ArgsProvider | None) -> ArgsProvider:
@@ -105,7 +122,10 @@ def _chain_parse_args(parse_args: Callable) -> Callable:
 
     @functools.wraps(parse_args)
     def wrapped(extra_args_provider=None, *args, **kwargs):
-        return parse_args(chain(add_args, extra_args_provider), *args, **kwargs)
+        parsed = parse_args(chain(add_args, extra_args_provider), *args, **kwargs)
+        if getattr(parsed, "export_hf_adapter", False):
+            config_from_args(parsed)  # every option checked at startup, not at the first save
+        return parsed
 
     wrapped._hf_adapter_chained = True
     return wrapped
