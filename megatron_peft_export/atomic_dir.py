@@ -1,5 +1,9 @@
 """Publish a directory whole or not at all: write into a hidden temporary sibling, fsync, rename.
 
+An output never touches an input: it may not be, contain or lie inside the checkpoint being read (nor be or
+contain another input, such as the base model's directory), and an existing output is replaced only when it
+is an adapter directory this tool published (`is_published_adapter`), and only with overwrite.
+
 Siblings are named `.<name>.tmp-<host>-<pid>-<hex>` (staging) and `.<name>.old-<host>-<pid>-<hex>` (the
 replaced directory, during an overwrite), so a later export can tell leftovers of a process that died
 (same host, pid gone; or another host's, untouched for STALE_AFTER) from a live export's, and clean them.
@@ -14,11 +18,12 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -37,6 +42,9 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0
 _LOCK = threading.RLock()
 _LIVE: dict[Path, bool] = {}
 """This process's staging directories -> abandoned (at shutdown: `publish` then refuses them)."""
+_CREATED: dict[Path, list[Path]] = {}
+"""Staging directory -> the missing parents `staging_dir` created for it (deepest first), removed again if nothing is published."""
+MAX_CARD_BYTES = 1 << 20
 
 
 def _fsync(path: Path) -> None:
@@ -49,6 +57,109 @@ def _fsync(path: Path) -> None:
 
 def _sibling(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at `path`: a directory tree, or a file, symbolic link or other entry (a link is never followed)."""
+    try:
+        if stat.S_ISDIR(path.lstat().st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def is_published_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is an adapter directory this tool published: a directory (not a link) holding regular files
+    adapter_config.json and README.md, the card carrying the `megatron-peft-export` tag model_card has always written.
+
+    A directory whose card was replaced or removed, a file, a link or anything else is not: no overwrite replaces it.
+    """
+    from .core.peft_format import is_ours
+
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(path.lstat().st_mode) or not stat.S_ISREG((path / ADAPTER_CONFIG).lstat().st_mode):
+            return False
+        card = path / MODEL_CARD
+        if not stat.S_ISREG(card.lstat().st_mode) or card.lstat().st_size > MAX_CARD_BYTES:
+            return False
+        with open(card, "rb") as f:
+            return is_ours(f.read(MAX_CARD_BYTES).decode("utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return False
+
+
+def _describe(path: Path) -> str:
+    """What is at `path`, for a message (a link is not followed)."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return "nothing"
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    if stat.S_ISREG(mode):
+        return "a file"
+    if not stat.S_ISDIR(mode):
+        return "a special file (FIFO, socket or device)"
+    return "a directory without the model card (README.md) megatron-peft-export writes"
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _same_entry(a: Path, b: Path) -> bool:
+    """Whether two existing paths are one directory entry (also through bind mounts, which realpath does not see)."""
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except OSError:
+        return False
+
+
+def check_output(output_dir: str | os.PathLike, overwrite: bool, *, reading: Sequence[tuple[str | os.PathLike, str]] = (),
+                 checkpoint: str | os.PathLike | None = None) -> Path:
+    """Refuse an output that would touch an input, or replace anything but an adapter directory this tool published.
+
+    `reading`: (path, what it is) of every input; the output may not be one of them or contain one (symbolic links
+    resolved). `checkpoint`: the checkpoint directory being read; the output may not lie inside it either, except as a
+    new (or published adapter) directory directly in it, as the hook and `export --all` write `<iter>/hf_adapter`.
+    An existing output must be a published adapter (`is_published_adapter`) and is replaced only with `overwrite`.
+    """
+    out = Path(output_dir).absolute()
+    try:
+        real = _real(out)
+        sources = [(Path(p), what) for p, what in reading if p is not None]
+        if checkpoint is not None:
+            sources.append((Path(checkpoint), "the checkpoint being read"))
+        for source, what in sources:
+            source_real = _real(source)
+            if real == source_real or (out.exists() and _same_entry(out, source_real)):
+                raise OutputError(f"{out} is {what} ({source}); write the adapter to a new directory. Nothing was written")
+            if real in source_real.parents or (out.exists() and any(_same_entry(out, p) for p in source_real.parents)):
+                raise OutputError(f"{out} contains {what} ({source}), which replacing it would delete; write the adapter to a new directory elsewhere. "
+                                  "Nothing was written")
+        if checkpoint is not None:
+            inside = _real(Path(checkpoint))
+            if _is_within(real, inside) and real.parent != inside:
+                raise OutputError(f"{out} lies inside the checkpoint being read ({checkpoint}); expected a directory outside it, or directly in it "
+                                  f"(as `export --all` writes {Path(checkpoint) / 'hf_adapter'}). Nothing was written")
+        if os.path.lexists(out):
+            if not is_published_adapter(out):
+                of_checkpoint = checkpoint is not None and real.parent == _real(Path(checkpoint))
+                raise OutputError(f"{out} already exists and is {_describe(out)}{', part of the checkpoint being read' if of_checkpoint else ''}; "
+                                  "--overwrite (overwrite=True) replaces only an adapter directory written by megatron-peft-export. "
+                                  "Write the adapter elsewhere, or remove it yourself. Nothing was written")
+            if not overwrite:
+                raise OutputError(f"{out} already exists; expected a new directory. Pass overwrite=True (--overwrite) to replace it.")
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a loop of links
+        raise OutputError(f"cannot use {output_dir!r:.200} as the adapter directory: {exc}") from None
+    return out
 
 
 def _owner_alive(path: Path, host: str | None, pid: str | None) -> bool:
@@ -86,34 +197,48 @@ def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
             if match and match["name"] == out.name and not _owner_alive(path, match["host"], match["pid"]):
                 found.append((match["kind"], path))
         for kind, path in sorted(found):  # "old" first: restore before removing staging
-            if kind == "old" and not out.exists():
+            if kind == "old" and not os.path.lexists(out):
                 path.rename(out)
                 log.warning("restored %s from %s, set aside by an export that was interrupted while replacing it", out, path.name)
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove(path)
                 log.info("removed %s, left behind by an interrupted export", path)
     return [path for _, path in found]
 
 
-def staging_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+def staging_dir(output_dir: str | os.PathLike, overwrite: bool, *, reading: Sequence[tuple[str | os.PathLike, str]] = (),
+                checkpoint: str | os.PathLike | None = None) -> Path:
     """Create the temporary sibling that will become `output_dir`; fail early if it cannot be published.
 
-    Leftovers of earlier interrupted exports to the same directory are cleaned first (`clean_stale`).
+    The output is checked against the inputs first (`check_output`: `reading`, `checkpoint`). Leftovers of earlier
+    interrupted exports to the same directory are cleaned next (`clean_stale`). Missing parent directories are
+    created, and removed again when nothing is published (`discard`).
     """
     out = Path(output_dir).absolute()
+    check_output(out, True, reading=reading, checkpoint=checkpoint)  # nothing is touched for an output that touches an input
     if out.parent.is_dir():
         clean_stale(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists; expected a new directory. Pass overwrite=True (--overwrite) to replace it.")
+    check_output(out, overwrite, reading=reading, checkpoint=checkpoint)
     tmp = _sibling(out, "tmp")
+    created = [p for p in (out.parent, *out.parent.parents) if not os.path.lexists(p)]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as exc:
+        for path in created:
+            _rmdir(path)
         raise OutputError(f"cannot write the adapter next to {out}: {exc.strerror} ({exc.filename}); expected a writable directory") from exc
     with _LOCK:
         _LIVE[tmp] = False
+        _CREATED[tmp] = created
     return tmp
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def _errno(exc: BaseException) -> int | None:
@@ -166,9 +291,12 @@ def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:
         try:
             if _LIVE.get(tmp):
                 raise OutputError(f"the export to {out} was abandoned at shutdown; nothing was published")
-            if out.exists():
+            if os.path.lexists(out):
                 if not overwrite:
                     raise OutputError(f"{out} appeared while the adapter was being written; nothing was replaced")
+                if not is_published_adapter(out):
+                    raise OutputError(f"{out} is now {_describe(out)}, not an adapter directory written by megatron-peft-export; "
+                                      "nothing was replaced. Write the adapter elsewhere, or remove it yourself")
                 old = _sibling(out, "old")
                 out.rename(old)
             try:
@@ -186,15 +314,20 @@ def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:
             raise
         finally:
             _LIVE.pop(tmp, None)
+            _CREATED.pop(tmp, None)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return out
 
 
 def discard(tmp: Path) -> None:
+    """Remove a staging directory, and the parents staging_dir created for it when they are empty."""
     shutil.rmtree(tmp, ignore_errors=True)
     with _LOCK:
         _LIVE.pop(tmp, None)
+        created = _CREATED.pop(tmp, [])
+    for path in created:
+        _rmdir(path)
 
 
 def abandon_all(timeout: float) -> list[Path]:

@@ -57,6 +57,11 @@ class ExportOptions:
         check_options(adapter_name=self.adapter_name, dtype=self.dtype, expert_layout=self.expert_layout, model_type=self.model_type,
                       pad_rank_to=self.pad_rank_to)
 
+    def inputs(self) -> list[tuple[Path, str]]:
+        """What an export reads from disk besides the model: the base model's directory, when it is a local one."""
+        base = self.base_model_name_or_path
+        return [(Path(base), "the base model directory being read")] if base and Path(base).is_dir() else []
+
 
 EXPERT_LAYOUTS = ("auto", "per_expert", "fused")
 
@@ -236,7 +241,7 @@ def run_export(
             "Megatron-Bridge DoRA at tensor-parallel size > 1 normalizes row-parallel weights (linear_proj, linear_fc2) per TP shard; "
             "the HF adapter follows exact DoRA, so its logits can differ from the training model's there"
         )
-    tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite), WRITER, group)
+    tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group)
     if layout.rank != WRITER:
         failure = None
         for shard in snapshot.shards:  # a local failure is sent as zeros and agreed on below, so the writer never waits

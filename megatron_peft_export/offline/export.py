@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..adapter_files import check_finite
-from ..atomic_dir import discard, publish, staging_dir
+from ..atomic_dir import check_output, discard, publish, staging_dir
 from ..core.geometry import ModelGeometry
 from ..core.plan import allocate, apply_placements, plan_adapter
 from ..errors import DialectError, NoAdaptersError
@@ -215,6 +215,8 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options
 def _export_checkpoint(checkpoint: str | Path, output_dir: str | Path, options: ExportOptions, facts: CheckpointFacts, quiet: bool) -> ExportSummary:
     started = time.perf_counter()
     directory = locate(checkpoint)
+    reading = [(Path(checkpoint), "the checkpoint being read"), *options.inputs()]
+    check_output(output_dir, options.overwrite, reading=reading, checkpoint=directory)  # before anything is read
     collect = _torch_dist_shards if checkpoint_format(directory) == "torch_dist" else _legacy_shards
     reader, shards, dialect, names, vocab = collect(directory, read_hf_config(options.base_model_name_or_path), options, facts)
     plan = plan_adapter([s.spec for s in shards], names.geometry, names.arch, vocab)
@@ -228,7 +230,7 @@ def _export_checkpoint(checkpoint: str | Path, output_dir: str | Path, options: 
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))
     check_finite(tensors, allow=options.allow_nonfinite)
-    tmp = staging_dir(output_dir, options.overwrite)
+    tmp = staging_dir(output_dir, options.overwrite, reading=reading, checkpoint=directory)
     try:
         stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=f"checkpoint {directory}")
         path = publish(tmp, output_dir, options.overwrite)

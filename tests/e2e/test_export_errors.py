@@ -68,12 +68,17 @@ def test_unsupported_model_type_names_it(tmp_path):
     _assert_everywhere(results, "UnsupportedModelError", "'gpt2'", "llama, mistral, mixtral, nemotron, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe")
 
 
-def test_existing_output_is_kept_unless_overwrite(tmp_path):
+def test_existing_output_is_kept_unless_overwrite_and_a_directory_not_ours_always(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "keep.txt").write_text("mine")
-    results = run_ranks(_try_export, 2, str(tmp_path))
-    _assert_everywhere(results, "OutputError", "already exists", "overwrite")
-    assert (tmp_path / "adapter" / "keep.txt").read_text() == "mine"
+    for overwrite in (False, True):  # not an adapter directory this tool published: never replaced
+        results = run_ranks(_try_export, 2, str(tmp_path), overwrite=overwrite)
+        _assert_everywhere(results, "OutputError", "already exists and is a directory without the model card", "--overwrite (overwrite=True) replaces only")
+        assert (tmp_path / "adapter" / "keep.txt").read_text() == "mine"
+    (tmp_path / "adapter" / "keep.txt").unlink()
+    (tmp_path / "adapter").rmdir()
+    assert run_ranks(_try_export, 2, str(tmp_path))[0][0] == "ok"
+    _assert_everywhere(run_ranks(_try_export, 2, str(tmp_path)), "OutputError", "already exists", "overwrite")
     assert run_ranks(_try_export, 2, str(tmp_path), overwrite=True)[0][0] == "ok"
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert _written(tmp_path) == ["adapter"]
