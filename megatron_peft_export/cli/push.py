@@ -6,7 +6,7 @@ import argparse
 
 from ..adapter_files import read_adapter
 from ..field_docs import field_docs
-from ..integrations.hub import STRATEGIES, PushConfig, find_adapters, push_adapters
+from ..integrations.hub import STRATEGIES, PushConfig, find_adapters, push_adapters, uploadable
 from ..names import check_name
 
 _EXAMPLES = """examples:
@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     adapters = find_adapters(args.path, check_name(args.dir_name, "--dir-name"))
     latest = adapters[-1]
     checkpoints = [a for a in adapters if a.iteration is not None] if config.strategy == "all_checkpoints" else []
-    for path in {a.path for a in (latest, *checkpoints)}:  # nothing malformed, contradictory or NaN reaches the Hub
-        for adapter in [path, *sorted(p.parent for p in path.glob("*/adapter_config.json"))]:  # and peft's multi-adapter subfolders
+    for path in sorted({a.path for a in (latest, *checkpoints)}):  # nothing but regular files; nothing malformed, contradictory or NaN
+        files = uploadable(path)  # links, FIFOs, devices refused before anything is read
+        for adapter in [path, *(path / name.split("/")[0] for name, _ in files if name.endswith("/adapter_config.json"))]:  # and peft's multi-adapter subfolders
             read_adapter(adapter, values=True, allow_nonfinite=args.allow_nonfinite, remedy="pass --allow-nonfinite to push it anyway")
     url = push_adapters(config, latest, checkpoints)
     where = f"{config.repo_id}@{config.revision or 'main'}"

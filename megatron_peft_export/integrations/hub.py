@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -98,7 +100,7 @@ def iteration_of(path: Path) -> int | None:
 def find_adapters(path: str | Path, subdir: str = "hf_adapter") -> list[Adapter]:
     """An adapter directory itself, or every `<path>/iter_*/<subdir>` adapter of a save directory, oldest first."""
     path = Path(path)
-    if (path / "adapter_config.json").is_file():
+    if os.path.lexists(path / "adapter_config.json"):  # whatever it is: `uploadable` names what is wrong with it
         return [Adapter(path, iteration_of(path))]
     found = [Adapter(config.parent, iteration_of(config.parent)) for config in path.glob(f"iter_*/{subdir}/adapter_config.json")]
     if not found:
@@ -169,11 +171,28 @@ def _commit_message(config: PushConfig, latest: Adapter, checkpoints: Sequence[A
     return message
 
 
+MAX_CARD_BYTES = 1 << 20
+MAX_HEADER_BYTES = 100 << 20
+MAX_VERIFICATION_BYTES = 64 << 20
+
+
 def _tensor_count(weights: Path) -> int:
     """Tensors in a safetensors file, from its header alone."""
     with weights.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return sum(1 for key in json.loads(f.read(length)) if key != "__metadata__")
+        (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if not 0 < length <= min(MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
+            raise PushError(f"{weights}: its safetensors header claims {length} bytes, which the file does not hold; is it truncated or corrupt?")
+        try:
+            return sum(1 for key in json.loads(f.read(length)) if key != "__metadata__")
+        except (ValueError, TypeError) as exc:
+            raise PushError(f"{weights}: not a readable safetensors header ({_one_line(exc)[:200]}); is it corrupt?") from None
+
+
+def _read_card(card: Path) -> str | None:
+    """The adapter's README.md as text; None when it is too large to be a model card of ours (then it goes up unchanged)."""
+    with card.open("rb") as f:
+        data = f.read(MAX_CARD_BYTES + 1)
+    return None if len(data) > MAX_CARD_BYTES else data.decode("utf-8", errors="replace")
 
 
 def _read_verification(adapter: Path) -> dict[str, Any] | None:
@@ -181,45 +200,91 @@ def _read_verification(adapter: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        if path.stat().st_size > MAX_VERIFICATION_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, expected at most {MAX_VERIFICATION_BYTES}")
+        found = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         log.warning("%s is unreadable; the pushed model card has no verification result: %s", path, exc)
         return None
     return found if isinstance(found, dict) else {"result": found}
 
 
+def _kind(mode: int) -> str | None:
+    """What an entry that push refuses is; None for a regular file or a directory."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}.get(stat.S_IFMT(mode), "a special file")
+
+
+def _refuse(path: Path, kind: str) -> PushError:
+    target = f" to {os.readlink(path)}" if kind == "a symbolic link" else ""
+    return PushError(f"{path} is {kind}{target}; push uploads only regular files inside the adapter directory. "
+                     "Replace it with the file itself, or remove it. Nothing was uploaded")
+
+
+def uploadable(adapter_dir: str | Path) -> list[tuple[str, Path]]:
+    """(path in the repo folder, local file) of everything push uploads from one adapter directory, checked.
+
+    Its top-level files and, in peft's multi-adapter layout, the files of each subdirectory holding an
+    adapter_config.json; never hidden entries or other folders (verification's reference logits). Every one must be a
+    regular file inside the directory: a symbolic link (to the Hub token file or anything else, a linked folder
+    included), a FIFO, socket or device is refused with a PushError naming it, before anything is read or uploaded.
+    """
+    root = Path(adapter_dir)
+    found: list[tuple[str, Path]] = []
+    try:
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            path, mode = root / entry.name, entry.stat(follow_symlinks=False).st_mode
+            if (kind := _kind(mode)) is not None:
+                raise _refuse(path, kind)
+            if stat.S_ISREG(mode):
+                found.append((entry.name, path))
+            elif os.path.lexists(path / "adapter_config.json"):  # peft's multi-adapter layout
+                for inner in sorted(os.scandir(path), key=lambda e: e.name):
+                    inner_mode = inner.stat(follow_symlinks=False).st_mode
+                    if inner.name.startswith(".") or stat.S_ISDIR(inner_mode):
+                        continue
+                    if (kind := _kind(inner_mode)) is not None:
+                        raise _refuse(path / inner.name, kind)
+                    found.append((f"{entry.name}/{inner.name}", path / inner.name))
+    except OSError as exc:
+        raise PushError(f"cannot list the adapter directory {root}: {exc}") from None
+    return found
+
+
 def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
-    """Link the adapter's top-level files into `into` (no copies), with the model card (and config) filled in for the Hub."""
+    """Link the adapter's files into `into` (no copies), with the model card (and config) filled in for the Hub."""
     from ..core.peft_format import card_dialect, card_quantization, is_ours, model_card
     from ..multi_adapter import LAYOUT_HEADING
 
     source = adapter.path
-    if not (source / "adapter_config.json").is_file():
+    files = dict(uploadable(source)) if source.is_dir() else {}
+    if "adapter_config.json" not in files:
         raise PushError(f"expected an adapter directory with adapter_config.json at {source}; was it removed before the push?")
-    for path in sorted(source.iterdir()):  # top-level files: not working folders (verification's reference logits)
-        if path.is_file() and not path.name.startswith("."):
-            (into / path.name).symlink_to(path.absolute())
-        elif path.is_dir() and not path.name.startswith(".") and (path / "adapter_config.json").is_file():  # peft's multi-adapter layout
-            (into / path.name).mkdir()
-            for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-                (into / path.name / file.name).symlink_to(file.absolute())
-    config_json = json.loads((source / "adapter_config.json").read_text())
+    for name, path in files.items():
+        (into / name).parent.mkdir(exist_ok=True)
+        (into / name).symlink_to(path.absolute())
+    config_json = json.loads(files["adapter_config.json"].read_text())
     if config.base_model:
         config_json["base_model_name_or_path"] = config.base_model
         (into / "adapter_config.json").unlink()
         (into / "adapter_config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-    card = source / "README.md"
-    old_card = card.read_text() if card.is_file() else None
-    if old_card is not None and not is_ours(old_card):
+    card = files.get("README.md")
+    old_card = _read_card(card) if card is not None else None
+    if card is not None and (old_card is None or not is_ours(old_card)):
         return  # the user's own card goes up unchanged
-    weights = source / "adapter_model.safetensors"
+    weights = files.get("adapter_model.safetensors")
     text = model_card(
         config_json,
         dialect=card_dialect(old_card) if old_card else None,
         source=f"iteration {adapter.iteration}" if adapter.iteration is not None else "a Megatron adapter directory",
-        num_tensors=_tensor_count(weights) if weights.is_file() else 0,
+        num_tensors=_tensor_count(weights) if weights is not None else 0,
         iteration=adapter.iteration,
-        verification=_read_verification(source),
+        verification=_read_verification(source) if VERIFICATION_FILE in files else None,
         quantization=card_quantization(old_card) if old_card else None,
     )
     if old_card and LAYOUT_HEADING in old_card:  # the multi-adapter table the export appended
