@@ -25,6 +25,7 @@ from .dialects import collect
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
 from .export import Naming, model_chunks, megatron_config, naming
 from .hf_config import read_hf_config
+from .targets import check_targets
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
@@ -86,6 +87,7 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
         # Every copy is filled; a replicated tensor is planned as TP rank 0's copy.
         local = [(dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards]
         config, shapes = _read_adapter(adapter_dir)
+        check_targets(config, shapes, str(adapter_dir))  # a tensor peft would ignore is no adapter to import
         names = naming(model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config))
         unfused = _unfused_experts(adapter_dir, config, names)
         if unfused is not None:

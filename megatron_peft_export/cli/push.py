@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..adapter_files import read_adapter
+from ..hf_config import read_hf_config
 from ..field_docs import field_docs
 from ..integrations.hub import STRATEGIES, PushConfig, find_adapters, push_adapters, uploadable
 from ..names import check_name
+from ..targets import BaseModel, base_model, check_targets
 
+log = logging.getLogger("megatron_peft_export")
 _EXAMPLES = """examples:
   megatron-peft-export push runs/llama/iter_0000500/hf_adapter --repo-id my-org/llama-lora
   megatron-peft-export push runs/llama --repo-id my-org/llama-lora --strategy all_checkpoints --private
@@ -36,6 +40,8 @@ def register(commands) -> None:
     parser.add_argument("--retries", type=int, default=3, help=docs["retries"])
     parser.add_argument("--dir-name", default="hf_adapter", help="adapter directory name inside each iteration of a save directory (default: hf_adapter)")
     parser.add_argument("--allow-nonfinite", action="store_true", help="push adapters whose tensors hold NaN or Inf (by default refused)")
+    parser.add_argument("--allow-target-mismatch", action="store_true",
+                        help="push adapters whose target_modules miss modules their weights are for, or match nothing in the base model (by default refused)")
     parser.set_defaults(run=run)
 
 
@@ -50,9 +56,23 @@ def run(args: argparse.Namespace) -> int:
     for path in sorted({a.path for a in (latest, *checkpoints)}):  # nothing but regular files; nothing malformed, contradictory or NaN
         files = uploadable(path)  # links, FIFOs, devices refused before anything is read
         for adapter in [path, *(path / name.split("/")[0] for name, _ in files if name.endswith("/adapter_config.json"))]:  # and peft's multi-adapter subfolders
-            read_adapter(adapter, values=True, allow_nonfinite=args.allow_nonfinite, remedy="pass --allow-nonfinite to push it anyway")
+            settings, shapes = read_adapter(adapter, values=True, allow_nonfinite=args.allow_nonfinite, remedy="pass --allow-nonfinite to push it anyway")
+            if not args.allow_target_mismatch:
+                check_targets(settings, shapes, str(adapter), _base_model(args.base_model or settings.get("base_model_name_or_path")),
+                              remedy="; pass --allow-target-mismatch to push it anyway")
     url = push_adapters(config, latest, checkpoints)
     where = f"{config.repo_id}@{config.revision or 'main'}"
     folders = f" and {len(checkpoints)} iteration folder(s)" if checkpoints else ""
     print(f"pushed {latest.path} (iteration {latest.iteration}){folders} to {where}: {url}")
     return 0
+
+
+def _base_model(name: str | None) -> BaseModel | None:
+    """The base model's module names, when its config.json is on this machine (a directory, or a Hub id in the local cache)."""
+    from ..verify import resolve_base_model
+
+    local = resolve_base_model(name) if isinstance(name, str) else None
+    found = base_model(read_hf_config(local), name) if local else None
+    if found is None:
+        log.info("base model %r: no config.json on this machine; target_modules checked against the adapter's own weights only", name)
+    return found
