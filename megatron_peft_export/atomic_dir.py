@@ -11,6 +11,7 @@ replaced directory, during an overwrite), so a later export can tell leftovers o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -281,6 +282,53 @@ def write_staging(tmp: Path, *, tensors: dict[str, torch.Tensor], config: dict[s
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(len(d) for d in files.values())
             raise OutputError(write_failure(exc, tmp.parent, nbytes)) from exc
         raise
+
+
+def write_file(path: str | os.PathLike, data: bytes, what: str) -> Path:
+    """Write one file whole or not at all: a hidden sibling `.<name>.<hex>`, written, fsynced and renamed into place.
+
+    On any failure (a full or read-only disk, an interrupt) the sibling and any parent directory created for it are
+    removed, and an OSError becomes one OutputError line saying why and what to do (`what` names the file's role).
+    """
+    path = Path(path).absolute()
+    created = [p for p in (path.parent, *path.parent.parents) if not os.path.lexists(p)]
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    fd = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        return path
+    except BaseException as exc:
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        for parent in created:
+            _rmdir(parent)
+        if isinstance(exc, OSError):
+            raise OutputError(_file_failure(exc, path, what)) from None
+        raise
+
+
+def _file_failure(exc: OSError, path: Path, what: str) -> str:
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"no space left on the device of {path.parent} (or the disk quota is exhausted)"
+    elif code == errno.EROFS:
+        reason = f"{path.parent} is on a read-only file system"
+    elif code in (errno.EACCES, errno.EPERM):
+        reason = f"permission denied writing into {path.parent}"
+    else:
+        reason = " ".join(str(exc).split())
+    return f"cannot write {what} {path}: {reason}; free space or write it elsewhere. Nothing was written"
 
 
 def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:

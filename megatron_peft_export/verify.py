@@ -13,11 +13,11 @@ No torch.distributed, no megatron: transformers and peft are imported only when 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import os
 import re
-import uuid
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -177,9 +177,21 @@ def load_reference(path: str | Path) -> Reference:
     logits, ids = tensors.pop("logits"), tensors.pop("input_ids")
     if logits.dim() != 3 or ids.dim() != 2 or tuple(logits.shape[:2]) != tuple(ids.shape):
         raise VerificationInputError(f"{path}: expected logits [batch, seq, vocab] over input_ids [batch, seq], found {tuple(logits.shape)} and {tuple(ids.shape)}")
+    if logits.numel() == 0:
+        raise VerificationInputError(f"{path}: the probe is empty (logits {tuple(logits.shape)}); expected at least one token and a vocabulary, "
+                                     "as the hook captures at save time. Capture the reference again")
+    for name, low, high in (("iteration", 0, 2**63 - 1), ("projection_seed", 0, 2**63 - 1)):
+        value = metadata.get(name)
+        if value not in (None, "") and not (re.fullmatch(r"\d{1,19}", value) and low <= int(value) <= high):
+            raise VerificationInputError(f"{path}: metadata {name} is {value!r:.40}; expected a non-negative integer. Capture the reference again")
     if not logits.is_floating_point() or not torch.isfinite(logits).all() or ids.is_floating_point() or (ids.numel() and ids.min().item() < 0):
         raise VerificationInputError(f"{path}: expected finite reference logits and non-negative integer token ids; the reference is corrupt or the model diverged at save time")
     blocks = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _BLOCK.match(k))}
+    odd = sorted(f"blocks.{layer}.{kind} {tuple(t.shape)}" for (layer, kind), t in blocks.items()
+                 if t.dim() != 3 or tuple(t.shape[:2]) != tuple(ids.shape) or t.shape[-1] < 1 or not t.is_floating_point())
+    if odd or len({t.shape[-1] for t in blocks.values()}) > 1:
+        raise VerificationInputError(f"{path}: expected every block output projected to [batch, seq, dim] floats of one dim, found {', '.join(odd[:3]) or 'several dims'}; "
+                                     "capture the reference again")
     return Reference(ids.long(), logits.float(), blocks, metadata)
 
 
@@ -329,13 +341,45 @@ class VerificationResult:
         return {"passed": self.passed, **asdict(self)}
 
     def write(self, adapter_dir: str | Path, path: str | Path | None = None) -> Path:
-        """verification.json in the adapter directory (or `path`), replaced atomically."""
-        path = Path(path) if path is not None else Path(adapter_dir) / RESULT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        """verification.json in the adapter directory (or `path`), replaced atomically; only a previous result is replaced.
+
+        A failure (full or read-only disk) raises OutputError and leaves nothing behind (no temporary file)."""
+        from .atomic_dir import write_file
+
+        path = check_result_path(Path(path) if path is not None else Path(adapter_dir) / RESULT_FILE)
+        return write_file(path, (json.dumps(self.to_json(), indent=2) + "\n").encode(), "the verification result")
+
+
+MAX_RESULT_BYTES = 64 << 20
+
+
+def check_result_path(path: str | Path) -> Path:
+    """Where a verification result may go: a new file, or a previous result (a JSON object with `passed` and `status`).
+
+    Anything else there (an adapter's weights or config, a reference, a directory, a link, a FIFO) is never replaced:
+    OutputError, before any verification runs."""
+    from .errors import OutputError
+
+    path = Path(path)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
         return path
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOTDIR:
+            return path  # a file where a parent directory should be: the write says so
+        raise OutputError(f"cannot use {str(path)!r:.200} for the verification result: {exc}") from None
+    previous = None
+    if stat.S_ISREG(mode) and path.stat().st_size <= MAX_RESULT_BYTES:
+        try:
+            previous = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            previous = None
+    if not (isinstance(previous, dict) and {"passed", "status"} <= previous.keys()):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "a special file"
+        raise OutputError(f"{path} exists and is {kind}, not a verification result; only a previous result is replaced. "
+                          "Write the result elsewhere (--output FILE). Nothing was written")
+    return path
 
 
 def skipped(adapter_dir: str | Path, reason: str, *, failed: bool, iteration: int | None = None) -> VerificationResult:

@@ -7,14 +7,14 @@ import re
 from pathlib import Path
 
 from ..field_docs import field_docs
-from ..verify import PRECISIONS, RESULT_FILE, VerificationResult, VerifyConfig, verify_adapter
+from ..verify import PRECISIONS, RESULT_FILE, VerificationResult, VerifyConfig, check_result_path, verify_adapter
 
 EXAMPLES = """examples:
   megatron-peft-export verify /ckpt/iter_0000200/hf_adapter --base-model /models/Llama-3.1-8B
   megatron-peft-export verify out/adapter --base-model /models/base --reference ref.safetensors --dtype bfloat16 --max-abs-diff 0.5
   megatron-peft-export verify out/adapter --base-model /models/base --wandb-project my-proj --wandb-exp-name sft --wandb-artifact
 
-exit status: 0 verified, 1 verification failed, 2 bad input (no adapter, base model or reference)"""
+exit status: 0 verified, 1 verification failed, 2 bad input (no adapter, base model or reference) or the result cannot be written"""
 _FLOATS = ("max_abs_diff", "mean_abs_diff", "min_top1_agreement", "min_topk_agreement", "max_kl_divergence")
 _STRINGS = ("tokenizer", "wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
 
@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         wandb_artifact=args.wandb_artifact, **{n: getattr(args, n) for n in _FLOATS + _STRINGS},
     )
     adapter_dir = Path(args.adapter_dir)
+    output = check_result_path(Path(args.output) if args.output else adapter_dir / RESULT_FILE)  # before the verification runs
     result = verify_adapter(adapter_dir, args.base_model, config, reference_path=args.reference)
-    result.write(adapter_dir, args.output)
+    result.write(adapter_dir, output)
     print(result.summary)
     if not args.quiet:
         for warning in result.warnings:
