@@ -1,7 +1,8 @@
 """`megatron-peft-export`: the command line. Nothing here touches the network except `push`.
 
 Each command is a module with `register(subparsers)` that adds its parser and sets `run`.
-Errors a user can act on print one line and exit 2.
+Errors a user can act on (every ExportError, and an OSError naming a file) print one `error:` line, secrets masked,
+and exit 2; an interrupt exits 130 without a traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,8 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ExportError as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
-        return 2
+        return _fail(str(exc) or type(exc).__name__)
+    except OSError as exc:  # the file system said no where no check of ours did (a permission, a vanished file)
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}; nothing was written")
+    except KeyboardInterrupt:
+        print("interrupted; nothing was published", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(redact(message).split())}", file=sys.stderr)  # one line, whatever the message held
+    return 2
 
 
 if __name__ == "__main__":
