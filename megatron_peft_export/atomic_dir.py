@@ -390,6 +390,8 @@ def abandon_all(timeout: float) -> list[Path]:
         for path in abandoned:
             _LIVE[path] = True
             shutil.rmtree(path, ignore_errors=True)
+            for parent in _CREATED.pop(path, []):
+                _rmdir(parent)
     finally:
         _LOCK.release()
     return abandoned

@@ -53,12 +53,18 @@ def run(args: argparse.Namespace) -> int:
     adapters = find_adapters(args.path, check_name(args.dir_name, "--dir-name"))
     latest = adapters[-1]
     checkpoints = [a for a in adapters if a.iteration is not None] if config.strategy == "all_checkpoints" else []
+    bases: dict[str | None, BaseModel | None] = {}  # every adapter of a save directory names the same base model
     for path in sorted({a.path for a in (latest, *checkpoints)}):  # nothing but regular files; nothing malformed, contradictory or NaN
         files = uploadable(path)  # links, FIFOs, devices refused before anything is read
         for adapter in [path, *(path / name.split("/")[0] for name, _ in files if name.endswith("/adapter_config.json"))]:  # and peft's multi-adapter subfolders
             settings, shapes = read_adapter(adapter, values=True, allow_nonfinite=args.allow_nonfinite, remedy="pass --allow-nonfinite to push it anyway")
             if not args.allow_target_mismatch:
-                check_targets(settings, shapes, str(adapter), _base_model(args.base_model or settings.get("base_model_name_or_path")),
+                for name in (args.base_model, settings.get("base_model_name_or_path")):  # the first whose config.json is here
+                    if name not in bases:
+                        bases[name] = _base_model(name)
+                    if bases[name] is not None:
+                        break
+                check_targets(settings, shapes, str(adapter), bases[name],
                               remedy="; pass --allow-target-mismatch to push it anyway")
     url = push_adapters(config, latest, checkpoints)
     where = f"{config.repo_id}@{config.revision or 'main'}"
@@ -73,6 +79,6 @@ def _base_model(name: str | None) -> BaseModel | None:
 
     local = resolve_base_model(name) if isinstance(name, str) else None
     found = base_model(read_hf_config(local), name) if local else None
-    if found is None:
+    if found is None and name is not None:
         log.info("base model %r: no config.json on this machine; target_modules checked against the adapter's own weights only", name)
     return found

@@ -144,6 +144,9 @@ def test_push_checks_against_the_base_model_named_on_the_command_line(hub, tmp_p
     push = ["push", str(adapter), "--repo-id", "me/run", "--endpoint", hub.endpoint, "--retries", "0"]
     assert main([*push, "--base-model", str(gpt2)]) == 2 and "match no module of the base model" in capsys.readouterr().err
     assert main(push) == 0
+    other = _adapter(tmp_path / "other", gpt2, ["q_proj"])  # --base-model not on this machine: the adapter's own base is checked
+    assert main([*push[:1], str(other), *push[2:], "--base-model", "some-org/not-here"]) == 2
+    assert f"match no module of the base model ({gpt2})" in capsys.readouterr().err
 
 
 def test_load_hf_adapter_refuses_targets_that_miss_its_weights(exported, tmp_path):  # noqa: F811
