@@ -72,7 +72,7 @@ DORA_BIAS = (
     "bias by magnitude / weight norm, peft's DoRA adds it unscaled, so no peft DoRA adapter computes what the model computes; "
     "expected DoRA on linears without a bias or that return it (skip_bias_add), or LoRA"
 )
-_PARTIAL_OUTPUT = (
+PARTIAL_OUTPUT = (
     "found Megatron-Bridge LoRA on row-parallel linears that return partial sums for their caller to reduce (expert linear_fc2 with "
     "explicit expert communication) at tensor-parallel size {size}: {modules}. Bridge gathers LoRA-B's output rows without "
     "reducing LoRA-A's partial output, so the model computes {size} x a block-diagonal update, which no LoRA reproduces; expected "
@@ -125,7 +125,7 @@ def _refusal(base: torch.nn.Module, adapter: torch.nn.Module) -> Refusal | None:
         if _bias_in_output(base):
             return Refusal(DORA_BIAS)
     if row and size > 1 and _reduced_by_caller(base):
-        return Refusal(_PARTIAL_OUTPUT.replace("{size}", str(size)))
+        return Refusal(PARTIAL_OUTPUT.replace("{size}", str(size)))
     if hasattr(base, "routing") and size > 1 and getattr(getattr(base, "config", None), "sequence_parallel", False):
         return Refusal(_ROUTER_SEQUENCE_PARALLEL.replace("{size}", str(size)))
     return None

@@ -20,7 +20,7 @@ from ..atomic_dir import discard, publish, staging_dir
 from ..core.geometry import ModelGeometry
 from ..core.plan import allocate, apply_placements, plan_adapter
 from ..dialects import raise_refusals
-from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL
+from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
 from ..hf_config import parse_dtype, read_hf_config
@@ -158,12 +158,6 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     needs_tp = needs_tp or any(_row_parallel_dora(k) for k in keys)  # exportable from a TP 1 save only
     if needs_tp and values["tp_size"] is None:
         raise CheckpointError(f"{directory}: the tensor-parallel size of the save is not recorded and gate/up rows must be de-interleaved with it; pass --tp-size")
-    if (values["etp_size"] or 1) > 1 and any(k.dialect == "megatron-bridge" and k.routed_expert and k.module.endswith("linear_fc2") for k in keys):
-        log.warning(
-            "%s: Megatron-Bridge LoRA on expert linear_fc2 saved at expert tensor-parallel size %d; the adapter is exported as B·A, "
-            "which is what the model computes at expert TP 1 (at expert TP > 1 Bridge computes a block-diagonal update instead)",
-            directory, values["etp_size"],
-        )
     shards: list[OfflineShard] = []
     refused: list[tuple[str, str]] = []
     for key in keys:
@@ -172,6 +166,8 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
         found = offline_shards(key, shapes[key.key], alpha=alpha, tp_save=tp_save or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key),
                                num_experts=experts)
         refused += _refused_dora(key, found, tp_save or 1, settings)
+        if key.dialect == "megatron-bridge" and key.routed_expert and key.module.endswith("linear_fc2") and (tp_save or 1) > 1:
+            refused += [(PARTIAL_OUTPUT.replace("{size}", str(tp_save)), s.spec.module) for s in found]  # what the live export refuses
         shards += found
     raise_refusals(refused, prefix=f"{directory}: ")
     vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)

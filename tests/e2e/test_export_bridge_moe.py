@@ -196,8 +196,8 @@ def test_import_of_the_fused_layout_with_router_lora_gives_every_tensor_back(rea
     assert run_ranks(_round_trip, 2, str(tmp_path), "per_expert", "fused", ("router", "linear_fc1", "linear_fc2")) == [True, True]
 
 
-def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, targets=("linear_fc1", "linear_fc2")):
-    """Export live, and save the adapters (as Bridge does: adapter keys only) in a torch_dist checkpoint with Bridge's run_config."""
+def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, targets=("linear_fc1", "linear_fc2"), live=True):
+    """Export live (unless not `live`), and save the adapters (as Bridge does: adapter keys only) in a torch_dist checkpoint with Bridge's run_config."""
     import torch.distributed as dist
     import yaml
     from megatron.core import dist_checkpointing
@@ -212,7 +212,8 @@ def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, tar
     tiny_moe.init_moe_parallel(ep=ep, etp=etp)
     model = apply_grouped_expert_lora(tiny_moe.build_moe_gpt(cfg, grouped_experts=True), dim=8, alpha=16, targets=targets, expert_adapters=expert_adapters)
     tiny_moe.fill_moe_lora_random(model, seed=29)
-    export_adapter(model, Path(tmp) / "live", model_type="mixtral")
+    if live:
+        export_adapter(model, Path(tmp) / "live", model_type="mixtral")
     directory = iteration_dir(Path(tmp) / "save", 3)
     directory.mkdir(parents=True, exist_ok=True)
     adapters = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." in k}
@@ -231,10 +232,15 @@ def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, tar
 
 
 def _offline(rank, world, checkpoint, out):
+    from megatron_peft_export import ExportError
     from megatron_peft_export.export import ExportOptions
     from megatron_peft_export.offline.export import export_checkpoint
 
-    export_checkpoint(checkpoint, out, options=ExportOptions(model_type="mixtral"), quiet=True)
+    try:
+        export_checkpoint(checkpoint, out, options=ExportOptions(model_type="mixtral"), quiet=True)
+    except ExportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "exported"
 
 
 @pytest.mark.parametrize("expert_adapters,world,layout", [
@@ -249,8 +255,17 @@ def test_offline_export_of_bridge_expert_adapters_equals_the_live_export(tmp_pat
     from safetensors.torch import load_file
 
     run_ranks(_save_and_export_live, world, str(tmp_path), expert_adapters, **layout)
-    run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"))
+    assert run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline")) == ["exported"]
     live, offline = load_file(tmp_path / "live" / "adapter_model.safetensors"), load_file(tmp_path / "offline" / "adapter_model.safetensors")
     assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
     assert any("mlp.experts" in k for k in live)
     assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads((tmp_path / "offline" / "adapter_config.json").read_text())
+
+
+def test_offline_export_refuses_bridge_expert_fc2_saved_at_expert_tp2(tmp_path):
+    """What the live export refuses (expert fc2 at expert TP 2: the model computed 2 x a block-diagonal update) is not exported from the checkpoint either."""
+    run_ranks(_save_and_export_live, 4, str(tmp_path), "per_expert", ep=2, etp=2, live=False)
+    message = run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"))[0]
+    assert message.startswith(f"DialectError: {tmp_path / 'save' / 'iter_0000003'}: {PARTIAL_SUMS} (expert linear_fc2 with explicit expert "
+                              "communication) at tensor-parallel size 2: decoder.layers.{0..3}.mlp.experts.local_experts.{0..3}.linear_fc2. "), message
+    assert not (tmp_path / "offline").exists()
