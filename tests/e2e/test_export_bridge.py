@@ -14,24 +14,24 @@ COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
 ROW_PARALLEL = ("linear_proj", "linear_fc2")
 
 
-def _model(cfg, variant, tp, pp, targets=None, sequence_parallel=False, seed=13):
+def _model(cfg, variant, tp, pp, targets=None, sequence_parallel=False, seed=13, vpp=None):
     from tests.support import real_bridge
     from tests.support.tiny_gpt import build_gpt, fill_lora_random, init_parallel
 
-    init_parallel(tp=tp, pp=pp)
+    init_parallel(tp=tp, pp=pp, vpp=vpp)
     model = real_bridge.apply(build_gpt(cfg, sequence_parallel=sequence_parallel), variant, dim=8, alpha=16, target_modules=targets)
     fill_lora_random(model, seed=seed)
     return model
 
 
-def _export(rank, world, tmp, variant, tp, pp, targets=None, sequence_parallel=False, refused=False):
+def _export(rank, world, tmp, variant, tp, pp, targets=None, sequence_parallel=False, refused=False, vpp=None):
     import torch.distributed as dist
 
     from megatron_peft_export import ExportError, export_adapter
     from tests.support.tiny_gpt import TinyGPTConfig, compare_peft, hf_llama_twin, megatron_logits, sample_tokens
 
     cfg = TinyGPTConfig()
-    model = _model(cfg, variant, tp, pp, targets, sequence_parallel)
+    model = _model(cfg, variant, tp, pp, targets, sequence_parallel, vpp=vpp)
     base = Path(tmp) / "base"
     if rank == 0:
         hf_llama_twin(cfg).config.save_pretrained(base)
@@ -65,6 +65,12 @@ def test_bridge_export_matches_megatron_logits(tmp_path, variant, tp, pp, sp):
     config = result["config"]
     assert (config["r"], config["lora_alpha"], config["use_dora"]) == (8, 16, variant == "dora")
     assert config["target_modules"] == (["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"] if targets else ALL)
+
+
+def test_virtual_pipeline_chunks(tmp_path):
+    """PP2 with 2 virtual chunks per stage: Bridge walks each chunk on its own (chunk-local layer names)."""
+    result = run_ranks(_export, 2, str(tmp_path), "lora", 1, 2, vpp=2)[0]
+    assert result["diff"] <= 1e-5 and result["config"]["target_modules"] == ALL
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["tp2", "tp2xpp2"])

@@ -82,11 +82,15 @@ def test_tp2_ep2_sequence_parallel_with_expert_lora(real_bridge, tmp_path, exper
     _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
 
 
-@pytest.mark.parametrize("world,layout", [(2, {"ep": 2}), (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True})], ids=["ep2", "tp2xep2-sp"])
-def test_bridge_lora_on_sequential_mlp_experts(real_bridge, tmp_path, world, layout):
-    """SequentialMLP experts: Bridge's ordinary adapter on each expert linear, on the expert-TP group."""
-    result = run_ranks(_export, world, str(tmp_path), "shared", family="qwen3_moe", grouped=False, **layout)[0]
-    _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+@pytest.mark.parametrize("world,layout,targets", [
+    (2, {"ep": 2}, ATTENTION_AND_EXPERTS),
+    (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True}, ATTENTION_AND_EXPERTS),
+    (2, {"tp": 2, "etp": 2, "sp": True}, ("linear_qkv", "linear_fc1")),
+], ids=["ep2", "tp2xep2-sp", "tp2-etp2-sp-fc1"])
+def test_bridge_lora_on_sequential_mlp_experts(real_bridge, tmp_path, world, layout, targets):
+    """SequentialMLP experts: Bridge's ordinary adapter on each expert linear, on the expert-TP group (fc1's B [gate_t; up_t] per expert-TP rank)."""
+    result = run_ranks(_export, world, str(tmp_path), "shared", family="qwen3_moe", grouped=False, targets=targets, **layout)[0]
+    _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] if "linear_fc2" in targets else ["mlp.experts.gate_up_proj"])
 
 
 @pytest.mark.parametrize("expert_adapters,world,layout", [
