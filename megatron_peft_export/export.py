@@ -26,7 +26,7 @@ from .core.peft_format import adapter_config, model_card
 from .core.plan import AdapterPlan, allocate, apply_placements, plan_adapter
 from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
-from .dialects import LocalShard, collect
+from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
 from .names import check_name
@@ -91,6 +91,8 @@ class _Report:
     dialects: set[str] = field(default_factory=set)
     adapter_names: set[str] = field(default_factory=set)
     specs: list[ShardSpec] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """(reason, module) of this rank's modules whose adapter no HF adapter reproduces: the export refuses them all, named."""
     geometry: ModelGeometry | None = None
     megatron_vocab: int | None = None
     hf_config: dict[str, Any] | None = None
@@ -134,7 +136,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         report.quantization = describe_quantization(chunks)
         found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source,
                         layout.is_expert_data_parallel_source)
-        report.dialects, report.adapter_names = found.dialects, found.adapter_names
+        report.dialects, report.adapter_names, report.refused = found.dialects, found.adapter_names, found.refused
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
         if copy:
             shards = [LocalShard(s.spec, s.tensor.detach().to("cpu", copy=True)) for s in shards]
@@ -157,6 +159,7 @@ def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, 
         )
     if len(dialects) > 1:
         raise DialectError(f"found adapters of several dialects ({', '.join(sorted(dialects))}); expected one per model")
+    raise_refusals(item for r in reports for item in r.refused)
     ordered = [(rank, i, spec) for rank, r in enumerate(reports) for i, spec in enumerate(r.specs)]
     if not ordered:
         names = sorted(set().union(*(r.adapter_names for r in reports)))
@@ -236,11 +239,6 @@ def run_export(
     reports = coll.all_gather(snapshot.report, group)
     coll.agree(snapshot.report.error, group)
     plan, dialect, ordered, names = _plan(reports, options)
-    if layout.rank == WRITER and plan.use_dora and dialect == "megatron-bridge" and any(spec.tp_size > 1 for _, _, spec in ordered):
-        log.warning(
-            "Megatron-Bridge DoRA at tensor-parallel size > 1 normalizes row-parallel weights (linear_proj, linear_fc2) per TP shard; "
-            "the HF adapter follows exact DoRA, so its logits can differ from the training model's there"
-        )
     tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group)
     if layout.rank != WRITER:
         failure = None

@@ -21,7 +21,7 @@ from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
-from .dialects import collect
+from .dialects import collect, raise_refusals
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
 from .export import Naming, model_chunks, megatron_config, naming
 from .hf_config import read_hf_config
@@ -79,11 +79,12 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
     adapter_dir = Path(adapter_dir)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()
-    error, local, unfused = None, [], None
+    error, local, unfused, refused = None, [], None, []
     try:
         chunks = model_chunks(model)
         transformer_config, vocab = megatron_config(chunks[0])
         found = collect(chunks, adapter_name, layout.tp_rank, layout.tp_size)
+        refused = found.refused
         # Every copy is filled; a replicated tensor is planned as TP rank 0's copy.
         local = [(dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards]
         config, shapes = _read_adapter(adapter_dir)
@@ -95,7 +96,9 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
     except ExportError as exc:
         error = exc
     coll.agree(error, group)
-    specs = _unique(spec for rank_specs in coll.all_gather([spec for spec, _ in local], group) for spec in rank_specs)
+    gathered = coll.all_gather(([spec for spec, _ in local], refused), group)
+    raise_refusals(item for _, rank_refused in gathered for item in rank_refused)  # the model would not compute the file's adapter
+    specs = _unique(spec for rank_specs, _ in gathered for spec in rank_specs)
     if not specs:
         raise NoAdaptersError(f"the model has no adapter named {adapter_name!r} to load {adapter_dir} into; apply the adapter (ModelOpt or Bridge) first")
     plan = plan_adapter(specs, names.geometry, names.arch, vocab)

@@ -1,9 +1,10 @@
 """Import the heavy libraries once in the pytest parent so forked ranks start in a fraction of a second.
 
 No torch compute happens here: forking after torch's thread pools started can hang the children.
-Also the fake-Hub fixtures shared by the push tests.
+Also the fake-Hub fixtures shared by the push tests, and the real-Bridge guard.
 """
 
+import os
 import secrets
 
 import huggingface_hub.constants
@@ -20,6 +21,18 @@ import megatron_peft_export  # noqa: F401
 import tests.support.tiny_gpt  # noqa: F401
 import tests.support.tiny_moe  # noqa: F401
 from tests.support.fake_hub import FakeHub
+
+
+@pytest.fixture
+def real_bridge():
+    """Megatron-Bridge's own code (tests/support/real_bridge.py): skips with the reason when it is not unpacked, fails when CI=true."""
+    from tests.support import real_bridge
+
+    reason = real_bridge.missing()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
 
 
 @pytest.fixture

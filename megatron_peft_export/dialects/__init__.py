@@ -8,7 +8,7 @@ tensors with their role. Sharding comes from megatron's own parameter attributes
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
 import torch
@@ -17,7 +17,7 @@ from ..core.plan import OUTPUT_LAYER
 from ..errors import DialectError
 from ..core.shards import ShardSpec
 from . import bridge, modelopt
-from .base import FoundTensor
+from .base import FoundTensor, Refusal
 
 
 class Dialect(Protocol):
@@ -48,6 +48,8 @@ class Collected:
     dialects: set[str]
     adapter_names: set[str]
     shards: list[LocalShard]
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """(reason, global module path) of each module whose adapter no HF adapter reproduces (see `raise_refusals`)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,9 @@ def collect(
                     )
                 where = paths[name]
                 for t in tensors:
+                    if isinstance(t, Refusal):
+                        found.refused.append((t.reason, where.path.replace("{e}", "*")))
+                        continue
                     rank, size = (t.tp_group.rank(), t.tp_group.size()) if t.tp_group is not None else where.expert_tp or (tp_rank, tp_size)
                     spec = ShardSpec(
                         module=where.tensor_path(t.expert, name, dialect.NAME), role=t.role, part=t.part, shape=tuple(t.tensor.shape),
@@ -173,3 +178,39 @@ def collect(
                     found.shards.append(LocalShard(spec, t.tensor, source))
     return found
 
+
+_INDEX = re.compile(r"(?<=\.layers\.)\d+|(?<=\.local_experts\.)\d+")
+
+
+def _indices(values: Iterable[int]) -> str:
+    ordered = sorted(set(values))
+    if len(ordered) == 1:
+        return str(ordered[0])
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{{{ordered[0]}..{ordered[-1]}}}"
+    return "{" + ",".join(map(str, ordered)) + "}"
+
+
+def name_modules(paths: Iterable[str]) -> str:
+    """Module paths, layers and experts folded: `decoder.layers.{0..3}.mlp.linear_fc2, output_layer`."""
+    groups: dict[str, list[list[int]]] = {}
+    for path in paths:
+        numbers = [int(m.group()) for m in _INDEX.finditer(path)]
+        template = _INDEX.sub("#", path)
+        slots = groups.setdefault(template, [[] for _ in numbers])
+        for slot, number in zip(slots, numbers):
+            slot.append(number)
+    named = []
+    for template, slots in groups.items():
+        parts = template.split("#")
+        named.append(parts[0] + "".join(_indices(slot) + rest for slot, rest in zip(slots, parts[1:])))
+    return ", ".join(sorted(named))
+
+
+def raise_refusals(refused: Iterable[tuple[str, str]], prefix: str = "") -> None:
+    """One DialectError naming every refused module (the same on every rank when given every rank's refusals)."""
+    by_reason: dict[str, list[str]] = {}
+    for reason, path in refused:
+        by_reason.setdefault(reason, []).append(path)
+    if by_reason:
+        raise DialectError(prefix + "; ".join(reason.replace("{modules}", name_modules(paths)) for reason, paths in sorted(by_reason.items())))

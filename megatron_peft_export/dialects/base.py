@@ -25,6 +25,17 @@ class FoundTensor:
     """On a grouped-experts linear (one GEMM per local expert): the local expert this tensor is for."""
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """What a dialect yields, instead of tensors, for a module whose model math no HF adapter reproduces.
+
+    `reason` is one message with `{modules}` where the refused modules go: `collect` gathers them with their
+    global paths, and the export refuses them all, named, in one error on every rank.
+    """
+
+    reason: str
+
+
 def owner_group(linear: torch.nn.Module) -> Any:
     """A megatron linear's own tensor-parallel group (ModelOpt's LoRA layers on experts use the regular TP group)."""
     return getattr(linear, "tp_group", None)

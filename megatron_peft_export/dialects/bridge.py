@@ -8,7 +8,9 @@ CanonicalLoRA: `adapter.adapter_{q,k,v,gate,up}`, each a LoRA for one HF module.
 rank and a 3-D one (`[local experts, ...]`) holds one matrix per expert; the three Bridge variants (shared,
 per-expert, shared-outer) are mixes of the two. The router's LoRA (LoRATopKRouter) is a plain one. Bridge has one
 unnamed adapter per model, so `adapter_name` does not apply. The classes are matched by structure,
-so megatron.bridge need not be importable here.
+so megatron.bridge need not be importable here. Where Bridge's forward is not what any HF adapter computes
+(DoRA on row-parallel linears at TP > 1, DoRA over an in-output bias, LoRA on row-parallel linears whose
+caller reduces their partial sums, router LoRA under sequence parallelism), the module is refused (`_refusal`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Iterator
 import torch
 
 from ..errors import DialectError
-from .base import FoundTensor, owner_group, tp_split_dim
+from .base import FoundTensor, Refusal, owner_group, tp_split_dim
 
 NAME = "megatron-bridge"
 CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
@@ -33,7 +35,7 @@ def adapter_names(module: torch.nn.Module) -> set[str]:
     return {"(unnamed Megatron-Bridge adapter)"} if _wrapped_adapter(module) is not None else set()
 
 
-def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor] | None:
+def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor | Refusal] | None:
     adapter = _wrapped_adapter(module)
     if adapter is None:
         return None
@@ -59,33 +61,81 @@ def _grouped_lora(adapter: torch.nn.Module, experts: int) -> Iterator[FoundTenso
             yield FoundTensor(role, weight, alpha, split, tp_group=owner_group(linear), expert=e)
 
 
-def _check_computes_lora(base: torch.nn.Module, adapter: torch.nn.Module) -> None:
-    """Refuse two Bridge layouts whose adapter is not B·A of each token (BRIDGE_FACTS.md section 7), rather than export another function.
+DORA_ROW_PARALLEL = (
+    "found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size {size}: {modules}. Bridge's DoRALinear divides each "
+    "output row by the norm of this TP rank's own input columns of the weight, never reduced over tensor parallelism, so the ranks "
+    "scale the same row differently and no peft DoRA adapter (one norm per row) computes what the model computes; expected DoRA "
+    "only on column-parallel linears (linear_qkv, linear_fc1) when tensor_model_parallel_size > 1, or tensor_model_parallel_size=1, or LoRA"
+)
+DORA_BIAS = (
+    "found Megatron-Bridge DoRA on linears that add their bias inside their output: {modules}. Bridge's DoRALinear scales that "
+    "bias by magnitude / weight norm, peft's DoRA adds it unscaled, so no peft DoRA adapter computes what the model computes; "
+    "expected DoRA on linears without a bias or that return it (skip_bias_add), or LoRA"
+)
+PARTIAL_OUTPUT = (
+    "found Megatron-Bridge LoRA on row-parallel linears that return partial sums for their caller to reduce (expert linear_fc2 with "
+    "explicit expert communication) at tensor-parallel size {size}: {modules}. Bridge gathers LoRA-B's output rows without "
+    "reducing LoRA-A's partial output, so the model computes {size} x a block-diagonal update, which no LoRA reproduces; expected "
+    "expert_tensor_parallel_size=1 for LoRA on expert linear_fc2 (or LoRA on expert linear_fc1 only)"
+)
+_ROUTER_SEQUENCE_PARALLEL = (
+    "found Megatron-Bridge LoRA on the MoE router at tensor-parallel size {size} with sequence parallelism: {modules}. Bridge "
+    "all-gathers the router LoRA's outputs over TP ranks that hold different tokens, so each token's router logits mix other "
+    "tokens' and no HF adapter reproduces them; expected router LoRA at tensor_model_parallel_size=1 or without sequence parallelism"
+)
 
-    Expert fc2 at expert TP > 1: the base returns partial sums that the token dispatcher adds up, but the adapter
-    gathers B's output rows without reducing A's partial output, giving ETP x a block-diagonal update. The router
-    at TP > 1 with sequence parallelism: A's and B's outputs are all-gathered over TP ranks that hold different tokens.
+
+def _tp_size(*owners: torch.nn.Module | None) -> int:
+    """Size of the tensor-parallel group megatron recorded on the first of `owners` that has one (TE grouped linears: `_tp_group`)."""
+    for owner in owners:
+        for attribute in ("tp_group", "_tp_group"):
+            group = getattr(owner, attribute, None)
+            if group is not None:
+                return group.size()
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _bias_in_output(base: torch.nn.Module) -> bool:
+    """The base adds a bias inside the output it returns (megatron: skip_bias_add=False, e.g. linear_qkv with add_qkv_bias)."""
+    bias = getattr(base, "bias", None)
+    if not isinstance(bias, torch.Tensor) or bias.numel() == 0:
+        return False
+    returned = getattr(base, "te_return_bias", None)
+    return not (getattr(base, "skip_bias_add", False) if returned is None else returned)
+
+
+def _reduced_by_caller(base: torch.nn.Module) -> bool:
+    """A row-parallel base returning its partial sum for the caller to reduce (megatron's explicit expert communication; TE without a parallel mode)."""
+    return bool(getattr(base, "explicit_expert_comm", False)) or ("parallel_mode" in vars(base) and base.parallel_mode is None)
+
+
+def _refusal(base: torch.nn.Module, adapter: torch.nn.Module) -> Refusal | None:
+    """Layouts whose Bridge forward is not what any HF adapter computes (README, "Megatron-Bridge"), or None.
+
+    Decided from the math and megatron's own module facts, which every Bridge version shares: `input_is_parallel` is
+    Bridge's record of a row-parallel base (the branch its DoRA norm takes), and the TP size is the base's group.
     """
-    group = getattr(adapter, "tp_group", None) or getattr(adapter, "expert_tp_group", None)
-    if group is None or group.size() == 1:
+    row = bool(getattr(adapter, "input_is_parallel", False))
+    size = _tp_size(base, getattr(adapter, "linear_in", None))
+    if getattr(adapter, "weight_magnitude", None) is not None:
+        if row and size > 1:
+            return Refusal(DORA_ROW_PARALLEL.replace("{size}", str(size)))
+        if _bias_in_output(base):
+            return Refusal(DORA_BIAS)
+    if row and size > 1 and _reduced_by_caller(base):
+        return Refusal(PARTIAL_OUTPUT.replace("{size}", str(size)))
+    if hasattr(base, "routing") and size > 1 and getattr(getattr(base, "config", None), "sequence_parallel", False):
+        return Refusal(_ROUTER_SEQUENCE_PARALLEL.replace("{size}", str(size)))
+    return None
+
+
+def _tensors(base: torch.nn.Module, adapter: torch.nn.Module) -> Iterator[FoundTensor | Refusal]:
+    refusal = _refusal(base, adapter)
+    if refusal is not None:
+        yield refusal
         return
-    if getattr(adapter, "is_expert", False) and getattr(adapter, "input_is_parallel", False):
-        raise DialectError(
-            f"found Megatron-Bridge LoRA on a row-parallel expert linear (linear_fc2) at expert tensor-parallel size {group.size()}: "
-            "Bridge gathers LoRA-B's output rows without reducing LoRA-A's partial output, so the model computes "
-            f"{group.size()} x a block-diagonal update, which no LoRA of this rank reproduces; expected expert_tensor_parallel_size=1 "
-            "for LoRA on expert linear_fc2 (or LoRA on expert linear_fc1 only)"
-        )
-    if hasattr(base, "routing") and getattr(getattr(adapter, "config", None), "sequence_parallel", False):
-        raise DialectError(
-            f"found Megatron-Bridge LoRA on the MoE router at tensor-parallel size {group.size()} with sequence parallelism: Bridge "
-            "all-gathers the router LoRA's outputs over TP ranks that hold different tokens, so each token's router logits mix "
-            "other tokens' and no HF adapter reproduces them; expected router LoRA at tensor_model_parallel_size=1 or without sequence parallelism"
-        )
-
-
-def _tensors(base: torch.nn.Module, adapter: torch.nn.Module) -> Iterator[FoundTensor]:
-    _check_computes_lora(base, adapter)
     experts = getattr(base, "num_gemms", None)
     if experts is not None and hasattr(adapter, "linear_in"):
         yield from _grouped_lora(adapter, experts)

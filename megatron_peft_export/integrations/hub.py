@@ -390,20 +390,30 @@ class HubPusher:
                 log.info("pushing the HF adapter of iteration %s to %s in the background", job.latest.iteration, self.config.repo_id)
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-adapter-push")
-                self._running = self._executor.submit(self._work, job)
-                return
-            old, busy = self._waiting, "a previous push is still running"
-            if old is None:
-                self._waiting = job
-                log.info("push of iteration %s to %s queued: %s", job.latest.iteration, self.config.repo_id, busy)
-            elif self.config.strategy == "all_checkpoints":
-                self._waiting = _Job(job.latest, old.checkpoints + job.checkpoints)
-                log.info("push of iteration %s to %s queued with iteration(s) %s in one commit: %s", job.latest.iteration,
-                         self.config.repo_id, ", ".join(str(a.iteration) for a in old.checkpoints), busy)
+                try:
+                    self._running = self._executor.submit(self._work, job)
+                    return
+                except RuntimeError:  # interpreter exit (finalize from atexit): no new thread starts; push in this one, below
+                    self._running = Future()
             else:
-                self._waiting = job
-                log.warning("push of iteration %s to %s skipped: iteration %s is newer and replaces it in the queue (%s)",
-                            old.latest.iteration, self.config.repo_id, job.latest.iteration, busy)
+                self._queue(job)
+                return
+        self._work(job)
+
+    def _queue(self, job: _Job) -> None:
+        """Behind the running push (the lock is held)."""
+        old, busy = self._waiting, "a previous push is still running"
+        if old is None:
+            self._waiting = job
+            log.info("push of iteration %s to %s queued: %s", job.latest.iteration, self.config.repo_id, busy)
+        elif self.config.strategy == "all_checkpoints":
+            self._waiting = _Job(job.latest, old.checkpoints + job.checkpoints)
+            log.info("push of iteration %s to %s queued with iteration(s) %s in one commit: %s", job.latest.iteration,
+                     self.config.repo_id, ", ".join(str(a.iteration) for a in old.checkpoints), busy)
+        else:
+            self._waiting = job
+            log.warning("push of iteration %s to %s skipped: iteration %s is newer and replaces it in the queue (%s)",
+                        old.latest.iteration, self.config.repo_id, job.latest.iteration, busy)
 
     def _work(self, job: _Job | None) -> None:
         while job is not None:

@@ -19,6 +19,8 @@ from ..adapter_files import check_finite
 from ..atomic_dir import check_output, discard, publish, staging_dir
 from ..core.geometry import ModelGeometry
 from ..core.plan import allocate, apply_placements, plan_adapter
+from ..dialects import raise_refusals
+from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
 from ..hf_config import parse_dtype, read_hf_config
@@ -153,22 +155,46 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     experts = names.geometry.num_experts
     needs_tp = any(s.spec.split_dim is not None for k in keys
                    for s in offline_shards(k, shapes[k.key], alpha=0.0, tp_save=1, gated=names.geometry.gated_linear_unit, dtype="float32", num_experts=experts))
+    needs_tp = needs_tp or any(_row_parallel_dora(k) for k in keys)  # exportable from a TP 1 save only
     if needs_tp and values["tp_size"] is None:
         raise CheckpointError(f"{directory}: the tensor-parallel size of the save is not recorded and gate/up rows must be de-interleaved with it; pass --tp-size")
-    if (values["etp_size"] or 1) > 1 and any(k.dialect == "megatron-bridge" and k.routed_expert and k.module.endswith("linear_fc2") for k in keys):
-        log.warning(
-            "%s: Megatron-Bridge LoRA on expert linear_fc2 saved at expert tensor-parallel size %d; the adapter is exported as B·A, "
-            "which is what the model computes at expert TP 1 (at expert TP > 1 Bridge computes a block-diagonal update instead)",
-            directory, values["etp_size"],
-        )
     shards: list[OfflineShard] = []
+    refused: list[tuple[str, str]] = []
     for key in keys:
         alpha = _alpha(key, shapes, settings, facts, options.adapter_name, directory)
         tp_save = (values["etp_size"] or values["tp_size"]) if key.routed_expert else values["tp_size"]
-        shards += offline_shards(key, shapes[key.key], alpha=alpha, tp_save=tp_save or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key),
-                                 num_experts=experts)
+        found = offline_shards(key, shapes[key.key], alpha=alpha, tp_save=tp_save or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key),
+                               num_experts=experts)
+        refused += _refused_dora(key, found, tp_save or 1, settings)
+        if key.dialect == "megatron-bridge" and key.routed_expert and key.module.endswith("linear_fc2") and (tp_save or 1) > 1:
+            refused += [(PARTIAL_OUTPUT.replace("{size}", str(tp_save)), s.spec.module) for s in found]  # what the live export refuses
+        shards += found
+    raise_refusals(refused, prefix=f"{directory}: ")
     vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)
     return reader, shards, keys[0].dialect, names, vocab
+
+
+_ROW_PARALLEL = ("linear_proj", "linear_fc2")
+"""megatron's row-parallel linears (input split over TP), by module name: all a checkpoint says about the base."""
+
+
+def _row_parallel_dora(key: AdapterKey) -> bool:
+    return key.dialect == "megatron-bridge" and key.role == "magnitude" and key.module.rsplit(".", 1)[-1] in _ROW_PARALLEL
+
+
+def _refused_dora(key: AdapterKey, shards: list[OfflineShard], tp_save: int, settings) -> list[tuple[str, str]]:
+    """Bridge DoRA that no peft DoRA adapter reproduces (dialects/bridge.py): on row-parallel linears saved at TP > 1, and on
+    linear_qkv with a bias inside its output (recorded in Bridge's run_config)."""
+    if key.dialect != "megatron-bridge" or key.role != "magnitude":
+        return []
+    model = (settings.run_config or {}).get("model") or {}
+    if _row_parallel_dora(key) and tp_save > 1:
+        reason = DORA_ROW_PARALLEL.replace("{size}", str(tp_save))
+    elif key.module.endswith("linear_qkv") and (model.get("add_qkv_bias") or model.get("add_bias_linear")):
+        reason = DORA_BIAS
+    else:
+        return []
+    return [(reason, s.spec.module) for s in shards]
 
 
 def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
@@ -180,11 +206,13 @@ def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: Ch
     shapes = {key.key: shape for key, _, shape, _ in found}
     keys = _adapter_keys({key.key.split(":", 2)[2]: shape for key, _, shape, _ in found}, options.adapter_name, directory)
     wanted = {k.adapter_name for k in keys}
-    shards = [
-        legacy_shard(key, tp, reader.tp_size, shape, _alpha(key, shapes, settings, facts, options.adapter_name, directory), dtype)
+    pairs = [
+        (key, legacy_shard(key, tp, reader.tp_size, shape, _alpha(key, shapes, settings, facts, options.adapter_name, directory), dtype))
         for key, (tp, _), shape, dtype in found
         if key.adapter_name in wanted
     ]
+    raise_refusals((item for key, s in pairs for item in _refused_dora(key, [s], reader.tp_size, settings)), prefix=f"{directory}: ")
+    shards = [s for _, s in pairs]
     vocab = getattr(settings.args, "padded_vocab_size", None)
     return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, names, vocab
 

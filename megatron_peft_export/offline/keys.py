@@ -1,7 +1,7 @@
 """Which checkpoint keys are adapter tensors, and how each becomes shard specs. Pure: names and shapes in, specs out.
 
 On-disk layouts differ from the live ones in a few places, each undone here with the TP size of the save:
-- Megatron-Bridge LoRA on MoE experts (`mlp.experts.experts.linear_fc1/2`, BRIDGE_FACTS.md section 7) is stacked
+- Megatron-Bridge LoRA on MoE experts (`mlp.experts.experts.linear_fc1/2`, tests/support/BRIDGE_FACTS.md) is stacked
   on a layer and a global expert axis, as TP=1 tensors (fc1 B `[gate; up]`); a tensor without the expert axis
   (shared-outer's shared side) is every expert's. Other expert layouts are refused with the key named.
 - ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`:

@@ -10,23 +10,28 @@ from tests.support.multiprocess import run_ranks
 pytestmark = pytest.mark.timeout(300)
 
 
-def _export_at(rank, world, tmp, tp, pp, variant="modelopt"):
+def _export_at(rank, world, tmp, tp, pp, variant="modelopt", targets=None):
     from megatron_peft_export import export_adapter
     from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, fill_lora_random, init_parallel, megatron_logits, sample_tokens
 
     cfg = TinyGPTConfig()
     init_parallel(tp, pp)
-    model = _with_adapter(build_gpt(cfg), variant)
+    model = _with_adapter(build_gpt(cfg), variant, targets)
     fill_lora_random(model, seed=21)
     export_adapter(model, Path(tmp) / "original")
     return megatron_logits(model, sample_tokens(cfg))
 
 
-def _with_adapter(model, variant):
-    from tests.support.bridge_lora import apply_bridge_lora
+def _with_adapter(model, variant, targets=None):
+    """ModelOpt LoRA, or Megatron-Bridge's own LoRA / DoRA (DoRA on column-parallel linears: it is refused on row-parallel ones at TP > 1)."""
+    from tests.support import real_bridge
     from tests.support.tiny_gpt import apply_modelopt_lora
 
-    return apply_modelopt_lora(model) if variant == "modelopt" else apply_bridge_lora(model, variant=variant, dim=8, alpha=16)
+    if variant == "modelopt":
+        return apply_modelopt_lora(model)
+    if variant == "dora" and targets is None:
+        targets = ("linear_qkv", "linear_fc1")
+    return real_bridge.apply(model, variant, dim=8, alpha=16, target_modules=targets)
 
 
 def _import_at(rank, world, tmp, tp, pp, variant="modelopt", source="original"):
@@ -51,14 +56,33 @@ def _same_files(a: Path, b: Path):
 
 
 @pytest.mark.parametrize("variant", ["modelopt", "lora", "dora"])
-def test_round_trip_tp2_to_tp1_and_pp2(tmp_path, variant):
+def test_round_trip_tp2_to_tp1_and_pp2(request, tmp_path, variant):
     import torch
+
+    if variant != "modelopt":
+        request.getfixturevalue("real_bridge")
 
     original = run_ranks(_export_at, 2, str(tmp_path), 2, 1, variant)[0]
     for tp, pp in ((1, 1), (1, 2)):
         logits = run_ranks(_import_at, tp * pp, str(tmp_path), tp, pp, variant)[0]
         _same_files(tmp_path / "original", tmp_path / f"again_tp{tp}_pp{pp}")
         assert torch.allclose(logits, original, atol=1e-5, rtol=0), (logits - original).abs().max()
+
+
+def _import_dora_at_tp2(rank, world, tmp):
+    from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, init_parallel
+
+    init_parallel(world)
+    return _load_error(_with_adapter(build_gpt(TinyGPTConfig()), "dora", ("linear_qkv", "linear_proj")), Path(tmp) / "original")
+
+
+def test_dora_is_not_imported_into_row_parallel_bridge_dora_at_tp2(real_bridge, tmp_path):
+    """The model would compute another function than the file's adapter (each TP rank normalizes by its own columns)."""
+    run_ranks(_export_at, 1, str(tmp_path), 1, 1, "dora", ("linear_qkv", "linear_proj"))  # exported at TP1: fits the model
+    results = run_ranks(_import_dora_at_tp2, 2, str(tmp_path))
+    assert results[0] == results[1]
+    assert results[0].startswith("DialectError: found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size 2: "
+                                 "decoder.layers.{0..3}.self_attention.linear_proj."), results[0]
 
 
 def _load_error(model, directory: Path, **kwargs) -> str:

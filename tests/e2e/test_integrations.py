@@ -1,8 +1,7 @@
-"""Megatron-LM (against a stand-in of megatron.training), Megatron-Bridge (a stand-in callback context), YAML configs."""
+"""Megatron-LM (against a stand-in of megatron.training), YAML configs; the Megatron-Bridge callback: test_bridge_callback.py."""
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -55,36 +54,6 @@ def test_add_args_chains_with_an_existing_provider():
     assert args.other_flag == 3
     assert (config.enabled, config.every_n_saves, config.on_error, config.subdir) == (True, 2, "raise", "hf_adapter")
     assert config_from_args(parser.parse_args([])).enabled is False
-
-
-def _bridge_run(rank, world, save, async_save):
-    import torch.distributed as dist
-
-    from megatron_peft_export.integrations.megatron_bridge import HFAdapterExportCallback
-    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
-
-    init_parallel(world)
-    model = apply_modelopt_lora(build_gpt(TinyGPTConfig()))
-    fill_lora_random(model, seed=2)
-    callback = HFAdapterExportCallback(HookConfig())
-    checkpoint = SimpleNamespace(save=save, async_save=async_save)
-    for step in (5, 10):
-        if rank == 0 and step == 5:  # step 10 is a non-persistent save: no iter_ directory under save
-            (Path(save) / f"iter_{step:07d}").mkdir(parents=True)
-        dist.barrier()
-        state = SimpleNamespace(cfg=SimpleNamespace(checkpoint=checkpoint), train_state=SimpleNamespace(step=step))
-        callback.on_checkpoint_save(SimpleNamespace(state=state, model=[model], optimizer=None, user_state={}))
-    callback.on_train_end(None)
-    return [str(p) for p in callback.hook.published]
-
-
-def test_bridge_callback_exports_persistent_synchronous_saves(tmp_path):
-    assert run_ranks(_bridge_run, 2, str(tmp_path), False)[0] == [str(tmp_path / "iter_0000005" / "hf_adapter")]
-
-
-def test_bridge_callback_skips_async_saves(tmp_path):
-    assert run_ranks(_bridge_run, 2, str(tmp_path), True) == [[], []]
-    assert not list(tmp_path.glob("iter_*/hf_adapter"))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -14,24 +14,26 @@ pytestmark = pytest.mark.timeout(300)
 ITERATION = 5
 
 
-def _train_save_and_export_live(rank, world, tmp, tp, pp, variant):
-    """A model with random adapters: exported live, and saved as a Megatron-LM / Bridge style torch_dist checkpoint."""
+def _train_save_and_export_live(rank, world, tmp, tp, pp, variant, targets=None, live=True):
+    """A model with random adapters: exported live (unless not `live`), and saved as a Megatron-LM / Bridge style torch_dist
+    checkpoint (Bridge: its own PEFT modules, tests/support/real_bridge.py; base weights saved too, so that a read of them would show)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
     from megatron_peft_export import export_adapter
     from megatron_peft_export.hook import TRACKER, iteration_dir
-    from tests.support.bridge_lora import apply_bridge_lora
+    from tests.support import real_bridge
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
     from tests.support.training import _in_process_write_results, _may_fork
 
     cfg = TinyGPTConfig()
     init_parallel(tp, pp)
     model = build_gpt(cfg)
-    model = apply_modelopt_lora(model, scale=1.5) if variant == "modelopt" else apply_bridge_lora(model, variant=variant, dim=8, alpha=12)
+    model = apply_modelopt_lora(model, scale=1.5) if variant == "modelopt" else real_bridge.apply(model, variant, dim=8, alpha=12, target_modules=targets)
     fill_lora_random(model, seed=17)
-    export_adapter(model, Path(tmp) / "live")
+    if live:
+        export_adapter(model, Path(tmp) / "live")
     directory = iteration_dir(Path(tmp) / "save", ITERATION)
     directory.mkdir(parents=True, exist_ok=True)
     state = {"model": model.sharded_state_dict(), "iteration": ITERATION}
@@ -111,10 +113,14 @@ def _same_adapter(a: Path, b: Path):
 
 @pytest.mark.parametrize("variant,tp,pp", [
     ("modelopt", 1, 1), ("modelopt", 2, 1), ("modelopt", 1, 2), ("modelopt", 2, 2),
-    ("lora", 2, 1), ("lora", 2, 2), ("canonical", 2, 1), ("dora", 2, 1),
+    ("lora", 2, 1), ("lora", 2, 2), ("canonical", 2, 1), ("dora", 2, 1), ("dora", 1, 1),
 ], ids=lambda v: str(v))
-def test_offline_export_equals_live_export_and_reads_no_base_bytes(tmp_path, variant, tp, pp):
-    run_ranks(_train_save_and_export_live, tp * pp, str(tmp_path), tp, pp, variant)
+def test_offline_export_equals_live_export_and_reads_no_base_bytes(request, tmp_path, variant, tp, pp):
+    """DoRA at TP2 on column-parallel linears (its fc1 magnitude is saved rank-interleaved); at TP1 on all four."""
+    if variant != "modelopt":
+        request.getfixturevalue("real_bridge")
+    targets = ("linear_qkv", "linear_fc1") if variant == "dora" and tp > 1 else None
+    run_ranks(_train_save_and_export_live, tp * pp, str(tmp_path), tp, pp, variant, targets)
     adapter_bytes, base_bytes = _corrupt_base_weights(tmp_path / "save" / f"iter_{ITERATION:07d}")
     iteration = tmp_path / "save" / f"iter_{ITERATION:07d}"
     status, err, read = run_ranks(_offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")], str(tmp_path / "warm"))[0]
@@ -123,6 +129,18 @@ def test_offline_export_equals_live_export_and_reads_no_base_bytes(tmp_path, var
     # the adapter's bytes, plus at most the small files (.metadata, common.pt, modelopt_state) and 64 KiB; never the base
     small_files = sum(f.stat().st_size for f in iteration.rglob("*") if f.is_file() and f.suffix != ".distcp")
     assert adapter_bytes <= read <= adapter_bytes + small_files + 2**16 < base_bytes, (read, adapter_bytes, small_files, base_bytes)
+
+
+def test_bridge_dora_saved_at_tp2_on_row_parallel_linears_is_refused_offline(real_bridge, tmp_path):
+    """What the live export refuses (test_export_bridge.py) the checkpoint's export refuses too: exit 2, one line, nothing written."""
+    run_ranks(_train_save_and_export_live, 2, str(tmp_path), 2, 1, "dora", None, False)
+    status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")])[0]
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'save' / 'iter_0000005'}: found Megatron-Bridge DoRA on row-parallel "
+                                                   "linears at tensor-parallel size 2: decoder.layers.{0..3}.mlp.linear_fc2, "
+                                                   "decoder.layers.{0..3}.self_attention.linear_proj. "), err
+    assert not (tmp_path / "offline").exists()
 
 
 def test_backfill_writes_every_missing_iteration(tmp_path):
