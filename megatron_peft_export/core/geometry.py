@@ -8,6 +8,18 @@ from typing import Any, Mapping
 from ..errors import ShapeMismatchError
 
 
+MAX_SIZE = 1 << 24
+_OPTIONAL = {"vocab_size", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}
+
+
+def _valid(name: str, value: Any) -> bool:
+    if name == "gated_linear_unit":
+        return isinstance(value, bool)
+    if value is None:
+        return name in _OPTIONAL
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
+
+
 @dataclass(kw_only=True, frozen=True)
 class ModelGeometry:
     """Shapes that decide how fused Megatron tensors split into HF modules."""
@@ -36,6 +48,10 @@ class ModelGeometry:
     """Width of the shared expert's MLP (HF shared_expert_intermediate_size); None: no shared expert."""
 
     def __post_init__(self) -> None:
+        wrong = [f"{f.name}={getattr(self, f.name)!r:.30}" for f in fields(self) if not _valid(f.name, getattr(self, f.name))]
+        if wrong:
+            raise ShapeMismatchError(f"model geometry: expected positive integers up to {MAX_SIZE} (gated_linear_unit true or false; "
+                                     f"vocab_size and the MoE sizes may be unset), found {', '.join(wrong)}")
         if self.num_attention_heads % self.num_query_groups:
             raise ShapeMismatchError(
                 f"expected num_attention_heads to be a multiple of num_query_groups, found "
@@ -67,6 +83,15 @@ class ModelGeometry:
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool = True) -> "ModelGeometry":
         """From an HF config.json mapping (Llama-family field names)."""
+        try:
+            return cls._from_hf_config(config, gated_linear_unit)
+        except (KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+            detail = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise ShapeMismatchError(f"the base model's config.json does not describe a decoder model's sizes ({detail}); "
+                                     "expected num_hidden_layers, hidden_size, num_attention_heads and intermediate_size as integers") from None
+
+    @classmethod
+    def _from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool) -> "ModelGeometry":
         text = config.get("text_config") or config
         heads = text["num_attention_heads"]
         experts = text.get("num_experts") or text.get("num_local_experts")

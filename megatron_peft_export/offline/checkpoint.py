@@ -1,28 +1,38 @@
-"""Reading saved Megatron checkpoints: find the iteration, its recorded settings, and adapter tensors only."""
+"""Reading saved Megatron checkpoints: find the iteration, its recorded settings, and adapter tensors only.
+
+Every file goes through safe_read (regular files inside the checkpoint directory, sizes from the opened
+file). `.metadata` through dcp_metadata (no class of it is built); common.pt, modelopt_state/common.pt and
+legacy rank files through torch_save.load_torch_file (no torch.load, no code of the file runs); stored items
+are decoded in memory by torch_save.decode, and an item it does not take is refused (torch's own loader would
+unpickle entries the metadata declares as bytes, so it is never called).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import io
-import json
 import logging
 import math
+import os
 import pickle
-import warnings
+import struct
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 
 from ..errors import ExportError
-from ..hook import TRACKER, tracker_iteration
-from .torch_save import NotPlainTensor, decode
+from ..hook import TRACKER
+from ..safe_read import TRACKER_LIMIT, GiB, RegularFile, open_regular, read_bytes, read_text, read_yaml
+from .dcp_metadata import CheckpointMetadata, MetadataError, RefusedGlobal as RefusedMetadataGlobal, StoredItem, TensorEntry, parse_metadata
+from .torch_save import NotPlainTensor, RefusedGlobal, StoredTensor, decode, load_torch_file
 
 log = logging.getLogger("megatron_peft_export")
+METADATA_LIMIT = 4 * GiB
+"""`.metadata` is read whole; a large model's with a sharded optimizer is tens of MB."""
+MAX_CHUNKS = 1 << 12
+"""Chunks of one adapter tensor (one per TP, EP or PP shard that saved a piece of it)."""
 
 
 class CheckpointError(ExportError):
@@ -38,16 +48,17 @@ def locate(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint directory (iter_XXXXXXX or a save directory), found {'a file' if path.exists() else 'nothing'}")
-    if (path / TRACKER).exists():
-        iteration = tracker_iteration(path)
-        if iteration is None:
-            raise CheckpointError(f"{path / TRACKER}: expected an iteration number, found {(path / TRACKER).read_text()[:40]!r}")
-        return path / f"iter_{iteration:07d}"
+    tracker = path / TRACKER
+    if os.path.lexists(tracker):
+        text = read_text(tracker, limit=TRACKER_LIMIT, within=path, error=CheckpointError, what="Megatron's tracker file (an iteration number)").strip()
+        if not (text.isascii() and text.isdigit()):
+            raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+        return path / f"iter_{int(text):07d}"
     return path
 
 
 def checkpoint_format(directory: Path) -> str:
-    if (directory / ".metadata").is_file():
+    if os.path.lexists(directory / ".metadata"):
         return "torch_dist"
     if any(directory.glob("mp_rank_*/model_optim_rng.pt")):
         return "legacy"
@@ -58,24 +69,38 @@ def checkpoint_format(directory: Path) -> str:
     )
 
 
-def _import_megatron_quietly() -> None:
-    """megatron.core allow-lists argparse.Namespace and its enums for weights_only loads; its import is noisy."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        import megatron.core  # noqa: F401
+@contextlib.contextmanager
+def torch_file(path: Path, directory: Path) -> Iterator[tuple[Any, RegularFile]]:
+    """(the object a torch.save file holds, its open file) for a file inside `directory`; tensors are StoredTensor
+    records, read with `.read(file)` while the file is open."""
+    with open_regular(path, within=directory, error=CheckpointError, what="a torch.save file") as f:
+        try:
+            found = load_torch_file(f)
+        except RefusedGlobal as exc:
+            raise CheckpointError(f"{path}: refused, it needs unsafe unpickling ({exc} is not loaded: only tensors, argument namespaces and plain data "
+                                  "are; nothing of the file ran)") from None
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, EOFError, struct.error, pickle.UnpicklingError, MemoryError) as exc:
+            raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the file truncated or corrupt?") from None
+        yield found, f
 
 
-def safe_torch_load(path: Path, mmap: bool = False) -> Any:
-    """weights_only always: a checkpoint that needs arbitrary unpickling is refused, never executed."""
-    _import_megatron_quietly()
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only weights_only loads are done") from exc
-    except (OSError, RuntimeError, EOFError) as exc:
-        if mmap and "mmap can only be used" in str(exc):  # a file in torch's older (non-zip) format: read it whole
-            return safe_torch_load(path, mmap=False)
-        raise CheckpointError(f"{path}: cannot be read ({exc}); is the file truncated or corrupt?") from exc
+def read_stored(stored: StoredTensor, path: Path, directory: Path) -> torch.Tensor:
+    """The values of a tensor record of a torch.save file (only the bytes it covers are read)."""
+    with open_regular(path, within=directory, error=CheckpointError, what="a torch.save file") as f:
+        try:
+            return stored.read(f)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, RuntimeError, struct.error) as exc:
+            raise CheckpointError(f"{path}: reading a tensor failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the file truncated or corrupt?") from None
+
+
+def read_torch_file(path: Path, directory: Path) -> Any:
+    """The object of a small torch.save file (common.pt): plain data; tensors in it stay unread records."""
+    with torch_file(path, directory) as (found, _):
+        return found
 
 
 @dataclass
@@ -87,21 +112,35 @@ class RecordedSettings:
     modelopt_peft: list[dict] | None = None
 
 
+def modelopt_peft_configs(state: Any, where: Path) -> list[dict] | None:
+    """ModelOpt's PEFT configs from its saved state ({"modelopt_state_dict": [(mode, {"config": ...}), ...]})."""
+    if state is None:
+        return None
+    modes = state.get("modelopt_state_dict", []) if isinstance(state, dict) else None
+    if not isinstance(modes, list) or not all(isinstance(m, (tuple, list)) and len(m) == 2 and isinstance(m[1], dict) for m in modes):
+        raise CheckpointError(f"{where}: expected ModelOpt's state (modelopt_state_dict: a list of (mode, settings) pairs), found {type(modes).__name__}")
+    configs = [mode[1].get("config") for mode in modes if mode[0] == "peft"]
+    if not all(isinstance(c, dict) for c in configs):
+        raise CheckpointError(f"{where}: ModelOpt's PEFT config is not a mapping")
+    return configs
+
+
 def read_settings(directory: Path) -> RecordedSettings:
     settings = RecordedSettings()
     common = directory / "common.pt"
-    if common.is_file():
-        settings.args = (safe_torch_load(common) or {}).get("args")
+    if os.path.lexists(common):
+        state = read_torch_file(common, directory)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{common}: expected Megatron's common state (a mapping), found {type(state).__name__}")
+        settings.args = state.get("args")
     run_config = directory / "run_config.yaml"
-    if run_config.is_file():
-        try:
-            settings.run_config = yaml.safe_load(run_config.read_text())
-        except yaml.YAMLError as exc:
-            raise CheckpointError(f"{run_config}: not valid YAML ({exc})") from exc
+    if os.path.lexists(run_config):
+        settings.run_config = read_yaml(run_config, within=directory, error=CheckpointError, what="Megatron-Bridge's run_config.yaml")
+        if settings.run_config is not None and not isinstance(settings.run_config, dict):
+            raise CheckpointError(f"{run_config}: expected a mapping, found {type(settings.run_config).__name__}")
     modelopt = directory / "modelopt_state" / "common.pt"
-    if modelopt.is_file():
-        state = safe_torch_load(modelopt) or {}
-        settings.modelopt_peft = [entry[1]["config"] for entry in state.get("modelopt_state_dict", []) if entry[0] == "peft"]
+    if os.path.lexists(modelopt):
+        settings.modelopt_peft = modelopt_peft_configs(read_torch_file(modelopt, directory) or {}, modelopt)
     return settings
 
 
@@ -111,72 +150,22 @@ def modelopt_alpha(peft_configs: list[dict], adapter_name: str, module: str, ran
         if config.get("adapter_name") != adapter_name:
             continue
         merged: dict = {}
-        for pattern, setting in config.get("adapter_cfg", {}).items():
-            if isinstance(pattern, str) and fnmatch(module, pattern):
+        patterns = config.get("adapter_cfg", {})
+        for pattern, setting in patterns.items() if isinstance(patterns, dict) else ():
+            if isinstance(pattern, str) and isinstance(setting, dict) and fnmatch(module, pattern):
                 merged.update(setting)
         if not merged:
             return None
         if merged.get("rank", rank) != rank:
             raise CheckpointError(
-                f"{module}: ModelOpt's saved config gives rank {merged['rank']} but the tensors have rank {rank}; "
+                f"{module}: ModelOpt's saved config gives rank {merged['rank']!r:.20} but the tensors have rank {rank}; "
                 "layer-specific patterns under pipeline parallelism match stage-local names. Pass --lora-alpha."
             )
-        return float(merged.get("scale", 1.0)) * rank
+        scale = merged.get("scale", 1.0)
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
+            raise CheckpointError(f"{module}: ModelOpt's saved config gives the LoRA scale {scale!r:.40}, expected a finite number; pass --lora-alpha")
+        return float(scale) * rank
     return None
-
-
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint.filesystem")
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A pickle that names a class or function outside the allowed ones."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """torch.distributed.checkpoint's `.metadata` is a pickle; only its plain data classes may be built from it."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        import dataclasses
-        import enum
-
-        found = None
-        if module in _METADATA_MODULES:
-            found = getattr(importlib.import_module(module), name, None)
-            if not (isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))):
-                found = None
-        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
-            found = getattr(torch, name)
-        elif (module, name) == ("torch.serialization", "_get_layout"):
-            found = torch.serialization._get_layout
-        elif (module, name) == ("collections", "OrderedDict"):
-            import collections
-
-            found = collections.OrderedDict
-        if found is None:
-            raise _RefusedGlobal(f"{module}.{name} is not allowed in checkpoint metadata")
-        return found
-
-
-def _safe_reader(directory: Path):
-    """torch's FileSystemReader, with `.metadata` read by the restricted unpickler (torch itself uses plain pickle.load)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class SafeFileSystemReader(FileSystemReader):
-        _metadata_cache = None
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            if self._metadata_cache is None:
-                with open(directory / ".metadata", "rb") as f:
-                    self._metadata_cache = _MetadataUnpickler(f).load()
-            metadata = self._metadata_cache
-            if getattr(metadata, "storage_meta", None) is None:
-                from torch.distributed.checkpoint.metadata import StorageMeta
-
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = getattr(self, "load_id", None)
-            return metadata
-
-    return SafeFileSystemReader(str(directory))
 
 
 READ_BATCH_BYTES = 256 * 2**20
@@ -186,33 +175,66 @@ READ_BATCH_BYTES = 256 * 2**20
 class TorchDistReader:
     """Reads single keys of a torch_dist checkpoint; bytes of other keys (base weights, optimizer) are never read.
 
-    `.metadata` is unpickled with a restricted unpickler (torch's plain data classes only), and every data
-    file it names must be a plain file name inside the checkpoint directory.
+    `.metadata` is parsed by dcp_metadata (checked field by field); `check_stored` checks the keys to be read against
+    the data files (every chunk stored once, items inside their files and not overlapping) before anything is
+    allocated for them.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._reader = _safe_reader(directory)
+        path = directory / ".metadata"
+        data = read_bytes(path, limit=METADATA_LIMIT, within=directory, error=CheckpointError, what="torch.distributed.checkpoint metadata")
         try:
-            self._metadata = self._reader.read_metadata()
-            state = self._metadata.state_dict_metadata
-            storage = self._metadata.storage_data or {}
-        except _RefusedGlobal as exc:
-            raise CheckpointError(f"{directory / '.metadata'}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only torch's checkpoint metadata classes are loaded") from exc
+            self._metadata: CheckpointMetadata = parse_metadata(data)
+        except RefusedMetadataGlobal as exc:
+            raise CheckpointError(f"{path}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only torch's checkpoint metadata classes are loaded") from None
+        except MetadataError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         except Exception as exc:
-            raise CheckpointError(f"{directory / '.metadata'}: cannot be read ({type(exc).__name__}: {exc}); is the checkpoint truncated?") from exc
-        if not isinstance(state, dict) or not isinstance(storage, dict):
-            raise CheckpointError(f"{directory / '.metadata'}: expected torch.distributed.checkpoint metadata, found {type(self._metadata).__name__}")
-        outside = sorted({str(getattr(info, "relative_path", "")) for info in storage.values()
-                          if not _plain_file_name(getattr(info, "relative_path", None))})
-        if outside:
-            raise CheckpointError(f"{directory / '.metadata'}: refused, it names data files outside the checkpoint directory ({', '.join(outside[:3])})")
+            raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the checkpoint truncated?") from None
+        self._checked: set[str] = set()
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.size) for k, v in self._metadata.state_dict_metadata.items() if hasattr(v, "size")}
+        return {key: entry.size for key, entry in self._metadata.tensors.items()}
+
+    @property
+    def byte_keys(self) -> frozenset[str]:
+        """Keys stored as pickled bytes (BytesStorageMetadata): never read."""
+        return self._metadata.byte_keys
 
     def dtype(self, key: str) -> str:
-        return str(self._metadata.state_dict_metadata[key].properties.dtype).removeprefix("torch.")
+        return str(self._metadata.tensors[key].dtype).removeprefix("torch.")
+
+    def _items(self, key: str) -> list[tuple[Any, StoredItem]]:
+        entry = self._metadata.tensors[key]
+        return [(chunk, self._metadata.items.get((key, chunk.offsets))) for chunk in entry.chunks]
+
+    def check_stored(self, keys: list[str]) -> None:
+        """Refuse keys whose stored data cannot be what the metadata says, before anything is allocated for them."""
+        where = self.directory / ".metadata"
+        by_file: dict[str, list[tuple[int, int, str]]] = {}
+        for key in keys:
+            entry = self._metadata.tensors[key]
+            if len(entry.chunks) > MAX_CHUNKS:
+                raise CheckpointError(f"{where}: {key} is stored in {len(entry.chunks)} chunks; expected at most {MAX_CHUNKS}")
+            if sum(chunk.numel for chunk in entry.chunks) != math.prod(entry.size) or _overlapping(entry):
+                raise CheckpointError(f"{self.directory}: {key} is not fully stored (its chunks do not cover {list(entry.size)} exactly once); is the checkpoint complete?")
+            for chunk, item in self._items(key):
+                if item is None:
+                    raise CheckpointError(f"{where}: {key} has no stored item for its chunk at {list(chunk.offsets)}; is the checkpoint complete?")
+                if item.transforms:
+                    raise CheckpointError(f"{self.directory}: {key} is stored transformed ({', '.join(item.transforms)}); only plain items are read")
+                if item.length < chunk.numel * entry.dtype.itemsize:
+                    raise CheckpointError(f"{where}: {key} claims {chunk.numel * entry.dtype.itemsize} bytes of {entry.dtype} data in a stored item of {item.length} bytes")
+                by_file.setdefault(item.relative_path, []).append((item.offset, item.length, key))
+        for relative_path, ranges in by_file.items():
+            with open_regular(self.directory / relative_path, within=self.directory, error=CheckpointError, what="a .distcp data file") as f:
+                ranges.sort()
+                for n, (offset, length, key) in enumerate(ranges):
+                    f.check_range(offset, length, f"the stored item of {key}")
+                    if n and offset < ranges[n - 1][0] + ranges[n - 1][1]:
+                        raise CheckpointError(f"{where}: the stored items of {ranges[n - 1][2]} and {key} overlap in {relative_path}")
+        self._checked.update(keys)
 
     def load(self, key: str) -> torch.Tensor:
         return next(self.load_many([key]))[1]
@@ -220,15 +242,16 @@ class TorchDistReader:
     def load_many(self, keys: list[str], budget: int = READ_BATCH_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) for each key in order, read in batches of up to `budget` bytes (a larger tensor is read alone).
 
-        Each stored item is read with one `readinto` of its byte range, in file order, and decoded in memory
-        (offline/torch_save.py); a batch holding an item that decoder does not take (compressed, zip64, other
-        encodings) is read by torch.distributed.checkpoint.load instead. The budget bounds what is read ahead.
+        Each stored item is read with one positional read of its byte range, in file order, and decoded in memory
+        (offline/torch_save.py); an item that decoder does not take is refused. The budget bounds what is read ahead.
         """
+        unchecked = [key for key in keys if key not in self._checked]
+        if unchecked:
+            self.check_stored(unchecked)
         batch: list[str] = []
         size = 0
         for key in keys:
-            meta = self._metadata.state_dict_metadata[key]
-            nbytes = math.prod(meta.size) * meta.properties.dtype.itemsize
+            nbytes = self._metadata.tensors[key].nbytes
             if batch and size + nbytes > budget:
                 yield from self._load_batch(batch)
                 batch, size = [], 0
@@ -238,78 +261,56 @@ class TorchDistReader:
             yield from self._load_batch(batch)
 
     def _load_batch(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
         try:
-            try:
-                tensors = self._read_items(keys)
-            except NotPlainTensor as exc:
-                log.debug("%s: %s; reading this batch with torch.distributed.checkpoint", self.directory, exc)
-                tensors = self._read_with_torch(keys)
+            tensors = self._read_items(keys)
         except CheckpointError:
             raise
-        except (Exception, CheckpointException) as exc:
+        except NotPlainTensor as exc:
+            raise CheckpointError(f"{self.directory}: {exc}; expected a tensor as torch.distributed.checkpoint stores it (a plain torch.save zip); "
+                                  "is a .distcp file corrupt?") from None
+        except Exception as exc:
             what = keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more tensors)"
-            raise CheckpointError(f"{self.directory}: reading {what} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from exc
+            raise CheckpointError(f"{self.directory}: reading {what} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from None
         for key in keys:
             yield key, tensors.pop(key)
 
     def _read_items(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The keys' stored items, each read by one `readinto` of its byte range (in file order) and decoded in memory."""
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
-        state, storage = self._metadata.state_dict_metadata, self._metadata.storage_data
-        items = []
-        for key in keys:
-            meta = state[key]
-            if sum(math.prod(chunk.sizes) for chunk in meta.chunks) != math.prod(meta.size):
-                raise CheckpointError(f"{self.directory}: {key} is not fully stored (its chunks cover part of {list(meta.size)}); is the checkpoint complete?")
-            for chunk in meta.chunks:
-                info = storage[MetadataIndex(key, chunk.offsets)]
-                if getattr(info, "transform_descriptors", None):
-                    raise NotPlainTensor(f"{key} is stored transformed ({', '.join(info.transform_descriptors)})")
-                items.append((info.relative_path, info.offset, info.length, key, chunk))
+        """The keys' stored items, each read by one positional read of its byte range (in file order) and decoded in memory."""
+        items = [(item.relative_path, item.offset, item.length, key, chunk) for key in keys for chunk, item in self._items(key)]
         tensors: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as files:
-            opened: dict[str, Any] = {}
+            opened: dict[str, RegularFile] = {}
             for relative_path, offset, length, key, chunk in sorted(items, key=lambda item: item[:2]):
                 if relative_path not in opened:
-                    opened[relative_path] = files.enter_context(open(self.directory / relative_path, "rb", buffering=0))
+                    opened[relative_path] = files.enter_context(
+                        open_regular(self.directory / relative_path, within=self.directory, error=CheckpointError, what="a .distcp data file"))
+                f = opened[relative_path]
+                f.check_range(offset, length, f"the stored item of {key}")
                 blob = bytearray(length)
-                opened[relative_path].seek(offset)
-                if opened[relative_path].readinto(blob) != length:
-                    raise EOFError(f"{relative_path} ends before byte {offset + length}")
-                part = decode(blob)
-                meta = state[key]
-                if part.shape != tuple(chunk.sizes) or part.dtype != meta.properties.dtype:
-                    raise NotPlainTensor(f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {meta.properties.dtype} {list(chunk.sizes)}")
-                if tuple(chunk.sizes) == tuple(meta.size):
+                f.readinto(blob, offset)
+                try:
+                    part = decode(blob)
+                except NotPlainTensor as exc:
+                    raise NotPlainTensor(f"{key}: {exc}") from None
+                entry = self._metadata.tensors[key]
+                if part.shape != chunk.sizes or part.dtype != entry.dtype:
+                    raise NotPlainTensor(f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {entry.dtype} {list(chunk.sizes)}")
+                if chunk.sizes == entry.size:
                     tensors[key] = part
                     continue
                 if key not in tensors:
-                    tensors[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                    tensors[key] = torch.empty(entry.size, dtype=entry.dtype)
                 tensors[key][tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] = part
         return tensors
 
-    def _read_with_torch(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint import load
 
-        buffers = {}
-        for key in keys:
-            meta = self._metadata.state_dict_metadata[key]
-            buffers[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assumes a single process": it is one, by design
-            load(buffers, storage_reader=self._reader, no_dist=True)
-        return buffers
-
-
-def _plain_file_name(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+def _overlapping(entry: TensorEntry) -> bool:
+    """Whether two chunks of a tensor overlap (as boxes of offsets and sizes; empty chunks overlap nothing)."""
+    chunks = [c for c in entry.chunks if c.numel]
+    if len(chunks) < 2:
+        return False
+    starts = torch.tensor([c.offsets for c in chunks], dtype=torch.int64)
+    ends = starts + torch.tensor([c.sizes for c in chunks], dtype=torch.int64)
+    meet = ((starts[:, None, :] < ends[None, :, :]) & (starts[None, :, :] < ends[:, None, :])).all(-1)
+    meet.fill_diagonal_(False)
+    return bool(meet.any())

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from ..adapter_files import check_finite
 from ..atomic_dir import check_output, discard, publish, staging_dir
-from ..core.geometry import ModelGeometry
+from ..core.geometry import MAX_SIZE, ModelGeometry
 from ..core.plan import allocate, apply_placements, plan_adapter
 from ..dialects import raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
@@ -25,7 +26,7 @@ from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
 from ..hf_config import parse_dtype, read_hf_config
 from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings
-from .keys import AdapterKey, OfflineShard, classify, offline_shards
+from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards
 from .legacy import LegacyReader, legacy_shard
 
 log = logging.getLogger("megatron_peft_export")
@@ -83,7 +84,7 @@ _RECORDED = {
 
 def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[str, Any]:
     """Each fact from the first source that has it: explicit flags, Megatron-LM args, Bridge run_config, HF config."""
-    args, model = settings.args, (settings.run_config or {}).get("model") or {}
+    args, model = settings.args, _section(settings.run_config, "model")
     hf = ModelGeometry.from_hf_config(hf_config).__dict__ if hf_config else {}
     values = {}
     for name in _RECORDED:
@@ -91,8 +92,12 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
         from_args = getattr(args, arg_name, None)
         if name == "num_query_groups" and args is not None and not getattr(args, "group_query_attention", True):
             from_args = None
-        candidates = (getattr(facts, name), from_args, model.get(bridge_name), hf.get(name) if name != "gated_linear_unit" else None)
-        values[name] = next((v for v in candidates if v is not None), None)
+        candidates = ((_flag(name), getattr(facts, name)), (f"the checkpoint's args.{arg_name}", from_args),
+                      (f"run_config.yaml's model.{bridge_name}", model.get(bridge_name)), ("the base model's config.json", hf.get(name) if name != "gated_linear_unit" else None))
+        source, values[name] = next(((s, v) for s, v in candidates if v is not None), (None, None))
+        if values[name] is not None and not _plausible(name, values[name]):
+            raise CheckpointError(f"{source} gives {name} = {values[name]!r:.40}; expected " + ("true or false" if name == "gated_linear_unit" else
+                                  f"an integer from 1 to {MAX_SIZE}") + f". Pass {_flag(name)}")
     if values["num_query_groups"] is None:
         values["num_query_groups"] = values["num_attention_heads"]
     if values["head_dim"] is None and values["hidden_size"] and values["num_attention_heads"]:
@@ -100,6 +105,20 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
     if values["gated_linear_unit"] is None and hf_config is not None:
         values["gated_linear_unit"] = True  # the Llama-family name maps are gated
     return values
+
+
+def _plausible(name: str, value: Any) -> bool:
+    if name == "gated_linear_unit":
+        return isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
+
+
+def _section(run_config: dict | None, name: str) -> dict:
+    """A section of Bridge's run_config.yaml (a mapping), or {} when absent."""
+    section = (run_config or {}).get(name)
+    if section is not None and not isinstance(section, dict):
+        raise CheckpointError(f"run_config.yaml: expected {name} to be a mapping, found {type(section).__name__}")
+    return section or {}
 
 
 def _flag(name: str) -> str:
@@ -120,6 +139,8 @@ def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
 
 def _adapter_keys(shapes: dict[str, tuple[int, ...]], adapter_name: str, directory: Path) -> list[AdapterKey]:
     found = [k for k in (classify(key) for key in shapes) if k is not None]
+    for key in found:
+        check_shape(key, shapes[key.key], str(directory))
     if not found:
         raise NoAdaptersError(f"{directory}: no adapter tensors among its {len(shapes)} tensors; expected ModelOpt (lora_a_/lora_b_) or Megatron-Bridge (.adapter.) keys")
     dialects = {k.dialect for k in found}
@@ -135,20 +156,29 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
     if facts.lora_alpha is not None:
         return facts.lora_alpha
     if key.dialect == "modelopt":
-        a_shape = shapes[key.key.replace(".lora_b_", ".lora_a_")]
-        alpha = modelopt_alpha(settings.modelopt_peft or [], adapter_name, key.module, a_shape[-2])
+        a_key = key.key.replace(".lora_b_", ".lora_a_")
+        if a_key not in shapes:
+            raise CheckpointError(f"{directory}: {key.key} has no LoRA A ({a_key}); is the checkpoint complete?")
+        alpha = modelopt_alpha(settings.modelopt_peft or [], adapter_name, key.module, shapes[a_key][-2])
     else:
-        alpha = ((settings.run_config or {}).get("peft") or {}).get("alpha")
+        alpha = _section(settings.run_config, "peft").get("alpha")
     if alpha is None:
         source = "modelopt_state/" if key.dialect == "modelopt" else "run_config.yaml (peft.alpha)"
         raise CheckpointError(f"{directory}: the LoRA scale of {key.module} is not recorded (no {source}); pass --lora-alpha")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+        raise CheckpointError(f"{directory}: the recorded LoRA alpha of {key.module} is {alpha!r:.40}; expected a finite number. Pass --lora-alpha")
     return float(alpha)
 
 
 def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
     reader = TorchDistReader(directory)
     shapes = reader.tensor_shapes()
+    as_bytes = sorted(key for key in reader.byte_keys if classify(key) is not None)
+    if as_bytes:
+        raise CheckpointError(f"{directory / '.metadata'}: refused, adapter tensor {as_bytes[0]} is declared as pickled bytes (BytesStorageMetadata), "
+                              "not as a tensor; torch.distributed.checkpoint stores tensors as tensors, so the checkpoint is corrupt or crafted")
     keys = _adapter_keys(shapes, options.adapter_name, directory)
+    reader.check_stored([k.key for k in keys])
     settings = read_settings(directory)
     values = _recorded(settings, hf_config, facts)
     names = naming(options.model_type, hf_config, _geometry(values, None))
@@ -170,7 +200,7 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
             refused += [(PARTIAL_OUTPUT.replace("{size}", str(tp_save)), s.spec.module) for s in found]  # what the live export refuses
         shards += found
     raise_refusals(refused, prefix=f"{directory}: ")
-    vocab = shapes.get("output_layer.weight", (None,))[0] or getattr(settings.args, "padded_vocab_size", None)
+    vocab = (shapes.get("output_layer.weight") or (None,))[0] or _vocab(settings)
     return reader, shards, keys[0].dialect, names, vocab
 
 
@@ -187,7 +217,7 @@ def _refused_dora(key: AdapterKey, shards: list[OfflineShard], tp_save: int, set
     linear_qkv with a bias inside its output (recorded in Bridge's run_config)."""
     if key.dialect != "megatron-bridge" or key.role != "magnitude":
         return []
-    model = (settings.run_config or {}).get("model") or {}
+    model = _section(settings.run_config, "model")
     if _row_parallel_dora(key) and tp_save > 1:
         reason = DORA_ROW_PARALLEL.replace("{size}", str(tp_save))
     elif key.module.endswith("linear_qkv") and (model.get("add_qkv_bias") or model.get("add_bias_linear")):
@@ -203,6 +233,8 @@ def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: Ch
     values = _recorded(settings, hf_config, dataclasses.replace(facts, tp_size=facts.tp_size or reader.tp_size))
     names = naming(options.model_type, hf_config, _geometry(values, None))
     found = reader.adapter_keys(names.geometry.num_layers)
+    for key, _, shape, _ in found:
+        check_shape(key, shape, str(directory))
     shapes = {key.key: shape for key, _, shape, _ in found}
     keys = _adapter_keys({key.key.split(":", 2)[2]: shape for key, _, shape, _ in found}, options.adapter_name, directory)
     wanted = {k.adapter_name for k in keys}
@@ -213,8 +245,13 @@ def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: Ch
     ]
     raise_refusals((item for key, s in pairs for item in _refused_dora(key, [s], reader.tp_size, settings)), prefix=f"{directory}: ")
     shards = [s for _, s in pairs]
+    return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, names, _vocab(settings)
+
+
+def _vocab(settings) -> int | None:
+    """Megatron-LM's padded vocabulary from the checkpoint's args, when it is a plausible size."""
     vocab = getattr(settings.args, "padded_vocab_size", None)
-    return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, names, vocab
+    return vocab if _plausible("padded_vocab_size", vocab) else None
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from ..core.shards import Role, ShardSpec
-from ..errors import DialectError
+from ..errors import DialectError, ShapeMismatchError
 
 _MODELOPT = re.compile(r"^(decoder\.layers\.\d+\.(?:.+)|output_layer)\.lora_([ab])_(.+)\.weight$")
 _BRIDGE = re.compile(r"^(decoder\.layers\.\d+|decoder\.layers|output_layer)((?:\.[^.]+)*?)\.adapter\.(?:adapter_(q|k|v|gate|up)\.)?(linear_in\.weight|linear_out\.weight|weight_magnitude)$")
@@ -86,6 +86,17 @@ def classify(key: str) -> AdapterKey | None:
     if ".lora_A." in key or ".lora_B." in key:
         raise DialectError(f"{key}: peft-style LoRA applied directly to Megatron layers is not supported yet; expected ModelOpt or Megatron-Bridge adapters")
     return None
+
+
+def check_shape(found: AdapterKey, shape: tuple[int, ...], where: str) -> None:
+    """A LoRA A or B is a matrix and a DoRA magnitude a vector, on the key's stacked axes (a Bridge expert tensor may
+    lack its expert axis: one tensor for every expert); no axis may be empty."""
+    matrix_dims = 1 if found.role == "magnitude" else 2
+    allowed = {len(found.axes) + matrix_dims} | ({len(found.axes) - 1 + matrix_dims} if "e" in found.axes else set())
+    if len(shape) not in allowed or 0 in shape:
+        expected = " or ".join(f"{n} dimensions" for n in sorted(allowed))
+        raise ShapeMismatchError(f"{where}: {found.key} has shape {list(shape)}; expected {expected}, none empty "
+                                 f"({'a vector' if matrix_dims == 1 else 'a matrix'}{' on stacked axes ' + found.axes if found.axes else ''})")
 
 
 def _is_fc1(module: str) -> bool:

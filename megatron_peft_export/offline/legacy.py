@@ -1,7 +1,7 @@
 """The legacy Megatron format: one `mp_rank_XX[_YYY]/model_optim_rng.pt` per (TP, PP) rank, local names and shards.
 
-Files are opened with `torch.load(weights_only=True, mmap=True)`: nothing is unpickled beyond plain
-data, and only the adapter tensors' pages are read. Local layer indices become global with the
+Files are read by torch_save.load_torch_file (no torch.load; nothing is built beyond plain data and tensor
+records), and only the adapter tensors' bytes are read. Local layer indices become global with the
 uniform pipeline split; the TP split of each tensor follows its dialect's rule for the base module.
 """
 
@@ -15,7 +15,8 @@ from typing import Any, Iterator
 import torch
 
 from ..core.shards import ShardSpec
-from .checkpoint import CheckpointError, RecordedSettings, safe_torch_load
+from .checkpoint import CheckpointError, RecordedSettings, modelopt_peft_configs, read_stored, torch_file
+from .torch_save import StoredTensor
 from .keys import AdapterKey, OfflineShard, classify
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -31,7 +32,7 @@ _SPLIT = {
 
 @dataclass
 class LegacyReader:
-    """The rank files of one iteration, opened lazily (memory-mapped)."""
+    """The rank files of one iteration, read lazily: each file's names and tensor records, then adapter tensors' bytes."""
 
     directory: Path
 
@@ -41,6 +42,8 @@ class LegacyReader:
             match = _RANK_DIR.match(path.parent.name)
             if match:
                 self.files[(int(match.group(1)), int(match.group(2) or 0))] = path
+        if not self.files:
+            raise CheckpointError(f"{self.directory}: no rank file named mp_rank_XX[_YYY]/model_optim_rng.pt")
         self.tp_size = 1 + max(tp for tp, _ in self.files)
         self.pp_size = 1 + max(pp for _, pp in self.files)
         missing = [f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if self.pp_size > 1 else "") for tp in range(self.tp_size) for pp in range(self.pp_size) if (tp, pp) not in self.files]
@@ -50,23 +53,26 @@ class LegacyReader:
 
     def state(self, tp: int, pp: int) -> dict:
         if (tp, pp) not in self._states:
-            self._states[(tp, pp)] = safe_torch_load(self.files[(tp, pp)], mmap=True)
+            with torch_file(self.files[(tp, pp)], self.directory) as (state, _):
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"{self.files[(tp, pp)]}: expected Megatron's checkpoint state (a mapping), found {type(state).__name__}")
+                self._states[(tp, pp)] = state
         return self._states[(tp, pp)]
 
     def settings(self) -> RecordedSettings:
         first = self.state(0, 0)
-        modelopt = (first.get("modelopt_state") or {}).get("modelopt_state_dict", [])
-        return RecordedSettings(args=first.get("args"), modelopt_peft=[e[1]["config"] for e in modelopt if e[0] == "peft"] or None)
+        return RecordedSettings(args=first.get("args"), modelopt_peft=modelopt_peft_configs(first.get("modelopt_state"), self.files[(0, 0)]) or None)
 
     def model_state(self, tp: int, pp: int) -> dict[str, Any]:
         state = self.state(tp, pp)
-        if "model" not in state:
-            raise CheckpointError(f"{self.files[(tp, pp)]}: no 'model' entry (found {sorted(state)[:6]}); virtual-pipeline legacy checkpoints are not supported")
+        if not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"{self.files[(tp, pp)]}: no 'model' mapping (found {sorted(map(str, state))[:6]}); virtual-pipeline legacy checkpoints are not supported")
         return state["model"]
 
     def load(self, key: str) -> torch.Tensor:
         tp, pp, name = key.split(":", 2)
-        return self.model_state(int(tp), int(pp))[name]
+        stored = self.model_state(int(tp), int(pp))[name]
+        return read_stored(stored, self.files[(int(tp), int(pp))], self.directory)
 
     def load_many(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         return ((key, self.load(key)) for key in keys)
@@ -78,14 +84,20 @@ class LegacyReader:
         per_stage = num_layers // self.pp_size
         found = []
         for (tp, pp) in sorted(self.files):
+            spans = []
             for name, tensor in self.model_state(tp, pp).items():
-                if not isinstance(tensor, torch.Tensor) or "_extra_state" in name:
+                if not isinstance(tensor, StoredTensor) or not isinstance(name, str) or "_extra_state" in name:
                     continue
                 key = classify(name)
                 if key is None:
                     continue
+                spans.append((tensor.storage.member.name, *tensor.span(), name))
                 module = re.sub(r"^decoder\.layers\.(\d+)", lambda m: f"decoder.layers.{int(m.group(1)) + pp * per_stage}", key.module)
                 found.append((AdapterKey(f"{tp}:{pp}:{name}", key.dialect, module, key.role, key.part, key.adapter_name), (tp, pp), tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
+            spans.sort()
+            for (storage, start, end, name), (other, next_start, _, next_name) in zip(spans, spans[1:]):
+                if storage == other and next_start < end:  # two adapter tensors over the same bytes: no real save does that
+                    raise CheckpointError(f"{self.files[(tp, pp)]}: adapter tensors {name} and {next_name} share stored bytes; is the file corrupt?")
         return found
 
 

@@ -1,23 +1,31 @@
-"""Decode one tensor written by ``torch.save`` (the zip format) from bytes in memory, without copying it.
+"""Reading what ``torch.save`` wrote (its zip format), without torch.load and without running any code of the file.
 
-torch.distributed.checkpoint stores every tensor of a torch_dist checkpoint as such a blob inside a `.distcp`
-file. ``torch.load`` of a small blob costs ~1 ms in unpickler and fake-tensor checks, which dominated the offline
-export of adapters with hundreds of tensors (bench/); this decoder costs tens of microseconds. It accepts only
-the plain case: a stored (uncompressed) zip whose ``data.pkl`` rebuilds one dense tensor from one typed storage,
-little-endian. Anything else raises NotPlainTensor, and the caller lets torch read the item.
+- `decode`: one tensor from a blob in memory, sharing the blob's memory. torch.distributed.checkpoint stores every
+  tensor of a torch_dist checkpoint as such a blob inside a `.distcp` file. ``torch.load`` of a small blob costs
+  ~1 ms in unpickler and fake-tensor checks, which dominated the offline export of adapters with hundreds of
+  tensors (bench/); this decoder costs tens of microseconds. It accepts only the plain case: a stored
+  (uncompressed) zip whose ``data.pkl`` rebuilds one dense tensor from one typed storage, little-endian.
+  Anything else raises NotPlainTensor.
+- `load_torch_file`: a whole torch.save file on disk (common.pt, legacy checkpoints), tensors left unread.
+- `check_pickle`: the declared lengths of any pickle checked against its size before an unpickler sees it.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import io
 import pickle
+import pickletools
 import struct
+import types
 import warnings
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import torch
+
+from ..safe_read import RegularFile
 
 
 class NotPlainTensor(ValueError):
@@ -104,6 +112,7 @@ def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
 def _unpickled(pickled: bytes) -> _Rebuilt:
     """A data.pkl's tensor description; cached, as the tensors of one shape and dtype share the same data.pkl bytes."""
     try:
+        check_pickle(pickled)
         rebuilt = _TensorPickle(io.BytesIO(pickled)).load()
     except NotPlainTensor:
         raise
@@ -137,3 +146,339 @@ def decode(blob: bytearray) -> torch.Tensor:
         raise NotPlainTensor("the tensor reaches past its storage")
     return storage.as_strided(rebuilt.size, rebuilt.stride, rebuilt.offset)
 
+
+
+# ---------------------------------------------------------------------------------------------------- any pickle
+def _argument_encodings() -> tuple[list[int], dict[int, Any]]:
+    """Per opcode byte: the size of a fixed argument (-1: variable, -2: no such opcode), and for the variable ones
+    "line" or "lines2" (newline-terminated, one or two lines) or (width, signed): a little-endian length of `width`
+    bytes followed by that many bytes."""
+    lengths = {-2: (1, False), -3: (4, True), -4: (4, False), -5: (8, False)}
+    fixed, variable = [-2] * 256, {}
+    for op in pickletools.opcodes:
+        code, n = ord(op.code), op.arg.n if op.arg is not None else 0
+        if n >= 0 and op.name != "STOP":
+            fixed[code] = n
+        else:
+            fixed[code] = -1
+            variable[code] = "stop" if op.arg is None else "lines2" if op.arg.name == "stringnl_noescape_pair" else "line" if n == -1 else lengths[n]
+    return fixed, variable
+
+
+_FIXED, _VARIABLE = _argument_encodings()
+_STOP, _PUT, _LONG_BINPUT = ord("."), ord("p"), ord("r")
+
+
+def check_pickle(data: bytes) -> None:
+    """Refuse a pickle whose opcodes declare more than the data holds, before an unpickler allocates for them.
+
+    CPython's unpickler sizes buffers from declared lengths (BYTEARRAY8 allocates first, then reads) and grows its
+    memo table to twice any index a PUT names (zero-filled: gigabytes for a 4-byte index); here every declared
+    length must fit in what follows and every memo index must be below the pickle's size. Raises ValueError.
+    One pass over the opcodes, about 0.5 us each (a few times the unpickling itself).
+    """
+    end, at, fixed = len(data), 0, _FIXED
+    while at < end:
+        op = data[at]
+        n = fixed[op]
+        if n >= 0:
+            if op == _LONG_BINPUT and int.from_bytes(data[at + 1:at + 5], "little") > end:
+                raise ValueError(f"a memo index past the pickle's size at byte {at}")
+            at += 1 + n
+            continue
+        if n == -2:
+            raise ValueError(f"unknown pickle opcode {op:#x} at byte {at}")
+        if op == _STOP:
+            return
+        kind, at = _VARIABLE[op], at + 1
+        if isinstance(kind, tuple):
+            width, signed = kind
+            length = int.from_bytes(data[at:at + width], "little", signed=signed)
+            if at + width > end or length < 0 or at + width + length > end:
+                raise ValueError(f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow")
+            at += width + length
+            continue
+        for _ in range(2 if kind == "lines2" else 1):
+            newline = data.find(b"\n", at)
+            if newline < 0:
+                raise ValueError(f"an unterminated line at byte {at}")
+            if op == _PUT and not (data[at:newline].strip().isdigit() and int(data[at:newline]) <= end):
+                raise ValueError(f"a bad memo index at byte {at - 1}")
+            at = newline + 1
+    raise ValueError("the pickle ends before its STOP opcode")
+
+
+# ------------------------------------------------------------------------------------------ torch.save files on disk
+# common.pt, modelopt_state/common.pt and legacy model_optim_rng.pt are torch.save zip files. They are read here
+# without torch.load: the zip's directory is checked against the file (every member stored uncompressed, inside the
+# file, members not overlapping), data.pkl goes through check_pickle and an unpickler that builds only plain data,
+# argparse/SimpleNamespace, torch dtypes and sizes, and tensors as StoredTensor records (where the bytes are; nothing
+# read). Classes of megatron, modelopt and numpy that such files hold (enums, rng state) become inert Opaque
+# objects: the name is kept, nothing of the class is imported or run. Any other class or function is refused.
+
+_MAX_DIMS = 64
+_MAX_EXTENT = 1 << 62
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+_OPAQUE_MODULES = ("megatron.", "modelopt.", "numpy.", "transformer_engine.")
+_OPAQUE_NAMES = {("numpy", "ndarray"), ("numpy", "dtype"), ("io", "BytesIO"), ("_io", "BytesIO"), ("pathlib", "PosixPath"), ("pathlib", "Path"),
+                 ("pathlib", "PurePosixPath"), ("signal", "Signals")}
+_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytearray": bytearray}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a class or function this reader does not build."""
+
+
+class Opaque:
+    """An object of a class a checkpoint names that is never built: neither imported nor run, only its name kept."""
+
+    qualified_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def add(self, value: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{self.qualified_name}, not loaded>"
+
+
+@functools.lru_cache(maxsize=None)
+def _opaque(module: str, name: str) -> type:
+    return type(name, (Opaque,), {"qualified_name": f"{module}.{name}"})
+
+
+def _sizes(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list, torch.Size)) or len(value) > _MAX_DIMS or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_EXTENT for v in value):
+        raise ValueError(f"{what}: expected up to {_MAX_DIMS} non-negative integers, found {value!r:.80}")
+    return tuple(value)
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _MAX_EXTENT:
+        raise ValueError(f"{what}: expected a non-negative integer, found {value!r:.40}")
+    return value
+
+
+class Member(NamedTuple):
+    """A stored (uncompressed) zip member: its local header's offset, its size, and where the next member begins."""
+
+    name: str
+    local: int
+    size: int
+    limit: int
+
+
+class Storage(NamedTuple):
+    member: Member
+    dtype: torch.dtype
+    nbytes: int
+
+
+class StoredTensor(NamedTuple):
+    """A tensor of a torch.save file, not read: the storage it views (a zip member) and how it views it."""
+
+    storage: Storage
+    dtype: torch.dtype
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.size)
+
+    def span(self) -> tuple[int, int]:
+        """The byte range of its storage the tensor covers: [start, end)."""
+        if 0 in self.size:
+            return 0, 0
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+        return self.offset * self.dtype.itemsize, (last + 1) * self.dtype.itemsize
+
+    def read(self, f: RegularFile) -> torch.Tensor:
+        """The tensor's values: only the bytes it covers are read, into memory of its own."""
+        first, end = self.span()
+        if end == 0:
+            return torch.empty(self.size, dtype=self.dtype)
+        data = member_start(f, self.storage.member) + first
+        f.check_range(data, end - first, f"tensor data ({self.storage.member.name})")
+        buffer = bytearray(end - first)
+        f.readinto(buffer, data)
+        return torch.frombuffer(buffer, dtype=self.dtype).as_strided(self.size, self.stride, 0)
+
+
+def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None = None) -> StoredTensor:
+    if not isinstance(storage, Storage):
+        raise ValueError(f"a tensor over {type(storage).__name__}, not a stored storage")
+    dtype = dtype or storage.dtype
+    if not isinstance(dtype, torch.dtype) or storage.nbytes % dtype.itemsize:
+        raise ValueError(f"a tensor of {dtype!r:.40} over a storage of {storage.nbytes} bytes")
+    tensor = StoredTensor(storage, dtype, _count(offset, "storage offset"), _sizes(size, "size"), _sizes(stride, "stride"))
+    if len(tensor.size) != len(tensor.stride) or tensor.span()[1] > storage.nbytes:
+        raise ValueError(f"a tensor of size {list(tensor.size)} and stride {list(tensor.stride)} reaches past its storage of {storage.nbytes} bytes")
+    return tensor
+
+
+def _rebuild_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None) -> StoredTensor:
+    return _tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None) -> StoredTensor:
+    return _tensor(storage, storage_offset, size, stride, dtype)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None) -> Any:
+    return data
+
+
+def _codecs_encode(text: Any, encoding: Any = "latin1") -> bytes:  # how protocol 2 pickles bytes
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise ValueError(f"_codecs.encode of {type(text).__name__} as {encoding!r:.20}")
+    return text.encode("latin1")
+
+
+_FUNCTIONS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2, ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter, ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): OrderedDict, ("argparse", "Namespace"): argparse.Namespace,
+    ("types", "SimpleNamespace"): types.SimpleNamespace, ("_codecs", "encode"): _codecs_encode,
+    ("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch.storage", "UntypedStorage"): torch.uint8, ("torch", "UntypedStorage"): torch.uint8,
+}
+
+
+class _FilePickle(pickle.Unpickler):
+    """data.pkl of a torch.save file: see the section comment."""
+
+    def __init__(self, data: bytes, members: dict[str, Member], prefix: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self._members, self._prefix, self._storages = members, prefix, {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # protocol 2's name for builtins
+            module = "builtins"
+        found = _FUNCTIONS.get((module, name))
+        if found is not None:
+            return found
+        if module == "builtins" and name in _BUILTINS:
+            return _BUILTINS[name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch" and name in _storage_dtypes():
+            return _storage_dtypes()[name]
+        if (module, name) in _OPAQUE_NAMES or module == "numpy" or module.startswith(_OPAQUE_MODULES):
+            return _opaque(module, name)
+        raise RefusedGlobal(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise ValueError(f"unexpected storage reference {pid!r:.80}")
+        _, dtype, key, _location, numel = pid
+        member = self._members.get(f"{self._prefix}data/{key}")
+        nbytes = _count(numel, "storage size") * dtype.itemsize
+        if member is None or member.size < nbytes:
+            raise ValueError(f"storage {key!r:.40} of {nbytes} bytes is {'missing' if member is None else f'a member of {member.size} bytes'}")
+        return self._storages.setdefault(str(key), Storage(member, dtype, nbytes))
+
+
+def zip_members(f: RegularFile) -> dict[str, Member]:
+    """The members of a zip file, checked against the file: stored (not compressed), inside it, not overlapping."""
+    tail_size = min(f.size, _EOCD.size + 0xFFFF)
+    tail = f.read(f.size - tail_size, tail_size)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise ValueError("no zip end record (a torch.save file is a zip archive; files in torch's pre-1.6 format are not read)")
+    _, _, _, _, count, directory_size, directory_offset, _ = _EOCD.unpack_from(tail, at)
+    locator = f.size - tail_size + at - _ZIP64_LOCATOR.size
+    if 0xFFFF == count or 0xFFFFFFFF in (directory_size, directory_offset):
+        if locator < 0:
+            raise ValueError("a zip64 end record is missing")
+        signature, _, end64, _ = _ZIP64_LOCATOR.unpack(f.read(locator, _ZIP64_LOCATOR.size))
+        record = f.read(end64, _ZIP64_END.size) if signature == b"PK\x06\x07" and end64 + _ZIP64_END.size <= f.size else b""
+        if len(record) != _ZIP64_END.size or record[:4] != b"PK\x06\x06":
+            raise ValueError("a zip64 end record is missing")
+        *_, count, directory_size, directory_offset = _ZIP64_END.unpack(record)
+    if directory_offset + directory_size > f.size or count * _CENTRAL.size > directory_size:
+        raise ValueError(f"the zip directory ({count} members, {directory_size} bytes at {directory_offset}) lies outside the file of {f.size} bytes")
+    directory, p, found = f.read(directory_offset, directory_size), 0, []
+    for _ in range(count):
+        if p + _CENTRAL.size > len(directory) or directory[p:p + 4] != b"PK\x01\x02":
+            raise ValueError("a bad zip directory entry")
+        fields = _CENTRAL.unpack_from(directory, p)
+        method, compressed, size, name_len, extra_len, comment_len, local = fields[4], fields[8], fields[9], fields[10], fields[11], fields[12], fields[16]
+        name = directory[p + _CENTRAL.size: p + _CENTRAL.size + name_len].decode("utf-8")
+        extra = directory[p + _CENTRAL.size + name_len: p + _CENTRAL.size + name_len + extra_len]
+        p += _CENTRAL.size + name_len + extra_len + comment_len
+        wide = [v == 0xFFFFFFFF for v in (size, compressed, local)]
+        if any(wide):  # zip64: the real values, in this order, in the extra field with header id 1
+            values, q = [], 0
+            while q + 4 <= len(extra):
+                header, length = struct.unpack_from("<2H", extra, q)
+                if header == 1:
+                    values = list(struct.unpack_from(f"<{min(length // 8, 3)}Q", extra, q + 4))
+                    break
+                q += 4 + length
+            size, compressed, local = (values.pop(0) if wide[i] and values else v for i, v in enumerate((size, compressed, local)))
+        if method != 0 or compressed != size:
+            raise ValueError(f"zip member {name} is compressed")
+        found.append((local, size, name))
+    found.sort()
+    members = {}
+    for n, (local, size, name) in enumerate(found):
+        limit = found[n + 1][0] if n + 1 < len(found) else directory_offset
+        if local + _LOCAL.size + size > limit or name in members:
+            raise ValueError(f"zip member {name} overlaps another or the zip directory")
+        members[name] = Member(name, local, size, limit)
+    return members
+
+
+def member_start(f: RegularFile, member: Member) -> int:
+    """Where a member's data begins, from its local header; the data must end before the next member."""
+    header = _LOCAL.unpack(f.read(member.local, _LOCAL.size))
+    start = member.local + _LOCAL.size + header[9] + header[10]
+    if header[0] != b"PK\x03\x04" or start + member.size > member.limit:
+        raise ValueError(f"zip member {member.name} has a bad local header")
+    return start
+
+
+MAX_DATA_PKL = 256 << 20
+"""data.pkl of any torch.save file read (a legacy checkpoint's names and tensor records are a few MB)."""
+
+
+def load_torch_file(f: RegularFile) -> Any:
+    """The object a torch.save zip file holds, tensors as StoredTensor records (read them with `.read(f)`).
+
+    Raises RefusedGlobal for a class or function it does not build, ValueError (and struct.error,
+    UnicodeDecodeError, pickle.UnpicklingError) for anything malformed."""
+    members = zip_members(f)
+    pickled = [name for name in members if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickled) != 1:
+        raise ValueError(f"expected one <name>/data.pkl in the archive, found {sorted(members)[:6]}")
+    prefix = pickled[0][: -len("data.pkl")]
+    order = members.get(prefix + "byteorder")
+    if order is not None and f.read(member_start(f, order), order.size) != b"little":
+        raise ValueError("not little-endian")
+    data_pkl = members[pickled[0]]
+    if data_pkl.size > MAX_DATA_PKL:
+        raise ValueError(f"data.pkl of {data_pkl.size} bytes; expected at most {MAX_DATA_PKL}")
+    data = f.read(member_start(f, data_pkl), data_pkl.size)
+    check_pickle(data)
+    return _FilePickle(data, members, prefix).load()

@@ -177,23 +177,23 @@ def _bad(tmp: Path, case: str) -> Path:
         victim.write_bytes(victim.read_bytes()[:100])
     if case == "corrupt metadata":
         (iteration / ".metadata").write_bytes(b"not a pickle")
-    if case == "unsafe pickle":
-        import pickle
+    if case == "unsafe pickle":  # torch.save of an object whose unpickling would call print
+        import torch
 
         class Exploit:
             def __reduce__(self):
                 return (print, ("pwned",))
 
-        (iteration / "common.pt").write_bytes(pickle.dumps({"args": Exploit()}))
+        torch.save({"args": Exploit()}, iteration / "common.pt")
     return save
 
 
 @pytest.mark.parametrize("case,message", [
     ("not a checkpoint", "expected a Megatron checkpoint"),
     ("unknown format", "found ['weights.bin']"),
-    ("truncated", "is a .distcp file truncated or missing?"),
+    ("truncated", "but the file has 100 bytes; is the file truncated"),
     ("corrupt metadata", ".metadata: cannot be read"),
-    ("unsafe pickle", "refused, it needs unsafe unpickling"),
+    ("unsafe pickle", "common.pt: refused, it needs unsafe unpickling (builtins.print is not loaded"),
     ("other architecture", "num_query_groups: Megatron model has 4, the base model's config.json has 2"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case, message):

@@ -1,5 +1,5 @@
-"""TorchDistReader.load_many: every key once, in order, in batches bounded by a byte budget, decoded without torch.load,
-and read by torch.distributed.checkpoint when an item is not a plain torch.save blob."""
+"""TorchDistReader.load_many: every key once, in order, in batches bounded by a byte budget, decoded without torch.load;
+an item that is not a plain torch.save blob is refused, never handed to torch (whose loader unpickles byte entries)."""
 
 import io
 import pickle
@@ -37,10 +37,11 @@ def checkpoint(tmp_path):
 
 @pytest.fixture
 def torch_loads(monkeypatch):
-    """The key sets of every torch.distributed.checkpoint.load call."""
+    """Every call of torch.distributed.checkpoint.load (its key set) and of torch.load."""
     calls = []
-    load = dcp.load
+    load, torch_load = dcp.load, torch.load
     monkeypatch.setattr(dcp, "load", lambda state_dict, **kwargs: calls.append(sorted(state_dict)) or load(state_dict, **kwargs))
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append("torch.load") or torch_load(*args, **kwargs))
     return calls
 
 
@@ -98,8 +99,8 @@ def test_decode_refuses_what_is_not_a_plain_tensor_blob():
             decode(bytearray(blob))
 
 
-def test_an_item_in_another_encoding_is_read_by_torch(checkpoint, torch_loads):
-    """Item "c" rewritten in torch's legacy (non-zip) format, which torch.load reads and the in-memory decoder does not."""
+def test_an_item_in_another_encoding_is_refused_and_never_handed_to_torch(checkpoint, torch_loads):
+    """Item "c" rewritten in torch's legacy (non-zip) format, which torch.load would read and the in-memory decoder does not."""
     directory, tensors = checkpoint
     with open(directory / ".metadata", "rb") as f:
         metadata = pickle.load(f)
@@ -114,22 +115,25 @@ def test_an_item_in_another_encoding_is_read_by_torch(checkpoint, torch_loads):
     info.offset, info.length = offset, len(legacy.getvalue())
     with open(directory / ".metadata", "wb") as f:
         pickle.dump(metadata, f)
-    got = dict(TorchDistReader(directory).load_many(["a", "c", "b"], budget=1024))
-    assert all(torch.equal(got[k], tensors[k]) for k in "abc")
-    assert torch_loads == [["a", "c"]], "only the batch holding the legacy item goes through torch"
+    reader = TorchDistReader(directory)
+    assert torch.equal(reader.load("a"), tensors["a"])
+    with pytest.raises(CheckpointError, match=r"c: no zip end record.*; expected a tensor as torch.distributed.checkpoint stores it"):
+        list(reader.load_many(["a", "c", "b"], budget=1024))
+    assert torch_loads == [], "nothing is read by torch's loaders"
 
 
-def test_a_damaged_data_file_names_the_tensors(checkpoint):
+def test_a_damaged_data_file_names_the_tensor(checkpoint):
     directory, _ = checkpoint
     for path in directory.glob("*.distcp"):
-        path.write_bytes(b"\xff" * 64)
-    with pytest.raises(CheckpointError, match=r"reading a \(and 2 more tensors\) failed"):
+        path.write_bytes(b"\xff" * path.stat().st_size)
+    with pytest.raises(CheckpointError, match=r": a: no zip end record; expected a tensor as torch.distributed.checkpoint stores it"):
         list(TorchDistReader(directory).load_many(["a", "b", "c"]))
 
 
-def test_a_truncated_data_file_names_the_tensor(checkpoint):
+def test_a_truncated_data_file_names_the_tensor_before_reading(checkpoint, monkeypatch):
     directory, _ = checkpoint
     (path,) = directory.glob("*.distcp")
     path.write_bytes(path.read_bytes()[:600])
-    with pytest.raises(CheckpointError, match=r"reading b failed \(EOFError\); is a .distcp file truncated or missing\?"):
+    monkeypatch.setattr(TorchDistReader, "_read_items", lambda self, keys: pytest.fail("the items were read"))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: the stored item of b claims bytes \d+ to \d+, but the file has 600 bytes"):
         list(TorchDistReader(directory).load_many(["b"]))
