@@ -4,21 +4,26 @@ Every problem is an AdapterFileError that names the file and what was expected: 
 JSON object or whose LoRA fields have wrong types or values, regular expressions that could backtrack
 for ever, a safetensors header that lies (offsets outside the file, sizes that do not match shapes and
 dtypes, a truncated file), shapes that contradict the config, and NaN or Inf values.
-Nothing here imports transformers or peft; tensors are read one at a time.
+Files are opened through safe_read: regular files inside the adapter directory (a FIFO, device or a link
+leaving the directory is refused), sizes from the opened file. Nothing here imports transformers or peft;
+tensors are read one at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterFileError, NonFiniteError
+from .safe_read import open_regular
 
 try:
     from re import _constants as _sre_constants, _parser as _sre_parse  # Python >= 3.11
@@ -129,29 +134,38 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
 def read_config(path: str | Path) -> dict[str, Any]:
     """adapter_config.json, checked: a JSON object with peft_type LORA and well-typed LoRA fields."""
     path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise AdapterFileError(f"{path}: {path.stat().st_size} bytes; expected an adapter config of at most {MAX_CONFIG_BYTES} bytes")
-        config = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except FileNotFoundError:
-        raise AdapterFileError(f"{path}: missing; expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS})") from None
-    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        detail = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:200]
-        raise AdapterFileError(f"{path}: not a readable JSON adapter config ({detail})") from None
+    if not os.path.lexists(path):
+        raise AdapterFileError(f"{path}: missing; expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS})")
+    with open_regular(path, within=path.parent, error=AdapterFileError, what=f"an adapter config ({ADAPTER_CONFIG})") as f:
+        if f.size > MAX_CONFIG_BYTES:
+            raise AdapterFileError(f"{path}: {f.size} bytes; expected an adapter config of at most {MAX_CONFIG_BYTES} bytes")
+        try:
+            config = json.loads(f.read().decode("utf-8"), parse_constant=_reject_constant)
+        except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            detail = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:200]
+            raise AdapterFileError(f"{path}: not a readable JSON adapter config ({detail})") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, found {type(config).__name__}")
     _check_fields(config, str(path))
     return config
 
 
+@contextlib.contextmanager
+def weights_file(path: str | Path) -> Iterator[str]:
+    """A name safetensors can open that names exactly the checked file: a regular file inside its directory."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_WEIGHTS})")
+    with open_regular(path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_WEIGHTS})") as f:
+        yield f.name
+
+
 def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) of a safetensors file, from its header; safetensors checks that the header is
     consistent with the file (offsets inside it, contiguous, sizes matching shapes and dtypes)."""
     path = Path(path)
-    if not path.is_file():
-        raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_WEIGHTS})")
     try:
-        with safe_open(str(path), "pt") as f:
+        with weights_file(path) as name, safe_open(name, "pt") as f:
             found = {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
         raise AdapterFileError(f"{path}: not a valid safetensors file ({' '.join(str(exc).split())[:200]}); is it truncated or corrupt?") from None
@@ -232,7 +246,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch
 def file_tensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
     """(key, tensor) of a safetensors file whose header was checked, one tensor in memory at a time."""
     try:
-        with safe_open(str(path), "pt") as f:
+        with weights_file(path) as name, safe_open(name, "pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

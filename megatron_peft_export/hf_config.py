@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 
 from .core.archs import LLAMA, ArchMap, arch_for_model_type
 from .errors import ExportError
+from .safe_read import JSON_LIMIT, read_json
 
 log = logging.getLogger("megatron_peft_export")
 
@@ -34,12 +35,10 @@ def read_hf_config(base_model_name_or_path: str | None) -> dict[str, Any] | None
     if not base_model_name_or_path:
         return None
     path = Path(base_model_name_or_path) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise ExportError(f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}; expected the base model's HF config.json") from None
+    # the user names the base model directory; its files may be links elsewhere (shared model stores), but must be regular files
+    config = read_json(path, limit=JSON_LIMIT, error=ExportError, what="the base model's HF config.json")
     if not isinstance(config, dict):
         raise ExportError(f"{path}: expected a JSON object (the base model's HF config.json), found {type(config).__name__}")
     return config

@@ -29,6 +29,7 @@ from .export import WRITER, ExportOptions, run_export
 from .host_snapshot import HostSnapshots
 from .integrations.verify_hook import extensions as verification_steps
 from .multi_adapter import AdapterSnapshots, run_multi_export, take_snapshots
+from .safe_read import TRACKER_LIMIT, read_text
 
 log = logging.getLogger("megatron_peft_export")
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -40,11 +41,13 @@ def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
 
 
 def tracker_iteration(save_dir: Path) -> int | None:
-    """The iteration Megatron's tracker file names, or None while there is none."""
+    """The iteration Megatron's tracker file names, or None while there is none (or it is not a small regular file
+    of the save directory holding a number: a FIFO there never blocks this)."""
     try:
-        return int((save_dir / TRACKER).read_text().strip())
-    except (OSError, ValueError):
+        text = read_text(save_dir / TRACKER, limit=TRACKER_LIMIT, within=save_dir).strip()
+    except ExportError:
         return None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 @dataclass

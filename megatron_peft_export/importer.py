@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from . import distributed as coll
-from .adapter_files import check_finite, file_tensors, pattern_value, read_adapter
+from .adapter_files import check_finite, file_tensors, pattern_value, read_adapter, weights_file
 from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
@@ -105,7 +105,7 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
     _check_against_file(plan, config, shapes, adapter_dir, names)
     error, values = None, []
     try:
-        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
+        with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name, safe_open(name, "pt") as f:
             read = (lambda key, index: unfused[key][index]) if unfused is not None else (lambda key, index: f.get_slice(key)[index])
             values = [_read_shard(read, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry)) for spec, tensor in local]
         check_finite(((f"{spec.module} {spec.role}", value) for (spec, _), value in zip(local, values)), allow=allow_nonfinite,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import ExportError
+from .safe_read import open_regular
 
 log = logging.getLogger("megatron_peft_export")
 REFERENCE_FILE = "verification/reference.safetensors"
@@ -158,22 +160,29 @@ def reference_bytes(reference: Reference) -> bytes:
     return save(tensors, metadata={"format": "pt", **{k: str(v) for k, v in reference.metadata.items()}})
 
 
-def load_reference(path: str | Path) -> Reference:
+MAX_PROJECTION_DIM = 1024
+"""Block outputs are projected on PROJECTION_DIM (16) directions; a reference claiming more is refused."""
+
+
+def load_reference(path: str | Path, *, within: str | Path | None = None) -> Reference:
+    """The reference logits file, checked: a regular file (inside `within`, the adapter directory, for the default one),
+    logits [batch, seq, vocab] over non-negative token ids [batch, seq], block projections [batch, seq, dim], and
+    metadata whose numbers are numbers. Anything else is a VerificationInputError."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise VerificationInputError(
             f"no reference logits at {path}; expected {REFERENCE_FILE} inside the adapter (written at save time by the hook's verify option) or --reference FILE"
         )
     try:
-        with safe_open(str(path), "pt") as f:
+        with open_regular(path, within=within, error=VerificationInputError, what="reference logits (safetensors)") as file, safe_open(file.name, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise VerificationInputError(f"cannot read the reference {path}: {exc}") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
+        raise VerificationInputError(f"cannot read the reference {path}: {' '.join(str(exc).split())[:200]}") from None
     if "logits" not in tensors or "input_ids" not in tensors:
-        raise VerificationInputError(f"{path}: expected tensors 'logits' and 'input_ids', found {sorted(tensors)}")
+        raise VerificationInputError(f"{path}: expected tensors 'logits' and 'input_ids', found {sorted(tensors)[:8]}")
     logits, ids = tensors.pop("logits"), tensors.pop("input_ids")
     if logits.dim() != 3 or ids.dim() != 2 or tuple(logits.shape[:2]) != tuple(ids.shape):
         raise VerificationInputError(f"{path}: expected logits [batch, seq, vocab] over input_ids [batch, seq], found {tuple(logits.shape)} and {tuple(ids.shape)}")
@@ -184,15 +193,30 @@ def load_reference(path: str | Path) -> Reference:
         value = metadata.get(name)
         if value not in (None, "") and not (re.fullmatch(r"\d{1,19}", value) and low <= int(value) <= high):
             raise VerificationInputError(f"{path}: metadata {name} is {value!r:.40}; expected a non-negative integer. Capture the reference again")
-    if not logits.is_floating_point() or not torch.isfinite(logits).all() or ids.is_floating_point() or (ids.numel() and ids.min().item() < 0):
+    if not logits.is_floating_point() or not torch.isfinite(logits).all() or ids.is_floating_point() or ids.dtype == torch.bool or (ids.numel() and ids.min().item() < 0):
         raise VerificationInputError(f"{path}: expected finite reference logits and non-negative integer token ids; the reference is corrupt or the model diverged at save time")
     blocks = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _BLOCK.match(k))}
     odd = sorted(f"blocks.{layer}.{kind} {tuple(t.shape)}" for (layer, kind), t in blocks.items()
-                 if t.dim() != 3 or tuple(t.shape[:2]) != tuple(ids.shape) or t.shape[-1] < 1 or not t.is_floating_point())
+                 if t.dim() != 3 or tuple(t.shape[:2]) != tuple(ids.shape) or not 1 <= t.shape[-1] <= MAX_PROJECTION_DIM or not t.is_floating_point())
     if odd or len({t.shape[-1] for t in blocks.values()}) > 1:
-        raise VerificationInputError(f"{path}: expected every block output projected to [batch, seq, dim] floats of one dim, found {', '.join(odd[:3]) or 'several dims'}; "
+        raise VerificationInputError(f"{path}: expected every block output projected to [batch, seq, dim] floats of one dim up to {MAX_PROJECTION_DIM}, found {', '.join(odd[:3]) or 'several dims'}; "
                                      "capture the reference again")
     return Reference(ids.long(), logits.float(), blocks, metadata)
+
+
+def check_base_model_files(base_dir: str | Path) -> None:
+    """The base model directory's files must be regular files or directories: transformers would block on a FIFO."""
+    try:
+        entries = list(os.scandir(base_dir))
+    except OSError as exc:
+        raise VerificationInputError(f"{base_dir}: cannot be listed ({exc.strerror or exc}); expected an HF model directory") from None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:
+            continue  # a dangling link: transformers reports it if it needs the file
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise VerificationInputError(f"{entry.path}: expected a regular file of the base model, found a FIFO, socket or device")
 
 
 # -------------------------------------------------------------------------------- metrics
@@ -435,7 +459,7 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
 
     Raises VerificationInputError when the adapter, base model or reference cannot be read.
     """
-    from .adapter_files import read_adapter
+    from .adapter_files import read_adapter, weights_file
 
     config = config or VerifyConfig()
     adapter_dir = Path(adapter_dir)
@@ -444,10 +468,11 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
     except ExportError as exc:
         raise VerificationInputError(str(exc)) from None
     reference_path = Path(reference_path) if reference_path else adapter_dir / REFERENCE_FILE
-    reference = load_reference(reference_path)
+    reference = load_reference(reference_path, within=None if reference_path != adapter_dir / REFERENCE_FILE else adapter_dir)
     base_dir = resolve_base_model(base_model)
     if base_dir is None:
         raise VerificationInputError(f"base model {base_model!r} is not available locally; expected an HF model directory (or a Hub id in the local cache)")
+    check_base_model_files(base_dir)
 
     import peft
     from safetensors.torch import load_file
@@ -478,7 +503,8 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
         result.failures.append(f"peft cannot load the adapter: {type(exc).__name__}: {exc}")
         result.summary = _summary(result)
         return result
-    on_disk = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name:
+        on_disk = load_file(name)
     loaded = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
     result.failures += key_failures(set(on_disk), set(loaded))
     result.keys = {"file": len(on_disk), "loaded": len(loaded), "ignored_by_peft": sorted(set(on_disk) - set(loaded)), "missing_from_file": sorted(set(loaded) - set(on_disk))}
@@ -490,7 +516,7 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
     proj = None
     if reference.blocks:
         dim = next(iter(reference.blocks.values())).shape[-1]
-        proj = projection(base.config.hidden_size, int(reference.metadata.get("projection_seed", 0)), dim)
+        proj = projection(base.config.hidden_size, int(reference.metadata.get("projection_seed") or 0), dim)
     with torch.no_grad():
         tokens = ids.to(config.device)
         with model.disable_adapter():
