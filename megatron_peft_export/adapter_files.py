@@ -175,6 +175,31 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return found
 
 
+ADAPTER_BIN = "adapter_model.bin"
+_BIN_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+def read_bin_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape) of peft's older weights file (`adapter_model.bin`, a torch.save of a state dict), read
+    without torch.load: its zip directory and pickle are checked, only tensors and plain data are built (nothing of
+    the file runs, no tensor data is read); dtypes named as safetensors names them."""
+    from .offline.torch_save import RefusedGlobal, StoredTensor, load_torch_file
+
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_BIN})")
+    with open_regular(path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_BIN})") as f:
+        try:
+            state = load_torch_file(f)
+        except RefusedGlobal as exc:
+            raise AdapterFileError(f"{path}: refused, it needs unsafe unpickling ({exc} is not loaded: only tensors and plain data are); nothing of it ran") from None
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed zip or pickle raises is bad input
+            raise AdapterFileError(f"{path}: not a readable torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is it truncated or corrupt?") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, StoredTensor) for k, v in state.items()):
+        raise AdapterFileError(f"{path}: expected a state dict (names to tensors), found {type(state).__name__}")
+    return {key: (_BIN_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch.")), tuple(t.size)) for key, t in state.items()}
+
+
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """peft's rule: a pattern key matches a module name that ends with it (after a dot). Keys must be checked patterns."""
     for key, value in (patterns or {}).items():
