@@ -16,7 +16,7 @@ import math
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -87,8 +87,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise RefusedGlobal(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
-@dataclass(frozen=True)
-class StoredItem:
+class StoredItem(NamedTuple):
     """Where one stored item is: a byte range of a data file in the checkpoint directory."""
 
     relative_path: str
@@ -97,8 +96,7 @@ class StoredItem:
     transforms: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
 
@@ -107,8 +105,7 @@ class Chunk:
         return math.prod(self.sizes)
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """A tensor of the checkpoint: its dtype, global size and the chunks it is stored in."""
 
     dtype: torch.dtype
@@ -129,36 +126,40 @@ class CheckpointMetadata:
     """(key, chunk offsets) -> stored item; offsets None for a byte entry."""
 
 
-def _state(record: Any, name: str, where: str) -> dict[str, Any]:
-    if type(record) is not _class(name):
-        raise MetadataError(f"{where}: expected a {name}, found {_describe(record)}")
-    state = record.state if record.state is not None else {}
-    if record.args or not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise MetadataError(f"{where}: a {name} built from {_describe(record.args or state)}, expected its fields")
-    extra = sorted(set(state) - _FIELDS[name])
-    if extra:
-        raise MetadataError(f"{where}: a {name} with attributes it does not have ({', '.join(extra[:4])})")
+# The checks below run over every entry of a large model's metadata (hundreds of thousands of records): each
+# builds its message only when it fails, and the callers add where (the key, the chunk) when they re-raise.
+
+
+def _state(record: Any, cls: type) -> dict[str, Any]:
+    if type(record) is not cls:
+        raise MetadataError(f"expected a {cls.class_name}, found {_describe(record)}")
+    state = record.state
+    if state is None:
+        state = {}
+    if record.args or type(state) is not dict:
+        raise MetadataError(f"a {cls.class_name} built from {_describe(record.args or state)}, expected its fields")
+    if not state.keys() <= _FIELDS[cls.class_name]:
+        extra = sorted(str(k) for k in state.keys() - _FIELDS[cls.class_name])
+        raise MetadataError(f"a {cls.class_name} with attributes it does not have ({', '.join(extra[:4])})")
     return state
-
-
-def _class(name: str) -> type:
-    return _BY_NAME[name]
 
 
 def _describe(value: Any) -> str:
     return value.class_name if isinstance(value, Record) else type(value).__name__
 
 
-def _ints(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, (torch.Size, tuple, list)) or len(value) > MAX_DIMS or not all(
-            type(v) is int and 0 <= v <= MAX_EXTENT for v in value):
-        raise MetadataError(f"{where}: expected up to {MAX_DIMS} integers from 0 to {MAX_EXTENT}, found {value!r:.80}")
-    return tuple(value)
+def _ints(value: Any) -> tuple[int, ...]:
+    if type(value) is torch.Size:  # holds ints only
+        if len(value) <= MAX_DIMS and (not value or (min(value) >= 0 and max(value) <= MAX_EXTENT)):
+            return tuple(value)
+    elif type(value) in (tuple, list) and len(value) <= MAX_DIMS and all(type(v) is int and 0 <= v <= MAX_EXTENT for v in value):
+        return tuple(value)
+    raise MetadataError(f"expected up to {MAX_DIMS} integers from 0 to {MAX_EXTENT}, found {value!r:.80}")
 
 
-def _int(value: Any, where: str) -> int:
+def _int(value: Any, what: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_EXTENT:
-        raise MetadataError(f"{where}: expected an integer from 0 to {MAX_EXTENT}, found {value!r:.40}")
+        raise MetadataError(f"{what}: expected an integer from 0 to {MAX_EXTENT}, found {value!r:.40}")
     return value
 
 
@@ -166,56 +167,68 @@ def plain_file_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
-def _dtype(properties: Any, where: str) -> torch.dtype:
-    if type(properties) is not _class("TensorProperties") or properties.args:
-        raise MetadataError(f"{where}.properties: expected TensorProperties, found {_describe(properties)}")
+_TENSOR, _BYTES, _CHUNK, _PROPERTIES = (_BY_NAME[n] for n in ("TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties"))
+_INDEX, _INFO, _METADATA = _BY_NAME["MetadataIndex"], _BY_NAME["_StorageInfo"], _BY_NAME["Metadata"]
+
+
+def _dtype(properties: Any) -> torch.dtype:
+    if type(properties) is not _PROPERTIES or properties.args:
+        raise MetadataError(f"properties: expected TensorProperties, found {_describe(properties)}")
     state = properties.state
-    if isinstance(state, tuple) and len(state) == 5:  # torch's __getstate__: (dtype, layout, requires_grad, memory format, pin_memory)
+    if type(state) is tuple and len(state) == 5:  # torch's __getstate__: (dtype, layout, requires_grad, memory format, pin_memory)
         dtype = state[0]
     else:
-        dtype = _state(properties, "TensorProperties", f"{where}.properties").get("dtype")
+        dtype = _state(properties, _PROPERTIES).get("dtype")
     if not isinstance(dtype, torch.dtype):
-        raise MetadataError(f"{where}.properties.dtype: expected a torch dtype, found {dtype!r:.40}")
+        raise MetadataError(f"properties.dtype: expected a torch dtype, found {dtype!r:.40}")
     return dtype
 
 
-def _tensor(key: str, record: Any) -> TensorEntry:
-    where = f"tensor {key}"
-    state = _state(record, "TensorStorageMetadata", where)
-    if set(state) != _FIELDS["TensorStorageMetadata"]:
-        raise MetadataError(f"{where}: expected properties, size and chunks, found {sorted(state)}")
-    size = _ints(state["size"], f"{where}.size")
+def _tensor(record: Any) -> TensorEntry:
+    state = _state(record, _TENSOR)
+    if len(state) != 3:
+        raise MetadataError(f"expected properties, size and chunks, found {sorted(state)}")
+    try:
+        size = _ints(state["size"])
+    except MetadataError as exc:
+        raise MetadataError(f"size: {exc}") from None
     chunks = state["chunks"]
-    if not isinstance(chunks, list) or len(chunks) > 1 << 20:
-        raise MetadataError(f"{where}.chunks: expected a list, found {_describe(chunks)}")
+    if type(chunks) is not list or len(chunks) > 1 << 20:
+        raise MetadataError(f"chunks: expected a list, found {_describe(chunks)}")
     parsed = []
     for n, chunk in enumerate(chunks):
-        fields = _state(chunk, "ChunkStorageMetadata", f"{where}.chunks[{n}]")
-        offsets, sizes = _ints(fields.get("offsets"), f"{where}.chunks[{n}].offsets"), _ints(fields.get("sizes"), f"{where}.chunks[{n}].sizes")
+        try:
+            fields = _state(chunk, _CHUNK)
+            offsets, sizes = _ints(fields.get("offsets")), _ints(fields.get("sizes"))
+        except MetadataError as exc:
+            raise MetadataError(f"chunks[{n}]: {exc}") from None
         if len(offsets) != len(size) or len(sizes) != len(size) or any(o + s > d for o, s, d in zip(offsets, sizes, size)):
-            raise MetadataError(f"{where}: chunk {n} at {list(offsets)} of size {list(sizes)} lies outside the tensor's size {list(size)}")
+            raise MetadataError(f"chunk {n} at {list(offsets)} of size {list(sizes)} lies outside the tensor's size {list(size)}")
         parsed.append(Chunk(offsets, sizes))
-    return TensorEntry(_dtype(state["properties"], where), size, tuple(parsed))
+    return TensorEntry(_dtype(state["properties"]), size, tuple(parsed))
 
 
 def _item(index: Any, info: Any) -> tuple[tuple[str, tuple[int, ...] | None], StoredItem]:
-    fields = _state(index, "MetadataIndex", "a storage index")
+    fields = _state(index, _INDEX)
     fqn = fields.get("fqn")
-    if not isinstance(fqn, str):
+    if type(fqn) is not str:
         raise MetadataError(f"a storage index names {fqn!r:.40}, expected a key")
-    offset = fields.get("offset")
-    offset = None if offset is None else _ints(offset, f"storage index of {fqn}")
-    if fields.get("index") is not None:
-        _int(fields["index"], f"storage index of {fqn}")
-    where = f"stored item of {fqn}"
-    stored = _state(info, "_StorageInfo", where)
-    path = stored.get("relative_path")
-    if not plain_file_name(path):
-        raise MetadataError(f"refused, it names data files outside the checkpoint directory ({str(path)[:80]}, for {fqn})")
-    transforms = stored.get("transform_descriptors") or ()
-    if not isinstance(transforms, (list, tuple)) or not all(isinstance(t, str) for t in transforms):
-        raise MetadataError(f"{where}: expected transform names, found {transforms!r:.60}")
-    return (fqn, offset), StoredItem(path, _int(stored.get("offset"), f"{where}.offset"), _int(stored.get("length"), f"{where}.length"), tuple(transforms))
+    try:
+        offset = fields.get("offset")
+        offset = None if offset is None else _ints(offset)
+        if fields.get("index") is not None:
+            _int(fields["index"], "index")
+        stored = _state(info, _INFO)
+        path = stored.get("relative_path")
+        if not plain_file_name(path):
+            raise MetadataError(f"refused, it names data files outside the checkpoint directory ({str(path)[:80]}, for {fqn})")
+        transforms = stored.get("transform_descriptors") or ()
+        if type(transforms) not in (list, tuple) or not all(type(t) is str for t in transforms):
+            raise MetadataError(f"expected transform names, found {transforms!r:.60}")
+        item = StoredItem(path, _int(stored.get("offset"), "offset"), _int(stored.get("length"), "length"), tuple(transforms))
+    except MetadataError as exc:
+        raise exc if str(exc).startswith("refused") else MetadataError(f"stored item of {fqn}: {exc}") from None
+    return (fqn, offset), item
 
 
 def parse_metadata(data: bytes) -> CheckpointMetadata:
@@ -225,18 +238,24 @@ def parse_metadata(data: bytes) -> CheckpointMetadata:
     except ValueError as exc:
         raise MetadataError(f"cannot be read (not a valid pickle: {exc}); is the checkpoint truncated?") from None
     root = _MetadataUnpickler(io.BytesIO(data)).load()
-    state = _state(root, "Metadata", "the metadata")
+    try:
+        state = _state(root, _METADATA)
+    except MetadataError as exc:
+        raise MetadataError(f"the metadata: {exc}") from None
     entries, storage = state.get("state_dict_metadata"), state.get("storage_data")
-    if not isinstance(entries, dict) or not isinstance(storage, dict):
+    if type(entries) is not dict or type(storage) is not dict:
         raise MetadataError(f"expected state_dict_metadata and storage_data mappings, found {_describe(entries)} and {_describe(storage)}")
     tensors, byte_keys = {}, set()
     for key, entry in entries.items():
-        if not isinstance(key, str):
+        if type(key) is not str:
             raise MetadataError(f"a key {key!r:.40}, expected a string")
-        if type(entry) is _class("BytesStorageMetadata"):
-            _state(entry, "BytesStorageMetadata", f"entry {key}")
-            byte_keys.add(key)
-        else:
-            tensors[key] = _tensor(key, entry)
+        try:
+            if type(entry) is _BYTES:
+                _state(entry, _BYTES)
+                byte_keys.add(key)
+            else:
+                tensors[key] = _tensor(entry)
+        except MetadataError as exc:
+            raise MetadataError(f"{'entry' if type(entry) is _BYTES else 'tensor'} {key}: {exc}") from None
     items = dict(_item(index, info) for index, info in storage.items())
     return CheckpointMetadata(tensors, frozenset(byte_keys), items)

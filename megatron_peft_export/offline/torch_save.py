@@ -157,16 +157,17 @@ def _argument_encodings() -> tuple[list[int], dict[int, Any]]:
     fixed, variable = [-2] * 256, {}
     for op in pickletools.opcodes:
         code, n = ord(op.code), op.arg.n if op.arg is not None else 0
-        if n >= 0 and op.name != "STOP":
+        if n >= 0 and op.name not in ("STOP", "LONG_BINPUT"):
             fixed[code] = n
         else:
             fixed[code] = -1
-            variable[code] = "stop" if op.arg is None else "lines2" if op.arg.name == "stringnl_noescape_pair" else "line" if n == -1 else lengths[n]
+            variable[code] = (op.name if op.name in ("STOP", "LONG_BINPUT") else "lines2" if op.arg.name == "stringnl_noescape_pair"
+                              else "line" if n == -1 else lengths[n])
     return fixed, variable
 
 
 _FIXED, _VARIABLE = _argument_encodings()
-_STOP, _PUT, _LONG_BINPUT = ord("."), ord("p"), ord("r")
+_PUT = ord("p")
 
 
 def check_pickle(data: bytes) -> None:
@@ -175,36 +176,38 @@ def check_pickle(data: bytes) -> None:
     CPython's unpickler sizes buffers from declared lengths (BYTEARRAY8 allocates first, then reads) and grows its
     memo table to twice any index a PUT names (zero-filled: gigabytes for a 4-byte index); here every declared
     length must fit in what follows and every memo index must be below the pickle's size. Raises ValueError.
-    One pass over the opcodes, about 0.5 us each (a few times the unpickling itself).
+    One pass over the opcodes, ~0.1 us each: about as long as the unpickling itself.
     """
     end, at, fixed = len(data), 0, _FIXED
     while at < end:
-        op = data[at]
-        n = fixed[op]
+        n = fixed[data[at]]
         if n >= 0:
-            if op == _LONG_BINPUT and int.from_bytes(data[at + 1:at + 5], "little") > end:
-                raise ValueError(f"a memo index past the pickle's size at byte {at}")
             at += 1 + n
             continue
+        op = data[at]
         if n == -2:
             raise ValueError(f"unknown pickle opcode {op:#x} at byte {at}")
-        if op == _STOP:
-            return
         kind, at = _VARIABLE[op], at + 1
-        if isinstance(kind, tuple):
+        if kind == "STOP":
+            return
+        if kind == "LONG_BINPUT":
+            if int.from_bytes(data[at:at + 4], "little") > end:
+                raise ValueError(f"a memo index past the pickle's size at byte {at - 1}")
+            at += 4
+        elif type(kind) is tuple:
             width, signed = kind
             length = int.from_bytes(data[at:at + width], "little", signed=signed)
             if at + width > end or length < 0 or at + width + length > end:
                 raise ValueError(f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow")
             at += width + length
-            continue
-        for _ in range(2 if kind == "lines2" else 1):
-            newline = data.find(b"\n", at)
-            if newline < 0:
-                raise ValueError(f"an unterminated line at byte {at}")
-            if op == _PUT and not (data[at:newline].strip().isdigit() and int(data[at:newline]) <= end):
-                raise ValueError(f"a bad memo index at byte {at - 1}")
-            at = newline + 1
+        else:
+            for _ in range(2 if kind == "lines2" else 1):
+                newline = data.find(b"\n", at)
+                if newline < 0:
+                    raise ValueError(f"an unterminated line at byte {at}")
+                if op == _PUT and not (data[at:newline].strip().isdigit() and int(data[at:newline]) <= end):
+                    raise ValueError(f"a bad memo index at byte {at - 1}")
+                at = newline + 1
     raise ValueError("the pickle ends before its STOP opcode")
 
 

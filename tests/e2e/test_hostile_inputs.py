@@ -412,7 +412,7 @@ def _no_properties(metadata):
 
 @pytest.mark.parametrize("edit,fragment", [
     (_one_dimensional_lora_a, f"{LORA_A} has shape [512]; expected 2 dimensions"),
-    (_no_properties, f"tensor {LORA_A}.properties: expected TensorProperties, found NoneType"),
+    (_no_properties, f"tensor {LORA_A}: properties: expected TensorProperties, found NoneType"),
 ], ids=["1-D lora_a", "properties None"])
 def test_malformed_metadata_values_are_one_error_line(world, tmp_path, edit, fragment):
     iteration = _checkpoint(world, tmp_path)
