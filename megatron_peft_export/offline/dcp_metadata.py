@@ -2,7 +2,7 @@
 
 torch itself reads `.metadata` with a plain `pickle.load`. Here the pickle's declared lengths are checked first
 (torch_save.check_pickle), and the unpickler knows a fixed list of torch.distributed.checkpoint class names; for
-each it builds an inert Record (the constructor arguments and the state the pickle gives, no code of the class
+each it builds an inert Record (the fields, or the arguments of an enum, the pickle gives; no code of the class
 runs), and anything else it refuses, except torch.Size, dtypes, layouts and OrderedDict. The records are then
 checked field by field (exact class names, no unknown attributes, integer sizes, chunks inside the global shape,
 plain data file names, non-negative offsets and lengths) and turned into this module's own plain types. Nothing
@@ -51,26 +51,37 @@ class MetadataError(ValueError):
 
 
 class Record:
-    """An object of an allowed class as the pickle describes it: arguments and state, nothing built."""
+    """An object of an allowed class as the pickle describes it, nothing of the class built or run: the pickle's
+    BUILD puts the fields straight into the record's __dict__ (in C, as fast as torch's own classes load)."""
 
     class_name = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Record":
-        record = object.__new__(cls)
-        record.args, record.state = args, None
-        return record
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
 
     def __repr__(self) -> str:
         return f"{self.class_name}(...)"
 
 
-_RECORD_TYPES = {key: type(key[1], (Record,), {"class_name": key[1]}) for key in _RECORDED}
+class CalledRecord(Record):
+    """A record of a class the pickle calls (torch's enums): the arguments are kept, as `__args__`."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "CalledRecord":
+        record = object.__new__(cls)
+        record.__dict__["__args__"] = args
+        return record
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class StateRecord(Record):
+    """A record of a class whose state the pickle gives as one value (TensorProperties: a tuple), kept as `__state__`."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["__state__"] = state
+
+
+_CALLED = {"_MEM_FORMAT_ENCODING", "WriteItemType"}
+_RECORD_TYPES = {key: type(key[1], (CalledRecord if key[1] in _CALLED else StateRecord if key[1] == "TensorProperties" else Record,),
+                           {"class_name": key[1]}) for key in _RECORDED}
 _BY_NAME = {name: cls for (_, name), cls in _RECORD_TYPES.items()}
 
 
@@ -133,11 +144,7 @@ class CheckpointMetadata:
 def _state(record: Any, cls: type) -> dict[str, Any]:
     if type(record) is not cls:
         raise MetadataError(f"expected a {cls.class_name}, found {_describe(record)}")
-    state = record.state
-    if state is None:
-        state = {}
-    if record.args or type(state) is not dict:
-        raise MetadataError(f"a {cls.class_name} built from {_describe(record.args or state)}, expected its fields")
+    state = record.__dict__
     if not state.keys() <= _FIELDS[cls.class_name]:
         extra = sorted(str(k) for k in state.keys() - _FIELDS[cls.class_name])
         raise MetadataError(f"a {cls.class_name} with attributes it does not have ({', '.join(extra[:4])})")
@@ -172,13 +179,15 @@ _INDEX, _INFO, _METADATA = _BY_NAME["MetadataIndex"], _BY_NAME["_StorageInfo"], 
 
 
 def _dtype(properties: Any) -> torch.dtype:
-    if type(properties) is not _PROPERTIES or properties.args:
+    if type(properties) is not _PROPERTIES or properties.__dict__.keys() != {"__state__"}:
         raise MetadataError(f"properties: expected TensorProperties, found {_describe(properties)}")
-    state = properties.state
+    state = properties.__state__
     if type(state) is tuple and len(state) == 5:  # torch's __getstate__: (dtype, layout, requires_grad, memory format, pin_memory)
         dtype = state[0]
+    elif type(state) is dict and state.keys() <= _FIELDS["TensorProperties"]:
+        dtype = state.get("dtype")
     else:
-        dtype = _state(properties, _PROPERTIES).get("dtype")
+        raise MetadataError(f"properties: expected TensorProperties' fields, found {_describe(state)}")
     if not isinstance(dtype, torch.dtype):
         raise MetadataError(f"properties.dtype: expected a torch dtype, found {dtype!r:.40}")
     return dtype
