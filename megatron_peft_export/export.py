@@ -23,7 +23,7 @@ from .core.archs import ArchMap, arch_for_model_type
 from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
-from .core.plan import AdapterPlan, allocate, apply_placements, plan_adapter
+from .core.plan import AdapterPlan, BulkCopy, allocate, placement_views, plan_adapter
 from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
 from .dialects import LocalShard, collect, raise_refusals
@@ -106,6 +106,8 @@ class Snapshot:
 
     report: _Report
     shards: list[LocalShard]
+    carriers: list = dataclasses.field(default_factory=list)
+    """(module, dialect) of every module carrying an adapter (from the walk; the hook's change check reads them)."""
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +131,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     """This rank's shards of the adapter (copied to host memory when `copy`); errors go into the report."""
     report = _Report()
     shards: list[LocalShard] = []
+    carriers: list = []
     try:
         chunks = model_chunks(model)
         config, report.megatron_vocab = megatron_config(chunks[0])
@@ -137,6 +140,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source,
                         layout.is_expert_data_parallel_source)
         report.dialects, report.adapter_names, report.refused = found.dialects, found.adapter_names, found.refused
+        carriers = found.carriers
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
         if copy:
             shards = [LocalShard(s.spec, s.tensor.detach().to("cpu", copy=True)) for s in shards]
@@ -146,7 +150,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     except ExportError as exc:
         report.error = exc
         shards = []
-    return Snapshot(report, shards)
+    return Snapshot(report, shards, carriers)
 
 
 def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]], Naming]:
@@ -254,13 +258,22 @@ def run_export(
             tensors = allocate(plan, out_dtype)
         except Exception as exc:
             failure = exc
+        copies = BulkCopy()
         for n, (rank, i, spec) in enumerate(ordered):  # every send is received, even after a failure, so no sender hangs
             data = coll.receive(spec.shape, getattr(torch, spec.dtype), rank, group) if rank != WRITER else None
             if failure is None:
                 try:
-                    apply_placements(tensors, plan.placements[n], coll.host_copy(snapshot.shards[i].tensor) if data is None else data)
+                    if data is None:  # this rank's own shard: read in place when it is in host memory already
+                        data = snapshot.shards[i].tensor.detach()
+                        data = data if data.device.type == "cpu" else coll.host_copy(data)
+                    copies.add(placement_views(tensors, plan.placements[n], data))
                 except Exception as exc:
                     failure = exc
+        if failure is None:
+            try:
+                copies.flush()
+            except Exception as exc:
+                failure = exc
         coll.agree(failure, group)
     except BaseException:
         discard(tmp)
