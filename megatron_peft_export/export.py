@@ -246,8 +246,9 @@ def run_export(
     tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group)
     if layout.rank != WRITER:
         failure = None
-        for shard in snapshot.shards:  # a local failure is sent as zeros and agreed on below, so the writer never waits
-            failure = coll.send(shard.tensor, WRITER, group) or failure
+        for bucket in coll.buckets([(s.spec.shape, s.spec.dtype) for s in snapshot.shards]):
+            # a local failure is sent as zeros and agreed on below, so the writer never waits
+            failure = coll.send_bucket([snapshot.shards[i].tensor for i in bucket], WRITER, group) or failure
         coll.agree(failure, group)
         coll.broadcast_outcome(lambda: None, WRITER, group)
         return None
@@ -259,14 +260,23 @@ def run_export(
         except Exception as exc:
             failure = exc
         copies = BulkCopy()
-        for n, (rank, i, spec) in enumerate(ordered):  # every send is received, even after a failure, so no sender hangs
-            data = coll.receive(spec.shape, getattr(torch, spec.dtype), rank, group) if rank != WRITER else None
-            if failure is None:
+        by_rank: dict[int, list[int]] = {}  # rank -> positions in `ordered` of its specs, in its order
+        for n, (rank, _, _) in enumerate(ordered):
+            by_rank.setdefault(rank, []).append(n)
+        for rank, positions in by_rank.items():  # every send is received, even after a failure, so no sender hangs
+            for bucket in coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions]) if rank != WRITER else [range(len(positions))]:
+                specs = [ordered[positions[k]][2] for k in bucket]
+                data = [None] * len(specs) if rank == WRITER else \
+                    coll.receive_bucket([spec.shape for spec in specs], getattr(torch, specs[0].dtype), rank, group)
+                if failure is not None:
+                    continue
                 try:
-                    if data is None:  # this rank's own shard: read in place when it is in host memory already
-                        data = snapshot.shards[i].tensor.detach()
-                        data = data if data.device.type == "cpu" else coll.host_copy(data)
-                    copies.add(placement_views(tensors, plan.placements[n], data))
+                    for k, shard in zip(bucket, data):
+                        n = positions[k]
+                        if shard is None:  # this rank's own shard: read in place when it is in host memory already
+                            shard = snapshot.shards[ordered[n][1]].tensor.detach()
+                            shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
+                        copies.add(placement_views(tensors, plan.placements[n], shard))  # copied at 64 MiB queued, so few buckets wait
                 except Exception as exc:
                     failure = exc
         if failure is None:
