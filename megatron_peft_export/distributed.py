@@ -194,8 +194,7 @@ def send_bucket(tensors: list[torch.Tensor], dst: int, group: Any) -> ExportErro
     for t in tensors:
         part = flat[start:start + t.numel()].view(t.shape)
         try:
-            with torch.no_grad():
-                part.copy_(t.detach())
+            part.copy_(host_copy(t))
         except Exception as exc:  # e.g. a device error: report it after the data phase, on every rank
             failure = failure or _as_export_error(exc)
             part.zero_()

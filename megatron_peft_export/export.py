@@ -23,7 +23,7 @@ from .core.archs import ArchMap, arch_for_model_type
 from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
-from .core.plan import AdapterPlan, BulkCopy, allocate, placement_views, plan_adapter
+from .core.plan import AdapterPlan, BulkCopy, allocate, apply_placements, plan_adapter
 from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
 from .dialects import LocalShard, collect, raise_refusals
@@ -276,7 +276,7 @@ def run_export(
                         if shard is None:  # this rank's own shard: read in place when it is in host memory already
                             shard = snapshot.shards[ordered[n][1]].tensor.detach()
                             shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
-                        copies.add(placement_views(tensors, plan.placements[n], shard))  # copied at 64 MiB queued, so few buckets wait
+                        apply_placements(tensors, plan.placements[n], shard, copies)  # queued; copied at every 64 MiB
                 except Exception as exc:
                     failure = exc
         if failure is None:

@@ -310,7 +310,11 @@ class BulkCopy:
                 torch._foreach_copy_(dst, src)
 
 
-def apply_placements(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor) -> None:
-    """Copy a shard's slices into the HF tensors (a dtype cast, if any, is the copy's only arithmetic)."""
+def apply_placements(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor, copies: BulkCopy | None = None) -> None:
+    """Copy a shard's slices into the HF tensors (a dtype cast, if any, is the copy's only arithmetic); with `copies`,
+    queue them there for one bulk copy instead."""
+    if copies is not None:
+        copies.add(placement_views(tensors, placements, shard))
+        return
     for p in placements:
         tensors[p.key].narrow(p.dim, p.dst_start, p.length).copy_(shard.narrow(p.dim, p.src_start, p.length))
