@@ -87,6 +87,24 @@ def _scaling(rows: list[dict]) -> list[str]:
     return out
 
 
+def _moe(result: dict) -> list[str]:
+    rows = result["rows"]
+    out = [
+        f"### MoE tensor counts: ModelOpt LoRA on every routed expert, hidden 8 (one rank; ratios to the floor measured in the same process, median of {len(rows[0]['samples']['hook'])})",
+        "",
+        "| layers x experts | HF tensors | adapter params | `export_adapter` first / write floor | warm per_expert / floor | warm fused / its floor | hook first save / copy floor | hook stall / copy floor | write floor | copy floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        w, c = r["floor_write"], r["floor_copy"]
+        out.append(f"| {r['shape']} | {r['hf_tensors']} | {r['adapter_params']} | {r['export_first'] / w:.2f}x | {r['per_expert'] / w:.2f}x | {r['fused'] / r['floor_write_fused']:.2f}x "
+                   f"| {r['hook_first'] / c:.1f}x ({seconds(r['hook_first'] - c)} above) | {r['hook'] / c:.2f}x | {seconds(w)} | {seconds(c)} |")
+    if result.get("growth_exponent"):
+        out += ["", "Growth exponent (log-log slope of time against HF tensors between the two sizes): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in result["growth_exponent"].items())]
+    return out
+
+
 def verdicts(result: dict) -> list[str]:
     """One line per target of issue 8, with the measured value."""
     out = []
@@ -116,7 +134,7 @@ def verdicts(result: dict) -> list[str]:
 
 def render(result: dict) -> str:
     lines = [f"Machine: {_machine(result['machine'])}, {result.get('load_average_at_end', float('nan')):.1f} at the end.", ""]
-    tables = (("stall", _stall), ("offline", _offline), ("offline_many_tensors", lambda rows: _offline(rows, many=True)), ("scaling", _scaling))
+    tables = (("stall", _stall), ("offline", _offline), ("offline_many_tensors", lambda rows: _offline(rows, many=True)), ("scaling", _scaling), ("moe", _moe))
     for key, table in tables:
         if key in result:
             lines += table(result[key]) + [""]

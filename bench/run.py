@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py            # the full run: ~4 min, ~6 GB of scratch disk and ~7 GB of RAM at most
     .venv/bin/python bench/run.py --quick    # a smoke run (~25 s): small sizes, few repetitions
+    .venv/bin/python bench/run.py --only moe # one benchmark alone (here: MoE tensor counts, 48 x 128 and 61 x 256 experts)
 
 Prints markdown tables and writes them, with every sample, as JSON (bench/results/latest.json, or quick.json
 with --quick). Ratios are medians of runs interleaved in this one invocation; absolute times depend on the
@@ -29,22 +30,22 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import megatron_peft_export.hook  # noqa: E402,F401  (imported before forking: every process starts warm, with the code as it was at the start)
 import megatron_peft_export.offline.export  # noqa: E402,F401
 import tests.support.tiny_gpt  # noqa: E402,F401
-from bench import offline, probe, scaling, stall  # noqa: E402
+from bench import moe, offline, probe, scaling, stall  # noqa: E402
 from bench.common import machine, wide  # noqa: E402
 from bench.report import render  # noqa: E402
 
 PLANS = {
     "full": {"stall": ({"10MB": 15, "100MB": 9, "1GB": 5},), "offline": (5, [1, 10, 100], offline.ADAPTER), "offline_many_tensors": (5, [1], offline.MANY_TENSORS),
-             "scaling": (3, [1, 2, 4], scaling.ADAPTER)},
+             "scaling": (3, [1, 2, 4], scaling.ADAPTER), "moe": (3, moe.SHAPES)},
     "quick": {"stall": ({"10MB": 3},), "offline": (1, [1, 10], offline.ADAPTER.resized(num_layers=4)),
-              "scaling": (1, [1, 2, 4], wide(1))},
+              "scaling": (1, [1, 2, 4], wide(1)), "moe": (1, moe.QUICK_SHAPES)},
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions: a smoke run")
-    parser.add_argument("--only", default="stall,offline,offline_many_tensors,scaling", help="comma-separated benchmarks to run (default: %(default)s)")
+    parser.add_argument("--only", default="stall,offline,offline_many_tensors,scaling,moe", help="comma-separated benchmarks to run (default: %(default)s)")
     parser.add_argument("--reps", type=int, help="repetitions of every benchmark (default: stall 15/9/5 by size, offline 5, scaling 3; quick 3/1/1)")
     parser.add_argument("--scratch", type=Path, default=Path(__file__).resolve().parent / ".scratch",
                         help="where checkpoints and adapters are written, then removed (default: %(default)s)")
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
         if "scaling" in only:
             reps, worlds, adapter = plan["scaling"]
             result["scaling"] = scaling.run(args.reps or reps, worlds, scratch, log, geometry=adapter)
+        if "moe" in only:
+            reps, shapes = plan["moe"]
+            result["moe"] = moe.run(args.reps or reps, scratch, log, shapes=shapes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = time.perf_counter() - PROCESS_STARTED

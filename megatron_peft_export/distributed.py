@@ -162,3 +162,52 @@ def receive(shape: tuple[int, ...], dtype: torch.dtype, src: int, group: Any) ->
     with _collective(group, f"receiving adapter shards from rank {src}"):
         dist.recv(buffer, src=src, group=group)
     return buffer
+
+
+BUCKET_BYTES = 64 << 20
+"""Most bytes one transfer carries (a larger tensor goes alone): shards move in few messages, not one per tensor."""
+
+
+def buckets(items: list[tuple[tuple[int, ...], str]], max_bytes: int = BUCKET_BYTES) -> list[list[int]]:
+    """Consecutive indices of (shape, dtype) items grouped into transfers: one dtype each, at most `max_bytes` unless
+    one item alone is larger. Sender and receiver compute it from the same specs, so they agree without a message."""
+    out: list[list[int]] = []
+    held, dtype = 0, None
+    for i, (shape, name) in enumerate(items):
+        size = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, name)).element_size()
+        if not out or name != dtype or held + size > max_bytes:
+            out.append([])
+            held, dtype = 0, name
+        out[-1].append(i)
+        held += size
+    return out
+
+
+def send_bucket(tensors: list[torch.Tensor], dst: int, group: Any) -> ExportError | None:
+    """Copy tensors of one dtype off the device into one flat buffer and send it in one message (see `send`: a tensor
+    that fails to copy goes as zeros, and the failure is returned)."""
+    if len(tensors) == 1:
+        return send(tensors[0], dst, group)
+    failure = None
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+    start = 0
+    for t in tensors:
+        part = flat[start:start + t.numel()].view(t.shape)
+        try:
+            part.copy_(host_copy(t))
+        except Exception as exc:  # e.g. a device error: report it after the data phase, on every rank
+            failure = failure or _as_export_error(exc)
+            part.zero_()
+        start += t.numel()
+    with _collective(group, f"sending adapter shards to rank {dst}"):
+        dist.send(flat, dst=dst, group=group)
+    return failure
+
+
+def receive_bucket(shapes: list[tuple[int, ...]], dtype: torch.dtype, src: int, group: Any) -> list[torch.Tensor]:
+    """What `send_bucket` sent: one message, split into views of the given shapes."""
+    if len(shapes) == 1:
+        return [receive(shapes[0], dtype, src, group)]
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    flat = receive((sum(sizes),), dtype, src, group)
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]

@@ -23,7 +23,7 @@ from .core.archs import ArchMap, arch_for_model_type
 from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
-from .core.plan import AdapterPlan, allocate, apply_placements, plan_adapter
+from .core.plan import AdapterPlan, BulkCopy, allocate, apply_placements, plan_adapter
 from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
 from .dialects import LocalShard, collect, raise_refusals
@@ -106,6 +106,8 @@ class Snapshot:
 
     report: _Report
     shards: list[LocalShard]
+    carriers: list = dataclasses.field(default_factory=list)
+    """(module, dialect) of every module carrying an adapter (from the walk; the hook's change check reads them)."""
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +131,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     """This rank's shards of the adapter (copied to host memory when `copy`); errors go into the report."""
     report = _Report()
     shards: list[LocalShard] = []
+    carriers: list = []
     try:
         chunks = model_chunks(model)
         config, report.megatron_vocab = megatron_config(chunks[0])
@@ -137,6 +140,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source,
                         layout.is_expert_data_parallel_source)
         report.dialects, report.adapter_names, report.refused = found.dialects, found.adapter_names, found.refused
+        carriers = found.carriers
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
         if copy:
             shards = [LocalShard(s.spec, s.tensor.detach().to("cpu", copy=True)) for s in shards]
@@ -146,7 +150,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     except ExportError as exc:
         report.error = exc
         shards = []
-    return Snapshot(report, shards)
+    return Snapshot(report, shards, carriers)
 
 
 def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]], Naming]:
@@ -242,8 +246,9 @@ def run_export(
     tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group)
     if layout.rank != WRITER:
         failure = None
-        for shard in snapshot.shards:  # a local failure is sent as zeros and agreed on below, so the writer never waits
-            failure = coll.send(shard.tensor, WRITER, group) or failure
+        for bucket in coll.buckets([(s.spec.shape, s.spec.dtype) for s in snapshot.shards]):
+            # a local failure is sent as zeros and agreed on below, so the writer never waits
+            failure = coll.send_bucket([snapshot.shards[i].tensor for i in bucket], WRITER, group) or failure
         coll.agree(failure, group)
         coll.broadcast_outcome(lambda: None, WRITER, group)
         return None
@@ -254,13 +259,31 @@ def run_export(
             tensors = allocate(plan, out_dtype)
         except Exception as exc:
             failure = exc
-        for n, (rank, i, spec) in enumerate(ordered):  # every send is received, even after a failure, so no sender hangs
-            data = coll.receive(spec.shape, getattr(torch, spec.dtype), rank, group) if rank != WRITER else None
-            if failure is None:
+        copies = BulkCopy()
+        by_rank: dict[int, list[int]] = {}  # rank -> positions in `ordered` of its specs, in its order
+        for n, (rank, _, _) in enumerate(ordered):
+            by_rank.setdefault(rank, []).append(n)
+        for rank, positions in by_rank.items():  # every send is received, even after a failure, so no sender hangs
+            for bucket in coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions]) if rank != WRITER else [range(len(positions))]:
+                specs = [ordered[positions[k]][2] for k in bucket]
+                data = [None] * len(specs) if rank == WRITER else \
+                    coll.receive_bucket([spec.shape for spec in specs], getattr(torch, specs[0].dtype), rank, group)
+                if failure is not None:
+                    continue
                 try:
-                    apply_placements(tensors, plan.placements[n], coll.host_copy(snapshot.shards[i].tensor) if data is None else data)
+                    for k, shard in zip(bucket, data):
+                        n = positions[k]
+                        if shard is None:  # this rank's own shard: read in place when it is in host memory already
+                            shard = snapshot.shards[ordered[n][1]].tensor.detach()
+                            shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
+                        apply_placements(tensors, plan.placements[n], shard, copies)  # queued; copied at every 64 MiB
                 except Exception as exc:
                     failure = exc
+        if failure is None:
+            try:
+                copies.flush()
+            except Exception as exc:
+                failure = exc
         coll.agree(failure, group)
     except BaseException:
         discard(tmp)

@@ -186,3 +186,24 @@ def test_nonfinite_names_nan_and_inf_and_not_finite_values_whose_sum_overflows()
         "int": torch.arange(3),
     }
     assert nonfinite(tensors.items()) == ["nan (1 NaN, 0 Inf)", "inf (0 NaN, 2 Inf)", "bf16_inf (0 NaN, 1 Inf)"]
+
+
+@pytest.mark.parametrize("batch_bytes", [64, 1 << 20], ids=["small_batches", "one_batch"])
+def test_nonfinite_in_batches_names_exactly_the_tensors_an_elementwise_check_finds(monkeypatch, batch_bytes):
+    """The batched check (consecutive tensors of one dtype concatenated) names the same tensors, in order, as
+    torch.isfinite on each tensor alone, whatever the batch size and wherever the bad values sit."""
+    import megatron_peft_export.adapter_files as af
+
+    monkeypatch.setattr(af, "_FINITE_BATCH_BYTES", batch_bytes)
+    g = torch.Generator().manual_seed(4)
+    tensors = []
+    for i in range(300):
+        dtype = (torch.float32, torch.float32, torch.bfloat16, torch.int64)[i % 4]
+        t = torch.randn(3, 5, generator=g).to(dtype) if dtype != torch.int64 else torch.arange(6)
+        if i in (9, 148, 149, 297):
+            t.view(-1)[i % t.numel()] = float("nan") if i % 2 else float("inf")
+        if i == 42:
+            t.fill_(3e38)  # finite values whose sum overflows
+        tensors.append((f"t{i}", t))
+    expected = [key for key, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    assert [item.split(" ")[0] for item in af.nonfinite(iter(tensors))] == expected == ["t9", "t148", "t149", "t297"]

@@ -59,28 +59,58 @@ def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: Arch
     prefixes = fused_prefixes(arch, targeted)
     for layer, params in layers.items():
         for fused in (f for f in arch.fused_experts if f.parameter in params):
-            a_parts, b_parts = [], []
-            for e in range(num_experts if "{e}" in fused.per_expert[0] else 1):  # a 2-D parameter is one "expert" to peft
-                modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
-                missing = [m for m in modules if m not in plan.modules]
-                if missing:
-                    raise ShapeMismatchError(
-                        f"the fused expert layout needs every expert adapted; {missing[0]} has no adapter. "
-                        "Export with expert_layout='per_expert'"
-                    )
-                a = [out.pop(_key(m, "lora_A")) for m in modules]
-                if any(not torch.equal(a[0], other) for other in a[1:]):
-                    raise ShapeMismatchError(f"{modules}: one fused parameter needs one lora_A, found different ones; export with expert_layout='per_expert'")
-                a_parts.append(a[0])
-                replaced[fused.parameter] += modules
-                b_parts.append(torch.cat([out.pop(_key(m, "lora_B")) for m in modules]))
-            ranks = {a.shape[0] for a in a_parts}
+            count = num_experts if "{e}" in fused.per_expert[0] else 1  # a 2-D parameter is one "expert" to peft
+            modules = [[f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert] for e in range(count)]
+            missing = next((m for per_expert in modules for m in per_expert if m not in plan.modules), None)
+            if missing is not None:
+                raise ShapeMismatchError(
+                    f"the fused expert layout needs every expert adapted; {missing} has no adapter. "
+                    "Export with expert_layout='per_expert'"
+                )
+            a = [[out.pop(_key(m, "lora_A")) for m in per_expert] for per_expert in modules]  # [expert][HF module]
+            b = [[out.pop(_key(m, "lora_B")) for m in per_expert] for per_expert in modules]
+            for per_expert in modules:
+                replaced[fused.parameter] += per_expert
+            fused_a = _fused_a(a, modules)
+            ranks = sorted({per_expert[0].shape[0] for per_expert in a})
             if len(ranks) != 1:
-                raise ShapeMismatchError(f"{layer}.{fused.parameter}: experts have different ranks {sorted(ranks)}; export with expert_layout='per_expert'")
+                raise ShapeMismatchError(f"{layer}.{fused.parameter}: experts have different ranks {ranks}; export with expert_layout='per_expert'")
             module = f"{layer}.{prefixes[fused.parameter]}"
-            out[_key(module, "lora_A")] = torch.cat(a_parts)  # expert-major rows
-            out[_key(module, "lora_B")] = torch.stack(b_parts, dim=-1).flatten(1)  # rank-major columns
+            out[_key(module, "lora_A")] = fused_a
+            out[_key(module, "lora_B")] = _fused_b(b, ranks[0])
     return out, {p: sorted(replaced[p]) for p in targeted}
+
+
+def _fused_a(a: list[list[torch.Tensor]], modules: list[list[str]]) -> torch.Tensor:
+    """One lora_A of [experts * r, in], expert-major rows (expert e's A at rows e*r...), from each expert's A.
+
+    The HF modules of one expert (gate and up of one fc1) must share their A: compared for all experts at once.
+    """
+    fused = torch.cat([per_expert[0] for per_expert in a])
+    for j in range(1, len(a[0])):
+        if not torch.equal(fused, torch.cat([per_expert[j] for per_expert in a])):
+            e = next(e for e, per_expert in enumerate(a) if not torch.equal(per_expert[0], per_expert[j]))
+            raise ShapeMismatchError(f"{modules[e]}: one fused parameter needs one lora_A, found different ones; export with expert_layout='per_expert'")
+    return fused
+
+
+def _fused_b(b: list[list[torch.Tensor]], r: int) -> torch.Tensor:
+    """One lora_B of [out, r * experts], rank-major columns (column j*experts + e is expert e's column j), filled in
+    place: expert e's HF modules' B are stacked along the rows of slice [:, :, e] of one [out, r, experts] tensor."""
+    rows = [t.shape[0] for t in b[0]]
+    first = b[0][0]
+    fused = torch.empty((sum(rows), r, len(b)), dtype=first.dtype, device=first.device)
+    dst, src = [], []
+    for e, per_expert in enumerate(b):
+        start = 0
+        for j, t in enumerate(per_expert):
+            if t.shape != (rows[j], r):
+                raise ShapeMismatchError(f"experts disagree on the shape of lora_B ({list(t.shape)} vs {[rows[j], r]}); export with expert_layout='per_expert'")
+            dst.append(fused[start:start + rows[j], :, e])
+            src.append(t)
+            start += rows[j]
+    torch._foreach_copy_(dst, src)
+    return fused.flatten(1)
 
 
 def unfuse_experts(tensors: Mapping[str, torch.Tensor], arch: ArchMap, num_experts: int | None, target_parameters: list[str], r: int) -> dict[str, torch.Tensor]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
@@ -80,6 +82,12 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
     raise DialectError(f"no shape rule for Megatron module kind {kind!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _expert_pattern(megatron: str) -> re.Pattern:
+    """A per-expert module path (`mlp.experts.local_experts.{e}.linear_fc1`) as a pattern capturing the expert, compiled once."""
+    return re.compile(re.escape(megatron).replace(r"\{e\}", r"(\d+)"))
+
+
 def _match_module(arch: ArchMap, suffix: str) -> tuple[ModuleMap, int | None] | None:
     """The ModuleMap for a path inside a layer, and the expert index when the map is per expert."""
     for module in arch.modules:
@@ -87,7 +95,7 @@ def _match_module(arch: ArchMap, suffix: str) -> tuple[ModuleMap, int | None] | 
             if module.megatron == suffix:
                 return module, None
             continue
-        match = re.fullmatch(re.escape(module.megatron).replace(r"\{e\}", r"(\d+)"), suffix)
+        match = _expert_pattern(module.megatron).fullmatch(suffix)
         if match:
             return module, int(match.group(1))
     return None
@@ -266,7 +274,47 @@ def allocate(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[str, t
     return {key: torch.empty(shape, dtype=dtype or getattr(torch, plan.dtypes[key])) for key, shape in plan.shapes.items()}
 
 
-def apply_placements(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor) -> None:
-    """Copy a shard's slices into the HF tensors (a dtype cast, if any, is the copy's only arithmetic)."""
+def placement_views(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(HF destination, shard source) views of a shard's placements, for one bulk copy (`BulkCopy`); a whole-tensor placement is not narrowed."""
+    for p in placements:
+        dst = tensors[p.key]
+        if p.dst_start == 0 and p.src_start == 0 and p.length == dst.shape[p.dim] == shard.shape[p.dim]:
+            yield dst, shard
+        else:
+            yield dst.narrow(p.dim, p.dst_start, p.length), shard.narrow(p.dim, p.src_start, p.length)
+
+
+class BulkCopy:
+    """Copies queued as (destination, source) views and done in few `torch._foreach_copy_` calls (a dtype cast, if
+    any, is the copy's only arithmetic). Sources are held until `flush`, which `add` calls once they exceed `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self._dst: list[torch.Tensor] = []
+        self._src: list[torch.Tensor] = []
+        self._bytes = 0
+        self._max_bytes = max_bytes
+
+    def add(self, views: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for dst, src in views:
+            self._dst.append(dst)
+            self._src.append(src)
+            self._bytes += src.numel() * src.element_size()
+        if self._bytes >= self._max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        dst, src = self._dst, self._src
+        self._dst, self._src, self._bytes = [], [], 0
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+
+
+def apply_placements(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor, copies: BulkCopy | None = None) -> None:
+    """Copy a shard's slices into the HF tensors (a dtype cast, if any, is the copy's only arithmetic); with `copies`,
+    queue them there for one bulk copy instead."""
+    if copies is not None:
+        copies.add(placement_views(tensors, placements, shard))
+        return
     for p in placements:
         tensors[p.key].narrow(p.dim, p.dst_start, p.length).copy_(shard.narrow(p.dim, p.src_start, p.length))

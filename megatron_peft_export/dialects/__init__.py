@@ -50,6 +50,8 @@ class Collected:
     shards: list[LocalShard]
     refused: list[tuple[str, str]] = field(default_factory=list)
     """(reason, global module path) of each module whose adapter no HF adapter reproduces (see `raise_refusals`)."""
+    carriers: list[tuple[torch.nn.Module, Dialect]] = field(default_factory=list)
+    """(module, dialect) of every module that carries an adapter of that dialect (of any name), in walk order."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ _LAYER_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.(\d+))$")
 _PATH_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.\d+|output_layer)((?:\.[^.]+)*)$")
 
 
-def _experts(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _Where]:
+def _experts(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -> dict[str, _Where]:
     """Where the experts of each MoE layer go, from megatron's expert modules (EP, expert-TP and expert-DP groups).
 
     SequentialMLP: `<experts>.local_experts.<k>` -> global expert `ep_rank * num_local_experts + k`. Grouped experts
@@ -85,7 +87,7 @@ def _experts(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _Where
     with the expert left to each tensor.
     """
     found = {}
-    for name, module in chunk.named_modules():
+    for name, module in named:
         if not all(hasattr(module, a) for a in ("num_local_experts", "ep_group", "tp_group")):
             continue
         offset = module.ep_group.rank() * module.num_local_experts
@@ -110,16 +112,18 @@ def _enclosing(name: str, prefixes: dict[str, _Where]) -> str | None:
         name = name.rsplit(".", 1)[0]
 
 
-def _global_paths(chunk: torch.nn.Module, expert_dp_source: bool) -> dict[str, _Where]:
-    """Module name -> Megatron path with global layer (`layer_number` is 1-based and global) and expert indices."""
+def _global_paths(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -> dict[str, _Where]:
+    """Module name -> Megatron path with global layer (`layer_number` is 1-based and global) and expert indices.
+
+    `named` is the chunk's `named_modules()`, listed once by the caller and read here twice, never rescanned per module.
+    """
     layer_of = {}
-    for name, module in chunk.named_modules():
-        match = _LAYER_RE.match(name)
-        if match and hasattr(module, "layer_number"):
+    for name, module in named:
+        if hasattr(module, "layer_number") and _LAYER_RE.match(name):
             layer_of[name] = f"decoder.layers.{module.layer_number - 1}"
-    experts = _experts(chunk, expert_dp_source)
+    experts = _experts(named, expert_dp_source)
     paths = {}
-    for name, _ in chunk.named_modules():
+    for name, _ in named:
         match = _PATH_RE.match(name)
         if not match:
             continue
@@ -150,14 +154,18 @@ def collect(
     """
     found = Collected(set(), set(), [])
     for chunk in chunks:
-        paths = _global_paths(chunk, expert_dp_source)
-        for name, module in chunk.named_modules():
+        named = list(chunk.named_modules())
+        paths = None  # computed at the first module that carries an adapter
+        for name, module in named:
             for dialect in DIALECTS:
                 tensors = dialect.find(module, adapter_name)
                 if tensors is None:
                     continue
+                found.carriers.append((module, dialect))
                 found.dialects.add(dialect.NAME)
                 found.adapter_names |= dialect.adapter_names(module)
+                if paths is None:
+                    paths = _global_paths(named, expert_dp_source)
                 if name not in paths:
                     raise DialectError(
                         f"found {dialect.NAME} adapter on module {name!r}, which is not under decoder.layers.<i> or "

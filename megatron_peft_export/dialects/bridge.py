@@ -27,8 +27,9 @@ CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
 
 
 def _wrapped_adapter(module: torch.nn.Module) -> torch.nn.Module | None:
-    children = dict(module.named_children())
-    return children["adapter"] if "to_wrap" in children and "adapter" in children else None
+    children = module._modules  # the registered children, as named_children yields them (without building a dict per module)
+    adapter = children.get("adapter")
+    return adapter if adapter is not None and children.get("to_wrap") is not None else None
 
 
 def adapter_names(module: torch.nn.Module) -> set[str]:

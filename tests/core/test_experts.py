@@ -157,3 +157,22 @@ def test_router_lora_is_a_2d_target_parameter_of_the_v5_router(tmp_path):
         diff = (model(input_ids=tokens).logits - merged(input_ids=tokens).logits).abs().max().item()
         effect = (merged(input_ids=tokens).logits - _hf()(input_ids=tokens).logits).abs().max().item()
     assert diff < 1e-5 and effect > 1e-3, (diff, effect)
+
+
+def test_fused_tensors_hold_exactly_the_per_expert_numbers_at_peft_positions():
+    """Every number of the fused layout, read at the position peft's target_parameters LoRA defines (lora_A rows
+    e*r + j = expert e's A row j; lora_B column j*experts + e = expert e's B column j, rows [gate; up] for gate_up),
+    is the per-expert adapter's number, bit for bit; element by element here, independent of the bulk copies."""
+    loras = _expert_loras()
+    plan, tensors = _convert(loras)
+    fused, _ = fuse_experts(plan, tensors, QWEN_MOE, E)
+    prefix = "base_model.model.model.layers"
+    for layer in range(LAYERS):
+        for parameter, linear in (("base_layer", "linear_fc1"), ("", "linear_fc2")):
+            module = f"{prefix}.{layer}.mlp.experts" + (".base_layer" if parameter else "")
+            a, b = fused[f"{module}.lora_A.weight"], fused[f"{module}.lora_B.weight"]
+            for e in range(E):
+                lora_a, lora_b = loras[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{linear}"]
+                for j in range(R):
+                    assert a[e * R + j].tolist() == lora_a[j].tolist()
+                    assert b[:, j * E + e].tolist() == lora_b[:, j].tolist()
