@@ -6,9 +6,12 @@ From the repository root (after ``pip install -e '.[test]'``):
     .venv/bin/torchrun --nproc-per-node 2 examples/train_tiny_gpt.py     # TP=2 over gloo
 
 Checkpoints go to ``<save>/iter_XXXXXXX/`` (Megatron-LM's torch_dist layout), each with an
-``hf_adapter/`` written by ``AdapterExportHook``. At the end rank 0 loads the last adapter with
-``peft.PeftModel.from_pretrained`` onto the HF twin of the base model and compares its logits
-with the Megatron model's.
+``hf_adapter/`` written by ``AdapterExportHook`` with verification on: the training model's logits
+on a probe are captured at each save (``hf_adapter/verification/reference.safetensors``) and, once
+the adapter is published, checked against the HF base + adapter loaded with transformers and peft
+(``hf_adapter/verification.json``); one line per checkpoint gives the verdict. At the end rank 0
+also loads the last adapter with ``peft.PeftModel.from_pretrained`` onto the HF twin of the base
+model and compares its logits with the Megatron model's on unseen sequences.
 """
 
 import argparse
@@ -34,6 +37,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from megatron_peft_export.config import HookConfig  # noqa: E402
 from megatron_peft_export.hook import AdapterExportHook  # noqa: E402
+from megatron_peft_export.verify import VerifyConfig  # noqa: E402
 
 # The CPU shims live in test support on purpose: they patch torch for CPU-only runs, never part of the package.
 from tests.support import tiny_gpt, training  # noqa: E402
@@ -100,7 +104,8 @@ def main(argv=None) -> int:
         tiny_gpt.hf_llama_twin(tc.model).save_pretrained(base_dir)
     dist.barrier()
 
-    hook = AdapterExportHook(HookConfig(base_model_name_or_path=str(base_dir)))
+    # verification of every adapter against the training model: the base model is local, so it is required to run
+    hook = AdapterExportHook(HookConfig(base_model_name_or_path=str(base_dir), verify=VerifyConfig(required=True)))
     trained = {}
 
     def on_save(iteration, checkpoint_dir, model):
@@ -125,6 +130,13 @@ def main(argv=None) -> int:
         diff, effect = peft_vs_megatron(base_dir, last, tokens, megatron_logits)
         say(f"trained {args.steps} steps in {elapsed:.1f} s: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         say(f"{len(hook.published)} HF adapters: {args.save}/iter_*/hf_adapter (base model: {base_dir})")
+        results = hook.verification.results
+        for result in results:
+            measured = "" if result.max_abs_diff is None else f": max |diff| {result.max_abs_diff:.1e} against the training model's logits"
+            say(f"  {Path(result.adapter).parent.name}: verification {result.status}{measured}")
+        if len(results) != len(hook.published) or any(r.status != "passed" for r in results):
+            say(f"FAILED: {sum(r.status == 'passed' for r in results)} of {len(hook.published)} adapters passed verification")
+            status = 1
         if diff <= PARITY_ATOL:
             say(f"the last, {last}, loads with peft.PeftModel.from_pretrained and matches the Megatron "
                 f"logits to {diff:.1e} max abs diff (the adapter moves them by up to {effect:.2f})")

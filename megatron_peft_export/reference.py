@@ -28,7 +28,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def _inner(chunk: torch.nn.Module) -> torch.nn.Module:
-    while not hasattr(chunk, "config") and hasattr(chunk, "module"):
+    """The megatron-core model inside its wrappers (DDP, Float16Module, FSDP), each of which holds it as `.module`
+    (megatron's DDP has a `config` too, so having one does not end the search)."""
+    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
         chunk = chunk.module
     return chunk
 

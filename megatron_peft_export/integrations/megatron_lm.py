@@ -1,14 +1,49 @@
-"""Megatron-LM: `--export-hf-adapter` and friends, and a wrapper around `save_checkpoint_and_time`.
+"""Megatron-LM: `--export-hf-adapter` and friends, and a wrapper around `checkpointing.save_checkpoint`.
 
 Two added lines in a stock `pretrain_gpt.py`, before `pretrain(...)`:
 
     from megatron_peft_export.integrations import megatron_lm
     megatron_lm.install()
 
-`install()` wraps `megatron.training.training.save_checkpoint_and_time` (called through the module,
-so the wrapper is seen by the training loop) and chains `add_args` in front of whatever
-`extra_args_provider` the script passes (ModelOpt's, for example). Scripts that build their own
+`install()` chains `add_args` in front of whatever `extra_args_provider` the script passes (ModelOpt's,
+for example) and wraps `megatron.training.checkpointing.save_checkpoint`, the function every checkpoint
+Megatron-LM writes goes through, both as that module's attribute and as the name `training.py` bound
+at import (`from megatron.training.checkpointing import save_checkpoint`). After each save returns, on
+every rank, the hook gets the iteration, the model and `non_persistent_ckpt`, all bound by name from
+the call; the directory is `<args.save>/iter_XXXXXXX` with `args.save` read after the call (a
+`--ckpt-convert-format` run sets it to `<ckpt_convert_save>/<format>` first). Only the outermost call
+exports (a wrapper around a wrapper does not export twice), and a save of the iteration just exported,
+to the same directory, is not exported again (the rerun state machine's checkpoint request and the
+interval save can fall on one iteration; nothing trains in between). Scripts that build their own
 provider can use `add_args` or `chain(...)` directly instead.
+
+What Megatron-LM's training code does around checkpoints, read in `megatron/training/training.py` and
+`checkpointing.py` at core_v0.15.0, v0.15.3, v0.16.0, v0.16.1, v0.17.0, v0.17.1, v0.18.0, v0.18.2, v0.19.0:
+
+- Every version: `training.py` binds `save_checkpoint` by name at import. `save_checkpoint_and_time(iteration,
+  model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far, checkpointing_context,
+  non_persistent_ckpt=False, train_data_iterator=None)` calls it for the interval saves, the exit saves of
+  `checkpoint_and_decide_exit` (signal with `--exit-signal-handler`, `--exit-duration-in-mins`,
+  `--exit-interval`; each saves only if that iteration was not just saved), non-persistent saves
+  (`non_persistent_ckpt=True`: skipped by the hook, they leave no `iter_` directory under `--save`), the rerun
+  state machine's checkpoint request and a batch-size ramp-up change. `setup_model_and_optimizer` calls
+  `save_checkpoint` directly for `--ckpt-convert-format` (then `exit()`) and for MoE upcycling;
+  `utils.check_adlr_autoresume_termination` imports it from `checkpointing` when it runs.
+- core_v0.15.x to v0.17.x: `pretrain()` calls `save_checkpoint` directly for the end-of-training save (when
+  the last iteration is not a multiple of `--save-interval`); v0.18.0 and v0.19.0 call `save_checkpoint_and_time`.
+- `save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far,
+  checkpointing_context=None, pipeline_rank=None, expert_rank=None, tensor_rank=None, pipeline_parallel=None,
+  expert_parallel=None, non_persistent_ckpt=False, train_data_iterator=None, preprocess_common_state_dict_fn=None,
+  release=False, ...)`: these names and positions in every version; v0.16 adds `tp_group`, `pp_group`,
+  `dp_cp_group`, v0.19 `dp_group`, `expt_dp_group`, `rng_state_key_prefix` (keywords after `release`). `model`
+  is the list of DDP-wrapped model chunks. `release=True` (conversion tools, not training) writes
+  `<save>/release`; that directory is used then.
+- `--async-save`: `save_checkpoint` schedules the write and returns; rank 0 writes the tracker file
+  (`latest_checkpointed_iteration.txt`) when the save is finalized, so the hook publishes after the tracker
+  names the iteration. `train()` finalizes every pending save (`maybe_finalize_async_save(blocking=True,
+  terminate=True)`) before it returns or leaves by `sys.exit(exit_code)` on an exit condition; `pretrain()`
+  finalizes again after its end-of-training save. Pending exports finish at interpreter exit (`atexit`), which
+  `sys.exit` and `exit()` reach too, or at `finalize()`.
 """
 
 from __future__ import annotations
@@ -17,6 +52,9 @@ import argparse
 import atexit
 import functools
 import inspect
+import logging
+import threading
+from pathlib import Path
 from typing import Any, Callable
 
 from ..config import HookConfig
@@ -28,6 +66,7 @@ from ..hook import AdapterExportHook, iteration_dir
 from .hub import STRATEGIES, PushConfig
 from .verify_hook import add_verify_args, verify_config_from_args
 
+log = logging.getLogger("megatron_peft_export")
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 _DEFAULTS = HookConfig()
 
@@ -132,6 +171,9 @@ def _chain_parse_args(parse_args: Callable) -> Callable:
 
 
 _HOOK: AdapterExportHook | None = None
+_STATE = threading.local()
+_LAST_EXPORTED: list[Path] = []
+"""The checkpoint directory of the last exported save (one entry at most)."""
 
 
 def install() -> None:
@@ -140,36 +182,59 @@ def install() -> None:
     The hook is made at the first save with `--export-hf-adapter` and finalized at interpreter exit
     (or by `finalize()`).
     """
-    from megatron.training import arguments, initialize, training
+    from megatron.training import arguments, checkpointing, initialize, training
 
     arguments.parse_args = _chain_parse_args(arguments.parse_args)
     if hasattr(initialize, "parse_args"):
         initialize.parse_args = _chain_parse_args(initialize.parse_args)
-    original = training.save_checkpoint_and_time
-    if getattr(original, "_hf_adapter_wrapped", False):
-        return
+    wrappers: dict[int, Callable] = {}
+    for module in (checkpointing, training):  # one wrapper for the one function both names hold
+        current = getattr(module, "save_checkpoint", None)
+        if current is not None and not getattr(current, "_hf_adapter_wrapped", False):
+            module.save_checkpoint = wrappers.setdefault(id(current), _wrap_save_checkpoint(current))
+
+
+def _wrap_save_checkpoint(original: Callable) -> Callable:
     signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def save_checkpoint_and_time(*args: Any, **kwargs: Any) -> Any:
-        global _HOOK
-        result = original(*args, **kwargs)
-        margs = training.get_args()
-        if getattr(margs, "export_hf_adapter", False):
-            if _HOOK is None:
-                _HOOK = AdapterExportHook(config_from_args(margs))
-                atexit.register(finalize)
-            call = signature.bind(*args, **kwargs)
-            iteration = call.arguments["iteration"]
-            _HOOK.on_checkpoint_saved(
-                iteration, iteration_dir(margs.save, iteration), call.arguments["model"],
-                finalized=not getattr(margs, "async_save", False),
-                non_persistent=bool(call.arguments.get("non_persistent_ckpt", False)),
-            )
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        depth = getattr(_STATE, "depth", 0)
+        _STATE.depth = depth + 1
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            _STATE.depth = depth
+        if depth == 0:  # the outermost call: another wrapper of save_checkpoint may sit inside
+            _after_save(signature.bind(*args, **kwargs).arguments)
         return result
 
-    save_checkpoint_and_time._hf_adapter_wrapped = True
-    training.save_checkpoint_and_time = save_checkpoint_and_time
+    save_checkpoint._hf_adapter_wrapped = True
+    return save_checkpoint
+
+
+def _after_save(call: dict[str, Any]) -> None:
+    global _HOOK
+    from megatron.training import get_args
+
+    margs = get_args()
+    if not getattr(margs, "export_hf_adapter", False) or not margs.save:
+        return
+    if _HOOK is None:
+        _HOOK = AdapterExportHook(config_from_args(margs))
+        atexit.register(finalize)
+    iteration = call["iteration"]
+    non_persistent = bool(call.get("non_persistent_ckpt", False))
+    checkpoint_dir = Path(margs.save) / "release" if call.get("release") else iteration_dir(margs.save, iteration)
+    if not non_persistent:
+        if _LAST_EXPORTED == [checkpoint_dir]:
+            log.info("iteration %d was saved again to %s; its HF adapter is already exported", iteration, checkpoint_dir)
+            return
+        _LAST_EXPORTED[:] = [checkpoint_dir]
+    _HOOK.on_checkpoint_saved(
+        iteration, checkpoint_dir, call["model"],
+        finalized=not getattr(margs, "async_save", False), non_persistent=non_persistent,
+    )
 
 
 def finalize() -> list:

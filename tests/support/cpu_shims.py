@@ -130,11 +130,71 @@ def install_moe_cpu_shims() -> None:
 
     token_dispatcher.maybe_move_tensor_to_cpu = host_copy_cpu_too
     _install_uneven_gloo_collectives()
+    _install_cpu_streams()
+    _moe_installed = True
+
+
+def _install_cpu_streams() -> None:
     torch.cuda.Stream = _CpuStream
     torch.cuda.Event = _CpuStream
     torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
-    _moe_installed = True
+
+
+def install_megatron_lm_cpu_shims() -> None:
+    """What Megatron-LM's training code (``megatron.training`` at core_v0.16.1) needs on a CPU-only torch, beyond
+    ``install_cpu_shims`` (which this calls). The process group is gloo by its own flag (--distributed-backend gloo).
+
+    - ``initialize_megatron`` asserts ``torch.cuda.is_available()`` unless called with its own ``allow_no_cuda=True``
+      (``pretrain`` calls it so; torch.cuda.is_available() itself stays False: transformers and peft ask it too),
+      and initializes model parallelism only when ``torch.cuda.device_count() > 0``: one device, ``set_device``
+      does nothing;
+    - it compiles its dependencies at start-up: the dataset index helpers with ``make`` (the megatron-core wheel
+      ships them compiled, and no Makefile) and the CUDA fused kernels (none on CPU): skipped;
+    - argument validation asks the GPU's architecture (``get_device_arch_version``, bound in ``arguments``): one
+      before Blackwell, as a Hopper reports (TP runs then need CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment,
+      as there);
+    - ``get_model`` gives DDP a ``torch.cuda.Stream``: the CPU stand-in streams of the MoE shims;
+    - every checkpoint stores ``torch.cuda.get_rng_state()``: the CPU generator's state (restoring it does nothing);
+    - ``--use-persistent-ckpt-worker``: the worker process (spawned, so without these shims) selects its CUDA
+      device, then copies the tensors to host and synchronizes CUDA; it starts through
+      ``_persistent_checkpoint_worker``, which installs ``install_cpu_shims`` and the one device there first.
+    """
+    import functools
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+    from megatron.training import arguments, initialize, training
+
+    install_cpu_shims()
+    training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
+    _one_cuda_device()
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": None
+    initialize._compile_dependencies = lambda: None
+    arguments.get_device_arch_version = lambda: 9
+    _install_cpu_streams()
+    _PERSISTENT_WORKER_LOOP.append(PersistentAsyncCaller.async_loop)
+    PersistentAsyncCaller.async_loop = staticmethod(_persistent_checkpoint_worker)
+
+
+def _one_cuda_device() -> None:
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+
+
+_PERSISTENT_WORKER_LOOP: list = []
+"""The original worker loop, in the training process (where the class attribute is replaced)."""
+
+
+def _persistent_checkpoint_worker(*args, **kwargs):
+    """Megatron's persistent checkpoint worker loop, in the spawned worker: pickled by this name, so the worker
+    imports this module, gets its one device, then runs megatron's loop (its class attribute is megatron's there)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    install_cpu_shims()
+    _one_cuda_device()
+    loop = _PERSISTENT_WORKER_LOOP[0] if _PERSISTENT_WORKER_LOOP else PersistentAsyncCaller.async_loop
+    return loop(*args, **kwargs)
 
 
 def _install_uneven_gloo_collectives() -> None:

@@ -300,14 +300,23 @@ def _build_loaded(cfg, config, weights: dict, experts_spec=None, **spec_kwargs):
             rotary_base=cfg.rotary_base,
             vp_stage=stage,
         )
-        for name, param in model.named_parameters():
-            gname = _global_name(model, name)
-            assert gname in weights, f"no base weight for {gname}"
-            group = _tp_group(model, name)
-            dim, stride, _ = _partition(param, config, gname, group)
-            _load_into(param, weights[gname], dim, stride, gname, group)
+        load_weights(model, weights)
         chunks.append(model)
     return chunks if vpp else chunks[0]
+
+
+def load_weights(model, weights: dict) -> None:
+    """Copy this rank's slice of each global tensor in ``weights`` (keyed by ``_global_name``) into ``model``'s parameters.
+
+    Every parameter of ``model`` (one chunk, before any LoRA is added) must have a weight.
+    """
+    config = model.config
+    for name, param in model.named_parameters():
+        gname = _global_name(model, name)
+        assert gname in weights, f"no base weight for {gname}"
+        group = _tp_group(model, name)
+        dim, stride, _ = _partition(param, config, gname, group)
+        _load_into(param, weights[gname], dim, stride, gname, group)
 
 
 def fill_lora_random(model_or_chunks, seed: int) -> None:
