@@ -11,11 +11,11 @@ Megatron-LM writes goes through, both as that module's attribute and as the name
 at import (`from megatron.training.checkpointing import save_checkpoint`). After each save returns, on
 every rank, the hook gets the iteration, the model and `non_persistent_ckpt`, all bound by name from
 the call; the directory is `<args.save>/iter_XXXXXXX` with `args.save` read after the call (a
-`--ckpt-convert-format` run sets it to `<ckpt_convert_save>/<format>` first). Only the outermost call
-exports (a wrapper around a wrapper does not export twice), and a save of the iteration just exported,
-to the same directory, is not exported again (the rerun state machine's checkpoint request and the
-interval save can fall on one iteration; nothing trains in between). Scripts that build their own
-provider can use `add_args` or `chain(...)` directly instead.
+`--ckpt-convert-format` run sets it to `<ckpt_convert_save>/<format>` first). A save of the iteration just
+exported, to the same directory, is not exported again: the rerun state machine's checkpoint request and
+the interval save can fall on one iteration (nothing trains in between), and a wrapper of ours inside
+another wrapper of `save_checkpoint` sees the save twice. Scripts that build their own provider can use
+`add_args` or `chain(...)` directly instead.
 
 What Megatron-LM's training code does around checkpoints, read in `megatron/training/training.py` and
 `checkpointing.py` at core_v0.15.0, v0.15.3, v0.16.0, v0.16.1, v0.17.0, v0.17.1, v0.18.0, v0.18.2, v0.19.0:
@@ -42,7 +42,7 @@ What Megatron-LM's training code does around checkpoints, read in `megatron/trai
   (`latest_checkpointed_iteration.txt`) when the save is finalized, so the hook publishes after the tracker
   names the iteration. `train()` finalizes every pending save (`maybe_finalize_async_save(blocking=True,
   terminate=True)`) before it returns or leaves by `sys.exit(exit_code)` on an exit condition; `pretrain()`
-  finalizes again after its end-of-training save. Pending exports finish at interpreter exit (`atexit`), which
+  finalizes again after its end-of-training save. Pending exports finish at interpreter exit, which
   `sys.exit` and `exit()` reach too, or at `finalize()`.
 """
 
@@ -53,6 +53,7 @@ import atexit
 import functools
 import inspect
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -171,7 +172,6 @@ def _chain_parse_args(parse_args: Callable) -> Callable:
 
 
 _HOOK: AdapterExportHook | None = None
-_STATE = threading.local()
 _LAST_EXPORTED: list[Path] = []
 """The checkpoint directory of the last exported save (one entry at most)."""
 
@@ -199,35 +199,33 @@ def _wrap_save_checkpoint(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        depth = getattr(_STATE, "depth", 0)
-        _STATE.depth = depth + 1
-        try:
-            result = original(*args, **kwargs)
-        finally:
-            _STATE.depth = depth
-        if depth == 0:  # the outermost call: another wrapper of save_checkpoint may sit inside
-            _after_save(signature.bind(*args, **kwargs).arguments)
+        result = original(*args, **kwargs)
+        _after_save(signature.bind(*args, **kwargs).arguments, _megatron_args())
         return result
 
     save_checkpoint._hf_adapter_wrapped = True
     return save_checkpoint
 
 
-def _after_save(call: dict[str, Any]) -> None:
-    global _HOOK
+def _megatron_args() -> Any:
     from megatron.training import get_args
 
-    margs = get_args()
+    return get_args()
+
+
+def _after_save(call: dict[str, Any], margs: Any) -> None:
+    """After a save returned, on every rank: hand it to the hook (made at the first save)."""
+    global _HOOK
     if not getattr(margs, "export_hf_adapter", False) or not margs.save:
         return
     if _HOOK is None:
         _HOOK = AdapterExportHook(config_from_args(margs))
-        atexit.register(finalize)
+        _at_exit(finalize)
     iteration = call["iteration"]
     non_persistent = bool(call.get("non_persistent_ckpt", False))
     checkpoint_dir = Path(margs.save) / "release" if call.get("release") else iteration_dir(margs.save, iteration)
     if not non_persistent:
-        if _LAST_EXPORTED == [checkpoint_dir]:
+        if _LAST_EXPORTED == [checkpoint_dir]:  # saved again (nothing trained since), or a wrapper of ours inside another
             log.info("iteration %d was saved again to %s; its HF adapter is already exported", iteration, checkpoint_dir)
             return
         _LAST_EXPORTED[:] = [checkpoint_dir]
@@ -235,6 +233,20 @@ def _after_save(call: dict[str, Any]) -> None:
         iteration, checkpoint_dir, call["model"],
         finalized=not getattr(margs, "async_save", False), non_persistent=non_persistent,
     )
+
+
+def _at_exit(fn: Callable[[], Any]) -> None:
+    """Run `fn` at this process's exit while thread pools still take work: `threading`'s exit hooks run before
+    `atexit`'s, and `concurrent.futures` stops its executors in one of them (registered at its import, so run after
+    ours), after which a last push could not be scheduled. Processes forked from this one (torch_dist's writers,
+    data loader workers) run `threading`'s exit hooks too when they end: there `fn` does not run. Plain `atexit`
+    where `threading` has no such hook."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        atexit.register(fn)
+        return
+    pid = os.getpid()
+    register(lambda: fn() if os.getpid() == pid else None)
 
 
 def finalize() -> list:

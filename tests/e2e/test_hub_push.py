@@ -1,13 +1,11 @@
 """Pushes through the training hook on real megatron-core models in real gloo processes, against the fake
-Hub (tests/support/fake_hub.py) running in the pytest process: background pushes, the Megatron-LM flags,
+Hub (tests/support/fake_hub.py) running in the pytest process: background pushes (the Megatron-LM flags: test_megatron_lm.py),
 errors that leave training running, and no token in any file or log."""
 
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 
 from megatron_peft_export.cli import main
@@ -16,7 +14,6 @@ from tests.support.hook_loop import LogRecords, checkpoint_dir, lora_model, opti
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
-STANDIN = Path(__file__).parents[1] / "support" / "megatron_lm_standin"
 ADAPTER = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -58,33 +55,6 @@ def test_the_hook_pushes_in_the_background_and_keeps_every_iteration(hub, tmp_pa
         assert files[f"iter_000000{i}/adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
         assert f"| training iteration | {i} |" in files[f"iter_000000{i}/README.md"].decode()
     assert files["adapter_model.safetensors"] == files["iter_0000003/adapter_model.safetensors"]
-
-
-def _megatron_lm_run(rank, world, save, endpoint, extra_argv):
-    huggingface_hub.constants.ENDPOINT = endpoint  # what HF_ENDPOINT sets when huggingface_hub is imported
-    sys.path.insert(0, str(STANDIN))
-    sys.argv = ["pretrain_gpt.py", "--save", save, "--save-interval", "2", "--train-iters", "4",
-                "--tensor-model-parallel-size", str(world), "--export-hf-adapter", *extra_argv]
-    from tests.support.tiny_gpt import init_parallel
-
-    init_parallel(world)
-    import pretrain_gpt
-
-    from megatron_peft_export.integrations import megatron_lm
-
-    pretrain_gpt.main()
-    return [str(p) for p in megatron_lm.finalize()]
-
-
-def test_megatron_lm_flags_push_the_last_adapter_when_training_ends(hub, tmp_path):
-    argv = ["--hf-adapter-push-repo-id", "me/run", "--hf-adapter-push-strategy", "end", "--hf-adapter-push-private",
-            "--hf-adapter-push-revision", "exp"]
-    published = run_ranks(_megatron_lm_run, 2, str(tmp_path), hub.endpoint, argv)[0]
-    assert published == [str(tmp_path / f"iter_000000{i}" / "hf_adapter") for i in (2, 4)]
-    [commit] = hub.commits
-    assert (commit.revision, commit.summary) == ("exp", "Upload HF adapter (iteration 4)")
-    assert hub.repos["me/run"].private and hub.files("me/run", "main") == {}
-    assert hub.files("me/run", "exp")["adapter_model.safetensors"] == (tmp_path / "iter_0000004" / "hf_adapter" / "adapter_model.safetensors").read_bytes()
 
 
 DOCUMENTED = {

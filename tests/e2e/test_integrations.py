@@ -1,42 +1,47 @@
-"""Megatron-LM (against a stand-in of megatron.training), YAML configs; the Megatron-Bridge callback: test_bridge_callback.py."""
+"""Megatron-LM flags (its real training code runs in test_megatron_lm.py), YAML configs; the Megatron-Bridge callback: test_bridge_callback.py."""
 
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from megatron_peft_export.config import HookConfig
 from megatron_peft_export.errors import ExportError
-from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
-STANDIN = Path(__file__).parents[1] / "support" / "megatron_lm_standin"
 ROOT = Path(__file__).parents[2]
 
 
-def _megatron_lm_run(rank, world, save, extra_argv):
-    sys.path.insert(0, str(STANDIN))
-    sys.argv = ["pretrain_gpt.py", "--save", save, "--save-interval", "2", "--train-iters", "4",
-                "--tensor-model-parallel-size", str(world), "--export-hf-adapter", "--export-te-mcore-model", *extra_argv]
-    from tests.support.tiny_gpt import init_parallel
-
-    init_parallel(world)
-    import pretrain_gpt
+def test_each_save_is_handed_to_the_hook_once(monkeypatch, tmp_path):
+    """The same iteration saved again to the same directory right after (or seen by a wrapper of ours inside another
+    wrapper) is not exported again; non-persistent saves reach the hook (which skips them); release saves go to
+    <save>/release."""
+    import functools
 
     from megatron_peft_export.integrations import megatron_lm
 
-    args = pretrain_gpt.main()
-    published = megatron_lm.finalize()
-    return {"published": [str(p) for p in published], "modelopt_flag": args.export_te_mcore_model, "dir_name": args.hf_adapter_dir_name}
+    calls = []
+    hook = SimpleNamespace(on_checkpoint_saved=lambda iteration, directory, model, **kw: calls.append((iteration, directory.name, model, kw)))
+    monkeypatch.setattr(megatron_lm, "_HOOK", hook)
+    monkeypatch.setattr(megatron_lm, "_LAST_EXPORTED", [])
+    monkeypatch.setattr(megatron_lm, "_megatron_args", lambda: SimpleNamespace(export_hf_adapter=True, save=str(tmp_path), async_save=True))
+    saved = []
 
+    def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far,
+                        checkpointing_context=None, non_persistent_ckpt=False, release=False):
+        saved.append(iteration)
 
-def test_two_lines_in_pretrain_gpt_export_at_every_save(tmp_path):
-    results = run_ranks(_megatron_lm_run, 2, str(tmp_path), ["--hf-adapter-dir-name", "peft"])
-    assert results[0]["published"] == [str(tmp_path / f"iter_000000{i}" / "peft") for i in (2, 4)]
-    assert results[1]["published"] == []
-    assert all(r["modelopt_flag"] is True and r["dir_name"] == "peft" for r in results)  # both providers' flags parsed
-    for i in (2, 4):
-        assert (tmp_path / f"iter_000000{i}" / "peft" / "adapter_model.safetensors").is_file()
+    inner = megatron_lm._wrap_save_checkpoint(save_checkpoint)
+    outer = megatron_lm._wrap_save_checkpoint(functools.wraps(save_checkpoint)(lambda *a, **k: inner(*a, **k)))
+    outer(2, "model", None, None, 0)
+    outer(2, "model", None, None, 0, {})  # e.g. a checkpoint request and the interval save on one iteration
+    inner(3, "model", None, None, 0, non_persistent_ckpt=True)
+    inner(4, model="model", optimizer=None, opt_param_scheduler=None, num_floating_point_operations_so_far=0, release=True)
+    assert saved == [2, 2, 3, 4]
+    async_save = {"finalized": False}
+    assert calls == [(2, "iter_0000002", "model", {**async_save, "non_persistent": False}),
+                     (3, "iter_0000003", "model", {**async_save, "non_persistent": True}),
+                     (4, "release", "model", {**async_save, "non_persistent": False})]
 
 
 def test_add_args_chains_with_an_existing_provider():

@@ -2,18 +2,16 @@
 file, the table's media file) to check the metric keys, the top-k table, the histogram and the artifact."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 import wandb  # noqa: F401  (imported in the parent so forked ranks start fast)
-from tests.e2e.test_verify import _hook_run, _save_base
+from tests.e2e.test_verify import _hook_run
 from tests.support import wandb_files
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
-STANDIN = Path(__file__).parents[1] / "support" / "megatron_lm_standin"
 METRICS = {"max_abs_diff", "mean_abs_diff", "top1_agreement", "topk_agreement", "kl_divergence", "adapter_effect_max", "adapter_effect_mean", "reference_effect_max"}
 
 
@@ -96,41 +94,3 @@ def test_a_wandb_failure_never_stops_training(tmp_path):
     failures = [m for m in logs0 if "W&B logging" in m]
     assert len(failures) == 2 and all("training continues: RuntimeError: W&B is down" in m for m in failures)
     assert logs1 == []
-
-
-def _megatron_lm_run(rank, world, tmp):
-    sys.path.insert(0, str(STANDIN))
-    from tests.support.tiny_gpt import init_parallel
-
-    init_parallel(world)
-    base = _save_base(tmp)
-    sys.argv = ["pretrain_gpt.py", "--save", str(Path(tmp) / "save"), "--save-interval", "2", "--train-iters", "4", "--tensor-model-parallel-size", str(world),
-                "--export-hf-adapter", "--hf-adapter-base-model", base, "--hf-adapter-verify", "--hf-adapter-wandb-artifact",
-                "--wandb-project", "proj", "--wandb-exp-name", "llama-sft"]
-    import pretrain_gpt
-
-    from megatron_peft_export.integrations import megatron_lm
-
-    pretrain_gpt.main()
-    megatron_lm.finalize()
-    return [p.name for p in Path(tmp, "save").glob("iter_*/hf_adapter/verification.json")]
-
-
-@pytest.mark.parametrize("world", [1, 2], ids=["megatron-run-on-the-writer", "megatron-run-on-the-last-rank"])
-def test_megatron_lm_wandb_flags_are_reused(tmp_path, world):
-    """Megatron-LM starts its run on the last rank and finishes it before the hook's last export is verified."""
-    run_ranks(_megatron_lm_run, world, str(tmp_path))
-    runs = wandb_files.offline_runs(tmp_path / "save" / "wandb")  # Megatron-LM's default --wandb-save-dir
-    infos = [wandb_files.run_info(d) for d in runs]
-    rows = _verification_rows(runs)
-    assert [r["hf_adapter/iteration"] for r in rows] == [2, 4] and all(r["hf_adapter/verify/passed"] == 1 for r in rows)
-    megatron_runs = {i["id"] for i in infos if i["name"] == "llama-sft"}
-    assert len(megatron_runs) == 1
-    logged_to = {wandb_files.run_info(d)["id"] for d in runs if _verification_rows([d])}
-    if world == 1:  # the writer is Megatron-LM's last rank: its run is reused (and resumed once Megatron-LM finished it)
-        assert logged_to == megatron_runs
-    else:  # the writer starts its own run beside Megatron-LM's, grouped under the experiment name
-        (own,) = [i for i in infos if i["id"] in logged_to]
-        assert (own["name"], own["group"], own["project"]) == ("llama-sft-hf-adapter", "llama-sft", "proj")
-    artifacts = [a for d in runs for a in wandb_files.artifacts(d) if a["type"] == "model"]
-    assert sorted(a["aliases"][0] for a in artifacts) == ["iter_0000002", "iter_0000004"]

@@ -157,8 +157,10 @@ def install_megatron_lm_cpu_shims() -> None:
     - ``get_model`` gives DDP a ``torch.cuda.Stream``: the CPU stand-in streams of the MoE shims;
     - every checkpoint stores ``torch.cuda.get_rng_state()``: the CPU generator's state (restoring it does nothing);
     - ``--use-persistent-ckpt-worker``: the worker process (spawned, so without these shims) selects its CUDA
-      device, then copies the tensors to host and synchronizes CUDA; it starts through
-      ``_persistent_checkpoint_worker``, which installs ``install_cpu_shims`` and the one device there first.
+      device, then copies the tensors to host ("preload", while training waits) and synchronizes CUDA; it starts
+      through ``_persistent_checkpoint_worker``, which installs ``install_cpu_shims`` and the one device there
+      first, and makes the preload copy: on CPU ``tensor.to("cpu")`` is the trainer's own (shared-memory) tensor,
+      so without a copy the checkpoint would hold whatever training wrote into it before the worker did.
     """
     import functools
 
@@ -191,8 +193,16 @@ def _persistent_checkpoint_worker(*args, **kwargs):
     imports this module, gets its one device, then runs megatron's loop (its class attribute is megatron's there)."""
     from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
 
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
     install_cpu_shims()
     _one_cuda_device()
+    preload = FileSystemWriterAsync.preload_tensors
+
+    def preload_host_copies(write_buckets, non_blocking=True):  # what the D2H copy is on a GPU
+        return [(name, key, (data, [(item, t.clone()) for item, t in tensors])) for name, key, (data, tensors) in preload(write_buckets, non_blocking)]
+
+    FileSystemWriterAsync.preload_tensors = staticmethod(preload_host_copies)
     loop = _PERSISTENT_WORKER_LOOP[0] if _PERSISTENT_WORKER_LOOP else PersistentAsyncCaller.async_loop
     return loop(*args, **kwargs)
 

@@ -13,6 +13,7 @@ in a user's run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -104,10 +105,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, argv: list[str], log_dir: Path, *, env: dict[str, str] | None = None, timeout: float = 240) -> Run:
+def launch(world: int, argv: list[str], log_dir: Path, *, env: dict[str, str | None] | None = None, timeout: float = 240) -> Run:
     """Run ``pretrain_gpt.py`` (through ``pretrain_gpt_lora.py``) on ``world`` ranks with ``argv``; wait for all of them.
 
-    Each rank's output goes to ``log_dir/rank<r>.log``. After ``timeout`` seconds every rank is killed and the test fails.
+    ``env`` adds to (None: removes from) this process's environment. Each rank's output goes to
+    ``log_dir/rank<r>.log``. After ``timeout`` seconds every rank is killed and the test fails.
     """
     source = require_megatron_lm()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,7 @@ def launch(world: int, argv: list[str], log_dir: Path, *, env: dict[str, str] | 
             "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", **(env or {}),
         }
+        rank_env = {k: v for k, v in rank_env.items() if v is not None}
         log = open(log_dir / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, str(ENTRY), *argv], env=rank_env, stdout=log, stderr=subprocess.STDOUT,
@@ -128,12 +131,17 @@ def launch(world: int, argv: list[str], log_dir: Path, *, env: dict[str, str] | 
         for p in procs:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
+        for p in procs:  # every thread's stack into the rank's log (pretrain_gpt_lora.py; its forks too), then kill its group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGUSR1)
+        time.sleep(2)
         for p in procs:
-            if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
         for p in procs:
             p.wait()
-        raise TimeoutError(f"Megatron-LM ranks did not finish within {timeout} s; killed (logs in {log_dir})")
+        tails = "\n".join(f"--- rank {r} ---\n{(log_dir / f'rank{r}.log').read_text()[-8000:]}" for r in range(world))
+        raise TimeoutError(f"Megatron-LM ranks did not finish within {timeout} s; killed (logs in {log_dir}):\n{tails}")
     finally:
         for log in logs:
             log.close()

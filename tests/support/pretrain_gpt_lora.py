@@ -27,6 +27,10 @@ LORA = {"rank": 8, "scale": 2.0}
 
 
 def main() -> None:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung run's stacks, for the test's failure report
     megatron_lm_dir = Path(os.environ["MEGATRON_LM"])
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: tests.support, the package
     sys.path.insert(0, str(megatron_lm_dir))
