@@ -218,7 +218,7 @@ def stage_adapter(
             "(vLLM before its target_parameters support, vllm-project/vllm#41384) need expert_layout='per_expert'"
         )
     config = adapter_config(plan, options.base_model_name_or_path, fused_experts=fused or None)
-    log_findings(config, {k: tuple(t.shape) for k, t in tensors.items()}, f"the adapter from {source}")
+    log_findings(config, {k: tuple(t.shape) for k, t in tensors.items()}, f"the adapter from {source}", model_type=names.arch.name)
     card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors), quantization=quantization)
     write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
 
