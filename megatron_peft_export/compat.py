@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 from .adapter_files import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapter
 from .errors import AdapterFileError, ExportError
@@ -200,12 +200,14 @@ def check_adapter(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
                 "peft builds each module at the config's rank and fails loading a tensor of another size; a server scales it wrong",
                 "write r (and rank_pattern) from the tensors' shapes")
     if vllm:
-        _vllm_rules(config, modules, kinds, megatron, version, new, model_type, add)
+        _vllm_rules(config, modules, kinds, megatron, new, model_type, add)
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(found, key=lambda f: order[f.severity])
 
 
-def _vllm_rules(config, modules, kinds, megatron, version, new, model_type, add) -> None:
+def _vllm_rules(config: Mapping[str, Any], modules: Mapping[str, _Module], kinds: Mapping[str, list[str]], megatron: list[str], new: bool,
+                model_type: str | None, add: Callable[..., None]) -> None:
+    """The vLLM rules; `new`: the version reads rank/alpha patterns and refuses the features 0.31 ignored (>= 0.32)."""
     old_span, new_span = _span(None, VLLM_VERSIONS[0]), _span("0.32", None)
     fused = sorted({m.rsplit(".", 1)[-1] for m in modules if m.rsplit(".", 1)[-1] in _FUSED_NAMES})
     if fused:
@@ -264,7 +266,7 @@ def _vllm_rules(config, modules, kinds, megatron, version, new, model_type, add)
     _expert_rules(modules, model_type, add)
 
 
-def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add) -> None:
+def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add: Callable[..., None]) -> None:
     """Where vLLM applies expert and router LoRA, and the engine flags peft's fused expert layout needs."""
     fused = sorted(m for m, info in modules.items() if info.fused)
     if not fused:

@@ -233,3 +233,22 @@ def test_check_adapter_is_pure_and_orders_errors_first():
     findings = check_adapter({**CLEAN, "r": 12, "lora_alpha": 24, "use_dora": True}, shapes)
     assert [f.code for f in findings] == ["dora", "rank-size"]
     assert all(f.holds == "vLLM 0.31-0.32" for f in findings)
+
+
+def test_export_logs_what_vllm_makes_of_the_family_s_expert_layout(tmp_path, caplog):
+    """The serving check every export runs knows the name map's family: a fused Mixtral adapter is applied nowhere."""
+    import logging
+
+    from tests.support import serving_models as sm
+
+    logs = {}
+    for family in ("mixtral", "qwen3_moe"):
+        settings = {m: (8, 16.0) for m in sm.megatron_modules(family)}
+        for layout in ("fused", "per_expert"):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="megatron_peft_export"):
+                sm.write_adapter(tmp_path / f"{family}-{layout}", family, settings, seed=1, expert_layout=layout)
+            logs[family, layout] = "\n".join(r.getMessage() for r in caplog.records if "serving check" in r.getMessage())
+    assert "error [applied-nowhere]" in logs["mixtral", "fused"] and "expert_layout='per_expert'" in logs["mixtral", "fused"]
+    assert "warning [engine-flags]" in logs["qwen3_moe", "fused"] and "applied-nowhere" not in logs["qwen3_moe", "fused"]
+    assert logs["mixtral", "per_expert"] == logs["qwen3_moe", "per_expert"] == ""

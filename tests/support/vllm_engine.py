@@ -21,8 +21,6 @@ import traceback
 
 def _deltas(model, lora_id):
     """What the LoRA layers hold for `lora_id` once vLLM activates it: {module.slice: B @ A} (MoE: [experts, out, in])."""
-    import torch
-
     manager = model.lora_manager
     manager.activate_adapter(lora_id)
     slot = manager.lora_index_to_id.index(lora_id)
