@@ -22,6 +22,7 @@ could not be loaded there. Each PatternSet (and each `fullmatch` call) counts it
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
@@ -403,12 +404,34 @@ def pattern_value(patterns: Mapping[str, V] | None, module: str, default: V) -> 
     return PatternSet(patterns).get(module, default) if patterns else default
 
 
+class FullMatch:
+    """re.fullmatch of one pattern (peft's rule for a string target_modules), checked once, for any number of names;
+    each call may spend MAX_WORK (names are at most as long as the file they come from)."""
+
+    def __init__(self, pattern: str, where: str = "target_modules") -> None:
+        check_pattern(pattern, where)
+        self.pattern, self.where = pattern, where
+        self.budget = _Budget()
+        try:
+            self.matcher = _Matcher(_Automaton([pattern], self.budget), self.budget)
+        except _Refused as exc:
+            raise AdapterFileError(f"{where}: pattern {pattern!r:.80}: {exc}; use module names or a simpler pattern") from None
+
+    def __call__(self, name: str) -> bool:
+        self.budget.left = MAX_WORK
+        try:
+            return self.matcher.run(name, full=True) == 0
+        except _Refused as exc:
+            raise AdapterFileError(f"{self.where}: pattern {self.pattern!r:.80} against {name[:80]!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def full_matcher(pattern: str, where: str = "target_modules") -> FullMatch:
+    """A FullMatch per pattern, kept for reuse (its automaton's sets of states are cached as they are met)."""
+    return FullMatch(pattern, where)
+
+
 def fullmatch(pattern: str, names: Iterable[str], where: str = "target_modules") -> list[str]:
     """The names `pattern` matches entirely (peft's rule for a string target_modules), at a bounded cost."""
-    check_pattern(pattern, where)
-    budget = _Budget()
-    try:
-        matcher = _Matcher(_Automaton([pattern], budget), budget)
-        return [name for name in names if matcher.run(name, full=True) == 0]
-    except _Refused as exc:
-        raise AdapterFileError(f"{where}: pattern {pattern!r:.80}: {exc}; use module names or a simpler pattern") from None
+    matcher = full_matcher(pattern, where)
+    return [name for name in names if matcher(name)]
