@@ -1,9 +1,10 @@
 """Reading an HF PEFT adapter directory that may be malformed or hostile, for import, verify and push.
 
 Every problem is an AdapterFileError that names the file and what was expected: a config that is not a
-JSON object or whose LoRA fields have wrong types or values, regular expressions that could backtrack
-for ever, a safetensors header that lies (offsets outside the file, sizes that do not match shapes and
-dtypes, a truncated file), shapes that contradict the config, and NaN or Inf values.
+JSON object or whose LoRA fields have wrong types or values, patterns that `patterns` refuses (beyond what it
+matches at a bounded cost, or what peft's own regex engine would backtrack on for ever), a safetensors header
+that lies (offsets outside the file, sizes that do not match shapes and dtypes, a truncated file), shapes that
+contradict the config, and NaN or Inf values.
 Files are opened through safe_read: regular files inside the adapter directory (a FIFO, device or a link
 leaving the directory is refused), sizes from the opened file. Nothing here imports transformers or peft;
 tensors are read one at a time.
@@ -23,24 +24,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterFileError, NonFiniteError
+from .patterns import PatternSet, check_pattern
 from .safe_read import open_regular
-
-try:
-    from re import _constants as _sre_constants, _parser as _sre_parse  # Python >= 3.11
-except ImportError:  # pragma: no cover
-    import sre_constants as _sre_constants  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
 MAX_RANK = 1 << 20
-MAX_PATTERN_LENGTH = 256
-MAX_UNBOUNDED_REPEATS = 3
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ROLE = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
 
 
 def _is_int(value: Any) -> bool:
@@ -53,50 +46,6 @@ def _is_real(value: Any) -> bool:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _repeats(data: Any, inside: bool, pattern: str) -> int:
-    """Unbounded repeats in a parsed pattern; raises on what can backtrack exponentially."""
-    count = 0
-    for op, av in data:
-        name = str(op)
-        if name in _REPEATS:
-            low, high, sub = av
-            unbounded = high == _sre_constants.MAXREPEAT or high > 100
-            if inside and high > 1:
-                raise ValueError("a repeat inside a repeat can backtrack exponentially")
-            count += unbounded + _repeats(sub, inside or unbounded, pattern)
-        elif name == "BRANCH":
-            if inside:
-                raise ValueError("an alternation inside a repeat can backtrack exponentially")
-            count += sum(_repeats(alt, inside, pattern) for alt in av[1])
-        elif name == "SUBPATTERN":
-            count += _repeats(av[-1], inside, pattern)
-        elif name in ("ASSERT", "ASSERT_NOT"):
-            count += _repeats(av[1], inside, pattern)
-        elif name in ("GROUPREF", "GROUPREF_EXISTS", "ATOMIC_GROUP"):
-            raise ValueError("back-references are not supported")
-    return count
-
-
-def check_pattern(pattern: Any, where: str) -> str:
-    """A module-name pattern peft matches as a regular expression, refused when it could run for ever.
-
-    Accepted: at most MAX_PATTERN_LENGTH characters and MAX_UNBOUNDED_REPEATS unbounded repeats, none nested
-    in another repeat, no alternation inside a repeat, no back-references (module paths and patterns such as
-    `.*\\.(q_proj|v_proj)` or `layers\\.\\d+\\.mlp` pass).
-    """
-    if not isinstance(pattern, str) or not pattern:
-        raise AdapterFileError(f"{where}: expected a module name or pattern (a non-empty string), found {pattern!r:.80}")
-    if len(pattern) > MAX_PATTERN_LENGTH:
-        raise AdapterFileError(f"{where}: a pattern of {len(pattern)} characters; expected at most {MAX_PATTERN_LENGTH}")
-    try:
-        re.compile(pattern)
-        if _repeats(_sre_parse.parse(pattern).data, False, pattern) > MAX_UNBOUNDED_REPEATS:
-            raise ValueError(f"more than {MAX_UNBOUNDED_REPEATS} unbounded repeats")
-    except (re.error, ValueError, RecursionError, OverflowError) as exc:
-        raise AdapterFileError(f"{where}: pattern {pattern!r:.80} is refused ({exc}); use module names or simple patterns") from None
-    return pattern
 
 
 def _check_fields(config: dict[str, Any], where: str) -> None:
@@ -200,14 +149,6 @@ def read_bin_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {key: (_BIN_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch.")), tuple(t.size)) for key, t in state.items()}
 
 
-def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    """peft's rule: a pattern key matches a module name that ends with it (after a dot). Keys must be checked patterns."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
     """LoRA shapes against the config: A [r, in], B [out, r] with the module's r, DoRA magnitudes [out] only with use_dora."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -217,9 +158,10 @@ def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[i
             modules.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["role"]] = shape
     fused = bool(config.get("target_parameters"))
     problems = []
+    rank_pattern = PatternSet(config.get("rank_pattern"), f"{where}: rank_pattern")
     for module, roles in sorted(modules.items()):
         a, b, magnitude = roles.get("lora_A.weight"), roles.get("lora_B.weight"), roles.get("lora_magnitude_vector")
-        r = pattern_value(config.get("rank_pattern"), module, config["r"])
+        r = rank_pattern.get(module, config["r"])
         ranks = []
         if a is not None:
             ranks.append(("lora_A", a[0] if len(a) == 2 else None, a))

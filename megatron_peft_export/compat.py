@@ -1,17 +1,22 @@
-"""Serving compatibility: what a server would refuse, or load and silently mis-scale, in an HF LoRA adapter.
+"""Serving compatibility: what a server refuses, or loads and serves wrong, in an HF LoRA adapter.
 
-Pure: an `adapter_config.json` mapping and the tensor names and shapes in, findings out (severity, what,
-why, what to change), for one target server. The rules for vLLM follow its loader:
+Pure: `adapter_config.json`, the tensor names and shapes, and (when known) the base model's family in; findings
+out (severity, what, why, what to change, and for vLLM the versions the rule holds for). When vLLM itself is at
+hand, `serving_vllm` asks it instead (its own loader on the base model's architecture); these rules are the
+fallback, keyed by vLLM version (`VLLM_VERSIONS`, read from each release's loader):
 
 - `vllm/lora/peft_helper.py` (`PEFTHelper`): r, lora_alpha and target_modules are required; modules_to_save
-  and DoRA are refused ("vLLM only supports modules_to_save being None", "vLLM does not yet support DoRA");
-  recent versions type `bias` as `Literal["none"]` (older ones needed `--enable-lora-bias`); `validate_legal`
-  compares the config's `r` (only that) with `--max-lora-rank`.
-- `vllm/lora/lora_weights.py` (`LoRALayerWeights.from_config`): every module gets the one scaling
-  `lora_alpha / r` (`/ sqrt(r)` with rsLoRA); `rank_pattern` and `alpha_pattern` are not read.
+  (except a classifier head), DoRA and `bias` other than "none" are refused. 0.32 also refuses `lora_bias`,
+  PiSSA/OLoRA/CorDA/LoftQ inits, aLoRA, layer_replication, BD-LoRA and QALoRA (0.31 ignores those fields), and
+  reads `rank_pattern` / `alpha_pattern` (`get_rank_and_scaling`, peft's rule) where 0.31 scales every module by
+  lora_alpha / r and checks only r against `--max-lora-rank`.
 - `vllm/config/lora.py`: `max_lora_rank` is one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (default 16).
-- `vllm/lora/lora_model.py` + `worker_manager.py`: a module name outside the model's expected LoRA modules
-  (packed modules count by their parts: q_proj/k_proj/v_proj, gate_proj/up_proj) is refused.
+- `vllm/lora/lora_model.py`, `worker_manager.py`, `model_manager.py`: a module name outside the model's LoRA
+  modules (packed ones by their parts: q/k/v_proj, gate/up_proj) is refused; an expert module is accepted by its
+  `experts` suffix and applied only where the model class has that module: Mixtral's is
+  `block_sparse_moe.experts`, so transformers v5's `mlp.experts` loads and is applied nowhere. peft's fused
+  expert layout (`target_parameters`) on a model whose MoE LoRA is per expert (Qwen-MoE, OLMoE, Mixtral) needs
+  `enable_mixed_moe_lora_format=True` on the engine and `is_3d_lora_weight=True` on the request.
 
 The `peft` target checks what `PeftModel.from_pretrained` would get wrong without an error: keys it ignores,
 fields it fills with defaults, and ranks that contradict the config.
@@ -25,18 +30,24 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
-from .errors import ExportError
+from .adapter_files import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapter
+from .errors import AdapterFileError, ExportError
+from .patterns import PatternSet
 
 log = logging.getLogger("megatron_peft_export")
 Severity = Literal["error", "warning", "info"]
 TARGETS = ("vllm", "peft")
+VLLM_VERSIONS = ("0.31", "0.32")
+"""The vLLM releases whose loader the rules were read from (and, for 0.32, checked against the engine in tests/serving)."""
+VLLM_DEFAULT = VLLM_VERSIONS[-1]
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_PREFIX = "base_model.model."
+VLLM_EXPERT_PARENT = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen2_moe": "mlp", "olmoe": "mlp"}
+"""Where vLLM's model class keeps a layer's experts and router (`<parent>.experts`, `<parent>.gate`), 0.31-0.32; all
+of these classes take MoE LoRA per expert (not `is_3d_moe_weight`)."""
+_INITS_SERVED = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.(?P<param>weight|bias)$")
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _MEGATRON_NAMES = ("linear_qkv", "self_attention.linear_proj", "linear_fc1", "linear_fc2", ".lora_a_", ".lora_b_", ".adapter.linear_in", ".adapter.linear_out", ".to_wrap.")
@@ -46,71 +57,95 @@ _FUSED_NAMES = {"qkv_proj": "q_proj, k_proj, v_proj", "gate_up_proj": "gate_proj
 
 @dataclass(frozen=True)
 class Finding:
-    """One thing a target server refuses or gets wrong: what it is, why it matters, what to change."""
+    """One thing a target server refuses or gets wrong: what it is, why it matters, what to change, where it holds."""
 
     code: str
     severity: Severity
     what: str
     why: str
     fix: str
+    holds: str = ""
+    """The server versions the finding is for (e.g. "vLLM <= 0.31"); empty for peft."""
 
     def line(self) -> str:
-        return f"{self.severity} [{self.code}] {self.what}: {self.why}. Fix: {self.fix}"
+        return f"{self.severity} [{self.code}] {self.what}: {self.why}. Fix: {self.fix}" + (f" ({self.holds})" if self.holds else "")
+
+
+def parse_vllm_version(text: str) -> tuple[int, int]:
+    """(major, minor) of a vLLM version such as 0.32, 0.32.0 or v0.31.1rc2."""
+    match = re.match(r"^v?(\d{1,4})\.(\d{1,4})(?:[.\w+-]*)$", str(text).strip())
+    if match is None:
+        raise ExportError(f"--vllm-version: expected a vLLM version such as {VLLM_DEFAULT} or {VLLM_DEFAULT}.0, found {str(text)[:40]!r}")
+    return int(match[1]), int(match[2])
+
+
+def _span(low: str | None, high: str | None) -> str:
+    if low and high:
+        return f"vLLM {low}-{high}" if low != high else f"vLLM {low}"
+    return f"vLLM >= {low}" if low else f"vLLM <= {high}"
 
 
 @dataclass(frozen=True)
 class _Module:
     name: str
     rank: int | None
-    """From the tensors: lora_A rows (None when the module has no lora_A)."""
+    """As peft reads it: lora_A rows, or rows / experts for a fused expert parameter (None without lora_A)."""
     scale: float | None
-    """alpha / r (or / sqrt(r)) as peft computes it from the config's patterns, at the tensors' rank."""
+    """alpha / r (or / sqrt(r)) as peft computes it from the config's patterns."""
+    fused: bool
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """peft's pattern lookup (`get_pattern_key`): a key matches a module name it ends with, on a dot boundary, or as a regex."""
-    for key, value in patterns.items():
-        try:
-            if module == key or module.endswith("." + key) or re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error:
-            continue
-    return default
+def _fused_parents(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The modules holding peft's target_parameters (`mlp.experts` for `mlp.experts.gate_up_proj`)."""
+    params = config.get("target_parameters") or []
+    return tuple(sorted({p.rsplit(".", 1)[0] for p in params if isinstance(p, str) and "." in p}))
+
+
+def _is_fused(module: str, parents: tuple[str, ...]) -> bool:
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return any(module == p or module.endswith("." + p) for p in parents)
 
 
 def _modules(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, _Module], dict[str, list[str]]]:
     """Per-module ranks and scales, and the keys by kind (lora, magnitude, bias, other)."""
     kinds: dict[str, list[str]] = {"lora": [], "magnitude": [], "bias": [], "other": []}
-    ranks: dict[str, int] = {}
+    rows: dict[str, int] = {}
     names: set[str] = set()
     for key, shape in shapes.items():
         if match := _LORA_KEY.match(key):
-            module = match["module"].removeprefix(_PREFIX)
+            module = match["module"].removeprefix(PEFT_PREFIX)
             names.add(module)
             if match["param"] == "bias":
                 kinds["bias"].append(key)
                 continue
             kinds["lora"].append(key)
-            if match["kind"] == "lora_A" and len(shape) >= 1:
-                ranks[module] = shape[0]
-            elif match["kind"] == "lora_embedding_A" and len(shape) >= 1:
-                ranks[module] = shape[0]
+            if match["kind"] in ("lora_A", "lora_embedding_A") and len(shape) >= 1:
+                rows[module] = shape[0]
         elif match := _MAGNITUDE_KEY.match(key):
-            names.add(match["module"].removeprefix(_PREFIX))
+            names.add(match["module"].removeprefix(PEFT_PREFIX))
             kinds["magnitude"].append(key)
         else:
             kinds["other"].append(key)
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    ranks, alphas = PatternSet(config.get("rank_pattern"), "rank_pattern"), PatternSet(config.get("alpha_pattern"), "alpha_pattern")
+    parents = _fused_parents(config)
     modules = {}
     for name in sorted(names):
-        m_r = _pattern_value(rank_pattern, name, r)
-        m_alpha = _pattern_value(alpha_pattern, name, alpha)
+        m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
         scale = None
-        if isinstance(m_r, (int, float)) and isinstance(m_alpha, (int, float)) and m_r > 0:
+        if _real(m_r) and _real(m_alpha) and m_r > 0:
             scale = m_alpha / (math.sqrt(m_r) if config.get("use_rslora") else m_r)
-        modules[name] = _Module(name, ranks.get(name), scale)
+        fused = _is_fused(name, parents)
+        rank = rows.get(name)
+        if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
+            rank = m_r  # [experts * r, in]: the rank is r
+        modules[name] = _Module(name, rank, scale, fused)
     return modules, kinds
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _some(items: Iterable[str], n: int = 3) -> str:
@@ -118,19 +153,30 @@ def _some(items: Iterable[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def check_adapter(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], target: str = "vllm") -> list[Finding]:
-    """Findings for one adapter (its config and tensor shapes) on `target` (vllm or peft), errors first."""
+def _next_vllm_rank(rank: int) -> int | None:
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+
+
+def check_adapter(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], target: str = "vllm", *,
+                  vllm_version: str | None = None, model_type: str | None = None) -> list[Finding]:
+    """Findings for one adapter (its config and tensor shapes) on `target` (vllm or peft), errors first.
+
+    For vllm: the rules of `vllm_version` (default: the newest known); `model_type` (the base model's, or the
+    name map's family) enables the rules about where vLLM's model class keeps its experts.
+    """
     if target not in TARGETS:
         raise ExportError(f"unknown serving target {target!r}; expected one of {', '.join(TARGETS)}")
     vllm = target == "vllm"
+    version = parse_vllm_version(vllm_version or VLLM_DEFAULT)
+    new = version >= (0, 32)
+    every = _span(VLLM_VERSIONS[0], VLLM_VERSIONS[-1]) if vllm else ""
     found: list[Finding] = []
 
-    def add(code: str, severity: Severity | None, what: str, why: str, fix: str) -> None:
+    def add(code: str, severity: Severity | None, what: str, why: str, fix: str, holds: str | None = None) -> None:
         if severity is not None:
-            found.append(Finding(code, severity, what, why, fix))
+            found.append(Finding(code, severity, what, why, fix, every if holds is None else holds))
 
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    if str(config.get("peft_type", "")).upper() != "LORA":
         add("not-lora", "error", f"peft_type is {config.get('peft_type')!r}", "these checks (and vLLM) cover LoRA adapters only", "check a LoRA adapter (peft_type LORA)")
         return found
     missing = [f for f in ("r", "lora_alpha", "target_modules") if f not in config]
@@ -141,62 +187,74 @@ def check_adapter(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
     modules, kinds = _modules(config, shapes)
     if not kinds["lora"]:
         add("no-lora-tensors", "error", "the weights file holds no lora_A/lora_B tensors", "the adapter would change nothing", "export the adapter again; check that it was applied")
-    megatron = sorted(k for k in shapes if any(n in k for n in _MEGATRON_NAMES) or not k.startswith(_PREFIX))
+    megatron = sorted(k for k in shapes if any(n in k for n in _MEGATRON_NAMES) or not k.startswith(PEFT_PREFIX))
     if megatron:
-        add("megatron-names", "error", f"{len(megatron)} key(s) with Megatron module names or without the {_PREFIX!r} prefix ({_some(megatron)})",
+        add("megatron-names", "error", f"{len(megatron)} key(s) with Megatron module names or without the {PEFT_PREFIX!r} prefix ({_some(megatron)})",
             "vLLM refuses modules its model does not have" if vllm else "peft loads with strict=False and ignores them silently: the adapter loads and does nothing there",
             "convert with megatron-peft-export, which writes HF module names (q_proj, ..., down_proj)")
+    if not missing and isinstance(config.get("r"), int):
+        try:
+            check_shapes(dict(config), {k: ("F32", s) for k, s in shapes.items()}, "the adapter")
+        except AdapterFileError as exc:
+            add("rank-mismatch", "error", str(exc).removeprefix("the adapter: "),
+                "peft builds each module at the config's rank and fails loading a tensor of another size; a server scales it wrong",
+                "write r (and rank_pattern) from the tensors' shapes")
+    if vllm:
+        _vllm_rules(config, modules, kinds, megatron, new, model_type, add)
+    order = {"error": 0, "warning": 1, "info": 2}
+    return sorted(found, key=lambda f: order[f.severity])
+
+
+def _vllm_rules(config: Mapping[str, Any], modules: Mapping[str, _Module], kinds: Mapping[str, list[str]], megatron: list[str], new: bool,
+                model_type: str | None, add: Callable[..., None]) -> None:
+    """The vLLM rules; `new`: the version reads rank/alpha patterns and refuses the features 0.31 ignored (>= 0.32)."""
+    old_span, new_span = _span(None, VLLM_VERSIONS[0]), _span("0.32", None)
     fused = sorted({m.rsplit(".", 1)[-1] for m in modules if m.rsplit(".", 1)[-1] in _FUSED_NAMES})
     if fused:
         parts = "; ".join(f"{f} -> {_FUSED_NAMES[f]}" for f in fused)
         add("fused-names", "warning", f"fused module names {', '.join(fused)}",
-            ("vLLM packs q/k/v and gate/up itself and, for Llama-family models, expects the separate names; it refuses a packed name "
-             "unless the base model has that module itself (e.g. Phi-3)") if vllm else
-            "peft ignores keys of modules the base model lacks; this is right only if the base model has these fused modules (e.g. Phi-3)",
-            f"write one LoRA per HF module ({parts}): the same lora_A under each, lora_B split by rows")
-    dora = bool(config.get("use_dora")) or bool(kinds["magnitude"])
-    if dora and vllm:
+            "vLLM packs q/k/v and gate/up itself and, for Llama-family models, expects the separate names; it refuses a packed name "
+            "unless the base model has that module itself (e.g. Phi-3)", f"write one LoRA per HF module ({parts}): the same lora_A under each, lora_B split by rows")
+    if config.get("use_dora") or kinds["magnitude"]:
         add("dora", "error", f"DoRA adapter (use_dora: {json.dumps(bool(config.get('use_dora')))}, {len(kinds['magnitude'])} magnitude vectors)",
             "vLLM refuses DoRA adapters (\"vLLM does not yet support DoRA\")",
             "serve with peft/transformers, or merge the adapter into the base weights (peft merge_and_unload) and serve the merged model; for vLLM train plain LoRA")
-    saved = list(config.get("modules_to_save") or [])
+    saved = [m for m in (config.get("modules_to_save") or []) if m not in ("classifier", "score")]
     full = sorted(set(kinds["other"]) - set(megatron))
-    if vllm and (saved or full):
+    if saved or full:
         what = f"modules_to_save {saved}" if saved else f"{len(full)} full weight tensor(s) besides LoRA ({_some(full)})"
-        add("modules-to-save", "error", what, "vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being None\")",
+        add("modules-to-save", "error", what, "vLLM refuses adapters with modules_to_save other than a classifier head",
             "train without modules_to_save (freeze those modules), or merge the adapter and serve the merged model")
     bias = config.get("bias", "none")
-    if vllm and (bias not in (None, "none") or kinds["bias"] or config.get("lora_bias")):
-        add("bias", "error", f"bias {bias!r}" + (f", {len(kinds['bias'])} LoRA bias tensor(s)" if kinds["bias"] else ""),
-            "recent vLLM accepts only bias: none (older versions needed --enable-lora-bias)", "train without bias (bias: none, lora_bias: false)")
-    wrong_rank = sorted(m.name for m in modules.values() if m.rank is not None and _pattern_value(config.get("rank_pattern") or {}, m.name, config.get("r", 8)) != m.rank)
-    if wrong_rank:
-        sample = modules[wrong_rank[0]]
-        add("rank-mismatch", "error", f"{len(wrong_rank)} module(s) whose tensors have another rank than the config says ({sample.name}: rank {sample.rank})",
-            "peft builds each module at the config's rank and fails loading a tensor of another size; a server scales it wrong",
-            "write r (and rank_pattern) from the tensors' shapes")
-    ranks = sorted({m.rank for m in modules.values() if m.rank is not None})
-    scales = {m.name: m.scale for m in modules.values() if m.scale is not None and m.rank is not None}
+    if bias not in (None, "none") or kinds["bias"] or config.get("lora_bias"):
+        add("bias", "error", f"bias {bias!r}" + (f", {len(kinds['bias'])} LoRA bias tensor(s)" if kinds["bias"] else "") + (", lora_bias" if config.get("lora_bias") else ""),
+            "vLLM accepts only bias: none and no LoRA bias tensors", "train without bias (bias: none, lora_bias: false)")
+    init = config.get("init_lora_weights", True)
+    unserved = [f for f in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora") if config.get(f)]
+    if isinstance(init, str) and init.lower() not in _INITS_SERVED:
+        unserved.append(f"init_lora_weights {init!r}")
+    if unserved:
+        add("unsupported-feature", "error", ", ".join(unserved),
+            "vLLM 0.32 refuses these" if new else "vLLM 0.31 ignores these fields and serves the adapter as plain LoRA on the unmodified base, which is not what peft computes",
+            "convert to a plain LoRA adapter (peft: path_initial_model_for_weight_conversion for PiSSA/OLoRA/LoftQ) or serve with peft",
+            new_span if new else old_span)
     top_r, top_alpha = config.get("r"), config.get("lora_alpha")
-    if vllm and isinstance(top_r, (int, float)) and isinstance(top_alpha, (int, float)) and top_r > 0:
+    ranks = sorted({m.rank for m in modules.values() if m.rank is not None})
+    if not new and _real(top_r) and _real(top_alpha) and top_r > 0:
         top = top_alpha / (math.sqrt(top_r) if config.get("use_rslora") else top_r)
+        scales = {m.name: m.scale for m in modules.values() if m.scale is not None and m.rank is not None}
         off = sorted(name for name, s in scales.items() if not math.isclose(s, top, rel_tol=1e-6))
         if off:
             add("per-module-scale", "error",
                 f"{len(off)} module(s) scaled differently from lora_alpha / r = {top:g} (e.g. {off[0]}: {scales[off[0]]:g}, from alpha_pattern / rank_pattern)",
-                "vLLM applies the one scaling lora_alpha / r to every module and reads neither alpha_pattern nor rank_pattern, so these modules are served at the wrong scale without any error",
-                "train with one scale for every module (ModelOpt: the same `scale` in every pattern), or fold each module's scale into its lora_B")
-    if vllm and len(ranks) > 1:
-        largest = ranks[-1]
-        over = isinstance(top_r, int) and largest > top_r
-        add("per-module-rank", "warning",
-            f"ranks differ per module ({', '.join(map(str, ranks))}; rank_pattern)",
-            "vLLM checks only r" + (f" ({top_r}) against --max-lora-rank, so a server started for r fails on the rank-{largest} modules" if over else " against --max-lora-rank")
-            + "; hot-swapping (peft.utils.hotswap) into a compiled model needs one rank",
-            f"export with pad_rank_to={_next_vllm_rank(largest) or largest} (same outputs, one rank, no rank_pattern)")
-    if vllm and ranks:
-        largest = ranks[-1]
-        allowed = _next_vllm_rank(largest)
+                "vLLM before 0.32 applies the one scaling lora_alpha / r to every module and reads neither alpha_pattern nor rank_pattern: these modules are served at the wrong scale without any error",
+                "serve on vLLM >= 0.32, or export with pad_rank_to (one rank and one scale: each module's scale folded into its lora_B)", old_span)
+        if len(ranks) > 1 and isinstance(top_r, int) and ranks[-1] > top_r:
+            add("per-module-rank", "warning", f"ranks differ per module ({', '.join(map(str, ranks))}; rank_pattern)",
+                f"vLLM before 0.32 checks only r ({top_r}) against --max-lora-rank, so a server started for r fails on the rank-{ranks[-1]} modules",
+                f"start vLLM with --max-lora-rank {_next_vllm_rank(ranks[-1]) or ranks[-1]}, or export with pad_rank_to={_next_vllm_rank(ranks[-1]) or ranks[-1]}", old_span)
+    if ranks:
+        largest, allowed = ranks[-1], _next_vllm_rank(ranks[-1])
         if allowed is None:
             add("rank-size", "error", f"rank {largest}", f"vLLM's largest --max-lora-rank is {VLLM_MAX_LORA_RANKS[-1]}", f"train with a rank <= {VLLM_MAX_LORA_RANKS[-1]}")
         elif largest not in VLLM_MAX_LORA_RANKS:
@@ -205,21 +263,43 @@ def check_adapter(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
                 f"export with pad_rank_to={allowed} (same outputs), or train with rank {allowed}")
         elif largest > VLLM_DEFAULT_MAX_LORA_RANK:
             add("max-lora-rank", "info", f"rank {largest}", f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}", f"start vLLM with --max-lora-rank {largest}")
-    order = {"error": 0, "warning": 1, "info": 2}
-    return sorted(found, key=lambda f: order[f.severity])
+    _expert_rules(modules, model_type, add)
 
 
-def _next_vllm_rank(rank: int) -> int | None:
-    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add: Callable[..., None]) -> None:
+    """Where vLLM applies expert and router LoRA, and the engine flags peft's fused expert layout needs."""
+    fused = sorted(m for m, info in modules.items() if info.fused)
+    if not fused:
+        return
+    parent = VLLM_EXPERT_PARENT.get(model_type or "")
+    if parent is not None and parent != "mlp":
+        nowhere = sorted(m for m in modules if re.search(r"\.mlp\.(experts|gate)(\.|$)", m))
+        if nowhere:
+            add("applied-nowhere", "error", f"{len(nowhere)} module(s) named as in transformers v5 ({_some(nowhere, 2)})",
+                f"vLLM's {model_type} model keeps its experts and router under {parent} (`{parent}.experts`, `{parent}.gate`): it loads these "
+                "modules without an error and applies them nowhere, serving the base model's experts",
+                "export with expert_layout='per_expert' (per-expert w1/w2/w3 names under block_sparse_moe, which vLLM applies)")
+            return
+    how = f"vLLM's {model_type} model takes MoE LoRA per expert" if parent else "vLLM's MoE models other than a few 3-D ones (e.g. GPT-OSS) take MoE LoRA per expert"
+    add("engine-flags", "warning", f"fused expert LoRA (peft target_parameters; {_some(fused, 2)})",
+        f"{how}: it refuses this layout unless the engine runs with enable_mixed_moe_lora_format=True (--enable-mixed-moe-lora-format) "
+        "and each LoRARequest has is_3d_lora_weight=True" + ("" if parent else "; pass --base to check the model's expert names too"),
+        "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with expert_layout='per_expert'")
+
+
+def peft_scales(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float | None]:
+    """Each module's scale as peft computes it: alpha / r from the config and its patterns (/ sqrt(r) with rsLoRA)."""
+    return {m.name: m.scale for m in _modules(config, shapes)[0].values()}
 
 
 def has_errors(findings: Iterable[Finding]) -> bool:
     return any(f.severity == "error" for f in findings)
 
 
-def log_findings(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str, target: str = "vllm") -> list[Finding]:
-    """At export time: each finding for `target` as one log line (errors and warnings at WARNING); returns them."""
-    findings = check_adapter(config, shapes, target)
+def log_findings(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str, target: str = "vllm",
+                 model_type: str | None = None) -> list[Finding]:
+    """At export time: each finding for `target` (vLLM: the newest known version) as one log line; returns them."""
+    findings = check_adapter(config, shapes, target, model_type=model_type)
     for finding in findings:
         log.log(logging.INFO if finding.severity == "info" else logging.WARNING, "serving check (%s) of %s: %s", target, where, finding.line())
     return findings
@@ -228,51 +308,26 @@ def log_findings(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
 # ------------------------------------------------------------------------ adapter directories
 
 
-def _shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    safetensors, bin_file = (directory / name for name in WEIGHT_FILES)
-    try:
-        if safetensors.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(safetensors), "pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        if bin_file.is_file():
-            import torch
-
-            return {k: tuple(v.shape) for k, v in torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True).items()}
-    except Exception as exc:  # a truncated or foreign file: bad input, one message
-        raise ExportError(f"cannot read the adapter weights in {directory}: {exc}") from exc
-    raise ExportError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; expected an HF PEFT adapter directory")
-
-
-def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """(adapter_config.json, tensor shapes) of an adapter directory; only the weights file's header is read."""
-    directory = Path(directory)
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except FileNotFoundError as exc:
-        raise ExportError(f"{directory}: no {CONFIG_FILE}; expected an HF PEFT adapter directory") from exc
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {directory / CONFIG_FILE}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ExportError(f"{directory / CONFIG_FILE}: expected a JSON object")
-    return config, _shapes(directory)
-
-
 def adapter_dirs(directory: str | Path) -> dict[str, Path]:
     """peft's multi-adapter layout: the adapter at the root ("default") and one per subdirectory with a config."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ExportError(f"{directory} is not a directory; expected an HF PEFT adapter directory")
-    found = {"default": directory} if (directory / CONFIG_FILE).is_file() else {}
+    found = {"default": directory} if (directory / ADAPTER_CONFIG).is_file() else {}
     for sub in sorted(directory.iterdir()):
-        if sub.is_dir() and not sub.name.startswith(".") and (sub / CONFIG_FILE).is_file():
+        if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(".") and (sub / ADAPTER_CONFIG).is_file():
             found[sub.name] = sub
     if not found:
-        raise ExportError(f"{directory}: no {CONFIG_FILE} at the top or in a subdirectory; expected an HF PEFT adapter directory")
+        raise ExportError(f"{directory}: no {ADAPTER_CONFIG} at the top or in a subdirectory; expected an HF PEFT adapter directory")
     return found
 
 
-def check_dir(directory: str | Path, target: str = "vllm") -> dict[str, list[Finding]]:
-    """Findings per adapter of a directory (the root adapter as "default", others by subdirectory)."""
-    return {name: check_adapter(*read_adapter(path), target=target) for name, path in adapter_dirs(directory).items()}
+def read_adapters(directory: str | Path) -> dict[str, tuple[Path, dict[str, Any], dict[str, tuple[int, ...]]]]:
+    """(path, config, shapes) per adapter of a directory, each read with the strict reader (adapter_files)."""
+    return {name: (path, *read_adapter(path)) for name, path in adapter_dirs(directory).items()}
+
+
+def check_dir(directory: str | Path, target: str = "vllm", *, vllm_version: str | None = None, model_type: str | None = None) -> dict[str, list[Finding]]:
+    """Findings per adapter of a directory (the root adapter as "default", others by subdirectory), by the rules."""
+    return {name: check_adapter(config, shapes, target, vllm_version=vllm_version, model_type=model_type)
+            for name, (_, config, shapes) in read_adapters(directory).items()}

@@ -206,19 +206,16 @@ def stage_adapter(
 ) -> None:
     """Write config, card and weights into the staging directory (MoE experts in the chosen layout, ranks padded when asked).
 
-    Logs what vLLM would refuse or mis-scale in the result (`compat`); `quantization` describes the base for the card.
+    Logs what vLLM would refuse, serve wrong or need engine flags for in the result (`compat`, for the name map's family);
+    `quantization` describes the base for the card.
     """
     if options.pad_rank_to is not None:
         plan, tensors = pad_ranks(plan, tensors, options.pad_rank_to)
     fused: dict[str, list[str]] = {}
     if names.arch.fused_experts and names.geometry.num_experts and _fused_layout(options.expert_layout):
-        tensors, fused = fuse_experts(plan, tensors, names.arch, names.geometry.num_experts)
-        log.warning(
-            "experts written in peft's fused target_parameters layout (transformers v5); servers that load per-expert LoRA keys "
-            "(vLLM before its target_parameters support, vllm-project/vllm#41384) need expert_layout='per_expert'"
-        )
+        tensors, fused = fuse_experts(plan, tensors, names.arch, names.geometry.num_experts)  # what vLLM makes of it: log_findings below
     config = adapter_config(plan, options.base_model_name_or_path, fused_experts=fused or None)
-    log_findings(config, {k: tuple(t.shape) for k, t in tensors.items()}, f"the adapter from {source}")
+    log_findings(config, {k: tuple(t.shape) for k, t in tensors.items()}, f"the adapter from {source}", model_type=names.arch.name)
     card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors), quantization=quantization)
     write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from . import distributed as coll
-from .adapter_files import check_finite, file_tensors, pattern_value, read_adapter, weights_file
+from .adapter_files import check_finite, file_tensors, read_adapter, weights_file
 from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
@@ -25,6 +25,7 @@ from .dialects import collect, raise_refusals
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
 from .export import Naming, model_chunks, megatron_config, naming
 from .hf_config import read_hf_config
+from .patterns import PatternSet
 from .targets import check_targets
 
 
@@ -54,9 +55,10 @@ def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[
     if unexpected:
         problems.append(f"the file has {len(unexpected)} tensor(s) the model's adapter does not target, e.g. {unexpected[:3]}")
     problems += [f"{k}: the model expects shape {plan.shapes[k]}, the file has {shapes[k]}" for k in sorted(set(plan.shapes) & set(shapes)) if plan.shapes[k] != shapes[k]][:5]
+    rank_pattern, alpha_pattern = PatternSet(config.get("rank_pattern"), "rank_pattern"), PatternSet(config.get("alpha_pattern"), "alpha_pattern")
     for module, settings in sorted(plan.modules.items()):
-        r = pattern_value(config.get("rank_pattern"), module, config.get("r"))
-        alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
+        r = rank_pattern.get(module, config.get("r"))
+        alpha = alpha_pattern.get(module, config.get("lora_alpha"))
         if r is None or alpha is None:
             problems.append(f"{ADAPTER_CONFIG} lacks r or lora_alpha")
             break

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 from .adapter_files import PEFT_PREFIX
 from .core.archs import arch_for_model_type
 from .errors import AdapterFileError, ExportError
+from .patterns import full_matcher
 
 log = logging.getLogger("megatron_peft_export")
 _ROLE = re.compile(r"^(?P<module>.+)\.(?:lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
@@ -49,7 +50,7 @@ def targeted(config: Mapping[str, Any], module: str) -> bool:
     if names == ALL_LINEAR:
         return True
     if isinstance(names, str):
-        if re.fullmatch(names, module):  # adapter_files.check_pattern vetted the pattern
+        if full_matcher(names)(module):  # peft's re.fullmatch, without backtracking (patterns.py)
             return True
     elif isinstance(names, list) and (module in names or any(module.endswith(f".{name}") for name in names)):
         return True
