@@ -17,7 +17,8 @@ needing them.
 
 RESULT: {"vllm": version, "model": {...} or null, "model_error": str or null, "adapters": {name: {"refused": str
 or null, "flags": [...], "scaling": {module: [rank, scaling]}, "loaded": [...], "applied": {module: [parts]},
-"nowhere": [...]}}}.
+"nowhere": [...], "probe_error": set when the probe itself failed on this vLLM's internals (private APIs it uses:
+WorkerLoRAManager._load_adapter, LoRAModelManager._get_lora_layer_weights, as in 0.31-0.32)}}}.
 """
 
 import json
@@ -166,6 +167,8 @@ def main(job_path, result_path):
                 loaded = engines[True].load(name, path, lora_id, is_3d=True)
                 entry["flags"] = [MIXED_FLAG, "is_3d_lora_weight"]
             entry["loaded"], entry["applied"], entry["nowhere"] = loaded
+        except (AttributeError, ImportError, NameError) as exc:  # this vLLM's internals differ from the ones probed
+            entry["probe_error"] = _message(exc)
         except Exception as exc:  # vLLM refuses the adapter: its message is the finding
             entry["refused"] = _message(exc)
     with open(result_path, "w") as f:

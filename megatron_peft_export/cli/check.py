@@ -87,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
             if result.get("model_error"):
                 notes.append(f"note: vLLM {result['vllm']} could not build the base model {base} ({result['model_error'][:300]}); "
                              "its module names were judged by the rules")
-            answers.update({n: result for n in names})
+            for n in names:
+                if result["adapters"].get(n, {}).get("probe_error"):
+                    notes.append(f"note: could not ask vLLM {result['vllm']} about {n!r} ({result['adapters'][n]['probe_error'][:200]}); "
+                                 f"the rules for vLLM {VLLM_DEFAULT} decide")
+                else:
+                    answers[n] = result
     for note in notes:
         print(note)
     version = args.vllm_version or VLLM_DEFAULT

@@ -252,3 +252,12 @@ def test_export_logs_what_vllm_makes_of_the_family_s_expert_layout(tmp_path, cap
     assert "error [applied-nowhere]" in logs["mixtral", "fused"] and "expert_layout='per_expert'" in logs["mixtral", "fused"]
     assert "warning [engine-flags]" in logs["qwen3_moe", "fused"] and "applied-nowhere" not in logs["qwen3_moe", "fused"]
     assert logs["mixtral", "per_expert"] == logs["qwen3_moe", "per_expert"] == ""
+
+
+def test_a_python_without_vllm_leaves_the_verdict_to_the_rules_with_a_note(tmp_path, capsys):
+    import sys
+
+    directory = _mixed(tmp_path)
+    status, out, _ = run_check(capsys, directory, "--vllm-python", sys.executable)  # this venv has no vLLM
+    assert status == 0 and out.startswith("note: could not ask vLLM (") and "the rules for vLLM 0.32 decide" in out
+    assert "compatible with vLLM 0.32 (rules, no base model)" in out
