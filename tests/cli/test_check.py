@@ -16,6 +16,12 @@ CLEAN = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 3
          "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "use_dora": False, "use_rslora": False, "modules_to_save": None}
 
 
+@pytest.fixture(autouse=True)
+def _rules_only(monkeypatch):
+    """These tests judge the rules: a vLLM python named by the environment (as a developer may set it) is not asked."""
+    monkeypatch.delenv("MEGATRON_PEFT_EXPORT_VLLM_PYTHON", raising=False)
+
+
 def _module(name, r, layer=0, hidden=HIDDEN, out=OUT):
     prefix = f"base_model.model.model.layers.{layer}.{name}"
     return {f"{prefix}.lora_A.weight": torch.zeros(r, hidden), f"{prefix}.lora_B.weight": torch.zeros(out, r)}
