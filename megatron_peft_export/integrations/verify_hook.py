@@ -2,8 +2,9 @@
 
 - capture (training thread, every rank, each exported save): the training model's reference logits
   on the probe, published inside the adapter as `verification/reference.safetensors`;
-- after publish (the writer, in the background): verify the adapter with transformers + peft,
-  write `verification.json`, log one summary line, and log to W&B when enabled.
+- after publish (the writer, in the background): verify the adapter with transformers + peft (in a
+  process of their own, see `verify_worker`), write `verification.json`, log one summary line, and log
+  to W&B when enabled.
 
 Neither step ever stops training: a failed capture leaves the adapter without a reference (and its
 verification skipped, or failed when required); a failed verification is a logged, recorded result.
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..hf_config import read_hf_config
-from ..verify import REFERENCE_FILE, VerificationInputError, VerificationResult, VerifyConfig, reference_bytes, resolve_base_model, skipped, verify_adapter
+from ..verify import REFERENCE_FILE, VerificationInputError, VerificationResult, VerifyConfig, reference_bytes, resolve_base_model, skipped
+from .verify_worker import VerifyProcess
 
 log = logging.getLogger("megatron_peft_export")
 Capture = Callable[[Any, int], "dict[str, bytes] | None"]
@@ -31,6 +33,7 @@ class Verification:
         self.base_model = config.base_model or base_model_name_or_path
         self.results: list[VerificationResult] = []
         """This process's verification results, in publish order (the writer's; empty elsewhere)."""
+        self._process = VerifyProcess()
         self.wandb = None
         if config.wandb:
             from .wandb_log import WandbLogger
@@ -82,13 +85,14 @@ class Verification:
                 + ("" if required else ", or verify.required to make this a failure"), failed=required, iteration=iteration,
             )
         try:
-            return verify_adapter(path, base_dir, self.config)
+            return self._process.verify(path, base_dir, self.config)
         except VerificationInputError as exc:  # e.g. a base model that does not fit the adapter: a failure, not a skip
             return skipped(path, str(exc), failed=True, iteration=iteration)
         except Exception as exc:
             return skipped(path, f"verification crashed: {type(exc).__name__}: {exc}", failed=True, iteration=iteration)
 
     def finish(self) -> None:
+        self._process.close()
         if self.wandb is not None:
             self.wandb.finish()
 

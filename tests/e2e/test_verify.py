@@ -73,6 +73,37 @@ def test_hook_captures_a_reference_and_verifies_each_adapter(tmp_path, world, la
             assert {k for k in f.keys() if k.startswith("blocks.")} == {f"blocks.{i}.{b}" for i in range(4) for b in ("self_attn", "mlp")}
 
 
+def _init_functions_seen_while_verifying(rank, world, tmp):
+    """The hook verifies in the background while this (training) thread watches torch.nn.init's functions."""
+    import threading
+
+    import torch
+
+    _save_base(tmp)  # builds the HF twin here, before watching (the hook's run finds it saved)
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.add(torch.nn.init.kaiming_uniform_.__module__)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = _hook_run(rank, world, tmp, iterations=(1, 2))
+    finally:
+        done.set()
+        watcher.join()
+    return sorted(seen), [r["status"] for r in result["results"]]
+
+
+def test_verification_never_touches_the_training_process_torch_init(tmp_path):
+    """transformers replaces torch.nn.init's functions process-wide while it loads a model; verifying in the training
+    process let a checkpoint save on the training thread (ModelOpt validating its state) see them and fail."""
+    seen, statuses = run_ranks(_init_functions_seen_while_verifying, 1, str(tmp_path))[0]
+    assert statuses == ["passed", "passed"]
+    assert seen == ["torch.nn.init"]
+
+
 def test_without_a_local_base_model_verification_is_skipped_with_a_warning(tmp_path):
     (r0, _) = run_ranks(_hook_run, 2, str(tmp_path), tp=2, base=False, verify={"base_model": "some-org/not-downloaded"})
     (result,) = r0["results"]
