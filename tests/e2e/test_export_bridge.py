@@ -102,9 +102,19 @@ def test_why_bridge_dora_on_row_parallel_linears_is_refused(variant):
     assert diff > 1e-2 if variant == "dora" else diff <= 1e-5
 
 
+def _outcome(model, tmp):
+    """What export_adapter does with `model` on this rank: 'exported', or the error's type and message."""
+    from megatron_peft_export import ExportError, export_adapter
+
+    try:
+        export_adapter(model, Path(tmp) / "adapter")
+    except ExportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "exported"
+
+
 def _qkv_bias_model(rank, world, tmp):
     """Qwen2-style attention: linear_qkv adds its bias inside its output (skip_bias_add=False); DoRA on it is refused."""
-    from megatron_peft_export import ExportError, export_adapter
     from tests.support import real_bridge
     from tests.support.tiny_gpt import TinyGPTConfig, _build_loaded, _seeded, global_base_weights, init_parallel, transformer_config
 
@@ -114,11 +124,7 @@ def _qkv_bias_model(rank, world, tmp):
     rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
     weights |= {f"decoder.layers.{i}.self_attention.linear_qkv.bias": _seeded(f"bias{i}", (rows,), 0.1) for i in range(cfg.num_layers)}
     model = real_bridge.apply(_build_loaded(cfg, transformer_config(cfg, add_qkv_bias=True), weights), "dora", target_modules=("linear_qkv",))
-    try:
-        export_adapter(model, Path(tmp) / "adapter")
-    except ExportError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return "exported"
+    return _outcome(model, tmp)
 
 
 def test_dora_on_a_linear_with_its_bias_inside_the_output_is_refused(tmp_path):
@@ -185,15 +191,10 @@ def test_why_bridge_dora_with_a_bias_inside_the_output_is_refused():
 
 
 def _mixed(rank, world, tmp):
-    from megatron_peft_export import ExportError, export_adapter
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora
 
     model = apply_modelopt_lora(_model(TinyGPTConfig(), "lora", world, 1), targets=("*output_layer*",))
-    try:
-        export_adapter(model, Path(tmp) / "adapter")
-    except ExportError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return "exported"
+    return _outcome(model, tmp)
 
 
 def test_mixed_dialects_are_an_error_on_every_rank(tmp_path):
