@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkSto
 
 from megatron_peft_export.offline.dcp_metadata import MetadataError, RefusedGlobal, parse_metadata
 from tests.offline.test_batched_read import SHAPES, _Writer
+from tests.support.gadgets import Call
 
 
 @pytest.fixture
@@ -37,17 +38,9 @@ def test_the_facts_are_those_torch_reads(metadata):
         assert (item.relative_path, item.offset, item.length) == (info.relative_path, info.offset, info.length)
 
 
-class _Call:
-    def __init__(self, function, *args):
-        self.function, self.args = function, args
-
-    def __reduce__(self):
-        return self.function, self.args
-
-
 @pytest.mark.parametrize("payload,name", [
-    (_Call(os.system, "touch /tmp/never"), "posix.system"), (_Call(eval, "1"), "builtins.eval"),
-    (torch.nn.Linear(1, 1), "torch.nn.modules.linear.Linear"), (_Call(dcp.load, {}), "torch.distributed.checkpoint.state_dict_loader.load"),
+    (Call(os.system, "touch /tmp/never"), "posix.system"), (Call(eval, "1"), "builtins.eval"),
+    (torch.nn.Linear(1, 1), "torch.nn.modules.linear.Linear"), (Call(dcp.load, {}), "torch.distributed.checkpoint.state_dict_loader.load"),
 ], ids=["os.system", "eval", "a module", "a torch function"])
 def test_any_other_class_or_function_is_refused(payload, name):
     with pytest.raises(RefusedGlobal, match=f"{name} is not allowed"):

@@ -12,6 +12,7 @@ import torch
 
 from megatron_peft_export.offline.torch_save import Opaque, RefusedGlobal, StoredTensor, check_pickle, load_torch_file
 from megatron_peft_export.safe_read import open_regular
+from tests.support.gadgets import Call
 
 
 def _load(path):
@@ -62,17 +63,9 @@ def test_megatron_modelopt_and_numpy_objects_are_kept_as_inert_names(tmp_path):
     assert isinstance(found["rng"][1], Opaque)
 
 
-class _Call:
-    def __init__(self, function, *args):
-        self.function, self.args = function, args
-
-    def __reduce__(self):
-        return self.function, self.args
-
-
 @pytest.mark.parametrize("payload,name", [
-    (_Call(print, "x"), "builtins.print"), (_Call(eval, "1"), "builtins.eval"), (_Call(getattr, 1, "real"), "builtins.getattr"),
-    (torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"), (_Call(zipfile.ZipFile, "x"), "zipfile.ZipFile"),
+    (Call(print, "x"), "builtins.print"), (Call(eval, "1"), "builtins.eval"), (Call(getattr, 1, "real"), "builtins.getattr"),
+    (torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"), (Call(zipfile.ZipFile, "x"), "zipfile.ZipFile"),
 ], ids=["print", "eval", "getattr", "a module", "a class"])
 def test_any_other_class_or_function_is_refused(tmp_path, payload, name):
     torch.save({"args": payload}, tmp_path / "bad.pt")
