@@ -22,13 +22,22 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------ models
 
 
-WIDE = TinyGPTConfig(num_layers=1, hidden_size=1024, ffn_hidden_size=1280, num_attention_heads=8, num_query_groups=8, kv_channels=128, vocab_size=128)
+WIDE = TinyGPTConfig(
+    num_layers=1,
+    hidden_size=1024,
+    ffn_hidden_size=1280,
+    num_attention_heads=8,
+    num_query_groups=8,
+    kv_channels=128,
+    vocab_size=128,
+)
 """The stall and scaling benchmarks' layers: rank-256 LoRA on them is 12.3 MB of float32 per layer."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """The tiny GPT of the tests (local spec, SwiGLU, float32) at `model`'s sizes, with ModelOpt LoRA of `rank` on qkv, proj, fc1 and fc2 of every layer."""
+    """The tiny GPT of the tests (local spec, SwiGLU, float32) at `model`'s sizes, with ModelOpt LoRA of `rank` on qkv,
+    proj, fc1 and fc2 of every layer."""
 
     model: TinyGPTConfig
     rank: int = 256
@@ -68,7 +77,8 @@ def build_lora_model(geometry: Geometry, tp: int, *, fill: str = "uniform", seed
     """This rank's GPTModel at tensor-parallel size ``tp`` with ModelOpt LoRA; base weights are zeros.
 
     fill="uniform": every adapter parameter gets local random values (resident memory, fast);
-    fill="global": layout-independent values from tiny_gpt.fill_lora_random (identical adapters across layouts and vocabularies).
+    fill="global": layout-independent values from tiny_gpt.fill_lora_random (identical adapters across layouts and
+    vocabularies).
     """
     import torch
     from megatron.core.models.gpt import GPTModel
@@ -83,9 +93,14 @@ def build_lora_model(geometry: Geometry, tp: int, *, fill: str = "uniform", seed
     # per tensor, drawn on every rank) would cost minutes at these sizes. The TP attributes are set as usual.
     config.init_method = config.output_layer_init_method = config.embedding_init_method = torch.nn.init.zeros_
     model = GPTModel(
-        config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.seq_length, pre_process=True, post_process=True,
-        share_embeddings_and_output_weights=False, position_embedding_type="rope",
+        config,
+        get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
     )
     apply_modelopt_lora(model, rank=geometry.rank, scale=geometry.scale)
     if fill == "global":
@@ -182,8 +197,17 @@ def machine() -> dict:
     import megatron.core
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
+    )
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -194,4 +218,3 @@ def machine() -> dict:
         "megatron_core": megatron.core.__version__,
         "load_average_at_start": os.getloadavg()[0],
     }
-

@@ -1,4 +1,5 @@
-"""Live export at real MoE tensor counts: 48 layers x 128 experts (Qwen3-30B-A3B) and 61 x 256 (DeepSeek-V3), tiny hidden sizes.
+"""Live export at real MoE tensor counts: 48 layers x 128 experts (Qwen3-30B-A3B) and 61 x 256 (DeepSeek-V3), tiny
+hidden sizes.
 
 ModelOpt LoRA (rank 2) on every routed expert's fc1 and fc2 (SequentialMLP experts), hidden 8: the bytes are small,
 so per-tensor and per-module costs show. One rank (world 1), one forked process per size. In that process, each
@@ -28,8 +29,18 @@ QUICK_SHAPES = {"4x16": (4, 16), "8x16": (8, 16)}
 def _config(layers: int, experts: int):
     from tests.support.tiny_moe import TinyMoEConfig
 
-    return TinyMoEConfig(num_layers=layers, num_experts=experts, hidden_size=8, num_attention_heads=1,
-                         num_query_groups=1, kv_channels=8, moe_ffn_hidden_size=8, ffn_hidden_size=8, vocab_size=16, seq_length=4)
+    return TinyMoEConfig(
+        num_layers=layers,
+        num_experts=experts,
+        hidden_size=8,
+        num_attention_heads=1,
+        num_query_groups=1,
+        kv_channels=8,
+        moe_ffn_hidden_size=8,
+        ffn_hidden_size=8,
+        vocab_size=16,
+        seq_length=4,
+    )
 
 
 def build(layers: int, experts: int):
@@ -39,7 +50,9 @@ def build(layers: int, experts: int):
     from tests.support.tiny_gpt import apply_modelopt_lora
 
     tiny_moe.init_moe_parallel()
-    model = apply_modelopt_lora(tiny_moe.build_moe_gpt(_config(layers, experts)), rank=2, targets=tiny_moe.ROUTED_EXPERT_TARGETS)
+    model = apply_modelopt_lora(
+        tiny_moe.build_moe_gpt(_config(layers, experts)), rank=2, targets=tiny_moe.ROUTED_EXPERT_TARGETS
+    )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -88,7 +101,9 @@ def _measure(model, scratch: Path, reps: int) -> dict:
         count[0] += 1
         return scratch / f"out_{count[0]}"
 
-    out["export_first"], first_dir = timed(export_adapter, model, fresh(), model_type="mixtral", expert_layout="per_expert")
+    out["export_first"], first_dir = timed(
+        export_adapter, model, fresh(), model_type="mixtral", expert_layout="per_expert"
+    )
     tensors = {"per_expert": load_file(first_dir / "adapter_model.safetensors")}
     shutil.rmtree(first_dir)
     fused_dir = export_adapter(model, fresh(), model_type="mixtral", expert_layout="fused")
@@ -144,9 +159,13 @@ def run(reps: int, scratch: Path, log, shapes: dict = SHAPES) -> dict:
         shutil.rmtree(directory, ignore_errors=True)
         row["shape"] = label
         rows.append(row)
-        log(f"  {row['hf_tensors']} HF tensors: export first {row['export_first']:.2f} s, per_expert {row['per_expert']:.2f} s, "
-            f"fused {row['fused']:.2f} s, write floor {row['floor_write']:.2f} s; hook first {row['hook_first']:.2f} s, "
-            f"stall {row['hook']:.3f} s, copy floor {row['floor_copy']:.3f} s")
+        log(
+            f"  {row['hf_tensors']} HF tensors: export first {row['export_first']:.2f} s, per_expert "
+            f"{row['per_expert']:.2f} s, "
+            f"fused {row['fused']:.2f} s, write floor {row['floor_write']:.2f} s; hook first "
+            f"{row['hook_first']:.2f} s, "
+            f"stall {row['hook']:.3f} s, copy floor {row['floor_copy']:.3f} s"
+        )
     slopes = {}
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]

@@ -1,4 +1,5 @@
-"""Offline export against checkpoint size: one fixed adapter inside torch_dist checkpoints whose base is 1x, 10x and 100x its size.
+"""Offline export against checkpoint size: one fixed adapter inside torch_dist checkpoints whose base is 1x, 10x and
+100x its size.
 
 The checkpoints are what Megatron-LM writes: a real megatron-core GPT with ModelOpt LoRA on all four linears of
 16 layers, saved at TP=2 by two ranks with ``dist_checkpointing.save`` (``args`` in common.pt, ModelOpt's PEFT
@@ -24,24 +25,42 @@ import shutil
 import time
 from pathlib import Path
 
+from tests.support.multiprocess import run_alone
 from tests.support.tiny_gpt import TinyGPTConfig
 
-from tests.support.multiprocess import run_alone
-
-from .common import Geometry, build_lora_model, directory_bytes, evict_page_cache, median, peak_rss, return_freed_memory, rotated, timed
+from .common import (
+    Geometry,
+    build_lora_model,
+    directory_bytes,
+    evict_page_cache,
+    median,
+    peak_rss,
+    return_freed_memory,
+    rotated,
+    timed,
+)
 
 ITERATION = 10
-ADAPTER = Geometry(TinyGPTConfig(num_layers=16, hidden_size=256, ffn_hidden_size=320, num_attention_heads=4, num_query_groups=4, kv_channels=64), rank=256)
+ADAPTER = Geometry(
+    TinyGPTConfig(
+        num_layers=16, hidden_size=256, ffn_hidden_size=320, num_attention_heads=4, num_query_groups=4, kv_channels=64
+    ),
+    rank=256,
+)
 """49 MB of float32 adapter (128 tensors), 33 MB of base weights in its layers."""
 MANY_TENSORS = dataclasses.replace(ADAPTER.resized(num_layers=80), rank=16)
-"""15 MB in 640 tensors (rank 16 on all linears of 80 layers): the shape of real rank-16 adapters, where costs per tensor dominate."""
+"""15 MB in 640 tensors (rank 16 on all linears of 80 layers): the shape of real rank-16 adapters, where costs per
+tensor dominate."""
 VARIANTS = ("export", "full_load", "raw_read", "read_write_floor")
 
 
 def with_base(geometry: Geometry, ratio: float) -> Geometry:
-    """The geometry with the vocabulary that makes the base weights ``ratio`` times the adapter (vocab a multiple of 128)."""
+    """The geometry with the vocabulary that makes the base weights ``ratio`` times the adapter (vocab a multiple of
+    128)."""
     without_vocab = geometry.resized(vocab_size=0).base_bytes
-    vocab = max(128, round((ratio * geometry.adapter_bytes - without_vocab) / (4 * 2 * geometry.model.hidden_size) / 128) * 128)
+    vocab = max(
+        128, round((ratio * geometry.adapter_bytes - without_vocab) / (4 * 2 * geometry.model.hidden_size) / 128) * 128
+    )
     return geometry.resized(vocab_size=vocab)
 
 
@@ -63,8 +82,14 @@ def _write_checkpoint(rank, world, geometry: Geometry, save_dir: str):
                 param.uniform_(-0.1, 0.1, generator=generator)
     directory = Path(save_dir) / f"iter_{ITERATION:07d}"
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.sharded_state_dict(), "iteration": ITERATION, "checkpoint_version": 3.0,
-             "args": _megatron_args(TrainConfig(model=geometry.model, tp=world, lora_rank=geometry.rank, lora_scale=geometry.scale))}
+    state = {
+        "model": model.sharded_state_dict(),
+        "iteration": ITERATION,
+        "checkpoint_version": 3.0,
+        "args": _megatron_args(
+            TrainConfig(model=geometry.model, tp=world, lora_rank=geometry.rank, lora_scale=geometry.scale)
+        ),
+    }
     _in_process_write_results()
     with _may_fork():
         dist_checkpointing.save(state, str(directory))
@@ -80,11 +105,16 @@ def _adapter_ranges(directory: Path) -> list[tuple[str, int, int]]:
     from megatron_peft_export.offline.keys import classify
 
     metadata = FileSystemReader(str(directory)).read_metadata()
-    return sorted((info.relative_path, info.offset, info.length) for index, info in metadata.storage_data.items() if classify(index.fqn) is not None)
+    return sorted(
+        (info.relative_path, info.offset, info.length)
+        for index, info in metadata.storage_data.items()
+        if classify(index.fqn) is not None
+    )
 
 
 def _measure(variant: str, directory: str, output: str):
-    """One cold measurement in a fresh process (no CPU shims, no process group): seconds, peak RSS above the start, bytes, phase times."""
+    """One cold measurement in a fresh process (no CPU shims, no process group): seconds, peak RSS above the start,
+    bytes, phase times."""
     import torch
 
     torch.set_num_threads(1)  # as every rank of the other benchmarks: 2 shared cores make OpenMP barriers stall
@@ -170,7 +200,10 @@ def run(reps: int, ratios: list[int], scratch: Path, log, adapter: Geometry = AD
         seconds, _ = timed(run_ranks, _write_checkpoint, 2, geometry, str(save_dir), timeout=3600)
         directory = save_dir / f"iter_{ITERATION:07d}"
         checkpoints[ratio] = (geometry, directory)
-        log(f"offline: wrote the {ratio}x checkpoint ({directory_bytes(directory) / 1e9:.2f} GB on disk, vocab {geometry.model.vocab_size}) in {seconds:.1f} s")
+        log(
+            f"offline: wrote the {ratio}x checkpoint ({directory_bytes(directory) / 1e9:.2f} GB on disk, vocab "
+            f"{geometry.model.vocab_size}) in {seconds:.1f} s"
+        )
     samples = {(ratio, v): [] for ratio in ratios for v in VARIANTS}
     order = [(ratio, v) for ratio in ratios for v in VARIANTS]
     for rep in range(reps):
@@ -183,21 +216,35 @@ def run(reps: int, ratios: list[int], scratch: Path, log, adapter: Geometry = AD
     for ratio in ratios:
         geometry, directory = checkpoints[ratio]
         ranges = _adapter_ranges(directory)
-        row = {"ratio": ratio, "adapter_bytes": geometry.adapter_bytes, "base_bytes": geometry.base_bytes,
-               "checkpoint_bytes": directory_bytes(directory), "vocab": geometry.model.vocab_size, "layers": geometry.layers, "lora_rank": geometry.rank,
-               "adapter_tensors": 8 * geometry.layers, "stored_items": len(ranges), "stored_adapter_bytes": sum(n for _, _, n in ranges)}
+        row = {
+            "ratio": ratio,
+            "adapter_bytes": geometry.adapter_bytes,
+            "base_bytes": geometry.base_bytes,
+            "checkpoint_bytes": directory_bytes(directory),
+            "vocab": geometry.model.vocab_size,
+            "layers": geometry.layers,
+            "lora_rank": geometry.rank,
+            "adapter_tensors": 8 * geometry.layers,
+            "stored_items": len(ranges),
+            "stored_adapter_bytes": sum(n for _, _, n in ranges),
+        }
         for variant in VARIANTS:
             results = samples[(ratio, variant)]
             row[variant] = {
-                "seconds": median([r["seconds"] for r in results]), "samples": [r["seconds"] for r in results],
-                "peak_rss": median([r["peak_rss"] for r in results]), "bytes": results[0]["bytes"],
+                "seconds": median([r["seconds"] for r in results]),
+                "samples": [r["seconds"] for r in results],
+                "peak_rss": median([r["peak_rss"] for r in results]),
+                "bytes": results[0]["bytes"],
             }
         row["export"]["reading_seconds"] = median([r["phases"]["reading"] for r in samples[(ratio, "export")]])
         row["export"]["sha256"] = sorted({r["sha256"] for r in samples[(ratio, "export")]})
         row["export_over_raw_read"] = row["export"]["seconds"] / row["raw_read"]["seconds"]
         row["export_over_read_write_floor"] = row["export"]["seconds"] / row["read_write_floor"]["seconds"]
         rows.append(row)
-        log(f"  {ratio}x: export {row['export']['seconds']:.3f} s, full load {row['full_load']['seconds']:.2f} s, raw read {row['raw_read']['seconds']:.3f} s")
+        log(
+            f"  {ratio}x: export {row['export']['seconds']:.3f} s, full load {row['full_load']['seconds']:.2f} s, "
+            f"raw read {row['raw_read']['seconds']:.3f} s"
+        )
     first = rows[0]["export"]["seconds"]
     for row in rows:
         row["export_over_smallest"] = row["export"]["seconds"] / first

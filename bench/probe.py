@@ -1,4 +1,5 @@
-"""What the machine does on its own, measured at the start of each run: disk and memory rates that bound every result."""
+"""What the machine does on its own, measured at the start of each run: disk and memory rates that bound every
+result."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ def _memory(nbytes: int) -> dict:
     started = time.perf_counter()
     fresh.copy_(source)  # the same pages again
     warm = time.perf_counter() - started
-    return {"host_copy_fresh_gb_s": round(nbytes / first_touch / 1e9, 2), "host_copy_warm_gb_s": round(nbytes / warm / 1e9, 2)}
+    return {
+        "host_copy_fresh_gb_s": round(nbytes / first_touch / 1e9, 2),
+        "host_copy_warm_gb_s": round(nbytes / warm / 1e9, 2),
+    }
 
 
 def run(scratch: Path, *, small: bool) -> dict:
@@ -43,4 +47,8 @@ def run(scratch: Path, *, small: bool) -> dict:
             pass
     read = time.perf_counter() - started
     path.unlink()
-    return {"disk_write_fsync_gb_s": round(nbytes / write / 1e9, 2), "disk_read_cold_gb_s": round(nbytes / read / 1e9, 2), **run_alone(_memory, nbytes, timeout=3600)}
+    return {
+        "disk_write_fsync_gb_s": round(nbytes / write / 1e9, 2),
+        "disk_read_cold_gb_s": round(nbytes / read / 1e9, 2),
+        **run_alone(_memory, nbytes, timeout=3600),
+    }

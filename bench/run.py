@@ -1,8 +1,10 @@
-"""Benchmarks of megatron-peft-export: training stall per save, offline export against checkpoint size, live export scaling.
+"""Benchmarks of megatron-peft-export: training stall per save, offline export against checkpoint size, live export
+scaling.
 
     .venv/bin/python bench/run.py            # the full run: ~4 min, ~6 GB of scratch disk and ~7 GB of RAM at most
     .venv/bin/python bench/run.py --quick    # a smoke run (~25 s): small sizes, few repetitions
-    .venv/bin/python bench/run.py --only moe # one benchmark alone (here: MoE tensor counts, 48 x 128 and 61 x 256 experts)
+    .venv/bin/python bench/run.py --only moe # one benchmark alone (here: MoE tensor counts, 48 x 128 and 61 x 256
+    experts)
 
 Prints markdown tables and writes them, with every sample, as JSON (bench/results/latest.json, or quick.json
 with --quick). Ratios are medians of runs interleaved in this one invocation; absolute times depend on the
@@ -35,21 +37,44 @@ from bench.common import machine, wide  # noqa: E402
 from bench.report import render  # noqa: E402
 
 PLANS = {
-    "full": {"stall": ({"10MB": 15, "100MB": 9, "1GB": 5},), "offline": (5, [1, 10, 100], offline.ADAPTER), "offline_many_tensors": (5, [1], offline.MANY_TENSORS),
-             "scaling": (3, [1, 2, 4], scaling.ADAPTER), "moe": (3, moe.SHAPES)},
-    "quick": {"stall": ({"10MB": 3},), "offline": (1, [1, 10], offline.ADAPTER.resized(num_layers=4)),
-              "scaling": (1, [1, 2, 4], wide(1)), "moe": (1, moe.QUICK_SHAPES)},
+    "full": {
+        "stall": ({"10MB": 15, "100MB": 9, "1GB": 5},),
+        "offline": (5, [1, 10, 100], offline.ADAPTER),
+        "offline_many_tensors": (5, [1], offline.MANY_TENSORS),
+        "scaling": (3, [1, 2, 4], scaling.ADAPTER),
+        "moe": (3, moe.SHAPES),
+    },
+    "quick": {
+        "stall": ({"10MB": 3},),
+        "offline": (1, [1, 10], offline.ADAPTER.resized(num_layers=4)),
+        "scaling": (1, [1, 2, 4], wide(1)),
+        "moe": (1, moe.QUICK_SHAPES),
+    },
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions: a smoke run")
-    parser.add_argument("--only", default="stall,offline,offline_many_tensors,scaling,moe", help="comma-separated benchmarks to run (default: %(default)s)")
-    parser.add_argument("--reps", type=int, help="repetitions of every benchmark (default: stall 15/9/5 by size, offline 5, scaling 3; quick 3/1/1)")
-    parser.add_argument("--scratch", type=Path, default=Path(__file__).resolve().parent / ".scratch",
-                        help="where checkpoints and adapters are written, then removed (default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="result file (default: bench/results/latest.json, quick.json with --quick)")
+    parser.add_argument(
+        "--only",
+        default="stall,offline,offline_many_tensors,scaling,moe",
+        help="comma-separated benchmarks to run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        help="repetitions of every benchmark (default: stall 15/9/5 by size, offline 5, scaling 3; quick 3/1/1)",
+    )
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path(__file__).resolve().parent / ".scratch",
+        help="where checkpoints and adapters are written, then removed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json", type=Path, help="result file (default: bench/results/latest.json, quick.json with --quick)"
+    )
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
@@ -57,7 +82,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(only) - set(PLANS["full"]))
     if unknown:
         parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(plan)}")
-    out_json = args.json or Path(__file__).resolve().parent / "results" / ("quick.json" if args.quick else "latest.json")
+    out_json = args.json or Path(__file__).resolve().parent / "results" / (
+        "quick.json" if args.quick else "latest.json"
+    )
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
@@ -65,8 +92,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     scratch = args.scratch
     scratch.mkdir(parents=True, exist_ok=True)
-    result = {"mode": mode, "command": " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
+    result = {
+        "mode": mode,
+        "command": " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+    }
     try:
         result["machine"].update(probe.run(scratch, small=args.quick))
         log("machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()))

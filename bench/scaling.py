@@ -58,10 +58,19 @@ def run(reps: int, worlds: list[int], scratch: Path, log, geometry: Geometry = A
         times = [max(ranks[r]["seconds"][n] for r in range(world)) for ranks in runs for n in range(TIMED_EXPORTS)]
         writer = [ranks[0]["peak_rss"] for ranks in runs]
         others = [max(ranks[r]["peak_rss"] for r in range(1, world)) for ranks in runs] if world > 1 else []
-        rows.append({
-            "world": world, "tp": world, "adapter_bytes": geometry.adapter_bytes,
-            "seconds": median(times), "samples": times,
-            "writer_peak_rss": median(writer), "other_ranks_peak_rss": median(others) if others else None,
-        })
-        log(f"  world {world}: export {rows[-1]['seconds']:.3f} s, writer peak +{rows[-1]['writer_peak_rss'] / 1e6:.0f} MB")
+        rows.append(
+            {
+                "world": world,
+                "tp": world,
+                "adapter_bytes": geometry.adapter_bytes,
+                "seconds": median(times),
+                "samples": times,
+                "writer_peak_rss": median(writer),
+                "other_ranks_peak_rss": median(others) if others else None,
+            }
+        )
+        log(
+            f"  world {world}: export {rows[-1]['seconds']:.3f} s, writer peak "
+            f"+{rows[-1]['writer_peak_rss'] / 1e6:.0f} MB"
+        )
     return rows

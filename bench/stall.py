@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .common import Geometry, adapter_parameters, build_lora_model, median, rotated, timed, wide
 
-# ModelOpt LoRA rank 256 on all four linears of 1, 8 and 80 layers (hidden 1024, ffn 1280): 12 MB, 99 MB, 986 MB of float32 adapter.
+# ModelOpt LoRA rank 256 on all four linears of 1, 8 and 80 layers (hidden 1024, ffn 1280):
+# 12 MB, 99 MB, 986 MB of float32 adapter.
 SIZES = {"10MB": wide(1), "100MB": wide(8), "1GB": wide(80)}
 VARIANTS = ("floor", "hook", "sync")
 
@@ -69,7 +70,12 @@ def _worker(rank, world, geometry: Geometry, reps: int, scratch: str):
                 written = directory / "hf_adapter" / "adapter_model.safetensors"
                 hf_file_bytes = written.stat().st_size if written.exists() else hf_file_bytes
                 shutil.rmtree(directory)
-    return {"records": records, "first_hook_save": first["hook"], "adapter_param_bytes": sum(p.numel() * p.element_size() for p in params), "hf_file_bytes": hf_file_bytes}
+    return {
+        "records": records,
+        "first_hook_save": first["hook"],
+        "adapter_param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "hf_file_bytes": hf_file_bytes,
+    }
 
 
 def run(reps_per_size: dict[str, int], scratch: Path, log) -> list[dict]:
@@ -89,18 +95,32 @@ def run(reps_per_size: dict[str, int], scratch: Path, log) -> list[dict]:
             per_rep = []
             for rep in range(reps):
                 times = [next(r for r in res["records"] if r["variant"] == name and r["rep"] == rep) for res in results]
-                per_rep.append({"seconds": max(t["seconds"] for t in times), "until_published": max(t["until_published"] for t in times)})
+                per_rep.append(
+                    {
+                        "seconds": max(t["seconds"] for t in times),
+                        "until_published": max(t["until_published"] for t in times),
+                    }
+                )
             per_variant[name] = {
                 "seconds": median([r["seconds"] for r in per_rep]),
                 "samples": [r["seconds"] for r in per_rep],
                 "until_published": median([r["until_published"] for r in per_rep]),
             }
-        rows.append({
-            "size": label, "adapter_bytes": geometry.adapter_bytes, "base_bytes": geometry.base_bytes,
-            "rank_adapter_param_bytes": [r["adapter_param_bytes"] for r in results], "hf_file_bytes": results[0]["hf_file_bytes"],
-            "variants": per_variant, "first_hook_save": max(r["first_hook_save"] for r in results),
-            "hook_over_floor": per_variant["hook"]["seconds"] / per_variant["floor"]["seconds"],
-            "sync_over_hook": per_variant["sync"]["seconds"] / per_variant["hook"]["seconds"],
-        })
-        log(f"  floor {per_variant['floor']['seconds']:.4f} s, hook {per_variant['hook']['seconds']:.4f} s, sync {per_variant['sync']['seconds']:.3f} s")
+        rows.append(
+            {
+                "size": label,
+                "adapter_bytes": geometry.adapter_bytes,
+                "base_bytes": geometry.base_bytes,
+                "rank_adapter_param_bytes": [r["adapter_param_bytes"] for r in results],
+                "hf_file_bytes": results[0]["hf_file_bytes"],
+                "variants": per_variant,
+                "first_hook_save": max(r["first_hook_save"] for r in results),
+                "hook_over_floor": per_variant["hook"]["seconds"] / per_variant["floor"]["seconds"],
+                "sync_over_hook": per_variant["sync"]["seconds"] / per_variant["hook"]["seconds"],
+            }
+        )
+        log(
+            f"  floor {per_variant['floor']['seconds']:.4f} s, hook {per_variant['hook']['seconds']:.4f} s, sync "
+            f"{per_variant['sync']['seconds']:.3f} s"
+        )
     return rows

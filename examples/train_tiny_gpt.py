@@ -48,10 +48,16 @@ PARITY_ATOL = 1e-4
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--save", type=Path, default=Path("runs/tiny_gpt"), help="checkpoint directory (default: %(default)s)")
+    parser.add_argument(
+        "--save", type=Path, default=Path("runs/tiny_gpt"), help="checkpoint directory (default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=40, help="training iterations (default: %(default)s)")
-    parser.add_argument("--save-interval", type=int, default=10, help="save every N iterations, and at the end (default: %(default)s)")
-    parser.add_argument("--base-model-dir", type=Path, help="where to write the HF twin of the base model (default: <save>/hf_base)")
+    parser.add_argument(
+        "--save-interval", type=int, default=10, help="save every N iterations, and at the end (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--base-model-dir", type=Path, help="where to write the HF twin of the base model (default: <save>/hf_base)"
+    )
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     return parser.parse_args(argv)
@@ -97,7 +103,10 @@ def main(argv=None) -> int:
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     tc = training.TrainConfig(tp=args.tp or world)
     base_dir = args.base_model_dir or args.save / "hf_base"
-    say(f"world {world}: TP={tc.tp}, DP={world // tc.tp}; {args.steps} steps, saving every {args.save_interval} to {args.save}")
+    say(
+        f"world {world}: TP={tc.tp}, DP={world // tc.tp}; {args.steps} steps, saving every {args.save_interval} to "
+        f"{args.save}"
+    )
 
     if rank == 0:  # the hook reads the base config.json at the first save
         fresh_save_dir(args.save, base_dir)
@@ -116,8 +125,12 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     losses = training.run_training(
-        tc, steps=args.steps, save_interval=args.save_interval, save_dir=args.save,
-        on_save=on_save, log=None if args.quiet else say,
+        tc,
+        steps=args.steps,
+        save_interval=args.save_interval,
+        save_dir=args.save,
+        on_save=on_save,
+        log=None if args.quiet else say,
     )
     hook.finalize()
     elapsed = time.perf_counter() - start
@@ -132,14 +145,23 @@ def main(argv=None) -> int:
         say(f"{len(hook.published)} HF adapters: {args.save}/iter_*/hf_adapter (base model: {base_dir})")
         results = hook.verification.results
         for result in results:
-            measured = "" if result.max_abs_diff is None else f": max |diff| {result.max_abs_diff:.1e} against the training model's logits"
+            measured = (
+                ""
+                if result.max_abs_diff is None
+                else f": max |diff| {result.max_abs_diff:.1e} against the training model's logits"
+            )
             say(f"  {Path(result.adapter).parent.name}: verification {result.status}{measured}")
         if len(results) != len(hook.published) or any(r.status != "passed" for r in results):
-            say(f"FAILED: {sum(r.status == 'passed' for r in results)} of {len(hook.published)} adapters passed verification")
+            say(
+                f"FAILED: {sum(r.status == 'passed' for r in results)} of {len(hook.published)} adapters passed "
+                f"verification"
+            )
             status = 1
         if diff <= PARITY_ATOL:
-            say(f"the last, {last}, loads with peft.PeftModel.from_pretrained and matches the Megatron "
-                f"logits to {diff:.1e} max abs diff (the adapter moves them by up to {effect:.2f})")
+            say(
+                f"the last, {last}, loads with peft.PeftModel.from_pretrained and matches the Megatron "
+                f"logits to {diff:.1e} max abs diff (the adapter moves them by up to {effect:.2f})"
+            )
         else:
             say(f"FAILED: the last adapter, {last}, loaded with peft, is {diff:.1e} off the Megatron logits")
             status = 1

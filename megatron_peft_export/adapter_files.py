@@ -17,8 +17,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -51,7 +52,7 @@ def _reject_constant(name: str) -> Any:
 def _check_fields(config: dict[str, Any], where: str) -> None:
     problems = []
     if config.get("peft_type") != "LORA":
-        problems.append(f"peft_type: expected \"LORA\", found {config.get('peft_type')!r:.40}")
+        problems.append(f'peft_type: expected "LORA", found {config.get("peft_type")!r:.40}')
     r = config.get("r")
     if not (_is_int(r) and 1 <= r <= MAX_RANK):
         problems.append(f"r: expected an integer from 1 to {MAX_RANK}, found {r!r:.40}")
@@ -65,9 +66,16 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
         problems.append(f"base_model_name_or_path: expected a string, found {type(base).__name__}")
     for name in ("target_modules", "target_parameters"):
         value = config.get(name)
-        if value is not None and not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
             problems.append(f"{name}: expected a list of module names or one pattern, found {value!r:.60}")
-    for name, valid, expected in (("rank_pattern", lambda v: _is_int(v) and 1 <= v <= MAX_RANK, "ranks"), ("alpha_pattern", _is_real, "finite numbers")):
+    for name, valid, expected in (
+        ("rank_pattern", lambda v: _is_int(v) and 1 <= v <= MAX_RANK, "ranks"),
+        ("alpha_pattern", _is_real, "finite numbers"),
+    ):
         value = config.get(name)
         if value is not None and not (isinstance(value, dict) and all(valid(v) for v in value.values())):
             problems.append(f"{name}: expected a mapping of module patterns to {expected}, found {value!r:.60}")
@@ -84,10 +92,16 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """adapter_config.json, checked: a JSON object with peft_type LORA and well-typed LoRA fields."""
     path = Path(path)
     if not os.path.lexists(path):
-        raise AdapterFileError(f"{path}: missing; expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS})")
-    with open_regular(path, within=path.parent, error=AdapterFileError, what=f"an adapter config ({ADAPTER_CONFIG})") as f:
+        raise AdapterFileError(
+            f"{path}: missing; expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS})"
+        )
+    with open_regular(
+        path, within=path.parent, error=AdapterFileError, what=f"an adapter config ({ADAPTER_CONFIG})"
+    ) as f:
         if f.size > MAX_CONFIG_BYTES:
-            raise AdapterFileError(f"{path}: {f.size} bytes; expected an adapter config of at most {MAX_CONFIG_BYTES} bytes")
+            raise AdapterFileError(
+                f"{path}: {f.size} bytes; expected an adapter config of at most {MAX_CONFIG_BYTES} bytes"
+            )
         try:
             config = json.loads(f.read().decode("utf-8"), parse_constant=_reject_constant)
         except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -105,7 +119,9 @@ def weights_file(path: str | Path) -> Iterator[str]:
     path = Path(path)
     if not os.path.lexists(path):
         raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_WEIGHTS})")
-    with open_regular(path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_WEIGHTS})") as f:
+    with open_regular(
+        path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_WEIGHTS})"
+    ) as f:
         yield f.name
 
 
@@ -117,10 +133,14 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         with weights_file(path) as name, safe_open(name, "pt") as f:
             found = {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
-        raise AdapterFileError(f"{path}: not a valid safetensors file ({' '.join(str(exc).split())[:200]}); is it truncated or corrupt?") from None
+        raise AdapterFileError(
+            f"{path}: not a valid safetensors file ({' '.join(str(exc).split())[:200]}); is it truncated or corrupt?"
+        ) from None
     odd = sorted(f"{key} ({dtype})" for key, (dtype, _) in found.items() if dtype not in FLOAT_DTYPES)
     if odd:
-        raise AdapterFileError(f"{path}: expected floating-point adapter tensors ({', '.join(FLOAT_DTYPES)}), found {', '.join(odd[:5])}")
+        raise AdapterFileError(
+            f"{path}: expected floating-point adapter tensors ({', '.join(FLOAT_DTYPES)}), found {', '.join(odd[:5])}"
+        )
     return found
 
 
@@ -137,20 +157,33 @@ def read_bin_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     path = Path(path)
     if not os.path.lexists(path):
         raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_BIN})")
-    with open_regular(path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_BIN})") as f:
+    with open_regular(
+        path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_BIN})"
+    ) as f:
         try:
             state = load_torch_file(f)
         except RefusedGlobal as exc:
-            raise AdapterFileError(f"{path}: refused, it needs unsafe unpickling ({exc} is not loaded: only tensors and plain data are); nothing of it ran") from None
+            raise AdapterFileError(
+                f"{path}: refused, it needs unsafe unpickling ({exc} is not loaded: only tensors and plain data "
+                f"are); nothing of it ran"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - whatever a malformed zip or pickle raises is bad input
-            raise AdapterFileError(f"{path}: not a readable torch.save file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is it truncated or corrupt?") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, StoredTensor) for k, v in state.items()):
+            raise AdapterFileError(
+                f"{path}: not a readable torch.save file ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}); is it truncated or corrupt?"
+            ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, StoredTensor) for k, v in state.items()
+    ):
         raise AdapterFileError(f"{path}: expected a state dict (names to tensors), found {type(state).__name__}")
-    return {key: (_BIN_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch.")), tuple(t.size)) for key, t in state.items()}
+    return {
+        key: (_BIN_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch.")), tuple(t.size)) for key, t in state.items()
+    }
 
 
 def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
-    """LoRA shapes against the config: A [r, in], B [out, r] with the module's r, DoRA magnitudes [out] only with use_dora."""
+    """LoRA shapes against the config: A [r, in], B [out, r] with the module's r, DoRA magnitudes [out] only with
+    use_dora."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, (_, shape) in header.items():
         match = _ROLE.match(key)
@@ -169,14 +202,19 @@ def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[i
             ranks.append(("lora_B", b[1] if len(b) == 2 else None, b))
         for role, rank, shape in ranks:
             if rank is None or not (rank == r or (fused and rank % r == 0)):
-                problems.append(f"{module}.{role} has shape {list(shape)}, expected rank {r} from the config ({'[r, in]' if role == 'lora_A' else '[out, r]'})")
+                problems.append(
+                    f"{module}.{role} has shape {list(shape)}, expected rank {r} from the config "
+                    f"({'[r, in]' if role == 'lora_A' else '[out, r]'})"
+                )
         if a is not None and b is not None and len(a) == len(b) == 2 and a[0] != b[1]:
             problems.append(f"{module}: lora_A has rank {a[0]} but lora_B has rank {b[1]}")
         if magnitude is not None:
             if not config.get("use_dora"):
                 problems.append(f"{module}.lora_magnitude_vector is present but use_dora is false")
             elif len(magnitude) != 1 or (b is not None and magnitude[0] != b[0]):
-                problems.append(f"{module}.lora_magnitude_vector has shape {list(magnitude)}, expected [{b[0] if b else 'out'}]")
+                problems.append(
+                    f"{module}.lora_magnitude_vector has shape {list(magnitude)}, expected [{b[0] if b else 'out'}]"
+                )
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise AdapterFileError(f"{where}: shapes contradict {ADAPTER_CONFIG}: {'; '.join(problems[:5])}{more}")
@@ -216,26 +254,38 @@ def nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         if not tensor.is_floating_point():
             continue
         size = tensor.numel() * tensor.element_size()
-        if batch and (tensor.dtype != batch[0][1].dtype or tensor.device != batch[0][1].device or held + size > _FINITE_BATCH_BYTES):
+        if batch and (
+            tensor.dtype != batch[0][1].dtype
+            or tensor.device != batch[0][1].device
+            or held + size > _FINITE_BATCH_BYTES
+        ):
             check(batch)
             batch, held = [], 0
-        batch.append((key, tensor))  # a tensor above the batch size is alone in its batch: checked as it is, never copied
+        batch.append(
+            (key, tensor)
+        )  # a tensor above the batch size is alone in its batch: checked as it is, never copied
         held += size
     if batch:
         check(batch)
     return found
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *, allow: bool = False,
-                 remedy: str = "pass allow_nonfinite=True (--allow-nonfinite) to write it anyway") -> None:
+def check_finite(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    *,
+    allow: bool = False,
+    remedy: str = "pass allow_nonfinite=True (--allow-nonfinite) to write it anyway",
+) -> None:
     """Raise NonFiniteError naming every tensor with NaN or Inf, unless `allow`."""
     if allow:
         return
     found = nonfinite(tensors.items() if isinstance(tensors, Mapping) else tensors)
     if found:
         listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise NonFiniteError(f"{len(found)} adapter tensor(s) hold NaN or Inf values: {listed}; such an adapter gives NaN logits "
-                             f"(did training diverge?). Check the training run, or {remedy}")
+        raise NonFiniteError(
+            f"{len(found)} adapter tensor(s) hold NaN or Inf values: {listed}; such an adapter gives NaN logits "
+            f"(did training diverge?). Check the training run, or {remedy}"
+        )
 
 
 def file_tensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
@@ -248,13 +298,21 @@ def file_tensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
         raise AdapterFileError(f"{path}: reading a tensor failed ({' '.join(str(exc).split())[:200]})") from None
 
 
-def read_adapter(adapter_dir: str | Path, *, values: bool = False, allow_nonfinite: bool = False,
-                 remedy: str = "pass --allow-nonfinite to accept it") -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+def read_adapter(
+    adapter_dir: str | Path,
+    *,
+    values: bool = False,
+    allow_nonfinite: bool = False,
+    remedy: str = "pass --allow-nonfinite to accept it",
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """(config, key -> shape) of an adapter directory, every check above passed; `values` also reads every
     tensor and refuses NaN or Inf unless `allow_nonfinite`."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise AdapterFileError(f"{adapter_dir}: expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}), found {'a file' if adapter_dir.exists() else 'nothing'}")
+        raise AdapterFileError(
+            f"{adapter_dir}: expected an HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}), found "
+            f"{'a file' if adapter_dir.exists() else 'nothing'}"
+        )
     config = read_config(adapter_dir / ADAPTER_CONFIG)
     header = read_header(adapter_dir / ADAPTER_WEIGHTS)
     check_shapes(config, header, str(adapter_dir))

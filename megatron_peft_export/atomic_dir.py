@@ -23,8 +23,9 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -44,7 +45,8 @@ _LOCK = threading.RLock()
 _LIVE: dict[Path, bool] = {}
 """This process's staging directories -> abandoned (at shutdown: `publish` then refuses them)."""
 _CREATED: dict[Path, list[Path]] = {}
-"""Staging directory -> the missing parents `staging_dir` created for it (deepest first), removed again if nothing is published."""
+"""Staging directory -> the missing parents `staging_dir` created for it (deepest first), removed again if nothing is
+published."""
 MAX_CARD_BYTES = 1 << 20
 
 
@@ -61,7 +63,8 @@ def _sibling(out: Path, kind: str) -> Path:
 
 
 def _remove(path: Path) -> None:
-    """Remove what is at `path`: a directory tree, or a file, symbolic link or other entry (a link is never followed)."""
+    """Remove what is at `path`: a directory tree, or a file, symbolic link or other entry (a link is never
+    followed)."""
     try:
         if stat.S_ISDIR(path.lstat().st_mode):
             shutil.rmtree(path, ignore_errors=True)
@@ -123,8 +126,13 @@ def _same_entry(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(output_dir: str | os.PathLike, overwrite: bool, *, reading: Sequence[tuple[str | os.PathLike, str]] = (),
-                 checkpoint: str | os.PathLike | None = None) -> Path:
+def check_output(
+    output_dir: str | os.PathLike,
+    overwrite: bool,
+    *,
+    reading: Sequence[tuple[str | os.PathLike, str]] = (),
+    checkpoint: str | os.PathLike | None = None,
+) -> Path:
     """Refuse an output that would touch an input, or replace anything but an adapter directory this tool published.
 
     `reading`: (path, what it is) of every input; the output may not be one of them or contain one (symbolic links
@@ -141,23 +149,36 @@ def check_output(output_dir: str | os.PathLike, overwrite: bool, *, reading: Seq
         for source, what in sources:
             source_real = _real(source)
             if real == source_real or (out.exists() and _same_entry(out, source_real)):
-                raise OutputError(f"{out} is {what} ({source}); write the adapter to a new directory. Nothing was written")
+                raise OutputError(
+                    f"{out} is {what} ({source}); write the adapter to a new directory. Nothing was written"
+                )
             if real in source_real.parents or (out.exists() and any(_same_entry(out, p) for p in source_real.parents)):
-                raise OutputError(f"{out} contains {what} ({source}), which replacing it would delete; write the adapter to a new directory elsewhere. "
-                                  "Nothing was written")
+                raise OutputError(
+                    f"{out} contains {what} ({source}), which replacing it would delete; write the adapter to a "
+                    f"new directory elsewhere. "
+                    "Nothing was written"
+                )
         if checkpoint is not None:
             inside = _real(Path(checkpoint))
             if _is_within(real, inside) and real.parent != inside:
-                raise OutputError(f"{out} lies inside the checkpoint being read ({checkpoint}); expected a directory outside it, or directly in it "
-                                  f"(as `export --all` writes {Path(checkpoint) / 'hf_adapter'}). Nothing was written")
+                raise OutputError(
+                    f"{out} lies inside the checkpoint being read ({checkpoint}); expected a directory outside it, "
+                    f"or directly in it "
+                    f"(as `export --all` writes {Path(checkpoint) / 'hf_adapter'}). Nothing was written"
+                )
         if os.path.lexists(out):
             if not is_published_adapter(out):
                 of_checkpoint = checkpoint is not None and real.parent == _real(Path(checkpoint))
-                raise OutputError(f"{out} already exists and is {_describe(out)}{', part of the checkpoint being read' if of_checkpoint else ''}; "
-                                  "--overwrite (overwrite=True) replaces only an adapter directory written by megatron-peft-export. "
-                                  "Write the adapter elsewhere, or remove it yourself. Nothing was written")
+                raise OutputError(
+                    f"{out} already exists and is "
+                    f"{_describe(out)}{', part of the checkpoint being read' if of_checkpoint else ''}; "
+                    "--overwrite (overwrite=True) replaces only an adapter directory written by megatron-peft-export. "
+                    "Write the adapter elsewhere, or remove it yourself. Nothing was written"
+                )
             if not overwrite:
-                raise OutputError(f"{out} already exists; expected a new directory. Pass overwrite=True (--overwrite) to replace it.")
+                raise OutputError(
+                    f"{out} already exists; expected a new directory. Pass overwrite=True (--overwrite) to replace it."
+                )
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a loop of links
         raise OutputError(f"cannot use {output_dir!r:.200} as the adapter directory: {exc}") from None
     return out
@@ -181,7 +202,8 @@ def _owner_alive(path: Path, host: str | None, pid: str | None) -> bool:
 
 
 def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
-    """Remove what interrupted exports to `output_dir` left behind (staging, a replaced directory), if their process is gone.
+    """Remove what interrupted exports to `output_dir` left behind (staging, a replaced directory), if their process is
+    gone.
 
     A crash between the two renames of an overwrite leaves no `output_dir` and the previous adapter
     aside: it is put back. Returns the leftovers removed or restored.
@@ -200,15 +222,24 @@ def clean_stale(output_dir: str | os.PathLike) -> list[Path]:
         for kind, path in sorted(found):  # "old" first: restore before removing staging
             if kind == "old" and not os.path.lexists(out):
                 path.rename(out)
-                log.warning("restored %s from %s, set aside by an export that was interrupted while replacing it", out, path.name)
+                log.warning(
+                    "restored %s from %s, set aside by an export that was interrupted while replacing it",
+                    out,
+                    path.name,
+                )
             else:
                 _remove(path)
                 log.info("removed %s, left behind by an interrupted export", path)
     return [path for _, path in found]
 
 
-def staging_dir(output_dir: str | os.PathLike, overwrite: bool, *, reading: Sequence[tuple[str | os.PathLike, str]] = (),
-                checkpoint: str | os.PathLike | None = None) -> Path:
+def staging_dir(
+    output_dir: str | os.PathLike,
+    overwrite: bool,
+    *,
+    reading: Sequence[tuple[str | os.PathLike, str]] = (),
+    checkpoint: str | os.PathLike | None = None,
+) -> Path:
     """Create the temporary sibling that will become `output_dir`; fail early if it cannot be published.
 
     The output is checked against the inputs first (`check_output`: `reading`, `checkpoint`). Leftovers of earlier
@@ -216,7 +247,9 @@ def staging_dir(output_dir: str | os.PathLike, overwrite: bool, *, reading: Sequ
     created, and removed again when nothing is published (`discard`).
     """
     out = Path(output_dir).absolute()
-    check_output(out, True, reading=reading, checkpoint=checkpoint)  # nothing is touched for an output that touches an input
+    check_output(
+        out, True, reading=reading, checkpoint=checkpoint
+    )  # nothing is touched for an output that touches an input
     if out.parent.is_dir():
         clean_stale(out)
     check_output(out, overwrite, reading=reading, checkpoint=checkpoint)
@@ -228,7 +261,9 @@ def staging_dir(output_dir: str | os.PathLike, overwrite: bool, *, reading: Sequ
     except OSError as exc:
         for path in created:
             _rmdir(path)
-        raise OutputError(f"cannot write the adapter next to {out}: {exc.strerror} ({exc.filename}); expected a writable directory") from exc
+        raise OutputError(
+            f"cannot write the adapter next to {out}: {exc.strerror} ({exc.filename}); expected a writable directory"
+        ) from exc
     with _LOCK:
         _LIVE[tmp] = False
         _CREATED[tmp] = created
@@ -253,18 +288,34 @@ def write_failure(exc: BaseException, where: Path, nbytes: int) -> str:
     """One line saying why writing into `where` failed and what to do."""
     code = _errno(exc)
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device of {where} (or the disk quota is exhausted): the adapter needs about "
-                f"{nbytes / 2**20:.1f} MiB; free space or write it elsewhere. Nothing was published")
+        return (
+            f"no space left on the device of {where} (or the disk quota is exhausted): the adapter needs about "
+            f"{nbytes / 2**20:.1f} MiB; free space or write it elsewhere. Nothing was published"
+        )
     if code == errno.EROFS:
         return f"{where} is on a read-only file system; write the adapter elsewhere. Nothing was published"
     if code in (errno.EACCES, errno.EPERM):
-        return f"permission denied writing into {where}; expected a directory this process may write. Nothing was published"
+        return (
+            f"permission denied writing into {where}; expected a directory this process may write. "
+            "Nothing was published"
+        )
     return f"writing the adapter into {where} failed: {exc}. Nothing was published"
 
 
-def write_staging(tmp: Path, *, tensors: dict[str, torch.Tensor], config: dict[str, Any], card: str, extra_files: dict[str, bytes] | None = None) -> None:
+def write_staging(
+    tmp: Path,
+    *,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    card: str,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
     """Fill the staging directory (plus `extra_files`, relative path -> bytes) and fsync it; on failure remove it."""
-    files = {ADAPTER_CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), MODEL_CARD: card.encode(), **(extra_files or {})}
+    files = {
+        ADAPTER_CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        MODEL_CARD: card.encode(),
+        **(extra_files or {}),
+    }
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for name, data in files.items():
@@ -299,7 +350,7 @@ def write_file(path: str | os.PathLike, data: bytes, what: str) -> Path:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
         os.close(fd)
         fd = None
@@ -343,8 +394,10 @@ def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:
                 if not overwrite:
                     raise OutputError(f"{out} appeared while the adapter was being written; nothing was replaced")
                 if not is_published_adapter(out):
-                    raise OutputError(f"{out} is now {_describe(out)}, not an adapter directory written by megatron-peft-export; "
-                                      "nothing was replaced. Write the adapter elsewhere, or remove it yourself")
+                    raise OutputError(
+                        f"{out} is now {_describe(out)}, not an adapter directory written by megatron-peft-export; "
+                        "nothing was replaced. Write the adapter elsewhere, or remove it yourself"
+                    )
                 old = _sibling(out, "old")
                 out.rename(old)
             try:

@@ -28,9 +28,10 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 from .adapter_files import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapter
 from .errors import AdapterFileError, ExportError
@@ -40,7 +41,8 @@ log = logging.getLogger("megatron_peft_export")
 Severity = Literal["error", "warning", "info"]
 TARGETS = ("vllm", "peft")
 VLLM_VERSIONS = ("0.31", "0.32")
-"""The vLLM releases whose loader the rules were read from (and, for 0.32, checked against the engine in tests/serving)."""
+"""The vLLM releases whose loader the rules were read from (and, for 0.32, checked against the engine in
+tests/serving)."""
 VLLM_DEFAULT = VLLM_VERSIONS[-1]
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -48,11 +50,29 @@ VLLM_EXPERT_PARENT = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen2_
 """Where vLLM's model class keeps a layer's experts and router (`<parent>.experts`, `<parent>.gate`), 0.31-0.32; all
 of these classes take MoE LoRA per expert (not `is_3d_moe_weight`)."""
 _INITS_SERVED = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.(?P<param>weight|bias)$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.(?P<param>weight|bias)$"
+)
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
-_MEGATRON_NAMES = ("linear_qkv", "self_attention.linear_proj", "linear_fc1", "linear_fc2", ".lora_a_", ".lora_b_", ".adapter.linear_in", ".adapter.linear_out", ".to_wrap.")
-_FUSED_NAMES = {"qkv_proj": "q_proj, k_proj, v_proj", "gate_up_proj": "gate_proj, up_proj", "query_key_value": "q_proj, k_proj, v_proj",
-                "W_pack": "q_proj, k_proj, v_proj", "c_attn": "q_proj, k_proj, v_proj", "Wqkv": "q_proj, k_proj, v_proj"}
+_MEGATRON_NAMES = (
+    "linear_qkv",
+    "self_attention.linear_proj",
+    "linear_fc1",
+    "linear_fc2",
+    ".lora_a_",
+    ".lora_b_",
+    ".adapter.linear_in",
+    ".adapter.linear_out",
+    ".to_wrap.",
+)
+_FUSED_NAMES = {
+    "qkv_proj": "q_proj, k_proj, v_proj",
+    "gate_up_proj": "gate_proj, up_proj",
+    "query_key_value": "q_proj, k_proj, v_proj",
+    "W_pack": "q_proj, k_proj, v_proj",
+    "c_attn": "q_proj, k_proj, v_proj",
+    "Wqkv": "q_proj, k_proj, v_proj",
+}
 
 
 @dataclass(frozen=True)
@@ -68,14 +88,19 @@ class Finding:
     """The server versions the finding is for (e.g. "vLLM <= 0.31"); empty for peft."""
 
     def line(self) -> str:
-        return f"{self.severity} [{self.code}] {self.what}: {self.why}. Fix: {self.fix}" + (f" ({self.holds})" if self.holds else "")
+        return f"{self.severity} [{self.code}] {self.what}: {self.why}. Fix: {self.fix}" + (
+            f" ({self.holds})" if self.holds else ""
+        )
 
 
 def parse_vllm_version(text: str) -> tuple[int, int]:
     """(major, minor) of a vLLM version such as 0.32, 0.32.0 or v0.31.1rc2."""
     match = re.match(r"^v?(\d{1,4})\.(\d{1,4})(?:[.\w+-]*)$", str(text).strip())
     if match is None:
-        raise ExportError(f"--vllm-version: expected a vLLM version such as {VLLM_DEFAULT} or {VLLM_DEFAULT}.0, found {str(text)[:40]!r}")
+        raise ExportError(
+            f"--vllm-version: expected a vLLM version such as {VLLM_DEFAULT} or {VLLM_DEFAULT}.0, found "
+            f"{str(text)[:40]!r}"
+        )
     return int(match[1]), int(match[2])
 
 
@@ -107,7 +132,9 @@ def _is_fused(module: str, parents: tuple[str, ...]) -> bool:
     return any(module == p or module.endswith("." + p) for p in parents)
 
 
-def _modules(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, _Module], dict[str, list[str]]]:
+def _modules(
+    config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, _Module], dict[str, list[str]]]:
     """Per-module ranks and scales, and the keys by kind (lora, magnitude, bias, other)."""
     kinds: dict[str, list[str]] = {"lora": [], "magnitude": [], "bias": [], "other": []}
     rows: dict[str, int] = {}
@@ -128,7 +155,10 @@ def _modules(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -
         else:
             kinds["other"].append(key)
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    ranks, alphas = PatternSet(config.get("rank_pattern"), "rank_pattern"), PatternSet(config.get("alpha_pattern"), "alpha_pattern")
+    ranks, alphas = (
+        PatternSet(config.get("rank_pattern"), "rank_pattern"),
+        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
+    )
     parents = _fused_parents(config)
     modules = {}
     for name in sorted(names):
@@ -157,8 +187,14 @@ def _next_vllm_rank(rank: int) -> int | None:
     return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
 
 
-def check_adapter(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], target: str = "vllm", *,
-                  vllm_version: str | None = None, model_type: str | None = None) -> list[Finding]:
+def check_adapter(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    target: str = "vllm",
+    *,
+    vllm_version: str | None = None,
+    model_type: str | None = None,
+) -> list[Finding]:
     """Findings for one adapter (its config and tensor shapes) on `target` (vllm or peft), errors first.
 
     For vllm: the rules of `vllm_version` (default: the newest known); `model_type` (the base model's, or the
@@ -177,67 +213,140 @@ def check_adapter(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
             found.append(Finding(code, severity, what, why, fix, every if holds is None else holds))
 
     if str(config.get("peft_type", "")).upper() != "LORA":
-        add("not-lora", "error", f"peft_type is {config.get('peft_type')!r}", "these checks (and vLLM) cover LoRA adapters only", "check a LoRA adapter (peft_type LORA)")
+        add(
+            "not-lora",
+            "error",
+            f"peft_type is {config.get('peft_type')!r}",
+            "these checks (and vLLM) cover LoRA adapters only",
+            "check a LoRA adapter (peft_type LORA)",
+        )
         return found
     missing = [f for f in ("r", "lora_alpha", "target_modules") if f not in config]
     if missing:
-        add("missing-fields", "error" if vllm else "warning", f"adapter_config.json lacks {', '.join(missing)}",
-            "vLLM refuses a config without r, lora_alpha and target_modules" if vllm else "peft silently fills missing fields with defaults (r=8, lora_alpha=8), so the scaling may be wrong",
-            "write every LoRA field (this exporter does)")
+        add(
+            "missing-fields",
+            "error" if vllm else "warning",
+            f"adapter_config.json lacks {', '.join(missing)}",
+            "vLLM refuses a config without r, lora_alpha and target_modules"
+            if vllm
+            else "peft silently fills missing fields with defaults (r=8, lora_alpha=8), so the scaling may be wrong",
+            "write every LoRA field (this exporter does)",
+        )
     modules, kinds = _modules(config, shapes)
     if not kinds["lora"]:
-        add("no-lora-tensors", "error", "the weights file holds no lora_A/lora_B tensors", "the adapter would change nothing", "export the adapter again; check that it was applied")
+        add(
+            "no-lora-tensors",
+            "error",
+            "the weights file holds no lora_A/lora_B tensors",
+            "the adapter would change nothing",
+            "export the adapter again; check that it was applied",
+        )
     megatron = sorted(k for k in shapes if any(n in k for n in _MEGATRON_NAMES) or not k.startswith(PEFT_PREFIX))
     if megatron:
-        add("megatron-names", "error", f"{len(megatron)} key(s) with Megatron module names or without the {PEFT_PREFIX!r} prefix ({_some(megatron)})",
-            "vLLM refuses modules its model does not have" if vllm else "peft loads with strict=False and ignores them silently: the adapter loads and does nothing there",
-            "convert with megatron-peft-export, which writes HF module names (q_proj, ..., down_proj)")
+        add(
+            "megatron-names",
+            "error",
+            f"{len(megatron)} key(s) with Megatron module names or without the {PEFT_PREFIX!r} prefix "
+            f"({_some(megatron)})",
+            "vLLM refuses modules its model does not have"
+            if vllm
+            else "peft loads with strict=False and ignores them silently: the adapter loads and does nothing there",
+            "convert with megatron-peft-export, which writes HF module names (q_proj, ..., down_proj)",
+        )
     if not missing and isinstance(config.get("r"), int):
         try:
             check_shapes(dict(config), {k: ("F32", s) for k, s in shapes.items()}, "the adapter")
         except AdapterFileError as exc:
-            add("rank-mismatch", "error", str(exc).removeprefix("the adapter: "),
-                "peft builds each module at the config's rank and fails loading a tensor of another size; a server scales it wrong",
-                "write r (and rank_pattern) from the tensors' shapes")
+            add(
+                "rank-mismatch",
+                "error",
+                str(exc).removeprefix("the adapter: "),
+                "peft builds each module at the config's rank and fails loading a tensor of another size; a server "
+                "scales it wrong",
+                "write r (and rank_pattern) from the tensors' shapes",
+            )
     if vllm:
         _vllm_rules(config, modules, kinds, megatron, new, model_type, add)
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(found, key=lambda f: order[f.severity])
 
 
-def _vllm_rules(config: Mapping[str, Any], modules: Mapping[str, _Module], kinds: Mapping[str, list[str]], megatron: list[str], new: bool,
-                model_type: str | None, add: Callable[..., None]) -> None:
+def _vllm_rules(
+    config: Mapping[str, Any],
+    modules: Mapping[str, _Module],
+    kinds: Mapping[str, list[str]],
+    megatron: list[str],
+    new: bool,
+    model_type: str | None,
+    add: Callable[..., None],
+) -> None:
     """The vLLM rules; `new`: the version reads rank/alpha patterns and refuses the features 0.31 ignored (>= 0.32)."""
     old_span, new_span = _span(None, VLLM_VERSIONS[0]), _span("0.32", None)
     fused = sorted({m.rsplit(".", 1)[-1] for m in modules if m.rsplit(".", 1)[-1] in _FUSED_NAMES})
     if fused:
         parts = "; ".join(f"{f} -> {_FUSED_NAMES[f]}" for f in fused)
-        add("fused-names", "warning", f"fused module names {', '.join(fused)}",
-            "vLLM packs q/k/v and gate/up itself and, for Llama-family models, expects the separate names; it refuses a packed name "
-            "unless the base model has that module itself (e.g. Phi-3)", f"write one LoRA per HF module ({parts}): the same lora_A under each, lora_B split by rows")
+        add(
+            "fused-names",
+            "warning",
+            f"fused module names {', '.join(fused)}",
+            "vLLM packs q/k/v and gate/up itself and, for Llama-family models, expects the separate names; it "
+            "refuses a packed name "
+            "unless the base model has that module itself (e.g. Phi-3)",
+            f"write one LoRA per HF module ({parts}): the same lora_A under each, lora_B split by rows",
+        )
     if config.get("use_dora") or kinds["magnitude"]:
-        add("dora", "error", f"DoRA adapter (use_dora: {json.dumps(bool(config.get('use_dora')))}, {len(kinds['magnitude'])} magnitude vectors)",
-            "vLLM refuses DoRA adapters (\"vLLM does not yet support DoRA\")",
-            "serve with peft/transformers, or merge the adapter into the base weights (peft merge_and_unload) and serve the merged model; for vLLM train plain LoRA")
+        add(
+            "dora",
+            "error",
+            f"DoRA adapter (use_dora: {json.dumps(bool(config.get('use_dora')))}, {len(kinds['magnitude'])} "
+            f"magnitude vectors)",
+            'vLLM refuses DoRA adapters ("vLLM does not yet support DoRA")',
+            "serve with peft/transformers, or merge the adapter into the base weights (peft merge_and_unload) and "
+            "serve the merged model; for vLLM train plain LoRA",
+        )
     saved = [m for m in (config.get("modules_to_save") or []) if m not in ("classifier", "score")]
     full = sorted(set(kinds["other"]) - set(megatron))
     if saved or full:
-        what = f"modules_to_save {saved}" if saved else f"{len(full)} full weight tensor(s) besides LoRA ({_some(full)})"
-        add("modules-to-save", "error", what, "vLLM refuses adapters with modules_to_save other than a classifier head",
-            "train without modules_to_save (freeze those modules), or merge the adapter and serve the merged model")
+        what = (
+            f"modules_to_save {saved}" if saved else f"{len(full)} full weight tensor(s) besides LoRA ({_some(full)})"
+        )
+        add(
+            "modules-to-save",
+            "error",
+            what,
+            "vLLM refuses adapters with modules_to_save other than a classifier head",
+            "train without modules_to_save (freeze those modules), or merge the adapter and serve the merged model",
+        )
     bias = config.get("bias", "none")
     if bias not in (None, "none") or kinds["bias"] or config.get("lora_bias"):
-        add("bias", "error", f"bias {bias!r}" + (f", {len(kinds['bias'])} LoRA bias tensor(s)" if kinds["bias"] else "") + (", lora_bias" if config.get("lora_bias") else ""),
-            "vLLM accepts only bias: none and no LoRA bias tensors", "train without bias (bias: none, lora_bias: false)")
+        add(
+            "bias",
+            "error",
+            f"bias {bias!r}"
+            + (f", {len(kinds['bias'])} LoRA bias tensor(s)" if kinds["bias"] else "")
+            + (", lora_bias" if config.get("lora_bias") else ""),
+            "vLLM accepts only bias: none and no LoRA bias tensors",
+            "train without bias (bias: none, lora_bias: false)",
+        )
     init = config.get("init_lora_weights", True)
-    unserved = [f for f in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora") if config.get(f)]
+    unserved = [
+        f for f in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora") if config.get(f)
+    ]
     if isinstance(init, str) and init.lower() not in _INITS_SERVED:
         unserved.append(f"init_lora_weights {init!r}")
     if unserved:
-        add("unsupported-feature", "error", ", ".join(unserved),
-            "vLLM 0.32 refuses these" if new else "vLLM 0.31 ignores these fields and serves the adapter as plain LoRA on the unmodified base, which is not what peft computes",
-            "convert to a plain LoRA adapter (peft: path_initial_model_for_weight_conversion for PiSSA/OLoRA/LoftQ) or serve with peft",
-            new_span if new else old_span)
+        add(
+            "unsupported-feature",
+            "error",
+            ", ".join(unserved),
+            "vLLM 0.32 refuses these"
+            if new
+            else "vLLM 0.31 ignores these fields and serves the adapter as plain LoRA on the unmodified base, "
+            "which is not what peft computes",
+            "convert to a plain LoRA adapter (peft: path_initial_model_for_weight_conversion for "
+            "PiSSA/OLoRA/LoftQ) or serve with peft",
+            new_span if new else old_span,
+        )
     top_r, top_alpha = config.get("r"), config.get("lora_alpha")
     ranks = sorted({m.rank for m in modules.values() if m.rank is not None})
     if not new and _real(top_r) and _real(top_alpha) and top_r > 0:
@@ -245,24 +354,56 @@ def _vllm_rules(config: Mapping[str, Any], modules: Mapping[str, _Module], kinds
         scales = {m.name: m.scale for m in modules.values() if m.scale is not None and m.rank is not None}
         off = sorted(name for name, s in scales.items() if not math.isclose(s, top, rel_tol=1e-6))
         if off:
-            add("per-module-scale", "error",
-                f"{len(off)} module(s) scaled differently from lora_alpha / r = {top:g} (e.g. {off[0]}: {scales[off[0]]:g}, from alpha_pattern / rank_pattern)",
-                "vLLM before 0.32 applies the one scaling lora_alpha / r to every module and reads neither alpha_pattern nor rank_pattern: these modules are served at the wrong scale without any error",
-                "serve on vLLM >= 0.32, or export with pad_rank_to (one rank and one scale: each module's scale folded into its lora_B)", old_span)
+            add(
+                "per-module-scale",
+                "error",
+                f"{len(off)} module(s) scaled differently from lora_alpha / r = {top:g} (e.g. {off[0]}: "
+                f"{scales[off[0]]:g}, from alpha_pattern / rank_pattern)",
+                "vLLM before 0.32 applies the one scaling lora_alpha / r to every module and reads neither "
+                "alpha_pattern nor rank_pattern: these modules are served at the wrong scale without any error",
+                "serve on vLLM >= 0.32, or export with pad_rank_to (one rank and one scale: each module's scale "
+                "folded into its lora_B)",
+                old_span,
+            )
         if len(ranks) > 1 and isinstance(top_r, int) and ranks[-1] > top_r:
-            add("per-module-rank", "warning", f"ranks differ per module ({', '.join(map(str, ranks))}; rank_pattern)",
-                f"vLLM before 0.32 checks only r ({top_r}) against --max-lora-rank, so a server started for r fails on the rank-{ranks[-1]} modules",
-                f"start vLLM with --max-lora-rank {_next_vllm_rank(ranks[-1]) or ranks[-1]}, or export with pad_rank_to={_next_vllm_rank(ranks[-1]) or ranks[-1]}", old_span)
+            add(
+                "per-module-rank",
+                "warning",
+                f"ranks differ per module ({', '.join(map(str, ranks))}; rank_pattern)",
+                f"vLLM before 0.32 checks only r ({top_r}) against --max-lora-rank, so a server started for r "
+                f"fails on the rank-{ranks[-1]} modules",
+                f"start vLLM with --max-lora-rank {_next_vllm_rank(ranks[-1]) or ranks[-1]}, or export with "
+                f"pad_rank_to={_next_vllm_rank(ranks[-1]) or ranks[-1]}",
+                old_span,
+            )
     if ranks:
         largest, allowed = ranks[-1], _next_vllm_rank(ranks[-1])
         if allowed is None:
-            add("rank-size", "error", f"rank {largest}", f"vLLM's largest --max-lora-rank is {VLLM_MAX_LORA_RANKS[-1]}", f"train with a rank <= {VLLM_MAX_LORA_RANKS[-1]}")
+            add(
+                "rank-size",
+                "error",
+                f"rank {largest}",
+                f"vLLM's largest --max-lora-rank is {VLLM_MAX_LORA_RANKS[-1]}",
+                f"train with a rank <= {VLLM_MAX_LORA_RANKS[-1]}",
+            )
         elif largest not in VLLM_MAX_LORA_RANKS:
-            add("rank-size", "warning", f"rank {largest} is not one of vLLM's --max-lora-rank sizes ({', '.join(map(str, VLLM_MAX_LORA_RANKS))})",
-                f"vLLM needs --max-lora-rank {allowed} for it and reserves rank-{allowed} memory for every adapter slot",
-                f"export with pad_rank_to={allowed} (same outputs), or train with rank {allowed}")
+            add(
+                "rank-size",
+                "warning",
+                f"rank {largest} is not one of vLLM's --max-lora-rank sizes "
+                f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))})",
+                f"vLLM needs --max-lora-rank {allowed} for it and reserves rank-{allowed} memory for every adapter "
+                f"slot",
+                f"export with pad_rank_to={allowed} (same outputs), or train with rank {allowed}",
+            )
         elif largest > VLLM_DEFAULT_MAX_LORA_RANK:
-            add("max-lora-rank", "info", f"rank {largest}", f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}", f"start vLLM with --max-lora-rank {largest}")
+            add(
+                "max-lora-rank",
+                "info",
+                f"rank {largest}",
+                f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}",
+                f"start vLLM with --max-lora-rank {largest}",
+            )
     _expert_rules(modules, model_type, add)
 
 
@@ -275,16 +416,33 @@ def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add: C
     if parent is not None and parent != "mlp":
         nowhere = sorted(m for m in modules if re.search(r"\.mlp\.(experts|gate)(\.|$)", m))
         if nowhere:
-            add("applied-nowhere", "error", f"{len(nowhere)} module(s) named as in transformers v5 ({_some(nowhere, 2)})",
-                f"vLLM's {model_type} model keeps its experts and router under {parent} (`{parent}.experts`, `{parent}.gate`): it loads these "
+            add(
+                "applied-nowhere",
+                "error",
+                f"{len(nowhere)} module(s) named as in transformers v5 ({_some(nowhere, 2)})",
+                f"vLLM's {model_type} model keeps its experts and router under {parent} (`{parent}.experts`, "
+                f"`{parent}.gate`): it loads these "
                 "modules without an error and applies them nowhere, serving the base model's experts",
-                "export with expert_layout='per_expert' (per-expert w1/w2/w3 names under block_sparse_moe, which vLLM applies)")
+                "export with expert_layout='per_expert' (per-expert w1/w2/w3 names under block_sparse_moe, which "
+                "vLLM applies)",
+            )
             return
-    how = f"vLLM's {model_type} model takes MoE LoRA per expert" if parent else "vLLM's MoE models other than a few 3-D ones (e.g. GPT-OSS) take MoE LoRA per expert"
-    add("engine-flags", "warning", f"fused expert LoRA (peft target_parameters; {_some(fused, 2)})",
-        f"{how}: it refuses this layout unless the engine runs with enable_mixed_moe_lora_format=True (--enable-mixed-moe-lora-format) "
-        "and each LoRARequest has is_3d_lora_weight=True" + ("" if parent else "; pass --base to check the model's expert names too"),
-        "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with expert_layout='per_expert'")
+    how = (
+        f"vLLM's {model_type} model takes MoE LoRA per expert"
+        if parent
+        else "vLLM's MoE models other than a few 3-D ones (e.g. GPT-OSS) take MoE LoRA per expert"
+    )
+    add(
+        "engine-flags",
+        "warning",
+        f"fused expert LoRA (peft target_parameters; {_some(fused, 2)})",
+        f"{how}: it refuses this layout unless the engine runs with enable_mixed_moe_lora_format=True "
+        f"(--enable-mixed-moe-lora-format) "
+        "and each LoRARequest has is_3d_lora_weight=True"
+        + ("" if parent else "; pass --base to check the model's expert names too"),
+        "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with "
+        "expert_layout='per_expert'",
+    )
 
 
 def peft_scales(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float | None]:
@@ -296,12 +454,23 @@ def has_errors(findings: Iterable[Finding]) -> bool:
     return any(f.severity == "error" for f in findings)
 
 
-def log_findings(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str, target: str = "vllm",
-                 model_type: str | None = None) -> list[Finding]:
+def log_findings(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    where: str,
+    target: str = "vllm",
+    model_type: str | None = None,
+) -> list[Finding]:
     """At export time: each finding for `target` (vLLM: the newest known version) as one log line; returns them."""
     findings = check_adapter(config, shapes, target, model_type=model_type)
     for finding in findings:
-        log.log(logging.INFO if finding.severity == "info" else logging.WARNING, "serving check (%s) of %s: %s", target, where, finding.line())
+        log.log(
+            logging.INFO if finding.severity == "info" else logging.WARNING,
+            "serving check (%s) of %s: %s",
+            target,
+            where,
+            finding.line(),
+        )
     return findings
 
 
@@ -318,7 +487,9 @@ def adapter_dirs(directory: str | Path) -> dict[str, Path]:
         if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(".") and (sub / ADAPTER_CONFIG).is_file():
             found[sub.name] = sub
     if not found:
-        raise ExportError(f"{directory}: no {ADAPTER_CONFIG} at the top or in a subdirectory; expected an HF PEFT adapter directory")
+        raise ExportError(
+            f"{directory}: no {ADAPTER_CONFIG} at the top or in a subdirectory; expected an HF PEFT adapter directory"
+        )
     return found
 
 
@@ -327,7 +498,11 @@ def read_adapters(directory: str | Path) -> dict[str, tuple[Path, dict[str, Any]
     return {name: (path, *read_adapter(path)) for name, path in adapter_dirs(directory).items()}
 
 
-def check_dir(directory: str | Path, target: str = "vllm", *, vllm_version: str | None = None, model_type: str | None = None) -> dict[str, list[Finding]]:
+def check_dir(
+    directory: str | Path, target: str = "vllm", *, vllm_version: str | None = None, model_type: str | None = None
+) -> dict[str, list[Finding]]:
     """Findings per adapter of a directory (the root adapter as "default", others by subdirectory), by the rules."""
-    return {name: check_adapter(config, shapes, target, vllm_version=vllm_version, model_type=model_type)
-            for name, (_, config, shapes) in read_adapters(directory).items()}
+    return {
+        name: check_adapter(config, shapes, target, vllm_version=vllm_version, model_type=model_type)
+        for name, (_, config, shapes) in read_adapters(directory).items()
+    }

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ class RankLayout:
     """The same for expert weights, replicated over the expert data-parallel group instead."""
 
     @classmethod
-    def from_megatron(cls) -> "RankLayout":
+    def from_megatron(cls) -> RankLayout:
         from megatron.core import parallel_state as ps
 
         return cls(
@@ -51,7 +52,8 @@ class RankLayout:
 
 
 def new_gloo_group(timeout: float | None) -> Any:
-    """A gloo group over all ranks (collective) whose every operation fails after `timeout` seconds without an answer."""
+    """A gloo group over all ranks (collective) whose every operation fails after `timeout` seconds without an
+    answer."""
     group = dist.new_group(backend="gloo", timeout=None if timeout is None else timedelta(seconds=timeout))
     if timeout is not None:
         _TIMEOUTS[id(group)] = timeout
@@ -59,7 +61,8 @@ def new_gloo_group(timeout: float | None) -> Any:
 
 
 def export_group(timeout: float | None = None) -> Any:
-    """The default group when it is gloo; otherwise one gloo group over all ranks (with `timeout`), made once (collectively)."""
+    """The default group when it is gloo; otherwise one gloo group over all ranks (with `timeout`), made once
+    (collectively)."""
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
     key = (tuple(range(dist.get_world_size())), timeout)
@@ -75,10 +78,15 @@ def _collective(group: Any, what: str) -> Iterator[None]:
         yield
     except RuntimeError as exc:  # gloo's errors (DistBackendError is one)
         timeout = _TIMEOUTS.get(id(group))
-        within = f"within the group's timeout of {timeout:g} s" if timeout is not None else "within the process group's timeout"
+        within = (
+            f"within the group's timeout of {timeout:g} s"
+            if timeout is not None
+            else "within the process group's timeout"
+        )
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise CollectiveError(
-            f"rank {dist.get_rank()} lost contact with another rank while {what} (a rank died, or did not answer {within}): {detail}"
+            f"rank {dist.get_rank()} lost contact with another rank while {what} (a rank died, or did not answer "
+            f"{within}): {detail}"
         ) from exc
 
 
@@ -127,7 +135,7 @@ def broadcast_outcome(run: Callable[[], Any], src: int, group: Any) -> Any:
             dist.broadcast_object_list(box, src=src, group=group)
     except CollectiveError as exc:
         if dist.get_rank() != src or failure is not None:
-            raise failure if failure is not None else exc
+            raise failure if failure is not None else exc  # noqa: B904 (the original error, or the caught one itself)
         log.warning("%s; rank %d's own step succeeded, the other ranks may not know it", exc, src)
         return result
     if failure is not None:
@@ -192,7 +200,7 @@ def send_bucket(tensors: list[torch.Tensor], dst: int, group: Any) -> ExportErro
     flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
     start = 0
     for t in tensors:
-        part = flat[start:start + t.numel()].view(t.shape)
+        part = flat[start : start + t.numel()].view(t.shape)
         try:
             part.copy_(host_copy(t))
         except Exception as exc:  # e.g. a device error: report it after the data phase, on every rank

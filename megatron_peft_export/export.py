@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +31,8 @@ from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
 from .names import check_name
-from .quantization import describe as describe_quantization, summary as quantization_summary
+from .quantization import describe as describe_quantization
+from .quantization import summary as quantization_summary
 
 log = logging.getLogger("megatron_peft_export")
 WRITER = 0
@@ -49,13 +51,19 @@ class ExportOptions:
     """MoE experts: `per_expert` modules (transformers v4, vLLM), `fused` 3-D target_parameters (transformers v5), or
     `auto`: the layout of the installed transformers."""
     allow_nonfinite: bool = False
-    """Write an adapter whose tensors hold NaN or Inf (by default that is an error: such an adapter gives NaN logits)."""
+    """Write an adapter whose tensors hold NaN or Inf (by default that is an error: such an adapter gives NaN
+    logits)."""
     pad_rank_to: int | None = None
     """Pad every module to this rank (zeros, lora_alpha scaled so alpha / r is unchanged); None: as trained."""
 
     def __post_init__(self) -> None:
-        check_options(adapter_name=self.adapter_name, dtype=self.dtype, expert_layout=self.expert_layout, model_type=self.model_type,
-                      pad_rank_to=self.pad_rank_to)
+        check_options(
+            adapter_name=self.adapter_name,
+            dtype=self.dtype,
+            expert_layout=self.expert_layout,
+            model_type=self.model_type,
+            pad_rank_to=self.pad_rank_to,
+        )
 
     def inputs(self) -> list[tuple[Path, str]]:
         """What an export reads from disk besides the model: the base model's directory, when it is a local one."""
@@ -72,14 +80,18 @@ def check_options(*, adapter_name: str, dtype: Any, expert_layout: Any, model_ty
     try:
         parse_dtype(dtype)
     except (ExportError, TypeError):
-        raise ExportError(f"dtype: expected bfloat16, float16 or float32 (or bf16, fp16, fp32), found {dtype!r:.80}") from None
+        raise ExportError(
+            f"dtype: expected bfloat16, float16 or float32 (or bf16, fp16, fp32), found {dtype!r:.80}"
+        ) from None
     if expert_layout not in EXPERT_LAYOUTS:
         raise ExportError(f"expert_layout: expected one of {', '.join(EXPERT_LAYOUTS)}, found {expert_layout!r:.80}")
     if model_type is not None:
         if not isinstance(model_type, str):
             raise ExportError(f"model_type: expected an HF model_type (e.g. llama), found {model_type!r:.80}")
         arch_for_model_type(model_type)
-    if pad_rank_to is not None and (not isinstance(pad_rank_to, int) or isinstance(pad_rank_to, bool) or pad_rank_to < 1):
+    if pad_rank_to is not None and (
+        not isinstance(pad_rank_to, int) or isinstance(pad_rank_to, bool) or pad_rank_to < 1
+    ):
         raise ExportError(f"pad_rank_to: expected a rank >= 1, found {pad_rank_to!r:.80}")
 
 
@@ -92,7 +104,8 @@ class _Report:
     adapter_names: set[str] = field(default_factory=set)
     specs: list[ShardSpec] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
-    """(reason, module) of this rank's modules whose adapter no HF adapter reproduces: the export refuses them all, named."""
+    """(reason, module) of this rank's modules whose adapter no HF adapter reproduces: the export refuses them all,
+    named."""
     geometry: ModelGeometry | None = None
     megatron_vocab: int | None = None
     hf_config: dict[str, Any] | None = None
@@ -137,8 +150,14 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         config, report.megatron_vocab = megatron_config(chunks[0])
         report.geometry = ModelGeometry.from_megatron(config)
         report.quantization = describe_quantization(chunks)
-        found = collect(chunks, options.adapter_name, layout.tp_rank, layout.tp_size, layout.is_data_parallel_source,
-                        layout.is_expert_data_parallel_source)
+        found = collect(
+            chunks,
+            options.adapter_name,
+            layout.tp_rank,
+            layout.tp_size,
+            layout.is_data_parallel_source,
+            layout.is_expert_data_parallel_source,
+        )
         report.dialects, report.adapter_names, report.refused = found.dialects, found.adapter_names, found.refused
         carriers = found.carriers
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
@@ -153,21 +172,28 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     return Snapshot(report, shards, carriers)
 
 
-def _plan(reports: list[_Report], options: ExportOptions) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]], Naming]:
+def _plan(
+    reports: list[_Report], options: ExportOptions
+) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]], Naming]:
     """Identical on every rank (same inputs, pure code), so every rank raises the same error."""
     dialects = set().union(*(r.dialects for r in reports))
     if not dialects:
         raise NoAdaptersError(
             "no adapter tensors found on any rank; expected ModelOpt LoRA (lora_a_<name>/lora_b_<name>) or "
-            "Megatron-Bridge LoRA/CanonicalLoRA/DoRA (adapter.linear_in/linear_out). Apply the adapter before exporting."
+            "Megatron-Bridge LoRA/CanonicalLoRA/DoRA (adapter.linear_in/linear_out). Apply the adapter before "
+            "exporting."
         )
     if len(dialects) > 1:
-        raise DialectError(f"found adapters of several dialects ({', '.join(sorted(dialects))}); expected one per model")
+        raise DialectError(
+            f"found adapters of several dialects ({', '.join(sorted(dialects))}); expected one per model"
+        )
     raise_refusals(item for r in reports for item in r.refused)
     ordered = [(rank, i, spec) for rank, r in enumerate(reports) for i, spec in enumerate(r.specs)]
     if not ordered:
         names = sorted(set().union(*(r.adapter_names for r in reports)))
-        raise NoAdaptersError(f"no adapter named {options.adapter_name!r}; the model has adapters {names}. Pass adapter_name=")
+        raise NoAdaptersError(
+            f"no adapter named {options.adapter_name!r}; the model has adapters {names}. Pass adapter_name="
+        )
     first = reports[WRITER]
     names = naming(options.model_type, first.hf_config, first.geometry)
     plan = plan_adapter([spec for _, _, spec in ordered], names.geometry, names.arch, first.megatron_vocab)
@@ -183,7 +209,8 @@ class Naming:
 
 
 def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: ModelGeometry) -> Naming:
-    """The HF name map, and the geometry checked against the base model's config (which also gives the real vocabulary)."""
+    """The HF name map, and the geometry checked against the base model's config (which also gives the real
+    vocabulary)."""
     arch = choose_arch(model_type, hf_config)
     if hf_config is None:
         return Naming(arch, geometry)
@@ -201,21 +228,38 @@ def _fused_layout(option: str) -> bool:
 
 
 def stage_adapter(
-    tmp: Path, plan: AdapterPlan, tensors: dict[str, torch.Tensor], options: ExportOptions, names: Naming, *,
-    dialect: str, source: str, extra_files: dict[str, bytes] | None = None, quantization: str | None = None,
+    tmp: Path,
+    plan: AdapterPlan,
+    tensors: dict[str, torch.Tensor],
+    options: ExportOptions,
+    names: Naming,
+    *,
+    dialect: str,
+    source: str,
+    extra_files: dict[str, bytes] | None = None,
+    quantization: str | None = None,
 ) -> None:
-    """Write config, card and weights into the staging directory (MoE experts in the chosen layout, ranks padded when asked).
+    """Write config, card and weights into the staging directory (MoE experts in the chosen layout, ranks padded when
+    asked).
 
-    Logs what vLLM would refuse, serve wrong or need engine flags for in the result (`compat`, for the name map's family);
+    Logs what vLLM would refuse, serve wrong or need engine flags for in the result (`compat`, for the name map's
+    family);
     `quantization` describes the base for the card.
     """
     if options.pad_rank_to is not None:
         plan, tensors = pad_ranks(plan, tensors, options.pad_rank_to)
     fused: dict[str, list[str]] = {}
     if names.arch.fused_experts and names.geometry.num_experts and _fused_layout(options.expert_layout):
-        tensors, fused = fuse_experts(plan, tensors, names.arch, names.geometry.num_experts)  # what vLLM makes of it: log_findings below
+        tensors, fused = fuse_experts(
+            plan, tensors, names.arch, names.geometry.num_experts
+        )  # what vLLM makes of it: log_findings below
     config = adapter_config(plan, options.base_model_name_or_path, fused_experts=fused or None)
-    log_findings(config, {k: tuple(t.shape) for k, t in tensors.items()}, f"the adapter from {source}", model_type=names.arch.name)
+    log_findings(
+        config,
+        {k: tuple(t.shape) for k, t in tensors.items()},
+        f"the adapter from {source}",
+        model_type=names.arch.name,
+    )
     card = model_card(config, dialect=dialect, source=source, num_tensors=len(tensors), quantization=quantization)
     write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
 
@@ -233,14 +277,17 @@ def run_export(
 ) -> Path | None:
     """Collective: exchange reports, plan, move bytes to the writer, write a staging directory.
 
-    `extra_files` (writer only) are written into the adapter directory too. `finish(staging)` runs on the writer (publish, or hand over for a later publish); its failure
+    `extra_files` (writer only) are written into the adapter directory too. `finish(staging)` runs on the writer
+    (publish, or hand over for a later publish); its failure
     raises on every rank. Returns finish's result on the writer, None elsewhere.
     """
     out_dtype = parse_dtype(options.dtype)
     reports = coll.all_gather(snapshot.report, group)
     coll.agree(snapshot.report.error, group)
     plan, dialect, ordered, names = _plan(reports, options)
-    tmp = coll.broadcast_outcome(lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group)
+    tmp = coll.broadcast_outcome(
+        lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group
+    )
     if layout.rank != WRITER:
         failure = None
         for bucket in coll.buckets([(s.spec.shape, s.spec.dtype) for s in snapshot.shards]):
@@ -261,10 +308,19 @@ def run_export(
         for n, (rank, _, _) in enumerate(ordered):
             by_rank.setdefault(rank, []).append(n)
         for rank, positions in by_rank.items():  # every send is received, even after a failure, so no sender hangs
-            for bucket in coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions]) if rank != WRITER else [range(len(positions))]:
+            for bucket in (
+                coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions])
+                if rank != WRITER
+                else [range(len(positions))]
+            ):
                 specs = [ordered[positions[k]][2] for k in bucket]
-                data = [None] * len(specs) if rank == WRITER else \
-                    coll.receive_bucket([spec.shape for spec in specs], getattr(torch, specs[0].dtype), rank, group)
+                data = (
+                    [None] * len(specs)
+                    if rank == WRITER
+                    else coll.receive_bucket(
+                        [spec.shape for spec in specs], getattr(torch, specs[0].dtype), rank, group
+                    )
+                )
                 if failure is not None:
                     continue
                 try:
@@ -289,8 +345,17 @@ def run_export(
     def convert_and_write() -> Path | None:
         try:
             check_finite(tensors, allow=options.allow_nonfinite)
-            stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=source, extra_files=extra_files,
-                          quantization=quantization_summary(r.quantization for r in reports))
+            stage_adapter(
+                tmp,
+                plan,
+                tensors,
+                options,
+                names,
+                dialect=dialect,
+                source=source,
+                extra_files=extra_files,
+                quantization=quantization_summary(r.quantization for r in reports),
+            )
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)
         except BaseException:
@@ -327,9 +392,25 @@ def export_adapter(
     `pad_rank_to` pads every module to that rank (same outputs, see core/rank_padding); several named
     adapters at once: `export_adapters`.
     """
-    options = ExportOptions(base_model_name_or_path=base_model_name_or_path, adapter_name=adapter_name, dtype=dtype, overwrite=overwrite, model_type=model_type,
-                            expert_layout=expert_layout, allow_nonfinite=allow_nonfinite, pad_rank_to=pad_rank_to)
+    options = ExportOptions(
+        base_model_name_or_path=base_model_name_or_path,
+        adapter_name=adapter_name,
+        dtype=dtype,
+        overwrite=overwrite,
+        model_type=model_type,
+        expert_layout=expert_layout,
+        allow_nonfinite=allow_nonfinite,
+        pad_rank_to=pad_rank_to,
+    )
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group(collective_timeout)
     snapshot = take_snapshot(model, layout, options, copy=False)
-    return run_export(snapshot, output_dir, options, layout, group, finish=lambda tmp: publish(tmp, output_dir, overwrite), source="a live Megatron model")
+    return run_export(
+        snapshot,
+        output_dir,
+        options,
+        layout,
+        group,
+        finish=lambda tmp: publish(tmp, output_dir, overwrite),
+        source="a live Megatron model",
+    )

@@ -14,12 +14,12 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
+from typing import Any
 
 from . import distributed as coll
 from .atomic_dir import abandon_all, clean_stale, discard, publish
@@ -91,12 +91,18 @@ class AdapterExportHook:
             self.pusher = HubPusher(self.config.push)
             self._after_publish += (self.pusher.after_publish,)
         self._options = ExportOptions(
-            base_model_name_or_path=self.config.base_model_name_or_path, adapter_name=self.config.adapter_name,
-            dtype=self.config.dtype, overwrite=True, model_type=self.config.model_type, pad_rank_to=self.config.pad_rank_to, expert_layout=self.config.expert_layout,
+            base_model_name_or_path=self.config.base_model_name_or_path,
+            adapter_name=self.config.adapter_name,
+            dtype=self.config.dtype,
+            overwrite=True,
+            model_type=self.config.model_type,
+            pad_rank_to=self.config.pad_rank_to,
+            expert_layout=self.config.expert_layout,
             allow_nonfinite=self.config.allow_nonfinite,
         )
         self._snapshots = HostSnapshots(self._options)
-        """Finds the adapter when the model changed and reuses host buffers: a save costs the training thread only copies."""
+        """Finds the adapter when the model changed and reuses host buffers: a save costs the training thread only
+        copies."""
         self._saves = 0
         self._group: Any = None
         """Export traffic, on the background thread."""
@@ -106,7 +112,8 @@ class AdapterExportHook:
         self._pending: deque[Future] = deque()
         self._failure: ExportError | None = None
         self._broken: CollectiveError | None = None
-        """Set when a collective of an export failed (a rank died or timed out): the group is unusable, no more exports."""
+        """Set when a collective of an export failed (a rank died or timed out): the group is unusable, no more
+        exports."""
         self._swept = False
         self._awaiting: list[_AwaitingPublish] = []
         self._lock = threading.Lock()
@@ -114,7 +121,15 @@ class AdapterExportHook:
         self.published: list[Path] = []
         """Adapter directories this rank published (the writer's list; empty elsewhere)."""
 
-    def on_checkpoint_saved(self, iteration: int, checkpoint_dir: str | Path, model: Any, *, finalized: bool = True, non_persistent: bool = False) -> None:
+    def on_checkpoint_saved(
+        self,
+        iteration: int,
+        checkpoint_dir: str | Path,
+        model: Any,
+        *,
+        finalized: bool = True,
+        non_persistent: bool = False,
+    ) -> None:
         """Snapshot this rank's adapter shards for `iteration` and export them in the background.
 
         `checkpoint_dir` is the iteration's checkpoint directory (`<save>/iter_0000100`); the adapter
@@ -125,7 +140,10 @@ class AdapterExportHook:
         if not self.config.enabled:
             return
         if self._group is None:  # collective: every rank reaches the first save together
-            self._group, self._control = coll.new_gloo_group(self.config.collective_timeout), coll.new_gloo_group(self.config.collective_timeout)
+            self._group, self._control = (
+                coll.new_gloo_group(self.config.collective_timeout),
+                coll.new_gloo_group(self.config.collective_timeout),
+            )
             _HOOKS.add(self)
             if self.config.sigterm_grace is not None:
                 _install_sigterm_handler()
@@ -136,7 +154,11 @@ class AdapterExportHook:
         if self._saves % self.config.every_n_saves:
             return
         if self._broken is not None:
-            log.warning("HF adapter export for iteration %d skipped: an earlier export lost contact with another rank (%s)", iteration, self._broken)
+            log.warning(
+                "HF adapter export for iteration %d skipped: an earlier export lost contact with another rank (%s)",
+                iteration,
+                self._broken,
+            )
             return
         while len(self._pending) >= self.config.max_pending:
             self._pending.popleft().result()
@@ -146,7 +168,9 @@ class AdapterExportHook:
             snapshot = self._snapshots.take(model, layout)
         else:  # several named adapters, one directory tree
             snapshot = take_snapshots(model, layout, self._options, self.config.adapter_names, copy=True)
-        job = self._executor.submit(self._export_snapshot, snapshot, layout, iteration, Path(checkpoint_dir), finalized, extra_files)
+        job = self._executor.submit(
+            self._export_snapshot, snapshot, layout, iteration, Path(checkpoint_dir), finalized, extra_files
+        )
         self._pending.append(job)
 
     def _export_snapshot(self, snapshot, *args) -> None:
@@ -174,11 +198,24 @@ class AdapterExportHook:
                 self._swept = True
                 self._clean_leftovers(checkpoint_dir.parent)
             export = run_multi_export if isinstance(snapshot, AdapterSnapshots) else run_export
-            path = export(snapshot, output, self._options, layout, self._group, finish=finish, source=f"iteration {iteration}", extra_files=extra_files)
+            path = export(
+                snapshot,
+                output,
+                self._options,
+                layout,
+                self._group,
+                finish=finish,
+                source=f"iteration {iteration}",
+                extra_files=extra_files,
+            )
             if finalized and path is not None:  # outside the collectives: the other ranks do not wait for these steps
                 self._run_after_publish(iteration, path)
         except Exception as exc:  # never raised into training: recorded (on_error=raise) or logged
-            self._failed(iteration, exc if isinstance(exc, ExportError) else ExportError(f"unexpected {type(exc).__name__}: {exc}"), layout.rank)
+            self._failed(
+                iteration,
+                exc if isinstance(exc, ExportError) else ExportError(f"unexpected {type(exc).__name__}: {exc}"),
+                layout.rank,
+            )
         self._publish_finalized()
 
     def _failed(self, iteration: int, exc: ExportError, rank: int) -> None:
@@ -186,15 +223,22 @@ class AdapterExportHook:
             if self._broken is None:
                 self._broken = exc
                 coll.close_group(self._group)  # ranks still waiting on it fail at once, not after their timeout
-            log.warning("HF adapter export for iteration %d failed on rank %d (no partial adapter is ever published); this run exports no "
-                        "more adapters (convert checkpoints later with `megatron-peft-export export SAVE_DIR --all`): %s", iteration, rank, exc)
+            log.warning(
+                "HF adapter export for iteration %d failed on rank %d (no partial adapter is ever published); this "
+                "run exports no "
+                "more adapters (convert checkpoints later with `megatron-peft-export export SAVE_DIR --all`): %s",
+                iteration,
+                rank,
+                exc,
+            )
         if self.config.on_error == "raise":
             self._failure = self._failure or exc
         elif rank == WRITER and not isinstance(exc, CollectiveError):
             log.warning("HF adapter export for iteration %d failed; training continues: %s", iteration, exc)
 
     def _clean_leftovers(self, save_dir: Path) -> None:
-        """Staging directories that earlier runs left behind (killed mid-export) in this save directory, if their process is gone."""
+        """Staging directories that earlier runs left behind (killed mid-export) in this save directory, if their
+        process is gone."""
         try:
             for parent in sorted({p.parent for p in save_dir.glob(f"iter_*/.{self.config.subdir}.*")}):
                 clean_stale(parent / self.config.subdir)
@@ -276,7 +320,7 @@ class AdapterExportHook:
         self._raise_agreed_failure()
 
 
-_HOOKS: "weakref.WeakSet[AdapterExportHook]" = weakref.WeakSet()
+_HOOKS: weakref.WeakSet[AdapterExportHook] = weakref.WeakSet()
 _SIGTERM = {"checked": False}
 
 
@@ -309,7 +353,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
                 pass
     abandoned = abandon_all(timeout=max(1.0, deadline - time.monotonic()))
     if unfinished or abandoned:
-        log.warning("SIGTERM: %d pending HF adapter export(s) did not finish in time; abandoned (staging removed: %s), nothing partial was published",
-                    unfinished, ", ".join(str(p) for p in abandoned) or "none")
+        log.warning(
+            "SIGTERM: %d pending HF adapter export(s) did not finish in time; abandoned (staging removed: %s), "
+            "nothing partial was published",
+            unfinished,
+            ", ".join(str(p) for p in abandoned) or "none",
+        )
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -28,7 +28,6 @@ from . import distributed as coll
 from .dialects import LocalShard
 from .export import ExportOptions, Snapshot, model_chunks, take_snapshot
 
-
 _registrations = itertools.count(1)
 _registration_count = 0
 _registration_hook = None
@@ -40,7 +39,8 @@ def _count_registration(module: torch.nn.Module, name: str, submodule: Any) -> N
 
 
 def _modules_registered() -> int:
-    """How many times any module was given a child module (`add_module`, `setattr`) in this process, since the first call.
+    """How many times any module was given a child module (`add_module`, `setattr`) in this process, since the first
+    call.
 
     Adding an adapter adds modules (ModelOpt's `lora_a_<name>`, Bridge's `adapter`): a cached walk is stale when this
     count moved, and the check costs one integer compare instead of listing ~10^5 modules at every save. A removal, or a
@@ -78,7 +78,9 @@ def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], adapter_name: st
     for module, dialect in carriers:
         state.append(id(module))
         for t in dialect.find(module, adapter_name) or ():
-            state.append(tuple((id(v), v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for v in vars(t).values()))
+            state.append(
+                tuple((id(v), v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for v in vars(t).values())
+            )
     return state
 
 
@@ -101,7 +103,12 @@ class HostSnapshots:
         key = (tuple(id(c) for c in chunks), layout)
         found = self._found
         registered = _modules_registered()
-        if found is None or found.key != key or found.registered != registered or _adapter_state(found.carriers, self._options.adapter_name) != found.state:
+        if (
+            found is None
+            or found.key != key
+            or found.registered != registered
+            or _adapter_state(found.carriers, self._options.adapter_name) != found.state
+        ):
             self.walks += 1
             live = take_snapshot(model, layout, self._options, copy=False)
             if live.report.error is not None:  # nothing to copy; the error reaches every rank in the export
@@ -127,8 +134,15 @@ class HostSnapshots:
     def _adopt(self, key: tuple, registered: int, live: Snapshot) -> _Found:
         carriers = live.carriers
         live = dataclasses.replace(live, carriers=[])
-        found = _Found(key, registered, carriers, _adapter_state(carriers, self._options.adapter_name), live, next(self._generations),
-                       [s.tensor for s in live.shards])
+        found = _Found(
+            key,
+            registered,
+            carriers,
+            _adapter_state(carriers, self._options.adapter_name),
+            live,
+            next(self._generations),
+            [s.tensor for s in live.shards],
+        )
         with self._lock:
             self._found = found
             self._free.clear()
@@ -152,6 +166,6 @@ def _flat_buffers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     buffers = []
     for t in tensors:
         n, start = t.numel(), offsets[t.dtype]
-        buffers.append(flat[t.dtype][start:start + n].view(t.shape))
+        buffers.append(flat[t.dtype][start : start + n].view(t.shape))
         offsets[t.dtype] = start + n
     return buffers

@@ -23,14 +23,15 @@ from .core.geometry import ModelGeometry
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
 from .dialects import collect, raise_refusals
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
-from .export import Naming, model_chunks, megatron_config, naming
+from .export import Naming, megatron_config, model_chunks, naming
 from .hf_config import read_hf_config
 from .patterns import PatternSet
 from .targets import check_targets
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """Config and tensor shapes, checked (malformed or hostile files, lying headers, contradicting shapes: AdapterFileError)."""
+    """Config and tensor shapes, checked (malformed or hostile files, lying headers, contradicting shapes:
+    AdapterFileError)."""
     return read_adapter(adapter_dir)
 
 
@@ -42,20 +43,34 @@ def _unfused_experts(adapter_dir: Path, config: dict[str, Any], names: Naming) -
     return unfuse_experts(tensors, names.arch, names.geometry.num_experts, config["target_parameters"], config["r"])
 
 
-def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], adapter_dir: Path, names: Naming) -> None:
+def _check_against_file(
+    plan: AdapterPlan, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], adapter_dir: Path, names: Naming
+) -> None:
     problems = []
     missing, unexpected = sorted(set(plan.shapes) - set(shapes)), sorted(set(shapes) - set(plan.shapes))
     experts = names.geometry.num_experts or 0
     extra = sorted({e for e in (expert_of(names.arch, k) for k in unexpected) if e is not None and e >= experts})
     if extra:
         has = f"{experts} experts (0..{experts - 1})" if experts else "no experts"
-        problems.append(f"the file adapts experts {extra}, the Megatron model has {has}; load it into a model with the expert count of the adapter's base model")
+        problems.append(
+            f"the file adapts experts {extra}, the Megatron model has {has}; load it into a model with the expert "
+            f"count of the adapter's base model"
+        )
     if missing:
         problems.append(f"the model's adapter needs {len(missing)} tensor(s) the file lacks, e.g. {missing[:3]}")
     if unexpected:
-        problems.append(f"the file has {len(unexpected)} tensor(s) the model's adapter does not target, e.g. {unexpected[:3]}")
-    problems += [f"{k}: the model expects shape {plan.shapes[k]}, the file has {shapes[k]}" for k in sorted(set(plan.shapes) & set(shapes)) if plan.shapes[k] != shapes[k]][:5]
-    rank_pattern, alpha_pattern = PatternSet(config.get("rank_pattern"), "rank_pattern"), PatternSet(config.get("alpha_pattern"), "alpha_pattern")
+        problems.append(
+            f"the file has {len(unexpected)} tensor(s) the model's adapter does not target, e.g. {unexpected[:3]}"
+        )
+    problems += [
+        f"{k}: the model expects shape {plan.shapes[k]}, the file has {shapes[k]}"
+        for k in sorted(set(plan.shapes) & set(shapes))
+        if plan.shapes[k] != shapes[k]
+    ][:5]
+    rank_pattern, alpha_pattern = (
+        PatternSet(config.get("rank_pattern"), "rank_pattern"),
+        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
+    )
     for module, settings in sorted(plan.modules.items()):
         r = rank_pattern.get(module, config.get("r"))
         alpha = alpha_pattern.get(module, config.get("lora_alpha"))
@@ -64,14 +79,26 @@ def _check_against_file(plan: AdapterPlan, config: dict[str, Any], shapes: dict[
             break
         scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
         if not math.isclose(scale, settings.alpha / settings.r, rel_tol=1e-6):
-            problems.append(f"{module}: the adapter scales by {scale:g}, the model's adapter by {settings.alpha / settings.r:g}; configure the model's LoRA scale to match")
+            problems.append(
+                f"{module}: the adapter scales by {scale:g}, the model's adapter by "
+                f"{settings.alpha / settings.r:g}; configure the model's LoRA scale to match"
+            )
     if bool(config.get("use_dora")) != plan.use_dora:
         problems.append(f"use_dora is {bool(config.get('use_dora'))} in the adapter, {plan.use_dora} in the model")
     if problems:
         raise ShapeMismatchError(f"{adapter_dir} does not fit the model's adapter: " + "; ".join(problems[:8]))
 
 
-def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = "default", model_type: str | None = None, base_model_name_or_path: str | None = None, group: Any = None, allow_nonfinite: bool = False) -> None:
+def load_hf_adapter(
+    model: Any,
+    adapter_dir: str | Path,
+    *,
+    adapter_name: str = "default",
+    model_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+    group: Any = None,
+    allow_nonfinite: bool = False,
+) -> None:
     """Fill the LoRA parameters of a model that already has adapters (ModelOpt or Bridge) from an HF PEFT directory.
 
     Collective: every rank calls it with its model (any TP/PP/VPP/DP layout). A mismatch of targets,
@@ -88,10 +115,14 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
         found = collect(chunks, adapter_name, layout.tp_rank, layout.tp_size)
         refused = found.refused
         # Every copy is filled; a replicated tensor is planned as TP rank 0's copy.
-        local = [(dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards]
+        local = [
+            (dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards
+        ]
         config, shapes = _read_adapter(adapter_dir)
         check_targets(config, shapes, str(adapter_dir))  # a tensor peft would ignore is no adapter to import
-        names = naming(model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config))
+        names = naming(
+            model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config)
+        )
         unfused = _unfused_experts(adapter_dir, config, names)
         if unfused is not None:
             shapes = {key: tuple(t.shape) for key, t in unfused.items()}
@@ -99,19 +130,41 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
         error = exc
     coll.agree(error, group)
     gathered = coll.all_gather(([spec for spec, _ in local], refused), group)
-    raise_refusals(item for _, rank_refused in gathered for item in rank_refused)  # the model would not compute the file's adapter
+    raise_refusals(
+        item for _, rank_refused in gathered for item in rank_refused
+    )  # the model would not compute the file's adapter
     specs = _unique(spec for rank_specs, _ in gathered for spec in rank_specs)
     if not specs:
-        raise NoAdaptersError(f"the model has no adapter named {adapter_name!r} to load {adapter_dir} into; apply the adapter (ModelOpt or Bridge) first")
+        raise NoAdaptersError(
+            f"the model has no adapter named {adapter_name!r} to load {adapter_dir} into; apply the adapter "
+            f"(ModelOpt or Bridge) first"
+        )
     plan = plan_adapter(specs, names.geometry, names.arch, vocab)
     _check_against_file(plan, config, shapes, adapter_dir, names)
     error, values = None, []
     try:
         with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name, safe_open(name, "pt") as f:
-            read = (lambda key, index: unfused[key][index]) if unfused is not None else (lambda key, index: f.get_slice(key)[index])
-            values = [_read_shard(read, spec, tensor, plan_shard(spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry)) for spec, tensor in local]
-        check_finite(((f"{spec.module} {spec.role}", value) for (spec, _), value in zip(local, values)), allow=allow_nonfinite,
-                     remedy="pass allow_nonfinite=True to load it anyway")
+            read = (
+                (lambda key, index: unfused[key][index])
+                if unfused is not None
+                else (lambda key, index: f.get_slice(key)[index])
+            )
+            values = [
+                _read_shard(
+                    read,
+                    spec,
+                    tensor,
+                    plan_shard(
+                        spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry
+                    ),
+                )
+                for spec, tensor in local
+            ]
+        check_finite(
+            ((f"{spec.module} {spec.role}", value) for (spec, _), value in zip(local, values)),
+            allow=allow_nonfinite,
+            remedy="pass allow_nonfinite=True to load it anyway",
+        )
         _check_shared(local, values)
     except Exception as exc:  # every rank must reach the agreement below
         error = exc
@@ -122,14 +175,17 @@ def load_hf_adapter(model: Any, adapter_dir: str | Path, *, adapter_name: str = 
 
 
 def _check_shared(local: list, values: list[torch.Tensor]) -> None:
-    """A tensor found for several modules (a Bridge adapter shared by the grouped experts of an EP rank) takes one value."""
+    """A tensor found for several modules (a Bridge adapter shared by the grouped experts of an EP rank) takes one
+    value."""
     first: dict[int, tuple[str, torch.Tensor]] = {}
     for (spec, tensor), value in zip(local, values):
         module, seen = first.setdefault(id(tensor), (spec.module, value))
         if not torch.equal(seen, value):
             raise ShapeMismatchError(
-                f"{spec.module} and {module} have different {spec.role} in the adapter, but the model holds one for both (a Megatron-Bridge "
-                "adapter shared by the experts of an EP rank); load it into per-expert adapters (share_expert_adapters=False), or make them equal"
+                f"{spec.module} and {module} have different {spec.role} in the adapter, but the model holds one "
+                f"for both (a Megatron-Bridge "
+                "adapter shared by the experts of an EP rank); load it into per-expert adapters "
+                "(share_expert_adapters=False), or make them equal"
             )
 
 
@@ -138,7 +194,8 @@ def _unique(specs) -> list:
 
 
 def _read_shard(read, spec, tensor: torch.Tensor, placements) -> torch.Tensor:
-    """This shard's values, read slice by slice (`read(key, index)`); slices that land on the same local rows must agree."""
+    """This shard's values, read slice by slice (`read(key, index)`); slices that land on the same local rows must
+    agree."""
     value = torch.empty_like(tensor, device="cpu")
     written: dict[tuple[int, int, int], str] = {}
     for p in placements:
@@ -149,7 +206,8 @@ def _read_shard(read, spec, tensor: torch.Tensor, placements) -> torch.Tensor:
         target = value.narrow(p.dim, p.src_start, p.length)
         if region in written and not torch.equal(target, data.to(value.dtype)):
             raise ShapeMismatchError(
-                f"{p.key} and {written[region]} differ, but the Megatron module {spec.module} holds one tensor for both "
+                f"{p.key} and {written[region]} differ, but the Megatron module {spec.module} holds one tensor for "
+                f"both "
                 "(a fused linear has one LoRA A); load such adapters into CanonicalLoRA, or make them equal"
             )
         written[region] = p.key

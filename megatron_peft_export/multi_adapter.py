@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -68,7 +69,9 @@ class AdapterSnapshots:
         return Snapshot(dataclasses.replace(self.first.report, specs=[]), [])
 
 
-def take_snapshots(model: Any, layout: coll.RankLayout, options: ExportOptions, selection: Selection, *, copy: bool) -> AdapterSnapshots:
+def take_snapshots(
+    model: Any, layout: coll.RankLayout, options: ExportOptions, selection: Selection, *, copy: bool
+) -> AdapterSnapshots:
     """This rank's shards of every selected adapter ("all": every adapter this rank holds)."""
     selection = check_selection(selection)
     first_name = options.adapter_name if selection == ALL else selection[0]
@@ -91,22 +94,30 @@ def _choose(gathered: list[dict[str, Any]], selection: Selection, default: str) 
         if not chosen:
             if not known:
                 return [default], []  # run_export names the problem (no adapters at all)
-            raise NoAdaptersError(f"every adapter of the model ({', '.join(known)}) is disabled; enable the ones to export "
-                                  "(ModelOpt: modelopt.torch.peft.enable_adapters(model, adapters_to_enable=[...]))")
+            raise NoAdaptersError(
+                f"every adapter of the model ({', '.join(known)}) is disabled; enable the ones to export "
+                "(ModelOpt: modelopt.torch.peft.enable_adapters(model, adapters_to_enable=[...]))"
+            )
     else:
         chosen, skipped = list(selection), []
         unknown = [n for n in chosen if n not in tensors]
         if unknown and known:
-            raise NoAdaptersError(f"no adapter named {', '.join(map(repr, unknown))}; the model has adapters {known}. Pass adapter_names=")
+            raise NoAdaptersError(
+                f"no adapter named {', '.join(map(repr, unknown))}; the model has adapters {known}. Pass adapter_names="
+            )
         disabled = [n for n in chosen if n in tensors and not tensors[n]]
         if disabled:
-            raise NoAdaptersError(f"adapter(s) {', '.join(map(repr, disabled))} are disabled on every module (they act on nothing); "
-                                  "enable them first (ModelOpt: modelopt.torch.peft.enable_adapters(model, adapters_to_enable=[...]))")
+            raise NoAdaptersError(
+                f"adapter(s) {', '.join(map(repr, disabled))} are disabled on every module (they act on nothing); "
+                "enable them first (ModelOpt: modelopt.torch.peft.enable_adapters(model, adapters_to_enable=[...]))"
+            )
     root = default if default in chosen else chosen[0]
     ordered = [root] + [n for n in chosen if n != root]
     bad = [n for n in ordered[1:] if n in RESERVED or not _is_name(n)]
     if bad:
-        raise ExportError(f"adapter name(s) {bad} cannot be subdirectory names; expected {RULE}, and none of {sorted(RESERVED)}")
+        raise ExportError(
+            f"adapter name(s) {bad} cannot be subdirectory names; expected {RULE}, and none of {sorted(RESERVED)}"
+        )
     return ordered, skipped
 
 
@@ -120,9 +131,20 @@ def _is_name(name: str) -> bool:
 
 def _layout_section(names: list[str]) -> str:
     root, others = names[0], names[1:]
-    lines = [LAYOUT_HEADING, "peft's multi-adapter layout: each adapter has its own config and weights.", "",
-             "| adapter | directory |", "| --- | --- |", f"| {root} | . (loaded as \"default\") |", *(f"| {n} | {n}/ |" for n in others), "",
-             "```python", "from peft import PeftModel", "", 'model = PeftModel.from_pretrained(base, "<this directory>")']
+    lines = [
+        LAYOUT_HEADING,
+        "peft's multi-adapter layout: each adapter has its own config and weights.",
+        "",
+        "| adapter | directory |",
+        "| --- | --- |",
+        f'| {root} | . (loaded as "default") |',
+        *(f"| {n} | {n}/ |" for n in others),
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "",
+        'model = PeftModel.from_pretrained(base, "<this directory>")',
+    ]
     lines += [f'model.load_adapter("<this directory>/{n}", adapter_name="{n}")' for n in others]
     lines += [f'model.set_adapter("{others[0]}")', "```", ""]
     return "\n".join(lines)
@@ -143,23 +165,43 @@ def run_multi_export(
 
     Returns finish's result on the writer, None elsewhere; a failure anywhere raises the same error on every rank.
     """
-    local = {"names": sorted(snapshots.first.report.adapter_names), "counts": {n: len(s.report.specs) for n, s in snapshots.snapshots.items()}}
+    local = {
+        "names": sorted(snapshots.first.report.adapter_names),
+        "counts": {n: len(s.report.specs) for n, s in snapshots.snapshots.items()},
+    }
     gathered = coll.all_gather(local, group)
     coll.agree(snapshots.first.report.error, group)
     names, skipped = _choose(gathered, snapshots.selection, options.adapter_name)
     if skipped and layout.rank == WRITER:
-        log.warning("not exporting disabled adapter(s) %s (they act on nothing in the training model); enable them to export them", ", ".join(skipped))
+        log.warning(
+            "not exporting disabled adapter(s) %s (they act on nothing in the training model); enable them to "
+            "export them",
+            ", ".join(skipped),
+        )
     root_name, others = names[0], names[1:]
     root = run_export(
-        snapshots.of(root_name), output_dir, dataclasses.replace(options, adapter_name=root_name), layout, group,
-        finish=lambda tmp: tmp, source=source, extra_files=extra_files,
+        snapshots.of(root_name),
+        output_dir,
+        dataclasses.replace(options, adapter_name=root_name),
+        layout,
+        group,
+        finish=lambda tmp: tmp,
+        source=source,
+        extra_files=extra_files,
     )
     try:
         for name in others:
-            inner = (root / name) if root is not None else Path(output_dir) / name  # the path matters on the writer only
+            inner = (
+                (root / name) if root is not None else Path(output_dir) / name
+            )  # the path matters on the writer only
             run_export(
-                snapshots.of(name), inner, dataclasses.replace(options, adapter_name=name, overwrite=False), layout, group,
-                finish=lambda tmp, inner=inner: publish(tmp, inner, overwrite=False), source=f"{source} (adapter {name!r})",
+                snapshots.of(name),
+                inner,
+                dataclasses.replace(options, adapter_name=name, overwrite=False),
+                layout,
+                group,
+                finish=lambda tmp, inner=inner: publish(tmp, inner, overwrite=False),
+                source=f"{source} (adapter {name!r})",
             )
     except BaseException:
         if root is not None:
@@ -199,9 +241,23 @@ def export_adapters(
     to `output_dir/<name>/`, all published at once. Rank 0 returns the directory, the others None.
     The other arguments are `export_adapter`'s; further keyword arguments are ExportOptions fields.
     """
-    opts = ExportOptions(base_model_name_or_path=base_model_name_or_path, dtype=dtype, overwrite=overwrite, model_type=model_type,
-                         pad_rank_to=pad_rank_to, **options)
+    opts = ExportOptions(
+        base_model_name_or_path=base_model_name_or_path,
+        dtype=dtype,
+        overwrite=overwrite,
+        model_type=model_type,
+        pad_rank_to=pad_rank_to,
+        **options,
+    )
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()
     snapshots = take_snapshots(model, layout, opts, adapter_names, copy=False)
-    return run_multi_export(snapshots, output_dir, opts, layout, group, finish=lambda tmp: publish(tmp, output_dir, overwrite), source="a live Megatron model")
+    return run_multi_export(
+        snapshots,
+        output_dir,
+        opts,
+        layout,
+        group,
+        finish=lambda tmp: publish(tmp, output_dir, overwrite),
+        source="a live Megatron model",
+    )

@@ -13,8 +13,11 @@ from .errors import ExportError
 
 MAX_NAME_LENGTH = 128
 _NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
-RULE = (f"a plain directory name (letters, digits, '_', '-' and '.'; one path component of at most {MAX_NAME_LENGTH} characters, "
-        "not starting with '.' or '-')")
+RULE = (
+    f"a plain directory name (letters, digits, '_', '-' and '.'; one path component of at most {MAX_NAME_LENGTH} "
+    f"characters, "
+    "not starting with '.' or '-')"
+)
 
 
 def check_name(value: Any, what: str) -> str:

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 from .errors import AdapterFileError
 
 try:
-    from re import _constants as _c, _parser as _p  # Python >= 3.11
+    from re import _constants as _c  # Python >= 3.11
+    from re import _parser as _p
 except ImportError:  # pragma: no cover
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _p  # type: ignore[no-redef]
@@ -42,8 +44,17 @@ MAX_WORK = 5_000_000
 V = TypeVar("V")
 _NO_MATCH = 1 << 62
 _MID = (False, False, False)
-_CATEGORIES = {getattr(_c, f"CATEGORY_{name}"): re.compile(expr).fullmatch for name, expr in (
-    ("DIGIT", r"\d"), ("NOT_DIGIT", r"\D"), ("SPACE", r"\s"), ("NOT_SPACE", r"\S"), ("WORD", r"\w"), ("NOT_WORD", r"\W"))}
+_CATEGORIES = {
+    getattr(_c, f"CATEGORY_{name}"): re.compile(expr).fullmatch
+    for name, expr in (
+        ("DIGIT", r"\d"),
+        ("NOT_DIGIT", r"\D"),
+        ("SPACE", r"\s"),
+        ("NOT_SPACE", r"\S"),
+        ("WORD", r"\w"),
+        ("NOT_WORD", r"\W"),
+    )
+}
 _AT = {_c.AT_BEGINNING: 0, _c.AT_BEGINNING_STRING: 0, _c.AT_END: 1, _c.AT_END_STRING: 2}
 """`^` and `\\A` hold at the start; `$` at the end and before a final newline; `\\Z` at the end."""
 
@@ -147,8 +158,10 @@ class _Automaton:
             elif op is _c.AT and av in _AT:
                 nxt = self._new(["at", _AT[av], nxt], first)
             else:
-                raise _Refused(f"{str(op).lower()} is not supported (back-references, lookarounds, atomic groups, "
-                               "possessive repeats, word boundaries)")
+                raise _Refused(
+                    f"{str(op).lower()} is not supported (back-references, lookarounds, atomic groups, "
+                    "possessive repeats, word boundaries)"
+                )
         return nxt
 
 
@@ -241,7 +254,7 @@ def _fixed(nodes: list[tuple[Any, Any]]) -> list[tuple[Any, Any, Callable[[str],
 
 
 def _key_nodes(parsed: list[tuple[Any, Any]]) -> list[tuple[Any, Any]] | None:
-    """The key's own nodes in the parse of `(.*\.)?(key)$`, None when the key does not parse as one group."""
+    r"""The key's own nodes in the parse of `(.*\.)?(key)$`, None when the key does not parse as one group."""
     if len(parsed) == 3 and parsed[1][0] is _c.SUBPATTERN and parsed[1][1][0] == 2 and parsed[2] == (_c.AT, _c.AT_END):
         return list(parsed[1][1][3].data)
     return None
@@ -250,9 +263,13 @@ def _key_nodes(parsed: list[tuple[Any, Any]]) -> list[tuple[Any, Any]] | None:
 def _check(pattern: Any, where: str, budget: _Budget) -> list[tuple[Any, Any, Callable[[str], bool]]] | None:
     """check_pattern's work; returns the fixed-width tests of the key, None when it needs the automaton."""
     if not isinstance(pattern, str) or not pattern:
-        raise AdapterFileError(f"{where}: expected a module name or pattern (a non-empty string), found {pattern!r:.80}")
+        raise AdapterFileError(
+            f"{where}: expected a module name or pattern (a non-empty string), found {pattern!r:.80}"
+        )
     if len(pattern) > MAX_PATTERN_LENGTH:
-        raise AdapterFileError(f"{where}: a pattern of {len(pattern)} characters; expected at most {MAX_PATTERN_LENGTH}")
+        raise AdapterFileError(
+            f"{where}: a pattern of {len(pattern)} characters; expected at most {MAX_PATTERN_LENGTH}"
+        )
     budget.spend(500 + 20 * len(pattern))  # parsing
     try:
         parsed = _parse(_peft_key(pattern))
@@ -261,10 +278,15 @@ def _check(pattern: Any, where: str, budget: _Budget) -> list[tuple[Any, Any, Ca
         if fixed is None:
             _size(parsed)
             if _backtracking(key if key is not None else parsed) > MAX_UNBOUNDED_REPEATS:
-                raise _Refused(f"more than {MAX_UNBOUNDED_REPEATS} unbounded repeats can backtrack for long in peft's and vLLM's regex engine")
+                raise _Refused(
+                    f"more than {MAX_UNBOUNDED_REPEATS} unbounded repeats can backtrack for long in peft's and "
+                    f"vLLM's regex engine"
+                )
         return fixed
     except _Refused as exc:
-        raise AdapterFileError(f"{where}: pattern {pattern!r:.80} is refused ({exc}); use module names or simple patterns") from None
+        raise AdapterFileError(
+            f"{where}: pattern {pattern!r:.80} is refused ({exc}); use module names or simple patterns"
+        ) from None
 
 
 def _size(nodes: list[tuple[Any, Any]], depth: int = 0) -> int:
@@ -289,8 +311,10 @@ def _size(nodes: list[tuple[Any, Any]], depth: int = 0) -> int:
         elif op is _c.AT and av in _AT:
             total += 1
         else:
-            raise _Refused(f"{str(op).lower()} is not supported (back-references, lookarounds, atomic groups, "
-                           "possessive repeats, word boundaries)")
+            raise _Refused(
+                f"{str(op).lower()} is not supported (back-references, lookarounds, atomic groups, "
+                "possessive repeats, word boundaries)"
+            )
         if total > MAX_STATES:
             raise _Refused(f"its automaton would have more than {MAX_STATES} states")
     return total
@@ -312,7 +336,9 @@ def _backtracking(nodes: list[tuple[Any, Any]], inside: bool = False) -> int:
             count += unbounded + _backtracking(list(sub.data), inside or unbounded)
         elif op is _c.BRANCH:
             if inside:
-                raise _Refused("an alternation inside a repeat can backtrack exponentially in peft's and vLLM's regex engine")
+                raise _Refused(
+                    "an alternation inside a repeat can backtrack exponentially in peft's and vLLM's regex engine"
+                )
             count += sum(_backtracking(list(alt.data), inside) for alt in av[1])
         elif op is _c.SUBPATTERN:
             count += _backtracking(list(av[3].data), inside)
@@ -338,23 +364,32 @@ class PatternSet(Generic[V]):
 
     def __init__(self, patterns: Mapping[str, V] | None, where: str = "pattern") -> None:
         if patterns is not None and not isinstance(patterns, Mapping):
-            raise AdapterFileError(f"{where}: expected a mapping of module patterns to values, found {type(patterns).__name__}")
+            raise AdapterFileError(
+                f"{where}: expected a mapping of module patterns to values, found {type(patterns).__name__}"
+            )
         self.where = where
         self.keys, self.values = list(patterns or {}), list((patterns or {}).values())
         self.budget = _Budget()
-        self.groups: dict[tuple[int, tuple[int, ...]], dict[tuple[str, ...], list[tuple[int, list[tuple[int, Callable[[str], bool]]]]]]] = {}
+        self.groups: dict[
+            tuple[int, tuple[int, ...]],
+            dict[tuple[str, ...], list[tuple[int, list[tuple[int, Callable[[str], bool]]]]]],
+        ] = {}
         general: list[int] = []
         for index, key in enumerate(self.keys):
             try:
                 fixed = _check(key, f"{where} key", self.budget)
             except _Refused as exc:
-                raise AdapterFileError(f"{where}: {len(self.keys)} keys: {exc}; use module names or fewer, simpler patterns") from None
+                raise AdapterFileError(
+                    f"{where}: {len(self.keys)} keys: {exc}; use module names or fewer, simpler patterns"
+                ) from None
             if fixed is None:
                 general.append(index)
                 continue
             literal = tuple(i for i, (op, _, _) in enumerate(fixed) if op is _c.LITERAL)
             others = [(i, test) for i, (op, _, test) in enumerate(fixed) if op is not _c.LITERAL]
-            self.groups.setdefault((len(fixed), literal), {}).setdefault(tuple(chr(fixed[i][1]) for i in literal), []).append((index, others))
+            self.groups.setdefault((len(fixed), literal), {}).setdefault(
+                tuple(chr(fixed[i][1]) for i in literal), []
+            ).append((index, others))
         self.general = general
         self._general: _Matcher | None = None
         self._every: _Matcher | None = None
@@ -367,8 +402,10 @@ class PatternSet(Generic[V]):
         try:
             found = self._index(name)
         except _Refused as exc:
-            raise AdapterFileError(f"{self.where}: {len(self.keys)} key(s) against module names: {exc}; use module names "
-                                   "or fewer, simpler patterns") from None
+            raise AdapterFileError(
+                f"{self.where}: {len(self.keys)} key(s) against module names: {exc}; use module names "
+                "or fewer, simpler patterns"
+            ) from None
         return None if found == _NO_MATCH else found
 
     def _index(self, name: str) -> int:
@@ -415,7 +452,9 @@ class FullMatch:
         try:
             self.matcher = _Matcher(_Automaton([pattern], self.budget), self.budget)
         except _Refused as exc:
-            raise AdapterFileError(f"{where}: pattern {pattern!r:.80}: {exc}; use module names or a simpler pattern") from None
+            raise AdapterFileError(
+                f"{where}: pattern {pattern!r:.80}: {exc}; use module names or a simpler pattern"
+            ) from None
 
     def __call__(self, name: str) -> bool:
         self.budget.left = MAX_WORK

@@ -8,7 +8,7 @@ quantized, for the model card: read from the quantizers by duck typing, so model
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -24,7 +24,11 @@ def _format(quantizer: torch.nn.Module) -> str:
     size = blocks.get(-1) or next((v for k, v in blocks.items() if isinstance(k, int)), None)
     if size:
         scale = blocks.get("scale_bits")
-        scale_text = f", fp{1 + scale[0] + scale[1]} (e{scale[0]}m{scale[1]}) scales" if isinstance(scale, (tuple, list)) and len(scale) == 2 else ""
+        scale_text = (
+            f", fp{1 + scale[0] + scale[1]} (e{scale[0]}m{scale[1]}) scales"
+            if isinstance(scale, (tuple, list)) and len(scale) == 2
+            else ""
+        )
         return f"{name} in blocks of {size}{scale_text}"
     return f"{name} per-channel" if getattr(quantizer, "axis", None) is not None else f"{name} per-tensor"
 

@@ -44,17 +44,25 @@ def make_probe(config: VerifyConfig, vocab: int, max_length: int | None) -> tupl
 
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True)
         except Exception as exc:
-            raise ExportError(f"cannot load the probe tokenizer from {config.tokenizer!r}: {exc}; expected a local HF tokenizer directory") from exc
+            raise ExportError(
+                f"cannot load the probe tokenizer from {config.tokenizer!r}: {exc}; expected a local HF tokenizer "
+                f"directory"
+            ) from exc
         ids = tokenizer(config.prompt)["input_ids"][:length]
         if not ids or max(ids) >= vocab:
-            raise ExportError(f"the probe prompt gives {len(ids)} token(s) (largest id {max(ids, default=None)}); expected 1 or more, below {vocab}")
+            raise ExportError(
+                f"the probe prompt gives {len(ids)} token(s) (largest id {max(ids, default=None)}); expected 1 or "
+                f"more, below {vocab}"
+            )
         return torch.tensor([ids], dtype=torch.long), f"prompt, {len(ids)} tokens"
     gen = torch.Generator().manual_seed(config.probe_seed)
     ids = torch.randint(0, vocab, (config.probe_batch, length), generator=gen)
     return ids, f"token ids, seed {config.probe_seed}, below {vocab}"
 
 
-def _agree_on_probe(config: VerifyConfig, hf_vocab: int | None, megatron_vocab: int, max_length: int | None, tp: int) -> tuple[torch.Tensor, int | None, str]:
+def _agree_on_probe(
+    config: VerifyConfig, hf_vocab: int | None, megatron_vocab: int, max_length: int | None, tp: int
+) -> tuple[torch.Tensor, int | None, str]:
     """Rank 0 builds the probe (it may need a tokenizer) and tells everyone, errors included."""
     box: list[Any] = [None]
     if dist.get_rank() == 0:
@@ -64,7 +72,11 @@ def _agree_on_probe(config: VerifyConfig, hf_vocab: int | None, megatron_vocab: 
             ids, source = make_probe(config, min(vocab, megatron_vocab), max_length)
             box[0] = (ids, hf_vocab, source)
         except Exception as exc:  # every rank must hear of it, or the others wait in the broadcast
-            box[0] = exc if isinstance(exc, ExportError) else ExportError(f"building the probe failed: {type(exc).__name__}: {exc}")
+            box[0] = (
+                exc
+                if isinstance(exc, ExportError)
+                else ExportError(f"building the probe failed: {type(exc).__name__}: {exc}")
+            )
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], ExportError):
         raise box[0]
@@ -87,8 +99,14 @@ def _forward(chunks: list[torch.nn.Module], tokens: torch.Tensor, device: torch.
         return model(next(data_iterator), position_ids, causal_mask), lambda output, non_loss_data=False: output
 
     collected = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=[iter(micro) for _ in chunks], model=chunks,
-        num_microbatches=n_micro, seq_length=seq, micro_batch_size=1, forward_only=True, collect_non_loss_data=True,
+        forward_step_func=forward_step,
+        data_iterator=[iter(micro) for _ in chunks],
+        model=chunks,
+        num_microbatches=n_micro,
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=True,
+        collect_non_loss_data=True,
     )
     return list(collected or [])[:batch]
 
@@ -111,7 +129,9 @@ def _block_recorders(chunks: list[torch.nn.Module]) -> tuple[dict[tuple[int, str
     return records, handles
 
 
-def _project_blocks(records, batch: int, proj: torch.Tensor, sequence_parallel: bool) -> dict[tuple[int, str], torch.Tensor]:
+def _project_blocks(
+    records, batch: int, proj: torch.Tensor, sequence_parallel: bool
+) -> dict[tuple[int, str], torch.Tensor]:
     """[batch, seq, PROJECTION_DIM] per block (collective over TP under sequence parallelism)."""
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
@@ -126,8 +146,11 @@ def _project_blocks(records, batch: int, proj: torch.Tensor, sequence_parallel: 
     return out
 
 
-def capture_reference(model: Any, config: VerifyConfig, *, iteration: int, hf_vocab: int | None = None) -> Reference | None:
-    """The training model's logits on the probe. Collective: every rank calls it; rank 0 gets the Reference, others None.
+def capture_reference(
+    model: Any, config: VerifyConfig, *, iteration: int, hf_vocab: int | None = None
+) -> Reference | None:
+    """The training model's logits on the probe. Collective: every rank calls it; rank 0 gets the Reference, others
+    None.
 
     `model` is this rank's megatron-core model, a wrapped one, or its list of virtual-pipeline chunks;
     `hf_vocab` (read on rank 0) is the base model's real vocabulary size when known. The model's
@@ -140,10 +163,15 @@ def capture_reference(model: Any, config: VerifyConfig, *, iteration: int, hf_vo
     inner = _inner(chunks[0])
     mconfig = inner.config
     if ps.get_context_parallel_world_size() > 1:
-        raise ExportError("reference logits at context parallel size > 1 are not supported; expected --context-parallel-size 1 (verification is skipped)")
-    megatron_vocab = int(getattr(inner, "vocab_size"))
+        raise ExportError(
+            "reference logits at context parallel size > 1 are not supported; expected --context-parallel-size 1 "
+            "(verification is skipped)"
+        )
+    megatron_vocab = int(inner.vocab_size)
     tp = ps.get_tensor_model_parallel_world_size()
-    ids, hf_vocab, source = _agree_on_probe(config, hf_vocab, megatron_vocab, getattr(inner, "max_sequence_length", None), tp)
+    ids, hf_vocab, source = _agree_on_probe(
+        config, hf_vocab, megatron_vocab, getattr(inner, "max_sequence_length", None), tp
+    )
     first = next(chunks[0].parameters())
     device, model_dtype = first.device, _DTYPE_NAMES.get(first.dtype, str(first.dtype))
     batch, seq = ids.shape
@@ -178,15 +206,23 @@ def capture_reference(model: Any, config: VerifyConfig, *, iteration: int, hf_vo
     elif rank == 0 and src != 0:
         logits = torch.empty(batch, seq, out_vocab, dtype=torch.float32, device=device)
         dist.recv(logits, src=src)
-    is_block_source = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    is_block_source = (
+        ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    )
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(blocks if is_block_source else {}, gathered, dst=0)
     if rank != 0:
         return None
     all_blocks = {k: v for part in gathered for k, v in (part or {}).items()}
     metadata = {
-        "iteration": iteration, "model_dtype": model_dtype, "megatron_vocab": megatron_vocab, "hf_vocab": hf_vocab or "",
-        "probe": source, "projection_seed": PROJECTION_SEED, "tensor_parallel": tp,
-        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(), "created_by": "megatron-peft-export",
+        "iteration": iteration,
+        "model_dtype": model_dtype,
+        "megatron_vocab": megatron_vocab,
+        "hf_vocab": hf_vocab or "",
+        "probe": source,
+        "projection_seed": PROJECTION_SEED,
+        "tensor_parallel": tp,
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "created_by": "megatron-peft-export",
     }
     return Reference(ids, logits.cpu(), all_blocks, {k: str(v) for k, v in metadata.items()})

@@ -21,8 +21,9 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ExportError
 
@@ -33,8 +34,13 @@ JSON_LIMIT = 16 * MiB
 """config.json, verification.json and other JSON documents (adapter_config.json has its own 1 MiB)."""
 YAML_LIMIT = 16 * MiB
 """Megatron-Bridge's run_config.yaml."""
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def _kind(mode: int) -> str:
@@ -63,8 +69,10 @@ class RegularFile:
     def check_range(self, offset: int, length: int, what: str) -> None:
         """Refuse a byte range that does not lie inside the file (checked before any buffer is allocated)."""
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise self._error(f"{self.path}: {what} claims bytes {offset} to {offset + length}, but the file has {self.size} bytes; "
-                              "is the file truncated, or its metadata corrupt?")
+            raise self._error(
+                f"{self.path}: {what} claims bytes {offset} to {offset + length}, but the file has {self.size} bytes; "
+                "is the file truncated, or its metadata corrupt?"
+            )
 
     def readinto(self, buffer: Any, offset: int) -> None:
         """Fill `buffer` with the bytes at `offset`; the range must lie inside the file (check_range first)."""
@@ -73,7 +81,10 @@ class RegularFile:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise self._error(f"{self.path}: ends at byte {offset + done}, expected at least {offset + len(view)}; was it truncated while being read?")
+                raise self._error(
+                    f"{self.path}: ends at byte {offset + done}, expected at least {offset + len(view)}; was it "
+                    f"truncated while being read?"
+                )
             done += n
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
@@ -91,18 +102,25 @@ class RegularFile:
 
 
 @contextlib.contextmanager
-def open_regular(path: str | Path, *, within: str | Path | None = None, error: type[ExportError] = ExportError,
-                 what: str = "a file") -> Iterator[RegularFile]:
+def open_regular(
+    path: str | Path, *, within: str | Path | None = None, error: type[ExportError] = ExportError, what: str = "a file"
+) -> Iterator[RegularFile]:
     """Open `path` for reading if it is a regular file (inside `within`, when given); see the module docstring."""
     path = Path(path)
     try:
         target = os.path.realpath(path)
         if within is not None and not any(_inside(target, root) for root in _allowed_roots(Path(within))):
-            raise error(f"{path}: a symbolic link to {target}, outside {within}; expected {what} inside the directory being read")
+            raise error(
+                f"{path}: a symbolic link to {target}, outside {within}; expected {what} inside the directory "
+                f"being read"
+            )
         before = os.stat(target)
         if not stat.S_ISREG(before.st_mode):
             raise error(f"{path}: expected {what}, found {_kind(before.st_mode)}")
-        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+        fd = os.open(
+            target,
+            os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0),
+        )
     except FileNotFoundError:
         raise error(f"{path}: missing; expected {what}") from None
     except OSError as exc:
@@ -110,14 +128,23 @@ def open_regular(path: str | Path, *, within: str | Path | None = None, error: t
     try:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
-            raise error(f"{path}: changed while being opened (now {_kind(opened.st_mode) if not stat.S_ISREG(opened.st_mode) else 'another file'}); expected {what}")
+            raise error(
+                f"{path}: changed while being opened (now "
+                f"{_kind(opened.st_mode) if not stat.S_ISREG(opened.st_mode) else 'another file'}); expected {what}"
+            )
         yield RegularFile(path, fd, opened.st_size, error)
     finally:
         os.close(fd)
 
 
-def read_bytes(path: str | Path, *, limit: int, within: str | Path | None = None, error: type[ExportError] = ExportError,
-               what: str = "a file") -> bytes:
+def read_bytes(
+    path: str | Path,
+    *,
+    limit: int,
+    within: str | Path | None = None,
+    error: type[ExportError] = ExportError,
+    what: str = "a file",
+) -> bytes:
     """The whole file, if it is a regular file of at most `limit` bytes."""
     with open_regular(path, within=within, error=error, what=what) as f:
         if f.size > limit:
@@ -128,8 +155,14 @@ def read_bytes(path: str | Path, *, limit: int, within: str | Path | None = None
             raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
-def read_text(path: str | Path, *, limit: int, within: str | Path | None = None, error: type[ExportError] = ExportError,
-              what: str = "a text file") -> str:
+def read_text(
+    path: str | Path,
+    *,
+    limit: int,
+    within: str | Path | None = None,
+    error: type[ExportError] = ExportError,
+    what: str = "a text file",
+) -> str:
     raw = read_bytes(path, limit=limit, within=within, error=error, what=what)
     try:
         return raw.decode("utf-8")
@@ -141,8 +174,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_json(path: str | Path, *, limit: int = JSON_LIMIT, within: str | Path | None = None, error: type[ExportError] = ExportError,
-              what: str = "a JSON document") -> Any:
+def read_json(
+    path: str | Path,
+    *,
+    limit: int = JSON_LIMIT,
+    within: str | Path | None = None,
+    error: type[ExportError] = ExportError,
+    what: str = "a JSON document",
+) -> Any:
     """A JSON document (no NaN or Infinity literals), read as above."""
     text = read_text(path, limit=limit, within=within, error=error, what=what)
     try:
@@ -153,8 +192,14 @@ def read_json(path: str | Path, *, limit: int = JSON_LIMIT, within: str | Path |
         raise error(f"{path}: not readable JSON ({' '.join(str(exc).split())[:200]}); expected {what}") from None
 
 
-def read_yaml(path: str | Path, *, limit: int = YAML_LIMIT, within: str | Path | None = None, error: type[ExportError] = ExportError,
-              what: str = "a YAML document") -> Any:
+def read_yaml(
+    path: str | Path,
+    *,
+    limit: int = YAML_LIMIT,
+    within: str | Path | None = None,
+    error: type[ExportError] = ExportError,
+    what: str = "a YAML document",
+) -> Any:
     """A YAML document through yaml.safe_load (plain data only), read as above."""
     import yaml
 

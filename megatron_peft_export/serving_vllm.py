@@ -17,8 +17,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .compat import Finding, check_adapter, peft_scales
 from .errors import ExportError
@@ -26,7 +27,9 @@ from .errors import ExportError
 ENV_VAR = "MEGATRON_PEFT_EXPORT_VLLM_PYTHON"
 PROBE = Path(__file__).with_name("vllm_probe.py")
 PROBE_TIMEOUT = 900
-FEATURE_CODES = frozenset({"dora", "modules-to-save", "bias", "unsupported-feature", "per-module-scale", "per-module-rank", "missing-fields"})
+FEATURE_CODES = frozenset(
+    {"dora", "modules-to-save", "bias", "unsupported-feature", "per-module-scale", "per-module-rank", "missing-fields"}
+)
 """Rule findings vLLM's own config checks decide (PEFTHelper), so they give way to the probe's answer."""
 MODULE_CODES = frozenset({"megatron-names", "fused-names", "applied-nowhere", "engine-flags"})
 """Rule findings vLLM's loader decides on the base model's architecture (only when the probe built it)."""
@@ -37,25 +40,51 @@ class ProbeFailed(RuntimeError):
 
 
 def engine_python(explicit: str | None = None) -> str | None:
-    """The python to ask: `explicit`, else $MEGATRON_PEFT_EXPORT_VLLM_PYTHON, else this one if it has vLLM, else None."""
+    """The python to ask: `explicit`, else $MEGATRON_PEFT_EXPORT_VLLM_PYTHON, else this one if it has vLLM, else
+    None."""
     for value, source in ((explicit, "--vllm-python"), (os.environ.get(ENV_VAR), ENV_VAR)):
         if value:
             if not (os.path.isfile(value) and os.access(value, os.X_OK)):
-                raise ExportError(f"{source} {value!r}: expected the python executable of an environment with vLLM (e.g. .venv-vllm/bin/python), found no executable file")
+                raise ExportError(
+                    f"{source} {value!r}: expected the python executable of an environment with vLLM (e.g. "
+                    f".venv-vllm/bin/python), found no executable file"
+                )
             return value
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-def run_probe(python: str, adapters: Mapping[str, Path], base: Path | None, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
+def run_probe(
+    python: str, adapters: Mapping[str, Path], base: Path | None, timeout: float = PROBE_TIMEOUT
+) -> dict[str, Any]:
     """vllm_probe.py's RESULT for `adapters` (name -> directory) on `base` (a model directory, or None)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(VLLM_LOGGING_LEVEL="ERROR", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        VLLM_LOGGING_LEVEL="ERROR",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     with tempfile.TemporaryDirectory(prefix="vllm-probe-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job.write_text(json.dumps({"base": str(base) if base else None, "adapters": {k: str(Path(v).absolute()) for k, v in adapters.items()}}))
+        job.write_text(
+            json.dumps(
+                {
+                    "base": str(base) if base else None,
+                    "adapters": {k: str(Path(v).absolute()) for k, v in adapters.items()},
+                }
+            )
+        )
         try:
-            proc = subprocess.run([python, str(PROBE), str(job), str(result)], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+            proc = subprocess.run(
+                [python, str(PROBE), str(job), str(result)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                cwd=tmp,
+            )
         except subprocess.TimeoutExpired:
             raise ProbeFailed(f"vLLM did not answer within {timeout:.0f} s") from None
         except OSError as exc:
@@ -70,8 +99,13 @@ def run_probe(python: str, adapters: Mapping[str, Path], base: Path | None, time
     return found
 
 
-def engine_findings(result: Mapping[str, Any], name: str, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                    model_type: str | None) -> list[Finding]:
+def engine_findings(
+    result: Mapping[str, Any],
+    name: str,
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    model_type: str | None,
+) -> list[Finding]:
     """The findings for adapter `name`: vLLM's answer, plus the rules (of vLLM's version) it does not decide."""
     entry, version = result["adapters"][name], str(result["vllm"])
     holds = f"vLLM {version}, asked"
@@ -82,26 +116,67 @@ def engine_findings(result: Mapping[str, Any], name: str, config: Mapping[str, A
     what_for = f"for {model['class']}" if model else "by its config checks (no base model to load it on)"
     if entry.get("refused"):
         fixes = sorted({f.fix for f in rules if f.code in decided and f.severity == "error"})
-        found.append(Finding("vllm-refuses", "error", entry["refused"], f"vLLM {version} refuses to load the adapter {what_for}",
-                             "; ".join(fixes) or "change what vLLM's message names", holds))
+        found.append(
+            Finding(
+                "vllm-refuses",
+                "error",
+                entry["refused"],
+                f"vLLM {version} refuses to load the adapter {what_for}",
+                "; ".join(fixes) or "change what vLLM's message names",
+                holds,
+            )
+        )
     nowhere = entry.get("nowhere") or []
     if nowhere:
-        fix = next((f.fix for f in rules if f.code == "applied-nowhere"), "name the modules as the model does (see the applied modules)")
-        found.append(Finding("applied-nowhere", "error", f"{len(nowhere)} module(s) loaded and applied nowhere ({', '.join(nowhere[:2])}{' ...' if len(nowhere) > 2 else ''})",
-                             f"vLLM {version}'s {model['class'] if model else 'model'} has no LoRA module these fill: it loads them without an error and serves the base model there",
-                             fix, holds))
+        fix = next(
+            (f.fix for f in rules if f.code == "applied-nowhere"),
+            "name the modules as the model does (see the applied modules)",
+        )
+        found.append(
+            Finding(
+                "applied-nowhere",
+                "error",
+                f"{len(nowhere)} module(s) loaded and applied nowhere "
+                f"({', '.join(nowhere[:2])}{' ...' if len(nowhere) > 2 else ''})",
+                f"vLLM {version}'s {model['class'] if model else 'model'} has no LoRA module these fill: it loads "
+                f"them without an error and serves the base model there",
+                fix,
+                holds,
+            )
+        )
     if entry.get("flags"):
-        found.append(Finding("engine-flags", "warning", "fused expert LoRA (peft target_parameters)",
-                             f"vLLM {version} refuses it unless the engine runs with enable_mixed_moe_lora_format=True (--enable-mixed-moe-lora-format) "
-                             "and the LoRARequest has is_3d_lora_weight=True; with both it applies it",
-                             "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with expert_layout='per_expert'", holds))
+        found.append(
+            Finding(
+                "engine-flags",
+                "warning",
+                "fused expert LoRA (peft target_parameters)",
+                f"vLLM {version} refuses it unless the engine runs with enable_mixed_moe_lora_format=True "
+                f"(--enable-mixed-moe-lora-format) "
+                "and the LoRARequest has is_3d_lora_weight=True; with both it applies it",
+                "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with "
+                "expert_layout='per_expert'",
+                holds,
+            )
+        )
     peft = peft_scales(config, shapes)
-    off = sorted(m for m, (_, scale) in (entry.get("scaling") or {}).items() if m in peft and peft[m] is not None and abs(scale - peft[m]) > 1e-6 * abs(peft[m]))
+    off = sorted(
+        m
+        for m, (_, scale) in (entry.get("scaling") or {}).items()
+        if m in peft and peft[m] is not None and abs(scale - peft[m]) > 1e-6 * abs(peft[m])
+    )
     if off:
         m = off[0]
-        found.append(Finding("scale-mismatch", "error", f"{len(off)} module(s) scaled by vLLM otherwise than by peft (e.g. {m}: {entry['scaling'][m][1]:g}, peft {peft[m]:g})",
-                             f"vLLM {version} serves these modules at another scale than peft computes, without any error",
-                             "export with pad_rank_to (one rank and one scale, each module's scale folded into its lora_B)", holds))
+        found.append(
+            Finding(
+                "scale-mismatch",
+                "error",
+                f"{len(off)} module(s) scaled by vLLM otherwise than by peft (e.g. {m}: "
+                f"{entry['scaling'][m][1]:g}, peft {peft[m]:g})",
+                f"vLLM {version} serves these modules at another scale than peft computes, without any error",
+                "export with pad_rank_to (one rank and one scale, each module's scale folded into its lora_B)",
+                holds,
+            )
+        )
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(found, key=lambda f: order[f.severity])
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .adapter_files import PEFT_PREFIX
 from .core.archs import arch_for_model_type
@@ -29,11 +30,13 @@ ALL_LINEAR = "all-linear"
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
 MAX_MODULES = 1 << 20
-"""Bounds on a config's layer and expert counts before any name is built from them (a hostile config.json claims 10^9 layers)."""
+"""Bounds on a config's layer and expert counts before any name is built from them (a hostile config.json claims 10^9
+layers)."""
 
 
 def tensor_modules(keys: Iterable[str]) -> set[str]:
-    """The modules an adapter file's LoRA tensors belong to, as peft names them (prefix and `.base_layer` nesting removed)."""
+    """The modules an adapter file's LoRA tensors belong to, as peft names them (prefix and `.base_layer` nesting
+    removed)."""
     found = set()
     for key in keys:
         if match := _ROLE.match(key.removeprefix(PEFT_PREFIX)):
@@ -68,7 +71,9 @@ def _targets(config: Mapping[str, Any]) -> str:
     return " and ".join(parts)
 
 
-def check_targets(config: Mapping[str, Any], keys: Iterable[str], where: str, base: "BaseModel | None" = None, remedy: str = "") -> None:
+def check_targets(
+    config: Mapping[str, Any], keys: Iterable[str], where: str, base: BaseModel | None = None, remedy: str = ""
+) -> None:
     """Refuse an adapter whose targets miss modules its weights are for, or (with `base`) the base model's modules.
 
     `keys` are the weights file's tensor names; `remedy` is appended to the message (e.g. the flag that overrides it).
@@ -77,17 +82,23 @@ def check_targets(config: Mapping[str, Any], keys: Iterable[str], where: str, ba
     missed = sorted(m for m in modules if not targeted(config, m))
     if missed:
         share = "match none" if len(missed) == len(modules) else f"miss {len(missed)}"
-        raise AdapterFileError(f"{where}: {_targets(config)} {share} of the {len(modules)} modules its weights are for (e.g. "
-                               f"{', '.join(missed[:3])}), so peft would ignore their tensors; expected targets that name them{remedy}")
+        raise AdapterFileError(
+            f"{where}: {_targets(config)} {share} of the {len(modules)} modules its weights are for (e.g. "
+            f"{', '.join(missed[:3])}), so peft would ignore their tensors; expected targets that name them{remedy}"
+        )
     if base is None:
         return
     if not any(targeted(config, m) for m in base.modules):
-        raise AdapterFileError(f"{where}: {_targets(config)} match no module of the base model ({base.source}); is this the adapter "
-                               f"of another model?{remedy}")
+        raise AdapterFileError(
+            f"{where}: {_targets(config)} match no module of the base model ({base.source}); is this the adapter "
+            f"of another model?{remedy}"
+        )
     absent = sorted(m for m in modules if m not in base.modules)
     if absent:
-        raise AdapterFileError(f"{where}: {len(absent)} of the {len(modules)} modules its weights are for are not in the base model "
-                               f"({base.source}), e.g. {', '.join(absent[:3])}; is this the adapter of another model?{remedy}")
+        raise AdapterFileError(
+            f"{where}: {len(absent)} of the {len(modules)} modules its weights are for are not in the base model "
+            f"({base.source}), e.g. {', '.join(absent[:3])}; is this the adapter of another model?{remedy}"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,10 +115,21 @@ def base_model(hf_config: Mapping[str, Any] | None, source: str) -> BaseModel | 
         return None
     text = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), Mapping) else hf_config
     layers, experts = text.get("num_hidden_layers"), text.get("num_experts") or text.get("num_local_experts") or 0
-    if not (isinstance(layers, int) and isinstance(experts, int) and 0 < layers <= MAX_LAYERS and 0 <= experts <= MAX_EXPERTS
-            and layers * max(experts, 1) <= MAX_MODULES // 8):
-        log.info("%s: num_hidden_layers %r and %r experts are outside what a base model's names are built for; targets checked "
-                 "against the adapter's own weights only", source, layers, experts)
+    if not (
+        isinstance(layers, int)
+        and isinstance(experts, int)
+        and 0 < layers <= MAX_LAYERS
+        and 0 <= experts <= MAX_EXPERTS
+        and layers * max(experts, 1) <= MAX_MODULES // 8
+    ):
+        log.info(
+            "%s: num_hidden_layers %r and %r experts are outside what a base model's names are built for; targets "
+            "checked "
+            "against the adapter's own weights only",
+            source,
+            layers,
+            experts,
+        )
         return None
     names = _transformers_names(hf_config) | _name_map_names(hf_config.get("model_type"), layers, experts)
     return BaseModel(frozenset(names), source) if names else None
@@ -126,7 +148,9 @@ def _name_map_names(model_type: Any, layers: int, experts: int) -> set[str]:
         prefix = arch.layer_prefix.format(i=i)
         for module in arch.modules:
             for hf in module.hf:
-                names.update(f"{prefix}.{hf.format(e=e)}" for e in range(experts)) if "{e}" in hf else names.add(f"{prefix}.{hf}")
+                names.update(f"{prefix}.{hf.format(e=e)}" for e in range(experts)) if "{e}" in hf else names.add(
+                    f"{prefix}.{hf}"
+                )
         names.update(f"{prefix}.{fused.parameter.rpartition('.')[0]}" for fused in arch.fused_experts)
     return names
 
@@ -149,8 +173,11 @@ def _transformers_names(hf_config: Mapping[str, Any]) -> set[str]:
         finally:
             transformers.logging.set_verbosity(verbosity)
     except Exception as exc:  # an unknown model_type, a config transformers refuses: the name maps alone
-        log.info("transformers cannot build the base model from its config (%s: %s); its names come from the name maps only",
-                 type(exc).__name__, " ".join(str(exc).split())[:200])
+        log.info(
+            "transformers cannot build the base model from its config (%s: %s); its names come from the name maps only",
+            type(exc).__name__,
+            " ".join(str(exc).split())[:200],
+        )
         return set()
     names = {name for name, _ in model.named_modules() if name}
     names.update(name.rpartition(".")[0] for name, _ in model.named_parameters())

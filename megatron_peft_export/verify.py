@@ -45,7 +45,8 @@ class VerifyConfig:
     """Check each exported adapter against the training model (the hook's `verify:` section)."""
 
     base_model: str | None = None
-    """HF base model to verify against: a local directory or a Hub id already in the local cache; default: the hook's base_model_name_or_path."""
+    """HF base model to verify against: a local directory or a Hub id already in the local cache; default: the hook's
+    base_model_name_or_path."""
     required: bool = False
     """Fail the verification (instead of skipping it with a warning) when no base model is available locally."""
     dtype: str = "float32"
@@ -91,7 +92,10 @@ class VerifyConfig:
         if self.dtype not in PRECISIONS:
             raise ExportError(f"verify.dtype: expected one of {', '.join(PRECISIONS)}, found {self.dtype!r}")
         if min(self.probe_batch, self.probe_length, self.top_k) < 1:
-            raise ExportError(f"verify.probe_batch, probe_length and top_k must be >= 1, found {self.probe_batch}, {self.probe_length}, {self.top_k}")
+            raise ExportError(
+                f"verify.probe_batch, probe_length and top_k must be >= 1, found {self.probe_batch}, "
+                f"{self.probe_length}, {self.top_k}"
+            )
         if self.prompt is not None and self.tokenizer is None:
             raise ExportError("verify.prompt needs verify.tokenizer (a local HF tokenizer directory)")
 
@@ -109,15 +113,36 @@ class Thresholds:
     """Relative difference at which a block's output counts as diverged (diagnosis only)."""
 
     @classmethod
-    def resolve(cls, config: VerifyConfig, precision: str) -> "Thresholds":
+    def resolve(cls, config: VerifyConfig, precision: str) -> Thresholds:
         """The defaults for `precision`, overridden by every limit the config sets."""
         default = DEFAULT_THRESHOLDS[precision]
-        return cls(**{f.name: getattr(config, f.name, None) if getattr(config, f.name, None) is not None else getattr(default, f.name) for f in fields(cls)})
+        return cls(
+            **{
+                f.name: getattr(config, f.name, None)
+                if getattr(config, f.name, None) is not None
+                else getattr(default, f.name)
+                for f in fields(cls)
+            }
+        )
 
 
 DEFAULT_THRESHOLDS = {
-    "float32": Thresholds(max_abs_diff=1e-3, mean_abs_diff=1e-4, min_top1_agreement=0.98, min_topk_agreement=0.95, max_kl_divergence=1e-5, block_rel_diff=1e-4),
-    "bfloat16": Thresholds(max_abs_diff=1.0, mean_abs_diff=0.1, min_top1_agreement=0.9, min_topk_agreement=0.8, max_kl_divergence=0.05, block_rel_diff=5e-2),
+    "float32": Thresholds(
+        max_abs_diff=1e-3,
+        mean_abs_diff=1e-4,
+        min_top1_agreement=0.98,
+        min_topk_agreement=0.95,
+        max_kl_divergence=1e-5,
+        block_rel_diff=1e-4,
+    ),
+    "bfloat16": Thresholds(
+        max_abs_diff=1.0,
+        mean_abs_diff=0.1,
+        min_top1_agreement=0.9,
+        min_topk_agreement=0.8,
+        max_kl_divergence=0.05,
+        block_rel_diff=5e-2,
+    ),
 }
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -173,10 +198,16 @@ def load_reference(path: str | Path, *, within: str | Path | None = None) -> Ref
     path = Path(path)
     if not os.path.lexists(path):
         raise VerificationInputError(
-            f"no reference logits at {path}; expected {REFERENCE_FILE} inside the adapter (written at save time by the hook's verify option) or --reference FILE"
+            f"no reference logits at {path}; expected {REFERENCE_FILE} inside the adapter (written at save time by "
+            f"the hook's verify option) or --reference FILE"
         )
     try:
-        with open_regular(path, within=within, error=VerificationInputError, what="reference logits (safetensors)") as file, safe_open(file.name, "pt") as f:
+        with (
+            open_regular(
+                path, within=within, error=VerificationInputError, what="reference logits (safetensors)"
+            ) as file,
+            safe_open(file.name, "pt") as f,
+        ):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
@@ -185,22 +216,48 @@ def load_reference(path: str | Path, *, within: str | Path | None = None) -> Ref
         raise VerificationInputError(f"{path}: expected tensors 'logits' and 'input_ids', found {sorted(tensors)[:8]}")
     logits, ids = tensors.pop("logits"), tensors.pop("input_ids")
     if logits.dim() != 3 or ids.dim() != 2 or tuple(logits.shape[:2]) != tuple(ids.shape):
-        raise VerificationInputError(f"{path}: expected logits [batch, seq, vocab] over input_ids [batch, seq], found {tuple(logits.shape)} and {tuple(ids.shape)}")
+        raise VerificationInputError(
+            f"{path}: expected logits [batch, seq, vocab] over input_ids [batch, seq], found {tuple(logits.shape)} "
+            f"and {tuple(ids.shape)}"
+        )
     if logits.numel() == 0:
-        raise VerificationInputError(f"{path}: the probe is empty (logits {tuple(logits.shape)}); expected at least one token and a vocabulary, "
-                                     "as the hook captures at save time. Capture the reference again")
+        raise VerificationInputError(
+            f"{path}: the probe is empty (logits {tuple(logits.shape)}); expected at least one token and a vocabulary, "
+            "as the hook captures at save time. Capture the reference again"
+        )
     for name, low, high in (("iteration", 0, 2**63 - 1), ("projection_seed", 0, 2**63 - 1)):
         value = metadata.get(name)
         if value not in (None, "") and not (re.fullmatch(r"\d{1,19}", value) and low <= int(value) <= high):
-            raise VerificationInputError(f"{path}: metadata {name} is {value!r:.40}; expected a non-negative integer. Capture the reference again")
-    if not logits.is_floating_point() or not torch.isfinite(logits).all() or ids.is_floating_point() or ids.dtype == torch.bool or (ids.numel() and ids.min().item() < 0):
-        raise VerificationInputError(f"{path}: expected finite reference logits and non-negative integer token ids; the reference is corrupt or the model diverged at save time")
+            raise VerificationInputError(
+                f"{path}: metadata {name} is {value!r:.40}; expected a non-negative integer. Capture the reference "
+                f"again"
+            )
+    if (
+        not logits.is_floating_point()
+        or not torch.isfinite(logits).all()
+        or ids.is_floating_point()
+        or ids.dtype == torch.bool
+        or (ids.numel() and ids.min().item() < 0)
+    ):
+        raise VerificationInputError(
+            f"{path}: expected finite reference logits and non-negative integer token ids; the reference is "
+            f"corrupt or the model diverged at save time"
+        )
     blocks = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _BLOCK.match(k))}
-    odd = sorted(f"blocks.{layer}.{kind} {tuple(t.shape)}" for (layer, kind), t in blocks.items()
-                 if t.dim() != 3 or tuple(t.shape[:2]) != tuple(ids.shape) or not 1 <= t.shape[-1] <= MAX_PROJECTION_DIM or not t.is_floating_point())
+    odd = sorted(
+        f"blocks.{layer}.{kind} {tuple(t.shape)}"
+        for (layer, kind), t in blocks.items()
+        if t.dim() != 3
+        or tuple(t.shape[:2]) != tuple(ids.shape)
+        or not 1 <= t.shape[-1] <= MAX_PROJECTION_DIM
+        or not t.is_floating_point()
+    )
     if odd or len({t.shape[-1] for t in blocks.values()}) > 1:
-        raise VerificationInputError(f"{path}: expected every block output projected to [batch, seq, dim] floats of one dim up to {MAX_PROJECTION_DIM}, found {', '.join(odd[:3]) or 'several dims'}; "
-                                     "capture the reference again")
+        raise VerificationInputError(
+            f"{path}: expected every block output projected to [batch, seq, dim] floats of one dim up to "
+            f"{MAX_PROJECTION_DIM}, found {', '.join(odd[:3]) or 'several dims'}; "
+            "capture the reference again"
+        )
     return Reference(ids.long(), logits.float(), blocks, metadata)
 
 
@@ -209,14 +266,18 @@ def check_base_model_files(base_dir: str | Path) -> None:
     try:
         entries = list(os.scandir(base_dir))
     except OSError as exc:
-        raise VerificationInputError(f"{base_dir}: cannot be listed ({exc.strerror or exc}); expected an HF model directory") from None
+        raise VerificationInputError(
+            f"{base_dir}: cannot be listed ({exc.strerror or exc}); expected an HF model directory"
+        ) from None
     for entry in entries:
         try:
             mode = os.stat(entry.path).st_mode
         except OSError:
             continue  # a dangling link: transformers reports it if it needs the file
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise VerificationInputError(f"{entry.path}: expected a regular file of the base model, found a FIFO, socket or device")
+            raise VerificationInputError(
+                f"{entry.path}: expected a regular file of the base model, found a FIFO, socket or device"
+            )
 
 
 # -------------------------------------------------------------------------------- metrics
@@ -248,7 +309,13 @@ def threshold_failures(metrics: dict[str, float], limits: Thresholds, k: int) ->
     """One message per metric outside its limit."""
     checks = [
         ("max |HF - Megatron| logit difference", metrics["max_abs_diff"], limits.max_abs_diff, "max_abs_diff", True),
-        ("mean |HF - Megatron| logit difference", metrics["mean_abs_diff"], limits.mean_abs_diff, "mean_abs_diff", True),
+        (
+            "mean |HF - Megatron| logit difference",
+            metrics["mean_abs_diff"],
+            limits.mean_abs_diff,
+            "mean_abs_diff",
+            True,
+        ),
         ("top-1 agreement", metrics["top1_agreement"], limits.min_top1_agreement, "min_top1_agreement", False),
         (f"top-{k} agreement", metrics["topk_agreement"], limits.min_topk_agreement, "min_topk_agreement", False),
         ("KL(Megatron || HF)", metrics["kl_divergence"], limits.max_kl_divergence, "max_kl_divergence", True),
@@ -265,13 +332,21 @@ def key_failures(file_keys: set[str], loaded_keys: set[str]) -> list[str]:
     ignored, unfilled = sorted(file_keys - loaded_keys), sorted(loaded_keys - file_keys)
     out = []
     if ignored:
-        out.append(f"{len(ignored)} adapter key(s) match no module of the base model, so peft silently ignores them: {', '.join(ignored[:8])}{' ...' if len(ignored) > 8 else ''}")
+        out.append(
+            f"{len(ignored)} adapter key(s) match no module of the base model, so peft silently ignores them: "
+            f"{', '.join(ignored[:8])}{' ...' if len(ignored) > 8 else ''}"
+        )
     if unfilled:
-        out.append(f"{len(unfilled)} adapter weight(s) of targeted modules are missing from the file, so peft leaves them at their initial values: {', '.join(unfilled[:8])}{' ...' if len(unfilled) > 8 else ''}")
+        out.append(
+            f"{len(unfilled)} adapter weight(s) of targeted modules are missing from the file, so peft leaves them "
+            f"at their initial values: {', '.join(unfilled[:8])}{' ...' if len(unfilled) > 8 else ''}"
+        )
     return out
 
 
-def first_divergence(hf_blocks: dict[tuple[int, str], torch.Tensor], reference: dict[tuple[int, str], torch.Tensor], rel_limit: float) -> dict[str, Any] | None:
+def first_divergence(
+    hf_blocks: dict[tuple[int, str], torch.Tensor], reference: dict[tuple[int, str], torch.Tensor], rel_limit: float
+) -> dict[str, Any] | None:
     """The first block (in forward order) whose projected output differs beyond rel_limit of its scale."""
     for key in sorted(set(hf_blocks) & set(reference), key=lambda k: (k[0], k[1] != "self_attn")):
         ref, ours = reference[key].double(), hf_blocks[key].double()
@@ -285,14 +360,21 @@ def first_divergence(hf_blocks: dict[tuple[int, str], torch.Tensor], reference: 
 
 def _diagnosis(where: dict[str, Any]) -> str:
     layer, block = where["layer"], where["block"]
-    modules = "q_proj, k_proj, v_proj, o_proj (fused QKV split, KV head order)" if block == "self_attn" else "gate_proj, up_proj, down_proj (gate/up order)"
+    modules = (
+        "q_proj, k_proj, v_proj, o_proj (fused QKV split, KV head order)"
+        if block == "self_attn"
+        else "gate_proj, up_proj, down_proj (gate/up order)"
+    )
     return (
-        f"the outputs first diverge at model.layers.{layer}.{block} (relative difference {where['relative_diff']:.2g}; every earlier block agrees): "
+        f"the outputs first diverge at model.layers.{layer}.{block} (relative difference "
+        f"{where['relative_diff']:.2g}; every earlier block agrees): "
         f"check the adapter's {modules} of layer {layer}"
     )
 
 
-def top_k_rows(input_ids: torch.Tensor, hf: torch.Tensor, reference: torch.Tensor, k: int, decode=None) -> list[dict[str, Any]]:
+def top_k_rows(
+    input_ids: torch.Tensor, hf: torch.Tensor, reference: torch.Tensor, k: int, decode=None
+) -> list[dict[str, Any]]:
     """One row per probe position: the HF model's and the Megatron model's top-k tokens with their logits."""
     k = min(k, hf.shape[-1])
     hf_top, ref_top = hf.float().topk(k, dim=-1), reference.float().topk(k, dim=-1)
@@ -300,10 +382,22 @@ def top_k_rows(input_ids: torch.Tensor, hf: torch.Tensor, reference: torch.Tenso
     for b in range(input_ids.shape[0]):
         for s in range(input_ids.shape[1]):
             h_ids, m_ids = hf_top.indices[b, s].tolist(), ref_top.indices[b, s].tolist()
-            row = {"sample": b, "position": s, "input_id": int(input_ids[b, s]), "hf_top_k": h_ids, "hf_logits": [round(v, 5) for v in hf_top.values[b, s].tolist()],
-                   "megatron_top_k": m_ids, "megatron_logits": [round(v, 5) for v in ref_top.values[b, s].tolist()], "top1_match": h_ids[0] == m_ids[0]}
+            row = {
+                "sample": b,
+                "position": s,
+                "input_id": int(input_ids[b, s]),
+                "hf_top_k": h_ids,
+                "hf_logits": [round(v, 5) for v in hf_top.values[b, s].tolist()],
+                "megatron_top_k": m_ids,
+                "megatron_logits": [round(v, 5) for v in ref_top.values[b, s].tolist()],
+                "top1_match": h_ids[0] == m_ids[0],
+            }
             if decode is not None:
-                row.update(input_token=decode([row["input_id"]]), hf_tokens=[decode([i]) for i in h_ids], megatron_tokens=[decode([i]) for i in m_ids])
+                row.update(
+                    input_token=decode([row["input_id"]]),
+                    hf_tokens=[decode([i]) for i in h_ids],
+                    megatron_tokens=[decode([i]) for i in m_ids],
+                )
             rows.append(row)
     return rows
 
@@ -358,14 +452,24 @@ class VerificationResult:
         return self.status == "passed"
 
     def metrics(self) -> dict[str, float]:
-        names = ("max_abs_diff", "mean_abs_diff", "top1_agreement", "topk_agreement", "kl_divergence", "adapter_effect_max", "adapter_effect_mean", "reference_effect_max")
+        names = (
+            "max_abs_diff",
+            "mean_abs_diff",
+            "top1_agreement",
+            "topk_agreement",
+            "kl_divergence",
+            "adapter_effect_max",
+            "adapter_effect_mean",
+            "reference_effect_max",
+        )
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, **asdict(self)}
 
     def write(self, adapter_dir: str | Path, path: str | Path | None = None) -> Path:
-        """verification.json in the adapter directory (or `path`), replaced atomically; only a previous result is replaced.
+        """verification.json in the adapter directory (or `path`), replaced atomically; only a previous result is
+        replaced.
 
         A failure (full or read-only disk) raises OutputError and leaves nothing behind (no temporary file)."""
         from .atomic_dir import write_file
@@ -400,16 +504,32 @@ def check_result_path(path: str | Path) -> Path:
         except (OSError, ValueError, RecursionError):
             previous = None
     if not (isinstance(previous, dict) and {"passed", "status"} <= previous.keys()):
-        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "a special file"
-        raise OutputError(f"{path} exists and is {kind}, not a verification result; only a previous result is replaced. "
-                          "Write the result elsewhere (--output FILE). Nothing was written")
+        kind = (
+            "a symbolic link"
+            if stat.S_ISLNK(mode)
+            else "a directory"
+            if stat.S_ISDIR(mode)
+            else "a file"
+            if stat.S_ISREG(mode)
+            else "a special file"
+        )
+        raise OutputError(
+            f"{path} exists and is {kind}, not a verification result; only a previous result is replaced. "
+            "Write the result elsewhere (--output FILE). Nothing was written"
+        )
     return path
 
 
 def skipped(adapter_dir: str | Path, reason: str, *, failed: bool, iteration: int | None = None) -> VerificationResult:
     """A verification that could not run: skipped, or `failed` (verify.required, or an input that does not fit)."""
-    return VerificationResult(status="failed" if failed else "skipped", summary=f"verification {'FAILED' if failed else 'skipped'} for {adapter_dir}: {reason}",
-                              adapter=str(adapter_dir), iteration=iteration, failures=[reason] if failed else [], warnings=[] if failed else [reason])
+    return VerificationResult(
+        status="failed" if failed else "skipped",
+        summary=f"verification {'FAILED' if failed else 'skipped'} for {adapter_dir}: {reason}",
+        adapter=str(adapter_dir),
+        iteration=iteration,
+        failures=[reason] if failed else [],
+        warnings=[] if failed else [reason],
+    )
 
 
 def _summary(result: VerificationResult) -> str:
@@ -417,8 +537,10 @@ def _summary(result: VerificationResult) -> str:
     if result.max_abs_diff is None:
         return f"{head}: {'; '.join(result.failures)}"
     numbers = (
-        f"max|diff| {result.max_abs_diff:.2e}, mean|diff| {result.mean_abs_diff:.2e}, top-1 {result.top1_agreement:.1%}, "
-        f"top-{result.top_k} {result.topk_agreement:.1%}, KL {result.kl_divergence:.2e}, adapter effect {result.adapter_effect_max:.3g} ({result.precision} limits)"
+        f"max|diff| {result.max_abs_diff:.2e}, mean|diff| {result.mean_abs_diff:.2e}, top-1 "
+        f"{result.top1_agreement:.1%}, "
+        f"top-{result.top_k} {result.topk_agreement:.1%}, KL {result.kl_divergence:.2e}, adapter effect "
+        f"{result.adapter_effect_max:.3g} ({result.precision} limits)"
     )
     return f"{head}: {numbers}" + (f"; {'; '.join(result.failures)}" if result.failures else "")
 
@@ -427,7 +549,8 @@ def _summary(result: VerificationResult) -> str:
 
 
 def resolve_base_model(name: str | None) -> str | None:
-    """A local directory, or the cached snapshot of a Hub id; None when neither is on this machine (nothing is downloaded)."""
+    """A local directory, or the cached snapshot of a Hub id; None when neither is on this machine (nothing is
+    downloaded)."""
     if not name:
         return None
     if Path(name).is_dir():
@@ -448,13 +571,19 @@ def _block_hooks(model: torch.nn.Module, proj: torch.Tensor, out: dict[tuple[int
 
             def hook(_module, _inputs, output, key=key):
                 hidden = output[0] if isinstance(output, (tuple, list)) else output
-                out[key] = (hidden.detach().float().cpu() @ proj)
+                out[key] = hidden.detach().float().cpu() @ proj
 
             handles.append(module.register_forward_hook(hook))
     return handles
 
 
-def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfig | None = None, *, reference_path: str | Path | None = None) -> VerificationResult:
+def verify_adapter(
+    adapter_dir: str | Path,
+    base_model: str,
+    config: VerifyConfig | None = None,
+    *,
+    reference_path: str | Path | None = None,
+) -> VerificationResult:
     """Verify one adapter directory against its reference; never raises for a wrong adapter (that is a failed result).
 
     Raises VerificationInputError when the adapter, base model or reference cannot be read.
@@ -463,15 +592,21 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
 
     config = config or VerifyConfig()
     adapter_dir = Path(adapter_dir)
-    try:  # malformed or hostile config, lying header, shapes against the config, NaN/Inf: bad input, before peft sees it
+    # malformed or hostile config, lying header, shapes against the config, NaN/Inf: bad input, before peft sees it
+    try:
         read_adapter(adapter_dir, values=True, remedy="an adapter with them cannot be verified")
     except ExportError as exc:
         raise VerificationInputError(str(exc)) from None
     reference_path = Path(reference_path) if reference_path else adapter_dir / REFERENCE_FILE
-    reference = load_reference(reference_path, within=None if reference_path != adapter_dir / REFERENCE_FILE else adapter_dir)
+    reference = load_reference(
+        reference_path, within=None if reference_path != adapter_dir / REFERENCE_FILE else adapter_dir
+    )
     base_dir = resolve_base_model(base_model)
     if base_dir is None:
-        raise VerificationInputError(f"base model {base_model!r} is not available locally; expected an HF model directory (or a Hub id in the local cache)")
+        raise VerificationInputError(
+            f"base model {base_model!r} is not available locally; expected an HF model directory (or a Hub id in "
+            f"the local cache)"
+        )
     check_base_model_files(base_dir)
 
     import peft
@@ -482,19 +617,34 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
     precision = precision_of(config.dtype, reference.metadata.get("model_dtype"))
     limits = Thresholds.resolve(config, precision)
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(config.device).eval()
+        base = (
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(config.device).eval()
+        )
     except Exception as exc:
         raise VerificationInputError(f"cannot load the base model from {base_dir} with transformers: {exc}") from exc
     vocab = base.get_output_embeddings().weight.shape[0]
     ids, ref_logits = reference.input_ids, reference.logits
     if ref_logits.shape[-1] < vocab:
-        raise VerificationInputError(f"{reference_path}: reference logits cover {ref_logits.shape[-1]} tokens, the base model's vocabulary {vocab}; is this the right base model?")
+        raise VerificationInputError(
+            f"{reference_path}: reference logits cover {ref_logits.shape[-1]} tokens, the base model's vocabulary "
+            f"{vocab}; is this the right base model?"
+        )
     ref_logits = ref_logits[..., :vocab]  # Megatron's padded vocabulary
     if ids.max().item() >= vocab:
-        raise VerificationInputError(f"{reference_path}: probe token id {ids.max().item()} is outside the base model's vocabulary ({vocab})")
+        raise VerificationInputError(
+            f"{reference_path}: probe token id {ids.max().item()} is outside the base model's vocabulary ({vocab})"
+        )
     result = VerificationResult(
-        status="failed", summary="", adapter=str(adapter_dir), base_model=str(base_model), reference=str(reference_path), iteration=reference.iteration,
-        precision=precision, dtype=config.dtype, top_k=min(config.top_k, vocab), thresholds=asdict(limits),
+        status="failed",
+        summary="",
+        adapter=str(adapter_dir),
+        base_model=str(base_model),
+        reference=str(reference_path),
+        iteration=reference.iteration,
+        precision=precision,
+        dtype=config.dtype,
+        top_k=min(config.top_k, vocab),
+        thresholds=asdict(limits),
         probe={"batch": ids.shape[0], "length": ids.shape[1], "source": reference.metadata.get("probe", "unknown")},
     )
     try:
@@ -507,10 +657,22 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
         on_disk = load_file(name)
     loaded = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
     result.failures += key_failures(set(on_disk), set(loaded))
-    result.keys = {"file": len(on_disk), "loaded": len(loaded), "ignored_by_peft": sorted(set(on_disk) - set(loaded)), "missing_from_file": sorted(set(loaded) - set(on_disk))}
-    changed = sorted(k for k in set(on_disk) & set(loaded) if not torch.equal(loaded[k].detach().cpu().to(on_disk[k].dtype), on_disk[k]))
+    result.keys = {
+        "file": len(on_disk),
+        "loaded": len(loaded),
+        "ignored_by_peft": sorted(set(on_disk) - set(loaded)),
+        "missing_from_file": sorted(set(loaded) - set(on_disk)),
+    }
+    changed = sorted(
+        k
+        for k in set(on_disk) & set(loaded)
+        if not torch.equal(loaded[k].detach().cpu().to(on_disk[k].dtype), on_disk[k])
+    )
     if changed:
-        result.failures.append(f"{len(changed)} adapter tensor(s) differ after loading (shape or dtype conversion): {', '.join(changed[:8])}")
+        result.failures.append(
+            f"{len(changed)} adapter tensor(s) differ after loading (shape or dtype conversion): "
+            f"{', '.join(changed[:8])}"
+        )
 
     hf_blocks: dict[tuple[int, str], torch.Tensor] = {}
     proj = None
@@ -531,13 +693,16 @@ def verify_adapter(adapter_dir: str | Path, base_model: str, config: VerifyConfi
     for name, value in metrics.items():
         setattr(result, name, value)
     numeric = threshold_failures(metrics, limits, result.top_k)
-    result.first_divergence = first_divergence(hf_blocks, reference.blocks, limits.block_rel_diff) if reference.blocks else None
+    result.first_divergence = (
+        first_divergence(hf_blocks, reference.blocks, limits.block_rel_diff) if reference.blocks else None
+    )
     if numeric and result.first_divergence is not None:
         numeric.append(_diagnosis(result.first_divergence))
     result.failures += numeric
     if metrics["reference_effect_max"] <= limits.max_abs_diff:
         result.warnings.append(
-            f"the training model's logits differ from the base model's by at most {metrics['reference_effect_max']:.2g} (<= max_abs_diff): "
+            f"the training model's logits differ from the base model's by at most "
+            f"{metrics['reference_effect_max']:.2g} (<= max_abs_diff): "
             "the adapter has (almost) no effect yet, so this check cannot tell a correct export from an ignored one"
         )
     decode = _decoder(config.tokenizer or base_dir)

@@ -45,8 +45,16 @@ class _Engine:
         from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
 
         extra = {MIXED_FLAG: True} if mixed else {}
-        args = EngineArgs(model=base, enable_lora=True, max_lora_rank=512, max_loras=1, skip_tokenizer_init=True,
-                          load_format="dummy", enforce_eager=True, **extra)
+        args = EngineArgs(
+            model=base,
+            enable_lora=True,
+            max_lora_rank=512,
+            max_loras=1,
+            skip_tokenizer_init=True,
+            load_format="dummy",
+            enforce_eager=True,
+            **extra,
+        )
         self.config = args.create_engine_config()
         self.scope = set_current_vllm_config(self.config)
         self.scope.__enter__()
@@ -62,9 +70,12 @@ class _Engine:
 
     def describe(self):
         manager = self.manager
-        return {"class": type(self.model).__name__, "lora_modules": sorted(manager.supported_lora_modules),
-                "packed": {k: v for k, v in manager.packed_modules_mapping.items() if k != "experts"},
-                "modules": len(manager.modules)}
+        return {
+            "class": type(self.model).__name__,
+            "lora_modules": sorted(manager.supported_lora_modules),
+            "packed": {k: v for k, v in manager.packed_modules_mapping.items() if k != "experts"},
+            "modules": len(manager.modules),
+        }
 
     def load(self, name, path, lora_id, is_3d):
         """(loaded module names, {module: parts applied}, [loaded names applied nowhere]); raises what vLLM raises."""
@@ -99,14 +110,20 @@ class _Engine:
 
 
 def _init_distributed():
-    from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment, model_parallel_is_initialized
+    from vllm.distributed.parallel_state import (
+        ensure_model_parallel_initialized,
+        init_distributed_environment,
+        model_parallel_is_initialized,
+    )
 
     if model_parallel_is_initialized():
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    init_distributed_environment(
+        world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
+    )
     ensure_model_parallel_initialized(1, 1)
 
 
@@ -146,7 +163,9 @@ def main(job_path, result_path):
         try:
             engines[False] = _Engine(job["base"], mixed=False)
             result["model"] = engines[False].describe()
-            max_positions = getattr(engines[False].config.model_config.hf_config.get_text_config(), "max_position_embeddings", None)
+            max_positions = getattr(
+                engines[False].config.model_config.hf_config.get_text_config(), "max_position_embeddings", None
+            )
         except Exception as exc:
             result["model_error"] = _message(exc)
             result["model_traceback"] = traceback.format_exc()[-2000:]

@@ -25,7 +25,8 @@ from tests.support.fake_hub import FakeHub
 
 @pytest.fixture
 def real_bridge():
-    """Megatron-Bridge's own code (tests/support/real_bridge.py): skips with the reason when it is not unpacked, fails when CI=true."""
+    """Megatron-Bridge's own code (tests/support/real_bridge.py): skips with the reason when it is not unpacked, fails
+    when CI=true."""
     from tests.support import real_bridge
 
     reason = real_bridge.missing()

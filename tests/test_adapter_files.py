@@ -14,15 +14,33 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_peft_export.adapter_files import FLOAT_DTYPES, MAX_RANK, check_shapes, nonfinite, read_adapter, read_config, read_header
+from megatron_peft_export.adapter_files import (
+    FLOAT_DTYPES,
+    MAX_RANK,
+    check_shapes,
+    nonfinite,
+    read_adapter,
+    read_config,
+    read_header,
+)
 from megatron_peft_export.errors import AdapterFileError, ExportError, NonFiniteError
 
 pytestmark = pytest.mark.timeout(300)
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 DTYPE_SIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "U8": 1, "BOOL": 1, "I64": 8}
-GOOD_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+GOOD_CONFIG = {
+    "peft_type": "LORA",
+    "r": 2,
+    "lora_alpha": 4,
+    "target_modules": ["q_proj"],
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "use_dora": False,
+}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -34,14 +52,36 @@ interesting = st.one_of(
     st.sampled_from(["LORA", "(a+)+$", ".*", "(.*)*", "a)|(b", "q_proj", "", "[", r"(\w+)\1", "x" * 300]),
     st.integers(-3, 2**21),
     st.lists(st.sampled_from(["q_proj", "(a|a)*b", ".*.*.*.*z", 7]), max_size=3),
-    st.dictionaries(st.sampled_from(["q_proj", "(a+)+", "layers\\.0", "v_proj"]), st.one_of(st.integers(-2, 2**21), st.floats(), st.text(max_size=3)), max_size=3),
+    st.dictionaries(
+        st.sampled_from(["q_proj", "(a+)+", "layers\\.0", "v_proj"]),
+        st.one_of(st.integers(-2, 2**21), st.floats(), st.text(max_size=3)),
+        max_size=3,
+    ),
 )
 configs = st.one_of(
     json_values,
-    st.fixed_dictionaries({}, optional={name: interesting for name in (
-        "peft_type", "r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora",
-        "base_model_name_or_path")}),
-    st.builds(lambda changes: {**GOOD_CONFIG, **changes}, st.dictionaries(st.sampled_from(sorted(GOOD_CONFIG)), interesting, max_size=2)),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            name: interesting
+            for name in (
+                "peft_type",
+                "r",
+                "lora_alpha",
+                "target_modules",
+                "target_parameters",
+                "rank_pattern",
+                "alpha_pattern",
+                "use_dora",
+                "use_rslora",
+                "base_model_name_or_path",
+            )
+        },
+    ),
+    st.builds(
+        lambda changes: {**GOOD_CONFIG, **changes},
+        st.dictionaries(st.sampled_from(sorted(GOOD_CONFIG)), interesting, max_size=2),
+    ),
 )
 
 
@@ -72,7 +112,9 @@ def test_any_json_config_is_read_or_refused_with_an_export_error(scratch, docume
         assert str(exc).startswith(str(path)) and "\n" not in str(exc)
         return
     _config_holds(config)
-    check_shapes(config, {KEY_A: ("F32", (config["r"], 4)), KEY_B: ("F32", (4, config["r"]))}, "adapter")  # matches its own r
+    check_shapes(
+        config, {KEY_A: ("F32", (config["r"], 4)), KEY_B: ("F32", (4, config["r"]))}, "adapter"
+    )  # matches its own r
 
 
 @FUZZ
@@ -92,12 +134,17 @@ def _safetensors(header: dict, body: bytes, length_delta: int, cut: int | None) 
     return raw if cut is None else raw[:cut]
 
 
-tensor_entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from(sorted(DTYPE_SIZE)) | st.text(max_size=4),
-    "shape": st.lists(st.integers(-2, 6) | st.sampled_from([2**40, 2**63]), max_size=3),
-    "data_offsets": st.lists(st.integers(-4, 200) | st.sampled_from([2**64 + 1]), min_size=0, max_size=3),
-})
-VALID_HEADER = {KEY_A: {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}, KEY_B: {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]}}
+tensor_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(sorted(DTYPE_SIZE)) | st.text(max_size=4),
+        "shape": st.lists(st.integers(-2, 6) | st.sampled_from([2**40, 2**63]), max_size=3),
+        "data_offsets": st.lists(st.integers(-4, 200) | st.sampled_from([2**64 + 1]), min_size=0, max_size=3),
+    }
+)
+VALID_HEADER = {
+    KEY_A: {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
+    KEY_B: {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]},
+}
 VALID_BODY = struct.pack("<16f", *range(16))
 
 
@@ -108,15 +155,26 @@ def _lie(key, field, value):
     return header
 
 
-headers = st.dictionaries(st.sampled_from([KEY_A, KEY_B, "__metadata__", "other", ""]), tensor_entries | json_values, max_size=3) | st.builds(
-    _lie, st.sampled_from([KEY_A, KEY_B]), st.sampled_from(["dtype", "shape", "data_offsets"]),
-    st.sampled_from(["F16", "BF16", "F64", "I32", "F8_E4M3"]) | tensor_entries.map(lambda e: e["shape"]) | tensor_entries.map(lambda e: e["data_offsets"]),
+headers = st.dictionaries(
+    st.sampled_from([KEY_A, KEY_B, "__metadata__", "other", ""]), tensor_entries | json_values, max_size=3
+) | st.builds(
+    _lie,
+    st.sampled_from([KEY_A, KEY_B]),
+    st.sampled_from(["dtype", "shape", "data_offsets"]),
+    st.sampled_from(["F16", "BF16", "F64", "I32", "F8_E4M3"])
+    | tensor_entries.map(lambda e: e["shape"])
+    | tensor_entries.map(lambda e: e["data_offsets"]),
 )
 bodies = st.binary(max_size=200) | st.just(VALID_BODY) | st.just(VALID_BODY + b"\0" * 8) | st.just(VALID_BODY[:40])
 
 
 @FUZZ
-@given(header=headers, body=bodies, length_delta=st.sampled_from([0, 0, 0, -3, 5, 2**40]), cut=st.none() | st.integers(0, 400))
+@given(
+    header=headers,
+    body=bodies,
+    length_delta=st.sampled_from([0, 0, 0, -3, 5, 2**40]),
+    cut=st.none() | st.integers(0, 400),
+)
 def test_any_safetensors_header_is_read_or_refused_with_an_export_error(scratch, header, body, length_delta, cut):
     path = scratch / "adapter_model.safetensors"
     path.write_bytes(_safetensors(header, body, length_delta, cut))
@@ -125,14 +183,17 @@ def test_any_safetensors_header_is_read_or_refused_with_an_export_error(scratch,
     except AdapterFileError as exc:
         assert str(exc).startswith(str(path)) and "\n" not in str(exc)
         return
-    for key, (dtype, shape) in found.items():  # what a header that passed guarantees: floating point, sizes that fit the file
+    # what a header that passed guarantees: floating point, sizes that fit the file
+    for dtype, shape in found.values():
         assert dtype in FLOAT_DTYPES and all(n >= 0 for n in shape)
         assert math.prod(shape) * DTYPE_SIZE[dtype] <= path.stat().st_size
 
 
 @FUZZ
 @given(document=configs, header=headers, body=bodies, cut=st.none() | st.integers(0, 400), values=st.booleans())
-def test_import_verify_and_push_read_any_adapter_or_refuse_it_with_an_export_error(scratch, document, header, body, cut, values):
+def test_import_verify_and_push_read_any_adapter_or_refuse_it_with_an_export_error(
+    scratch, document, header, body, cut, values
+):
     """The whole reader (import, verify and push run it), and verify's entry point, on fuzzed config + weights."""
     from megatron_peft_export.importer import _read_adapter
     from megatron_peft_export.verify import VerificationInputError, verify_adapter
@@ -157,7 +218,12 @@ def test_a_consistent_adapter_passes_and_each_contradiction_is_named(scratch):
     adapter = scratch / "consistent"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({**GOOD_CONFIG, "rank_pattern": {"k_proj": 4}}))
-    tensors = {KEY_A: torch.ones(2, 4), KEY_B: torch.ones(4, 2), KEY_A.replace("q_proj", "k_proj"): torch.ones(4, 4), KEY_B.replace("q_proj", "k_proj"): torch.ones(4, 4)}
+    tensors = {
+        KEY_A: torch.ones(2, 4),
+        KEY_B: torch.ones(4, 2),
+        KEY_A.replace("q_proj", "k_proj"): torch.ones(4, 4),
+        KEY_B.replace("q_proj", "k_proj"): torch.ones(4, 4),
+    }
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
     config, shapes = read_adapter(adapter, values=True)
     assert config["r"] == 2 and shapes[KEY_A] == (2, 4)
@@ -165,8 +231,15 @@ def test_a_consistent_adapter_passes_and_each_contradiction_is_named(scratch):
     cases = {
         "lora_A has shape [3, 4], expected rank 2": {KEY_A: torch.ones(3, 4), KEY_B: torch.ones(4, 2)},
         "lora_A has rank 2 but lora_B has rank 3": {KEY_A: torch.ones(2, 4), KEY_B: torch.ones(4, 3)},
-        "lora_magnitude_vector is present but use_dora is false": {KEY_A: torch.ones(2, 4), KEY_B: torch.ones(4, 2), KEY_A.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(4)},
-        "(1 NaN, 1 Inf)": {KEY_A: torch.tensor([[float("nan"), float("inf"), 0, 0], [0, 0, 0, 0]]), KEY_B: torch.ones(4, 2)},
+        "lora_magnitude_vector is present but use_dora is false": {
+            KEY_A: torch.ones(2, 4),
+            KEY_B: torch.ones(4, 2),
+            KEY_A.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(4),
+        },
+        "(1 NaN, 1 Inf)": {
+            KEY_A: torch.tensor([[float("nan"), float("inf"), 0, 0], [0, 0, 0, 0]]),
+            KEY_B: torch.ones(4, 2),
+        },
     }
     for message, tensors in cases.items():
         save_file(tensors, str(adapter / "adapter_model.safetensors"))

@@ -14,7 +14,28 @@ from megatron_peft_export.integrations import megatron_lm
 from megatron_peft_export.names import check_name
 
 GOOD = ["hf_adapter", "default", "math-v2", "a", "_x", "A.b_c-1", "x" * 128]
-BAD = ["", ".", "..", "x\n", "\nx", "a/b", "a\\b", "../x", "x" * 129, "a b", "a\tb", "a\0b", "-x", ".hidden", "x\r", "é", "a\u2028b", 7, None, ["x"]]
+BAD = [
+    "",
+    ".",
+    "..",
+    "x\n",
+    "\nx",
+    "a/b",
+    "a\\b",
+    "../x",
+    "x" * 129,
+    "a b",
+    "a\tb",
+    "a\0b",
+    "-x",
+    ".hidden",
+    "x\r",
+    "é",
+    "a\u2028b",
+    7,
+    None,
+    ["x"],
+]
 
 
 @pytest.mark.parametrize("name", GOOD)
@@ -28,26 +49,29 @@ def test_anything_else_is_refused_naming_the_option(name):
         check_name(name, "subdir")
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("subdir", "..", "subdir: expected a plain directory name"),
-    ("subdir", "hf_adapter\n", "subdir: expected a plain directory name"),
-    ("adapter_name", "x\n", "adapter_name: expected a plain directory name"),
-    ("adapter_names", ["default", "math\n"], "adapter_names: expected a plain directory name"),
-    ("adapter_names", ["default", ".."], "adapter_names: expected a plain directory name"),
-    ("dtype", "bf17", "dtype: expected bfloat16, float16 or float32"),
-    ("dtype", ["bfloat16"], "dtype: expected bfloat16, float16 or float32"),
-    ("expert_layout", "fusd", "expert_layout: expected one of auto, per_expert, fused"),
-    ("model_type", "gpt2", "found 'gpt2'"),
-    ("pad_rank_to", 0, "pad_rank_to: expected a rank >= 1"),
-    ("every_n_saves", "2", "every_n_saves: expected an integer >= 1"),
-    ("max_pending", 0, "max_pending: expected an integer >= 1"),
-    ("collective_timeout", 0, "collective_timeout: expected seconds > 0"),
-    ("publish_timeout", float("nan"), "publish_timeout: expected seconds >= 0"),
-    ("sigterm_grace", -1, "sigterm_grace: expected seconds >= 0 (or null)"),
-    ("enabled", "yes", "enabled: expected true or false"),
-    ("verify", "yes", "verify: expected a mapping of VerifyConfig fields"),
-    ("on_error", "ignore", "on_error: expected 'warn' or 'raise'"),
-])
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("subdir", "..", "subdir: expected a plain directory name"),
+        ("subdir", "hf_adapter\n", "subdir: expected a plain directory name"),
+        ("adapter_name", "x\n", "adapter_name: expected a plain directory name"),
+        ("adapter_names", ["default", "math\n"], "adapter_names: expected a plain directory name"),
+        ("adapter_names", ["default", ".."], "adapter_names: expected a plain directory name"),
+        ("dtype", "bf17", "dtype: expected bfloat16, float16 or float32"),
+        ("dtype", ["bfloat16"], "dtype: expected bfloat16, float16 or float32"),
+        ("expert_layout", "fusd", "expert_layout: expected one of auto, per_expert, fused"),
+        ("model_type", "gpt2", "found 'gpt2'"),
+        ("pad_rank_to", 0, "pad_rank_to: expected a rank >= 1"),
+        ("every_n_saves", "2", "every_n_saves: expected an integer >= 1"),
+        ("max_pending", 0, "max_pending: expected an integer >= 1"),
+        ("collective_timeout", 0, "collective_timeout: expected seconds > 0"),
+        ("publish_timeout", float("nan"), "publish_timeout: expected seconds >= 0"),
+        ("sigterm_grace", -1, "sigterm_grace: expected seconds >= 0 (or null)"),
+        ("enabled", "yes", "enabled: expected true or false"),
+        ("verify", "yes", "verify: expected a mapping of VerifyConfig fields"),
+        ("on_error", "ignore", "on_error: expected 'warn' or 'raise'"),
+    ],
+)
 def test_hook_config_refuses_a_bad_value_when_it_is_made(field, value, fragment):
     with pytest.raises(ExportError) as raised:
         HookConfig(**{field: value})
@@ -59,11 +83,21 @@ def test_hook_config_refuses_a_bad_value_when_it_is_made(field, value, fragment)
 
 def test_the_defaults_and_good_values_pass():
     HookConfig()
-    HookConfig(subdir="peft", adapter_name="sft", adapter_names=["math", "default"], dtype="bf16", expert_layout="fused", model_type="qwen3_moe",
-               pad_rank_to=16, sigterm_grace=None)
+    HookConfig(
+        subdir="peft",
+        adapter_name="sft",
+        adapter_names=["math", "default"],
+        dtype="bf16",
+        expert_layout="fused",
+        model_type="qwen3_moe",
+        pad_rank_to=16,
+        sigterm_grace=None,
+    )
 
 
-@pytest.mark.parametrize("kwargs", [{"adapter_name": "x\n"}, {"dtype": "bf17"}, {"expert_layout": "v5"}, {"pad_rank_to": -1}], ids=str)
+@pytest.mark.parametrize(
+    "kwargs", [{"adapter_name": "x\n"}, {"dtype": "bf17"}, {"expert_layout": "v5"}, {"pad_rank_to": -1}], ids=str
+)
 def test_export_adapter_refuses_bad_arguments_before_touching_the_model(tmp_path, kwargs):
     with pytest.raises(ExportError):
         ExportOptions(**kwargs)
@@ -72,7 +106,11 @@ def test_export_adapter_refuses_bad_arguments_before_touching_the_model(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv", [["--adapter-name", "x\n"], ["--dtype", "float32", "--expert-layout", "auto", "--adapter-name", ".."]], ids=str)
+@pytest.mark.parametrize(
+    "argv",
+    [["--adapter-name", "x\n"], ["--dtype", "float32", "--expert-layout", "auto", "--adapter-name", ".."]],
+    ids=str,
+)
 def test_cli_export_refuses_a_bad_adapter_name_with_one_line(tmp_path, capsys, argv):
     assert main(["export", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
@@ -80,12 +118,23 @@ def test_cli_export_refuses_a_bad_adapter_name_with_one_line(tmp_path, capsys, a
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("flag,value", [("--hf-adapter-dir-name", ".."), ("--hf-adapter-dir-name", "hf_adapter\n"), ("--hf-adapter-name", "a/b"),
-                                        ("--hf-adapter-names", "default,.."), ("--hf-adapter-dtype", "bf17"), ("--hf-adapter-expert-layout", "v5")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--hf-adapter-dir-name", ".."),
+        ("--hf-adapter-dir-name", "hf_adapter\n"),
+        ("--hf-adapter-name", "a/b"),
+        ("--hf-adapter-names", "default,.."),
+        ("--hf-adapter-dtype", "bf17"),
+        ("--hf-adapter-expert-layout", "v5"),
+    ],
+)
 def test_megatron_lm_flags_refuse_a_bad_value_when_parsed(capsys, flag, value):
     parser = megatron_lm.add_args(argparse.ArgumentParser(prog="pretrain_gpt.py"))
     with pytest.raises(SystemExit) as exited:
         parser.parse_args(["--export-hf-adapter", flag, value])
     assert exited.value.code == 2 and flag in capsys.readouterr().err
-    args = parser.parse_args(["--export-hf-adapter", "--hf-adapter-names", "math,default", "--hf-adapter-dir-name", "peft"])
+    args = parser.parse_args(
+        ["--export-hf-adapter", "--hf-adapter-names", "math,default", "--hf-adapter-dir-name", "peft"]
+    )
     assert megatron_lm.config_from_args(args).adapter_names == ["math", "default"]

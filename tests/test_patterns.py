@@ -11,7 +11,9 @@ from megatron_peft_export import patterns
 from megatron_peft_export.errors import AdapterFileError
 from megatron_peft_export.patterns import PatternSet, check_pattern, fullmatch
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 atoms = st.sampled_from(["a", "b", "_", r"\.", ".", "[ab]", "[^a]", r"\d", r"\w", "1", "[a-c.]"])
 
@@ -20,11 +22,22 @@ def _regex(depth=3):
     if depth == 0:
         return atoms
     inner = _regex(depth - 1)
-    group = st.builds(lambda parts, alt: "(" + "|".join(parts) + ")" if alt else "(?:" + "".join(parts) + ")",
-                      st.lists(inner, min_size=1, max_size=3), st.booleans())
-    quantified = st.builds(lambda x, q: x + q, st.one_of(atoms, group), st.sampled_from(["", "", "?", "*", "+", "{0,2}", "{2}", "*?", "+?"]))
-    return st.builds(lambda parts, head, tail: head + "".join(parts) + tail, st.lists(quantified, min_size=1, max_size=3),
-                     st.sampled_from(["", "", "^", r"\A"]), st.sampled_from(["", "", "$", r"\Z"]))
+    group = st.builds(
+        lambda parts, alt: "(" + "|".join(parts) + ")" if alt else "(?:" + "".join(parts) + ")",
+        st.lists(inner, min_size=1, max_size=3),
+        st.booleans(),
+    )
+    quantified = st.builds(
+        lambda x, q: x + q,
+        st.one_of(atoms, group),
+        st.sampled_from(["", "", "?", "*", "+", "{0,2}", "{2}", "*?", "+?"]),
+    )
+    return st.builds(
+        lambda parts, head, tail: head + "".join(parts) + tail,
+        st.lists(quantified, min_size=1, max_size=3),
+        st.sampled_from(["", "", "^", r"\A"]),
+        st.sampled_from(["", "", "$", r"\Z"]),
+    )
 
 
 regexes = _regex()
@@ -49,11 +62,16 @@ def _first(keys, name):
     return next((i for i, k in enumerate(keys) if re.match(rf"(.*\.)?({k})$", name)), None)
 
 
-fixed_keys = st.builds("".join, st.lists(st.sampled_from(["a", "b", ".", r"\.", "[ab]", "1", "_"]), min_size=1, max_size=5))
+fixed_keys = st.builds(
+    "".join, st.lists(st.sampled_from(["a", "b", ".", r"\.", "[ab]", "1", "_"]), min_size=1, max_size=5)
+)
 
 
 @FUZZ
-@given(st.lists(st.one_of(fixed_keys, regexes), min_size=1, max_size=6, unique=True), st.lists(names, min_size=1, max_size=6))
+@given(
+    st.lists(st.one_of(fixed_keys, regexes), min_size=1, max_size=6, unique=True),
+    st.lists(names, min_size=1, max_size=6),
+)
 def test_a_pattern_set_finds_peft_s_first_matching_key(keys, samples):
     accepted = []
     for key in keys:
@@ -69,7 +87,12 @@ def test_a_pattern_set_finds_peft_s_first_matching_key(keys, samples):
 
 def test_module_names_and_moe_scale_lookups():
     """An exporter's rank_pattern on a 48-layer, 128-expert adapter: full module names as keys, 18624 modules."""
-    modules = [f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(48) for e in range(128) for p in ("gate_proj", "up_proj", "down_proj")]
+    modules = [
+        f"model.layers.{i}.mlp.experts.{e}.{p}"
+        for i in range(48)
+        for e in range(128)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    ]
     attention = [f"model.layers.{i}.self_attn.{p}" for i in range(48) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     found = PatternSet({m: 16 for m in attention})
     assert [found.get(m, 8) for m in modules + attention] == [8] * len(modules) + [16] * len(attention)
@@ -78,18 +101,21 @@ def test_module_names_and_moe_scale_lookups():
     assert values.count(16) == len(attention) and values.count(4) == 48 * 10 * 3
 
 
-@pytest.mark.parametrize("key,reason", [
-    ("(.*)*q_proj_x", "a repeat inside a repeat"),
-    ("(a|aa)+b", "an alternation inside a repeat"),
-    (".*a.*b.*c.*d", "more than 3 unbounded repeats"),
-    (r"(a)\1", "not supported"),
-    ("(?=a)b", "not supported"),
-    ("(?i:q)_proj", "inline flags"),
-    (r"\bq", "not supported"),
-    ("a{1,5000}", "more than 4096 states"),
-    ("x" * 300, "at most 256"),
-    ("(", "not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+    "key,reason",
+    [
+        ("(.*)*q_proj_x", "a repeat inside a repeat"),
+        ("(a|aa)+b", "an alternation inside a repeat"),
+        (".*a.*b.*c.*d", "more than 3 unbounded repeats"),
+        (r"(a)\1", "not supported"),
+        ("(?=a)b", "not supported"),
+        ("(?i:q)_proj", "inline flags"),
+        (r"\bq", "not supported"),
+        ("a{1,5000}", "more than 4096 states"),
+        ("x" * 300, "at most 256"),
+        ("(", "not a valid regular expression"),
+    ],
+)
 def test_patterns_out_of_bounds_are_refused_with_the_reason(key, reason):
     with pytest.raises(AdapterFileError, match=re.escape(reason)):
         PatternSet({key: 1})

@@ -34,12 +34,20 @@ def test_a_link_leaving_the_directory_is_refused(tmp_path):
     (tmp_path / "token").write_text("hf_secret")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").symlink_to(tmp_path / "token")
-    with pytest.raises(ExportError, match=r"adapter_config.json: a symbolic link to .*/token, outside .*adapter; expected a text file inside the directory being read"):
+    with pytest.raises(
+        ExportError,
+        match=r"adapter_config.json: a symbolic link to .*/token, outside .*adapter; expected a text file inside "
+        r"the directory being read",
+    ):
         read_text(tmp_path / "adapter" / "adapter_config.json", limit=100, within=tmp_path / "adapter")
-    assert read_text(tmp_path / "adapter" / "adapter_config.json", limit=100) == "hf_secret", "without `within`, links are followed"
+    assert read_text(tmp_path / "adapter" / "adapter_config.json", limit=100) == "hf_secret", (
+        "without `within`, links are followed"
+    )
 
 
-@pytest.mark.parametrize("special,kind", [("fifo", "a FIFO"), ("/dev/zero", "a character device"), ("dir", "a directory")])
+@pytest.mark.parametrize(
+    "special,kind", [("fifo", "a FIFO"), ("/dev/zero", "a character device"), ("dir", "a directory")]
+)
 def test_anything_but_a_regular_file_is_refused_without_blocking(tmp_path, special, kind):
     path = tmp_path / "config.json"
     if special == "fifo":

@@ -20,7 +20,9 @@ COMMANDS = [check, export, formats, push, verify]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-peft-export", description="Megatron LoRA/DoRA adapters to Hugging Face PEFT.")
+    parser = argparse.ArgumentParser(
+        prog="megatron-peft-export", description="Megatron LoRA/DoRA adapters to Hugging Face PEFT."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

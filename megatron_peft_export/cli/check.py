@@ -11,15 +11,24 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..compat import TARGETS, VLLM_DEFAULT, VLLM_VERSIONS, Finding, check_adapter, has_errors, parse_vllm_version, read_adapters
+from ..compat import (
+    TARGETS,
+    VLLM_DEFAULT,
+    VLLM_VERSIONS,
+    Finding,
+    check_adapter,
+    has_errors,
+    parse_vllm_version,
+    read_adapters,
+)
 from ..errors import ExportError
 from ..hf_config import read_hf_config
 from ..serving_vllm import ENV_VAR, ProbeFailed, applied_summary, engine_findings, engine_python, run_probe
 
 EXAMPLES = f"""examples:
   megatron-peft-export check runs/llama/iter_0000500/hf_adapter
-  megatron-peft-export check ADAPTER --base /models/Mixtral-8x7B       # the base's architecture: where vLLM applies experts
-  megatron-peft-export check ADAPTER --vllm-python .venv-vllm/bin/python   # ask vLLM itself (its loader on the base's model class)
+  megatron-peft-export check ADAPTER --base /models/Mixtral-8x7B       # where vLLM applies experts
+  megatron-peft-export check ADAPTER --vllm-python .venv-vllm/bin/python   # ask vLLM itself (its loader)
   megatron-peft-export check ADAPTER --vllm-version 0.31               # the rules for another vLLM version
   megatron-peft-export check out/adapters --target peft                # a multi-adapter directory: every adapter in it
 
@@ -31,18 +40,41 @@ exit status: 0 compatible (warnings and notes allowed), 1 a finding is an error 
 
 def register(commands) -> None:
     parser = commands.add_parser(
-        "check", help="check an HF LoRA adapter for what a server (vLLM by default) refuses or serves wrong",
+        "check",
+        help="check an HF LoRA adapter for what a server (vLLM by default) refuses or serves wrong",
         description="Read adapter_config.json and the weights file's header (no tensor data) and report, per adapter, "
         "each feature the target refuses or serves wrong (DoRA, modules_to_save, bias, per-module ranks or scales, "
         "unusual ranks, module names the model does not apply, engine flags), with the reason and what to change.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="HF PEFT adapter directory (peft's multi-adapter layout: each subdirectory too)")
-    parser.add_argument("--target", default="vllm", choices=TARGETS, help="the server to check for: vllm (default) or peft (transformers + peft)")
-    parser.add_argument("--base", metavar="DIR", help="the base model's directory (its config.json gives the architecture vLLM loads the adapter on); "
-                        "default: the adapter's base_model_name_or_path when that is a local directory")
-    parser.add_argument("--vllm-version", metavar="VERSION", help=f"judge by the rules for this vLLM version instead of asking vLLM (known: {', '.join(VLLM_VERSIONS)})")
-    parser.add_argument("--vllm-python", metavar="PATH", help=f"python of an environment with vLLM, to ask it (default: ${ENV_VAR}, or this python if it has vLLM)")
+    parser.add_argument(
+        "adapter_dir",
+        metavar="ADAPTER_DIR",
+        help="HF PEFT adapter directory (peft's multi-adapter layout: each subdirectory too)",
+    )
+    parser.add_argument(
+        "--target",
+        default="vllm",
+        choices=TARGETS,
+        help="the server to check for: vllm (default) or peft (transformers + peft)",
+    )
+    parser.add_argument(
+        "--base",
+        metavar="DIR",
+        help="the base model's directory (its config.json gives the architecture vLLM loads the adapter on); "
+        "default: the adapter's base_model_name_or_path when that is a local directory",
+    )
+    parser.add_argument(
+        "--vllm-version",
+        metavar="VERSION",
+        help=f"judge by the rules for this vLLM version instead of asking vLLM (known: {', '.join(VLLM_VERSIONS)})",
+    )
+    parser.add_argument(
+        "--vllm-python",
+        metavar="PATH",
+        help=f"python of an environment with vLLM, to ask it (default: ${ENV_VAR}, or this python if it has vLLM)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the verdict line per adapter")
     parser.set_defaults(run=run)
 
@@ -50,18 +82,31 @@ def register(commands) -> None:
 def _base(explicit: str | None, config: dict[str, Any]) -> Path | None:
     if explicit:
         if not (Path(explicit) / "config.json").is_file():
-            raise ExportError(f"--base {explicit}: expected a base model directory with config.json, found {'no config.json' if Path(explicit).is_dir() else 'no directory'}")
+            raise ExportError(
+                f"--base {explicit}: expected a base model directory with config.json, found "
+                f"{'no config.json' if Path(explicit).is_dir() else 'no directory'}"
+            )
         return Path(explicit)
     recorded = config.get("base_model_name_or_path")
-    return Path(recorded) if isinstance(recorded, str) and recorded and (Path(recorded) / "config.json").is_file() else None
+    return (
+        Path(recorded)
+        if isinstance(recorded, str) and recorded and (Path(recorded) / "config.json").is_file()
+        else None
+    )
 
 
 def _version_note(version: str) -> str | None:
     ours = parse_vllm_version(version)
     if ours > parse_vllm_version(VLLM_VERSIONS[-1]):
-        return f"rules read from vLLM {VLLM_VERSIONS[0]}-{VLLM_VERSIONS[-1]}; {version} may differ (ask vLLM itself: --vllm-python)"
+        return (
+            f"rules read from vLLM {VLLM_VERSIONS[0]}-{VLLM_VERSIONS[-1]}; {version} may differ "
+            "(ask vLLM itself: --vllm-python)"
+        )
     if ours < parse_vllm_version(VLLM_VERSIONS[0]):
-        return f"rules for vLLM <= {VLLM_VERSIONS[0]} were read from {VLLM_VERSIONS[0]}; {version} may differ (ask vLLM itself: --vllm-python)"
+        return (
+            f"rules for vLLM <= {VLLM_VERSIONS[0]} were read from {VLLM_VERSIONS[0]}; {version} may differ "
+            "(ask vLLM itself: --vllm-python)"
+        )
     return None
 
 
@@ -69,10 +114,15 @@ def run(args: argparse.Namespace) -> int:
     if args.vllm_version is not None:
         parse_vllm_version(args.vllm_version)
         if args.vllm_python:
-            raise ExportError(f"--vllm-version {args.vllm_version} asks for the rules, --vllm-python {args.vllm_python} for vLLM itself; pass one of them")
+            raise ExportError(
+                f"--vllm-version {args.vllm_version} asks for the rules, --vllm-python {args.vllm_python} for vLLM "
+                f"itself; pass one of them"
+            )
     adapters = read_adapters(args.adapter_dir)
     bases = {name: _base(args.base, config) for name, (_, config, _) in adapters.items()}
-    model_types = {name: (read_hf_config(str(base)) or {}).get("model_type") if base else None for name, base in bases.items()}
+    model_types = {
+        name: (read_hf_config(str(base)) or {}).get("model_type") if base else None for name, base in bases.items()
+    }
     answers: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     python = engine_python(args.vllm_python) if args.target == "vllm" and args.vllm_version is None else None
@@ -85,12 +135,18 @@ def run(args: argparse.Namespace) -> int:
                 notes.append(f"note: could not ask vLLM ({exc}); the rules for vLLM {VLLM_DEFAULT} decide")
                 continue
             if result.get("model_error"):
-                notes.append(f"note: vLLM {result['vllm']} could not build the base model {base} ({result['model_error'][:300]}); "
-                             "its module names were judged by the rules")
+                notes.append(
+                    f"note: vLLM {result['vllm']} could not build the base model {base} "
+                    f"({result['model_error'][:300]}); "
+                    "its module names were judged by the rules"
+                )
             for n in names:
                 if result["adapters"].get(n, {}).get("probe_error"):
-                    notes.append(f"note: could not ask vLLM {result['vllm']} about {n!r} ({result['adapters'][n]['probe_error'][:200]}); "
-                                 f"the rules for vLLM {VLLM_DEFAULT} decide")
+                    notes.append(
+                        f"note: could not ask vLLM {result['vllm']} about {n!r} "
+                        f"({result['adapters'][n]['probe_error'][:200]}); "
+                        f"the rules for vLLM {VLLM_DEFAULT} decide"
+                    )
                 else:
                     answers[n] = result
     for note in notes:
@@ -104,10 +160,15 @@ def run(args: argparse.Namespace) -> int:
         result = answers.get(name)
         if result is not None:
             findings = engine_findings(result, name, config, shapes, model_types[name])
-            against = f"vLLM {result['vllm']} (asked vLLM{' on ' + result['model']['class'] if result.get('model') else ', no base model'})"
+            asked = " on " + result["model"]["class"] if result.get("model") else ", no base model"
+            against = f"vLLM {result['vllm']} (asked vLLM{asked})"
         else:
             findings = check_adapter(config, shapes, args.target, vllm_version=version, model_type=model_types[name])
-            against = f"vLLM {version} (rules{', ' + model_types[name] if model_types[name] else ', no base model'})" if args.target == "vllm" else "peft"
+            against = (
+                f"vLLM {version} (rules{', ' + model_types[name] if model_types[name] else ', no base model'})"
+                if args.target == "vllm"
+                else "peft"
+            )
         _print(where, against, findings, args.quiet)
         if result is not None and not args.quiet:
             for line in applied_summary(result["adapters"][name]):
@@ -120,7 +181,10 @@ def _print(where: str, against: str, findings: list[Finding], quiet: bool) -> No
     errors = sum(f.severity == "error" for f in findings)
     warnings = sum(f.severity == "warning" for f in findings)
     verdict = "NOT compatible" if errors else "compatible"
-    print(f"{where}: {verdict} with {against}: {errors} error(s), {warnings} warning(s), {len(findings) - errors - warnings} note(s)")
+    print(
+        f"{where}: {verdict} with {against}: {errors} error(s), {warnings} warning(s), "
+        f"{len(findings) - errors - warnings} note(s)"
+    )
     if not quiet:
         for finding in findings:
             print(f"  {finding.line()}")

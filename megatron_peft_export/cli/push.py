@@ -6,8 +6,8 @@ import argparse
 import logging
 
 from ..adapter_files import read_adapter
-from ..hf_config import read_hf_config
 from ..field_docs import field_docs
+from ..hf_config import read_hf_config
 from ..integrations.hub import STRATEGIES, PushConfig, find_adapters, push_adapters, uploadable
 from ..names import check_name
 from ..targets import BaseModel, base_model, check_targets
@@ -23,49 +23,94 @@ The token comes from HF_TOKEN or the stored login (`hf auth login`); there is no
 def register(commands) -> None:
     docs = field_docs(PushConfig)
     parser = commands.add_parser(
-        "push", help="upload adapters to the Hugging Face Hub", epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "push",
+        help="upload adapters to the Hugging Face Hub",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PATH is an adapter directory, or a training save directory: then its latest adapter "
-        "(<save>/iter_*/<dir-name>), or every adapter with --strategy all_checkpoints, each also under iter_XXXXXXX/ in the repo. "
+        "(<save>/iter_*/<dir-name>), or every adapter with --strategy all_checkpoints, each also under "
+        "iter_XXXXXXX/ in the repo. "
         "One commit; the repository (and branch) is created when missing.",
     )
     parser.add_argument("path", help="adapter directory or training save directory")
     parser.add_argument("--repo-id", required=True, help=docs["repo_id"])
     parser.add_argument("--private", action="store_true", help=docs["private"])
     parser.add_argument("--revision", help=docs["revision"])
-    parser.add_argument("--strategy", choices=STRATEGIES, default="end",
-                        help="end and every_save push the latest adapter at the repo root; all_checkpoints also every iteration in its own folder (default: end)")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="end",
+        help="end and every_save push the latest adapter at the repo root; all_checkpoints also every iteration in "
+        "its own folder (default: end)",
+    )
     parser.add_argument("--commit-message", help=docs["commit_message"])
     parser.add_argument("--base-model", help=docs["base_model"])
     parser.add_argument("--endpoint", help=docs["endpoint"])
     parser.add_argument("--retries", type=int, default=3, help=docs["retries"])
-    parser.add_argument("--dir-name", default="hf_adapter", help="adapter directory name inside each iteration of a save directory (default: hf_adapter)")
-    parser.add_argument("--allow-nonfinite", action="store_true", help="push adapters whose tensors hold NaN or Inf (by default refused)")
-    parser.add_argument("--allow-target-mismatch", action="store_true",
-                        help="push adapters whose target_modules miss modules their weights are for, or match nothing in the base model (by default refused)")
+    parser.add_argument(
+        "--dir-name",
+        default="hf_adapter",
+        help="adapter directory name inside each iteration of a save directory (default: hf_adapter)",
+    )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="push adapters whose tensors hold NaN or Inf (by default refused)",
+    )
+    parser.add_argument(
+        "--allow-target-mismatch",
+        action="store_true",
+        help="push adapters whose target_modules miss modules their weights are for, or match nothing in the base "
+        "model (by default refused)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = PushConfig(
-        repo_id=args.repo_id, strategy=args.strategy, private=args.private, revision=args.revision,
-        commit_message=args.commit_message, base_model=args.base_model, endpoint=args.endpoint, retries=args.retries,
+        repo_id=args.repo_id,
+        strategy=args.strategy,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        base_model=args.base_model,
+        endpoint=args.endpoint,
+        retries=args.retries,
     )
     adapters = find_adapters(args.path, check_name(args.dir_name, "--dir-name"))
     latest = adapters[-1]
     checkpoints = [a for a in adapters if a.iteration is not None] if config.strategy == "all_checkpoints" else []
     bases: dict[str | None, BaseModel | None] = {}  # every adapter of a save directory names the same base model
-    for path in sorted({a.path for a in (latest, *checkpoints)}):  # nothing but regular files; nothing malformed, contradictory or NaN
+    # nothing but regular files; nothing malformed, contradictory or NaN
+    for path in sorted({a.path for a in (latest, *checkpoints)}):
         files = uploadable(path)  # links, FIFOs, devices refused before anything is read
-        for adapter in [path, *(path / name.split("/")[0] for name, _ in files if name.endswith("/adapter_config.json"))]:  # and peft's multi-adapter subfolders
-            settings, shapes = read_adapter(adapter, values=True, allow_nonfinite=args.allow_nonfinite, remedy="pass --allow-nonfinite to push it anyway")
+        for adapter in [
+            path,
+            *(path / name.split("/")[0] for name, _ in files if name.endswith("/adapter_config.json")),
+        ]:  # and peft's multi-adapter subfolders
+            settings, shapes = read_adapter(
+                adapter,
+                values=True,
+                allow_nonfinite=args.allow_nonfinite,
+                remedy="pass --allow-nonfinite to push it anyway",
+            )
             if not args.allow_target_mismatch:
-                for name in (args.base_model, settings.get("base_model_name_or_path")):  # the first whose config.json is here
+                # the first whose config.json is here
+                for name in (
+                    args.base_model,
+                    settings.get("base_model_name_or_path"),
+                ):
                     if name not in bases:
                         bases[name] = _base_model(name)
                     if bases[name] is not None:
                         break
-                check_targets(settings, shapes, str(adapter), bases[name],
-                              remedy="; pass --allow-target-mismatch to push it anyway")
+                check_targets(
+                    settings,
+                    shapes,
+                    str(adapter),
+                    bases[name],
+                    remedy="; pass --allow-target-mismatch to push it anyway",
+                )
     url = push_adapters(config, latest, checkpoints)
     where = f"{config.repo_id}@{config.revision or 'main'}"
     folders = f" and {len(checkpoints)} iteration folder(s)" if checkpoints else ""
@@ -74,11 +119,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _base_model(name: str | None) -> BaseModel | None:
-    """The base model's module names, when its config.json is on this machine (a directory, or a Hub id in the local cache)."""
+    """The base model's module names, when its config.json is on this machine (a directory, or a Hub id in the local
+    cache)."""
     from ..verify import resolve_base_model
 
     local = resolve_base_model(name) if isinstance(name, str) else None
     found = base_model(read_hf_config(local), name) if local else None
     if found is None and name is not None:
-        log.info("base model %r: no config.json on this machine; target_modules checked against the adapter's own weights only", name)
+        log.info(
+            "base model %r: no config.json on this machine; target_modules checked against the adapter's own "
+            "weights only",
+            name,
+        )
     return found

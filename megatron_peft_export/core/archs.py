@@ -54,14 +54,21 @@ class ArchMap:
     """How transformers v5 fuses the per-expert modules (in parameter registration order); empty for dense models."""
 
 
-_QKV = ModuleMap("self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv", ("q", "k", "v"))
+_QKV = ModuleMap(
+    "self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv", ("q", "k", "v")
+)
 _PROJ = ModuleMap("self_attention.linear_proj", ("self_attn.o_proj",), "plain")
 _FC2 = ModuleMap("mlp.linear_fc2", ("mlp.down_proj",), "plain")
 
 LLAMA = ArchMap(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
-    modules=(_QKV, _PROJ, ModuleMap("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj"), "gate_up", ("gate", "up")), _FC2),
+    modules=(
+        _QKV,
+        _PROJ,
+        ModuleMap("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj"), "gate_up", ("gate", "up")),
+        _FC2,
+    ),
 )
 """Llama-family decoders; linear_fc1 is gated (SwiGLU)."""
 
@@ -77,14 +84,18 @@ _EXPERT_FC2 = "mlp.experts.local_experts.{e}.linear_fc2"
 _EXPERT = "moe_ffn_hidden_size"
 _ROUTER = "mlp.router"
 _V5_ROUTER = FusedExperts("mlp.gate.weight", ("mlp.gate",))
-"""transformers v5's routers (Mixtral, Qwen-MoE) are not nn.Linear (peft cannot target them as modules): their weight is a target parameter."""
+"""transformers v5's routers (Mixtral, Qwen-MoE) are not nn.Linear (peft cannot target them as modules): their weight is
+a target parameter."""
 
 QWEN_MOE = ArchMap(
     name="qwen3_moe",
     model_types=("qwen3_moe", "olmoe"),
     modules=(
-        _QKV, _PROJ,
-        ModuleMap(_EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up"), _EXPERT),
+        _QKV,
+        _PROJ,
+        ModuleMap(
+            _EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up"), _EXPERT
+        ),
         ModuleMap(_EXPERT_FC2, ("mlp.experts.{e}.down_proj",), "plain", width=_EXPERT),
         ModuleMap(_ROUTER, ("mlp.gate",), "plain"),
     ),
@@ -102,8 +113,15 @@ QWEN2_MOE = dataclasses.replace(
     QWEN_MOE,
     name="qwen2_moe",
     model_types=("qwen2_moe",),
-    modules=QWEN_MOE.modules + (
-        ModuleMap("mlp.shared_experts.linear_fc1", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "gate_up", ("gate", "up"), _SHARED),
+    modules=QWEN_MOE.modules
+    + (
+        ModuleMap(
+            "mlp.shared_experts.linear_fc1",
+            ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+            "gate_up",
+            ("gate", "up"),
+            _SHARED,
+        ),
         ModuleMap("mlp.shared_experts.linear_fc2", ("mlp.shared_expert.down_proj",), "plain", width=_SHARED),
     ),
 )
@@ -116,13 +134,22 @@ MIXTRAL = ArchMap(
     name="mixtral",
     model_types=("mixtral",),
     modules=(
-        _QKV, _PROJ,
-        ModuleMap(_EXPERT_FC1, ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"), "gate_up", ("gate", "up"), _EXPERT),
+        _QKV,
+        _PROJ,
+        ModuleMap(
+            _EXPERT_FC1,
+            ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"),
+            "gate_up",
+            ("gate", "up"),
+            _EXPERT,
+        ),
         ModuleMap(_EXPERT_FC2, ("block_sparse_moe.experts.{e}.w2",), "plain", width=_EXPERT),
         ModuleMap(_ROUTER, ("block_sparse_moe.gate",), "plain"),
     ),
     fused_experts=(
-        FusedExperts("mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3")),
+        FusedExperts(
+            "mlp.experts.gate_up_proj", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3")
+        ),
         FusedExperts("mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2",)),
         FusedExperts(_V5_ROUTER.parameter, ("block_sparse_moe.gate",)),
     ),

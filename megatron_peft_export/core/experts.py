@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -41,7 +41,9 @@ def fused_prefixes(arch: ArchMap, targeted: list[str]) -> dict[str, str]:
     return prefixes
 
 
-def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: ArchMap, num_experts: int) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+def fuse_experts(
+    plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: ArchMap, num_experts: int
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Per-expert LoRA tensors -> peft's fused target_parameters tensors.
 
     Returns the tensors and, per targeted parameter, the per-expert HF modules it replaces.
@@ -55,7 +57,9 @@ def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: Arch
             match = _LAYER.match(module)
             if match and match.group(2) == first:
                 layers[match.group(1)].add(fused.parameter)
-    targeted = sorted({p for params in layers.values() for p in params}, key=[f.parameter for f in arch.fused_experts].index)
+    targeted = sorted(
+        {p for params in layers.values() for p in params}, key=[f.parameter for f in arch.fused_experts].index
+    )
     prefixes = fused_prefixes(arch, targeted)
     for layer, params in layers.items():
         for fused in (f for f in arch.fused_experts if f.parameter in params):
@@ -74,7 +78,10 @@ def fuse_experts(plan: AdapterPlan, tensors: dict[str, torch.Tensor], arch: Arch
             fused_a = _fused_a(a, modules)
             ranks = sorted({per_expert[0].shape[0] for per_expert in a})
             if len(ranks) != 1:
-                raise ShapeMismatchError(f"{layer}.{fused.parameter}: experts have different ranks {ranks}; export with expert_layout='per_expert'")
+                raise ShapeMismatchError(
+                    f"{layer}.{fused.parameter}: experts have different ranks {ranks}; export with "
+                    f"expert_layout='per_expert'"
+                )
             module = f"{layer}.{prefixes[fused.parameter]}"
             out[_key(module, "lora_A")] = fused_a
             out[_key(module, "lora_B")] = _fused_b(b, ranks[0])
@@ -90,7 +97,10 @@ def _fused_a(a: list[list[torch.Tensor]], modules: list[list[str]]) -> torch.Ten
     for j in range(1, len(a[0])):
         if not torch.equal(fused, torch.cat([per_expert[j] for per_expert in a])):
             e = next(e for e, per_expert in enumerate(a) if not torch.equal(per_expert[0], per_expert[j]))
-            raise ShapeMismatchError(f"{modules[e]}: one fused parameter needs one lora_A, found different ones; export with expert_layout='per_expert'")
+            raise ShapeMismatchError(
+                f"{modules[e]}: one fused parameter needs one lora_A, found different ones; export with "
+                f"expert_layout='per_expert'"
+            )
     return fused
 
 
@@ -105,16 +115,22 @@ def _fused_b(b: list[list[torch.Tensor]], r: int) -> torch.Tensor:
         start = 0
         for j, t in enumerate(per_expert):
             if t.shape != (rows[j], r):
-                raise ShapeMismatchError(f"experts disagree on the shape of lora_B ({list(t.shape)} vs {[rows[j], r]}); export with expert_layout='per_expert'")
-            dst.append(fused[start:start + rows[j], :, e])
+                raise ShapeMismatchError(
+                    f"experts disagree on the shape of lora_B ({list(t.shape)} vs {[rows[j], r]}); export with "
+                    f"expert_layout='per_expert'"
+                )
+            dst.append(fused[start : start + rows[j], :, e])
             src.append(t)
             start += rows[j]
     torch._foreach_copy_(dst, src)
     return fused.flatten(1)
 
 
-def unfuse_experts(tensors: Mapping[str, torch.Tensor], arch: ArchMap, num_experts: int | None, target_parameters: list[str], r: int) -> dict[str, torch.Tensor]:
-    """The inverse of `fuse_experts`: peft's fused target_parameters tensors -> per-expert LoRA tensors; others pass through.
+def unfuse_experts(
+    tensors: Mapping[str, torch.Tensor], arch: ArchMap, num_experts: int | None, target_parameters: list[str], r: int
+) -> dict[str, torch.Tensor]:
+    """The inverse of `fuse_experts`: peft's fused target_parameters tensors -> per-expert LoRA tensors; others pass
+    through.
 
     `r` is the adapter's rank (fused parameters take it); a fused lora_A holds experts x r rows, so a model with
     another expert count is refused here rather than mis-split.
@@ -127,11 +143,17 @@ def unfuse_experts(tensors: Mapping[str, torch.Tensor], arch: ArchMap, num_exper
             f"(known: {known or 'none'}); pass the model_type of the family the adapter was trained on"
         )
     if not num_experts:
-        raise ShapeMismatchError(f"the adapter has fused expert LoRA ({', '.join(target_parameters)}), but the Megatron model has no experts")
+        raise ShapeMismatchError(
+            f"the adapter has fused expert LoRA ({', '.join(target_parameters)}), but the Megatron model has no experts"
+        )
     prefixes = fused_prefixes(arch, sorted(target_parameters, key=known.index))
     out = dict(tensors)
     for key, a in tensors.items():
-        match = _LAYER.match(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")) if key.endswith(".lora_A.weight") else None
+        match = (
+            _LAYER.match(key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))
+            if key.endswith(".lora_A.weight")
+            else None
+        )
         fused = next((f for f in arch.fused_experts if match and prefixes.get(f.parameter) == match.group(2)), None)
         if fused is None:
             continue
@@ -140,12 +162,16 @@ def unfuse_experts(tensors: Mapping[str, torch.Tensor], arch: ArchMap, num_exper
         if b is None:
             raise ShapeMismatchError(f"{key} has no {b_key}; expected both for a LoRA on {layer}.{fused.parameter}")
         del out[key]
-        count = num_experts if "{e}" in fused.per_expert[0] else 1  # a 2-D parameter (a router's weight) is one "expert" to peft
+        count = (
+            num_experts if "{e}" in fused.per_expert[0] else 1
+        )  # a 2-D parameter (a router's weight) is one "expert" to peft
         if a.shape[0] != count * r or b.shape[1] != a.shape[0]:
             held = f"holds {a.shape[0] / r:g} experts" if count > 1 else "is not a rank-r LoRA"
             raise ShapeMismatchError(
-                f"{layer}.{fused.parameter}: the adapter {held} (lora_A {list(a.shape)}, lora_B {list(b.shape)}, r {r}), "
-                f"the Megatron model has {num_experts} experts; load it into a model with the expert count of the adapter's base model"
+                f"{layer}.{fused.parameter}: the adapter {held} (lora_A {list(a.shape)}, lora_B {list(b.shape)}, r "
+                f"{r}), "
+                f"the Megatron model has {num_experts} experts; load it into a model with the expert count of the "
+                f"adapter's base model"
             )
         b_by_expert = b.unflatten(1, (r, count))  # rank-major columns: [out, r, experts]
         for e, a_e in enumerate(a.split(r)):  # expert-major rows

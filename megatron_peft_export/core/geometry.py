@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ShapeMismatchError
-
 
 MAX_SIZE = 1 << 24
 _OPTIONAL = {"vocab_size", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}
@@ -48,10 +48,14 @@ class ModelGeometry:
     """Width of the shared expert's MLP (HF shared_expert_intermediate_size); None: no shared expert."""
 
     def __post_init__(self) -> None:
-        wrong = [f"{f.name}={getattr(self, f.name)!r:.30}" for f in fields(self) if not _valid(f.name, getattr(self, f.name))]
+        wrong = [
+            f"{f.name}={getattr(self, f.name)!r:.30}" for f in fields(self) if not _valid(f.name, getattr(self, f.name))
+        ]
         if wrong:
-            raise ShapeMismatchError(f"model geometry: expected positive integers up to {MAX_SIZE} (gated_linear_unit true or false; "
-                                     f"vocab_size and the MoE sizes may be unset), found {', '.join(wrong)}")
+            raise ShapeMismatchError(
+                f"model geometry: expected positive integers up to {MAX_SIZE} (gated_linear_unit true or false; "
+                f"vocab_size and the MoE sizes may be unset), found {', '.join(wrong)}"
+            )
         if self.num_attention_heads % self.num_query_groups:
             raise ShapeMismatchError(
                 f"expected num_attention_heads to be a multiple of num_query_groups, found "
@@ -63,7 +67,7 @@ class ModelGeometry:
         return self.num_attention_heads // self.num_query_groups
 
     @classmethod
-    def from_megatron(cls, config: Any, vocab_size: int | None = None) -> "ModelGeometry":
+    def from_megatron(cls, config: Any, vocab_size: int | None = None) -> ModelGeometry:
         """From a megatron-core TransformerConfig (duck-typed: only attributes are read)."""
         heads = config.num_attention_heads
         return cls(
@@ -81,17 +85,19 @@ class ModelGeometry:
         )
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool = True) -> "ModelGeometry":
+    def from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool = True) -> ModelGeometry:
         """From an HF config.json mapping (Llama-family field names)."""
         try:
             return cls._from_hf_config(config, gated_linear_unit)
         except (KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
             detail = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
-            raise ShapeMismatchError(f"the base model's config.json does not describe a decoder model's sizes ({detail}); "
-                                     "expected num_hidden_layers, hidden_size, num_attention_heads and intermediate_size as integers") from None
+            raise ShapeMismatchError(
+                f"the base model's config.json does not describe a decoder model's sizes ({detail}); "
+                "expected num_hidden_layers, hidden_size, num_attention_heads and intermediate_size as integers"
+            ) from None
 
     @classmethod
-    def _from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool) -> "ModelGeometry":
+    def _from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool) -> ModelGeometry:
         text = config.get("text_config") or config
         heads = text["num_attention_heads"]
         experts = text.get("num_experts") or text.get("num_local_experts")
@@ -106,10 +112,12 @@ class ModelGeometry:
             vocab_size=text.get("vocab_size"),
             num_experts=experts,
             moe_ffn_hidden_size=(text.get("moe_intermediate_size") or text["intermediate_size"]) if experts else None,
-            moe_shared_expert_intermediate_size=(text.get("shared_expert_intermediate_size") or None) if experts else None,
+            moe_shared_expert_intermediate_size=(text.get("shared_expert_intermediate_size") or None)
+            if experts
+            else None,
         )
 
-    def check_matches(self, hf: "ModelGeometry", source: str) -> None:
+    def check_matches(self, hf: ModelGeometry, source: str) -> None:
         """Raise one error listing every field where the HF config contradicts the Megatron model."""
         skip = {"vocab_size", "gated_linear_unit"}
         if self.num_experts:  # MoE families here have no dense MLP; HF's intermediate_size may name the expert width
@@ -121,6 +129,7 @@ class ModelGeometry:
         ]
         if diffs:
             raise ShapeMismatchError(
-                "the HF config does not describe the Megatron model: " + "; ".join(diffs)
+                "the HF config does not describe the Megatron model: "
+                + "; ".join(diffs)
                 + ". Pass the base model the adapter was trained on (base_model_name_or_path)."
             )

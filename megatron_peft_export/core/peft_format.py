@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 
@@ -31,7 +32,9 @@ def target_modules(plan: AdapterPlan, skip: frozenset[str] = frozenset()) -> lis
     return sorted({m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in everywhere else m for m in modules})
 
 
-def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None, *, fused_experts: Mapping[str, list[str]] | None = None) -> dict[str, Any]:
+def adapter_config(
+    plan: AdapterPlan, base_model_name_or_path: str | None, *, fused_experts: Mapping[str, list[str]] | None = None
+) -> dict[str, Any]:
     """A complete LoraConfig dict: peft fills missing fields with defaults silently, so every field is written.
 
     `fused_experts` maps each targeted fused expert parameter to the per-expert modules it replaces;
@@ -41,7 +44,10 @@ def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None, *, fu
     fused = frozenset(m for modules in (fused_experts or {}).values() for m in modules)
     odd = sorted(m for m in fused if (plan.modules[m].r, plan.modules[m].alpha) != (r, alpha))
     if odd:
-        raise ShapeMismatchError(f"fused expert parameters take the adapter's one r and lora_alpha, but {odd[0]} differs; export with expert_layout='per_expert'")
+        raise ShapeMismatchError(
+            f"fused expert parameters take the adapter's one r and lora_alpha, but {odd[0]} differs; export with "
+            f"expert_layout='per_expert'"
+        )
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -69,8 +75,14 @@ def adapter_config(plan: AdapterPlan, base_model_name_or_path: str | None, *, fu
 
 
 def model_card(
-    config: dict[str, Any], *, dialect: str | None, source: str, num_tensors: int,
-    iteration: int | None = None, verification: Mapping[str, Any] | None = None, quantization: str | None = None,
+    config: dict[str, Any],
+    *,
+    dialect: str | None,
+    source: str,
+    num_tensors: int,
+    iteration: int | None = None,
+    verification: Mapping[str, Any] | None = None,
+    quantization: str | None = None,
 ) -> str:
     """README.md with the front matter the Hub reads (library_name, base_model, pipeline_tag, tags), the LoRA
     settings, and the training iteration, the base's quantization during training (QLoRA-style) and the
@@ -126,7 +138,8 @@ def _quantization_note(quantization: str | None) -> list[str]:
     if not quantization:
         return []
     return [
-        "Trained over a quantized base (QLoRA-style; the adapter's own weights are not quantized). It loads on the unquantized",
+        "Trained over a quantized base (QLoRA-style; the adapter's own weights are not quantized). It loads on the "
+        "unquantized",
         "base model like any LoRA adapter; to reproduce the training model's logits, quantize the base the same way.",
         "",
     ]
@@ -152,7 +165,11 @@ def _verification_section(verification: Mapping[str, Any] | None) -> list[str]:
     rows = [(k, v) for k, v in sorted(verification.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)]
     lines = ["## Verification", ""]
     if status:
-        lines += [f"Verification {status.upper()}: logits of the HF base model with this adapter against the training model's at save time.", ""]
+        lines += [
+            f"Verification {status.upper()}: logits of the HF base model with this adapter against the training "
+            f"model's at save time.",
+            "",
+        ]
     if rows:
         lines += ["| metric | value |", "| --- | --- |", *(f"| {k} | {v:.4g} |" for k, v in rows), ""]
     return lines

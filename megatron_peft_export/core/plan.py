@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 
@@ -57,11 +57,16 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
     ffn = getattr(g, module.width)
     if module.width != "ffn_hidden_size" and not (g.num_experts and ffn):
         raise ShapeMismatchError(
-            f"found adapters on {module.megatron.replace('{e}', '<e>')}, but the model geometry has no experts of that kind "
+            f"found adapters on {module.megatron.replace('{e}', '<e>')}, but the model geometry has no experts of "
+            f"that kind "
             f"(num_experts {g.num_experts}, {module.width} {ffn}); pass the MoE base model's config or these sizes"
         )
     if kind == "linear_qkv":
-        return g.hidden_size, (g.num_attention_heads * g.head_dim, g.num_query_groups * g.head_dim, g.num_query_groups * g.head_dim)
+        return g.hidden_size, (
+            g.num_attention_heads * g.head_dim,
+            g.num_query_groups * g.head_dim,
+            g.num_query_groups * g.head_dim,
+        )
     if kind == "linear_proj":
         return g.num_attention_heads * g.head_dim, (g.hidden_size,)
     if kind == "linear_fc1":
@@ -82,9 +87,10 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
     raise DialectError(f"no shape rule for Megatron module kind {kind!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _expert_pattern(megatron: str) -> re.Pattern:
-    """A per-expert module path (`mlp.experts.local_experts.{e}.linear_fc1`) as a pattern capturing the expert, compiled once."""
+    """A per-expert module path (`mlp.experts.local_experts.{e}.linear_fc1`) as a pattern capturing the expert, compiled
+    once."""
     return re.compile(re.escape(megatron).replace(r"\{e\}", r"(\d+)"))
 
 
@@ -101,7 +107,9 @@ def _match_module(arch: ArchMap, suffix: str) -> tuple[ModuleMap, int | None] | 
     return None
 
 
-def resolve_target(module_path: str, part: str | None, geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None) -> Target:
+def resolve_target(
+    module_path: str, part: str | None, geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None
+) -> Target:
     """Map a Megatron module path (global layer index) to the HF modules it feeds."""
     if module_path == OUTPUT_LAYER:
         padded = megatron_vocab or geometry.vocab_size
@@ -142,7 +150,11 @@ def _row_blocks(target: Target, geometry: ModelGeometry, tp_rank: int, tp_size: 
         blocks = []
         for j in range(groups):
             g, base = tp_rank * groups + j, j * per_group
-            blocks += [(0, g * hpg * d, base, hpg * d), (1, g * d, base + hpg * d, d), (2, g * d, base + (hpg + 1) * d, d)]
+            blocks += [
+                (0, g * hpg * d, base, hpg * d),
+                (1, g * d, base + hpg * d, d),
+                (2, g * d, base + (hpg + 1) * d, d),
+            ]
         return blocks
     if target.layout == "gate_up":
         rows = target.out_features[0] // tp_size
@@ -157,7 +169,9 @@ def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_
     units = {"qkv": ("query groups", geometry.num_query_groups), "gate_up": ("the MLP width", target.out_features[0])}
     what, count = units.get(target.layout, ("output rows", target.megatron_out))
     if count % tp_size:
-        raise ShapeMismatchError(f"{spec.describe()}: {what} ({count}) is not divisible by the tensor-parallel size {tp_size}")
+        raise ShapeMismatchError(
+            f"{spec.describe()}: {what} ({count}) is not divisible by the tensor-parallel size {tp_size}"
+        )
 
 
 def hf_key(module: str, role: str) -> str:
@@ -173,18 +187,26 @@ def plan_shard(spec: ShardSpec, target: Target, geometry: ModelGeometry) -> list
     shape = spec.global_shape
     if spec.role == "lora_A":
         if len(shape) != 2 or shape[1] != target.in_features:
-            raise ShapeMismatchError(f"{spec.describe()}: expected lora_A of global shape (r, {target.in_features}), found {shape}; check hidden size, heads and ffn size")
+            raise ShapeMismatchError(
+                f"{spec.describe()}: expected lora_A of global shape (r, {target.in_features}), found {shape}; "
+                f"check hidden size, heads and ffn size"
+            )
         dim = 0 if spec.split_dim is None else spec.split_dim
         rows = spec.shape[dim]
         return [Placement(hf_key(m, "lora_A"), shape, dim, tp_rank * rows, 0, rows) for m in target.hf_modules]
     want_dims = 2 if spec.role == "lora_B" else 1
     if len(shape) != want_dims or spec.split_dim not in (None, 0):
-        raise ShapeMismatchError(f"{spec.describe()}: expected a {want_dims}-D {spec.role} split on dim 0 or replicated, found split_dim {spec.split_dim}")
+        raise ShapeMismatchError(
+            f"{spec.describe()}: expected a {want_dims}-D {spec.role} split on dim 0 or replicated, found "
+            f"split_dim {spec.split_dim}"
+        )
     _check_divides(spec, target, geometry, tp_size)
     if shape[0] != target.megatron_out:
         raise ShapeMismatchError(
-            f"{spec.describe()}: expected {target.megatron_out} output rows in total ({' + '.join(map(str, target.out_features))} "
-            f"for {', '.join(target.hf_modules)}), found {shape[0]} = {spec.shape[0]} x tp {tp_size}; check heads, query groups and ffn size"
+            f"{spec.describe()}: expected {target.megatron_out} output rows in total "
+            f"({' + '.join(map(str, target.out_features))} "
+            f"for {', '.join(target.hf_modules)}), found {shape[0]} = {spec.shape[0]} x tp {tp_size}; check heads, "
+            f"query groups and ffn size"
         )
     return [
         Placement(hf_key(target.hf_modules[i], spec.role), (target.out_features[i],) + shape[1:], 0, dst, src, rows)
@@ -209,12 +231,19 @@ def _check_coverage(shapes: dict[str, tuple[int, ...]], by_key: dict[str, list[P
             covered += p.length
         else:
             if covered != shape[placements[0].dim]:
-                problems.append(f"{key}: filled {covered} of {shape[placements[0].dim]} along dim {placements[0].dim} (shards missing)")
+                problems.append(
+                    f"{key}: filled {covered} of {shape[placements[0].dim]} along dim {placements[0].dim} (shards "
+                    f"missing)"
+                )
     if problems:
-        raise ShapeMismatchError("the adapter shards do not tile the HF tensors exactly once: " + "; ".join(problems[:10]))
+        raise ShapeMismatchError(
+            "the adapter shards do not tile the HF tensors exactly once: " + "; ".join(problems[:10])
+        )
 
 
-def plan_adapter(specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None) -> AdapterPlan:
+def plan_adapter(
+    specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None
+) -> AdapterPlan:
     """Plan every shard of every rank, then check the whole: coverage, ranks, alphas, DoRA everywhere or nowhere."""
     errors: list[str] = []
     placements: list[list[Placement]] = []
@@ -247,7 +276,10 @@ def plan_adapter(specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap,
     if use_dora:
         missing = [m for m in modules if hf_key(m, "magnitude") not in shapes]
         if missing:
-            raise DialectError(f"DoRA magnitude found for some modules but not for {', '.join(missing[:5])}; expected it on every adapted module")
+            raise DialectError(
+                f"DoRA magnitude found for some modules but not for {', '.join(missing[:5])}; expected it on every "
+                f"adapted module"
+            )
     return AdapterPlan(shapes, dtypes, placements, modules, use_dora, geometry.num_layers)
 
 
@@ -257,7 +289,9 @@ def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[f
     for module in sorted(alphas):
         a, b = shapes.get(hf_key(module, "lora_A")), shapes.get(hf_key(module, "lora_B"))
         if a is None or b is None:
-            problems.append(f"{module}: has {'lora_B' if a is None else 'lora_A'} but no {'lora_A' if a is None else 'lora_B'}")
+            problems.append(
+                f"{module}: has {'lora_B' if a is None else 'lora_A'} but no {'lora_A' if a is None else 'lora_B'}"
+            )
         elif a[0] != b[1]:
             problems.append(f"{module}: lora_A has rank {a[0]}, lora_B has rank {b[1]}")
         elif len(alphas[module]) != 1:
@@ -271,11 +305,16 @@ def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[f
 
 def allocate(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Empty HF tensors for a plan, in each tensor's source dtype unless `dtype` overrides it."""
-    return {key: torch.empty(shape, dtype=dtype or getattr(torch, plan.dtypes[key])) for key, shape in plan.shapes.items()}
+    return {
+        key: torch.empty(shape, dtype=dtype or getattr(torch, plan.dtypes[key])) for key, shape in plan.shapes.items()
+    }
 
 
-def placement_views(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(HF destination, shard source) views of a shard's placements, for one bulk copy (`BulkCopy`); a whole-tensor placement is not narrowed."""
+def placement_views(
+    tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(HF destination, shard source) views of a shard's placements, for one bulk copy (`BulkCopy`); a whole-tensor
+    placement is not narrowed."""
     for p in placements:
         dst = tensors[p.key]
         if p.dst_start == 0 and p.src_start == 0 and p.length == dst.shape[p.dim] == shard.shape[p.dim]:
@@ -286,7 +325,8 @@ def placement_views(tensors: dict[str, torch.Tensor], placements: list[Placement
 
 class BulkCopy:
     """Copies queued as (destination, source) views and done in few `torch._foreach_copy_` calls (a dtype cast, if
-    any, is the copy's only arithmetic). Sources are held until `flush`, which `add` calls once they exceed `max_bytes`."""
+    any, is the copy's only arithmetic). Sources are held until `flush`, which `add` calls once they exceed
+    `max_bytes`."""
 
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         self._dst: list[torch.Tensor] = []
@@ -310,7 +350,9 @@ class BulkCopy:
                 torch._foreach_copy_(dst, src)
 
 
-def apply_placements(tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor, copies: BulkCopy | None = None) -> None:
+def apply_placements(
+    tensors: dict[str, torch.Tensor], placements: list[Placement], shard: torch.Tensor, copies: BulkCopy | None = None
+) -> None:
     """Copy a shard's slices into the HF tensors (a dtype cast, if any, is the copy's only arithmetic); with `copies`,
     queue them there for one bulk copy instead."""
     if copies is not None:

@@ -23,7 +23,9 @@ from ..errors import ShapeMismatchError
 from .plan import AdapterPlan, LoraSettings, hf_key
 
 
-def pad_ranks(plan: AdapterPlan, tensors: dict[str, torch.Tensor], rank: int) -> tuple[AdapterPlan, dict[str, torch.Tensor]]:
+def pad_ranks(
+    plan: AdapterPlan, tensors: dict[str, torch.Tensor], rank: int
+) -> tuple[AdapterPlan, dict[str, torch.Tensor]]:
     """The plan and tensors with every module at rank `rank` (>= each module's rank) and one scale, the same deltas."""
     if rank < 1:
         raise ShapeMismatchError(f"pad_rank_to: expected a rank >= 1, found {rank}")
@@ -34,14 +36,17 @@ def pad_ranks(plan: AdapterPlan, tensors: dict[str, torch.Tensor], rank: int) ->
             f"pad_rank_to={rank} is below the rank of {len(too_big)} module(s) (up to {largest}, e.g. {too_big[0]}); "
             f"padding never truncates, pass pad_rank_to >= {largest}"
         )
-    scale = Counter(s.alpha / s.r for s in plan.modules.values()).most_common(1)[0][0]  # those modules keep their B bit for bit
+    scale = Counter(s.alpha / s.r for s in plan.modules.values()).most_common(1)[0][
+        0
+    ]  # those modules keep their B bit for bit
     shapes, padded, modules = dict(plan.shapes), dict(tensors), {}
     for module, settings in plan.modules.items():
         a_key, b_key = hf_key(module, "lora_A"), hf_key(module, "lora_B")
         a, b = tensors[a_key], tensors[b_key]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != settings.r or b.shape[1] != settings.r:
             raise ShapeMismatchError(
-                f"pad_rank_to: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected 2-D [r, in] and [out, r] "
+                f"pad_rank_to: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected 2-D [r, "
+                f"in] and [out, r] "
                 f"with r = {settings.r}. Export without pad_rank_to"
             )
         modules[module] = LoraSettings(rank, scale * rank)

@@ -8,14 +8,15 @@ tensors with their role. Sharding comes from megatron's own parameter attributes
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 
 from ..core.plan import OUTPUT_LAYER
-from ..errors import DialectError
 from ..core.shards import ShardSpec
+from ..errors import DialectError
 from . import bridge, modelopt
 from .base import FoundTensor, Refusal
 
@@ -69,10 +70,13 @@ class _Where:
             return self.path if expert is None else self.path.replace("{e}", str(self.expert_offset + expert))
         if expert is None:
             raise DialectError(
-                f"found a {dialect} adapter on the grouped experts linear {module!r} without per-expert tensors; expected "
+                f"found a {dialect} adapter on the grouped experts linear {module!r} without per-expert tensors; "
+                f"expected "
                 "Megatron-Bridge LoRA on grouped experts (shared, per-expert or shared-outer), or SequentialMLP experts"
             )
-        raise DialectError(f"found per-expert {dialect} adapter tensors on {module!r}, which is not a grouped experts linear")
+        raise DialectError(
+            f"found per-expert {dialect} adapter tensors on {module!r}, which is not a grouped experts linear"
+        )
 
 
 _LAYER_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.(\d+))$")
@@ -83,7 +87,8 @@ def _experts(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -
     """Where the experts of each MoE layer go, from megatron's expert modules (EP, expert-TP and expert-DP groups).
 
     SequentialMLP: `<experts>.local_experts.<k>` -> global expert `ep_rank * num_local_experts + k`. Grouped experts
-    (TEGroupedMLP: `linear_fc1`/`linear_fc2` with one GEMM per local expert, no expert-DP group of its own): `<experts>`,
+    (TEGroupedMLP: `linear_fc1`/`linear_fc2` with one GEMM per local expert, no expert-DP group of its own):
+    `<experts>`,
     with the expert left to each tensor.
     """
     found = {}
@@ -136,13 +141,20 @@ def _global_paths(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bo
                 paths[name] = _Where(layer_of[head] + match.group(2))
             else:
                 where = experts[expert]
-                local = expert[len(head):].rsplit(".local_experts.", 1)[0] + "." + where.path + name[len(expert):]
-                paths[name] = _Where(layer_of[head] + local, where.expert_tp, where.expert_dp_source, where.expert_offset)
+                local = expert[len(head) :].rsplit(".local_experts.", 1)[0] + "." + where.path + name[len(expert) :]
+                paths[name] = _Where(
+                    layer_of[head] + local, where.expert_tp, where.expert_dp_source, where.expert_offset
+                )
     return paths
 
 
 def collect(
-    chunks: Iterable[torch.nn.Module], adapter_name: str, tp_rank: int, tp_size: int, dp_source: bool = True, expert_dp_source: bool = True,
+    chunks: Iterable[torch.nn.Module],
+    adapter_name: str,
+    tp_rank: int,
+    tp_size: int,
+    dp_source: bool = True,
+    expert_dp_source: bool = True,
 ) -> Collected:
     """Walk model chunks (VPP or one) and collect this rank's tensors of `adapter_name`, with global paths.
 
@@ -176,10 +188,20 @@ def collect(
                     if isinstance(t, Refusal):
                         found.refused.append((t.reason, where.path.replace("{e}", "*")))
                         continue
-                    rank, size = (t.tp_group.rank(), t.tp_group.size()) if t.tp_group is not None else where.expert_tp or (tp_rank, tp_size)
+                    rank, size = (
+                        (t.tp_group.rank(), t.tp_group.size())
+                        if t.tp_group is not None
+                        else where.expert_tp or (tp_rank, tp_size)
+                    )
                     spec = ShardSpec(
-                        module=where.tensor_path(t.expert, name, dialect.NAME), role=t.role, part=t.part, shape=tuple(t.tensor.shape),
-                        split_dim=t.split_dim if size > 1 else None, tp_rank=rank, tp_size=size, alpha=float(t.alpha),
+                        module=where.tensor_path(t.expert, name, dialect.NAME),
+                        role=t.role,
+                        part=t.part,
+                        shape=tuple(t.tensor.shape),
+                        split_dim=t.split_dim if size > 1 else None,
+                        tp_rank=rank,
+                        tp_size=size,
+                        alpha=float(t.alpha),
                         dtype=str(t.tensor.dtype).removeprefix("torch."),
                     )
                     source = dp_source if where.expert_dp_source is None else where.expert_dp_source
@@ -221,4 +243,7 @@ def raise_refusals(refused: Iterable[tuple[str, str]], prefix: str = "") -> None
     for reason, path in refused:
         by_reason.setdefault(reason, []).append(path)
     if by_reason:
-        raise DialectError(prefix + "; ".join(reason.replace("{modules}", name_modules(paths)) for reason, paths in sorted(by_reason.items())))
+        raise DialectError(
+            prefix
+            + "; ".join(reason.replace("{modules}", name_modules(paths)) for reason, paths in sorted(by_reason.items()))
+        )

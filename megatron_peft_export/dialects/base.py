@@ -20,7 +20,8 @@ class FoundTensor:
     split_dim: int | None
     part: str | None = None
     tp_group: Any = None
-    """The process group the owning megatron linear is split over (expert linears: expert TP); None: the model's TP group."""
+    """The process group the owning megatron linear is split over (expert linears: expert TP); None: the model's TP
+    group."""
     expert: int | None = None
     """On a grouped-experts linear (one GEMM per local expert): the local expert this tensor is for."""
 

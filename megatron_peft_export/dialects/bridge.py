@@ -15,7 +15,7 @@ caller reduces their partial sums, router LoRA under sequence parallelism), the 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -27,7 +27,9 @@ CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
 
 
 def _wrapped_adapter(module: torch.nn.Module) -> torch.nn.Module | None:
-    children = module._modules  # the registered children, as named_children yields them (without building a dict per module)
+    children = (
+        module._modules
+    )  # the registered children, as named_children yields them (without building a dict per module)
     adapter = children.get("adapter")
     return adapter if adapter is not None and children.get("to_wrap") is not None else None
 
@@ -50,9 +52,13 @@ def _lora(adapter: torch.nn.Module, part: str | None) -> Iterator[FoundTensor]:
 
 
 def _grouped_lora(adapter: torch.nn.Module, experts: int) -> Iterator[FoundTensor]:
-    """Per local expert: a 2-D side is the one all experts share, a 3-D side is sliced (its TP axis moves down by one)."""
+    """Per local expert: a 2-D side is the one all experts share, a 3-D side is sliced (its TP axis moves down by
+    one)."""
     if getattr(adapter, "weight_magnitude", None) is not None:
-        raise DialectError("found Megatron-Bridge DoRA on grouped experts; expected LoRA there (DoRA is exported for dense linears and SequentialMLP experts)")
+        raise DialectError(
+            "found Megatron-Bridge DoRA on grouped experts; expected LoRA there (DoRA is exported for dense "
+            "linears and SequentialMLP experts)"
+        )
     alpha = float(adapter.alpha)
     for e in range(experts):
         for role, linear in (("lora_A", adapter.linear_in), ("lora_B", adapter.linear_out)):
@@ -63,31 +69,44 @@ def _grouped_lora(adapter: torch.nn.Module, experts: int) -> Iterator[FoundTenso
 
 
 DORA_ROW_PARALLEL = (
-    "found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size {size}: {modules}. Bridge's DoRALinear divides each "
-    "output row by the norm of this TP rank's own input columns of the weight, never reduced over tensor parallelism, so the ranks "
-    "scale the same row differently and no peft DoRA adapter (one norm per row) computes what the model computes; expected DoRA "
-    "only on column-parallel linears (linear_qkv, linear_fc1) when tensor_model_parallel_size > 1, or tensor_model_parallel_size=1, or LoRA"
+    "found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size {size}: {modules}. Bridge's "
+    "DoRALinear divides each "
+    "output row by the norm of this TP rank's own input columns of the weight, never reduced over tensor "
+    "parallelism, so the ranks "
+    "scale the same row differently and no peft DoRA adapter (one norm per row) computes what the model computes; "
+    "expected DoRA "
+    "only on column-parallel linears (linear_qkv, linear_fc1) when tensor_model_parallel_size > 1, or "
+    "tensor_model_parallel_size=1, or LoRA"
 )
 DORA_BIAS = (
-    "found Megatron-Bridge DoRA on linears that add their bias inside their output: {modules}. Bridge's DoRALinear scales that "
-    "bias by magnitude / weight norm, peft's DoRA adds it unscaled, so no peft DoRA adapter computes what the model computes; "
+    "found Megatron-Bridge DoRA on linears that add their bias inside their output: {modules}. Bridge's DoRALinear "
+    "scales that "
+    "bias by magnitude / weight norm, peft's DoRA adds it unscaled, so no peft DoRA adapter computes what the "
+    "model computes; "
     "expected DoRA on linears without a bias or that return it (skip_bias_add), or LoRA"
 )
 PARTIAL_OUTPUT = (
-    "found Megatron-Bridge LoRA on row-parallel linears that return partial sums for their caller to reduce (expert linear_fc2 with "
-    "explicit expert communication) at tensor-parallel size {size}: {modules}. Bridge gathers LoRA-B's output rows without "
-    "reducing LoRA-A's partial output, so the model computes {size} x a block-diagonal update, which no LoRA reproduces; expected "
+    "found Megatron-Bridge LoRA on row-parallel linears that return partial sums for their caller to reduce "
+    "(expert linear_fc2 with "
+    "explicit expert communication) at tensor-parallel size {size}: {modules}. Bridge gathers LoRA-B's output rows "
+    "without "
+    "reducing LoRA-A's partial output, so the model computes {size} x a block-diagonal update, which no LoRA "
+    "reproduces; expected "
     "expert_tensor_parallel_size=1 for LoRA on expert linear_fc2 (or LoRA on expert linear_fc1 only)"
 )
 _ROUTER_SEQUENCE_PARALLEL = (
-    "found Megatron-Bridge LoRA on the MoE router at tensor-parallel size {size} with sequence parallelism: {modules}. Bridge "
-    "all-gathers the router LoRA's outputs over TP ranks that hold different tokens, so each token's router logits mix other "
-    "tokens' and no HF adapter reproduces them; expected router LoRA at tensor_model_parallel_size=1 or without sequence parallelism"
+    "found Megatron-Bridge LoRA on the MoE router at tensor-parallel size {size} with sequence parallelism: "
+    "{modules}. Bridge "
+    "all-gathers the router LoRA's outputs over TP ranks that hold different tokens, so each token's router logits "
+    "mix other "
+    "tokens' and no HF adapter reproduces them; expected router LoRA at tensor_model_parallel_size=1 or without "
+    "sequence parallelism"
 )
 
 
 def _tp_size(*owners: torch.nn.Module | None) -> int:
-    """Size of the tensor-parallel group megatron recorded on the first of `owners` that has one (TE grouped linears: `_tp_group`)."""
+    """Size of the tensor-parallel group megatron recorded on the first of `owners` that has one (TE grouped linears:
+    `_tp_group`)."""
     for owner in owners:
         for attribute in ("tp_group", "_tp_group"):
             group = getattr(owner, attribute, None)
@@ -99,7 +118,8 @@ def _tp_size(*owners: torch.nn.Module | None) -> int:
 
 
 def _bias_in_output(base: torch.nn.Module) -> bool:
-    """The base adds a bias inside the output it returns (megatron: skip_bias_add=False, e.g. linear_qkv with add_qkv_bias)."""
+    """The base adds a bias inside the output it returns (megatron: skip_bias_add=False, e.g. linear_qkv with
+    add_qkv_bias)."""
     bias = getattr(base, "bias", None)
     if not isinstance(bias, torch.Tensor) or bias.numel() == 0:
         return False
@@ -108,8 +128,11 @@ def _bias_in_output(base: torch.nn.Module) -> bool:
 
 
 def _reduced_by_caller(base: torch.nn.Module) -> bool:
-    """A row-parallel base returning its partial sum for the caller to reduce (megatron's explicit expert communication; TE without a parallel mode)."""
-    return bool(getattr(base, "explicit_expert_comm", False)) or ("parallel_mode" in vars(base) and base.parallel_mode is None)
+    """A row-parallel base returning its partial sum for the caller to reduce (megatron's explicit expert communication;
+    TE without a parallel mode)."""
+    return bool(getattr(base, "explicit_expert_comm", False)) or (
+        "parallel_mode" in vars(base) and base.parallel_mode is None
+    )
 
 
 def _refusal(base: torch.nn.Module, adapter: torch.nn.Module) -> Refusal | None:
@@ -146,7 +169,9 @@ def _tensors(base: torch.nn.Module, adapter: torch.nn.Module) -> Iterator[FoundT
         magnitude = getattr(adapter, "weight_magnitude", None)
         if magnitude is not None:  # split like the base output: rows for a column-parallel base, whole for row-parallel
             base_split = tp_split_dim(base.weight)
-            yield FoundTensor("magnitude", magnitude, float(adapter.alpha), 0 if base_split == 0 else None, tp_group=owner_group(base))
+            yield FoundTensor(
+                "magnitude", magnitude, float(adapter.alpha), 0 if base_split == 0 else None, tp_group=owner_group(base)
+            )
         return
     children = dict(adapter.named_children())
     for part in CANONICAL_PARTS:

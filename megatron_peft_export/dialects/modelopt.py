@@ -6,7 +6,7 @@ named adapters; disabled ones do not act on the training model's output and are 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -25,10 +25,11 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from ..errors import ExportError
 
@@ -47,12 +48,14 @@ class PushError(ExportError):
 
 @dataclass(kw_only=True, frozen=True)
 class PushConfig:
-    """Where and when the training hook pushes adapters to the Hugging Face Hub (the token: HF_TOKEN or `hf auth login`)."""
+    """Where and when the training hook pushes adapters to the Hugging Face Hub (the token: HF_TOKEN or `hf auth
+    login`)."""
 
     repo_id: str
     """Hub model repository, OWNER/NAME; created when missing."""
     strategy: Literal["end", "every_save", "all_checkpoints"] = "every_save"
-    """end: the last adapter when training finishes; every_save: each adapter as it is written, in the background; all_checkpoints: also each iteration in its own iter_XXXXXXX/ folder."""
+    """end: the last adapter when training finishes; every_save: each adapter as it is written, in the background;
+    all_checkpoints: also each iteration in its own iter_XXXXXXX/ folder."""
     private: bool = False
     """Create the repository private (a repository that exists keeps its visibility)."""
     revision: str | None = None
@@ -60,7 +63,8 @@ class PushConfig:
     commit_message: str | None = None
     """Commit message; the iteration is appended. Default: 'Upload HF adapter'."""
     base_model: str | None = None
-    """Hub id of the base model, written into the pushed adapter_config.json and model card when the export names a local directory."""
+    """Hub id of the base model, written into the pushed adapter_config.json and model card when the export names a
+    local directory."""
     endpoint: str | None = None
     """Hub address (default: HF_ENDPOINT, else https://huggingface.co)."""
     retries: int = 3
@@ -74,7 +78,9 @@ class PushConfig:
         if self.strategy not in STRATEGIES:
             raise ExportError(f"push.strategy: expected one of {', '.join(STRATEGIES)}, found {self.strategy!r}")
         if self.retries < 0 or self.retry_wait < 0:
-            raise ExportError(f"push.retries and push.retry_wait must be >= 0, found {self.retries} and {self.retry_wait}")
+            raise ExportError(
+                f"push.retries and push.retry_wait must be >= 0, found {self.retries} and {self.retry_wait}"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,9 +108,14 @@ def find_adapters(path: str | Path, subdir: str = "hf_adapter") -> list[Adapter]
     path = Path(path)
     if os.path.lexists(path / "adapter_config.json"):  # whatever it is: `uploadable` names what is wrong with it
         return [Adapter(path, iteration_of(path))]
-    found = [Adapter(config.parent, iteration_of(config.parent)) for config in path.glob(f"iter_*/{subdir}/adapter_config.json")]
+    found = [
+        Adapter(config.parent, iteration_of(config.parent))
+        for config in path.glob(f"iter_*/{subdir}/adapter_config.json")
+    ]
     if not found:
-        raise PushError(f"no adapter at {path}: expected {path}/adapter_config.json or {path}/iter_*/{subdir}/adapter_config.json")
+        raise PushError(
+            f"no adapter at {path}: expected {path}/adapter_config.json or {path}/iter_*/{subdir}/adapter_config.json"
+        )
     return sorted(found, key=lambda a: a.iteration if a.iteration is not None else -1)
 
 
@@ -140,20 +151,29 @@ def describe(exc: BaseException, config: PushConfig) -> tuple[str, bool]:
         server = _one_line(getattr(exc, "server_message", None) or "")
         detail = f" (the Hub says: {server})" if server else ""
         if status == 401:
-            return (f"authentication failed (401): the Hub did not accept the token{detail}; set HF_TOKEN or run "
-                    f"`hf auth login` with a token that has write access to {repo}"), False
+            return (
+                f"authentication failed (401): the Hub did not accept the token{detail}; set HF_TOKEN or run "
+                f"`hf auth login` with a token that has write access to {repo}"
+            ), False
         if status == 403:
-            return (f"permission denied (403): the token may not create or write {repo}{detail}; use a write token "
-                    f"of an account that may write to the {repo.split('/')[0]} namespace"), False
+            return (
+                f"permission denied (403): the token may not create or write {repo}{detail}; use a write token "
+                f"of an account that may write to the {repo.split('/')[0]} namespace"
+            ), False
         if status == 404:
-            return (f"not found (404): {repo}{at} does not exist or the token cannot see it{detail}; "
-                    f"check the repo id and revision"), False
+            return (
+                f"not found (404): {repo}{at} does not exist or the token cannot see it{detail}; "
+                f"check the repo id and revision"
+            ), False
         if status in _TRANSIENT_STATUS:
             return f"the Hub answered {status}{detail}", True
         return f"the Hub refused the push to {repo} ({status}){detail}", False
     if names & _NETWORK_ERRORS:
         endpoint = config.endpoint or "the Hub (HF_ENDPOINT or https://huggingface.co)"
-        return f"cannot reach {endpoint}: {_one_line(exc) or type(exc).__name__}; check the network or the endpoint", True
+        return (
+            f"cannot reach {endpoint}: {_one_line(exc) or type(exc).__name__}; check the network or the endpoint",
+            True,
+        )
     if isinstance(exc, ValueError) and "metadata" in str(exc):
         return f"the Hub rejected the model card's metadata: {_one_line(exc)}", False
     if isinstance(exc, OSError):
@@ -181,15 +201,21 @@ def _tensor_count(weights: Path) -> int:
     with weights.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
         if not 0 < length <= min(MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
-            raise PushError(f"{weights}: its safetensors header claims {length} bytes, which the file does not hold; is it truncated or corrupt?")
+            raise PushError(
+                f"{weights}: its safetensors header claims {length} bytes, which the file does not hold; is it "
+                f"truncated or corrupt?"
+            )
         try:
             return sum(1 for key in json.loads(f.read(length)) if key != "__metadata__")
         except (ValueError, TypeError) as exc:
-            raise PushError(f"{weights}: not a readable safetensors header ({_one_line(exc)[:200]}); is it corrupt?") from None
+            raise PushError(
+                f"{weights}: not a readable safetensors header ({_one_line(exc)[:200]}); is it corrupt?"
+            ) from None
 
 
 def _read_card(card: Path) -> str | None:
-    """The adapter's README.md as text; None when it is too large to be a model card of ours (then it goes up unchanged)."""
+    """The adapter's README.md as text; None when it is too large to be a model card of ours (then it goes up
+    unchanged)."""
     with card.open("rb") as f:
         data = f.read(MAX_CARD_BYTES + 1)
     return None if len(data) > MAX_CARD_BYTES else data.decode("utf-8", errors="replace")
@@ -215,13 +241,17 @@ def _kind(mode: int) -> str | None:
         return "a symbolic link"
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
-    return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}.get(stat.S_IFMT(mode), "a special file")
+    return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}.get(
+        stat.S_IFMT(mode), "a special file"
+    )
 
 
 def _refuse(path: Path, kind: str) -> PushError:
     target = f" to {os.readlink(path)}" if kind == "a symbolic link" else ""
-    return PushError(f"{path} is {kind}{target}; push uploads only regular files inside the adapter directory. "
-                     "Replace it with the file itself, or remove it. Nothing was uploaded")
+    return PushError(
+        f"{path} is {kind}{target}; push uploads only regular files inside the adapter directory. "
+        "Replace it with the file itself, or remove it. Nothing was uploaded"
+    )
 
 
 def uploadable(adapter_dir: str | Path) -> list[tuple[str, Path]]:
@@ -264,7 +294,9 @@ def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
     source = adapter.path
     files = dict(uploadable(source)) if source.is_dir() else {}
     if "adapter_config.json" not in files:
-        raise PushError(f"expected an adapter directory with adapter_config.json at {source}; was it removed before the push?")
+        raise PushError(
+            f"expected an adapter directory with adapter_config.json at {source}; was it removed before the push?"
+        )
     for name, path in files.items():
         (into / name).parent.mkdir(exist_ok=True)
         (into / name).symlink_to(path.absolute())
@@ -288,7 +320,7 @@ def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
         quantization=card_quantization(old_card) if old_card else None,
     )
     if old_card and LAYOUT_HEADING in old_card:  # the multi-adapter table the export appended
-        text += old_card[old_card.index(LAYOUT_HEADING):]
+        text += old_card[old_card.index(LAYOUT_HEADING) :]
     (into / "README.md").unlink(missing_ok=True)
     (into / "README.md").write_text(text)
 
@@ -331,7 +363,10 @@ def _push_once(config: PushConfig, latest: Adapter, checkpoints: Sequence[Adapte
         from huggingface_hub import HfApi, get_token
 
         if get_token() is None:
-            raise PushError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing to {config.repo_id} needs write access)")
+            raise PushError(
+                f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (pushing to {config.repo_id} needs "
+                f"write access)"
+            )
         api = HfApi(endpoint=config.endpoint)
     staging = Path(tempfile.mkdtemp(prefix="hf-adapter-push-"))
     try:
@@ -342,7 +377,9 @@ def _push_once(config: PushConfig, latest: Adapter, checkpoints: Sequence[Adapte
         api.create_repo(config.repo_id, private=True if config.private else None, exist_ok=True)
         if config.revision and config.revision != "main":
             api.create_branch(config.repo_id, branch=config.revision, exist_ok=True)
-        info = api.upload_folder(repo_id=config.repo_id, folder_path=staging, commit_message=message, revision=config.revision)
+        info = api.upload_folder(
+            repo_id=config.repo_id, folder_path=staging, commit_message=message, revision=config.revision
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(getattr(info, "commit_url", info))
@@ -387,13 +424,18 @@ class HubPusher:
     def _submit(self, job: _Job) -> None:
         with self._lock:
             if self._running is None:
-                log.info("pushing the HF adapter of iteration %s to %s in the background", job.latest.iteration, self.config.repo_id)
+                log.info(
+                    "pushing the HF adapter of iteration %s to %s in the background",
+                    job.latest.iteration,
+                    self.config.repo_id,
+                )
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-adapter-push")
                 try:
                     self._running = self._executor.submit(self._work, job)
                     return
-                except RuntimeError:  # interpreter exit (finalize from atexit): no new thread starts; push in this one, below
+                # interpreter exit (finalize from atexit): no new thread starts; push in this one, below
+                except RuntimeError:
                     self._running = Future()
             else:
                 self._queue(job)
@@ -408,24 +450,40 @@ class HubPusher:
             log.info("push of iteration %s to %s queued: %s", job.latest.iteration, self.config.repo_id, busy)
         elif self.config.strategy == "all_checkpoints":
             self._waiting = _Job(job.latest, old.checkpoints + job.checkpoints)
-            log.info("push of iteration %s to %s queued with iteration(s) %s in one commit: %s", job.latest.iteration,
-                     self.config.repo_id, ", ".join(str(a.iteration) for a in old.checkpoints), busy)
+            log.info(
+                "push of iteration %s to %s queued with iteration(s) %s in one commit: %s",
+                job.latest.iteration,
+                self.config.repo_id,
+                ", ".join(str(a.iteration) for a in old.checkpoints),
+                busy,
+            )
         else:
             self._waiting = job
-            log.warning("push of iteration %s to %s skipped: iteration %s is newer and replaces it in the queue (%s)",
-                        old.latest.iteration, self.config.repo_id, job.latest.iteration, busy)
+            log.warning(
+                "push of iteration %s to %s skipped: iteration %s is newer and replaces it in the queue (%s)",
+                old.latest.iteration,
+                self.config.repo_id,
+                job.latest.iteration,
+                busy,
+            )
 
     def _work(self, job: _Job | None) -> None:
         while job is not None:
             try:
                 url = push_adapters(self.config, job.latest, job.checkpoints, api=self._api, sleep=self._sleep)
                 self.pushed.append(url)
-                log.info("pushed the HF adapter of iteration %s to %s: %s", job.latest.iteration, self.config.repo_id, url)
+                log.info(
+                    "pushed the HF adapter of iteration %s to %s: %s", job.latest.iteration, self.config.repo_id, url
+                )
             except Exception as exc:  # never the reason training stops
                 problem = _mask(str(exc) if isinstance(exc, PushError) else describe(exc, self.config)[0])
                 self.failures.append(problem)
-                log.warning("pushing the HF adapter of iteration %s to %s failed; training continues: %s",
-                            job.latest.iteration, self.config.repo_id, problem)
+                log.warning(
+                    "pushing the HF adapter of iteration %s to %s failed; training continues: %s",
+                    job.latest.iteration,
+                    self.config.repo_id,
+                    problem,
+                )
             with self._lock:
                 job, self._waiting = self._waiting, None
                 if job is None:

@@ -45,18 +45,22 @@ def _bridge_version() -> str:
 
 
 def check_bridge_fires_checkpoint_saves() -> None:
-    """Raise unless the importable Megatron-Bridge fires `on_checkpoint_save` (its callbacks list the event: Bridge >= 0.5)."""
+    """Raise unless the importable Megatron-Bridge fires `on_checkpoint_save` (its callbacks list the event: Bridge >=
+    0.5)."""
     try:
         from megatron.bridge.training import callbacks
     except ImportError as exc:
         raise ExportError(
-            f"HFAdapterExportCallback needs Megatron-Bridge's callbacks (megatron.bridge.training.callbacks), which do not import here "
+            f"HFAdapterExportCallback needs Megatron-Bridge's callbacks (megatron.bridge.training.callbacks), "
+            f"which do not import here "
             f"({exc}); expected megatron-bridge >= 0.5 in this environment"
         ) from None
     if EVENT not in getattr(callbacks, "VALID_EVENTS", ()):
         raise ExportError(
-            f"{_bridge_version()} has no {EVENT} callback event (it came in 0.5), so HFAdapterExportCallback would never export an "
-            "adapter; expected megatron-bridge >= 0.5, or convert the saved checkpoints afterwards: megatron-peft-export export SAVE_DIR --all"
+            f"{_bridge_version()} has no {EVENT} callback event (it came in 0.5), so HFAdapterExportCallback would "
+            f"never export an "
+            "adapter; expected megatron-bridge >= 0.5, or convert the saved checkpoints afterwards: "
+            "megatron-peft-export export SAVE_DIR --all"
         )
 
 
@@ -75,7 +79,9 @@ class HFAdapterExportCallback:
         step = context.state.train_state.step
         if getattr(checkpoint, "async_save", False):
             if not self._warned_async:
-                log.warning("HF adapter export skipped: Megatron-Bridge reports asynchronous saves after training moved on")
+                log.warning(
+                    "HF adapter export skipped: Megatron-Bridge reports asynchronous saves after training moved on"
+                )
                 self._warned_async = True
             return
         directory = iteration_dir(Path(checkpoint.save), step)

@@ -55,15 +55,16 @@ import inspect
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import HookConfig
 from ..errors import ExportError
-from ..multi_adapter import check_selection
-from ..names import check_name
 from ..field_docs import field_docs
 from ..hook import AdapterExportHook, iteration_dir
+from ..multi_adapter import check_selection
+from ..names import check_name
 from .hub import STRATEGIES, PushConfig
 from .verify_hook import add_verify_args, verify_config_from_args
 
@@ -75,26 +76,89 @@ _DEFAULTS = HookConfig()
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """An `extra_args_provider`: the hook's options as Megatron-LM style flags."""
     group = parser.add_argument_group("HF adapter export (megatron-peft-export)")
-    group.add_argument("--export-hf-adapter", action="store_true", help="Write an HF PEFT adapter next to every checkpoint.")
-    group.add_argument("--hf-adapter-base-model", default=None, help="HF base model (local directory or Hub id) for the adapter config.")
-    group.add_argument("--hf-adapter-dir-name", default=_DEFAULTS.subdir, type=_checked(check_name, "--hf-adapter-dir-name"),
-                       help="Directory name inside each iter_* checkpoint directory.")
-    group.add_argument("--hf-adapter-every-n-saves", type=int, default=_DEFAULTS.every_n_saves, help="Export every n-th persistent save.")
-    group.add_argument("--hf-adapter-name", default=_DEFAULTS.adapter_name, type=_checked(check_name, "--hf-adapter-name"), help="Which named adapter to export.")
-    group.add_argument("--hf-adapter-names", default=None, type=_checked(lambda v, what: check_selection(_names(v)) and v, "--hf-adapter-names"),
-                       help="Several named adapters in peft's multi-adapter layout: 'all' or a comma-separated list.")
-    group.add_argument("--hf-adapter-pad-rank-to", type=int, default=None, help="Pad every module to this rank (same outputs): one rank for hot-swapping and servers.")
-    group.add_argument("--hf-adapter-dtype", default=None, choices=["bfloat16", "float16", "float32"], help="Output dtype (default: the adapter's).")
-    group.add_argument("--hf-adapter-model-type", default=None, help="HF model_type for the names when the base model is not a local directory.")
-    group.add_argument("--hf-adapter-expert-layout", default="auto", choices=["auto", "per_expert", "fused"], help="MoE experts: per-expert modules or fused target_parameters.")
-    group.add_argument("--hf-adapter-on-error", default=_DEFAULTS.on_error, choices=["warn", "raise"], help="warn: keep training; raise: stop every rank.")
-    group.add_argument("--hf-adapter-max-pending", type=int, default=_DEFAULTS.max_pending, help="Exports in flight at once before a save waits.")
-    group.add_argument("--hf-adapter-collective-timeout", type=float, default=_DEFAULTS.collective_timeout,
-                       help="Seconds an export waits for another rank before every surviving rank gives the export up.")
-    group.add_argument("--hf-adapter-allow-nonfinite", action="store_true", help="Export adapters holding NaN or Inf (by default such an export fails).")
+    group.add_argument(
+        "--export-hf-adapter", action="store_true", help="Write an HF PEFT adapter next to every checkpoint."
+    )
+    group.add_argument(
+        "--hf-adapter-base-model",
+        default=None,
+        help="HF base model (local directory or Hub id) for the adapter config.",
+    )
+    group.add_argument(
+        "--hf-adapter-dir-name",
+        default=_DEFAULTS.subdir,
+        type=_checked(check_name, "--hf-adapter-dir-name"),
+        help="Directory name inside each iter_* checkpoint directory.",
+    )
+    group.add_argument(
+        "--hf-adapter-every-n-saves",
+        type=int,
+        default=_DEFAULTS.every_n_saves,
+        help="Export every n-th persistent save.",
+    )
+    group.add_argument(
+        "--hf-adapter-name",
+        default=_DEFAULTS.adapter_name,
+        type=_checked(check_name, "--hf-adapter-name"),
+        help="Which named adapter to export.",
+    )
+    group.add_argument(
+        "--hf-adapter-names",
+        default=None,
+        type=_checked(lambda v, what: check_selection(_names(v)) and v, "--hf-adapter-names"),
+        help="Several named adapters in peft's multi-adapter layout: 'all' or a comma-separated list.",
+    )
+    group.add_argument(
+        "--hf-adapter-pad-rank-to",
+        type=int,
+        default=None,
+        help="Pad every module to this rank (same outputs): one rank for hot-swapping and servers.",
+    )
+    group.add_argument(
+        "--hf-adapter-dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="Output dtype (default: the adapter's).",
+    )
+    group.add_argument(
+        "--hf-adapter-model-type",
+        default=None,
+        help="HF model_type for the names when the base model is not a local directory.",
+    )
+    group.add_argument(
+        "--hf-adapter-expert-layout",
+        default="auto",
+        choices=["auto", "per_expert", "fused"],
+        help="MoE experts: per-expert modules or fused target_parameters.",
+    )
+    group.add_argument(
+        "--hf-adapter-on-error",
+        default=_DEFAULTS.on_error,
+        choices=["warn", "raise"],
+        help="warn: keep training; raise: stop every rank.",
+    )
+    group.add_argument(
+        "--hf-adapter-max-pending",
+        type=int,
+        default=_DEFAULTS.max_pending,
+        help="Exports in flight at once before a save waits.",
+    )
+    group.add_argument(
+        "--hf-adapter-collective-timeout",
+        type=float,
+        default=_DEFAULTS.collective_timeout,
+        help="Seconds an export waits for another rank before every surviving rank gives the export up.",
+    )
+    group.add_argument(
+        "--hf-adapter-allow-nonfinite",
+        action="store_true",
+        help="Export adapters holding NaN or Inf (by default such an export fails).",
+    )
     add_verify_args(group)
     push = field_docs(PushConfig)  # the token: HF_TOKEN or `hf auth login`, never a flag
-    group.add_argument("--hf-adapter-push-repo-id", default=None, help="Push adapters to the Hugging Face Hub: " + push["repo_id"])
+    group.add_argument(
+        "--hf-adapter-push-repo-id", default=None, help="Push adapters to the Hugging Face Hub: " + push["repo_id"]
+    )
     group.add_argument("--hf-adapter-push-strategy", default="every_save", choices=STRATEGIES, help=push["strategy"])
     group.add_argument("--hf-adapter-push-private", action="store_true", help=push["private"])
     group.add_argument("--hf-adapter-push-revision", default=None, help=push["revision"])
@@ -143,9 +207,13 @@ def config_from_args(args: argparse.Namespace) -> HookConfig:
         allow_nonfinite=getattr(args, "hf_adapter_allow_nonfinite", False),
         verify=verify_config_from_args(args),
         push=PushConfig(
-            repo_id=args.hf_adapter_push_repo_id, strategy=args.hf_adapter_push_strategy,
-            private=args.hf_adapter_push_private, revision=args.hf_adapter_push_revision,
-        ) if getattr(args, "hf_adapter_push_repo_id", None) else None,
+            repo_id=args.hf_adapter_push_repo_id,
+            strategy=args.hf_adapter_push_strategy,
+            private=args.hf_adapter_push_private,
+            revision=args.hf_adapter_push_revision,
+        )
+        if getattr(args, "hf_adapter_push_repo_id", None)
+        else None,
     )
 
 
@@ -225,13 +293,20 @@ def _after_save(call: dict[str, Any], margs: Any) -> None:
     non_persistent = bool(call.get("non_persistent_ckpt", False))
     checkpoint_dir = Path(margs.save) / "release" if call.get("release") else iteration_dir(margs.save, iteration)
     if not non_persistent:
-        if _LAST_EXPORTED == [checkpoint_dir]:  # saved again (nothing trained since), or a wrapper of ours inside another
-            log.info("iteration %d was saved again to %s; its HF adapter is already exported", iteration, checkpoint_dir)
+        if _LAST_EXPORTED == [
+            checkpoint_dir
+        ]:  # saved again (nothing trained since), or a wrapper of ours inside another
+            log.info(
+                "iteration %d was saved again to %s; its HF adapter is already exported", iteration, checkpoint_dir
+            )
             return
         _LAST_EXPORTED[:] = [checkpoint_dir]
     _HOOK.on_checkpoint_saved(
-        iteration, checkpoint_dir, call["model"],
-        finalized=not getattr(margs, "async_save", False), non_persistent=non_persistent,
+        iteration,
+        checkpoint_dir,
+        call["model"],
+        finalized=not getattr(margs, "async_save", False),
+        non_persistent=non_persistent,
     )
 
 

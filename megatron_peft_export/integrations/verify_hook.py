@@ -13,11 +13,20 @@ verification skipped, or failed when required); a failed verification is a logge
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..hf_config import read_hf_config
-from ..verify import REFERENCE_FILE, VerificationInputError, VerificationResult, VerifyConfig, reference_bytes, resolve_base_model, skipped
+from ..verify import (
+    REFERENCE_FILE,
+    VerificationInputError,
+    VerificationResult,
+    VerifyConfig,
+    reference_bytes,
+    resolve_base_model,
+    skipped,
+)
 from .verify_worker import VerifyProcess
 
 log = logging.getLogger("megatron_peft_export")
@@ -52,7 +61,9 @@ class Verification:
             try:  # rank 0 alone: nothing here may raise before the collectives below
                 hf_vocab = (read_hf_config(resolve_base_model(self.base_model)) or {}).get("vocab_size")
             except Exception as exc:
-                log.warning("cannot read the base model's vocabulary size (%s); the probe stays below Megatron's padding", exc)
+                log.warning(
+                    "cannot read the base model's vocabulary size (%s); the probe stays below Megatron's padding", exc
+                )
         try:
             reference = capture_reference(model, self.config, iteration=iteration, hf_vocab=hf_vocab)
         except Exception as exc:  # the same config error on every rank (agreed before any forward pass)
@@ -69,7 +80,13 @@ class Verification:
             result.write(path)
         except OSError as exc:
             log.warning("cannot write %s/verification.json: %s", path, exc)
-        level = logging.INFO if result.status == "passed" else logging.WARNING if result.status == "skipped" else logging.ERROR
+        level = (
+            logging.INFO
+            if result.status == "passed"
+            else logging.WARNING
+            if result.status == "skipped"
+            else logging.ERROR
+        )
         log.log(level, "%s", result.summary)
         if self.wandb is not None:
             self.wandb.log(result, iteration, path)
@@ -77,12 +94,22 @@ class Verification:
     def run(self, iteration: int, path: Path) -> VerificationResult:
         required = self.config.required
         if not (path / REFERENCE_FILE).is_file():
-            return skipped(path, f"no reference logits ({REFERENCE_FILE}) were captured at save time; see the warning logged at that save", failed=required, iteration=iteration)
+            return skipped(
+                path,
+                f"no reference logits ({REFERENCE_FILE}) were captured at save time; see the warning logged at "
+                f"that save",
+                failed=required,
+                iteration=iteration,
+            )
         base_dir = resolve_base_model(self.base_model)
         if base_dir is None:
             return skipped(
-                path, f"no base model available locally ({self.base_model or 'none configured'}); set verify.base_model (--hf-adapter-verify-base-model) to a local HF model directory"
-                + ("" if required else ", or verify.required to make this a failure"), failed=required, iteration=iteration,
+                path,
+                f"no base model available locally ({self.base_model or 'none configured'}); set verify.base_model "
+                f"(--hf-adapter-verify-base-model) to a local HF model directory"
+                + ("" if required else ", or verify.required to make this a failure"),
+                failed=required,
+                iteration=iteration,
             )
         try:
             return self._process.verify(path, base_dir, self.config)
@@ -108,6 +135,7 @@ def extensions(
     if capture is None:
         combined = verification.capture
     else:
+
         def combined(model: Any, iteration: int) -> dict[str, bytes] | None:
             ours, theirs = verification.capture(model, iteration), capture(model, iteration)
             return {**(ours or {}), **(theirs or {})} or None
@@ -118,20 +146,49 @@ def extensions(
 def add_verify_args(group: Any) -> None:
     """Megatron-LM flags of the verify option. W&B reuses Megatron-LM's own --wandb-project, --wandb-exp-name,
     --wandb-save-dir and --wandb-entity (defined by Megatron-LM, not here)."""
-    group.add_argument("--hf-adapter-verify", action="store_true", help="Capture reference logits at each save and verify each HF adapter against them (transformers + peft, on rank 0, in the background).")
-    group.add_argument("--hf-adapter-verify-required", action="store_true", help="Fail the verification (not skip it) when no base model is available locally.")
-    group.add_argument("--hf-adapter-verify-base-model", default=None, help="Local HF base model directory to verify against (default: --hf-adapter-base-model).")
-    group.add_argument("--hf-adapter-verify-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the HF model during verification; picks the default thresholds.")
-    group.add_argument("--hf-adapter-wandb-artifact", action="store_true", help="Log each adapter as a W&B artifact (type model, aliases iter_XXXXXXX and latest); needs --wandb-project.")
+    group.add_argument(
+        "--hf-adapter-verify",
+        action="store_true",
+        help="Capture reference logits at each save and verify each HF adapter against them (transformers + peft, "
+        "on rank 0, in the background).",
+    )
+    group.add_argument(
+        "--hf-adapter-verify-required",
+        action="store_true",
+        help="Fail the verification (not skip it) when no base model is available locally.",
+    )
+    group.add_argument(
+        "--hf-adapter-verify-base-model",
+        default=None,
+        help="Local HF base model directory to verify against (default: --hf-adapter-base-model).",
+    )
+    group.add_argument(
+        "--hf-adapter-verify-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the HF model during verification; picks the default thresholds.",
+    )
+    group.add_argument(
+        "--hf-adapter-wandb-artifact",
+        action="store_true",
+        help="Log each adapter as a W&B artifact (type model, aliases iter_XXXXXXX and latest); needs --wandb-project.",
+    )
 
 
 def verify_config_from_args(args: Any) -> VerifyConfig | None:
     """The verify section from Megatron-LM args (None without --hf-adapter-verify)."""
     if not getattr(args, "hf_adapter_verify", False):
         return None
-    save_dir = getattr(args, "wandb_save_dir", None) or (str(Path(args.save) / "wandb") if getattr(args, "save", None) else None)  # Megatron-LM's default
+    save_dir = getattr(args, "wandb_save_dir", None) or (
+        str(Path(args.save) / "wandb") if getattr(args, "save", None) else None
+    )  # Megatron-LM's default
     return VerifyConfig(
-        base_model=args.hf_adapter_verify_base_model, required=args.hf_adapter_verify_required, dtype=args.hf_adapter_verify_dtype,
-        wandb_project=getattr(args, "wandb_project", None) or None, wandb_entity=getattr(args, "wandb_entity", None) or None,
-        wandb_exp_name=getattr(args, "wandb_exp_name", None) or None, wandb_save_dir=save_dir, wandb_artifact=args.hf_adapter_wandb_artifact,
+        base_model=args.hf_adapter_verify_base_model,
+        required=args.hf_adapter_verify_required,
+        dtype=args.hf_adapter_verify_dtype,
+        wandb_project=getattr(args, "wandb_project", None) or None,
+        wandb_entity=getattr(args, "wandb_entity", None) or None,
+        wandb_exp_name=getattr(args, "wandb_exp_name", None) or None,
+        wandb_save_dir=save_dir,
+        wandb_artifact=args.hf_adapter_wandb_artifact,
     )

@@ -37,8 +37,13 @@ class VerifyProcess:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 package_root = str(Path(__file__).resolve().parents[2])  # this copy of the package, installed or not
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-                self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+                }
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+                )
             try:
                 self._proc.stdin.write(request + "\n")
                 self._proc.stdin.flush()
@@ -50,7 +55,9 @@ class VerifyProcess:
             if not line:
                 code = self._proc.poll()
                 self.close()
-                raise RuntimeError(f"the verification process ended (exit status {code}){f': {error}' if error else ''}")
+                raise RuntimeError(
+                    f"the verification process ended (exit status {code}){f': {error}' if error else ''}"
+                )
         reply = json.loads(line)
         if "input_error" in reply:
             raise VerificationInputError(reply["input_error"])

@@ -23,7 +23,7 @@ from ..verify import VerificationResult, VerifyConfig
 log = logging.getLogger("megatron_peft_export")
 PREFIX = "hf_adapter/"
 STEP = PREFIX + "iteration"
-_OWN_RUNS: list["WandbLogger"] = []
+_OWN_RUNS: list[WandbLogger] = []
 _ATEXIT = threading.Lock()
 TABLE_COLUMNS = ["sample", "position", "input", "hf_top_k", "megatron_top_k", "top1_match", "overlap"]
 
@@ -42,8 +42,14 @@ class WandbLogger:
     def _get_run(self) -> Any:
         active = getattr(sys.modules.get("wandb"), "run", None)  # without wandb imported, no run is active
         if active is not None:
-            if active is not self._run:  # someone else's run (Megatron-LM's): remember it, to resume it once it is finished
-                self._reused = {"id": active.id, "project": active.project, "entity": active.entity, "dir": getattr(active.settings, "root_dir", None)}
+            # someone else's run (Megatron-LM's): remember it, to resume it once it is finished
+            if active is not self._run:
+                self._reused = {
+                    "id": active.id,
+                    "project": active.project,
+                    "entity": active.entity,
+                    "dir": getattr(active.settings, "root_dir", None),
+                }
             return active
         if self._run is not None:
             return self._run
@@ -53,16 +59,30 @@ class WandbLogger:
             import wandb
         except ImportError:
             self._disabled = True
-            log.warning("W&B logging of the HF adapter verification is off: wandb is not installed (pip install 'megatron-peft-export[wandb]')")
+            log.warning(
+                "W&B logging of the HF adapter verification is off: wandb is not installed (pip install "
+                "'megatron-peft-export[wandb]')"
+            )
             return None
-        if self._reused is not None:  # the run we logged into has finished (Megatron-LM ends it before the last export): resume it
+        # the run we logged into has finished (Megatron-LM ends it before the last export): resume it
+        if self._reused is not None:
             reused = self._reused
-            self._run = wandb.init(id=reused["id"], project=reused["project"], entity=reused["entity"], dir=reused["dir"] or self.config.wandb_save_dir, resume="allow")
+            self._run = wandb.init(
+                id=reused["id"],
+                project=reused["project"],
+                entity=reused["entity"],
+                dir=reused["dir"] or self.config.wandb_save_dir,
+                resume="allow",
+            )
         else:
             name = self.config.wandb_exp_name
             self._run = wandb.init(
-                project=self.config.wandb_project, entity=self.config.wandb_entity, name=f"{name}-hf-adapter" if name else None,
-                group=name, dir=self.config.wandb_save_dir, job_type="hf-adapter-verification",
+                project=self.config.wandb_project,
+                entity=self.config.wandb_entity,
+                name=f"{name}-hf-adapter" if name else None,
+                group=name,
+                dir=self.config.wandb_save_dir,
+                job_type="hf-adapter-verification",
                 config={"verify": {k: v for k, v in vars(self.config).items() if not k.startswith("wandb")}},
             )
         with _ATEXIT:
@@ -85,7 +105,12 @@ class WandbLogger:
             except Exception as exc:  # W&B is never the reason training stops
                 if attempt == 1 and getattr(run, "_is_finished", False) and self._reused is not None:
                     continue  # the reused run ended while we logged (Megatron-LM finishing it): log into it resumed
-                log.warning("W&B logging of the HF adapter verification for iteration %d failed; training continues: %s: %s", iteration, type(exc).__name__, exc)
+                log.warning(
+                    "W&B logging of the HF adapter verification for iteration %d failed; training continues: %s: %s",
+                    iteration,
+                    type(exc).__name__,
+                    exc,
+                )
                 return
 
     def _log_to(self, run: Any, result: VerificationResult, iteration: int, adapter_dir: Path) -> None:
@@ -100,7 +125,9 @@ class WandbLogger:
     def _log_artifact(self, run: Any, result: VerificationResult, iteration: int, adapter_dir: Path) -> None:
         import wandb
 
-        name = re.sub(r"[^\w.-]+", "-", f"{self.config.wandb_exp_name}-hf-adapter" if self.config.wandb_exp_name else "hf-adapter")
+        name = re.sub(
+            r"[^\w.-]+", "-", f"{self.config.wandb_exp_name}-hf-adapter" if self.config.wandb_exp_name else "hf-adapter"
+        )
         metadata = {"iteration": iteration, "verification": result.status, **result.metrics()}
         artifact = wandb.Artifact(name, type="model", description=result.summary, metadata=metadata)
         artifact.add_dir(str(adapter_dir))
@@ -150,6 +177,11 @@ def _row(row: dict[str, Any]) -> list[Any]:
 
     overlap = len(set(row["hf_top_k"]) & set(row["megatron_top_k"])) / max(1, len(row["hf_top_k"]))
     return [
-        row["sample"], row["position"], tokens([row["input_id"]], [row["input_token"]] if "input_token" in row else None),
-        tokens(row["hf_top_k"], row.get("hf_tokens")), tokens(row["megatron_top_k"], row.get("megatron_tokens")), row["top1_match"], overlap,
+        row["sample"],
+        row["position"],
+        tokens([row["input_id"]], [row["input_token"]] if "input_token" in row else None),
+        tokens(row["hf_top_k"], row.get("hf_tokens")),
+        tokens(row["megatron_top_k"], row.get("megatron_tokens")),
+        row["top1_match"],
+        overlap,
     ]

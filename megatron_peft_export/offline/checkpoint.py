@@ -15,17 +15,27 @@ import math
 import os
 import pickle
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import ExportError
 from ..hook import TRACKER
 from ..safe_read import TRACKER_LIMIT, GiB, RegularFile, open_regular, read_bytes, read_text, read_yaml
-from .dcp_metadata import CheckpointMetadata, MetadataError, RefusedGlobal as RefusedMetadataGlobal, StoredItem, TensorEntry, parse_metadata
+from .dcp_metadata import (
+    CheckpointMetadata,
+    MetadataError,
+    StoredItem,
+    TensorEntry,
+    parse_metadata,
+)
+from .dcp_metadata import (
+    RefusedGlobal as RefusedMetadataGlobal,
+)
 from .torch_save import NotPlainTensor, RefusedGlobal, StoredTensor, decode, load_torch_file
 
 log = logging.getLogger("megatron_peft_export")
@@ -47,10 +57,19 @@ def locate(path: str | Path) -> Path:
     """An iteration directory, or a save directory resolved through its tracker file."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a checkpoint directory (iter_XXXXXXX or a save directory), found {'a file' if path.exists() else 'nothing'}")
+        raise CheckpointError(
+            f"{path}: expected a checkpoint directory (iter_XXXXXXX or a save directory), found "
+            f"{'a file' if path.exists() else 'nothing'}"
+        )
     tracker = path / TRACKER
     if os.path.lexists(tracker):
-        text = read_text(tracker, limit=TRACKER_LIMIT, within=path, error=CheckpointError, what="Megatron's tracker file (an iteration number)").strip()
+        text = read_text(
+            tracker,
+            limit=TRACKER_LIMIT,
+            within=path,
+            error=CheckpointError,
+            what="Megatron's tracker file (an iteration number)",
+        ).strip()
         if not (text.isascii() and text.isdigit()):
             raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
         return path / f"iter_{int(text):07d}"
@@ -64,7 +83,8 @@ def checkpoint_format(directory: Path) -> str:
         return "legacy"
     found = sorted(p.name for p in directory.iterdir())[:8] if directory.is_dir() else []
     raise CheckpointError(
-        f"{directory}: expected a Megatron checkpoint (torch_dist .metadata, or mp_rank_*/model_optim_rng.pt), found {found or 'no files'}; "
+        f"{directory}: expected a Megatron checkpoint (torch_dist .metadata, or mp_rank_*/model_optim_rng.pt), "
+        f"found {found or 'no files'}; "
         "pass an iter_XXXXXXX directory or a save directory with latest_checkpointed_iteration.txt"
     )
 
@@ -77,12 +97,29 @@ def torch_file(path: Path, directory: Path) -> Iterator[tuple[Any, RegularFile]]
         try:
             found = load_torch_file(f)
         except RefusedGlobal as exc:
-            raise CheckpointError(f"{path}: refused, it needs unsafe unpickling ({exc} is not loaded: only tensors, argument namespaces and plain data "
-                                  "are; nothing of the file ran)") from None
+            raise CheckpointError(
+                f"{path}: refused, it needs unsafe unpickling ({exc} is not loaded: only tensors, argument "
+                f"namespaces and plain data "
+                "are; nothing of the file ran)"
+            ) from None
         except CheckpointError:
             raise
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, EOFError, struct.error, pickle.UnpicklingError, MemoryError) as exc:
-            raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the file truncated or corrupt?") from None
+        except (
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            OverflowError,
+            EOFError,
+            struct.error,
+            pickle.UnpicklingError,
+            MemoryError,
+        ) as exc:
+            raise CheckpointError(
+                f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the file "
+                f"truncated or corrupt?"
+            ) from None
         yield found, f
 
 
@@ -94,7 +131,10 @@ def read_stored(stored: StoredTensor, path: Path, directory: Path) -> torch.Tens
         except CheckpointError:
             raise
         except (ValueError, TypeError, RuntimeError, struct.error) as exc:
-            raise CheckpointError(f"{path}: reading a tensor failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the file truncated or corrupt?") from None
+            raise CheckpointError(
+                f"{path}: reading a tensor failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is "
+                f"the file truncated or corrupt?"
+            ) from None
 
 
 def read_torch_file(path: Path, directory: Path) -> Any:
@@ -117,8 +157,13 @@ def modelopt_peft_configs(state: Any, where: Path) -> list[dict] | None:
     if state is None:
         return None
     modes = state.get("modelopt_state_dict", []) if isinstance(state, dict) else None
-    if not isinstance(modes, list) or not all(isinstance(m, (tuple, list)) and len(m) == 2 and isinstance(m[1], dict) for m in modes):
-        raise CheckpointError(f"{where}: expected ModelOpt's state (modelopt_state_dict: a list of (mode, settings) pairs), found {type(modes).__name__}")
+    if not isinstance(modes, list) or not all(
+        isinstance(m, (tuple, list)) and len(m) == 2 and isinstance(m[1], dict) for m in modes
+    ):
+        raise CheckpointError(
+            f"{where}: expected ModelOpt's state (modelopt_state_dict: a list of (mode, settings) pairs), found "
+            f"{type(modes).__name__}"
+        )
     configs = [mode[1].get("config") for mode in modes if mode[0] == "peft"]
     if not all(isinstance(c, dict) for c in configs):
         raise CheckpointError(f"{where}: ModelOpt's PEFT config is not a mapping")
@@ -131,11 +176,15 @@ def read_settings(directory: Path) -> RecordedSettings:
     if os.path.lexists(common):
         state = read_torch_file(common, directory)
         if not isinstance(state, dict):
-            raise CheckpointError(f"{common}: expected Megatron's common state (a mapping), found {type(state).__name__}")
+            raise CheckpointError(
+                f"{common}: expected Megatron's common state (a mapping), found {type(state).__name__}"
+            )
         settings.args = state.get("args")
     run_config = directory / "run_config.yaml"
     if os.path.lexists(run_config):
-        settings.run_config = read_yaml(run_config, within=directory, error=CheckpointError, what="Megatron-Bridge's run_config.yaml")
+        settings.run_config = read_yaml(
+            run_config, within=directory, error=CheckpointError, what="Megatron-Bridge's run_config.yaml"
+        )
         if settings.run_config is not None and not isinstance(settings.run_config, dict):
             raise CheckpointError(f"{run_config}: expected a mapping, found {type(settings.run_config).__name__}")
     modelopt = directory / "modelopt_state" / "common.pt"
@@ -158,12 +207,16 @@ def modelopt_alpha(peft_configs: list[dict], adapter_name: str, module: str, ran
             return None
         if merged.get("rank", rank) != rank:
             raise CheckpointError(
-                f"{module}: ModelOpt's saved config gives rank {merged['rank']!r:.20} but the tensors have rank {rank}; "
+                f"{module}: ModelOpt's saved config gives rank {merged['rank']!r:.20} but the tensors have rank "
+                f"{rank}; "
                 "layer-specific patterns under pipeline parallelism match stage-local names. Pass --lora-alpha."
             )
         scale = merged.get("scale", 1.0)
         if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
-            raise CheckpointError(f"{module}: ModelOpt's saved config gives the LoRA scale {scale!r:.40}, expected a finite number; pass --lora-alpha")
+            raise CheckpointError(
+                f"{module}: ModelOpt's saved config gives the LoRA scale {scale!r:.40}, expected a finite number; "
+                f"pass --lora-alpha"
+            )
         return float(scale) * rank
     return None
 
@@ -183,15 +236,27 @@ class TorchDistReader:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         path = directory / ".metadata"
-        data = read_bytes(path, limit=METADATA_LIMIT, within=directory, error=CheckpointError, what="torch.distributed.checkpoint metadata")
+        data = read_bytes(
+            path,
+            limit=METADATA_LIMIT,
+            within=directory,
+            error=CheckpointError,
+            what="torch.distributed.checkpoint metadata",
+        )
         try:
             self._metadata: CheckpointMetadata = parse_metadata(data)
         except RefusedMetadataGlobal as exc:
-            raise CheckpointError(f"{path}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only torch's checkpoint metadata classes are loaded") from None
+            raise CheckpointError(
+                f"{path}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only torch's "
+                f"checkpoint metadata classes are loaded"
+            ) from None
         except MetadataError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the checkpoint truncated?") from None
+            raise CheckpointError(
+                f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the "
+                f"checkpoint truncated?"
+            ) from None
         self._checked: set[str] = set()
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -216,24 +281,42 @@ class TorchDistReader:
         for key in keys:
             entry = self._metadata.tensors[key]
             if len(entry.chunks) > MAX_CHUNKS:
-                raise CheckpointError(f"{where}: {key} is stored in {len(entry.chunks)} chunks; expected at most {MAX_CHUNKS}")
+                raise CheckpointError(
+                    f"{where}: {key} is stored in {len(entry.chunks)} chunks; expected at most {MAX_CHUNKS}"
+                )
             if sum(chunk.numel for chunk in entry.chunks) != math.prod(entry.size) or _overlapping(entry):
-                raise CheckpointError(f"{self.directory}: {key} is not fully stored (its chunks do not cover {list(entry.size)} exactly once); is the checkpoint complete?")
+                raise CheckpointError(
+                    f"{self.directory}: {key} is not fully stored (its chunks do not cover {list(entry.size)} "
+                    f"exactly once); is the checkpoint complete?"
+                )
             for chunk, item in self._items(key):
                 if item is None:
-                    raise CheckpointError(f"{where}: {key} has no stored item for its chunk at {list(chunk.offsets)}; is the checkpoint complete?")
+                    raise CheckpointError(
+                        f"{where}: {key} has no stored item for its chunk at {list(chunk.offsets)}; is the "
+                        f"checkpoint complete?"
+                    )
                 if item.transforms:
-                    raise CheckpointError(f"{self.directory}: {key} is stored transformed ({', '.join(item.transforms)}); only plain items are read")
+                    raise CheckpointError(
+                        f"{self.directory}: {key} is stored transformed ({', '.join(item.transforms)}); only plain "
+                        f"items are read"
+                    )
                 if item.length < chunk.numel * entry.dtype.itemsize:
-                    raise CheckpointError(f"{where}: {key} claims {chunk.numel * entry.dtype.itemsize} bytes of {entry.dtype} data in a stored item of {item.length} bytes")
+                    raise CheckpointError(
+                        f"{where}: {key} claims {chunk.numel * entry.dtype.itemsize} bytes of {entry.dtype} data "
+                        f"in a stored item of {item.length} bytes"
+                    )
                 by_file.setdefault(item.relative_path, []).append((item.offset, item.length, key))
         for relative_path, ranges in by_file.items():
-            with open_regular(self.directory / relative_path, within=self.directory, error=CheckpointError, what="a .distcp data file") as f:
+            with open_regular(
+                self.directory / relative_path, within=self.directory, error=CheckpointError, what="a .distcp data file"
+            ) as f:
                 ranges.sort()
                 for n, (offset, length, key) in enumerate(ranges):
                     f.check_range(offset, length, f"the stored item of {key}")
                     if n and offset < ranges[n - 1][0] + ranges[n - 1][1]:
-                        raise CheckpointError(f"{where}: the stored items of {ranges[n - 1][2]} and {key} overlap in {relative_path}")
+                        raise CheckpointError(
+                            f"{where}: the stored items of {ranges[n - 1][2]} and {key} overlap in {relative_path}"
+                        )
         self._checked.update(keys)
 
     def load(self, key: str) -> torch.Tensor:
@@ -266,24 +349,41 @@ class TorchDistReader:
         except CheckpointError:
             raise
         except NotPlainTensor as exc:
-            raise CheckpointError(f"{self.directory}: {exc}; expected a tensor as torch.distributed.checkpoint stores it (a plain torch.save zip); "
-                                  "is a .distcp file corrupt?") from None
+            raise CheckpointError(
+                f"{self.directory}: {exc}; expected a tensor as torch.distributed.checkpoint stores it (a plain "
+                f"torch.save zip); "
+                "is a .distcp file corrupt?"
+            ) from None
         except Exception as exc:
             what = keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more tensors)"
-            raise CheckpointError(f"{self.directory}: reading {what} failed ({type(exc).__name__}); is a .distcp file truncated or missing?") from None
+            raise CheckpointError(
+                f"{self.directory}: reading {what} failed ({type(exc).__name__}); is a .distcp file truncated or "
+                f"missing?"
+            ) from None
         for key in keys:
             yield key, tensors.pop(key)
 
     def _read_items(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The keys' stored items, each read by one positional read of its byte range (in file order) and decoded in memory."""
-        items = [(item.relative_path, item.offset, item.length, key, chunk) for key in keys for chunk, item in self._items(key)]
+        """The keys' stored items, each read by one positional read of its byte range (in file order) and decoded in
+        memory."""
+        items = [
+            (item.relative_path, item.offset, item.length, key, chunk)
+            for key in keys
+            for chunk, item in self._items(key)
+        ]
         tensors: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as files:
             opened: dict[str, RegularFile] = {}
             for relative_path, offset, length, key, chunk in sorted(items, key=lambda item: item[:2]):
                 if relative_path not in opened:
                     opened[relative_path] = files.enter_context(
-                        open_regular(self.directory / relative_path, within=self.directory, error=CheckpointError, what="a .distcp data file"))
+                        open_regular(
+                            self.directory / relative_path,
+                            within=self.directory,
+                            error=CheckpointError,
+                            what="a .distcp data file",
+                        )
+                    )
                 f = opened[relative_path]
                 f.check_range(offset, length, f"the stored item of {key}")
                 blob = bytearray(length)
@@ -294,7 +394,10 @@ class TorchDistReader:
                     raise NotPlainTensor(f"{key}: {exc}") from None
                 entry = self._metadata.tensors[key]
                 if part.shape != chunk.sizes or part.dtype != entry.dtype:
-                    raise NotPlainTensor(f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {entry.dtype} {list(chunk.sizes)}")
+                    raise NotPlainTensor(
+                        f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {entry.dtype} "
+                        f"{list(chunk.sizes)}"
+                    )
                 if chunk.sizes == entry.size:
                     tensors[key] = part
                     continue

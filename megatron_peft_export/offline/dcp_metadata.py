@@ -23,14 +23,41 @@ import torch
 from .torch_save import check_pickle
 
 _DCP = "torch.distributed.checkpoint."
-_RECORDED = {
-    (_DCP + "metadata", name) for name in
-    ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING", "MetadataIndex", "StorageMeta")
-} | {(_DCP + "filesystem", "_StorageInfo")} | {
-    (_DCP + "planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")  # Megatron's cached plans, unused
-}
+_RECORDED = (
+    {
+        (_DCP + "metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+            "MetadataIndex",
+            "StorageMeta",
+        )
+    }
+    | {(_DCP + "filesystem", "_StorageInfo")}
+    | {
+        (_DCP + "planner", name)
+        for name in (
+            "SavePlan",
+            "WriteItem",
+            "WriteItemType",
+            "TensorWriteData",
+            "BytesIOWriteData",
+        )  # Megatron's cached plans, unused
+    }
+)
 _FIELDS = {
-    "Metadata": {"state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version", "all_local_plans"},  # the last: Megatron's
+    "Metadata": {
+        "state_dict_metadata",
+        "planner_data",
+        "storage_data",
+        "storage_meta",
+        "version",
+        "all_local_plans",
+    },  # the last: Megatron's
     "TensorStorageMetadata": {"properties", "size", "chunks"},
     "BytesStorageMetadata": set(),
     "ChunkStorageMetadata": {"offsets", "sizes"},
@@ -63,7 +90,7 @@ class Record:
 class CalledRecord(Record):
     """A record of a class the pickle calls (torch's enums): the arguments are kept, as `__args__`."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "CalledRecord":
+    def __new__(cls, *args: Any, **kwargs: Any) -> CalledRecord:
         record = object.__new__(cls)
         record.__dict__["__args__"] = args
         return record
@@ -73,15 +100,22 @@ class CalledRecord(Record):
 
 
 class StateRecord(Record):
-    """A record of a class whose state the pickle gives as one value (TensorProperties: a tuple), kept as `__state__`."""
+    """A record of a class whose state the pickle gives as one value (TensorProperties: a tuple), kept as
+    `__state__`."""
 
     def __setstate__(self, state: Any) -> None:
         self.__dict__["__state__"] = state
 
 
 _CALLED = {"_MEM_FORMAT_ENCODING", "WriteItemType"}
-_RECORD_TYPES = {key: type(key[1], (CalledRecord if key[1] in _CALLED else StateRecord if key[1] == "TensorProperties" else Record,),
-                           {"class_name": key[1]}) for key in _RECORDED}
+_RECORD_TYPES = {
+    key: type(
+        key[1],
+        (CalledRecord if key[1] in _CALLED else StateRecord if key[1] == "TensorProperties" else Record,),
+        {"class_name": key[1]},
+    )
+    for key in _RECORDED
+}
 _BY_NAME = {name: cls for (_, name), cls in _RECORD_TYPES.items()}
 
 
@@ -89,7 +123,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _RECORD_TYPES:
             return _RECORD_TYPES[(module, name)]
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+        if module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        ):
             return getattr(torch, name)
         if (module, name) == ("torch.serialization", "_get_layout"):
             return torch.serialization._get_layout
@@ -159,7 +195,11 @@ def _ints(value: Any) -> tuple[int, ...]:
     if type(value) is torch.Size:  # holds ints only
         if len(value) <= MAX_DIMS and (not value or (min(value) >= 0 and max(value) <= MAX_EXTENT)):
             return tuple(value)
-    elif type(value) in (tuple, list) and len(value) <= MAX_DIMS and all(type(v) is int and 0 <= v <= MAX_EXTENT for v in value):
+    elif (
+        type(value) in (tuple, list)
+        and len(value) <= MAX_DIMS
+        and all(type(v) is int and 0 <= v <= MAX_EXTENT for v in value)
+    ):
         return tuple(value)
     raise MetadataError(f"expected up to {MAX_DIMS} integers from 0 to {MAX_EXTENT}, found {value!r:.80}")
 
@@ -174,7 +214,9 @@ def plain_file_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
-_TENSOR, _BYTES, _CHUNK, _PROPERTIES = (_BY_NAME[n] for n in ("TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties"))
+_TENSOR, _BYTES, _CHUNK, _PROPERTIES = (
+    _BY_NAME[n] for n in ("TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties")
+)
 _INDEX, _INFO, _METADATA = _BY_NAME["MetadataIndex"], _BY_NAME["_StorageInfo"], _BY_NAME["Metadata"]
 
 
@@ -182,7 +224,8 @@ def _dtype(properties: Any) -> torch.dtype:
     if type(properties) is not _PROPERTIES or properties.__dict__.keys() != {"__state__"}:
         raise MetadataError(f"properties: expected TensorProperties, found {_describe(properties)}")
     state = properties.__state__
-    if type(state) is tuple and len(state) == 5:  # torch's __getstate__: (dtype, layout, requires_grad, memory format, pin_memory)
+    # torch's __getstate__: (dtype, layout, requires_grad, memory format, pin_memory)
+    if type(state) is tuple and len(state) == 5:
         dtype = state[0]
     elif type(state) is dict and state.keys() <= _FIELDS["TensorProperties"]:
         dtype = state.get("dtype")
@@ -211,8 +254,14 @@ def _tensor(record: Any) -> TensorEntry:
             offsets, sizes = _ints(fields.get("offsets")), _ints(fields.get("sizes"))
         except MetadataError as exc:
             raise MetadataError(f"chunks[{n}]: {exc}") from None
-        if len(offsets) != len(size) or len(sizes) != len(size) or any(o + s > d for o, s, d in zip(offsets, sizes, size)):
-            raise MetadataError(f"chunk {n} at {list(offsets)} of size {list(sizes)} lies outside the tensor's size {list(size)}")
+        if (
+            len(offsets) != len(size)
+            or len(sizes) != len(size)
+            or any(o + s > d for o, s, d in zip(offsets, sizes, size))
+        ):
+            raise MetadataError(
+                f"chunk {n} at {list(offsets)} of size {list(sizes)} lies outside the tensor's size {list(size)}"
+            )
         parsed.append(Chunk(offsets, sizes))
     return TensorEntry(_dtype(state["properties"]), size, tuple(parsed))
 
@@ -230,11 +279,15 @@ def _item(index: Any, info: Any) -> tuple[tuple[str, tuple[int, ...] | None], St
         stored = _state(info, _INFO)
         path = stored.get("relative_path")
         if not plain_file_name(path):
-            raise MetadataError(f"refused, it names data files outside the checkpoint directory ({str(path)[:80]}, for {fqn})")
+            raise MetadataError(
+                f"refused, it names data files outside the checkpoint directory ({str(path)[:80]}, for {fqn})"
+            )
         transforms = stored.get("transform_descriptors") or ()
         if type(transforms) not in (list, tuple) or not all(type(t) is str for t in transforms):
             raise MetadataError(f"expected transform names, found {transforms!r:.60}")
-        item = StoredItem(path, _int(stored.get("offset"), "offset"), _int(stored.get("length"), "length"), tuple(transforms))
+        item = StoredItem(
+            path, _int(stored.get("offset"), "offset"), _int(stored.get("length"), "length"), tuple(transforms)
+        )
     except MetadataError as exc:
         raise exc if str(exc).startswith("refused") else MetadataError(f"stored item of {fqn}: {exc}") from None
     return (fqn, offset), item
@@ -253,7 +306,10 @@ def parse_metadata(data: bytes) -> CheckpointMetadata:
         raise MetadataError(f"the metadata: {exc}") from None
     entries, storage = state.get("state_dict_metadata"), state.get("storage_data")
     if type(entries) is not dict or type(storage) is not dict:
-        raise MetadataError(f"expected state_dict_metadata and storage_data mappings, found {_describe(entries)} and {_describe(storage)}")
+        raise MetadataError(
+            f"expected state_dict_metadata and storage_data mappings, found {_describe(entries)} and "
+            f"{_describe(storage)}"
+        )
     tensors, byte_keys = {}, set()
     for key, entry in entries.items():
         if type(key) is not str:

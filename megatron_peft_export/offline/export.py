@@ -76,7 +76,10 @@ _RECORDED = {
     "gated_linear_unit": ("swiglu", "gated_linear_unit"),
     "num_experts": ("num_experts", "num_moe_experts"),
     "moe_ffn_hidden_size": ("moe_ffn_hidden_size", "moe_ffn_hidden_size"),
-    "moe_shared_expert_intermediate_size": ("moe_shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
+    "moe_shared_expert_intermediate_size": (
+        "moe_shared_expert_intermediate_size",
+        "moe_shared_expert_intermediate_size",
+    ),
     "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
     "etp_size": ("expert_tensor_parallel_size", "expert_tensor_parallel_size"),
 }
@@ -92,12 +95,19 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
         from_args = getattr(args, arg_name, None)
         if name == "num_query_groups" and args is not None and not getattr(args, "group_query_attention", True):
             from_args = None
-        candidates = ((_flag(name), getattr(facts, name)), (f"the checkpoint's args.{arg_name}", from_args),
-                      (f"run_config.yaml's model.{bridge_name}", model.get(bridge_name)), ("the base model's config.json", hf.get(name) if name != "gated_linear_unit" else None))
+        candidates = (
+            (_flag(name), getattr(facts, name)),
+            (f"the checkpoint's args.{arg_name}", from_args),
+            (f"run_config.yaml's model.{bridge_name}", model.get(bridge_name)),
+            ("the base model's config.json", hf.get(name) if name != "gated_linear_unit" else None),
+        )
         source, values[name] = next(((s, v) for s, v in candidates if v is not None), (None, None))
         if values[name] is not None and not _plausible(name, values[name]):
-            raise CheckpointError(f"{source} gives {name} = {values[name]!r:.40}; expected " + ("true or false" if name == "gated_linear_unit" else
-                                  f"an integer from 1 to {MAX_SIZE}") + f". Pass {_flag(name)}")
+            raise CheckpointError(
+                f"{source} gives {name} = {values[name]!r:.40}; expected "
+                + ("true or false" if name == "gated_linear_unit" else f"an integer from 1 to {MAX_SIZE}")
+                + f". Pass {_flag(name)}"
+            )
     if values["num_query_groups"] is None:
         values["num_query_groups"] = values["num_attention_heads"]
     if values["head_dim"] is None and values["hidden_size"] and values["num_attention_heads"]:
@@ -131,8 +141,8 @@ def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(
-            f"the checkpoint does not record {', '.join(missing)}; pass --base-model with the HF base model's directory, or "
-            + ", ".join(_flag(n) for n in missing)
+            f"the checkpoint does not record {', '.join(missing)}; pass --base-model with the HF base model's "
+            f"directory, or " + ", ".join(_flag(n) for n in missing)
         )
     return ModelGeometry(**{n: values[n] for n in geometry_fields}, vocab_size=vocab)
 
@@ -142,13 +152,18 @@ def _adapter_keys(shapes: dict[str, tuple[int, ...]], adapter_name: str, directo
     for key in found:
         check_shape(key, shapes[key.key], str(directory))
     if not found:
-        raise NoAdaptersError(f"{directory}: no adapter tensors among its {len(shapes)} tensors; expected ModelOpt (lora_a_/lora_b_) or Megatron-Bridge (.adapter.) keys")
+        raise NoAdaptersError(
+            f"{directory}: no adapter tensors among its {len(shapes)} tensors; expected ModelOpt (lora_a_/lora_b_) "
+            f"or Megatron-Bridge (.adapter.) keys"
+        )
     dialects = {k.dialect for k in found}
     if len(dialects) > 1:
         raise DialectError(f"{directory}: adapters of several dialects ({', '.join(sorted(dialects))}); expected one")
     names = {k.adapter_name for k in found if k.adapter_name is not None}
     if names and adapter_name not in names:
-        raise NoAdaptersError(f"{directory}: no adapter named {adapter_name!r}; the checkpoint has {sorted(names)}. Pass --adapter-name")
+        raise NoAdaptersError(
+            f"{directory}: no adapter named {adapter_name!r}; the checkpoint has {sorted(names)}. Pass --adapter-name"
+        )
     return [k for k in found if k.adapter_name in (None, adapter_name)]
 
 
@@ -164,9 +179,14 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
         alpha = _section(settings.run_config, "peft").get("alpha")
     if alpha is None:
         source = "modelopt_state/" if key.dialect == "modelopt" else "run_config.yaml (peft.alpha)"
-        raise CheckpointError(f"{directory}: the LoRA scale of {key.module} is not recorded (no {source}); pass --lora-alpha")
+        raise CheckpointError(
+            f"{directory}: the LoRA scale of {key.module} is not recorded (no {source}); pass --lora-alpha"
+        )
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
-        raise CheckpointError(f"{directory}: the recorded LoRA alpha of {key.module} is {alpha!r:.40}; expected a finite number. Pass --lora-alpha")
+        raise CheckpointError(
+            f"{directory}: the recorded LoRA alpha of {key.module} is {alpha!r:.40}; expected a finite number. "
+            f"Pass --lora-alpha"
+        )
     return float(alpha)
 
 
@@ -175,29 +195,61 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     shapes = reader.tensor_shapes()
     as_bytes = sorted(key for key in reader.byte_keys if classify(key) is not None)
     if as_bytes:
-        raise CheckpointError(f"{directory / '.metadata'}: refused, adapter tensor {as_bytes[0]} is declared as pickled bytes (BytesStorageMetadata), "
-                              "not as a tensor; torch.distributed.checkpoint stores tensors as tensors, so the checkpoint is corrupt or crafted")
+        raise CheckpointError(
+            f"{directory / '.metadata'}: refused, adapter tensor {as_bytes[0]} is declared as pickled bytes "
+            f"(BytesStorageMetadata), "
+            "not as a tensor; torch.distributed.checkpoint stores tensors as tensors, so the checkpoint is corrupt "
+            "or crafted"
+        )
     keys = _adapter_keys(shapes, options.adapter_name, directory)
     reader.check_stored([k.key for k in keys])
     settings = read_settings(directory)
     values = _recorded(settings, hf_config, facts)
     names = naming(options.model_type, hf_config, _geometry(values, None))
     experts = names.geometry.num_experts
-    needs_tp = any(s.spec.split_dim is not None for k in keys
-                   for s in offline_shards(k, shapes[k.key], alpha=0.0, tp_save=1, gated=names.geometry.gated_linear_unit, dtype="float32", num_experts=experts))
+    needs_tp = any(
+        s.spec.split_dim is not None
+        for k in keys
+        for s in offline_shards(
+            k,
+            shapes[k.key],
+            alpha=0.0,
+            tp_save=1,
+            gated=names.geometry.gated_linear_unit,
+            dtype="float32",
+            num_experts=experts,
+        )
+    )
     needs_tp = needs_tp or any(_row_parallel_dora(k) for k in keys)  # exportable from a TP 1 save only
     if needs_tp and values["tp_size"] is None:
-        raise CheckpointError(f"{directory}: the tensor-parallel size of the save is not recorded and gate/up rows must be de-interleaved with it; pass --tp-size")
+        raise CheckpointError(
+            f"{directory}: the tensor-parallel size of the save is not recorded and gate/up rows must be "
+            f"de-interleaved with it; pass --tp-size"
+        )
     shards: list[OfflineShard] = []
     refused: list[tuple[str, str]] = []
     for key in keys:
         alpha = _alpha(key, shapes, settings, facts, options.adapter_name, directory)
         tp_save = (values["etp_size"] or values["tp_size"]) if key.routed_expert else values["tp_size"]
-        found = offline_shards(key, shapes[key.key], alpha=alpha, tp_save=tp_save or 1, gated=names.geometry.gated_linear_unit, dtype=reader.dtype(key.key),
-                               num_experts=experts)
+        found = offline_shards(
+            key,
+            shapes[key.key],
+            alpha=alpha,
+            tp_save=tp_save or 1,
+            gated=names.geometry.gated_linear_unit,
+            dtype=reader.dtype(key.key),
+            num_experts=experts,
+        )
         refused += _refused_dora(key, found, tp_save or 1, settings)
-        if key.dialect == "megatron-bridge" and key.routed_expert and key.module.endswith("linear_fc2") and (tp_save or 1) > 1:
-            refused += [(PARTIAL_OUTPUT.replace("{size}", str(tp_save)), s.spec.module) for s in found]  # what the live export refuses
+        if (
+            key.dialect == "megatron-bridge"
+            and key.routed_expert
+            and key.module.endswith("linear_fc2")
+            and (tp_save or 1) > 1
+        ):
+            refused += [
+                (PARTIAL_OUTPUT.replace("{size}", str(tp_save)), s.spec.module) for s in found
+            ]  # what the live export refuses
         shards += found
     raise_refusals(refused, prefix=f"{directory}: ")
     vocab = (shapes.get("output_layer.weight") or (None,))[0] or _vocab(settings)
@@ -209,11 +261,14 @@ _ROW_PARALLEL = ("linear_proj", "linear_fc2")
 
 
 def _row_parallel_dora(key: AdapterKey) -> bool:
-    return key.dialect == "megatron-bridge" and key.role == "magnitude" and key.module.rsplit(".", 1)[-1] in _ROW_PARALLEL
+    return (
+        key.dialect == "megatron-bridge" and key.role == "magnitude" and key.module.rsplit(".", 1)[-1] in _ROW_PARALLEL
+    )
 
 
 def _refused_dora(key: AdapterKey, shards: list[OfflineShard], tp_save: int, settings) -> list[tuple[str, str]]:
-    """Bridge DoRA that no peft DoRA adapter reproduces (dialects/bridge.py): on row-parallel linears saved at TP > 1, and on
+    """Bridge DoRA that no peft DoRA adapter reproduces (dialects/bridge.py): on row-parallel linears saved at TP > 1,
+    and on
     linear_qkv with a bias inside its output (recorded in Bridge's run_config)."""
     if key.dialect != "megatron-bridge" or key.role != "magnitude":
         return []
@@ -236,14 +291,29 @@ def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: Ch
     for key, _, shape, _ in found:
         check_shape(key, shape, str(directory))
     shapes = {key.key: shape for key, _, shape, _ in found}
-    keys = _adapter_keys({key.key.split(":", 2)[2]: shape for key, _, shape, _ in found}, options.adapter_name, directory)
+    keys = _adapter_keys(
+        {key.key.split(":", 2)[2]: shape for key, _, shape, _ in found}, options.adapter_name, directory
+    )
     wanted = {k.adapter_name for k in keys}
     pairs = [
-        (key, legacy_shard(key, tp, reader.tp_size, shape, _alpha(key, shapes, settings, facts, options.adapter_name, directory), dtype))
+        (
+            key,
+            legacy_shard(
+                key,
+                tp,
+                reader.tp_size,
+                shape,
+                _alpha(key, shapes, settings, facts, options.adapter_name, directory),
+                dtype,
+            ),
+        )
         for key, (tp, _), shape, dtype in found
         if key.adapter_name in wanted
     ]
-    raise_refusals((item for key, s in pairs for item in _refused_dora(key, [s], reader.tp_size, settings)), prefix=f"{directory}: ")
+    raise_refusals(
+        (item for key, s in pairs for item in _refused_dora(key, [s], reader.tp_size, settings)),
+        prefix=f"{directory}: ",
+    )
     shards = [s for _, s in pairs]
     return reader, [s for s in shards if not s.spec.is_replica], keys[0].dialect, names, _vocab(settings)
 
@@ -271,26 +341,43 @@ def _without_cyclic_gc():
             gc.enable()
 
 
-def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, *, options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> ExportSummary:
+def export_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    options: ExportOptions = ExportOptions(),
+    facts: CheckpointFacts = CheckpointFacts(),
+    quiet: bool = False,
+) -> ExportSummary:
     """Convert the adapter of one saved checkpoint (an iteration directory, or a save directory via its tracker)."""
     with _without_cyclic_gc():
         return _export_checkpoint(checkpoint, output_dir, options, facts, quiet)
 
 
-def _export_checkpoint(checkpoint: str | Path, output_dir: str | Path, options: ExportOptions, facts: CheckpointFacts, quiet: bool) -> ExportSummary:
+def _export_checkpoint(
+    checkpoint: str | Path, output_dir: str | Path, options: ExportOptions, facts: CheckpointFacts, quiet: bool
+) -> ExportSummary:
     started = time.perf_counter()
     directory = locate(checkpoint)
     reading = [(Path(checkpoint), "the checkpoint being read"), *options.inputs()]
     check_output(output_dir, options.overwrite, reading=reading, checkpoint=directory)  # before anything is read
     collect = _torch_dist_shards if checkpoint_format(directory) == "torch_dist" else _legacy_shards
-    reader, shards, dialect, names, vocab = collect(directory, read_hf_config(options.base_model_name_or_path), options, facts)
+    reader, shards, dialect, names, vocab = collect(
+        directory, read_hf_config(options.base_model_name_or_path), options, facts
+    )
     plan = plan_adapter([s.spec for s in shards], names.geometry, names.arch, vocab)
     by_key: dict[str, list[int]] = defaultdict(list)
     for n, shard in enumerate(shards):
         by_key[shard.key].append(n)
     tensors = allocate(plan, parse_dtype(options.dtype))
     read_bytes = 0
-    for key, data in tqdm(reader.load_many(list(by_key)), total=len(by_key), desc=f"reading adapter tensors of {directory.name}", unit="tensor", disable=quiet):
+    for key, data in tqdm(
+        reader.load_many(list(by_key)),
+        total=len(by_key),
+        desc=f"reading adapter tensors of {directory.name}",
+        unit="tensor",
+        disable=quiet,
+    ):
         read_bytes += data.numel() * data.element_size()
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))
@@ -312,7 +399,14 @@ def _shard_data(data: torch.Tensor, shard: OfflineShard) -> torch.Tensor:
     return torch.cat([data.narrow(0, start, length) for start, length in shard.rows])
 
 
-def backfill(save_dir: str | Path, *, subdir: str = "hf_adapter", options: ExportOptions = ExportOptions(), facts: CheckpointFacts = CheckpointFacts(), quiet: bool = False) -> list[ExportSummary]:
+def backfill(
+    save_dir: str | Path,
+    *,
+    subdir: str = "hf_adapter",
+    options: ExportOptions = ExportOptions(),
+    facts: CheckpointFacts = CheckpointFacts(),
+    quiet: bool = False,
+) -> list[ExportSummary]:
     """Export every iteration of a save directory that has no `<iter>/<subdir>` yet, as the training hook would."""
     from .checkpoint import iteration_dirs
 

@@ -23,10 +23,18 @@ from ..core.shards import Role, ShardSpec
 from ..errors import DialectError, ShapeMismatchError
 
 _MODELOPT = re.compile(r"^(decoder\.layers\.\d+\.(?:.+)|output_layer)\.lora_([ab])_(.+)\.weight$")
-_BRIDGE = re.compile(r"^(decoder\.layers\.\d+|decoder\.layers|output_layer)((?:\.[^.]+)*?)\.adapter\.(?:adapter_(q|k|v|gate|up)\.)?(linear_in\.weight|linear_out\.weight|weight_magnitude)$")
+_BRIDGE = re.compile(
+    r"^(decoder\.layers\.\d+|decoder\.layers|output_layer)((?:\.[^.]+)*?)\.adapter\.(?:adapter_(q|k|v|gate|up)\.)?(linear_in\.weight|linear_out\.weight|weight_magnitude)$"
+)
 _BRIDGE_EXPERTS = re.compile(r"\.mlp\.experts\.experts\.(linear_fc[12])")
 """Routed experts as megatron saves them (SequentialMLP and TEGroupedMLP alike), on a global expert axis."""
-_ROLE = {"a": "lora_A", "b": "lora_B", "linear_in.weight": "lora_A", "linear_out.weight": "lora_B", "weight_magnitude": "magnitude"}
+_ROLE = {
+    "a": "lora_A",
+    "b": "lora_B",
+    "linear_in.weight": "lora_A",
+    "linear_out.weight": "lora_B",
+    "weight_magnitude": "magnitude",
+}
 
 
 @dataclass(frozen=True)
@@ -75,16 +83,23 @@ def classify(key: str) -> AdapterKey | None:
         experts = _BRIDGE_EXPERTS.fullmatch(rest)
         if ".mlp.experts." in f"{rest}." and not experts:  # routed experts (not mlp.shared_experts) in another form
             raise DialectError(
-                f"{key}: Megatron-Bridge expert adapter in a layout offline export does not read; expected megatron's expert-stacked "
-                "`mlp.experts.experts.linear_fc1/2` keys. Export expert adapters from the live model (export_adapter, or the training hook)"
+                f"{key}: Megatron-Bridge expert adapter in a layout offline export does not read; expected "
+                f"megatron's expert-stacked "
+                "`mlp.experts.experts.linear_fc1/2` keys. Export expert adapters from the live model "
+                "(export_adapter, or the training hook)"
             )
         stacked = head == "decoder.layers"
         if experts:
             rest = f".mlp.experts.local_experts.{{e}}.{experts.group(1)}"
         axes = ("i" if stacked else "") + ("e" if experts else "")
-        return AdapterKey(key, "megatron-bridge", ("decoder.layers.{i}" if stacked else head) + rest, _ROLE[leaf], part, None, axes)
+        return AdapterKey(
+            key, "megatron-bridge", ("decoder.layers.{i}" if stacked else head) + rest, _ROLE[leaf], part, None, axes
+        )
     if ".lora_A." in key or ".lora_B." in key:
-        raise DialectError(f"{key}: peft-style LoRA applied directly to Megatron layers is not supported yet; expected ModelOpt or Megatron-Bridge adapters")
+        raise DialectError(
+            f"{key}: peft-style LoRA applied directly to Megatron layers is not supported yet; expected ModelOpt "
+            f"or Megatron-Bridge adapters"
+        )
     return None
 
 
@@ -95,8 +110,11 @@ def check_shape(found: AdapterKey, shape: tuple[int, ...], where: str) -> None:
     allowed = {len(found.axes) + matrix_dims} | ({len(found.axes) - 1 + matrix_dims} if "e" in found.axes else set())
     if len(shape) not in allowed or 0 in shape:
         expected = " or ".join(f"{n} dimensions" for n in sorted(allowed))
-        raise ShapeMismatchError(f"{where}: {found.key} has shape {list(shape)}; expected {expected}, none empty "
-                                 f"({'a vector' if matrix_dims == 1 else 'a matrix'}{' on stacked axes ' + found.axes if found.axes else ''})")
+        raise ShapeMismatchError(
+            f"{where}: {found.key} has shape {list(shape)}; expected {expected}, none empty "
+            f"({'a vector' if matrix_dims == 1 else 'a matrix'}"
+            f"{' on stacked axes ' + found.axes if found.axes else ''})"
+        )
 
 
 def _is_fc1(module: str) -> bool:
@@ -113,7 +131,10 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
     shared = "e" in axes and len(shape) == len(axes) - 1 + matrix_dims
     if shared:
         if not num_experts:
-            raise DialectError(f"{found.key}: one adapter tensor for all experts, but the number of experts is not known; pass --num-experts")
+            raise DialectError(
+                f"{found.key}: one adapter tensor for all experts, but the number of experts is not known; pass "
+                f"--num-experts"
+            )
         axes = axes.replace("e", "")
     out = []
     for index in itertools.product(*(range(n) for n in shape[: len(axes)])):
@@ -124,17 +145,32 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
     return out
 
 
-def offline_shards(found: AdapterKey, shape: tuple[int, ...], *, alpha: float, tp_save: int, gated: bool, dtype: str,
-                   num_experts: int | None = None) -> list[OfflineShard]:
-    """Shard specs for one checkpoint tensor (every layer or expert of a stacked one), with the save-time layouts undone.
+def offline_shards(
+    found: AdapterKey,
+    shape: tuple[int, ...],
+    *,
+    alpha: float,
+    tp_save: int,
+    gated: bool,
+    dtype: str,
+    num_experts: int | None = None,
+) -> list[OfflineShard]:
+    """Shard specs for one checkpoint tensor (every layer or expert of a stacked one), with the save-time layouts
+    undone.
 
     `tp_save` is the tensor-parallel size the tensor was saved at (expert tensor parallelism for experts)."""
     out = []
     for index, module in _matrices(found, shape, num_experts):
-        local = shape[len(index):]
+        local = shape[len(index) :]
         rows_total = local[0]
-        interleaved = gated and _is_fc1(module) and found.part is None and (
-            (found.dialect == "modelopt" and found.role == "lora_B") or (found.dialect == "megatron-bridge" and found.role == "magnitude")
+        interleaved = (
+            gated
+            and _is_fc1(module)
+            and found.part is None
+            and (
+                (found.dialect == "modelopt" and found.role == "lora_B")
+                or (found.dialect == "megatron-bridge" and found.role == "magnitude")
+            )
         )
         if interleaved:
             step = rows_total // tp_save
@@ -147,7 +183,16 @@ def offline_shards(found: AdapterKey, shape: tuple[int, ...], *, alpha: float, t
         for t, rows in enumerate(pieces):
             split = rows is not None
             shard_shape = (sum(n for _, n in rows), *local[1:]) if split else tuple(local)
-            spec = ShardSpec(module=module, role=found.role, part=found.part, shape=shard_shape, split_dim=0 if split else None,
-                             tp_rank=t if split else 0, tp_size=tp_save if split else 1, alpha=alpha, dtype=dtype)
+            spec = ShardSpec(
+                module=module,
+                role=found.role,
+                part=found.part,
+                shape=shard_shape,
+                split_dim=0 if split else None,
+                tp_rank=t if split else 0,
+                tp_size=tp_save if split else 1,
+                alpha=alpha,
+                dtype=dtype,
+            )
             out.append(OfflineShard(spec, found.key, index, rows))
     return out

@@ -49,7 +49,9 @@ def _storage_dtypes() -> dict[str, torch.dtype]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # touching the typed storage classes warns that they are deprecated
         classes = {name: getattr(torch, name) for name in dir(torch) if name.endswith("Storage")}
-        return {name: cls.dtype for name, cls in classes.items() if isinstance(getattr(cls, "dtype", None), torch.dtype)}
+        return {
+            name: cls.dtype for name, cls in classes.items() if isinstance(getattr(cls, "dtype", None), torch.dtype)
+        }
 
 
 class _TensorPickle(pickle.Unpickler):
@@ -80,10 +82,11 @@ _LOCAL = struct.Struct("<4s5H3L2H")
 
 def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
     """Zip member name -> (offset of its data in `blob`, size), for stored (uncompressed) members."""
-    if bytes(blob[-_EOCD.size: -_EOCD.size + 4]) == b"PK\x05\x06":  # torch writes no zip comment: the end record is last
+    # torch writes no zip comment: the end record is last
+    if bytes(blob[-_EOCD.size : -_EOCD.size + 4]) == b"PK\x05\x06":
         tail, at = blob, len(blob) - _EOCD.size
     else:
-        tail = bytes(blob[max(0, len(blob) - 65557):])
+        tail = bytes(blob[max(0, len(blob) - 65557) :])
         at = tail.rfind(b"PK\x05\x06")
         if at < 0 or len(tail) - at < _EOCD.size:
             raise NotPlainTensor("no zip end record")
@@ -95,8 +98,15 @@ def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
         fields = _CENTRAL.unpack_from(blob, p)
         if fields[0] != b"PK\x01\x02":
             raise NotPlainTensor("bad central directory entry")
-        method, size, name_len, extra_len, comment_len, local = fields[4], fields[9], fields[10], fields[11], fields[12], fields[16]
-        name = bytes(blob[p + _CENTRAL.size: p + _CENTRAL.size + name_len]).decode()
+        method, size, name_len, extra_len, comment_len, local = (
+            fields[4],
+            fields[9],
+            fields[10],
+            fields[11],
+            fields[12],
+            fields[16],
+        )
+        name = bytes(blob[p + _CENTRAL.size : p + _CENTRAL.size + name_len]).decode()
         p += _CENTRAL.size + name_len + extra_len + comment_len
         header = _LOCAL.unpack_from(blob, local)
         if header[0] != b"PK\x03\x04" or method != 0 or size == 0xFFFFFFFF:
@@ -132,10 +142,10 @@ def decode(blob: bytearray) -> torch.Tensor:
         raise NotPlainTensor("no data.pkl")
     prefix = pickled[: -len("data.pkl")]
     order = members.get(prefix + "byteorder")
-    if order is not None and bytes(view[order[0]: order[0] + order[1]]) != b"little":
+    if order is not None and bytes(view[order[0] : order[0] + order[1]]) != b"little":
         raise NotPlainTensor("not little-endian")
     start, size = members[pickled]
-    rebuilt = _unpickled(view[start: start + size].tobytes())
+    rebuilt = _unpickled(view[start : start + size].tobytes())
     key, dtype, numel = rebuilt.storage
     data = members.get(f"{prefix}data/{key}")
     if data is None or data[1] != numel * dtype.itemsize:
@@ -145,7 +155,6 @@ def decode(blob: bytearray) -> torch.Tensor:
     if 0 not in rebuilt.size and needed > numel:
         raise NotPlainTensor("the tensor reaches past its storage")
     return storage.as_strided(rebuilt.size, rebuilt.stride, rebuilt.offset)
-
 
 
 # ---------------------------------------------------------------------------------------------------- any pickle
@@ -161,8 +170,15 @@ def _argument_encodings() -> tuple[list[int], dict[int, Any]]:
             fixed[code] = n
         else:
             fixed[code] = -1
-            variable[code] = (op.name if op.name in ("STOP", "LONG_BINPUT") else "lines2" if op.arg.name == "stringnl_noescape_pair"
-                              else "line" if n == -1 else lengths[n])
+            variable[code] = (
+                op.name
+                if op.name in ("STOP", "LONG_BINPUT")
+                else "lines2"
+                if op.arg.name == "stringnl_noescape_pair"
+                else "line"
+                if n == -1
+                else lengths[n]
+            )
     return fixed, variable
 
 
@@ -191,14 +207,16 @@ def check_pickle(data: bytes) -> None:
         if kind == "STOP":
             return
         if kind == "LONG_BINPUT":
-            if int.from_bytes(data[at:at + 4], "little") > end:
+            if int.from_bytes(data[at : at + 4], "little") > end:
                 raise ValueError(f"a memo index past the pickle's size at byte {at - 1}")
             at += 4
         elif type(kind) is tuple:
             width, signed = kind
-            length = int.from_bytes(data[at:at + width], "little", signed=signed)
+            length = int.from_bytes(data[at : at + width], "little", signed=signed)
             if at + width > end or length < 0 or at + width + length > end:
-                raise ValueError(f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow")
+                raise ValueError(
+                    f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow"
+                )
             at += width + length
         else:
             for _ in range(2 if kind == "lines2" else 1):
@@ -224,8 +242,16 @@ _MAX_EXTENT = 1 << 62
 _ZIP64_LOCATOR = struct.Struct("<4sLQL")
 _ZIP64_END = struct.Struct("<4sQ2H2L4Q")
 _OPAQUE_MODULES = ("megatron.", "modelopt.", "numpy.", "transformer_engine.")
-_OPAQUE_NAMES = {("numpy", "ndarray"), ("numpy", "dtype"), ("io", "BytesIO"), ("_io", "BytesIO"), ("pathlib", "PosixPath"), ("pathlib", "Path"),
-                 ("pathlib", "PurePosixPath"), ("signal", "Signals")}
+_OPAQUE_NAMES = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("io", "BytesIO"),
+    ("_io", "BytesIO"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "Path"),
+    ("pathlib", "PurePosixPath"),
+    ("signal", "Signals"),
+}
 _BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytearray": bytearray}
 
 
@@ -238,7 +264,7 @@ class Opaque:
 
     qualified_name = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         return object.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -263,14 +289,17 @@ class Opaque:
         return f"<{self.qualified_name}, not loaded>"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _opaque(module: str, name: str) -> type:
     return type(name, (Opaque,), {"qualified_name": f"{module}.{name}"})
 
 
 def _sizes(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list, torch.Size)) or len(value) > _MAX_DIMS or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_EXTENT for v in value):
+    if (
+        not isinstance(value, (tuple, list, torch.Size))
+        or len(value) > _MAX_DIMS
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_EXTENT for v in value)
+    ):
         raise ValueError(f"{what}: expected up to {_MAX_DIMS} non-negative integers, found {value!r:.80}")
     return tuple(value)
 
@@ -334,17 +363,26 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtyp
     dtype = dtype or storage.dtype
     if not isinstance(dtype, torch.dtype) or storage.nbytes % dtype.itemsize:
         raise ValueError(f"a tensor of {dtype!r:.40} over a storage of {storage.nbytes} bytes")
-    tensor = StoredTensor(storage, dtype, _count(offset, "storage offset"), _sizes(size, "size"), _sizes(stride, "stride"))
+    tensor = StoredTensor(
+        storage, dtype, _count(offset, "storage offset"), _sizes(size, "size"), _sizes(stride, "stride")
+    )
     if len(tensor.size) != len(tensor.stride) or tensor.span()[1] > storage.nbytes:
-        raise ValueError(f"a tensor of size {list(tensor.size)} and stride {list(tensor.stride)} reaches past its storage of {storage.nbytes} bytes")
+        raise ValueError(
+            f"a tensor of size {list(tensor.size)} and stride {list(tensor.stride)} reaches past its storage of "
+            f"{storage.nbytes} bytes"
+        )
     return tensor
 
 
-def _rebuild_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None) -> StoredTensor:
+def _rebuild_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+) -> StoredTensor:
     return _tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None) -> StoredTensor:
+def _rebuild_v3(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+) -> StoredTensor:
     return _tensor(storage, storage_offset, size, stride, dtype)
 
 
@@ -359,12 +397,18 @@ def _codecs_encode(text: Any, encoding: Any = "latin1") -> bytes:  # how protoco
 
 
 _FUNCTIONS = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2, ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter, ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("collections", "OrderedDict"): OrderedDict, ("argparse", "Namespace"): argparse.Namespace,
-    ("types", "SimpleNamespace"): types.SimpleNamespace, ("_codecs", "encode"): _codecs_encode,
-    ("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    ("torch.storage", "UntypedStorage"): torch.uint8, ("torch", "UntypedStorage"): torch.uint8,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("types", "SimpleNamespace"): types.SimpleNamespace,
+    ("_codecs", "encode"): _codecs_encode,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch.storage", "UntypedStorage"): torch.uint8,
+    ("torch", "UntypedStorage"): torch.uint8,
 }
 
 
@@ -398,7 +442,10 @@ class _FilePickle(pickle.Unpickler):
         member = self._members.get(f"{self._prefix}data/{key}")
         nbytes = _count(numel, "storage size") * dtype.itemsize
         if member is None or member.size < nbytes:
-            raise ValueError(f"storage {key!r:.40} of {nbytes} bytes is {'missing' if member is None else f'a member of {member.size} bytes'}")
+            raise ValueError(
+                f"storage {key!r:.40} of {nbytes} bytes is "
+                f"{'missing' if member is None else f'a member of {member.size} bytes'}"
+            )
         return self._storages.setdefault(str(key), Storage(member, dtype, nbytes))
 
 
@@ -408,27 +455,42 @@ def zip_members(f: RegularFile) -> dict[str, Member]:
     tail = f.read(f.size - tail_size, tail_size)
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < _EOCD.size:
-        raise ValueError("no zip end record (a torch.save file is a zip archive; files in torch's pre-1.6 format are not read)")
+        raise ValueError(
+            "no zip end record (a torch.save file is a zip archive; files in torch's pre-1.6 format are not read)"
+        )
     _, _, _, _, count, directory_size, directory_offset, _ = _EOCD.unpack_from(tail, at)
     locator = f.size - tail_size + at - _ZIP64_LOCATOR.size
     if 0xFFFF == count or 0xFFFFFFFF in (directory_size, directory_offset):
         if locator < 0:
             raise ValueError("a zip64 end record is missing")
         signature, _, end64, _ = _ZIP64_LOCATOR.unpack(f.read(locator, _ZIP64_LOCATOR.size))
-        record = f.read(end64, _ZIP64_END.size) if signature == b"PK\x06\x07" and end64 + _ZIP64_END.size <= f.size else b""
+        record = (
+            f.read(end64, _ZIP64_END.size) if signature == b"PK\x06\x07" and end64 + _ZIP64_END.size <= f.size else b""
+        )
         if len(record) != _ZIP64_END.size or record[:4] != b"PK\x06\x06":
             raise ValueError("a zip64 end record is missing")
         *_, count, directory_size, directory_offset = _ZIP64_END.unpack(record)
     if directory_offset + directory_size > f.size or count * _CENTRAL.size > directory_size:
-        raise ValueError(f"the zip directory ({count} members, {directory_size} bytes at {directory_offset}) lies outside the file of {f.size} bytes")
+        raise ValueError(
+            f"the zip directory ({count} members, {directory_size} bytes at {directory_offset}) lies outside the "
+            f"file of {f.size} bytes"
+        )
     directory, p, found = f.read(directory_offset, directory_size), 0, []
     for _ in range(count):
-        if p + _CENTRAL.size > len(directory) or directory[p:p + 4] != b"PK\x01\x02":
+        if p + _CENTRAL.size > len(directory) or directory[p : p + 4] != b"PK\x01\x02":
             raise ValueError("a bad zip directory entry")
         fields = _CENTRAL.unpack_from(directory, p)
-        method, compressed, size, name_len, extra_len, comment_len, local = fields[4], fields[8], fields[9], fields[10], fields[11], fields[12], fields[16]
-        name = directory[p + _CENTRAL.size: p + _CENTRAL.size + name_len].decode("utf-8")
-        extra = directory[p + _CENTRAL.size + name_len: p + _CENTRAL.size + name_len + extra_len]
+        method, compressed, size, name_len, extra_len, comment_len, local = (
+            fields[4],
+            fields[8],
+            fields[9],
+            fields[10],
+            fields[11],
+            fields[12],
+            fields[16],
+        )
+        name = directory[p + _CENTRAL.size : p + _CENTRAL.size + name_len].decode("utf-8")
+        extra = directory[p + _CENTRAL.size + name_len : p + _CENTRAL.size + name_len + extra_len]
         p += _CENTRAL.size + name_len + extra_len + comment_len
         wide = [v == 0xFFFFFFFF for v in (size, compressed, local)]
         if any(wide):  # zip64: the real values, in this order, in the extra field with header id 1
@@ -439,7 +501,9 @@ def zip_members(f: RegularFile) -> dict[str, Member]:
                     values = list(struct.unpack_from(f"<{min(length // 8, 3)}Q", extra, q + 4))
                     break
                 q += 4 + length
-            size, compressed, local = (values.pop(0) if wide[i] and values else v for i, v in enumerate((size, compressed, local)))
+            size, compressed, local = (
+                values.pop(0) if wide[i] and values else v for i, v in enumerate((size, compressed, local))
+            )
         if method != 0 or compressed != size:
             raise ValueError(f"zip member {name} is compressed")
         found.append((local, size, name))

@@ -12,8 +12,19 @@ from megatron_peft_export.cli import main
 from megatron_peft_export.compat import check_adapter, check_dir
 
 HIDDEN, OUT = 16, 24
-CLEAN = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"],
-         "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "use_dora": False, "use_rslora": False, "modules_to_save": None}
+CLEAN = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "r": 16,
+    "lora_alpha": 32,
+    "target_modules": ["q_proj", "v_proj"],
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "bias": "none",
+    "use_dora": False,
+    "use_rslora": False,
+    "modules_to_save": None,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -49,17 +60,47 @@ def run_check(capsys, *args):
 
 def test_a_clean_adapter_passes(tmp_path, capsys):
     status, out, _ = run_check(capsys, write_adapter(tmp_path / "clean"))
-    assert status == 0 and "compatible with vLLM 0.32 (rules, no base model): 0 error(s), 0 warning(s), 0 note(s)" in out
+    assert (
+        status == 0 and "compatible with vLLM 0.32 (rules, no base model): 0 error(s), 0 warning(s), 0 note(s)" in out
+    )
 
 
-@pytest.mark.parametrize("name,changes,tensors,code", [
-    ("dora", {"use_dora": True}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(OUT)}, "dora"),
-    ("modules_to_save", {"modules_to_save": ["lm_head"]}, {"base_model.model.lm_head.weight": torch.zeros(8, HIDDEN)}, "modules-to-save"),
-    ("bias", {"bias": "lora_only"}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(OUT)}, "bias"),
-    ("pissa", {"init_lora_weights": "pissa"}, {}, "unsupported-feature"),
-    ("huge_rank", {"r": 640, "lora_alpha": 1280}, None, "rank-size"),
-    ("megatron_names", {}, {"base_model.model.decoder.layers.0.self_attention.linear_qkv.lora_a_default.weight": torch.zeros(16, HIDDEN)}, "megatron-names"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "name,changes,tensors,code",
+    [
+        (
+            "dora",
+            {"use_dora": True},
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(OUT)},
+            "dora",
+        ),
+        (
+            "modules_to_save",
+            {"modules_to_save": ["lm_head"]},
+            {"base_model.model.lm_head.weight": torch.zeros(8, HIDDEN)},
+            "modules-to-save",
+        ),
+        (
+            "bias",
+            {"bias": "lora_only"},
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(OUT)},
+            "bias",
+        ),
+        ("pissa", {"init_lora_weights": "pissa"}, {}, "unsupported-feature"),
+        ("huge_rank", {"r": 640, "lora_alpha": 1280}, None, "rank-size"),
+        (
+            "megatron_names",
+            {},
+            {
+                "base_model.model.decoder.layers.0.self_attention.linear_qkv.lora_a_default.weight": torch.zeros(
+                    16, HIDDEN
+                )
+            },
+            "megatron-names",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_each_refused_feature_is_an_error_with_its_reason(tmp_path, capsys, name, changes, tensors, code):
     config = {**CLEAN, **changes}
     base = {**_module("self_attn.q_proj", config["r"]), **_module("self_attn.v_proj", config["r"])}
@@ -69,19 +110,29 @@ def test_each_refused_feature_is_an_error_with_its_reason(tmp_path, capsys, name
         assert status == 1 and f"NOT compatible with vLLM {version}" in out
         assert codes(directory, vllm_version=version)[code] == "error"
         line = next(line for line in out.splitlines() if f"[{code}]" in line)
-        assert "Fix: " in line and line.index(": ") < line.index("Fix: ") and line.endswith(")")  # what, why, fix, (versions)
+        assert (
+            "Fix: " in line and line.index(": ") < line.index("Fix: ") and line.endswith(")")
+        )  # what, why, fix, (versions)
 
 
 def _mixed(tmp_path, name="mixed"):
     """q_proj at rank 16 and scale 2, v_proj at rank 32 and scale 1 (rank_pattern and alpha_pattern)."""
     config = {**CLEAN, "rank_pattern": {"v_proj": 32}, "alpha_pattern": {"v_proj": 32}}
-    return write_adapter(tmp_path / name, config, {**_module("self_attn.q_proj", 16), **_module("self_attn.v_proj", 32)})
+    return write_adapter(
+        tmp_path / name, config, {**_module("self_attn.q_proj", 16), **_module("self_attn.v_proj", 32)}
+    )
 
 
 def test_per_module_ranks_and_scales_depend_on_the_vllm_version(tmp_path, capsys):
     directory = _mixed(tmp_path)
-    status, out, _ = run_check(capsys, directory, "--vllm-version", "0.31")  # neither pattern read: v_proj served at scale 2
-    assert status == 1 and codes(directory, vllm_version="0.31") == {"per-module-scale": "error", "per-module-rank": "warning", "max-lora-rank": "info"}
+    status, out, _ = run_check(
+        capsys, directory, "--vllm-version", "0.31"
+    )  # neither pattern read: v_proj served at scale 2
+    assert status == 1 and codes(directory, vllm_version="0.31") == {
+        "per-module-scale": "error",
+        "per-module-rank": "warning",
+        "max-lora-rank": "info",
+    }
     assert "(vLLM <= 0.31)" in next(line for line in out.splitlines() if "[per-module-scale]" in line)
     assert "--max-lora-rank 32" in next(line for line in out.splitlines() if "[per-module-rank]" in line)
     status, out, _ = run_check(capsys, directory)  # 0.32 reads both patterns (peft's rule), checks the largest rank
@@ -106,7 +157,8 @@ EXPERTS, R, EXPERT_FFN = 4, 4, 8
 
 
 def _fused_experts(tmp_path, name, family):
-    """peft's fused expert layout (target_parameters) as the exporter writes it for transformers v5: lora_A [experts * r, in]."""
+    """peft's fused expert layout (target_parameters) as the exporter writes it for transformers v5: lora_A [experts *
+    r, in]."""
     tensors = {}
     for layer in range(2):
         prefix = f"base_model.model.model.layers.{layer}.mlp"
@@ -115,7 +167,13 @@ def _fused_experts(tmp_path, name, family):
         tensors[f"{prefix}.experts.lora_A.weight"] = torch.zeros(EXPERTS * R, EXPERT_FFN)  # down_proj
         tensors[f"{prefix}.experts.lora_B.weight"] = torch.zeros(HIDDEN, R * EXPERTS)
         tensors.update(_module("self_attn.q_proj", R, layer))
-    config = {**CLEAN, "r": R, "lora_alpha": 2 * R, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]}
+    config = {
+        **CLEAN,
+        "r": R,
+        "lora_alpha": 2 * R,
+        "target_modules": ["q_proj"],
+        "target_parameters": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
+    }
     directory = write_adapter(tmp_path / name, config, tensors)
     base = tmp_path / f"{family}-base"
     base.mkdir()
@@ -130,7 +188,11 @@ def test_fused_expert_ranks_are_read_as_r_and_vllm_applies_them_by_the_model_fam
     status, out, _ = run_check(capsys, qwen, "--base", qwen_base)  # Qwen3-MoE: per-expert LoRA in vLLM, so flags
     assert status == 0 and "with vLLM 0.32 (rules, qwen3_moe)" in out
     line = next(line for line in out.splitlines() if "[engine-flags]" in line)
-    assert line.startswith("  warning") and "enable_mixed_moe_lora_format=True" in line and "is_3d_lora_weight=True" in line
+    assert (
+        line.startswith("  warning")
+        and "enable_mixed_moe_lora_format=True" in line
+        and "is_3d_lora_weight=True" in line
+    )
     mixtral, mixtral_base = _fused_experts(tmp_path, "mixtral", "mixtral")
     status, out, _ = run_check(capsys, mixtral, "--base", mixtral_base)  # vLLM's Mixtral: block_sparse_moe.experts
     assert status == 1 and "[applied-nowhere]" in out and "expert_layout='per_expert'" in out
@@ -141,31 +203,52 @@ def test_fused_expert_ranks_are_read_as_r_and_vllm_applies_them_by_the_model_fam
 def test_per_expert_mixtral_names_are_applied(tmp_path):
     tensors = {}
     for e in range(EXPERTS):
-        for w, (inp, out) in {"w1": (HIDDEN, EXPERT_FFN), "w3": (HIDDEN, EXPERT_FFN), "w2": (EXPERT_FFN, HIDDEN)}.items():
+        for w, (inp, out) in {
+            "w1": (HIDDEN, EXPERT_FFN),
+            "w3": (HIDDEN, EXPERT_FFN),
+            "w2": (EXPERT_FFN, HIDDEN),
+        }.items():
             tensors.update(_module(f"block_sparse_moe.experts.{e}.{w}", 8, hidden=inp, out=out))
-    directory = write_adapter(tmp_path / "per_expert", {**CLEAN, "r": 8, "lora_alpha": 16, "target_modules": ["w1", "w2", "w3"]}, tensors)
+    directory = write_adapter(
+        tmp_path / "per_expert", {**CLEAN, "r": 8, "lora_alpha": 16, "target_modules": ["w1", "w2", "w3"]}, tensors
+    )
     assert codes(directory, model_type="mixtral") == {}
 
 
-@pytest.mark.parametrize("name,changes,tensors", [
-    ("float_r", {"r": 8.0}, None),
-    ("infinite_alpha", {"lora_alpha": 1e999}, None),
-    ("null_alpha", {"lora_alpha": None}, None),
-    ("string_alpha", {"lora_alpha": "32"}, None),
-    ("int_target_modules", {"target_modules": 5}, None),
-    ("dict_target_modules", {"target_modules": {"q_proj": 1}}, None),
-    ("list_rank_pattern", {"rank_pattern": ["v_proj"]}, None),
-    ("list_alpha_pattern", {"alpha_pattern": []}, None),
-    ("int32_tensor", {}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(16, HIDDEN, dtype=torch.int32),
-                          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(OUT, 16)}),
-    ("contradicting_rank", {"rank_pattern": {"v_proj": 8}}, None),
-    ("backtracking_pattern", {"rank_pattern": {"(.*)*q_proj_x": 16}}, None),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "name,changes,tensors",
+    [
+        ("float_r", {"r": 8.0}, None),
+        ("infinite_alpha", {"lora_alpha": 1e999}, None),
+        ("null_alpha", {"lora_alpha": None}, None),
+        ("string_alpha", {"lora_alpha": "32"}, None),
+        ("int_target_modules", {"target_modules": 5}, None),
+        ("dict_target_modules", {"target_modules": {"q_proj": 1}}, None),
+        ("list_rank_pattern", {"rank_pattern": ["v_proj"]}, None),
+        ("list_alpha_pattern", {"alpha_pattern": []}, None),
+        (
+            "int32_tensor",
+            {},
+            {
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(
+                    16, HIDDEN, dtype=torch.int32
+                ),
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(OUT, 16),
+            },
+        ),
+        ("contradicting_rank", {"rank_pattern": {"v_proj": 8}}, None),
+        ("backtracking_pattern", {"rank_pattern": {"(.*)*q_proj_x": 16}}, None),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_malformed_adapters_are_bad_input_not_compatible(tmp_path, capsys, name, changes, tensors):
     directory = tmp_path / name
     directory.mkdir()
     (directory / "adapter_config.json").write_text(json.dumps({**CLEAN, **changes}).replace("Infinity", "1e999"))
-    save_file(tensors or {**_module("self_attn.q_proj", 16), **_module("self_attn.v_proj", 16)}, str(directory / "adapter_model.safetensors"))
+    save_file(
+        tensors or {**_module("self_attn.q_proj", 16), **_module("self_attn.v_proj", 16)},
+        str(directory / "adapter_model.safetensors"),
+    )
     for target in ("vllm", "peft"):
         status, out, err = run_check(capsys, directory, "--target", target)
         assert status == 2 and "compatible" not in out
@@ -186,24 +269,42 @@ def test_patterns_cost_is_bounded_on_long_module_names(tmp_path, capsys):
 
 
 def test_the_peft_target_accepts_what_vllm_refuses_but_not_ignored_keys(tmp_path, capsys):
-    dora = write_adapter(tmp_path / "dora", {**CLEAN, "use_dora": True, "alpha_pattern": {"v_proj": 64}},
-                         {**_module("self_attn.q_proj", 16), **_module("self_attn.v_proj", 16),
-                          "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(OUT)})
+    dora = write_adapter(
+        tmp_path / "dora",
+        {**CLEAN, "use_dora": True, "alpha_pattern": {"v_proj": 64}},
+        {
+            **_module("self_attn.q_proj", 16),
+            **_module("self_attn.v_proj", 16),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(OUT),
+        },
+    )
     status, out, _ = run_check(capsys, dora, "--target", "peft")
     assert status == 0 and "compatible with peft" in out
-    megatron = write_adapter(tmp_path / "megatron", tensors={"base_model.model.decoder.layers.0.mlp.linear_fc1.lora_a_default.weight": torch.zeros(16, HIDDEN)})
+    megatron = write_adapter(
+        tmp_path / "megatron",
+        tensors={"base_model.model.decoder.layers.0.mlp.linear_fc1.lora_a_default.weight": torch.zeros(16, HIDDEN)},
+    )
     status, out, _ = run_check(capsys, megatron, "--target", "peft")
     assert status == 1 and "ignores them silently" in out
 
 
 def test_every_adapter_of_a_multi_adapter_directory_is_checked(tmp_path, capsys):
     root = write_adapter(tmp_path / "adapters")
-    write_adapter(root / "math", use_dora=True, tensors={**_module("self_attn.q_proj", 16),
-                  "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(OUT)})
+    write_adapter(
+        root / "math",
+        use_dora=True,
+        tensors={
+            **_module("self_attn.q_proj", 16),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(OUT),
+        },
+    )
     status, out, _ = run_check(capsys, root)
     assert status == 1
     lines = out.splitlines()
-    assert any(line.endswith("compatible with vLLM 0.32 (rules, no base model): 0 error(s), 0 warning(s), 0 note(s)") for line in lines)
+    assert any(
+        line.endswith("compatible with vLLM 0.32 (rules, no base model): 0 error(s), 0 warning(s), 0 note(s)")
+        for line in lines
+    )
     assert any("(adapter 'math'): NOT compatible with vLLM 0.32" in line for line in lines)
 
 
@@ -235,7 +336,9 @@ def test_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_check_adapter_is_pure_and_orders_errors_first():
-    shapes = {k: tuple(v.shape) for k, v in {**_module("self_attn.q_proj", 12), **_module("self_attn.v_proj", 12)}.items()}
+    shapes = {
+        k: tuple(v.shape) for k, v in {**_module("self_attn.q_proj", 12), **_module("self_attn.v_proj", 12)}.items()
+    }
     findings = check_adapter({**CLEAN, "r": 12, "lora_alpha": 24, "use_dora": True}, shapes)
     assert [f.code for f in findings] == ["dora", "rank-size"]
     assert all(f.holds == "vLLM 0.31-0.32" for f in findings)
@@ -254,9 +357,16 @@ def test_export_logs_what_vllm_makes_of_the_family_s_expert_layout(tmp_path, cap
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="megatron_peft_export"):
                 sm.write_adapter(tmp_path / f"{family}-{layout}", family, settings, seed=1, expert_layout=layout)
-            logs[family, layout] = "\n".join(r.getMessage() for r in caplog.records if "serving check" in r.getMessage())
-    assert "error [applied-nowhere]" in logs["mixtral", "fused"] and "expert_layout='per_expert'" in logs["mixtral", "fused"]
-    assert "warning [engine-flags]" in logs["qwen3_moe", "fused"] and "applied-nowhere" not in logs["qwen3_moe", "fused"]
+            logs[family, layout] = "\n".join(
+                r.getMessage() for r in caplog.records if "serving check" in r.getMessage()
+            )
+    assert (
+        "error [applied-nowhere]" in logs["mixtral", "fused"]
+        and "expert_layout='per_expert'" in logs["mixtral", "fused"]
+    )
+    assert (
+        "warning [engine-flags]" in logs["qwen3_moe", "fused"] and "applied-nowhere" not in logs["qwen3_moe", "fused"]
+    )
     assert logs["mixtral", "per_expert"] == logs["qwen3_moe", "per_expert"] == ""
 
 

@@ -9,14 +9,20 @@ from megatron_peft_export.errors import ExportError, OutputError
 from megatron_peft_export.integrations.hub import PushError
 
 
-@pytest.mark.parametrize("raised,line", [
-    (ExportError("expected x,\nfound y;\n  do z"), "error: expected x, found y; do z"),
-    (OutputError("out already exists"), "error: out already exists"),
-    (PushError("401\r\n"), "error: 401"),
-    (ExportError(), "error: ExportError"),
-    (PermissionError(errno.EACCES, "Permission denied", "/ckpt/iter_0000001/common.pt"),
-     "error: Permission denied (/ckpt/iter_0000001/common.pt); nothing was written"),
-], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else "")
+@pytest.mark.parametrize(
+    "raised,line",
+    [
+        (ExportError("expected x,\nfound y;\n  do z"), "error: expected x, found y; do z"),
+        (OutputError("out already exists"), "error: out already exists"),
+        (PushError("401\r\n"), "error: 401"),
+        (ExportError(), "error: ExportError"),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/ckpt/iter_0000001/common.pt"),
+            "error: Permission denied (/ckpt/iter_0000001/common.pt); nothing was written",
+        ),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else "",
+)
 def test_user_errors_are_one_line_and_exit_2(monkeypatch, capsys, raised, line):
     def run(args):
         raise raised

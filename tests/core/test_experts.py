@@ -18,14 +18,26 @@ from megatron_peft_export.core.plan import allocate, apply_placements, plan_adap
 from megatron_peft_export.core.shards import ShardSpec
 from megatron_peft_export.errors import ShapeMismatchError
 
-E, R, H, I, LAYERS = 4, 2, 16, 8, 2
+E, R, H, I, LAYERS = 4, 2, 16, 8, 2  # noqa: E741 (the ffn size, as in the formulas)
 SCALE = 1.5
 
 
 def _hf():
-    cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=H, intermediate_size=24, moe_intermediate_size=I, num_hidden_layers=LAYERS,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=E, num_experts_per_tok=2,
-                                      decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=32,
+        hidden_size=H,
+        intermediate_size=24,
+        moe_intermediate_size=I,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=E,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+    )
     torch.manual_seed(0)
     return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
@@ -38,18 +50,43 @@ def _expert_loras(skip=None):
             if (layer, e) == skip:
                 continue
             base = f"decoder.layers.{layer}.mlp.experts.local_experts.{e}"
-            loras[f"{base}.linear_fc1"] = (torch.randn(R, H, generator=g) * 0.3, torch.randn(2 * I, R, generator=g) * 0.3)  # B rows [gate; up]
+            loras[f"{base}.linear_fc1"] = (
+                torch.randn(R, H, generator=g) * 0.3,
+                torch.randn(2 * I, R, generator=g) * 0.3,
+            )  # B rows [gate; up]
             loras[f"{base}.linear_fc2"] = (torch.randn(R, I, generator=g) * 0.3, torch.randn(H, R, generator=g) * 0.3)
     return loras
 
 
 def _convert(loras):
-    geo = ModelGeometry(num_layers=LAYERS, hidden_size=H, num_attention_heads=2, num_query_groups=1, head_dim=8, ffn_hidden_size=24,
-                        gated_linear_unit=True, num_experts=E, moe_ffn_hidden_size=I)
+    geo = ModelGeometry(
+        num_layers=LAYERS,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_query_groups=1,
+        head_dim=8,
+        ffn_hidden_size=24,
+        gated_linear_unit=True,
+        num_experts=E,
+        moe_ffn_hidden_size=I,
+    )
     pairs = []
     for module, (a, b) in loras.items():
         for role, t in (("lora_A", a), ("lora_B", b)):
-            pairs.append((ShardSpec(module=module, role=role, shape=tuple(t.shape), split_dim=None, tp_rank=0, tp_size=1, alpha=SCALE * R), t))
+            pairs.append(
+                (
+                    ShardSpec(
+                        module=module,
+                        role=role,
+                        shape=tuple(t.shape),
+                        split_dim=None,
+                        tp_rank=0,
+                        tp_size=1,
+                        alpha=SCALE * R,
+                    ),
+                    t,
+                )
+            )
     plan = plan_adapter([s for s, _ in pairs], geo, QWEN_MOE)
     tensors = allocate(plan)
     for placements, (_, t) in zip(plan.placements, pairs):
@@ -64,7 +101,10 @@ def test_fused_expert_adapter_loads_into_transformers_v5_and_matches_merged_weig
     fused, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
     assert sorted(replaced) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     config = adapter_config(plan, None, fused_experts=replaced)
-    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] and config["target_modules"] == []
+    assert (
+        config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+        and config["target_modules"] == []
+    )
     save_file(fused, tmp_path / "adapter_model.safetensors")
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
 
@@ -96,14 +136,30 @@ def test_fused_layout_needs_every_expert():
 
 def test_expert_fc1_at_etp2_is_deinterleaved_per_expert():
     """Expert tensor parallelism shards each expert's fc1 like a dense fc1: a rank holds [gate_t; up_t]."""
-    geo = ModelGeometry(num_layers=1, hidden_size=H, num_attention_heads=2, num_query_groups=1, head_dim=8, ffn_hidden_size=24,
-                        gated_linear_unit=True, num_experts=E, moe_ffn_hidden_size=I)
+    geo = ModelGeometry(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_query_groups=1,
+        head_dim=8,
+        ffn_hidden_size=24,
+        gated_linear_unit=True,
+        num_experts=E,
+        moe_ffn_hidden_size=I,
+    )
     g = torch.Generator().manual_seed(5)
     gate, up, a = torch.randn(I, R, generator=g), torch.randn(I, R, generator=g), torch.randn(R, H, generator=g)
     module = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1"
-    pairs = [(ShardSpec(module=module, role="lora_B", shape=(I, R), split_dim=0, tp_rank=t, tp_size=2, alpha=2.0), torch.cat([gate.chunk(2)[t], up.chunk(2)[t]]))
-             for t in range(2)]
-    pairs.append((ShardSpec(module=module, role="lora_A", shape=(R, H), split_dim=None, tp_rank=0, tp_size=2, alpha=2.0), a))
+    pairs = [
+        (
+            ShardSpec(module=module, role="lora_B", shape=(I, R), split_dim=0, tp_rank=t, tp_size=2, alpha=2.0),
+            torch.cat([gate.chunk(2)[t], up.chunk(2)[t]]),
+        )
+        for t in range(2)
+    ]
+    pairs.append(
+        (ShardSpec(module=module, role="lora_A", shape=(R, H), split_dim=None, tp_rank=0, tp_size=2, alpha=2.0), a)
+    )
     plan = plan_adapter([s for s, _ in pairs], geo, QWEN_MOE)
     tensors = allocate(plan)
     for placements, (_, t) in zip(plan.placements, pairs):
@@ -120,7 +176,10 @@ def test_unfusing_gives_back_the_per_expert_tensors_bit_for_bit(linears):
     fused, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
     back = unfuse_experts(fused, QWEN_MOE, E, sorted(replaced), R)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    with pytest.raises(ShapeMismatchError, match="the adapter holds 4 experts .* the Megatron model has 2 experts; load it into a model"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match="the adapter holds 4 experts .* the Megatron model has 2 experts; load it into a model",
+    ):
         unfuse_experts(fused, QWEN_MOE, 2, sorted(replaced), R)
     with pytest.raises(ShapeMismatchError, match="does not know as fused experts"):
         unfuse_experts(fused, QWEN_MOE, E, ["mlp.experts.w13"], R)
@@ -132,13 +191,19 @@ def test_expert_of_reads_the_expert_index_of_per_expert_keys():
 
 
 def test_router_lora_is_a_2d_target_parameter_of_the_v5_router(tmp_path):
-    """transformers v5's router is not an nn.Linear: its weight is targeted as a parameter, with plain [r, in], [out, r] factors."""
+    """transformers v5's router is not an nn.Linear: its weight is targeted as a parameter, with plain [r, in], [out, r]
+    factors."""
     g = torch.Generator().manual_seed(7)
-    loras = {f"decoder.layers.{layer}.mlp.router": (torch.randn(R, H, generator=g), torch.randn(E, R, generator=g)) for layer in range(LAYERS)}
+    loras = {
+        f"decoder.layers.{layer}.mlp.router": (torch.randn(R, H, generator=g), torch.randn(E, R, generator=g))
+        for layer in range(LAYERS)
+    }
     plan, tensors = _convert(loras)
     fused, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
     assert replaced == {"mlp.gate.weight": ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]}
-    assert torch.equal(fused["base_model.model.model.layers.1.mlp.gate.lora_B.weight"], loras["decoder.layers.1.mlp.router"][1])
+    assert torch.equal(
+        fused["base_model.model.model.layers.1.mlp.gate.lora_B.weight"], loras["decoder.layers.1.mlp.router"][1]
+    )
     config = adapter_config(plan, None, fused_experts=replaced)
     assert (config["target_modules"], config["target_parameters"]) == ([], ["mlp.gate.weight"])
     back = unfuse_experts(fused, QWEN_MOE, E, sorted(replaced), R)  # import's direction

@@ -17,15 +17,37 @@ R = 4
 
 
 def geometry(heads=8, groups=4, head_dim=2, hidden=16, ffn=12, layers=2, gated=True, vocab=None):
-    return ModelGeometry(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
-                         head_dim=head_dim, ffn_hidden_size=ffn, gated_linear_unit=gated, vocab_size=vocab)
+    return ModelGeometry(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        head_dim=head_dim,
+        ffn_hidden_size=ffn,
+        gated_linear_unit=gated,
+        vocab_size=vocab,
+    )
 
 
 def shards_of(module, role, full, split_dim, tp, alpha=8.0, part=None):
     """Megatron's TP sharding of a global tensor: contiguous chunks along split_dim (replicated if None)."""
     pieces = [full] * tp if split_dim is None else list(full.chunk(tp, dim=split_dim))
-    return [(ShardSpec(module=module, role=role, part=part, shape=tuple(p.shape), split_dim=split_dim, tp_rank=t, tp_size=tp, alpha=alpha), p)
-            for t, p in enumerate(pieces)]
+    return [
+        (
+            ShardSpec(
+                module=module,
+                role=role,
+                part=part,
+                shape=tuple(p.shape),
+                split_dim=split_dim,
+                tp_rank=t,
+                tp_size=tp,
+                alpha=alpha,
+            ),
+            p,
+        )
+        for t, p in enumerate(pieces)
+    ]
 
 
 def export(pairs, geo, arch=LLAMA, megatron_vocab=None):
@@ -55,7 +77,11 @@ def test_fused_qkv_gqa(tp, heads, groups):
     mod = "decoder.layers.1.self_attention.linear_qkv"
     plan, out = export(shards_of(mod, "lora_A", a, None, tp) + shards_of(mod, "lora_B", b, 0, tp), geo)
     per_group = b.view(groups, hpg + 2, d, R)
-    expected = {"q_proj": per_group[:, :hpg].reshape(-1, R), "k_proj": per_group[:, hpg], "v_proj": per_group[:, hpg + 1]}
+    expected = {
+        "q_proj": per_group[:, :hpg].reshape(-1, R),
+        "k_proj": per_group[:, hpg],
+        "v_proj": per_group[:, hpg + 1],
+    }
     for name, want in expected.items():
         m = f"model.layers.1.self_attn.{name}"
         assert torch.equal(out[key(m, "lora_B")], want.reshape(-1, R))
@@ -70,7 +96,10 @@ def test_gated_fc1_deinterleaves_gate_and_up(tp):
     # Megatron's TP shard t of fc1 is [gate_t; up_t]; the naive concatenation of shards is [g0;u0;g1;u1;...].
     local = [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp))]
     mod = "decoder.layers.0.mlp.linear_fc1"
-    pairs = [(ShardSpec(module=mod, role="lora_B", shape=tuple(x.shape), split_dim=0, tp_rank=t, tp_size=tp, alpha=8.0), x) for t, x in enumerate(local)]
+    pairs = [
+        (ShardSpec(module=mod, role="lora_B", shape=tuple(x.shape), split_dim=0, tp_rank=t, tp_size=tp, alpha=8.0), x)
+        for t, x in enumerate(local)
+    ]
     pairs += shards_of(mod, "lora_A", rand(R, 16), None, tp)
     _, out = export(pairs, geo)
     assert torch.equal(out[key("model.layers.0.mlp.gate_proj", "lora_B")], gate)
@@ -111,7 +140,11 @@ def test_dora_magnitude_follows_output_rows(tp):
     rows = (8 + 4) * d
     mag, b = rand(rows), rand(rows, R)
     mod = "decoder.layers.0.self_attention.linear_qkv"
-    pairs = shards_of(mod, "lora_A", rand(R, 16), 0, tp) + shards_of(mod, "lora_B", b, 0, tp) + shards_of(mod, "magnitude", mag, 0, tp)
+    pairs = (
+        shards_of(mod, "lora_A", rand(R, 16), 0, tp)
+        + shards_of(mod, "lora_B", b, 0, tp)
+        + shards_of(mod, "magnitude", mag, 0, tp)
+    )
     plan, out = export(pairs, geo)
     per_group = mag.view(2, hpg + 2, d)
     assert torch.equal(out[key("model.layers.0.self_attn.q_proj", "magnitude")], per_group[:, :hpg].reshape(-1))
@@ -125,7 +158,10 @@ def test_canonical_parts_map_to_their_own_module():
     k_b, k_a = rand(2 * geo.head_dim, R), rand(R, 16)
     pairs = shards_of(mod, "lora_A", k_a, 0, 2, part="k") + shards_of(mod, "lora_B", k_b, 0, 2, part="k")
     plan, out = export(pairs, geo)
-    assert set(out) == {key("model.layers.0.self_attn.k_proj", "lora_A"), key("model.layers.0.self_attn.k_proj", "lora_B")}
+    assert set(out) == {
+        key("model.layers.0.self_attn.k_proj", "lora_A"),
+        key("model.layers.0.self_attn.k_proj", "lora_B"),
+    }
     assert torch.equal(out[key("model.layers.0.self_attn.k_proj", "lora_B")], k_b)
 
 
@@ -136,7 +172,9 @@ def test_partial_targets_and_rank_alpha_patterns():
         qkv = f"decoder.layers.{layer}.self_attention.linear_qkv"
         pairs += shards_of(qkv, "lora_A", rand(R, 16), None, 1) + shards_of(qkv, "lora_B", rand(32, R), 0, 1)
     proj = "decoder.layers.1.self_attention.linear_proj"
-    pairs += shards_of(proj, "lora_A", rand(2, 16), 1, 1, alpha=3.0) + shards_of(proj, "lora_B", rand(16, 2), None, 1, alpha=3.0)
+    pairs += shards_of(proj, "lora_A", rand(2, 16), 1, 1, alpha=3.0) + shards_of(
+        proj, "lora_B", rand(16, 2), None, 1, alpha=3.0
+    )
     plan, _ = export(pairs, geo)
     config = adapter_config(plan, "base")
     assert config["target_modules"] == ["k_proj", "model.layers.1.self_attn.o_proj", "q_proj", "v_proj"]
@@ -173,7 +211,10 @@ def test_query_groups_not_divisible_by_tp():
     geo = geometry(heads=6, groups=3)
     mod = "decoder.layers.0.self_attention.linear_qkv"
     b = rand(12 * 2, R)
-    pairs = [(ShardSpec(module=mod, role="lora_B", shape=(12, R), split_dim=0, tp_rank=t, tp_size=2, alpha=1.0), x) for t, x in enumerate(b.chunk(2))]
+    pairs = [
+        (ShardSpec(module=mod, role="lora_B", shape=(12, R), split_dim=0, tp_rank=t, tp_size=2, alpha=1.0), x)
+        for t, x in enumerate(b.chunk(2))
+    ]
     with pytest.raises(ShapeMismatchError, match=r"query groups \(3\) is not divisible by the tensor-parallel size 2"):
         export(pairs, geo)
 
@@ -187,14 +228,16 @@ def test_mismatched_ranks_between_a_and_b():
 
 
 def test_shared_expert_fc1_at_tp2_splits_like_a_dense_fc1_and_needs_its_width():
-    """Qwen2-MoE's shared expert: fc1 B's TP shards are [gate_t; up_t]; a geometry without the shared width, or a name map
+    """Qwen2-MoE's shared expert: fc1 B's TP shards are [gate_t; up_t]; a geometry without the shared width, or a name
+    map
     without a shared expert (Qwen3-MoE), refuses it instead of sizing it like a routed expert."""
     geo = dataclasses.replace(geometry(), num_experts=4, moe_ffn_hidden_size=6, moe_shared_expert_intermediate_size=10)
     module = "decoder.layers.1.mlp.shared_experts.linear_fc1"
     gate, up, a = torch.randn(10, R), torch.randn(10, R), torch.randn(R, 16)
     b_shards = [torch.cat([gate[:5], up[:5]]), torch.cat([gate[5:], up[5:]])]
     pairs = shards_of(module, "lora_A", a, None, 2)[:1] + [
-        (ShardSpec(module=module, role="lora_B", shape=(10, R), split_dim=0, tp_rank=t, tp_size=2, alpha=8.0), b) for t, b in enumerate(b_shards)
+        (ShardSpec(module=module, role="lora_B", shape=(10, R), split_dim=0, tp_rank=t, tp_size=2, alpha=8.0), b)
+        for t, b in enumerate(b_shards)
     ]
     _, tensors = export(pairs, geo, QWEN2_MOE)
     assert torch.equal(tensors[key("model.layers.1.mlp.shared_expert.gate_proj", "lora_B")], gate)
@@ -202,5 +245,8 @@ def test_shared_expert_fc1_at_tp2_splits_like_a_dense_fc1_and_needs_its_width():
     assert torch.equal(tensors[key("model.layers.1.mlp.shared_expert.up_proj", "lora_A")], a)
     with pytest.raises(ShapeMismatchError, match="moe_shared_expert_intermediate_size None"):
         export(pairs, dataclasses.replace(geo, moe_shared_expert_intermediate_size=None), QWEN2_MOE)
-    with pytest.raises(ShapeMismatchError, match="no HF name for Megatron module 'decoder.layers.1.mlp.shared_experts.linear_fc1' in the qwen3_moe"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match="no HF name for Megatron module 'decoder.layers.1.mlp.shared_experts.linear_fc1' in the qwen3_moe",
+    ):
         export(pairs, geo, QWEN_MOE)

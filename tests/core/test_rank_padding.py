@@ -38,12 +38,18 @@ def test_padding_keeps_every_module_delta_and_drops_both_patterns():
     for module in plan.modules:
         assert padded[key(module, "lora_A")].shape[0] == 16 and padded[key(module, "lora_B")].shape[1] == 16
         assert padded_plan.shapes[key(module, "lora_A")] == tuple(padded[key(module, "lora_A")].shape)
-        torch.testing.assert_close(_delta(padded_plan, padded, module), _delta(plan, tensors, module), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            _delta(padded_plan, padded, module), _delta(plan, tensors, module), rtol=1e-6, atol=1e-6
+        )
     config = adapter_config(padded_plan, None)
     assert config["r"] == 16 and config["rank_pattern"] == {} and config["alpha_pattern"] == {}
-    assert config["lora_alpha"] == 32  # the common scale 2 (q, k, v: 8 / 4) at rank 16; down_proj's 1.5 went into its lora_B
+    assert (
+        config["lora_alpha"] == 32
+    )  # the common scale 2 (q, k, v: 8 / 4) at rank 16; down_proj's 1.5 went into its lora_B
     q, down = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"
-    assert torch.equal(padded[key(q, "lora_B")][:, :4], tensors[key(q, "lora_B")])  # the common scale's modules: bit for bit
+    assert torch.equal(
+        padded[key(q, "lora_B")][:, :4], tensors[key(q, "lora_B")]
+    )  # the common scale's modules: bit for bit
     torch.testing.assert_close(padded[key(down, "lora_B")][:, :2], tensors[key(down, "lora_B")] * 0.75)
 
 
@@ -62,7 +68,9 @@ def _peft_logits(root):
 
     from tests.support import serving_models as sm
 
-    settings = {m: ((4, 8.0) if "self_attention" in m else (8, 6.0)) for m in sm.megatron_modules("llama", lm_head=True)}
+    settings = {
+        m: ((4, 8.0) if "self_attention" in m else (8, 6.0)) for m in sm.megatron_modules("llama", lm_head=True)
+    }
     base_dir = sm.save_base("llama", root / "base")
     configs = {}
     for name, pad in (("trained", None), ("padded", 16)):
@@ -84,6 +92,10 @@ def test_a_padded_adapter_gives_peft_the_same_logits(tmp_path):
 
     logits, configs = run_alone(_peft_logits, tmp_path, timeout=300)
     assert configs["trained"]["rank_pattern"] and configs["trained"]["alpha_pattern"]
-    assert configs["padded"]["rank_pattern"] == {} and configs["padded"]["alpha_pattern"] == {} and configs["padded"]["r"] == 16
+    assert (
+        configs["padded"]["rank_pattern"] == {}
+        and configs["padded"]["alpha_pattern"] == {}
+        and configs["padded"]["r"] == 16
+    )
     assert (logits["trained"] - logits["base"]).abs().max() > 1e-1  # the adapter matters
     torch.testing.assert_close(logits["padded"], logits["trained"], rtol=0, atol=1e-4)

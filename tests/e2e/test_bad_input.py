@@ -22,7 +22,8 @@ CLOSED = "http://127.0.0.1:9"  # push never gets as far as the network with bad 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A good adapter (live/) and the torch_dist checkpoint it came from (save/), of the tiny model with ModelOpt LoRA."""
+    """A good adapter (live/) and the torch_dist checkpoint it came from (save/), of the tiny model with ModelOpt
+    LoRA."""
     tmp = tmp_path_factory.mktemp("exported")
     run_ranks(_train_save_and_export_live, 1, str(tmp), 1, 1, "modelopt")
     return tmp
@@ -33,11 +34,13 @@ def _edit_config(edit):
         config = json.loads((adapter / CONFIG).read_text())
         edit(config)
         (adapter / CONFIG).write_text(json.dumps(config))
+
     return apply
 
 
 def _edit_header(edit):
     """Rewrite the safetensors header (a JSON object after its 8-byte length) and keep the data as is."""
+
     def apply(adapter: Path):
         raw = (adapter / WEIGHTS).read_bytes()
         (length,) = struct.unpack("<Q", raw[:8])
@@ -45,6 +48,7 @@ def _edit_header(edit):
         edit(header)
         data = json.dumps(header).encode()
         (adapter / WEIGHTS).write_bytes(struct.pack("<Q", len(data)) + data + raw[8 + length :])
+
     return apply
 
 
@@ -55,6 +59,7 @@ def _edit_tensors(edit):
         tensors = load_file(adapter / WEIGHTS)
         edit(tensors, sorted(tensors))
         save_file(tensors, str(adapter / WEIGHTS), metadata={"format": "pt"})
+
     return apply
 
 
@@ -66,6 +71,7 @@ def _first_offsets_past_the_end(header):
 def _poison(value):
     def edit(tensors, keys):
         tensors[keys[3]][0, 1] = value
+
     return edit
 
 
@@ -73,17 +79,32 @@ BAD_ADAPTERS = {  # case: (how to break a good adapter, what the one error line 
     "config not JSON": (lambda a: (a / CONFIG).write_text("{'r': 8,"), "not a readable JSON adapter config"),
     "config not an object": (lambda a: (a / CONFIG).write_text("[1, 2]"), "expected a JSON object, found list"),
     "config nested 100000 deep": (lambda a: (a / CONFIG).write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
-    "config of 2 MiB": (_edit_config(lambda c: c.update(padding="x" * (2 << 20))), "expected an adapter config of at most 1048576 bytes"),
-    "config with a NaN literal": (lambda a: (a / CONFIG).write_text(re.sub(r'"lora_alpha": [0-9.]+', '"lora_alpha": NaN', (a / CONFIG).read_text())),
-                                  "NaN is not valid JSON"),
+    "config of 2 MiB": (
+        _edit_config(lambda c: c.update(padding="x" * (2 << 20))),
+        "expected an adapter config of at most 1048576 bytes",
+    ),
+    "config with a NaN literal": (
+        lambda a: (a / CONFIG).write_text(
+            re.sub(r'"lora_alpha": [0-9.]+', '"lora_alpha": NaN', (a / CONFIG).read_text())
+        ),
+        "NaN is not valid JSON",
+    ),
     "r not an integer": (_edit_config(lambda c: c.update(r="8")), "r: expected an integer from 1 to"),
     "not a LoRA config": (_edit_config(lambda c: c.update(peft_type="PROMPT_TUNING")), 'peft_type: expected "LORA"'),
     "catastrophic regex": (_edit_config(lambda c: c.update(rank_pattern={"(a+)+$": 4})), "can backtrack exponentially"),
     "header offsets past the data": (_edit_header(_first_offsets_past_the_end), "not a valid safetensors file"),
-    "header length past the file": (lambda a: (a / WEIGHTS).write_bytes(struct.pack("<Q", 1 << 40) + (a / WEIGHTS).read_bytes()[8:]),
-                                    "not a valid safetensors file"),
-    "truncated weights": (lambda a: (a / WEIGHTS).write_bytes((a / WEIGHTS).read_bytes()[:-100]), "not a valid safetensors file"),
-    "integer tensors": (_edit_tensors(lambda t, keys: t.update({keys[0]: t[keys[0]].int()})), "expected floating-point adapter tensors"),
+    "header length past the file": (
+        lambda a: (a / WEIGHTS).write_bytes(struct.pack("<Q", 1 << 40) + (a / WEIGHTS).read_bytes()[8:]),
+        "not a valid safetensors file",
+    ),
+    "truncated weights": (
+        lambda a: (a / WEIGHTS).write_bytes((a / WEIGHTS).read_bytes()[:-100]),
+        "not a valid safetensors file",
+    ),
+    "integer tensors": (
+        _edit_tensors(lambda t, keys: t.update({keys[0]: t[keys[0]].int()})),
+        "expected floating-point adapter tensors",
+    ),
     "shapes contradict r": (_edit_config(lambda c: c.update(r=16)), "shapes contradict adapter_config.json"),
     "NaN in a tensor": (_edit_tensors(_poison(float("nan"))), "hold NaN or Inf values"),
     "Inf in a tensor": (_edit_tensors(_poison(float("inf"))), "hold NaN or Inf values"),
@@ -99,7 +120,11 @@ def _bad_copy(exported: Path, into: Path, case: str) -> Path:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _one_error_line(err: str, fragment: str) -> None:
@@ -109,11 +134,15 @@ def _one_error_line(err: str, fragment: str) -> None:
 
 @pytest.mark.parametrize("command", ["verify", "push"])
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
-def test_verify_and_push_refuse_a_bad_adapter_with_one_line_and_write_nothing(exported, tmp_path, capsys, command, case):
+def test_verify_and_push_refuse_a_bad_adapter_with_one_line_and_write_nothing(
+    exported, tmp_path, capsys, command, case
+):
     adapter = _bad_copy(exported, tmp_path, case)
     before = _tree(tmp_path)
-    argv = {"verify": ["verify", str(adapter), "--base-model", str(tmp_path / "base")],
-            "push": ["push", str(adapter), "--repo-id", "me/adapter", "--endpoint", CLOSED, "--retries", "0"]}[command]
+    argv = {
+        "verify": ["verify", str(adapter), "--base-model", str(tmp_path / "base")],
+        "push": ["push", str(adapter), "--repo-id", "me/adapter", "--endpoint", CLOSED, "--retries", "0"],
+    }[command]
     assert main(argv) == 2
     _one_error_line(capsys.readouterr().err, BAD_ADAPTERS[case][1])
     assert _tree(tmp_path) == before
@@ -141,7 +170,8 @@ def _import_each(rank, world, cases_dir, cases):
 
 @pytest.fixture(scope="module")
 def imported(exported, tmp_path_factory):
-    """load_hf_adapter of every bad adapter, into one model, in one rank; and whether the model's adapter stayed as it was."""
+    """load_hf_adapter of every bad adapter, into one model, in one rank; and whether the model's adapter stayed as it
+    was."""
     cases_dir = tmp_path_factory.mktemp("bad_adapters")
     for case in BAD_ADAPTERS:
         _bad_copy(exported, cases_dir, case)
@@ -167,7 +197,7 @@ def test_push_and_export_refuse_a_directory_name_that_leaves_the_iteration(expor
     _one_error_line(capsys.readouterr().err, "--dir-name: expected a plain directory name")
     status, err, _ = run_ranks(_offline, 1, ["export", str(save), "--all", "--dir-name", "../../escape"])[0]
     assert status == 2
-    _one_error_line(err[err.index("error: "):], "--dir-name: expected a plain directory name")
+    _one_error_line(err[err.index("error: ") :], "--dir-name: expected a plain directory name")
     assert _tree(tmp_path) == before
 
 
@@ -201,7 +231,8 @@ def _metadata_outside(iteration: Path, marker: Path):
 
 
 def _save_legacy(rank, world, save, poison):
-    """A Megatron-LM legacy checkpoint (mp_rank_00/model_optim_rng.pt) of the tiny model, one LoRA value set to `poison`."""
+    """A Megatron-LM legacy checkpoint (mp_rank_00/model_optim_rng.pt) of the tiny model, one LoRA value set to
+    `poison`."""
     import argparse
 
     import modelopt.torch.opt as mto
@@ -216,22 +247,50 @@ def _save_legacy(rank, world, save, poison):
     if poison is not None:
         with torch.no_grad():
             next(p for n, p in model.named_parameters() if "lora_b" in n)[0, 0] = poison
-    args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                              ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
-                              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels, swiglu=True, padded_vocab_size=cfg.vocab_size)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=True,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        swiglu=True,
+        padded_vocab_size=cfg.vocab_size,
+    )
     path = Path(save) / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
     path.parent.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "args": args, "iteration": ITERATION, "modelopt_state": mto.modelopt_state(model)}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "args": args,
+            "iteration": ITERATION,
+            "modelopt_state": mto.modelopt_state(model),
+        },
+        path,
+    )
 
 
-@pytest.mark.parametrize("case,message", [
-    ("hostile .metadata pickle", "refused, it needs unsafe unpickling (posix.mkdir is not allowed in checkpoint metadata)"),
-    (".metadata naming a file outside", "refused, it names data files outside the checkpoint directory (../../outside.distcp, for "),
-    ("hostile legacy pickle", "model_optim_rng.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded"),
-    ("NaN in the checkpoint's adapter", "hold NaN or Inf values"),
-])
-def test_export_refuses_unsafe_or_nonfinite_checkpoints_with_one_line_and_writes_nothing(exported, tmp_path, case, message):
-    import pickle
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (
+            "hostile .metadata pickle",
+            "refused, it needs unsafe unpickling (posix.mkdir is not allowed in checkpoint metadata)",
+        ),
+        (
+            ".metadata naming a file outside",
+            "refused, it names data files outside the checkpoint directory (../../outside.distcp, for ",
+        ),
+        ("hostile legacy pickle", "model_optim_rng.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded"),
+        ("NaN in the checkpoint's adapter", "hold NaN or Inf values"),
+    ],
+)
+def test_export_refuses_unsafe_or_nonfinite_checkpoints_with_one_line_and_writes_nothing(
+    exported, tmp_path, case, message
+):
 
     save, marker = tmp_path / "save", tmp_path / "pwned"
     if case.startswith(".metadata") or case.startswith("hostile ."):
@@ -242,11 +301,13 @@ def test_export_refuses_unsafe_or_nonfinite_checkpoints_with_one_line_and_writes
         if case.startswith("hostile"):
             import torch
 
-            torch.save({"model": _Exploit(str(marker))}, save / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt")
+            torch.save(
+                {"model": _Exploit(str(marker))}, save / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+            )
     argv = ["export", str(save / f"iter_{ITERATION:07d}"), "--output", str(tmp_path / "out")]
     status, err, _ = run_ranks(_offline, 1, argv)[0]
     assert status == 2
-    _one_error_line(err[err.index("error: "):], message)
+    _one_error_line(err[err.index("error: ") :], message)
     assert not marker.exists(), "the pickle's code must never run"
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     if case.startswith("NaN"):  # flagged by default; written on request

@@ -1,5 +1,6 @@
 """HFAdapterExportCallback fired by Megatron-Bridge's own CallbackManager (tests/support/real_bridge.py) on a model with
-Bridge's own LoRA: it exports at persistent synchronous saves, refuses to be made for a Bridge without `on_checkpoint_save`,
+Bridge's own LoRA: it exports at persistent synchronous saves, refuses to be made for a Bridge without
+`on_checkpoint_save`,
 and finalizes pending work when the run leaves by sys.exit as Bridge's train() does at its exit interval."""
 
 import os
@@ -22,7 +23,15 @@ def _bridge_run(rank, world, save, async_save):
 
     from megatron_peft_export.integrations.megatron_bridge import HFAdapterExportCallback
     from tests.support import real_bridge
-    from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, compare_peft, fill_lora_random, init_parallel, megatron_logits, sample_tokens
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        build_gpt,
+        compare_peft,
+        fill_lora_random,
+        init_parallel,
+        megatron_logits,
+        sample_tokens,
+    )
 
     callbacks = real_bridge.load_callbacks()
     cfg = TinyGPTConfig()
@@ -37,7 +46,9 @@ def _bridge_run(rank, world, save, async_save):
             (Path(save) / f"iter_{step:07d}").mkdir(parents=True)
         dist.barrier()
         state = SimpleNamespace(cfg=SimpleNamespace(checkpoint=checkpoint), train_state=SimpleNamespace(step=step))
-        manager.fire("on_checkpoint_save", callbacks.CallbackContext(state=state, model=[model], user_state=manager.user_state))
+        manager.fire(
+            "on_checkpoint_save", callbacks.CallbackContext(state=state, model=[model], user_state=manager.user_state)
+        )
     manager.fire("on_train_end", callbacks.CallbackContext(state=None, model=[model], user_state=manager.user_state))
     published = [str(p) for p in callback.hook.published]
     tokens = sample_tokens(cfg)
@@ -72,25 +83,44 @@ def _construct(rank, world, version):
 
 
 def test_the_callback_cannot_be_made_for_a_bridge_without_on_checkpoint_save():
-    """Bridge 0.4.x has callbacks but no on_checkpoint_save event: its CallbackManager would never call the callback's method."""
+    """Bridge 0.4.x has callbacks but no on_checkpoint_save event: its CallbackManager would never call the callback's
+    method."""
     from tests.support import real_bridge
 
     assert run_ranks(_construct, 1, real_bridge.CALLBACKS_VERSION)[0] == ["on_checkpoint_save", "on_train_end"]
     message = run_ranks(_construct, 1, real_bridge.PEFT_VERSION)[0]
-    assert message.startswith("ExportError: the installed Megatron-Bridge has no on_checkpoint_save callback event (it came in 0.5), "
-                              "so HFAdapterExportCallback would never export an adapter; expected megatron-bridge >= 0.5"), message
+    assert message.startswith(
+        "ExportError: the installed Megatron-Bridge has no on_checkpoint_save callback event (it came in 0.5), "
+        "so HFAdapterExportCallback would never export an adapter; expected megatron-bridge >= 0.5"
+    ), message
 
 
 def test_a_run_that_leaves_by_sys_exit_is_finalized(hub, tmp_path):
-    """Bridge's train() exits by sys.exit after its exit-interval save, without on_train_end: the push of the last adapter
+    """Bridge's train() exits by sys.exit after its exit-interval save, without on_train_end: the push of the last
+    adapter
     (strategy end), which only finalize() makes, still happens, and every save has its adapter."""
     from tests.support.multiprocess import _free_port
 
     save = tmp_path / "save"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "HF_ENDPOINT": hub.endpoint,
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.support.bridge_exit_run", str(save), hub.endpoint], cwd=ROOT,
-                              env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "HF_ENDPOINT": hub.endpoint,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.support.bridge_exit_run", str(save), hub.endpoint],
+            cwd=ROOT,
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -100,6 +130,9 @@ def test_a_run_that_leaves_by_sys_exit_is_finalized(hub, tmp_path):
     assert all((save / f"rank{r}.exiting").exists() for r in (0, 1))  # both left by sys.exit after the last save
     for step in (2, 4):
         assert (save / f"iter_000000{step}" / "hf_adapter" / "adapter_model.safetensors").is_file()
-    assert len(hub.commits) == 1 and "iteration 4" in hub.commits[0].summary, ([c.summary for c in hub.commits], outputs)
+    assert len(hub.commits) == 1 and "iteration 4" in hub.commits[0].summary, (
+        [c.summary for c in hub.commits],
+        outputs,
+    )
     pushed = hub.files("me/run")["adapter_model.safetensors"]
     assert pushed == (save / "iter_0000004" / "hf_adapter" / "adapter_model.safetensors").read_bytes()

@@ -19,7 +19,9 @@ def _model(cfg, variant, tp, pp, targets=None, sequence_parallel=False, seed=13,
     from tests.support.tiny_gpt import build_gpt, fill_lora_random, init_parallel
 
     init_parallel(tp=tp, pp=pp, vpp=vpp)
-    model = real_bridge.apply(build_gpt(cfg, sequence_parallel=sequence_parallel), variant, dim=8, alpha=16, target_modules=targets)
+    model = real_bridge.apply(
+        build_gpt(cfg, sequence_parallel=sequence_parallel), variant, dim=8, alpha=16, target_modules=targets
+    )
     fill_lora_random(model, seed=seed)
     return model
 
@@ -47,7 +49,10 @@ def _export(rank, world, tmp, variant, tp, pp, targets=None, sequence_parallel=F
     out = export_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(base))
     if rank != 0:
         return None
-    return {"diff": compare_peft(out, cfg, tokens, logits), "config": json.loads((out / "adapter_config.json").read_text())}
+    return {
+        "diff": compare_peft(out, cfg, tokens, logits),
+        "config": json.loads((out / "adapter_config.json").read_text()),
+    }
 
 
 ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -79,9 +84,14 @@ def test_dora_on_row_parallel_linears_at_tp2_is_refused_naming_every_layer(tmp_p
     results = run_ranks(_export, tp * pp, str(tmp_path), "dora", tp, pp, refused=True)
     assert len(set(results)) == 1, results
     message = results[0]
-    assert message.startswith("DialectError: found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size 2: "
-                              "decoder.layers.{0..3}.mlp.linear_fc2, decoder.layers.{0..3}.self_attention.linear_proj. "), message
-    assert "norm of this TP rank's own input columns" in message and "expected DoRA only on column-parallel linears" in message
+    assert message.startswith(
+        "DialectError: found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size 2: "
+        "decoder.layers.{0..3}.mlp.linear_fc2, decoder.layers.{0..3}.self_attention.linear_proj. "
+    ), message
+    assert (
+        "norm of this TP rank's own input columns" in message
+        and "expected DoRA only on column-parallel linears" in message
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no adapter, no staging directory
 
 
@@ -94,8 +104,10 @@ def _logits(rank, world, variant, tp, targets):
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_why_bridge_dora_on_row_parallel_linears_is_refused(variant):
-    """Same global weights and adapters (row-parallel targets: every adapter tensor, the magnitude too, fills the same at TP1 and
-    TP2): Bridge's LoRA at TP2 is the TP1 function; its DoRA is not, because each rank normalizes by its own columns' norm."""
+    """Same global weights and adapters (row-parallel targets: every adapter tensor, the magnitude too, fills the same
+    at TP1 and
+    TP2): Bridge's LoRA at TP2 is the TP1 function; its DoRA is not, because each rank normalizes by its own columns'
+    norm."""
     one, two = run_ranks(_logits, 1, variant, 1, ROW_PARALLEL)[0], run_ranks(_logits, 2, variant, 2, ROW_PARALLEL)[0]
     diff = (one - two).abs().max().item()
     print(f"{variant} TP1 vs TP2 max|diff| {diff:.2e}")
@@ -114,23 +126,38 @@ def _outcome(model, tmp):
 
 
 def _qkv_bias_model(rank, world, tmp):
-    """Qwen2-style attention: linear_qkv adds its bias inside its output (skip_bias_add=False); DoRA on it is refused."""
+    """Qwen2-style attention: linear_qkv adds its bias inside its output (skip_bias_add=False); DoRA on it is
+    refused."""
     from tests.support import real_bridge
-    from tests.support.tiny_gpt import TinyGPTConfig, _build_loaded, _seeded, global_base_weights, init_parallel, transformer_config
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        _build_loaded,
+        _seeded,
+        global_base_weights,
+        init_parallel,
+        transformer_config,
+    )
 
     cfg = TinyGPTConfig()
     init_parallel(tp=world)
     weights = global_base_weights(cfg)
     rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
-    weights |= {f"decoder.layers.{i}.self_attention.linear_qkv.bias": _seeded(f"bias{i}", (rows,), 0.1) for i in range(cfg.num_layers)}
-    model = real_bridge.apply(_build_loaded(cfg, transformer_config(cfg, add_qkv_bias=True), weights), "dora", target_modules=("linear_qkv",))
+    weights |= {
+        f"decoder.layers.{i}.self_attention.linear_qkv.bias": _seeded(f"bias{i}", (rows,), 0.1)
+        for i in range(cfg.num_layers)
+    }
+    model = real_bridge.apply(
+        _build_loaded(cfg, transformer_config(cfg, add_qkv_bias=True), weights), "dora", target_modules=("linear_qkv",)
+    )
     return _outcome(model, tmp)
 
 
 def test_dora_on_a_linear_with_its_bias_inside_the_output_is_refused(tmp_path):
     results = run_ranks(_qkv_bias_model, 1, str(tmp_path))
-    assert results[0].startswith("DialectError: found Megatron-Bridge DoRA on linears that add their bias inside their output: "
-                                 "decoder.layers.{0..3}.self_attention.linear_qkv. "), results[0]
+    assert results[0].startswith(
+        "DialectError: found Megatron-Bridge DoRA on linears that add their bias inside their output: "
+        "decoder.layers.{0..3}.self_attention.linear_qkv. "
+    ), results[0]
     assert not (tmp_path / "adapter").exists()
 
 
@@ -147,8 +174,12 @@ def _dora_vs_peft(rank, world):
     init_parallel(tp=1)
     config = transformer_config(TinyGPTConfig())
     holder = nn.Module()  # qkv-like: bias added inside the output; proj-like: no bias
-    holder.linear_qkv = ColumnParallelLinear(64, 40, config=config, init_method=nn.init.normal_, bias=True, gather_output=False)
-    holder.linear_proj = RowParallelLinear(64, 48, config=config, init_method=nn.init.normal_, bias=False, input_is_parallel=True, skip_bias_add=True)
+    holder.linear_qkv = ColumnParallelLinear(
+        64, 40, config=config, init_method=nn.init.normal_, bias=True, gather_output=False
+    )
+    holder.linear_proj = RowParallelLinear(
+        64, 48, config=config, init_method=nn.init.normal_, bias=False, input_is_parallel=True, skip_bias_add=True
+    )
     with torch.no_grad():
         holder.linear_qkv.bias.normal_()
     real_bridge.apply(holder, "dora", target_modules=("linear_qkv", "linear_proj"))
@@ -164,7 +195,9 @@ def _dora_vs_peft(rank, world):
         twin.q.weight.copy_(holder.linear_qkv.to_wrap.weight)
         twin.q.bias.copy_(holder.linear_qkv.to_wrap.bias)
         twin.p.weight.copy_(holder.linear_proj.to_wrap.weight)
-    twin = peft.get_peft_model(twin, peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q", "p"])).base_model.model
+    twin = peft.get_peft_model(
+        twin, peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q", "p"])
+    ).base_model.model
     with torch.no_grad():
         for ours, theirs in (("linear_qkv", twin.q), ("linear_proj", twin.p)):
             adapter = getattr(holder, ours).adapter
@@ -179,15 +212,20 @@ def _dora_vs_peft(rank, world):
         qkv, _ = holder.linear_qkv(x)
         wrapper = holder.linear_qkv
         scale = wrapper.adapter.weight_magnitude / wrapper._get_weight_norm()
-        return {"proj": (proj - twin.p(x)).abs().max().item(), "qkv": (qkv - twin.q(x)).abs().max().item(),
-                "qkv_but_the_bias_term": (qkv - twin.q(x) - (scale - 1) * wrapper.to_wrap.bias).abs().max().item()}
+        return {
+            "proj": (proj - twin.p(x)).abs().max().item(),
+            "qkv": (qkv - twin.q(x)).abs().max().item(),
+            "qkv_but_the_bias_term": (qkv - twin.q(x) - (scale - 1) * wrapper.to_wrap.bias).abs().max().item(),
+        }
 
 
 def test_why_bridge_dora_with_a_bias_inside_the_output_is_refused():
     result = run_ranks(_dora_vs_peft, 1)[0]
     print(result)
     assert result["proj"] <= 1e-5  # without a bias, Bridge's DoRA is peft's
-    assert result["qkv"] > 1e-3 and result["qkv_but_the_bias_term"] <= 1e-5  # with one, they differ by exactly (m/||W+sBA|| - 1) * bias
+    assert (
+        result["qkv"] > 1e-3 and result["qkv_but_the_bias_term"] <= 1e-5
+    )  # with one, they differ by exactly (m/||W+sBA|| - 1) * bias
 
 
 def _mixed(rank, world, tmp):
@@ -200,5 +238,7 @@ def _mixed(rank, world, tmp):
 def test_mixed_dialects_are_an_error_on_every_rank(tmp_path):
     results = run_ranks(_mixed, 2, str(tmp_path))
     assert results[0] == results[1]
-    assert results[0].startswith("DialectError: found adapters of several dialects (megatron-bridge, modelopt)"), results[0]
+    assert results[0].startswith("DialectError: found adapters of several dialects (megatron-bridge, modelopt)"), (
+        results[0]
+    )
     assert not (tmp_path / "adapter").exists()

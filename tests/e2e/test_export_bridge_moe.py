@@ -1,10 +1,12 @@
-"""Megatron-Bridge LoRA on MoE models: exported under EP, TP x EP with sequence parallelism and expert TP, loaded by peft
+"""Megatron-Bridge LoRA on MoE models: exported under EP, TP x EP with sequence parallelism and expert TP, loaded by
+peft
 into transformers v5 MoE models (top-2 of 4 experts per token), matching Megatron's logits; the layouts Bridge computes
 something else for are refused.
 
 Bridge's own LoRA (tests/support/real_bridge.py) adapts attention, the router, shared experts and SequentialMLP experts;
 grouped experts (megatron's TEGroupedMLP, CPU grouped linears) get the reproduction of Bridge's grouped-expert adapters
-(tests/support/bridge_grouped_experts.py: they need Transformer Engine and a newer Bridge than the one that imports here)."""
+(tests/support/bridge_grouped_experts.py: they need Transformer Engine and a newer Bridge than the one that imports
+here)."""
 
 import json
 from pathlib import Path
@@ -19,28 +21,53 @@ EXPERT_LINEARS = ("linear_fc1", "linear_fc2")
 
 
 def _adapt(model, targets, expert_adapters, grouped, dim=8, alpha=16):
-    """Bridge's LoRA on `targets`; on a grouped-experts model the expert linears among them get the grouped-expert reproduction,
+    """Bridge's LoRA on `targets`; on a grouped-experts model the expert linears among them get the grouped-expert
+    reproduction,
     and every other module of that name (a shared expert's) Bridge's own LoRA."""
     from tests.support import real_bridge
     from tests.support.bridge_grouped_experts import apply_grouped_expert_lora
 
     real = list(targets)
     if grouped:
-        real = [t for t in targets if t not in EXPERT_LINEARS] + [f"*.shared_experts.{t}" for t in targets if t in EXPERT_LINEARS]
-        apply_grouped_expert_lora(model, expert_adapters=expert_adapters, dim=dim, alpha=alpha, targets=[t for t in targets if t in EXPERT_LINEARS])
+        real = [t for t in targets if t not in EXPERT_LINEARS] + [
+            f"*.shared_experts.{t}" for t in targets if t in EXPERT_LINEARS
+        ]
+        apply_grouped_expert_lora(
+            model,
+            expert_adapters=expert_adapters,
+            dim=dim,
+            alpha=alpha,
+            targets=[t for t in targets if t in EXPERT_LINEARS],
+        )
     if real:
         real_bridge.apply(model, "lora", dim=dim, alpha=alpha, target_modules=real)
     return model
 
 
-def _export(rank, world, tmp, expert_adapters, family="mixtral", tp=1, ep=1, etp=None, sp=False, targets=ATTENTION_AND_EXPERTS, refused=False,
-            grouped=True):
+def _export(
+    rank,
+    world,
+    tmp,
+    expert_adapters,
+    family="mixtral",
+    tp=1,
+    ep=1,
+    etp=None,
+    sp=False,
+    targets=ATTENTION_AND_EXPERTS,
+    refused=False,
+    grouped=True,
+):
     from megatron_peft_export import ExportError, export_adapter
     from tests.support import tiny_moe
 
-    cfg = {"qwen3_moe": tiny_moe.QWEN3_MOE_LIKE, "qwen2_moe": tiny_moe.QWEN2_MOE_LIKE}.get(family, tiny_moe.MIXTRAL_LIKE)
+    cfg = {"qwen3_moe": tiny_moe.QWEN3_MOE_LIKE, "qwen2_moe": tiny_moe.QWEN2_MOE_LIKE}.get(
+        family, tiny_moe.MIXTRAL_LIKE
+    )
     tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
-    model = _adapt(tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp, grouped_experts=grouped), targets, expert_adapters, grouped)
+    model = _adapt(
+        tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp, grouped_experts=grouped), targets, expert_adapters, grouped
+    )
     tiny_moe.fill_moe_lora_random(model, seed=23)
     if refused:
         try:
@@ -82,57 +109,117 @@ def test_tp2_ep2_sequence_parallel_with_expert_lora(real_bridge, tmp_path, exper
     _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
 
 
-@pytest.mark.parametrize("world,layout,targets", [
-    (2, {"ep": 2}, ATTENTION_AND_EXPERTS),
-    (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True}, ATTENTION_AND_EXPERTS),
-    (2, {"tp": 2, "etp": 2, "sp": True}, ("linear_qkv", "linear_fc1")),
-], ids=["ep2", "tp2xep2-sp", "tp2-etp2-sp-fc1"])
+@pytest.mark.parametrize(
+    "world,layout,targets",
+    [
+        (2, {"ep": 2}, ATTENTION_AND_EXPERTS),
+        (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True}, ATTENTION_AND_EXPERTS),
+        (2, {"tp": 2, "etp": 2, "sp": True}, ("linear_qkv", "linear_fc1")),
+    ],
+    ids=["ep2", "tp2xep2-sp", "tp2-etp2-sp-fc1"],
+)
 def test_bridge_lora_on_sequential_mlp_experts(real_bridge, tmp_path, world, layout, targets):
-    """SequentialMLP experts: Bridge's ordinary adapter on each expert linear, on the expert-TP group (fc1's B [gate_t; up_t] per expert-TP rank)."""
-    result = run_ranks(_export, world, str(tmp_path), "shared", family="qwen3_moe", grouped=False, targets=targets, **layout)[0]
-    _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] if "linear_fc2" in targets else ["mlp.experts.gate_up_proj"])
+    """SequentialMLP experts: Bridge's ordinary adapter on each expert linear, on the expert-TP group (fc1's B [gate_t;
+    up_t] per expert-TP rank)."""
+    result = run_ranks(
+        _export, world, str(tmp_path), "shared", family="qwen3_moe", grouped=False, targets=targets, **layout
+    )[0]
+    _check(
+        result,
+        ["k_proj", "q_proj", "v_proj"],
+        ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+        if "linear_fc2" in targets
+        else ["mlp.experts.gate_up_proj"],
+    )
 
 
-@pytest.mark.parametrize("expert_adapters,world,layout", [
-    ("per_expert", 2, {"tp": 2, "etp": 2, "sp": True}),
-    ("shared", 4, {"ep": 2, "etp": 2}),
-], ids=["per-expert-tp2-etp2-sp", "shared-ep2-etp2"])
+@pytest.mark.parametrize(
+    "expert_adapters,world,layout",
+    [
+        ("per_expert", 2, {"tp": 2, "etp": 2, "sp": True}),
+        ("shared", 4, {"ep": 2, "etp": 2}),
+    ],
+    ids=["per-expert-tp2-etp2-sp", "shared-ep2-etp2"],
+)
 def test_expert_tp2_gated_fc1(real_bridge, tmp_path, expert_adapters, world, layout):
     """Each expert-TP rank's fc1 LoRA B is [gate_t; up_t]: concatenating the ranks' B ([g0; u0; g1; u1]) fails this."""
-    result = run_ranks(_export, world, str(tmp_path), expert_adapters, family="qwen3_moe", targets=("linear_qkv", "linear_fc1"), **layout)[0]
+    result = run_ranks(
+        _export,
+        world,
+        str(tmp_path),
+        expert_adapters,
+        family="qwen3_moe",
+        targets=("linear_qkv", "linear_fc1"),
+        **layout,
+    )[0]
     _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.gate_up_proj"])
 
 
-@pytest.mark.parametrize("family,world,layout", [("mixtral", 1, {}), ("qwen3_moe", 2, {"tp": 2})], ids=["mixtral-ep1", "qwen3-tp2"])
+@pytest.mark.parametrize(
+    "family,world,layout", [("mixtral", 1, {}), ("qwen3_moe", 2, {"tp": 2})], ids=["mixtral-ep1", "qwen3-tp2"]
+)
 def test_router_lora_matches_megatron_logits(real_bridge, tmp_path, family, world, layout):
     """Router LoRA alone (only routing changes), as peft target_parameters on transformers v5's router weight."""
     result = run_ranks(_export, world, str(tmp_path), "shared", family=family, targets=("router",), **layout)[0]
     _check(result, [], ["mlp.gate.weight"])
 
 
-@pytest.mark.parametrize("world,layout", [(2, {"ep": 2}), (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True})], ids=["ep2", "tp2xep2-sp"])
+@pytest.mark.parametrize(
+    "world,layout", [(2, {"ep": 2}), (4, {"tp": 2, "ep": 2, "etp": 1, "sp": True})], ids=["ep2", "tp2xep2-sp"]
+)
 def test_shared_expert_lora_with_grouped_expert_lora(real_bridge, tmp_path, world, layout):
-    """Qwen2-MoE: Bridge LoRA on the shared expert (a dense MLP over TP) next to per-expert LoRA on the grouped experts."""
-    result = run_ranks(_export, world, str(tmp_path), "per_expert", family="qwen2_moe", targets=("linear_fc1", "linear_fc2"), **layout)[0]
+    """Qwen2-MoE: Bridge LoRA on the shared expert (a dense MLP over TP) next to per-expert LoRA on the grouped
+    experts."""
+    result = run_ranks(
+        _export, world, str(tmp_path), "per_expert", family="qwen2_moe", targets=("linear_fc1", "linear_fc2"), **layout
+    )[0]
     _check(result, ["down_proj", "gate_proj", "up_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
 
 
 def test_router_and_per_expert_lora_together(real_bridge, tmp_path):
-    result = run_ranks(_export, 2, str(tmp_path), "per_expert", family="qwen3_moe", ep=2, targets=("router", "linear_fc1", "linear_fc2"))[0]
+    result = run_ranks(
+        _export,
+        2,
+        str(tmp_path),
+        "per_expert",
+        family="qwen3_moe",
+        ep=2,
+        targets=("router", "linear_fc1", "linear_fc2"),
+    )[0]
     _check(result, [], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"])
 
 
 PARTIAL_SUMS = "found Megatron-Bridge LoRA on row-parallel linears that return partial sums for their caller to reduce"
 
 
-@pytest.mark.parametrize("world,layout,targets,expected", [
-    (2, {"tp": 2, "etp": 2, "sp": True}, ("linear_fc2",), f"{PARTIAL_SUMS} (expert linear_fc2 with explicit expert communication) at "
-                                                          "tensor-parallel size 2: decoder.layers.{0..3}.mlp.experts.local_experts.*.linear_fc2. "),
-    (2, {"tp": 2, "etp": 2, "sp": True, "grouped": False}, ("linear_fc2",), f"{PARTIAL_SUMS} (expert linear_fc2 with explicit expert "
-                                                                            "communication) at tensor-parallel size 2: decoder.layers.{0..3}.mlp.experts.local_experts.{0..3}.linear_fc2. "),
-    (2, {"tp": 2, "etp": 1, "sp": True}, ("router",), "found Megatron-Bridge LoRA on the MoE router at tensor-parallel size 2 with sequence "
-                                                      "parallelism: decoder.layers.{0..3}.mlp.router. "),
-], ids=["expert-fc2-etp2", "sequential-expert-fc2-etp2", "router-tp2-sp"])
+@pytest.mark.parametrize(
+    "world,layout,targets,expected",
+    [
+        (
+            2,
+            {"tp": 2, "etp": 2, "sp": True},
+            ("linear_fc2",),
+            f"{PARTIAL_SUMS} (expert linear_fc2 with explicit expert communication) at "
+            "tensor-parallel size 2: decoder.layers.{0..3}.mlp.experts.local_experts.*.linear_fc2. ",
+        ),
+        (
+            2,
+            {"tp": 2, "etp": 2, "sp": True, "grouped": False},
+            ("linear_fc2",),
+            f"{PARTIAL_SUMS} (expert linear_fc2 with explicit expert "
+            "communication) at tensor-parallel size 2: "
+            "decoder.layers.{0..3}.mlp.experts.local_experts.{0..3}.linear_fc2. ",
+        ),
+        (
+            2,
+            {"tp": 2, "etp": 1, "sp": True},
+            ("router",),
+            "found Megatron-Bridge LoRA on the MoE router at tensor-parallel size 2 with sequence "
+            "parallelism: decoder.layers.{0..3}.mlp.router. ",
+        ),
+    ],
+    ids=["expert-fc2-etp2", "sequential-expert-fc2-etp2", "router-tp2-sp"],
+)
 def test_layouts_where_bridge_computes_no_lora_are_refused(real_bridge, tmp_path, world, layout, targets, expected):
     results = run_ranks(_export, world, str(tmp_path), "shared", targets=targets, refused=True, **layout)
     assert results[0] == results[1]
@@ -141,17 +228,22 @@ def test_layouts_where_bridge_computes_no_lora_are_refused(real_bridge, tmp_path
 
 
 def _fc2_etp2(rank, world):
-    """Bridge's own LoRA on a SequentialMLP expert's linear_fc2 at expert TP 2: what the token dispatcher's sum over expert TP makes of it."""
+    """Bridge's own LoRA on a SequentialMLP expert's linear_fc2 at expert TP 2: what the token dispatcher's sum over
+    expert TP makes of it."""
     import torch
     import torch.distributed as dist
 
     from tests.support import tiny_moe
 
     tiny_moe.init_moe_parallel(tp=2, etp=2)
-    model = _adapt(tiny_moe.build_moe_gpt(tiny_moe.MIXTRAL_LIKE, sequence_parallel=True), ("linear_fc2",), "shared", False)
+    model = _adapt(
+        tiny_moe.build_moe_gpt(tiny_moe.MIXTRAL_LIKE, sequence_parallel=True), ("linear_fc2",), "shared", False
+    )
     tiny_moe.fill_moe_lora_random(model, seed=3)
     adapter = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc2.adapter
-    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))  # one expert's tokens, full ffn; rank t holds columns t
+    x = torch.randn(
+        5, 32, generator=torch.Generator().manual_seed(0)
+    )  # one expert's tokens, full ffn; rank t holds columns t
     a, b = adapter.linear_in.weight.detach(), adapter.linear_out.weight.detach()
     with torch.no_grad():
         y = adapter(x.chunk(2, dim=1)[rank].contiguous())
@@ -166,19 +258,24 @@ def _fc2_etp2(rank, world):
 
 
 def test_why_bridge_lora_on_expert_fc2_at_expert_tp2_is_refused(real_bridge):
-    """Summed over expert TP, Bridge's adapter gives 2 x blockdiag(B_t A_t) x, not B A x (its A's partial output is never reduced)."""
+    """Summed over expert TP, Bridge's adapter gives 2 x blockdiag(B_t A_t) x, not B A x (its A's partial output is
+    never reduced)."""
     for to_block_diagonal, to_lora in run_ranks(_fc2_etp2, 2):
         assert to_block_diagonal < 1e-5 and to_lora > 1e-2, (to_block_diagonal, to_lora)
 
 
 def _round_trip(rank, world, tmp, load_into, expert_layout="per_expert", targets=("linear_fc1",)):
-    """Export per-expert adapters (experts differ) in `expert_layout` and load them into a model with `load_into` expert adapters."""
+    """Export per-expert adapters (experts differ) in `expert_layout` and load them into a model with `load_into` expert
+    adapters."""
     from megatron_peft_export import ExportError, export_adapter, load_hf_adapter
     from tests.support import tiny_moe
 
     cfg = tiny_moe.MIXTRAL_LIKE
     tiny_moe.init_moe_parallel(ep=world)
-    source, target = (_adapt(tiny_moe.build_moe_gpt(cfg, grouped_experts=True), targets, kind, True) for kind in ("per_expert", load_into))
+    source, target = (
+        _adapt(tiny_moe.build_moe_gpt(cfg, grouped_experts=True), targets, kind, True)
+        for kind in ("per_expert", load_into)
+    )
     tiny_moe.fill_moe_lora_random(source, seed=5)
     export_adapter(source, Path(tmp) / "adapter", model_type="mixtral", expert_layout=expert_layout)
     try:
@@ -192,16 +289,25 @@ def _round_trip(rank, world, tmp, load_into, expert_layout="per_expert", targets
 def test_import_fills_per_expert_adapters_and_refuses_differing_experts_for_a_shared_one(tmp_path):
     assert run_ranks(_round_trip, 2, str(tmp_path / "per_expert"), "per_expert") == [True, True]
     results = run_ranks(_round_trip, 2, str(tmp_path / "shared"), "shared")
-    assert results[0] == results[1] and "have different lora_A in the adapter, but the model holds one for both" in results[0], results[0]
+    assert (
+        results[0] == results[1]
+        and "have different lora_A in the adapter, but the model holds one for both" in results[0]
+    ), results[0]
 
 
 def test_import_of_the_fused_layout_with_router_lora_gives_every_tensor_back(real_bridge, tmp_path):
     """peft's v5 layout: experts fused into 3-D target parameters, the router's weight a 2-D one."""
-    assert run_ranks(_round_trip, 2, str(tmp_path), "per_expert", "fused", ("router", "linear_fc1", "linear_fc2")) == [True, True]
+    assert run_ranks(_round_trip, 2, str(tmp_path), "per_expert", "fused", ("router", "linear_fc1", "linear_fc2")) == [
+        True,
+        True,
+    ]
 
 
-def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, targets=("linear_fc1", "linear_fc2"), live=True):
-    """Export live (unless not `live`), and save the adapters (as Bridge does: adapter keys only) in a torch_dist checkpoint with Bridge's run_config."""
+def _save_and_export_live(
+    rank, world, tmp, expert_adapters, ep=1, etp=None, targets=("linear_fc1", "linear_fc2"), live=True
+):
+    """Export live (unless not `live`), and save the adapters (as Bridge does: adapter keys only) in a torch_dist
+    checkpoint with Bridge's run_config."""
     import torch.distributed as dist
     import yaml
     from megatron.core import dist_checkpointing
@@ -214,7 +320,13 @@ def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, tar
 
     cfg = tiny_moe.MIXTRAL_LIKE
     tiny_moe.init_moe_parallel(ep=ep, etp=etp)
-    model = apply_grouped_expert_lora(tiny_moe.build_moe_gpt(cfg, grouped_experts=True), dim=8, alpha=16, targets=targets, expert_adapters=expert_adapters)
+    model = apply_grouped_expert_lora(
+        tiny_moe.build_moe_gpt(cfg, grouped_experts=True),
+        dim=8,
+        alpha=16,
+        targets=targets,
+        expert_adapters=expert_adapters,
+    )
     tiny_moe.fill_moe_lora_random(model, seed=29)
     if live:
         export_adapter(model, Path(tmp) / "live", model_type="mixtral")
@@ -225,11 +337,22 @@ def _save_and_export_live(rank, world, tmp, expert_adapters, ep=1, etp=None, tar
     with _may_fork():
         dist_checkpointing.save({"model": adapters, "iteration": 3}, str(directory))
     if rank == 0:
-        run_config = {"model": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
-                                "num_query_groups": cfg.num_query_groups, "kv_channels": cfg.kv_channels, "ffn_hidden_size": cfg.ffn_hidden_size,
-                                "gated_linear_unit": True, "tensor_model_parallel_size": 1, "num_moe_experts": cfg.num_experts,
-                                "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size, "expert_tensor_parallel_size": etp or 1},
-                      "peft": {"_target_": "megatron.bridge.peft.lora.LoRA", "dim": 8, "alpha": 16}}
+        run_config = {
+            "model": {
+                "num_layers": cfg.num_layers,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_query_groups": cfg.num_query_groups,
+                "kv_channels": cfg.kv_channels,
+                "ffn_hidden_size": cfg.ffn_hidden_size,
+                "gated_linear_unit": True,
+                "tensor_model_parallel_size": 1,
+                "num_moe_experts": cfg.num_experts,
+                "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size,
+                "expert_tensor_parallel_size": etp or 1,
+            },
+            "peft": {"_target_": "megatron.bridge.peft.lora.LoRA", "dim": 8, "alpha": 16},
+        }
         (directory / "run_config.yaml").write_text(yaml.safe_dump(run_config))
         (Path(tmp) / "save" / TRACKER).write_text("3")
     dist.barrier()
@@ -247,29 +370,41 @@ def _offline(rank, world, checkpoint, out):
     return "exported"
 
 
-@pytest.mark.parametrize("expert_adapters,world,layout", [
-    ("shared", 2, {"ep": 2}),
-    ("per_expert", 2, {"ep": 2}),
-    ("shared_outer", 2, {"ep": 2}),
-    ("shared", 4, {"ep": 2, "etp": 2, "targets": ("linear_fc1",)}),
-    ("per_expert", 4, {"ep": 2, "etp": 2, "targets": ("linear_fc1",)}),
-], ids=["shared-ep2", "per-expert-ep2", "shared-outer-ep2", "shared-ep2-etp2", "per-expert-ep2-etp2"])
+@pytest.mark.parametrize(
+    "expert_adapters,world,layout",
+    [
+        ("shared", 2, {"ep": 2}),
+        ("per_expert", 2, {"ep": 2}),
+        ("shared_outer", 2, {"ep": 2}),
+        ("shared", 4, {"ep": 2, "etp": 2, "targets": ("linear_fc1",)}),
+        ("per_expert", 4, {"ep": 2, "etp": 2, "targets": ("linear_fc1",)}),
+    ],
+    ids=["shared-ep2", "per-expert-ep2", "shared-outer-ep2", "shared-ep2-etp2", "per-expert-ep2-etp2"],
+)
 def test_offline_export_of_bridge_expert_adapters_equals_the_live_export(tmp_path, expert_adapters, world, layout):
     import torch
     from safetensors.torch import load_file
 
     run_ranks(_save_and_export_live, world, str(tmp_path), expert_adapters, **layout)
     assert run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline")) == ["exported"]
-    live, offline = load_file(tmp_path / "live" / "adapter_model.safetensors"), load_file(tmp_path / "offline" / "adapter_model.safetensors")
+    live, offline = (
+        load_file(tmp_path / "live" / "adapter_model.safetensors"),
+        load_file(tmp_path / "offline" / "adapter_model.safetensors"),
+    )
     assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
     assert any("mlp.experts" in k for k in live)
-    assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads((tmp_path / "offline" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "offline" / "adapter_config.json").read_text()
+    )
 
 
 def test_offline_export_refuses_bridge_expert_fc2_saved_at_expert_tp2(tmp_path):
-    """What the live export refuses (expert fc2 at expert TP 2: the model computed 2 x a block-diagonal update) is not exported from the checkpoint either."""
+    """What the live export refuses (expert fc2 at expert TP 2: the model computed 2 x a block-diagonal update) is not
+    exported from the checkpoint either."""
     run_ranks(_save_and_export_live, 4, str(tmp_path), "per_expert", ep=2, etp=2, live=False)
     message = run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"))[0]
-    assert message.startswith(f"DialectError: {tmp_path / 'save' / 'iter_0000003'}: {PARTIAL_SUMS} (expert linear_fc2 with explicit expert "
-                              "communication) at tensor-parallel size 2: decoder.layers.{0..3}.mlp.experts.local_experts.{0..3}.linear_fc2. "), message
+    assert message.startswith(
+        f"DialectError: {tmp_path / 'save' / 'iter_0000003'}: {PARTIAL_SUMS} (expert linear_fc2 with explicit expert "
+        "communication) at tensor-parallel size 2: decoder.layers.{0..3}.mlp.experts.local_experts.{0..3}.linear_fc2. "
+    ), message
     assert not (tmp_path / "offline").exists()

@@ -12,7 +12,14 @@ pytestmark = pytest.mark.timeout(300)
 
 def _try_export(rank, world, tmp, *, lora=True, base_changes=None, output="adapter", per_rank_model=None, **kwargs):
     from megatron_peft_export import ExportError, export_adapter
-    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, hf_llama_twin, init_parallel
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        apply_modelopt_lora,
+        build_gpt,
+        fill_lora_random,
+        hf_llama_twin,
+        init_parallel,
+    )
 
     cfg = TinyGPTConfig()
     init_parallel(tp=world)
@@ -57,15 +64,26 @@ def test_unknown_adapter_name_lists_the_ones_present(tmp_path):
 
 
 def test_hf_config_that_contradicts_the_model(tmp_path):
-    results = run_ranks(_try_export, 2, str(tmp_path), base_changes={"num_key_value_heads": 8, "intermediate_size": 100})
-    _assert_everywhere(results, "ShapeMismatchError", "num_query_groups: Megatron model has 4, the base model's config.json has 8",
-                       "ffn_hidden_size: Megatron model has 96")
+    results = run_ranks(
+        _try_export, 2, str(tmp_path), base_changes={"num_key_value_heads": 8, "intermediate_size": 100}
+    )
+    _assert_everywhere(
+        results,
+        "ShapeMismatchError",
+        "num_query_groups: Megatron model has 4, the base model's config.json has 8",
+        "ffn_hidden_size: Megatron model has 96",
+    )
     assert _written(tmp_path) == []
 
 
 def test_unsupported_model_type_names_it(tmp_path):
     results = run_ranks(_try_export, 2, str(tmp_path), model_type="gpt2")
-    _assert_everywhere(results, "UnsupportedModelError", "'gpt2'", "llama, mistral, mixtral, nemotron, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe")
+    _assert_everywhere(
+        results,
+        "UnsupportedModelError",
+        "'gpt2'",
+        "llama, mistral, mixtral, nemotron, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe",
+    )
 
 
 def test_existing_output_is_kept_unless_overwrite_and_a_directory_not_ours_always(tmp_path):
@@ -73,14 +91,23 @@ def test_existing_output_is_kept_unless_overwrite_and_a_directory_not_ours_alway
     (tmp_path / "adapter" / "keep.txt").write_text("mine")
     for overwrite in (False, True):  # not an adapter directory this tool published: never replaced
         results = run_ranks(_try_export, 2, str(tmp_path), overwrite=overwrite)
-        _assert_everywhere(results, "OutputError", "already exists and is a directory without the model card", "--overwrite (overwrite=True) replaces only")
+        _assert_everywhere(
+            results,
+            "OutputError",
+            "already exists and is a directory without the model card",
+            "--overwrite (overwrite=True) replaces only",
+        )
         assert (tmp_path / "adapter" / "keep.txt").read_text() == "mine"
     (tmp_path / "adapter" / "keep.txt").unlink()
     (tmp_path / "adapter").rmdir()
     assert run_ranks(_try_export, 2, str(tmp_path))[0][0] == "ok"
     _assert_everywhere(run_ranks(_try_export, 2, str(tmp_path)), "OutputError", "already exists", "overwrite")
     assert run_ranks(_try_export, 2, str(tmp_path), overwrite=True)[0][0] == "ok"
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert _written(tmp_path) == ["adapter"]
 
 

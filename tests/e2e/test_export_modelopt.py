@@ -11,11 +11,22 @@ from tests.support.multiprocess import run_ranks
 pytestmark = pytest.mark.timeout(300)
 
 
-def _export_and_compare(rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, lora=None, cfg_changes=None, export_kwargs=None):
+def _export_and_compare(
+    rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, lora=None, cfg_changes=None, export_kwargs=None
+):
     """Build, add and randomize ModelOpt LoRA, export; rank 0 checks the adapter with peft against Megatron."""
     from megatron_peft_export import export_adapter
-    from tests.support.tiny_gpt import (TinyGPTConfig, apply_modelopt_lora, build_gpt, compare_peft, fill_lora_random,
-                                        hf_llama_twin, init_parallel, megatron_logits, sample_tokens)
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        apply_modelopt_lora,
+        build_gpt,
+        compare_peft,
+        fill_lora_random,
+        hf_llama_twin,
+        init_parallel,
+        megatron_logits,
+        sample_tokens,
+    )
 
     cfg = dataclasses.replace(TinyGPTConfig(), **(cfg_changes or {}))
     init_parallel(tp, pp, vpp)
@@ -30,8 +41,12 @@ def _export_and_compare(rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, lor
     if rank != 0:
         return out
     diff = compare_peft(out, cfg, tokens, logits)
-    return {"path": str(out), "diff": diff, "config": json.loads((out / "adapter_config.json").read_text()),
-            "files": sorted(p.name for p in Path(tmp).iterdir())}
+    return {
+        "path": str(out),
+        "diff": diff,
+        "config": json.loads((out / "adapter_config.json").read_text()),
+        "files": sorted(p.name for p in Path(tmp).iterdir()),
+    }
 
 
 @pytest.mark.parametrize(
@@ -53,7 +68,11 @@ def test_modelopt_export_matches_megatron_logits(tmp_path, world, layout):
     assert first["diff"] <= 1e-5
     assert results[1:] == [None] * (world - 1)
     assert first["files"] == ["adapter", "base"]  # no staging leftovers
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = first["config"]
     assert (config["r"], config["lora_alpha"], config["use_dora"]) == (8, 16, False)
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -66,7 +85,14 @@ def test_partial_targets_rank_pattern_and_lm_head(tmp_path):
     }
     results = run_ranks(_export_and_compare, 2, str(tmp_path), tp=2, lora=lora)
     config = results[0]["config"]
-    assert config["target_modules"] == ["k_proj", "lm_head", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "q_proj", "v_proj"]
+    assert config["target_modules"] == [
+        "k_proj",
+        "lm_head",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+        "q_proj",
+        "v_proj",
+    ]
     assert config["rank_pattern"] == {"lm_head": 2, "model.layers.1.mlp.gate_proj": 4, "model.layers.1.mlp.up_proj": 4}
     assert config["alpha_pattern"] == {"lm_head": 4, "model.layers.1.mlp.gate_proj": 2, "model.layers.1.mlp.up_proj": 2}
 
@@ -76,7 +102,13 @@ def test_bfloat16_output_dtype(tmp_path):
 
     def run(rank, world, tmp):
         from megatron_peft_export import export_adapter
-        from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
+        from tests.support.tiny_gpt import (
+            TinyGPTConfig,
+            apply_modelopt_lora,
+            build_gpt,
+            fill_lora_random,
+            init_parallel,
+        )
 
         init_parallel(2)
         model = apply_modelopt_lora(build_gpt(TinyGPTConfig()))

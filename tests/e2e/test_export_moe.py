@@ -20,7 +20,11 @@ def _moe_export(rank, world, tmp, tp, ep, family, sp=False, etp=None, expert_lay
     from tests.support import tiny_moe
     from tests.support.tiny_gpt import apply_modelopt_lora, sample_tokens
 
-    cfg = {"mixtral": tiny_moe.MIXTRAL_LIKE, "qwen3_moe": tiny_moe.QWEN3_MOE_LIKE, "qwen2_moe": tiny_moe.QWEN2_MOE_LIKE}[family]
+    cfg = {
+        "mixtral": tiny_moe.MIXTRAL_LIKE,
+        "qwen3_moe": tiny_moe.QWEN3_MOE_LIKE,
+        "qwen2_moe": tiny_moe.QWEN2_MOE_LIKE,
+    }[family]
     tiny_moe.init_moe_parallel(tp=tp, ep=ep, etp=etp)
     targets = ATTENTION + (tiny_moe.ROUTED_EXPERT_TARGETS if routed else ()) + (SHARED_EXPERT if shared else ())
     model = apply_modelopt_lora(tiny_moe.build_moe_gpt(cfg, sequence_parallel=sp), targets=targets)
@@ -39,11 +43,15 @@ def _moe_export(rank, world, tmp, tp, ep, family, sp=False, etp=None, expert_lay
     return result
 
 
-@pytest.mark.parametrize("world,layout", [
-    (1, {"tp": 1, "ep": 1}),
-    (2, {"tp": 1, "ep": 2}),
-    (4, {"tp": 1, "ep": 4}),
-], ids=["ep1", "ep2", "ep4"])
+@pytest.mark.parametrize(
+    "world,layout",
+    [
+        (1, {"tp": 1, "ep": 1}),
+        (2, {"tp": 1, "ep": 2}),
+        (4, {"tp": 1, "ep": 4}),
+    ],
+    ids=["ep1", "ep2", "ep4"],
+)
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_moe_export_matches_megatron_logits(tmp_path, world, layout, family):
     result = run_ranks(_moe_export, world, str(tmp_path), family=family, **layout)[0]
@@ -67,38 +75,67 @@ def test_qwen2_moe_shared_expert_lora_with_routed_experts(tmp_path, world, layou
     result = run_ranks(_moe_export, world, str(tmp_path), family="qwen2_moe", shared=True, **layout)[0]
     assert result["diff"] <= 1e-5
     assert result["config"]["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    assert result["config"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert result["config"]["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
 
 
 @pytest.mark.parametrize("world,layout", [(2, {"tp": 2, "ep": 1}), (4, {"tp": 2, "ep": 2})], ids=["tp2", "tp2xep2"])
 def test_qwen2_moe_shared_expert_lora_under_tensor_and_sequence_parallelism(tmp_path, world, layout):
-    """The shared expert is split over TP like a dense MLP ([gate_t; up_t] per rank) and, unlike ModelOpt's routed-expert
+    """The shared expert is split over TP like a dense MLP ([gate_t; up_t] per rank) and, unlike ModelOpt's
+    routed-expert
     LoRA, runs under sequence parallelism; the routed experts carry no LoRA here (see the attention-only test above)."""
-    result = run_ranks(_moe_export, world, str(tmp_path), family="qwen2_moe", sp=True, routed=False, shared=True, **layout)[0]
+    result = run_ranks(
+        _moe_export, world, str(tmp_path), family="qwen2_moe", sp=True, routed=False, shared=True, **layout
+    )[0]
     assert result["diff"] <= 1e-5
     assert "target_parameters" not in result["config"]
-    assert result["config"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert result["config"]["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+
 
 def test_per_expert_layout_holds_the_same_values_as_the_fused_one(tmp_path):
-    """transformers v5 has no per-expert modules to load into, so the v4/vLLM layout is checked against the fused one."""
+    """transformers v5 has no per-expert modules to load into, so the v4/vLLM layout is checked against the fused
+    one."""
     import torch
     from safetensors.torch import load_file
 
     from tests.support.tiny_moe import peft_expert_lora
 
     run_ranks(_moe_export, 2, str(tmp_path / "fused"), tp=1, ep=2, family="qwen3_moe")
-    result = run_ranks(_moe_export, 2, str(tmp_path / "per_expert"), tp=1, ep=2, family="qwen3_moe", expert_layout="per_expert")[0]
+    result = run_ranks(
+        _moe_export, 2, str(tmp_path / "per_expert"), tp=1, ep=2, family="qwen3_moe", expert_layout="per_expert"
+    )[0]
     assert "target_parameters" not in result["config"] and "gate_proj" in result["config"]["target_modules"]
     fused = load_file(tmp_path / "fused" / "adapter" / "adapter_model.safetensors")
     per = load_file(tmp_path / "per_expert" / "adapter" / "adapter_model.safetensors")
     key = "base_model.model.model.layers.{i}.mlp.experts.{e}.{m}.lora_{x}.weight"
     for i in range(4):
         experts = range(4)
-        gate_up = [torch.cat([per[key.format(i=i, e=e, m="gate_proj", x="B")], per[key.format(i=i, e=e, m="up_proj", x="B")]]) for e in experts]
+        gate_up = [
+            torch.cat([per[key.format(i=i, e=e, m="gate_proj", x="B")], per[key.format(i=i, e=e, m="up_proj", x="B")]])
+            for e in experts
+        ]
         a, b = peft_expert_lora([per[key.format(i=i, e=e, m="gate_proj", x="A")] for e in experts], gate_up)
         assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.base_layer.lora_A.weight"], a)
         assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.base_layer.lora_B.weight"], b)
-        a, b = peft_expert_lora([per[key.format(i=i, e=e, m="down_proj", x="A")] for e in experts], [per[key.format(i=i, e=e, m="down_proj", x="B")] for e in experts])
+        a, b = peft_expert_lora(
+            [per[key.format(i=i, e=e, m="down_proj", x="A")] for e in experts],
+            [per[key.format(i=i, e=e, m="down_proj", x="B")] for e in experts],
+        )
         assert torch.equal(fused[f"base_model.model.model.layers.{i}.mlp.experts.lora_A.weight"], a)
 
 
@@ -123,11 +160,22 @@ def _save_moe_and_export_live(rank, world, tmp, family, tp=1, ep=1, etp=None, sp
     export_adapter(model, Path(tmp) / "live", model_type=family)
     directory = iteration_dir(Path(tmp) / "save", 3)
     directory.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(tensor_model_parallel_size=tp, expert_tensor_parallel_size=etp or tp, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                              ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
-                              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels, swiglu=True, padded_vocab_size=cfg.vocab_size,
-                              num_experts=cfg.num_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
-                              moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=tp,
+        expert_tensor_parallel_size=etp or tp,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=True,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        swiglu=True,
+        padded_vocab_size=cfg.vocab_size,
+        num_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None,
+    )
     _in_process_write_results()
     with _may_fork():
         dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "iteration": 3}, str(directory))
@@ -145,14 +193,20 @@ def _offline(rank, world, checkpoint, out, family):
 
 
 def _offline_equals_live(tmp_path, world, family, **layout) -> set[str]:
-    """Save a checkpoint and export live at one layout, export the checkpoint offline: the same files. Returns the keys."""
+    """Save a checkpoint and export live at one layout, export the checkpoint offline: the same files. Returns the
+    keys."""
     from safetensors.torch import load_file
 
     run_ranks(_save_moe_and_export_live, world, str(tmp_path), family, **layout)
     run_ranks(_offline, 1, str(tmp_path / "save"), str(tmp_path / "offline"), family)
-    live, offline = load_file(tmp_path / "live" / "adapter_model.safetensors"), load_file(tmp_path / "offline" / "adapter_model.safetensors")
+    live, offline = (
+        load_file(tmp_path / "live" / "adapter_model.safetensors"),
+        load_file(tmp_path / "offline" / "adapter_model.safetensors"),
+    )
     assert live.keys() == offline.keys() and all((live[k] == offline[k]).all() for k in live)
-    assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads((tmp_path / "offline" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "offline" / "adapter_config.json").read_text()
+    )
     return set(live)
 
 
@@ -160,11 +214,16 @@ def test_offline_export_of_an_ep2_checkpoint_equals_the_live_export(tmp_path):
     _offline_equals_live(tmp_path, 2, "qwen3_moe", ep=2)
 
 
-@pytest.mark.parametrize("world,layout", [
-    (2, {"ep": 2}),
-    (2, {"tp": 2, "ep": 2, "etp": 1, "sp": True, "routed": False}),
-], ids=["ep2-routed-and-shared", "tp2xep2-etp1-sp-shared"])
+@pytest.mark.parametrize(
+    "world,layout",
+    [
+        (2, {"ep": 2}),
+        (2, {"tp": 2, "ep": 2, "etp": 1, "sp": True, "routed": False}),
+    ],
+    ids=["ep2-routed-and-shared", "tp2xep2-etp1-sp-shared"],
+)
 def test_offline_export_of_shared_expert_lora_equals_the_live_export(tmp_path, world, layout):
-    """Shared-expert fc1 LoRA B is saved TP-interleaved like a dense fc1's, undone with the TP size (2), not the expert TP size (1)."""
+    """Shared-expert fc1 LoRA B is saved TP-interleaved like a dense fc1's, undone with the TP size (2), not the expert
+    TP size (1)."""
     keys = _offline_equals_live(tmp_path, world, "qwen2_moe", shared=True, **layout)
     assert "base_model.model.model.layers.0.mlp.shared_expert.up_proj.lora_B.weight" in keys

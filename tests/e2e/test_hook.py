@@ -1,4 +1,5 @@
-"""The training hook on real megatron-core models in real gloo processes: consistency, no stall, async publishing, errors."""
+"""The training hook on real megatron-core models in real gloo processes: consistency, no stall, async publishing,
+errors."""
 
 import threading
 from pathlib import Path
@@ -38,7 +39,10 @@ def test_each_adapter_holds_its_iterations_weights(tmp_path):
     for i in (1, 2, 3):
         adapter = tmp_path / f"iter_000000{i}" / "hf_adapter"
         assert sorted(p.name for p in adapter.iterdir()) == ADAPTER_FILES
-        ours, reference = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / f"reference_{i}" / "adapter_model.safetensors")
+        ours, reference = (
+            load_file(adapter / "adapter_model.safetensors"),
+            load_file(tmp_path / f"reference_{i}" / "adapter_model.safetensors"),
+        )
         assert ours.keys() == reference.keys() and all((ours[k] == reference[k]).all() for k in ours)
         tensors.append(ours)
     key = next(iter(tensors[0]))
@@ -82,7 +86,12 @@ def test_training_advances_while_an_export_is_in_flight(tmp_path):
     from safetensors.torch import load_file
 
     for events in run_ranks(_slow_export_run, 2, str(tmp_path)):
-        assert events.index("save 1 returned") < events.index("iteration 2") < events.index("iteration 3") < events.index("export finished")
+        assert (
+            events.index("save 1 returned")
+            < events.index("iteration 2")
+            < events.index("iteration 3")
+            < events.index("export finished")
+        )
         assert events.index("export finished") < events.index("save 3 returned")  # the bound on pending exports
         assert events.count("export finished") == 2 and events[-1] == "finalized"
     ours = load_file(tmp_path / "iter_0000001" / "hf_adapter" / "adapter_model.safetensors")
@@ -160,7 +169,9 @@ def test_on_error_warn_keeps_training_and_reports_once_per_save_on_one_rank(tmp_
 def test_on_error_raise_stops_every_rank_with_the_same_error(tmp_path):
     (r0, _), (r1, _) = run_ranks(_failing_run, 2, str(tmp_path), "raise")
     assert r0 == r1, "every rank stops at the same call with the same error"
-    assert r0[0] == "trained 1" and "finalized" not in r0  # it stops at save 2 or at finalize, whichever sees the failure first
+    assert (
+        r0[0] == "trained 1" and "finalized" not in r0
+    )  # it stops at save 2 or at finalize, whichever sees the failure first
     assert r0[-1].startswith("OutputError: cannot write the adapter")
 
 
@@ -187,7 +198,9 @@ def _real_training_run(rank, world, save):
     from tests.support.training import TrainConfig, run_training
 
     hook = AdapterExportHook(HookConfig(max_pending=2))
-    history = run_training(TrainConfig(tp=world), steps=6, save_interval=2, save_dir=save, on_save=hook.on_checkpoint_saved, log=None)
+    history = run_training(
+        TrainConfig(tp=world), steps=6, save_interval=2, save_dir=save, on_save=hook.on_checkpoint_saved, log=None
+    )
     hook.finalize()
     return history
 
@@ -210,7 +223,10 @@ def test_tp2_training_run_leaves_one_adapter_per_save_equal_to_its_checkpoint(tm
     for adapter in adapters:
         assert sorted(p.name for p in adapter.iterdir()) == ADAPTER_FILES
         run_ranks(_offline_export, 1, str(adapter.parent), str(tmp_path / f"from_{adapter.parent.name}"))
-        ours, reference = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / f"from_{adapter.parent.name}" / "adapter_model.safetensors")
+        ours, reference = (
+            load_file(adapter / "adapter_model.safetensors"),
+            load_file(tmp_path / f"from_{adapter.parent.name}" / "adapter_model.safetensors"),
+        )
         assert ours.keys() == reference.keys() and all((ours[k] == reference[k]).all() for k in ours), adapter
     last = load_file(adapters[-1] / "adapter_model.safetensors")
     assert any(not (first[k] == last[k]).all() for k in first), "training should have changed the adapter"

@@ -63,7 +63,9 @@ def test_walks_only_when_the_model_changed_reuses_buffers_and_exports_every_chan
     results = run_ranks(_run, 2, str(tmp_path))
     assert results[0]["published"] == [f"iter_{i:07d}" for i in range(1, 9)]
     for result in results:
-        assert result["walks"] == [1, 1, 1, 2, 2, 3, 4, 4], "full walks at saves 1, 4 (re-scaled), 6 (replaced) and 7 (new modules)"
+        assert result["walks"] == [1, 1, 1, 2, 2, 3, 4, 4], (
+            "full walks at saves 1, 4 (re-scaled), 6 (replaced) and 7 (new modules)"
+        )
         ptrs = result["buffers"]
         assert ptrs[0] == ptrs[1] == ptrs[2] and ptrs[4] == ptrs[3], "saves reuse the buffers of the previous export"
     for iteration in range(1, 9):

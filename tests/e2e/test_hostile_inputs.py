@@ -5,7 +5,6 @@ used to escape as tracebacks. Every case: exit status 2 (or an ExportError from 
 line, no marker, nothing written, the input unchanged."""
 
 import hashlib
-import json
 import os
 import pickle
 import shutil
@@ -26,7 +25,8 @@ HANG_S = 30  # a command that has not answered by then is hanging (each answers 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """ckpt/: a torch_dist checkpoint of the tiny model with ModelOpt LoRA (save/) and its live export (live/);
-    verified/: an adapter with its verification reference (save/iter_0000001/hf_adapter) and the HF base model (base/)."""
+    verified/: an adapter with its verification reference (save/iter_0000001/hf_adapter) and the HF base model
+    (base/)."""
     tmp = tmp_path_factory.mktemp("hostile")
     run_ranks(_train_save_and_export_live, 1, str(tmp / "ckpt"), 1, 1, "modelopt")
     run_ranks(_hook_run, 1, str(tmp / "verified"))
@@ -45,6 +45,7 @@ class _Exploit:
 
 def _cli(argv):
     """The CLI in a forked process: (exit status, stderr); a hang is killed after HANG_S seconds (TimeoutError)."""
+
     def run(argv):
         import contextlib
         import io
@@ -60,11 +61,16 @@ def _cli(argv):
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "special"
-            for p in sorted(root.rglob("*")) if p.is_file() or p.is_fifo()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "special"
+        for p in sorted(root.rglob("*"))
+        if p.is_file() or p.is_fifo()
+    }
 
 
-def _refused(tmp: Path, argv, fragment, source: Path, marker: Path | None = None, memory_limit: int | None = None) -> str:
+def _refused(
+    tmp: Path, argv, fragment, source: Path, marker: Path | None = None, memory_limit: int | None = None
+) -> str:
     before = _tree(source)
     status, err = _cli_limited(argv, memory_limit) if memory_limit else _cli(argv)
     assert status == 2, err
@@ -157,19 +163,36 @@ def _extra_attribute(iteration: Path, marker: Path):
 
 GADGETS = {  # case: (plant it in a copy of the checkpoint, what the one error line says)
     ".metadata: bytes entry with a tensor's fields for an adapter key": (
-        _bytes_entry_gadget, f"entry {LORA_A}: a BytesStorageMetadata with attributes it does not have (chunks, properties, size)"),
+        _bytes_entry_gadget,
+        f"entry {LORA_A}: a BytesStorageMetadata with attributes it does not have (chunks, properties, size)",
+    ),
     ".metadata: bytes entry for an adapter key": (
-        lambda it, m: _bytes_entry_gadget(it, m, copy_fields=False), f"refused, adapter tensor {LORA_A} is declared as pickled bytes (BytesStorageMetadata)"),
-    ".metadata: os.mkdir reduce": (lambda it, m: (it / ".metadata").write_bytes(pickle.dumps(_Exploit(m))),
-                                   "refused, it needs unsafe unpickling (posix.mkdir is not allowed in checkpoint metadata)"),
-    ".metadata: an unknown class": (lambda it, m: (it / ".metadata").write_bytes(pickle.dumps(shutil.Error("x"))),
-                                    "refused, it needs unsafe unpickling (shutil.Error is not allowed in checkpoint metadata)"),
-    ".metadata: a metadata class with an extra attribute": (_extra_attribute, "a TensorStorageMetadata with attributes it does not have (evil)"),
+        lambda it, m: _bytes_entry_gadget(it, m, copy_fields=False),
+        f"refused, adapter tensor {LORA_A} is declared as pickled bytes (BytesStorageMetadata)",
+    ),
+    ".metadata: os.mkdir reduce": (
+        lambda it, m: (it / ".metadata").write_bytes(pickle.dumps(_Exploit(m))),
+        "refused, it needs unsafe unpickling (posix.mkdir is not allowed in checkpoint metadata)",
+    ),
+    ".metadata: an unknown class": (
+        lambda it, m: (it / ".metadata").write_bytes(pickle.dumps(shutil.Error("x"))),
+        "refused, it needs unsafe unpickling (shutil.Error is not allowed in checkpoint metadata)",
+    ),
+    ".metadata: a metadata class with an extra attribute": (
+        _extra_attribute,
+        "a TensorStorageMetadata with attributes it does not have (evil)",
+    ),
     ".distcp: a torch.save payload as an adapter item": (_distcp_gadget, "data.pkl names posix.mkdir"),
-    "common.pt": (lambda it, m: _torch_save({"args": _Exploit(m)}, it / "common.pt"),
-                  "common.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded"),
-    "modelopt_state/common.pt": (lambda it, m: _torch_save({"modelopt_state_dict": [("peft", {"config": _Exploit(m)})]}, it / "modelopt_state" / "common.pt"),
-                                 "modelopt_state/common.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded"),
+    "common.pt": (
+        lambda it, m: _torch_save({"args": _Exploit(m)}, it / "common.pt"),
+        "common.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded",
+    ),
+    "modelopt_state/common.pt": (
+        lambda it, m: _torch_save(
+            {"modelopt_state_dict": [("peft", {"config": _Exploit(m)})]}, it / "modelopt_state" / "common.pt"
+        ),
+        "modelopt_state/common.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded",
+    ),
 }
 
 
@@ -185,8 +208,13 @@ def test_a_payload_in_a_legacy_rank_file_never_runs(tmp_path):
     iteration = tmp_path / "save" / ITER
     marker = tmp_path / "pwned"
     _torch_save({"model": {LORA_A: _Exploit(marker)}, "args": None}, iteration / "mp_rank_00" / "model_optim_rng.pt")
-    _refused(tmp_path, _export(tmp_path, iteration), "model_optim_rng.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded",
-             tmp_path / "save", marker)
+    _refused(
+        tmp_path,
+        _export(tmp_path, iteration),
+        "model_optim_rng.pt: refused, it needs unsafe unpickling (posix.mkdir is not loaded",
+        tmp_path / "save",
+        marker,
+    )
 
 
 def test_a_payload_as_the_verification_reference_never_runs(world, tmp_path):
@@ -194,7 +222,13 @@ def test_a_payload_as_the_verification_reference_never_runs(world, tmp_path):
     shutil.copytree(world / "verified" / "save" / "iter_0000001" / "hf_adapter", adapter)
     marker = tmp_path / "pwned"
     _torch_save({"logits": _Exploit(marker)}, adapter / "verification" / "reference.safetensors")
-    _refused(tmp_path, ["verify", str(adapter), "--base-model", str(world / "verified" / "base")], "cannot read the reference", adapter, marker)
+    _refused(
+        tmp_path,
+        ["verify", str(adapter), "--base-model", str(world / "verified" / "base")],
+        "cannot read the reference",
+        adapter,
+        marker,
+    )
 
 
 def test_a_payload_in_an_adapter_bin_never_runs(tmp_path):
@@ -203,7 +237,9 @@ def test_a_payload_in_an_adapter_bin_never_runs(tmp_path):
 
     marker = tmp_path / "pwned"
     _torch_save({"base_model.model.x.lora_A.weight": _Exploit(marker)}, tmp_path / "adapter_model.bin")
-    with pytest.raises(AdapterFileError, match=r"adapter_model.bin: refused, it needs unsafe unpickling \(posix.mkdir is not loaded"):
+    with pytest.raises(
+        AdapterFileError, match=r"adapter_model.bin: refused, it needs unsafe unpickling \(posix.mkdir is not loaded"
+    ):
         read_bin_header(tmp_path / "adapter_model.bin")
     assert not marker.exists()
 
@@ -220,10 +256,19 @@ def _fifo(path: Path) -> None:
 def test_a_fifo_in_place_of_a_checkpoint_file_does_not_block_export(world, tmp_path):
     iteration = _checkpoint(world, tmp_path)
     _fifo(iteration / "__0_0.distcp")
-    _refused(tmp_path, _export(tmp_path, iteration), "__0_0.distcp: expected a .distcp data file, found a FIFO", tmp_path / "save")
+    _refused(
+        tmp_path,
+        _export(tmp_path, iteration),
+        "__0_0.distcp: expected a .distcp data file, found a FIFO",
+        tmp_path / "save",
+    )
     _fifo(tmp_path / "save" / "latest_checkpointed_iteration.txt")
-    _refused(tmp_path, _export(tmp_path, tmp_path / "save"), "latest_checkpointed_iteration.txt: expected Megatron's tracker file (an iteration number), found a FIFO",
-             tmp_path / "save")
+    _refused(
+        tmp_path,
+        _export(tmp_path, tmp_path / "save"),
+        "latest_checkpointed_iteration.txt: expected Megatron's tracker file (an iteration number), found a FIFO",
+        tmp_path / "save",
+    )
 
 
 def test_a_fifo_as_the_base_models_config_does_not_block_export_or_verify(world, tmp_path):
@@ -231,13 +276,24 @@ def test_a_fifo_as_the_base_models_config_does_not_block_export_or_verify(world,
     base = tmp_path / "base"
     shutil.copytree(world / "verified" / "base", base)
     _fifo(base / "config.json")
-    _refused(tmp_path, [*_export(tmp_path, iteration), "--base-model", str(base)], "config.json: expected the base model's HF config.json, found a FIFO", tmp_path / "save")
+    _refused(
+        tmp_path,
+        [*_export(tmp_path, iteration), "--base-model", str(base)],
+        "config.json: expected the base model's HF config.json, found a FIFO",
+        tmp_path / "save",
+    )
     adapter = world / "verified" / "save" / "iter_0000001" / "hf_adapter"
-    _refused(tmp_path, ["verify", str(adapter), "--base-model", str(base), "--output", str(tmp_path / "out")],
-             "config.json: expected a regular file of the base model, found a FIFO", adapter)
+    _refused(
+        tmp_path,
+        ["verify", str(adapter), "--base-model", str(base), "--output", str(tmp_path / "out")],
+        "config.json: expected a regular file of the base model, found a FIFO",
+        adapter,
+    )
 
 
-@pytest.mark.parametrize("fifo", ["adapter_config.json", "adapter_model.safetensors", "verification/reference.safetensors", "--reference"])
+@pytest.mark.parametrize(
+    "fifo", ["adapter_config.json", "adapter_model.safetensors", "verification/reference.safetensors", "--reference"]
+)
 def test_a_fifo_in_an_adapter_does_not_block_verify(world, tmp_path, fifo):
     adapter = tmp_path / "adapter"
     shutil.copytree(world / "verified" / "save" / "iter_0000001" / "hf_adapter", adapter)
@@ -271,10 +327,16 @@ def test_a_fifo_does_not_block_import(world, tmp_path):
     base.mkdir()
     _fifo(base / "config.json")
     found = run_ranks(_import_from, 1, str(adapter), str(base), timeout=HANG_S)[0]
-    assert found.startswith("ExportError: ") and "config.json: expected the base model's HF config.json, found a FIFO" in found, found
+    assert (
+        found.startswith("ExportError: ")
+        and "config.json: expected the base model's HF config.json, found a FIFO" in found
+    ), found
     _fifo(adapter / "adapter_config.json")
     found = run_ranks(_import_from, 1, str(adapter), None, timeout=HANG_S)[0]
-    assert found.startswith("AdapterFileError: ") and "adapter_config.json: expected an adapter config (adapter_config.json), found a FIFO" in found, found
+    assert (
+        found.startswith("AdapterFileError: ")
+        and "adapter_config.json: expected an adapter config (adapter_config.json), found a FIFO" in found
+    ), found
 
 
 def test_the_hooks_tracker_reads_do_not_block_on_a_fifo_or_follow_a_link_out(tmp_path):
@@ -298,7 +360,12 @@ def test_a_link_leaving_the_checkpoint_is_not_followed(world, tmp_path):
     (tmp_path / "elsewhere.distcp").write_bytes((iteration / "__0_0.distcp").read_bytes())
     (iteration / "__0_0.distcp").unlink()
     (iteration / "__0_0.distcp").symlink_to(tmp_path / "elsewhere.distcp")
-    _refused(tmp_path, _export(tmp_path, iteration), f"__0_0.distcp: a symbolic link to {tmp_path / 'elsewhere.distcp'}, outside", tmp_path / "save")
+    _refused(
+        tmp_path,
+        _export(tmp_path, iteration),
+        f"__0_0.distcp: a symbolic link to {tmp_path / 'elsewhere.distcp'}, outside",
+        tmp_path / "save",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- memory bombs
@@ -306,6 +373,7 @@ def test_a_link_leaving_the_checkpoint_is_not_followed(world, tmp_path):
 
 def _cli_limited(argv, limit):
     """The CLI in a forked process whose address space may grow by at most `limit` bytes past what it has mapped."""
+
     def run(argv, limit):
         import contextlib
         import io
@@ -313,7 +381,11 @@ def _cli_limited(argv, limit):
 
         from megatron_peft_export.cli import main
 
-        mapped = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmSize:"))
+        mapped = next(
+            int(line.split()[1]) * 1024
+            for line in Path("/proc/self/status").read_text().splitlines()
+            if line.startswith("VmSize:")
+        )
         resource.setrlimit(resource.RLIMIT_AS, (mapped + limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -333,42 +405,65 @@ def _claim_size(nbytes):
         rows = nbytes // (4 * tensor.size[1])
         tensor.size = type(tensor.size)([rows, tensor.size[1]])
         tensor.chunks[0].sizes = tensor.size
+
     return edit
 
 
 def _claim_length(nbytes):
     def edit(metadata):
         next(v for k, v in metadata.storage_data.items() if k.fqn == LORA_A).length = nbytes
+
     return edit
 
 
 @pytest.mark.parametrize("claim", [12 * GiB, 100 * GiB], ids=["12GiB", "100GiB"])
-@pytest.mark.parametrize("what,edit,fragment", [
-    ("tensor size", _claim_size, "claims {} bytes of torch.float32 data in a stored item of"),
-    ("item length", _claim_length, "but the file has"),
-])
+@pytest.mark.parametrize(
+    "what,edit,fragment",
+    [
+        ("tensor size", _claim_size, "claims {} bytes of torch.float32 data in a stored item of"),
+        ("item length", _claim_length, "but the file has"),
+    ],
+)
 def test_lengths_claimed_in_metadata_are_checked_before_allocating(world, tmp_path, claim, what, edit, fragment):
     iteration = _checkpoint(world, tmp_path)
     _edit_metadata(iteration, edit(claim))
-    _refused(tmp_path, _export(tmp_path, iteration), fragment.format(claim // (4 * 64) * 4 * 64), tmp_path / "save", memory_limit=LIMIT)
+    _refused(
+        tmp_path,
+        _export(tmp_path, iteration),
+        fragment.format(claim // (4 * 64) * 4 * 64),
+        tmp_path / "save",
+        memory_limit=LIMIT,
+    )
 
 
 def test_a_pickle_memo_index_cannot_make_the_unpickler_allocate(world, tmp_path):
     """LONG_BINPUT 0x7fffffff makes CPython's unpickler zero-fill a 32 GiB memo table."""
     iteration = _checkpoint(world, tmp_path)
     (iteration / ".metadata").write_bytes(b"\x80\x02]r\xff\xff\xff\x7f.")
-    _refused(tmp_path, _export(tmp_path, iteration), "a memo index past the pickle's size", tmp_path / "save", memory_limit=LIMIT)
+    _refused(
+        tmp_path,
+        _export(tmp_path, iteration),
+        "a memo index past the pickle's size",
+        tmp_path / "save",
+        memory_limit=LIMIT,
+    )
 
 
 def test_a_legacy_storage_claiming_100_gib_is_refused_before_allocating(tmp_path):
     """A rank file whose data.pkl says a storage holds 100 GiB while its zip member holds 64 bytes."""
     _write_legacy_with_storage(tmp_path / "save" / ITER / "mp_rank_00" / "model_optim_rng.pt", numel=100 * GiB // 4)
-    _refused(tmp_path, _export(tmp_path, tmp_path / "save" / ITER), "storage '0' of 107374182400 bytes is a member of 64 bytes", tmp_path / "save",
-             memory_limit=LIMIT)
+    _refused(
+        tmp_path,
+        _export(tmp_path, tmp_path / "save" / ITER),
+        "storage '0' of 107374182400 bytes is a member of 64 bytes",
+        tmp_path / "save",
+        memory_limit=LIMIT,
+    )
 
 
 def _write_legacy_with_storage(path: Path, numel: int) -> None:
-    """A torch.save-format zip written by hand: model[LORA_A] is a float32 tensor over storage '0' that claims `numel`."""
+    """A torch.save-format zip written by hand: model[LORA_A] is a float32 tensor over storage '0' that claims
+    `numel`."""
     import collections
     import io
     import zipfile
@@ -410,10 +505,14 @@ def _no_properties(metadata):
     metadata.state_dict_metadata[LORA_A].properties = None
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (_one_dimensional_lora_a, f"{LORA_A} has shape [512]; expected 2 dimensions"),
-    (_no_properties, f"tensor {LORA_A}: properties: expected TensorProperties, found NoneType"),
-], ids=["1-D lora_a", "properties None"])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (_one_dimensional_lora_a, f"{LORA_A} has shape [512]; expected 2 dimensions"),
+        (_no_properties, f"tensor {LORA_A}: properties: expected TensorProperties, found NoneType"),
+    ],
+    ids=["1-D lora_a", "properties None"],
+)
 def test_malformed_metadata_values_are_one_error_line(world, tmp_path, edit, fragment):
     iteration = _checkpoint(world, tmp_path)
     _edit_metadata(iteration, edit)
@@ -442,12 +541,21 @@ def _empty_probe(tensors, metadata):
         tensors[key] = tensors[key][:, :0].contiguous()
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (_non_integer_iteration, "metadata iteration is '12abc'; expected a non-negative integer"),
-    (_empty_probe, "the probe is empty"),
-], ids=["non-integer iteration", "empty probe"])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (_non_integer_iteration, "metadata iteration is '12abc'; expected a non-negative integer"),
+        (_empty_probe, "the probe is empty"),
+    ],
+    ids=["non-integer iteration", "empty probe"],
+)
 def test_a_malformed_reference_is_one_error_line(world, tmp_path, edit, fragment):
     adapter = tmp_path / "adapter"
     shutil.copytree(world / "verified" / "save" / "iter_0000001" / "hf_adapter", adapter)
     run_alone(_rewrite_reference, str(adapter / "verification" / "reference.safetensors"), edit)
-    _refused(tmp_path, ["verify", str(adapter), "--base-model", str(world / "verified" / "base"), "--output", str(tmp_path / "out")], fragment, adapter)
+    _refused(
+        tmp_path,
+        ["verify", str(adapter), "--base-model", str(world / "verified" / "base"), "--output", str(tmp_path / "out")],
+        fragment,
+        adapter,
+    )

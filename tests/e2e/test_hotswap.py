@@ -1,4 +1,5 @@
-"""Adapters of successive checkpoints hot-swap into one loaded model (peft.utils.hotswap) and give each iteration's logits."""
+"""Adapters of successive checkpoints hot-swap into one loaded model (peft.utils.hotswap) and give each iteration's
+logits."""
 
 import json
 from pathlib import Path
@@ -46,9 +47,12 @@ def _train_then_hotswap(rank, world, save):
     now = {name: p for name, p in model.named_parameters() if "lora_" in name}
     files = [load_file(adapters[i] / "adapter_model.safetensors") for i in (1, 2, 3)]
     return {
-        "diffs": diffs, "moved": moved,
+        "diffs": diffs,
+        "moved": moved,
         "same_parameters": now.keys() == held.keys() and all(now[k] is held[k] for k in held),
-        "swapped_in": all(torch.equal(now[k.removesuffix(".weight") + ".default.weight"], v) for k, v in files[2].items()),
+        "swapped_in": all(
+            torch.equal(now[k.removesuffix(".weight") + ".default.weight"], v) for k, v in files[2].items()
+        ),
         "keys": [sorted(f) for f in files],
         "configs": [json.loads((adapters[i] / "adapter_config.json").read_text()) for i in (1, 2, 3)],
         "ranks": sorted({tuple(t.shape)[0] for k, t in files[0].items() if "lora_A" in k}),
@@ -58,9 +62,13 @@ def _train_then_hotswap(rank, world, save):
 def test_iteration_2_and_3_hot_swap_into_a_model_loaded_with_iteration_1(tmp_path):
     result = run_ranks(_train_then_hotswap, 2, str(tmp_path))[0]
     assert max(result["diffs"].values()) <= 1e-5, result["diffs"]
-    assert min(result["moved"].values()) > 1e-3, "training must change the logits between checkpoints, or the test proves nothing"
+    assert min(result["moved"].values()) > 1e-3, (
+        "training must change the logits between checkpoints, or the test proves nothing"
+    )
     assert result["same_parameters"] and result["swapped_in"], "the swap copies into the loaded parameters (no reload)"
     assert result["keys"][0] == result["keys"][1] == result["keys"][2]
     assert result["configs"][0] == result["configs"][1] == result["configs"][2]
     config = result["configs"][0]
-    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (16, 32, {}) and result["ranks"] == [16]  # rank 8, scale 2, padded
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (16, 32, {}) and result["ranks"] == [
+        16
+    ]  # rank 8, scale 2, padded

@@ -1,5 +1,6 @@
 """Pushes through the training hook on real megatron-core models in real gloo processes, against the fake
-Hub (tests/support/fake_hub.py) running in the pytest process: background pushes (the Megatron-LM flags: test_megatron_lm.py),
+Hub (tests/support/fake_hub.py) running in the pytest process: background pushes (the Megatron-LM flags:
+test_megatron_lm.py),
 errors that leave training running, and no token in any file or log."""
 
 import logging
@@ -42,11 +43,15 @@ def _train_and_push(rank, world, save, push, saves, resume_endpoint=None):
 def test_the_hook_pushes_in_the_background_and_keeps_every_iteration(hub, tmp_path):
     push = {"repo_id": "me/run", "strategy": "all_checkpoints", "endpoint": hub.endpoint, "retry_wait": 0.0}
     hub.pause()  # every commit waits until rank 0 has finished training
-    (out0, pushed0, logs0), (out1, pushed1, _) = run_ranks(_train_and_push, 2, str(tmp_path), push, 3, hub.endpoint, timeout=60)
+    (out0, pushed0, logs0), (out1, pushed1, _) = run_ranks(
+        _train_and_push, 2, str(tmp_path), push, 3, hub.endpoint, timeout=60
+    )
     assert out0 == out1 == ["trained 1", "trained 2", "trained 3", "finalized"]
     assert pushed1 == [] and 1 <= len(pushed0) == len(hub.commits) <= 3
     assert any("queued" in line for line in logs0), "a push waiting behind the running one says so"
-    named = sorted(int(n) for c in hub.commits for n in c.summary.split("(iteration")[1].split(";")[0].strip("s )").split(", "))
+    named = sorted(
+        int(n) for c in hub.commits for n in c.summary.split("(iteration")[1].split(";")[0].strip("s )").split(", ")
+    )
     assert named == [1, 2, 3], [c.summary for c in hub.commits]
     files = hub.files("me/run")
     assert sorted(files) == sorted([*ADAPTER, *(f"iter_000000{i}/{n}" for i in (1, 2, 3) for n in ADAPTER)])
@@ -94,16 +99,37 @@ def test_the_token_is_in_no_written_file_and_no_log(hub, token, tmp_path, capfd)
     with LogRecords(logging.DEBUG, logger="") as records:
         assert main(["push", str(save), "--repo-id", "me/run", "--endpoint", hub.endpoint]) == 2
         hub.heal()
-        assert main(["push", str(save), "--repo-id", "me/cli", "--endpoint", hub.endpoint, "--strategy", "all_checkpoints"]) == 0
+        assert (
+            main(
+                ["push", str(save), "--repo-id", "me/cli", "--endpoint", hub.endpoint, "--strategy", "all_checkpoints"]
+            )
+            == 0
+        )
     out, err = capfd.readouterr()
-    assert len(hub.commits) >= 2 and any("failed; training continues: authentication failed (401)" in line for line in logs)
+    assert len(hub.commits) >= 2 and any(
+        "failed; training continues: authentication failed (401)" in line for line in logs
+    )
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "adapter_model.safetensors" for p in written) and any(p.name == "README.md" for p in written)
     leaks = [str(p) for p in written if token.encode() in p.read_bytes()]
-    leaks += [name for name, text in (("stdout", out), ("stderr", err), ("logs", "\n".join(logs + records.lines))) if token in text]
-    leaks += [f"hub:{repo}/{path}" for repo, r in hub.repos.items() for files in r.branches.values() for path, data in files.items() if token.encode() in data]
+    leaks += [
+        name
+        for name, text in (("stdout", out), ("stderr", err), ("logs", "\n".join(logs + records.lines)))
+        if token in text
+    ]
+    leaks += [
+        f"hub:{repo}/{path}"
+        for repo, r in hub.repos.items()
+        for files in r.branches.values()
+        for path, data in files.items()
+        if token.encode() in data
+    ]
     assert leaks == []
     assert "authentication failed (401)" in err and len(logs) > 50, "the checks saw real output"
-    hosts = {line.split("host='")[1].split("'")[0] for line in logs + records.lines if "connect_tcp.started host='" in line}
+    hosts = {
+        line.split("host='")[1].split("'")[0] for line in logs + records.lines if "connect_tcp.started host='" in line
+    }
     assert hosts == {"127.0.0.1"}
-    assert set(Path(tempfile.gettempdir()).glob("hf-adapter-push-*")) == staged_before, "no staging directory is left behind"
+    assert set(Path(tempfile.gettempdir()).glob("hf-adapter-push-*")) == staged_before, (
+        "no staging directory is left behind"
+    )

@@ -12,7 +12,14 @@ pytestmark = pytest.mark.timeout(300)
 
 def _export_at(rank, world, tmp, tp, pp, variant="modelopt", targets=None):
     from megatron_peft_export import export_adapter
-    from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, fill_lora_random, init_parallel, megatron_logits, sample_tokens
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        build_gpt,
+        fill_lora_random,
+        init_parallel,
+        megatron_logits,
+        sample_tokens,
+    )
 
     cfg = TinyGPTConfig()
     init_parallel(tp, pp)
@@ -23,7 +30,8 @@ def _export_at(rank, world, tmp, tp, pp, variant="modelopt", targets=None):
 
 
 def _with_adapter(model, variant, targets=None):
-    """ModelOpt LoRA, or Megatron-Bridge's own LoRA / DoRA (DoRA on column-parallel linears: it is refused on row-parallel ones at TP > 1)."""
+    """ModelOpt LoRA, or Megatron-Bridge's own LoRA / DoRA (DoRA on column-parallel linears: it is refused on
+    row-parallel ones at TP > 1)."""
     from tests.support import real_bridge
     from tests.support.tiny_gpt import apply_modelopt_lora
 
@@ -36,7 +44,14 @@ def _with_adapter(model, variant, targets=None):
 
 def _import_at(rank, world, tmp, tp, pp, variant="modelopt", source="original"):
     from megatron_peft_export import export_adapter, load_hf_adapter
-    from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, fill_lora_random, init_parallel, megatron_logits, sample_tokens
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        build_gpt,
+        fill_lora_random,
+        init_parallel,
+        megatron_logits,
+        sample_tokens,
+    )
 
     cfg = TinyGPTConfig()
     init_parallel(tp, pp)
@@ -73,20 +88,26 @@ def _import_dora_at_tp2(rank, world, tmp):
     from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, init_parallel
 
     init_parallel(world)
-    return _load_error(_with_adapter(build_gpt(TinyGPTConfig()), "dora", ("linear_qkv", "linear_proj")), Path(tmp) / "original")
+    return _load_error(
+        _with_adapter(build_gpt(TinyGPTConfig()), "dora", ("linear_qkv", "linear_proj")), Path(tmp) / "original"
+    )
 
 
 def test_dora_is_not_imported_into_row_parallel_bridge_dora_at_tp2(real_bridge, tmp_path):
     """The model would compute another function than the file's adapter (each TP rank normalizes by its own columns)."""
-    run_ranks(_export_at, 1, str(tmp_path), 1, 1, "dora", ("linear_qkv", "linear_proj"))  # exported at TP1: fits the model
+    run_ranks(
+        _export_at, 1, str(tmp_path), 1, 1, "dora", ("linear_qkv", "linear_proj")
+    )  # exported at TP1: fits the model
     results = run_ranks(_import_dora_at_tp2, 2, str(tmp_path))
     assert results[0] == results[1]
-    assert results[0].startswith("DialectError: found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size 2: "
-                                 "decoder.layers.{0..3}.self_attention.linear_proj."), results[0]
+    assert results[0].startswith(
+        "DialectError: found Megatron-Bridge DoRA on row-parallel linears at tensor-parallel size 2: "
+        "decoder.layers.{0..3}.self_attention.linear_proj."
+    ), results[0]
 
 
 def _load_error(model, directory: Path, **kwargs) -> str:
-    """"ok", or the error load_hf_adapter raised on this rank (the tests compare it across ranks)."""
+    """ "ok", or the error load_hf_adapter raised on this rank (the tests compare it across ranks)."""
     from megatron_peft_export import ExportError, load_hf_adapter
 
     try:
@@ -100,7 +121,9 @@ def _import_error(rank, world, tmp, edit):
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, init_parallel
 
     init_parallel(world)
-    return _load_error(apply_modelopt_lora(build_gpt(TinyGPTConfig()), rank=4 if edit == "rank" else 8), Path(tmp) / "original")
+    return _load_error(
+        apply_modelopt_lora(build_gpt(TinyGPTConfig()), rank=4 if edit == "rank" else 8), Path(tmp) / "original"
+    )
 
 
 def _edit_adapter(directory: Path, edit: str):
@@ -118,12 +141,15 @@ def _edit_adapter(directory: Path, edit: str):
         (directory / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
 
 
-@pytest.mark.parametrize("edit,message", [
-    ("rank", "the model expects shape (4, 64), the file has (8, 64)"),
-    ("missing", "needs 1 tensor(s) the file lacks"),
-    ("alpha", "the adapter scales by 4, the model's adapter by 2"),
-    ("unfused_a", "k_proj.lora_A.weight and base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight differ"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ("rank", "the model expects shape (4, 64), the file has (8, 64)"),
+        ("missing", "needs 1 tensor(s) the file lacks"),
+        ("alpha", "the adapter scales by 4, the model's adapter by 2"),
+        ("unfused_a", "k_proj.lora_A.weight and base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight differ"),
+    ],
+)
 def test_mismatches_fail_on_every_rank(tmp_path, edit, message):
     run_ranks(_export_at, 2, str(tmp_path), 2, 1)
     _edit_adapter(tmp_path / "original", edit)
@@ -139,7 +165,8 @@ MOE_TARGETS = SHARED_TARGETS + ("*.local_experts.*.linear_fc1", "*.local_experts
 
 
 def _moe_model(ep, seed, tp=1, routed=True):
-    """A Qwen2-MoE-like megatron model with ModelOpt LoRA on attention, the shared expert and (`routed`) the routed experts.
+    """A Qwen2-MoE-like megatron model with ModelOpt LoRA on attention, the shared expert and (`routed`) the routed
+    experts.
 
     TP > 1 runs with sequence parallelism, where ModelOpt's LoRA on routed experts does not run (test_export_moe)."""
     from tests.support import tiny_moe
@@ -179,7 +206,9 @@ def _moe_import_at(rank, world, tmp, source, tp=1, routed=True):
     from megatron_peft_export import load_hf_adapter
     from tests.support import tiny_moe
 
-    model = _moe_model(world // tp, seed=99, tp=tp, routed=routed)  # different values: the import must overwrite every one
+    model = _moe_model(
+        world // tp, seed=99, tp=tp, routed=routed
+    )  # different values: the import must overwrite every one
     load_hf_adapter(model, Path(tmp) / source, model_type="qwen2_moe")
     logits = tiny_moe.megatron_moe_logits(model, tiny_moe.sample_tokens(tiny_moe.QWEN2_MOE_LIKE))
     loaded = _lora_by_global_name(model)
@@ -195,13 +224,16 @@ def test_moe_round_trip_ep2_to_ep1_and_ep2(tmp_path, expert_layout):
     for ep in (1, 2):
         imported = run_ranks(_moe_import_at, ep, str(tmp_path), expert_layout)
         names = {k for _, rank_names, _ in imported for k in rank_names}
-        assert sum(".local_experts." in k for k in names) == 4 * 4 * 2 * 2 and any(".shared_experts." in k for k in names)
+        assert sum(".local_experts." in k for k in names) == 4 * 4 * 2 * 2 and any(
+            ".shared_experts." in k for k in names
+        )
         assert [differ for _, _, differ in imported] == [[]] * ep
         assert (imported[0][0] - logits).abs().max().item() <= 1e-5
 
 
 def test_shared_expert_round_trip_tp1_to_tp2_with_sequence_parallelism(tmp_path):
-    """The shared expert's fc1 comes back [gate_t; up_t] per TP rank; attention and shared expert only (see _moe_model)."""
+    """The shared expert's fc1 comes back [gate_t; up_t] per TP rank; attention and shared expert only (see
+    _moe_model)."""
     logits = run_ranks(_moe_export_at, 1, str(tmp_path), "fused", routed=False)[0]
     imported = run_ranks(_moe_import_at, 2, str(tmp_path), "fused", tp=2, routed=False)
     assert any(".shared_experts.linear_fc1" in k for k in imported[0][1])
@@ -214,25 +246,43 @@ def _moe_import_error(rank, world, tmp, source):
 
 
 def _edit_moe_adapter(directory: Path, edit: str):
-    """`extra_expert`: expert 4's tensors added to a per-expert adapter; `three_experts`: a fused adapter cut to experts 0..2."""
+    """`extra_expert`: expert 4's tensors added to a per-expert adapter; `three_experts`: a fused adapter cut to experts
+    0..2."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(directory / "adapter_model.safetensors")
     if edit == "extra_expert":
-        tensors.update({k.replace(".experts.0.", ".experts.4."): v.clone() for k, v in tensors.items() if ".experts.0." in k})
+        tensors.update(
+            {k.replace(".experts.0.", ".experts.4."): v.clone() for k, v in tensors.items() if ".experts.0." in k}
+        )
     if edit == "three_experts":
         r = json.loads((directory / "adapter_config.json").read_text())["r"]
         for k in [k for k in tensors if ".mlp.experts." in k]:
             t = tensors[k]
-            tensors[k] = t[: 3 * r].clone() if ".lora_A." in k else t.unflatten(1, (r, 4))[..., :3].flatten(1).contiguous()
+            tensors[k] = (
+                t[: 3 * r].clone() if ".lora_A." in k else t.unflatten(1, (r, 4))[..., :3].flatten(1).contiguous()
+            )
     save_file(tensors, directory / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("layout,edit,message", [
-    ("per_expert", "extra_expert", "the file adapts experts [4], the Megatron model has 4 experts (0..3); load it into a model with the expert count"),
-    ("fused", "three_experts", "model.layers.0.mlp.experts.gate_up_proj: the adapter holds 3 experts (lora_A [24, 64], lora_B [64, 24], r 8), "
-                               "the Megatron model has 4 experts; load it into a model with the expert count"),
-])
+@pytest.mark.parametrize(
+    "layout,edit,message",
+    [
+        (
+            "per_expert",
+            "extra_expert",
+            "the file adapts experts [4], the Megatron model has 4 experts (0..3); load it into a model with the "
+            "expert count",
+        ),
+        (
+            "fused",
+            "three_experts",
+            "model.layers.0.mlp.experts.gate_up_proj: the adapter holds 3 experts (lora_A [24, 64], lora_B [64, "
+            "24], r 8), "
+            "the Megatron model has 4 experts; load it into a model with the expert count",
+        ),
+    ],
+)
 def test_moe_adapter_mismatches_fail_on_every_rank(tmp_path, layout, edit, message):
     run_ranks(_moe_export_at, 2, str(tmp_path), layout)
     _edit_moe_adapter(tmp_path / layout, edit)

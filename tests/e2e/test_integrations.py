@@ -1,4 +1,5 @@
-"""Megatron-LM flags (its real training code runs in test_megatron_lm.py), YAML configs; the Megatron-Bridge callback: test_bridge_callback.py."""
+"""Megatron-LM flags (its real training code runs in test_megatron_lm.py), YAML configs; the Megatron-Bridge callback:
+test_bridge_callback.py."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,14 +22,30 @@ def test_each_save_is_handed_to_the_hook_once(monkeypatch, tmp_path):
     from megatron_peft_export.integrations import megatron_lm
 
     calls = []
-    hook = SimpleNamespace(on_checkpoint_saved=lambda iteration, directory, model, **kw: calls.append((iteration, directory.name, model, kw)))
+    hook = SimpleNamespace(
+        on_checkpoint_saved=lambda iteration, directory, model, **kw: calls.append(
+            (iteration, directory.name, model, kw)
+        )
+    )
     monkeypatch.setattr(megatron_lm, "_HOOK", hook)
     monkeypatch.setattr(megatron_lm, "_LAST_EXPORTED", [])
-    monkeypatch.setattr(megatron_lm, "_megatron_args", lambda: SimpleNamespace(export_hf_adapter=True, save=str(tmp_path), async_save=True))
+    monkeypatch.setattr(
+        megatron_lm,
+        "_megatron_args",
+        lambda: SimpleNamespace(export_hf_adapter=True, save=str(tmp_path), async_save=True),
+    )
     saved = []
 
-    def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, num_floating_point_operations_so_far,
-                        checkpointing_context=None, non_persistent_ckpt=False, release=False):
+    def save_checkpoint(
+        iteration,
+        model,
+        optimizer,
+        opt_param_scheduler,
+        num_floating_point_operations_so_far,
+        checkpointing_context=None,
+        non_persistent_ckpt=False,
+        release=False,
+    ):
         saved.append(iteration)
 
     inner = megatron_lm._wrap_save_checkpoint(save_checkpoint)
@@ -36,12 +53,16 @@ def test_each_save_is_handed_to_the_hook_once(monkeypatch, tmp_path):
     outer(2, "model", None, None, 0)
     outer(2, "model", None, None, 0, {})  # e.g. a checkpoint request and the interval save on one iteration
     inner(3, "model", None, None, 0, non_persistent_ckpt=True)
-    inner(4, model="model", optimizer=None, opt_param_scheduler=None, num_floating_point_operations_so_far=0, release=True)
+    inner(
+        4, model="model", optimizer=None, opt_param_scheduler=None, num_floating_point_operations_so_far=0, release=True
+    )
     assert saved == [2, 2, 3, 4]
     async_save = {"finalized": False}
-    assert calls == [(2, "iter_0000002", "model", {**async_save, "non_persistent": False}),
-                     (3, "iter_0000003", "model", {**async_save, "non_persistent": True}),
-                     (4, "release", "model", {**async_save, "non_persistent": False})]
+    assert calls == [
+        (2, "iter_0000002", "model", {**async_save, "non_persistent": False}),
+        (3, "iter_0000003", "model", {**async_save, "non_persistent": True}),
+        (4, "release", "model", {**async_save, "non_persistent": False}),
+    ]
 
 
 def test_add_args_chains_with_an_existing_provider():
@@ -54,7 +75,17 @@ def test_add_args_chains_with_an_existing_provider():
         return parser
 
     parser = chain(other, add_args)(argparse.ArgumentParser())
-    args = parser.parse_args(["--other-flag", "3", "--export-hf-adapter", "--hf-adapter-every-n-saves", "2", "--hf-adapter-on-error", "raise"])
+    args = parser.parse_args(
+        [
+            "--other-flag",
+            "3",
+            "--export-hf-adapter",
+            "--hf-adapter-every-n-saves",
+            "2",
+            "--hf-adapter-on-error",
+            "raise",
+        ]
+    )
     config = config_from_args(args)
     assert args.other_flag == 3
     assert (config.enabled, config.every_n_saves, config.on_error, config.subdir) == (True, 2, "raise", "hf_adapter")

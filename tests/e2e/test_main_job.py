@@ -15,11 +15,33 @@ ROOT = Path(__file__).parents[2]
 
 def test_the_main_job_verifies_every_adapter_and_prints_one_line_per_checkpoint(tmp_path):
     save = tmp_path / "run"
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny_gpt.py"), "--save", str(save), "--steps", "20",
-                           "--save-interval", "10", "--quiet"], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_tiny_gpt.py"),
+            "--save",
+            str(save),
+            "--steps",
+            "20",
+            "--save-interval",
+            "10",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = re.findall(r"^  (iter_\d{7}): verification (\w+): max \|diff\| (\S+) against the training model's logits$", done.stdout, re.M)
-    assert [(name, verdict) for name, verdict, _ in lines] == [("iter_0000010", "passed"), ("iter_0000020", "passed")], done.stdout
+    lines = re.findall(
+        r"^  (iter_\d{7}): verification (\w+): max \|diff\| (\S+) against the training model's logits$",
+        done.stdout,
+        re.M,
+    )
+    assert [(name, verdict) for name, verdict, _ in lines] == [
+        ("iter_0000010", "passed"),
+        ("iter_0000020", "passed"),
+    ], done.stdout
     for name, _, printed in lines:
         adapter = save / name / "hf_adapter"
         result = json.loads((adapter / "verification.json").read_text())

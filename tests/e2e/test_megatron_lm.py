@@ -38,23 +38,53 @@ def _train(tmp_path_factory, name: str, world: int, *argv: str, env: dict | None
     megatron_lm.require_megatron_lm()
     root = tmp_path_factory.mktemp(name)
     base = _base_model(root)
-    run = megatron_lm.launch(world, [
-        *megatron_lm.tiny_gpt_flags(CFG), "--tensor-model-parallel-size", str(world), "--save", str(root / "save"),
-        "--export-hf-adapter", "--hf-adapter-base-model", str(base), "--hf-adapter-verify", *argv,
-    ], root / "logs", env={"PROBE_LOGITS_OUT": str(root / "final_logits.safetensors"), **(env or {})}).check()
-    return {"save": root / "save", "base": base, "final": root / "final_logits.safetensors", "logs": run.logs, "root": root}
+    run = megatron_lm.launch(
+        world,
+        [
+            *megatron_lm.tiny_gpt_flags(CFG),
+            "--tensor-model-parallel-size",
+            str(world),
+            "--save",
+            str(root / "save"),
+            "--export-hf-adapter",
+            "--hf-adapter-base-model",
+            str(base),
+            "--hf-adapter-verify",
+            *argv,
+        ],
+        root / "logs",
+        env={"PROBE_LOGITS_OUT": str(root / "final_logits.safetensors"), **(env or {})},
+    ).check()
+    return {
+        "save": root / "save",
+        "base": base,
+        "final": root / "final_logits.safetensors",
+        "logs": run.logs,
+        "root": root,
+    }
 
 
 def _offline_wandb(root: Path) -> dict:
     """W&B offline and silent, every file of it under ``root``, nothing from this machine's W&B settings."""
     names = {"WANDB_DATA_DIR": "wandb-data", "WANDB_CACHE_DIR": "wandb-cache", "WANDB_CONFIG_DIR": "wandb-config"}
-    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **{k: str(root / v) for k, v in names.items()},
-            **dict.fromkeys(("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_DIR"))}
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        **{k: str(root / v) for k, v in names.items()},
+        **dict.fromkeys(("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_DIR")),
+    }
 
 
 WANDB_FLAGS = ("--wandb-project", "proj", "--wandb-exp-name", "llama-sft", "--hf-adapter-wandb-artifact")
-PUSH_FLAGS = ("--hf-adapter-push-repo-id", "me/run", "--hf-adapter-push-strategy", "end", "--hf-adapter-push-private",
-              "--hf-adapter-push-revision", "exp")
+PUSH_FLAGS = (
+    "--hf-adapter-push-repo-id",
+    "me/run",
+    "--hf-adapter-push-strategy",
+    "end",
+    "--hf-adapter-push-private",
+    "--hf-adapter-push-revision",
+    "exp",
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +92,12 @@ def hub(tmp_path_factory):
     """A fake Hub for the module's runs, with the token they get through HF_TOKEN (and no stored login)."""
     token = "hf_" + secrets.token_hex(16)
     with FakeHub(token) as server:
-        server.env = {"HF_TOKEN": token, "HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0",
-                      "HF_HOME": str(tmp_path_factory.mktemp("hf-home"))}
+        server.env = {
+            "HF_TOKEN": token,
+            "HF_ENDPOINT": server.endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path_factory.mktemp("hf-home")),
+        }
         yield server
 
 
@@ -76,13 +110,33 @@ def tp1(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory, hub):
     wandb_env = _offline_wandb(tmp_path_factory.mktemp("tp2-wandb"))
-    return _train(tmp_path_factory, "tp2", 2, "--train-iters", "5", "--save-interval", "2", *WANDB_FLAGS, *PUSH_FLAGS,
-                  env={**wandb_env, **hub.env})
+    return _train(
+        tmp_path_factory,
+        "tp2",
+        2,
+        "--train-iters",
+        "5",
+        "--save-interval",
+        "2",
+        *WANDB_FLAGS,
+        *PUSH_FLAGS,
+        env={**wandb_env, **hub.env},
+    )
 
 
 @pytest.fixture(scope="module")
 def async_save(tmp_path_factory):
-    return _train(tmp_path_factory, "async", 1, "--train-iters", "5", "--save-interval", "2", "--async-save", "--use-persistent-ckpt-worker")
+    return _train(
+        tmp_path_factory,
+        "async",
+        1,
+        "--train-iters",
+        "5",
+        "--save-interval",
+        "2",
+        "--async-save",
+        "--use-persistent-ckpt-worker",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +150,9 @@ SAVED = {"tp1": [2, 4, 5], "tp2": [2, 4, 5], "async_save": [2, 4, 5], "exit_inte
 
 def _iterations(save: Path, pattern: str) -> list[int]:
     """The iterations of the iter_XXXXXXX directories (or of their children) matching ``pattern``."""
-    return sorted(int((p if p.name.startswith("iter_") else p.parent).name.removeprefix("iter_")) for p in save.glob(pattern))
+    return sorted(
+        int((p if p.name.startswith("iter_") else p.parent).name.removeprefix("iter_")) for p in save.glob(pattern)
+    )
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -131,14 +187,20 @@ def _check_adapters(save: str, base: str, final: str) -> list[dict]:
         result = {
             "iteration": int(adapter.parent.name.removeprefix("iter_")),
             "verification": json.loads((adapter / "verification.json").read_text()),
-            "diff_at_save": tiny_gpt.compare_peft(adapter, CFG, reference["input_ids"], reference["logits"], atol=PARITY_ATOL),
+            "diff_at_save": tiny_gpt.compare_peft(
+                adapter, CFG, reference["input_ids"], reference["logits"], atol=PARITY_ATOL
+            ),
         }
         if adapter == adapters[-1]:
             trained = load_file(final)
-            result["diff_after_training"] = tiny_gpt.compare_peft(adapter, CFG, trained["tokens"], trained["logits"], atol=PARITY_ATOL)
+            result["diff_after_training"] = tiny_gpt.compare_peft(
+                adapter, CFG, trained["tokens"], trained["logits"], atol=PARITY_ATOL
+            )
         offline = Path(save).parent / "offline" / adapter.parent.name
         export_checkpoint(adapter.parent, offline, options=ExportOptions(base_model_name_or_path=base), quiet=True)
-        result["offline_equal"] = (offline / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+        result["offline_equal"] = (offline / "adapter_model.safetensors").read_bytes() == (
+            adapter / "adapter_model.safetensors"
+        ).read_bytes()
         results.append(result)
     return results
 
@@ -149,7 +211,9 @@ def test_each_adapter_gives_the_trained_models_logits_and_equals_offline_export(
     results = run_alone(_check_adapters, str(run["save"]), str(run["base"]), str(run["final"]), timeout=300)
     assert [r["iteration"] for r in results] == SAVED[name]
     for r in results:  # compare_peft raised already if a diff exceeded PARITY_ATOL or the adapter changed nothing
-        assert r["verification"]["status"] == "passed" and r["verification"]["iteration"] == r["iteration"], r["verification"]["summary"]
+        assert r["verification"]["status"] == "passed" and r["verification"]["iteration"] == r["iteration"], r[
+            "verification"
+        ]["summary"]
         assert r["verification"]["max_abs_diff"] <= PARITY_ATOL
         assert r["offline_equal"], f"iteration {r['iteration']}: offline export differs from the hook's adapter"
     assert results[-1]["diff_after_training"] <= PARITY_ATOL
@@ -163,16 +227,24 @@ def test_megatron_lms_wandb_flags_are_reused(name, request):
     runs = wandb_files.offline_runs(run["save"] / "wandb")  # Megatron-LM's default --wandb-save-dir
     infos = [wandb_files.run_info(d) for d in runs]
     rows = _verification_rows(runs)
-    assert [r["hf_adapter/iteration"] for r in rows] == [2, 4, 5] and all(r["hf_adapter/verify/passed"] == 1 for r in rows)
+    assert [r["hf_adapter/iteration"] for r in rows] == [2, 4, 5] and all(
+        r["hf_adapter/verify/passed"] == 1 for r in rows
+    )
     megatron_runs = {i["id"] for i in infos if i["name"] == "llama-sft"}
     assert len(megatron_runs) == 1
     logged_to = {wandb_files.run_info(d)["id"] for d in runs if _verification_rows([d])}
-    if name == "tp1":  # the writer is Megatron-LM's last rank: its run is reused (and resumed once Megatron-LM finished it)
+    # the writer is Megatron-LM's last rank: its run is reused (and resumed once Megatron-LM finished it)
+    if name == "tp1":
         assert logged_to == megatron_runs
     else:  # the writer starts its own run beside Megatron-LM's, grouped under the experiment name
         (own,) = [i for i in infos if i["id"] in logged_to]
         assert (own["name"], own["group"], own["project"]) == ("llama-sft-hf-adapter", "llama-sft", "proj")
-    ours = [a for d in runs for a in wandb_files.artifacts(d) if a["type"] == "model" and a["name"] == "llama-sft-hf-adapter"]
+    ours = [
+        a
+        for d in runs
+        for a in wandb_files.artifacts(d)
+        if a["type"] == "model" and a["name"] == "llama-sft-hf-adapter"
+    ]
     assert sorted(a["aliases"][0] for a in ours) == ["iter_0000002", "iter_0000004", "iter_0000005"]
 
 

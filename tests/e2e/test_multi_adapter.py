@@ -1,4 +1,5 @@
-"""Several named ModelOpt adapters at TP2: peft's multi-adapter layout, each adapter reproducing its own Megatron logits."""
+"""Several named ModelOpt adapters at TP2: peft's multi-adapter layout, each adapter reproducing its own Megatron
+logits."""
 
 import logging
 from pathlib import Path
@@ -54,7 +55,16 @@ def _two_adapters(rank, world, tmp):
     from megatron_peft_export import ExportError, export_adapters
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
-    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, hf_llama_twin, init_parallel, megatron_logits, sample_tokens
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        apply_modelopt_lora,
+        build_gpt,
+        fill_lora_random,
+        hf_llama_twin,
+        init_parallel,
+        megatron_logits,
+        sample_tokens,
+    )
 
     records = LogRecords(logging.INFO)
     cfg = TinyGPTConfig()
@@ -106,23 +116,45 @@ def test_two_named_modelopt_adapters_at_tp2_reproduce_their_logits_through_peft(
     assert max(first["diffs"].values()) <= 1e-5, first["diffs"]
     assert first["only_math"]["default"] <= 1e-5
     adapters = tmp_path / "adapters"
-    assert sorted(p.name for p in adapters.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "math"]
-    assert sorted(p.name for p in (adapters / "math").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapters.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "math",
+    ]
+    assert sorted(p.name for p in (adapters / "math").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert first["math_config"]["target_modules"] == ["down_proj", "k_proj", "q_proj", "v_proj"]
     assert (first["math_config"]["r"], first["math_config"]["lora_alpha"]) == (12, 6)
     assert 'model.load_adapter("<this directory>/math", adapter_name="math")' in first["card"]
     # pad_rank_to=16: one rank-16 adapter at the root with the same scale (6 / 12 = 8 / 16), the same logits
     assert (first["only_math_config"]["r"], first["only_math_config"]["lora_alpha"]) == (16, 8)
-    assert sorted(p.name for p in (tmp_path / "only_math").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "only_math").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     # the training hook writes the same tree, published at once
     hooked = tmp_path / "iter_0000005" / "hf_adapter"
     for sub in ("", "math"):
-        ours, reference = load_file(hooked / sub / "adapter_model.safetensors"), load_file(adapters / sub / "adapter_model.safetensors")
+        ours, reference = (
+            load_file(hooked / sub / "adapter_model.safetensors"),
+            load_file(adapters / sub / "adapter_model.safetensors"),
+        )
         assert ours.keys() == reference.keys() and all((ours[k] == reference[k]).all() for k in ours)
     # a disabled adapter is skipped with a warning; unknown or no names: the same error on every rank
-    assert sorted(p.name for p in (tmp_path / "all_but_math").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "all_but_math").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert any("not exporting disabled adapter(s) math" in m for m in first["logs"])
-    assert any("[rank-size] rank 12" in m for m in first["logs"]), "the export-time serving check names the rank-12 adapter"
+    assert any("[rank-size] rank 12" in m for m in first["logs"]), (
+        "the export-time serving check names the rank-12 adapter"
+    )
     assert results[1] == first["errors"] and len(first["errors"]) == 2
     assert "no adapter named 'nope'; the model has adapters ['default', 'math']" in first["errors"][0]
     assert "expected at least one name" in first["errors"][1]
@@ -138,13 +170,24 @@ def test_the_hook_takes_adapter_names_and_pad_rank_to_from_yaml_and_megatron_lm_
 
     config = tmp_path / "train.yaml"
     config.write_text("export_hf_adapter:\n  adapter_names: [default, math]\n  pad_rank_to: 16\n")
-    assert (HookConfig.from_yaml(config).adapter_names, HookConfig.from_yaml(config).pad_rank_to) == (["default", "math"], 16)
-    for bad, message in (("adapter_names: math", "expected 'all' or a list"), ("adapter_names: []", "at least one name"),
-                         ("pad_rank_to: 0", "expected a rank >= 1")):
+    assert (HookConfig.from_yaml(config).adapter_names, HookConfig.from_yaml(config).pad_rank_to) == (
+        ["default", "math"],
+        16,
+    )
+    for bad, message in (
+        ("adapter_names: math", "expected 'all' or a list"),
+        ("adapter_names: []", "at least one name"),
+        ("pad_rank_to: 0", "expected a rank >= 1"),
+    ):
         config.write_text(f"export_hf_adapter:\n  {bad}\n")
         with pytest.raises(ExportError, match=message):
             HookConfig.from_yaml(config)
     parser = megatron_lm.add_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--export-hf-adapter", "--hf-adapter-names", "default, math", "--hf-adapter-pad-rank-to", "16"])
-    assert (megatron_lm.config_from_args(args).adapter_names, megatron_lm.config_from_args(args).pad_rank_to) == (["default", "math"], 16)
+    args = parser.parse_args(
+        ["--export-hf-adapter", "--hf-adapter-names", "default, math", "--hf-adapter-pad-rank-to", "16"]
+    )
+    assert (megatron_lm.config_from_args(args).adapter_names, megatron_lm.config_from_args(args).pad_rank_to) == (
+        ["default", "math"],
+        16,
+    )
     assert megatron_lm.config_from_args(parser.parse_args(["--hf-adapter-names", "all"])).adapter_names == "all"

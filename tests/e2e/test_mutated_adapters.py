@@ -1,4 +1,5 @@
-"""Property-based (hypothesis, fixed seed, bounded): a real adapter directory (a TP2 export with its verification reference)
+"""Property-based (hypothesis, fixed seed, bounded): a real adapter directory (a TP2 export with its verification
+reference)
 mutated by up to three edits (truncations, bit flips, swapped files, links to a secret or a device, deleted files, a
 directory in place of a file, wrong dtypes and shapes in the safetensors header, bogus config fields, stray files), then
 run through `verify`, `push` (to a fake Hub) and `load_hf_adapter`. For every example:
@@ -23,15 +24,35 @@ from tests.support.multiprocess import run_ranks
 pytestmark = pytest.mark.timeout(900)
 EXAMPLES = 60
 FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "verification/reference.safetensors"]
-CONFIG_FIELDS = ["r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora", "peft_type",
-                 "base_model_name_or_path", "task_type", "layers_to_transform", "modules_to_save", "bias", "fan_in_fan_out", "lora_dropout"]
+CONFIG_FIELDS = [
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "target_parameters",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "use_rslora",
+    "peft_type",
+    "base_model_name_or_path",
+    "task_type",
+    "layers_to_transform",
+    "modules_to_save",
+    "bias",
+    "fan_in_fan_out",
+    "lora_dropout",
+]
 
 
 def _strategies():
     from hypothesis import strategies as st
 
     values = st.one_of(
-        st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=False, allow_infinity=False, width=32), st.text(max_size=8),
+        st.none(),
+        st.booleans(),
+        st.integers(-3, 70),
+        st.floats(allow_nan=False, allow_infinity=False, width=32),
+        st.text(max_size=8),
         st.sampled_from(["q_proj", ".*", "all-linear", "LORA", "(a+)+$", "CAUSAL_LM", "none", "all"]),
         st.lists(st.sampled_from(["q_proj", "v_proj", "down_proj", "nothing", "lm_head"]), max_size=3),
         st.dictionaries(st.sampled_from(["q_proj", "layers.0.mlp.up_proj", "(x+)+y"]), st.integers(0, 16), max_size=2),
@@ -44,10 +65,18 @@ def _strategies():
         st.tuples(st.just("link"), files, st.sampled_from(["secret", "/dev/null", *FILES])),
         st.tuples(st.just("delete"), files),
         st.tuples(st.just("directory"), files),
-        st.tuples(st.just("dtype"), st.integers(0, 1000), st.sampled_from(["F16", "BF16", "F64", "I32", "I64", "U8", "BOOL", "F8_E4M3", "X"])),
+        st.tuples(
+            st.just("dtype"),
+            st.integers(0, 1000),
+            st.sampled_from(["F16", "BF16", "F64", "I32", "I64", "U8", "BOOL", "F8_E4M3", "X"]),
+        ),
         st.tuples(st.just("shape"), st.integers(0, 1000), st.lists(st.integers(0, 64), max_size=3)),
         st.tuples(st.just("config"), st.sampled_from(CONFIG_FIELDS), values),
-        st.tuples(st.just("extra"), st.sampled_from(["notes.txt", "math/adapter_config.json", "sub/x.bin"]), st.binary(max_size=64)),
+        st.tuples(
+            st.just("extra"),
+            st.sampled_from(["notes.txt", "math/adapter_config.json", "sub/x.bin"]),
+            st.binary(max_size=64),
+        ),
     )
     return st.lists(mutation, min_size=1, max_size=3)
 
@@ -57,7 +86,6 @@ def _mutate(work, mutation, secret_path):
     import json
     import shutil
     import struct
-    from pathlib import Path
 
     kind, *args = mutation
     path = work / args[0] if kind not in ("dtype", "shape") else work / "adapter_model.safetensors"
@@ -77,7 +105,13 @@ def _mutate(work, mutation, secret_path):
     elif kind == "link" and os.path.lexists(path):
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         target = args[1]
-        path.symlink_to(secret_path if target == "secret" else target if target.startswith("/") else os.path.relpath(work / target, path.parent))
+        path.symlink_to(
+            secret_path
+            if target == "secret"
+            else target
+            if target.startswith("/")
+            else os.path.relpath(work / target, path.parent)
+        )
     elif kind == "delete" and os.path.lexists(path):
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     elif kind == "directory" and os.path.lexists(path):
@@ -154,7 +188,9 @@ def _fuzz(rank, world, adapter, base, scratch, examples):
             assert len(errors) == 1 and err.endswith(errors[0] + "\n"), err
         return status
 
-    @settings(max_examples=examples, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+    )
     @given(_strategies())
     def prop(mutations):
         for path in (work, out):
@@ -166,7 +202,9 @@ def _fuzz(rank, world, adapter, base, scratch, examples):
             _mutate(work, mutation, secret)
         before, staged = tree(work), set(Path(tempfile.gettempdir()).glob("hf-adapter-push-*"))
 
-        status = cli(["verify", str(work), "--base-model", str(base), "--output", str(out / "verification.json"), "--quiet"])
+        status = cli(
+            ["verify", str(work), "--base-model", str(base), "--output", str(out / "verification.json"), "--quiet"]
+        )
         seen["verify", status] += 1
         assert status in (0, 1, 2)
         if status == 2:
@@ -182,12 +220,19 @@ def _fuzz(rank, world, adapter, base, scratch, examples):
         assert len(hub.commits) == commits + (status == 0), "one commit, or none"
         if status == 0:
             files = hub.files("me/fuzz")
-            local = sorted(str(p.relative_to(work)) for p in work.rglob("*")
-                           if p.is_file() and not p.is_symlink() and (p.parent == work or (p.parent / "adapter_config.json").is_file())
-                           and "verification" not in p.relative_to(work).parts[:-1])
+            local = sorted(
+                str(p.relative_to(work))
+                for p in work.rglob("*")
+                if p.is_file()
+                and not p.is_symlink()
+                and (p.parent == work or (p.parent / "adapter_config.json").is_file())
+                and "verification" not in p.relative_to(work).parts[:-1]
+            )
             assert sorted(hub.commits[-1].paths) == local
             assert all(files[name] == (work / name).read_bytes() for name in local if name != "README.md")
-        assert not any(secret.read_bytes() in data for r in hub.repos.values() for b in r.branches.values() for data in b.values())
+        assert not any(
+            secret.read_bytes() in data for r in hub.repos.values() for b in r.branches.values() for data in b.values()
+        )
         assert set(Path(tempfile.gettempdir()).glob("hf-adapter-push-*")) == staged, "no staging directory left"
 
         values = {n: p.detach().clone() for n, p in lora.items()}

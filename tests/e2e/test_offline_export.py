@@ -15,8 +15,10 @@ ITERATION = 5
 
 
 def _train_save_and_export_live(rank, world, tmp, tp, pp, variant, targets=None, live=True):
-    """A model with random adapters: exported live (unless not `live`), and saved as a Megatron-LM / Bridge style torch_dist
-    checkpoint (Bridge: its own PEFT modules, tests/support/real_bridge.py; base weights saved too, so that a read of them would show)."""
+    """A model with random adapters: exported live (unless not `live`), and saved as a Megatron-LM / Bridge style
+    torch_dist
+    checkpoint (Bridge: its own PEFT modules, tests/support/real_bridge.py; base weights saved too, so that a read of
+    them would show)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
@@ -30,7 +32,11 @@ def _train_save_and_export_live(rank, world, tmp, tp, pp, variant, targets=None,
     cfg = TinyGPTConfig()
     init_parallel(tp, pp)
     model = build_gpt(cfg)
-    model = apply_modelopt_lora(model, scale=1.5) if variant == "modelopt" else real_bridge.apply(model, variant, dim=8, alpha=12, target_modules=targets)
+    model = (
+        apply_modelopt_lora(model, scale=1.5)
+        if variant == "modelopt"
+        else real_bridge.apply(model, variant, dim=8, alpha=12, target_modules=targets)
+    )
     fill_lora_random(model, seed=17)
     if live:
         export_adapter(model, Path(tmp) / "live")
@@ -38,10 +44,19 @@ def _train_save_and_export_live(rank, world, tmp, tp, pp, variant, targets=None,
     directory.mkdir(parents=True, exist_ok=True)
     state = {"model": model.sharded_state_dict(), "iteration": ITERATION}
     if variant == "modelopt":  # Megatron-LM records its args in common.pt
-        state["args"] = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_layers=cfg.num_layers,
-                                           hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
-                                           group_query_attention=True, num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
-                                           swiglu=True, padded_vocab_size=cfg.vocab_size)
+        state["args"] = argparse.Namespace(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            ffn_hidden_size=cfg.ffn_hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            group_query_attention=True,
+            num_query_groups=cfg.num_query_groups,
+            kv_channels=cfg.kv_channels,
+            swiglu=True,
+            padded_vocab_size=cfg.vocab_size,
+        )
     _in_process_write_results()
     with _may_fork():
         dist_checkpointing.save(state, str(directory))
@@ -49,10 +64,19 @@ def _train_save_and_export_live(rank, world, tmp, tp, pp, variant, targets=None,
             save_sharded_modelopt_state([model], str(directory))
     if rank == 0:
         if variant != "modelopt":  # Bridge records its config in run_config.yaml
-            run_config = {"model": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
-                                    "num_query_groups": cfg.num_query_groups, "kv_channels": cfg.kv_channels, "ffn_hidden_size": cfg.ffn_hidden_size,
-                                    "gated_linear_unit": True, "tensor_model_parallel_size": tp},
-                          "peft": {"_target_": "megatron.bridge.peft.lora.LoRA", "dim": 8, "alpha": 12}}
+            run_config = {
+                "model": {
+                    "num_layers": cfg.num_layers,
+                    "hidden_size": cfg.hidden_size,
+                    "num_attention_heads": cfg.num_attention_heads,
+                    "num_query_groups": cfg.num_query_groups,
+                    "kv_channels": cfg.kv_channels,
+                    "ffn_hidden_size": cfg.ffn_hidden_size,
+                    "gated_linear_unit": True,
+                    "tensor_model_parallel_size": tp,
+                },
+                "peft": {"_target_": "megatron.bridge.peft.lora.LoRA", "dim": 8, "alpha": 12},
+            }
             (directory / "run_config.yaml").write_text(yaml.safe_dump(run_config))
         (Path(tmp) / "save" / TRACKER).write_text(str(ITERATION))
     dist.barrier()
@@ -70,7 +94,9 @@ def _offline(rank, world, argv, warm_output=None):
     from megatron_peft_export.cli import main
 
     def rchar() -> int:
-        return next(int(line.split()[1]) for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:"))
+        return next(
+            int(line.split()[1]) for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:")
+        )
 
     if warm_output is not None:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -111,10 +137,21 @@ def _same_adapter(a: Path, b: Path):
     assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
 
 
-@pytest.mark.parametrize("variant,tp,pp", [
-    ("modelopt", 1, 1), ("modelopt", 2, 1), ("modelopt", 1, 2), ("modelopt", 2, 2),
-    ("lora", 2, 1), ("lora", 2, 2), ("canonical", 2, 1), ("dora", 2, 1), ("dora", 1, 1),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "variant,tp,pp",
+    [
+        ("modelopt", 1, 1),
+        ("modelopt", 2, 1),
+        ("modelopt", 1, 2),
+        ("modelopt", 2, 2),
+        ("lora", 2, 1),
+        ("lora", 2, 2),
+        ("canonical", 2, 1),
+        ("dora", 2, 1),
+        ("dora", 1, 1),
+    ],
+    ids=lambda v: str(v),
+)
 def test_offline_export_equals_live_export_and_reads_no_base_bytes(request, tmp_path, variant, tp, pp):
     """DoRA at TP2 on column-parallel linears (its fc1 magnitude is saved rank-interleaved); at TP1 on all four."""
     if variant != "modelopt":
@@ -123,23 +160,36 @@ def test_offline_export_equals_live_export_and_reads_no_base_bytes(request, tmp_
     run_ranks(_train_save_and_export_live, tp * pp, str(tmp_path), tp, pp, variant, targets)
     adapter_bytes, base_bytes = _corrupt_base_weights(tmp_path / "save" / f"iter_{ITERATION:07d}")
     iteration = tmp_path / "save" / f"iter_{ITERATION:07d}"
-    status, err, read = run_ranks(_offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")], str(tmp_path / "warm"))[0]
+    status, err, read = run_ranks(
+        _offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")], str(tmp_path / "warm")
+    )[0]
     assert status == 0, err
     _same_adapter(tmp_path / "live", tmp_path / "offline")
-    # the adapter's bytes, plus at most the small files (.metadata, common.pt, modelopt_state) and 64 KiB; never the base
+    # the adapter's bytes, plus at most the small files (.metadata, common.pt, modelopt_state) and 64 KiB;
+    # never the base
     small_files = sum(f.stat().st_size for f in iteration.rglob("*") if f.is_file() and f.suffix != ".distcp")
-    assert adapter_bytes <= read <= adapter_bytes + small_files + 2**16 < base_bytes, (read, adapter_bytes, small_files, base_bytes)
+    assert adapter_bytes <= read <= adapter_bytes + small_files + 2**16 < base_bytes, (
+        read,
+        adapter_bytes,
+        small_files,
+        base_bytes,
+    )
 
 
 def test_bridge_dora_saved_at_tp2_on_row_parallel_linears_is_refused_offline(real_bridge, tmp_path):
-    """What the live export refuses (test_export_bridge.py) the checkpoint's export refuses too: exit 2, one line, nothing written."""
+    """What the live export refuses (test_export_bridge.py) the checkpoint's export refuses too: exit 2, one line,
+    nothing written."""
     run_ranks(_train_save_and_export_live, 2, str(tmp_path), 2, 1, "dora", None, False)
-    status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")])[0]
+    status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")])[
+        0
+    ]
     assert status == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'save' / 'iter_0000005'}: found Megatron-Bridge DoRA on row-parallel "
-                                                   "linears at tensor-parallel size 2: decoder.layers.{0..3}.mlp.linear_fc2, "
-                                                   "decoder.layers.{0..3}.self_attention.linear_proj. "), err
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: {tmp_path / 'save' / 'iter_0000005'}: found Megatron-Bridge DoRA on row-parallel "
+        "linears at tensor-parallel size 2: decoder.layers.{0..3}.mlp.linear_fc2, "
+        "decoder.layers.{0..3}.self_attention.linear_proj. "
+    ), err
     assert not (tmp_path / "offline").exists()
 
 
@@ -188,22 +238,37 @@ def _bad(tmp: Path, case: str) -> Path:
     return save
 
 
-@pytest.mark.parametrize("case,message", [
-    ("not a checkpoint", "expected a Megatron checkpoint"),
-    ("unknown format", "found ['weights.bin']"),
-    ("truncated", "but the file has 100 bytes; is the file truncated"),
-    ("corrupt metadata", ".metadata: cannot be read"),
-    ("unsafe pickle", "common.pt: refused, it needs unsafe unpickling (builtins.print is not loaded"),
-    ("other architecture", "num_query_groups: Megatron model has 4, the base model's config.json has 2"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("not a checkpoint", "expected a Megatron checkpoint"),
+        ("unknown format", "found ['weights.bin']"),
+        ("truncated", "but the file has 100 bytes; is the file truncated"),
+        ("corrupt metadata", ".metadata: cannot be read"),
+        ("unsafe pickle", "common.pt: refused, it needs unsafe unpickling (builtins.print is not loaded"),
+        ("other architecture", "num_query_groups: Megatron model has 4, the base model's config.json has 2"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case, message):
     run_ranks(_train_save_and_export_live, 1, str(tmp_path), 1, 1, "modelopt")
     argv = ["export", str(_bad(tmp_path, case)), "--output", str(tmp_path / "out")]
     if case == "other architecture":
         base = tmp_path / "base"
         base.mkdir()
-        (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 8,
-                                                      "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 96, "vocab_size": 128}))
+        (base / "config.json").write_text(
+            json.dumps(
+                {
+                    "model_type": "llama",
+                    "num_hidden_layers": 4,
+                    "hidden_size": 64,
+                    "num_attention_heads": 8,
+                    "num_key_value_heads": 2,
+                    "head_dim": 8,
+                    "intermediate_size": 96,
+                    "vocab_size": 128,
+                }
+            )
+        )
         argv += ["--base-model", str(base)]
     status, err, _ = run_ranks(_offline, 1, argv)[0]
     assert status == 2
@@ -223,7 +288,9 @@ def test_checkpoint_without_adapters(tmp_path):
         (Path(tmp) / "plain").mkdir()
         _in_process_write_results()
         with _may_fork():
-            dist_checkpointing.save({"model": build_gpt(TinyGPTConfig()).sharded_state_dict()}, str(Path(tmp) / "plain"))
+            dist_checkpointing.save(
+                {"model": build_gpt(TinyGPTConfig()).sharded_state_dict()}, str(Path(tmp) / "plain")
+            )
 
     run_ranks(save_plain, 1, str(tmp_path))
     status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "plain"), "--output", str(tmp_path / "out")])[0]
@@ -246,19 +313,41 @@ def _save_legacy_and_export_live(rank, world, tmp, tp, pp):
     model = apply_modelopt_lora(build_gpt(cfg), scale=0.5)
     fill_lora_random(model, seed=23)
     export_adapter(model, Path(tmp) / "live")
-    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}" + (f"_{ps.get_pipeline_model_parallel_rank():03d}" if pp > 1 else "")
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}" + (
+        f"_{ps.get_pipeline_model_parallel_rank():03d}" if pp > 1 else ""
+    )
     path = iteration_dir(Path(tmp) / "save", ITERATION) / name / "model_optim_rng.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                              ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads, group_query_attention=True,
-                              num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels, swiglu=True, padded_vocab_size=cfg.vocab_size)
-    torch.save({"model": model.state_dict(), "args": args, "iteration": ITERATION, "modelopt_state": mto.modelopt_state(model)}, path)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=True,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        swiglu=True,
+        padded_vocab_size=cfg.vocab_size,
+    )
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "args": args,
+            "iteration": ITERATION,
+            "modelopt_state": mto.modelopt_state(model),
+        },
+        path,
+    )
     dist.barrier()
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_legacy_format_equals_live_export(tmp_path, tp, pp):
     run_ranks(_save_legacy_and_export_live, tp * pp, str(tmp_path), tp, pp)
-    status, err, _ = run_ranks(_offline, 1, ["export", str(tmp_path / "save" / f"iter_{ITERATION:07d}"), "--output", str(tmp_path / "offline")])[0]
+    status, err, _ = run_ranks(
+        _offline, 1, ["export", str(tmp_path / "save" / f"iter_{ITERATION:07d}"), "--output", str(tmp_path / "offline")]
+    )[0]
     assert status == 0, err
     _same_adapter(tmp_path / "live", tmp_path / "offline")

@@ -39,7 +39,8 @@ def tree(root: Path) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A torch_dist checkpoint (save/iter_0000005, tracker included) of the tiny model with ModelOpt LoRA, its live export
+    """A torch_dist checkpoint (save/iter_0000005, tracker included) of the tiny model with ModelOpt LoRA, its live
+    export
     (live/), and the HF base model's config (base/)."""
     tmp = tmp_path_factory.mktemp("outputs")
     run_ranks(_train_save_and_export_live, 1, str(tmp), 1, 1, "modelopt")
@@ -81,16 +82,51 @@ REFUSED = {
     "the save directory": ("save", "save", [], "is the checkpoint being read"),
     "the save directory, reading the iteration": (f"save/{ITER}", "save", [], "contains the checkpoint being read"),
     "a parent of the save directory": ("save", ".", [], "contains the checkpoint being read"),
-    "common.pt": (f"save/{ITER}", f"save/{ITER}/common.pt", [], "already exists and is a file, part of the checkpoint being read"),
-    ".metadata": (f"save/{ITER}", f"save/{ITER}/.metadata", [], "already exists and is a file, part of the checkpoint being read"),
-    "inside modelopt_state": (f"save/{ITER}", f"save/{ITER}/modelopt_state/adapter", [], "lies inside the checkpoint being read"),
-    "a new directory two levels inside": (f"save/{ITER}", f"save/{ITER}/a/b", [], "lies inside the checkpoint being read"),
+    "common.pt": (
+        f"save/{ITER}",
+        f"save/{ITER}/common.pt",
+        [],
+        "already exists and is a file, part of the checkpoint being read",
+    ),
+    ".metadata": (
+        f"save/{ITER}",
+        f"save/{ITER}/.metadata",
+        [],
+        "already exists and is a file, part of the checkpoint being read",
+    ),
+    "inside modelopt_state": (
+        f"save/{ITER}",
+        f"save/{ITER}/modelopt_state/adapter",
+        [],
+        "lies inside the checkpoint being read",
+    ),
+    "a new directory two levels inside": (
+        f"save/{ITER}",
+        f"save/{ITER}/a/b",
+        [],
+        "lies inside the checkpoint being read",
+    ),
     "the tracker file": ("save", "save/latest_checkpointed_iteration.txt", [], "already exists and is a file;"),
     "a link to the iteration": (f"save/{ITER}", "link-to-iteration", [], "is the checkpoint being read"),
     "a link to the save directory": (f"save/{ITER}", "link-to-save", [], "contains the checkpoint being read"),
-    "inside a link to the iteration": (f"save/{ITER}", "link-to-iteration/modelopt_state", [], "already exists and is a directory without the model card"),
-    "the base model directory": (f"save/{ITER}", "base", ["--base-model", "base"], "is the base model directory being read"),
-    "a directory of the user's": (f"save/{ITER}", "mine", [], "already exists and is a directory without the model card"),
+    "inside a link to the iteration": (
+        f"save/{ITER}",
+        "link-to-iteration/modelopt_state",
+        [],
+        "already exists and is a directory without the model card",
+    ),
+    "the base model directory": (
+        f"save/{ITER}",
+        "base",
+        ["--base-model", "base"],
+        "is the base model directory being read",
+    ),
+    "a directory of the user's": (
+        f"save/{ITER}",
+        "mine",
+        [],
+        "already exists and is a directory without the model card",
+    ),
     "a file of the user's": (f"save/{ITER}", "notes.txt", [], "already exists and is a file;"),
     "a link to a file": (f"save/{ITER}", "link-to-notes", [], "already exists and is a symbolic link to notes.txt"),
 }
@@ -109,13 +145,24 @@ def _prepare(work: Path) -> None:
 def test_an_export_onto_its_input_or_onto_what_it_did_not_publish_is_refused_and_changes_nothing(work, overwrite):
     _prepare(work)
     before = tree(work)
-    argvs = [["export", str(work / ckpt), "--output", str(work / out), *(["--overwrite"] if overwrite else []),
-              *[str(work / a) if a == "base" else a for a in extra]] for ckpt, out, extra, _ in REFUSED.values()]
+    argvs = [
+        [
+            "export",
+            str(work / ckpt),
+            "--output",
+            str(work / out),
+            *(["--overwrite"] if overwrite else []),
+            *[str(work / a) if a == "base" else a for a in extra],
+        ]
+        for ckpt, out, extra, _ in REFUSED.values()
+    ]
     for case, (status, err) in zip(REFUSED, run_ranks(_cli_many, 1, argvs)[0]):
         assert status == 2, (case, err)
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (case, err)
         assert REFUSED[case][3] in err, (case, err)
-    assert tree(work) == before, "no byte of the checkpoint, the base model or the user's files may change, and nothing is left behind"
+    assert tree(work) == before, (
+        "no byte of the checkpoint, the base model or the user's files may change, and nothing is left behind"
+    )
 
 
 def test_an_adapter_directly_in_the_iteration_is_written_and_replaced_only_as_ours(work):
@@ -125,7 +172,11 @@ def test_an_adapter_directly_in_the_iteration_is_written_and_replaced_only_as_ou
     (first, again, replaced) = run_ranks(_cli_many, 1, [export, export, [*export, "--overwrite"]])[0]
     assert first[0] == 0 and replaced[0] == 0, (first, replaced)
     assert again[0] == 2 and "already exists; expected a new directory. Pass overwrite=True (--overwrite)" in again[1]
-    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert {k: v for k, v in tree(work / "save").items() if not k.startswith(f"{ITER}/hf_adapter")} == checkpoint
     (adapter / "README.md").write_text("# my own card\n")  # no longer recognisably ours: never replaced
     [(status, err)] = run_ranks(_cli_many, 1, [[*export, "--overwrite"]])[0]
@@ -134,10 +185,14 @@ def test_an_adapter_directly_in_the_iteration_is_written_and_replaced_only_as_ou
 
 
 def test_an_adapter_of_an_older_version_is_recognised_by_its_card(exported, tmp_path):
-    """Every version wrote README.md with the megatron-peft-export tag (the first one, 02ff3de, without pipeline_tag)."""
+    """Every version wrote README.md with the megatron-peft-export tag (the first one, 02ff3de, without
+    pipeline_tag)."""
     old = tmp_path / "old"
     shutil.copytree(exported / "live", old)
-    (old / "README.md").write_text('---\nlibrary_name: peft\nbase_model: "/models/x"\ntags:\n- lora\n- megatron\n- megatron-peft-export\n---\n\n# LoRA\n')
+    (old / "README.md").write_text(
+        '---\nlibrary_name: peft\nbase_model: "/models/x"\ntags:\n- lora\n- megatron\n- '
+        "megatron-peft-export\n---\n\n# LoRA\n"
+    )
     assert atomic_dir.is_published_adapter(old)
     (old / "README.md").write_text("---\ntags:\n- lora\n---\n")
     assert not atomic_dir.is_published_adapter(old)
@@ -160,8 +215,11 @@ def _live_exports(rank, world, tmp):
     model = apply_modelopt_lora(build_gpt(TinyGPTConfig()), scale=1.5)
     fill_lora_random(model, seed=17)
     found = {}
-    for case, output, kwargs in [("the save directory", "save", {}), ("the base model", "base", {"base_model_name_or_path": f"{tmp}/base"}),
-                                 ("a directory of the user's", "mine", {})]:
+    for case, output, kwargs in [
+        ("the save directory", "save", {}),
+        ("the base model", "base", {"base_model_name_or_path": f"{tmp}/base"}),
+        ("a directory of the user's", "mine", {}),
+    ]:
         try:
             export_adapter(model, Path(tmp) / output, overwrite=True, **kwargs)
             found[case] = "written"
@@ -180,12 +238,18 @@ def test_live_exports_and_the_hook_refuse_to_replace_what_they_did_not_publish(w
     before = tree(work)
     results = run_ranks(_live_exports, 2, str(work))
     for found in results:  # the same error on every rank
-        assert found["the save directory"].startswith("OutputError: ") and "already exists and is a directory without the model card" in found["the save directory"]
+        assert (
+            found["the save directory"].startswith("OutputError: ")
+            and "already exists and is a directory without the model card" in found["the save directory"]
+        )
         assert "is the base model directory being read" in found["the base model"], found
         assert "already exists and is a directory without the model card" in found["a directory of the user's"], found
         assert {k: v for k, v in found.items() if k != "hook"} == {k: v for k, v in results[0].items() if k != "hook"}
     [line] = results[0]["hook"]
-    assert "export for iteration 5 failed; training continues" in line and f"{ITER}/modelopt_state already exists and is a directory" in line
+    assert (
+        "export for iteration 5 failed; training continues" in line
+        and f"{ITER}/modelopt_state already exists and is a directory" in line
+    )
     assert tree(work) == before
 
 
@@ -216,7 +280,9 @@ def test_publish_replaces_only_a_published_adapter_and_removes_what_it_set_aside
     out = tmp_path / "out"
     for _ in range(2):
         tmp = atomic_dir.staging_dir(out, True)
-        atomic_dir.write_staging(tmp, tensors={}, config={"peft_type": "LORA"}, card="---\ntags:\n- megatron-peft-export\n---\n")
+        atomic_dir.write_staging(
+            tmp, tensors={}, config={"peft_type": "LORA"}, card="---\ntags:\n- megatron-peft-export\n---\n"
+        )
         atomic_dir.publish(tmp, out, True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "the replaced directory is removed"
     tmp = atomic_dir.staging_dir(out, True)
@@ -224,7 +290,9 @@ def test_publish_replaces_only_a_published_adapter_and_removes_what_it_set_aside
     out.symlink_to(tmp_path)  # appears between staging and publish
     with pytest.raises(atomic_dir.OutputError, match="is now a symbolic link"):
         atomic_dir.publish(tmp, out, True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and out.is_symlink(), "the link stays, the staging is gone"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and out.is_symlink(), (
+        "the link stays, the staging is gone"
+    )
 
 
 def test_a_failed_export_leaves_no_parent_directory_it_created(tmp_path):
@@ -236,4 +304,6 @@ def test_a_failed_export_leaves_no_parent_directory_it_created(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "mine").write_text("x")
     atomic_dir.discard(atomic_dir.staging_dir(out, False))
-    assert tree(tmp_path) == {"a": ("dir",), "a/mine": tree(tmp_path)["a/mine"]}, "a parent that existed, or is not empty, stays"
+    assert tree(tmp_path) == {"a": ("dir",), "a/mine": tree(tmp_path)["a/mine"]}, (
+        "a parent that existed, or is not empty, stays"
+    )

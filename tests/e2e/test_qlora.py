@@ -1,4 +1,5 @@
-"""QLoRA-style: ModelOpt LoRA on ModelOpt-quantized (INT8, fake-quant on CPU) parallel linears exports like any other."""
+"""QLoRA-style: ModelOpt LoRA on ModelOpt-quantized (INT8, fake-quant on CPU) parallel linears exports like any
+other."""
 
 from pathlib import Path
 
@@ -14,14 +15,26 @@ def _qlora(rank, world, tmp):
     import peft
 
     from megatron_peft_export import export_adapter
-    from tests.support.tiny_gpt import (TinyGPTConfig, apply_modelopt_lora, build_gpt, compare_peft, fill_lora_random, hf_llama_twin,
-                                        hf_logits, init_parallel, megatron_logits, sample_tokens)
+    from tests.support.tiny_gpt import (
+        TinyGPTConfig,
+        apply_modelopt_lora,
+        build_gpt,
+        compare_peft,
+        fill_lora_random,
+        hf_llama_twin,
+        hf_logits,
+        init_parallel,
+        megatron_logits,
+        sample_tokens,
+    )
 
     cfg = TinyGPTConfig()
     init_parallel(world)
     tokens, calibration = sample_tokens(cfg), sample_tokens(cfg, seed=1)
     model = mtq.quantize(build_gpt(cfg), mtq.INT8_DEFAULT_CFG, lambda m: megatron_logits(m, calibration))
-    model = apply_modelopt_lora(model)  # LoRA over the quantized linears (ModelOpt's LoRA + Quant parallel linear classes)
+    model = apply_modelopt_lora(
+        model
+    )  # LoRA over the quantized linears (ModelOpt's LoRA + Quant parallel linear classes)
     fill_lora_random(model, seed=3)
     quantized = megatron_logits(model, tokens)
     out = export_adapter(model, Path(tmp) / "adapter")
@@ -30,7 +43,9 @@ def _qlora(rank, world, tmp):
     if rank != 0:
         return None
     result = {
-        "classes": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith(("linear_qkv", "linear_fc2"))}),
+        "classes": sorted(
+            {type(m).__name__ for n, m in model.named_modules() if n.endswith(("linear_qkv", "linear_fc2"))}
+        ),
         "card": (out / "README.md").read_text(),
         "quantization_effect": (quantized - unquantized).abs().max().item(),
         # the adapter itself: the unquantized HF base + the adapter against the Megatron model with its quantizers off
@@ -52,4 +67,7 @@ def test_lora_over_a_modelopt_quantized_base_exports_and_the_card_records_the_qu
     # TP1: bit-for-bit the same computation. TP2: row-parallel partial sums round differently before the next
     # layer's INT8 input quantizer, so a few activations land one quantization step apart.
     assert result["quantized_diff"] <= (1e-5 if world == 1 else 0.1), result["quantized_diff"]
-    assert "| base quantization | ModelOpt fake quantization: weights int8 per-channel, activations int8 per-tensor |" in result["card"]
+    assert (
+        "| base quantization | ModelOpt fake quantization: weights int8 per-channel, activations int8 per-tensor |"
+        in result["card"]
+    )

@@ -18,7 +18,6 @@ their counts are asserted below and quoted in README.md ("Guarantees").
 import contextlib
 import hashlib
 import io
-import os
 import pickle
 import random
 import shutil
@@ -91,7 +90,7 @@ def overwrite(rng, iteration, facts):
     data = bytearray(path.read_bytes())
     start = rng.randrange(len(data))
     length = min(len(data) - start, rng.choice([4, 64, 4096]))
-    data[start:start + length] = bytes(rng.randrange(256) for _ in range(length))
+    data[start : start + length] = bytes(rng.randrange(256) for _ in range(length))
     path.write_bytes(bytes(data))
     intact = not _touches_adapter(facts, path, start, start + length)
     return f"overwritten bytes of {_kind(path)}", intact, intact
@@ -106,7 +105,9 @@ def swap_files(rng, iteration, facts):
 
 
 def _kind(path: Path) -> str:
-    kind = {".distcp": ".distcp", ".pt": path.name, ".yaml": "run_config.yaml", ".txt": "tracker"}.get(path.suffix, path.name)
+    kind = {".distcp": ".distcp", ".pt": path.name, ".yaml": "run_config.yaml", ".txt": "tracker"}.get(
+        path.suffix, path.name
+    )
     return f"modelopt_state/{kind}" if path.parent.name == "modelopt_state" else kind
 
 
@@ -125,8 +126,23 @@ def lie_in_metadata(rng, iteration, facts):
     import torch
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    what = rng.choice(["item offset", "item length", "item file", "tensor size", "chunk offsets", "chunk sizes", "dtype",
-                       "drop item", "drop chunk", "duplicate chunk", "bytes entry", "field retyped", "extra attribute"])
+    what = rng.choice(
+        [
+            "item offset",
+            "item length",
+            "item file",
+            "tensor size",
+            "chunk offsets",
+            "chunk sizes",
+            "dtype",
+            "drop item",
+            "drop chunk",
+            "duplicate chunk",
+            "bytes entry",
+            "field retyped",
+            "extra attribute",
+        ]
+    )
 
     def edit(metadata):
         key = rng.choice(sorted(k for k in facts["adapter_keys"] if k in metadata.state_dict_metadata))
@@ -139,14 +155,18 @@ def lie_in_metadata(rng, iteration, facts):
         elif what == "item length":
             item.length = rng.choice(INTS + [item.length + 1, item.length - 1])
         elif what == "item file":
-            item.relative_path = rng.choice(["../common.pt", "common.pt", ".metadata", "nothing.distcp", "", "/etc/passwd", *facts["sizes"]])
+            item.relative_path = rng.choice(
+                ["../common.pt", "common.pt", ".metadata", "nothing.distcp", "", "/etc/passwd", *facts["sizes"]]
+            )
         elif what == "tensor size":
             tensor.size = torch.Size(rng.choice([[], [8], [0, 64], [8, 64, 1], [2**20, 64], [64, 8]]))
         elif what in ("chunk offsets", "chunk sizes"):
             value = torch.Size(rng.choice([[0, 0], [1, 0], [0, 2**30], [8, 64], [4, 64], [0]]))
             setattr(chunk, "offsets" if what == "chunk offsets" else "sizes", value)
         elif what == "dtype":
-            tensor.properties.dtype = rng.choice([torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool, torch.complex64])
+            tensor.properties.dtype = rng.choice(
+                [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool, torch.complex64]
+            )
         elif what == "drop item":
             del metadata.storage_data[item_key]
         elif what == "drop chunk":
@@ -156,11 +176,21 @@ def lie_in_metadata(rng, iteration, facts):
         elif what == "bytes entry":
             metadata.state_dict_metadata[key] = BytesStorageMetadata()
         elif what == "field retyped":
-            target, field = rng.choice([(tensor, "size"), (tensor, "chunks"), (tensor, "properties"), (item, "offset"), (item, "relative_path"),
-                                        (metadata, "state_dict_metadata"), (metadata, "storage_data"), (chunk, "offsets")])
+            target, field = rng.choice(
+                [
+                    (tensor, "size"),
+                    (tensor, "chunks"),
+                    (tensor, "properties"),
+                    (item, "offset"),
+                    (item, "relative_path"),
+                    (metadata, "state_dict_metadata"),
+                    (metadata, "storage_data"),
+                    (chunk, "offsets"),
+                ]
+            )
             setattr(target, field, rng.choice([None, "x", 3, [1, "a"], {"a": 1}]))
         else:
-            setattr(rng.choice([tensor, item, chunk, metadata]), "injected", rng.choice([1, "x", None]))
+            rng.choice([tensor, item, chunk, metadata]).injected = rng.choice([1, "x", None])
 
     _edit_metadata(iteration, edit)
     return f"lying metadata ({what})", False, False
@@ -173,7 +203,11 @@ def malformed_settings(rng, iteration, facts):
     import torch
 
     value = rng.choice([0, -3, 2**40, 2.5, "64", None, True, [64], {"a": 1}])
-    targets = ["tracker", "run_config"] + ["args"] * (iteration / "common.pt").is_file() + ["modelopt"] * (iteration / "modelopt_state" / "common.pt").is_file()
+    targets = (
+        ["tracker", "run_config"]
+        + ["args"] * (iteration / "common.pt").is_file()
+        + ["modelopt"] * (iteration / "modelopt_state" / "common.pt").is_file()
+    )
     target = rng.choice(targets)
     if target == "args":
         if facts["args"] is not None and rng.random() < 0.7:
@@ -184,14 +218,38 @@ def malformed_settings(rng, iteration, facts):
             common = rng.choice([value, {"args": value}, [value]])
         torch.save(common, iteration / "common.pt")
     elif target == "modelopt":
-        config = {"adapter_name": "default", "adapter_cfg": rng.choice([value, {"*": {"rank": value, "scale": 1.5}}, {"*": {"rank": 8, "scale": value}}, {"*": value}])}
-        torch.save(rng.choice([{"modelopt_state_dict": [("peft", {"config": config})]}, {"modelopt_state_dict": value}, value]),
-                   iteration / "modelopt_state" / "common.pt")
+        config = {
+            "adapter_name": "default",
+            "adapter_cfg": rng.choice(
+                [value, {"*": {"rank": value, "scale": 1.5}}, {"*": {"rank": 8, "scale": value}}, {"*": value}]
+            ),
+        }
+        torch.save(
+            rng.choice(
+                [{"modelopt_state_dict": [("peft", {"config": config})]}, {"modelopt_state_dict": value}, value]
+            ),
+            iteration / "modelopt_state" / "common.pt",
+        )
     elif target == "run_config":
-        (iteration / "run_config.yaml").write_text(rng.choice(["model: [1, 2", "- a\n- b\n", "model: 3\n", "peft: {alpha: abc}\n", "model: {num_layers: -4}\n",
-                                                               "a: &a [*a]\n", "peft: {alpha: .inf}\n", "\x00\x01", "model: {hidden_size: 1e400}\n"]))
+        (iteration / "run_config.yaml").write_text(
+            rng.choice(
+                [
+                    "model: [1, 2",
+                    "- a\n- b\n",
+                    "model: 3\n",
+                    "peft: {alpha: abc}\n",
+                    "model: {num_layers: -4}\n",
+                    "a: &a [*a]\n",
+                    "peft: {alpha: .inf}\n",
+                    "\x00\x01",
+                    "model: {hidden_size: 1e400}\n",
+                ]
+            )
+        )
     else:
-        (iteration.parent / "latest_checkpointed_iteration.txt").write_bytes(rng.choice([b"", b"abc", b"-5", b"5" * 5000, b"\xff\xfe", b"release", b"00005\n"]))
+        (iteration.parent / "latest_checkpointed_iteration.txt").write_bytes(
+            rng.choice([b"", b"abc", b"-5", b"5" * 5000, b"\xff\xfe", b"release", b"00005\n"])
+        )
     return f"malformed settings ({target})", False, False
 
 
@@ -203,7 +261,11 @@ LEGACY_MUTATIONS = [truncate, flip_bits, overwrite, malformed_settings]
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 class _Hang(Exception):
@@ -238,8 +300,12 @@ def _check_outcome(status, err, escaped, out: Path, baseline: Path, intact: bool
     assert status in (0, 2), f"{what}: exit status {status}\n{err}"
     if status == 2:
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, f"{what}: expected one error line, found\n{err}"
-        assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), f"{what}: output left behind after an error"
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (
+            f"{what}: expected one error line, found\n{err}"
+        )
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), (
+            f"{what}: output left behind after an error"
+        )
         assert not base_only, f"{what}: only base-weight bytes changed, yet the export failed: {lines[0]}"
         return "exit 2"
     read_adapter(out, values=True, allow_nonfinite=True)  # complete and well-formed, whatever the values
@@ -253,14 +319,21 @@ def _check_outcome(status, err, escaped, out: Path, baseline: Path, intact: bool
 def _facts(iteration: Path) -> dict:
     from megatron_peft_export.offline.keys import classify
 
-    facts = {"adapter_ranges": {}, "adapter_keys": set(), "sizes": {p.name: p.stat().st_size for p in iteration.glob("*.distcp")}, "args": None}
+    facts = {
+        "adapter_ranges": {},
+        "adapter_keys": set(),
+        "sizes": {p.name: p.stat().st_size for p in iteration.glob("*.distcp")},
+        "args": None,
+    }
     if (iteration / ".metadata").is_file():
         with open(iteration / ".metadata", "rb") as f:
             metadata = pickle.load(f)
         for index, info in metadata.storage_data.items():
             if classify(index.fqn) is not None:
                 facts["adapter_keys"].add(index.fqn)
-                facts["adapter_ranges"].setdefault(info.relative_path, []).append((info.offset, info.offset + info.length))
+                facts["adapter_ranges"].setdefault(info.relative_path, []).append(
+                    (info.offset, info.offset + info.length)
+                )
     if (iteration / "common.pt").is_file():
         import torch
 
@@ -283,13 +356,19 @@ def _fuzz_checkpoints(rank, world, root, kind, examples, seed):
     status, err, escaped = _export(["export", str(iteration), "--output", str(baseline)])
     assert status == 0 and escaped is None, err + str(escaped)
     facts = _facts(iteration)
-    mapped = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmSize:"))
+    mapped = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmSize:")
+    )
     resource.setrlimit(resource.RLIMIT_AS, (mapped + EXTRA_ADDRESS_SPACE, resource.getrlimit(resource.RLIMIT_AS)[1]))
     signal.signal(signal.SIGALRM, _alarm)
     mutations = LEGACY_MUTATIONS if kind == "legacy" else CHECKPOINT_MUTATIONS
     tried: Counter = Counter()
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(mutation=st.sampled_from(mutations), entropy=st.integers(0, 2**32))
     def example(mutation, entropy):
         rng = random.Random(entropy ^ seed)
@@ -310,7 +389,8 @@ def _fuzz_checkpoints(rank, world, root, kind, examples, seed):
 
 
 def _fuzz_adapters(rank, world, root, examples, seed):
-    """Mutated copies of an exported adapter through load_hf_adapter (the import path verify and push share the reader of)."""
+    """Mutated copies of an exported adapter through load_hf_adapter (the import path verify and push share the reader
+    of)."""
     import resource
 
     import torch
@@ -327,7 +407,11 @@ def _fuzz_adapters(rank, world, root, examples, seed):
     good = Path(root) / "modelopt" / "live"
     load_hf_adapter(model, good)
     expected = {n: p.detach().clone() for n, p in lora.items()}
-    mapped = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmSize:"))
+    mapped = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmSize:")
+    )
     resource.setrlimit(resource.RLIMIT_AS, (mapped + EXTRA_ADDRESS_SPACE, resource.getrlimit(resource.RLIMIT_AS)[1]))
     signal.signal(signal.SIGALRM, _alarm)
     scratch = Path(root) / "adapter-scratch"
@@ -346,7 +430,7 @@ def _fuzz_adapters(rank, world, root, examples, seed):
                 data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         elif kind == "overwrite header bytes":
             start = rng.randrange(min(len(data), 600))
-            data[start:start + 8] = bytes(rng.randrange(256) for _ in range(8))
+            data[start : start + 8] = bytes(rng.randrange(256) for _ in range(8))
         elif kind == "swap files":
             other = adapter / names[path.name == names[0]]
             data, swapped = bytearray(other.read_bytes()), path.read_bytes()
@@ -358,7 +442,9 @@ def _fuzz_adapters(rank, world, root, examples, seed):
         path.write_bytes(bytes(data))
         return f"{kind} ({'weights' if path.name == weights else 'config'})"
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(entropy=st.integers(0, 2**32))
     def example(entropy):
         rng = random.Random(entropy ^ seed)
@@ -380,7 +466,9 @@ def _fuzz_adapters(rank, world, root, examples, seed):
         finally:
             signal.alarm(0)
         if outcome == "loaded" and _digest(scratch)[weights] == _digest(good)[weights]:
-            assert all(torch.equal(lora[n], expected[n]) for n in lora), f"{what}: intact weights loaded as different values"
+            assert all(torch.equal(lora[n], expected[n]) for n in lora), (
+                f"{what}: intact weights loaded as different values"
+            )
         assert _digest(scratch) == before, f"{what}: the import changed its input"
         tried[(what, outcome)] += 1
 
@@ -393,7 +481,10 @@ def _classes(tried: dict) -> set[str]:
 
 
 def _report(name: str, tried: dict) -> None:
-    print(f"\n{name}: {sum(tried.values())} examples: " + ", ".join(f"{what} -> {outcome}: {n}" for (what, outcome), n in sorted(tried.items())))
+    print(
+        f"\n{name}: {sum(tried.values())} examples: "
+        + ", ".join(f"{what} -> {outcome}: {n}" for (what, outcome), n in sorted(tried.items()))
+    )
 
 
 @pytest.mark.parametrize("kind", ["modelopt", "bridge", "legacy"])
@@ -401,15 +492,21 @@ def test_mutated_checkpoints_export_correctly_or_exit_2_with_one_line(inputs, ki
     tried = run_ranks(_fuzz_checkpoints, 1, str(inputs), kind, EXAMPLES[kind], 14, timeout=600)[0]
     _report(kind, tried)
     assert sum(tried.values()) == EXAMPLES[kind]
-    expected = {"truncation", "bit flips", "overwritten bytes", "malformed settings"} | ({"swapped files", "lying metadata"} if kind != "legacy" else set())
+    expected = {"truncation", "bit flips", "overwritten bytes", "malformed settings"} | (
+        {"swapped files", "lying metadata"} if kind != "legacy" else set()
+    )
     assert _classes(tried) == expected, sorted(_classes(tried))
     outcomes = {outcome for _, outcome in tried}
-    assert "exit 2" in outcomes and outcomes & {"exit 0", "exit 0, the unmutated export"}, "both outcomes occur: the mutations reach the reader"
+    assert "exit 2" in outcomes and outcomes & {"exit 0", "exit 0, the unmutated export"}, (
+        "both outcomes occur: the mutations reach the reader"
+    )
 
 
 def test_mutated_adapters_load_correctly_or_are_refused_with_one_line(inputs):
     tried = run_ranks(_fuzz_adapters, 1, str(inputs), EXAMPLES["adapter"], 14, timeout=600)[0]
     _report("adapter", tried)
     assert sum(tried.values()) == EXAMPLES["adapter"]
-    assert _classes(tried) == {"truncate", "flip bits", "overwrite header bytes", "swap files", "header length"}, sorted(_classes(tried))
+    assert _classes(tried) == {"truncate", "flip bits", "overwrite header bytes", "swap files", "header length"}, (
+        sorted(_classes(tried))
+    )
     assert {outcome for _, outcome in tried} == {"loaded", "refused"}

@@ -29,7 +29,8 @@ ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors"
 
 
 def _model(tp):
-    """The model of `_train_save_and_export_live` (ModelOpt, scale 1.5, seed 17): its adapter equals that checkpoint's."""
+    """The model of `_train_save_and_export_live` (ModelOpt, scale 1.5, seed 17): its adapter equals that
+    checkpoint's."""
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
 
     init_parallel(tp)
@@ -55,13 +56,18 @@ def _whole_or_absent(adapter: Path, reference: Path, *, must_exist: bool) -> Non
     assert ADAPTER_FILES <= {p.name for p in adapter.iterdir()}, sorted(p.name for p in adapter.iterdir())
     ours, theirs = load_file(adapter / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
-    assert json.loads((adapter / "adapter_config.json").read_text()) == json.loads((reference / "adapter_config.json").read_text())
+    assert json.loads((adapter / "adapter_config.json").read_text()) == json.loads(
+        (reference / "adapter_config.json").read_text()
+    )
 
 
 def _checkpoint_files(save: Path) -> dict[str, str]:
     """Every file of the Megatron checkpoint (adapter directories and their staging aside), with its hash."""
-    return {str(p.relative_to(save)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(save.rglob("*"))
-            if p.is_file() and not any(part == "hf_adapter" or part.startswith(".hf_adapter") for part in p.parts)}
+    return {
+        str(p.relative_to(save)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(save.rglob("*"))
+        if p.is_file() and not any(part == "hf_adapter" or part.startswith(".hf_adapter") for part in p.parts)
+    }
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -76,7 +82,7 @@ def checkpoint(tmp_path_factory):
     return tmp
 
 
-# ------------------------------------------------------------------------------------------- SIGKILL at every write step
+# ------------------------------------------------------------------------------------- SIGKILL at every write step
 
 WRITE_STEPS = [  # what the writer does, in order, for an iteration whose adapter directory exists already (overwrite)
     "mkdir staging",
@@ -93,10 +99,16 @@ WRITE_STEPS = [  # what the writer does, in order, for an iteration whose adapte
     "remove old",
 ]
 KILLS = [  # (an adapter exists already, where SIGKILL arrives); every step above is reached (first test)
-    (False, "after mkdir staging"), (False, "during write staging/adapter_model.safetensors"),  # half the file written
-    (False, "after write staging/adapter_config.json"), (False, "after fsync staging"), (False, "after rename staging -> hf_adapter"),
-    (False, f"after fsync iter_{ITERATION:07d}"), (True, "after write staging/adapter_model.safetensors"),
-    (True, "after rename hf_adapter -> old"), (True, "after rename staging -> hf_adapter"), (True, "during remove old"),
+    (False, "after mkdir staging"),
+    (False, "during write staging/adapter_model.safetensors"),  # half the file written
+    (False, "after write staging/adapter_config.json"),
+    (False, "after fsync staging"),
+    (False, "after rename staging -> hf_adapter"),
+    (False, f"after fsync iter_{ITERATION:07d}"),
+    (True, "after write staging/adapter_model.safetensors"),
+    (True, "after rename hf_adapter -> old"),
+    (True, "after rename staging -> hf_adapter"),
+    (True, "during remove old"),
 ]
 
 
@@ -131,8 +143,14 @@ def _export_in_hook(rank, world, save, iteration, kill_at):
         if kill_at == f"after {event}":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    originals = {"save_file": atomic_dir.save_file, "fsync": atomic_dir._fsync, "rmtree": shutil.rmtree,
-                 "mkdir": pathlib.Path.mkdir, "write_bytes": pathlib.Path.write_bytes, "rename": pathlib.Path.rename}
+    originals = {
+        "save_file": atomic_dir.save_file,
+        "fsync": atomic_dir._fsync,
+        "rmtree": shutil.rmtree,
+        "mkdir": pathlib.Path.mkdir,
+        "write_bytes": pathlib.Path.write_bytes,
+        "rename": pathlib.Path.rename,
+    }
 
     def save_file(tensors, path, metadata=None):
         originals["save_file"](tensors, path, metadata=metadata)
@@ -207,7 +225,9 @@ def test_a_writer_killed_at_any_write_step_publishes_nothing_partial(checkpoint,
 
     (outcome,) = run_ranks_allowing_deaths(_export_in_hook, 1, str(save), ITERATION, kill_at)
     assert outcome == ("died", -signal.SIGKILL), f"{kill_at!r} was never reached: {outcome}"
-    between_renames = kill_at == "after rename hf_adapter -> old"  # no directory at all (never a partial one) until the next run
+    between_renames = (
+        kill_at == "after rename hf_adapter -> old"
+    )  # no directory at all (never a partial one) until the next run
     _whole_or_absent(target, checkpoint / "live", must_exist=existing and not between_renames)
     assert _checkpoint_files(save) == before, "the Megatron checkpoint must not change"
 
@@ -236,7 +256,15 @@ def test_leftovers_of_a_live_process_are_kept_and_old_ones_of_other_hosts_remove
 
 # ---------------------------------------------------------------------------------------------- disk full, read only
 
-CLONE_NEWNS, CLONE_NEWUSER, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20000, 0x10000000, 1, 32, 4096, 16384, 1 << 18
+CLONE_NEWNS, CLONE_NEWUSER, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    0x20000,
+    0x10000000,
+    1,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
 
 
 def _mount(source, target, fstype, flags, data=None):
@@ -267,7 +295,8 @@ def _private_mount_namespace() -> str | None:
 
 
 def _in_mount_namespace(setup, fn, *args, timeout=120):
-    """`fn(*args)` in a forked child with a mount namespace of its own, after `setup()`; skips where mounts are not allowed."""
+    """`fn(*args)` in a forked child with a mount namespace of its own, after `setup()`; skips where mounts are not
+    allowed."""
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
 
@@ -294,13 +323,17 @@ def _in_mount_namespace(setup, fn, *args, timeout=120):
             os.kill(process.pid, signal.SIGKILL)
         process.join()
     if status == "unavailable":
-        pytest.skip(f"no size-limited or read-only file system here (mount namespaces not allowed: {value}); the injected ENOSPC case covers it")
+        pytest.skip(
+            f"no size-limited or read-only file system here (mount namespaces not allowed: {value}); the injected "
+            f"ENOSPC case covers it"
+        )
     assert status == "ok", value
     return value
 
 
 def _train_on(rank, world, save, inject_enospc):
-    """Two saves under on_error=warn with training steps between; the save directory is on the file system under test."""
+    """Two saves under on_error=warn with training steps between; the save directory is on the file system under
+    test."""
     import torch
 
     from megatron_peft_export import atomic_dir
@@ -340,6 +373,7 @@ def test_a_full_or_read_only_disk_fails_clearly_writes_nothing_and_training_goes
     save = tmp_path / "save"
     save.mkdir()
     if disk.startswith("full (tmpfs"):
+
         def setup():
             _mount("tmpfs", save, "tmpfs", 0, "size=32k")
             _iteration_dirs(save)
@@ -368,6 +402,7 @@ def test_a_full_or_read_only_disk_fails_clearly_writes_nothing_and_training_goes
 
 # ------------------------------------------------------------------------------------------------ no hang
 
+
 def _export_with_a_fault(rank, world, tmp, fault):
     import megatron_peft_export.distributed as coll_module
     import megatron_peft_export.export as export_module
@@ -375,7 +410,9 @@ def _export_with_a_fault(rank, world, tmp, fault):
 
     model = _model(world)
     calls = [0]
-    module, name, victim = (coll_module, "host_copy", 1) if fault == "sender" else (export_module, "apply_placements", 0)
+    module, name, victim = (
+        (coll_module, "host_copy", 1) if fault == "sender" else (export_module, "apply_placements", 0)
+    )
     if rank == victim:
         original = getattr(module, name)
 
@@ -392,14 +429,20 @@ def _export_with_a_fault(rank, world, tmp, fault):
         outcome.append("exported")
     except ExportError as exc:
         outcome.append(f"{type(exc).__name__}: {exc}")
-    outcome.append(str(export_adapter(model, Path(tmp) / "again")))  # the collectives stayed paired: the group still works
+    outcome.append(
+        str(export_adapter(model, Path(tmp) / "again"))
+    )  # the collectives stayed paired: the group still works
     return outcome
 
 
-@pytest.mark.parametrize("fault,message", [
-    ("sender", "ExportError: rank 1: RuntimeError: simulated device error"),
-    ("writer", "ExportError: rank 0: RuntimeError: simulated conversion error"),
-], ids=["a sender raises while copying a shard", "the writer raises while converting"])
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ("sender", "ExportError: rank 1: RuntimeError: simulated device error"),
+        ("writer", "ExportError: rank 0: RuntimeError: simulated conversion error"),
+    ],
+    ids=["a sender raises while copying a shard", "the writer raises while converting"],
+)
 def test_a_rank_raising_mid_export_makes_every_rank_leave_with_the_error(tmp_path, fault, message):
     (r0, r1) = run_ranks(_export_with_a_fault, 2, str(tmp_path), fault)
     assert r0[0] == r1[0] == message
@@ -453,10 +496,19 @@ def _model_tp2_pp2():
     return model
 
 
-@pytest.mark.parametrize("world,victim,how,on_error,timeout", [
-    (2, 1, "killed", "warn", 5.0), (2, 0, "killed", "warn", 5.0), (4, 3, "killed", "warn", 5.0), (2, 1, "hung", "raise", 2.0),
-], ids=["a sender killed", "the writer killed", "one of four killed", "a sender hung (on_error=raise)"])
-def test_a_rank_that_dies_or_hangs_mid_export_makes_the_others_give_up_in_bounded_time(tmp_path, world, victim, how, on_error, timeout):
+@pytest.mark.parametrize(
+    "world,victim,how,on_error,timeout",
+    [
+        (2, 1, "killed", "warn", 5.0),
+        (2, 0, "killed", "warn", 5.0),
+        (4, 3, "killed", "warn", 5.0),
+        (2, 1, "hung", "raise", 2.0),
+    ],
+    ids=["a sender killed", "the writer killed", "one of four killed", "a sender hung (on_error=raise)"],
+)
+def test_a_rank_that_dies_or_hangs_mid_export_makes_the_others_give_up_in_bounded_time(
+    tmp_path, world, victim, how, on_error, timeout
+):
     results = run_ranks_allowing_deaths(_peer_dies, world, str(tmp_path), victim, how, on_error, timeout, timeout=120)
     assert results[victim] == ("died", -signal.SIGKILL)
     survivors = [value for rank, (status, value) in enumerate(results) if rank != victim and status == "ok"]
@@ -467,9 +519,15 @@ def test_a_rank_that_dies_or_hangs_mid_export_makes_the_others_give_up_in_bounde
         assert published == []
         if on_error == "warn":  # training goes on; every survivor says what happened
             assert outcome == ["saved", "finalized"]
-            assert any("this run exports no more adapters" in m and "lost contact with another rank" in m for m in logs), logs
+            assert any(
+                "this run exports no more adapters" in m and "lost contact with another rank" in m for m in logs
+            ), logs
         else:
-            assert outcome[0] == "saved" and outcome[-1].startswith("CollectiveError: ") and "lost contact with another rank" in outcome[-1]
+            assert (
+                outcome[0] == "saved"
+                and outcome[-1].startswith("CollectiveError: ")
+                and "lost contact with another rank" in outcome[-1]
+            )
     print(f"survivors gave up {seconds} s after rank {victim} was {how} (collective_timeout={timeout} s)")
     assert not (tmp_path / "iter_0000001" / "hf_adapter").exists()
     if victim != 0:  # a surviving writer removes its staging; a dead writer's is removed by the next run
@@ -477,6 +535,7 @@ def test_a_rank_that_dies_or_hangs_mid_export_makes_the_others_give_up_in_bounde
 
 
 # ----------------------------------------------------------------------------------------------------------- SIGTERM
+
 
 def _sigterm_during_export(rank, world, save, scenario):
     import threading

@@ -27,10 +27,10 @@ def _save_base(tmp):
 
 def _hook_run(rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, iterations=(1,), verify=None, base=True):
     from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
     from megatron_peft_export.verify import VerifyConfig
     from tests.support.hook_loop import checkpoint_dir, optimizer_step
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
-    from megatron_peft_export.hook import AdapterExportHook
 
     init_parallel(tp, pp, vpp)
     base_dir = _save_base(tmp) if base else None
@@ -50,7 +50,14 @@ def _hook_run(rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, iterations=(1
 
 @pytest.mark.parametrize(
     "world,layout",
-    [(1, {}), (2, {"tp": 2}), (2, {"pp": 2}), (4, {"tp": 2, "pp": 2}), (2, {"pp": 2, "vpp": 2}), (2, {"tp": 2, "sp": True})],
+    [
+        (1, {}),
+        (2, {"tp": 2}),
+        (2, {"pp": 2}),
+        (4, {"tp": 2, "pp": 2}),
+        (2, {"pp": 2, "vpp": 2}),
+        (2, {"tp": 2, "sp": True}),
+    ],
     ids=["tp1", "tp2", "pp2", "tp2xpp2", "vpp2", "tp2-sp"],
 )
 def test_hook_captures_a_reference_and_verifies_each_adapter(tmp_path, world, layout):
@@ -70,7 +77,9 @@ def test_hook_captures_a_reference_and_verifies_each_adapter(tmp_path, world, la
         with safe_open(adapter / "verification" / "reference.safetensors", "pt") as f:
             assert f.metadata()["iteration"] == str(iteration)
             assert f.get_tensor("logits").shape == (2, 16, 128)  # probe_length 32 is cut to the model's 16
-            assert {k for k in f.keys() if k.startswith("blocks.")} == {f"blocks.{i}.{b}" for i in range(4) for b in ("self_attn", "mlp")}
+            assert {k for k in f.keys() if k.startswith("blocks.")} == {
+                f"blocks.{i}.{b}" for i in range(4) for b in ("self_attn", "mlp")
+            }
 
 
 def _init_functions_seen_while_verifying(rank, world, tmp):
@@ -113,7 +122,14 @@ def test_without_a_local_base_model_verification_is_skipped_with_a_warning(tmp_p
 
 
 def test_required_verification_without_a_base_model_fails(tmp_path):
-    (r0, _) = run_ranks(_hook_run, 2, str(tmp_path), tp=2, base=False, verify={"base_model": "some-org/not-downloaded", "required": True})
+    (r0, _) = run_ranks(
+        _hook_run,
+        2,
+        str(tmp_path),
+        tp=2,
+        base=False,
+        verify={"base_model": "some-org/not-downloaded", "required": True},
+    )
     (result,) = r0["results"]
     assert result["status"] == "failed" and "no base model available locally" in result["failures"][0]
 
@@ -150,7 +166,10 @@ def _broken_copy(adapter, tmp_path, edit):
 
 
 def _swap_gate_up(tensors, torch):
-    gate, up = "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight", "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    gate, up = (
+        "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight",
+        "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight",
+    )
     tensors[gate], tensors[up] = tensors[up], tensors[gate]
 
 
@@ -169,7 +188,11 @@ def _rename_key(tensors, torch):
 
 def _verify_cli(adapter, base, *extra):
     (status,) = run_ranks(_cli, 1, ["verify", str(adapter), "--base-model", str(base), *extra])
-    result = json.loads((Path(adapter) / "verification.json").read_text()) if (Path(adapter) / "verification.json").exists() else None
+    result = (
+        json.loads((Path(adapter) / "verification.json").read_text())
+        if (Path(adapter) / "verification.json").exists()
+        else None
+    )
     return status, result
 
 
@@ -187,7 +210,9 @@ def test_cli_bfloat16_uses_the_bfloat16_limits_and_custom_thresholds(exported, t
     result = json.loads((tmp_path / "bf16.json").read_text())
     assert status == 0 and result["precision"] == "bfloat16" and result["thresholds"]["max_abs_diff"] == 1.0
     assert 1e-5 < result["max_abs_diff"] < 1.0  # bfloat16 rounding is visible, and within its limits
-    status, _ = _verify_cli(adapter, base, "--dtype", "bfloat16", "--max-abs-diff", "1e-6", "--output", str(tmp_path / "strict.json"))
+    status, _ = _verify_cli(
+        adapter, base, "--dtype", "bfloat16", "--max-abs-diff", "1e-6", "--output", str(tmp_path / "strict.json")
+    )
     strict = json.loads((tmp_path / "strict.json").read_text())
     assert status == 1 and strict["failures"][0].endswith("> 1e-06 (verify.max_abs_diff)")
 
@@ -197,8 +222,14 @@ def test_cli_bfloat16_uses_the_bfloat16_limits_and_custom_thresholds(exported, t
     [
         (_swap_gate_up, ["model.layers.1.mlp", "gate/up order", "max |HF - Megatron| logit difference"]),
         (_shuffle_kv_head, ["model.layers.2.self_attn", "KV head order"]),
-        (_rename_key, ["peft silently ignores them: base_model.model.model.layers.0.self_attn.query_proj.lora_A.weight",
-                       "missing from the file, so peft leaves them at their initial values: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]),
+        (
+            _rename_key,
+            [
+                "peft silently ignores them: base_model.model.model.layers.0.self_attn.query_proj.lora_A.weight",
+                "missing from the file, so peft leaves them at their initial values: "
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            ],
+        ),
     ],
     ids=["gate-up-swapped", "kv-head-shuffled", "key-renamed"],
 )

@@ -1,4 +1,5 @@
-"""verify writes verification.json whole or not at all: a full or read-only disk (a real 4 KiB tmpfs and a read-only bind
+"""verify writes verification.json whole or not at all: a full or read-only disk (a real 4 KiB tmpfs and a read-only
+bind
 mount, and injected ENOSPC / EIO) gives exit status 2 with one `error:` line and leaves nothing behind, no temporary
 `.verification.json.<hex>`, no directory created for it; only a previous result is ever replaced. A reference with an
 empty probe or non-numeric metadata is bad input (exit 2), not a traceback."""
@@ -27,12 +28,16 @@ def _verify(rank, world, argv, fault=None):
     from megatron_peft_export.cli import main
 
     if fault == "ENOSPC on write":
+
         def write(fd, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         os.write = write
     elif fault == "EIO on fsync":
+
         def fsync(fd):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
+
         os.fsync = fsync
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -41,7 +46,8 @@ def _verify(rank, world, argv, fault=None):
 
 
 def _one_error_line(status, err, fragment):
-    """Exit status 2, and stderr ends with the one `error:` line (before it only transformers' progress bars and warnings)."""
+    """Exit status 2, and stderr ends with the one `error:` line (before it only transformers' progress bars and
+    warnings)."""
     assert status == 2, (status, err)
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and err.endswith(lines[0] + "\n") and "Traceback" not in err, err
@@ -57,11 +63,17 @@ def adapter(exported, tmp_path):  # noqa: F811
     return copy, base
 
 
-@pytest.mark.parametrize("fault,fragment", [("ENOSPC on write", "no space left on the device of"), ("EIO on fsync", "Input/output error")])
+@pytest.mark.parametrize(
+    "fault,fragment", [("ENOSPC on write", "no space left on the device of"), ("EIO on fsync", "Input/output error")]
+)
 def test_a_failed_write_leaves_nothing_behind(adapter, tmp_path, fault, fragment):
     adapter, base = adapter
     before = tree(tmp_path)
-    for output in (None, tmp_path / "new" / "deeper" / "result.json"):  # in the adapter, and where directories are created for it
+    # in the adapter, and where directories are created for it
+    for output in (
+        None,
+        tmp_path / "new" / "deeper" / "result.json",
+    ):
         argv = ["verify", str(adapter), "--base-model", str(base), *(["--output", str(output)] if output else [])]
         (status, err) = run_ranks(_verify, 1, argv, fault)[0]
         _one_error_line(status, err, fragment)
@@ -75,17 +87,23 @@ def test_a_full_or_read_only_disk_gives_one_error_line(adapter, tmp_path, disk):
     out = tmp_path / "out"
     out.mkdir()
     if disk.startswith("full"):
+
         def setup():
             _mount("tmpfs", out, "tmpfs", 0, "size=4k")
+
         expected = "no space left on the device of"
     else:
+
         def setup():
             _mount(out, out, None, MS_BIND)
             _mount(None, out, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+
         expected = "is on a read-only file system"
 
     def run():
-        found = run_ranks(_verify, 1, ["verify", str(adapter), "--base-model", str(base), "--output", str(out / "verification.json")])[0]
+        found = run_ranks(
+            _verify, 1, ["verify", str(adapter), "--base-model", str(base), "--output", str(out / "verification.json")]
+        )[0]
         return found, sorted(p.name for p in out.iterdir())
 
     before = tree(adapter)
@@ -101,11 +119,21 @@ def test_only_a_previous_result_is_replaced(adapter, tmp_path):
     (tmp_path / "link.json").symlink_to(adapter / "adapter_config.json")
     (tmp_path / "notes.json").write_text('{"passed": true}')  # JSON, but not a result this tool wrote
     before = tree(tmp_path)
-    for output, kind in [(adapter / "adapter_model.safetensors", "a file"), (adapter / "adapter_config.json", "a file"),
-                         (adapter / "verification" / "reference.safetensors", "a file"), (base / "config.json", "a file"),
-                         (tmp_path / "a-directory", "a directory"), (tmp_path / "link.json", "a symbolic link"), (tmp_path / "notes.json", "a file")]:
-        (status, err) = run_ranks(_verify, 1, ["verify", str(adapter), "--base-model", str(base), "--output", str(output)])[0]
-        _one_error_line(status, err, f"{output} exists and is {kind}, not a verification result; only a previous result is replaced")
+    for output, kind in [
+        (adapter / "adapter_model.safetensors", "a file"),
+        (adapter / "adapter_config.json", "a file"),
+        (adapter / "verification" / "reference.safetensors", "a file"),
+        (base / "config.json", "a file"),
+        (tmp_path / "a-directory", "a directory"),
+        (tmp_path / "link.json", "a symbolic link"),
+        (tmp_path / "notes.json", "a file"),
+    ]:
+        (status, err) = run_ranks(
+            _verify, 1, ["verify", str(adapter), "--base-model", str(base), "--output", str(output)]
+        )[0]
+        _one_error_line(
+            status, err, f"{output} exists and is {kind}, not a verification result; only a previous result is replaced"
+        )
     assert tree(tmp_path) == before
     argv = ["verify", str(adapter), "--base-model", str(base)]
     assert [run_ranks(_verify, 1, argv)[0][0] for _ in range(2)] == [0, 0], "a result replaces the previous one"
@@ -127,13 +155,16 @@ def _edit_reference(source: Path, target: Path, *, ids=None, logits=None, metada
     save_file(tensors, str(target), metadata=meta)
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("empty probe", "the probe is empty (logits (2, 0, 128))"),
-    ("no vocabulary", "the probe is empty (logits (2, 16, 0))"),
-    ("iteration 'five'", "metadata iteration is 'five'; expected a non-negative integer"),
-    ("projection_seed -1", "metadata projection_seed is '-1'"),
-    ("a 1-D block", "expected every block output projected to [batch, seq, dim] floats"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("empty probe", "the probe is empty (logits (2, 0, 128))"),
+        ("no vocabulary", "the probe is empty (logits (2, 16, 0))"),
+        ("iteration 'five'", "metadata iteration is 'five'; expected a non-negative integer"),
+        ("projection_seed -1", "metadata projection_seed is '-1'"),
+        ("a 1-D block", "expected every block output projected to [batch, seq, dim] floats"),
+    ],
+)
 def test_a_reference_that_cannot_be_compared_is_bad_input(adapter, tmp_path, case, fragment):
     import torch
 
@@ -154,6 +185,8 @@ def test_a_reference_that_cannot_be_compared_is_bad_input(adapter, tmp_path, cas
         name, value = case.split(" ", 1)
         _edit_reference(reference, edited, metadata={name: value.strip("'")})
     before = tree(tmp_path)
-    (status, err) = run_ranks(_verify, 1, ["verify", str(adapter), "--base-model", str(base), "--reference", str(edited)])[0]
+    (status, err) = run_ranks(
+        _verify, 1, ["verify", str(adapter), "--base-model", str(base), "--reference", str(edited)]
+    )[0]
     _one_error_line(status, err, fragment)
     assert tree(tmp_path) == before

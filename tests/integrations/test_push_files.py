@@ -33,14 +33,28 @@ def _uploaded(hub) -> dict:
 
 BAD_ENTRIES = {  # name: (how to make it inside the adapter directory, what the one error line says)
     "a link to the stored token": (lambda a, token: (a / "token").symlink_to(token), "token is a symbolic link to "),
-    "the weights as a link to the token": (lambda a, token: ((a / "extra.json").symlink_to(token)), "extra.json is a symbolic link"),
-    "a relative link inside": (lambda a, token: (a / "copy.safetensors").symlink_to("adapter_model.safetensors"), "copy.safetensors is a symbolic link"),
-    "a linked folder": (lambda a, token: (a / "hf-home").symlink_to(token.parent, target_is_directory=True), "hf-home is a symbolic link"),
+    "the weights as a link to the token": (
+        lambda a, token: (a / "extra.json").symlink_to(token),
+        "extra.json is a symbolic link",
+    ),
+    "a relative link inside": (
+        lambda a, token: (a / "copy.safetensors").symlink_to("adapter_model.safetensors"),
+        "copy.safetensors is a symbolic link",
+    ),
+    "a linked folder": (
+        lambda a, token: (a / "hf-home").symlink_to(token.parent, target_is_directory=True),
+        "hf-home is a symbolic link",
+    ),
     "a FIFO": (lambda a, token: os.mkfifo(a / "notes"), "notes is a FIFO"),
-    "a FIFO as the config": (lambda a, token: ((a / "adapter_config.json").unlink(), os.mkfifo(a / "adapter_config.json")), "adapter_config.json is a FIFO"),
+    "a FIFO as the config": (
+        lambda a, token: ((a / "adapter_config.json").unlink(), os.mkfifo(a / "adapter_config.json")),
+        "adapter_config.json is a FIFO",
+    ),
     "a socket": (lambda a, token: _socket(a / "sock"), "sock is a socket"),
-    "a link in a multi-adapter subfolder": (lambda a, token: (write_adapter(a / "math"), (a / "math" / "token").symlink_to(token)),
-                                            "math/token is a symbolic link"),
+    "a link in a multi-adapter subfolder": (
+        lambda a, token: (write_adapter(a / "math"), (a / "math" / "token").symlink_to(token)),
+        "math/token is a symbolic link",
+    ),
 }
 
 
@@ -73,7 +87,11 @@ def test_hidden_entries_and_working_folders_are_not_uploaded_even_as_links(hub, 
     (adapter / ".token").symlink_to(stored_token)
     (adapter / "verification").mkdir()
     (adapter / "verification" / "token").symlink_to(stored_token)
-    assert sorted(name for name, _ in uploadable(adapter)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(name for name, _ in uploadable(adapter)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert _push(adapter, hub) == 0
     assert sorted(_uploaded(hub)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert not any(stored_token.read_bytes() in data for data in _uploaded(hub).values())

@@ -13,11 +13,18 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from megatron_peft_export.offline.checkpoint import CheckpointError, TorchDistReader
 from megatron_peft_export.offline.torch_save import NotPlainTensor, decode
 
-SHAPES = {"a": (8, 16), "b": (64, 16), "c": (4,), "d": (8, 16), "base": (32, 32)}  # float32: 512, 4096, 16, 512, 4096 bytes
+SHAPES = {
+    "a": (8, 16),
+    "b": (64, 16),
+    "c": (4,),
+    "d": (8, 16),
+    "base": (32, 32),
+}  # float32: 512, 4096, 16, 512, 4096 bytes
 
 
 class _Writer(dcp.FileSystemWriter):
-    """torch records the checkpoint path as a pathlib object, which the reader's restricted unpickler refuses; megatron's writer does not."""
+    """torch records the checkpoint path as a pathlib object, which the reader's restricted unpickler refuses;
+    megatron's writer does not."""
 
     def storage_meta(self):
         meta = super().storage_meta()
@@ -28,7 +35,10 @@ class _Writer(dcp.FileSystemWriter):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    tensors = {key: torch.randn(shape, generator=torch.Generator().manual_seed(n)) for n, (key, shape) in enumerate(SHAPES.items())}
+    tensors = {
+        key: torch.randn(shape, generator=torch.Generator().manual_seed(n))
+        for n, (key, shape) in enumerate(SHAPES.items())
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(tensors, storage_writer=_Writer(str(tmp_path)), no_dist=True)
@@ -40,8 +50,12 @@ def torch_loads(monkeypatch):
     """Every call of torch.distributed.checkpoint.load (its key set) and of torch.load."""
     calls = []
     load, torch_load = dcp.load, torch.load
-    monkeypatch.setattr(dcp, "load", lambda state_dict, **kwargs: calls.append(sorted(state_dict)) or load(state_dict, **kwargs))
-    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append("torch.load") or torch_load(*args, **kwargs))
+    monkeypatch.setattr(
+        dcp, "load", lambda state_dict, **kwargs: calls.append(sorted(state_dict)) or load(state_dict, **kwargs)
+    )
+    monkeypatch.setattr(
+        torch, "load", lambda *args, **kwargs: calls.append("torch.load") or torch_load(*args, **kwargs)
+    )
     return calls
 
 
@@ -60,16 +74,26 @@ def test_batches_stay_within_the_budget(checkpoint, monkeypatch):
     directory, tensors = checkpoint
     batches = []
     read_items = TorchDistReader._read_items
-    monkeypatch.setattr(TorchDistReader, "_read_items", lambda self, keys: batches.append(list(keys)) or read_items(self, keys))
+    monkeypatch.setattr(
+        TorchDistReader, "_read_items", lambda self, keys: batches.append(list(keys)) or read_items(self, keys)
+    )
     got = dict(TorchDistReader(directory).load_many(["a", "c", "b", "d"], budget=1024))
     assert all(torch.equal(got[k], tensors[k]) for k in "abcd")
     assert batches == [["a", "c"], ["b"], ["d"]], "b alone exceeds the budget, so it is read alone"
 
 
-@pytest.mark.parametrize("tensor", [
-    torch.randn(3, 4), torch.randn(5, 6)[1:, ::2], torch.zeros(0, 3), torch.randn(7).to(torch.bfloat16),
-    torch.arange(6, dtype=torch.int64), torch.tensor(2.5, dtype=torch.float16),
-], ids=["float32", "strided view", "empty", "bfloat16", "int64", "scalar"])
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(3, 4),
+        torch.randn(5, 6)[1:, ::2],
+        torch.zeros(0, 3),
+        torch.randn(7).to(torch.bfloat16),
+        torch.arange(6, dtype=torch.int64),
+        torch.tensor(2.5, dtype=torch.float16),
+    ],
+    ids=["float32", "strided view", "empty", "bfloat16", "int64", "scalar"],
+)
 def test_decode_gives_what_torch_load_gives(tensor):
     blob = io.BytesIO()
     torch.save(tensor, blob)
@@ -100,7 +124,8 @@ def test_decode_refuses_what_is_not_a_plain_tensor_blob():
 
 
 def test_an_item_in_another_encoding_is_refused_and_never_handed_to_torch(checkpoint, torch_loads):
-    """Item "c" rewritten in torch's legacy (non-zip) format, which torch.load would read and the in-memory decoder does not."""
+    """Item "c" rewritten in torch's legacy (non-zip) format, which torch.load would read and the in-memory decoder does
+    not."""
     directory, tensors = checkpoint
     with open(directory / ".metadata", "rb") as f:
         metadata = pickle.load(f)
@@ -117,7 +142,9 @@ def test_an_item_in_another_encoding_is_refused_and_never_handed_to_torch(checkp
         pickle.dump(metadata, f)
     reader = TorchDistReader(directory)
     assert torch.equal(reader.load("a"), tensors["a"])
-    with pytest.raises(CheckpointError, match=r"c: no zip end record.*; expected a tensor as torch.distributed.checkpoint stores it"):
+    with pytest.raises(
+        CheckpointError, match=r"c: no zip end record.*; expected a tensor as torch.distributed.checkpoint stores it"
+    ):
         list(reader.load_many(["a", "c", "b"], budget=1024))
     assert torch_loads == [], "nothing is read by torch's loaders"
 
@@ -126,7 +153,9 @@ def test_a_damaged_data_file_names_the_tensor(checkpoint):
     directory, _ = checkpoint
     for path in directory.glob("*.distcp"):
         path.write_bytes(b"\xff" * path.stat().st_size)
-    with pytest.raises(CheckpointError, match=r": a: no zip end record; expected a tensor as torch.distributed.checkpoint stores it"):
+    with pytest.raises(
+        CheckpointError, match=r": a: no zip end record; expected a tensor as torch.distributed.checkpoint stores it"
+    ):
         list(TorchDistReader(directory).load_many(["a", "b", "c"]))
 
 
@@ -135,5 +164,7 @@ def test_a_truncated_data_file_names_the_tensor_before_reading(checkpoint, monke
     (path,) = directory.glob("*.distcp")
     path.write_bytes(path.read_bytes()[:600])
     monkeypatch.setattr(TorchDistReader, "_read_items", lambda self, keys: pytest.fail("the items were read"))
-    with pytest.raises(CheckpointError, match=r"__0_0.distcp: the stored item of b claims bytes \d+ to \d+, but the file has 600 bytes"):
+    with pytest.raises(
+        CheckpointError, match=r"__0_0.distcp: the stored item of b claims bytes \d+ to \d+, but the file has 600 bytes"
+    ):
         list(TorchDistReader(directory).load_many(["b"]))

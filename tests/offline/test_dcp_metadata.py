@@ -17,7 +17,10 @@ from tests.support.gadgets import Call
 
 @pytest.fixture
 def metadata(tmp_path):
-    tensors = {key: torch.randn(shape, generator=torch.Generator().manual_seed(n)) for n, (key, shape) in enumerate(SHAPES.items())}
+    tensors = {
+        key: torch.randn(shape, generator=torch.Generator().manual_seed(n))
+        for n, (key, shape) in enumerate(SHAPES.items())
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({**tensors, "blob": {"not": "a tensor"}}, storage_writer=_Writer(str(tmp_path)), no_dist=True)
@@ -38,10 +41,16 @@ def test_the_facts_are_those_torch_reads(metadata):
         assert (item.relative_path, item.offset, item.length) == (info.relative_path, info.offset, info.length)
 
 
-@pytest.mark.parametrize("payload,name", [
-    (Call(os.system, "touch /tmp/never"), "posix.system"), (Call(eval, "1"), "builtins.eval"),
-    (torch.nn.Linear(1, 1), "torch.nn.modules.linear.Linear"), (Call(dcp.load, {}), "torch.distributed.checkpoint.state_dict_loader.load"),
-], ids=["os.system", "eval", "a module", "a torch function"])
+@pytest.mark.parametrize(
+    "payload,name",
+    [
+        (Call(os.system, "touch /tmp/never"), "posix.system"),
+        (Call(eval, "1"), "builtins.eval"),
+        (torch.nn.Linear(1, 1), "torch.nn.modules.linear.Linear"),
+        (Call(dcp.load, {}), "torch.distributed.checkpoint.state_dict_loader.load"),
+    ],
+    ids=["os.system", "eval", "a module", "a torch function"],
+)
 def test_any_other_class_or_function_is_refused(payload, name):
     with pytest.raises(RefusedGlobal, match=f"{name} is not allowed"):
         parse_metadata(pickle.dumps(payload))
@@ -51,14 +60,21 @@ def _extra(target):
     def edit(metadata):
         key = next(iter(SHAPES))
         entry = metadata.state_dict_metadata[key]
-        found = {"metadata": metadata, "tensor": entry, "chunk": entry.chunks[0],
-                 "item": next(v for k, v in metadata.storage_data.items() if k.fqn == key)}[target]
+        found = {
+            "metadata": metadata,
+            "tensor": entry,
+            "chunk": entry.chunks[0],
+            "item": next(v for k, v in metadata.storage_data.items() if k.fqn == key),
+        }[target]
         object.__setattr__(found, "hidden", 1)
+
     return edit
 
 
 def _retype(metadata):
-    metadata.state_dict_metadata["a"].chunks[0] = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([8, 17]))
+    metadata.state_dict_metadata["a"].chunks[0] = ChunkStorageMetadata(
+        offsets=torch.Size([0, 0]), sizes=torch.Size([8, 17])
+    )
 
 
 def _bytes_with_fields(metadata):
@@ -84,17 +100,38 @@ def _index_fqn(metadata):
     metadata.storage_data[MetadataIndex(fqn=("a",))] = info
 
 
-@pytest.mark.parametrize("edit,message", [
-    *[(_extra(t), f"a {n} with attributes it does not have \\(hidden\\)") for t, n in
-      [("metadata", "Metadata"), ("tensor", "TensorStorageMetadata"), ("chunk", "ChunkStorageMetadata"), ("item", "_StorageInfo")]],
-    (_retype, "tensor a: chunk 0 at \\[0, 0\\] of size \\[8, 17\\] lies outside the tensor's size \\[8, 16\\]"),
-    (_bytes_with_fields, "entry a: a BytesStorageMetadata with attributes it does not have \\(size\\)"),
-    (_outside, "refused, it names data files outside the checkpoint directory \\(../a.distcp, for a\\)"),
-    (_negative, "stored item of a: offset: expected an integer from 0"),
-    (_size_not_int, "tensor a: size: expected up to 64 integers"),
-    (_index_fqn, "a storage index names \\('a',\\), expected a key"),
-], ids=["extra on Metadata", "extra on a tensor", "extra on a chunk", "extra on an item", "chunk outside",
-        "bytes entry with fields", "file outside", "negative offset", "float size", "index not a key"])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        *[
+            (_extra(t), f"a {n} with attributes it does not have \\(hidden\\)")
+            for t, n in [
+                ("metadata", "Metadata"),
+                ("tensor", "TensorStorageMetadata"),
+                ("chunk", "ChunkStorageMetadata"),
+                ("item", "_StorageInfo"),
+            ]
+        ],
+        (_retype, "tensor a: chunk 0 at \\[0, 0\\] of size \\[8, 17\\] lies outside the tensor's size \\[8, 16\\]"),
+        (_bytes_with_fields, "entry a: a BytesStorageMetadata with attributes it does not have \\(size\\)"),
+        (_outside, "refused, it names data files outside the checkpoint directory \\(../a.distcp, for a\\)"),
+        (_negative, "stored item of a: offset: expected an integer from 0"),
+        (_size_not_int, "tensor a: size: expected up to 64 integers"),
+        (_index_fqn, "a storage index names \\('a',\\), expected a key"),
+    ],
+    ids=[
+        "extra on Metadata",
+        "extra on a tensor",
+        "extra on a chunk",
+        "extra on an item",
+        "chunk outside",
+        "bytes entry with fields",
+        "file outside",
+        "negative offset",
+        "float size",
+        "index not a key",
+    ],
+)
 def test_fields_are_checked(metadata, edit, message):
     edit(metadata)
     with pytest.raises(MetadataError, match=message):

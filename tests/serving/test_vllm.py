@@ -41,7 +41,8 @@ def _uniform(family, r, alpha, **kinds):
 
 
 def _mixed():
-    """Attention at rank 4 and scale 2, MLP at rank 8 and scale 0.75: two ranks and two scales (rank_pattern, alpha_pattern)."""
+    """Attention at rank 4 and scale 2, MLP at rank 8 and scale 0.75: two ranks and two scales (rank_pattern,
+    alpha_pattern)."""
     return {m: ((4, 8.0) if "self_attention" in m else (8, 6.0)) for m in sm.megatron_modules("llama")}
 
 
@@ -75,8 +76,10 @@ def _check(directory: Path, base: Path, *extra: str) -> dict[str, dict]:
 
 
 def _checks(root: Path, python: str) -> dict[str, dict]:
-    return {"asked": _check(root / "adapters", root / "base", "--vllm-python", python),
-            "rules": _check(root / "adapters", root / "base", "--vllm-version", "0.32")}
+    return {
+        "asked": _check(root / "adapters", root / "base", "--vllm-python", python),
+        "rules": _check(root / "adapters", root / "base", "--vllm-version", "0.32"),
+    }
 
 
 # ----------------------------------------------------------------------------------------- dense: served
@@ -106,8 +109,14 @@ def _build_dense(root: Path) -> dict:
 
     base_dir = sm.save_base("llama", root / "base")
     for i, (name, spec) in enumerate(DENSE.items()):
-        sm.write_adapter(root / "adapters" / name, "llama", spec["settings"], seed=100 + i, dora=spec.get("dora", False),
-                         pad_rank_to=spec.get("pad_rank_to"))
+        sm.write_adapter(
+            root / "adapters" / name,
+            "llama",
+            spec["settings"],
+            seed=100 + i,
+            dora=spec.get("dora", False),
+            pad_rank_to=spec.get("pad_rank_to"),
+        )
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
     out = {"base": _greedy(base, PROMPTS, MAX_TOKENS), "adapters": {}}
     for name in DENSE:
@@ -123,8 +132,12 @@ def _served(peft_out: dict, served: dict, base_tokens) -> dict:
         return {"did": "refused", "error": served["error"]}
     diff = max(abs(a - b) for s, p in zip(served["logprobs"], peft_out["logprobs"]) for a, b in zip(s, p))
     same = served["tokens"] == peft_out["tokens"] and diff <= LOGPROB_ATOL
-    return {"did": "as peft" if same else "otherwise", "logprob_diff": diff, "tokens_equal": served["tokens"] == peft_out["tokens"],
-            "peft_changed_tokens": peft_out["tokens"] != base_tokens}
+    return {
+        "did": "as peft" if same else "otherwise",
+        "logprob_diff": diff,
+        "tokens_equal": served["tokens"] == peft_out["tokens"],
+        "peft_changed_tokens": peft_out["tokens"] != base_tokens,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +145,19 @@ def dense(tmp_path_factory):
     python = require_vllm()
     root = tmp_path_factory.mktemp("dense")
     peft_side = run_alone(_build_dense, root, timeout=600)
-    job = {"base": str(root / "base"), "max_lora_rank": 16, "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
-           "adapters": [{"name": n, "path": str(root / "adapters" / n), "mode": "generate"} for n in DENSE]}
+    job = {
+        "base": str(root / "base"),
+        "max_lora_rank": 16,
+        "prompts": PROMPTS,
+        "max_tokens": MAX_TOKENS,
+        "adapters": [{"name": n, "path": str(root / "adapters" / n), "mode": "generate"} for n in DENSE],
+    }
     served = run_engine(python, job, root / "engine")
     outcome = {n: _served(peft_side["adapters"][n], served["adapters"][n], peft_side["base"]["tokens"]) for n in DENSE}
     result = {"root": root, "peft": peft_side, "vllm": served, "outcome": outcome, "check": _checks(root, python)}
-    (root / "comparison.json").write_text(json.dumps({k: v for k, v in result.items() if k != "root"}, indent=1, default=str))
+    (root / "comparison.json").write_text(
+        json.dumps({k: v for k, v in result.items() if k != "root"}, indent=1, default=str)
+    )
     return result
 
 
@@ -171,15 +191,23 @@ def _hf_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return {k: (v.double() - before[k].double()) for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
+    return {
+        k: (v.double() - before[k].double()) for k, v in merged.state_dict().items() if not torch.equal(v, before[k])
+    }
 
 
 def _build_moe(root: Path, family: str) -> dict:
-    """Base, the same Megatron LoRA (attention, experts, router) exported per expert and fused, and peft's deltas for it."""
+    """Base, the same Megatron LoRA (attention, experts, router) exported per expert and fused, and peft's deltas for
+    it."""
     base_dir = sm.save_base(family, root / "base")
     settings = _uniform(family, 8, 16.0, router=True)
-    sources = {name: sm.write_adapter(root / "adapters" / name, family, settings, seed=300, expert_layout=layout) for name, layout in MOE.items()}
-    assert all(torch.equal(sources["fused"][m].b, s.b) for m, s in sources["per_expert"].items()), "one source for both layouts"
+    sources = {
+        name: sm.write_adapter(root / "adapters" / name, family, settings, seed=300, expert_layout=layout)
+        for name, layout in MOE.items()
+    }
+    assert all(torch.equal(sources["fused"][m].b, s.b) for m, s in sources["per_expert"].items()), (
+        "one source for both layouts"
+    )
     deltas = _hf_deltas(base_dir, root / "adapters" / "fused")  # peft on transformers v5 loads the fused layout
     torch.save(deltas, root / "peft_deltas.pt")
     return {"configs": {n: sm.adapter_config(root / "adapters" / n) for n in MOE}}
@@ -187,7 +215,11 @@ def _build_moe(root: Path, family: str) -> dict:
 
 def _expected(vllm_key: str, peft: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor | None]:
     """The peft delta a vLLM buffer key holds ({module}.{slice}, MoE: {experts module}.w1/w2/w3 [experts, out, in])."""
-    layer, rest = re.match(r"^(model\.layers\.\d+)\.(.+)$", vllm_key).groups() if vllm_key.startswith("model.layers.") else ("", vllm_key)
+    layer, rest = (
+        re.match(r"^(model\.layers\.\d+)\.(.+)$", vllm_key).groups()
+        if vllm_key.startswith("model.layers.")
+        else ("", vllm_key)
+    )
     qkv = {"self_attn.qkv_proj.0": "q_proj", "self_attn.qkv_proj.1": "k_proj", "self_attn.qkv_proj.2": "v_proj"}
     if rest in qkv:
         name = f"{layer}.self_attn.{qkv[rest]}.weight"
@@ -200,7 +232,9 @@ def _expected(vllm_key: str, peft: dict[str, torch.Tensor]) -> tuple[str, torch.
         name = f"{layer}.mlp.experts.gate_up_proj"  # [experts, 2 * ffn, hidden]: gate rows then up rows
         full = peft.get(name)
         half = None if full is None else full.shape[1] // 2
-        return name + (".gate" if rest.endswith("w1") else ".up"), None if full is None else (full[:, :half] if rest.endswith("w1") else full[:, half:])
+        return name + (".gate" if rest.endswith("w1") else ".up"), None if full is None else (
+            full[:, :half] if rest.endswith("w1") else full[:, half:]
+        )
     elif rest.endswith("experts.w2"):
         name = f"{layer}.mlp.experts.down_proj"
     else:
@@ -241,16 +275,45 @@ def _moe(tmp_path_factory, family: str) -> dict:
     adapters = {n: str(root / "adapters" / n) for n in MOE}
     jobs = {"default": ({}, [{"name": n, "path": p, "mode": "loaded"} for n, p in adapters.items()])}
     if family == "qwen3_moe":  # the fused layout asks for these; Mixtral's v5 names are applied nowhere either way
-        jobs["mixed"] = ({"enable_mixed_moe_lora_format": True}, [{"name": "fused", "path": adapters["fused"], "mode": "loaded", "is_3d": True}])
+        jobs["mixed"] = (
+            {"enable_mixed_moe_lora_format": True},
+            [{"name": "fused", "path": adapters["fused"], "mode": "loaded", "is_3d": True}],
+        )
     engines = {}
     for setting, (engine, requests) in jobs.items():
-        job = {"base": str(root / "base"), "max_lora_rank": 16, "prompts": [], "max_tokens": 1, "engine": engine, "adapters": requests}
+        job = {
+            "base": str(root / "base"),
+            "max_lora_rank": 16,
+            "prompts": [],
+            "max_tokens": 1,
+            "engine": engine,
+            "adapters": requests,
+        }
         engines[setting] = run_engine(python, job, root / f"engine-{setting}")
-    outcome = {(setting, n): _loaded(entry, peft) for setting, served in engines.items() for n, entry in served["adapters"].items()}
-    result = {"root": root, "configs": built["configs"], "vllm": engines, "outcome": outcome, "check": _checks(root, python),
-              "peft_modules": sorted(peft)}
-    (root / "comparison.json").write_text(json.dumps({k: (v if k != "outcome" else {"/".join(x): y for x, y in v.items()})
-                                                      for k, v in result.items() if k != "root"}, indent=1, default=str))
+    outcome = {
+        (setting, n): _loaded(entry, peft)
+        for setting, served in engines.items()
+        for n, entry in served["adapters"].items()
+    }
+    result = {
+        "root": root,
+        "configs": built["configs"],
+        "vllm": engines,
+        "outcome": outcome,
+        "check": _checks(root, python),
+        "peft_modules": sorted(peft),
+    }
+    (root / "comparison.json").write_text(
+        json.dumps(
+            {
+                k: (v if k != "outcome" else {"/".join(x): y for x, y in v.items()})
+                for k, v in result.items()
+                if k != "root"
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return result
 
 
@@ -267,7 +330,9 @@ def mixtral(tmp_path_factory):
 def test_qwen_moe_per_expert_adapter_is_loaded_as_peft_computes_it(qwen):
     outcome = qwen["outcome"][("default", "per_expert")]
     assert outcome["did"] == "as peft", outcome
-    assert any(".mlp.experts." in m for m in qwen["peft_modules"]) and any(m.endswith("mlp.gate.weight") for m in qwen["peft_modules"])
+    assert any(".mlp.experts." in m for m in qwen["peft_modules"]) and any(
+        m.endswith("mlp.gate.weight") for m in qwen["peft_modules"]
+    )
 
 
 def test_qwen_moe_fused_adapter_needs_the_mixed_format_flags_and_is_then_loaded_as_peft_computes_it(qwen):
@@ -277,7 +342,9 @@ def test_qwen_moe_fused_adapter_needs_the_mixed_format_flags_and_is_then_loaded_
 
 
 def test_mixtral_per_expert_adapter_is_loaded_and_the_v5_names_are_applied_nowhere(mixtral):
-    assert mixtral["outcome"][("default", "per_expert")]["did"] == "as peft", mixtral["outcome"][("default", "per_expert")]
+    assert mixtral["outcome"][("default", "per_expert")]["did"] == "as peft", mixtral["outcome"][
+        ("default", "per_expert")
+    ]
     fused = mixtral["outcome"][("default", "fused")]
     assert fused["did"] == "part applied nowhere" and not fused["wrong"]
     gate_up = {f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(sm.LAYERS)}
@@ -289,7 +356,8 @@ def test_mixtral_per_expert_adapter_is_loaded_and_the_v5_names_are_applied_nowhe
 
 
 def _truth(family: str, name: str, result: dict) -> tuple[str, bool]:
-    """(what vLLM did, whether it needed engine flags) for one adapter; flags count only if it then served it as peft."""
+    """(what vLLM did, whether it needed engine flags) for one adapter; flags count only if it then served it as
+    peft."""
     if family == "llama":
         return result["outcome"][name]["did"], False
     default = result["outcome"][("default", name)]
@@ -314,17 +382,27 @@ def test_check_verdict_is_what_vllm_did(request, family, name, mode):
         assert verdict["codes"].get("applied-nowhere") == "error", verdict["lines"]
 
 
-LABELS = {"plain": "dense, plain", "padded": "dense, mixed ranks padded (`pad_rank_to=16`)", "mixed_rank": "dense, mixed ranks and scales",
-          "lm_head": "dense, with `lm_head`", "dora": "dense, DoRA", "per_expert": "per expert", "fused": "fused (`target_parameters`)"}
+LABELS = {
+    "plain": "dense, plain",
+    "padded": "dense, mixed ranks padded (`pad_rank_to=16`)",
+    "mixed_rank": "dense, mixed ranks and scales",
+    "lm_head": "dense, with `lm_head`",
+    "dora": "dense, DoRA",
+    "per_expert": "per expert",
+    "fused": "fused (`target_parameters`)",
+}
 FAMILY = {"llama": "Llama", "qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral"}
 
 
 def _row(family: str, name: str, result: dict) -> str:
     did, flags = _truth(family, name, result)
     label = LABELS[name] if family == "llama" else f"{FAMILY[family]}, {LABELS[name]}"
-    how = {"as peft": ("greedy tokens and log-probs as peft's" if family == "llama" else "LoRA buffers = peft's deltas"),
-           "refused": "refuses it", "part applied nowhere": "loads it, applies the expert and router LoRA nowhere",
-           "otherwise": "serves it otherwise than peft"}[did]
+    how = {
+        "as peft": ("greedy tokens and log-probs as peft's" if family == "llama" else "LoRA buffers = peft's deltas"),
+        "refused": "refuses it",
+        "part applied nowhere": "loads it, applies the expert and router LoRA nowhere",
+        "otherwise": "serves it otherwise than peft",
+    }[did]
     if flags:
         how += " with `enable_mixed_moe_lora_format` + `is_3d_lora_weight` (refused without)"
 
@@ -339,7 +417,12 @@ def _row(family: str, name: str, result: dict) -> str:
 def test_readme_table(dense, qwen, mixtral):
     results = {"llama": dense, "qwen3_moe": qwen, "mixtral": mixtral}
     rows = [_row(f, n, results[f]) for f, n in CASES]
-    table = "\n".join(["| adapter (as the exporter writes it) | vLLM 0.32 | `check`, asking vLLM | `check`, 0.32 rules |",
-                       "| --- | --- | --- | --- |", *rows])
+    table = "\n".join(
+        [
+            "| adapter (as the exporter writes it) | vLLM 0.32 | `check`, asking vLLM | `check`, 0.32 rules |",
+            "| --- | --- | --- | --- |",
+            *rows,
+        ]
+    )
     readme = (ROOT / "README.md").read_text()
     assert table in readme, "README.md's vLLM table differs from what vLLM did; the table now:\n" + table

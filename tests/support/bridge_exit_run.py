@@ -1,8 +1,11 @@
-"""One rank of a Megatron-Bridge run that leaves the way Bridge's train() does at its exit interval: a final save, then sys.exit.
+"""One rank of a Megatron-Bridge run that leaves the way Bridge's train() does at its exit interval: a final save, then
+sys.exit.
 
-    RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python -m tests.support.bridge_exit_run SAVE_DIR HUB_ENDPOINT
+    RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python -m tests.support.bridge_exit_run SAVE_DIR
+    HUB_ENDPOINT
 
-Bridge's own CallbackManager (tests/support/real_bridge.py) fires `on_checkpoint_save` of HFAdapterExportCallback at steps 2
+Bridge's own CallbackManager (tests/support/real_bridge.py) fires `on_checkpoint_save` of HFAdapterExportCallback at
+steps 2
 and 4 on the tiny GPT with Bridge's LoRA, the hook pushing to the Hub with strategy "end"; then the process exits by
 `sys.exit(0)` without `on_train_end`, as Bridge's train() does on exit-interval, exit-duration and exit signals. A real
 process, not a forked test rank: those leave by os._exit, which skips interpreter exit.
@@ -45,7 +48,9 @@ def main(save: str, endpoint: str) -> None:
                     p.add_(0.01 * step)
         checkpoint_dir(save, step)
         state = SimpleNamespace(cfg=SimpleNamespace(checkpoint=checkpoint), train_state=SimpleNamespace(step=step))
-        manager.fire("on_checkpoint_save", callbacks.CallbackContext(state=state, model=[model], user_state=manager.user_state))
+        manager.fire(
+            "on_checkpoint_save", callbacks.CallbackContext(state=state, model=[model], user_state=manager.user_state)
+        )
     Path(save, f"rank{dist.get_rank()}.exiting").touch()
     sys.exit(0)
 

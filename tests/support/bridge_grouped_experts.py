@@ -19,7 +19,7 @@ shared experts, SequentialMLP experts, the router) gets Bridge's own LoRA (``rea
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,11 +31,18 @@ from torch.nn import functional as F
 
 from .tiny_moe import CpuGroupedColumnLinear, CpuGroupedLinear
 
-__all__ = ["EXPERT_ADAPTERS", "apply_grouped_expert_lora", "BridgeAdapterWrapper", "BridgeSharedExpertAdapter", "BridgeGroupedExpertAdapter",
-           "BridgeSharedOuterExpertAdapter"]
+__all__ = [
+    "EXPERT_ADAPTERS",
+    "apply_grouped_expert_lora",
+    "BridgeAdapterWrapper",
+    "BridgeSharedExpertAdapter",
+    "BridgeGroupedExpertAdapter",
+    "BridgeSharedOuterExpertAdapter",
+]
 
 EXPERT_ADAPTERS = ("shared", "per_expert", "shared_outer")
-"""Bridge LoRA on grouped experts: ``share_expert_adapters=True`` (default), ``False``, ``experts_shared_outer_loras=True``."""
+"""Bridge LoRA on grouped experts: ``share_expert_adapters=True`` (default), ``False``,
+``experts_shared_outer_loras=True``."""
 
 
 def _tp_size(group) -> int:
@@ -45,30 +52,71 @@ def _tp_size(group) -> int:
 class BridgeSharedExpertAdapter(nn.Module):
     """One 2-D LoRA for all local experts of an EP rank (Bridge's ParallelLinearAdapter with ``is_expert=True``).
 
-    Column base (fc1): A = ColumnParallelLinear(in, dim, gather_output=True) [dim/etp, in], B = ColumnParallelLinear(dim, out)
-    [out/etp, dim] (local rows [gate_t; up_t] like the base shard); row base (fc2): A = RowParallelLinear(in, dim) [dim, in/etp],
-    B = ColumnParallelLinear(dim, out, gather_output=True) [out/etp, dim]. All on the expert-TP group with megatron's expert
-    communication, so at expert TP > 1 A's partial output on fc2 is not reduced (BRIDGE_FACTS.md: not B A x). Applied to all
+    Column base (fc1): A = ColumnParallelLinear(in, dim, gather_output=True) [dim/etp, in], B =
+    ColumnParallelLinear(dim, out)
+    [out/etp, dim] (local rows [gate_t; up_t] like the base shard); row base (fc2): A = RowParallelLinear(in, dim) [dim,
+    in/etp],
+    B = ColumnParallelLinear(dim, out, gather_output=True) [out/etp, dim]. All on the expert-TP group with megatron's
+    expert
+    communication, so at expert TP > 1 A's partial output on fc2 is not reduced (BRIDGE_FACTS.md: not B A x). Applied to
+    all
     the rank's tokens at once; no sequence-parallel communication for experts.
     """
 
-    def __init__(self, in_features: int, out_features: int, dim: int, *, base_linear_name: str, input_is_parallel: bool, config, tp_group,
-                 alpha: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dim: int,
+        *,
+        base_linear_name: str,
+        input_is_parallel: bool,
+        config,
+        tp_group,
+        alpha: float | None = None,
+    ) -> None:
         super().__init__()
         self.base_linear_name, self.dim, self.alpha = base_linear_name, dim, alpha if alpha is not None else dim
         self.input_is_parallel, self.tp_group, self.is_expert, self.config = input_is_parallel, tp_group, True, config
         seq_par = config.sequence_parallel
-        config.sequence_parallel = False  # as Bridge: A/B built without SP (the adapter does its own), perform_initialization forced on
+        config.sequence_parallel = (
+            False  # as Bridge: A/B built without SP (the adapter does its own), perform_initialization forced on
+        )
         config.perform_initialization = True
         try:
             if input_is_parallel:
-                self.linear_in = RowParallelLinear(in_features, dim, config=config, init_method=nn.init.xavier_normal_, bias=False,
-                                                   input_is_parallel=True, skip_bias_add=True, is_expert=True, tp_group=tp_group)
+                self.linear_in = RowParallelLinear(
+                    in_features,
+                    dim,
+                    config=config,
+                    init_method=nn.init.xavier_normal_,
+                    bias=False,
+                    input_is_parallel=True,
+                    skip_bias_add=True,
+                    is_expert=True,
+                    tp_group=tp_group,
+                )
             else:
-                self.linear_in = ColumnParallelLinear(in_features, dim, config=config, init_method=nn.init.xavier_normal_, bias=False,
-                                                      gather_output=True, is_expert=True, tp_group=tp_group)
-            self.linear_out = ColumnParallelLinear(dim, out_features, config=config, init_method=nn.init.zeros_, bias=False,
-                                                   gather_output=input_is_parallel, is_expert=True, tp_group=tp_group)
+                self.linear_in = ColumnParallelLinear(
+                    in_features,
+                    dim,
+                    config=config,
+                    init_method=nn.init.xavier_normal_,
+                    bias=False,
+                    gather_output=True,
+                    is_expert=True,
+                    tp_group=tp_group,
+                )
+            self.linear_out = ColumnParallelLinear(
+                dim,
+                out_features,
+                config=config,
+                init_method=nn.init.zeros_,
+                bias=False,
+                gather_output=input_is_parallel,
+                is_expert=True,
+                tp_group=tp_group,
+            )
         finally:
             config.sequence_parallel = seq_par
 
@@ -77,20 +125,29 @@ class BridgeSharedExpertAdapter(nn.Module):
         x, _ = self.linear_out(x)
         return x * (self.alpha / self.dim)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """A global expert axis: each local expert slot gets a copy of the 2-D tensor (P/utils.py:1401-1511), fc1 B split gate/up."""
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """A global expert axis: each local expert slot gets a copy of the 2-D tensor (P/utils.py:1401-1511), fc1 B
+        split gate/up."""
         local = self.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
         first = ps.get_expert_model_parallel_rank() * local
         gated = not self.input_is_parallel and self.config.gated_linear_unit
         return {
             f"{prefix}{name}.weight": [
-                t for e in range(local)
-                for t in _expert_sharded(f"{prefix}{name}.weight", linear.weight, sharded_offsets, expert=(first + e, self.config.num_moe_experts),
-                                         tp_axis=linear.weight.partition_dim, group=self.tp_group, swiglu=gated and name == "linear_out", new_axis=True)
+                t
+                for e in range(local)
+                for t in _expert_sharded(
+                    f"{prefix}{name}.weight",
+                    linear.weight,
+                    sharded_offsets,
+                    expert=(first + e, self.config.num_moe_experts),
+                    tp_axis=linear.weight.partition_dim,
+                    group=self.tp_group,
+                    swiglu=gated and name == "linear_out",
+                    new_axis=True,
+                )
             ]
             for name, linear in (("linear_in", self.linear_in), ("linear_out", self.linear_out))
         }
-
 
 
 # --------------------------------------------------------------------------- per-expert adapters
@@ -102,7 +159,7 @@ class _ExpertWeights(nn.Module):
     Initialised as Bridge's: xavier-normal per expert for A (``xavier``), zeros for B.
     """
 
-    def __init__(self, shape, tp_axis: Optional[int], dtype, *, xavier: bool) -> None:
+    def __init__(self, shape, tp_axis: int | None, dtype, *, xavier: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype))
         if xavier:
@@ -122,8 +179,17 @@ def _edp_rank() -> int:
     return ps.get_expert_data_parallel_rank()
 
 
-def _expert_sharded(key: str, tensor: torch.Tensor, sharded_offsets: tuple, *, expert: tuple, tp_axis, group, swiglu: bool,
-                    new_axis: bool) -> list:
+def _expert_sharded(
+    key: str,
+    tensor: torch.Tensor,
+    sharded_offsets: tuple,
+    *,
+    expert: tuple,
+    tp_axis,
+    group,
+    swiglu: bool,
+    new_axis: bool,
+) -> list:
     """Bridge's grouped-expert checkpoint layout for one local tensor: ShardedTensors on a global expert axis.
 
     ``expert`` is (index, count) on that axis: a new axis in front of a 2-D tensor shared by the rank's experts
@@ -141,7 +207,16 @@ def _expert_sharded(key: str, tensor: torch.Tensor, sharded_offsets: tuple, *, e
         pieces = [(gate, ((shift + rows, rank, 2 * size),)), (up, ((shift + rows, rank + size, 2 * size),))]
     tp = () if tp_axis is None or size == 1 or (swiglu and tp_axis == rows) else ((shift + tp_axis, rank, size),)
     return [
-        ShardedTensor.from_rank_offsets(key, data, *sharded_offsets, (p, *expert), *tp, *split, replica_id=(0, 0, _edp_rank()), prepend_axis_num=shift)
+        ShardedTensor.from_rank_offsets(
+            key,
+            data,
+            *sharded_offsets,
+            (p, *expert),
+            *tp,
+            *split,
+            replica_id=(0, 0, _edp_rank()),
+            prepend_axis_num=shift,
+        )
         for data, split in pieces
     ]
 
@@ -156,22 +231,43 @@ class BridgeGroupedExpertAdapter(nn.Module):
     mixes the ranks' partial sums (BRIDGE_FACTS.md section 7: not B A x), as in Bridge.
     """
 
-    def __init__(self, in_features, out_features, dim, *, num_local_experts, input_is_parallel, config, tp_group, alpha=None):
+    def __init__(
+        self, in_features, out_features, dim, *, num_local_experts, input_is_parallel, config, tp_group, alpha=None
+    ):
         super().__init__()
-        self.dim, self.alpha, self.input_is_parallel, self.expert_tp_group = dim, alpha if alpha is not None else dim, input_is_parallel, tp_group
+        self.dim, self.alpha, self.input_is_parallel, self.expert_tp_group = (
+            dim,
+            alpha if alpha is not None else dim,
+            input_is_parallel,
+            tp_group,
+        )
         self.is_expert = True
         etp = _tp_size(tp_group)
-        a_shape = (num_local_experts, dim, in_features // etp) if input_is_parallel else (num_local_experts, dim // etp, in_features)
+        a_shape = (
+            (num_local_experts, dim, in_features // etp)
+            if input_is_parallel
+            else (num_local_experts, dim // etp, in_features)
+        )
         self.linear_in = _ExpertWeights(a_shape, 2 if input_is_parallel else 1, config.params_dtype, xavier=True)
-        self.linear_out = _ExpertWeights((num_local_experts, out_features // etp, dim), 1, config.params_dtype, xavier=False)
+        self.linear_out = _ExpertWeights(
+            (num_local_experts, out_features // etp, dim), 1, config.params_dtype, xavier=False
+        )
         self.gated_out = not input_is_parallel and config.gated_linear_unit
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """The local expert axis over EP, the TP axis over expert TP, fc1 B split gate/up (P/utils.py:2360-2404)."""
         ep = (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
         return {
-            f"{prefix}{name}.weight": _expert_sharded(f"{prefix}{name}.weight", w.weight, sharded_offsets, expert=ep, tp_axis=w.weight.partition_dim,
-                                                      group=self.expert_tp_group, swiglu=self.gated_out and name == "linear_out", new_axis=False)
+            f"{prefix}{name}.weight": _expert_sharded(
+                f"{prefix}{name}.weight",
+                w.weight,
+                sharded_offsets,
+                expert=ep,
+                tp_axis=w.weight.partition_dim,
+                group=self.expert_tp_group,
+                swiglu=self.gated_out and name == "linear_out",
+                new_axis=False,
+            )
             for name, w in (("linear_in", self.linear_in), ("linear_out", self.linear_out))
         }
 
@@ -201,31 +297,68 @@ class BridgeSharedOuterExpertAdapter(nn.Module):
     so this only runs at expert TP 1 (as in Bridge).
     """
 
-    def __init__(self, in_features, out_features, dim, *, num_local_experts, input_is_parallel, config, tp_group, alpha=None):
+    def __init__(
+        self, in_features, out_features, dim, *, num_local_experts, input_is_parallel, config, tp_group, alpha=None
+    ):
         super().__init__()
         if _tp_size(tp_group) != 1:
-            raise NotImplementedError("Bridge's shared-outer expert LoRA has full-width per-expert weights: expert TP 1 only")
-        self.dim, self.alpha, self.fc1, self.is_expert = dim, alpha if alpha is not None else dim, not input_is_parallel, True
+            raise NotImplementedError(
+                "Bridge's shared-outer expert LoRA has full-width per-expert weights: expert TP 1 only"
+            )
+        self.dim, self.alpha, self.fc1, self.is_expert = (
+            dim,
+            alpha if alpha is not None else dim,
+            not input_is_parallel,
+            True,
+        )
         self.gated_out = config.gated_linear_unit
         config.perform_initialization = True
         if self.fc1:
-            self.linear_in = ColumnParallelLinear(in_features, dim, config=config, init_method=nn.init.xavier_normal_, bias=False,
-                                                  gather_output=True, is_expert=True)
-            self.linear_out = _ExpertWeights((num_local_experts, out_features, dim), None, config.params_dtype, xavier=False)
+            self.linear_in = ColumnParallelLinear(
+                in_features,
+                dim,
+                config=config,
+                init_method=nn.init.xavier_normal_,
+                bias=False,
+                gather_output=True,
+                is_expert=True,
+            )
+            self.linear_out = _ExpertWeights(
+                (num_local_experts, out_features, dim), None, config.params_dtype, xavier=False
+            )
         else:
-            self.linear_in = _ExpertWeights((num_local_experts, dim, in_features), None, config.params_dtype, xavier=True)
-            self.linear_out = RowParallelLinear(dim, out_features, config=config, init_method=nn.init.zeros_, bias=False,
-                                                input_is_parallel=True, skip_bias_add=True, is_expert=True)
+            self.linear_in = _ExpertWeights(
+                (num_local_experts, dim, in_features), None, config.params_dtype, xavier=True
+            )
+            self.linear_out = RowParallelLinear(
+                dim,
+                out_features,
+                config=config,
+                init_method=nn.init.zeros_,
+                bias=False,
+                input_is_parallel=True,
+                skip_bias_add=True,
+                is_expert=True,
+            )
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """The shared side as its megatron linear saves itself, the per-expert side on the expert axis (P/utils.py:2669-2690)."""
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """The shared side as its megatron linear saves itself, the per-expert side on the expert axis
+        (P/utils.py:2669-2690)."""
         ep = (ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size())
         shared, packed = ("linear_in", "linear_out") if self.fc1 else ("linear_out", "linear_in")
         sd = getattr(self, shared).sharded_state_dict(f"{prefix}{shared}.", sharded_offsets, metadata)
         sd = {k: v for k, v in sd.items() if k.endswith(".weight")}
         key = f"{prefix}{packed}.weight"
-        sd[key] = _expert_sharded(key, getattr(self, packed).weight, sharded_offsets, expert=ep, tp_axis=None, group=None,
-                                  swiglu=self.fc1 and self.gated_out, new_axis=False)
+        sd[key] = _expert_sharded(
+            key,
+            getattr(self, packed).weight,
+            sharded_offsets,
+            expert=ep,
+            tp_axis=None,
+            group=None,
+            swiglu=self.fc1 and self.gated_out,
+            new_axis=False,
+        )
         return sd
 
     def forward(self, x: torch.Tensor, m_splits, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -275,7 +408,7 @@ class BridgeAdapterWrapper(nn.Module):
         self.adapter.state_dict(destination=destination, prefix=f"{prefix}adapter.", keep_vars=keep_vars)
         return destination
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         sd = {}
         sd.update(self.to_wrap.sharded_state_dict(prefix, sharded_offsets, metadata))
         sd.update(self.adapter.sharded_state_dict(f"{prefix}adapter.", sharded_offsets, metadata))
@@ -283,7 +416,8 @@ class BridgeAdapterWrapper(nn.Module):
 
 
 class BridgeLoRALinear(BridgeAdapterWrapper):
-    """LoRA: ``base(x, m_splits) + adapter(x, m_splits)`` (Bridge's LoRALinear passes the base's arguments to the adapter)."""
+    """LoRA: ``base(x, m_splits) + adapter(x, m_splits)`` (Bridge's LoRALinear passes the base's arguments to the
+    adapter)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
         out, bias, ln_out = self.base_linear_forward(x, *args, **kwargs)
@@ -291,9 +425,16 @@ class BridgeLoRALinear(BridgeAdapterWrapper):
         return out + delta.reshape(out.shape), bias
 
 
-def apply_grouped_expert_lora(model_or_chunks, *, expert_adapters: str = "shared", dim: int = 8, alpha: float = 16,
-                              targets=("linear_fc1", "linear_fc2")):
-    """Wrap the grouped expert linears named in `targets` (``mlp.experts.linear_fc1/2``) of a GPTModel or its VPP chunks in place.
+def apply_grouped_expert_lora(
+    model_or_chunks,
+    *,
+    expert_adapters: str = "shared",
+    dim: int = 8,
+    alpha: float = 16,
+    targets=("linear_fc1", "linear_fc2"),
+):
+    """Wrap the grouped expert linears named in `targets` (``mlp.experts.linear_fc1/2``) of a GPTModel or its VPP chunks
+    in place.
 
     Adapters start as Bridge's: A xavier-normal, B zero. Returns what it was given.
     """
@@ -302,17 +443,48 @@ def apply_grouped_expert_lora(model_or_chunks, *, expert_adapters: str = "shared
     for chunk in model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]:
         for name, parent in list(chunk.named_modules()):
             for child_name, base in list(parent.named_children()):
-                if isinstance(base, CpuGroupedLinear) and child_name in targets and not isinstance(parent, BridgeAdapterWrapper):
-                    setattr(parent, child_name, BridgeLoRALinear(base, _grouped_adapter(base, f"{name}.{child_name}", expert_adapters, dim, alpha)))
+                if (
+                    isinstance(base, CpuGroupedLinear)
+                    and child_name in targets
+                    and not isinstance(parent, BridgeAdapterWrapper)
+                ):
+                    setattr(
+                        parent,
+                        child_name,
+                        BridgeLoRALinear(
+                            base, _grouped_adapter(base, f"{name}.{child_name}", expert_adapters, dim, alpha)
+                        ),
+                    )
     return model_or_chunks
 
 
 def _grouped_adapter(base: CpuGroupedLinear, full_name: str, expert_adapters: str, dim: int, alpha: float) -> nn.Module:
     """Bridge's attributes of a TE grouped base (P/utils.py:618-660): local in/out features, the expert-TP group."""
     group, column = base._tp_group, isinstance(base, CpuGroupedColumnLinear)
-    in_f, out_f = (base.in_features, base.out_features * group.size()) if column else (base.in_features * group.size(), base.out_features)
+    in_f, out_f = (
+        (base.in_features, base.out_features * group.size())
+        if column
+        else (base.in_features * group.size(), base.out_features)
+    )
     if expert_adapters == "shared":
-        return BridgeSharedExpertAdapter(in_f, out_f, dim, base_linear_name=full_name, input_is_parallel=not column, config=base.config,
-                                         tp_group=group, alpha=alpha)
+        return BridgeSharedExpertAdapter(
+            in_f,
+            out_f,
+            dim,
+            base_linear_name=full_name,
+            input_is_parallel=not column,
+            config=base.config,
+            tp_group=group,
+            alpha=alpha,
+        )
     cls = BridgeGroupedExpertAdapter if expert_adapters == "per_expert" else BridgeSharedOuterExpertAdapter
-    return cls(in_f, out_f, dim, num_local_experts=base.num_gemms, input_is_parallel=not column, config=base.config, tp_group=group, alpha=alpha)
+    return cls(
+        in_f,
+        out_f,
+        dim,
+        num_local_experts=base.num_gemms,
+        input_is_parallel=not column,
+        config=base.config,
+        tp_group=group,
+        alpha=alpha,
+    )

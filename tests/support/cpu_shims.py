@@ -192,7 +192,6 @@ def _persistent_checkpoint_worker(*args, **kwargs):
     """Megatron's persistent checkpoint worker loop, in the spawned worker: pickled by this name, so the worker
     imports this module, gets its one device, then runs megatron's loop (its class attribute is megatron's there)."""
     from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
-
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
     install_cpu_shims()
@@ -200,7 +199,10 @@ def _persistent_checkpoint_worker(*args, **kwargs):
     preload = FileSystemWriterAsync.preload_tensors
 
     def preload_host_copies(write_buckets, non_blocking=True):  # what the D2H copy is on a GPU
-        return [(name, key, (data, [(item, t.clone()) for item, t in tensors])) for name, key, (data, tensors) in preload(write_buckets, non_blocking)]
+        return [
+            (name, key, (data, [(item, t.clone()) for item, t in tensors]))
+            for name, key, (data, tensors) in preload(write_buckets, non_blocking)
+        ]
 
     FileSystemWriterAsync.preload_tensors = staticmethod(preload_host_copies)
     loop = _PERSISTENT_WORKER_LOOP[0] if _PERSISTENT_WORKER_LOOP else PersistentAsyncCaller.async_loop

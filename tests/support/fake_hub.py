@@ -15,7 +15,8 @@ Point an `HfApi` at it with `endpoint=hub.endpoint`. What it answers:
 
 Every request must carry `Authorization: Bearer <token>` with the token given at start (else 401,
 as the Hub does for writes). `fail(status, ...)` makes the next requests answer an error; `pause()`
-holds commits (a slow upload); a closed port (`closed_port()`) gives "connection refused". State is in memory: `repos[repo_id]` holds the
+holds commits (a slow upload); a closed port (`closed_port()`) gives "connection refused". State is in memory:
+`repos[repo_id]` holds the
 branches (path -> bytes), `commits` and `requests` (never the token itself).
 """
 
@@ -122,7 +123,7 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,7 +144,9 @@ class FakeHub:
         if (method, path) == ("POST", "/_fake/resume"):  # for test code in other processes (forked ranks)
             self.resume()
             return _json(200, {})
-        route = next(((name, m) for verb, pattern, name in _ROUTES if verb == method and (m := pattern.match(path))), None)
+        route = next(
+            ((name, m) for verb, pattern, name in _ROUTES if verb == method and (m := pattern.match(path))), None
+        )
         if route is None:
             return _json(404, {"error": f"fake hub: no route for {method} {path}"})
         name, match = route
@@ -165,7 +168,9 @@ class FakeHub:
 
     def _create(self, _, body):
         payload = json.loads(body)
-        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else f"user/{payload['name']}"
+        repo_id = (
+            f"{payload['organization']}/{payload['name']}" if payload.get("organization") else f"user/{payload['name']}"
+        )
         url = f"{self.endpoint}/{repo_id}"
         if repo_id in self.repos:
             return _json(409, {"error": "You already created this model repo", "url": url})
@@ -180,7 +185,9 @@ class FakeHub:
         if revision not in repo.branches:
             return _error(404, "Invalid rev id", code="RevisionNotFound")
         files = [{"rfilename": p} for p in sorted(repo.branches[revision])]
-        return _json(200, {"id": params["repo"], "sha": repo.heads[revision], "private": repo.private, "siblings": files})
+        return _json(
+            200, {"id": params["repo"], "sha": repo.heads[revision], "private": repo.private, "siblings": files}
+        )
 
     def _validate(self, _, body):
         content = json.loads(body)["content"]
@@ -206,7 +213,9 @@ class FakeHub:
         if params["rev"] not in repo.branches:
             return _error(404, "Invalid rev id", code="RevisionNotFound")
         files = json.loads(body)["files"]
-        return _json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        return _json(
+            200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+        )
 
     def _commit(self, params, body):
         repo = self._repo(params["repo"])
@@ -232,8 +241,13 @@ class FakeHub:
                 tree = {p: d for p, d in tree.items() if not p.startswith(value["path"].rstrip("/") + "/")}
         oid = hashlib.sha1(f"{params['repo']}{revision}{len(self.commits)}".encode()).hexdigest()
         repo.branches[revision], repo.heads[revision] = tree, oid
-        self.commits.append(Commit(params["repo"], revision, header["summary"], header.get("description", ""), paths, oid))
-        return _json(200, {"commitUrl": f"{self.endpoint}/{params['repo']}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+        self.commits.append(
+            Commit(params["repo"], revision, header["summary"], header.get("description", ""), paths, oid)
+        )
+        return _json(
+            200,
+            {"commitUrl": f"{self.endpoint}/{params['repo']}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None},
+        )
 
     def _branch(self, params, body):
         repo = self._repo(params["repo"])
@@ -291,7 +305,9 @@ def resume_from(endpoint: str) -> None:
     """`FakeHub.resume()` from another process."""
     import urllib.request
 
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/_fake/resume", data=b"", method="POST"), timeout=10).read()
+    urllib.request.urlopen(
+        urllib.request.Request(f"{endpoint}/_fake/resume", data=b"", method="POST"), timeout=10
+    ).read()
 
 
 def closed_port() -> str:
@@ -314,11 +330,24 @@ def write_adapter(path, iteration: int | None = None, *, base_model: str = "meta
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tensors = {f"base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight": rng.standard_normal(shape).astype(np.float32)
-               for ab, shape in (("A", (8, 16)), ("B", (16, 8)))}
+    tensors = {
+        f"base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight": rng.standard_normal(shape).astype(
+            np.float32
+        )
+        for ab, shape in (("A", (8, 16)), ("B", (16, 8)))
+    }
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": 8, "lora_alpha": 16,
-              "target_modules": ["q_proj"], "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj"],
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = f"iteration {iteration}" if iteration is not None else "a live Megatron model"
     (path / "README.md").write_text(model_card(config, dialect="modelopt", source=source, num_tensors=len(tensors)))

@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .real_bridge import WHEELS, bridge_dir, root
+from .real_bridge import WHEELS, root
 
 
 def fetch(version: str) -> Path:
@@ -26,8 +26,23 @@ def fetch(version: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{version}.") as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--python-version", "3.12", "--only-binary=:all:",
-                        f"megatron-bridge=={version}", "--dest", tmp], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--python-version",
+                "3.12",
+                "--only-binary=:all:",
+                f"megatron-bridge=={version}",
+                "--dest",
+                tmp,
+            ],
+            check=True,
+        )
         wheel = next(Path(tmp).glob(f"megatron_bridge-{version}-*.whl"))
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
         if digest != WHEELS[version]:

@@ -27,7 +27,8 @@ def optimizer_step(model, iteration: int) -> None:
 
 
 def checkpoint_dir(save, iteration: int, tracker: bool = True) -> Path:
-    """What a checkpoint save leaves for the hook: the iteration directory and (unless `tracker` is False) the tracker file."""
+    """What a checkpoint save leaves for the hook: the iteration directory and (unless `tracker` is False) the tracker
+    file."""
     import torch.distributed as dist
 
     from megatron_peft_export.hook import TRACKER, iteration_dir
@@ -42,7 +43,8 @@ def checkpoint_dir(save, iteration: int, tracker: bool = True) -> Path:
 
 
 class LogRecords(logging.Handler):
-    """Records of `logger` ("" for every logger) from `level` up while attached: `messages` as logged, `lines` with name and level.
+    """Records of `logger` ("" for every logger) from `level` up while attached: `messages` as logged, `lines` with name
+    and level.
 
     Attached on creation; as a context manager it detaches (and restores the logger's level) on exit.
     """

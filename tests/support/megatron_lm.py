@@ -66,22 +66,78 @@ def tiny_gpt_flags(cfg: TinyGPTConfig = TinyGPTConfig()) -> list[str]:
     Transformer Engine.
     """
     return [
-        "--distributed-backend", "gloo", "--rerun-mode", "disabled", "--clip-grad", "0",
-        "--transformer-impl", "local", "--use-cpu-initialization", "--no-masked-softmax-fusion",
-        "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
-        "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
-        "--num-layers", str(cfg.num_layers), "--hidden-size", str(cfg.hidden_size),
-        "--num-attention-heads", str(cfg.num_attention_heads), "--group-query-attention",
-        "--num-query-groups", str(cfg.num_query_groups), "--kv-channels", str(cfg.kv_channels),
-        "--ffn-hidden-size", str(cfg.ffn_hidden_size), "--seq-length", str(cfg.seq_length),
-        "--max-position-embeddings", str(cfg.seq_length), *(["--swiglu"] if cfg.gated_linear_unit else []),
-        "--normalization", "RMSNorm", "--norm-epsilon", str(cfg.layernorm_epsilon),
-        "--position-embedding-type", "rope", "--rotary-base", str(cfg.rotary_base),
-        "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--attention-dropout", "0", "--hidden-dropout", "0",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(cfg.vocab_size - NULL_TOKENIZER_EXTRA_IDS),
-        "--make-vocab-size-divisible-by", "64", "--mock-data", "--seed", "1234",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--lr-decay-style", "constant",
-        "--eval-iters", "0", "--eval-interval", "1000", "--log-interval", "1", "--ckpt-format", "torch_dist",
+        "--distributed-backend",
+        "gloo",
+        "--rerun-mode",
+        "disabled",
+        "--clip-grad",
+        "0",
+        "--transformer-impl",
+        "local",
+        "--use-cpu-initialization",
+        "--no-masked-softmax-fusion",
+        "--no-bias-swiglu-fusion",
+        "--no-bias-dropout-fusion",
+        "--no-rope-fusion",
+        "--no-gradient-accumulation-fusion",
+        "--no-persist-layer-norm",
+        "--num-layers",
+        str(cfg.num_layers),
+        "--hidden-size",
+        str(cfg.hidden_size),
+        "--num-attention-heads",
+        str(cfg.num_attention_heads),
+        "--group-query-attention",
+        "--num-query-groups",
+        str(cfg.num_query_groups),
+        "--kv-channels",
+        str(cfg.kv_channels),
+        "--ffn-hidden-size",
+        str(cfg.ffn_hidden_size),
+        "--seq-length",
+        str(cfg.seq_length),
+        "--max-position-embeddings",
+        str(cfg.seq_length),
+        *(["--swiglu"] if cfg.gated_linear_unit else []),
+        "--normalization",
+        "RMSNorm",
+        "--norm-epsilon",
+        str(cfg.layernorm_epsilon),
+        "--position-embedding-type",
+        "rope",
+        "--rotary-base",
+        str(cfg.rotary_base),
+        "--untie-embeddings-and-output-weights",
+        "--disable-bias-linear",
+        "--attention-dropout",
+        "0",
+        "--hidden-dropout",
+        "0",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(cfg.vocab_size - NULL_TOKENIZER_EXTRA_IDS),
+        "--make-vocab-size-divisible-by",
+        "64",
+        "--mock-data",
+        "--seed",
+        "1234",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--lr-decay-style",
+        "constant",
+        "--eval-iters",
+        "0",
+        "--eval-interval",
+        "1000",
+        "--log-interval",
+        "1",
+        "--ckpt-format",
+        "torch_dist",
     ]
 
 
@@ -92,9 +148,12 @@ class Run:
     returncodes: list[int]
     logs: list[str]
 
-    def check(self) -> "Run":
+    def check(self) -> Run:
         if any(self.returncodes):
-            tails = "\n".join(f"--- rank {r} (exit {c}) ---\n{log[-6000:]}" for r, (c, log) in enumerate(zip(self.returncodes, self.logs)))
+            tails = "\n".join(
+                f"--- rank {r} (exit {c}) ---\n{log[-6000:]}"
+                for r, (c, log) in enumerate(zip(self.returncodes, self.logs))
+            )
             raise AssertionError(f"Megatron-LM run failed:\n{tails}")
         return self
 
@@ -105,8 +164,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, argv: list[str], log_dir: Path, *, env: dict[str, str | None] | None = None, timeout: float = 240) -> Run:
-    """Run ``pretrain_gpt.py`` (through ``pretrain_gpt_lora.py``) on ``world`` ranks with ``argv``; wait for all of them.
+def launch(
+    world: int, argv: list[str], log_dir: Path, *, env: dict[str, str | None] | None = None, timeout: float = 240
+) -> Run:
+    """Run ``pretrain_gpt.py`` (through ``pretrain_gpt_lora.py``) on ``world`` ranks with ``argv``; wait for all of
+    them.
 
     ``env`` adds to (None: removes from) this process's environment. Each rank's output goes to
     ``log_dir/rank<r>.log``. After ``timeout`` seconds every rank is killed and the test fails.
@@ -117,21 +179,39 @@ def launch(world: int, argv: list[str], log_dir: Path, *, env: dict[str, str | N
     procs, logs = [], []
     for rank in range(world):
         rank_env = {
-            **os.environ, "MEGATRON_LM": str(source), "RANK": str(rank), "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", **(env or {}),
+            **os.environ,
+            "MEGATRON_LM": str(source),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+            **(env or {}),
         }
         rank_env = {k: v for k, v in rank_env.items() if v is not None}
         log = open(log_dir / f"rank{rank}.log", "w")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(ENTRY), *argv], env=rank_env, stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=log_dir, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ENTRY), *argv],
+                env=rank_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=log_dir,
+                start_new_session=True,
+            )
+        )
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        for p in procs:  # every thread's stack into the rank's log (pretrain_gpt_lora.py; its forks too), then kill its group
+        # every thread's stack into the rank's log (pretrain_gpt_lora.py; its forks too), then kill its group
+        for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGUSR1)
         time.sleep(2)
@@ -141,7 +221,9 @@ def launch(world: int, argv: list[str], log_dir: Path, *, env: dict[str, str | N
         for p in procs:
             p.wait()
         tails = "\n".join(f"--- rank {r} ---\n{(log_dir / f'rank{r}.log').read_text()[-8000:]}" for r in range(world))
-        raise TimeoutError(f"Megatron-LM ranks did not finish within {timeout} s; killed (logs in {log_dir}):\n{tails}")
+        raise TimeoutError(
+            f"Megatron-LM ranks did not finish within {timeout} s; killed (logs in {log_dir}):\n{tails}"
+        ) from None
     finally:
         for log in logs:
             log.close()

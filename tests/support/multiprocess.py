@@ -94,10 +94,12 @@ def run_ranks(fn, world_size, *args, timeout=120, **kwargs) -> list:
 
 
 def run_alone(fn, *args, timeout=120, **kwargs):
-    """``fn(*args, **kwargs)`` in one forked process with no process group and no CPU shims, as a command-line tool runs.
+    """``fn(*args, **kwargs)`` in one forked process with no process group and no CPU shims, as a command-line tool
+    runs.
 
     Returns its value; raises as ``run_ranks`` does.
     """
+
     def body(rank, world_size, *args, **kwargs):
         return fn(*args, **kwargs)
 
@@ -121,7 +123,10 @@ def run_ranks_allowing_deaths(fn, world_size, *args, timeout=120, **kwargs) -> l
     traceback)``, ``("died", exit code)`` (negative: the signal) or ``("timeout", None)``.
     """
     results, errors, missing = _run(fn, world_size, args, kwargs, timeout, deaths_ok=True)
-    return [("ok", results[r]) if r in results else ("timeout", None) if r in missing else errors[r] for r in range(world_size)]
+    return [
+        ("ok", results[r]) if r in results else ("timeout", None) if r in missing else errors[r]
+        for r in range(world_size)
+    ]
 
 
 def _run(fn, world_size, args, kwargs, timeout, deaths_ok, distributed=True):

@@ -92,10 +92,17 @@ def tiny_config(args):
     from tests.support.tiny_gpt import TinyGPTConfig
 
     return TinyGPTConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups, kv_channels=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
-        vocab_size=args.padded_vocab_size, seq_length=args.seq_length, gated_linear_unit=args.swiglu,
-        rotary_base=args.rotary_base, layernorm_epsilon=args.layernorm_epsilon,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        ffn_hidden_size=args.ffn_hidden_size,
+        vocab_size=args.padded_vocab_size,
+        seq_length=args.seq_length,
+        gated_linear_unit=args.swiglu,
+        rotary_base=args.rotary_base,
+        layernorm_epsilon=args.layernorm_epsilon,
     )
 
 

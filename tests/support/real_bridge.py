@@ -65,7 +65,9 @@ def missing() -> str | None:
     """Why the Bridge code cannot be imported here, or None."""
     absent = [v for v in (PEFT_VERSION, CALLBACKS_VERSION) if not (root(v) / "megatron" / "bridge").is_dir()]
     if absent:
-        return f"Megatron-Bridge {', '.join(absent)} not unpacked under {bridge_dir()}; run `{FETCH}` (what .ci/run does)"
+        return (
+            f"Megatron-Bridge {', '.join(absent)} not unpacked under {bridge_dir()}; run `{FETCH}` (what .ci/run does)"
+        )
     return None
 
 
@@ -76,7 +78,10 @@ def _register_package(name: str, path: Path) -> types.ModuleType:
         return module
     stale = [m for m in sys.modules if m.startswith(name + ".")]
     if module is not None and stale:
-        raise RuntimeError(f"{name} is already imported from {list(module.__path__)} with {len(stale)} submodules; one version per process")
+        raise RuntimeError(
+            f"{name} is already imported from {list(module.__path__)} with {len(stale)} submodules; one version "
+            f"per process"
+        )
     spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
     spec.submodule_search_locations = [str(path)]
     module = importlib.util.module_from_spec(spec)
@@ -109,7 +114,9 @@ def load_peft() -> types.SimpleNamespace:
                 else:
                     sys.modules[name] = module
         _check_isolated(stub)
-    return types.SimpleNamespace(**{m: sys.modules[f"megatron.bridge.peft.{m}"] for m in PEFT_MODULES}, version=PEFT_VERSION)
+    return types.SimpleNamespace(
+        **{m: sys.modules[f"megatron.bridge.peft.{m}"] for m in PEFT_MODULES}, version=PEFT_VERSION
+    )
 
 
 def _te_stub() -> dict:
@@ -127,11 +134,18 @@ def _te_stub() -> dict:
 def _check_isolated(stub: dict) -> None:
     """Only Bridge's modules may hold the Transformer Engine stand-ins (megatron-core must not have seen them)."""
     fakes = {id(m) for m in stub.values() if m is not None}
-    holders = sorted(name for name, module in list(sys.modules.items())
-                     if module is not None and not name.startswith(("megatron.bridge", "transformer_engine"))
-                     and any(id(v) in fakes for v in vars(module).values()))
+    holders = sorted(
+        name
+        for name, module in list(sys.modules.items())
+        if module is not None
+        and not name.startswith(("megatron.bridge", "transformer_engine"))
+        and any(id(v) in fakes for v in vars(module).values())
+    )
     if holders:
-        raise RuntimeError(f"modules other than Megatron-Bridge's imported the Transformer Engine stand-in: {holders}; import them first (_MEGATRON_FIRST)")
+        raise RuntimeError(
+            f"modules other than Megatron-Bridge's imported the Transformer Engine stand-in: {holders}; import "
+            f"them first (_MEGATRON_FIRST)"
+        )
 
 
 def load_callbacks(version: str = CALLBACKS_VERSION) -> types.ModuleType:
@@ -150,7 +164,8 @@ VARIANTS = {"lora": ("lora", "LoRA"), "canonical": ("canonical_lora", "Canonical
 
 
 def apply(model_or_chunks, variant: str = "lora", *, dim: int = 8, alpha: float = 16, target_modules=None, **kwargs):
-    """Apply Bridge's own LoRA / CanonicalLoRA / DoRA (`variant`) to a megatron-core model or its VPP chunks, as Bridge's setup
+    """Apply Bridge's own LoRA / CanonicalLoRA / DoRA (`variant`) to a megatron-core model or its VPP chunks, as
+    Bridge's setup
     does (`peft(model, training=True)`: everything frozen, targeted linears wrapped); returns what it was given.
 
     `target_modules` None: the class's defaults (all four linears; CanonicalLoRA's q/k/v, up/gate, proj, fc2).

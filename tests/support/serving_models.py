@@ -17,8 +17,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from megatron_peft_export.core.archs import LLAMA, MIXTRAL, QWEN_MOE
 from megatron_peft_export.core.geometry import ModelGeometry
@@ -33,9 +40,18 @@ ARCHS = {"llama": LLAMA, "qwen3_moe": QWEN_MOE, "mixtral": MIXTRAL}
 
 def geometry(family: str) -> ModelGeometry:
     moe = family != "llama"
-    return ModelGeometry(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, head_dim=HEAD_DIM,
-                         ffn_hidden_size=EXPERT_FFN if family == "mixtral" else FFN, gated_linear_unit=True, vocab_size=VOCAB,
-                         num_experts=EXPERTS if moe else None, moe_ffn_hidden_size=EXPERT_FFN if moe else None)
+    return ModelGeometry(
+        num_layers=LAYERS,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        head_dim=HEAD_DIM,
+        ffn_hidden_size=EXPERT_FFN if family == "mixtral" else FFN,
+        gated_linear_unit=True,
+        vocab_size=VOCAB,
+        num_experts=EXPERTS if moe else None,
+        moe_ffn_hidden_size=EXPERT_FFN if moe else None,
+    )
 
 
 def save_base(family: str, directory: Path, seed: int = 0) -> Path:
@@ -44,16 +60,38 @@ def save_base(family: str, directory: Path, seed: int = 0) -> Path:
     Weights are drawn with std 0.5 (not HF's 0.02) so the next-token distributions are peaked: greedy tokens then
     depend on the adapter, and a near-tie cannot flip them.
     """
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=GROUPS,
-                  head_dim=HEAD_DIM, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-                  initializer_range=0.5)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=GROUPS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        initializer_range=0.5,
+    )
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=FFN))
     elif family == "qwen3_moe":
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, intermediate_size=FFN, moe_intermediate_size=EXPERT_FFN, num_experts=EXPERTS,
-                                                   num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True))
+        model = Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(
+                **common,
+                intermediate_size=FFN,
+                moe_intermediate_size=EXPERT_FFN,
+                num_experts=EXPERTS,
+                num_experts_per_tok=2,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                norm_topk_prob=True,
+            )
+        )
     elif family == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=EXPERT_FFN, num_local_experts=EXPERTS, num_experts_per_tok=2))
+        model = MixtralForCausalLM(
+            MixtralConfig(**common, intermediate_size=EXPERT_FFN, num_local_experts=EXPERTS, num_experts_per_tok=2)
+        )
     else:
         raise ValueError(family)
     gen = torch.Generator().manual_seed(seed)
@@ -78,7 +116,9 @@ def megatron_modules(family: str, *, lm_head: bool = False, router: bool = False
         if family == "llama":
             modules += [f"{layer}.mlp.linear_fc1", f"{layer}.mlp.linear_fc2"]
         else:
-            modules += [f"{layer}.mlp.experts.local_experts.{e}.linear_{fc}" for e in range(EXPERTS) for fc in ("fc1", "fc2")]
+            modules += [
+                f"{layer}.mlp.experts.local_experts.{e}.linear_{fc}" for e in range(EXPERTS) for fc in ("fc1", "fc2")
+            ]
             modules += [f"{layer}.mlp.router"] if router else []
     return modules + (["output_layer"] if lm_head else [])
 
@@ -88,8 +128,12 @@ def _shapes(module: str, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
     kind = module.rsplit(".", 1)[-1]
     ffn = EXPERT_FFN if ".experts." in module else FFN
     out, inp = {
-        "linear_qkv": ((HEADS + 2 * GROUPS) * HEAD_DIM, HIDDEN), "linear_proj": (HIDDEN, HEADS * HEAD_DIM),
-        "linear_fc1": (2 * ffn, HIDDEN), "linear_fc2": (HIDDEN, ffn), "router": (EXPERTS, HIDDEN), "output_layer": (VOCAB, HIDDEN),
+        "linear_qkv": ((HEADS + 2 * GROUPS) * HEAD_DIM, HIDDEN),
+        "linear_proj": (HIDDEN, HEADS * HEAD_DIM),
+        "linear_fc1": (2 * ffn, HIDDEN),
+        "linear_fc2": (HIDDEN, ffn),
+        "router": (EXPERTS, HIDDEN),
+        "output_layer": (VOCAB, HIDDEN),
     }[kind]
     return (r, inp), (out, r)
 
@@ -108,8 +152,16 @@ class SourceLora:
         return (self.b.double() @ self.a.double()) * (self.alpha / self.a.shape[0])
 
 
-def write_adapter(directory: Path, family: str, settings: dict[str, tuple[int, float]], *, seed: int, dora: bool = False,
-                  pad_rank_to: int | None = None, expert_layout: str = "per_expert") -> dict[str, SourceLora]:
+def write_adapter(
+    directory: Path,
+    family: str,
+    settings: dict[str, tuple[int, float]],
+    *,
+    seed: int,
+    dora: bool = False,
+    pad_rank_to: int | None = None,
+    expert_layout: str = "per_expert",
+) -> dict[str, SourceLora]:
     """Export Megatron LoRA tensors for `settings` (module -> (r, alpha)) into `directory` the exporter's way.
 
     Returns the source tensors by Megatron module.
@@ -124,14 +176,35 @@ def write_adapter(directory: Path, family: str, settings: dict[str, tuple[int, f
         source[module] = lora
         for role, tensor in (("lora_A", lora.a), ("lora_B", lora.b), ("magnitude", lora.magnitude)):
             if tensor is not None:
-                pairs.append((ShardSpec(module=module, role=role, shape=tuple(tensor.shape), split_dim=None, tp_rank=0, tp_size=1, alpha=alpha), tensor))
+                pairs.append(
+                    (
+                        ShardSpec(
+                            module=module,
+                            role=role,
+                            shape=tuple(tensor.shape),
+                            split_dim=None,
+                            tp_rank=0,
+                            tp_size=1,
+                            alpha=alpha,
+                        ),
+                        tensor,
+                    )
+                )
     plan = plan_adapter([s for s, _ in pairs], geo, ARCHS[family], VOCAB)
     tensors = allocate(plan)
     for placements, (_, tensor) in zip(plan.placements, pairs):
         apply_placements(tensors, placements, tensor)
     directory.mkdir(parents=True, exist_ok=True)
     options = ExportOptions(pad_rank_to=pad_rank_to, expert_layout=expert_layout, model_type=family)
-    stage_adapter(directory, plan, tensors, options, Naming(ARCHS[family], geo), dialect="modelopt", source=f"test {family} adapter")
+    stage_adapter(
+        directory,
+        plan,
+        tensors,
+        options,
+        Naming(ARCHS[family], geo),
+        dialect="modelopt",
+        source=f"test {family} adapter",
+    )
     return source
 
 

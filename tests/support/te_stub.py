@@ -19,7 +19,9 @@ import torch
 
 class _Unavailable(torch.nn.Module):
     def __init__(self, *args, **kwargs) -> None:
-        raise NotImplementedError(f"{type(self).__qualname__} is a Transformer Engine stand-in for imports only (tests/support/te_stub.py)")
+        raise NotImplementedError(
+            f"{type(self).__qualname__} is a Transformer Engine stand-in for imports only (tests/support/te_stub.py)"
+        )
 
 
 def modules() -> dict[str, types.ModuleType]:

@@ -1,5 +1,7 @@
-"""bridge_grouped_experts.py reproduces Megatron-Bridge's LoRA on grouped MoE experts: names, shapes and TP axes, and what
-its expert fc2 at expert TP > 1 computes (BRIDGE_FACTS.md). The rest goes through export in tests/e2e/test_export_bridge_moe.py.
+"""bridge_grouped_experts.py reproduces Megatron-Bridge's LoRA on grouped MoE experts: names, shapes and TP axes, and
+what
+its expert fc2 at expert TP > 1 computes (BRIDGE_FACTS.md). The rest goes through export in
+tests/e2e/test_export_bridge_moe.py.
 
 All torch work runs in forked gloo ranks (multiprocess.run_ranks); the parent only compares what the ranks return.
 """
@@ -20,8 +22,12 @@ def _expert_names_rank(rank, world_size, expert_adapters, layout):
     model = tiny_moe.build_moe_gpt(tiny_moe.MIXTRAL_LIKE, grouped_experts=True)
     apply_grouped_expert_lora(model, dim=DIM, alpha=ALPHA, expert_adapters=expert_adapters)
     return {
-        name.removeprefix("decoder.layers.0.mlp."): (tuple(p.shape), getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None)
-        for name, p in model.named_parameters() if name.startswith("decoder.layers.0.mlp.") and ".adapter." in name
+        name.removeprefix("decoder.layers.0.mlp."): (
+            tuple(p.shape),
+            getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None,
+        )
+        for name, p in model.named_parameters()
+        if name.startswith("decoder.layers.0.mlp.") and ".adapter." in name
     }
 
 
@@ -53,7 +59,10 @@ def test_grouped_expert_adapter_names_shapes_and_tp_axes_at_ep2_etp2(expert_adap
 def test_shared_outer_names_and_shapes_at_ep2():
     names = run_ranks(_expert_names_rank, 2, "shared_outer", {"ep": 2})[0]
     assert names == {
-        "experts.linear_fc1.adapter.linear_in.weight": ((DIM, 64), 0),  # shared A: a ColumnParallelLinear over expert TP (1)
+        "experts.linear_fc1.adapter.linear_in.weight": (
+            (DIM, 64),
+            0,
+        ),  # shared A: a ColumnParallelLinear over expert TP (1)
         "experts.linear_fc1.adapter.linear_out.weight": ((2, 64, DIM), None),  # per-expert B: no TP attributes
         "experts.linear_fc2.adapter.linear_in.weight": ((2, DIM, 32), None),
         "experts.linear_fc2.adapter.linear_out.weight": ((64, DIM), 1),  # shared B: a RowParallelLinear
@@ -71,7 +80,9 @@ def _fc2_etp2_rank(rank, world_size, expert_adapters):
     apply_grouped_expert_lora(model, dim=DIM, alpha=ALPHA, targets=("linear_fc2",), expert_adapters=expert_adapters)
     tiny_moe.fill_moe_lora_random(model, seed=3)
     adapter = model.decoder.layers[0].mlp.experts.linear_fc2.adapter
-    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))  # one expert's tokens, full ffn; rank t holds columns t
+    x = torch.randn(
+        5, 32, generator=torch.Generator().manual_seed(0)
+    )  # one expert's tokens, full ffn; rank t holds columns t
     a, b = adapter.linear_in.weight.detach(), adapter.linear_out.weight.detach()
     a, b = (a, b) if a.dim() == 2 else (a[0], b[0])
     y = adapter(x.chunk(2, dim=1)[rank].contiguous(), [5, 0, 0, 0]).detach()

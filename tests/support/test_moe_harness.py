@@ -1,7 +1,8 @@
 """The MoE harness proves itself: Megatron MoE on CPU equals its HF twins at every layout.
 
 Covers ``tiny_moe``: base logits vs Mixtral / Qwen3-MoE / Qwen2-MoE twins at
-EP, TP x EP with sequence parallel, expert TP, PP, with SequentialMLP or grouped (TEGroupedMLP) experts; routing identical to HF's
+EP, TP x EP with sequence parallel, expert TP, PP, with SequentialMLP or grouped (TEGroupedMLP) experts; routing
+identical to HF's
 (top-2 of 4, several experts per token); ModelOpt LoRA on routed experts
 independent of the EP layout and exportable to peft ``target_parameters``;
 and the facts about ModelOpt's expert LoRA under expert TP (it is not
@@ -170,9 +171,7 @@ def _expert_lora_shards(rank, world_size, cfg, lora_rank, scale):
     tm.init_moe_parallel(ep=2)
     model = tm.build_moe_gpt(cfg)
     # "*experts*" also matches mlp.shared_experts (exported below as plain target_modules)
-    tm.apply_modelopt_lora(
-        model, rank=lora_rank, scale=scale, targets=("*experts*linear_fc1*", "*experts*linear_fc2*")
-    )
+    tm.apply_modelopt_lora(model, rank=lora_rank, scale=scale, targets=("*experts*linear_fc1*", "*experts*linear_fc2*"))
     tm.fill_moe_lora_random(model, seed=11)
     tensors = {
         tg._global_name(model, name): param.detach().clone()
@@ -289,9 +288,7 @@ def _modelopt_expert_tp_facts(rank, world_size):
         "base_fc1_allreduce": expert.linear_fc1.weight.allreduce,
         "fc1_lora_b": (type(fc1_b).__name__, fc1_b.is_expert, fc1_b.weight.partition_dim),
         "fc2_lora_a": (type(fc2_a).__name__, fc2_a.is_expert, fc2_a.weight.partition_dim),
-        "lora_allreduce": sorted(
-            {getattr(p, "allreduce", True) for n, p in expert.named_parameters() if "lora" in n}
-        ),
+        "lora_allreduce": sorted({getattr(p, "allreduce", True) for n, p in expert.named_parameters() if "lora" in n}),
         "base_group": _group_name(expert.linear_fc1.tp_group),
         "fc1_lora_b_group": _group_name(fc1_b.tp_group),
         "fc2_lora_a_group": _group_name(fc2_a.tp_group),

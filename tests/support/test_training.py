@@ -23,7 +23,11 @@ def _train_and_reload(rank, world, save_dir, tp, pp):
     tc = tr.TrainConfig(tp=tp, pp=pp)
     saves = []
     history = tr.run_training(
-        tc, steps=STEPS, save_interval=SAVE_INTERVAL, save_dir=save_dir, log=None,
+        tc,
+        steps=STEPS,
+        save_interval=SAVE_INTERVAL,
+        save_dir=save_dir,
+        log=None,
         on_save=lambda iteration, path, model: saves.append((iteration, str(path), model)),
     )
     trained_model = saves[-1][2]

@@ -45,8 +45,14 @@ _LOCAL_EXPERT_RE = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 _GROUPED_EXPERT_RE = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 # Fused kernels are CUDA-only (or apex/TE); the CPU path needs every one off.
 _NO_FUSIONS = dict.fromkeys(
-    ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
-     "gradient_accumulation_fusion", "persist_layer_norm", "apply_rope_fusion"),
+    (
+        "bias_activation_fusion",
+        "bias_dropout_fusion",
+        "masked_softmax_fusion",
+        "gradient_accumulation_fusion",
+        "persist_layer_norm",
+        "apply_rope_fusion",
+    ),
     False,
 )
 
@@ -174,7 +180,8 @@ def _global_name(chunk, local_name: str) -> str:
         rest = f"{e.group(1)}{layer.mlp.local_expert_indices[int(e.group(2))]}{e.group(3)}"
     grouped = _GROUPED_EXPERT_RE.match(rest)
     if grouped:
-        rest = f"mlp.experts.local_experts.{layer.mlp.local_expert_indices[int(grouped.group(2))]}.{grouped.group(1)}.weight"
+        expert = layer.mlp.local_expert_indices[int(grouped.group(2))]
+        rest = f"mlp.experts.local_experts.{expert}.{grouped.group(1)}.weight"
     return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
@@ -306,7 +313,8 @@ def _build_loaded(cfg, config, weights: dict, experts_spec=None, **spec_kwargs):
 
 
 def load_weights(model, weights: dict) -> None:
-    """Copy this rank's slice of each global tensor in ``weights`` (keyed by ``_global_name``) into ``model``'s parameters.
+    """Copy this rank's slice of each global tensor in ``weights`` (keyed by ``_global_name``) into ``model``'s
+    parameters.
 
     Every parameter of ``model`` (one chunk, before any LoRA is added) must have a weight.
     """
@@ -473,7 +481,8 @@ def _hf_state_dict(cfg: TinyGPTConfig, w: dict) -> dict:
 
 
 def hf_config_fields(cfg: TinyGPTConfig) -> dict:
-    """The HF config fields every twin takes from the Megatron geometry: sizes, attention, norm, rope, untied embeddings."""
+    """The HF config fields every twin takes from the Megatron geometry: sizes, attention, norm, rope, untied
+    embeddings."""
     return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,

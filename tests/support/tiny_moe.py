@@ -100,9 +100,7 @@ def default_family(cfg: TinyMoEConfig) -> str:
 # ----------------------------------------------------------------- megatron side
 
 
-def init_moe_parallel(
-    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234
-) -> None:
+def init_moe_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234) -> None:
     """(Re)initialize megatron's groups with expert parallelism; DP fills the rest.
 
     ``etp`` is the expert tensor-parallel size (None: megatron's default, = tp).
@@ -198,8 +196,20 @@ class CpuGroupedLinear(torch.nn.Module):
 
     PARTITION_DIM = 0
 
-    def __init__(self, num_gemms, input_size, output_size, *, config, init_method, bias, skip_bias_add,
-                 is_expert=True, tp_comm_buffer_name=None, pg_collection=None):
+    def __init__(
+        self,
+        num_gemms,
+        input_size,
+        output_size,
+        *,
+        config,
+        init_method,
+        bias,
+        skip_bias_add,
+        is_expert=True,
+        tp_comm_buffer_name=None,
+        pg_collection=None,
+    ):
         super().__init__()
         assert is_expert and not bias, "stand-in for bias-free expert linears"
         self.config, self.num_gemms = config, num_gemms
@@ -491,6 +501,4 @@ def peft_expert_lora(a_per_expert, b_per_expert):
 
 def compare_moe_peft(adapter_dir, cfg: TinyMoEConfig, tokens, megatron_logits, family=None, atol=1e-5) -> float:
     """``tiny_gpt.compare_peft`` on the MoE twin: keys match, values load, logits within ``atol``."""
-    return tg.compare_peft(
-        adapter_dir, cfg, tokens, megatron_logits, atol=atol, base=hf_moe_twin(cfg, family)
-    )
+    return tg.compare_peft(adapter_dir, cfg, tokens, megatron_logits, atol=atol, base=hf_moe_twin(cfg, family))

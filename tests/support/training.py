@@ -19,8 +19,8 @@ import contextlib
 import dataclasses
 import multiprocessing
 import queue
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -170,12 +170,21 @@ def _megatron_args(tc: TrainConfig) -> argparse.Namespace:
     """The few Megatron-LM ``args`` a reader of ``common.pt`` looks for (geometry, layout)."""
     m = tc.model
     return argparse.Namespace(
-        tensor_model_parallel_size=tc.tp, pipeline_model_parallel_size=tc.pp,
-        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-        group_query_attention=m.num_query_groups != m.num_attention_heads, kv_channels=m.kv_channels,
-        padded_vocab_size=m.vocab_size, seq_length=m.seq_length, swiglu=m.gated_linear_unit,
-        normalization="RMSNorm", position_embedding_type="rope", rotary_base=m.rotary_base,
+        tensor_model_parallel_size=tc.tp,
+        pipeline_model_parallel_size=tc.pp,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        group_query_attention=m.num_query_groups != m.num_attention_heads,
+        kv_channels=m.kv_channels,
+        padded_vocab_size=m.vocab_size,
+        seq_length=m.seq_length,
+        swiglu=m.gated_linear_unit,
+        normalization="RMSNorm",
+        position_embedding_type="rope",
+        rotary_base=m.rotary_base,
     )
 
 
@@ -203,7 +212,8 @@ def _may_fork():
 
 
 def save_checkpoint(model, save_dir: str | Path, iteration: int, tc: TrainConfig | None = None) -> Path:
-    """Save ``<save_dir>/iter_XXXXXXX`` (torch_dist + modelopt_state/) on every rank; rank 0 then updates the tracker."""
+    """Save ``<save_dir>/iter_XXXXXXX`` (torch_dist + modelopt_state/) on every rank; rank 0 then updates the
+    tracker."""
     path = Path(save_dir) / f"iter_{iteration:07d}"
     path.mkdir(parents=True, exist_ok=True)  # dist_checkpointing.save wants it to exist
     _in_process_write_results()

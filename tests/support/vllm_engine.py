@@ -20,14 +20,18 @@ import traceback
 
 
 def _deltas(model, lora_id):
-    """What the LoRA layers hold for `lora_id` once vLLM activates it: {module.slice: B @ A} (MoE: [experts, out, in])."""
+    """What the LoRA layers hold for `lora_id` once vLLM activates it: {module.slice: B @ A} (MoE: [experts, out,
+    in])."""
     manager = model.lora_manager
     manager.activate_adapter(lora_id)
     slot = manager.lora_index_to_id.index(lora_id)
     out = {}
     for name, module in manager.modules.items():
         if hasattr(module, "w13_lora_a_stacked"):  # FusedMoEWithLoRA: w1 (gate), w3 (up), w2 (down) per expert
-            pairs = {"w1": (module.w13_lora_a_stacked[0], module.w13_lora_b_stacked[0]), "w2": (module.w2_lora_a_stacked[0], module.w2_lora_b_stacked[0])}
+            pairs = {
+                "w1": (module.w13_lora_a_stacked[0], module.w13_lora_b_stacked[0]),
+                "w2": (module.w2_lora_a_stacked[0], module.w2_lora_b_stacked[0]),
+            }
             if len(module.w13_lora_a_stacked) > 1:
                 pairs["w3"] = (module.w13_lora_a_stacked[1], module.w13_lora_b_stacked[1])
             for part, (a, b) in pairs.items():
@@ -49,15 +53,28 @@ def main(job_path, result_path):
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=job["base"], dtype="float32", enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=1, max_model_len=64,
-              enforce_eager=True, max_num_seqs=max(1, len(job["prompts"])), seed=0, kv_cache_memory_bytes=32 << 20, **job.get("engine", {}))
+    llm = LLM(
+        model=job["base"],
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=job["max_lora_rank"],
+        max_loras=1,
+        max_model_len=64,
+        enforce_eager=True,
+        max_num_seqs=max(1, len(job["prompts"])),
+        seed=0,
+        kv_cache_memory_bytes=32 << 20,
+        **job.get("engine", {}),
+    )
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
 
     def generate(request=None):
         outputs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        logprobs = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outputs]
+        logprobs = [
+            [step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outputs
+        ]
         return {"tokens": tokens, "logprobs": logprobs}
 
     result = {"vllm": vllm.__version__, "base": generate() if prompts else None, "adapters": {}}
@@ -73,7 +90,10 @@ def main(job_path, result_path):
                 save_file(deltas, path)
                 entry = {"deltas": path}
         except Exception as exc:  # what vLLM says when it refuses the adapter
-            entry = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}", "traceback": traceback.format_exc()[-3000:]}
+            entry = {
+                "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
         finally:
             try:
                 llm.llm_engine.remove_lora(lora_id)

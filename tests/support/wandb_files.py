@@ -71,15 +71,27 @@ def artifacts(run_dir: Path) -> list[dict]:
     for record in records(run_dir):
         if record.WhichOneof("record_type") == "artifact":
             a = record.artifact
-            out.append({"name": a.name, "type": a.type, "aliases": sorted(a.aliases), "metadata": json.loads(a.metadata or "{}"),
-                        "files": sorted(e.path for e in a.manifest.contents)})
+            out.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": sorted(a.aliases),
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "files": sorted(e.path for e in a.manifest.contents),
+                }
+            )
     return out
 
 
 def run_info(run_dir: Path) -> dict:
     for record in records(run_dir):
         if record.WhichOneof("record_type") == "run":
-            return {"project": record.run.project, "name": record.run.display_name, "group": record.run.run_group, "id": record.run.run_id}
+            return {
+                "project": record.run.project,
+                "name": record.run.display_name,
+                "group": record.run.run_group,
+                "id": record.run.run_id,
+            }
     return {}
 
 
