@@ -36,7 +36,9 @@ def test_runs_of_alike_blobs_give_what_was_saved(tmp_path, monkeypatch):
     reads = []
     readinto = offline_checkpoint.RegularFile.readinto
     monkeypatch.setattr(
-        offline_checkpoint.RegularFile, "readinto", lambda f, buffer, at: reads.append(len(buffer)) or readinto(f, buffer, at)
+        offline_checkpoint.RegularFile,
+        "readinto",
+        lambda f, buffer, at: reads.append(len(buffer)) or readinto(f, buffer, at),
     )
     reader = TorchDistReader(tmp_path)
     got = dict(reader.load_many(sorted(tensors)))
