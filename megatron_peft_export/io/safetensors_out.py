@@ -79,11 +79,25 @@ def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict
     filled, `save_file` writes them with one system call."""
     where = spans(entries)
     flat = torch.empty(max((end for _, end in where.values()), default=0), dtype=torch.uint8)
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype: dtypes come widest first, so aligned
     tensors = {}
     for key, (start, end) in where.items():
         dtype, shape = entries[key]
-        tensors[key] = flat[start:end].view(dtype).view(shape) if end > start else torch.empty(shape, dtype=dtype)
+        if end == start:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            continue
+        if dtype not in typed:
+            typed[dtype] = flat[start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize].view(dtype)
+        tensors[key] = typed[dtype].as_strided(shape, _strides(shape), start // dtype.itemsize)
     return {key: tensors[key] for key in entries}
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def allocate_plan(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
