@@ -233,7 +233,7 @@ def modelopt_alpha(peft_configs: list[dict], adapter_name: str, module: str, ran
     return None
 
 
-READ_BATCH_BYTES = 64 * 2**20
+READ_BATCH_BYTES = 32 * 2**20
 """Adapter bytes the offline exporter reads ahead: one batch of stored items, decoded together."""
 
 
@@ -454,7 +454,7 @@ class TorchDistReader:
         tensors[key][tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] = part
 
 
-RUN_BYTES = 64 * 2**20
+RUN_BYTES = 16 * 2**20
 """At most this many bytes of adjacent stored items are read by one read (a larger item is read alone)."""
 
 

@@ -372,7 +372,7 @@ def _export_checkpoint(
         by_key[shard.key].append(n)
     tensors = safetensors_out.allocate_plan(plan, parse_dtype(options.dtype))
     read_bytes = 0
-    copies = BulkCopy()  # queued copies, done together by torch._foreach_copy_ (at every 64 MiB and at the end)
+    copies = BulkCopy(16 << 20)  # queued copies, done together by torch._foreach_copy_ (at every 16 MiB, at the end)
     for key, data in tqdm(
         reader.load_many(list(by_key)),
         total=len(by_key),
