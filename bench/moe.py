@@ -22,38 +22,41 @@ from pathlib import Path
 
 from .common import median, timed
 
-SHAPES = {"48x128": (48, 128), "61x256": (61, 256)}
-QUICK_SHAPES = {"4x16": (4, 16), "8x16": (8, 16)}
+SHAPES = {"48x128": (48, 128, 8, 2), "61x256": (61, 256, 8, 2), "4x64 h1024 r64": (4, 64, 1024, 64)}
+"""layers, experts, hidden size (= expert ffn size), LoRA rank. The first two: real tensor counts (the growth exponent
+is taken between them); the last: real bytes (a 235 MB float32 adapter on 1.6 GB of expert weights)."""
+QUICK_SHAPES = {"4x16": (4, 16, 8, 2), "8x16": (8, 16, 8, 2)}
 
 
-def _config(layers: int, experts: int):
+def _config(layers: int, experts: int, hidden: int = 8):
     from tests.support.tiny_moe import TinyMoEConfig
 
     return TinyMoEConfig(
         num_layers=layers,
         num_experts=experts,
-        hidden_size=8,
+        hidden_size=hidden,
         num_attention_heads=1,
         num_query_groups=1,
-        kv_channels=8,
-        moe_ffn_hidden_size=8,
-        ffn_hidden_size=8,
+        kv_channels=hidden,
+        moe_ffn_hidden_size=hidden,
+        ffn_hidden_size=hidden,
         vocab_size=16,
         seq_length=4,
     )
 
 
-def build(layers: int, experts: int):
+def build(layers: int, experts: int, *, ep: int = 1, hidden: int = 8, rank: int = 2):
+    """This rank's model at expert-parallel size `ep` (its local experts); LoRA values depend on the rank."""
     import torch
 
     from tests.support import tiny_moe
     from tests.support.tiny_gpt import apply_modelopt_lora
 
-    tiny_moe.init_moe_parallel()
+    tiny_moe.init_moe_parallel(ep=ep)
     model = apply_modelopt_lora(
-        tiny_moe.build_moe_gpt(_config(layers, experts)), rank=2, targets=tiny_moe.ROUTED_EXPERT_TARGETS
+        tiny_moe.build_moe_gpt(_config(layers, experts, hidden)), rank=rank, targets=tiny_moe.ROUTED_EXPERT_TARGETS
     )
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(3 + torch.distributed.get_rank())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -70,14 +73,15 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _worker(rank, world, layers: int, experts: int, reps: int, scratch: str):
+def _worker(rank, world, shape: tuple, reps: int, scratch: str):
     from torch.overrides import _pop_mode_temporarily
 
     from .common import return_freed_memory
 
     return_freed_memory()
     scratch = Path(scratch)
-    model = build(layers, experts)
+    layers, experts, hidden, lora_rank = shape
+    model = build(layers, experts, hidden=hidden, rank=lora_rank)
     # The tests' CPU shim (a torch function mode that rewrites "cuda" devices) taxes every torch call; megatron needed
     # it to build the model, a real (GPU) process has no such mode, so the measurements below run without it.
     with _pop_mode_temporarily():
@@ -146,29 +150,68 @@ def _measure(model, scratch: Path, reps: int) -> dict:
     return out
 
 
-def run(reps: int, scratch: Path, log, shapes: dict = SHAPES) -> dict:
+def _ep2_worker(rank, world, shape: tuple, reps: int, scratch: str):
+    """Warm live exports (per_expert) of the shape at EP=`world` (each rank holds experts / world): the median."""
+    from torch.overrides import _pop_mode_temporarily
+
+    from megatron_peft_export import export_adapter
+
+    from .common import return_freed_memory
+
+    return_freed_memory()
+    layers, experts, hidden, lora_rank = shape
+    model = build(layers, experts, ep=world, hidden=hidden, rank=lora_rank)
+    samples = []
+    with _pop_mode_temporarily():
+        for n in range(reps + 1):
+            out = Path(scratch) / f"ep_{n}"
+            seconds, _ = timed(export_adapter, model, out, model_type="mixtral", expert_layout="per_expert")
+            samples.append(seconds)
+            if rank == 0:
+                shutil.rmtree(out)
+    return {"first": samples[0], "warm": median(samples[1:]), "samples": samples}
+
+
+def _slopes(rows: list[dict]) -> dict:
+    """Log-log slope of each path's time against HF tensors between the first and last tensor-count shape."""
+    counted = [r for r in rows if SHAPES.get(r["shape"], QUICK_SHAPES.get(r["shape"]))[2] == 8]
+    if len(counted) < 2:
+        return {}
+    a, b = counted[0], counted[-1]
+    span = math.log(b["hf_tensors"] / a["hf_tensors"])
+    slopes = {}
+    for key in ("export_first", "per_expert", "fused", "hook_first", "hook", "floor_write", "floor_copy", "ep2"):
+        slopes[key] = math.log(b[key] / a[key]) / span
+    for key in ("export", "read_write_floor"):
+        if "offline" in a and "offline" in b:
+            slopes[f"offline {key}"] = math.log(b["offline"][key] / a["offline"][key]) / span
+    return slopes
+
+
+def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline: bool = True) -> dict:
     from tests.support.multiprocess import run_ranks
 
+    from . import moe_offline
+
     rows = []
-    for label, (layers, experts) in shapes.items():
-        directory = scratch / f"moe_{label}"
+    for label, shape in shapes.items():
+        directory = scratch / f"moe_{label.replace(' ', '_')}"
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-        log(f"moe {label}: {layers} layers x {experts} experts, {reps} reps")
-        (row,) = run_ranks(_worker, 1, layers, experts, reps, str(directory), timeout=7200)
+        log(f"moe {label}: {shape[0]} layers x {shape[1]} experts, hidden {shape[2]}, rank {shape[3]}, {reps} reps")
+        (row,) = run_ranks(_worker, 1, shape, reps, str(directory), timeout=7200)
+        ep2 = run_ranks(_ep2_worker, 2, shape, reps, str(directory), timeout=7200)[0]
         shutil.rmtree(directory, ignore_errors=True)
-        row["shape"] = label
-        rows.append(row)
+        row.update(shape=label, ep2=ep2["warm"], ep2_first=ep2["first"], ep2_samples=ep2["samples"])
+        row["ep2_over_ep1"] = row["ep2"] / row["per_expert"]
         log(
             f"  {row['hf_tensors']} HF tensors: export first {row['export_first']:.2f} s, per_expert "
-            f"{row['per_expert']:.2f} s, "
+            f"{row['per_expert']:.2f} s (EP=2: {row['ep2']:.2f} s), "
             f"fused {row['fused']:.2f} s, write floor {row['floor_write']:.2f} s; hook first "
             f"{row['hook_first']:.2f} s, "
             f"stall {row['hook']:.3f} s, copy floor {row['floor_copy']:.3f} s"
         )
-    slopes = {}
-    if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        for key in ("export_first", "per_expert", "fused", "hook_first", "hook", "floor_write", "floor_copy"):
-            slopes[key] = math.log(b[key] / a[key]) / math.log(b["hf_tensors"] / a["hf_tensors"])
-    return {"rows": rows, "growth_exponent": slopes}
+        if offline:
+            row["offline"] = moe_offline.run_shape(label.replace(" ", "_"), shape, reps, scratch, log)
+        rows.append(row)
+    return {"rows": rows, "growth_exponent": _slopes(rows)}

@@ -128,10 +128,26 @@ def _moe(result: dict) -> list[str]:
             f"| {r['hook_first'] / c:.1f}x ({seconds(r['hook_first'] - c)} above) | {r['hook'] / c:.2f}x | "
             f"{seconds(w)} | {seconds(c)} |"
         )
+    out += [
+        "",
+        "| layers x experts | EP=2 warm per_expert / EP=1 | offline export / read+write floor | offline export "
+        "| raw read | read+write floor | offline peak RSS / adapter bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        o = r.get("offline")
+        offline = (
+            f"{o['export_over_read_write_floor']:.1f}x | {seconds(o['export'])} | {seconds(o['raw_read'])} | "
+            f"{seconds(o['read_write_floor'])} | {o['peak_rss_over_adapter_bytes']:.2f}x ({size(o['export_peak_rss'])} "
+            f"for {size(o['adapter_bytes'])})"
+            if o
+            else "- | - | - | - | -"
+        )
+        out.append(f"| {r['shape']} | {r['ep2_over_ep1']:.2f}x | {offline} |")
     if result.get("growth_exponent"):
         out += [
             "",
-            "Growth exponent (log-log slope of time against HF tensors between the two sizes): "
+            "Growth exponent (log-log slope of time against HF tensors between the two tensor-count sizes): "
             + ", ".join(f"{k} {v:.2f}" for k, v in result["growth_exponent"].items()),
         ]
     return out

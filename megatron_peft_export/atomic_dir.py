@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from .errors import OutputError
+from .io.safetensors_out import save_file
 
 log = logging.getLogger("megatron_peft_export")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

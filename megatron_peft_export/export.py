@@ -24,12 +24,13 @@ from .core.archs import ArchMap, arch_for_model_type
 from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
 from .core.peft_format import adapter_config, model_card
-from .core.plan import AdapterPlan, BulkCopy, allocate, apply_placements, plan_adapter
+from .core.plan import AdapterPlan, BulkCopy, apply_placements, plan_adapter
 from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
 from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
+from .io import safetensors_out
 from .names import check_name
 from .quantization import describe as describe_quantization
 from .quantization import summary as quantization_summary
@@ -300,7 +301,7 @@ def run_export(
     try:  # a collective failure (a rank died or timed out) leaves no staging behind
         failure: Exception | None = None
         try:
-            tensors = allocate(plan, out_dtype)
+            tensors = safetensors_out.allocate_plan(plan, out_dtype)
         except Exception as exc:
             failure = exc
         copies = BulkCopy()

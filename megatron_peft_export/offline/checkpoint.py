@@ -21,6 +21,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ExportError
@@ -28,6 +29,7 @@ from ..hook import TRACKER
 from ..safe_read import TRACKER_LIMIT, GiB, RegularFile, open_regular, read_bytes, read_text, read_yaml
 from .dcp_metadata import (
     CheckpointMetadata,
+    Chunk,
     MetadataError,
     StoredItem,
     TensorEntry,
@@ -36,7 +38,17 @@ from .dcp_metadata import (
 from .dcp_metadata import (
     RefusedGlobal as RefusedMetadataGlobal,
 )
-from .torch_save import NotPlainTensor, RefusedGlobal, StoredTensor, decode, load_torch_file
+from .torch_save import (
+    Layout,
+    NotPlainTensor,
+    RefusedGlobal,
+    StoredTensor,
+    decode,
+    gather,
+    layout_of,
+    load_torch_file,
+    matching,
+)
 
 log = logging.getLogger("megatron_peft_export")
 METADATA_LIMIT = 4 * GiB
@@ -221,7 +233,7 @@ def modelopt_alpha(peft_configs: list[dict], adapter_name: str, module: str, ran
     return None
 
 
-READ_BATCH_BYTES = 256 * 2**20
+READ_BATCH_BYTES = 32 * 2**20
 """Adapter bytes the offline exporter reads ahead: one batch of stored items, decoded together."""
 
 
@@ -364,17 +376,22 @@ class TorchDistReader:
             yield key, tensors.pop(key)
 
     def _read_items(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The keys' stored items, each read by one positional read of its byte range (in file order) and decoded in
-        memory."""
-        items = [
-            (item.relative_path, item.offset, item.length, key, chunk)
-            for key in keys
-            for chunk, item in self._items(key)
-        ]
+        """The keys' stored items, read in runs of adjacent items (one positional read per run, in file order) and
+        decoded in memory: blobs laid out as one already decoded (the same bytes wherever decode looks) are taken
+        together, any other blob is decoded on its own."""
+        items = sorted(
+            (
+                (item.relative_path, item.offset, item.length, key, chunk)
+                for key in keys
+                for chunk, item in self._items(key)
+            ),
+            key=lambda item: item[:2],
+        )
         tensors: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as files:
             opened: dict[str, RegularFile] = {}
-            for relative_path, offset, length, key, chunk in sorted(items, key=lambda item: item[:2]):
+            for run in _runs(items):
+                relative_path, start = run[0][0], run[0][1]
                 if relative_path not in opened:
                     opened[relative_path] = files.enter_context(
                         open_regular(
@@ -385,26 +402,130 @@ class TorchDistReader:
                         )
                     )
                 f = opened[relative_path]
-                f.check_range(offset, length, f"the stored item of {key}")
-                blob = bytearray(length)
-                f.readinto(blob, offset)
-                try:
-                    part = decode(blob)
-                except NotPlainTensor as exc:
-                    raise NotPlainTensor(f"{key}: {exc}") from None
-                entry = self._metadata.tensors[key]
-                if part.shape != chunk.sizes or part.dtype != entry.dtype:
-                    raise NotPlainTensor(
-                        f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {entry.dtype} "
-                        f"{list(chunk.sizes)}"
-                    )
-                if chunk.sizes == entry.size:
-                    tensors[key] = part
-                    continue
-                if key not in tensors:
-                    tensors[key] = torch.empty(entry.size, dtype=entry.dtype)
-                tensors[key][tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] = part
+                size = run[-1][1] + run[-1][2] - start
+                f.check_range(start, size, f"the stored items of {run[0][3]}" + (" and others" if len(run) > 1 else ""))
+                buffer = bytearray(size)
+                f.readinto(buffer, start)
+                for group in _same_layout(
+                    buffer, [(offset - start, length, key, chunk) for _, offset, length, key, chunk in run]
+                ):
+                    self._place(tensors, buffer, group)
         return tensors
+
+    def _place(self, tensors: dict[str, torch.Tensor], buffer: bytearray, group) -> None:
+        """Put a group of blobs (the layout they share, or None: each decoded alone) into the keys' tensors."""
+        layout, blobs = group
+        if layout is None or not layout.whole:
+            for at, length, key, chunk in blobs:
+                self._put(tensors, key, chunk, _decode_one(buffer, at, length, key))
+            return
+        stacked = gather(buffer, blobs[0][0], len(blobs), layout.length, layout)
+        key, first = blobs[0][2], blobs[0][3]
+        entry = self._metadata.tensors[key]
+        rows = layout.size[0] if layout.size else 0
+        if (
+            layout.size
+            and entry.dtype == layout.dtype
+            and all(k == key for _, _, k, _ in blobs)
+            and all(chunk.sizes == layout.size for *_, chunk in blobs)
+            and layout.size[1:] == entry.size[1:]
+            and all(
+                chunk.offsets == (first.offsets[0] + n * rows,) + first.offsets[1:]
+                for n, (*_, chunk) in enumerate(blobs)
+            )
+        ):  # one key's chunks, one after another along dim 0: one copy (none when they are the whole tensor)
+            whole = Chunk((first.offsets[0],) + first.offsets[1:], (rows * len(blobs),) + layout.size[1:])
+            self._put(tensors, key, whole, stacked.view(whole.sizes))
+            return
+        for n, (_, _, key, chunk) in enumerate(blobs):
+            self._put(tensors, key, chunk, stacked[n])
+
+    def _put(self, tensors: dict[str, torch.Tensor], key: str, chunk: Chunk, part: torch.Tensor) -> None:
+        entry = self._metadata.tensors[key]
+        if part.shape != chunk.sizes or part.dtype != entry.dtype:
+            raise NotPlainTensor(
+                f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {entry.dtype} {list(chunk.sizes)}"
+            )
+        if chunk.sizes == entry.size:
+            tensors[key] = part
+            return
+        if key not in tensors:
+            tensors[key] = torch.empty(entry.size, dtype=entry.dtype)
+        tensors[key][tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] = part
+
+
+RUN_BYTES = 16 * 2**20
+"""At most this many bytes of adjacent stored items are read by one read (a larger item is read alone)."""
+
+
+def _runs(items: list[tuple]) -> Iterator[list[tuple]]:
+    """Sorted (file, offset, length, ...) items cut into runs of adjacent items (each starts where the last ended, in
+    one file), of up to RUN_BYTES. Nothing between items is read."""
+    run: list[tuple] = []
+    for item in items:
+        if run and (
+            item[0] != run[-1][0] or item[1] != run[-1][1] + run[-1][2] or item[1] + item[2] - run[0][1] > RUN_BYTES
+        ):
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
+MAX_LAYOUTS = 64
+"""Layouts learnt per blob length (one per shape and dtype stored at that length); blobs past them are decoded alone."""
+
+
+def _same_layout(buffer: bytearray, blobs: list[tuple]) -> Iterator[tuple[Layout | None, list[tuple]]]:
+    """(layout, blobs) groups of consecutive blobs (offset in buffer, length, ...) that decode as one layout, in
+    order; (None, [blob]) for a blob decoded alone. Layouts are learnt from the first blob that matches none."""
+    known: dict[int, list[Layout]] = {}
+    n = 0
+    while n < len(blobs):
+        at, length = blobs[n][:2]
+        end = n + 1
+        while end < len(blobs) and blobs[end][1] == length and blobs[end][0] == at + (end - n) * length:
+            end += 1
+        which = _layout_indices(buffer, np.arange(at, at + (end - n) * length, length, dtype=np.int64), known, length)
+        layouts = known.get(length, [])
+        k = 0
+        while k < len(which):
+            stop = k + 1
+            while stop < len(which) and which[stop] == which[k] >= 0:
+                stop += 1
+            yield (layouts[which[k]] if which[k] >= 0 else None), blobs[n + k : n + stop]
+            k = stop
+        n = end
+
+
+def _layout_indices(buffer: bytearray, starts: np.ndarray, known: dict[int, list[Layout]], length: int) -> np.ndarray:
+    """Per blob at `starts` (all of `length` bytes): the index of its layout in known[length] (learnt as needed), or -1
+    for a blob to decode alone."""
+    layouts = known.setdefault(length, [])
+    which = np.full(len(starts), -1, dtype=np.int64)
+    for index, layout in enumerate(layouts):
+        which[(which < 0) & matching(buffer, starts, layout)] = index
+    while len(layouts) < MAX_LAYOUTS:
+        unmatched = np.flatnonzero(which == -1)
+        if not len(unmatched):
+            break
+        first = int(starts[unmatched[0]])
+        try:
+            layouts.append(layout_of(memoryview(buffer)[first : first + length]))
+        except NotPlainTensor:
+            which[unmatched[0]] = -2  # decoded alone, which says why
+            continue
+        rest = unmatched[matching(buffer, starts[unmatched], layouts[-1])]
+        which[rest] = len(layouts) - 1
+    return np.where(which < 0, -1, which)
+
+
+def _decode_one(buffer: bytearray, at: int, length: int, key: str) -> torch.Tensor:
+    try:
+        return decode(bytearray(memoryview(buffer)[at : at + length]))
+    except NotPlainTensor as exc:
+        raise NotPlainTensor(f"{key}: {exc}") from None
 
 
 def _overlapping(entry: TensorEntry) -> bool:

@@ -16,6 +16,7 @@ import math
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
+from operator import add, le
 from typing import Any, NamedTuple
 
 import torch
@@ -254,11 +255,7 @@ def _tensor(record: Any) -> TensorEntry:
             offsets, sizes = _ints(fields.get("offsets")), _ints(fields.get("sizes"))
         except MetadataError as exc:
             raise MetadataError(f"chunks[{n}]: {exc}") from None
-        if (
-            len(offsets) != len(size)
-            or len(sizes) != len(size)
-            or any(o + s > d for o, s, d in zip(offsets, sizes, size))
-        ):
+        if len(offsets) != len(size) or len(sizes) != len(size) or not all(map(le, map(add, offsets, sizes), size)):
             raise MetadataError(
                 f"chunk {n} at {list(offsets)} of size {list(sizes)} lies outside the tensor's size {list(size)}"
             )
@@ -293,6 +290,37 @@ def _item(index: Any, info: Any) -> tuple[tuple[str, tuple[int, ...] | None], St
     return (fqn, offset), item
 
 
+def _items(storage: dict) -> dict[tuple[str, tuple[int, ...] | None], StoredItem]:
+    """`_item` of every entry of storage_data; the common case (plain fields, a data file name seen before) is checked
+    inline, anything else goes through `_item`, which accepts or refuses it with its reason."""
+    items, names = {}, set()
+    index_fields, info_fields = _FIELDS["MetadataIndex"], _FIELDS["_StorageInfo"]
+    for index, info in storage.items():
+        if type(index) is _INDEX and type(info) is _INFO:
+            fields, stored = index.__dict__, info.__dict__
+            fqn, offsets, path = fields.get("fqn"), fields.get("offset"), stored.get("relative_path")
+            start, length, position = stored.get("offset"), stored.get("length"), fields.get("index")
+            if (
+                fields.keys() <= index_fields
+                and stored.keys() <= info_fields
+                and type(fqn) is str
+                and type(offsets) is torch.Size
+                and path in names
+                and type(start) is int
+                and type(length) is int
+                and 0 <= start <= MAX_EXTENT
+                and 0 <= length <= MAX_EXTENT
+                and (position is None or (type(position) is int and 0 <= position <= MAX_EXTENT))
+                and not stored.get("transform_descriptors")
+            ):
+                items[(fqn, _ints(offsets))] = StoredItem(path, start, length)
+                continue
+        key, item = _item(index, info)
+        items[key] = item
+        names.add(item.relative_path)
+    return items
+
+
 def parse_metadata(data: bytes) -> CheckpointMetadata:
     """`.metadata`'s bytes -> CheckpointMetadata. Raises RefusedGlobal, MetadataError, or the unpickler's errors."""
     try:
@@ -322,5 +350,5 @@ def parse_metadata(data: bytes) -> CheckpointMetadata:
                 tensors[key] = _tensor(entry)
         except MetadataError as exc:
             raise MetadataError(f"{'entry' if type(entry) is _BYTES else 'tensor'} {key}: {exc}") from None
-    items = dict(_item(index, info) for index, info in storage.items())
+    items = _items(storage)
     return CheckpointMetadata(tensors, frozenset(byte_keys), items)

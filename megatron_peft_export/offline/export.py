@@ -19,12 +19,13 @@ from tqdm import tqdm
 from ..adapter_files import check_finite
 from ..atomic_dir import check_output, discard, publish, staging_dir
 from ..core.geometry import MAX_SIZE, ModelGeometry
-from ..core.plan import allocate, apply_placements, plan_adapter
+from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..dialects import raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
 from ..hf_config import parse_dtype, read_hf_config
+from ..io import safetensors_out
 from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings
 from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards
 from .legacy import LegacyReader, legacy_shard
@@ -369,8 +370,9 @@ def _export_checkpoint(
     by_key: dict[str, list[int]] = defaultdict(list)
     for n, shard in enumerate(shards):
         by_key[shard.key].append(n)
-    tensors = allocate(plan, parse_dtype(options.dtype))
+    tensors = safetensors_out.allocate_plan(plan, parse_dtype(options.dtype))
     read_bytes = 0
+    copies = BulkCopy(16 << 20)  # queued copies, done together by torch._foreach_copy_ (at every 16 MiB, at the end)
     for key, data in tqdm(
         reader.load_many(list(by_key)),
         total=len(by_key),
@@ -380,7 +382,8 @@ def _export_checkpoint(
     ):
         read_bytes += data.numel() * data.element_size()
         for n in by_key[key]:
-            apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]))
+            apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]), copies)
+    copies.flush()
     check_finite(tensors, allow=options.allow_nonfinite)
     tmp = staging_dir(output_dir, options.overwrite, reading=reading, checkpoint=directory)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import math
 import pickle
 import pickletools
 import struct
@@ -80,12 +81,16 @@ _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s5H3L2H")
 
 
-def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
-    """Zip member name -> (offset of its data in `blob`, size), for stored (uncompressed) members."""
+def _members(blob: memoryview, read: list[tuple[int, int]] | None = None) -> dict[str, tuple[int, int]]:
+    """Zip member name -> (offset of its data in `blob`, size), for stored (uncompressed) members.
+
+    With `read`, the byte ranges the result depends on are appended to it (CRCs and member data are not read)."""
     # torch writes no zip comment: the end record is last
     if bytes(blob[-_EOCD.size : -_EOCD.size + 4]) == b"PK\x05\x06":
         tail, at = blob, len(blob) - _EOCD.size
     else:
+        if read is not None:
+            raise NotPlainTensor("the zip end record is not last")
         tail = bytes(blob[max(0, len(blob) - 65557) :])
         at = tail.rfind(b"PK\x05\x06")
         if at < 0 or len(tail) - at < _EOCD.size:
@@ -93,6 +98,8 @@ def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
     *_, count, directory_size, directory_offset, _comment = _EOCD.unpack_from(tail, at)
     if directory_offset == 0xFFFFFFFF or directory_offset + directory_size > len(blob):
         raise NotPlainTensor("zip64 or a central directory outside the blob")
+    if read is not None:
+        read.append((at, at + _EOCD.size))
     members, p = {}, directory_offset
     for _ in range(count):
         fields = _CENTRAL.unpack_from(blob, p)
@@ -107,8 +114,10 @@ def _members(blob: memoryview) -> dict[str, tuple[int, int]]:
             fields[16],
         )
         name = bytes(blob[p + _CENTRAL.size : p + _CENTRAL.size + name_len]).decode()
-        p += _CENTRAL.size + name_len + extra_len + comment_len
         header = _LOCAL.unpack_from(blob, local)
+        if read is not None:  # all but the CRC (bytes 16 to 20) of the central entry; the local header but its CRC
+            read += [(p, p + 16), (p + 20, p + _CENTRAL.size + name_len), (local, local + 14), (local + 18, local + 30)]
+        p += _CENTRAL.size + name_len + extra_len + comment_len
         if header[0] != b"PK\x03\x04" or method != 0 or size == 0xFFFFFFFF:
             raise NotPlainTensor(f"zip member {name} is compressed or zip64")
         start = local + _LOCAL.size + header[9] + header[10]
@@ -133,28 +142,108 @@ def _unpickled(pickled: bytes) -> _Rebuilt:
     return rebuilt
 
 
-def decode(blob: bytearray) -> torch.Tensor:
-    """The tensor in a torch.save blob, sharing `blob`'s memory."""
-    view = memoryview(blob)
-    members = _members(view)
+class Layout(NamedTuple):
+    """How `decode` reads blobs of one length: where the tensor's bytes are and what it is, and the bytes (positions and
+    values) that decision depends on. A blob of that length with the same values at those positions decodes the same
+    way (the rest is the tensor's data, CRCs and torch's serialization id)."""
+
+    length: int
+    positions: Any
+    values: Any
+    data_offset: int
+    dtype: torch.dtype
+    numel: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    @property
+    def whole(self) -> bool:
+        """Whether the tensor is its storage, in order (what `gather` needs)."""
+        return self.offset == 0 and math.prod(self.size) == self.numel and self.stride == _contiguous(self.size)
+
+
+def _contiguous(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _read(blob: memoryview, read: list[tuple[int, int]] | None = None) -> Layout:
+    """decode's reading of `blob`; with `read`, the byte ranges it depends on are appended to it."""
+    members = _members(blob, read)
     pickled = next((name for name in members if name.endswith("/data.pkl")), None)
     if pickled is None:
         raise NotPlainTensor("no data.pkl")
     prefix = pickled[: -len("data.pkl")]
     order = members.get(prefix + "byteorder")
-    if order is not None and bytes(view[order[0] : order[0] + order[1]]) != b"little":
+    if order is not None and bytes(blob[order[0] : order[0] + order[1]]) != b"little":
         raise NotPlainTensor("not little-endian")
     start, size = members[pickled]
-    rebuilt = _unpickled(view[start : start + size].tobytes())
+    rebuilt = _unpickled(blob[start : start + size].tobytes())
     key, dtype, numel = rebuilt.storage
     data = members.get(f"{prefix}data/{key}")
     if data is None or data[1] != numel * dtype.itemsize:
         raise NotPlainTensor(f"storage {key} missing or of the wrong size")
-    storage = torch.frombuffer(blob, dtype=dtype, count=numel, offset=data[0]) if numel else torch.empty(0, dtype=dtype)
     needed = rebuilt.offset + sum((n - 1) * s for n, s in zip(rebuilt.size, rebuilt.stride)) + 1
     if 0 not in rebuilt.size and needed > numel:
         raise NotPlainTensor("the tensor reaches past its storage")
-    return storage.as_strided(rebuilt.size, rebuilt.stride, rebuilt.offset)
+    if read is not None:
+        read += [(start, start + size)] + ([(order[0], order[0] + order[1])] if order is not None else [])
+    return Layout(len(blob), None, None, data[0], dtype, numel, rebuilt.size, rebuilt.stride, rebuilt.offset)
+
+
+def decode(blob: bytearray) -> torch.Tensor:
+    """The tensor in a torch.save blob, sharing `blob`'s memory."""
+    return _view(blob, 0, _read(memoryview(blob)))
+
+
+def _view(buffer: Any, at: int, layout: Layout) -> torch.Tensor:
+    if not layout.numel:
+        storage = torch.empty(0, dtype=layout.dtype)
+    else:
+        storage = torch.frombuffer(buffer, dtype=layout.dtype, count=layout.numel, offset=at + layout.data_offset)
+    return storage.as_strided(layout.size, layout.stride, layout.offset)
+
+
+def layout_of(blob: memoryview) -> Layout:
+    """`decode`'s reading of a blob, with the bytes it depends on (NotPlainTensor as decode raises it, or when the
+    blob's zip end record is not last)."""
+    import numpy as np
+
+    read: list[tuple[int, int]] = []
+    found = _read(blob, read)
+    positions = np.unique(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in read]))
+    values = np.frombuffer(blob, dtype=np.uint8)[positions]
+    return found._replace(positions=positions, values=values)
+
+
+def matching(buffer: Any, starts: Any, layout: Layout, rows: int = 1024) -> Any:
+    """For blobs of `layout.length` bytes at `starts` (a numpy array) in `buffer`: whether each has the layout's
+    values at its positions, i.e. decodes as the layout says. Checked `rows` blobs at a time."""
+    import numpy as np
+
+    data = np.frombuffer(buffer, dtype=np.uint8)
+    found = np.empty(len(starts), dtype=bool)
+    for n in range(0, len(starts), rows):
+        picked = data[starts[n : n + rows, None] + layout.positions[None, :]]
+        found[n : n + rows] = (picked == layout.values[None, :]).all(axis=1)
+    return found
+
+
+def gather(buffer: Any, first: int, count: int, step: int, layout: Layout) -> torch.Tensor:
+    """The tensors of `count` blobs of one `layout` (checked by `matching`), `step` bytes apart from byte `first` of
+    `buffer`, stacked: [count, *size], copied once out of the buffer (aligned, contiguous)."""
+    import numpy as np
+
+    nbytes = layout.numel * layout.dtype.itemsize
+    data = np.frombuffer(buffer, dtype=np.uint8)
+    rows = np.lib.stride_tricks.as_strided(
+        data[first + layout.data_offset :], shape=(count, nbytes), strides=(step, 1), writeable=False
+    )
+    return torch.from_numpy(np.array(rows, copy=True, order="C")).view(layout.dtype).view(count, *layout.size)
 
 
 # ---------------------------------------------------------------------------------------------------- any pickle

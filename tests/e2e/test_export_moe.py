@@ -227,3 +227,34 @@ def test_offline_export_of_shared_expert_lora_equals_the_live_export(tmp_path, w
     TP size (1)."""
     keys = _offline_equals_live(tmp_path, world, "qwen2_moe", shared=True, **layout)
     assert "base_model.model.model.layers.0.mlp.shared_expert.up_proj.lora_B.weight" in keys
+
+
+def _offline_in_layout(rank, world, checkpoint, out, family, expert_layout):
+    from megatron_peft_export.export import ExportOptions
+    from megatron_peft_export.offline.export import export_checkpoint
+
+    options = ExportOptions(model_type=family, expert_layout=expert_layout)
+    export_checkpoint(checkpoint, out, options=options, quiet=True)
+
+
+def _save_file_bytes(path: Path, scratch: Path) -> bytes:
+    """What safetensors' own save_file writes for the tensors of `path` (the independent reference of the bytes)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), str(scratch), metadata={"format": "pt"})
+    return scratch.read_bytes()
+
+
+@pytest.mark.parametrize("expert_layout", ["per_expert", "fused"])
+def test_ep2_adapters_are_the_bytes_safetensors_writes_live_and_offline(tmp_path, expert_layout):
+    """The writer's file (header from the plan, payload by offset; fused tensors stacked) is byte for byte what
+    save_file writes for the same tensors, live and offline; offline equals live in the fused layout (live's default
+    under transformers 5)."""
+    run_ranks(_save_moe_and_export_live, 2, str(tmp_path), "qwen3_moe", ep=2)
+    run_ranks(_offline_in_layout, 1, str(tmp_path / "save"), str(tmp_path / "offline"), "qwen3_moe", expert_layout)
+    offline = (tmp_path / "offline" / "adapter_model.safetensors").read_bytes()
+    live = (tmp_path / "live" / "adapter_model.safetensors").read_bytes()
+    assert offline == _save_file_bytes(tmp_path / "offline" / "adapter_model.safetensors", tmp_path / "ref.st")
+    assert live == _save_file_bytes(tmp_path / "live" / "adapter_model.safetensors", tmp_path / "ref.st")
+    if expert_layout == "fused":
+        assert offline == live

@@ -351,3 +351,23 @@ def test_legacy_format_equals_live_export(tmp_path, tp, pp):
     )[0]
     assert status == 0, err
     _same_adapter(tmp_path / "live", tmp_path / "offline")
+
+
+@pytest.mark.parametrize("variant", ["modelopt", "lora"])
+def test_tp2_adapter_files_are_the_bytes_safetensors_writes_live_and_offline(request, tmp_path, variant):
+    """The writer's file (header from the plan, payload by offset) is byte for byte what safetensors' own save_file
+    writes for the same tensors (the independent reference), live and offline, and offline equals live."""
+    from safetensors.torch import load_file, save_file
+
+    if variant != "modelopt":
+        request.getfixturevalue("real_bridge")
+    run_ranks(_train_save_and_export_live, 2, str(tmp_path), 2, 1, variant, None)
+    status, err, _ = run_ranks(
+        _offline, 1, ["export", str(tmp_path / "save"), "--output", str(tmp_path / "offline")], str(tmp_path / "warm")
+    )[0]
+    assert status == 0, err
+    files = [tmp_path / name / "adapter_model.safetensors" for name in ("live", "offline")]
+    for path in files:
+        save_file(load_file(path), str(tmp_path / "reference"), metadata={"format": "pt"})
+        assert path.read_bytes() == (tmp_path / "reference").read_bytes(), path
+    assert files[0].read_bytes() == files[1].read_bytes()

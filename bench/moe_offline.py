@@ -1,0 +1,124 @@
+"""Offline export at real MoE tensor counts: a torch_dist checkpoint of bench/moe.py's model (ModelOpt LoRA on every
+routed expert), saved by megatron's ``dist_checkpointing.save`` at EP=1 or EP=2, exported by ``export_checkpoint``
+in a fresh process with the page cache evicted, against the read floor (the adapter's byte ranges read with plain
+``readinto``) and the read+write floor (those bytes written to one new file and fsynced); peak RSS above the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from .common import evict_page_cache, peak_rss, return_freed_memory, timed
+
+ITERATION = 3
+
+
+def write_checkpoint(rank, world, layers: int, experts: int, save_dir: str, hidden: int = 8, rank_r: int = 2):
+    """Build bench/moe.py's model at EP=`world` and save it as Megatron-LM does (args in common.pt, ModelOpt state)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
+
+    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    from .moe import _config, build
+
+    return_freed_memory()
+    cfg = _config(layers, experts, hidden)
+    model = build(layers, experts, ep=world, hidden=hidden, rank=rank_r)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=1,
+        expert_tensor_parallel_size=1,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=True,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        swiglu=True,
+        padded_vocab_size=cfg.vocab_size,
+        num_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+    )
+    directory = iteration_dir(Path(save_dir), ITERATION)
+    directory.mkdir(parents=True, exist_ok=True)
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save(
+            {"model": model.sharded_state_dict(), "args": args, "iteration": ITERATION}, str(directory)
+        )
+        save_sharded_modelopt_state([model], str(directory))
+    dist.barrier()
+    if rank == 0:
+        (Path(save_dir) / TRACKER).write_text(str(ITERATION))
+
+
+def measure(variant: str, directory: str, output: str) -> dict:
+    """One cold measurement in a fresh process: the offline export (per_expert layout) or one of its floors
+    (bench/offline.py's raw read and read+write of the adapter's byte ranges)."""
+    import hashlib
+
+    import torch
+
+    if variant != "export":
+        from .offline import _measure
+
+        return _measure(variant, directory, output)
+    from megatron_peft_export.export import ExportOptions
+    from megatron_peft_export.offline.export import export_checkpoint
+
+    torch.set_num_threads(1)
+    return_freed_memory()
+    directory, output = Path(directory), Path(output)
+    options = ExportOptions(model_type="mixtral", expert_layout="per_expert")
+    evict_page_cache(directory)
+    with peak_rss() as peak:
+        seconds, summary = timed(export_checkpoint, directory, output, options=options, quiet=True)
+    digest = hashlib.sha256((output / "adapter_model.safetensors").read_bytes()).hexdigest()
+    shutil.rmtree(output)
+    return {"seconds": seconds, "peak_rss": peak[0], "bytes": summary.bytes, "sha256": digest}
+
+
+VARIANTS = ("export", "raw_read", "read_write_floor")
+
+
+def run_shape(label: str, shape: tuple, reps: int, scratch: Path, log) -> dict:
+    """Write the shape's checkpoint, then measure the export and its floors `reps` times each, interleaved."""
+    from tests.support.multiprocess import run_alone, run_ranks
+
+    from .common import directory_bytes, median, rotated
+    from .offline import _adapter_ranges
+
+    layers, experts, hidden, rank_r = shape
+    save = scratch / f"moe_offline_{label}"
+    shutil.rmtree(save, ignore_errors=True)
+    seconds, _ = timed(run_ranks, write_checkpoint, 1, layers, experts, str(save), hidden, rank_r, timeout=7200)
+    directory = save / f"iter_{ITERATION:07d}"
+    ranges = _adapter_ranges(directory)
+    log(
+        f"moe offline {label}: wrote {directory_bytes(directory) / 1e9:.2f} GB, {len(ranges)} stored items in "
+        f"{seconds:.0f} s"
+    )
+    samples = {v: [] for v in VARIANTS}
+    for rep in range(reps):
+        for variant in rotated(list(VARIANTS), rep):
+            out = str(scratch / "moe_offline_out")
+            samples[variant].append(run_alone(measure, variant, str(directory), out, timeout=7200))
+    shutil.rmtree(save, ignore_errors=True)
+    row = {"shape": label, "stored_items": len(ranges), "adapter_bytes": sum(n for _, _, n in ranges)}
+    for variant, results in samples.items():
+        row[variant] = median([r["seconds"] for r in results])
+        row[f"{variant}_samples"] = [r["seconds"] for r in results]
+        row[f"{variant}_peak_rss"] = median([r["peak_rss"] for r in results])
+    row["export_over_read_write_floor"] = row["export"] / row["read_write_floor"]
+    row["peak_rss_over_adapter_bytes"] = row["export_peak_rss"] / row["adapter_bytes"]
+    log(
+        f"  export {row['export']:.2f} s, raw read {row['raw_read']:.3f} s, read+write floor "
+        f"{row['read_write_floor']:.3f} s ({row['export_over_read_write_floor']:.1f}x), peak RSS "
+        f"{row['export_peak_rss'] / 1e6:.0f} MB for {row['adapter_bytes'] / 1e6:.0f} MB of adapter"
+    )
+    return row

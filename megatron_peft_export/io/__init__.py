@@ -1,0 +1,1 @@
+"""File input and output: safe reading, adapter directories, checkpoints, safetensors."""

@@ -1,0 +1,176 @@
+"""Writing a safetensors file by offset: the header computed from names, dtypes and shapes alone, each tensor's bytes
+written at its offset straight from its memory.
+
+The file is byte-identical to ``safetensors.torch.save_file`` of the same tensors and metadata (tests compare them):
+tensors in safetensors' order (by dtype, as its Rust enum ranks them, the widest first, then by name), the JSON
+header without spaces and padded with spaces to a multiple of 8 bytes. Unlike save_file, nothing is serialized into
+a second buffer: `allocate` gives empty tensors that are views of one flat buffer laid out as the payload, so filling
+them fills the payload and the write is one system call; tensors from anywhere else are written with vectored writes
+of many tensors each. File names are the caller's: this module takes a path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..core.plan import AdapterPlan
+
+DTYPE_NAMES = {
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+"""The dtypes written, in safetensors' payload order (its Rust enum, highest first)."""
+_RANK = {dtype: n for n, dtype in enumerate(DTYPE_NAMES)}
+_IOV_MAX = 1024
+"""Buffers per vectored write (Linux's IOV_MAX)."""
+
+
+def _order(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
+    unknown = sorted(str(dtype) for dtype, _ in entries.values() if dtype not in _RANK)
+    if unknown:
+        raise ValueError(f"safetensors cannot hold {', '.join(unknown[:3])}; expected one of {list(DTYPE_NAMES)}")
+    return sorted(entries, key=lambda key: (_RANK[entries[key][0]], key))
+
+
+def spans(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
+    """key -> (start, end) of its bytes in the payload, in payload order, for tensors given as key -> (dtype, shape)."""
+    found: dict[str, tuple[int, int]] = {}
+    at = 0
+    for key in _order(entries):
+        dtype, shape = entries[key]
+        found[key] = (at, at + math.prod(shape) * dtype.itemsize)
+        at = found[key][1]
+    return found
+
+
+def header(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    where: dict[str, tuple[int, int]],
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """The file's first bytes: the header's length (8 bytes, little-endian), then the JSON header padded to 8."""
+    found: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    for key, (start, end) in where.items():
+        dtype, shape = entries[key]
+        found[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+    text = json.dumps(found, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Empty tensors (key -> dtype, shape) that are views of one flat buffer laid out as a safetensors payload: once
+    filled, `save_file` writes them with one system call."""
+    where = spans(entries)
+    flat = torch.empty(max((end for _, end in where.values()), default=0), dtype=torch.uint8)
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype: dtypes come widest first, so aligned
+    tensors = {}
+    for key, (start, end) in where.items():
+        dtype, shape = entries[key]
+        if end == start:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            continue
+        if dtype not in typed:
+            typed[dtype] = flat[start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize].view(dtype)
+        tensors[key] = typed[dtype].as_strided(shape, _strides(shape), start // dtype.itemsize)
+    return {key: tensors[key] for key in entries}
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def allocate_plan(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """`allocate` for a plan's HF tensors, each in its source dtype unless `dtype` overrides it."""
+    return allocate({key: (dtype or getattr(torch, plan.dtypes[key]), shape) for key, shape in plan.shapes.items()})
+
+
+def _payload(tensors: Mapping[str, torch.Tensor], where: dict[str, tuple[int, int]]) -> memoryview | None:
+    """The whole payload as one buffer when the tensors are views of one in payload order (as `allocate` gives)."""
+    base = None
+    for key, (start, end) in where.items():
+        if end == start:
+            continue
+        tensor = tensors[key]
+        if base is None:
+            base = tensor.data_ptr() - start
+            storage = tensor.untyped_storage()
+            offset = base - storage.data_ptr()
+        if tensor.data_ptr() != base + start or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            return None
+    if base is None:
+        return memoryview(b"")
+    size = max(end for _, end in where.values())
+    if offset < 0 or offset + size > storage.nbytes():
+        return None
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (size,))
+    return memoryview(flat.numpy())
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """os.pwritev that finishes: a short write (a signal, a large request) continues where it stopped."""
+    while buffers:
+        written = os.pwritev(fd, buffers, offset)
+        offset += written
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers = buffers[1:]
+        if buffers and written:
+            buffers = [buffers[0][written:], *buffers[1:]]
+        buffers = [b for b in buffers if len(b)]
+
+
+def save_file(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write `tensors` as a safetensors file at `path` (created or truncated; not fsynced: the caller decides); called
+    as ``safetensors.torch.save_file`` is."""
+    entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
+    where = spans(entries)
+    head = header(entries, where, metadata)
+    payload = _payload(tensors, where)
+    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if payload is not None:
+            _write_all(fd, [memoryview(head), payload], 0)
+            return
+        _write_all(fd, [memoryview(head)], 0)
+        at, batch, start = len(head), [], len(head)
+        for key, (begin, end) in where.items():
+            if end == begin:
+                continue
+            batch.append(_bytes_of(tensors[key]))
+            at += end - begin
+            if len(batch) == _IOV_MAX:
+                _write_all(fd, batch, start)
+                batch, start = [], at
+        _write_all(fd, batch, start)
+    finally:
+        os.close(fd)

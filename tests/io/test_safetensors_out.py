@@ -1,0 +1,83 @@
+"""The safetensors writer gives the bytes safetensors' own save_file gives for the same tensors (the independent
+reference), from its flat payload buffer and from tensors anywhere in memory."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_peft_export.io import safetensors_out
+
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+]
+
+
+def _tensors(count: int, dtypes, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    found = {}
+    for n in range(count):
+        dtype = dtypes[n % len(dtypes)]
+        shape = [(2, 3), (5,), (), (0, 4), (3, 1, 2)][n % 5]
+        values = torch.randn(shape, generator=generator) * 50
+        found[f"base_model.model.layers.{n % 7}.m{n}.lora_A.weight"] = (
+            values > 0 if dtype == torch.bool else values.to(dtype)
+        )
+    return found
+
+
+def _reference(tmp_path, tensors, metadata):
+    path = tmp_path / "reference.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], DTYPES])
+@pytest.mark.parametrize("metadata", [{"format": "pt"}, None])
+def test_same_bytes_as_save_file(tmp_path, dtypes, metadata):
+    tensors = _tensors(60, dtypes)
+    path = tmp_path / "written.safetensors"
+    safetensors_out.save_file(tensors, path, metadata)
+    assert path.read_bytes() == _reference(tmp_path, tensors, metadata)
+
+
+def test_allocated_tensors_are_written_from_one_buffer_with_the_same_bytes(tmp_path, monkeypatch):
+    tensors = _tensors(3000, DTYPES, seed=1)  # more than one vectored write's worth of buffers
+    allocated = safetensors_out.allocate({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+    assert list(allocated) == list(tensors)
+    for key, tensor in tensors.items():
+        allocated[key].copy_(tensor)
+    writes = []
+    pwritev = safetensors_out.os.pwritev
+    monkeypatch.setattr(
+        safetensors_out.os, "pwritev", lambda fd, bufs, at: writes.append(len(bufs)) or pwritev(fd, bufs, at)
+    )
+    path = tmp_path / "written.safetensors"
+    safetensors_out.save_file(allocated, path, {"format": "pt"})
+    assert writes == [2]  # header and payload: one system call
+    assert path.read_bytes() == _reference(tmp_path, tensors, {"format": "pt"})
+    safetensors_out.save_file(dict(tensors), path, {"format": "pt"})  # tensors of their own: vectored writes
+    assert len(writes) > 3
+    assert path.read_bytes() == _reference(tmp_path, tensors, {"format": "pt"})
+
+
+def test_non_contiguous_and_short_writes(tmp_path, monkeypatch):
+    tensors = {"a": torch.arange(24.0).view(4, 6).t(), "b": torch.arange(5, dtype=torch.int64)}
+    pwritev = safetensors_out.os.pwritev
+    monkeypatch.setattr(safetensors_out.os, "pwritev", lambda fd, bufs, at: pwritev(fd, [bufs[0][:3]], at))
+    path = tmp_path / "written.safetensors"
+    safetensors_out.save_file(tensors, path)
+    loaded = load_file(path)
+    assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
+    assert path.read_bytes() == _reference(tmp_path, {k: t.contiguous() for k, t in tensors.items()}, None)
+
+
+def test_unknown_dtype_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="complex64"):
+        safetensors_out.save_file({"a": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x")
