@@ -14,6 +14,7 @@ from ..errors import DialectError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import ModelGeometry
 from .shards import Placement, ShardSpec
+from .splits import row_blocks
 
 PEFT_PREFIX = "base_model.model."
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -141,30 +142,6 @@ def resolve_target(
     return Target((names[i],), "plain", in_features, (outs[i],), outs[i])
 
 
-def _row_blocks(target: Target, geometry: ModelGeometry, tp_rank: int, tp_size: int) -> list[tuple[int, int, int, int]]:
-    """(HF module index, HF start row, local start row, rows) for the output rows a TP rank holds."""
-    if target.layout == "qkv":
-        groups = geometry.num_query_groups // tp_size
-        hpg, d = geometry.heads_per_group, geometry.head_dim
-        per_group = (hpg + 2) * d
-        blocks = []
-        for j in range(groups):
-            g, base = tp_rank * groups + j, j * per_group
-            blocks += [
-                (0, g * hpg * d, base, hpg * d),
-                (1, g * d, base + hpg * d, d),
-                (2, g * d, base + (hpg + 1) * d, d),
-            ]
-        return blocks
-    if target.layout == "gate_up":
-        rows = target.out_features[0] // tp_size
-        return [(0, tp_rank * rows, 0, rows), (1, tp_rank * rows, rows, rows)]
-    rows = target.megatron_out // tp_size
-    start = tp_rank * rows
-    kept = max(0, min(rows, target.out_features[0] - start))  # padded vocabulary rows are dropped
-    return [(0, start, 0, kept)] if kept else []
-
-
 def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_size: int) -> None:
     units = {"qkv": ("query groups", geometry.num_query_groups), "gate_up": ("the MLP width", target.out_features[0])}
     what, count = units.get(target.layout, ("output rows", target.megatron_out))
@@ -210,7 +187,9 @@ def plan_shard(spec: ShardSpec, target: Target, geometry: ModelGeometry) -> list
         )
     return [
         Placement(hf_key(target.hf_modules[i], spec.role), (target.out_features[i],) + shape[1:], 0, dst, src, rows)
-        for i, dst, src, rows in _row_blocks(target, geometry, tp_rank, tp_size)
+        for i, dst, src, rows in row_blocks(
+            target.layout, target.out_features, target.megatron_out, geometry, tp_rank, tp_size
+        )
     ]
 
 
