@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DialectError, ShapeMismatchError
+from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import ModelGeometry
 from .shards import Placement, ShardSpec
@@ -121,7 +121,7 @@ def resolve_target(
     match = _LAYER_RE.match(module_path)
     found = _match_module(arch, match.group(2)) if match else None
     if found is None:
-        raise DialectError(
+        raise ShapeMismatchError(
             f"no HF name for Megatron module {module_path!r} in the {arch.name} name map "
             f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
         )
@@ -225,6 +225,7 @@ def plan_adapter(
 ) -> AdapterPlan:
     """Plan every shard of every rank, then check the whole: coverage, ranks, alphas, DoRA everywhere or nowhere."""
     errors: list[str] = []
+    kind: type[ExportError] = DialectError  # ShapeMismatchError once any error is one
     placements: list[list[Placement]] = []
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
@@ -235,6 +236,7 @@ def plan_adapter(
             target = resolve_target(spec.module, spec.part, geometry, arch, megatron_vocab)
             planned = plan_shard(spec, target, geometry)
         except (ShapeMismatchError, DialectError) as exc:
+            kind = ShapeMismatchError if isinstance(exc, ShapeMismatchError) else kind
             if str(exc) not in errors:
                 errors.append(str(exc))
             placements.append([])
@@ -242,13 +244,14 @@ def plan_adapter(
         placements.append(planned)
         for p in planned:
             if shapes.setdefault(p.key, p.shape) != p.shape:
+                kind = ShapeMismatchError
                 errors.append(f"{p.key}: shards disagree on the global shape ({shapes[p.key]} vs {p.shape})")
             dtypes.setdefault(p.key, spec.dtype)
             by_key[p.key].append(p)
         for m in target.hf_modules:
             alphas[m].add(spec.alpha)
     if errors:
-        raise ShapeMismatchError(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]))
+        raise kind(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]))
     _check_coverage(shapes, by_key)
     modules = _module_settings(shapes, alphas)
     use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)

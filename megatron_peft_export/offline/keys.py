@@ -1,16 +1,17 @@
 """Which checkpoint keys are adapter tensors, and how each becomes shard specs. Pure: names and shapes in, specs out.
 
-On-disk layouts differ from the live ones in a few places, each undone here with the TP size of the save:
+The key names, each tensor's role and how torch_dist stores its rows are the dialects' declarations
+(core/registry.py); the row layouts are undone here with the TP size of the save (core/splits.py):
 - Megatron-Bridge LoRA on MoE experts (`mlp.experts.experts.linear_fc1/2`, tests/support/BRIDGE_FACTS.md) is stacked
   on a layer and a global expert axis, as TP=1 tensors (fc1 B `[gate; up]`); a tensor without the expert axis
   (shared-outer's shared side) is every expert's. Other expert layouts are refused with the key named.
-- ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`:
-  read as tp_save shards of the gate_up layout.
+- ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`
+  (`rank_blocks`): read as tp_save shards of the gate_up layout.
 - Megatron-Bridge stacks homogeneous layers (`decoder.layers.<rest>` with a leading layer axis) and
   stores linear_fc1's fused LoRA B as `[gate; up]` (one whole shard); its DoRA fc1 magnitude is not
   rearranged, so it is rank-interleaved like ModelOpt's B; and its SwiGLU rearrangement is also
-  applied to CanonicalLoRA's separate gate/up B, storing `[s0 first half; s1 first half; ...; s0 second half; ...]`,
-  which is undone to `[s0; s1; ...]`.
+  applied to CanonicalLoRA's separate gate/up B (`rank_halves`), storing
+  `[s0 first half; s1 first half; ...; s0 second half; ...]`, which is undone to `[s0; s1; ...]`.
 """
 
 from __future__ import annotations
