@@ -20,6 +20,7 @@ import torch
 from ..errors import ShapeMismatchError
 from .archs import ArchMap
 from .plan import PEFT_PREFIX, AdapterPlan
+from .splits import stack_experts, unstack_experts
 
 _LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
 
@@ -75,55 +76,36 @@ def fuse_experts(
             b = [[out.pop(_key(m, "lora_B")) for m in per_expert] for per_expert in modules]
             for per_expert in modules:
                 replaced[fused.parameter] += per_expert
-            fused_a = _fused_a(a, modules)
-            ranks = sorted({per_expert[0].shape[0] for per_expert in a})
-            if len(ranks) != 1:
-                raise ShapeMismatchError(
-                    f"{layer}.{fused.parameter}: experts have different ranks {ranks}; export with "
-                    f"expert_layout='per_expert'"
-                )
+            _check_stackable(a, b, modules, f"{layer}.{fused.parameter}")
             module = f"{layer}.{prefixes[fused.parameter]}"
-            out[_key(module, "lora_A")] = fused_a
-            out[_key(module, "lora_B")] = _fused_b(b, ranks[0])
+            out[_key(module, "lora_A")], out[_key(module, "lora_B")] = stack_experts([x[0] for x in a], b)
     return out, {p: sorted(replaced[p]) for p in targeted}
 
 
-def _fused_a(a: list[list[torch.Tensor]], modules: list[list[str]]) -> torch.Tensor:
-    """One lora_A of [experts * r, in], expert-major rows (expert e's A at rows e*r...), from each expert's A.
-
-    The HF modules of one expert (gate and up of one fc1) must share their A: compared for all experts at once.
-    """
-    fused = torch.cat([per_expert[0] for per_expert in a])
+def _check_stackable(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]], modules: list[list[str]], where: str):
+    """One fused parameter takes one rank and one lora_A per expert (gate and up of one fc1 share it), and lora_B of
+    the same shape for every expert."""
+    ranks = sorted({per_expert[0].shape[0] for per_expert in a})
+    first = torch.cat([per_expert[0] for per_expert in a])  # compared for all experts at once
     for j in range(1, len(a[0])):
-        if not torch.equal(fused, torch.cat([per_expert[j] for per_expert in a])):
+        if not torch.equal(first, torch.cat([per_expert[j] for per_expert in a])):
             e = next(e for e, per_expert in enumerate(a) if not torch.equal(per_expert[0], per_expert[j]))
             raise ShapeMismatchError(
                 f"{modules[e]}: one fused parameter needs one lora_A, found different ones; export with "
                 f"expert_layout='per_expert'"
             )
-    return fused
-
-
-def _fused_b(b: list[list[torch.Tensor]], r: int) -> torch.Tensor:
-    """One lora_B of [out, r * experts], rank-major columns (column j*experts + e is expert e's column j), filled in
-    place: expert e's HF modules' B are stacked along the rows of slice [:, :, e] of one [out, r, experts] tensor."""
+    if len(ranks) != 1:
+        raise ShapeMismatchError(
+            f"{where}: experts have different ranks {ranks}; export with expert_layout='per_expert'"
+        )
     rows = [t.shape[0] for t in b[0]]
-    first = b[0][0]
-    fused = torch.empty((sum(rows), r, len(b)), dtype=first.dtype, device=first.device)
-    dst, src = [], []
-    for e, per_expert in enumerate(b):
-        start = 0
+    for per_expert in b:
         for j, t in enumerate(per_expert):
-            if t.shape != (rows[j], r):
+            if t.shape != (rows[j], ranks[0]):
                 raise ShapeMismatchError(
-                    f"experts disagree on the shape of lora_B ({list(t.shape)} vs {[rows[j], r]}); export with "
+                    f"experts disagree on the shape of lora_B ({list(t.shape)} vs {[rows[j], ranks[0]]}); export with "
                     f"expert_layout='per_expert'"
                 )
-            dst.append(fused[start : start + rows[j], :, e])
-            src.append(t)
-            start += rows[j]
-    torch._foreach_copy_(dst, src)
-    return fused.flatten(1)
 
 
 def unfuse_experts(
@@ -173,12 +155,11 @@ def unfuse_experts(
                 f"the Megatron model has {num_experts} experts; load it into a model with the expert count of the "
                 f"adapter's base model"
             )
-        b_by_expert = b.unflatten(1, (r, count))  # rank-major columns: [out, r, experts]
-        for e, a_e in enumerate(a.split(r)):  # expert-major rows
+        for e, (a_e, b_e) in enumerate(unstack_experts(a, b, r, len(fused.per_expert))):
             modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
-            for module, b_rows in zip(modules, b_by_expert[..., e].chunk(len(modules))):
+            for module, b_rows in zip(modules, b_e):
                 out[_key(module, "lora_A")] = a_e
-                out[_key(module, "lora_B")] = b_rows.contiguous()
+                out[_key(module, "lora_B")] = b_rows
     return out
 
 

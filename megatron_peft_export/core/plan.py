@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DialectError, ShapeMismatchError
+from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import ModelGeometry
 from .shards import Placement, ShardSpec
+from .splits import row_blocks
 
 PEFT_PREFIX = "base_model.model."
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -120,7 +121,7 @@ def resolve_target(
     match = _LAYER_RE.match(module_path)
     found = _match_module(arch, match.group(2)) if match else None
     if found is None:
-        raise DialectError(
+        raise ShapeMismatchError(
             f"no HF name for Megatron module {module_path!r} in the {arch.name} name map "
             f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
         )
@@ -139,30 +140,6 @@ def resolve_target(
         raise DialectError(f"{module_path}: unknown sub-adapter {part!r}; expected one of {module.parts}")
     i = module.parts.index(part)
     return Target((names[i],), "plain", in_features, (outs[i],), outs[i])
-
-
-def _row_blocks(target: Target, geometry: ModelGeometry, tp_rank: int, tp_size: int) -> list[tuple[int, int, int, int]]:
-    """(HF module index, HF start row, local start row, rows) for the output rows a TP rank holds."""
-    if target.layout == "qkv":
-        groups = geometry.num_query_groups // tp_size
-        hpg, d = geometry.heads_per_group, geometry.head_dim
-        per_group = (hpg + 2) * d
-        blocks = []
-        for j in range(groups):
-            g, base = tp_rank * groups + j, j * per_group
-            blocks += [
-                (0, g * hpg * d, base, hpg * d),
-                (1, g * d, base + hpg * d, d),
-                (2, g * d, base + (hpg + 1) * d, d),
-            ]
-        return blocks
-    if target.layout == "gate_up":
-        rows = target.out_features[0] // tp_size
-        return [(0, tp_rank * rows, 0, rows), (1, tp_rank * rows, rows, rows)]
-    rows = target.megatron_out // tp_size
-    start = tp_rank * rows
-    kept = max(0, min(rows, target.out_features[0] - start))  # padded vocabulary rows are dropped
-    return [(0, start, 0, kept)] if kept else []
 
 
 def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_size: int) -> None:
@@ -210,7 +187,9 @@ def plan_shard(spec: ShardSpec, target: Target, geometry: ModelGeometry) -> list
         )
     return [
         Placement(hf_key(target.hf_modules[i], spec.role), (target.out_features[i],) + shape[1:], 0, dst, src, rows)
-        for i, dst, src, rows in _row_blocks(target, geometry, tp_rank, tp_size)
+        for i, dst, src, rows in row_blocks(
+            target.layout, target.out_features, target.megatron_out, geometry, tp_rank, tp_size
+        )
     ]
 
 
@@ -246,6 +225,7 @@ def plan_adapter(
 ) -> AdapterPlan:
     """Plan every shard of every rank, then check the whole: coverage, ranks, alphas, DoRA everywhere or nowhere."""
     errors: list[str] = []
+    kind: type[ExportError] = DialectError  # ShapeMismatchError once any error is one
     placements: list[list[Placement]] = []
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
@@ -256,6 +236,7 @@ def plan_adapter(
             target = resolve_target(spec.module, spec.part, geometry, arch, megatron_vocab)
             planned = plan_shard(spec, target, geometry)
         except (ShapeMismatchError, DialectError) as exc:
+            kind = ShapeMismatchError if isinstance(exc, ShapeMismatchError) else kind
             if str(exc) not in errors:
                 errors.append(str(exc))
             placements.append([])
@@ -263,13 +244,14 @@ def plan_adapter(
         placements.append(planned)
         for p in planned:
             if shapes.setdefault(p.key, p.shape) != p.shape:
+                kind = ShapeMismatchError
                 errors.append(f"{p.key}: shards disagree on the global shape ({shapes[p.key]} vs {p.shape})")
             dtypes.setdefault(p.key, spec.dtype)
             by_key[p.key].append(p)
         for m in target.hf_modules:
             alphas[m].add(spec.alpha)
     if errors:
-        raise ShapeMismatchError(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]))
+        raise kind(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]))
     _check_coverage(shapes, by_key)
     modules = _module_settings(shapes, alphas)
     use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)

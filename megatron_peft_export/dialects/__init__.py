@@ -32,6 +32,7 @@ class Dialect(Protocol):
 
 
 DIALECTS: tuple[Dialect, ...] = (modelopt, bridge)
+"""The live matchers, one per dialect family; the tensors each looks for are core/registry.py's declarations."""
 
 
 @dataclass

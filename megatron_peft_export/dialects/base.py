@@ -45,3 +45,17 @@ def owner_group(linear: torch.nn.Module) -> Any:
 def tp_split_dim(tensor: torch.Tensor) -> int | None:
     """Megatron's own marking of a tensor-parallel parameter; None when every TP rank holds all of it."""
     return tensor.partition_dim if getattr(tensor, "tensor_model_parallel", False) else None
+
+
+def at_path(module: Any, path: str) -> Any:
+    """The attribute at a dotted path under `module` (a declared leaf, core/registry.py), or None where it stops."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def leaf_owner(module: Any, leaf: str) -> Any:
+    """The module that holds a declared leaf's tensor (its linear)."""
+    return at_path(module, leaf.rsplit(".", 1)[0])

@@ -3,7 +3,8 @@
 The base linear is wrapped: `<module>.to_wrap` is the base, `<module>.adapter` the adapter.
 LoRA and DoRA: `adapter.linear_in` (A) and `adapter.linear_out` (B), scaled by alpha / dim; DoRA
 adds `adapter.weight_magnitude`, one value per output row of the base, split like that output.
-CanonicalLoRA: `adapter.adapter_{q,k,v,gate,up}`, each a LoRA for one HF module. On grouped experts
+CanonicalLoRA: `adapter.adapter_{q,k,v,gate,up}`, each a LoRA for one HF module. The tensor names are declared in
+core/registry.py; this module matches them on live modules. On grouped experts
 (a base with `num_gemms`, one GEMM per local expert) a 2-D A or B is shared by every local expert of the
 rank and a 3-D one (`[local experts, ...]`) holds one matrix per expert; the three Bridge variants (shared,
 per-expert, shared-outer) are mixes of the two. The router's LoRA (LoRATopKRouter) is a plain one. Bridge has one
@@ -19,11 +20,12 @@ from collections.abc import Iterator
 
 import torch
 
+from ..core.registry import BRIDGE_DORA, BRIDGE_LORA, DIALECTS, Dialect
 from ..errors import DialectError
-from .base import FoundTensor, Refusal, owner_group, tp_split_dim
+from .base import FoundTensor, Refusal, at_path, leaf_owner, owner_group, tp_split_dim
 
-NAME = "megatron-bridge"
-CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
+NAME = BRIDGE_LORA.family
+_VARIANTS = tuple(d for d in DIALECTS if d.family == NAME)
 
 
 def _wrapped_adapter(module: torch.nn.Module) -> torch.nn.Module | None:
@@ -42,30 +44,36 @@ def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor | R
     adapter = _wrapped_adapter(module)
     if adapter is None:
         return None
-    return _tensors(module.to_wrap, adapter)
+    return _tensors(module, adapter)
 
 
-def _lora(adapter: torch.nn.Module, part: str | None) -> Iterator[FoundTensor]:
-    alpha = float(adapter.alpha)
-    for role, linear in (("lora_A", adapter.linear_in), ("lora_B", adapter.linear_out)):
-        yield FoundTensor(role, linear.weight, alpha, tp_split_dim(linear.weight), part, owner_group(linear))
+def _variant(wrapper: torch.nn.Module) -> tuple[Dialect | None, list[str | None]]:
+    """The first Bridge variant (core/registry.py) whose declared tensors the wrapper holds, and the (sub-)adapters
+    it holds them for."""
+    for dialect in _VARIANTS:
+        leaves = dialect.leaves()
+        parts = [
+            part
+            for part in dialect.parts or (None,)
+            if all(at_path(wrapper, leaf) is not None for _, leaf, p in leaves if p == part)
+        ]
+        if parts:
+            return dialect, parts
+    return None, []
 
 
-def _grouped_lora(adapter: torch.nn.Module, experts: int) -> Iterator[FoundTensor]:
-    """Per local expert: a 2-D side is the one all experts share, a 3-D side is sliced (its TP axis moves down by
-    one)."""
-    if getattr(adapter, "weight_magnitude", None) is not None:
-        raise DialectError(
-            "found Megatron-Bridge DoRA on grouped experts; expected LoRA there (DoRA is exported for dense "
-            "linears and SequentialMLP experts)"
-        )
-    alpha = float(adapter.alpha)
-    for e in range(experts):
-        for role, linear in (("lora_A", adapter.linear_in), ("lora_B", adapter.linear_out)):
-            weight, split = linear.weight, tp_split_dim(linear.weight)
-            if weight.dim() == 3:
-                weight, split = weight[e], None if split is None else split - 1
-            yield FoundTensor(role, weight, alpha, split, tp_group=owner_group(linear), expert=e)
+def _lora(wrapper: torch.nn.Module, dialect: Dialect, part: str | None, expert: int | None = None):
+    """The declared A and B of one (sub-)adapter; of one local expert `expert` on grouped experts, where a 2-D side
+    is the one all experts share and a 3-D side is sliced (its TP axis moves down by one)."""
+    alpha = float(at_path(wrapper, dialect.alpha.replace("{part}", part or "")))
+    for decl, leaf, p in dialect.leaves():
+        if p != part or decl.role == "magnitude":
+            continue
+        weight = at_path(wrapper, leaf)
+        split = tp_split_dim(weight)
+        if expert is not None and weight.dim() == 3:
+            weight, split = weight[expert], None if split is None else split - 1
+        yield FoundTensor(decl.role, weight, alpha, split, part, owner_group(leaf_owner(wrapper, leaf)), expert)
 
 
 DORA_ROW_PARALLEL = (
@@ -155,26 +163,28 @@ def _refusal(base: torch.nn.Module, adapter: torch.nn.Module) -> Refusal | None:
     return None
 
 
-def _tensors(base: torch.nn.Module, adapter: torch.nn.Module) -> Iterator[FoundTensor | Refusal]:
+def _tensors(wrapper: torch.nn.Module, adapter: torch.nn.Module) -> Iterator[FoundTensor | Refusal]:
+    base = wrapper.to_wrap
     refusal = _refusal(base, adapter)
     if refusal is not None:
         yield refusal
         return
+    dialect, parts = _variant(wrapper)
     experts = getattr(base, "num_gemms", None)
-    if experts is not None and hasattr(adapter, "linear_in"):
-        yield from _grouped_lora(adapter, experts)
-        return
-    if hasattr(adapter, "linear_in"):
-        yield from _lora(adapter, None)
-        magnitude = getattr(adapter, "weight_magnitude", None)
-        if magnitude is not None:  # split like the base output: rows for a column-parallel base, whole for row-parallel
-            base_split = tp_split_dim(base.weight)
-            yield FoundTensor(
-                "magnitude", magnitude, float(adapter.alpha), 0 if base_split == 0 else None, tp_group=owner_group(base)
+    if experts is not None and dialect in (BRIDGE_LORA, BRIDGE_DORA):
+        if dialect is BRIDGE_DORA:
+            raise DialectError(
+                "found Megatron-Bridge DoRA on grouped experts; expected LoRA there (DoRA is exported for dense "
+                "linears and SequentialMLP experts)"
             )
+        for e in range(experts):
+            yield from _lora(wrapper, dialect, None, e)
         return
-    children = dict(adapter.named_children())
-    for part in CANONICAL_PARTS:
-        sub = children.get(f"adapter_{part}")
-        if sub is not None:
-            yield from _lora(sub, part)
+    for part in parts:
+        yield from _lora(wrapper, dialect, part)
+    if dialect is BRIDGE_DORA:  # the magnitude splits like the base output: rows if column-parallel, else whole
+        base_split = tp_split_dim(base.weight)
+        magnitude = at_path(wrapper, next(leaf for decl, leaf, _ in dialect.leaves() if decl.role == "magnitude"))
+        yield FoundTensor(
+            "magnitude", magnitude, float(adapter.alpha), 0 if base_split == 0 else None, tp_group=owner_group(base)
+        )

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import torch
 
-from .base import FoundTensor, owner_group, tp_split_dim
+from ..core.registry import MODELOPT
+from .base import FoundTensor, at_path, leaf_owner, owner_group, tp_split_dim
 
-NAME = "modelopt"
+NAME = MODELOPT.family
 
 
 def _adapters(module: torch.nn.Module) -> dict | None:
@@ -28,13 +29,16 @@ def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor] | 
     adapters = _adapters(module)
     if adapters is None:
         return None
-    return _tensors(adapters.get(adapter_name))
+    return _tensors(module, adapter_name, adapters.get(adapter_name))
 
 
-def _tensors(adapter: dict | None) -> Iterator[FoundTensor]:
+def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None) -> Iterator[FoundTensor]:
+    """The declared tensors (`lora_a_<name>.weight`, `lora_b_<name>.weight`) of an enabled adapter."""
     if adapter is None or not adapter.get("enable", True):
         return
     alpha = adapter["scale"] * adapter["rank"]
-    for role, key in (("lora_A", "lora_a"), ("lora_B", "lora_b")):
-        weight = adapter[key].weight
-        yield FoundTensor(role, weight, alpha, tp_split_dim(weight), tp_group=owner_group(adapter[key]))
+    for decl, leaf, _ in MODELOPT.leaves(adapter_name):
+        weight = at_path(module, leaf)
+        yield FoundTensor(
+            decl.role, weight, alpha, tp_split_dim(weight), tp_group=owner_group(leaf_owner(module, leaf))
+        )

@@ -20,6 +20,7 @@ from ..adapter_files import check_finite
 from ..atomic_dir import check_output, discard, publish, staging_dir
 from ..core.geometry import MAX_SIZE, ModelGeometry
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
+from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
 from ..dialects import raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
@@ -171,7 +172,7 @@ def _adapter_keys(shapes: dict[str, tuple[int, ...]], adapter_name: str, directo
 def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_name: str, directory: Path) -> float:
     if facts.lora_alpha is not None:
         return facts.lora_alpha
-    if key.dialect == "modelopt":
+    if key.dialect == MODELOPT.family:
         a_key = key.key.replace(".lora_b_", ".lora_a_")
         if a_key not in shapes:
             raise CheckpointError(f"{directory}: {key.key} has no LoRA A ({a_key}); is the checkpoint complete?")
@@ -179,7 +180,7 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
     else:
         alpha = _section(settings.run_config, "peft").get("alpha")
     if alpha is None:
-        source = "modelopt_state/" if key.dialect == "modelopt" else "run_config.yaml (peft.alpha)"
+        source = "modelopt_state/" if key.dialect == MODELOPT.family else "run_config.yaml (peft.alpha)"
         raise CheckpointError(
             f"{directory}: the LoRA scale of {key.module} is not recorded (no {source}); pass --lora-alpha"
         )
@@ -243,7 +244,7 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
         )
         refused += _refused_dora(key, found, tp_save or 1, settings)
         if (
-            key.dialect == "megatron-bridge"
+            key.dialect == BRIDGE_LORA.family
             and key.routed_expert
             and key.module.endswith("linear_fc2")
             and (tp_save or 1) > 1
@@ -257,13 +258,11 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     return reader, shards, keys[0].dialect, names, vocab
 
 
-_ROW_PARALLEL = ("linear_proj", "linear_fc2")
-"""megatron's row-parallel linears (input split over TP), by module name: all a checkpoint says about the base."""
-
-
 def _row_parallel_dora(key: AdapterKey) -> bool:
     return (
-        key.dialect == "megatron-bridge" and key.role == "magnitude" and key.module.rsplit(".", 1)[-1] in _ROW_PARALLEL
+        key.dialect == BRIDGE_LORA.family
+        and key.role == "magnitude"
+        and key.module.rsplit(".", 1)[-1] in ROW_PARALLEL  # all a checkpoint says about the base
     )
 
 
@@ -271,7 +270,7 @@ def _refused_dora(key: AdapterKey, shards: list[OfflineShard], tp_save: int, set
     """Bridge DoRA that no peft DoRA adapter reproduces (dialects/bridge.py): on row-parallel linears saved at TP > 1,
     and on
     linear_qkv with a bias inside its output (recorded in Bridge's run_config)."""
-    if key.dialect != "megatron-bridge" or key.role != "magnitude":
+    if key.dialect != BRIDGE_LORA.family or key.role != "magnitude":
         return []
     model = _section(settings.run_config, "model")
     if _row_parallel_dora(key) and tp_save > 1:

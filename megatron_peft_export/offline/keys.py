@@ -1,16 +1,17 @@
 """Which checkpoint keys are adapter tensors, and how each becomes shard specs. Pure: names and shapes in, specs out.
 
-On-disk layouts differ from the live ones in a few places, each undone here with the TP size of the save:
+The key names, each tensor's role and how torch_dist stores its rows are the dialects' declarations
+(core/registry.py); the row layouts are undone here with the TP size of the save (core/splits.py):
 - Megatron-Bridge LoRA on MoE experts (`mlp.experts.experts.linear_fc1/2`, tests/support/BRIDGE_FACTS.md) is stacked
   on a layer and a global expert axis, as TP=1 tensors (fc1 B `[gate; up]`); a tensor without the expert axis
   (shared-outer's shared side) is every expert's. Other expert layouts are refused with the key named.
-- ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`:
-  read as tp_save shards of the gate_up layout.
+- ModelOpt stores gated linear_fc1's LoRA B as a plain concatenation of TP shards, `[g0;u0;g1;u1;...]`
+  (`rank_blocks`): read as tp_save shards of the gate_up layout.
 - Megatron-Bridge stacks homogeneous layers (`decoder.layers.<rest>` with a leading layer axis) and
   stores linear_fc1's fused LoRA B as `[gate; up]` (one whole shard); its DoRA fc1 magnitude is not
   rearranged, so it is rank-interleaved like ModelOpt's B; and its SwiGLU rearrangement is also
-  applied to CanonicalLoRA's separate gate/up B, storing `[s0 first half; s1 first half; ...; s0 second half; ...]`,
-  which is undone to `[s0; s1; ...]`.
+  applied to CanonicalLoRA's separate gate/up B (`rank_halves`), storing
+  `[s0 first half; s1 first half; ...; s0 second half; ...]`, which is undone to `[s0; s1; ...]`.
 """
 
 from __future__ import annotations
@@ -19,22 +20,13 @@ import itertools
 import re
 from dataclasses import dataclass
 
+from ..core.registry import MODELOPT, TensorDecl, match_key
 from ..core.shards import Role, ShardSpec
+from ..core.splits import stored_row_pieces
 from ..errors import DialectError, ShapeMismatchError
 
-_MODELOPT = re.compile(r"^(decoder\.layers\.\d+\.(?:.+)|output_layer)\.lora_([ab])_(.+)\.weight$")
-_BRIDGE = re.compile(
-    r"^(decoder\.layers\.\d+|decoder\.layers|output_layer)((?:\.[^.]+)*?)\.adapter\.(?:adapter_(q|k|v|gate|up)\.)?(linear_in\.weight|linear_out\.weight|weight_magnitude)$"
-)
-_BRIDGE_EXPERTS = re.compile(r"\.mlp\.experts\.experts\.(linear_fc[12])")
+_BRIDGE_EXPERTS = re.compile(r"^decoder\.layers(?:\.\{i\}|\.\d+)\.mlp\.experts\.local_experts\.\{e\}\.linear_fc[12]$")
 """Routed experts as megatron saves them (SequentialMLP and TEGroupedMLP alike), on a global expert axis."""
-_ROLE = {
-    "a": "lora_A",
-    "b": "lora_B",
-    "linear_in.weight": "lora_A",
-    "linear_out.weight": "lora_B",
-    "weight_magnitude": "magnitude",
-}
 
 
 @dataclass(frozen=True)
@@ -48,6 +40,8 @@ class AdapterKey:
     role: Role
     part: str | None
     adapter_name: str | None
+    tensor: TensorDecl
+    """The dialect's declaration of this tensor (core/registry.py): its TP split and stored row layout."""
     axes: str = ""
     """The leading axes the tensor is stacked on, in order: `i` (layers), `e` (experts)."""
 
@@ -71,36 +65,24 @@ class OfflineShard:
 
 def classify(key: str) -> AdapterKey | None:
     """An AdapterKey for adapter tensors of a known dialect, None for everything else (base weights, optimizer...)."""
-    match = _MODELOPT.match(key)
-    if match:
-        module, ab, name = match.groups()
-        stacked = ".mlp.experts.experts." in module  # SequentialMLP saves its experts stacked on a leading axis
-        module = module.replace(".mlp.experts.experts.", ".mlp.experts.local_experts.{e}.")
-        return AdapterKey(key, "modelopt", module, _ROLE[ab], None, name, "e" if stacked else "")
-    match = _BRIDGE.match(key)
-    if match:
-        head, rest, part, leaf = match.groups()
-        experts = _BRIDGE_EXPERTS.fullmatch(rest)
-        if ".mlp.experts." in f"{rest}." and not experts:  # routed experts (not mlp.shared_experts) in another form
+    match = match_key(key)
+    if match is None:
+        if ".lora_A." in key or ".lora_B." in key:
             raise DialectError(
-                f"{key}: Megatron-Bridge expert adapter in a layout offline export does not read; expected "
-                f"megatron's expert-stacked "
-                "`mlp.experts.experts.linear_fc1/2` keys. Export expert adapters from the live model "
-                "(export_adapter, or the training hook)"
+                f"{key}: peft-style LoRA applied directly to Megatron layers is not supported yet; expected ModelOpt "
+                f"or Megatron-Bridge adapters"
             )
-        stacked = head == "decoder.layers"
-        if experts:
-            rest = f".mlp.experts.local_experts.{{e}}.{experts.group(1)}"
-        axes = ("i" if stacked else "") + ("e" if experts else "")
-        return AdapterKey(
-            key, "megatron-bridge", ("decoder.layers.{i}" if stacked else head) + rest, _ROLE[leaf], part, None, axes
-        )
-    if ".lora_A." in key or ".lora_B." in key:
+        return None
+    if match.family != MODELOPT.family and ".mlp.experts." in match.module and not _BRIDGE_EXPERTS.match(match.module):
         raise DialectError(
-            f"{key}: peft-style LoRA applied directly to Megatron layers is not supported yet; expected ModelOpt "
-            f"or Megatron-Bridge adapters"
+            f"{key}: Megatron-Bridge expert adapter in a layout offline export does not read; expected "
+            f"megatron's expert-stacked "
+            "`mlp.experts.experts.linear_fc1/2` keys. Export expert adapters from the live model "
+            "(export_adapter, or the training hook)"
         )
-    return None
+    return AdapterKey(
+        key, match.family, match.module, match.tensor.role, match.part, match.adapter_name, match.tensor, match.axes
+    )
 
 
 def check_shape(found: AdapterKey, shape: tuple[int, ...], where: str) -> None:
@@ -115,10 +97,6 @@ def check_shape(found: AdapterKey, shape: tuple[int, ...], where: str) -> None:
             f"({'a vector' if matrix_dims == 1 else 'a matrix'}"
             f"{' on stacked axes ' + found.axes if found.axes else ''})"
         )
-
-
-def _is_fc1(module: str) -> bool:
-    return module.endswith("linear_fc1")
 
 
 def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None) -> list[tuple[tuple[int, ...], str]]:
@@ -162,24 +140,8 @@ def offline_shards(
     out = []
     for index, module in _matrices(found, shape, num_experts):
         local = shape[len(index) :]
-        rows_total = local[0]
-        interleaved = (
-            gated
-            and _is_fc1(module)
-            and found.part is None
-            and (
-                (found.dialect == "modelopt" and found.role == "lora_B")
-                or (found.dialect == "megatron-bridge" and found.role == "magnitude")
-            )
-        )
-        if interleaved:
-            step = rows_total // tp_save
-            pieces = [((t * step, step),) for t in range(tp_save)]
-        elif found.dialect == "megatron-bridge" and found.part in ("gate", "up") and found.role == "lora_B":
-            half = rows_total // (2 * tp_save)
-            pieces = [((t * half, half), (rows_total // 2 + t * half, half)) for t in range(tp_save)]
-        else:
-            pieces = [None]
+        layout = found.tensor.stored(module, found.part, gated)
+        pieces = [None] if layout == "whole" else stored_row_pieces(layout, local[0], tp_save)
         for t, rows in enumerate(pieces):
             split = rows is not None
             shard_shape = (sum(n for _, n in rows), *local[1:]) if split else tuple(local)

@@ -2,11 +2,12 @@
 
 Files are read by torch_save.load_torch_file (no torch.load; nothing is built beyond plain data and tensor
 records), and only the adapter tensors' bytes are read. Local layer indices become global with the
-uniform pipeline split; the TP split of each tensor follows its dialect's rule for the base module.
+uniform pipeline split; the TP split of each tensor is its dialect's declaration for the base module (core/registry.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,20 +22,6 @@ from .keys import AdapterKey, OfflineShard, classify
 from .torch_save import StoredTensor
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-_COLUMN_PARALLEL = ("linear_qkv", "linear_fc1", "output_layer")
-# (dialect, base is column-parallel, role) -> tensor-parallel split dim of the saved local tensor
-_SPLIT = {
-    ("modelopt", True, "lora_A"): None,
-    ("modelopt", True, "lora_B"): 0,
-    ("modelopt", False, "lora_A"): 1,
-    ("modelopt", False, "lora_B"): None,
-    ("megatron-bridge", True, "lora_A"): 0,
-    ("megatron-bridge", True, "lora_B"): 0,
-    ("megatron-bridge", True, "magnitude"): 0,
-    ("megatron-bridge", False, "lora_A"): 1,
-    ("megatron-bridge", False, "lora_B"): 0,
-    ("megatron-bridge", False, "magnitude"): None,
-}
 
 
 @dataclass
@@ -128,7 +115,7 @@ class LegacyReader:
                 )
                 found.append(
                     (
-                        AdapterKey(f"{tp}:{pp}:{name}", key.dialect, module, key.role, key.part, key.adapter_name),
+                        dataclasses.replace(key, key=f"{tp}:{pp}:{name}", module=module, axes=""),
                         (tp, pp),
                         tuple(tensor.shape),
                         str(tensor.dtype).removeprefix("torch."),
@@ -148,13 +135,12 @@ class LegacyReader:
 def legacy_shard(
     found: AdapterKey, tp: int, tp_size: int, shape: tuple[int, ...], alpha: float, dtype: str
 ) -> OfflineShard:
-    column = found.module.rsplit(".", 1)[-1] in _COLUMN_PARALLEL
     spec = ShardSpec(
         module=found.module,
         role=found.role,
         part=found.part,
         shape=shape,
-        split_dim=_SPLIT[(found.dialect, column, found.role)],
+        split_dim=found.tensor.split_dim(found.module),
         tp_rank=tp,
         tp_size=tp_size,
         alpha=alpha,

@@ -11,7 +11,7 @@ from megatron_peft_export.core.geometry import ModelGeometry
 from megatron_peft_export.core.peft_format import adapter_config
 from megatron_peft_export.core.plan import allocate, apply_placements, plan_adapter
 from megatron_peft_export.core.shards import ShardSpec
-from megatron_peft_export.errors import ShapeMismatchError
+from megatron_peft_export.errors import DialectError, ShapeMismatchError
 
 R = 4
 
@@ -250,3 +250,32 @@ def test_shared_expert_fc1_at_tp2_splits_like_a_dense_fc1_and_needs_its_width():
         match="no HF name for Megatron module 'decoder.layers.1.mlp.shared_experts.linear_fc1' in the qwen3_moe",
     ):
         export(pairs, geo, QWEN_MOE)
+
+
+def test_planning_errors_keep_their_type():
+    """An adapter the dialect cannot place is a DialectError; one that contradicts the model a ShapeMismatchError."""
+    geo = geometry()
+    sub = ShardSpec(
+        module="decoder.layers.0.mlp.linear_fc2",
+        role="lora_A",
+        part="gate",
+        shape=(R, 12),
+        split_dim=None,
+        tp_rank=0,
+        tp_size=1,
+        alpha=8.0,
+    )
+    with pytest.raises(DialectError, match="unknown sub-adapter 'gate'") as raised:
+        plan_adapter([sub], geo, LLAMA)
+    assert not isinstance(raised.value, ShapeMismatchError)
+    past = ShardSpec(
+        module="decoder.layers.5.mlp.linear_fc2",
+        role="lora_A",
+        shape=(R, 12),
+        split_dim=None,
+        tp_rank=0,
+        tp_size=1,
+        alpha=8.0,
+    )
+    with pytest.raises(ShapeMismatchError, match="layer 5 is past the model's 2 layers"):
+        plan_adapter([sub, past], geo, LLAMA)

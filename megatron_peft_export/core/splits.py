@@ -1,0 +1,137 @@
+"""The fused layouts, each declared once with its inverse: split for export, merge for import (pure tensor math).
+
+- Fused output rows of one Megatron linear over the HF modules it feeds (`row_blocks`): query groups (GQA:
+  `[q heads of group g; k_g; v_g]` per group, groups split over TP) and gate/up (`[gate_t; up_t]` per TP rank).
+  The planner turns the blocks into placements, which the export (live and offline) copies forward and the
+  import reads backwards; `split_rows` and `merge_rows` are the same blocks applied to whole tensors.
+- The rows of a tensor as torch_dist stored it at TP > 1 (`stored_row_pieces`, `store_rows`; core/registry.py
+  says which tensors are stored which way).
+- Experts stacked into transformers v5's fused parameters as peft targets them (`stack_experts`,
+  `unstack_experts`): lora_A expert-major rows, lora_B rank-major columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .archs import Layout
+    from .geometry import ModelGeometry
+    from .registry import StoredRows
+
+Block = tuple[int, int, int, int]
+"""(HF module index, HF start row, local start row, rows)."""
+
+
+def row_blocks(
+    layout: Layout,
+    out_features: tuple[int, ...],
+    megatron_out: int,
+    geometry: ModelGeometry,
+    tp_rank: int,
+    tp_size: int,
+) -> list[Block]:
+    """The output rows a TP rank holds of a fused linear, as blocks of the HF modules it feeds.
+
+    `plain`: one module; rows past `out_features[0]` (a padded vocabulary) belong to none and are dropped."""
+    if layout == "qkv":
+        groups = geometry.num_query_groups // tp_size
+        hpg, d = geometry.heads_per_group, geometry.head_dim
+        per_group = (hpg + 2) * d
+        blocks = []
+        for j in range(groups):
+            g, base = tp_rank * groups + j, j * per_group
+            blocks += [
+                (0, g * hpg * d, base, hpg * d),
+                (1, g * d, base + hpg * d, d),
+                (2, g * d, base + (hpg + 1) * d, d),
+            ]
+        return blocks
+    if layout == "gate_up":
+        rows = out_features[0] // tp_size
+        return [(0, tp_rank * rows, 0, rows), (1, tp_rank * rows, rows, rows)]
+    rows = megatron_out // tp_size
+    start = tp_rank * rows
+    kept = max(0, min(rows, out_features[0] - start))
+    return [(0, start, 0, kept)] if kept else []
+
+
+def split_rows(
+    shards: Sequence[torch.Tensor], layout: Layout, out_features: tuple[int, ...], geometry: ModelGeometry
+) -> list[torch.Tensor]:
+    """The TP shards of a fused linear's rows -> one tensor per HF module (export's direction)."""
+    tp_size = len(shards)
+    megatron_out = shards[0].shape[0] * tp_size
+    out = [shards[0].new_empty((n, *shards[0].shape[1:])) for n in out_features]
+    for t, shard in enumerate(shards):
+        for i, dst, src, rows in row_blocks(layout, out_features, megatron_out, geometry, t, tp_size):
+            out[i][dst : dst + rows] = shard[src : src + rows]
+    return out
+
+
+def merge_rows(
+    hf: Sequence[torch.Tensor], layout: Layout, megatron_out: int, geometry: ModelGeometry, tp_size: int
+) -> list[torch.Tensor]:
+    """One tensor per HF module -> the TP shards of the fused linear's rows (import's direction; padded rows zero)."""
+    out_features = tuple(t.shape[0] for t in hf)
+    shards = []
+    for t in range(tp_size):
+        shard = hf[0].new_zeros((megatron_out // tp_size, *hf[0].shape[1:]))
+        for i, dst, src, rows in row_blocks(layout, out_features, megatron_out, geometry, t, tp_size):
+            shard[src : src + rows] = hf[i][dst : dst + rows]
+        shards.append(shard)
+    return shards
+
+
+def stored_row_pieces(layout: StoredRows, rows_total: int, tp_size: int) -> list[tuple[tuple[int, int], ...]]:
+    """Per TP rank of the save: the (start, length) row ranges of a stored tensor that, concatenated, are its shard."""
+    if layout == "rank_blocks":
+        step = rows_total // tp_size
+        return [((t * step, step),) for t in range(tp_size)]
+    if layout == "rank_halves":
+        half = rows_total // (2 * tp_size)
+        return [((t * half, half), (rows_total // 2 + t * half, half)) for t in range(tp_size)]
+    return [((0, rows_total),)]
+
+
+def store_rows(layout: StoredRows, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The TP shards of one tensor -> the tensor torch_dist stores (the inverse of `stored_row_pieces`)."""
+    if layout == "rank_halves":
+        halves = [s.chunk(2) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    if layout == "whole" and len(shards) != 1:
+        raise ValueError(f"a whole stored tensor is one shard, found {len(shards)}")
+    return torch.cat(list(shards))
+
+
+def stack_experts(a: Sequence[torch.Tensor], b: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert: one lora_A [r, in] and the lora_B [rows, r] of each HF module it feeds (in order) -> peft's fused
+    lora_A [experts * r, in] (expert e's rows at e*r...) and lora_B [sum(rows), r * experts] (column j*experts + e is
+    expert e's column j), filled in place."""
+    rows = [t.shape[0] for t in b[0]]
+    r = a[0].shape[0]
+    first = b[0][0]
+    fused = torch.empty((sum(rows), r, len(b)), dtype=first.dtype, device=first.device)
+    dst, src = [], []
+    for e, per_expert in enumerate(b):
+        start = 0
+        for j, t in enumerate(per_expert):
+            dst.append(fused[start : start + rows[j], :, e])
+            src.append(t)
+            start += rows[j]
+    torch._foreach_copy_(dst, src)
+    return torch.cat(list(a)), fused.flatten(1)
+
+
+def unstack_experts(
+    a: torch.Tensor, b: torch.Tensor, r: int, modules: int
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """The inverse of `stack_experts`: per expert, its lora_A and the lora_B of each of its `modules` HF modules."""
+    count = a.shape[0] // r
+    b_by_expert = b.unflatten(1, (r, count))  # rank-major columns: [out, r, experts]
+    return [
+        (a_e, [rows.contiguous() for rows in b_by_expert[..., e].chunk(modules)]) for e, a_e in enumerate(a.split(r))
+    ]
