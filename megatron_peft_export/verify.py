@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import ExportError
+from .errors import ExportError, VerificationInputError
 from .safe_read import open_regular
 
 log = logging.getLogger("megatron_peft_export")
@@ -34,10 +34,6 @@ RESULT_FILE = "verification.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(self_attn|mlp)$")
 _HF_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)$")
-
-
-class VerificationInputError(ExportError):
-    """The adapter, the base model or the reference cannot be read (CLI exit status 2)."""
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ExportError
+from ..errors import ExportError, PushError
 
 log = logging.getLogger("megatron_peft_export")
 STRATEGIES = ("end", "every_save", "all_checkpoints")
@@ -40,10 +40,6 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _ITERATION_DIR = re.compile(r"^iter_(\d+)$")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _NETWORK_ERRORS = {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "TimeoutException"}
-
-
-class PushError(ExportError):
-    """A push to the Hub failed; the message says why and what to do."""
 
 
 @dataclass(kw_only=True, frozen=True)
