@@ -92,3 +92,7 @@ class PushError(ExportError):
 
 class CheckpointError(ExportError):
     """The path is not a readable Megatron checkpoint of a supported format."""
+
+
+class DeliveryError(ExportError):
+    """An adapter was not loaded into the server: the server refused it, was unreachable, or the check failed."""

@@ -17,6 +17,7 @@ from ..errors import (
     AdapterFileError,
     CheckpointError,
     CollectiveError,
+    DeliveryError,
     DialectError,
     ExportError,
     NoAdaptersError,
@@ -68,6 +69,7 @@ EXIT_STATUS: dict[type[BaseException], int] = {
     CollectiveError: 2,
     VerificationInputError: 2,  # verify's inputs (a failed verification is exit 1, returned by `verify`)
     PushError: 2,
+    DeliveryError: 2,  # `serve` returns 1 itself when the server did not load the adapter
     OutputError: 2,
     ExportError: 2,
     OSError: 2,  # the file system said no where no check of ours did (a permission, a vanished file)

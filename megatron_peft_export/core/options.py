@@ -19,6 +19,7 @@ import dataclasses
 import math
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ class _Sentinel:
 
 REQUIRED = _Sentinel("required")
 """The default of an option that has none (push.repo_id); on a Flag: the option's own default."""
-SECTION_CLASS = {"hook": "HookConfig", "verify": "VerifyConfig", "push": "PushConfig"}
+SECTION_CLASS = {"hook": "HookConfig", "verify": "VerifyConfig", "push": "PushConfig", "serve": "ServeConfig"}
 _CLASSES: dict[str, type] = {}
 """Section -> its config dataclass, filled as `config_class` makes them (nested sections are built through it)."""
 
@@ -169,6 +170,7 @@ def _comma_list(value: str) -> str | list[str]:
 
 # ---- the options ----
 
+SERVE = "ServeConfig"
 HOOK, EXPORT, CALL, VERIFY, PUSH, MLM = (
     "HookConfig",
     "ExportOptions",
@@ -224,6 +226,7 @@ _HOOK_OPTIONS = [
                 "--dir-name",
                 help="adapter directory name inside each iteration of a save directory (default: hf_adapter)",
             ),
+            "cli:serve": Flag("--dir-name", help="adapter directory name in each iteration"),
         },
     ),
     _o(
@@ -757,7 +760,116 @@ _PUSH_OPTIONS = [
 ]
 
 
-SCHEMA: tuple[Option, ...] = (*_HOOK_OPTIONS, *_VERIFY_OPTIONS, *_PUSH_OPTIONS)
+def _url(v: Any) -> bool:
+    parsed = urllib.parse.urlparse(v) if isinstance(v, str) else None
+    return parsed is not None and parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
+def _served_name(v: Any) -> bool:
+    return isinstance(v, str) and v != "" and "/" not in v and v.strip() == v
+
+
+def _nonnegative(v: Any) -> bool:
+    return _number(v) and v >= 0
+
+
+_SERVE = (SERVE,)
+_SERVE_OPTIONS = [
+    _o(
+        "serve",
+        "url",
+        "str",
+        REQUIRED,
+        "The vLLM server's base URL (`http://host:port`); its runtime LoRA API must be on "
+        "(`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, `--enable-lora`).",
+        "http(s)://host:port (the vLLM server's base URL)",
+        _url,
+        surfaces=_SERVE,
+        flags={"cli:serve": Flag("--url", required=True, help="the vLLM server's base URL (http://host:port)")},
+    ),
+    _o(
+        "serve",
+        "name",
+        "str",
+        "adapter",
+        "The stable served name (it moves to each newest adapter); each iteration is also served as "
+        "`<name>-iter_XXXXXXX`.",
+        "a plain non-empty name (no '/', no surrounding spaces)",
+        _served_name,
+        surfaces=_SERVE,
+        flags={"cli:serve": Flag("--name")},
+    ),
+    _o(
+        "serve",
+        "keep",
+        "int",
+        2,
+        "How many per-iteration names stay loaded; older ones are unloaded (the stable name is not counted).",
+        "an integer >= 1",
+        _int(1),
+        surfaces=_SERVE,
+        flags={"cli:serve": Flag("--keep")},
+    ),
+    _o(
+        "serve",
+        "api_key_env",
+        "str",
+        "VLLM_API_KEY",
+        "The environment variable holding the server's API key (its `--api-key`), sent as a bearer token; unset: "
+        "no key.",
+        "an environment variable's name",
+        _str,
+        surfaces=_SERVE,
+        flags={"cli:serve": Flag("--api-key-env")},
+    ),
+    _o(
+        "serve",
+        "timeout",
+        "float",
+        30.0,
+        "Seconds one request may take (a load reads the adapter from disk on the server).",
+        _SECONDS,
+        _nonnegative,
+        surfaces=_SERVE,
+        flags={"cli:serve": Flag("--timeout")},
+    ),
+    _o(
+        "serve",
+        "retries",
+        "int",
+        3,
+        "Attempts of a request that got no answer (refused connection, timeout, 5xx), with exponential backoff.",
+        "an integer >= 1",
+        _int(1),
+        surfaces=_SERVE,
+        flags={"cli:serve": Flag("--retries")},
+    ),
+    _o(
+        "serve",
+        "backoff",
+        "float",
+        1.0,
+        "Seconds before the first retry; doubled for each further one.",
+        _SECONDS,
+        _nonnegative,
+        surfaces=_SERVE,
+    ),
+    _o(
+        "serve",
+        "max_lora_rank",
+        "int",
+        None,
+        "The server's `--max-lora-rank`, when the server does not report it (vLLM reports it only with its "
+        "development endpoints on); None: trust the server to refuse a too large rank.",
+        "a rank >= 1",
+        _int(1),
+        surfaces=_SERVE,
+        flags={"cli:serve": Flag("--max-lora-rank")},
+    ),
+]
+
+
+SCHEMA: tuple[Option, ...] = (*_HOOK_OPTIONS, *_VERIFY_OPTIONS, *_PUSH_OPTIONS, *_SERVE_OPTIONS)
 """Every option, in the order the docs list them."""
 
 
@@ -913,11 +1025,13 @@ def from_args(args: Any, section: str, surface: str) -> dict[str, Any]:
 
 # ---- the docs table ----
 
-_SURFACE_TITLES = {"cli:export": "export", "cli:verify": "verify", "cli:push": "push"}
+_SURFACE_TITLES = {"cli:export": "export", "cli:verify": "verify", "cli:push": "push", "cli:serve": "serve"}
 _SECTION_TITLES = {
     "hook": f"`{YAML_KEY}:` (HookConfig; ExportOptions and export_adapter where marked)",
     "verify": f"`{YAML_KEY}: verify:` (VerifyConfig)",
     "push": f"`{YAML_KEY}: push:` (PushConfig; the token comes from HF_TOKEN or `hf auth login`, never an option)",
+    "serve": "ServeConfig: live delivery into a running vLLM server (`megatron-peft-export serve`; the API key comes "
+    "from the environment variable `api_key_env` names, never an option)",
 }
 
 
@@ -942,7 +1056,7 @@ def markdown() -> str:
 def _row(option: Option) -> str:
     kind = "|".join(option.choices) if option.choices else option.type
     default = "required" if option.default is REQUIRED else f"`{option.default!r}`"
-    python = ", ".join(s for s in (HOOK, EXPORT, CALL, VERIFY, PUSH) if s in option.surfaces)
+    python = ", ".join(s for s in (HOOK, EXPORT, CALL, VERIFY, PUSH, SERVE) if s in option.surfaces)
     megatron = option.flags.get(MLM)
     megatron_text = f"`{megatron.flag}`" + (" (Megatron-LM's own)" if megatron.own else "") if megatron else ""
     cli = ", ".join(f"{_SURFACE_TITLES[s]} `{f.flag}`" for s, f in option.flags.items() if s in _SURFACE_TITLES)

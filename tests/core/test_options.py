@@ -15,6 +15,7 @@ from megatron_peft_export import export_adapter
 from megatron_peft_export.cli import main
 from megatron_peft_export.config import HookConfig, PushConfig, VerifyConfig
 from megatron_peft_export.core import options as schema
+from megatron_peft_export.delivery import ServeConfig
 from megatron_peft_export.errors import ExportError, OptionError
 from megatron_peft_export.export import ExportOptions
 from megatron_peft_export.integrations import megatron_lm
@@ -194,6 +195,24 @@ def test_verify_and_push_sections_refuse_a_bad_value_with_expected_and_found(cls
             expected,
             value,
         )
+
+
+@pytest.mark.parametrize(
+    "option,value,expected",
+    [
+        ("url", "localhost:8000", "http(s)://host:port (the vLLM server's base URL)"),
+        ("name", "a/b", "a plain non-empty name (no '/', no surrounding spaces)"),
+        ("keep", 0, "an integer >= 1"),
+        ("retries", 1.0, "an integer >= 1"),
+        ("timeout", -1, "seconds >= 0"),
+        ("max_lora_rank", 0, "a rank >= 1"),
+        ("api_key_env", "", "an environment variable's name"),
+    ],
+)
+def test_serve_config_refuses_a_bad_value_with_expected_and_found(option, value, expected):
+    with pytest.raises(OptionError) as raised:
+        ServeConfig(**{"url": "http://h:1", option: value})
+    assert (raised.value.option, raised.value.expected, raised.value.found) == (f"serve.{option}", expected, value)
 
 
 def test_unknown_and_missing_keys_are_refused_naming_the_known_ones(tmp_path):
