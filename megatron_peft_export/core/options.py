@@ -2,14 +2,17 @@
 surfaces it appears on.
 
 From this table come the config dataclasses (`HookConfig`, `VerifyConfig`, `PushConfig` in `config.py`,
-`ExportOptions` in `export.py`: `config_class`), their checks when they are made (`check_fields`), the YAML keys
-under `export_hf_adapter:`, the Megatron-LM flags (`integrations/megatron_lm.py`), the CLI options of `export`,
-`verify` and `push` (`add_arguments`) and the docs table `docs/options.md` (`markdown`, also
-`python -m megatron_peft_export.core.options --markdown`). Pure: no file I/O.
+`ExportOptions` in `export.py`, `ServeConfig` in `delivery.py`: `config_class`), their checks when they are made
+(`check_fields`), the YAML keys under `export_hf_adapter:` (`build`), the Megatron-LM flags
+(`integrations/megatron_lm.py`), the CLI options of `export`, `verify`, `push` and `serve` (`add_arguments`,
+`from_args`) and the docs table `docs/options.md` (`markdown`, also
+`python -m megatron_peft_export.core.options --markdown`). `export_adapter`'s keyword arguments are written out
+in its signature; tests/core/test_options.py holds them to the schema. Pure: no file I/O.
 
-Sections: `hook` (the keys of `export_hf_adapter:`), `verify` (its `verify:` mapping), `push` (its `push:` mapping).
-Surfaces: `HookConfig`/`VerifyConfig`/`PushConfig` (and YAML), `ExportOptions`, `export_adapter` (keyword arguments),
-`megatron_lm` (flags), `cli:export`, `cli:verify`, `cli:push`.
+Sections: `hook` (the keys of `export_hf_adapter:`), `verify` (its `verify:` mapping), `push` (its `push:` mapping),
+`serve` (live delivery into vLLM). Surfaces: `HookConfig`/`VerifyConfig`/`PushConfig`/`ServeConfig` (and YAML),
+`ExportOptions`, `export_adapter` (keyword arguments), `megatron_lm` (flags), `cli:export`, `cli:verify`,
+`cli:push`, `cli:serve`.
 """
 
 from __future__ import annotations
@@ -985,11 +988,11 @@ def add_arguments(parser: Any, surface: str, *, check: bool = False) -> None:
             kw["default"] = None if default is REQUIRED else default
             if option.choices:
                 kw["choices"] = option.choices
-            kw["type"] = _parser(option, flag.flag, check)
+            kw["type"] = _parser(option, check)
         parser.add_argument(flag.flag, **kw)
 
 
-def _parser(option: Option, flag: str, check: bool) -> Callable[[str], Any]:
+def _parser(option: Option, check: bool) -> Callable[[str], Any]:
     convert = option.parse or {"int": int, "float": float}.get(option.type, str)
     if not check or option.choices:  # argparse checks choices itself
         return convert
@@ -1010,15 +1013,16 @@ def dest(flag: Flag) -> str:
 
 def from_args(args: Any, section: str, surface: str) -> dict[str, Any]:
     """The values of `section`'s options on `surface` from parsed arguments (an absent attribute: the option's
-    default; an empty string, as Megatron-LM's own --wandb-* default to: unset)."""
+    default, false for a switch; an empty string, as Megatron-LM's own --wandb-* default to: unset)."""
     values = {}
     for option in options(section, surface):
         flag = option.flags.get(surface)
         if flag is None or option.type in _CLASSES:
             continue
-        value = getattr(args, dest(flag), None if option.default is REQUIRED else option.default)
-        if option.type == "bool":
-            value = bool(value)
+        if option.type == "bool":  # a store_true flag: absent is false
+            value = bool(getattr(args, dest(flag), False))
+        else:
+            value = getattr(args, dest(flag), None if option.default is REQUIRED else option.default)
         values[option.name] = None if value == "" else value
     return values
 
