@@ -902,8 +902,9 @@ def config_class(section: str, surface: str) -> Callable[[type], type]:
         own = dict(cls.__dict__.get("__annotations__", {}))
         cls.__annotations__ = {o.name: _annotation(o) for o in options(section, surface)} | own
         for o in options(section, surface):
-            if o.default is not REQUIRED:
-                setattr(cls, o.name, o.default)
+            default = {} if o.default is REQUIRED else {"default": o.default}
+            setattr(cls, o.name, field(**default, metadata={"doc": o.doc}))
+        cls.__doc__ = (cls.__doc__ or "") + "\n\n" + "\n".join(f"{o.name}: {o.doc}" for o in options(section, surface))
         made = dataclass(kw_only=True, frozen=True)(cls)
         made.__options__ = tuple(options(section, surface))
         if surface == SECTION_CLASS.get(section):
