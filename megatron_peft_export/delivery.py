@@ -39,7 +39,8 @@ from typing import Any
 from .adapter_files import read_adapter
 from .atomic_dir import write_file
 from .compat import adapter_dirs, check_adapter, has_errors
-from .errors import ExportError
+from .core.options import check_fields, config_class
+from .errors import DeliveryError, ExportError
 
 log = logging.getLogger("megatron_peft_export")
 
@@ -47,51 +48,12 @@ RESULT_FILE = "serving.json"
 ITERATION_SUFFIX = "-iter_{:07d}"
 
 
-class DeliveryError(ExportError):
-    """An adapter was not loaded into the server: the server refused it, was unreachable, or the check failed."""
-
-
-@dataclass(frozen=True, kw_only=True)
+@config_class("serve", "ServeConfig")
 class ServeConfig:
-    """Where and how published adapters are loaded into a running vLLM server."""
-
-    url: str
-    """The vLLM server's base URL (`http://host:port`); its runtime LoRA API must be on
-    (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, `--enable-lora`)."""
-    name: str = "adapter"
-    """The stable served name (it moves to each newest adapter); each iteration is also served as
-    `<name>-iter_XXXXXXX`."""
-    keep: int = 2
-    """How many per-iteration names stay loaded; older ones are unloaded (the stable name is not counted)."""
-    api_key_env: str = "VLLM_API_KEY"
-    """The environment variable holding the server's API key (its `--api-key`), sent as a bearer token; unset:
-    no key."""
-    timeout: float = 30.0
-    """Seconds one request may take (a load reads the adapter from disk on the server)."""
-    retries: int = 3
-    """Attempts of a request that got no answer (refused connection, timeout, 5xx), with exponential backoff."""
-    backoff: float = 1.0
-    """Seconds before the first retry; doubled for each further one."""
-    max_lora_rank: int | None = None
-    """The server's `--max-lora-rank`, when the server does not report it (vLLM reports it only with its
-    development endpoints on); None: trust the server to refuse a too large rank."""
+    """Where and how published adapters are loaded into a running vLLM server (its options: core/options.py)."""
 
     def __post_init__(self) -> None:
-        parsed = urllib.parse.urlparse(self.url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ExportError(
-                f"serve url must be http(s)://host:port; found {self.url!r}. Give the vLLM server's base URL"
-            )
-        if not self.name or "/" in self.name or self.name.strip() != self.name:
-            raise ExportError(f"serve name must be a plain non-empty name; found {self.name!r}")
-        for key, low in (("keep", 1), ("retries", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ExportError(f"serve {key} must be an integer >= {low}; found {value!r}")
-        for key in ("timeout", "backoff"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ExportError(f"serve {key} must be a number of seconds >= 0; found {value!r}")
+        check_fields(self)
 
     def iteration_name(self, iteration: int) -> str:
         return self.name + ITERATION_SUFFIX.format(iteration)

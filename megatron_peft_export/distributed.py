@@ -118,7 +118,9 @@ def agree(error: Exception | None, group: Any) -> None:
     if errors:
         rank, first = errors[0]
         more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
-        raise type(first)(f"rank {rank}: {first}{more}")
+        error = type(first)(f"rank {rank}: {first}{more}")
+        error.__dict__.update(vars(first))  # the data fields (expected, found, ...) travel with the type
+        raise error
 
 
 def broadcast_outcome(run: Callable[[], Any], src: int, group: Any) -> Any:

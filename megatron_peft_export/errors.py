@@ -1,8 +1,34 @@
-"""One error hierarchy; every message says what was expected, what was found and what to do."""
+"""One error hierarchy: every error type the package raises on purpose, each message saying what was expected, what
+was found and what to do. The fields carry the same facts as data (`expected`, `found`, `hint`, `path`, and an
+option's name for OptionError) for callers that act on them; the CLI maps each type to its exit status in one place
+(`cli.failure`).
+
+Every type takes a single message positionally, so an error re-made on another rank (`distributed.agree`) or
+unpickled keeps its type; the fields travel in the instance's `__dict__`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class ExportError(Exception):
     """Base class for every error this package raises on purpose."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        expected: str | None = None,
+        found: Any = None,
+        hint: str | None = None,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(*([message] if message else []))
+        self.expected = expected
+        self.found = found
+        self.hint = hint
+        self.path = path
 
 
 class NoAdaptersError(ExportError):
@@ -35,3 +61,38 @@ class NonFiniteError(ExportError):
 
 class AdapterFileError(ExportError):
     """An HF PEFT adapter directory is missing, malformed, or contradicts itself."""
+
+
+class OptionError(ExportError):
+    """An option's value is refused where the configuration is made (HookConfig, YAML, export_adapter's arguments,
+    the CLI, the Megatron-LM flags): `option` names it (e.g. `dtype`, `push.repo_id`)."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        option: str | None = None,
+        expected: str | None = None,
+        found: Any = None,
+        hint: str | None = None,
+    ) -> None:
+        if message is None:
+            message = f"{option}: expected {expected}, found {found!r:.80}" + (f"; {hint}" if hint else "")
+        super().__init__(message, expected=expected, found=found, hint=hint)
+        self.option = option
+
+
+class VerificationInputError(ExportError):
+    """The adapter, the base model or the reference cannot be read (CLI exit status 2)."""
+
+
+class PushError(ExportError):
+    """A push to the Hub failed; the message says why and what to do."""
+
+
+class CheckpointError(ExportError):
+    """The path is not a readable Megatron checkpoint of a supported format."""
+
+
+class DeliveryError(ExportError):
+    """An adapter was not loaded into the server: the server refused it, was unreachable, or the check failed."""

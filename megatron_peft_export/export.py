@@ -20,9 +20,10 @@ from . import distributed as coll
 from .adapter_files import check_finite
 from .atomic_dir import discard, publish, staging_dir, write_staging
 from .compat import log_findings
-from .core.archs import ArchMap, arch_for_model_type
+from .core.archs import ArchMap
 from .core.experts import fuse_experts
 from .core.geometry import ModelGeometry
+from .core.options import check_fields, check_value, config_class, find_option
 from .core.peft_format import adapter_config, model_card
 from .core.plan import AdapterPlan, BulkCopy, apply_placements, plan_adapter
 from .core.rank_padding import pad_ranks
@@ -31,7 +32,6 @@ from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
 from .io import safetensors_out
-from .names import check_name
 from .quantization import describe as describe_quantization
 from .quantization import summary as quantization_summary
 
@@ -39,61 +39,18 @@ log = logging.getLogger("megatron_peft_export")
 WRITER = 0
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class("hook", "ExportOptions")
 class ExportOptions:
-    """What to write and how to name it (the same for every rank)."""
-
-    base_model_name_or_path: str | None = None
-    adapter_name: str = "default"
-    dtype: str | torch.dtype | None = None
-    overwrite: bool = False
-    model_type: str | None = None
-    expert_layout: str = "auto"
-    """MoE experts: `per_expert` modules (transformers v4, vLLM), `fused` 3-D target_parameters (transformers v5), or
-    `auto`: the layout of the installed transformers."""
-    allow_nonfinite: bool = False
-    """Write an adapter whose tensors hold NaN or Inf (by default that is an error: such an adapter gives NaN
-    logits)."""
-    pad_rank_to: int | None = None
-    """Pad every module to this rank (zeros, lora_alpha scaled so alpha / r is unchanged); None: as trained."""
+    """What to write and how to name it (the same for every rank); the fields are the options of the schema
+    (`core/options.py`) on the ExportOptions surface, checked when made. `dtype` may be a torch.dtype too."""
 
     def __post_init__(self) -> None:
-        check_options(
-            adapter_name=self.adapter_name,
-            dtype=self.dtype,
-            expert_layout=self.expert_layout,
-            model_type=self.model_type,
-            pad_rank_to=self.pad_rank_to,
-        )
+        check_fields(self)
 
     def inputs(self) -> list[tuple[Path, str]]:
         """What an export reads from disk besides the model: the base model's directory, when it is a local one."""
         base = self.base_model_name_or_path
         return [(Path(base), "the base model directory being read")] if base and Path(base).is_dir() else []
-
-
-EXPERT_LAYOUTS = ("auto", "per_expert", "fused")
-
-
-def check_options(*, adapter_name: str, dtype: Any, expert_layout: Any, model_type: Any, pad_rank_to: Any) -> None:
-    """The options an export and the training hook share, checked when they are made (not at the first save)."""
-    check_name(adapter_name, "adapter_name")
-    try:
-        parse_dtype(dtype)
-    except (ExportError, TypeError):
-        raise ExportError(
-            f"dtype: expected bfloat16, float16 or float32 (or bf16, fp16, fp32), found {dtype!r:.80}"
-        ) from None
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ExportError(f"expert_layout: expected one of {', '.join(EXPERT_LAYOUTS)}, found {expert_layout!r:.80}")
-    if model_type is not None:
-        if not isinstance(model_type, str):
-            raise ExportError(f"model_type: expected an HF model_type (e.g. llama), found {model_type!r:.80}")
-        arch_for_model_type(model_type)
-    if pad_rank_to is not None and (
-        not isinstance(pad_rank_to, int) or isinstance(pad_rank_to, bool) or pad_rank_to < 1
-    ):
-        raise ExportError(f"pad_rank_to: expected a rank >= 1, found {pad_rank_to!r:.80}")
 
 
 @dataclass
@@ -393,6 +350,8 @@ def export_adapter(
     `pad_rank_to` pads every module to that rank (same outputs, see core/rank_padding); several named
     adapters at once: `export_adapters`.
     """
+    if collective_timeout is not None:
+        check_value(find_option("collective_timeout"), collective_timeout)
     options = ExportOptions(
         base_model_name_or_path=base_model_name_or_path,
         adapter_name=adapter_name,

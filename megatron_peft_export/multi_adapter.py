@@ -25,6 +25,7 @@ import torch
 
 from . import distributed as coll
 from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, discard, publish
+from .core.options import check_selection
 from .errors import ExportError, NoAdaptersError
 from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
 from .names import RULE, check_name
@@ -34,18 +35,6 @@ ALL = "all"
 Selection = Sequence[str] | Literal["all"]
 RESERVED = frozenset({"verification", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD})
 LAYOUT_HEADING = "\n## Adapters in this directory\n"
-
-
-def check_selection(selection: Selection | None) -> Selection | None:
-    """The adapter selection as given (None, "all" or a list of names), or an error saying what is wrong."""
-    if selection is None or selection == ALL:
-        return selection
-    if isinstance(selection, str) or not all(isinstance(n, str) for n in selection):
-        raise ExportError(f"adapter_names: expected 'all' or a list of adapter names, found {selection!r}")
-    names = [check_name(n, "adapter_names") for n in selection]
-    if not names or len(set(names)) != len(names):
-        raise ExportError(f"adapter_names: expected at least one name and no repeats, found {names}")
-    return names
 
 
 @dataclass

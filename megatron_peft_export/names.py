@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import ExportError
+from .errors import OptionError
 
 MAX_NAME_LENGTH = 128
 _NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
@@ -21,10 +21,10 @@ RULE = (
 
 
 def check_name(value: Any, what: str) -> str:
-    """`value` if it is a plain name (e.g. hf_adapter, default, math-v2); else an ExportError naming `what`.
+    """`value` if it is a plain name (e.g. hf_adapter, default, math-v2); else an OptionError naming `what`.
 
     `re.fullmatch`, so no trailing newline passes; '.', '..', separators, spaces and control characters never do.
     """
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ExportError(f"{what}: expected {RULE}, found {value!r:.80}")
+        raise OptionError(option=what, expected=RULE, found=value)
     return value

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .errors import ExportError
+from .config import VerifyConfig
+from .errors import ExportError, VerificationInputError
 from .safe_read import open_regular
 
 log = logging.getLogger("megatron_peft_export")
@@ -34,70 +35,6 @@ RESULT_FILE = "verification.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(self_attn|mlp)$")
 _HF_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)$")
-
-
-class VerificationInputError(ExportError):
-    """The adapter, the base model or the reference cannot be read (CLI exit status 2)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class VerifyConfig:
-    """Check each exported adapter against the training model (the hook's `verify:` section)."""
-
-    base_model: str | None = None
-    """HF base model to verify against: a local directory or a Hub id already in the local cache; default: the hook's
-    base_model_name_or_path."""
-    required: bool = False
-    """Fail the verification (instead of skipping it with a warning) when no base model is available locally."""
-    dtype: str = "float32"
-    """dtype of the HF model during verification (float32, bfloat16); also picks the default thresholds."""
-    device: str = "cpu"
-    """Device of the HF model during verification (it runs beside training on the writer rank)."""
-    probe_batch: int = 2
-    """Sequences in the default probe (deterministic token ids)."""
-    probe_length: int = 32
-    """Tokens per probe sequence (at most the model's max_sequence_length)."""
-    probe_seed: int = 0
-    """Seed of the default probe's token ids."""
-    prompt: str | None = None
-    """Probe with this text instead of random token ids (needs `tokenizer`)."""
-    tokenizer: str | None = None
-    """Local HF tokenizer directory for `prompt` (and for token strings in the W&B table)."""
-    top_k: int = 5
-    """k of the top-k agreement and of the W&B table."""
-    max_abs_diff: float | None = None
-    """Largest allowed |HF - Megatron| logit difference; default 1e-3 (float32) or 1.0 (bfloat16)."""
-    mean_abs_diff: float | None = None
-    """Largest allowed mean |HF - Megatron| logit difference; default 1e-4 (float32) or 0.1 (bfloat16)."""
-    min_top1_agreement: float | None = None
-    """Smallest allowed fraction of positions with the same top-1 token; default 0.98 (float32) or 0.9 (bfloat16)."""
-    min_topk_agreement: float | None = None
-    """Smallest allowed mean overlap of the top-k token sets; default 0.95 (float32) or 0.8 (bfloat16)."""
-    max_kl_divergence: float | None = None
-    """Largest allowed mean KL(Megatron || HF) per position, in nats; default 1e-5 (float32) or 0.05 (bfloat16)."""
-    wandb: bool = True
-    """Log to Weights & Biases when a run is active in the writer process or wandb_project is set."""
-    wandb_project: str | None = None
-    """W&B project of the run the writer starts when none is active (Megatron-LM: --wandb-project)."""
-    wandb_entity: str | None = None
-    """W&B entity (team or user) of that run."""
-    wandb_exp_name: str | None = None
-    """W&B run name (Megatron-LM: --wandb-exp-name); the run is named <name>-hf-adapter and grouped under <name>."""
-    wandb_save_dir: str | None = None
-    """Local directory for W&B run files (Megatron-LM: --wandb-save-dir)."""
-    wandb_artifact: bool = False
-    """Also log each adapter directory as a W&B artifact (type model, aliases iter_XXXXXXX and latest)."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in PRECISIONS:
-            raise ExportError(f"verify.dtype: expected one of {', '.join(PRECISIONS)}, found {self.dtype!r}")
-        if min(self.probe_batch, self.probe_length, self.top_k) < 1:
-            raise ExportError(
-                f"verify.probe_batch, probe_length and top_k must be >= 1, found {self.probe_batch}, "
-                f"{self.probe_length}, {self.top_k}"
-            )
-        if self.prompt is not None and self.tokenizer is None:
-            raise ExportError("verify.prompt needs verify.tokenizer (a local HF tokenizer directory)")
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import argparse
 import logging
 
 from ..adapter_files import read_adapter
-from ..field_docs import field_docs
+from ..core.options import add_arguments, from_args
 from ..hf_config import read_hf_config
-from ..integrations.hub import STRATEGIES, PushConfig, find_adapters, push_adapters, uploadable
+from ..integrations.hub import PushConfig, find_adapters, push_adapters, uploadable
 from ..names import check_name
 from ..targets import BaseModel, base_model, check_targets
 
@@ -21,7 +21,6 @@ The token comes from HF_TOKEN or the stored login (`hf auth login`); there is no
 
 
 def register(commands) -> None:
-    docs = field_docs(PushConfig)
     parser = commands.add_parser(
         "push",
         help="upload adapters to the Hugging Face Hub",
@@ -33,30 +32,7 @@ def register(commands) -> None:
         "One commit; the repository (and branch) is created when missing.",
     )
     parser.add_argument("path", help="adapter directory or training save directory")
-    parser.add_argument("--repo-id", required=True, help=docs["repo_id"])
-    parser.add_argument("--private", action="store_true", help=docs["private"])
-    parser.add_argument("--revision", help=docs["revision"])
-    parser.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default="end",
-        help="end and every_save push the latest adapter at the repo root; all_checkpoints also every iteration in "
-        "its own folder (default: end)",
-    )
-    parser.add_argument("--commit-message", help=docs["commit_message"])
-    parser.add_argument("--base-model", help=docs["base_model"])
-    parser.add_argument("--endpoint", help=docs["endpoint"])
-    parser.add_argument("--retries", type=int, default=3, help=docs["retries"])
-    parser.add_argument(
-        "--dir-name",
-        default="hf_adapter",
-        help="adapter directory name inside each iteration of a save directory (default: hf_adapter)",
-    )
-    parser.add_argument(
-        "--allow-nonfinite",
-        action="store_true",
-        help="push adapters whose tensors hold NaN or Inf (by default refused)",
-    )
+    add_arguments(parser, "cli:push")  # the push options, --dir-name and --allow-nonfinite (core/options.py)
     parser.add_argument(
         "--allow-target-mismatch",
         action="store_true",
@@ -67,16 +43,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = PushConfig(
-        repo_id=args.repo_id,
-        strategy=args.strategy,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        base_model=args.base_model,
-        endpoint=args.endpoint,
-        retries=args.retries,
-    )
+    config = PushConfig(**from_args(args, "push", "cli:push"))
     adapters = find_adapters(args.path, check_name(args.dir_name, "--dir-name"))
     latest = adapters[-1]
     checkpoints = [a for a in adapters if a.iteration is not None] if config.strategy == "all_checkpoints" else []

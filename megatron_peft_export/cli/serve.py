@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..core.options import add_arguments, from_args
 from ..delivery import ServeConfig, deliver
 from ..integrations.hub import find_adapters
 
@@ -29,27 +30,13 @@ def register(commands) -> None:
         "What happened is written to serving.json in the adapter directory.",
     )
     parser.add_argument("path", help="adapter directory or training save directory")
-    parser.add_argument("--url", required=True, help="the vLLM server's base URL (http://host:port)")
-    parser.add_argument("--name", default="adapter", help="the stable served name (default: adapter)")
-    parser.add_argument("--keep", type=int, default=2, help="per-iteration names kept loaded (default: 2)")
-    parser.add_argument("--api-key-env", default="VLLM_API_KEY", help="environment variable with the server's API key")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: 30)")
-    parser.add_argument("--retries", type=int, default=3, help="attempts of a request without answer (default: 3)")
-    parser.add_argument("--max-lora-rank", type=int, help="the server's --max-lora-rank, if it does not report it")
-    parser.add_argument("--dir-name", default="hf_adapter", help="adapter directory name in each iteration")
+    add_arguments(parser, "cli:serve")  # the serve options and --dir-name (core/options.py)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = ServeConfig(
-        url=args.url,
-        name=args.name,
-        keep=args.keep,
-        api_key_env=args.api_key_env,
-        timeout=args.timeout,
-        retries=args.retries,
-        max_lora_rank=args.max_lora_rank,
-    )
+    values = from_args(args, "serve", "cli:serve")
+    config = ServeConfig(**values)
     adapter = find_adapters(args.path, args.dir_name)[-1]
     result = deliver(adapter.path, adapter.iteration, config)
     if result.status != "loaded":

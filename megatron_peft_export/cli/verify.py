@@ -6,8 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
-from ..field_docs import field_docs
-from ..verify import PRECISIONS, RESULT_FILE, VerificationResult, VerifyConfig, check_result_path, verify_adapter
+from ..core.options import add_arguments, from_args
+from ..verify import RESULT_FILE, VerificationResult, VerifyConfig, check_result_path, verify_adapter
 
 EXAMPLES = """examples:
   megatron-peft-export verify /ckpt/iter_0000200/hf_adapter --base-model /models/Llama-3.1-8B
@@ -18,12 +18,9 @@ EXAMPLES = """examples:
 
 exit status: 0 verified, 1 verification failed, 2 bad input (no adapter, base model or reference) or the result cannot
 be written"""
-_FLOATS = ("max_abs_diff", "mean_abs_diff", "min_top1_agreement", "min_topk_agreement", "max_kl_divergence")
-_STRINGS = ("tokenizer", "wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
 
 
 def register(commands) -> None:
-    docs = field_docs(VerifyConfig)
     parser = commands.add_parser(
         "verify",
         help="check an HF adapter against the training model's reference logits (transformers + peft)",
@@ -39,12 +36,6 @@ def register(commands) -> None:
         help="HF PEFT adapter directory (adapter_config.json, adapter_model.safetensors)",
     )
     parser.add_argument(
-        "--base-model",
-        required=True,
-        metavar="HF_DIR",
-        help="local HF base model directory (or a Hub id already in the local cache)",
-    )
-    parser.add_argument(
         "--reference",
         metavar="FILE",
         help="reference logits (safetensors); default: ADAPTER_DIR/verification/reference.safetensors",
@@ -52,14 +43,7 @@ def register(commands) -> None:
     parser.add_argument(
         "--output", metavar="FILE", help=f"where to write the result; default: ADAPTER_DIR/{RESULT_FILE}"
     )
-    parser.add_argument("--dtype", default="float32", choices=sorted(PRECISIONS), help=docs["dtype"])
-    parser.add_argument("--device", default="cpu", help=docs["device"])
-    parser.add_argument("--top-k", type=int, default=VerifyConfig.top_k, help=docs["top_k"])
-    for name in _FLOATS:
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=docs[name])
-    for name in _STRINGS:
-        parser.add_argument("--" + name.replace("_", "-"), default=None, help=docs[name])
-    parser.add_argument("--wandb-artifact", action="store_true", help=docs["wandb_artifact"])
+    add_arguments(parser, "cli:verify")  # the verify options (core/options.py)
     parser.add_argument("--quiet", action="store_true", help="print only the one-line summary")
     parser.set_defaults(run=run)
 
@@ -74,15 +58,7 @@ def _iteration(adapter_dir: Path, result: VerificationResult) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = VerifyConfig(
-        base_model=args.base_model,
-        dtype=args.dtype,
-        device=args.device,
-        top_k=args.top_k,
-        wandb=bool(args.wandb_project),
-        wandb_artifact=args.wandb_artifact,
-        **{n: getattr(args, n) for n in _FLOATS + _STRINGS},
-    )
+    config = VerifyConfig(**from_args(args, "verify", "cli:verify"), wandb=bool(args.wandb_project))
     adapter_dir = Path(args.adapter_dir)
     output = check_result_path(
         Path(args.output) if args.output else adapter_dir / RESULT_FILE

@@ -120,7 +120,7 @@ def resolve_target(
         return Target((arch.output_layer,), "plain", geometry.hidden_size, (vocab,), padded)
     match = _LAYER_RE.match(module_path)
     found = _match_module(arch, match.group(2)) if match else None
-    if found is None:
+    if found is None:  # the adapter does not fit the model the name map is for
         raise ShapeMismatchError(
             f"no HF name for Megatron module {module_path!r} in the {arch.name} name map "
             f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
@@ -235,6 +235,7 @@ def plan_adapter(
         try:
             target = resolve_target(spec.module, spec.part, geometry, arch, megatron_vocab)
             planned = plan_shard(spec, target, geometry)
+        # collected, so one error names every tensor that does not fit
         except (ShapeMismatchError, DialectError) as exc:
             kind = ShapeMismatchError if isinstance(exc, ShapeMismatchError) else kind
             if str(exc) not in errors:
@@ -251,7 +252,7 @@ def plan_adapter(
         for m in target.hf_modules:
             alphas[m].add(spec.alpha)
     if errors:
-        raise kind(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]))
+        raise kind(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]), found=errors)
     _check_coverage(shapes, by_key)
     modules = _module_settings(shapes, alphas)
     use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)

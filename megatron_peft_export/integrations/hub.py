@@ -29,58 +29,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from ..errors import ExportError
+from ..config import PushConfig
+from ..errors import PushError
 
 log = logging.getLogger("megatron_peft_export")
-STRATEGIES = ("end", "every_save", "all_checkpoints")
 VERIFICATION_FILE = "verification.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _ITERATION_DIR = re.compile(r"^iter_(\d+)$")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _NETWORK_ERRORS = {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "TimeoutException"}
-
-
-class PushError(ExportError):
-    """A push to the Hub failed; the message says why and what to do."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class PushConfig:
-    """Where and when the training hook pushes adapters to the Hugging Face Hub (the token: HF_TOKEN or `hf auth
-    login`)."""
-
-    repo_id: str
-    """Hub model repository, OWNER/NAME; created when missing."""
-    strategy: Literal["end", "every_save", "all_checkpoints"] = "every_save"
-    """end: the last adapter when training finishes; every_save: each adapter as it is written, in the background;
-    all_checkpoints: also each iteration in its own iter_XXXXXXX/ folder."""
-    private: bool = False
-    """Create the repository private (a repository that exists keeps its visibility)."""
-    revision: str | None = None
-    """Branch to push to (created from main when missing); default main."""
-    commit_message: str | None = None
-    """Commit message; the iteration is appended. Default: 'Upload HF adapter'."""
-    base_model: str | None = None
-    """Hub id of the base model, written into the pushed adapter_config.json and model card when the export names a
-    local directory."""
-    endpoint: str | None = None
-    """Hub address (default: HF_ENDPOINT, else https://huggingface.co)."""
-    retries: int = 3
-    """Retries of a push after a transient error (HTTP 408/429/5xx, timeouts, connection errors)."""
-    retry_wait: float = 5.0
-    """Seconds before the first retry; doubled before each next one."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.repo_id, str) or not _REPO_ID.match(self.repo_id):
-            raise ExportError(f"push.repo_id: expected OWNER/NAME (e.g. my-org/llama-lora), found {self.repo_id!r}")
-        if self.strategy not in STRATEGIES:
-            raise ExportError(f"push.strategy: expected one of {', '.join(STRATEGIES)}, found {self.strategy!r}")
-        if self.retries < 0 or self.retry_wait < 0:
-            raise ExportError(
-                f"push.retries and push.retry_wait must be >= 0, found {self.retries} and {self.retry_wait}"
-            )
 
 
 @dataclass(frozen=True)

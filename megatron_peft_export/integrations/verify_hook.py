@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.options import MLM, from_args
 from ..hf_config import read_hf_config
 from ..verify import (
     REFERENCE_FILE,
@@ -143,52 +144,12 @@ def extensions(
     return combined, (verification.after_publish, *after_publish), verification
 
 
-def add_verify_args(group: Any) -> None:
-    """Megatron-LM flags of the verify option. W&B reuses Megatron-LM's own --wandb-project, --wandb-exp-name,
-    --wandb-save-dir and --wandb-entity (defined by Megatron-LM, not here)."""
-    group.add_argument(
-        "--hf-adapter-verify",
-        action="store_true",
-        help="Capture reference logits at each save and verify each HF adapter against them (transformers + peft, "
-        "on rank 0, in the background).",
-    )
-    group.add_argument(
-        "--hf-adapter-verify-required",
-        action="store_true",
-        help="Fail the verification (not skip it) when no base model is available locally.",
-    )
-    group.add_argument(
-        "--hf-adapter-verify-base-model",
-        default=None,
-        help="Local HF base model directory to verify against (default: --hf-adapter-base-model).",
-    )
-    group.add_argument(
-        "--hf-adapter-verify-dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="dtype of the HF model during verification; picks the default thresholds.",
-    )
-    group.add_argument(
-        "--hf-adapter-wandb-artifact",
-        action="store_true",
-        help="Log each adapter as a W&B artifact (type model, aliases iter_XXXXXXX and latest); needs --wandb-project.",
-    )
-
-
 def verify_config_from_args(args: Any) -> VerifyConfig | None:
-    """The verify section from Megatron-LM args (None without --hf-adapter-verify)."""
+    """The verify section from Megatron-LM args (None without --hf-adapter-verify); W&B from Megatron-LM's own
+    --wandb-* flags, the run files under <save>/wandb unless --wandb-save-dir says otherwise (as Megatron-LM's)."""
     if not getattr(args, "hf_adapter_verify", False):
         return None
-    save_dir = getattr(args, "wandb_save_dir", None) or (
-        str(Path(args.save) / "wandb") if getattr(args, "save", None) else None
-    )  # Megatron-LM's default
-    return VerifyConfig(
-        base_model=args.hf_adapter_verify_base_model,
-        required=args.hf_adapter_verify_required,
-        dtype=args.hf_adapter_verify_dtype,
-        wandb_project=getattr(args, "wandb_project", None) or None,
-        wandb_entity=getattr(args, "wandb_entity", None) or None,
-        wandb_exp_name=getattr(args, "wandb_exp_name", None) or None,
-        wandb_save_dir=save_dir,
-        wandb_artifact=args.hf_adapter_wandb_artifact,
-    )
+    values = from_args(args, "verify", MLM)
+    if values.get("wandb_save_dir") is None and getattr(args, "save", None):
+        values["wandb_save_dir"] = str(Path(args.save) / "wandb")
+    return VerifyConfig(**values)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ExportError
+from ..errors import CheckpointError
 from ..hook import TRACKER
 from ..safe_read import TRACKER_LIMIT, GiB, RegularFile, open_regular, read_bytes, read_text, read_yaml
 from .dcp_metadata import (
@@ -55,10 +55,6 @@ METADATA_LIMIT = 4 * GiB
 """`.metadata` is read whole; a large model's with a sharded optimizer is tens of MB."""
 MAX_CHUNKS = 1 << 12
 """Chunks of one adapter tensor (one per TP, EP or PP shard that saved a piece of it)."""
-
-
-class CheckpointError(ExportError):
-    """The path is not a readable Megatron checkpoint of a supported format."""
 
 
 def iteration_dirs(path: Path) -> list[Path]:

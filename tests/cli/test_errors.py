@@ -51,3 +51,15 @@ def test_a_token_in_a_message_is_masked(monkeypatch, capsys):
     assert cli.main(["formats"]) == 2
     err = capsys.readouterr().err
     assert "hf_secretsecretsecret" not in err and err.count("\n") == 1
+
+
+def test_every_error_type_has_its_line_and_exit_status_in_the_one_table():
+    import inspect
+
+    from megatron_peft_export import errors
+
+    types = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, ExportError)]
+    assert len(types) >= 13 and set(types) <= set(cli.EXIT_STATUS)
+    for error_type in types:
+        assert cli.failure(error_type("expected a,\n found b")) == ("error: expected a, found b", 2)
+    assert cli.failure(KeyboardInterrupt()) == ("interrupted; nothing was published", 130)
