@@ -5,6 +5,8 @@
   blocks, where users copy from) is an option of that command;
 - every Megatron-LM flag of ours (`--export-hf-adapter`, `--hf-adapter-*`) anywhere in the docs is one that
   `megatron_lm.add_args` defines; every `bench/run.py` flag in a code block is one of the benchmark's;
+- any other `--flag` anywhere in the docs is one of the other programs' flags listed in OTHER_FLAGS (Megatron-LM's
+  own ones checked against its source when it is on this machine), so a new one is added there knowingly;
 - README.md stays a first screen plus pointers (under 200 lines) and keeps the two set-up commands verbatim
   (`.ci/run` runs the second).
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
+import os
 import re
 from pathlib import Path
 
@@ -25,6 +29,25 @@ INSTALL = (
     ".venv/bin/python examples/train_tiny_gpt.py"
 )
 TESTS = ".venv/bin/python -m pytest"
+
+MEGATRON_LM_OWN = [
+    "--save",
+    "--save-interval",
+    "--async-save",
+    "--use-persistent-ckpt-worker",
+    "--ckpt-convert-format",
+    "--exit-duration-in-mins",
+    "--exit-interval",
+    "--exit-signal-handler",
+    "--non-persistent-save-interval",
+    "--train-iters",
+]
+OTHER_FLAGS = {
+    **dict.fromkeys(MEGATRON_LM_OWN, "Megatron-LM"),
+    "--nproc-per-node": "torchrun",
+    "--max-lora-rank": "vLLM's server",
+    "--check": "ruff format",
+}
 
 LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -91,6 +114,7 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
     return set(parser._option_string_actions)
 
 
+@functools.cache
 def cli_commands() -> dict[str, set[str]]:
     from megatron_peft_export.cli import build_parser
 
@@ -99,12 +123,14 @@ def cli_commands() -> dict[str, set[str]]:
     return {name: _options(sub) | _options(parser) for name, sub in commands.choices.items()}
 
 
+@functools.cache
 def megatron_lm_flags() -> set[str]:
     from megatron_peft_export.integrations import megatron_lm
 
     return _options(megatron_lm.add_args(argparse.ArgumentParser()))
 
 
+@functools.cache
 def bench_flags() -> set[str]:
     """The options bench/run.py declares (read from its source: importing it starts megatron)."""
     tree = ast.parse((ROOT / "bench" / "run.py").read_text())
@@ -133,6 +159,18 @@ def unknown_names(path: Path, commands: dict[str, set[str]], lm: set[str], bench
     return unknown
 
 
+def foreign_flags(path: Path, ours: set[str]) -> list[str]:
+    """Flags that are neither ours nor listed in OTHER_FLAGS; `--x-` (written `--x-*`) must start one of ours."""
+    unknown = []
+    for flag in FLAG.findall(path.read_text()):
+        if flag.endswith("-"):
+            if not any(known.startswith(flag) for known in ours):
+                unknown.append(f"{flag}*: no flag of ours starts so")
+        elif flag not in ours and flag not in OTHER_FLAGS:
+            unknown.append(f"{flag}: neither ours nor in OTHER_FLAGS")
+    return unknown
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves(path):
     assert broken_links(path) == []
@@ -141,6 +179,25 @@ def test_every_relative_link_resolves(path):
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_command_and_flag_shown_exists(path):
     assert unknown_names(path, cli_commands(), megatron_lm_flags(), bench_flags()) == []
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_other_flag_is_a_known_one(path):
+    ours = set().union(*cli_commands().values()) | megatron_lm_flags() | bench_flags()
+    assert foreign_flags(path, ours) == []
+
+
+def test_megatron_lm_own_flags_exist_in_its_source():
+    from tests.support.megatron_lm import megatron_lm_dir
+
+    source = megatron_lm_dir()
+    if source is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("Megatron-LM's source is missing (CI must check the flags the docs name)", pytrace=False)
+        pytest.skip("Megatron-LM's source is not on this machine ($MEGATRON_LM or ../shared/thirdparty)")
+    text = "\n".join(p.read_text() for p in (source / "megatron" / "training").glob("*.py"))
+    missing = [f for f in MEGATRON_LM_OWN if not re.search(rf"\b{f[2:].replace('-', '_')}\b", text)]
+    assert missing == []
 
 
 def test_readme_is_a_first_screen_with_the_two_commands():
