@@ -46,6 +46,9 @@ OTHER_FLAGS = {
     **dict.fromkeys(MEGATRON_LM_OWN, "Megatron-LM"),
     "--nproc-per-node": "torchrun",
     "--max-lora-rank": "vLLM's server",
+    "--max-cpu-loras": "vLLM's server",
+    "--enable-lora": "vLLM's server",
+    "--api-key": "vLLM's server",
     "--check": "ruff format",
 }
 
