@@ -50,6 +50,7 @@ OTHER_FLAGS = {
     "--enable-lora": "vLLM's server",
     "--api-key": "vLLM's server",
     "--check": "ruff format",
+    "--markdown": "python -m megatron_peft_export.core.options, the generator of docs/options.md",
 }
 
 LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
