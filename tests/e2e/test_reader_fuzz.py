@@ -12,7 +12,7 @@ process, or load_hf_adapter for adapters. For every example:
   failure, never a changed input.
 Everything runs in one forked rank under an address-space limit (RLIMIT_AS: what it has mapped + 3 GiB), so a
 length that is allocated before it is checked fails the example instead of the machine. The classes tried and
-their counts are asserted below and quoted in README.md ("Guarantees").
+their counts are asserted below and quoted in docs/guarantees.md.
 """
 
 import contextlib

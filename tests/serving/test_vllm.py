@@ -6,7 +6,7 @@ vLLM loaded: after `add_lora` and activating it, its LoRA buffers (B @ A with th
 expert) against peft's per-expert deltas (the merged weights minus the base). Then `check` runs twice per base model,
 asking vLLM (`--vllm-python`) and by the 0.32 rules, and each verdict must be what vLLM did: compatible where it
 served the adapter as peft does, with the engine flags it needed named; NOT compatible where it refused it, applied
-part of it nowhere, or served it otherwise. `test_readme_table` renders that comparison as the README's table.
+part of it nowhere, or served it otherwise. `test_readme_table` renders that comparison as the table in docs/serving.md.
 
 One vLLM engine per base model and engine setting (start-up is most of the cost), in the vLLM venv by subprocess
 (tests/support/vllm_engine.py); the peft side runs in a forked child. Marked `vllm`: skipped with the reason where
@@ -424,5 +424,5 @@ def test_readme_table(dense, qwen, mixtral):
             *rows,
         ]
     )
-    readme = (ROOT / "README.md").read_text()
-    assert table in readme, "README.md's vLLM table differs from what vLLM did; the table now:\n" + table
+    readme = (ROOT / "docs" / "serving.md").read_text()
+    assert table in readme, "docs/serving.md's vLLM table differs from what vLLM did; the table now:\n" + table
