@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .adapter_files import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapter
 from .errors import AdapterFileError, ExportError
+from .io.peft_dir import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapters
 from .patterns import PatternSet
 
 log = logging.getLogger("megatron_peft_export")
@@ -226,7 +226,7 @@ def check_adapter(
         add(
             "missing-fields",
             "error" if vllm else "warning",
-            f"adapter_config.json lacks {', '.join(missing)}",
+            f"{ADAPTER_CONFIG} lacks {', '.join(missing)}",
             "vLLM refuses a config without r, lora_alpha and target_modules"
             if vllm
             else "peft silently fills missing fields with defaults (r=8, lora_alpha=8), so the scaling may be wrong",
@@ -475,27 +475,6 @@ def log_findings(
 
 
 # ------------------------------------------------------------------------ adapter directories
-
-
-def adapter_dirs(directory: str | Path) -> dict[str, Path]:
-    """peft's multi-adapter layout: the adapter at the root ("default") and one per subdirectory with a config."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ExportError(f"{directory} is not a directory; expected an HF PEFT adapter directory")
-    found = {"default": directory} if (directory / ADAPTER_CONFIG).is_file() else {}
-    for sub in sorted(directory.iterdir()):
-        if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(".") and (sub / ADAPTER_CONFIG).is_file():
-            found[sub.name] = sub
-    if not found:
-        raise ExportError(
-            f"{directory}: no {ADAPTER_CONFIG} at the top or in a subdirectory; expected an HF PEFT adapter directory"
-        )
-    return found
-
-
-def read_adapters(directory: str | Path) -> dict[str, tuple[Path, dict[str, Any], dict[str, tuple[int, ...]]]]:
-    """(path, config, shapes) per adapter of a directory, each read with the strict reader (adapter_files)."""
-    return {name: (path, *read_adapter(path)) for name, path in adapter_dirs(directory).items()}
 
 
 def check_dir(

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from . import distributed as coll
-from .adapter_files import check_finite
-from .atomic_dir import discard, publish, staging_dir, write_staging
+from .atomic_dir import discard, publish, staging_dir
 from .compat import log_findings
 from .core.archs import ArchMap, arch_for_model_type
 from .core.experts import fuse_experts
@@ -31,6 +30,7 @@ from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
 from .io import safetensors_out
+from .io.peft_dir import check_finite, write_staging
 from .names import check_name
 from .quantization import describe as describe_quantization
 from .quantization import summary as quantization_summary

@@ -16,8 +16,6 @@ import torch
 from safetensors import safe_open
 
 from . import distributed as coll
-from .adapter_files import check_finite, file_tensors, read_adapter, weights_file
-from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
@@ -25,6 +23,7 @@ from .dialects import collect, raise_refusals
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
 from .export import Naming, megatron_config, model_chunks, naming
 from .hf_config import read_hf_config
+from .io.peft_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_finite, file_tensors, read_adapter, weights_file
 from .patterns import PatternSet
 from .targets import check_targets
 

@@ -24,15 +24,16 @@ from typing import Any, Literal
 import torch
 
 from . import distributed as coll
-from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, discard, publish
+from .atomic_dir import discard, publish
 from .errors import ExportError, NoAdaptersError
 from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
+from .io.peft_dir import FILES, append_card
 from .names import RULE, check_name
 
 log = logging.getLogger("megatron_peft_export")
 ALL = "all"
 Selection = Sequence[str] | Literal["all"]
-RESERVED = frozenset({"verification", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD})
+RESERVED = frozenset({"verification", *FILES})
 LAYOUT_HEADING = "\n## Adapters in this directory\n"
 
 
@@ -211,8 +212,7 @@ def run_multi_export(
     def publish_tree() -> Path | None:
         try:
             if others:
-                with open(root / MODEL_CARD, "a") as card:
-                    card.write(_layout_section(names))
+                append_card(root, _layout_section(names))
             return finish(root)
         except BaseException:
             discard(root)

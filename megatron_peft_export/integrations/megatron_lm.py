@@ -62,7 +62,8 @@ from typing import Any
 from ..config import HookConfig
 from ..errors import ExportError
 from ..field_docs import field_docs
-from ..hook import AdapterExportHook, iteration_dir
+from ..hook import AdapterExportHook
+from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dir, release_dir
 from ..multi_adapter import check_selection
 from ..names import check_name
 from .hub import STRATEGIES, PushConfig
@@ -88,7 +89,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--hf-adapter-dir-name",
         default=_DEFAULTS.subdir,
         type=_checked(check_name, "--hf-adapter-dir-name"),
-        help="Directory name inside each iter_* checkpoint directory.",
+        help=f"Directory name inside each {ITERATION_PLACEHOLDER} checkpoint directory.",
     )
     group.add_argument(
         "--hf-adapter-every-n-saves",
@@ -291,7 +292,7 @@ def _after_save(call: dict[str, Any], margs: Any) -> None:
         _at_exit(finalize)
     iteration = call["iteration"]
     non_persistent = bool(call.get("non_persistent_ckpt", False))
-    checkpoint_dir = Path(margs.save) / "release" if call.get("release") else iteration_dir(margs.save, iteration)
+    checkpoint_dir = release_dir(margs.save) if call.get("release") else iteration_dir(margs.save, iteration)
     if not non_persistent:
         if _LAST_EXPORTED == [
             checkpoint_dir
