@@ -123,10 +123,6 @@ class Snapshot:
     carriers: list = dataclasses.field(default_factory=list)
     """(module, dialect) of every module carrying an adapter (from the walk; the hook's change check reads them)."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(s.tensor.numel() * s.tensor.element_size() for s in self.shards)
-
 
 def model_chunks(model: Any) -> list[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]

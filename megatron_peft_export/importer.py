@@ -28,12 +28,6 @@ from .patterns import PatternSet
 from .targets import check_targets
 
 
-def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """Config and tensor shapes, checked (malformed or hostile files, lying headers, contradicting shapes:
-    AdapterFileError)."""
-    return read_adapter(adapter_dir)
-
-
 def _unfused_experts(adapter_dir: Path, config: dict[str, Any], names: Naming) -> dict[str, torch.Tensor] | None:
     """A fused expert adapter's tensors, read whole, with the experts re-keyed per expert; None for other adapters."""
     if not config.get("target_parameters"):
@@ -117,7 +111,8 @@ def load_hf_adapter(
         local = [
             (dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards
         ]
-        config, shapes = _read_adapter(adapter_dir)
+        # malformed or hostile files, lying headers, contradicting shapes: AdapterFileError
+        config, shapes = read_adapter(adapter_dir)
         check_targets(config, shapes, str(adapter_dir))  # a tensor peft would ignore is no adapter to import
         names = naming(
             model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config)

@@ -58,10 +58,6 @@ class AdapterSnapshots:
     first: Snapshot
     """The snapshot taken first: its report carries the model facts (geometry, dialects) every adapter shares."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.snapshots.values())
-
     def of(self, name: str) -> Snapshot:
         """This rank's snapshot of `name`; a rank without that adapter sends its report and no shards."""
         found = self.snapshots.get(name)
