@@ -2,7 +2,7 @@
 
 An output never touches an input: it may not be, contain or lie inside the checkpoint being read (nor be or
 contain another input, such as the base model's directory), and an existing output is replaced only when it
-is an adapter directory this tool published (`is_published_adapter`), and only with overwrite.
+is an adapter directory this tool published (`io.peft_dir.is_published_adapter`), and only with overwrite.
 
 Siblings are named `.<name>.tmp-<host>-<pid>-<hex>` (staging) and `.<name>.old-<host>-<pid>-<hex>` (the
 replaced directory, during an overwrite), so a later export can tell leftovers of a process that died
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import re
@@ -25,18 +24,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
 
 from .errors import OutputError
-from .io.safetensors_out import save_file
 
 log = logging.getLogger("megatron_peft_export")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-MODEL_CARD = "README.md"
 STALE_AFTER = 24 * 3600.0
 """Seconds after which a leftover of another host (whose process cannot be checked) counts as abandoned."""
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
@@ -47,10 +38,9 @@ _LIVE: dict[Path, bool] = {}
 _CREATED: dict[Path, list[Path]] = {}
 """Staging directory -> the missing parents `staging_dir` created for it (deepest first), removed again if nothing is
 published."""
-MAX_CARD_BYTES = 1 << 20
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,25 +64,11 @@ def _remove(path: Path) -> None:
         pass
 
 
-def is_published_adapter(path: str | os.PathLike) -> bool:
-    """Whether `path` is an adapter directory this tool published: a directory (not a link) holding regular files
-    adapter_config.json and README.md, the card carrying the `megatron-peft-export` tag model_card has always written.
+def _published(path: Path) -> bool:
+    """Whether `path` is an adapter directory this tool published (the only kind an overwrite replaces)."""
+    from .io.peft_dir import is_published_adapter  # the adapter directory format is written on top of this module
 
-    A directory whose card was replaced or removed, a file, a link or anything else is not: no overwrite replaces it.
-    """
-    from .core.peft_format import is_ours
-
-    path = Path(path)
-    try:
-        if not stat.S_ISDIR(path.lstat().st_mode) or not stat.S_ISREG((path / ADAPTER_CONFIG).lstat().st_mode):
-            return False
-        card = path / MODEL_CARD
-        if not stat.S_ISREG(card.lstat().st_mode) or card.lstat().st_size > MAX_CARD_BYTES:
-            return False
-        with open(card, "rb") as f:
-            return is_ours(f.read(MAX_CARD_BYTES).decode("utf-8", errors="replace"))
-    except (OSError, ValueError):
-        return False
+    return is_published_adapter(path)
 
 
 def _describe(path: Path) -> str:
@@ -107,7 +83,9 @@ def _describe(path: Path) -> str:
         return "a file"
     if not stat.S_ISDIR(mode):
         return "a special file (FIFO, socket or device)"
-    return "a directory without the model card (README.md) megatron-peft-export writes"
+    from .io.peft_dir import MODEL_CARD
+
+    return f"a directory without the model card ({MODEL_CARD}) megatron-peft-export writes"
 
 
 def _real(path: Path) -> Path:
@@ -138,7 +116,8 @@ def check_output(
     `reading`: (path, what it is) of every input; the output may not be one of them or contain one (symbolic links
     resolved). `checkpoint`: the checkpoint directory being read; the output may not lie inside it either, except as a
     new (or published adapter) directory directly in it, as the hook and `export --all` write `<iter>/hf_adapter`.
-    An existing output must be a published adapter (`is_published_adapter`) and is replaced only with `overwrite`.
+    An existing output must be a published adapter (`io.peft_dir.is_published_adapter`) and is replaced only with
+    `overwrite`.
     """
     out = Path(output_dir).absolute()
     try:
@@ -167,7 +146,7 @@ def check_output(
                     f"(as `export --all` writes {Path(checkpoint) / 'hf_adapter'}). Nothing was written"
                 )
         if os.path.lexists(out):
-            if not is_published_adapter(out):
+            if not _published(out):
                 of_checkpoint = checkpoint is not None and real.parent == _real(Path(checkpoint))
                 raise OutputError(
                     f"{out} already exists and is "
@@ -302,39 +281,6 @@ def write_failure(exc: BaseException, where: Path, nbytes: int) -> str:
     return f"writing the adapter into {where} failed: {exc}. Nothing was published"
 
 
-def write_staging(
-    tmp: Path,
-    *,
-    tensors: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    card: str,
-    extra_files: dict[str, bytes] | None = None,
-) -> None:
-    """Fill the staging directory (plus `extra_files`, relative path -> bytes) and fsync it; on failure remove it."""
-    files = {
-        ADAPTER_CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-        MODEL_CARD: card.encode(),
-        **(extra_files or {}),
-    }
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        for name, data in files.items():
-            path = (tmp / name).resolve()
-            if tmp.resolve() not in path.parents:
-                raise OutputError(f"refusing to write {name!r} outside the adapter directory")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        for name in (ADAPTER_WEIGHTS, *files):
-            _fsync(tmp / name)
-        _fsync(tmp)
-    except BaseException as exc:
-        discard(tmp)
-        if isinstance(exc, (OSError, SafetensorError)):
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(len(d) for d in files.values())
-            raise OutputError(write_failure(exc, tmp.parent, nbytes)) from exc
-        raise
-
-
 def write_file(path: str | os.PathLike, data: bytes, what: str) -> Path:
     """Write one file whole or not at all: a hidden sibling `.<name>.<hex>`, written, fsynced and renamed into place.
 
@@ -355,7 +301,7 @@ def write_file(path: str | os.PathLike, data: bytes, what: str) -> Path:
         os.close(fd)
         fd = None
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
         return path
     except BaseException as exc:
         if fd is not None:
@@ -393,7 +339,7 @@ def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:
             if os.path.lexists(out):
                 if not overwrite:
                     raise OutputError(f"{out} appeared while the adapter was being written; nothing was replaced")
-                if not is_published_adapter(out):
+                if not _published(out):
                     raise OutputError(
                         f"{out} is now {_describe(out)}, not an adapter directory written by megatron-peft-export; "
                         "nothing was replaced. Write the adapter elsewhere, or remove it yourself"
@@ -407,7 +353,7 @@ def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:
                     old.rename(out)  # the previous adapter goes back
                     old = None
                 raise
-            _fsync(out.parent)
+            fsync(out.parent)
         except BaseException as exc:
             discard(tmp)
             if isinstance(exc, OSError):

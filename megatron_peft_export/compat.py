@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .adapter_files import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapter
 from .errors import AdapterFileError, ExportError
+from .io.peft_dir import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapters
 from .patterns import PatternSet
 
 log = logging.getLogger("megatron_peft_export")
@@ -203,8 +203,7 @@ def check_adapter(
     if target not in TARGETS:
         raise ExportError(f"unknown serving target {target!r}; expected one of {', '.join(TARGETS)}")
     vllm = target == "vllm"
-    version = parse_vllm_version(vllm_version or VLLM_DEFAULT)
-    new = version >= (0, 32)
+    new = parse_vllm_version(vllm_version or VLLM_DEFAULT) >= (0, 32)
     every = _span(VLLM_VERSIONS[0], VLLM_VERSIONS[-1]) if vllm else ""
     found: list[Finding] = []
 
@@ -221,18 +220,36 @@ def check_adapter(
             "check a LoRA adapter (peft_type LORA)",
         )
         return found
+    modules, kinds = _modules(config, shapes)
+    megatron = _common_rules(config, shapes, kinds, vllm, add)
+    if vllm:
+        _feature_rules(config, modules, kinds, megatron, new, add)
+        _rank_rules(config, modules, new, add)
+        _expert_rules(modules, model_type, add)
+    order = {"error": 0, "warning": 1, "info": 2}
+    return sorted(found, key=lambda f: order[f.severity])
+
+
+def _common_rules(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    kinds: Mapping[str, list[str]],
+    vllm: bool,
+    add: Callable[..., None],
+) -> list[str]:
+    """What both targets get wrong: missing fields, no LoRA tensors, Megatron names, ranks against the config.
+    Returns the keys with Megatron names (or without peft's prefix)."""
     missing = [f for f in ("r", "lora_alpha", "target_modules") if f not in config]
     if missing:
         add(
             "missing-fields",
             "error" if vllm else "warning",
-            f"adapter_config.json lacks {', '.join(missing)}",
+            f"{ADAPTER_CONFIG} lacks {', '.join(missing)}",
             "vLLM refuses a config without r, lora_alpha and target_modules"
             if vllm
             else "peft silently fills missing fields with defaults (r=8, lora_alpha=8), so the scaling may be wrong",
             "write every LoRA field (this exporter does)",
         )
-    modules, kinds = _modules(config, shapes)
     if not kinds["lora"]:
         add(
             "no-lora-tensors",
@@ -265,23 +282,18 @@ def check_adapter(
                 "scales it wrong",
                 "write r (and rank_pattern) from the tensors' shapes",
             )
-    if vllm:
-        _vllm_rules(config, modules, kinds, megatron, new, model_type, add)
-    order = {"error": 0, "warning": 1, "info": 2}
-    return sorted(found, key=lambda f: order[f.severity])
+    return megatron
 
 
-def _vllm_rules(
+def _feature_rules(
     config: Mapping[str, Any],
     modules: Mapping[str, _Module],
     kinds: Mapping[str, list[str]],
     megatron: list[str],
     new: bool,
-    model_type: str | None,
     add: Callable[..., None],
 ) -> None:
-    """The vLLM rules; `new`: the version reads rank/alpha patterns and refuses the features 0.31 ignored (>= 0.32)."""
-    old_span, new_span = _span(None, VLLM_VERSIONS[0]), _span("0.32", None)
+    """The adapter features vLLM refuses or ignores; `new`: the version refuses what 0.31 ignored (>= 0.32)."""
     fused = sorted({m.rsplit(".", 1)[-1] for m in modules if m.rsplit(".", 1)[-1] in _FUSED_NAMES})
     if fused:
         parts = "; ".join(f"{f} -> {_FUSED_NAMES[f]}" for f in fused)
@@ -328,6 +340,11 @@ def _vllm_rules(
             "vLLM accepts only bias: none and no LoRA bias tensors",
             "train without bias (bias: none, lora_bias: false)",
         )
+    _unserved_rules(config, new, add)
+
+
+def _unserved_rules(config: Mapping[str, Any], new: bool, add: Callable[..., None]) -> None:
+    """LoRA variants vLLM 0.32 refuses and 0.31 serves as plain LoRA."""
     init = config.get("init_lora_weights", True)
     unserved = [
         f for f in ("alora_invocation_tokens", "layer_replication", "use_bdlora", "use_qalora") if config.get(f)
@@ -345,66 +362,78 @@ def _vllm_rules(
             "which is not what peft computes",
             "convert to a plain LoRA adapter (peft: path_initial_model_for_weight_conversion for "
             "PiSSA/OLoRA/LoftQ) or serve with peft",
-            new_span if new else old_span,
+            _span("0.32", None) if new else _span(None, VLLM_VERSIONS[0]),
         )
-    top_r, top_alpha = config.get("r"), config.get("lora_alpha")
+
+
+def _rank_rules(config: Mapping[str, Any], modules: Mapping[str, _Module], new: bool, add: Callable[..., None]) -> None:
+    """Ranks and scales: per-module ones before 0.32, and the --max-lora-rank sizes."""
     ranks = sorted({m.rank for m in modules.values() if m.rank is not None})
-    if not new and _real(top_r) and _real(top_alpha) and top_r > 0:
-        top = top_alpha / (math.sqrt(top_r) if config.get("use_rslora") else top_r)
-        scales = {m.name: m.scale for m in modules.values() if m.scale is not None and m.rank is not None}
-        off = sorted(name for name, s in scales.items() if not math.isclose(s, top, rel_tol=1e-6))
-        if off:
-            add(
-                "per-module-scale",
-                "error",
-                f"{len(off)} module(s) scaled differently from lora_alpha / r = {top:g} (e.g. {off[0]}: "
-                f"{scales[off[0]]:g}, from alpha_pattern / rank_pattern)",
-                "vLLM before 0.32 applies the one scaling lora_alpha / r to every module and reads neither "
-                "alpha_pattern nor rank_pattern: these modules are served at the wrong scale without any error",
-                "serve on vLLM >= 0.32, or export with pad_rank_to (one rank and one scale: each module's scale "
-                "folded into its lora_B)",
-                old_span,
-            )
-        if len(ranks) > 1 and isinstance(top_r, int) and ranks[-1] > top_r:
-            add(
-                "per-module-rank",
-                "warning",
-                f"ranks differ per module ({', '.join(map(str, ranks))}; rank_pattern)",
-                f"vLLM before 0.32 checks only r ({top_r}) against --max-lora-rank, so a server started for r "
-                f"fails on the rank-{ranks[-1]} modules",
-                f"start vLLM with --max-lora-rank {_next_vllm_rank(ranks[-1]) or ranks[-1]}, or export with "
-                f"pad_rank_to={_next_vllm_rank(ranks[-1]) or ranks[-1]}",
-                old_span,
-            )
-    if ranks:
-        largest, allowed = ranks[-1], _next_vllm_rank(ranks[-1])
-        if allowed is None:
-            add(
-                "rank-size",
-                "error",
-                f"rank {largest}",
-                f"vLLM's largest --max-lora-rank is {VLLM_MAX_LORA_RANKS[-1]}",
-                f"train with a rank <= {VLLM_MAX_LORA_RANKS[-1]}",
-            )
-        elif largest not in VLLM_MAX_LORA_RANKS:
-            add(
-                "rank-size",
-                "warning",
-                f"rank {largest} is not one of vLLM's --max-lora-rank sizes "
-                f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))})",
-                f"vLLM needs --max-lora-rank {allowed} for it and reserves rank-{allowed} memory for every adapter "
-                f"slot",
-                f"export with pad_rank_to={allowed} (same outputs), or train with rank {allowed}",
-            )
-        elif largest > VLLM_DEFAULT_MAX_LORA_RANK:
-            add(
-                "max-lora-rank",
-                "info",
-                f"rank {largest}",
-                f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}",
-                f"start vLLM with --max-lora-rank {largest}",
-            )
-    _expert_rules(modules, model_type, add)
+    if not new:
+        _per_module_rules(config, modules, ranks, add)
+    if not ranks:
+        return
+    largest, allowed = ranks[-1], _next_vllm_rank(ranks[-1])
+    if allowed is None:
+        add(
+            "rank-size",
+            "error",
+            f"rank {largest}",
+            f"vLLM's largest --max-lora-rank is {VLLM_MAX_LORA_RANKS[-1]}",
+            f"train with a rank <= {VLLM_MAX_LORA_RANKS[-1]}",
+        )
+    elif largest not in VLLM_MAX_LORA_RANKS:
+        add(
+            "rank-size",
+            "warning",
+            f"rank {largest} is not one of vLLM's --max-lora-rank sizes ({', '.join(map(str, VLLM_MAX_LORA_RANKS))})",
+            f"vLLM needs --max-lora-rank {allowed} for it and reserves rank-{allowed} memory for every adapter slot",
+            f"export with pad_rank_to={allowed} (same outputs), or train with rank {allowed}",
+        )
+    elif largest > VLLM_DEFAULT_MAX_LORA_RANK:
+        add(
+            "max-lora-rank",
+            "info",
+            f"rank {largest}",
+            f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}",
+            f"start vLLM with --max-lora-rank {largest}",
+        )
+
+
+def _per_module_rules(
+    config: Mapping[str, Any], modules: Mapping[str, _Module], ranks: list[int], add: Callable[..., None]
+) -> None:
+    """vLLM before 0.32 scales every module by lora_alpha / r and checks only r against --max-lora-rank."""
+    top_r, top_alpha = config.get("r"), config.get("lora_alpha")
+    if not (_real(top_r) and _real(top_alpha) and top_r > 0):
+        return
+    old_span = _span(None, VLLM_VERSIONS[0])
+    top = top_alpha / (math.sqrt(top_r) if config.get("use_rslora") else top_r)
+    scales = {m.name: m.scale for m in modules.values() if m.scale is not None and m.rank is not None}
+    off = sorted(name for name, s in scales.items() if not math.isclose(s, top, rel_tol=1e-6))
+    if off:
+        add(
+            "per-module-scale",
+            "error",
+            f"{len(off)} module(s) scaled differently from lora_alpha / r = {top:g} (e.g. {off[0]}: "
+            f"{scales[off[0]]:g}, from alpha_pattern / rank_pattern)",
+            "vLLM before 0.32 applies the one scaling lora_alpha / r to every module and reads neither "
+            "alpha_pattern nor rank_pattern: these modules are served at the wrong scale without any error",
+            "serve on vLLM >= 0.32, or export with pad_rank_to (one rank and one scale: each module's scale "
+            "folded into its lora_B)",
+            old_span,
+        )
+    if len(ranks) > 1 and isinstance(top_r, int) and ranks[-1] > top_r:
+        add(
+            "per-module-rank",
+            "warning",
+            f"ranks differ per module ({', '.join(map(str, ranks))}; rank_pattern)",
+            f"vLLM before 0.32 checks only r ({top_r}) against --max-lora-rank, so a server started for r "
+            f"fails on the rank-{ranks[-1]} modules",
+            f"start vLLM with --max-lora-rank {_next_vllm_rank(ranks[-1]) or ranks[-1]}, or export with "
+            f"pad_rank_to={_next_vllm_rank(ranks[-1]) or ranks[-1]}",
+            old_span,
+        )
 
 
 def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add: Callable[..., None]) -> None:
@@ -475,27 +504,6 @@ def log_findings(
 
 
 # ------------------------------------------------------------------------ adapter directories
-
-
-def adapter_dirs(directory: str | Path) -> dict[str, Path]:
-    """peft's multi-adapter layout: the adapter at the root ("default") and one per subdirectory with a config."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ExportError(f"{directory} is not a directory; expected an HF PEFT adapter directory")
-    found = {"default": directory} if (directory / ADAPTER_CONFIG).is_file() else {}
-    for sub in sorted(directory.iterdir()):
-        if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(".") and (sub / ADAPTER_CONFIG).is_file():
-            found[sub.name] = sub
-    if not found:
-        raise ExportError(
-            f"{directory}: no {ADAPTER_CONFIG} at the top or in a subdirectory; expected an HF PEFT adapter directory"
-        )
-    return found
-
-
-def read_adapters(directory: str | Path) -> dict[str, tuple[Path, dict[str, Any], dict[str, tuple[int, ...]]]]:
-    """(path, config, shapes) per adapter of a directory, each read with the strict reader (adapter_files)."""
-    return {name: (path, *read_adapter(path)) for name, path in adapter_dirs(directory).items()}
 
 
 def check_dir(

@@ -36,16 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter_files import read_adapter
 from .atomic_dir import write_file
-from .compat import adapter_dirs, check_adapter, has_errors
+from .compat import check_adapter, has_errors
 from .core.options import check_fields, config_class
 from .errors import DeliveryError, ExportError
+from .io import checkpoints
+from .io.peft_dir import adapter_dirs, read_adapter
 
 log = logging.getLogger("megatron_peft_export")
 
 RESULT_FILE = "serving.json"
-ITERATION_SUFFIX = "-iter_{:07d}"
 
 
 @config_class("serve", "ServeConfig")
@@ -56,7 +56,7 @@ class ServeConfig:
         check_fields(self)
 
     def iteration_name(self, iteration: int) -> str:
-        return self.name + ITERATION_SUFFIX.format(iteration)
+        return f"{self.name}-{checkpoints.iteration_name(iteration)}"
 
 
 class _NoAnswer(Exception):
@@ -245,12 +245,9 @@ def deliver(path: str | Path, iteration: int | None, config: ServeConfig, server
 
 def _unload_old(server: VllmServer, config: ServeConfig, keep_from: int) -> list[str]:
     """Unload this configuration's per-iteration names beyond the newest `keep` (those up to `keep_from`)."""
-    prefix = config.name + "-iter_"
-    ours = sorted(
-        (int(n[len(prefix) :]), n)
-        for n in server.loaded()
-        if n.startswith(prefix) and n[len(prefix) :].isdigit() and int(n[len(prefix) :]) <= keep_from
-    )
+    prefix = config.name + "-"
+    found = {n: checkpoints.parse_iteration(n[len(prefix) :]) for n in server.loaded() if n.startswith(prefix)}
+    ours = sorted((i, n) for n, i in found.items() if i is not None and i <= keep_from)
     old = [n for _, n in ours[: max(0, len(ours) - config.keep)]]
     for name in old:
         server.unload(name)

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from . import distributed as coll
-from .adapter_files import check_finite
-from .atomic_dir import discard, publish, staging_dir, write_staging
+from .atomic_dir import discard, publish, staging_dir
 from .compat import log_findings
 from .core.archs import ArchMap
 from .core.experts import fuse_experts
@@ -32,6 +31,7 @@ from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
 from .hf_config import choose_arch, parse_dtype, read_hf_config
 from .io import safetensors_out
+from .io.peft_dir import check_finite, write_staging
 from .quantization import describe as describe_quantization
 from .quantization import summary as quantization_summary
 
@@ -79,10 +79,6 @@ class Snapshot:
     shards: list[LocalShard]
     carriers: list = dataclasses.field(default_factory=list)
     """(module, dialect) of every module carrying an adapter (from the walk; the hook's change check reads them)."""
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.tensor.numel() * s.tensor.element_size() for s in self.shards)
 
 
 def model_chunks(model: Any) -> list[torch.nn.Module]:

@@ -28,26 +28,10 @@ from .errors import CollectiveError, ExportError
 from .export import WRITER, ExportOptions, run_export
 from .host_snapshot import HostSnapshots
 from .integrations.verify_hook import extensions as verification_steps
+from .io.checkpoints import ITERATION_GLOB, tracker_iteration
 from .multi_adapter import AdapterSnapshots, run_multi_export, take_snapshots
-from .safe_read import TRACKER_LIMIT, read_text
 
 log = logging.getLogger("megatron_peft_export")
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
-    """Megatron-LM's checkpoint directory for one iteration."""
-    return Path(save_dir) / f"iter_{iteration:07d}"
-
-
-def tracker_iteration(save_dir: Path) -> int | None:
-    """The iteration Megatron's tracker file names, or None while there is none (or it is not a small regular file
-    of the save directory holding a number: a FIFO there never blocks this)."""
-    try:
-        text = read_text(save_dir / TRACKER, limit=TRACKER_LIMIT, within=save_dir).strip()
-    except ExportError:
-        return None
-    return int(text) if text.isascii() and text.isdigit() else None
 
 
 @dataclass
@@ -240,7 +224,7 @@ class AdapterExportHook:
         """Staging directories that earlier runs left behind (killed mid-export) in this save directory, if their
         process is gone."""
         try:
-            for parent in sorted({p.parent for p in save_dir.glob(f"iter_*/.{self.config.subdir}.*")}):
+            for parent in sorted({p.parent for p in save_dir.glob(f"{ITERATION_GLOB}/.{self.config.subdir}.*")}):
                 clean_stale(parent / self.config.subdir)
         except OSError as exc:
             log.warning("could not clean leftovers of interrupted exports under %s: %s", save_dir, exc)

@@ -16,8 +16,6 @@ import torch
 from safetensors import safe_open
 
 from . import distributed as coll
-from .adapter_files import check_finite, file_tensors, read_adapter, weights_file
-from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
@@ -25,14 +23,9 @@ from .dialects import collect, raise_refusals
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
 from .export import Naming, megatron_config, model_chunks, naming
 from .hf_config import read_hf_config
+from .io.peft_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_finite, file_tensors, read_adapter, weights_file
 from .patterns import PatternSet
 from .targets import check_targets
-
-
-def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """Config and tensor shapes, checked (malformed or hostile files, lying headers, contradicting shapes:
-    AdapterFileError)."""
-    return read_adapter(adapter_dir)
 
 
 def _unfused_experts(adapter_dir: Path, config: dict[str, Any], names: Naming) -> dict[str, torch.Tensor] | None:
@@ -118,7 +111,8 @@ def load_hf_adapter(
         local = [
             (dataclasses.replace(s.spec, tp_rank=0) if s.spec.is_replica else s.spec, s.tensor) for s in found.shards
         ]
-        config, shapes = _read_adapter(adapter_dir)
+        # malformed or hostile files, lying headers, contradicting shapes: AdapterFileError
+        config, shapes = read_adapter(adapter_dir)
         check_targets(config, shapes, str(adapter_dir))  # a tensor peft would ignore is no adapter to import
         names = naming(
             model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config)

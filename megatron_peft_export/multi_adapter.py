@@ -24,16 +24,17 @@ from typing import Any, Literal
 import torch
 
 from . import distributed as coll
-from .atomic_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, discard, publish
+from .atomic_dir import discard, publish
 from .core.options import check_selection
 from .errors import ExportError, NoAdaptersError
 from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
+from .io.peft_dir import FILES, append_card
 from .names import RULE, check_name
 
 log = logging.getLogger("megatron_peft_export")
 ALL = "all"
 Selection = Sequence[str] | Literal["all"]
-RESERVED = frozenset({"verification", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD})
+RESERVED = frozenset({"verification", *FILES})
 LAYOUT_HEADING = "\n## Adapters in this directory\n"
 
 
@@ -45,10 +46,6 @@ class AdapterSnapshots:
     snapshots: dict[str, Snapshot]
     first: Snapshot
     """The snapshot taken first: its report carries the model facts (geometry, dialects) every adapter shares."""
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.snapshots.values())
 
     def of(self, name: str) -> Snapshot:
         """This rank's snapshot of `name`; a rank without that adapter sends its report and no shards."""
@@ -200,8 +197,7 @@ def run_multi_export(
     def publish_tree() -> Path | None:
         try:
             if others:
-                with open(root / MODEL_CARD, "a") as card:
-                    card.write(_layout_section(names))
+                append_card(root, _layout_section(names))
             return finish(root)
         except BaseException:
             discard(root)

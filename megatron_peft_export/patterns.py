@@ -436,11 +436,6 @@ class PatternSet(Generic[V]):
         return default if found is None else self.values[found]
 
 
-def pattern_value(patterns: Mapping[str, V] | None, module: str, default: V) -> V:
-    """One lookup; build a PatternSet to look up many modules."""
-    return PatternSet(patterns).get(module, default) if patterns else default
-
-
 class FullMatch:
     """re.fullmatch of one pattern (peft's rule for a string target_modules), checked once, for any number of names;
     each call may spend MAX_WORK (names are at most as long as the file they come from)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from .compat import Finding, check_adapter, peft_scales
 from .errors import ExportError
+from .io.peft_dir import ADAPTER_WEIGHTS
 
 ENV_VAR = "MEGATRON_PEFT_EXPORT_VLLM_PYTHON"
 PROBE = Path(__file__).with_name("vllm_probe.py")
@@ -73,6 +74,7 @@ def run_probe(
                 {
                     "base": str(base) if base else None,
                     "adapters": {k: str(Path(v).absolute()) for k, v in adapters.items()},
+                    "weights_file": ADAPTER_WEIGHTS,
                 }
             )
         )

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .adapter_files import PEFT_PREFIX
 from .core.archs import arch_for_model_type
 from .errors import AdapterFileError, ExportError
+from .io.peft_dir import PEFT_PREFIX
 from .patterns import full_matcher
 
 log = logging.getLogger("megatron_peft_export")

@@ -32,7 +32,6 @@ from .safe_read import open_regular
 log = logging.getLogger("megatron_peft_export")
 REFERENCE_FILE = "verification/reference.safetensors"
 RESULT_FILE = "verification.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(self_attn|mlp)$")
 _HF_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)$")
 
@@ -525,7 +524,7 @@ def verify_adapter(
 
     Raises VerificationInputError when the adapter, base model or reference cannot be read.
     """
-    from .adapter_files import read_adapter, weights_file
+    from .io.peft_dir import ADAPTER_WEIGHTS, read_adapter, weights_file
 
     config = config or VerifyConfig()
     adapter_dir = Path(adapter_dir)

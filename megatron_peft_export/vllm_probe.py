@@ -2,7 +2,8 @@
 
     python vllm_probe.py JOB.json RESULT.json
 
-JOB: {"base": base model directory or null, "adapters": {name: directory}}. Standalone on purpose: it imports
+JOB: {"base": base model directory or null, "adapters": {name: directory}, "weights_file": the weights file's name
+in each}. Standalone on purpose: it imports
 vLLM and nothing of this package (vLLM lives in its own venv, with its own torch and transformers).
 
 For each adapter, vLLM's own code: `PEFTHelper.from_local_dir` and `validate_legal` (what it refuses in the
@@ -127,7 +128,7 @@ def _init_distributed():
     ensure_model_parallel_initialized(1, 1)
 
 
-def _helper_checks(path, max_positions):
+def _helper_checks(path, weights_file, max_positions):
     """vLLM's config checks and per-module scaling; (refusal or None, {module: [rank, scaling]})."""
     from safetensors import safe_open
     from vllm.config.lora import LoRAConfig
@@ -140,7 +141,7 @@ def _helper_checks(path, max_positions):
     except ValueError as exc:
         return _message(exc), {}
     scaling = {}
-    weights = os.path.join(path, "adapter_model.safetensors")
+    weights = os.path.join(path, weights_file)
     with safe_open(weights, "pt") as f:
         for key in f.keys():
             try:
@@ -173,7 +174,7 @@ def main(job_path, result_path):
         entry = {"refused": None, "flags": [], "scaling": {}, "loaded": [], "applied": {}, "nowhere": []}
         result["adapters"][name] = entry
         try:
-            entry["refused"], entry["scaling"] = _helper_checks(path, max_positions)
+            entry["refused"], entry["scaling"] = _helper_checks(path, job["weights_file"], max_positions)
             if entry["refused"] or False not in engines:
                 continue
             try:

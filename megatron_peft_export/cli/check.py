@@ -2,7 +2,7 @@
 
 For vLLM the answer comes from vLLM itself when it is at hand (`serving_vllm`: its own loader on the base model's
 architecture), else from the rules of a vLLM version (`compat`). Adapters are read with the strict reader
-(`adapter_files`): a malformed one is bad input (exit 2), never "compatible".
+(`io.peft_dir`): a malformed one is bad input (exit 2), never "compatible".
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from ..compat import (
     check_adapter,
     has_errors,
     parse_vllm_version,
-    read_adapters,
 )
 from ..errors import ExportError
 from ..hf_config import read_hf_config
+from ..io.peft_dir import ADAPTER_CONFIG, read_adapters
 from ..serving_vllm import ENV_VAR, ProbeFailed, applied_summary, engine_findings, engine_python, run_probe
 
 EXAMPLES = f"""examples:
@@ -42,7 +42,7 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "check",
         help="check an HF LoRA adapter for what a server (vLLM by default) refuses or serves wrong",
-        description="Read adapter_config.json and the weights file's header (no tensor data) and report, per adapter, "
+        description=f"Read {ADAPTER_CONFIG} and the weights file's header (no tensor data) and report, per adapter, "
         "each feature the target refuses or serves wrong (DoRA, modules_to_save, bias, per-module ranks or scales, "
         "unusual ranks, module names the model does not apply, engine flags), with the reason and what to change.",
         epilog=EXAMPLES,

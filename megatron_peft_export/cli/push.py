@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..adapter_files import read_adapter
 from ..core.options import add_arguments, from_args
 from ..hf_config import read_hf_config
 from ..integrations.hub import PushConfig, find_adapters, push_adapters, uploadable
+from ..io.checkpoints import ITERATION_GLOB
+from ..io.peft_dir import ADAPTER_CONFIG, read_adapter
 from ..names import check_name
 from ..targets import BaseModel, base_model, check_targets
 
@@ -27,7 +28,7 @@ def register(commands) -> None:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PATH is an adapter directory, or a training save directory: then its latest adapter "
-        "(<save>/iter_*/<dir-name>), or every adapter with --strategy all_checkpoints, each also under "
+        f"(<save>/{ITERATION_GLOB}/<dir-name>), or every adapter with --strategy all_checkpoints, each also under "
         "iter_XXXXXXX/ in the repo. "
         "One commit; the repository (and branch) is created when missing.",
     )
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         files = uploadable(path)  # links, FIFOs, devices refused before anything is read
         for adapter in [
             path,
-            *(path / name.split("/")[0] for name, _ in files if name.endswith("/adapter_config.json")),
+            *(path / name.split("/")[0] for name, _ in files if name.endswith(f"/{ADAPTER_CONFIG}")),
         ]:  # and peft's multi-adapter subfolders
             settings, shapes = read_adapter(
                 adapter,

@@ -8,6 +8,7 @@ import sys
 from ..core.options import add_arguments, from_args
 from ..delivery import ServeConfig, deliver
 from ..integrations.hub import find_adapters
+from ..io.checkpoints import ITERATION_GLOB
 
 _EXAMPLES = """examples:
   megatron-peft-export serve runs/llama/iter_0000500/hf_adapter --url http://localhost:8000
@@ -25,8 +26,9 @@ def register(commands) -> None:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PATH is an adapter directory, or a training save directory: then its newest adapter "
-        "(<save>/iter_*/<dir-name>). The adapter is checked against the server's vLLM version first; it is "
-        "served as NAME-iter_XXXXXXX and as NAME, which moves to it; older NAME-iter_* beyond --keep are unloaded. "
+        f"(<save>/{ITERATION_GLOB}/<dir-name>). The adapter is checked against the server's vLLM version first; it "
+        f"is served as NAME-iter_XXXXXXX and as NAME, which moves to it; older NAME-{ITERATION_GLOB} beyond --keep are "
+        "unloaded. "
         "What happened is written to serving.json in the adapter directory.",
     )
     parser.add_argument("path", help="adapter directory or training save directory")

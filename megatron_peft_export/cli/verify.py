@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from ..core.options import add_arguments, from_args
+from ..io.checkpoints import iteration_of
+from ..io.peft_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..verify import RESULT_FILE, VerificationResult, VerifyConfig, check_result_path, verify_adapter
 
 EXAMPLES = """examples:
@@ -33,7 +34,7 @@ def register(commands) -> None:
     parser.add_argument(
         "adapter_dir",
         metavar="ADAPTER_DIR",
-        help="HF PEFT adapter directory (adapter_config.json, adapter_model.safetensors)",
+        help=f"HF PEFT adapter directory ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS})",
     )
     parser.add_argument(
         "--reference",
@@ -51,10 +52,8 @@ def register(commands) -> None:
 def _iteration(adapter_dir: Path, result: VerificationResult) -> int:
     if result.iteration is not None:
         return result.iteration
-    for part in (adapter_dir.name, adapter_dir.parent.name):
-        if match := re.fullmatch(r"iter_(\d+)", part):
-            return int(match.group(1))
-    return 0
+    found = iteration_of(adapter_dir)
+    return 0 if found is None else found
 
 
 def run(args: argparse.Namespace) -> int:

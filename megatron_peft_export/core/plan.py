@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DialectError, ExportError, ShapeMismatchError
+from ..io.peft_dir import PEFT_PREFIX
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import ModelGeometry
 from .shards import Placement, ShardSpec
 from .splits import row_blocks
 
-PEFT_PREFIX = "base_model.model."
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 OUTPUT_LAYER = "output_layer"
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import stat
-import struct
 import tempfile
 import threading
 import time
@@ -32,11 +30,22 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PushConfig
-from ..errors import PushError
+from ..errors import ExportError, PushError
+from ..io.checkpoints import ITERATION_GLOB, ITERATION_PLACEHOLDER, iteration_name, iteration_of
+from ..io.peft_dir import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MODEL_CARD,
+    has_config,
+    read_card,
+    read_config,
+    read_header,
+    write_card,
+    write_config,
+)
 
 log = logging.getLogger("megatron_peft_export")
 VERIFICATION_FILE = "verification.json"
-_ITERATION_DIR = re.compile(r"^iter_(\d+)$")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _NETWORK_ERRORS = {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "TimeoutException"}
 
@@ -50,29 +59,22 @@ class Adapter:
 
     @property
     def folder(self) -> str:
-        return f"iter_{self.iteration:07d}"
-
-
-def iteration_of(path: Path) -> int | None:
-    """The iteration of `<save>/iter_0000100/<subdir>` (or of `iter_0000100` itself)."""
-    for part in (path.name, path.parent.name):
-        if match := _ITERATION_DIR.match(part):
-            return int(match.group(1))
-    return None
+        return iteration_name(self.iteration)
 
 
 def find_adapters(path: str | Path, subdir: str = "hf_adapter") -> list[Adapter]:
     """An adapter directory itself, or every `<path>/iter_*/<subdir>` adapter of a save directory, oldest first."""
     path = Path(path)
-    if os.path.lexists(path / "adapter_config.json"):  # whatever it is: `uploadable` names what is wrong with it
+    if has_config(path):  # whatever it is: `uploadable` names what is wrong with it
         return [Adapter(path, iteration_of(path))]
     found = [
         Adapter(config.parent, iteration_of(config.parent))
-        for config in path.glob(f"iter_*/{subdir}/adapter_config.json")
+        for config in path.glob(f"{ITERATION_GLOB}/{subdir}/{ADAPTER_CONFIG}")
     ]
     if not found:
         raise PushError(
-            f"no adapter at {path}: expected {path}/adapter_config.json or {path}/iter_*/{subdir}/adapter_config.json"
+            f"no adapter at {path}: expected {path}/{ADAPTER_CONFIG} or "
+            f"{path}/{ITERATION_GLOB}/{subdir}/{ADAPTER_CONFIG}"
         )
     return sorted(found, key=lambda a: a.iteration if a.iteration is not None else -1)
 
@@ -101,7 +103,7 @@ def describe(exc: BaseException, config: PushConfig) -> tuple[str, bool]:
     at = f" at revision {config.revision}" if config.revision else ""
     names = {c.__name__ for c in type(exc).__mro__}
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, PushError):
+    if isinstance(exc, ExportError):  # ours (a PushError, or an adapter file the strict reader refused)
         return str(exc), False
     if "OfflineModeIsEnabled" in names:
         return "HF_HUB_OFFLINE is set, so huggingface_hub makes no request; unset it to push", False
@@ -149,34 +151,7 @@ def _commit_message(config: PushConfig, latest: Adapter, checkpoints: Sequence[A
     return message
 
 
-MAX_CARD_BYTES = 1 << 20
-MAX_HEADER_BYTES = 100 << 20
 MAX_VERIFICATION_BYTES = 64 << 20
-
-
-def _tensor_count(weights: Path) -> int:
-    """Tensors in a safetensors file, from its header alone."""
-    with weights.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-        if not 0 < length <= min(MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
-            raise PushError(
-                f"{weights}: its safetensors header claims {length} bytes, which the file does not hold; is it "
-                f"truncated or corrupt?"
-            )
-        try:
-            return sum(1 for key in json.loads(f.read(length)) if key != "__metadata__")
-        except (ValueError, TypeError) as exc:
-            raise PushError(
-                f"{weights}: not a readable safetensors header ({_one_line(exc)[:200]}); is it corrupt?"
-            ) from None
-
-
-def _read_card(card: Path) -> str | None:
-    """The adapter's README.md as text; None when it is too large to be a model card of ours (then it goes up
-    unchanged)."""
-    with card.open("rb") as f:
-        data = f.read(MAX_CARD_BYTES + 1)
-    return None if len(data) > MAX_CARD_BYTES else data.decode("utf-8", errors="replace")
 
 
 def _read_verification(adapter: Path) -> dict[str, Any] | None:
@@ -231,7 +206,7 @@ def uploadable(adapter_dir: str | Path) -> list[tuple[str, Path]]:
                 raise _refuse(path, kind)
             if stat.S_ISREG(mode):
                 found.append((entry.name, path))
-            elif os.path.lexists(path / "adapter_config.json"):  # peft's multi-adapter layout
+            elif has_config(path):  # peft's multi-adapter layout
                 for inner in sorted(os.scandir(path), key=lambda e: e.name):
                     inner_mode = inner.stat(follow_symlinks=False).st_mode
                     if inner.name.startswith(".") or stat.S_ISDIR(inner_mode):
@@ -251,36 +226,34 @@ def _stage(adapter: Adapter, into: Path, config: PushConfig) -> None:
 
     source = adapter.path
     files = dict(uploadable(source)) if source.is_dir() else {}
-    if "adapter_config.json" not in files:
+    if ADAPTER_CONFIG not in files:
         raise PushError(
-            f"expected an adapter directory with adapter_config.json at {source}; was it removed before the push?"
+            f"expected an adapter directory with {ADAPTER_CONFIG} at {source}; was it removed before the push?"
         )
     for name, path in files.items():
         (into / name).parent.mkdir(exist_ok=True)
         (into / name).symlink_to(path.absolute())
-    config_json = json.loads(files["adapter_config.json"].read_text())
+    config_json = read_config(files[ADAPTER_CONFIG])
     if config.base_model:
         config_json["base_model_name_or_path"] = config.base_model
-        (into / "adapter_config.json").unlink()
-        (into / "adapter_config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-    card = files.get("README.md")
-    old_card = _read_card(card) if card is not None else None
+        write_config(into, config_json)
+    card = files.get(MODEL_CARD)
+    old_card = read_card(card) if card is not None else None
     if card is not None and (old_card is None or not is_ours(old_card)):
         return  # the user's own card goes up unchanged
-    weights = files.get("adapter_model.safetensors")
+    weights = files.get(ADAPTER_WEIGHTS)
     text = model_card(
         config_json,
         dialect=card_dialect(old_card) if old_card else None,
         source=f"iteration {adapter.iteration}" if adapter.iteration is not None else "a Megatron adapter directory",
-        num_tensors=_tensor_count(weights) if weights is not None else 0,
+        num_tensors=len(read_header(weights)) if weights is not None else 0,
         iteration=adapter.iteration,
         verification=_read_verification(source) if VERIFICATION_FILE in files else None,
         quantization=card_quantization(old_card) if old_card else None,
     )
     if old_card and LAYOUT_HEADING in old_card:  # the multi-adapter table the export appended
         text += old_card[old_card.index(LAYOUT_HEADING) :]
-    (into / "README.md").unlink(missing_ok=True)
-    (into / "README.md").write_text(text)
+    write_card(into, text)
 
 
 def push_adapters(
@@ -298,7 +271,9 @@ def push_adapters(
     """
     missing = [a.path for a in checkpoints if a.iteration is None]
     if missing:
-        raise PushError(f"cannot name a folder for {missing[0]}: expected it under an iter_XXXXXXX directory")
+        raise PushError(
+            f"cannot name a folder for {missing[0]}: expected it under an {ITERATION_PLACEHOLDER} directory"
+        )
     message = _commit_message(config, latest, checkpoints)
     attempt = 0
     while True:

@@ -29,7 +29,8 @@ from typing import Any
 
 from ..config import HookConfig
 from ..errors import ExportError
-from ..hook import AdapterExportHook, iteration_dir
+from ..hook import AdapterExportHook
+from ..io.checkpoints import iteration_dir
 
 log = logging.getLogger("megatron_peft_export")
 EVENT = "on_checkpoint_save"

@@ -62,7 +62,8 @@ from typing import Any
 from ..config import HookConfig, PushConfig
 from ..core.options import MLM as MEGATRON_LM
 from ..core.options import add_arguments, from_args
-from ..hook import AdapterExportHook, iteration_dir
+from ..hook import AdapterExportHook
+from ..io.checkpoints import iteration_dir, release_dir
 from .verify_hook import verify_config_from_args
 
 log = logging.getLogger("megatron_peft_export")
@@ -168,7 +169,7 @@ def _after_save(call: dict[str, Any], margs: Any) -> None:
         _at_exit(finalize)
     iteration = call["iteration"]
     non_persistent = bool(call.get("non_persistent_ckpt", False))
-    checkpoint_dir = Path(margs.save) / "release" if call.get("release") else iteration_dir(margs.save, iteration)
+    checkpoint_dir = release_dir(margs.save) if call.get("release") else iteration_dir(margs.save, iteration)
     if not non_persistent:
         if _LAST_EXPORTED == [
             checkpoint_dir

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..io.checkpoints import iteration_name
 from ..verify import VerificationResult, VerifyConfig
 
 log = logging.getLogger("megatron_peft_export")
@@ -131,7 +132,7 @@ class WandbLogger:
         metadata = {"iteration": iteration, "verification": result.status, **result.metrics()}
         artifact = wandb.Artifact(name, type="model", description=result.summary, metadata=metadata)
         artifact.add_dir(str(adapter_dir))
-        run.log_artifact(artifact, aliases=[f"iter_{iteration:07d}", "latest"])
+        run.log_artifact(artifact, aliases=[iteration_name(iteration), "latest"])
 
     def finish(self) -> None:
         """End the run this logger started (a reused run belongs to whoever started it)."""

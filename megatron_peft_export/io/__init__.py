@@ -1,1 +1,2 @@
-"""File input and output: safe reading, adapter directories, checkpoints, safetensors."""
+"""File input and output: safe reading, the HF PEFT adapter directory (`peft_dir`), Megatron's checkpoint layout
+(`checkpoints`), safetensors."""

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..hook import TRACKER
-from ..safe_read import TRACKER_LIMIT, GiB, RegularFile, open_regular, read_bytes, read_text, read_yaml
+from ..io.checkpoints import ITERATION_PLACEHOLDER, TRACKER, iteration_dir, read_tracker
+from ..safe_read import GiB, RegularFile, open_regular, read_bytes, read_yaml
 from .dcp_metadata import (
     CheckpointMetadata,
     Chunk,
@@ -57,31 +57,16 @@ MAX_CHUNKS = 1 << 12
 """Chunks of one adapter tensor (one per TP, EP or PP shard that saved a piece of it)."""
 
 
-def iteration_dirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
-
-
 def locate(path: str | Path) -> Path:
     """An iteration directory, or a save directory resolved through its tracker file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
-            f"{path}: expected a checkpoint directory (iter_XXXXXXX or a save directory), found "
+            f"{path}: expected a checkpoint directory ({ITERATION_PLACEHOLDER} or a save directory), found "
             f"{'a file' if path.exists() else 'nothing'}"
         )
-    tracker = path / TRACKER
-    if os.path.lexists(tracker):
-        text = read_text(
-            tracker,
-            limit=TRACKER_LIMIT,
-            within=path,
-            error=CheckpointError,
-            what="Megatron's tracker file (an iteration number)",
-        ).strip()
-        if not (text.isascii() and text.isdigit()):
-            raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
-        return path / f"iter_{int(text):07d}"
-    return path
+    iteration = read_tracker(path, error=CheckpointError)
+    return path if iteration is None else iteration_dir(path, iteration)
 
 
 def checkpoint_format(directory: Path) -> str:
@@ -93,7 +78,7 @@ def checkpoint_format(directory: Path) -> str:
     raise CheckpointError(
         f"{directory}: expected a Megatron checkpoint (torch_dist .metadata, or mp_rank_*/model_optim_rng.pt), "
         f"found {found or 'no files'}; "
-        "pass an iter_XXXXXXX directory or a save directory with latest_checkpointed_iteration.txt"
+        f"pass an {ITERATION_PLACEHOLDER} directory or a save directory with {TRACKER}"
     )
 
 

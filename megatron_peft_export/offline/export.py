@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..adapter_files import check_finite
 from ..atomic_dir import check_output, discard, publish, staging_dir
 from ..core.geometry import MAX_SIZE, ModelGeometry
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
@@ -27,6 +26,8 @@ from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
 from ..hf_config import parse_dtype, read_hf_config
 from ..io import safetensors_out
+from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dirs
+from ..io.peft_dir import check_finite
 from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings
 from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards
 from .legacy import LegacyReader, legacy_shard
@@ -410,12 +411,12 @@ def backfill(
     quiet: bool = False,
 ) -> list[ExportSummary]:
     """Export every iteration of a save directory that has no `<iter>/<subdir>` yet, as the training hook would."""
-    from .checkpoint import iteration_dirs
-
     save_dir = Path(save_dir)
     todo = [d for d in iteration_dirs(save_dir) if not (d / subdir).exists()]
     if not todo and not iteration_dirs(save_dir):
-        raise CheckpointError(f"{save_dir}: expected a save directory with iter_XXXXXXX checkpoints, found none")
+        raise CheckpointError(
+            f"{save_dir}: expected a save directory with {ITERATION_PLACEHOLDER} checkpoints, found none"
+        )
     summaries = []
     for directory in todo:
         summaries.append(export_checkpoint(directory, directory / subdir, options=options, facts=facts, quiet=quiet))

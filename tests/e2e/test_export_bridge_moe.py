@@ -313,7 +313,7 @@ def _save_and_export_live(
     from megatron.core import dist_checkpointing
 
     from megatron_peft_export import export_adapter
-    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
     from tests.support import tiny_moe
     from tests.support.bridge_grouped_experts import apply_grouped_expert_lora
     from tests.support.training import _in_process_write_results, _may_fork

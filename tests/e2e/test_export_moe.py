@@ -147,7 +147,7 @@ def _save_moe_and_export_live(rank, world, tmp, family, tp=1, ep=1, etp=None, sp
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
     from megatron_peft_export import export_adapter
-    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
     from tests.support import tiny_moe
     from tests.support.tiny_gpt import apply_modelopt_lora
     from tests.support.training import _in_process_write_results, _may_fork

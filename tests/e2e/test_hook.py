@@ -106,7 +106,8 @@ def _async_run(rank, world, save):
     import torch.distributed as dist
 
     from megatron_peft_export.config import HookConfig
-    from megatron_peft_export.hook import TRACKER, AdapterExportHook
+    from megatron_peft_export.hook import AdapterExportHook
+    from megatron_peft_export.io.checkpoints import TRACKER
 
     model = lora_model(world)
     hook = AdapterExportHook(HookConfig(publish_timeout=1.0))

@@ -232,8 +232,8 @@ def test_a_payload_as_the_verification_reference_never_runs(world, tmp_path):
 
 
 def test_a_payload_in_an_adapter_bin_never_runs(tmp_path):
-    from megatron_peft_export.adapter_files import read_bin_header
     from megatron_peft_export.errors import AdapterFileError
+    from megatron_peft_export.io.peft_dir import read_bin_header
 
     marker = tmp_path / "pwned"
     _torch_save({"base_model.model.x.lora_A.weight": _Exploit(marker)}, tmp_path / "adapter_model.bin")
@@ -340,7 +340,7 @@ def test_a_fifo_does_not_block_import(world, tmp_path):
 
 
 def test_the_hooks_tracker_reads_do_not_block_on_a_fifo_or_follow_a_link_out(tmp_path):
-    from megatron_peft_export.hook import TRACKER, tracker_iteration
+    from megatron_peft_export.io.checkpoints import TRACKER, tracker_iteration
 
     (tmp_path / "secret").write_text("123")
     save = tmp_path / "save"

@@ -24,7 +24,7 @@ def _train_save_and_export_live(rank, world, tmp, tp, pp, variant, targets=None,
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
     from megatron_peft_export import export_adapter
-    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
     from tests.support import real_bridge
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
     from tests.support.training import _in_process_write_results, _may_fork
@@ -305,7 +305,7 @@ def _save_legacy_and_export_live(rank, world, tmp, tp, pp):
     from megatron.core import parallel_state as ps
 
     from megatron_peft_export import export_adapter
-    from megatron_peft_export.hook import iteration_dir
+    from megatron_peft_export.io.checkpoints import iteration_dir
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
 
     cfg = TinyGPTConfig()

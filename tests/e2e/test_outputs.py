@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_peft_export import atomic_dir
+from megatron_peft_export.io import peft_dir
 from tests.e2e.test_offline_export import ITERATION, _train_save_and_export_live
 from tests.support.multiprocess import run_ranks
 
@@ -193,15 +194,15 @@ def test_an_adapter_of_an_older_version_is_recognised_by_its_card(exported, tmp_
         '---\nlibrary_name: peft\nbase_model: "/models/x"\ntags:\n- lora\n- megatron\n- '
         "megatron-peft-export\n---\n\n# LoRA\n"
     )
-    assert atomic_dir.is_published_adapter(old)
+    assert peft_dir.is_published_adapter(old)
     (old / "README.md").write_text("---\ntags:\n- lora\n---\n")
-    assert not atomic_dir.is_published_adapter(old)
+    assert not peft_dir.is_published_adapter(old)
     (old / "README.md").unlink()
     (old / "README.md").symlink_to(exported / "live" / "README.md")
-    assert not atomic_dir.is_published_adapter(old), "a link is never ours, whatever it points to"
+    assert not peft_dir.is_published_adapter(old), "a link is never ours, whatever it points to"
     link = tmp_path / "link"
     link.symlink_to(exported / "live")
-    assert atomic_dir.is_published_adapter(exported / "live") and not atomic_dir.is_published_adapter(link)
+    assert peft_dir.is_published_adapter(exported / "live") and not peft_dir.is_published_adapter(link)
 
 
 def _live_exports(rank, world, tmp):
@@ -280,7 +281,7 @@ def test_publish_replaces_only_a_published_adapter_and_removes_what_it_set_aside
     out = tmp_path / "out"
     for _ in range(2):
         tmp = atomic_dir.staging_dir(out, True)
-        atomic_dir.write_staging(
+        peft_dir.write_staging(
             tmp, tensors={}, config={"peft_type": "LORA"}, card="---\ntags:\n- megatron-peft-export\n---\n"
         )
         atomic_dir.publish(tmp, out, True)

@@ -294,7 +294,7 @@ def _export(argv) -> tuple[int | None, str, str | None]:
 
 
 def _check_outcome(status, err, escaped, out: Path, baseline: Path, intact: bool, base_only: bool, what: str) -> str:
-    from megatron_peft_export.adapter_files import read_adapter
+    from megatron_peft_export.io.peft_dir import read_adapter
 
     assert escaped is None, f"{what}: an exception escaped:\n{escaped}"
     assert status in (0, 2), f"{what}: exit status {status}\n{err}"

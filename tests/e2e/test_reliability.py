@@ -117,6 +117,7 @@ def _export_in_hook(rank, world, save, iteration, kill_at):
     import pathlib
 
     from megatron_peft_export import atomic_dir
+    from megatron_peft_export.io import safetensors_out
 
     directory = Path(save) / f"iter_{iteration:07d}"
     directory.mkdir(exist_ok=True)
@@ -144,8 +145,8 @@ def _export_in_hook(rank, world, save, iteration, kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
 
     originals = {
-        "save_file": atomic_dir.save_file,
-        "fsync": atomic_dir._fsync,
+        "save_file": safetensors_out.save_file,
+        "fsync": atomic_dir.fsync,
         "rmtree": shutil.rmtree,
         "mkdir": pathlib.Path.mkdir,
         "write_bytes": pathlib.Path.write_bytes,
@@ -197,7 +198,7 @@ def _export_in_hook(rank, world, save, iteration, kill_at):
             after(f"rename {label(self)} -> {label(target)}")
         return result
 
-    atomic_dir.save_file, atomic_dir._fsync, shutil.rmtree = save_file, fsync, rmtree
+    safetensors_out.save_file, atomic_dir.fsync, shutil.rmtree = save_file, fsync, rmtree
     pathlib.Path.mkdir, pathlib.Path.write_bytes, pathlib.Path.rename = mkdir, write_bytes, rename
     hook = _hook()
     hook.on_checkpoint_saved(iteration, directory, model)
@@ -336,7 +337,7 @@ def _train_on(rank, world, save, inject_enospc):
     test."""
     import torch
 
-    from megatron_peft_export import atomic_dir
+    from megatron_peft_export.io import safetensors_out
 
     records = LogRecords()
     model = _model(world)
@@ -347,7 +348,7 @@ def _train_on(rank, world, save, inject_enospc):
             Path(path).write_bytes(b"\0" * 100)  # what got written before the device filled up
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-        atomic_dir.save_file = full_disk
+        safetensors_out.save_file = full_disk
     hook = _hook(on_error="warn")
     outcome = []
     for iteration in (1, 2):

@@ -31,7 +31,7 @@ def checkpoint_dir(save, iteration: int, tracker: bool = True) -> Path:
     file."""
     import torch.distributed as dist
 
-    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
 
     directory = iteration_dir(save, iteration)
     if dist.get_rank() == 0:

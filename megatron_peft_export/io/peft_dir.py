@@ -1,13 +1,19 @@
-"""Reading an HF PEFT adapter directory that may be malformed or hostile, for import, verify and push.
+"""The HF PEFT adapter directory, in one place: its file names, key prefix and config fields, writing it, and reading
+one that may be malformed or hostile (for check, import, verify and push).
 
-Every problem is an AdapterFileError that names the file and what was expected: a config that is not a
+An adapter directory holds `adapter_config.json` (a LoraConfig as JSON), `adapter_model.safetensors` (tensors keyed
+`base_model.model.<HF module>.lora_A.weight`, ...) and a `README.md` model card; peft's multi-adapter layout adds one
+such directory per further adapter, as a subdirectory. Older peft wrote `adapter_model.bin` (a torch.save file),
+whose header is read without unpickling anything.
+
+Reading: every problem is an AdapterFileError that names the file and what was expected: a config that is not a
 JSON object or whose LoRA fields have wrong types or values, patterns that `patterns` refuses (beyond what it
 matches at a bounded cost, or what peft's own regex engine would backtrack on for ever), a safetensors header
 that lies (offsets outside the file, sizes that do not match shapes and dtypes, a truncated file), shapes that
 contradict the config, and NaN or Inf values.
 Files are opened through safe_read: regular files inside the adapter directory (a FIFO, device or a link
 leaving the directory is refused), sizes from the opened file. Nothing here imports transformers or peft;
-tensors are read one at a time.
+tensors are read one at a time. The config dict and the model card text are built by `core.peft_format`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,14 +31,21 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import AdapterFileError, NonFiniteError
-from .patterns import PatternSet, check_pattern
-from .safe_read import open_regular
+from ..errors import AdapterFileError, ExportError, NonFiniteError, OutputError
+from ..patterns import PatternSet, check_pattern
+from ..safe_read import open_regular
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+"""peft's older weights file (a torch.save of the state dict)."""
+MODEL_CARD = "README.md"
 PEFT_PREFIX = "base_model.model."
+"""Every tensor key starts with it: peft's PeftModel.base_model (the LoRA model) .model (the HF model)."""
+FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD)
+"""The files an exported adapter directory holds."""
 MAX_CONFIG_BYTES = 1 << 20
+MAX_CARD_BYTES = 1 << 20
 MAX_RANK = 1 << 20
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ROLE = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
@@ -144,7 +158,6 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return found
 
 
-ADAPTER_BIN = "adapter_model.bin"
 _BIN_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
 
@@ -152,7 +165,7 @@ def read_bin_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) of peft's older weights file (`adapter_model.bin`, a torch.save of a state dict), read
     without torch.load: its zip directory and pickle are checked, only tensors and plain data are built (nothing of
     the file runs, no tensor data is read); dtypes named as safetensors names them."""
-    from .offline.torch_save import RefusedGlobal, StoredTensor, load_torch_file
+    from ..offline.torch_save import RefusedGlobal, StoredTensor, load_torch_file
 
     path = Path(path)
     if not os.path.lexists(path):
@@ -319,3 +332,121 @@ def read_adapter(
     if values:
         check_finite(file_tensors(adapter_dir / ADAPTER_WEIGHTS), allow=allow_nonfinite, remedy=remedy)
     return config, {key: shape for key, (_, shape) in header.items()}
+
+
+# ------------------------------------------------------------------------ directories
+
+
+def adapter_dirs(directory: str | Path) -> dict[str, Path]:
+    """peft's multi-adapter layout: the adapter at the root ("default") and one per subdirectory with a config."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ExportError(f"{directory} is not a directory; expected an HF PEFT adapter directory")
+    found = {"default": directory} if (directory / ADAPTER_CONFIG).is_file() else {}
+    for sub in sorted(directory.iterdir()):
+        if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(".") and (sub / ADAPTER_CONFIG).is_file():
+            found[sub.name] = sub
+    if not found:
+        raise ExportError(
+            f"{directory}: no {ADAPTER_CONFIG} at the top or in a subdirectory; expected an HF PEFT adapter directory"
+        )
+    return found
+
+
+def read_adapters(directory: str | Path) -> dict[str, tuple[Path, dict[str, Any], dict[str, tuple[int, ...]]]]:
+    """(path, config, shapes) per adapter of a directory (`adapter_dirs`), each read with `read_adapter`."""
+    return {name: (path, *read_adapter(path)) for name, path in adapter_dirs(directory).items()}
+
+
+def has_config(directory: str | Path) -> bool:
+    """Whether something (anything: a reader says what is wrong with it) is at the directory's config name."""
+    return os.path.lexists(Path(directory) / ADAPTER_CONFIG)
+
+
+def read_card(card: str | Path) -> str | None:
+    """A model card as text; None when it is too large to be one this tool wrote."""
+    with open(card, "rb") as f:
+        data = f.read(MAX_CARD_BYTES + 1)
+    return None if len(data) > MAX_CARD_BYTES else data.decode("utf-8", errors="replace")
+
+
+def is_published_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is an adapter directory this tool published: a directory (not a link) holding regular files
+    adapter_config.json and README.md, the card carrying the `megatron-peft-export` tag model_card has always written.
+
+    A directory whose card was replaced or removed, a file, a link or anything else is not: no overwrite replaces it.
+    """
+    from ..core.peft_format import is_ours
+
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(path.lstat().st_mode) or not stat.S_ISREG((path / ADAPTER_CONFIG).lstat().st_mode):
+            return False
+        card = path / MODEL_CARD
+        if not stat.S_ISREG(card.lstat().st_mode) or card.lstat().st_size > MAX_CARD_BYTES:
+            return False
+        with open(card, "rb") as f:
+            return is_ours(f.read(MAX_CARD_BYTES).decode("utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------ writing
+
+
+def config_bytes(config: Mapping[str, Any]) -> bytes:
+    """adapter_config.json's content: sorted keys, indented, one trailing newline."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_config(directory: str | Path, config: Mapping[str, Any]) -> None:
+    """Write (or replace: a link there is replaced, never followed) a directory's adapter_config.json."""
+    path = Path(directory) / ADAPTER_CONFIG
+    path.unlink(missing_ok=True)
+    path.write_bytes(config_bytes(config))
+
+
+def write_card(directory: str | Path, card: str) -> None:
+    """Write (or replace: a link there is replaced, never followed) a directory's model card."""
+    path = Path(directory) / MODEL_CARD
+    path.unlink(missing_ok=True)
+    path.write_text(card)
+
+
+def append_card(directory: str | Path, text: str) -> None:
+    """Append a section to a directory's model card."""
+    with open(Path(directory) / MODEL_CARD, "a") as card:
+        card.write(text)
+
+
+def write_staging(
+    tmp: Path,
+    *,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    card: str,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Fill a staging directory (atomic_dir.staging_dir) with an adapter: weights, config and card (plus
+    `extra_files`, relative path -> bytes), fsynced; on failure remove it, and name a write failure in one line."""
+    from ..atomic_dir import discard, fsync, write_failure
+    from . import safetensors_out  # it imports core.plan, which takes the key prefix from here
+
+    files = {ADAPTER_CONFIG: config_bytes(config), MODEL_CARD: card.encode(), **(extra_files or {})}
+    try:
+        safetensors_out.save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for name, data in files.items():
+            path = (tmp / name).resolve()
+            if tmp.resolve() not in path.parents:
+                raise OutputError(f"refusing to write {name!r} outside the adapter directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        for name in (ADAPTER_WEIGHTS, *files):
+            fsync(tmp / name)
+        fsync(tmp)
+    except BaseException as exc:
+        discard(tmp)
+        if isinstance(exc, (OSError, SafetensorError)):
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(len(d) for d in files.values())
+            raise OutputError(write_failure(exc, tmp.parent, nbytes)) from exc
+        raise

@@ -14,7 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_peft_export.adapter_files import (
+from megatron_peft_export.errors import AdapterFileError, ExportError, NonFiniteError
+from megatron_peft_export.io.peft_dir import (
     FLOAT_DTYPES,
     MAX_RANK,
     check_shapes,
@@ -23,7 +24,6 @@ from megatron_peft_export.adapter_files import (
     read_config,
     read_header,
 )
-from megatron_peft_export.errors import AdapterFileError, ExportError, NonFiniteError
 
 pytestmark = pytest.mark.timeout(300)
 FUZZ = settings(
@@ -195,7 +195,7 @@ def test_import_verify_and_push_read_any_adapter_or_refuse_it_with_an_export_err
     scratch, document, header, body, cut, values
 ):
     """The whole reader (import, verify and push run it), and verify's entry point, on fuzzed config + weights."""
-    from megatron_peft_export.importer import _read_adapter
+    from megatron_peft_export.importer import read_adapter as _read_adapter
     from megatron_peft_export.verify import VerificationInputError, verify_adapter
 
     adapter = scratch / "adapter"
@@ -265,7 +265,7 @@ def test_nonfinite_names_nan_and_inf_and_not_finite_values_whose_sum_overflows()
 def test_nonfinite_in_batches_names_exactly_the_tensors_an_elementwise_check_finds(monkeypatch, batch_bytes):
     """The batched check (consecutive tensors of one dtype concatenated) names the same tensors, in order, as
     torch.isfinite on each tensor alone, whatever the batch size and wherever the bad values sit."""
-    import megatron_peft_export.adapter_files as af
+    import megatron_peft_export.io.peft_dir as af
 
     monkeypatch.setattr(af, "_FINITE_BATCH_BYTES", batch_bytes)
     g = torch.Generator().manual_seed(4)
