@@ -19,8 +19,11 @@ one walk of the model and copied by one bulk copy.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,27 +67,42 @@ def _modules_registered() -> int:
     return _registration_count
 
 
-def _tensor_state(tensor: torch.Tensor) -> tuple:
-    """A tensor by identity (a view by its storage: a dialect may hand out a fresh view of a parameter each time),
-    shape and dtype."""
-    return (id(tensor) if tensor._base is None else None, tensor.data_ptr(), tensor.shape, tensor.dtype)
-
-
 def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], names: list[str]) -> list:
-    """What its dialect reports for each adapter-carrying module and each adapter name: one flat list of tuples
-    (compared with one `==`). A module gaining an adapter (of any dialect, or another named one) gains modules, which
-    `_modules_registered` shows."""
+    """What its dialect reports for each adapter-carrying module and each adapter name: one flat list (compared with
+    one `==`). A module gaining an adapter (of any dialect, or another named one) gains modules, which
+    `_modules_registered` shows.
+
+    A dialect with a `state(module, adapter_name)` function says itself what `find` reads that can change without a
+    registration (ModelOpt: the adapter's entry), and the tensors are compared on their own (`_tensors_state`);
+    otherwise what `find` reports is compared, each tensor by identity (a view by its storage: a dialect may hand out
+    a fresh view of a parameter each time), storage, shape and dtype.
+    """
     state: list = []
     append = state.append
     for module, dialect in carriers:
         append(id(module))
+        summary = getattr(dialect, "state", None)
         for name in names:
+            if summary is not None:
+                append(summary(module, name))
+                continue
             for t in dialect.find(module, name) or ():
-                if isinstance(t, Refusal):
+                if type(t) is Refusal:
                     append(t.reason)
-                else:
-                    append((t.role, t.alpha, t.split_dim, t.part, id(t.tp_group), t.expert, *_tensor_state(t.tensor)))
+                    continue
+                tensor = t.tensor
+                identity = id(tensor) if tensor._base is None else None
+                append((t.role, t.alpha, t.split_dim, t.part, id(t.tp_group), t.expert, identity, *_tensor(tensor)))
     return state
+
+
+def _tensor(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.shape, tensor.dtype
+
+
+def _tensors_state(tensors: list[torch.Tensor]) -> list:
+    """Storage, shape and dtype of each tensor: a `param.data = ...` since the walk shows here."""
+    return [(t.data_ptr(), t.shape, t.dtype) for t in tensors]
 
 
 @dataclass
@@ -99,6 +117,7 @@ class _Walk:
     carriers: list[tuple[torch.nn.Module, Any]]
     """(module, dialect) for every module that carries an adapter (held: their ids stay theirs while cached)."""
     state: list
+    """`_adapter_state` of the carriers, then `_tensors_state` of the sources, when the walk was made."""
     generation: int | None
     """None when the walk found an error: it is used once, never cached."""
     sources: list[torch.Tensor]
@@ -110,7 +129,7 @@ class _Walk:
         return (
             self.key == key
             and self.registered == registered
-            and _adapter_state(self.carriers, list(self.found.snapshots)) == self.state
+            and _adapter_state(self.carriers, list(self.found.snapshots)) + _tensors_state(self.sources) == self.state
         )
 
     def over(self, buffers: list[torch.Tensor], copied: Any) -> AdapterSnapshots:
@@ -142,7 +161,8 @@ class HostSnapshots:
 
     def prepare(self, model: Any, layout: coll.RankLayout) -> None:
         """Walk the model and allocate (and touch) host buffers now, before training, so the first save only copies."""
-        walk = self._current(model, layout)
+        with _no_collection():
+            walk = self._current(model, layout)
         if walk.generation is not None:
             buffers = self._buffers(walk, touch=True)
             with self._lock:
@@ -150,9 +170,10 @@ class HostSnapshots:
 
     def take(self, model: Any, layout: coll.RankLayout) -> AdapterSnapshots:
         """This rank's shards of every selected adapter, copied to host memory (one bulk copy into reused buffers)."""
-        walk = self._current(model, layout)
-        buffers = self._buffers(walk)
-        snapshots = walk.over(buffers, _bulk_copy(buffers, walk.sources))
+        with _no_collection():
+            walk = self._current(model, layout)
+            buffers = self._buffers(walk)
+            snapshots = walk.over(buffers, _bulk_copy(buffers, walk.sources))
         with self._lock:
             self._in_use[id(snapshots)] = (walk.generation, buffers)
         return snapshots
@@ -178,15 +199,9 @@ class HostSnapshots:
         for name, snapshot in found.snapshots.items():
             found.snapshots[name] = dataclasses.replace(snapshot, carriers=[])
         found.first = next(iter(found.snapshots.values()))
-        walk = _Walk(
-            key,
-            registered,
-            found,
-            carriers,
-            _adapter_state(carriers, list(found.snapshots)),
-            None if failed else next(self._generations),
-            [s.tensor for s in found.shards],
-        )
+        sources = [s.tensor for s in found.shards]
+        state = _adapter_state(carriers, list(found.snapshots)) + _tensors_state(sources)
+        walk = _Walk(key, registered, found, carriers, state, None if failed else next(self._generations), sources)
         if not failed:  # an error reaches every rank in the export; the next save walks again
             with self._lock:
                 self._walk = walk
@@ -215,6 +230,20 @@ def _flat_buffers(tensors: list[torch.Tensor], touch: bool = False) -> list[torc
         for i, view in zip(indices, torch._C._nn.unflatten_dense_tensors(flat, group)):
             buffers[i] = view
     return buffers
+
+
+@contextmanager
+def _no_collection() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the training thread walks or snapshots: the walk allocates ~10
+    objects per adapter tensor, and every few hundred allocations the collector would traverse the whole model's
+    objects (millions at MoE scale), which made the walk grow quadratically. What they leave is collected later."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _SIDE_STREAMS: dict[Any, Any] = {}
