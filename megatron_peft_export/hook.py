@@ -229,8 +229,12 @@ class AdapterExportHook:
         """Optional, on every rank once the model (with its adapters) is built, before training: walk it now, so that
         no save pays the walk on the training thread unless the model changes later (a model with ~10^5 adapter
         tensors takes seconds to walk)."""
-        if self.config.enabled:
+        if not self.config.enabled:
+            return
+        try:
             self._snapshots.prepare(model, coll.RankLayout.from_megatron())
+        except Exception as exc:  # only an optimization: the first save walks instead
+            log.warning("could not walk the model before training (the first save will): %s", exc)
 
     def on_checkpoint_saved(
         self,
