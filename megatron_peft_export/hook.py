@@ -307,7 +307,7 @@ class AdapterExportHook:
         try:
             if layout.rank == WRITER and not self._swept:
                 self._swept = True
-                self._clean_leftovers(checkpoint_dir.parent)
+                _clean_leftovers(checkpoint_dir.parent, self.config.subdir)
             path = run_export(
                 snapshots,
                 output,
@@ -326,15 +326,6 @@ class AdapterExportHook:
             self._failures.export_failed(iteration, exc, layout.rank, self._group)
         self._publisher.publish_finalized()
 
-    def _clean_leftovers(self, save_dir: Path) -> None:
-        """Staging directories that earlier runs left behind (killed mid-export) in this save directory, if their
-        process is gone."""
-        try:
-            for parent in sorted({p.parent for p in save_dir.glob(f"iter_*/.{self.config.subdir}.*")}):
-                clean_stale(parent / self.config.subdir)
-        except OSError as exc:
-            log.warning("could not clean leftovers of interrupted exports under %s: %s", save_dir, exc)
-
     def finalize(self) -> None:
         """Complete every pending export; wait (up to publish_timeout) for asynchronous checkpoints to finalize.
 
@@ -349,6 +340,16 @@ class AdapterExportHook:
             self.pusher.finalize()
         self._publisher.publish_finalized()
         self._failures.raise_agreed(self._control)
+
+
+def _clean_leftovers(save_dir: Path, subdir: str) -> None:
+    """Staging directories that earlier runs left behind (killed mid-export) in this save directory, if their process
+    is gone."""
+    try:
+        for parent in sorted({p.parent for p in save_dir.glob(f"iter_*/.{subdir}.*")}):
+            clean_stale(parent / subdir)
+    except OSError as exc:
+        log.warning("could not clean leftovers of interrupted exports under %s: %s", save_dir, exc)
 
 
 def _export_options(config: HookConfig) -> ExportOptions:

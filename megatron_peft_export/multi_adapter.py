@@ -160,6 +160,27 @@ def _layout_section(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _agreed_names(
+    snapshots: AdapterSnapshots, options: ExportOptions, layout: coll.RankLayout, group: Any
+) -> list[str]:
+    """Collective: the adapters to export, root first, the same on every rank (disabled ones skipped, with a
+    warning)."""
+    local = {
+        "names": sorted(snapshots.first.report.adapter_names),
+        "counts": {n: len(s.report.specs) for n, s in snapshots.snapshots.items()},
+    }
+    gathered = coll.all_gather(local, group)
+    coll.agree(snapshots.first.report.error, group)
+    names, skipped = _choose(gathered, snapshots.selection, options.adapter_name)
+    if skipped and layout.rank == WRITER:
+        log.warning(
+            "not exporting disabled adapter(s) %s (they act on nothing in the training model); enable them to "
+            "export them",
+            ", ".join(skipped),
+        )
+    return names
+
+
 def run_multi_export(
     snapshots: AdapterSnapshots,
     output_dir: str | os.PathLike,
@@ -180,19 +201,7 @@ def run_multi_export(
         return run_export(
             snapshots.first, output_dir, options, layout, group, finish=finish, source=source, extra_files=extra_files
         )
-    local = {
-        "names": sorted(snapshots.first.report.adapter_names),
-        "counts": {n: len(s.report.specs) for n, s in snapshots.snapshots.items()},
-    }
-    gathered = coll.all_gather(local, group)
-    coll.agree(snapshots.first.report.error, group)
-    names, skipped = _choose(gathered, snapshots.selection, options.adapter_name)
-    if skipped and layout.rank == WRITER:
-        log.warning(
-            "not exporting disabled adapter(s) %s (they act on nothing in the training model); enable them to "
-            "export them",
-            ", ".join(skipped),
-        )
+    names = _agreed_names(snapshots, options, layout, group)
     root_name, others = names[0], names[1:]
     root = run_export(
         snapshots.of(root_name),
