@@ -10,9 +10,10 @@ one walk of the model and copied by one bulk copy.
   training thread: the background never touches the model (ModelOpt's modules are not safe to read from another
   thread).
 - The copy is one `torch._foreach_copy_` into the buffers of an export that has finished: views of one flat
-  tensor per dtype. On a GPU the buffers are pinned and the copy is queued on a side stream after the work
-  already queued on the training stream, which then waits for it (on the device, not on the host) before its
-  next in-place update; the background waits for the copy's event before reading (`AdapterSnapshots.wait`).
+  tensor per dtype. On a GPU the buffers are pinned and the copy (a fused gather into one flat device buffer per
+  dtype, then one transfer each) is queued on a side stream after the work already queued on the training stream,
+  which then waits for it (on the device, not on the host) before its next in-place update; the background waits
+  for the copy's event before reading (`AdapterSnapshots.wait`).
   The buffers of up to `max_pending` exports stay allocated while the hook lives.
 """
 
@@ -123,6 +124,8 @@ class _Walk:
     sources: list[torch.Tensor]
     """The live tensors of every adapter's shards, in order (not detached views: those would miss a `param.data =
     ...`)."""
+    staging: _Flat | None = None
+    """On a GPU: one flat device buffer per dtype the sources are gathered into before one transfer to the host."""
 
     def current(self, key: tuple, registered: int) -> bool:
         """The model still holds what this walk found (the cheap check, on the training thread)."""
@@ -152,8 +155,8 @@ class HostSnapshots:
         self._options = options
         self._selection = check_selection(selection)
         self._walk: _Walk | None = None
-        self._free: list[tuple[int, list[torch.Tensor]]] = []
-        self._in_use: dict[int, tuple[int | None, list[torch.Tensor]]] = {}
+        self._free: list[tuple[int, _Flat]] = []
+        self._in_use: dict[int, tuple[int | None, _Flat]] = {}
         self._generations = itertools.count()
         self._lock = threading.Lock()
         self.walks = 0
@@ -173,7 +176,7 @@ class HostSnapshots:
         with _no_collection():
             walk = self._current(model, layout)
             buffers = self._buffers(walk)
-            snapshots = walk.over(buffers, _bulk_copy(buffers, walk.sources))
+            snapshots = walk.over(buffers.views, _bulk_copy(buffers, walk))
         with self._lock:
             self._in_use[id(snapshots)] = (walk.generation, buffers)
         return snapshots
@@ -208,28 +211,38 @@ class HostSnapshots:
                 self._free.clear()
         return walk
 
-    def _buffers(self, walk: _Walk, touch: bool = False) -> list[torch.Tensor]:
+    def _buffers(self, walk: _Walk, touch: bool = False) -> _Flat:
         with self._lock:
             if self._free and self._free[-1][0] == walk.generation:
                 return self._free.pop()[1]
-        return _flat_buffers(walk.sources, touch)
+        return _flat_buffers(walk.sources, pinned=any(t.is_cuda for t in walk.sources), touch=touch)
 
 
-def _flat_buffers(tensors: list[torch.Tensor], touch: bool = False) -> list[torch.Tensor]:
-    """Host buffers shaped like `tensors`: views of one flat tensor per dtype (pinned when the tensors are on a GPU)."""
+@dataclass
+class _Flat:
+    """Buffers shaped like a list of tensors: `views` of one flat tensor per dtype (`flats`, in order of first use)."""
+
+    flats: list[torch.Tensor]
+    views: list[torch.Tensor]
+
+
+def _flat_buffers(
+    tensors: list[torch.Tensor], *, device: Any = "cpu", pinned: bool = False, touch: bool = False
+) -> _Flat:
+    """Buffers for `tensors` on `device` (host memory: pinned when the tensors are on a GPU)."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
-    pinned = any(t.is_cuda for t in tensors)
-    buffers: list[Any] = [None] * len(tensors)
+    flats, views = [], [None] * len(tensors)
     for dtype, indices in by_dtype.items():
         group = [tensors[i] for i in indices]
-        flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, pin_memory=pinned)
+        flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=device, pin_memory=pinned)
         if touch:  # the kernel's first touch of each page, paid now rather than by the first copy
             flat.zero_()
+        flats.append(flat)
         for i, view in zip(indices, torch._C._nn.unflatten_dense_tensors(flat, group)):
-            buffers[i] = view
-    return buffers
+            views[i] = view
+    return _Flat(flats, views)
 
 
 @contextmanager
@@ -249,20 +262,24 @@ def _no_collection() -> Iterator[None]:
 _SIDE_STREAMS: dict[Any, Any] = {}
 
 
-def _bulk_copy(buffers: list[torch.Tensor], sources: list[torch.Tensor]) -> Any:
-    """Copy `sources` into `buffers` in one call. On one CUDA device: asynchronously, returning the event to wait
-    for; otherwise synchronously, returning None.
+def _bulk_copy(host: _Flat, walk: _Walk) -> Any:
+    """Copy the walk's sources into `host`. On one CUDA device: asynchronously, returning the event to wait for;
+    otherwise synchronously (one `_foreach_copy_`), returning None.
 
-    The copy runs on a side stream after everything already queued on the current (training) stream, so it reads
-    the values of this save; the training stream then waits for the copy (on the device, the host goes on) so that
-    no later in-place update (the optimizer step) overwrites a parameter before it has been read.
+    On the GPU the sources are gathered into one flat device buffer per dtype (fused multi-tensor copies: a few
+    hundred kernel launches for ~10^5 tensors), then each flat buffer goes to pinned host memory in one transfer. All
+    of it runs on a side stream after everything already queued on the current (training) stream, so it reads the
+    values of this save; the training stream then waits for the side stream (on the device: the host goes on), so no
+    later in-place update (the optimizer step) overwrites a parameter before it has been read. Untested here (no GPU
+    in CI); the CPU tests run `_gather_copy`, the same copies without streams.
     """
+    sources = walk.sources
     if not sources:
         return None
     device = sources[0].device
     if device.type != "cuda" or any(s.device != device for s in sources):
         with torch.no_grad():  # reads the parameters without recording the copy for autograd
-            torch._foreach_copy_(buffers, sources)
+            torch._foreach_copy_(host.views, sources)
         return None
     training = torch.cuda.current_stream(device)
     side = _SIDE_STREAMS.get(device)
@@ -270,8 +287,17 @@ def _bulk_copy(buffers: list[torch.Tensor], sources: list[torch.Tensor]) -> Any:
         side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     side.wait_stream(training)
     with torch.no_grad(), torch.cuda.stream(side):
-        torch._foreach_copy_(buffers, sources, non_blocking=True)
+        if walk.staging is None:  # allocated on the side stream, which alone uses it (successive saves in its order)
+            walk.staging = _flat_buffers(sources, device=device)
+        _gather_copy(host, walk.staging, sources)
         copied = torch.cuda.Event()
         copied.record(side)
     training.wait_stream(side)
     return copied
+
+
+def _gather_copy(host: _Flat, staging: _Flat, sources: list[torch.Tensor]) -> None:
+    """`sources` into `staging` (same device, fused), then each flat staging buffer into `host` in one transfer."""
+    torch._foreach_copy_(staging.views, sources)
+    for flat, gathered in zip(host.flats, staging.flats):
+        flat.copy_(gathered, non_blocking=True)
