@@ -4,11 +4,11 @@ One adapter is the case of a list of one: a snapshot holds every selected adapte
 one walk of the model and copied by one bulk copy.
 
 - The walk (`take_snapshots` without copying) runs at the first save (or earlier, at `prepare`), and again only
-  when a cheap check says the model changed: whether any module, parameter or buffer was registered in the
-  process since (adding an adapter adds modules; one integer compare) and, on the modules that carry an adapter,
-  what the dialect reports (tensor identity, storage, shape, dtype, scale, split). All of it runs on the
-  training thread: the background never touches the model (ModelOpt's modules are not safe to read from another
-  thread).
+  when a cheap check says the model changed: whether any module or parameter was registered in the
+  process since (adding an adapter adds modules; one integer compare), on the modules that carry an adapter what
+  the dialect reports (or its own summary of what it reads: ModelOpt's adapter entries), and each adapter tensor's
+  storage, shape and dtype. All of it runs on the training thread, with the cyclic garbage collector off: the
+  background never touches the model (ModelOpt's modules are not safe to read from another thread).
 - The copy is one `torch._foreach_copy_` into the buffers of an export that has finished: views of one flat
   tensor per dtype. On a GPU the buffers are pinned and the copy (a fused gather into one flat device buffer per
   dtype, then one transfer each) is queued on a side stream after the work already queued on the training stream,
@@ -47,8 +47,9 @@ def _count_registration(module: torch.nn.Module, name: str, value: Any) -> None:
 
 
 def _modules_registered() -> int:
-    """How many times any module was given a child module, a parameter or a buffer (`add_module`,
-    `register_parameter`, `setattr`) in this process, since the first call.
+    """How many times any module was given a child module or a parameter (`add_module`, `register_parameter`,
+    `setattr`) in this process, since the first call (buffers are not counted: modules that cache tensors as buffers
+    at every step would make every save walk).
 
     Adding an adapter adds modules (ModelOpt's `lora_a_<name>`, Bridge's `adapter`), replacing a weight registers a
     parameter: a cached walk is stale when this count moved, and the check costs one integer compare instead of
@@ -62,7 +63,6 @@ def _modules_registered() -> int:
             for register in (
                 registration.register_module_module_registration_hook,
                 registration.register_module_parameter_registration_hook,
-                registration.register_module_buffer_registration_hook,
             )
         )
     return _registration_count
