@@ -297,7 +297,6 @@ class AdapterExportHook:
     def _export_snapshots(self, snapshots: AdapterSnapshots, *args) -> None:
         """Background: export the snapshots, then hand their host buffers to a later save."""
         try:
-            snapshots.wait()
             self._export(snapshots, *args)
         finally:
             self._snapshots.release(snapshots)
@@ -305,6 +304,7 @@ class AdapterExportHook:
     def _export(self, snapshots, layout, iteration: int, checkpoint_dir: Path, finalized: bool, extra_files) -> None:
         output = checkpoint_dir / self.config.subdir
         try:
+            snapshots.wait()  # the asynchronous copy to host memory (GPU) is complete
             if layout.rank == WRITER and not self._swept:
                 self._swept = True
                 _clean_leftovers(checkpoint_dir.parent, self.config.subdir)
