@@ -1,24 +1,30 @@
-"""The training hook's snapshots: at a save, the training thread copies the adapter into host buffers that are reused.
+"""The training hook's snapshots: at a save, the training thread copies the adapters into host buffers that are reused.
 
-Two costs used to sit on the training thread at every save (bench/: 80 layers of rank-256 LoRA, TP=2 on CPU):
-finding the adapter tensors (the dialect walk over every module, ~80 ms) and copying them into freshly allocated
-host memory (the kernel's first touch of each page made that copy ~2-3x slower than into touched memory). Now:
+One adapter is the case of a list of one: a snapshot holds every selected adapter (`AdapterSnapshots`), found by
+one walk of the model and copied by one bulk copy.
 
-- the full walk runs at the first save, and again only when a cheap check says the model changed: whether any
-  module was registered in the process since (adding an adapter adds modules; one integer compare) and, on the
-  modules that carry an adapter, what the dialect reports (tensor identity, shape, dtype, scale, split), all on
-  the training thread (the background never touches the model: ModelOpt's modules are not safe to read from
-  another thread);
-- each snapshot is one bulk copy (`torch._foreach_copy_`) into the buffers of an export that has finished: views
-  of one flat tensor per dtype (pinned when the adapter is on a GPU); the buffers of up to `max_pending` exports
-  stay allocated while the hook lives.
+- The walk (`take_snapshots` without copying) runs at the first save (or earlier, at `prepare`), and again only
+  when a cheap check says the model changed: whether any module or parameter was registered in the
+  process since (adding an adapter adds modules; one integer compare), on the modules that carry an adapter what
+  the dialect reports (or its own summary of what it reads: ModelOpt's adapter entries), and each adapter tensor's
+  storage, shape and dtype. All of it runs on the training thread, with the cyclic garbage collector off: the
+  background never touches the model (ModelOpt's modules are not safe to read from another thread).
+- The copy is one `torch._foreach_copy_` into the buffers of an export that has finished: views of one flat
+  tensor per dtype. On a GPU the buffers are pinned and the copy (a fused gather into one flat device buffer per
+  dtype, then one transfer each) is queued on a side stream after the work already queued on the training stream,
+  which then waits for it (on the device, not on the host) before its next in-place update; the background waits
+  for the copy's event before reading (`AdapterSnapshots.wait`).
+  The buffers of up to `max_pending` exports stay allocated while the hook lives.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,146 +32,272 @@ import torch
 
 from . import distributed as coll
 from .dialects import LocalShard
-from .export import ExportOptions, Snapshot, model_chunks, take_snapshot
+from .dialects.base import Refusal
+from .export import ExportOptions, Snapshot, model_chunks
+from .multi_adapter import AdapterSnapshots, Selection, check_selection, take_snapshots
 
 _registrations = itertools.count(1)
 _registration_count = 0
-_registration_hook = None
+_registration_hooks: list = []
 
 
-def _count_registration(module: torch.nn.Module, name: str, submodule: Any) -> None:
+def _count_registration(module: torch.nn.Module, name: str, value: Any) -> None:
     global _registration_count
     _registration_count = next(_registrations)  # atomic under the GIL, whatever thread registers
 
 
 def _modules_registered() -> int:
-    """How many times any module was given a child module (`add_module`, `setattr`) in this process, since the first
-    call.
+    """How many times any module was given a child module or a parameter (`add_module`, `register_parameter`,
+    `setattr`) in this process, since the first call (buffers are not counted: modules that cache tensors as buffers
+    at every step would make every save walk).
 
-    Adding an adapter adds modules (ModelOpt's `lora_a_<name>`, Bridge's `adapter`): a cached walk is stale when this
-    count moved, and the check costs one integer compare instead of listing ~10^5 modules at every save. A removal, or a
-    change to an existing adapter, shows in what the dialects report on the carriers (`_adapter_state`).
+    Adding an adapter adds modules (ModelOpt's `lora_a_<name>`, Bridge's `adapter`), replacing a weight registers a
+    parameter: a cached walk is stale when this count moved, and the check costs one integer compare instead of
+    listing ~10^5 modules at every save. A removal, or a change to an existing adapter, shows in what the dialects
+    report on the carriers (`_adapter_state`).
     """
-    global _registration_hook
-    if _registration_hook is None:
-        _registration_hook = torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+    if not _registration_hooks:
+        registration = torch.nn.modules.module
+        _registration_hooks.extend(
+            register(_count_registration)
+            for register in (
+                registration.register_module_module_registration_hook,
+                registration.register_module_parameter_registration_hook,
+            )
+        )
     return _registration_count
 
 
+def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], names: list[str]) -> list:
+    """What its dialect reports for each adapter-carrying module and each adapter name: one flat list (compared with
+    one `==`). A module gaining an adapter (of any dialect, or another named one) gains modules, which
+    `_modules_registered` shows.
+
+    A dialect with a `state(module, adapter_name)` function says itself what `find` reads that can change without a
+    registration (ModelOpt: the adapter's entry), and the tensors are compared on their own (`_tensors_state`);
+    otherwise what `find` reports is compared, each tensor by identity (a view by its storage: a dialect may hand out
+    a fresh view of a parameter each time), storage, shape and dtype.
+    """
+    state: list = []
+    append = state.append
+    for module, dialect in carriers:
+        append(id(module))
+        summary = getattr(dialect, "state", None)
+        for name in names:
+            if summary is not None:
+                append(summary(module, name))
+                continue
+            for t in dialect.find(module, name) or ():
+                if type(t) is Refusal:
+                    append(t.reason)
+                    continue
+                tensor = t.tensor
+                identity = id(tensor) if tensor._base is None else None
+                append((t.role, t.alpha, t.split_dim, t.part, id(t.tp_group), t.expert, identity, *_tensor(tensor)))
+    return state
+
+
+def _tensor(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.shape, tensor.dtype
+
+
+def _tensors_state(tensors: list[torch.Tensor]) -> list:
+    """Storage, shape and dtype of each tensor: a `param.data = ...` since the walk shows here."""
+    return [(t.data_ptr(), t.shape, t.dtype) for t in tensors]
+
+
 @dataclass
-class _Found:
-    """One full walk: the live adapter tensors (not copies) with the report, and what the cheap check compares."""
+class _Walk:
+    """One full walk: the live adapter tensors (not copies) with their reports, and what the cheap check compares."""
 
     key: tuple
     registered: int
     """`_modules_registered()` when the walk started."""
+    found: AdapterSnapshots
+    """The live shards (not copies) of each adapter, without carriers."""
     carriers: list[tuple[torch.nn.Module, Any]]
     """(module, dialect) for every module that carries an adapter (held: their ids stay theirs while cached)."""
     state: list
-    live: Snapshot
-    generation: int
+    """`_adapter_state` of the carriers, then `_tensors_state` of the sources, when the walk was made."""
+    generation: int | None
+    """None when the walk found an error: it is used once, never cached."""
     sources: list[torch.Tensor]
-    """The live tensors of `live.shards` (not detached views: those would miss a `param.data = ...`), in order."""
+    """The live tensors of every adapter's shards, in order (not detached views: those would miss a `param.data =
+    ...`)."""
+    staging: _Flat | None = None
+    """On a GPU: one flat device buffer per dtype the sources are gathered into before one transfer to the host."""
 
+    def current(self, key: tuple, registered: int) -> bool:
+        """The model still holds what this walk found (the cheap check, on the training thread)."""
+        return (
+            self.key == key
+            and self.registered == registered
+            and _adapter_state(self.carriers, list(self.found.snapshots)) + _tensors_state(self.sources) == self.state
+        )
 
-def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], adapter_name: str) -> list:
-    """What its dialect reports for each adapter-carrying module (tensors by identity, shape and dtype; scale, split).
-
-    One flat list of tuples (compared with one `==`); a module gaining an adapter (of any dialect, or another named
-    one) gains modules, which `_modules_registered` shows.
-    """
-    state = []
-    for module, dialect in carriers:
-        state.append(id(module))
-        for t in dialect.find(module, adapter_name) or ():
-            state.append(
-                tuple((id(v), v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for v in vars(t).values())
+    def over(self, buffers: list[torch.Tensor], copied: Any) -> AdapterSnapshots:
+        """The snapshots of this walk with `buffers` (copies of `sources`) in place of the live tensors."""
+        held = iter(buffers)
+        snapshots = {
+            name: Snapshot(
+                dataclasses.replace(s.report), [LocalShard(shard.spec, next(held), shard.source) for shard in s.shards]
             )
-    return state
+            for name, s in self.found.snapshots.items()
+        }
+        first = next(iter(snapshots.values()))
+        return AdapterSnapshots(self.found.selection, snapshots, first, copied)
 
 
 class HostSnapshots:
     """The snapshots of one hook: `take` on the training thread, `release` once the export of a snapshot is over."""
 
-    def __init__(self, options: ExportOptions) -> None:
+    def __init__(self, options: ExportOptions, selection: Selection | None = None) -> None:
         self._options = options
-        self._found: _Found | None = None
-        self._free: list[tuple[int, list[torch.Tensor]]] = []
-        self._in_use: dict[int, tuple[int, list[torch.Tensor]]] = {}
+        self._selection = check_selection(selection)
+        self._walk: _Walk | None = None
+        self._free: list[tuple[int, _Flat]] = []
+        self._in_use: dict[int, tuple[int | None, _Flat]] = {}
         self._generations = itertools.count()
         self._lock = threading.Lock()
         self.walks = 0
         """Full walks of the model so far (the first save, and each save after the model changed)."""
 
-    def take(self, model: Any, layout: coll.RankLayout) -> Snapshot:
-        """This rank's adapter shards, copied to host memory (one bulk copy into reused buffers)."""
-        chunks = model_chunks(model)
-        key = (tuple(id(c) for c in chunks), layout)
-        found = self._found
-        registered = _modules_registered()
-        if (
-            found is None
-            or found.key != key
-            or found.registered != registered
-            or _adapter_state(found.carriers, self._options.adapter_name) != found.state
-        ):
-            self.walks += 1
-            live = take_snapshot(model, layout, self._options, copy=False)
-            if live.report.error is not None:  # nothing to copy; the error reaches every rank in the export
-                return live
-            found = self._adopt(key, registered, live)
-        buffers = self._buffers(found)
-        if buffers:
-            with torch.no_grad():  # reads the parameters without recording the copy for autograd
-                torch._foreach_copy_(buffers, found.sources)
-        shards = [LocalShard(s.spec, buffer, s.source) for s, buffer in zip(found.live.shards, buffers)]
-        snapshot = Snapshot(dataclasses.replace(found.live.report), shards)
-        with self._lock:
-            self._in_use[id(snapshot)] = (found.generation, buffers)
-        return snapshot
+    def prepare(self, model: Any, layout: coll.RankLayout) -> None:
+        """Walk the model and allocate (and touch) host buffers now, before training, so the first save only copies."""
+        with _no_collection():
+            walk = self._current(model, layout)
+        if walk.generation is not None:
+            buffers = self._buffers(walk, touch=True)
+            with self._lock:
+                self._free.append((walk.generation, buffers))
 
-    def release(self, snapshot: Snapshot) -> None:
-        """The export of `snapshot` is over (any thread): its buffers serve a later save."""
+    def take(self, model: Any, layout: coll.RankLayout) -> AdapterSnapshots:
+        """This rank's shards of every selected adapter, copied to host memory (one bulk copy into reused buffers)."""
+        with _no_collection():
+            walk = self._current(model, layout)
+            buffers = self._buffers(walk)
+            snapshots = walk.over(buffers.views, _bulk_copy(buffers, walk))
         with self._lock:
-            generation, buffers = self._in_use.pop(id(snapshot), (None, None))
-            if buffers is not None and self._found is not None and generation == self._found.generation:
+            self._in_use[id(snapshots)] = (walk.generation, buffers)
+        return snapshots
+
+    def release(self, snapshots: AdapterSnapshots) -> None:
+        """The export of `snapshots` is over (any thread): its buffers serve a later save."""
+        with self._lock:
+            generation, buffers = self._in_use.pop(id(snapshots), (None, None))
+            if buffers is not None and self._walk is not None and generation == self._walk.generation:
                 self._free.append((generation, buffers))
 
-    def _adopt(self, key: tuple, registered: int, live: Snapshot) -> _Found:
-        carriers = live.carriers
-        live = dataclasses.replace(live, carriers=[])
-        found = _Found(
-            key,
-            registered,
-            carriers,
-            _adapter_state(carriers, self._options.adapter_name),
-            live,
-            next(self._generations),
-            [s.tensor for s in live.shards],
-        )
-        with self._lock:
-            self._found = found
-            self._free.clear()
-        return found
+    def _current(self, model: Any, layout: coll.RankLayout) -> _Walk:
+        """The cached walk when the model still holds what it found, else a new walk (cached unless it failed)."""
+        key = (tuple(id(c) for c in model_chunks(model)), layout)
+        registered = _modules_registered()
+        walk = self._walk
+        if walk is not None and walk.current(key, registered):
+            return walk
+        self.walks += 1
+        found = take_snapshots(model, layout, self._options, self._selection, copy=False)
+        carriers = found.first.carriers
+        failed = any(s.report.error is not None for s in found.snapshots.values())
+        for name, snapshot in found.snapshots.items():
+            found.snapshots[name] = dataclasses.replace(snapshot, carriers=[])
+        found.first = next(iter(found.snapshots.values()))
+        sources = [s.tensor for s in found.shards]
+        state = _adapter_state(carriers, list(found.snapshots)) + _tensors_state(sources)
+        walk = _Walk(key, registered, found, carriers, state, None if failed else next(self._generations), sources)
+        if not failed:  # an error reaches every rank in the export; the next save walks again
+            with self._lock:
+                self._walk = walk
+                self._free.clear()
+        return walk
 
-    def _buffers(self, found: _Found) -> list[torch.Tensor]:
+    def _buffers(self, walk: _Walk, touch: bool = False) -> _Flat:
         with self._lock:
-            if self._free and self._free[-1][0] == found.generation:
+            if self._free and self._free[-1][0] == walk.generation:
                 return self._free.pop()[1]
-        return _flat_buffers([s.tensor for s in found.live.shards])
+        return _flat_buffers(walk.sources, pinned=any(t.is_cuda for t in walk.sources), touch=touch)
 
 
-def _flat_buffers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Host buffers shaped like `tensors`: views of one flat tensor per dtype (pinned when the tensors are on a GPU)."""
-    sizes: dict[torch.dtype, int] = {}
-    for t in tensors:
-        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-    pinned = any(t.is_cuda for t in tensors)
-    flat = {dtype: torch.empty(n, dtype=dtype, pin_memory=pinned) for dtype, n in sizes.items()}
-    offsets = dict.fromkeys(sizes, 0)
-    buffers = []
-    for t in tensors:
-        n, start = t.numel(), offsets[t.dtype]
-        buffers.append(flat[t.dtype][start : start + n].view(t.shape))
-        offsets[t.dtype] = start + n
-    return buffers
+@dataclass
+class _Flat:
+    """Buffers shaped like a list of tensors: `views` of one flat tensor per dtype (`flats`, in order of first use)."""
+
+    flats: list[torch.Tensor]
+    views: list[torch.Tensor]
+
+
+def _flat_buffers(
+    tensors: list[torch.Tensor], *, device: Any = "cpu", pinned: bool = False, touch: bool = False
+) -> _Flat:
+    """Buffers for `tensors` on `device` (host memory: pinned when the tensors are on a GPU)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    flats, views = [], [None] * len(tensors)
+    for dtype, indices in by_dtype.items():
+        group = [tensors[i] for i in indices]
+        flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=device, pin_memory=pinned)
+        if touch:  # the kernel's first touch of each page, paid now rather than by the first copy
+            flat.zero_()
+        flats.append(flat)
+        for i, view in zip(indices, torch._C._nn.unflatten_dense_tensors(flat, group)):
+            views[i] = view
+    return _Flat(flats, views)
+
+
+@contextmanager
+def _no_collection() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the training thread walks or snapshots: the walk allocates ~10
+    objects per adapter tensor, and every few hundred allocations the collector would traverse the whole model's
+    objects (millions at MoE scale), which made the walk grow quadratically. What they leave is collected later."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_SIDE_STREAMS: dict[Any, Any] = {}
+
+
+def _bulk_copy(host: _Flat, walk: _Walk) -> Any:
+    """Copy the walk's sources into `host`. On one CUDA device: asynchronously, returning the event to wait for;
+    otherwise synchronously (one `_foreach_copy_`), returning None.
+
+    On the GPU the sources are gathered into one flat device buffer per dtype (fused multi-tensor copies: a few
+    hundred kernel launches for ~10^5 tensors), then each flat buffer goes to pinned host memory in one transfer. All
+    of it runs on a side stream after everything already queued on the current (training) stream, so it reads the
+    values of this save; the training stream then waits for the side stream (on the device: the host goes on), so no
+    later in-place update (the optimizer step) overwrites a parameter before it has been read. Untested here (no GPU
+    in CI); the CPU tests run `_gather_copy`, the same copies without streams.
+    """
+    sources = walk.sources
+    if not sources:
+        return None
+    device = sources[0].device
+    if device.type != "cuda" or any(s.device != device for s in sources):
+        with torch.no_grad():  # reads the parameters without recording the copy for autograd
+            torch._foreach_copy_(host.views, sources)
+        return None
+    training = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(training)
+    with torch.no_grad(), torch.cuda.stream(side):
+        if walk.staging is None:  # allocated on the side stream, which alone uses it (successive saves in its order)
+            walk.staging = _flat_buffers(sources, device=device)
+        _gather_copy(host, walk.staging, sources)
+        copied = torch.cuda.Event()
+        copied.record(side)
+    training.wait_stream(side)
+    return copied
+
+
+def _gather_copy(host: _Flat, staging: _Flat, sources: list[torch.Tensor]) -> None:
+    """`sources` into `staging` (same device, fused), then each flat staging buffer into `host` in one transfer."""
+    torch._foreach_copy_(staging.views, sources)
+    for flat, gathered in zip(host.flats, staging.flats):
+        flat.copy_(gathered, non_blocking=True)

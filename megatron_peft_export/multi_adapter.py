@@ -26,6 +26,7 @@ import torch
 from . import distributed as coll
 from .atomic_dir import discard, publish
 from .core.options import check_selection
+from .dialects import LocalShard
 from .errors import ExportError, NoAdaptersError
 from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
 from .io.peft_dir import FILES, append_card
@@ -42,10 +43,27 @@ LAYOUT_HEADING = "\n## Adapters in this directory\n"
 class AdapterSnapshots:
     """One rank's snapshot of each adapter it holds (or was asked for), taken at one moment."""
 
-    selection: Selection
+    selection: Selection | None
+    """None: the one adapter of `ExportOptions.adapter_name`, exported as `export_adapter` writes it."""
     snapshots: dict[str, Snapshot]
     first: Snapshot
     """The snapshot taken first: its report carries the model facts (geometry, dialects) every adapter shares."""
+    copied: Any = None
+    """A CUDA event the copy into host memory records when it is asynchronous (see `wait`); None: already copied."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.snapshots.values())
+
+    @property
+    def shards(self) -> list[LocalShard]:
+        """Every adapter's shards, first adapter first."""
+        return [shard for s in self.snapshots.values() for shard in s.shards]
+
+    def wait(self) -> None:
+        """Block until the shards hold the copied values (an asynchronous device-to-host copy has completed)."""
+        if self.copied is not None:
+            self.copied.synchronize()
 
     def of(self, name: str) -> Snapshot:
         """This rank's snapshot of `name`; a rank without that adapter sends its report and no shards."""
@@ -58,16 +76,23 @@ class AdapterSnapshots:
 def take_snapshots(
     model: Any, layout: coll.RankLayout, options: ExportOptions, selection: Selection, *, copy: bool
 ) -> AdapterSnapshots:
-    """This rank's shards of every selected adapter ("all": every adapter this rank holds)."""
+    """This rank's shards of every selected adapter ("all": every adapter this rank holds; None: the one adapter of
+    `options.adapter_name`)."""
     selection = check_selection(selection)
-    first_name = options.adapter_name if selection == ALL else selection[0]
+    first_name = selection[0] if isinstance(selection, list) else options.adapter_name
     first = take_snapshot(model, layout, dataclasses.replace(options, adapter_name=first_name), copy=copy)
-    names = sorted(first.report.adapter_names) if selection == ALL else list(selection)
     snapshots = {first_name: first}
-    for name in names:
+    for name in adapters_to_take(selection, first):
         if name not in snapshots:
             snapshots[name] = take_snapshot(model, layout, dataclasses.replace(options, adapter_name=name), copy=copy)
     return AdapterSnapshots(selection, snapshots, first)
+
+
+def adapters_to_take(selection: Selection | None, first: Snapshot) -> list[str]:
+    """The adapters a rank snapshots, once it has the snapshot of the first (which names the adapters it holds)."""
+    if selection is None:
+        return []
+    return sorted(first.report.adapter_names) if selection == ALL else list(selection)
 
 
 def _choose(gathered: list[dict[str, Any]], selection: Selection, default: str) -> tuple[list[str], list[str]]:
@@ -136,6 +161,27 @@ def _layout_section(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _agreed_names(
+    snapshots: AdapterSnapshots, options: ExportOptions, layout: coll.RankLayout, group: Any
+) -> list[str]:
+    """Collective: the adapters to export, root first, the same on every rank (disabled ones skipped, with a
+    warning)."""
+    local = {
+        "names": sorted(snapshots.first.report.adapter_names),
+        "counts": {n: len(s.report.specs) for n, s in snapshots.snapshots.items()},
+    }
+    gathered = coll.all_gather(local, group)
+    coll.agree(snapshots.first.report.error, group)
+    names, skipped = _choose(gathered, snapshots.selection, options.adapter_name)
+    if skipped and layout.rank == WRITER:
+        log.warning(
+            "not exporting disabled adapter(s) %s (they act on nothing in the training model); enable them to "
+            "export them",
+            ", ".join(skipped),
+        )
+    return names
+
+
 def run_multi_export(
     snapshots: AdapterSnapshots,
     output_dir: str | os.PathLike,
@@ -150,20 +196,13 @@ def run_multi_export(
     """Collective: export every selected adapter into one staging tree, then `finish(staging)` on the writer.
 
     Returns finish's result on the writer, None elsewhere; a failure anywhere raises the same error on every rank.
+    One adapter (`snapshots.selection` None) is written as `export_adapter` writes it.
     """
-    local = {
-        "names": sorted(snapshots.first.report.adapter_names),
-        "counts": {n: len(s.report.specs) for n, s in snapshots.snapshots.items()},
-    }
-    gathered = coll.all_gather(local, group)
-    coll.agree(snapshots.first.report.error, group)
-    names, skipped = _choose(gathered, snapshots.selection, options.adapter_name)
-    if skipped and layout.rank == WRITER:
-        log.warning(
-            "not exporting disabled adapter(s) %s (they act on nothing in the training model); enable them to "
-            "export them",
-            ", ".join(skipped),
+    if snapshots.selection is None:
+        return run_export(
+            snapshots.first, output_dir, options, layout, group, finish=finish, source=source, extra_files=extra_files
         )
+    names = _agreed_names(snapshots, options, layout, group)
     root_name, others = names[0], names[1:]
     root = run_export(
         snapshots.of(root_name),

@@ -524,52 +524,18 @@ def verify_adapter(
 
     Raises VerificationInputError when the adapter, base model or reference cannot be read.
     """
-    from .io.peft_dir import ADAPTER_WEIGHTS, read_adapter, weights_file
 
     config = config or VerifyConfig()
     adapter_dir = Path(adapter_dir)
-    # malformed or hostile config, lying header, shapes against the config, NaN/Inf: bad input, before peft sees it
-    try:
-        read_adapter(adapter_dir, values=True, remedy="an adapter with them cannot be verified")
-    except ExportError as exc:
-        raise VerificationInputError(str(exc)) from None
     reference_path = Path(reference_path) if reference_path else adapter_dir / REFERENCE_FILE
-    reference = load_reference(
-        reference_path, within=None if reference_path != adapter_dir / REFERENCE_FILE else adapter_dir
-    )
-    base_dir = resolve_base_model(base_model)
-    if base_dir is None:
-        raise VerificationInputError(
-            f"base model {base_model!r} is not available locally; expected an HF model directory (or a Hub id in "
-            f"the local cache)"
-        )
-    check_base_model_files(base_dir)
-
+    reference, base_dir = _read_inputs(adapter_dir, base_model, reference_path)
     import peft
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
-    dtype = PRECISIONS[config.dtype]
     precision = precision_of(config.dtype, reference.metadata.get("model_dtype"))
     limits = Thresholds.resolve(config, precision)
-    try:
-        base = (
-            AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(config.device).eval()
-        )
-    except Exception as exc:
-        raise VerificationInputError(f"cannot load the base model from {base_dir} with transformers: {exc}") from exc
+    base = _load_base(base_dir, config)
     vocab = base.get_output_embeddings().weight.shape[0]
-    ids, ref_logits = reference.input_ids, reference.logits
-    if ref_logits.shape[-1] < vocab:
-        raise VerificationInputError(
-            f"{reference_path}: reference logits cover {ref_logits.shape[-1]} tokens, the base model's vocabulary "
-            f"{vocab}; is this the right base model?"
-        )
-    ref_logits = ref_logits[..., :vocab]  # Megatron's padded vocabulary
-    if ids.max().item() >= vocab:
-        raise VerificationInputError(
-            f"{reference_path}: probe token id {ids.max().item()} is outside the base model's vocabulary ({vocab})"
-        )
+    ids, ref_logits = _probe_within(reference, reference_path, vocab)
     result = VerificationResult(
         status="failed",
         summary="",
@@ -589,6 +555,73 @@ def verify_adapter(
         result.failures.append(f"peft cannot load the adapter: {type(exc).__name__}: {exc}")
         result.summary = _summary(result)
         return result
+    _check_loaded_tensors(model, adapter_dir, result)
+    base_logits, hf_logits, hf_blocks = _run_probe(model, base.config.hidden_size, reference, ids, config.device)
+    _judge(result, hf_logits, ref_logits, base_logits, hf_blocks, reference, limits)
+    decode = _decoder(config.tokenizer or base_dir)
+    result.top_k_table = top_k_rows(ids, hf_logits, ref_logits, result.top_k, decode)
+    result.logit_diff_histogram = histogram(hf_logits - ref_logits)
+    result.status = "failed" if result.failures else "passed"
+    result.summary = _summary(result)
+    return result
+
+
+def _read_inputs(adapter_dir: Path, base_model: str, reference_path: Path) -> tuple[Reference, str]:
+    """The adapter checked as bad input or not, the reference, and the base model's local directory."""
+    from .io.peft_dir import read_adapter
+
+    # malformed or hostile config, lying header, shapes against the config, NaN/Inf: bad input, before peft sees it
+    try:
+        read_adapter(adapter_dir, values=True, remedy="an adapter with them cannot be verified")
+    except ExportError as exc:
+        raise VerificationInputError(str(exc)) from None
+    reference = load_reference(
+        reference_path, within=None if reference_path != adapter_dir / REFERENCE_FILE else adapter_dir
+    )
+    base_dir = resolve_base_model(base_model)
+    if base_dir is None:
+        raise VerificationInputError(
+            f"base model {base_model!r} is not available locally; expected an HF model directory (or a Hub id in "
+            f"the local cache)"
+        )
+    check_base_model_files(base_dir)
+    return reference, base_dir
+
+
+def _load_base(base_dir: str, config: VerifyConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = PRECISIONS[config.dtype]
+    try:
+        return (
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, local_files_only=True).to(config.device).eval()
+        )
+    except Exception as exc:
+        raise VerificationInputError(f"cannot load the base model from {base_dir} with transformers: {exc}") from exc
+
+
+def _probe_within(reference: Reference, reference_path: Path, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's token ids and reference logits cut to the base model's vocabulary (Megatron pads it)."""
+    ids, ref_logits = reference.input_ids, reference.logits
+    if ref_logits.shape[-1] < vocab:
+        raise VerificationInputError(
+            f"{reference_path}: reference logits cover {ref_logits.shape[-1]} tokens, the base model's vocabulary "
+            f"{vocab}; is this the right base model?"
+        )
+    if ids.max().item() >= vocab:
+        raise VerificationInputError(
+            f"{reference_path}: probe token id {ids.max().item()} is outside the base model's vocabulary ({vocab})"
+        )
+    return ids, ref_logits[..., :vocab]
+
+
+def _check_loaded_tensors(model: Any, adapter_dir: Path, result: VerificationResult) -> None:
+    """What peft loaded against the file: keys it ignored or missed, tensors changed by loading."""
+    import peft
+    from safetensors.torch import load_file
+
+    from .io.peft_dir import ADAPTER_WEIGHTS, weights_file
+
     with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name:
         on_disk = load_file(name)
     loaded = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
@@ -610,13 +643,18 @@ def verify_adapter(
             f"{', '.join(changed[:8])}"
         )
 
+
+def _run_probe(
+    model: Any, hidden_size: int, reference: Reference, ids: torch.Tensor, device: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
+    """(base logits, adapter logits, projected block outputs) of the probe."""
     hf_blocks: dict[tuple[int, str], torch.Tensor] = {}
     proj = None
     if reference.blocks:
         dim = next(iter(reference.blocks.values())).shape[-1]
-        proj = projection(base.config.hidden_size, int(reference.metadata.get("projection_seed") or 0), dim)
+        proj = projection(hidden_size, int(reference.metadata.get("projection_seed") or 0), dim)
     with torch.no_grad():
-        tokens = ids.to(config.device)
+        tokens = ids.to(device)
         with model.disable_adapter():
             base_logits = model(input_ids=tokens).logits.float().cpu()
         handles = _block_hooks(model, proj, hf_blocks) if proj is not None else []
@@ -625,6 +663,19 @@ def verify_adapter(
         finally:
             for handle in handles:
                 handle.remove()
+    return base_logits, hf_logits, hf_blocks
+
+
+def _judge(
+    result: VerificationResult,
+    hf_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    hf_blocks: dict[tuple[int, str], torch.Tensor],
+    reference: Reference,
+    limits: Thresholds,
+) -> None:
+    """The metrics into `result`, with the failures past the thresholds and the warning of a weak check."""
     metrics = compare_logits(hf_logits, ref_logits, base_logits, result.top_k)
     for name, value in metrics.items():
         setattr(result, name, value)
@@ -641,12 +692,6 @@ def verify_adapter(
             f"{metrics['reference_effect_max']:.2g} (<= max_abs_diff): "
             "the adapter has (almost) no effect yet, so this check cannot tell a correct export from an ignored one"
         )
-    decode = _decoder(config.tokenizer or base_dir)
-    result.top_k_table = top_k_rows(ids, hf_logits, ref_logits, result.top_k, decode)
-    result.logit_diff_histogram = histogram(hf_logits - ref_logits)
-    result.status = "failed" if result.failures else "passed"
-    result.summary = _summary(result)
-    return result
 
 
 def _decoder(tokenizer_path: str | None):

@@ -80,10 +80,6 @@ class _Where:
         )
 
 
-_LAYER_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.(\d+))$")
-_PATH_RE = re.compile(r"^(?:.*\.)?(decoder\.layers\.\d+|output_layer)((?:\.[^.]+)*)$")
-
-
 def _experts(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -> dict[str, _Where]:
     """Where the experts of each MoE layer go, from megatron's expert modules (EP, expert-TP and expert-DP groups).
 
@@ -118,28 +114,48 @@ def _enclosing(name: str, prefixes: dict[str, _Where]) -> str | None:
         name = name.rsplit(".", 1)[0]
 
 
+def _path_parts(named: list[tuple[str, torch.nn.Module]]) -> dict[str, tuple[str, str, str]]:
+    """Module name -> (head, anchor, rest) for the names under a transformer layer or the output layer: `anchor` the
+    last `decoder.layers.<i>` or `output_layer` components of the name, `head` the name up to and with them, `rest`
+    the components after them.
+
+    Each name's split is its parent's with one component more (`named_modules` lists parents first), or a new anchor:
+    one dictionary lookup per module instead of a backtracking match of the whole name.
+    """
+    parts: dict[str, tuple[str, str, str]] = {}
+    for name, _ in named:
+        parent, _, last = name.rpartition(".")
+        if last == OUTPUT_LAYER:
+            parts[name] = (name, OUTPUT_LAYER, "")
+        elif last.isdecimal() and (parent == "decoder.layers" or parent.endswith(".decoder.layers")):
+            parts[name] = (name, "decoder.layers." + last, "")
+        elif parent in parts:
+            head, anchor, rest = parts[parent]
+            parts[name] = (head, anchor, f"{rest}.{last}")
+    return parts
+
+
 def _global_paths(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -> dict[str, _Where]:
     """Module name -> Megatron path with global layer (`layer_number` is 1-based and global) and expert indices.
 
-    `named` is the chunk's `named_modules()`, listed once by the caller and read here twice, never rescanned per module.
+    `named` is the chunk's `named_modules()`, listed once by the caller and read here in linear passes, never rescanned
+    per module.
     """
+    parts = _path_parts(named)
     layer_of = {}
     for name, module in named:
-        if hasattr(module, "layer_number") and _LAYER_RE.match(name):
+        split = parts.get(name)
+        if split is not None and not split[2] and split[1] != OUTPUT_LAYER and hasattr(module, "layer_number"):
             layer_of[name] = f"decoder.layers.{module.layer_number - 1}"
     experts = _experts(named, expert_dp_source)
     paths = {}
-    for name, _ in named:
-        match = _PATH_RE.match(name)
-        if not match:
-            continue
-        head = name[: len(name) - len(match.group(2))]
-        if match.group(1) == OUTPUT_LAYER:
-            paths[name] = _Where(OUTPUT_LAYER + match.group(2))
+    for name, (head, anchor, rest) in parts.items():
+        if anchor == OUTPUT_LAYER:
+            paths[name] = _Where(OUTPUT_LAYER + rest)
         elif head in layer_of:
             expert = _enclosing(name, experts)
             if expert is None:
-                paths[name] = _Where(layer_of[head] + match.group(2))
+                paths[name] = _Where(layer_of[head] + rest)
             else:
                 where = experts[expert]
                 local = expert[len(head) :].rsplit(".local_experts.", 1)[0] + "." + where.path + name[len(expert) :]

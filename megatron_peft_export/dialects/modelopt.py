@@ -32,6 +32,24 @@ def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor] | 
     return _tensors(module, adapter_name, adapters.get(adapter_name))
 
 
+def state(module: torch.nn.Module, adapter_name: str) -> tuple | None:
+    """What `find` reads on `module` that can change without a module or parameter being registered: the adapter's
+    entry (which dictionary, enabled, scale, rank, its A and B modules). Equal states, no registration since and the
+    same tensor storage, shape and dtype mean `find` reports the same (the training hook's check between saves)."""
+    adapters = _adapters(module)
+    adapter = None if adapters is None else adapters.get(adapter_name)
+    if adapter is None:
+        return None
+    return (
+        id(adapter),
+        adapter.get("enable", True),
+        adapter["scale"],
+        adapter["rank"],
+        id(adapter["lora_a"]),
+        id(adapter["lora_b"]),
+    )
+
+
 def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None) -> Iterator[FoundTensor]:
     """The declared tensors (`lora_a_<name>.weight`, `lora_b_<name>.weight`) of an enabled adapter."""
     if adapter is None or not adapter.get("enable", True):

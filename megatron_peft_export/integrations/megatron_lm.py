@@ -14,8 +14,10 @@ the call; the directory is `<args.save>/iter_XXXXXXX` with `args.save` read afte
 `--ckpt-convert-format` run sets it to `<ckpt_convert_save>/<format>` first). A save of the iteration just
 exported, to the same directory, is not exported again: the rerun state machine's checkpoint request and
 the interval save can fall on one iteration (nothing trains in between), and a wrapper of ours inside
-another wrapper of `save_checkpoint` sees the save twice. Scripts that build their own provider can use
-`add_args` or `chain(...)` directly instead.
+another wrapper of `save_checkpoint` sees the save twice. `install()` also wraps `training.setup_model_and_optimizer`
+(called by name in `pretrain()`): once it returns, the hook walks the model (`AdapterExportHook.prepare`), so the
+first save only copies the adapter. Scripts that build their own provider can use `add_args` or `chain(...)`
+directly instead.
 
 What Megatron-LM's training code does around checkpoints, read in `megatron/training/training.py` and
 `checkpointing.py` at core_v0.15.0, v0.15.3, v0.16.0, v0.16.1, v0.17.0, v0.17.1, v0.18.0, v0.18.2, v0.19.0:
@@ -125,8 +127,8 @@ _LAST_EXPORTED: list[Path] = []
 def install() -> None:
     """Wrap Megatron-LM's checkpoint save and argument parsing; idempotent.
 
-    The hook is made at the first save with `--export-hf-adapter` and finalized at interpreter exit
-    (or by `finalize()`).
+    With `--export-hf-adapter`, the hook is made once the model is set up (and walks it then) or at the first save,
+    and finalized at interpreter exit (or by `finalize()`).
     """
     from megatron.training import arguments, checkpointing, initialize, training
 
@@ -138,6 +140,25 @@ def install() -> None:
         current = getattr(module, "save_checkpoint", None)
         if current is not None and not getattr(current, "_hf_adapter_wrapped", False):
             module.save_checkpoint = wrappers.setdefault(id(current), _wrap_save_checkpoint(current))
+    setup = getattr(training, "setup_model_and_optimizer", None)
+    if setup is not None and not getattr(setup, "_hf_adapter_wrapped", False):
+        training.setup_model_and_optimizer = _wrap_setup(setup)
+
+
+def _wrap_setup(original: Callable) -> Callable:
+    """`setup_model_and_optimizer`, after which (the model built, adapters applied, checkpoint loaded; before the first
+    training step) the hook walks the model, so that the first save only copies the adapter."""
+
+    @functools.wraps(original)
+    def setup_model_and_optimizer(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        hook = _hook_for(_megatron_args())
+        if hook is not None:
+            hook.prepare(result[0])
+        return result
+
+    setup_model_and_optimizer._hf_adapter_wrapped = True
+    return setup_model_and_optimizer
 
 
 def _wrap_save_checkpoint(original: Callable) -> Callable:
@@ -160,13 +181,10 @@ def _megatron_args() -> Any:
 
 
 def _after_save(call: dict[str, Any], margs: Any) -> None:
-    """After a save returned, on every rank: hand it to the hook (made at the first save)."""
-    global _HOOK
-    if not getattr(margs, "export_hf_adapter", False) or not margs.save:
+    """After a save returned, on every rank: hand it to the hook."""
+    hook = _hook_for(margs)
+    if hook is None:
         return
-    if _HOOK is None:
-        _HOOK = AdapterExportHook(config_from_args(margs))
-        _at_exit(finalize)
     iteration = call["iteration"]
     non_persistent = bool(call.get("non_persistent_ckpt", False))
     checkpoint_dir = release_dir(margs.save) if call.get("release") else iteration_dir(margs.save, iteration)
@@ -179,13 +197,25 @@ def _after_save(call: dict[str, Any], margs: Any) -> None:
             )
             return
         _LAST_EXPORTED[:] = [checkpoint_dir]
-    _HOOK.on_checkpoint_saved(
+    hook.on_checkpoint_saved(
         iteration,
         checkpoint_dir,
         call["model"],
         finalized=not getattr(margs, "async_save", False),
         non_persistent=non_persistent,
     )
+
+
+def _hook_for(margs: Any) -> AdapterExportHook | None:
+    """The hook with `--export-hf-adapter` and `--save` (made at its first use: after the model is set up, or at the
+    first save), else None."""
+    global _HOOK
+    if not getattr(margs, "export_hf_adapter", False) or not margs.save:
+        return None
+    if _HOOK is None:
+        _HOOK = AdapterExportHook(config_from_args(margs))
+        _at_exit(finalize)
+    return _HOOK
 
 
 def _at_exit(fn: Callable[[], Any]) -> None:

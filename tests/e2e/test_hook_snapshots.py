@@ -73,3 +73,79 @@ def test_walks_only_when_the_model_changed_reuses_buffers_and_exports_every_chan
         a, b = load_file(ours / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), iteration
         assert (ours / "adapter_config.json").read_text() == (reference / "adapter_config.json").read_text(), iteration
+
+
+def _remove_adapter(linear, name):
+    """What a user removing one ModelOpt adapter from one module does: its entry and its two modules go (no module is
+    registered, so only the check of what the dialect reports can notice)."""
+    linear._lora_adapters.pop(name)
+    delattr(linear, f"lora_a_{name}")
+    delattr(linear, f"lora_b_{name}")
+
+
+def _carriers_of(model, name):
+    return [m for m in model.modules() if name in getattr(m, "_lora_adapters", {})]
+
+
+def _added_and_removed_run(rank, world, save):
+    from megatron_peft_export import export_adapter, export_adapters
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.hook_loop import lora_model, optimizer_step
+    from tests.support.tiny_gpt import apply_modelopt_lora, fill_lora_random
+
+    model = lora_model(world)
+    one = AdapterExportHook(HookConfig(subdir="one"))
+    every = AdapterExportHook(HookConfig(subdir="every", adapter_names="all"))
+    layers = model.decoder.layers
+    changes = {
+        2: lambda: fill_lora_random(apply_modelopt_lora(model, adapter_name="other", rank=4), seed=7),
+        3: lambda: _remove_adapter(layers[0].self_attention.linear_qkv, "other"),
+        4: lambda: _remove_adapter(layers[1].mlp.linear_fc2, "default"),
+        5: lambda: [_remove_adapter(m, "other") for m in _carriers_of(model, "other")],
+    }
+    one.prepare(model)  # walks now: its first save only copies
+    walks = [(one._snapshots.walks, every._snapshots.walks)]
+    for iteration in range(1, 7):
+        optimizer_step(model, iteration)
+        changes.get(iteration, lambda: None)()
+        directory = checkpoint_dir(save, iteration)
+        export_adapter(model, Path(save) / f"reference_one_{iteration}")
+        export_adapters(model, Path(save) / f"reference_every_{iteration}")
+        for hook in (one, every):
+            hook.on_checkpoint_saved(iteration, directory, model)
+            hook.finalize()
+        walks.append((one._snapshots.walks, every._snapshots.walks))
+    return walks
+
+
+def _same_adapters(ours: Path, reference: Path) -> None:
+    """The same directory tree, with byte-identical weights and configs."""
+    from safetensors.torch import load_file
+
+    names = sorted(p.relative_to(ours) for p in ours.rglob("adapter_model.safetensors"))
+    assert names == sorted(p.relative_to(reference) for p in reference.rglob("adapter_model.safetensors")), ours
+    for name in names:
+        a, b = load_file(ours / name), load_file(reference / name)
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and (a[k] == b[k]).all() for k in a), ours / name
+        assert (ours / name).read_bytes() == (reference / name).read_bytes(), ours / name
+        config = name.with_name("adapter_config.json")
+        assert (ours / config).read_text() == (reference / config).read_text(), ours / config
+
+
+def test_adapters_added_and_removed_between_saves_are_noticed(tmp_path):
+    """Adding an adapter, removing one from a module (no module is registered then) or removing it everywhere between
+    saves is noticed at the next save: each export equals a synchronous export of the model as it is then, for one
+    adapter and for all of them. A hook prepared before training does not walk at its first save."""
+    results = run_ranks(_added_and_removed_run, 2, str(tmp_path))
+    for walks in results:
+        assert [one for one, _ in walks] == [1, 1, 2, 2, 3, 3, 3], (
+            "one adapter: prepared, new modules at 2, removed at 4"
+        )
+        assert [every for _, every in walks] == [0, 1, 2, 3, 4, 5, 5], "all of them: each change noticed, then cached"
+    for iteration in range(1, 7):
+        directory = tmp_path / f"iter_{iteration:07d}"
+        _same_adapters(directory / "one", tmp_path / f"reference_one_{iteration}")
+        _same_adapters(directory / "every", tmp_path / f"reference_every_{iteration}")
+    assert (tmp_path / "iter_0000002" / "every" / "other").is_dir()
+    assert not (tmp_path / "iter_0000005" / "every" / "other").exists()

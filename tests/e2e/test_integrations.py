@@ -65,6 +65,27 @@ def test_each_save_is_handed_to_the_hook_once(monkeypatch, tmp_path):
     ]
 
 
+def test_the_hook_walks_the_model_once_megatron_lm_has_set_it_up(monkeypatch, tmp_path):
+    """Wrapped `setup_model_and_optimizer`: its result unchanged, and the hook (made then) prepared with its model;
+    nothing without --export-hf-adapter."""
+    from megatron_peft_export.integrations import megatron_lm
+
+    prepared = []
+    monkeypatch.setattr(megatron_lm, "_HOOK", SimpleNamespace(prepare=prepared.append))
+    margs = SimpleNamespace(export_hf_adapter=True, save=str(tmp_path))
+    monkeypatch.setattr(megatron_lm, "_megatron_args", lambda: margs)
+
+    def setup_model_and_optimizer(model_provider_func, model_type, checkpointing_context=None):
+        return ["chunk"], "optimizer", "scheduler"
+
+    wrapped = megatron_lm._wrap_setup(setup_model_and_optimizer)
+    assert wrapped(None, "encoder_or_decoder") == (["chunk"], "optimizer", "scheduler")
+    assert prepared == [["chunk"]]
+    margs.export_hf_adapter = False
+    assert wrapped(None, "encoder_or_decoder", checkpointing_context={}) == (["chunk"], "optimizer", "scheduler")
+    assert prepared == [["chunk"]]
+
+
 def test_add_args_chains_with_an_existing_provider():
     import argparse
 

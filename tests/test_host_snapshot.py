@@ -1,0 +1,46 @@
+"""The hook's bulk copy (host_snapshot.py) on CPU: buffers are views of one flat tensor per dtype, and both the
+synchronous copy and the gather-then-transfer copy the GPU path runs (here without streams) give every tensor bit for
+bit."""
+
+from types import SimpleNamespace
+
+import torch
+
+from megatron_peft_export.host_snapshot import _bulk_copy, _flat_buffers, _gather_copy
+
+
+def _sources() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(6, 8, generator=generator)
+    return [
+        torch.randn(4, 3, generator=generator),
+        torch.randn(5, generator=generator).to(torch.bfloat16),
+        wide[:, ::2],  # not contiguous
+        torch.randn(2, 2, 2, generator=generator),
+        torch.randn(3, 7, generator=generator).to(torch.bfloat16),
+    ]
+
+
+def _assert_copies(views: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    assert [(v.shape, v.dtype) for v in views] == [(s.shape, s.dtype) for s in sources]
+    for view, source in zip(views, sources):
+        assert torch.equal(view, source) and view.data_ptr() != source.data_ptr()
+
+
+def test_buffers_are_views_of_one_flat_tensor_per_dtype():
+    sources = _sources()
+    buffers = _flat_buffers(sources)
+    assert [(f.dtype, f.numel()) for f in buffers.flats] == [(torch.float32, 12 + 24 + 8), (torch.bfloat16, 5 + 21)]
+    for view, source in zip(buffers.views, sources):
+        flat = next(f for f in buffers.flats if f.dtype == source.dtype)
+        assert view._base is flat and view.shape == source.shape
+
+
+def test_the_synchronous_copy_and_the_gather_then_transfer_copy_every_tensor():
+    sources = _sources()
+    host = _flat_buffers(sources)
+    assert _bulk_copy(host, SimpleNamespace(sources=sources, staging=None)) is None
+    _assert_copies(host.views, sources)
+    host, staging = _flat_buffers(sources), _flat_buffers(sources)
+    _gather_copy(host, staging, sources)
+    _assert_copies(host.views, sources)
