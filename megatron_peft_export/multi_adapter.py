@@ -52,10 +52,6 @@ class AdapterSnapshots:
     """A CUDA event the copy into host memory records when it is asynchronous (see `wait`); None: already copied."""
 
     @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.snapshots.values())
-
-    @property
     def shards(self) -> list[LocalShard]:
         """Every adapter's shards, first adapter first."""
         return [shard for s in self.snapshots.values() for shard in s.shards]
