@@ -38,7 +38,7 @@ from typing import Any
 
 from .atomic_dir import write_file
 from .compat import check_adapter, has_errors
-from .core.options import check_fields, config_class
+from .config import ServeConfig
 from .errors import DeliveryError, ExportError
 from .io import checkpoints
 from .io.peft_dir import adapter_dirs, read_adapter
@@ -46,17 +46,12 @@ from .io.peft_dir import adapter_dirs, read_adapter
 log = logging.getLogger("megatron_peft_export")
 
 RESULT_FILE = "serving.json"
+__all__ = ["RESULT_FILE", "Deliverer", "Delivery", "ServeConfig", "Serving", "VllmServer", "deliver"]
 
 
-@config_class("serve", "ServeConfig")
-class ServeConfig:
-    """Where and how published adapters are loaded into a running vLLM server (its options: core/options.py)."""
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def iteration_name(self, iteration: int) -> str:
-        return f"{self.name}-{checkpoints.iteration_name(iteration)}"
+def served_name(config: ServeConfig, iteration: int) -> str:
+    """The name an iteration's adapter is served under, beside the stable `config.name`."""
+    return f"{config.name}-{checkpoints.iteration_name(iteration)}"
 
 
 class _NoAnswer(Exception):
@@ -229,7 +224,7 @@ def deliver(path: str | Path, iteration: int | None, config: ServeConfig, server
         _check(path, record.vllm, server.lora_limits(), config)
     except (DeliveryError, ExportError) as exc:
         return _finish(path, record, "refused", str(exc))
-    name = config.iteration_name(iteration) if iteration is not None else None
+    name = served_name(config, iteration) if iteration is not None else None
     try:
         if name is not None:
             server.load(name, path, in_place=True)
