@@ -2,7 +2,8 @@
 schema (`core/options.py`) makes, each option checked when the config is made.
 
 `HookConfig` is the `export_hf_adapter:` section; `VerifyConfig` its `verify:` mapping, `PushConfig` its `push:`
-mapping. This module sits low: the hook, the verification and `integrations/` import it, never the other way.
+mapping, `ServeConfig` its `serve:` mapping. This module sits low: the hook, the verification, the delivery and
+`integrations/` import it, never the other way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import yaml
 from .core.options import YAML_KEY, build, check_fields, config_class
 from .errors import ExportError, OptionError
 
-__all__ = ["YAML_KEY", "HookConfig", "PushConfig", "VerifyConfig"]
+__all__ = ["YAML_KEY", "HookConfig", "PushConfig", "ServeConfig", "VerifyConfig"]
 
 
 @config_class("verify", "VerifyConfig")
@@ -38,6 +39,15 @@ class VerifyConfig:
 class PushConfig:
     """Where and when the training hook pushes adapters to the Hugging Face Hub (the token: HF_TOKEN or `hf auth
     login`)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@config_class("serve", "ServeConfig")
+class ServeConfig:
+    """Where and how published adapters are loaded into a running vLLM server (`delivery.py`; the hook's `serve:`
+    mapping and `megatron-peft-export serve`)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

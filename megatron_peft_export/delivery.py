@@ -38,7 +38,7 @@ from typing import Any
 
 from .atomic_dir import write_file
 from .compat import check_adapter, has_errors
-from .core.options import check_fields, config_class
+from .config import ServeConfig
 from .errors import DeliveryError, ExportError
 from .io import checkpoints
 from .io.peft_dir import adapter_dirs, read_adapter
@@ -46,17 +46,12 @@ from .io.peft_dir import adapter_dirs, read_adapter
 log = logging.getLogger("megatron_peft_export")
 
 RESULT_FILE = "serving.json"
+__all__ = ["RESULT_FILE", "Deliverer", "Delivery", "ServeConfig", "Serving", "VllmServer", "deliver"]
 
 
-@config_class("serve", "ServeConfig")
-class ServeConfig:
-    """Where and how published adapters are loaded into a running vLLM server (its options: core/options.py)."""
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def iteration_name(self, iteration: int) -> str:
-        return f"{self.name}-{checkpoints.iteration_name(iteration)}"
+def served_name(config: ServeConfig, iteration: int) -> str:
+    """The name an iteration's adapter is served under, beside the stable `config.name`."""
+    return f"{config.name}-{checkpoints.iteration_name(iteration)}"
 
 
 class _NoAnswer(Exception):
@@ -229,7 +224,7 @@ def deliver(path: str | Path, iteration: int | None, config: ServeConfig, server
         _check(path, record.vllm, server.lora_limits(), config)
     except (DeliveryError, ExportError) as exc:
         return _finish(path, record, "refused", str(exc))
-    name = config.iteration_name(iteration) if iteration is not None else None
+    name = served_name(config, iteration) if iteration is not None else None
     try:
         if name is not None:
             server.load(name, path, in_place=True)
@@ -279,11 +274,13 @@ class Deliverer:
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="hf-adapter-serve", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def submit(self, path: str | Path, iteration: int | None) -> None:
         with self._cond:
+            if self._thread is None:  # started by the first adapter: ranks that never publish have no thread
+                self._thread = threading.Thread(target=self._run, name="hf-adapter-serve", daemon=True)
+                self._thread.start()
             if self._pending is not None:
                 log.info("adapter %s superseded before delivery by %s", self._pending[0], path)
             self._pending = (Path(path), iteration)
@@ -324,4 +321,30 @@ class Deliverer:
             self._closed = True
             self._pending = None
             self._cond.notify_all()
-        self._thread.join(timeout=1.0)
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+
+class Serving:
+    """The training hook's `serve` option: after each publish (and its verification, when on), the adapter goes to
+    a Deliverer; an adapter whose verification failed is not loaded (serving.json says why)."""
+
+    def __init__(self, config: ServeConfig, verification: Any = None) -> None:
+        self.config = config
+        self.verification = verification
+        self.deliverer = Deliverer(config)
+
+    def after_publish(self, iteration: int, path: Path) -> None:
+        results = getattr(self.verification, "results", None) or []
+        verdict = next((r for r in reversed(results) if Path(r.adapter).resolve() == Path(path).resolve()), None)
+        if verdict is not None and verdict.status == "failed":
+            record = Delivery(server=self.config.url, adapter=str(path), iteration=iteration)
+            _finish(Path(path), record, "skipped", f"verification failed: {verdict.summary}")
+            return
+        self.deliverer.submit(path, iteration)
+
+    def finalize(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the delivery in flight and the pending one; never raises."""
+        if not self.deliverer.wait(timeout):
+            log.warning("delivery to %s still running after %.0f s at finalize; left behind", self.config.url, timeout)
+        self.deliverer.close(0)

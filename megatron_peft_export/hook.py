@@ -185,6 +185,13 @@ class AdapterExportHook:
         self.config = config or HookConfig()
         capture, after_publish, self.verification = verification_steps(self.config, capture, after_publish)
         self._capture = capture
+        self.serving = None
+        """Loads each published adapter into a running vLLM server (config.serve), after its verification."""
+        if self.config.serve is not None:
+            from .delivery import Serving
+
+            self.serving = Serving(self.config.serve, self.verification)
+            after_publish = (*after_publish, self.serving.after_publish)
         self.pusher = None
         """Pushes to the Hub (config.push): fed after every other after-publish step, so a push sees their files."""
         if self.config.push is not None:
@@ -320,6 +327,8 @@ class AdapterExportHook:
         self._publisher.settle(self.config.publish_timeout)
         if self.verification is not None:  # ends the W&B run it started, if any; never raises
             self.verification.finish()
+        if self.serving is not None:  # the delivery in flight and the newest pending one, bounded; never raises
+            self.serving.finalize(self.config.publish_timeout)
         if self.pusher is not None:  # the last push (strategy end) and every push still running; never raises
             self.pusher.finalize()
         self._publisher.publish_finalized()

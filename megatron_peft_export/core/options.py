@@ -452,6 +452,17 @@ _HOOK_OPTIONS = [
         _section("push"),
         surfaces=(HOOK,),
     ),
+    _o(
+        "hook",
+        "serve",
+        "serve",
+        None,
+        "Load each published (and, with verify, verified) adapter into a running vLLM server (`serve: {url: "
+        "http://host:8000, name: policy}`), in the background; none when unset.",
+        "a mapping of ServeConfig fields",
+        _section("serve"),
+        surfaces=(HOOK,),
+    ),
 ]
 
 
@@ -788,7 +799,13 @@ _SERVE_OPTIONS = [
         "http(s)://host:port (the vLLM server's base URL)",
         _url,
         surfaces=_SERVE,
-        flags={"cli:serve": Flag("--url", required=True, help="the vLLM server's base URL (http://host:port)")},
+        flags={
+            MLM: Flag(
+                "--hf-adapter-serve-url",
+                help="Load each published HF adapter into the running vLLM server at this base URL (runtime LoRA API).",
+            ),
+            "cli:serve": Flag("--url", required=True, help="the vLLM server's base URL (http://host:port)"),
+        },
     ),
     _o(
         "serve",
@@ -800,7 +817,7 @@ _SERVE_OPTIONS = [
         "a plain non-empty name (no '/', no surrounding spaces)",
         _served_name,
         surfaces=_SERVE,
-        flags={"cli:serve": Flag("--name")},
+        flags={MLM: Flag("--hf-adapter-serve-name"), "cli:serve": Flag("--name")},
     ),
     _o(
         "serve",
@@ -811,7 +828,7 @@ _SERVE_OPTIONS = [
         "an integer >= 1",
         _int(1),
         surfaces=_SERVE,
-        flags={"cli:serve": Flag("--keep")},
+        flags={MLM: Flag("--hf-adapter-serve-keep"), "cli:serve": Flag("--keep")},
     ),
     _o(
         "serve",
@@ -823,7 +840,7 @@ _SERVE_OPTIONS = [
         "an environment variable's name",
         _str,
         surfaces=_SERVE,
-        flags={"cli:serve": Flag("--api-key-env")},
+        flags={MLM: Flag("--hf-adapter-serve-api-key-env"), "cli:serve": Flag("--api-key-env")},
     ),
     _o(
         "serve",
@@ -834,7 +851,7 @@ _SERVE_OPTIONS = [
         _SECONDS,
         _nonnegative,
         surfaces=_SERVE,
-        flags={"cli:serve": Flag("--timeout")},
+        flags={MLM: Flag("--hf-adapter-serve-timeout"), "cli:serve": Flag("--timeout")},
     ),
     _o(
         "serve",
@@ -845,7 +862,7 @@ _SERVE_OPTIONS = [
         "an integer >= 1",
         _int(1),
         surfaces=_SERVE,
-        flags={"cli:serve": Flag("--retries")},
+        flags={MLM: Flag("--hf-adapter-serve-retries"), "cli:serve": Flag("--retries")},
     ),
     _o(
         "serve",
@@ -867,7 +884,7 @@ _SERVE_OPTIONS = [
         "a rank >= 1",
         _int(1),
         surfaces=_SERVE,
-        flags={"cli:serve": Flag("--max-lora-rank")},
+        flags={MLM: Flag("--hf-adapter-serve-max-lora-rank"), "cli:serve": Flag("--max-lora-rank")},
     ),
 ]
 

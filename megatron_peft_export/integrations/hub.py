@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PushConfig
+from ..delivery import RESULT_FILE as SERVING_RECORD
 from ..errors import ExportError, PushError
 from ..io.checkpoints import ITERATION_GLOB, ITERATION_PLACEHOLDER, iteration_name, iteration_of
 from ..io.peft_dir import (
@@ -199,7 +200,7 @@ def uploadable(adapter_dir: str | Path) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     try:
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or entry.name == SERVING_RECORD:  # this machine's server, not the adapter
                 continue
             path, mode = root / entry.name, entry.stat(follow_symlinks=False).st_mode
             if (kind := _kind(mode)) is not None:

@@ -61,7 +61,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import HookConfig, PushConfig
+from ..config import HookConfig, PushConfig, ServeConfig
 from ..core.options import MLM as MEGATRON_LM
 from ..core.options import add_arguments, from_args
 from ..hook import AdapterExportHook
@@ -97,10 +97,12 @@ def chain(*providers: ArgsProvider | None) -> ArgsProvider:
 def config_from_args(args: argparse.Namespace) -> HookConfig:
     """The hook's config from Megatron-LM's args (a flag absent from `args`: the option's default)."""
     push = from_args(args, "push", MEGATRON_LM) if getattr(args, "hf_adapter_push_repo_id", None) else None
+    serve = from_args(args, "serve", MEGATRON_LM) if getattr(args, "hf_adapter_serve_url", None) else None
     return HookConfig(
         **from_args(args, "hook", MEGATRON_LM),
         verify=verify_config_from_args(args),
         push=PushConfig(**push) if push else None,
+        serve=ServeConfig(**serve) if serve else None,
     )
 
 

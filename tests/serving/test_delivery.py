@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from megatron_peft_export.cli import main as cli_main
 from megatron_peft_export.delivery import RESULT_FILE, Deliverer, ServeConfig, VllmServer, deliver
 from megatron_peft_export.errors import ExportError
 from tests.support import serving_models as sm
-from tests.support.multiprocess import run_alone
+from tests.support.multiprocess import run_alone, run_ranks
 from tests.support.vllm_env import require_vllm
 from tests.support.vllm_server import API_KEY, Server
 
@@ -153,6 +153,68 @@ def test_bad_serve_options_are_refused_when_configured():
             ServeConfig(**bad)
 
 
+# ----------------------------------------------------------------------------------------- the training hook's serve
+
+
+def _hook_run(rank, world, root, url, iterations, pp=2):
+    """A tiny Megatron model of the served base's shapes (2 layers, 2 heads, 1 query group), ModelOpt LoRA, trained
+    by hand with the hook's `serve` on; at PP2 the writer holds only its own stage and gathers the other's."""
+    import dataclasses
+
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.hook_loop import LogRecords, checkpoint_dir, optimizer_step
+    from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
+
+    cfg = dataclasses.replace(
+        TinyGPTConfig(), num_layers=sm.LAYERS, num_attention_heads=sm.HEADS, num_query_groups=sm.GROUPS,
+        kv_channels=sm.HEAD_DIM, hidden_size=sm.HIDDEN, ffn_hidden_size=sm.FFN, vocab_size=sm.VOCAB,
+    )  # fmt: skip
+    init_parallel(1, pp)
+    model = apply_modelopt_lora(build_gpt(cfg))
+    fill_lora_random(model, seed=7)
+    serve = ServeConfig(url=url, name="run", api_key_env=KEY_ENV, retries=2, backoff=0.2, timeout=30)
+    hook = AdapterExportHook(HookConfig(base_model_name_or_path=str(Path(root) / "base"), serve=serve))
+    stalls = []
+    with LogRecords(logging.WARNING) as logs:
+        for iteration in iterations:
+            optimizer_step(model if not isinstance(model, list) else model[0], iteration)
+            start = time.perf_counter()
+            hook.on_checkpoint_saved(iteration, checkpoint_dir(Path(root) / "run", iteration), model)
+            stalls.append(time.perf_counter() - start)
+        hook.finalize()
+    return {"warnings": logs.messages, "stalls": stalls}
+
+
+def _peft_tokens(base: Path, adapters: list[Path]) -> list:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32").eval()
+    out = []
+    for i, path in enumerate(adapters):
+        tuned = peft.PeftModel.from_pretrained(model, str(path), adapter_name=f"a{i}").eval()
+        out.append(_greedy(tuned, PROMPTS, MAX_TOKENS))
+        model = tuned.unload()
+    return out
+
+
+def test_the_hook_delivers_each_checkpoints_adapter_and_training_never_waits(served, monkeypatch):
+    root, server, _ = served
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    ranks = run_ranks(_hook_run, 2, str(root), server.url, (10, 20), timeout=900)
+    adapters = [root / "run" / f"iter_{i:07d}" / "hf_adapter" for i in (10, 20)]
+    records = [json.loads((a / RESULT_FILE).read_text()) for a in adapters]
+    assert [r["status"] for r in records] == ["loaded", "loaded"], records
+    assert all(r["warnings"] == [] for r in ranks), ranks
+    expected = run_alone(_peft_tokens, root / "base", adapters, timeout=600)
+    assert expected[0] != expected[1]  # the two checkpoints' adapters differ in what they generate
+    assert server.greedy("run-iter_0000010", PROMPTS, MAX_TOKENS) == expected[0]
+    assert server.greedy("run-iter_0000020", PROMPTS, MAX_TOKENS) == expected[1]
+    assert server.greedy("run", PROMPTS, MAX_TOKENS) == expected[1]  # the stable name follows the newest
+    print(f"save to servable: {[round(r['finished'] - r['started'], 3) for r in records]} s (delivery only)")
+
+
 def test_a_dead_server_costs_the_caller_nothing_and_the_next_adapter_is_delivered_when_it_is_back(
     served, monkeypatch, caplog
 ):
@@ -166,11 +228,20 @@ def test_a_dead_server_costs_the_caller_nothing_and_the_next_adapter_is_delivere
         assert deliverer.wait(timeout=120)
     assert deliverer.results[-1].status == "refused" and "did not answer" in deliverer.results[-1].message
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
-    server.port, server.proc = server.port, None
-    server.start()  # back (a fresh server: nothing loaded)
+    # a training run whose server is dead: it finishes, with one warning, and its adapter's serving.json says so
+    ranks = run_ranks(_hook_run, 2, str(root), server.url, (30,), timeout=900)
+    dead = json.loads((root / "run" / "iter_0000030" / "hf_adapter" / RESULT_FILE).read_text())
+    assert dead["status"] == "refused" and "did not answer" in dead["message"]
+    assert sum(len(r["warnings"]) for r in ranks) == 1, ranks  # the writer's one warning; training went on
+    server.start()  # back, on the same port (a fresh server: nothing loaded)
     deliverer.submit(_adapter(root, 100), 100)
     assert deliverer.wait(timeout=300)
     deliverer.close(timeout=10)
     assert deliverer.results[-1].status == "loaded", deliverer.results[-1].message
     assert server.greedy("live", PROMPTS, MAX_TOKENS) == peft_tokens[100]
-    assert os.environ.get(KEY_ENV) == API_KEY
+    # and the next save of a training run is delivered
+    run_ranks(_hook_run, 2, str(root), server.url, (40,), timeout=900)
+    adapter = root / "run" / "iter_0000040" / "hf_adapter"
+    assert json.loads((adapter / RESULT_FILE).read_text())["status"] == "loaded"
+    expected = run_alone(_peft_tokens, root / "base", [adapter], timeout=600)[0]
+    assert server.greedy("run-iter_0000040", PROMPTS, MAX_TOKENS) == expected
