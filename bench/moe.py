@@ -11,6 +11,7 @@ path is measured against its floor:
   of the same adapter parameters (``p.detach().to("cpu", copy=True)``) of every adapter parameter.
 
 The growth exponent is the log-log slope of each path between the two sizes. ``--quick`` runs 4 x 16 and 8 x 16.
+``--only moe_hook`` measures the hook and its copy floor alone (no ``export_adapter``), against adapter parameters.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _worker(rank, world, shape: tuple, reps: int, scratch: str):
+def _worker(rank, world, shape: tuple, reps: int, scratch: str, hook_only: bool = False):
     from torch.overrides import _pop_mode_temporarily
 
     from .common import return_freed_memory
@@ -85,7 +86,53 @@ def _worker(rank, world, shape: tuple, reps: int, scratch: str):
     # The tests' CPU shim (a torch function mode that rewrites "cuda" devices) taxes every torch call; megatron needed
     # it to build the model, a real (GPU) process has no such mode, so the measurements below run without it.
     with _pop_mode_temporarily():
-        return _measure(model, scratch, reps)
+        return _measure_hook(model, scratch, reps) if hook_only else _measure(model, scratch, reps)
+
+
+class _Scratch:
+    def __init__(self, scratch: Path) -> None:
+        self.scratch, self.count = scratch, 0
+
+    def __call__(self) -> Path:
+        self.count += 1
+        return self.scratch / f"out_{self.count}"
+
+
+def _hook_save(hook, model, fresh) -> float:
+    """The training thread's time in one `on_checkpoint_saved`; the export is then waited for, untimed."""
+    directory = fresh()
+    directory.mkdir()
+    seconds, _ = timed(hook.on_checkpoint_saved, fresh.count, directory, model)
+    hook.finalize()
+    shutil.rmtree(directory)
+    return seconds
+
+
+def _measure_hook(model, scratch: Path, reps: int) -> dict:
+    """The hook alone: its first save (after `prepare`, and without), and its later saves' stall, against the host-copy
+    floor."""
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+
+    from .common import adapter_parameters
+
+    params = adapter_parameters(model)
+    fresh = _Scratch(scratch)
+    out = {"adapter_params": len(params), "hf_tensors": len(params)}
+    prepared = AdapterExportHook(HookConfig(model_type="mixtral"))
+    out["prepare"], _ = timed(prepared.prepare, model)  # the walk, before training
+    out["hook_first_prepared"] = _hook_save(prepared, model, fresh)
+    del prepared
+    hook = AdapterExportHook(HookConfig(model_type="mixtral"))
+    out["hook_first"] = _hook_save(hook, model, fresh)
+    samples = {"floor_copy": [], "hook": []}
+    for _ in range(reps):
+        samples["floor_copy"].append(timed(lambda: [p.detach().to("cpu", copy=True) for p in params])[0])
+        samples["hook"].append(_hook_save(hook, model, fresh))
+    out.update({k: median(v) for k, v in samples.items()})
+    out["samples"] = samples
+    out["walks"] = hook._snapshots.walks  # 1: the later saves found the model unchanged
+    return out
 
 
 def _measure(model, scratch: Path, reps: int) -> dict:
@@ -99,11 +146,7 @@ def _measure(model, scratch: Path, reps: int) -> dict:
 
     params = adapter_parameters(model)
     out = {"adapter_params": len(params)}
-    count = [0]
-
-    def fresh() -> Path:
-        count[0] += 1
-        return scratch / f"out_{count[0]}"
+    fresh = _Scratch(scratch)
 
     out["export_first"], first_dir = timed(
         export_adapter, model, fresh(), model_type="mixtral", expert_layout="per_expert"
@@ -129,12 +172,7 @@ def _measure(model, scratch: Path, reps: int) -> dict:
     hook = AdapterExportHook(HookConfig(model_type="mixtral"))
 
     def hook_save():
-        directory = fresh()
-        directory.mkdir()
-        seconds, _ = timed(hook.on_checkpoint_saved, count[0], directory, model)
-        hook.finalize()
-        shutil.rmtree(directory)
-        return seconds
+        return _hook_save(hook, model, fresh)
 
     out["hook_first"] = hook_save()
     samples = {k: [] for k in ("floor_write", "per_expert", "floor_write_fused", "fused", "floor_copy", "hook")}
@@ -188,7 +226,9 @@ def _slopes(rows: list[dict]) -> dict:
     return slopes
 
 
-def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline: bool = True) -> dict:
+def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline: bool = True, hook_only: bool = False) -> dict:
+    if hook_only:
+        return _run_hook(reps, scratch, log, shapes)
     from tests.support.multiprocess import run_ranks
 
     from . import moe_offline
@@ -215,3 +255,35 @@ def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline: bool = Tr
             row["offline"] = moe_offline.run_shape(label.replace(" ", "_"), shape, reps, scratch, log)
         rows.append(row)
     return {"rows": rows, "growth_exponent": _slopes(rows)}
+
+
+def _run_hook(reps: int, scratch: Path, log, shapes: dict) -> dict:
+    """`--only moe_hook`: the hook alone per shape (prepare, first save with and without it, later stall, copy
+    floor), and the growth exponents between the first and last shape."""
+    from tests.support.multiprocess import run_ranks
+
+    rows = []
+    for label, shape in shapes.items():
+        directory = scratch / f"moe_hook_{label.replace(' ', '_')}"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        log(f"moe_hook {label}: {shape[0]} layers x {shape[1]} experts, {reps} reps")
+        (row,) = run_ranks(_worker, 1, shape, reps, str(directory), True, timeout=7200)
+        shutil.rmtree(directory, ignore_errors=True)
+        row["shape"] = label
+        rows.append(row)
+        log(_summary(row))
+    slopes = {}
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        for key in ("hook_first", "hook", "floor_copy", "prepare", "hook_first_prepared"):
+            slopes[key] = math.log(b[key] / a[key]) / math.log(b["hf_tensors"] / a["hf_tensors"])
+    return {"rows": rows, "growth_exponent": slopes}
+
+
+def _summary(row: dict) -> str:
+    prepared = f"; prepare {row['prepare']:.2f} s, then first save {row['hook_first_prepared']:.3f} s"
+    return (
+        f"  {row['adapter_params']} adapter params: hook first {row['hook_first']:.2f} s, stall {row['hook']:.3f} s, "
+        f"copy floor {row['floor_copy']:.3f} s (stall {row['hook'] / row['floor_copy']:.2f}x the floor){prepared}"
+    )

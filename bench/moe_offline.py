@@ -21,7 +21,7 @@ def write_checkpoint(rank, world, layers: int, experts: int, save_dir: str, hidd
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
-    from megatron_peft_export.hook import TRACKER, iteration_dir
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
     from tests.support.training import _in_process_write_results, _may_fork
 
     from .moe import _config, build

@@ -70,7 +70,7 @@ def _write_checkpoint(rank, world, geometry: Geometry, save_dir: str):
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
-    from megatron_peft_export.hook import TRACKER
+    from megatron_peft_export.io.checkpoints import TRACKER
     from tests.support.training import TrainConfig, _in_process_write_results, _may_fork, _megatron_args
 
     return_freed_memory()

@@ -153,6 +153,37 @@ def _moe(result: dict) -> list[str]:
     return out
 
 
+def _moe_hook(result: dict) -> list[str]:
+    rows = result["rows"]
+    out = [
+        f"### The hook at MoE tensor counts (one rank; ratios to the copy floor measured in the same process, median "
+        f"of {len(rows[0]['samples']['hook'])})",
+        "",
+        "| layers x experts | adapter params | first save | first save / copy floor | `prepare` (before training) "
+        "| first save after it / copy floor | stall / copy floor | copy floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        c = r["floor_copy"]
+        prepared = (
+            f"{seconds(r['prepare'])} | {r['hook_first_prepared'] / c:.2f}x "
+            f"({seconds(r['hook_first_prepared'] - c)} above)"
+            if "prepare" in r
+            else "- | -"
+        )
+        out.append(
+            f"| {r['shape']} | {r['adapter_params']} | {seconds(r['hook_first'])} | {r['hook_first'] / c:.2f}x "
+            f"({seconds(r['hook_first'] - c)} above) | {prepared} | {r['hook'] / c:.2f}x | {seconds(c)} |"
+        )
+    if result.get("growth_exponent"):
+        out += [
+            "",
+            "Growth exponent (log-log slope of time against adapter params between the two sizes): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["growth_exponent"].items()),
+        ]
+    return out
+
+
 def verdicts(result: dict) -> list[str]:
     """One line per target of issue 8, with the measured value."""
     out = []
@@ -199,6 +230,7 @@ def render(result: dict) -> str:
         ("offline_many_tensors", lambda rows: _offline(rows, many=True)),
         ("scaling", _scaling),
         ("moe", _moe),
+        ("moe_hook", _moe_hook),
     )
     for key, table in tables:
         if key in result:

@@ -43,12 +43,14 @@ PLANS = {
         "offline_many_tensors": (5, [1], offline.MANY_TENSORS),
         "scaling": (3, [1, 2, 4], scaling.ADAPTER),
         "moe": (3, moe.SHAPES),
+        "moe_hook": (3, moe.SHAPES),
     },
     "quick": {
         "stall": ({"10MB": 3},),
         "offline": (1, [1, 10], offline.ADAPTER.resized(num_layers=4)),
         "scaling": (1, [1, 2, 4], wide(1)),
         "moe": (1, moe.QUICK_SHAPES),
+        "moe_hook": (1, moe.QUICK_SHAPES),
     },
 }
 
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
         if "moe" in only:
             reps, shapes = plan["moe"]
             result["moe"] = moe.run(args.reps or reps, scratch, log, shapes=shapes)
+        if "moe_hook" in only:
+            reps, shapes = plan["moe_hook"]
+            result["moe_hook"] = moe.run(args.reps or reps, scratch, log, shapes=shapes, hook_only=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = time.perf_counter() - PROCESS_STARTED
