@@ -2,10 +2,12 @@
 
 import json
 import logging
+import threading
+import time
 from types import SimpleNamespace
 
 from megatron_peft_export.config import ServeConfig
-from megatron_peft_export.delivery import RESULT_FILE, Serving
+from megatron_peft_export.delivery import RESULT_FILE, Deliverer, Serving
 from megatron_peft_export.verify import skipped
 
 
@@ -37,3 +39,40 @@ def test_a_failed_verification_is_recorded_and_not_delivered(tmp_path, caplog):
     assert record["status"] == "skipped" and "logits differ by 0.7" in record["message"] and record["names"] == []
     assert not (fine / RESULT_FILE).exists()
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+class _SlowServer:
+    """Answers /version only when released: the first delivery stays in flight while newer adapters arrive."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls = 0
+
+    def version(self):
+        self.calls += 1
+        assert self.release.wait(30)
+        return "0.32.0"
+
+    def lora_limits(self):
+        return {}
+
+
+def test_while_a_delivery_is_in_flight_only_the_newest_waiting_adapter_follows(tmp_path):
+    server = _SlowServer()
+    deliverer = Deliverer(ServeConfig(url="http://127.0.0.1:9"), server)
+    paths = [tmp_path / f"iter_{i}" for i in range(4)]
+    for p in paths:
+        p.mkdir()
+    deliverer.submit(paths[0], 0)
+    for _ in range(300):  # until the first is in flight (its /version asked)
+        if server.calls:
+            break
+        time.sleep(0.01)
+    for i in (1, 2, 3):
+        deliverer.submit(paths[i], i)  # never blocks on the server
+    server.release.set()
+    assert deliverer.wait(timeout=30)
+    deliverer.close(timeout=5)
+    # the first, then only the newest of those that waited (none of these directories is an adapter: refused)
+    assert [r.adapter for r in deliverer.results] == [str(paths[0].absolute()), str(paths[3].absolute())]
+    assert all(r.status == "refused" for r in deliverer.results)
