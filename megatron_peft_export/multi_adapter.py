@@ -30,7 +30,7 @@ from .dialects import LocalShard
 from .errors import ExportError, NoAdaptersError
 from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
 from .io.peft_dir import FILES, append_card
-from .names import RULE, check_name
+from .names import RULE, is_name
 
 log = logging.getLogger("megatron_peft_export")
 ALL = "all"
@@ -120,20 +120,12 @@ def _choose(gathered: list[dict[str, Any]], selection: Selection, default: str) 
             )
     root = default if default in chosen else chosen[0]
     ordered = [root] + [n for n in chosen if n != root]
-    bad = [n for n in ordered[1:] if n in RESERVED or not _is_name(n)]
+    bad = [n for n in ordered[1:] if n in RESERVED or not is_name(n)]
     if bad:
         raise ExportError(
             f"adapter name(s) {bad} cannot be subdirectory names; expected {RULE}, and none of {sorted(RESERVED)}"
         )
     return ordered, skipped
-
-
-def _is_name(name: str) -> bool:
-    try:
-        check_name(name, "adapter name")
-    except ExportError:
-        return False
-    return True
 
 
 def _layout_section(names: list[str]) -> str:

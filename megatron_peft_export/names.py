@@ -28,3 +28,8 @@ def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise OptionError(option=what, expected=RULE, found=value)
     return value
+
+
+def is_name(value: Any) -> bool:
+    """Whether `check_name` accepts `value`."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None

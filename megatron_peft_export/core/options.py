@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ExportError, OptionError
-from ..names import RULE, check_name
+from ..names import RULE, check_name, is_name
 from .archs import arch_for_model_type
 
 YAML_KEY = "export_hf_adapter"
@@ -129,14 +129,6 @@ def _dtype(v: Any) -> bool:
     return isinstance(v, str) and v in DTYPES
 
 
-def _name(v: Any) -> bool:
-    try:
-        check_name(v, "")
-    except OptionError:
-        return False
-    return True
-
-
 def _model_type(v: Any) -> bool:
     if not isinstance(v, str):
         return False
@@ -218,7 +210,7 @@ _HOOK_OPTIONS = [
         "hf_adapter",
         "Directory name, inside each iteration's checkpoint directory, that receives the adapter.",
         RULE,
-        _name,
+        is_name,
         surfaces=(HOOK,),
         flags={
             MLM: Flag("--hf-adapter-dir-name"),
@@ -267,7 +259,7 @@ _HOOK_OPTIONS = [
         "default",
         "Which named adapter to export (ModelOpt models can hold several).",
         RULE,
-        _name,
+        is_name,
         surfaces=_ALL3,
         flags={MLM: Flag("--hf-adapter-name"), "cli:export": Flag("--adapter-name")},
     ),
