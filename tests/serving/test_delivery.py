@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_peft_export.cli import main as cli_main
 from megatron_peft_export.delivery import RESULT_FILE, Deliverer, ServeConfig, VllmServer, deliver
@@ -31,19 +30,6 @@ KEY_ENV = "MPE_TEST_VLLM_KEY"
 SETTINGS = {m: (8, 16.0) for m in sm.megatron_modules("llama")}
 
 
-def _greedy(model, prompts, steps):
-    tokens = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids, chosen = torch.tensor([prompt]), []
-            for _ in range(steps):
-                t = int(model(input_ids=ids).logits[0, -1].argmax())
-                chosen.append(t)
-                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-            tokens.append(chosen)
-    return tokens
-
-
 def _build(root: Path) -> dict:
     """Base, three adapters (iterations 100, 200 and a DoRA one vLLM refuses), and peft's greedy tokens."""
     import peft
@@ -53,11 +39,11 @@ def _build(root: Path) -> dict:
     for iteration, seed, dora in ((100, 1, False), (200, 2, False), (300, 3, True)):
         sm.write_adapter(root / f"iter_{iteration:07d}" / "hf_adapter", "llama", SETTINGS, seed=seed, dora=dora)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
-    out = {"base": _greedy(base, PROMPTS, MAX_TOKENS)}
+    out = {"base": sm.greedy(base, PROMPTS, MAX_TOKENS)["tokens"]}
     for iteration in (100, 200):
         path = str(root / f"iter_{iteration:07d}" / "hf_adapter")
         model = peft.PeftModel.from_pretrained(base, path, adapter_name=f"a{iteration}").eval()
-        out[iteration] = _greedy(model, PROMPTS, MAX_TOKENS)
+        out[iteration] = sm.greedy(model, PROMPTS, MAX_TOKENS)["tokens"]
         base = model.unload()
     return out
 
@@ -196,7 +182,7 @@ def _peft_tokens(base: Path, adapters: list[Path]) -> list:
     out = []
     for i, path in enumerate(adapters):
         tuned = peft.PeftModel.from_pretrained(model, str(path), adapter_name=f"a{i}").eval()
-        out.append(_greedy(tuned, PROMPTS, MAX_TOKENS))
+        out.append(sm.greedy(tuned, PROMPTS, MAX_TOKENS)["tokens"])
         model = tuned.unload()
     return out
 

@@ -85,23 +85,6 @@ def _checks(root: Path, python: str) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------- dense: served
 
 
-def _greedy(model, prompts, steps):
-    """peft's greedy continuation of each prompt and the log-prob of each chosen token (float32, full recompute)."""
-    tokens, logprobs = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids, chosen, lps = torch.tensor([prompt]), [], []
-            for _ in range(steps):
-                lp = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
-                t = int(lp.argmax())
-                chosen.append(t)
-                lps.append(float(lp[t]))
-                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-            tokens.append(chosen)
-            logprobs.append(lps)
-    return {"tokens": tokens, "logprobs": logprobs}
-
-
 def _build_dense(root: Path) -> dict:
     """Base, adapters and peft's generations (in a forked child)."""
     import peft
@@ -118,10 +101,10 @@ def _build_dense(root: Path) -> dict:
             pad_rank_to=spec.get("pad_rank_to"),
         )
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
-    out = {"base": _greedy(base, PROMPTS, MAX_TOKENS), "adapters": {}}
+    out = {"base": sm.greedy(base, PROMPTS, MAX_TOKENS), "adapters": {}}
     for name in DENSE:
         model = peft.PeftModel.from_pretrained(base, str(root / "adapters" / name), adapter_name=name).eval()
-        out["adapters"][name] = _greedy(model, PROMPTS, MAX_TOKENS)
+        out["adapters"][name] = sm.greedy(model, PROMPTS, MAX_TOKENS)
         base = model.unload()
     return out
 

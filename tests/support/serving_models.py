@@ -210,3 +210,20 @@ def write_adapter(
 
 def adapter_config(directory: Path) -> dict:
     return json.loads((directory / "adapter_config.json").read_text())
+
+
+def greedy(model, prompts, steps):
+    """Greedy continuation of each prompt and each chosen token's log-prob (float32, full recompute)."""
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids, chosen, lps = torch.tensor([prompt]), [], []
+            for _ in range(steps):
+                lp = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+                t = int(lp.argmax())
+                chosen.append(t)
+                lps.append(float(lp[t]))
+                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+            tokens.append(chosen)
+            logprobs.append(lps)
+    return {"tokens": tokens, "logprobs": logprobs}
