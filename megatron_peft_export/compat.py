@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .core.patterns import PatternSet
 from .errors import AdapterFileError, ExportError
 from .io.peft_dir import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapters
-from .patterns import PatternSet
 
 log = logging.getLogger("megatron_peft_export")
 Severity = Literal["error", "warning", "info"]

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from . import distributed as coll
-from .atomic_dir import discard, publish, staging_dir
 from .compat import log_findings
 from .core.archs import ArchMap
 from .core.experts import fuse_experts
@@ -29,8 +28,9 @@ from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
 from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
-from .hf_config import choose_arch, parse_dtype, read_hf_config
 from .io import safetensors_out
+from .io.atomic_dir import discard, publish, staging_dir
+from .io.hf_config import choose_arch, parse_dtype, read_hf_config
 from .io.peft_dir import check_finite, write_staging
 from .quantization import describe as describe_quantization
 from .quantization import summary as quantization_summary

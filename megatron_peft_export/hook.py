@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed as coll
-from .atomic_dir import abandon_all, clean_stale, discard, publish
 from .config import HookConfig
 from .errors import CollectiveError, ExportError
 from .export import WRITER, ExportOptions
 from .host_snapshot import HostSnapshots
 from .integrations.verify_hook import extensions as verification_steps
+from .io.atomic_dir import abandon_all, clean_stale, discard, publish
 from .io.checkpoints import ITERATION_GLOB, tracker_iteration
 from .multi_adapter import AdapterSnapshots
 from .multi_adapter import run_multi_export as run_export  # the one export path: one adapter is a list of one

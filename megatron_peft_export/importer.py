@@ -18,13 +18,13 @@ from safetensors import safe_open
 from . import distributed as coll
 from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
+from .core.patterns import PatternSet
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
 from .dialects import collect, raise_refusals
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
 from .export import Naming, megatron_config, model_chunks, naming
-from .hf_config import read_hf_config
+from .io.hf_config import read_hf_config
 from .io.peft_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_finite, file_tensors, read_adapter, weights_file
-from .patterns import PatternSet
 from .targets import check_targets
 
 

@@ -24,13 +24,13 @@ from typing import Any, Literal
 import torch
 
 from . import distributed as coll
-from .atomic_dir import discard, publish
+from .core.names import RULE, is_name
 from .core.options import check_selection
 from .dialects import LocalShard
 from .errors import ExportError, NoAdaptersError
 from .export import WRITER, ExportOptions, Snapshot, run_export, take_snapshot
+from .io.atomic_dir import discard, publish
 from .io.peft_dir import FILES, append_card
-from .names import RULE, is_name
 
 log = logging.getLogger("megatron_peft_export")
 ALL = "all"

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core.archs import arch_for_model_type
+from .core.patterns import full_matcher
 from .errors import AdapterFileError, ExportError
 from .io.peft_dir import PEFT_PREFIX
-from .patterns import full_matcher
 
 log = logging.getLogger("megatron_peft_export")
 _ROLE = re.compile(r"^(?P<module>.+)\.(?:lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")

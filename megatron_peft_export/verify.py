@@ -27,7 +27,7 @@ import torch
 
 from .config import VerifyConfig
 from .errors import ExportError, VerificationInputError
-from .safe_read import open_regular
+from .io.safe_read import open_regular
 
 log = logging.getLogger("megatron_peft_export")
 REFERENCE_FILE = "verification/reference.safetensors"
@@ -408,7 +408,7 @@ class VerificationResult:
         replaced.
 
         A failure (full or read-only disk) raises OutputError and leaves nothing behind (no temporary file)."""
-        from .atomic_dir import write_file
+        from .io.atomic_dir import write_file
 
         path = check_result_path(Path(path) if path is not None else Path(adapter_dir) / RESULT_FILE)
         return write_file(path, (json.dumps(self.to_json(), indent=2) + "\n").encode(), "the verification result")

@@ -21,7 +21,7 @@ from ..compat import (
     parse_vllm_version,
 )
 from ..errors import ExportError
-from ..hf_config import read_hf_config
+from ..io.hf_config import read_hf_config
 from ..io.peft_dir import ADAPTER_CONFIG, read_adapters
 from ..serving_vllm import ENV_VAR, ProbeFailed, applied_summary, engine_findings, engine_python, run_probe
 

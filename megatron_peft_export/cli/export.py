@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ..core.names import check_name
 from ..core.options import add_arguments, from_args
 from ..export import ExportOptions
-from ..names import check_name
 from ..offline.export import CheckpointFacts, backfill, export_checkpoint
 
 _FACT_HELP = {

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..core.names import check_name
 from ..core.options import add_arguments, from_args
-from ..hf_config import read_hf_config
 from ..integrations.hub import PushConfig, find_adapters, push_adapters, uploadable
 from ..io.checkpoints import ITERATION_GLOB
+from ..io.hf_config import read_hf_config
 from ..io.peft_dir import ADAPTER_CONFIG, read_adapter
-from ..names import check_name
 from ..targets import BaseModel, base_model, check_targets
 
 log = logging.getLogger("megatron_peft_export")

@@ -19,14 +19,11 @@ import torch
 
 from ..errors import ShapeMismatchError
 from .archs import ArchMap
-from .plan import PEFT_PREFIX, AdapterPlan
+from .peft_names import PEFT_PREFIX, hf_key
+from .plan import AdapterPlan
 from .splits import stack_experts, unstack_experts
 
 _LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
-
-
-def _key(module: str, role: str) -> str:
-    return f"{PEFT_PREFIX}{module}.{role}.weight"
 
 
 def fused_prefixes(arch: ArchMap, targeted: list[str]) -> dict[str, str]:
@@ -72,13 +69,13 @@ def fuse_experts(
                     f"the fused expert layout needs every expert adapted; {missing} has no adapter. "
                     "Export with expert_layout='per_expert'"
                 )
-            a = [[out.pop(_key(m, "lora_A")) for m in per_expert] for per_expert in modules]  # [expert][HF module]
-            b = [[out.pop(_key(m, "lora_B")) for m in per_expert] for per_expert in modules]
+            a = [[out.pop(hf_key(m, "lora_A")) for m in per_expert] for per_expert in modules]  # [expert][HF module]
+            b = [[out.pop(hf_key(m, "lora_B")) for m in per_expert] for per_expert in modules]
             for per_expert in modules:
                 replaced[fused.parameter] += per_expert
             _check_stackable(a, b, modules, f"{layer}.{fused.parameter}")
             module = f"{layer}.{prefixes[fused.parameter]}"
-            out[_key(module, "lora_A")], out[_key(module, "lora_B")] = stack_experts([x[0] for x in a], b)
+            out[hf_key(module, "lora_A")], out[hf_key(module, "lora_B")] = stack_experts([x[0] for x in a], b)
     return out, {p: sorted(replaced[p]) for p in targeted}
 
 
@@ -158,8 +155,8 @@ def unfuse_experts(
         for e, (a_e, b_e) in enumerate(unstack_experts(a, b, r, len(fused.per_expert))):
             modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
             for module, b_rows in zip(modules, b_e):
-                out[_key(module, "lora_A")] = a_e
-                out[_key(module, "lora_B")] = b_rows
+                out[hf_key(module, "lora_A")] = a_e
+                out[hf_key(module, "lora_B")] = b_rows
     return out
 
 

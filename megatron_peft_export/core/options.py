@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ExportError, OptionError
-from ..names import RULE, check_name, is_name
 from .archs import arch_for_model_type
+from .names import RULE, check_name, is_name
 
 YAML_KEY = "export_hf_adapter"
 

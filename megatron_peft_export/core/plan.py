@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DialectError, ExportError, ShapeMismatchError
-from ..io.peft_dir import PEFT_PREFIX
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import ModelGeometry
+from .peft_names import hf_key
 from .shards import Placement, ShardSpec
 from .splits import row_blocks
 
@@ -149,11 +149,6 @@ def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_
         raise ShapeMismatchError(
             f"{spec.describe()}: {what} ({count}) is not divisible by the tensor-parallel size {tp_size}"
         )
-
-
-def hf_key(module: str, role: str) -> str:
-    suffix = "lora_magnitude_vector" if role == "magnitude" else f"{role}.weight"
-    return f"{PEFT_PREFIX}{module}.{suffix}"
 
 
 def plan_shard(spec: ShardSpec, target: Target, geometry: ModelGeometry) -> list[Placement]:

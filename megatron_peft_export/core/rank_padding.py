@@ -20,7 +20,8 @@ from collections import Counter
 import torch
 
 from ..errors import ShapeMismatchError
-from .plan import AdapterPlan, LoraSettings, hf_key
+from .peft_names import hf_key
+from .plan import AdapterPlan, LoraSettings
 
 
 def pad_ranks(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.options import MLM, from_args
-from ..hf_config import read_hf_config
+from ..io.hf_config import read_hf_config
 from ..verify import (
     REFERENCE_FILE,
     VerificationInputError,

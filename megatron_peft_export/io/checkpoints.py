@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ..errors import ExportError
-from ..safe_read import TRACKER_LIMIT, read_text
+from .safe_read import TRACKER_LIMIT, read_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,21 +30,25 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..core.patterns import PatternSet, check_pattern
+from ..core.peft_names import (
+    ADAPTER_BIN,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FILES,
+    MAX_CARD_BYTES,
+    MODEL_CARD,
+    PEFT_PREFIX,
+    hf_key,
+)
 from ..errors import AdapterFileError, ExportError, NonFiniteError, OutputError
-from ..patterns import PatternSet, check_pattern
-from ..safe_read import open_regular
+from . import safetensors_out
+from .atomic_dir import discard, fsync, is_published_adapter, write_failure
+from .safe_read import open_regular
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"
-"""peft's older weights file (a torch.save of the state dict)."""
-MODEL_CARD = "README.md"
-PEFT_PREFIX = "base_model.model."
-"""Every tensor key starts with it: peft's PeftModel.base_model (the LoRA model) .model (the HF model)."""
-FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD)
-"""The files an exported adapter directory holds."""
+__all__ = ["ADAPTER_BIN", "FILES", "MAX_CARD_BYTES", "PEFT_PREFIX", "hf_key", "is_published_adapter"]
+
 MAX_CONFIG_BYTES = 1 << 20
-MAX_CARD_BYTES = 1 << 20
 MAX_RANK = 1 << 20
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ROLE = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
@@ -370,27 +373,6 @@ def read_card(card: str | Path) -> str | None:
     return None if len(data) > MAX_CARD_BYTES else data.decode("utf-8", errors="replace")
 
 
-def is_published_adapter(path: str | os.PathLike) -> bool:
-    """Whether `path` is an adapter directory this tool published: a directory (not a link) holding regular files
-    adapter_config.json and README.md, the card carrying the `megatron-peft-export` tag model_card has always written.
-
-    A directory whose card was replaced or removed, a file, a link or anything else is not: no overwrite replaces it.
-    """
-    from ..core.peft_format import is_ours
-
-    path = Path(path)
-    try:
-        if not stat.S_ISDIR(path.lstat().st_mode) or not stat.S_ISREG((path / ADAPTER_CONFIG).lstat().st_mode):
-            return False
-        card = path / MODEL_CARD
-        if not stat.S_ISREG(card.lstat().st_mode) or card.lstat().st_size > MAX_CARD_BYTES:
-            return False
-        with open(card, "rb") as f:
-            return is_ours(f.read(MAX_CARD_BYTES).decode("utf-8", errors="replace"))
-    except (OSError, ValueError):
-        return False
-
-
 # ------------------------------------------------------------------------ writing
 
 
@@ -429,9 +411,6 @@ def write_staging(
 ) -> None:
     """Fill a staging directory (atomic_dir.staging_dir) with an adapter: weights, config and card (plus
     `extra_files`, relative path -> bytes), fsynced; on failure remove it, and name a write failure in one line."""
-    from ..atomic_dir import discard, fsync, write_failure
-    from . import safetensors_out  # it imports core.plan, which takes the key prefix from here
-
     files = {ADAPTER_CONFIG: config_bytes(config), MODEL_CARD: card.encode(), **(extra_files or {})}
     try:
         safetensors_out.save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

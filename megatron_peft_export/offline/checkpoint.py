@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..io.checkpoints import ITERATION_PLACEHOLDER, TRACKER, iteration_dir, read_tracker
-from ..safe_read import GiB, RegularFile, open_regular, read_bytes, read_yaml
+from ..io.safe_read import GiB, RegularFile, open_regular, read_bytes, read_yaml
 from .dcp_metadata import (
     CheckpointMetadata,
     Chunk,

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..atomic_dir import check_output, discard, publish, staging_dir
 from ..core.geometry import MAX_SIZE, ModelGeometry
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
@@ -24,9 +23,10 @@ from ..dialects import raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
-from ..hf_config import parse_dtype, read_hf_config
 from ..io import safetensors_out
+from ..io.atomic_dir import check_output, discard, publish, staging_dir
 from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dirs
+from ..io.hf_config import parse_dtype, read_hf_config
 from ..io.peft_dir import check_finite
 from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings
 from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_peft_export import atomic_dir
-from megatron_peft_export.io import peft_dir
+from megatron_peft_export.io import atomic_dir, peft_dir
 from tests.e2e.test_offline_export import ITERATION, _train_save_and_export_live
 from tests.support.multiprocess import run_ranks
 

@@ -116,8 +116,7 @@ def _export_in_hook(rank, world, save, iteration, kill_at):
     """One save with the hook; every file system step of the writer is recorded, and SIGKILL arrives at `kill_at`."""
     import pathlib
 
-    from megatron_peft_export import atomic_dir
-    from megatron_peft_export.io import safetensors_out
+    from megatron_peft_export.io import atomic_dir, safetensors_out
 
     directory = Path(save) / f"iter_{iteration:07d}"
     directory.mkdir(exist_ok=True)
@@ -242,7 +241,7 @@ def test_a_writer_killed_at_any_write_step_publishes_nothing_partial(checkpoint,
 
 
 def test_leftovers_of_a_live_process_are_kept_and_old_ones_of_other_hosts_removed(tmp_path):
-    from megatron_peft_export import atomic_dir
+    from megatron_peft_export.io import atomic_dir
 
     out = tmp_path / "hf_adapter"
     live = tmp_path / f".hf_adapter.tmp-{atomic_dir._HOST}-{os.getppid()}-0123abcd"  # the pytest runner's parent: alive

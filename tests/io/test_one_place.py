@@ -1,4 +1,4 @@
-"""Each file-format fact is spelled in one module: the PEFT adapter directory's names in io/peft_dir.py, Megatron's
+"""Each file-format fact is spelled in one module: the PEFT adapter directory's names in core/peft_names.py, Megatron's
 checkpoint layout in io/checkpoints.py; every other module imports them.
 
 The string literals of each module are read with the tokenizer (f-strings whole, as written). Documentation is
@@ -23,7 +23,7 @@ import megatron_peft_export
 PACKAGE = Path(megatron_peft_export.__file__).parent
 PEFT_NAMES = re.compile(r"adapter_model|base_model\.model\.")
 LAYOUT = re.compile(r"latest_checkpointed_iteration|iter_[{%(\\*\[]")
-OWNERS = {PEFT_NAMES: "io/peft_dir.py", LAYOUT: "io/checkpoints.py"}
+OWNERS = {PEFT_NAMES: "core/peft_names.py", LAYOUT: "io/checkpoints.py"}
 
 
 def _documentation(tree: ast.AST) -> list[tuple[tuple[int, int], tuple[int, int]]]:

@@ -9,8 +9,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from megatron_peft_export.io.safe_read import open_regular
 from megatron_peft_export.offline.torch_save import Opaque, RefusedGlobal, StoredTensor, check_pickle, load_torch_file
-from megatron_peft_export.safe_read import open_regular
 from tests.support.gadgets import Call
 
 

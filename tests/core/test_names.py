@@ -8,10 +8,10 @@ import pytest
 from megatron_peft_export import export_adapter
 from megatron_peft_export.cli import main
 from megatron_peft_export.config import HookConfig
+from megatron_peft_export.core.names import check_name
 from megatron_peft_export.errors import ExportError
 from megatron_peft_export.export import ExportOptions
 from megatron_peft_export.integrations import megatron_lm
-from megatron_peft_export.names import check_name
 
 GOOD = ["hf_adapter", "default", "math-v2", "a", "_x", "A.b_c-1", "x" * 128]
 BAD = [

@@ -2,7 +2,7 @@
 
 An output never touches an input: it may not be, contain or lie inside the checkpoint being read (nor be or
 contain another input, such as the base model's directory), and an existing output is replaced only when it
-is an adapter directory this tool published (`io.peft_dir.is_published_adapter`), and only with overwrite.
+is an adapter directory this tool published (`is_published_adapter`), and only with overwrite.
 
 Siblings are named `.<name>.tmp-<host>-<pid>-<hex>` (staging) and `.<name>.old-<host>-<pid>-<hex>` (the
 replaced directory, during an overwrite), so a later export can tell leftovers of a process that died
@@ -25,7 +25,9 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import OutputError
+from ..core.peft_format import is_ours
+from ..core.peft_names import ADAPTER_CONFIG, MAX_CARD_BYTES, MODEL_CARD
+from ..errors import OutputError
 
 log = logging.getLogger("megatron_peft_export")
 STALE_AFTER = 24 * 3600.0
@@ -66,9 +68,26 @@ def _remove(path: Path) -> None:
 
 def _published(path: Path) -> bool:
     """Whether `path` is an adapter directory this tool published (the only kind an overwrite replaces)."""
-    from .io.peft_dir import is_published_adapter  # the adapter directory format is written on top of this module
-
     return is_published_adapter(path)
+
+
+def is_published_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is an adapter directory this tool published: a directory (not a link) holding regular files
+    adapter_config.json and README.md, the card carrying the `megatron-peft-export` tag model_card has always written.
+
+    A directory whose card was replaced or removed, a file, a link or anything else is not: no overwrite replaces it.
+    """
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(path.lstat().st_mode) or not stat.S_ISREG((path / ADAPTER_CONFIG).lstat().st_mode):
+            return False
+        card = path / MODEL_CARD
+        if not stat.S_ISREG(card.lstat().st_mode) or card.lstat().st_size > MAX_CARD_BYTES:
+            return False
+        with open(card, "rb") as f:
+            return is_ours(f.read(MAX_CARD_BYTES).decode("utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return False
 
 
 def _describe(path: Path) -> str:
@@ -83,8 +102,6 @@ def _describe(path: Path) -> str:
         return "a file"
     if not stat.S_ISDIR(mode):
         return "a special file (FIFO, socket or device)"
-    from .io.peft_dir import MODEL_CARD
-
     return f"a directory without the model card ({MODEL_CARD}) megatron-peft-export writes"
 
 
@@ -116,7 +133,7 @@ def check_output(
     `reading`: (path, what it is) of every input; the output may not be one of them or contain one (symbolic links
     resolved). `checkpoint`: the checkpoint directory being read; the output may not lie inside it either, except as a
     new (or published adapter) directory directly in it, as the hook and `export --all` write `<iter>/hf_adapter`.
-    An existing output must be a published adapter (`io.peft_dir.is_published_adapter`) and is replaced only with
+    An existing output must be a published adapter (`is_published_adapter`) and is replaced only with
     `overwrite`.
     """
     out = Path(output_dir).absolute()

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
-from .errors import AdapterFileError
+from ..errors import AdapterFileError
 
 try:
     from re import _constants as _c  # Python >= 3.11

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .core.archs import LLAMA, ArchMap, arch_for_model_type
-from .errors import ExportError
+from ..core.archs import LLAMA, ArchMap, arch_for_model_type
+from ..errors import ExportError
 from .safe_read import JSON_LIMIT, read_json
 
 log = logging.getLogger("megatron_peft_export")

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ExportError
+from ..errors import ExportError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 TRACKER_LIMIT = 1 * KiB

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_peft_export import patterns
+from megatron_peft_export.core import patterns
+from megatron_peft_export.core.patterns import PatternSet, check_pattern, fullmatch
 from megatron_peft_export.errors import AdapterFileError
-from megatron_peft_export.patterns import PatternSet, check_pattern, fullmatch
 
 FUZZ = settings(
     max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from megatron_peft_export.errors import ExportError
-from megatron_peft_export.safe_read import open_regular, read_bytes, read_json, read_text, read_yaml
+from megatron_peft_export.io.safe_read import open_regular, read_bytes, read_json, read_text, read_yaml
 
 
 def test_a_regular_file_and_links_inside_the_directory_are_read(tmp_path):
