@@ -46,8 +46,8 @@ class PushConfig:
 
 @config_class("serve", "ServeConfig")
 class ServeConfig:
-    """Where and how published adapters are loaded into a running vLLM server (`delivery.py`; the hook's `serve:`
-    mapping and `megatron-peft-export serve`)."""
+    """Where and how published adapters are loaded into a running vLLM server (`services/delivery.py`; the hook's
+    `serve:` mapping and `megatron-peft-export serve`)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -7,6 +7,7 @@ own, in save order on every rank (so the collectives of successive exports pair 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -26,11 +27,11 @@ from .config import HookConfig
 from .errors import CollectiveError, ExportError
 from .export import WRITER, ExportOptions
 from .host_snapshot import HostSnapshots
-from .integrations.verify_hook import extensions as verification_steps
 from .io.atomic_dir import abandon_all, clean_stale, discard, publish
 from .io.checkpoints import ITERATION_GLOB, tracker_iteration
 from .multi_adapter import AdapterSnapshots
 from .multi_adapter import run_multi_export as run_export  # the one export path: one adapter is a list of one
+from .services.verify_hook import extensions as verification_steps
 
 log = logging.getLogger("megatron_peft_export")
 
@@ -188,14 +189,14 @@ class AdapterExportHook:
         self.serving = None
         """Loads each published adapter into a running vLLM server (config.serve), after its verification."""
         if self.config.serve is not None:
-            from .delivery import Serving
+            from .services.delivery import Serving
 
             self.serving = Serving(self.config.serve, self.verification)
             after_publish = (*after_publish, self.serving.after_publish)
         self.pusher = None
         """Pushes to the Hub (config.push): fed after every other after-publish step, so a push sees their files."""
         if self.config.push is not None:
-            from .integrations.hub import HubPusher
+            from .services.hub import HubPusher
 
             self.pusher = HubPusher(self.config.push)
             after_publish = (*after_publish, self.pusher.after_publish)
@@ -346,16 +347,10 @@ def _clean_leftovers(save_dir: Path, subdir: str) -> None:
 
 
 def _export_options(config: HookConfig) -> ExportOptions:
-    return ExportOptions(
-        base_model_name_or_path=config.base_model_name_or_path,
-        adapter_name=config.adapter_name,
-        dtype=config.dtype,
-        overwrite=True,
-        model_type=config.model_type,
-        pad_rank_to=config.pad_rank_to,
-        expert_layout=config.expert_layout,
-        allow_nonfinite=config.allow_nonfinite,
-    )
+    """The export options of a hook's config: every ExportOptions field the schema shares with HookConfig (one
+    declaration each in core/options.py), and overwrite, which a re-save of an iteration needs."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ExportOptions) if hasattr(config, f.name)}
+    return ExportOptions(**{**shared, "overwrite": True})
 
 
 _HOOKS: weakref.WeakSet[AdapterExportHook] = weakref.WeakSet()

@@ -23,7 +23,7 @@ from ..compat import (
 from ..errors import ExportError
 from ..io.hf_config import read_hf_config
 from ..io.peft_dir import ADAPTER_CONFIG, read_adapters
-from ..serving_vllm import ENV_VAR, ProbeFailed, applied_summary, engine_findings, engine_python, run_probe
+from ..services.serving_vllm import ENV_VAR, ProbeFailed, applied_summary, engine_findings, engine_python, run_probe
 
 EXAMPLES = f"""examples:
   megatron-peft-export check runs/llama/iter_0000500/hf_adapter

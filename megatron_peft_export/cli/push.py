@@ -7,10 +7,10 @@ import logging
 
 from ..core.names import check_name
 from ..core.options import add_arguments, from_args
-from ..integrations.hub import PushConfig, find_adapters, push_adapters, uploadable
 from ..io.checkpoints import ITERATION_GLOB
 from ..io.hf_config import read_hf_config
 from ..io.peft_dir import ADAPTER_CONFIG, read_adapter
+from ..services.hub import PushConfig, find_adapters, push_adapters, uploadable
 from ..targets import BaseModel, base_model, check_targets
 
 log = logging.getLogger("megatron_peft_export")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 def _base_model(name: str | None) -> BaseModel | None:
     """The base model's module names, when its config.json is on this machine (a directory, or a Hub id in the local
     cache)."""
-    from ..verify import resolve_base_model
+    from ..services.verify import resolve_base_model
 
     local = resolve_base_model(name) if isinstance(name, str) else None
     found = base_model(read_hf_config(local), name) if local else None

@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from ..core.options import add_arguments, from_args
-from ..delivery import ServeConfig, deliver
-from ..integrations.hub import find_adapters
 from ..io.checkpoints import ITERATION_GLOB
+from ..services.delivery import ServeConfig, deliver
+from ..services.hub import find_adapters
 
 _EXAMPLES = """examples:
   megatron-peft-export serve runs/llama/iter_0000500/hf_adapter --url http://localhost:8000

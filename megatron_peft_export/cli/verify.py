@@ -8,7 +8,7 @@ from pathlib import Path
 from ..core.options import add_arguments, from_args
 from ..io.checkpoints import iteration_of
 from ..io.peft_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..verify import RESULT_FILE, VerificationResult, VerifyConfig, check_result_path, verify_adapter
+from ..services.verify import RESULT_FILE, VerificationResult, VerifyConfig, check_result_path, verify_adapter
 
 EXAMPLES = """examples:
   megatron-peft-export verify /ckpt/iter_0000200/hf_adapter --base-model /models/Llama-3.1-8B
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         for warning in result.warnings:
             print(f"warning: {warning}")
     if config.wandb:
-        from ..integrations.wandb_log import WandbLogger
+        from ..services.wandb_log import WandbLogger
 
         logger = WandbLogger(config)
         logger.log(result, _iteration(adapter_dir, result), adapter_dir)

@@ -2,8 +2,8 @@
 surfaces it appears on.
 
 From this table come the config dataclasses (`HookConfig`, `VerifyConfig`, `PushConfig` in `config.py`,
-`ExportOptions` in `export.py`, `ServeConfig` in `delivery.py`: `config_class`), their checks when they are made
-(`check_fields`), the YAML keys under `export_hf_adapter:` (`build`), the Megatron-LM flags
+`ExportOptions` in `export.py`, `ServeConfig` in `services/delivery.py`: `config_class`), their checks when they are
+made (`check_fields`), the YAML keys under `export_hf_adapter:` (`build`), the Megatron-LM flags
 (`integrations/megatron_lm.py`), the CLI options of `export`, `verify`, `push` and `serve` (`add_arguments`,
 `from_args`) and the docs table `docs/options.md` (`markdown`, also
 `python -m megatron_peft_export.core.options --markdown`). `export_adapter`'s keyword arguments are written out

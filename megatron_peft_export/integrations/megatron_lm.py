@@ -66,7 +66,7 @@ from ..core.options import MLM as MEGATRON_LM
 from ..core.options import add_arguments, from_args
 from ..hook import AdapterExportHook
 from ..io.checkpoints import iteration_dir, release_dir
-from .verify_hook import verify_config_from_args
+from ..services.verify_hook import verify_config_from_args
 
 log = logging.getLogger("megatron_peft_export")
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]

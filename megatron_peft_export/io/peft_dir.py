@@ -168,7 +168,7 @@ def read_bin_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) of peft's older weights file (`adapter_model.bin`, a torch.save of a state dict), read
     without torch.load: its zip directory and pickle are checked, only tensors and plain data are built (nothing of
     the file runs, no tensor data is read); dtypes named as safetensors names them."""
-    from ..offline.torch_save import RefusedGlobal, StoredTensor, load_torch_file
+    from .torch_save import RefusedGlobal, StoredTensor, load_torch_file
 
     path = Path(path)
     if not os.path.lexists(path):

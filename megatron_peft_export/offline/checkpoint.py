@@ -27,6 +27,17 @@ import torch
 from ..errors import CheckpointError
 from ..io.checkpoints import ITERATION_PLACEHOLDER, TRACKER, iteration_dir, read_tracker
 from ..io.safe_read import GiB, RegularFile, open_regular, read_bytes, read_yaml
+from ..io.torch_save import (
+    Layout,
+    NotPlainTensor,
+    RefusedGlobal,
+    StoredTensor,
+    decode,
+    gather,
+    layout_of,
+    load_torch_file,
+    matching,
+)
 from .dcp_metadata import (
     CheckpointMetadata,
     Chunk,
@@ -37,17 +48,6 @@ from .dcp_metadata import (
 )
 from .dcp_metadata import (
     RefusedGlobal as RefusedMetadataGlobal,
-)
-from .torch_save import (
-    Layout,
-    NotPlainTensor,
-    RefusedGlobal,
-    StoredTensor,
-    decode,
-    gather,
-    layout_of,
-    load_torch_file,
-    matching,
 )
 
 log = logging.getLogger("megatron_peft_export")
@@ -319,7 +319,7 @@ class TorchDistReader:
         """(key, tensor) for each key in order, read in batches of up to `budget` bytes (a larger tensor is read alone).
 
         Each stored item is read with one positional read of its byte range, in file order, and decoded in memory
-        (offline/torch_save.py); an item that decoder does not take is refused. The budget bounds what is read ahead.
+        (io/torch_save.py); an item that decoder does not take is refused. The budget bounds what is read ahead.
         """
         unchecked = [key for key in keys if key not in self._checked]
         if unchecked:

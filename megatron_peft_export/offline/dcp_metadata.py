@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .torch_save import check_pickle
+from ..io.torch_save import check_pickle
 
 _DCP = "torch.distributed.checkpoint."
 _RECORDED = (

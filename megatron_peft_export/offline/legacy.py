@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..core.shards import ShardSpec
+from ..io.torch_save import StoredTensor
 from .checkpoint import CheckpointError, RecordedSettings, modelopt_peft_configs, read_stored, torch_file
 from .keys import AdapterKey, OfflineShard, classify
-from .torch_save import StoredTensor
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 

@@ -1,4 +1,4 @@
-"""`megatron-peft-export check` on purpose-made adapters, by the rules (no vLLM here; tests/serving asks the real one):
+"""`megatron-peft-export check` on purpose-made adapters, by the rules (no vLLM here; tests/services asks the real one):
 each incompatibility is flagged with its reason and the versions it holds for, a clean one passes, a malformed one
 is bad input (exit 2, one error line), and patterns cannot make it run long."""
 

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_peft_export import cli
 from megatron_peft_export.errors import ExportError, OutputError
-from megatron_peft_export.integrations.hub import PushError
+from megatron_peft_export.services.hub import PushError
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,10 @@ from megatron_peft_export.cli import main
 from megatron_peft_export.config import HookConfig, PushConfig, VerifyConfig
 from megatron_peft_export.core import options as schema
 from megatron_peft_export.core.names import RULE
-from megatron_peft_export.delivery import ServeConfig
 from megatron_peft_export.errors import ExportError, OptionError
 from megatron_peft_export.export import ExportOptions
 from megatron_peft_export.integrations import megatron_lm
+from megatron_peft_export.services.delivery import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = {

@@ -22,7 +22,7 @@ def _train_and_push(rank, world, save, push, saves, resume_endpoint=None):
     """A training loop with the hook; with the fake Hub paused, so no push can finish before training does."""
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
-    from megatron_peft_export.integrations.hub import PushConfig
+    from megatron_peft_export.services.hub import PushConfig
 
     with LogRecords(logging.DEBUG, logger="") as records:
         model = lora_model(world)

@@ -23,8 +23,8 @@ def _train_verify_push(rank, world, tmp, endpoint):
     """The hook with verification (logged to W&B, the adapter as an artifact) and pushes of every checkpoint."""
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
-    from megatron_peft_export.integrations.hub import PushConfig
-    from megatron_peft_export.verify import VerifyConfig
+    from megatron_peft_export.services.hub import PushConfig
+    from megatron_peft_export.services.verify import VerifyConfig
 
     with LogRecords(logging.DEBUG, logger="") as records:
         base = _save_base(tmp)

@@ -28,7 +28,7 @@ def _save_base(tmp):
 def _hook_run(rank, world, tmp, *, tp=1, pp=1, vpp=None, sp=False, iterations=(1,), verify=None, base=True):
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
-    from megatron_peft_export.verify import VerifyConfig
+    from megatron_peft_export.services.verify import VerifyConfig
     from tests.support.hook_loop import checkpoint_dir, optimizer_step
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
 

@@ -196,7 +196,7 @@ def test_import_verify_and_push_read_any_adapter_or_refuse_it_with_an_export_err
 ):
     """The whole reader (import, verify and push run it), and verify's entry point, on fuzzed config + weights."""
     from megatron_peft_export.importer import read_adapter as _read_adapter
-    from megatron_peft_export.verify import VerificationInputError, verify_adapter
+    from megatron_peft_export.services.verify import VerificationInputError, verify_adapter
 
     adapter = scratch / "adapter"
     adapter.mkdir(exist_ok=True)

@@ -10,8 +10,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
+from megatron_peft_export.io.torch_save import NotPlainTensor, decode
 from megatron_peft_export.offline.checkpoint import CheckpointError, TorchDistReader
-from megatron_peft_export.offline.torch_save import NotPlainTensor, decode
 
 SHAPES = {
     "a": (8, 16),

@@ -28,8 +28,8 @@ def main(save: str, endpoint: str) -> None:
     install_cpu_shims()
     dist.init_process_group("gloo")
     from megatron_peft_export.config import HookConfig
-    from megatron_peft_export.integrations.hub import PushConfig
     from megatron_peft_export.integrations.megatron_bridge import HFAdapterExportCallback
+    from megatron_peft_export.services.hub import PushConfig
     from tests.support import real_bridge
     from tests.support.hook_loop import checkpoint_dir
     from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, fill_lora_random, init_parallel

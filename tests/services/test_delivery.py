@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from megatron_peft_export.cli import main as cli_main
-from megatron_peft_export.delivery import RESULT_FILE, Deliverer, ServeConfig, VllmServer, deliver
 from megatron_peft_export.errors import ExportError
+from megatron_peft_export.services.delivery import RESULT_FILE, Deliverer, ServeConfig, VllmServer, deliver
 from tests.support import serving_models as sm
 from tests.support.multiprocess import run_alone, run_ranks
 from tests.support.vllm_env import require_vllm

@@ -10,7 +10,7 @@ import yaml
 
 from megatron_peft_export.cli import main
 from megatron_peft_export.errors import ExportError
-from megatron_peft_export.integrations.hub import Adapter, HubPusher, PushConfig, PushError, push_adapters
+from megatron_peft_export.services.hub import Adapter, HubPusher, PushConfig, PushError, push_adapters
 from tests.support.fake_hub import closed_port, write_adapter
 
 pytestmark = pytest.mark.timeout(120)

@@ -7,7 +7,7 @@ import huggingface_hub.constants
 import pytest
 
 from megatron_peft_export.cli import main
-from megatron_peft_export.integrations.hub import Adapter, PushConfig, PushError, push_adapters, uploadable
+from megatron_peft_export.services.hub import Adapter, PushConfig, PushError, push_adapters, uploadable
 from tests.support.fake_hub import write_adapter
 
 pytestmark = pytest.mark.timeout(120)

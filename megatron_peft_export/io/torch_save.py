@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..io.safe_read import RegularFile
+from .safe_read import RegularFile
 
 
 class NotPlainTensor(ValueError):

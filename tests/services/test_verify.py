@@ -7,7 +7,7 @@ import torch
 
 from megatron_peft_export.config import HookConfig
 from megatron_peft_export.errors import ExportError
-from megatron_peft_export.verify import (
+from megatron_peft_export.services.verify import (
     DEFAULT_THRESHOLDS,
     Thresholds,
     VerifyConfig,

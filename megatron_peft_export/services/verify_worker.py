@@ -5,7 +5,7 @@ Loading a model with transformers replaces `torch.nn.init`'s functions process-w
 race with training code using `torch.nn.init` on the training thread while the hook verifies in the
 background: ModelOpt validating its saved state at a Megatron-LM checkpoint save found transformers'
 functions there and failed the save. So the writer verifies in a child process, started at the first
-verification and reused: `python -m megatron_peft_export.integrations.verify_worker` reads one JSON
+verification and reused: `python -m megatron_peft_export.services.verify_worker` reads one JSON
 request per line on stdin and answers one JSON line on its own copy of stdout (anything libraries
 print goes to stderr). It ends when stdin closes, so it never outlives the training process.
 """
@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..verify import VerificationInputError, VerificationResult, VerifyConfig
+from .verify import VerificationInputError, VerificationResult, VerifyConfig
 
 
 class VerifyProcess:
@@ -79,7 +79,7 @@ class VerifyProcess:
 
 
 def _serve() -> None:
-    from ..verify import verify_adapter
+    from .verify import verify_adapter
 
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever transformers, peft or torch print goes to stderr, never into a reply

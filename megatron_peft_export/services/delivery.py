@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compat import check_adapter, has_errors
-from .config import ServeConfig
-from .errors import DeliveryError, ExportError
-from .io import checkpoints
-from .io.atomic_dir import write_file
-from .io.peft_dir import adapter_dirs, read_adapter
+from ..compat import check_adapter, has_errors
+from ..config import ServeConfig
+from ..errors import DeliveryError, ExportError
+from ..io import checkpoints
+from ..io.atomic_dir import write_file
+from ..io.peft_dir import adapter_dirs, read_adapter
 
 log = logging.getLogger("megatron_peft_export")
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PushConfig
-from ..delivery import RESULT_FILE as SERVING_RECORD
 from ..errors import ExportError, PushError
 from ..io.checkpoints import ITERATION_GLOB, ITERATION_PLACEHOLDER, iteration_name, iteration_of
 from ..io.peft_dir import (
@@ -44,6 +43,7 @@ from ..io.peft_dir import (
     write_card,
     write_config,
 )
+from .delivery import RESULT_FILE as SERVING_RECORD
 
 log = logging.getLogger("megatron_peft_export")
 VERIFICATION_FILE = "verification.json"

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from .config import VerifyConfig
-from .errors import ExportError, VerificationInputError
-from .io.safe_read import open_regular
+from ..config import VerifyConfig
+from ..errors import ExportError, VerificationInputError
+from ..io.safe_read import open_regular
 
 log = logging.getLogger("megatron_peft_export")
 REFERENCE_FILE = "verification/reference.safetensors"
@@ -408,7 +408,7 @@ class VerificationResult:
         replaced.
 
         A failure (full or read-only disk) raises OutputError and leaves nothing behind (no temporary file)."""
-        from .io.atomic_dir import write_file
+        from ..io.atomic_dir import write_file
 
         path = check_result_path(Path(path) if path is not None else Path(adapter_dir) / RESULT_FILE)
         return write_file(path, (json.dumps(self.to_json(), indent=2) + "\n").encode(), "the verification result")
@@ -422,7 +422,7 @@ def check_result_path(path: str | Path) -> Path:
 
     Anything else there (an adapter's weights or config, a reference, a directory, a link, a FIFO) is never replaced:
     OutputError, before any verification runs."""
-    from .errors import OutputError
+    from ..errors import OutputError
 
     path = Path(path)
     try:
@@ -568,7 +568,7 @@ def verify_adapter(
 
 def _read_inputs(adapter_dir: Path, base_model: str, reference_path: Path) -> tuple[Reference, str]:
     """The adapter checked as bad input or not, the reference, and the base model's local directory."""
-    from .io.peft_dir import read_adapter
+    from ..io.peft_dir import read_adapter
 
     # malformed or hostile config, lying header, shapes against the config, NaN/Inf: bad input, before peft sees it
     try:
@@ -620,7 +620,7 @@ def _check_loaded_tensors(model: Any, adapter_dir: Path, result: VerificationRes
     import peft
     from safetensors.torch import load_file
 
-    from .io.peft_dir import ADAPTER_WEIGHTS, weights_file
+    from ..io.peft_dir import ADAPTER_WEIGHTS, weights_file
 
     with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name:
         on_disk = load_file(name)

@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .compat import Finding, check_adapter, peft_scales
-from .errors import ExportError
-from .io.peft_dir import ADAPTER_WEIGHTS
+from ..compat import Finding, check_adapter, peft_scales
+from ..errors import ExportError
+from ..io.peft_dir import ADAPTER_WEIGHTS
 
 ENV_VAR = "MEGATRON_PEFT_EXPORT_VLLM_PYTHON"
 PROBE = Path(__file__).with_name("vllm_probe.py")
@@ -110,77 +110,100 @@ def engine_findings(
 ) -> list[Finding]:
     """The findings for adapter `name`: vLLM's answer, plus the rules (of vLLM's version) it does not decide."""
     entry, version = result["adapters"][name], str(result["vllm"])
-    holds = f"vLLM {version}, asked"
     model = result.get("model")
     rules = check_adapter(config, shapes, "vllm", vllm_version=version, model_type=model_type)
     decided = FEATURE_CODES | (MODULE_CODES if model else frozenset())
     found = [f for f in rules if f.code not in decided]
-    what_for = f"for {model['class']}" if model else "by its config checks (no base model to load it on)"
-    if entry.get("refused"):
-        fixes = sorted({f.fix for f in rules if f.code in decided and f.severity == "error"})
-        found.append(
-            Finding(
-                "vllm-refuses",
-                "error",
-                entry["refused"],
-                f"vLLM {version} refuses to load the adapter {what_for}",
-                "; ".join(fixes) or "change what vLLM's message names",
-                holds,
-            )
-        )
-    nowhere = entry.get("nowhere") or []
-    if nowhere:
-        fix = next(
-            (f.fix for f in rules if f.code == "applied-nowhere"),
-            "name the modules as the model does (see the applied modules)",
-        )
-        found.append(
-            Finding(
-                "applied-nowhere",
-                "error",
-                f"{len(nowhere)} module(s) loaded and applied nowhere "
-                f"({', '.join(nowhere[:2])}{' ...' if len(nowhere) > 2 else ''})",
-                f"vLLM {version}'s {model['class'] if model else 'model'} has no LoRA module these fill: it loads "
-                f"them without an error and serves the base model there",
-                fix,
-                holds,
-            )
-        )
-    if entry.get("flags"):
-        found.append(
-            Finding(
-                "engine-flags",
-                "warning",
-                "fused expert LoRA (peft target_parameters)",
-                f"vLLM {version} refuses it unless the engine runs with enable_mixed_moe_lora_format=True "
-                f"(--enable-mixed-moe-lora-format) "
-                "and the LoRARequest has is_3d_lora_weight=True; with both it applies it",
-                "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with "
-                "expert_layout='per_expert'",
-                holds,
-            )
-        )
-    peft = peft_scales(config, shapes)
-    off = sorted(
-        m
-        for m, (_, scale) in (entry.get("scaling") or {}).items()
-        if m in peft and peft[m] is not None and abs(scale - peft[m]) > 1e-6 * abs(peft[m])
-    )
-    if off:
-        m = off[0]
-        found.append(
-            Finding(
-                "scale-mismatch",
-                "error",
-                f"{len(off)} module(s) scaled by vLLM otherwise than by peft (e.g. {m}: "
-                f"{entry['scaling'][m][1]:g}, peft {peft[m]:g})",
-                f"vLLM {version} serves these modules at another scale than peft computes, without any error",
-                "export with pad_rank_to (one rank and one scale, each module's scale folded into its lora_B)",
-                holds,
-            )
-        )
+    found += _refused(entry, version, model, [f for f in rules if f.code in decided])
+    found += _applied_nowhere(entry, version, model, rules)
+    found += _engine_flags(entry, version)
+    found += _scale_mismatch(entry, version, peft_scales(config, shapes))
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(found, key=lambda f: order[f.severity])
+
+
+def _holds(version: str) -> str:
+    return f"vLLM {version}, asked"
+
+
+def _refused(entry: Mapping[str, Any], version: str, model: Any, decided: list[Finding]) -> list[Finding]:
+    if not entry.get("refused"):
+        return []
+    what_for = f"for {model['class']}" if model else "by its config checks (no base model to load it on)"
+    fixes = sorted({f.fix for f in decided if f.severity == "error"})
+    return [
+        Finding(
+            "vllm-refuses",
+            "error",
+            entry["refused"],
+            f"vLLM {version} refuses to load the adapter {what_for}",
+            "; ".join(fixes) or "change what vLLM's message names",
+            _holds(version),
+        )
+    ]
+
+
+def _applied_nowhere(entry: Mapping[str, Any], version: str, model: Any, rules: list[Finding]) -> list[Finding]:
+    nowhere = entry.get("nowhere") or []
+    if not nowhere:
+        return []
+    fix = next(
+        (f.fix for f in rules if f.code == "applied-nowhere"),
+        "name the modules as the model does (see the applied modules)",
+    )
+    return [
+        Finding(
+            "applied-nowhere",
+            "error",
+            f"{len(nowhere)} module(s) loaded and applied nowhere "
+            f"({', '.join(nowhere[:2])}{' ...' if len(nowhere) > 2 else ''})",
+            f"vLLM {version}'s {model['class'] if model else 'model'} has no LoRA module these fill: it loads "
+            f"them without an error and serves the base model there",
+            fix,
+            _holds(version),
+        )
+    ]
+
+
+def _engine_flags(entry: Mapping[str, Any], version: str) -> list[Finding]:
+    if not entry.get("flags"):
+        return []
+    return [
+        Finding(
+            "engine-flags",
+            "warning",
+            "fused expert LoRA (peft target_parameters)",
+            f"vLLM {version} refuses it unless the engine runs with enable_mixed_moe_lora_format=True "
+            f"(--enable-mixed-moe-lora-format) "
+            "and the LoRARequest has is_3d_lora_weight=True; with both it applies it",
+            "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with "
+            "expert_layout='per_expert'",
+            _holds(version),
+        )
+    ]
+
+
+def _scale_mismatch(entry: Mapping[str, Any], version: str, peft: Mapping[str, Any]) -> list[Finding]:
+    scaling = entry.get("scaling") or {}
+    off = sorted(
+        m
+        for m, (_, scale) in scaling.items()
+        if m in peft and peft[m] is not None and abs(scale - peft[m]) > 1e-6 * abs(peft[m])
+    )
+    if not off:
+        return []
+    m = off[0]
+    return [
+        Finding(
+            "scale-mismatch",
+            "error",
+            f"{len(off)} module(s) scaled by vLLM otherwise than by peft "
+            f"(e.g. {m}: {scaling[m][1]:g}, peft {peft[m]:g})",
+            f"vLLM {version} serves these modules at another scale than peft computes, without any error",
+            "export with pad_rank_to (one rank and one scale, each module's scale folded into its lora_B)",
+            _holds(version),
+        )
+    ]
 
 
 def applied_summary(entry: Mapping[str, Any]) -> list[str]:

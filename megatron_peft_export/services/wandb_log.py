@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.checkpoints import iteration_name
-from ..verify import VerificationResult, VerifyConfig
+from .verify import VerificationResult, VerifyConfig
 
 log = logging.getLogger("megatron_peft_export")
 PREFIX = "hf_adapter/"

@@ -7,8 +7,8 @@ import time
 from types import SimpleNamespace
 
 from megatron_peft_export.config import ServeConfig
-from megatron_peft_export.delivery import RESULT_FILE, Deliverer, Serving
-from megatron_peft_export.verify import skipped
+from megatron_peft_export.services.delivery import RESULT_FILE, Deliverer, Serving
+from megatron_peft_export.services.verify import skipped
 
 
 class _Recorder:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..core.options import MLM, from_args
 from ..io.hf_config import read_hf_config
-from ..verify import (
+from .verify import (
     REFERENCE_FILE,
     VerificationInputError,
     VerificationResult,
@@ -54,7 +54,7 @@ class Verification:
         """Collective (every rank): the reference file on rank 0, None elsewhere or when capture fails."""
         import torch.distributed as dist
 
-        from ..reference import capture_reference
+        from .reference import capture_reference
 
         rank = dist.get_rank()
         hf_vocab = None

@@ -1,4 +1,4 @@
-"""torch.save files read without torch.load (offline/torch_save.load_torch_file) and pickles checked before unpickling
+"""torch.save files read without torch.load (io/torch_save.load_torch_file) and pickles checked before unpickling
 (check_pickle): what torch.save writes comes back as torch.load gives it; what it does not write is refused."""
 
 import argparse
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_peft_export.io.safe_read import open_regular
-from megatron_peft_export.offline.torch_save import Opaque, RefusedGlobal, StoredTensor, check_pickle, load_torch_file
+from megatron_peft_export.io.torch_save import Opaque, RefusedGlobal, StoredTensor, check_pickle, load_torch_file
 from tests.support.gadgets import Call
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import ExportError
+from ..errors import ExportError
 from .verify import Reference, VerifyConfig, projection
 
 PROJECTION_DIM = 16
