@@ -35,10 +35,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from megatron_peft_export.config import (
-    HookConfig,  # noqa: E402
-    VerifyConfig,  # noqa: E402
-)
+from megatron_peft_export.config import HookConfig, VerifyConfig  # noqa: E402
 from megatron_peft_export.hook import AdapterExportHook  # noqa: E402
 
 # The CPU shims live in test support on purpose: they patch torch for CPU-only runs, never part of the package.
