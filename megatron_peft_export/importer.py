@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from . import distributed as coll
+from .core import options
 from .core.experts import expert_of, unfuse_experts
 from .core.geometry import ModelGeometry
 from .core.patterns import PatternSet
@@ -96,8 +97,13 @@ def load_hf_adapter(
 
     Collective: every rank calls it with its model (any TP/PP/VPP/DP layout). A mismatch of targets,
     ranks, scales or shapes, a malformed file, or NaN/Inf values (unless `allow_nonfinite`) raises the
-    same error on every rank, before any parameter is written.
+    same error on every rank, before any parameter is written. The keyword options are the schema's
+    (`core/options.py`, surface `load_hf_adapter`), checked here before anything is read.
     """
+    given = {"adapter_name": adapter_name, "model_type": model_type, "allow_nonfinite": allow_nonfinite}
+    given["base_model_name_or_path"] = base_model_name_or_path
+    for option in options.options(surface=options.IMPORT):
+        options.check_value(option, given[option.name])
     adapter_dir = Path(adapter_dir)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.archs import ARCHS
-from ..dialects import DIALECTS
+from ..dialects import LIVE_DIALECTS
 
 
 def register(commands) -> None:
@@ -14,7 +14,7 @@ def register(commands) -> None:
 
 
 def run(_: argparse.Namespace) -> int:
-    print("adapter dialects: " + ", ".join(d.NAME for d in DIALECTS))
+    print("adapter dialects: " + ", ".join(d.NAME for d in LIVE_DIALECTS))
     for arch in ARCHS:
         print(f"{arch.name} name map: model_type {', '.join(arch.model_types)}")
     return 0

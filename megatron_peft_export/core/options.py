@@ -11,8 +11,8 @@ in its signature; tests/core/test_options.py holds them to the schema. Pure: no 
 
 Sections: `hook` (the keys of `export_hf_adapter:`), `verify` (its `verify:` mapping), `push` (its `push:` mapping),
 `serve` (live delivery into vLLM). Surfaces: `HookConfig`/`VerifyConfig`/`PushConfig`/`ServeConfig` (and YAML),
-`ExportOptions`, `export_adapter` (keyword arguments), `megatron_lm` (flags), `cli:export`, `cli:verify`,
-`cli:push`, `cli:serve`.
+`ExportOptions`, `export_adapter` and `load_hf_adapter` (keyword arguments), `megatron_lm` (flags), `cli:export`,
+`cli:verify`, `cli:push`, `cli:serve`.
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ HOOK, EXPORT, CALL, VERIFY, PUSH, MLM = (
     "PushConfig",
     ("megatron_lm"),
 )
+IMPORT = "load_hf_adapter"
+"""importer.load_hf_adapter's keyword arguments: the options that name and check the adapter read back."""
 _SECONDS, _STRICT_SECONDS = "seconds >= 0", "seconds > 0"
 _DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _LAYOUTS = ("auto", "per_expert", "fused")
@@ -244,7 +246,7 @@ _HOOK_OPTIONS = [
         "picks and checks the HF names.",
         "a directory or Hub id",
         _str,
-        surfaces=_ALL3,
+        surfaces=(*_ALL3, IMPORT),
         flags={
             MLM: Flag("--hf-adapter-base-model"),
             "cli:export": Flag(
@@ -260,7 +262,7 @@ _HOOK_OPTIONS = [
         "Which named adapter to export (ModelOpt models can hold several).",
         RULE,
         is_name,
-        surfaces=_ALL3,
+        surfaces=(*_ALL3, IMPORT),
         flags={MLM: Flag("--hf-adapter-name"), "cli:export": Flag("--adapter-name")},
     ),
     _o(
@@ -309,7 +311,7 @@ _HOOK_OPTIONS = [
         "HF model_type for the name map when the base model is not a local directory.",
         "an HF model_type (e.g. llama)",
         _model_type,
-        surfaces=_ALL3,
+        surfaces=(*_ALL3, IMPORT),
         flags={MLM: Flag("--hf-adapter-model-type"), "cli:export": Flag("--model-type")},
     ),
     _o(
@@ -406,7 +408,7 @@ _HOOK_OPTIONS = [
         "NaN logits).",
         "true or false",
         _bool,
-        surfaces=_ALL3,
+        surfaces=(*_ALL3, IMPORT),
         flags={
             MLM: Flag("--hf-adapter-allow-nonfinite"),
             "cli:export": Flag("--allow-nonfinite"),
@@ -1041,7 +1043,7 @@ def from_args(args: Any, section: str, surface: str) -> dict[str, Any]:
 
 _SURFACE_TITLES = {"cli:export": "export", "cli:verify": "verify", "cli:push": "push", "cli:serve": "serve"}
 _SECTION_TITLES = {
-    "hook": f"`{YAML_KEY}:` (HookConfig; ExportOptions and export_adapter where marked)",
+    "hook": f"`{YAML_KEY}:` (HookConfig; ExportOptions, export_adapter and load_hf_adapter where marked)",
     "verify": f"`{YAML_KEY}: verify:` (VerifyConfig)",
     "push": f"`{YAML_KEY}: push:` (PushConfig; the token comes from HF_TOKEN or `hf auth login`, never an option)",
     "serve": "ServeConfig: live delivery into a running vLLM server (`megatron-peft-export serve`; the API key comes "
@@ -1070,7 +1072,7 @@ def markdown() -> str:
 def _row(option: Option) -> str:
     kind = "|".join(option.choices) if option.choices else option.type
     default = "required" if option.default is REQUIRED else f"`{option.default!r}`"
-    python = ", ".join(s for s in (HOOK, EXPORT, CALL, VERIFY, PUSH, SERVE) if s in option.surfaces)
+    python = ", ".join(s for s in (HOOK, EXPORT, CALL, IMPORT, VERIFY, PUSH, SERVE) if s in option.surfaces)
     megatron = option.flags.get(MLM)
     megatron_text = f"`{megatron.flag}`" + (" (Megatron-LM's own)" if megatron.own else "") if megatron else ""
     cli = ", ".join(f"{_SURFACE_TITLES[s]} `{f.flag}`" for s, f in option.flags.items() if s in _SURFACE_TITLES)

@@ -31,7 +31,7 @@ class Dialect(Protocol):
         """Adapter names on a module this dialect owns (for error messages)."""
 
 
-DIALECTS: tuple[Dialect, ...] = (modelopt, bridge)
+LIVE_DIALECTS: tuple[Dialect, ...] = (modelopt, bridge)
 """The live matchers, one per dialect family; the tensors each looks for are core/registry.py's declarations."""
 
 
@@ -186,7 +186,7 @@ def collect(
         named = list(chunk.named_modules())
         paths = None  # computed at the first module that carries an adapter
         for name, module in named:
-            for dialect in DIALECTS:
+            for dialect in LIVE_DIALECTS:
                 tensors = dialect.find(module, adapter_name)
                 if tensors is None:
                     continue

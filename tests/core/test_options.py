@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_peft_export import export_adapter
+from megatron_peft_export import export_adapter, load_hf_adapter
 from megatron_peft_export.cli import main
 from megatron_peft_export.config import HookConfig, PushConfig, VerifyConfig
 from megatron_peft_export.core import options as schema
@@ -59,6 +59,19 @@ def test_export_adapter_takes_the_options_of_its_surface_with_their_defaults():
         default = None if option.name == "collective_timeout" else option.default  # None: the group's own timeout
         assert params[option.name].default == default, option.name
     assert "export_adapter" in schema.markdown()
+
+
+def test_load_hf_adapter_takes_the_options_of_its_surface_and_checks_them_before_reading():
+    params = inspect.signature(load_hf_adapter).parameters
+    declared = schema.options(surface=schema.IMPORT)
+    assert {o.name for o in declared} == {"adapter_name", "model_type", "base_model_name_or_path", "allow_nonfinite"}
+    for option in declared:
+        assert params[option.name].default == option.default, option.name
+    assert "load_hf_adapter" in schema.markdown()
+    with pytest.raises(OptionError, match="adapter_name"):
+        load_hf_adapter(object(), "/nonexistent", adapter_name="../x")
+    with pytest.raises(OptionError, match="allow_nonfinite"):
+        load_hf_adapter(object(), "/nonexistent", allow_nonfinite="yes")
 
 
 def test_every_megatron_lm_flag_of_the_schema_is_added_and_reaches_the_config():
