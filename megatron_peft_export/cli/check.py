@@ -110,6 +110,36 @@ def _version_note(version: str) -> str | None:
     return None
 
 
+def _ask_vllm(python: str, adapters: dict, bases: dict) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """vLLM's answer per adapter (one probe per base model), and a note for each question it could not answer (the
+    rules decide those)."""
+    answers: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for base in dict.fromkeys(bases.values()):
+        names = [n for n, b in bases.items() if b == base]
+        try:
+            result = run_probe(python, {n: adapters[n][0] for n in names}, base)
+        except ProbeFailed as exc:
+            notes.append(f"note: could not ask vLLM ({exc}); the rules for vLLM {VLLM_DEFAULT} decide")
+            continue
+        if result.get("model_error"):
+            notes.append(
+                f"note: vLLM {result['vllm']} could not build the base model {base} "
+                f"({result['model_error'][:300]}); "
+                "its module names were judged by the rules"
+            )
+        for n in names:
+            if result["adapters"].get(n, {}).get("probe_error"):
+                notes.append(
+                    f"note: could not ask vLLM {result['vllm']} about {n!r} "
+                    f"({result['adapters'][n]['probe_error'][:200]}); "
+                    f"the rules for vLLM {VLLM_DEFAULT} decide"
+                )
+            else:
+                answers[n] = result
+    return answers, notes
+
+
 def run(args: argparse.Namespace) -> int:
     if args.vllm_version is not None:
         parse_vllm_version(args.vllm_version)
@@ -123,32 +153,8 @@ def run(args: argparse.Namespace) -> int:
     model_types = {
         name: (read_hf_config(str(base)) or {}).get("model_type") if base else None for name, base in bases.items()
     }
-    answers: dict[str, dict[str, Any]] = {}
-    notes: list[str] = []
     python = engine_python(args.vllm_python) if args.target == "vllm" and args.vllm_version is None else None
-    if python:
-        for base in dict.fromkeys(bases.values()):
-            names = [n for n, b in bases.items() if b == base]
-            try:
-                result = run_probe(python, {n: adapters[n][0] for n in names}, base)
-            except ProbeFailed as exc:
-                notes.append(f"note: could not ask vLLM ({exc}); the rules for vLLM {VLLM_DEFAULT} decide")
-                continue
-            if result.get("model_error"):
-                notes.append(
-                    f"note: vLLM {result['vllm']} could not build the base model {base} "
-                    f"({result['model_error'][:300]}); "
-                    "its module names were judged by the rules"
-                )
-            for n in names:
-                if result["adapters"].get(n, {}).get("probe_error"):
-                    notes.append(
-                        f"note: could not ask vLLM {result['vllm']} about {n!r} "
-                        f"({result['adapters'][n]['probe_error'][:200]}); "
-                        f"the rules for vLLM {VLLM_DEFAULT} decide"
-                    )
-                else:
-                    answers[n] = result
+    answers, notes = _ask_vllm(python, adapters, bases) if python else ({}, [])
     for note in notes:
         print(note)
     version = args.vllm_version or VLLM_DEFAULT

@@ -146,6 +146,58 @@ def _project_blocks(
     return out
 
 
+def _run_probe(chunks: list, ids: torch.Tensor, device: Any, out_vocab: int) -> tuple[Any, dict]:
+    """One eval forward of the probe: the last pipeline stage's logits (gathered over TP, cut to `out_vocab`; None
+    elsewhere) and this rank's projected block outputs. Restores every module's train/eval mode."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    mconfig = _inner(chunks[0]).config
+    modes = [(m, m.training) for chunk in chunks for m in chunk.modules()]
+    records, handles = _block_recorders(chunks)
+    try:
+        for chunk in chunks:
+            chunk.eval()
+        with torch.no_grad():
+            outputs = _forward(chunks, ids, device)
+            logits = None
+            if ps.is_pipeline_last_stage(ignore_virtual=True):
+                logits = torch.cat(outputs, dim=0)
+                logits = gather_from_tensor_model_parallel_region(logits).float()[..., :out_vocab].contiguous()
+            proj = projection(mconfig.hidden_size, PROJECTION_SEED, PROJECTION_DIM)
+            blocks = _project_blocks(records, ids.shape[0], proj, bool(getattr(mconfig, "sequence_parallel", False)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    return logits, blocks
+
+
+def _collect_on_rank0(logits: Any, blocks: dict, shape: tuple, out_vocab: int, device: Any) -> tuple[Any, dict]:
+    """Rank 0 receives the logits from the first rank that has them and the block outputs of one rank per
+    pipeline stage (TP rank 0, DP rank 0); other ranks get (None, {})."""
+    from megatron.core import parallel_state as ps
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    source_rank = torch.tensor([rank if logits is not None else world], device=device)
+    dist.all_reduce(source_rank, op=dist.ReduceOp.MIN)
+    src = int(source_rank.item())
+    if rank == src and src != 0:
+        dist.send(logits, dst=0)
+    elif rank == 0 and src != 0:
+        logits = torch.empty(*shape, out_vocab, dtype=torch.float32, device=device)
+        dist.recv(logits, src=src)
+    is_block_source = (
+        ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    )
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(blocks if is_block_source else {}, gathered, dst=0)
+    if rank != 0:
+        return None, {}
+    return logits, {k: v for part in gathered for k, v in (part or {}).items()}
+
+
 def capture_reference(
     model: Any, config: VerifyConfig, *, iteration: int, hf_vocab: int | None = None
 ) -> Reference | None:
@@ -157,11 +209,9 @@ def capture_reference(
     train/eval modes are restored afterwards.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     inner = _inner(chunks[0])
-    mconfig = inner.config
     if ps.get_context_parallel_world_size() > 1:
         raise ExportError(
             "reference logits at context parallel size > 1 are not supported; expected --context-parallel-size 1 "
@@ -174,46 +224,11 @@ def capture_reference(
     )
     first = next(chunks[0].parameters())
     device, model_dtype = first.device, _DTYPE_NAMES.get(first.dtype, str(first.dtype))
-    batch, seq = ids.shape
     out_vocab = min(hf_vocab, megatron_vocab) if hf_vocab else megatron_vocab
-
-    modes = [(m, m.training) for chunk in chunks for m in chunk.modules()]
-    records, handles = _block_recorders(chunks)
-    try:
-        for chunk in chunks:
-            chunk.eval()
-        with torch.no_grad():
-            outputs = _forward(chunks, ids, device)
-            is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
-            logits = None
-            if is_last:
-                logits = torch.cat(outputs, dim=0)
-                logits = gather_from_tensor_model_parallel_region(logits).float()[..., :out_vocab].contiguous()
-            proj = projection(mconfig.hidden_size, PROJECTION_SEED, PROJECTION_DIM)
-            blocks = _project_blocks(records, batch, proj, bool(getattr(mconfig, "sequence_parallel", False)))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    source_rank = torch.tensor([rank if is_last else world], device=device)
-    dist.all_reduce(source_rank, op=dist.ReduceOp.MIN)
-    src = int(source_rank.item())
-    if rank == src and src != 0:
-        dist.send(logits, dst=0)
-    elif rank == 0 and src != 0:
-        logits = torch.empty(batch, seq, out_vocab, dtype=torch.float32, device=device)
-        dist.recv(logits, src=src)
-    is_block_source = (
-        ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
-    )
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(blocks if is_block_source else {}, gathered, dst=0)
-    if rank != 0:
+    logits, blocks = _run_probe(chunks, ids, device, out_vocab)
+    logits, all_blocks = _collect_on_rank0(logits, blocks, ids.shape, out_vocab, device)
+    if dist.get_rank() != 0:
         return None
-    all_blocks = {k: v for part in gathered for k, v in (part or {}).items()}
     metadata = {
         "iteration": iteration,
         "model_dtype": model_dtype,

@@ -50,7 +50,7 @@ def engine_python(explicit: str | None = None) -> str | None:
                     f"{source} {value!r}: expected the python executable of an environment with vLLM (e.g. "
                     f".venv-vllm/bin/python), found no executable file"
                 )
-            return value
+            return os.path.abspath(value)  # the probe runs in a directory of its own; a venv's link is kept
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
@@ -72,7 +72,7 @@ def run_probe(
         job.write_text(
             json.dumps(
                 {
-                    "base": str(base) if base else None,
+                    "base": str(Path(base).absolute()) if base else None,
                     "adapters": {k: str(Path(v).absolute()) for k, v in adapters.items()},
                     "weights_file": ADAPTER_WEIGHTS,
                 }

@@ -129,9 +129,20 @@ def load_reference(path: str | Path, *, within: str | Path | None = None) -> Ref
     """The reference logits file, checked: a regular file (inside `within`, the adapter directory, for the default one),
     logits [batch, seq, vocab] over non-negative token ids [batch, seq], block projections [batch, seq, dim], and
     metadata whose numbers are numbers. Anything else is a VerificationInputError."""
+    path = Path(path)
+    tensors, metadata = _read_reference(path, within)
+    if "logits" not in tensors or "input_ids" not in tensors:
+        raise VerificationInputError(f"{path}: expected tensors 'logits' and 'input_ids', found {sorted(tensors)[:8]}")
+    logits, ids = tensors.pop("logits"), tensors.pop("input_ids")
+    _check_probe(path, logits, ids, metadata)
+    blocks = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _BLOCK.match(k))}
+    _check_blocks(path, blocks, tuple(ids.shape))
+    return Reference(ids.long(), logits.float(), blocks, metadata)
+
+
+def _read_reference(path: Path, within: str | Path | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not os.path.lexists(path):
         raise VerificationInputError(
             f"no reference logits at {path}; expected {REFERENCE_FILE} inside the adapter (written at save time by "
@@ -144,13 +155,12 @@ def load_reference(path: str | Path, *, within: str | Path | None = None) -> Ref
             ) as file,
             safe_open(file.name, "pt") as f,
         ):
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
         raise VerificationInputError(f"cannot read the reference {path}: {' '.join(str(exc).split())[:200]}") from None
-    if "logits" not in tensors or "input_ids" not in tensors:
-        raise VerificationInputError(f"{path}: expected tensors 'logits' and 'input_ids', found {sorted(tensors)[:8]}")
-    logits, ids = tensors.pop("logits"), tensors.pop("input_ids")
+
+
+def _check_probe(path: Path, logits: torch.Tensor, ids: torch.Tensor, metadata: dict[str, str]) -> None:
     if logits.dim() != 3 or ids.dim() != 2 or tuple(logits.shape[:2]) != tuple(ids.shape):
         raise VerificationInputError(
             f"{path}: expected logits [batch, seq, vocab] over input_ids [batch, seq], found {tuple(logits.shape)} "
@@ -179,12 +189,14 @@ def load_reference(path: str | Path, *, within: str | Path | None = None) -> Ref
             f"{path}: expected finite reference logits and non-negative integer token ids; the reference is "
             f"corrupt or the model diverged at save time"
         )
-    blocks = {(int(m.group(1)), m.group(2)): t for k, t in tensors.items() if (m := _BLOCK.match(k))}
+
+
+def _check_blocks(path: Path, blocks: dict[tuple[int, str], torch.Tensor], probe: tuple[int, ...]) -> None:
     odd = sorted(
         f"blocks.{layer}.{kind} {tuple(t.shape)}"
         for (layer, kind), t in blocks.items()
         if t.dim() != 3
-        or tuple(t.shape[:2]) != tuple(ids.shape)
+        or tuple(t.shape[:2]) != probe
         or not 1 <= t.shape[-1] <= MAX_PROJECTION_DIM
         or not t.is_floating_point()
     )
@@ -194,7 +206,6 @@ def load_reference(path: str | Path, *, within: str | Path | None = None) -> Ref
             f"{MAX_PROJECTION_DIM}, found {', '.join(odd[:3]) or 'several dims'}; "
             "capture the reference again"
         )
-    return Reference(ids.long(), logits.float(), blocks, metadata)
 
 
 def check_base_model_files(base_dir: str | Path) -> None:

@@ -16,6 +16,7 @@ there is no vLLM venv, failing under CI=true.
 import contextlib
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -152,6 +153,15 @@ def test_vllm_serves_dense_adapters_with_peft_tokens_and_logprobs(dense, name):
     assert served["tokens"] == peft_out["tokens"]
     diff = dense["outcome"][name]["logprob_diff"]
     assert diff <= LOGPROB_ATOL, f"{name}: max |log-prob vLLM - peft| {diff:.2e}"
+
+
+def test_check_takes_relative_paths_for_the_adapters_the_base_and_vllms_python(dense, monkeypatch):
+    """The probe runs in a directory of its own: relative paths given on the command line still name the same files."""
+    python = require_vllm()
+    monkeypatch.chdir(dense["root"])
+    relative = _check(Path("adapters"), Path("base"), "--vllm-python", os.path.relpath(python))
+    assert {n: v["codes"] for n, v in relative.items()} == {n: v["codes"] for n, v in dense["check"]["asked"].items()}
+    assert any("vllm-refuses" in v["codes"] for v in relative.values()), "vLLM itself must have been asked"
 
 
 def test_vllm_refuses_dora(dense):
