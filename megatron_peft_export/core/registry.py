@@ -27,9 +27,9 @@ StoredRows = Literal["whole", "rank_blocks", "rank_halves"]
 another (`[s0; s1; ...]`, e.g. `[g0; u0; g1; u1]` for a gate/up linear_fc1); or each shard's first halves, then
 their second halves (`[s0 first half; s1 first half; ...; s0 second half; ...]`)."""
 
-COLUMN_PARALLEL = ("linear_qkv", "linear_fc1", "output_layer")
-"""megatron's column-parallel linears (output rows split over TP), by module name."""
-ROW_PARALLEL = ("linear_proj", "linear_fc2")
+COLUMN_PARALLEL = ("linear_qkv", "linear_fc1", "output_layer", "in_proj")
+"""megatron's column-parallel linears (output rows split over TP), by module name (`in_proj`: Mamba mixers)."""
+ROW_PARALLEL = ("linear_proj", "linear_fc2", "out_proj")
 """megatron's row-parallel linears (input columns split over TP), by module name."""
 CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
 """CanonicalLoRA's sub-adapters of the fused linears: one per HF module."""

@@ -1,7 +1,8 @@
 """The fused layouts, each declared once with its inverse: split for export, merge for import (pure tensor math).
 
 - Fused output rows of one Megatron linear over the HF modules it feeds (`row_blocks`): query groups (GQA:
-  `[q heads of group g; k_g; v_g]` per group, groups split over TP) and gate/up (`[gate_t; up_t]` per TP rank).
+  `[q heads of group g; k_g; v_g]` per group, groups split over TP), gate/up (`[gate_t; up_t]` per TP rank) and a
+  Mamba mixer's in_proj (`[z_t; x_t; B_t; C_t; dt_t]` per TP rank, HF `[z; x; B; C; dt]`).
   The planner turns the blocks into placements, which the export (live and offline) copies forward and the
   import reads backwards; `split_rows` and `merge_rows` are the same blocks applied to whole tensors.
 - The rows of a tensor as torch_dist stored it at TP > 1 (`stored_row_pieces`, `store_rows`; core/registry.py
@@ -53,10 +54,30 @@ def row_blocks(
     if layout == "gate_up":
         rows = out_features[0] // tp_size
         return [(0, tp_rank * rows, 0, rows), (1, tp_rank * rows, rows, rows)]
+    if layout == "mamba_in":
+        return _mamba_in_blocks(geometry, tp_rank, tp_size)
     rows = megatron_out // tp_size
     start = tp_rank * rows
     kept = max(0, min(rows, out_features[0] - start))
     return [(0, start, 0, kept)] if kept else []
+
+
+def mamba_in_parts(geometry: ModelGeometry) -> tuple[int, ...]:
+    """The rows of z, x, B, C and dt in a Mamba mixer's in_proj (whole model; each splits evenly over TP)."""
+    d_inner = geometry.mamba_d_inner
+    bc = (geometry.mamba_num_groups or 0) * (geometry.mamba_state_dim or 0)
+    return (d_inner, d_inner, bc, bc, geometry.mamba_num_heads or 0)
+
+
+def _mamba_in_blocks(geometry: ModelGeometry, tp_rank: int, tp_size: int) -> list[Block]:
+    """megatron's MambaMixer: rank t holds `[z_t; x_t; B_t; C_t; dt_t]`, each its 1/tp of the part (heads for z, x
+    and dt, groups for B and C); HF's in_proj is `[z; x; B; C; dt]`."""
+    blocks, hf_start, local = [], 0, 0
+    for rows in mamba_in_parts(geometry):
+        per_rank = rows // tp_size
+        blocks.append((0, hf_start + tp_rank * per_rank, local, per_rank))
+        hf_start, local = hf_start + rows, local + per_rank
+    return blocks
 
 
 def split_rows(
