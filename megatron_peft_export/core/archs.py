@@ -193,6 +193,12 @@ have no name map yet."""
 ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL, NEMOTRON_H)
 
 
+NON_GATED: tuple[str, ...] = tuple(
+    t for arch in ARCHS if not any(m.layout == "gate_up" for m in arch.modules) for t in arch.model_types
+)
+"""The model types whose name map has a non-gated MLP (up_proj, down_proj)."""
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for arch in ARCHS for t in arch.model_types)
 

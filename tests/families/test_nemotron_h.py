@@ -99,3 +99,115 @@ def test_hf_config_of_another_geometry_is_one_error_before_writing(tmp_path):
     ):
         assert field in error
     assert not (tmp_path / "adapter").exists()
+
+
+def _save_torch_dist(rank, world, tmp):
+    """The live export's model, saved as Megatron-LM saves it (torch_dist, args in common.pt, modelopt_state/)."""
+    import argparse
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
+
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
+    from tests.support import tiny_hybrid as th
+    from tests.support.tiny_gpt import apply_modelopt_lora
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    cfg = th.TinyHybridConfig()
+    th.init_parallel(world)
+    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=th.LORA_TARGETS)
+    th.fill_lora_dyadic(model, seed=5)  # the same values as _live_export's
+    directory = iteration_dir(Path(tmp) / "save", 5)
+    directory.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=world,
+        num_layers=len(cfg.pattern),
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=True,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        swiglu=False,
+        padded_vocab_size=cfg.vocab_size,
+        is_hybrid_model=True,
+        hybrid_override_pattern=cfg.pattern,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+        mamba_state_dim=cfg.mamba_state_dim,
+    )
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 5, "args": args}, str(directory))
+        save_sharded_modelopt_state([model], str(directory))
+    if rank == 0:
+        (Path(tmp) / "save" / TRACKER).write_text("5")
+    dist.barrier()
+
+
+def _offline_cli(rank, world, argv):
+    import contextlib
+    import io
+
+    from megatron_peft_export.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main([*argv, "--quiet"])
+    return status, err.getvalue()
+
+
+@pytest.mark.family("nemotron_h", path="offline", layout="TP1", check="deltas")
+@pytest.mark.family("nemotron_h", path="offline", layout="TP2", check="deltas")
+@pytest.mark.parametrize("tp", [1, 2], ids=["TP1", "TP2"])
+def test_offline_export_of_a_torch_dist_save_equals_the_live_export(tmp_path, tp):
+    expected = run_ranks(_live_export, tp, str(tmp_path))[0]
+    run_ranks(_save_torch_dist, tp, str(tmp_path))
+    argv = [
+        "export",
+        str(tmp_path / "save"),
+        "--output",
+        str(tmp_path / "offline"),
+        "--base-model",
+        str(tmp_path / "base"),
+    ]
+    status, err = run_ranks(_offline_cli, 1, argv)[0]
+    assert status == 0, err
+    live, offline = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("adapter", "offline"))
+    assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
+    (tmp_path / "adapter").rename(tmp_path / "live")
+    (tmp_path / "offline").rename(tmp_path / "adapter")
+    _assert_deltas_equal(tmp_path, expected)
+
+
+def _import(rank, world, tmp):
+    """A fresh model at TP `world` with zero adapters, filled from the HF adapter: its effective deltas."""
+    import torch.distributed as dist
+
+    from megatron_peft_export import load_hf_adapter
+    from tests.support import tiny_hybrid as th
+    from tests.support.tiny_gpt import apply_modelopt_lora
+
+    cfg = th.TinyHybridConfig()
+    th.init_parallel(world)
+    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=th.LORA_TARGETS)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora" in name:
+                param.zero_()
+    load_hf_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(Path(tmp) / "base"))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, th.modelopt_local_deltas(model))
+    return th.megatron_to_hf_deltas(gathered, cfg) if rank == 0 else None
+
+
+@pytest.mark.family("nemotron_h", path="import", layout="TP1", check="deltas")
+@pytest.mark.family("nemotron_h", path="import", layout="TP2", check="deltas")
+@pytest.mark.parametrize(("export_tp", "import_tp"), [(2, 1), (1, 2)], ids=["TP2-to-TP1", "TP1-to-TP2"])
+def test_import_back_gives_the_megatron_model_the_adapters_deltas(tmp_path, export_tp, import_tp):
+    """Exported at one TP size, imported at another: the Megatron model's effective deltas are peft's merged ones."""
+    run_ranks(_live_export, export_tp, str(tmp_path))
+    imported = run_ranks(_import, import_tp, str(tmp_path))[0]
+    _assert_deltas_equal(tmp_path, imported)
