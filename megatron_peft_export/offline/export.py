@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -20,7 +21,7 @@ from ..core.archs import NON_GATED
 from ..core.geometry import HYBRID_FIELDS, LAYER_SYMBOLS, MAX_SIZE, ModelGeometry
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
-from ..dialects import raise_refusals
+from ..dialects import name_modules, raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
@@ -172,7 +173,21 @@ def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     return ModelGeometry(**{n: values[n] for n in geometry_fields}, vocab_size=vocab)
 
 
+_BRIDGE_MAMBA_SPLIT = re.compile(r"^(?P<module>.+\.mixer\.in_proj)\.adapter\.linear_out\.weight\.(?:z|x|B|C|dt)$")
+
+
+def _refuse_split_mamba_keys(shapes: dict[str, tuple[int, ...]], directory: Path) -> None:
+    modules = sorted({m["module"] for key in shapes if (m := _BRIDGE_MAMBA_SPLIT.match(key))})
+    if modules:
+        raise DialectError(
+            f"{directory}: nemotron_h: Megatron-Bridge saved the LoRA B of Mamba in_proj split into z, x, B, C and dt "
+            f"tensors ({name_modules(modules)}), which the offline export does not read; export this adapter live "
+            "(export_adapter or the training hook), or train without LoRA on in_proj"
+        )
+
+
 def _adapter_keys(shapes: dict[str, tuple[int, ...]], adapter_name: str, directory: Path) -> list[AdapterKey]:
+    _refuse_split_mamba_keys(shapes, directory)
     found = [k for k in (classify(key) for key in shapes) if k is not None]
     for key in found:
         check_shape(key, shapes[key.key], str(directory))

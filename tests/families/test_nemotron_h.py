@@ -211,3 +211,77 @@ def test_import_back_gives_the_megatron_model_the_adapters_deltas(tmp_path, expo
     run_ranks(_live_export, export_tp, str(tmp_path))
     imported = run_ranks(_import, import_tp, str(tmp_path))[0]
     _assert_deltas_equal(tmp_path, imported)
+
+
+def _bridge_export(rank, world, tmp, save=False):
+    import torch.distributed as dist
+
+    from megatron_peft_export import export_adapter
+    from tests.support import real_bridge
+    from tests.support import tiny_hybrid as th
+
+    cfg = th.TinyHybridConfig()
+    th.init_parallel(world)
+    targets = ["in_proj", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    model = real_bridge.apply(th.build_hybrid(cfg), "lora", dim=4, alpha=8, target_modules=targets)
+    th.fill_lora_dyadic(model, seed=9)
+    if rank == 0:
+        th.save_hf_base(cfg, Path(tmp) / "base")
+    dist.barrier()
+    export_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(Path(tmp) / "base"))
+    if save:  # Bridge's in_proj save reads `tp_size`, which TE's linears have and megatron's local ones lack
+        for name, module in model.named_modules():
+            if name.endswith("mixer.in_proj"):
+                module.to_wrap.tp_size = world
+        _save(model, Path(tmp) / "save", None)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, th.bridge_local_tensors(model))
+    return th.megatron_to_hf_deltas(th.bridge_deltas(gathered), cfg) if rank == 0 else None
+
+
+@pytest.mark.family("nemotron_h", path="export", layout="TP2", check="deltas")
+def test_megatron_bridge_lora_export_tp2_weight_deltas(real_bridge, tmp_path):
+    """Megatron-Bridge's own LoRA (its ParallelLinearAdapter on in_proj, attention and MLP linears)."""
+    expected = run_ranks(_bridge_export, 2, str(tmp_path))[0]
+    _assert_deltas_equal(tmp_path, expected)
+
+
+def _save(model, save: Path, args) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    directory = iteration_dir(save, 5)
+    directory.mkdir(parents=True, exist_ok=True)
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 5, "args": args}, str(directory))
+    if dist.get_rank() == 0:
+        (save / TRACKER).write_text("5")
+    dist.barrier()
+
+
+@pytest.mark.family("nemotron_h", path="offline", layout="TP2", check="refused")
+def test_offline_export_of_bridge_lora_on_mamba_in_proj_is_refused_by_name(real_bridge, tmp_path):
+    """Bridge saves in_proj's LoRA B as five tensors (z, x, B, C, dt): refused with exit 2 and one line, not
+    misread."""
+    run_ranks(_bridge_export, 2, str(tmp_path), save=True)
+    argv = [
+        "export",
+        str(tmp_path / "save"),
+        "--output",
+        str(tmp_path / "offline"),
+        "--base-model",
+        str(tmp_path / "base"),
+    ]
+    status, err = run_ranks(_offline_cli, 1, argv)[0]
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and "nemotron_h: Megatron-Bridge saved the LoRA B of Mamba in_proj split into z, x, B, C" in lines[0]
+    )
+    assert "decoder.layers.{0,2}.mixer.in_proj" in lines[0], lines[0]
+    assert not (tmp_path / "offline").exists()

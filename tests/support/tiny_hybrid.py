@@ -115,7 +115,6 @@ def transformer_config(cfg: TinyHybridConfig):
 
 def _stack_spec():
     """megatron's mamba_stack_spec with megatron's own local (non-TE) linears and norms."""
-    from megatron.core.extensions.transformer_engine import TENorm  # noqa: F401  (imports without TE)
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -220,6 +219,39 @@ def modelopt_local_deltas(model, adapter: str = "default") -> dict[str, torch.Te
         if entry is not None:
             a, b = entry["lora_a"].weight, entry["lora_b"].weight
             deltas[name] = (entry["scale"] * (b @ a)).detach().clone()
+    return deltas
+
+
+def bridge_local_tensors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """This rank's Megatron-Bridge LoRA (A shard, B shard, alpha / dim) of every wrapped linear, by module path."""
+    out = {}
+    for name, module in model.named_modules():
+        adapter = module._modules.get("adapter")
+        if adapter is not None and module._modules.get("to_wrap") is not None:
+            a, b = adapter.linear_in.weight, adapter.linear_out.weight
+            out[name] = (a.detach().clone(), b.detach().clone(), float(adapter.alpha) / a.shape[0] / _tp_of(a))
+    return out
+
+
+def _tp_of(a: torch.Tensor) -> int:
+    """Bridge splits a column-parallel base's A over its rows (the adapter dim): the scale is alpha over the whole."""
+    from megatron.core import parallel_state as ps
+
+    split = getattr(a, "tensor_model_parallel", False) and a.partition_dim == 0
+    return ps.get_tensor_model_parallel_world_size() if split else 1
+
+
+def bridge_deltas(per_rank: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """Each rank's effective delta from every rank's Bridge tensors: on a column-parallel base A is split over its rows
+    and gathered (B @ A_whole), on a row-parallel base B's rows are gathered (B_whole @ A_t)."""
+    deltas = [{} for _ in per_rank]
+    for path in per_rank[0]:
+        row = path.rsplit(".", 1)[-1] in ROW_PARALLEL
+        a_whole = torch.cat([r[path][0] for r in per_rank]) if not row else None
+        b_whole = torch.cat([r[path][1] for r in per_rank]) if row else None
+        for t, tensors in enumerate(per_rank):
+            a, b, scale = tensors[path]
+            deltas[t][path] = scale * (b_whole @ a if row else b @ a_whole)
     return deltas
 
 
