@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..errors import UnsupportedModelError
 
-Layout = Literal["plain", "qkv", "gate_up", "mamba_in"]
+Layout = Literal["plain", "qkv", "gate_up", "mamba_in", "qkv_gated", "gdn_in"]
 """How a fused output dimension is laid out on a TP rank: one module, query groups, [gate_t; up_t], or a Mamba
 mixer's input projection ([z_t; x_t; B_t; C_t; dt_t], core/splits.py)."""
 
@@ -190,7 +190,38 @@ Mamba2 mixer (M), attention (*) or a non-gated squared-ReLU MLP (-). HF checkpoi
 `backbone.layers.{i}` (transformers 5 renames `backbone.` to `model.` when loading, for adapters too). MoE layers (E)
 have no name map yet."""
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL, NEMOTRON_H)
+_QWEN3_NEXT_MLP = (
+    "qwen3_next: found LoRA on a dense MLP or the shared expert (mlp.linear_fc1/fc2, mlp.shared_experts.*), which peft "
+    "does not load onto this family: with transformers 5, peft retargets every gate_proj, up_proj and down_proj of a "
+    "qwen3_next model to the fused routed experts, so these adapters would be dropped without a word. Expected LoRA on "
+    "the gated delta-net, attention and routed-expert linears only"
+)
+
+QWEN3_NEXT = ArchMap(
+    name="qwen3_next",
+    model_types=("qwen3_next",),
+    modules=(
+        ModuleMap(
+            "self_attention.in_proj",
+            ("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"),
+            "gdn_in",
+            layer_symbol="G",
+        ),
+        ModuleMap("self_attention.out_proj", ("linear_attn.out_proj",), "plain", layer_symbol="G"),
+        ModuleMap(_QKV.megatron, _QKV.hf, "qkv_gated", layer_symbol="*"),
+        ModuleMap(_PROJ.megatron, _PROJ.hf, "plain", layer_symbol="*"),
+        dataclasses.replace(LLAMA.modules[2], refused=_QWEN3_NEXT_MLP),
+        dataclasses.replace(_FC2, refused=_QWEN3_NEXT_MLP),
+    )
+    + QWEN_MOE.modules[2:]
+    + tuple(dataclasses.replace(m, refused=_QWEN3_NEXT_MLP) for m in QWEN2_MOE.modules[len(QWEN_MOE.modules) :]),
+    fused_experts=QWEN_MOE.fused_experts,
+)
+"""Qwen3-Next: gated delta-net layers (G: megatron's GatedDeltaNet under self_attention, HF `linear_attn`) and gated
+attention layers (*: linear_qkv yields a sigmoid gate per query head, HF's q_proj is doubled), with a dense SwiGLU MLP
+or Qwen2-MoE style experts, shared expert and router. CanonicalLoRA's q/k/v parts do not fit the gated linear_qkv."""
+
+ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL, NEMOTRON_H, QWEN3_NEXT)
 
 
 NON_GATED: tuple[str, ...] = tuple(

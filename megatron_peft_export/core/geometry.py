@@ -12,7 +12,9 @@ MAX_SIZE = 1 << 24
 _OPTIONAL = {"vocab_size", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}
 HYBRID_FIELDS = ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim")
 """Mamba mixer sizes (hybrid models only; None elsewhere)."""
-LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+GDN_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+"""Gated delta-net sizes (Qwen3-Next's linear-attention layers; the same names in megatron and HF; None elsewhere)."""
+LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "G": "gated delta-net"}
 """megatron's hybrid layer pattern symbols (`hybrid_override_pattern`), as HF's Nemotron-H `layers_block_type` names
 them in `_HF_LAYER_TYPES`."""
 _HF_LAYER_TYPES = {
@@ -26,14 +28,14 @@ _HF_LAYER_TYPES = {
 
 
 def _valid(name: str, value: Any) -> bool:
-    if name == "gated_linear_unit":
+    if name in ("gated_linear_unit", "attention_output_gate"):
         return isinstance(value, bool)
     if name == "layer_pattern":
         return value is None or (
             isinstance(value, str) and 0 < len(value) <= MAX_SIZE and set(value) <= set(LAYER_SYMBOLS)
         )
     if value is None:
-        return name in _OPTIONAL or name in HYBRID_FIELDS
+        return name in _OPTIONAL or name in HYBRID_FIELDS or name in GDN_FIELDS
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
 
 
@@ -72,7 +74,14 @@ class ModelGeometry:
     """SSM state size (HF ssm_state_size)."""
     layer_pattern: str | None = None
     """Hybrid models: one symbol per layer (`M` Mamba, `*` attention, `-` MLP, `E` MoE), megatron's
-    hybrid_override_pattern; None for models whose every layer is attention + MLP."""
+    hybrid_override_pattern; gated delta-net models: `G` or `*` per layer (the token mixer; megatron's
+    linear_attention_freq); None for models whose every layer is attention + MLP."""
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    attention_output_gate: bool = False
+    """Attention's linear_qkv also yields a sigmoid output gate per query head (Qwen3-Next; HF q_proj doubled)."""
 
     def __post_init__(self) -> None:
         wrong = [
@@ -110,16 +119,7 @@ class ModelGeometry:
         """From a megatron-core TransformerConfig (duck-typed: only attributes are read); `layer_pattern`: a hybrid
         model's (MambaModel.hybrid_override_pattern), which makes the Mamba sizes part of the geometry."""
         heads = config.num_attention_heads
-        hybrid = {}
-        if layer_pattern is not None or getattr(config, "is_hybrid_model", False):
-            head_dim = config.mamba_head_dim
-            hybrid = dict(
-                mamba_num_heads=config.mamba_num_heads or config.hidden_size * 2 // head_dim,  # MambaMixer's expand=2
-                mamba_head_dim=head_dim,
-                mamba_num_groups=config.mamba_num_groups,
-                mamba_state_dim=config.mamba_state_dim,
-                layer_pattern=layer_pattern,
-            )
+        hybrid = _megatron_hybrid(config, layer_pattern)
         return cls(
             num_layers=config.num_layers,
             hidden_size=config.hidden_size,
@@ -190,9 +190,56 @@ class ModelGeometry:
             )
 
 
+def _megatron_hybrid(config: Any, layer_pattern: str | None) -> dict[str, Any]:
+    """The Mamba or gated delta-net sizes and layer pattern of a megatron config (megatron sets defaults for both on
+    every config: they count only for a hybrid model, or one whose attention variant is gated_delta_net)."""
+    hybrid: dict[str, Any] = {"attention_output_gate": bool(getattr(config, "attention_output_gate", False))}
+    if getattr(config, "experimental_attention_variant", None) == "gated_delta_net":
+        hybrid.update({name: getattr(config, name) for name in GDN_FIELDS})
+        hybrid["layer_pattern"] = _gdn_pattern(config.linear_attention_freq, config.num_layers)
+    elif layer_pattern is not None or getattr(config, "is_hybrid_model", False):
+        head_dim = config.mamba_head_dim
+        hybrid.update(
+            mamba_num_heads=config.mamba_num_heads or config.hidden_size * 2 // head_dim,  # MambaMixer's expand=2
+            mamba_head_dim=head_dim,
+            mamba_num_groups=config.mamba_num_groups,
+            mamba_state_dim=config.mamba_state_dim,
+            layer_pattern=layer_pattern,
+        )
+    return hybrid
+
+
+def _gdn_pattern(freq: Any, num_layers: int) -> str | None:
+    """megatron's linear_attention_freq as a layer pattern: an int N makes every N-th layer attention, a list has 1 for
+    gated delta-net and 0 for attention (experimental_attention_variant_module_specs.get_linear_attention_pattern)."""
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq > 0:
+        return "".join("*" if (i + 1) % freq == 0 else "G" for i in range(num_layers))
+    if isinstance(freq, (list, tuple)) and set(freq) <= {0, 1}:
+        return "".join("G" if f else "*" for f in freq)
+    return None
+
+
+def _hf_gdn(text: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next's gated delta-net sizes and token-mixer pattern (`layer_types`); its attention is always gated."""
+    types = text.get("layer_types")
+    names = {"linear_attention": "G", "full_attention": "*"}
+    if not isinstance(types, list) or not set(types) <= set(names):
+        raise ShapeMismatchError(
+            f"the base model's config.json has layer_types {types!r:.80}; expected a list of linear_attention and "
+            "full_attention"
+        )
+    return {
+        **{name: text[name] for name in GDN_FIELDS},
+        "layer_pattern": "".join(names[t] for t in types),
+        "attention_output_gate": True,
+    }
+
+
 def _hf_hybrid(text: Mapping[str, Any]) -> dict[str, Any]:
     """A hybrid HF config's Mamba sizes and layer pattern (Nemotron-H: `hybrid_override_pattern`, or transformers 5's
     `layers_block_type` list); {} for other configs."""
+    if "linear_num_key_heads" in text:
+        return _hf_gdn(text)
     if "mamba_num_heads" not in text:
         return {}
     types = text.get("layers_block_type") or text.get("layer_types")

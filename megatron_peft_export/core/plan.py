@@ -14,7 +14,7 @@ import torch
 
 from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
-from .geometry import HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
+from .geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
 from .peft_names import hf_key
 from .shards import Placement, ShardSpec
 from .splits import mamba_in_parts, row_blocks
@@ -69,8 +69,15 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
             f"(num_experts {g.num_experts}, {module.width} {ffn}); pass the MoE base model's config or these sizes"
         )
     if kind == "linear_qkv":
+        if (module.layout == "qkv_gated") != g.attention_output_gate:
+            raise ShapeMismatchError(
+                f"the {module.megatron} name map expects attention "
+                f"{'with' if module.layout == 'qkv_gated' else 'without'} an output gate, the Megatron model's "
+                f"attention_output_gate is {g.attention_output_gate}; pass the model_type of the family the model "
+                "was converted from"
+            )
         return g.hidden_size, (
-            g.num_attention_heads * g.head_dim,
+            g.num_attention_heads * g.head_dim * (2 if g.attention_output_gate else 1),
             g.num_query_groups * g.head_dim,
             g.num_query_groups * g.head_dim,
         )
@@ -88,7 +95,7 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
     if kind == "linear_fc2":
         return ffn, (g.hidden_size,)
     if kind in ("in_proj", "out_proj"):
-        return _mamba_shapes(kind, g)
+        return _gdn_shapes(kind, g) if module.megatron.startswith("self_attention.") else _mamba_shapes(kind, g)
     if kind == "router":
         if not g.num_experts:
             raise ShapeMismatchError("found a router adapter, but the model geometry has no experts (num_experts)")
@@ -107,6 +114,24 @@ def _mamba_shapes(kind: str, g: ModelGeometry) -> tuple[int, tuple[int, ...]]:
     if kind == "out_proj":
         return g.mamba_d_inner, (g.hidden_size,)
     return g.hidden_size, (sum(mamba_in_parts(g)),)
+
+
+def _gdn_shapes(kind: str, g: ModelGeometry) -> tuple[int, tuple[int, ...]]:
+    missing = [name for name in GDN_FIELDS if getattr(g, name) is None]
+    if missing:
+        raise ShapeMismatchError(
+            f"found adapters on a gated delta-net's {kind}, but the model geometry has no gated delta-net sizes "
+            f"({', '.join(missing)}); expected a Qwen3-Next model and the base model's config"
+        )
+    nk, nv = g.linear_num_key_heads, g.linear_num_value_heads
+    if nv % nk:
+        raise ShapeMismatchError(
+            f"expected linear_num_value_heads ({nv}) to be a multiple of linear_num_key_heads ({nk})"
+        )
+    v_dim = nv * g.linear_value_head_dim
+    if kind == "out_proj":
+        return v_dim, (g.hidden_size,)
+    return g.hidden_size, (2 * nk * g.linear_key_head_dim + 2 * v_dim, 2 * nv)
 
 
 def _check_layer_kind(module_path: str, layer: int, module: ModuleMap, geometry: ModelGeometry) -> None:
@@ -182,6 +207,8 @@ def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_
     units = {
         "qkv": ("query groups", geometry.num_query_groups),
         "gate_up": ("the MLP width", target.out_features[0]),
+        "qkv_gated": ("query groups", geometry.num_query_groups),
+        "gdn_in": ("gated delta-net key heads", geometry.linear_num_key_heads or 0),
         "mamba_in": ("Mamba heads and groups", math.gcd(geometry.mamba_num_heads or 0, geometry.mamba_num_groups or 0)),
     }
     what, count = units.get(target.layout, ("output rows", target.megatron_out))

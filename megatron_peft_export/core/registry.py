@@ -31,9 +31,9 @@ COLUMN_PARALLEL = ("linear_qkv", "linear_fc1", "output_layer", "in_proj")
 """megatron's column-parallel linears (output rows split over TP), by module name (`in_proj`: Mamba mixers)."""
 ROW_PARALLEL = ("linear_proj", "linear_fc2", "out_proj")
 """megatron's row-parallel linears (input columns split over TP), by module name."""
-RANK_BLOCK_FUSED = ("mixer.in_proj",)
-"""Fused linears whose TP shards, concatenated, are not the TP 1 rows (Mamba in_proj: `[z_0; x_0; ...; z_1; ...]`);
-a gated linear_fc1 is one too."""
+RANK_BLOCK_FUSED = ("mixer.in_proj", "self_attention.in_proj")
+"""Fused linears whose TP shards, concatenated, are not the TP 1 rows (Mamba in_proj: `[z_0; x_0; ...; z_1; ...]`,
+gated delta-net in_proj: `[q_0; k_0; ...; q_1; ...]`); a gated linear_fc1 is one too."""
 CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
 """CanonicalLoRA's sub-adapters of the fused linears: one per HF module."""
 

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.archs import NON_GATED
-from ..core.geometry import HYBRID_FIELDS, LAYER_SYMBOLS, MAX_SIZE, ModelGeometry
+from ..core.geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, MAX_SIZE, ModelGeometry
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
 from ..dialects import name_modules, raise_refusals
@@ -90,6 +90,8 @@ _RECORDED = {
     "mamba_num_groups": ("mamba_num_groups", "mamba_num_groups"),
     "mamba_state_dim": ("mamba_state_dim", "mamba_state_dim"),
     "layer_pattern": ("hybrid_override_pattern", "hybrid_override_pattern"),
+    **{name: (name, name) for name in GDN_FIELDS},
+    "attention_output_gate": ("attention_output_gate", "attention_output_gate"),
     "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
     "etp_size": ("expert_tensor_parallel_size", "expert_tensor_parallel_size"),
 }
@@ -133,15 +135,23 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
 def _hybrid_values(values: dict[str, Any], args: Any, hf: dict[str, Any]) -> None:
     """Mamba sizes only for a hybrid model (Megatron-LM records its Mamba defaults in every checkpoint's args); a
     hybrid model without mamba_num_heads has MambaMixer's hidden_size * 2 // mamba_head_dim."""
+    gdn = getattr(args, "experimental_attention_variant", None) == "gated_delta_net" or hf.get("linear_num_key_heads")
+    if gdn and values["layer_pattern"] is None:
+        values["layer_pattern"] = hf.get("layer_pattern")  # Megatron-LM records linear_attention_freq, not a pattern
+    if not gdn:
+        values.update(dict.fromkeys(GDN_FIELDS))
     hybrid = values["layer_pattern"] or getattr(args, "is_hybrid_model", False) or hf.get("mamba_num_heads")
+    if not hybrid or gdn:
+        values.update(dict.fromkeys(HYBRID_FIELDS))
     if not hybrid:
-        values.update(dict.fromkeys((*HYBRID_FIELDS, "layer_pattern")))
-    elif values["mamba_num_heads"] is None and values["hidden_size"] and values["mamba_head_dim"]:
+        values["layer_pattern"] = None
+    elif values["mamba_num_heads"] is None and values["hidden_size"] and values["mamba_head_dim"] and not gdn:
         values["mamba_num_heads"] = values["hidden_size"] * 2 // values["mamba_head_dim"]
+    values["attention_output_gate"] = bool(values["attention_output_gate"])
 
 
 def _plausible(name: str, value: Any) -> bool:
-    if name == "gated_linear_unit":
+    if name in ("gated_linear_unit", "attention_output_gate"):
         return isinstance(value, bool)
     if name == "layer_pattern":
         return isinstance(value, str) and 0 < len(value) <= MAX_SIZE and set(value) <= set(LAYER_SYMBOLS)
@@ -162,7 +172,13 @@ def _flag(name: str) -> str:
 
 def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
-    optional = {"num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", *HYBRID_FIELDS}
+    optional = {
+        "num_experts",
+        "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size",
+        *HYBRID_FIELDS,
+        *GDN_FIELDS,
+    }
     optional.add("layer_pattern")  # dense models have no experts, non-hybrid ones no Mamba sizes or layer pattern
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:

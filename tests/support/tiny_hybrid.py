@@ -312,12 +312,13 @@ def save_hf_base(cfg: TinyHybridConfig, directory) -> None:
     model.save_pretrained(directory)
 
 
-def peft_merged_deltas(base_dir, adapter_dir) -> dict[str, torch.Tensor]:
-    """peft's merged weight minus the base weight, for every linear of the HF model that changed."""
+def peft_merged_deltas(base_dir, adapter_dir, model_class=None) -> dict[str, torch.Tensor]:
+    """peft's merged weight minus the base weight, for every linear of the HF model (Nemotron-H unless `model_class`)
+    that changed."""
     from peft import PeftModel
     from transformers import NemotronHForCausalLM
 
-    base = NemotronHForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    base = (model_class or NemotronHForCausalLM).from_pretrained(base_dir, torch_dtype=torch.float32)
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     deltas = {}
