@@ -49,9 +49,15 @@ def _assert_deltas_equal(tmp: Path, expected: dict[str, torch.Tensor]) -> None:
         assert torch.equal(found[name], delta), name
 
 
-@pytest.mark.family("qwen3_next", path="export", layout="TP1", check="deltas")
-@pytest.mark.family("qwen3_next", path="export", layout="TP2", check="deltas")
-@pytest.mark.parametrize("tp", [1, 2], ids=["TP1", "TP2"])
+@pytest.mark.parametrize(
+    "tp",
+    [
+        pytest.param(
+            t, id=f"TP{t}", marks=pytest.mark.family("qwen3_next", path="export", layout=f"TP{t}", check="deltas")
+        )
+        for t in (1, 2)
+    ],
+)
 def test_live_export_weight_deltas(tmp_path, tp):
     expected = run_ranks(_live_export, tp, str(tmp_path))[0]
     assert isinstance(expected, dict), expected
@@ -98,9 +104,15 @@ def _save_torch_dist(rank, world, tmp):
         save_sharded_modelopt_state([model], str(Path(tmp) / "save" / "iter_0000005"))
 
 
-@pytest.mark.family("qwen3_next", path="offline", layout="TP1", check="deltas")
-@pytest.mark.family("qwen3_next", path="offline", layout="TP2", check="deltas")
-@pytest.mark.parametrize("tp", [1, 2], ids=["TP1", "TP2"])
+@pytest.mark.parametrize(
+    "tp",
+    [
+        pytest.param(
+            t, id=f"TP{t}", marks=pytest.mark.family("qwen3_next", path="offline", layout=f"TP{t}", check="deltas")
+        )
+        for t in (1, 2)
+    ],
+)
 def test_offline_export_of_a_torch_dist_save_equals_the_live_export(tmp_path, tp):
     expected = run_ranks(_live_export, tp, str(tmp_path))[0]
     run_ranks(_save_torch_dist, tp, str(tmp_path))
@@ -142,9 +154,18 @@ def _import(rank, world, tmp):
     return tn.megatron_to_hf_deltas(gathered, cfg) if rank == 0 else None
 
 
-@pytest.mark.family("qwen3_next", path="import", layout="TP1", check="deltas")
-@pytest.mark.family("qwen3_next", path="import", layout="TP2", check="deltas")
-@pytest.mark.parametrize(("export_tp", "import_tp"), [(2, 1), (1, 2)], ids=["TP2-to-TP1", "TP1-to-TP2"])
+@pytest.mark.parametrize(
+    ("export_tp", "import_tp"),
+    [
+        pytest.param(
+            e,
+            i,
+            id=f"TP{e}-to-TP{i}",
+            marks=pytest.mark.family("qwen3_next", path="import", layout=f"TP{i}", check="deltas"),
+        )
+        for e, i in ((2, 1), (1, 2))
+    ],
+)
 def test_import_back_gives_the_megatron_model_the_adapters_deltas(tmp_path, export_tp, import_tp):
     run_ranks(_live_export, export_tp, str(tmp_path))
     imported = run_ranks(_import, import_tp, str(tmp_path))[0]
