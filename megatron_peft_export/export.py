@@ -94,6 +94,16 @@ def megatron_config(chunk: torch.nn.Module) -> tuple[Any, int | None]:
     return chunk.config, getattr(chunk, "vocab_size", None)
 
 
+def model_geometry(chunk: torch.nn.Module) -> tuple[ModelGeometry, int | None]:
+    """The geometry of a (possibly wrapped) megatron-core model and its padded vocabulary; a hybrid model (MambaModel)
+    adds its layer pattern."""
+    config, vocab = megatron_config(chunk)
+    while not hasattr(chunk, "config") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    pattern = getattr(chunk, "hybrid_override_pattern", None)
+    return ModelGeometry.from_megatron(config, layer_pattern=pattern if isinstance(pattern, str) else None), vocab
+
+
 def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *, copy: bool) -> Snapshot:
     """This rank's shards of the adapter (copied to host memory when `copy`); errors go into the report."""
     report = _Report()
@@ -101,8 +111,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     carriers: list = []
     try:
         chunks = model_chunks(model)
-        config, report.megatron_vocab = megatron_config(chunks[0])
-        report.geometry = ModelGeometry.from_megatron(config)
+        report.geometry, report.megatron_vocab = model_geometry(chunks[0])
         report.quantization = describe_quantization(chunks)
         found = collect(
             chunks,

@@ -18,12 +18,11 @@ from safetensors import safe_open
 from . import distributed as coll
 from .core import options
 from .core.experts import expert_of, unfuse_experts
-from .core.geometry import ModelGeometry
 from .core.patterns import PatternSet
 from .core.plan import AdapterPlan, plan_adapter, plan_shard, resolve_target
 from .dialects import collect, raise_refusals
 from .errors import ExportError, NoAdaptersError, ShapeMismatchError
-from .export import Naming, megatron_config, model_chunks, naming
+from .export import Naming, model_chunks, model_geometry, naming
 from .io.hf_config import read_hf_config
 from .io.peft_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_finite, file_tensors, read_adapter, weights_file
 from .targets import check_targets
@@ -110,7 +109,7 @@ def load_hf_adapter(
     error, local, unfused, refused = None, [], None, []
     try:
         chunks = model_chunks(model)
-        transformer_config, vocab = megatron_config(chunks[0])
+        geometry, vocab = model_geometry(chunks[0])
         found = collect(chunks, adapter_name, layout.tp_rank, layout.tp_size)
         refused = found.refused
         # Every copy is filled; a replicated tensor is planned as TP rank 0's copy.
@@ -120,9 +119,7 @@ def load_hf_adapter(
         # malformed or hostile files, lying headers, contradicting shapes: AdapterFileError
         config, shapes = read_adapter(adapter_dir)
         check_targets(config, shapes, str(adapter_dir))  # a tensor peft would ignore is no adapter to import
-        names = naming(
-            model_type, read_hf_config(base_model_name_or_path), ModelGeometry.from_megatron(transformer_config)
-        )
+        names = naming(model_type, read_hf_config(base_model_name_or_path), geometry)
         unfused = _unfused_experts(adapter_dir, config, names)
         if unfused is not None:
             shapes = {key: tuple(t.shape) for key, t in unfused.items()}

@@ -11,8 +11,9 @@ from typing import Literal
 
 from ..errors import UnsupportedModelError
 
-Layout = Literal["plain", "qkv", "gate_up"]
-"""How a fused output dimension is laid out on a TP rank: one module, query groups, or [gate_t; up_t]."""
+Layout = Literal["plain", "qkv", "gate_up", "mamba_in", "qkv_gated", "gdn_in"]
+"""How a fused output dimension is laid out on a TP rank: one module, query groups, [gate_t; up_t], or a Mamba
+mixer's input projection ([z_t; x_t; B_t; C_t; dt_t], core/splits.py)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class ModuleMap:
     """CanonicalLoRA's names for the sub-adapters, in the order of `hf`."""
     width: str = "ffn_hidden_size"
     """The ModelGeometry field with this MLP's width (routed and shared experts are narrower than a dense MLP)."""
+    layer_symbol: str = ""
+    """Hybrid models: the layer-pattern symbol (ModelGeometry.layer_pattern) of the layers that hold this linear."""
+    refused: str = ""
+    """Why an adapter on this linear is refused (no HF adapter computes it); empty: exported."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class ArchMap:
     output_layer: str = "lm_head"
     fused_experts: tuple[FusedExperts, ...] = ()
     """How transformers v5 fuses the per-expert modules (in parameter registration order); empty for dense models."""
+    renamed_prefix: str = ""
+    """A prefix of `layer_prefix` that transformers v5 renames when it loads a checkpoint (and peft, an adapter's
+    tensors, but not its target_modules): full module paths in target_modules are written without it."""
 
 
 _QKV = ModuleMap(
@@ -156,7 +164,70 @@ MIXTRAL = ArchMap(
 )
 """Mixtral: w1 (gate), w3 (up), w2 (down) per expert and the router `gate` in transformers v4; under `mlp` in v5."""
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL)
+_MAMBA_OUT_PROJ = (
+    "nemotron_h: found LoRA on the Mamba mixers' out_proj (decoder.layers.<i>.mixer.out_proj), which no HF adapter "
+    "reproduces: peft refuses LoRA on out_proj of Mamba models (the fused Mamba kernels read out_proj.weight directly, "
+    "bypassing any adapter). Expected LoRA on the Mamba in_proj, attention and MLP linears only; train without "
+    "out_proj (ModelOpt/Bridge target patterns)"
+)
+
+NEMOTRON_H = ArchMap(
+    name="nemotron_h",
+    model_types=("nemotron_h",),
+    modules=(
+        ModuleMap("mixer.in_proj", ("mixer.in_proj",), "mamba_in", layer_symbol="M"),
+        ModuleMap("mixer.out_proj", ("mixer.out_proj",), "plain", layer_symbol="M", refused=_MAMBA_OUT_PROJ),
+        ModuleMap(_QKV.megatron, ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj"), "qkv", _QKV.parts, layer_symbol="*"),
+        ModuleMap(_PROJ.megatron, ("mixer.o_proj",), "plain", layer_symbol="*"),
+        ModuleMap("mlp.linear_fc1", ("mixer.up_proj",), "plain", layer_symbol="-"),
+        ModuleMap(_FC2.megatron, ("mixer.down_proj",), "plain", layer_symbol="-"),
+    ),
+    layer_prefix="backbone.layers.{i}",
+    renamed_prefix="backbone.",
+)
+"""Nemotron-H (megatron's MambaModel): one HF block per hybrid-pattern layer, numbered alike, its one mixer being a
+Mamba2 mixer (M), attention (*) or a non-gated squared-ReLU MLP (-). HF checkpoints name the blocks
+`backbone.layers.{i}` (transformers 5 renames `backbone.` to `model.` when loading, for adapters too). MoE layers (E)
+have no name map yet."""
+
+_QWEN3_NEXT_MLP = (
+    "qwen3_next: found LoRA on a dense MLP or the shared expert (mlp.linear_fc1/fc2, mlp.shared_experts.*), which peft "
+    "does not load onto this family: with transformers 5, peft retargets every gate_proj, up_proj and down_proj of a "
+    "qwen3_next model to the fused routed experts, so these adapters would be dropped without a word. Expected LoRA on "
+    "the gated delta-net, attention and routed-expert linears only"
+)
+
+QWEN3_NEXT = ArchMap(
+    name="qwen3_next",
+    model_types=("qwen3_next",),
+    modules=(
+        ModuleMap(
+            "self_attention.in_proj",
+            ("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"),
+            "gdn_in",
+            layer_symbol="G",
+        ),
+        ModuleMap("self_attention.out_proj", ("linear_attn.out_proj",), "plain", layer_symbol="G"),
+        ModuleMap(_QKV.megatron, _QKV.hf, "qkv_gated", layer_symbol="*"),
+        ModuleMap(_PROJ.megatron, _PROJ.hf, "plain", layer_symbol="*"),
+        dataclasses.replace(LLAMA.modules[2], refused=_QWEN3_NEXT_MLP),
+        dataclasses.replace(_FC2, refused=_QWEN3_NEXT_MLP),
+    )
+    + QWEN_MOE.modules[2:]
+    + tuple(dataclasses.replace(m, refused=_QWEN3_NEXT_MLP) for m in QWEN2_MOE.modules[len(QWEN_MOE.modules) :]),
+    fused_experts=QWEN_MOE.fused_experts,
+)
+"""Qwen3-Next: gated delta-net layers (G: megatron's GatedDeltaNet under self_attention, HF `linear_attn`) and gated
+attention layers (*: linear_qkv yields a sigmoid gate per query head, HF's q_proj is doubled), with a dense SwiGLU MLP
+or Qwen2-MoE style experts, shared expert and router. CanonicalLoRA's q/k/v parts do not fit the gated linear_qkv."""
+
+ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL, NEMOTRON_H, QWEN3_NEXT)
+
+
+NON_GATED: tuple[str, ...] = tuple(
+    t for arch in ARCHS if not any(m.layout == "gate_up" for m in arch.modules) for t in arch.model_types
+)
+"""The model types whose name map has a non-gated MLP (up_proj, down_proj)."""
 
 
 def supported_model_types() -> list[str]:

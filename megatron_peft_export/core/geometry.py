@@ -10,13 +10,32 @@ from ..errors import ShapeMismatchError
 
 MAX_SIZE = 1 << 24
 _OPTIONAL = {"vocab_size", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}
+HYBRID_FIELDS = ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim")
+"""Mamba mixer sizes (hybrid models only; None elsewhere)."""
+GDN_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+"""Gated delta-net sizes (Qwen3-Next's linear-attention layers; the same names in megatron and HF; None elsewhere)."""
+LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "G": "gated delta-net"}
+"""megatron's hybrid layer pattern symbols (`hybrid_override_pattern`), as HF's Nemotron-H `layers_block_type` names
+them in `_HF_LAYER_TYPES`."""
+_HF_LAYER_TYPES = {
+    "linear_attention": "M",
+    "mamba": "M",
+    "full_attention": "*",
+    "attention": "*",
+    "mlp": "-",
+    "moe": "E",
+}
 
 
 def _valid(name: str, value: Any) -> bool:
-    if name == "gated_linear_unit":
+    if name in ("gated_linear_unit", "attention_output_gate"):
         return isinstance(value, bool)
+    if name == "layer_pattern":
+        return value is None or (
+            isinstance(value, str) and 0 < len(value) <= MAX_SIZE and set(value) <= set(LAYER_SYMBOLS)
+        )
     if value is None:
-        return name in _OPTIONAL
+        return name in _OPTIONAL or name in HYBRID_FIELDS or name in GDN_FIELDS
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
 
 
@@ -46,6 +65,23 @@ class ModelGeometry:
     """Width of each routed expert's MLP (HF moe_intermediate_size; Mixtral: intermediate_size)."""
     moe_shared_expert_intermediate_size: int | None = None
     """Width of the shared expert's MLP (HF shared_expert_intermediate_size); None: no shared expert."""
+    mamba_num_heads: int | None = None
+    """Hybrid models: Mamba heads per mixer (HF mamba_num_heads); d_inner = heads * mamba_head_dim."""
+    mamba_head_dim: int | None = None
+    mamba_num_groups: int | None = None
+    """B/C groups (HF n_groups)."""
+    mamba_state_dim: int | None = None
+    """SSM state size (HF ssm_state_size)."""
+    layer_pattern: str | None = None
+    """Hybrid models: one symbol per layer (`M` Mamba, `*` attention, `-` MLP, `E` MoE), megatron's
+    hybrid_override_pattern; gated delta-net models: `G` or `*` per layer (the token mixer; megatron's
+    linear_attention_freq); None for models whose every layer is attention + MLP."""
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    attention_output_gate: bool = False
+    """Attention's linear_qkv also yields a sigmoid output gate per query head (Qwen3-Next; HF q_proj doubled)."""
 
     def __post_init__(self) -> None:
         wrong = [
@@ -54,7 +90,13 @@ class ModelGeometry:
         if wrong:
             raise ShapeMismatchError(
                 f"model geometry: expected positive integers up to {MAX_SIZE} (gated_linear_unit true or false; "
-                f"vocab_size and the MoE sizes may be unset), found {', '.join(wrong)}"
+                f"vocab_size and the MoE sizes may be unset; a layer pattern of {''.join(LAYER_SYMBOLS)}), found "
+                f"{', '.join(wrong)}"
+            )
+        if self.layer_pattern is not None and len(self.layer_pattern) != self.num_layers:
+            raise ShapeMismatchError(
+                f"expected the hybrid layer pattern to have one symbol per layer ({self.num_layers}), found "
+                f"{self.layer_pattern!r} ({len(self.layer_pattern)})"
             )
         if self.num_attention_heads % self.num_query_groups:
             raise ShapeMismatchError(
@@ -66,10 +108,18 @@ class ModelGeometry:
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
+    @property
+    def mamba_d_inner(self) -> int:
+        return (self.mamba_num_heads or 0) * (self.mamba_head_dim or 0)
+
     @classmethod
-    def from_megatron(cls, config: Any, vocab_size: int | None = None) -> ModelGeometry:
-        """From a megatron-core TransformerConfig (duck-typed: only attributes are read)."""
+    def from_megatron(
+        cls, config: Any, vocab_size: int | None = None, layer_pattern: str | None = None
+    ) -> ModelGeometry:
+        """From a megatron-core TransformerConfig (duck-typed: only attributes are read); `layer_pattern`: a hybrid
+        model's (MambaModel.hybrid_override_pattern), which makes the Mamba sizes part of the geometry."""
         heads = config.num_attention_heads
+        hybrid = _megatron_hybrid(config, layer_pattern)
         return cls(
             num_layers=config.num_layers,
             hidden_size=config.hidden_size,
@@ -82,6 +132,7 @@ class ModelGeometry:
             num_experts=getattr(config, "num_moe_experts", None),
             moe_ffn_hidden_size=getattr(config, "moe_ffn_hidden_size", None),
             moe_shared_expert_intermediate_size=getattr(config, "moe_shared_expert_intermediate_size", None) or None,
+            **hybrid,
         )
 
     @classmethod
@@ -101,8 +152,9 @@ class ModelGeometry:
         text = config.get("text_config") or config
         heads = text["num_attention_heads"]
         experts = text.get("num_experts") or text.get("num_local_experts")
+        hybrid = _hf_hybrid(text)
         return cls(
-            num_layers=text["num_hidden_layers"],
+            num_layers=len(hybrid["layer_pattern"]) if hybrid.get("layer_pattern") else text["num_hidden_layers"],
             hidden_size=text["hidden_size"],
             num_attention_heads=heads,
             num_query_groups=text.get("num_key_value_heads") or heads,
@@ -115,11 +167,14 @@ class ModelGeometry:
             moe_shared_expert_intermediate_size=(text.get("shared_expert_intermediate_size") or None)
             if experts
             else None,
+            **hybrid,
         )
 
     def check_matches(self, hf: ModelGeometry, source: str) -> None:
         """Raise one error listing every field where the HF config contradicts the Megatron model."""
         skip = {"vocab_size", "gated_linear_unit"}
+        if self.layer_pattern is None or hf.layer_pattern is None:  # one side does not record it
+            skip.add("layer_pattern")
         if self.num_experts:  # MoE families here have no dense MLP; HF's intermediate_size may name the expert width
             skip.add("ffn_hidden_size")
         diffs = [
@@ -133,3 +188,73 @@ class ModelGeometry:
                 + "; ".join(diffs)
                 + ". Pass the base model the adapter was trained on (base_model_name_or_path)."
             )
+
+
+def _megatron_hybrid(config: Any, layer_pattern: str | None) -> dict[str, Any]:
+    """The Mamba or gated delta-net sizes and layer pattern of a megatron config (megatron sets defaults for both on
+    every config: they count only for a hybrid model, or one whose attention variant is gated_delta_net)."""
+    hybrid: dict[str, Any] = {"attention_output_gate": bool(getattr(config, "attention_output_gate", False))}
+    if getattr(config, "experimental_attention_variant", None) == "gated_delta_net":
+        hybrid.update({name: getattr(config, name) for name in GDN_FIELDS})
+        hybrid["layer_pattern"] = _gdn_pattern(config.linear_attention_freq, config.num_layers)
+    elif layer_pattern is not None or getattr(config, "is_hybrid_model", False):
+        head_dim = config.mamba_head_dim
+        hybrid.update(
+            mamba_num_heads=config.mamba_num_heads or config.hidden_size * 2 // head_dim,  # MambaMixer's expand=2
+            mamba_head_dim=head_dim,
+            mamba_num_groups=config.mamba_num_groups,
+            mamba_state_dim=config.mamba_state_dim,
+            layer_pattern=layer_pattern,
+        )
+    return hybrid
+
+
+def _gdn_pattern(freq: Any, num_layers: int) -> str | None:
+    """megatron's linear_attention_freq as a layer pattern: an int N makes every N-th layer attention, a list has 1 for
+    gated delta-net and 0 for attention (experimental_attention_variant_module_specs.get_linear_attention_pattern)."""
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq > 0:
+        return "".join("*" if (i + 1) % freq == 0 else "G" for i in range(num_layers))
+    if isinstance(freq, (list, tuple)) and set(freq) <= {0, 1}:
+        return "".join("G" if f else "*" for f in freq)
+    return None
+
+
+def _hf_gdn(text: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next's gated delta-net sizes and token-mixer pattern (`layer_types`); its attention is always gated."""
+    types = text.get("layer_types")
+    names = {"linear_attention": "G", "full_attention": "*"}
+    if not isinstance(types, list) or not set(types) <= set(names):
+        raise ShapeMismatchError(
+            f"the base model's config.json has layer_types {types!r:.80}; expected a list of linear_attention and "
+            "full_attention"
+        )
+    return {
+        **{name: text[name] for name in GDN_FIELDS},
+        "layer_pattern": "".join(names[t] for t in types),
+        "attention_output_gate": True,
+    }
+
+
+def _hf_hybrid(text: Mapping[str, Any]) -> dict[str, Any]:
+    """A hybrid HF config's Mamba sizes and layer pattern (Nemotron-H: `hybrid_override_pattern`, or transformers 5's
+    `layers_block_type` list); {} for other configs."""
+    if "linear_num_key_heads" in text:
+        return _hf_gdn(text)
+    if "mamba_num_heads" not in text:
+        return {}
+    types = text.get("layers_block_type") or text.get("layer_types")
+    pattern = text.get("hybrid_override_pattern")
+    if pattern is None and types is not None:
+        unknown = sorted({t for t in types if t not in _HF_LAYER_TYPES})
+        if unknown:
+            raise ShapeMismatchError(
+                f"the base model's config.json has layer types {unknown}; expected {', '.join(sorted(_HF_LAYER_TYPES))}"
+            )
+        pattern = "".join(_HF_LAYER_TYPES[t] for t in types)
+    return dict(
+        mamba_num_heads=text["mamba_num_heads"],
+        mamba_head_dim=text["mamba_head_dim"],
+        mamba_num_groups=text.get("n_groups") or text.get("mamba_n_groups"),
+        mamba_state_dim=text["ssm_state_size"],
+        layer_pattern=pattern,
+    )

@@ -22,14 +22,22 @@ def _number(x: float) -> int | float:
 
 
 def target_modules(plan: AdapterPlan, skip: frozenset[str] = frozenset()) -> list[str]:
-    """Short names for modules adapted in every layer, full paths for the rest: exactly the modules with tensors."""
+    """Short names for modules adapted in every layer that has them, full paths for the rest (without a prefix that
+    transformers renames on load, which peft matches as a suffix): exactly the modules with tensors."""
     modules = [m for m in plan.modules if m not in skip]
     layers: dict[str, set[int]] = defaultdict(set)
     for module in modules:
         match = re.search(r"layers\.(\d+)\.", module)
         layers[module.rsplit(".", 1)[-1]].add(int(match.group(1)) if match else -1)
-    everywhere = {name for name, found in layers.items() if found == set(range(plan.num_layers)) or found == {-1}}
-    return sorted({m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in everywhere else m for m in modules})
+    every = set(range(plan.num_layers))
+    everywhere = {name for name, found in layers.items() if found == plan.layers_of.get(name, every) or found == {-1}}
+    renamed = plan.renamed_prefix
+    return sorted(
+        {
+            m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in everywhere else m.removeprefix(renamed) if renamed else m
+            for m in modules
+        }
+    )
 
 
 def adapter_config(

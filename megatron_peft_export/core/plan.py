@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -12,10 +14,10 @@ import torch
 
 from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
-from .geometry import ModelGeometry
+from .geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
 from .peft_names import hf_key
 from .shards import Placement, ShardSpec
-from .splits import row_blocks
+from .splits import mamba_in_parts, row_blocks
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 OUTPUT_LAYER = "output_layer"
@@ -50,6 +52,10 @@ class AdapterPlan:
     modules: dict[str, LoraSettings]
     use_dora: bool
     num_layers: int
+    layers_of: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)
+    """Hybrid models: the layers whose HF block has a module of this short name (others: every layer)."""
+    renamed_prefix: str = ""
+    """A prefix of the HF names that transformers 5 renames when loading (ArchMap.renamed_prefix)."""
 
 
 def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tuple[int, ...]]:
@@ -63,8 +69,15 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
             f"(num_experts {g.num_experts}, {module.width} {ffn}); pass the MoE base model's config or these sizes"
         )
     if kind == "linear_qkv":
+        if (module.layout == "qkv_gated") != g.attention_output_gate:
+            raise ShapeMismatchError(
+                f"the {module.megatron} name map expects attention "
+                f"{'with' if module.layout == 'qkv_gated' else 'without'} an output gate, the Megatron model's "
+                f"attention_output_gate is {g.attention_output_gate}; pass the model_type of the family the model "
+                "was converted from"
+            )
         return g.hidden_size, (
-            g.num_attention_heads * g.head_dim,
+            g.num_attention_heads * g.head_dim * (2 if g.attention_output_gate else 1),
             g.num_query_groups * g.head_dim,
             g.num_query_groups * g.head_dim,
         )
@@ -81,11 +94,56 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
         return g.hidden_size, (ffn,) * len(module.hf)
     if kind == "linear_fc2":
         return ffn, (g.hidden_size,)
+    if kind in ("in_proj", "out_proj"):
+        return _gdn_shapes(kind, g) if module.megatron.startswith("self_attention.") else _mamba_shapes(kind, g)
     if kind == "router":
         if not g.num_experts:
             raise ShapeMismatchError("found a router adapter, but the model geometry has no experts (num_experts)")
         return g.hidden_size, (g.num_experts,)
     raise DialectError(f"no shape rule for Megatron module kind {kind!r}")
+
+
+def _mamba_shapes(kind: str, g: ModelGeometry) -> tuple[int, tuple[int, ...]]:
+    missing = [name for name in HYBRID_FIELDS if getattr(g, name) is None]
+    if missing:
+        raise ShapeMismatchError(
+            f"found adapters on a Mamba mixer's {kind}, but the model geometry has no Mamba sizes "
+            f"({', '.join(missing)}); expected a hybrid model (megatron MambaModel, HF nemotron_h) and the base "
+            "model's config"
+        )
+    if kind == "out_proj":
+        return g.mamba_d_inner, (g.hidden_size,)
+    return g.hidden_size, (sum(mamba_in_parts(g)),)
+
+
+def _gdn_shapes(kind: str, g: ModelGeometry) -> tuple[int, tuple[int, ...]]:
+    missing = [name for name in GDN_FIELDS if getattr(g, name) is None]
+    if missing:
+        raise ShapeMismatchError(
+            f"found adapters on a gated delta-net's {kind}, but the model geometry has no gated delta-net sizes "
+            f"({', '.join(missing)}); expected a Qwen3-Next model and the base model's config"
+        )
+    nk, nv = g.linear_num_key_heads, g.linear_num_value_heads
+    if nv % nk:
+        raise ShapeMismatchError(
+            f"expected linear_num_value_heads ({nv}) to be a multiple of linear_num_key_heads ({nk})"
+        )
+    v_dim = nv * g.linear_value_head_dim
+    if kind == "out_proj":
+        return v_dim, (g.hidden_size,)
+    return g.hidden_size, (2 * nk * g.linear_key_head_dim + 2 * v_dim, 2 * nv)
+
+
+def _check_layer_kind(module_path: str, layer: int, module: ModuleMap, geometry: ModelGeometry) -> None:
+    """On a hybrid model, a linear must sit in a layer of its kind (a Mamba in_proj in an `M` layer...)."""
+    pattern = geometry.layer_pattern
+    if pattern is None or not module.layer_symbol or pattern[layer] == module.layer_symbol:
+        return
+    raise ShapeMismatchError(
+        f"{module_path} belongs to a {LAYER_SYMBOLS[module.layer_symbol]} layer, but layer {layer} of the hybrid "
+        f"pattern {pattern!r} is {pattern[layer]!r} ({LAYER_SYMBOLS[pattern[layer]]}); pass the base model whose "
+        "layer pattern the Megatron model was built with"
+    )
 
 
 @functools.cache
@@ -126,9 +184,12 @@ def resolve_target(
             f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
         )
     module, expert = found
+    if module.refused:
+        raise DialectError(module.refused)
     layer = int(match.group(1))
     if layer >= geometry.num_layers:
         raise ShapeMismatchError(f"{module_path}: layer {layer} is past the model's {geometry.num_layers} layers")
+    _check_layer_kind(module_path, layer, module, geometry)
     prefix = arch.layer_prefix.format(i=layer)
     in_features, outs = _linear_shapes(module, geometry)
     if expert is not None and expert >= geometry.num_experts:
@@ -143,7 +204,13 @@ def resolve_target(
 
 
 def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_size: int) -> None:
-    units = {"qkv": ("query groups", geometry.num_query_groups), "gate_up": ("the MLP width", target.out_features[0])}
+    units = {
+        "qkv": ("query groups", geometry.num_query_groups),
+        "gate_up": ("the MLP width", target.out_features[0]),
+        "qkv_gated": ("query groups", geometry.num_query_groups),
+        "gdn_in": ("gated delta-net key heads", geometry.linear_num_key_heads or 0),
+        "mamba_in": ("Mamba heads and groups", math.gcd(geometry.mamba_num_heads or 0, geometry.mamba_num_groups or 0)),
+    }
     what, count = units.get(target.layout, ("output rows", target.megatron_out))
     if count % tp_size:
         raise ShapeMismatchError(
@@ -258,7 +325,29 @@ def plan_adapter(
                 f"DoRA magnitude found for some modules but not for {', '.join(missing[:5])}; expected it on every "
                 f"adapted module"
             )
-    return AdapterPlan(shapes, dtypes, placements, modules, use_dora, geometry.num_layers)
+    return AdapterPlan(
+        shapes,
+        dtypes,
+        placements,
+        modules,
+        use_dora,
+        geometry.num_layers,
+        _layers_of(arch, geometry),
+        arch.renamed_prefix,
+    )
+
+
+def _layers_of(arch: ArchMap, geometry: ModelGeometry) -> dict[str, frozenset[int]]:
+    """Short HF module name -> the layers of its kind in a hybrid model's pattern (none known: {})."""
+    pattern = geometry.layer_pattern
+    if pattern is None:
+        return {}
+    return {
+        hf.rsplit(".", 1)[-1]: frozenset(i for i, symbol in enumerate(pattern) if symbol == module.layer_symbol)
+        for module in arch.modules
+        if module.layer_symbol
+        for hf in module.hf
+    }
 
 
 def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[float]]) -> dict[str, LoraSettings]:

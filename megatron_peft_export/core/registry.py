@@ -27,10 +27,13 @@ StoredRows = Literal["whole", "rank_blocks", "rank_halves"]
 another (`[s0; s1; ...]`, e.g. `[g0; u0; g1; u1]` for a gate/up linear_fc1); or each shard's first halves, then
 their second halves (`[s0 first half; s1 first half; ...; s0 second half; ...]`)."""
 
-COLUMN_PARALLEL = ("linear_qkv", "linear_fc1", "output_layer")
-"""megatron's column-parallel linears (output rows split over TP), by module name."""
-ROW_PARALLEL = ("linear_proj", "linear_fc2")
+COLUMN_PARALLEL = ("linear_qkv", "linear_fc1", "output_layer", "in_proj")
+"""megatron's column-parallel linears (output rows split over TP), by module name (`in_proj`: Mamba mixers)."""
+ROW_PARALLEL = ("linear_proj", "linear_fc2", "out_proj")
 """megatron's row-parallel linears (input columns split over TP), by module name."""
+RANK_BLOCK_FUSED = ("mixer.in_proj", "self_attention.in_proj")
+"""Fused linears whose TP shards, concatenated, are not the TP 1 rows (Mamba in_proj: `[z_0; x_0; ...; z_1; ...]`,
+gated delta-net in_proj: `[q_0; k_0; ...; q_1; ...]`); a gated linear_fc1 is one too."""
 CANONICAL_PARTS = ("q", "k", "v", "gate", "up")
 """CanonicalLoRA's sub-adapters of the fused linears: one per HF module."""
 
@@ -52,7 +55,8 @@ class TensorDecl:
     row_split: int | None
     """The same when the base linear is row-parallel."""
     stored_rows: StoredRows = "whole"
-    """How torch_dist stores its rows on a gated linear_fc1 (`rank_halves`: on the gate and up sub-adapters)."""
+    """How torch_dist stores its rows on a gated linear_fc1 or a Mamba in_proj (`rank_halves`: on the gate and up
+    sub-adapters)."""
 
     def split_dim(self, module: str) -> int | None:
         return self.column_split if module.rsplit(".", 1)[-1] in COLUMN_PARALLEL else self.row_split
@@ -61,7 +65,8 @@ class TensorDecl:
         """The stored row layout of this tensor on `module` (`part`: the CanonicalLoRA sub-adapter)."""
         if self.stored_rows == "rank_halves":
             return "rank_halves" if part in ("gate", "up") else "whole"
-        if self.stored_rows == "rank_blocks" and gated and module.endswith("linear_fc1") and part is None:
+        fused = (gated and module.endswith("linear_fc1")) or module.endswith(RANK_BLOCK_FUSED)
+        if self.stored_rows == "rank_blocks" and fused and part is None:
             return "rank_blocks"
         return "whole"
 

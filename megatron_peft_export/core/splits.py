@@ -1,7 +1,10 @@
 """The fused layouts, each declared once with its inverse: split for export, merge for import (pure tensor math).
 
 - Fused output rows of one Megatron linear over the HF modules it feeds (`row_blocks`): query groups (GQA:
-  `[q heads of group g; k_g; v_g]` per group, groups split over TP) and gate/up (`[gate_t; up_t]` per TP rank).
+  `[q heads of group g; k_g; v_g]` per group, groups split over TP), gate/up (`[gate_t; up_t]` per TP rank) and a
+  Mamba mixer's in_proj (`[z_t; x_t; B_t; C_t; dt_t]` per TP rank, HF `[z; x; B; C; dt]`), gated attention
+  (`[q heads; their gates; k; v]` per query group, HF q_proj `[q_h; gate_h]` per head) and a gated delta-net's in_proj
+  (`[q_t; k_t; v_t; z_t; b_t; a_t]` per TP rank, HF in_proj_qkvz and in_proj_ba interleaved per key head).
   The planner turns the blocks into placements, which the export (live and offline) copies forward and the
   import reads backwards; `split_rows` and `merge_rows` are the same blocks applied to whole tensors.
 - The rows of a tensor as torch_dist stored it at TP > 1 (`stored_row_pieces`, `store_rows`; core/registry.py
@@ -53,10 +56,73 @@ def row_blocks(
     if layout == "gate_up":
         rows = out_features[0] // tp_size
         return [(0, tp_rank * rows, 0, rows), (1, tp_rank * rows, rows, rows)]
+    if layout == "mamba_in":
+        return _mamba_in_blocks(geometry, tp_rank, tp_size)
+    if layout == "qkv_gated":
+        return _gated_qkv_blocks(geometry, tp_rank, tp_size)
+    if layout == "gdn_in":
+        return _gdn_in_blocks(geometry, tp_rank, tp_size)
     rows = megatron_out // tp_size
     start = tp_rank * rows
     kept = max(0, min(rows, out_features[0] - start))
     return [(0, start, 0, kept)] if kept else []
+
+
+def mamba_in_parts(geometry: ModelGeometry) -> tuple[int, ...]:
+    """The rows of z, x, B, C and dt in a Mamba mixer's in_proj (whole model; each splits evenly over TP)."""
+    d_inner = geometry.mamba_d_inner
+    bc = (geometry.mamba_num_groups or 0) * (geometry.mamba_state_dim or 0)
+    return (d_inner, d_inner, bc, bc, geometry.mamba_num_heads or 0)
+
+
+def _mamba_in_blocks(geometry: ModelGeometry, tp_rank: int, tp_size: int) -> list[Block]:
+    """megatron's MambaMixer: rank t holds `[z_t; x_t; B_t; C_t; dt_t]`, each its 1/tp of the part (heads for z, x
+    and dt, groups for B and C); HF's in_proj is `[z; x; B; C; dt]`."""
+    blocks, hf_start, local = [], 0, 0
+    for rows in mamba_in_parts(geometry):
+        per_rank = rows // tp_size
+        blocks.append((0, hf_start + tp_rank * per_rank, local, per_rank))
+        hf_start, local = hf_start + rows, local + per_rank
+    return blocks
+
+
+def _gated_qkv_blocks(geometry: ModelGeometry, tp_rank: int, tp_size: int) -> list[Block]:
+    """megatron's linear_qkv with attention_output_gate: per query group `[q heads; their gates; k; v]`
+    (attention.py get_query_key_value_tensors); HF q_proj holds `[q_h; gate_h]` per head h (Qwen3-Next)."""
+    groups = geometry.num_query_groups // tp_size
+    hpg, d = geometry.heads_per_group, geometry.head_dim
+    blocks = []
+    for j in range(groups):
+        g, base = tp_rank * groups + j, j * (2 * hpg + 2) * d
+        for k in range(hpg):
+            h = g * hpg + k
+            blocks += [(0, 2 * h * d, base + k * d, d), (0, (2 * h + 1) * d, base + (hpg + k) * d, d)]
+        blocks += [(1, g * d, base + 2 * hpg * d, d), (2, g * d, base + (2 * hpg + 1) * d, d)]
+    return blocks
+
+
+def _gdn_in_blocks(geometry: ModelGeometry, tp_rank: int, tp_size: int) -> list[Block]:
+    """megatron's GatedDeltaNet.in_proj: rank t holds `[q_t; k_t; v_t; z_t; b_t; a_t]`, its key heads' q and k, their
+    value heads' v, z, b and a (gated_delta_net.py splits them so). HF's in_proj_qkvz is per key head g
+    `[q_g; k_g; v_g; z_g]` and in_proj_ba `[b_g; a_g]`, v, z, b and a being the value heads g serves
+    (modeling_qwen3_next.fix_query_key_value_ordering)."""
+    nk, nv = geometry.linear_num_key_heads or 0, geometry.linear_num_value_heads or 0
+    hk, hv = geometry.linear_key_head_dim or 0, geometry.linear_value_head_dim or 0
+    r, keys = nv // nk, nk // tp_size
+    qk, v = keys * hk, keys * r * hv  # this rank's rows of each of q, k and of each of v, z
+    width = 2 * hk + 2 * r * hv
+    blocks = []
+    for j in range(keys):
+        g = tp_rank * keys + j
+        blocks += [
+            (0, g * width, j * hk, hk),
+            (0, g * width + hk, qk + j * hk, hk),
+            (0, g * width + 2 * hk, 2 * qk + j * r * hv, r * hv),
+            (0, g * width + 2 * hk + r * hv, 2 * qk + v + j * r * hv, r * hv),
+            (1, g * 2 * r, 2 * qk + 2 * v + j * r, r),
+            (1, g * 2 * r + r, 2 * qk + 2 * v + keys * r + j * r, r),
+        ]
+    return blocks
 
 
 def split_rows(

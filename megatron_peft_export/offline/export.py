@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -16,10 +17,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..core.geometry import MAX_SIZE, ModelGeometry
+from ..core.archs import NON_GATED
+from ..core.geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, MAX_SIZE, ModelGeometry
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
-from ..dialects import raise_refusals
+from ..dialects import name_modules, raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
 from ..export import ExportOptions, naming, stage_adapter
@@ -83,6 +85,13 @@ _RECORDED = {
         "moe_shared_expert_intermediate_size",
         "moe_shared_expert_intermediate_size",
     ),
+    "mamba_num_heads": ("mamba_num_heads", "mamba_num_heads"),
+    "mamba_head_dim": ("mamba_head_dim", "mamba_head_dim"),
+    "mamba_num_groups": ("mamba_num_groups", "mamba_num_groups"),
+    "mamba_state_dim": ("mamba_state_dim", "mamba_state_dim"),
+    "layer_pattern": ("hybrid_override_pattern", "hybrid_override_pattern"),
+    **{name: (name, name) for name in GDN_FIELDS},
+    "attention_output_gate": ("attention_output_gate", "attention_output_gate"),
     "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
     "etp_size": ("expert_tensor_parallel_size", "expert_tensor_parallel_size"),
 }
@@ -99,7 +108,7 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
         if name == "num_query_groups" and args is not None and not getattr(args, "group_query_attention", True):
             from_args = None
         candidates = (
-            (_flag(name), getattr(facts, name)),
+            (_flag(name), getattr(facts, name, None)),  # the hybrid sizes have no flags
             (f"the checkpoint's args.{arg_name}", from_args),
             (f"run_config.yaml's model.{bridge_name}", model.get(bridge_name)),
             ("the base model's config.json", hf.get(name) if name != "gated_linear_unit" else None),
@@ -108,21 +117,44 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
         if values[name] is not None and not _plausible(name, values[name]):
             raise CheckpointError(
                 f"{source} gives {name} = {values[name]!r:.40}; expected "
-                + ("true or false" if name == "gated_linear_unit" else f"an integer from 1 to {MAX_SIZE}")
+                + {"gated_linear_unit": "true or false", "layer_pattern": "a string of M * - E"}.get(
+                    name, f"an integer from 1 to {MAX_SIZE}"
+                )
                 + f". Pass {_flag(name)}"
             )
+    _hybrid_values(values, args, hf)
     if values["num_query_groups"] is None:
         values["num_query_groups"] = values["num_attention_heads"]
     if values["head_dim"] is None and values["hidden_size"] and values["num_attention_heads"]:
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-    if values["gated_linear_unit"] is None and hf_config is not None:
-        values["gated_linear_unit"] = True  # the Llama-family name maps are gated
+    if values["gated_linear_unit"] is None and hf_config is not None:  # the name map's MLP
+        values["gated_linear_unit"] = hf_config.get("model_type") not in NON_GATED
     return values
 
 
+def _hybrid_values(values: dict[str, Any], args: Any, hf: dict[str, Any]) -> None:
+    """Mamba sizes only for a hybrid model (Megatron-LM records its Mamba defaults in every checkpoint's args); a
+    hybrid model without mamba_num_heads has MambaMixer's hidden_size * 2 // mamba_head_dim."""
+    gdn = getattr(args, "experimental_attention_variant", None) == "gated_delta_net" or hf.get("linear_num_key_heads")
+    if gdn and values["layer_pattern"] is None:
+        values["layer_pattern"] = hf.get("layer_pattern")  # Megatron-LM records linear_attention_freq, not a pattern
+    if not gdn:
+        values.update(dict.fromkeys(GDN_FIELDS))
+    hybrid = values["layer_pattern"] or getattr(args, "is_hybrid_model", False) or hf.get("mamba_num_heads")
+    if not hybrid or gdn:
+        values.update(dict.fromkeys(HYBRID_FIELDS))
+    if not hybrid:
+        values["layer_pattern"] = None
+    elif values["mamba_num_heads"] is None and values["hidden_size"] and values["mamba_head_dim"] and not gdn:
+        values["mamba_num_heads"] = values["hidden_size"] * 2 // values["mamba_head_dim"]
+    values["attention_output_gate"] = bool(values["attention_output_gate"])
+
+
 def _plausible(name: str, value: Any) -> bool:
-    if name == "gated_linear_unit":
+    if name in ("gated_linear_unit", "attention_output_gate"):
         return isinstance(value, bool)
+    if name == "layer_pattern":
+        return isinstance(value, str) and 0 < len(value) <= MAX_SIZE and set(value) <= set(LAYER_SYMBOLS)
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
 
 
@@ -140,7 +172,14 @@ def _flag(name: str) -> str:
 
 def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
-    optional = {"num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}  # dense models have none
+    optional = {
+        "num_experts",
+        "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size",
+        *HYBRID_FIELDS,
+        *GDN_FIELDS,
+    }
+    optional.add("layer_pattern")  # dense models have no experts, non-hybrid ones no Mamba sizes or layer pattern
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(
@@ -150,7 +189,21 @@ def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     return ModelGeometry(**{n: values[n] for n in geometry_fields}, vocab_size=vocab)
 
 
+_BRIDGE_MAMBA_SPLIT = re.compile(r"^(?P<module>.+\.mixer\.in_proj)\.adapter\.linear_out\.weight\.(?:z|x|B|C|dt)$")
+
+
+def _refuse_split_mamba_keys(shapes: dict[str, tuple[int, ...]], directory: Path) -> None:
+    modules = sorted({m["module"] for key in shapes if (m := _BRIDGE_MAMBA_SPLIT.match(key))})
+    if modules:
+        raise DialectError(
+            f"{directory}: nemotron_h: Megatron-Bridge saved the LoRA B of Mamba in_proj split into z, x, B, C and dt "
+            f"tensors ({name_modules(modules)}), which the offline export does not read; export this adapter live "
+            "(export_adapter or the training hook), or train without LoRA on in_proj"
+        )
+
+
 def _adapter_keys(shapes: dict[str, tuple[int, ...]], adapter_name: str, directory: Path) -> list[AdapterKey]:
+    _refuse_split_mamba_keys(shapes, directory)
     found = [k for k in (classify(key) for key in shapes) if k is not None]
     for key in found:
         check_shape(key, shapes[key.key], str(directory))

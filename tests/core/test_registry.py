@@ -19,6 +19,7 @@ from megatron_peft_export.core.splits import (
     stored_row_pieces,
     unstack_experts,
 )
+from megatron_peft_export.errors import DialectError
 from megatron_peft_export.offline.keys import classify
 
 # tests/support/tiny_gpt.py's TinyGPTConfig and tiny_moe.py's MoE sizes
@@ -36,6 +37,10 @@ TINY = ModelGeometry(
     moe_shared_expert_intermediate_size=48,
 )
 LAYER, EXPERT = 3, 2
+HYBRID = dict(mamba_num_heads=8, mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=4)
+"""tests/support/tiny_hybrid.py's Mamba sizes."""
+GDN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=6)
+"""tests/support/tiny_qwen3_next.py's gated delta-net sizes."""
 
 
 def _entries():
@@ -54,7 +59,11 @@ def _entries():
 @pytest.mark.parametrize(("dialect", "arch", "module", "parts"), list(_entries()))
 def test_live_name_to_checkpoint_key_and_back(dialect, arch, module, parts):
     geometry = TINY if arch.fused_experts or arch.name == "qwen2_moe" else dataclasses.replace(TINY, num_experts=None)
-    geometry = dataclasses.replace(geometry, gated_linear_unit=arch.name != "nemotron")
+    geometry = dataclasses.replace(geometry, gated_linear_unit=arch.name not in ("nemotron", "nemotron_h"))
+    if arch.name == "nemotron_h":
+        geometry = dataclasses.replace(geometry, **HYBRID)
+    if arch.name == "qwen3_next":
+        geometry = dataclasses.replace(geometry, **GDN, attention_output_gate=True)
     for decl, leaf, part in dialect.leaves("sft"):
         if part is not None and part not in parts:
             continue
@@ -68,6 +77,11 @@ def test_live_name_to_checkpoint_key_and_back(dialect, arch, module, parts):
         assert stored.adapter_name == found.adapter_name
         assert len(index) == len(stored.axes), key
         assert f"{expand(stored.module, stored.axes, index)}.{leaf}" == live
+        refused = next((m.refused for m in arch.modules if module.endswith(m.megatron.replace("{e}", "2"))), "")
+        if refused:  # mapped to be refused by name (core/archs.py)
+            with pytest.raises(DialectError, match=f"^{arch.name}: found LoRA on "):
+                resolve_target(module, part, geometry, arch)
+            continue
         assert resolve_target(module, part, geometry, arch).hf_modules  # the architecture maps what the dialect names
 
 
@@ -131,6 +145,52 @@ def test_gate_up_split_and_merge_are_inverse(tp):
     out = split_rows(shards, "gate_up", (ffn, ffn), TINY)
     assert torch.equal(out[0], gate) and torch.equal(out[1], up)
     assert all(torch.equal(a, b) for a, b in zip(merge_rows(out, "gate_up", 2 * ffn, TINY, tp), shards))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mamba_in_proj_split_and_merge_are_inverse(tp):
+    """megatron's MambaMixer.in_proj, written from its layout: each TP rank holds [z_t; x_t; B_t; C_t; dt_t], its share
+    of heads (z, x, dt) and groups (B, C); HF's in_proj is [z; x; B; C; dt]."""
+    geometry = dataclasses.replace(TINY, **HYBRID)
+    d_inner, bc, heads = 8 * 8, 2 * 4, 8
+    parts = [torch.randn(n, 5) for n in (d_inner, d_inner, bc, bc, heads)]
+    shards = [torch.cat([p.chunk(tp)[t] for p in parts]) for t in range(tp)]
+    hf = torch.cat(parts)
+    assert torch.equal(split_rows(shards, "mamba_in", (hf.shape[0],), geometry)[0], hf)
+    assert all(torch.equal(a, b) for a, b in zip(merge_rows([hf], "mamba_in", hf.shape[0], geometry, tp), shards))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gated_delta_net_in_proj_split_and_merge_are_inverse(tp):
+    """megatron's GatedDeltaNet.in_proj: each rank [q_t; k_t; v_t; z_t; b_t; a_t]; HF in_proj_qkvz per key head
+    [q_g; k_g; v_g; z_g] and in_proj_ba [b_g; a_g], v/z/b/a those of the value heads key head g serves."""
+    geometry = dataclasses.replace(TINY, **GDN)
+    nk, nv, hk, hv = 2, 4, 8, 6
+    q, k, v, z = (torch.randn(n, 3) for n in (nk * hk, nk * hk, nv * hv, nv * hv))
+    b, a = torch.randn(nv, 3), torch.randn(nv, 3)
+    shards = [torch.cat([p.chunk(tp)[t] for p in (q, k, v, z, b, a)]) for t in range(tp)]
+    per_key = [p.reshape(nk, -1, 3) for p in (q, k, v, z, b, a)]
+    qkvz, ba = torch.cat(per_key[:4], 1).reshape(-1, 3), torch.cat(per_key[4:], 1).reshape(-1, 3)
+    out = split_rows(shards, "gdn_in", (qkvz.shape[0], ba.shape[0]), geometry)
+    assert torch.equal(out[0], qkvz) and torch.equal(out[1], ba)
+    merged = merge_rows([qkvz, ba], "gdn_in", qkvz.shape[0] + ba.shape[0], geometry, tp)
+    assert all(torch.equal(x, y) for x, y in zip(merged, shards))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_gated_qkv_split_and_merge_are_inverse(tp):
+    """megatron's linear_qkv with attention_output_gate: per group [q heads; their gates; k; v]; HF q_proj per head
+    [q_h; gate_h]."""
+    geometry, d, heads, groups = TINY, TINY.head_dim, TINY.num_attention_heads, TINY.num_query_groups
+    q, gate = torch.randn(heads, d, 3), torch.randn(heads, d, 3)
+    k, v = torch.randn(groups * d, 3), torch.randn(groups * d, 3)
+    per_group = [x.reshape(groups, -1, 3) for x in (q.reshape(-1, 3), gate.reshape(-1, 3), k, v)]
+    fused = torch.cat(per_group, 1).reshape(-1, 3)
+    q_proj = torch.stack([q, gate], 1).reshape(-1, 3)
+    out = split_rows(fused.chunk(tp), "qkv_gated", (2 * heads * d, groups * d, groups * d), geometry)
+    assert all(torch.equal(x, y) for x, y in zip(out, (q_proj, k, v)))
+    merged = merge_rows(out, "qkv_gated", fused.shape[0], geometry, tp)
+    assert all(torch.equal(x, y) for x, y in zip(merged, fused.chunk(tp)))
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -1,0 +1,302 @@
+"""Nemotron-H (megatron MambaModel: Mamba, attention and MLP layers): export live, offline and import back.
+
+megatron's Mamba mixer cannot run on CPU (mamba_ssm / causal_conv1d kernels), so parity is by weight deltas: for every
+HF module, peft's merged weight minus the base weight equals the Megatron adapter's effective delta (scale * B @ A of
+each TP rank, put together by megatron's row layout in tests/support/tiny_hybrid.py), exactly (the values are dyadic
+so that float32 sums are exact)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.support.multiprocess import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _live_export(rank, world, tmp, pattern="M*M-", targets=None, hf=None):
+    import torch.distributed as dist
+
+    from megatron_peft_export import export_adapter
+    from tests.support import tiny_hybrid as th
+    from tests.support.tiny_gpt import apply_modelopt_lora
+
+    cfg = th.TinyHybridConfig(pattern=pattern)
+    th.init_parallel(world)
+    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=targets or th.LORA_TARGETS)
+    th.fill_lora_dyadic(model, seed=5)
+    if rank == 0:
+        th.save_hf_base(th.TinyHybridConfig(**(hf or {})), Path(tmp) / "base")
+    dist.barrier()
+    try:
+        export_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(Path(tmp) / "base"))
+    except Exception as exc:  # the same error on every rank
+        return f"{type(exc).__name__}: {exc}"
+    local = th.modelopt_local_deltas(model)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    return th.megatron_to_hf_deltas(gathered, cfg) if rank == 0 else None
+
+
+def _assert_deltas_equal(tmp: Path, expected: dict[str, torch.Tensor]) -> None:
+    from tests.support import tiny_hybrid as th
+
+    found = th.peft_merged_deltas(tmp / "base", tmp / "adapter")
+    assert sorted(found) == sorted(expected)
+    assert len(expected) == 2 + 4 + 2  # two Mamba layers (in_proj), attention (q, k, v, o), MLP (up, down)
+    for name, delta in expected.items():
+        assert torch.equal(found[name], delta), name
+
+
+@pytest.mark.family("nemotron_h", path="export", layout="TP1", check="deltas")
+def test_live_export_tp1_weight_deltas(tmp_path):
+    expected = run_ranks(_live_export, 1, str(tmp_path))[0]
+    _assert_deltas_equal(tmp_path, expected)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == [
+        "down_proj",
+        "in_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.backbone.layers.") for k in keys), sorted(keys)[:3]
+
+
+@pytest.mark.family("nemotron_h", path="export", layout="TP2", check="deltas")
+def test_live_export_tp2_weight_deltas(tmp_path):
+    expected = run_ranks(_live_export, 2, str(tmp_path))[0]
+    _assert_deltas_equal(tmp_path, expected)
+
+
+@pytest.mark.family("nemotron_h", path="export", layout="TP2", check="refused")
+def test_lora_on_mamba_out_proj_is_refused_by_name(tmp_path):
+    """peft refuses LoRA on a Mamba model's out_proj (its fused kernels bypass it): one error, nothing written."""
+    errors = run_ranks(_live_export, 2, str(tmp_path), targets=("*in_proj*", "*out_proj*"))
+    assert errors[0] == errors[1]
+    assert (
+        errors[0].startswith("DialectError: ")
+        and errors[0].count("nemotron_h: found LoRA on the Mamba mixers' out_proj") == 1
+    )
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.family("nemotron_h", path="export", layout="TP1", check="refused")
+def test_hf_config_of_another_geometry_is_one_error_before_writing(tmp_path):
+    hf = {"pattern": "M-M*", "mamba_num_groups": 4, "mamba_state_dim": 8}
+    error = run_ranks(_live_export, 1, str(tmp_path), hf=hf)[0]
+    assert error.startswith("ShapeMismatchError: the HF config does not describe the Megatron model: ")
+    for field in (
+        "mamba_num_groups: Megatron model has 2",
+        "mamba_state_dim",
+        "layer_pattern: Megatron model has M*M-",
+    ):
+        assert field in error
+    assert not (tmp_path / "adapter").exists()
+
+
+def _save_torch_dist(rank, world, tmp):
+    """The live export's model, saved as Megatron-LM saves it (torch_dist, args in common.pt, modelopt_state/)."""
+    import argparse
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
+
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
+    from tests.support import tiny_hybrid as th
+    from tests.support.tiny_gpt import apply_modelopt_lora
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    cfg = th.TinyHybridConfig()
+    th.init_parallel(world)
+    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=th.LORA_TARGETS)
+    th.fill_lora_dyadic(model, seed=5)  # the same values as _live_export's
+    directory = iteration_dir(Path(tmp) / "save", 5)
+    directory.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=world,
+        num_layers=len(cfg.pattern),
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=True,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        swiglu=False,
+        padded_vocab_size=cfg.vocab_size,
+        is_hybrid_model=True,
+        hybrid_override_pattern=cfg.pattern,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+        mamba_state_dim=cfg.mamba_state_dim,
+    )
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 5, "args": args}, str(directory))
+        save_sharded_modelopt_state([model], str(directory))
+    if rank == 0:
+        (Path(tmp) / "save" / TRACKER).write_text("5")
+    dist.barrier()
+
+
+def _offline_cli(rank, world, argv):
+    import contextlib
+    import io
+
+    from megatron_peft_export.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main([*argv, "--quiet"])
+    return status, err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "tp",
+    [
+        pytest.param(
+            t, id=f"TP{t}", marks=pytest.mark.family("nemotron_h", path="offline", layout=f"TP{t}", check="deltas")
+        )
+        for t in (1, 2)
+    ],
+)
+def test_offline_export_of_a_torch_dist_save_equals_the_live_export(tmp_path, tp):
+    expected = run_ranks(_live_export, tp, str(tmp_path))[0]
+    run_ranks(_save_torch_dist, tp, str(tmp_path))
+    argv = [
+        "export",
+        str(tmp_path / "save"),
+        "--output",
+        str(tmp_path / "offline"),
+        "--base-model",
+        str(tmp_path / "base"),
+    ]
+    status, err = run_ranks(_offline_cli, 1, argv)[0]
+    assert status == 0, err
+    live, offline = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("adapter", "offline"))
+    assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
+    (tmp_path / "adapter").rename(tmp_path / "live")
+    (tmp_path / "offline").rename(tmp_path / "adapter")
+    _assert_deltas_equal(tmp_path, expected)
+
+
+def _import(rank, world, tmp):
+    """A fresh model at TP `world` with zero adapters, filled from the HF adapter: its effective deltas."""
+    import torch.distributed as dist
+
+    from megatron_peft_export import load_hf_adapter
+    from tests.support import tiny_hybrid as th
+    from tests.support.tiny_gpt import apply_modelopt_lora
+
+    cfg = th.TinyHybridConfig()
+    th.init_parallel(world)
+    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=th.LORA_TARGETS)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora" in name:
+                param.zero_()
+    load_hf_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(Path(tmp) / "base"))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, th.modelopt_local_deltas(model))
+    return th.megatron_to_hf_deltas(gathered, cfg) if rank == 0 else None
+
+
+@pytest.mark.parametrize(
+    ("export_tp", "import_tp"),
+    [
+        pytest.param(
+            e,
+            i,
+            id=f"TP{e}-to-TP{i}",
+            marks=pytest.mark.family("nemotron_h", path="import", layout=f"TP{i}", check="deltas"),
+        )
+        for e, i in ((2, 1), (1, 2))
+    ],
+)
+def test_import_back_gives_the_megatron_model_the_adapters_deltas(tmp_path, export_tp, import_tp):
+    """Exported at one TP size, imported at another: the Megatron model's effective deltas are peft's merged ones."""
+    run_ranks(_live_export, export_tp, str(tmp_path))
+    imported = run_ranks(_import, import_tp, str(tmp_path))[0]
+    _assert_deltas_equal(tmp_path, imported)
+
+
+def _bridge_export(rank, world, tmp, save=False):
+    import torch.distributed as dist
+
+    from megatron_peft_export import export_adapter
+    from tests.support import real_bridge
+    from tests.support import tiny_hybrid as th
+
+    cfg = th.TinyHybridConfig()
+    th.init_parallel(world)
+    targets = ["in_proj", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    model = real_bridge.apply(th.build_hybrid(cfg), "lora", dim=4, alpha=8, target_modules=targets)
+    th.fill_lora_dyadic(model, seed=9)
+    if rank == 0:
+        th.save_hf_base(cfg, Path(tmp) / "base")
+    dist.barrier()
+    export_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(Path(tmp) / "base"))
+    if save:  # Bridge's in_proj save reads `tp_size`, which TE's linears have and megatron's local ones lack
+        for name, module in model.named_modules():
+            if name.endswith("mixer.in_proj"):
+                module.to_wrap.tp_size = world
+        _save(model, Path(tmp) / "save", None)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, th.bridge_local_tensors(model))
+    return th.megatron_to_hf_deltas(th.bridge_deltas(gathered), cfg) if rank == 0 else None
+
+
+@pytest.mark.family("nemotron_h", path="export", layout="TP2", check="deltas")
+def test_megatron_bridge_lora_export_tp2_weight_deltas(real_bridge, tmp_path):
+    """Megatron-Bridge's own LoRA (its ParallelLinearAdapter on in_proj, attention and MLP linears)."""
+    expected = run_ranks(_bridge_export, 2, str(tmp_path))[0]
+    _assert_deltas_equal(tmp_path, expected)
+
+
+def _save(model, save: Path, args) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    directory = iteration_dir(save, 5)
+    directory.mkdir(parents=True, exist_ok=True)
+    _in_process_write_results()
+    with _may_fork():
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 5, "args": args}, str(directory))
+    if dist.get_rank() == 0:
+        (save / TRACKER).write_text("5")
+    dist.barrier()
+
+
+@pytest.mark.family("nemotron_h", path="offline", layout="TP2", check="refused")
+def test_offline_export_of_bridge_lora_on_mamba_in_proj_is_refused_by_name(real_bridge, tmp_path):
+    """Bridge saves in_proj's LoRA B as five tensors (z, x, B, C, dt): refused with exit 2 and one line, not
+    misread."""
+    run_ranks(_bridge_export, 2, str(tmp_path), save=True)
+    argv = [
+        "export",
+        str(tmp_path / "save"),
+        "--output",
+        str(tmp_path / "offline"),
+        "--base-model",
+        str(tmp_path / "base"),
+    ]
+    status, err = run_ranks(_offline_cli, 1, argv)[0]
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and "nemotron_h: Megatron-Bridge saved the LoRA B of Mamba in_proj split into z, x, B, C" in lines[0]
+    )
+    assert "decoder.layers.{0,2}.mixer.in_proj" in lines[0], lines[0]
+    assert not (tmp_path / "offline").exists()
