@@ -122,3 +122,22 @@ def run_shape(label: str, shape: tuple, reps: int, scratch: Path, log) -> dict:
         f"{row['export_peak_rss'] / 1e6:.0f} MB for {row['adapter_bytes'] / 1e6:.0f} MB of adapter"
     )
     return row
+
+
+def run(reps: int, scratch: Path, log, shapes: dict) -> dict:
+    """`--only moe_offline`: the offline export alone per shape against its floors, and its growth exponents
+    between the first and last tensor-count shape (hidden 8)."""
+    import math
+
+    rows = [
+        dict(run_shape(label.replace(" ", "_"), shape, reps, scratch, log), hidden=shape[2])
+        for label, shape in shapes.items()
+    ]
+    counted = [r for r in rows if r["hidden"] == 8]
+    slopes = {}
+    if len(counted) >= 2:
+        a, b = counted[0], counted[-1]
+        span = math.log(b["stored_items"] / a["stored_items"])
+        for key in ("export", "read_write_floor", "export_peak_rss"):
+            slopes[key] = math.log(b[key] / a[key]) / span
+    return {"rows": rows, "growth_exponent": slopes}

@@ -184,6 +184,31 @@ def _moe_hook(result: dict) -> list[str]:
     return out
 
 
+def _moe_offline(result: dict) -> list[str]:
+    rows = result["rows"]
+    out = [
+        f"### Offline export at MoE tensor counts (a fresh process each, page cache evicted; median of "
+        f"{len(rows[0]['export_samples'])})",
+        "",
+        "| layers x experts | stored items | export | raw read | read+write floor | export / read+write floor "
+        "| peak RSS | peak RSS / adapter bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['shape']} | {r['stored_items']} | {seconds(r['export'])} | {seconds(r['raw_read'])} | "
+            f"{seconds(r['read_write_floor'])} | {r['export_over_read_write_floor']:.2f}x | "
+            f"{size(r['export_peak_rss'])} | {r['peak_rss_over_adapter_bytes']:.2f}x ({size(r['adapter_bytes'])}) |"
+        )
+    if result.get("growth_exponent"):
+        out += [
+            "",
+            "Growth exponent (log-log slope against stored items between the first and last hidden-8 shape): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["growth_exponent"].items()),
+        ]
+    return out
+
+
 def verdicts(result: dict) -> list[str]:
     """One line per target of issue 8, with the measured value."""
     out = []
@@ -231,6 +256,7 @@ def render(result: dict) -> str:
         ("scaling", _scaling),
         ("moe", _moe),
         ("moe_hook", _moe_hook),
+        ("moe_offline", _moe_offline),
     )
     for key, table in tables:
         if key in result:

@@ -5,6 +5,7 @@ scaling.
     .venv/bin/python bench/run.py --quick    # a smoke run (~25 s): small sizes, few repetitions
     .venv/bin/python bench/run.py --only moe # one benchmark alone (here: MoE tensor counts, 48 x 128 and 61 x 256
     experts)
+    .venv/bin/python bench/run.py --only moe_offline --shapes 48x128  # the offline export alone, of some shapes
 
 Prints markdown tables and writes them, with every sample, as JSON (bench/results/latest.json, or quick.json
 with --quick). Ratios are medians of runs interleaved in this one invocation; absolute times depend on the
@@ -32,7 +33,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import megatron_peft_export.hook  # noqa: E402,F401  (imported before forking: every process starts warm, with the code as it was at the start)
 import megatron_peft_export.offline.export  # noqa: E402,F401
 import tests.support.tiny_gpt  # noqa: E402,F401
-from bench import moe, offline, probe, scaling, stall  # noqa: E402
+from bench import moe, moe_offline, offline, probe, scaling, stall  # noqa: E402
 from bench.common import machine, wide  # noqa: E402
 from bench.report import render  # noqa: E402
 
@@ -44,6 +45,7 @@ PLANS = {
         "scaling": (3, [1, 2, 4], scaling.ADAPTER),
         "moe": (3, moe.SHAPES),
         "moe_hook": (3, moe.SHAPES),
+        "moe_offline": (3, moe.SHAPES),
     },
     "quick": {
         "stall": ({"10MB": 3},),
@@ -51,6 +53,7 @@ PLANS = {
         "scaling": (1, [1, 2, 4], wide(1)),
         "moe": (1, moe.QUICK_SHAPES),
         "moe_hook": (1, moe.QUICK_SHAPES),
+        "moe_offline": (1, moe.QUICK_SHAPES),
     },
 }
 
@@ -73,6 +76,9 @@ def main(argv=None) -> int:
         type=Path,
         default=Path(__file__).resolve().parent / ".scratch",
         help="where checkpoints and adapters are written, then removed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shapes", help="moe_offline: comma-separated shapes of bench/moe.py's SHAPES (spaces as _; default: all)"
     )
     parser.add_argument(
         "--json", type=Path, help="result file (default: bench/results/latest.json, quick.json with --quick)"
@@ -119,6 +125,11 @@ def main(argv=None) -> int:
         if "moe_hook" in only:
             reps, shapes = plan["moe_hook"]
             result["moe_hook"] = moe.run(args.reps or reps, scratch, log, shapes=shapes, hook_only=True)
+        if "moe_offline" in only:
+            reps, shapes = plan["moe_offline"]
+            if args.shapes:
+                shapes = {k: v for k, v in moe.SHAPES.items() if k.replace(" ", "_") in args.shapes.split(",")}
+            result["moe_offline"] = moe_offline.run(args.reps or reps, scratch, log, shapes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = time.perf_counter() - PROCESS_STARTED

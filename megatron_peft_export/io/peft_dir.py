@@ -247,43 +247,75 @@ _FINITE_BATCH_BYTES = 16 << 20
 
 
 def nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """`key (n NaN, m Inf)` for every tensor holding NaN or Inf.
+    """`key (n NaN, m Inf)` for every tensor holding NaN or Inf, in the order given.
 
-    Consecutive tensors of one dtype are checked together, up to 16 MiB at a time (one concatenation and one sum
-    instead of a few ops per tensor: MoE adapters hold 10^4 to 10^5 small tensors); only a batch whose sum is not
-    finite is checked tensor by tensor.
+    MoE adapters hold 10^4 to 10^5 small tensors, so they are checked in groups (one sum per group instead of a
+    few ops per tensor): tensors of one dtype lying back to back in one CPU storage (as `safetensors_out.allocate`
+    lays out an export's tensors) through one view of that memory, no copy; the others of one dtype together, up
+    to 16 MiB at a time (one concatenation). Only a group whose sum is not finite is checked tensor by tensor.
     """
-    found: list[str] = []
-    batch: list[tuple[str, torch.Tensor]] = []
-    held = 0
-
-    def check(batch: list[tuple[str, torch.Tensor]]) -> None:
-        if len(batch) > 1:
-            flat = torch.cat([t.detach().reshape(-1) for _, t in batch])
-            if _all_finite(flat):
-                return
-        for key, tensor in batch:
+    found: list[tuple[int, str]] = []
+    for joined, group in _finite_groups(tensors):
+        if len(group) > 1 and _all_finite(joined):
+            continue
+        for n, key, tensor in group:
             if not _all_finite(tensor):
-                found.append(f"{key} ({int(torch.isnan(tensor).sum())} NaN, {int(torch.isinf(tensor).sum())} Inf)")
+                found.append((n, f"{key} ({int(torch.isnan(tensor).sum())} NaN, {int(torch.isinf(tensor).sum())} Inf)"))
+    return [message for _, message in sorted(found)]
 
-    for key, tensor in tensors:
+
+_Item = tuple[int, str, torch.Tensor]
+
+
+def _finite_groups(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[torch.Tensor | None, list[_Item]]]:
+    """(all values as one 1-D tensor, the group's items) for the floating tensors: runs lying back to back in one
+    storage (a view), then the rest in batches of one dtype of up to _FINITE_BATCH_BYTES (a concatenation)."""
+    adjacent: list[tuple[int, int, _Item]] = []
+    rest: list[_Item] = []
+    for n, (key, tensor) in enumerate(tensors):
         if not tensor.is_floating_point():
             continue
-        size = tensor.numel() * tensor.element_size()
-        if batch and (
-            tensor.dtype != batch[0][1].dtype
-            or tensor.device != batch[0][1].device
-            or held + size > _FINITE_BATCH_BYTES
-        ):
-            check(batch)
+        tensor = tensor.detach()
+        if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel():
+            adjacent.append((tensor.untyped_storage().data_ptr(), tensor.data_ptr(), (n, key, tensor)))
+        else:
+            rest.append((n, key, tensor))
+    adjacent.sort(key=lambda entry: (str(entry[2][2].dtype), entry[0], entry[1]))
+    run: list[_Item] = []
+    for k, (storage, address, item) in enumerate(adjacent):
+        before = adjacent[k - 1] if k else None
+        if run and not (before[0] == storage and before[2][2].dtype == item[2].dtype and _end(before[2][2]) == address):
+            yield from _run_or_rest(run, rest)
+            run = []
+        run.append(item)
+    yield from _run_or_rest(run, rest)
+    batch: list[_Item] = []
+    held = 0
+    for item in sorted(rest, key=lambda item: (str(item[2].dtype), str(item[2].device), item[0])):
+        size = item[2].numel() * item[2].element_size()
+        if batch and (item[2].dtype, item[2].device) != (batch[0][2].dtype, batch[0][2].device):
+            size = _FINITE_BATCH_BYTES + 1  # close the batch
+        if batch and held + size > _FINITE_BATCH_BYTES:
+            yield (torch.cat([t.reshape(-1) for _, _, t in batch]) if len(batch) > 1 else None), batch
             batch, held = [], 0
-        batch.append(
-            (key, tensor)
-        )  # a tensor above the batch size is alone in its batch: checked as it is, never copied
-        held += size
+        batch.append(item)  # a tensor above the batch size is alone in its batch: checked as it is, never copied
+        held += item[2].numel() * item[2].element_size()
     if batch:
-        check(batch)
-    return found
+        yield (torch.cat([t.reshape(-1) for _, _, t in batch]) if len(batch) > 1 else None), batch
+
+
+def _end(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr() + tensor.numel() * tensor.element_size()
+
+
+def _run_or_rest(run: list[_Item], rest: list[_Item]) -> Iterator[tuple[torch.Tensor | None, list[_Item]]]:
+    """A run of tensors back to back in one storage as one view of it; a run of one joins the batched rest."""
+    if len(run) < 2:
+        rest.extend(run)
+        return
+    first = run[0][2]
+    count = (_end(run[-1][2]) - first.data_ptr()) // first.element_size()
+    yield first.as_strided((count,), (1,), first.storage_offset()), run
 
 
 def check_finite(

@@ -273,15 +273,20 @@ def _argument_encodings() -> tuple[list[int], dict[int, Any]]:
 
 _FIXED, _VARIABLE = _argument_encodings()
 _PUT = ord("p")
+_TEXT = {ord(op.code) for op in pickletools.opcodes if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8")}
 
 
-def check_pickle(data: bytes) -> None:
+def check_pickle(data: bytes, stop_at: bytes | None = None) -> int | None:
     """Refuse a pickle whose opcodes declare more than the data holds, before an unpickler allocates for them.
 
     CPython's unpickler sizes buffers from declared lengths (BYTEARRAY8 allocates first, then reads) and grows its
     memo table to twice any index a PUT names (zero-filled: gigabytes for a 4-byte index); here every declared
     length must fit in what follows and every memo index must be below the pickle's size. Raises ValueError.
     One pass over the opcodes, ~0.1 us each: about as long as the unpickling itself.
+
+    With `stop_at`, the walk stops at the first string opcode (BINUNICODE and its short and 8-byte forms) holding
+    exactly that text and returns that opcode's position: the bytes before it are checked, the rest is not.
+    Otherwise returns None once STOP is reached.
     """
     end, at, fixed = len(data), 0, _FIXED
     while at < end:
@@ -294,7 +299,7 @@ def check_pickle(data: bytes) -> None:
             raise ValueError(f"unknown pickle opcode {op:#x} at byte {at}")
         kind, at = _VARIABLE[op], at + 1
         if kind == "STOP":
-            return
+            return None
         if kind == "LONG_BINPUT":
             if int.from_bytes(data[at : at + 4], "little") > end:
                 raise ValueError(f"a memo index past the pickle's size at byte {at - 1}")
@@ -306,6 +311,8 @@ def check_pickle(data: bytes) -> None:
                 raise ValueError(
                     f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow"
                 )
+            if stop_at is not None and op in _TEXT and data[at + width : at + width + length] == stop_at:
+                return at - 1
             at += width + length
         else:
             for _ in range(2 if kind == "lines2" else 1):

@@ -321,13 +321,39 @@ def _items(storage: dict) -> dict[tuple[str, tuple[int, ...] | None], StoredItem
     return items
 
 
-def parse_metadata(data: bytes) -> CheckpointMetadata:
-    """`.metadata`'s bytes -> CheckpointMetadata. Raises RefusedGlobal, MetadataError, or the unpickler's errors."""
+_PLANS = b"all_local_plans"
+_CLOSE = b"ub."
+"""SETITEMS, BUILD, STOP: what closes Metadata's state after its last field."""
+
+
+def _unpickle(data: bytes) -> Any:
+    """The metadata's records, without Megatron's cached save plans when they come last, as Megatron saves them.
+
+    Those plans (`all_local_plans`, about half of the pickle: a write item per stored item) are never used. When
+    the pickle names that field, only the bytes before it are checked and unpickled: its first 3 bytes are replaced
+    by SETITEMS, BUILD, STOP, which close Metadata's state there (the same restricted unpickler; what follows STOP
+    is neither checked nor run, only buffered when the protocol-4 frame holding the cut extends past it). Should
+    that not read back as metadata with both mappings (the field elsewhere, the text inside something else), the
+    whole pickle is checked and read."""
     try:
-        check_pickle(data)
+        cut = check_pickle(data, stop_at=_PLANS)
+        if cut is not None:
+            try:
+                root = _MetadataUnpickler(io.BytesIO(data[:cut] + _CLOSE + data[cut + len(_CLOSE) :])).load()
+                _sections(root)
+                return root
+            except RefusedGlobal:
+                raise  # the whole pickle names it too
+            except (MetadataError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError):
+                pass
+            check_pickle(data)
     except ValueError as exc:
         raise MetadataError(f"cannot be read (not a valid pickle: {exc}); is the checkpoint truncated?") from None
-    root = _MetadataUnpickler(io.BytesIO(data)).load()
+    return _MetadataUnpickler(io.BytesIO(data)).load()
+
+
+def _sections(root: Any) -> tuple[dict, dict]:
+    """The metadata's state_dict_metadata and storage_data mappings."""
     try:
         state = _state(root, _METADATA)
     except MetadataError as exc:
@@ -338,6 +364,12 @@ def parse_metadata(data: bytes) -> CheckpointMetadata:
             f"expected state_dict_metadata and storage_data mappings, found {_describe(entries)} and "
             f"{_describe(storage)}"
         )
+    return entries, storage
+
+
+def parse_metadata(data: bytes) -> CheckpointMetadata:
+    """`.metadata`'s bytes -> CheckpointMetadata. Raises RefusedGlobal, MetadataError, or the unpickler's errors."""
+    entries, storage = _sections(_unpickle(data))
     tensors, byte_keys = {}, set()
     for key, entry in entries.items():
         if type(key) is not str:

@@ -280,3 +280,32 @@ def test_nonfinite_in_batches_names_exactly_the_tensors_an_elementwise_check_fin
         tensors.append((f"t{i}", t))
     expected = [key for key, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     assert [item.split(" ")[0] for item in af.nonfinite(iter(tensors))] == expected == ["t9", "t148", "t149", "t297"]
+
+
+def test_nonfinite_over_an_exports_payload_names_exactly_the_bad_tensors_without_copying(monkeypatch):
+    """Tensors laid out back to back by safetensors_out.allocate (an export's output) are checked through views of
+    their buffer: no concatenation, and the same tensors named, in the order given, as isfinite on each alone."""
+    import megatron_peft_export.io.peft_dir as af
+    from megatron_peft_export.io import safetensors_out
+
+    entries = {
+        f"t{i}": ((torch.float32, torch.bfloat16, torch.float16, torch.float32)[i // 100], (2, 3 + i % 4))
+        for i in range(400)
+    }
+    entries["ints"] = (torch.int64, (5,))
+    tensors = safetensors_out.allocate(entries)
+    g = torch.Generator().manual_seed(5)
+    for t in tensors.values():
+        t.copy_(torch.randn(t.shape, generator=g).to(t.dtype) if t.is_floating_point() else torch.arange(t.numel()))
+    for i, value in ((3, float("nan")), (200, float("inf")), (201, float("-inf")), (399, float("nan"))):
+        tensors[f"t{i}"].view(-1)[1] = value
+    tensors["t7"].fill_(3e38)  # finite values whose float32 sum overflows
+    monkeypatch.setattr(af, "_FINITE_BATCH_BYTES", 64)
+
+    def no_cat(*args, **kwargs):
+        raise AssertionError("tensors lying back to back were concatenated")
+
+    monkeypatch.setattr(af.torch, "cat", no_cat)
+    shuffled = list(tensors.items())[::-1]
+    expected = [key for key, t in shuffled if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    assert [item.split(" ")[0] for item in af.nonfinite(shuffled)] == expected == ["t399", "t201", "t200", "t3"]

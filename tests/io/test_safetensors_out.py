@@ -81,3 +81,13 @@ def test_non_contiguous_and_short_writes(tmp_path, monkeypatch):
 def test_unknown_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="complex64"):
         safetensors_out.save_file({"a": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x")
+
+
+def test_keys_needing_escapes_give_the_same_bytes_as_save_file(tmp_path):
+    """The header is formatted entry by entry: keys with quotes, backslashes, control and non-ASCII characters come
+    out as safetensors writes them."""
+    names = ['a"b', "back\\slash", "tab\there", "new\nline", "\x01ctl", "é.ü", "日本.weight", "plain.lora_A.weight"]
+    tensors = {name: torch.full((2, n + 1), float(n)) for n, name in enumerate(names)}
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    safetensors_out.save_file(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()

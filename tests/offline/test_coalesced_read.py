@@ -90,3 +90,35 @@ def test_a_blob_differing_only_in_its_values_is_read_in_the_run(tmp_path):
     path.write_bytes(bytes(data))
     got = dict(TorchDistReader(tmp_path).load_many(sorted(tensors)))
     assert torch.equal(got["t050"], expected) and torch.equal(got["t051"], tensors["t051"])
+
+
+def test_what_is_read_ahead_is_bounded(tmp_path, monkeypatch):
+    """The reader's memory beyond the output, checked by instrumenting its buffers: every read is at most RUN_BYTES
+    (or one item larger than that), every batch decodes at most its budget of tensor bytes (or one larger tensor),
+    and what it gives is what was saved."""
+    tensors = _save(tmp_path)
+    monkeypatch.setattr(offline_checkpoint, "RUN_BYTES", 1024)
+    reads, batches = [], []
+    readinto = offline_checkpoint.RegularFile.readinto
+    monkeypatch.setattr(
+        offline_checkpoint.RegularFile,
+        "readinto",
+        lambda f, buffer, at: reads.append(len(buffer)) or readinto(f, buffer, at),
+    )
+    read_items = TorchDistReader._read_items
+    monkeypatch.setattr(
+        TorchDistReader,
+        "_read_items",
+        lambda self, keys: (
+            batches.append(sum(self._metadata.tensors[k].nbytes for k in keys)) or read_items(self, keys)
+        ),
+    )
+    reader = TorchDistReader(tmp_path)
+    largest_item = max(item.length for key in tensors for item in _items(reader, key))
+    largest_tensor = max(t.numel() * t.element_size() for t in tensors.values())
+    budget = 300
+    reads.clear()  # .metadata, read whole
+    got = dict(reader.load_many(sorted(tensors), budget=budget))
+    assert all(torch.equal(got[key], tensor) and got[key].dtype == tensor.dtype for key, tensor in tensors.items())
+    assert reads and max(reads) <= max(1024, largest_item)
+    assert len(batches) > 10 and max(batches) <= max(budget, largest_tensor)

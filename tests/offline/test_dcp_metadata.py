@@ -136,3 +136,40 @@ def test_fields_are_checked(metadata, edit, message):
     edit(metadata)
     with pytest.raises(MetadataError, match=message):
         parse_metadata(pickle.dumps(metadata))
+
+
+def _facts(parsed):
+    return parsed.tensors, parsed.byte_keys, parsed.items
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_megatrons_cached_plans_saved_last_are_not_unpickled(metadata, tmp_path, protocol):
+    """Megatron sets Metadata.all_local_plans after torch built it (so it is pickled last): the reader stops before
+    it. A call planted there is never unpickled (neither run nor refused), and the facts are those of the pickle
+    without it, whatever the pickle protocol (2: no frames; 4 and 5: the cut inside a frame)."""
+    plain = parse_metadata(pickle.dumps(metadata, protocol=protocol))
+    marker = tmp_path / "ran"
+    metadata.all_local_plans = [Call(os.system, f"touch {marker}")] + [f"item {n}" for n in range(20_000)]
+    parsed = parse_metadata(pickle.dumps(metadata, protocol=protocol))
+    assert _facts(parsed) == _facts(plain) and not marker.exists()
+
+
+def test_cached_plans_anywhere_else_are_read_with_the_rest(metadata):
+    """The field before the others: the whole pickle is checked and read (a call in it refused, plain data kept)."""
+    fields = dict(metadata.__dict__)
+    plain = parse_metadata(pickle.dumps(metadata))
+    metadata.__dict__.clear()
+    metadata.__dict__.update({"all_local_plans": ["plain data"], **fields})
+    assert _facts(parse_metadata(pickle.dumps(metadata))) == _facts(plain)
+    metadata.__dict__["all_local_plans"] = [Call(os.system, "touch /tmp/never")]
+    with pytest.raises(RefusedGlobal, match="posix.system is not allowed"):
+        parse_metadata(pickle.dumps(metadata))
+
+
+def test_a_key_named_like_the_cached_plans_is_read_as_a_key(metadata):
+    """The text `all_local_plans` first met as a key of state_dict_metadata (not Metadata's field): the prefix does
+    not read back as metadata, so the whole pickle is read and the key is there."""
+    metadata.state_dict_metadata = {"all_local_plans": BytesStorageMetadata(), **metadata.state_dict_metadata}
+    parsed = parse_metadata(pickle.dumps(metadata))
+    assert parsed.byte_keys == {"all_local_plans", "blob.not"}
+    assert parsed.tensors.keys() == {k for k, v in metadata.state_dict_metadata.items() if k not in parsed.byte_keys}
