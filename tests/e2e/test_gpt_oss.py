@@ -275,3 +275,41 @@ def test_gpt_oss_per_expert_layout_is_refused_with_one_line_and_nothing_written(
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
     assert "expert_layout='per_expert' is not available for gpt_oss" in lines[0] and "interleaved" in lines[0]
     assert not out.exists() and not list(tmp_path.glob("*per_expert*"))
+
+
+def _twin_sensitivity(rank, world):
+    """Max |HF - Megatron| of the base models, with the twin as built and with one GPT-OSS feature changed."""
+    import torch
+
+    from tests.support import tiny_gpt_oss as oss
+    from tests.support import tiny_moe
+    from tests.support.tiny_gpt import hf_logits, sample_tokens
+
+    tiny_moe.init_moe_parallel(etp=1)
+    tokens = sample_tokens(oss.TINY)
+    logits = oss.megatron_logits(oss.build(oss.TINY), tokens)
+    out = {}
+    for change in ("none", "window", "sinks", "clamp", "gate/up as [gate; up]"):
+        hf = oss.hf_twin(oss.TINY)
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                experts = layer.mlp.experts
+                if change == "sinks":
+                    layer.self_attn.sinks.zero_()
+                if change == "clamp":
+                    experts.limit = 7.0
+                if change.startswith("gate/up"):
+                    w = experts.gate_up_proj
+                    w.copy_(torch.cat([w[..., ::2], w[..., 1::2]], dim=-1))
+        if change == "window":
+            hf.config.sliding_window += 1
+        out[change] = (hf_logits(hf, tokens) - logits).abs().max().item()
+    return out
+
+
+def test_the_twin_matches_megatron_and_each_gpt_oss_feature_matters():
+    """The parity checks above can fail: changing any one of sinks, window, clamp or the gate/up order in the twin
+    moves the logits far past the tolerance."""
+    diffs = run_ranks(_twin_sensitivity, 1, timeout=300)[0]
+    assert diffs.pop("none") <= 1e-5
+    assert all(d > 0.1 for d in diffs.values()), diffs
