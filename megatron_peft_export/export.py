@@ -27,7 +27,7 @@ from .core.plan import AdapterPlan, BulkCopy, apply_placements, plan_adapter
 from .core.rank_padding import pad_ranks
 from .core.shards import ShardSpec
 from .dialects import LocalShard, collect, raise_refusals
-from .errors import DialectError, ExportError, NoAdaptersError, UnsupportedModelError
+from .errors import DialectError, ExportError, NoAdaptersError
 from .io import safetensors_out
 from .io.atomic_dir import discard, publish, staging_dir
 from .io.hf_config import choose_arch, parse_dtype, read_hf_config

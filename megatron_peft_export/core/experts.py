@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import ShapeMismatchError
+from ..errors import ShapeMismatchError, UnsupportedModelError
 from .archs import ArchMap
 from .peft_names import PEFT_PREFIX, hf_key
 from .plan import AdapterPlan
@@ -79,6 +79,14 @@ def fuse_experts(
                 [x[0] for x in a], b, fused.rows
             )
     return out, {p: sorted(replaced[p]) for p in targeted}
+
+
+def refuse_missing_layout(option: str, arch: ArchMap) -> bool:
+    """Whether the family has only the fused layout (then `auto` means fused); refuses `per_expert` for such a family
+    with its reason. The export calls this right after planning, before any byte moves."""
+    if arch.per_expert and option == "per_expert":
+        raise UnsupportedModelError(f"expert_layout='per_expert' is not available for {arch.name}: {arch.per_expert}")
+    return bool(arch.per_expert)
 
 
 def _per_expert_advice(arch: ArchMap) -> str:

@@ -12,14 +12,13 @@ import transformers
 from safetensors.torch import save_file
 
 from megatron_peft_export.core.archs import GPT_OSS, QWEN_MOE
-from megatron_peft_export.core.experts import fuse_experts, unfuse_experts
+from megatron_peft_export.core.experts import fuse_experts, refuse_missing_layout, unfuse_experts
 from megatron_peft_export.core.geometry import ModelGeometry
 from megatron_peft_export.core.peft_format import adapter_config
 from megatron_peft_export.core.plan import allocate, apply_placements, plan_adapter
 from megatron_peft_export.core.shards import ShardSpec
 from megatron_peft_export.core.splits import join_rows, part_rows
 from megatron_peft_export.errors import ShapeMismatchError, UnsupportedModelError
-from megatron_peft_export.export import fused_layout
 
 E, R, H, I, LAYERS = 4, 2, 16, 8, 2  # noqa: E741 (the expert width, as in the formulas)
 SCALE = 1.5
@@ -149,8 +148,9 @@ def test_join_rows_and_part_rows_are_inverse(order):
 
 def test_per_expert_layout_is_refused_for_gpt_oss_with_the_reason():
     with pytest.raises(UnsupportedModelError, match="gpt_oss: transformers has no per-expert GPT-OSS modules"):
-        fused_layout("per_expert", GPT_OSS)
-    assert fused_layout("auto", GPT_OSS) and fused_layout("fused", GPT_OSS)
+        refuse_missing_layout("per_expert", GPT_OSS)
+    assert refuse_missing_layout("auto", GPT_OSS) and refuse_missing_layout("fused", GPT_OSS)
+    assert not refuse_missing_layout("per_expert", QWEN_MOE)
 
 
 def test_fused_gpt_oss_layout_names_no_per_expert_fallback():
