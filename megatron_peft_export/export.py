@@ -19,7 +19,7 @@ import torch
 from . import distributed as coll
 from .compat import log_findings
 from .core.archs import ArchMap
-from .core.experts import fuse_experts
+from .core.experts import fuse_experts, refuse_missing_layout
 from .core.geometry import ModelGeometry
 from .core.options import check_fields, check_value, config_class, find_option
 from .core.peft_format import adapter_config, model_card
@@ -186,11 +186,7 @@ def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: M
 def fused_layout(option: str, arch: ArchMap) -> bool:
     """Whether MoE experts are written in transformers v5's fused layout; refuses a per-expert layout the family has
     not (before any byte moves: the planners call this right after planning)."""
-    if arch.per_expert:
-        if option == "per_expert":
-            raise UnsupportedModelError(
-                f"expert_layout='per_expert' is not available for {arch.name}: {arch.per_expert}"
-            )
+    if refuse_missing_layout(option, arch):
         return True
     if option != "auto":
         return option == "fused"
