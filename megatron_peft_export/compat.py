@@ -493,6 +493,7 @@ def _native_3d_rules(fused: list[str], model_type: str, add: Callable[..., None]
             f"vLLM's {model_type} model loads expert LoRA only as the pair gate_up_proj and down_proj and fails "
             "an assertion when one of them has none",
             "adapt both expert linears (linear_fc1 and linear_fc2) of every MoE layer",
+            _span("0.32", "0.32"),  # read from 0.32's loader
         )
 
 
