@@ -171,7 +171,9 @@ def _flag(name: str) -> str:
 
 
 def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
-    geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
+    # attention sinks and window layers are not in Megatron-LM's args: unknown offline (not compared)
+    unrecorded = ("vocab_size", "attention_sinks", "window_layers")
+    geometry_fields = [f.name for f in fields(ModelGeometry) if f.name not in unrecorded]
     optional = {
         "num_experts",
         "moe_ffn_hidden_size",
@@ -180,10 +182,6 @@ def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
         *GDN_FIELDS,
     }
     optional.add("layer_pattern")  # dense models have no experts, non-hybrid ones no Mamba sizes or layer pattern
-    # attention sinks and window layers are not in Megatron-LM's args: unknown offline (not compared)
-    unrecorded = ("vocab_size", "attention_sinks", "window_layers")
-    geometry_fields = [f.name for f in fields(ModelGeometry) if f.name not in unrecorded]
-    optional = {"num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}  # dense models have none
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(
