@@ -49,6 +49,8 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_EXPERT_PARENT = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen2_moe": "mlp", "olmoe": "mlp"}
 """Where vLLM's model class keeps a layer's experts and router (`<parent>.experts`, `<parent>.gate`), 0.31-0.32; all
 of these classes take MoE LoRA per expert (not `is_3d_moe_weight`)."""
+VLLM_3D_MOE = ("gpt_oss",)
+"""Families whose vLLM model class takes peft's fused expert layout itself (`is_3d_moe_weight`, 0.32)."""
 _INITS_SERVED = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.(?P<param>weight|bias)$"
@@ -441,6 +443,9 @@ def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add: C
     fused = sorted(m for m, info in modules.items() if info.fused)
     if not fused:
         return
+    if model_type in VLLM_3D_MOE:
+        _native_3d_rules(fused, model_type, add)
+        return
     parent = VLLM_EXPERT_PARENT.get(model_type or "")
     if parent is not None and parent != "mlp":
         nowhere = sorted(m for m in modules if re.search(r"\.mlp\.(experts|gate)(\.|$)", m))
@@ -472,6 +477,24 @@ def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add: C
         "start vLLM with --enable-mixed-moe-lora-format and send is_3d_lora_weight=True, or export with "
         "expert_layout='per_expert'",
     )
+
+
+def _native_3d_rules(fused: list[str], model_type: str, add: Callable[..., None]) -> None:
+    """vLLM's 3-D MoE LoRA (0.32) reads gate_up_proj's LoRA from `experts.base_layer` and down_proj's from `experts`,
+    and asserts both are there."""
+    layers = {m for m in fused if re.search(r"\.mlp\.experts(\.base_layer)?$", m)}
+    lone = sorted(m for m in layers if m.endswith(".experts") and f"{m}.base_layer" not in layers)
+    lone += sorted(m for m in layers if m.endswith(".base_layer") and m.removesuffix(".base_layer") not in layers)
+    if lone:
+        add(
+            "one-expert-parameter",
+            "error",
+            f"{len(lone)} layer(s) with LoRA on only one of the fused expert parameters ({_some(lone, 2)})",
+            f"vLLM's {model_type} model loads expert LoRA only as the pair gate_up_proj and down_proj and fails "
+            "an assertion when one of them has none",
+            "adapt both expert linears (linear_fc1 and linear_fc2) of every MoE layer",
+            _span("0.32", "0.32"),  # read from 0.32's loader
+        )
 
 
 def peft_scales(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float | None]:

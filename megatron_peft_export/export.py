@@ -19,7 +19,7 @@ import torch
 from . import distributed as coll
 from .compat import log_findings
 from .core.archs import ArchMap
-from .core.experts import fuse_experts
+from .core.experts import fuse_experts, refuse_missing_layout
 from .core.geometry import ModelGeometry
 from .core.options import check_fields, check_value, config_class, find_option
 from .core.peft_format import adapter_config, model_card
@@ -160,6 +160,7 @@ def _plan(
     first = reports[WRITER]
     names = naming(options.model_type, first.hf_config, first.geometry)
     plan = plan_adapter([spec for _, _, spec in ordered], names.geometry, names.arch, first.megatron_vocab)
+    fused_layout(options.expert_layout, names.arch)
     return plan, dialects.pop(), ordered, names
 
 
@@ -182,7 +183,11 @@ def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: M
     return Naming(arch, dataclasses.replace(geometry, vocab_size=hf.vocab_size))
 
 
-def _fused_layout(option: str) -> bool:
+def fused_layout(option: str, arch: ArchMap) -> bool:
+    """Whether MoE experts are written in transformers v5's fused layout; refuses a per-expert layout the family has
+    not (before any byte moves: the planners call this right after planning)."""
+    if refuse_missing_layout(option, arch):
+        return True
     if option != "auto":
         return option == "fused"
     import transformers
@@ -212,7 +217,7 @@ def stage_adapter(
     if options.pad_rank_to is not None:
         plan, tensors = pad_ranks(plan, tensors, options.pad_rank_to)
     fused: dict[str, list[str]] = {}
-    if names.arch.fused_experts and names.geometry.num_experts and _fused_layout(options.expert_layout):
+    if names.arch.fused_experts and names.geometry.num_experts and fused_layout(options.expert_layout, names.arch):
         tensors, fused = fuse_experts(
             plan, tensors, names.arch, names.geometry.num_experts
         )  # what vLLM makes of it: log_findings below

@@ -14,6 +14,8 @@ from ..errors import UnsupportedModelError
 Layout = Literal["plain", "qkv", "gate_up", "mamba_in", "qkv_gated", "gdn_in"]
 """How a fused output dimension is laid out on a TP rank: one module, query groups, [gate_t; up_t], or a Mamba
 mixer's input projection ([z_t; x_t; B_t; C_t; dt_t], core/splits.py)."""
+RowOrder = Literal["blocks", "interleaved"]
+"""How a fused HF parameter holds the rows of the modules it stands for: one after another, or alternating."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class FusedExperts:
     per_expert: tuple[str, ...]
     """The per-expert HF modules (`{e}`) whose output rows the parameter stacks, in order (gate then up); without
     `{e}`, the one module a 2-D parameter (a router's weight) stands for."""
+    rows: RowOrder = "blocks"
+    """`blocks`: [gate; up] (Mixtral, Qwen); `interleaved`: gate row j at 2j, up row j at 2j + 1 (GPT-OSS)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class ArchMap:
     renamed_prefix: str = ""
     """A prefix of `layer_prefix` that transformers v5 renames when it loads a checkpoint (and peft, an adapter's
     tensors, but not its target_modules): full module paths in target_modules are written without it."""
+    per_expert: str = ""
+    """Why the per-expert layout is refused for this family (empty: it is written when asked for); the per-expert
+    names in `modules` then exist only inside the planner, between the Megatron linears and the fused parameters."""
 
 
 _QKV = ModuleMap(
@@ -221,7 +228,37 @@ QWEN3_NEXT = ArchMap(
 attention layers (*: linear_qkv yields a sigmoid gate per query head, HF's q_proj is doubled), with a dense SwiGLU MLP
 or Qwen2-MoE style experts, shared expert and router. CanonicalLoRA's q/k/v parts do not fit the gated linear_qkv."""
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL, NEMOTRON_H, QWEN3_NEXT)
+GPT_OSS = ArchMap(
+    name="gpt_oss",
+    model_types=("gpt_oss",),
+    modules=(
+        _QKV,
+        _PROJ,
+        ModuleMap(
+            _EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up"), _EXPERT
+        ),
+        ModuleMap(_EXPERT_FC2, ("mlp.experts.{e}.down_proj",), "plain", width=_EXPERT),
+        ModuleMap(_ROUTER, ("mlp.router",), "plain"),
+    ),
+    fused_experts=(
+        FusedExperts(
+            "mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "interleaved"
+        ),
+        FusedExperts("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj",)),
+        FusedExperts("mlp.router.weight", ("mlp.router",)),
+    ),
+    per_expert="transformers has no per-expert GPT-OSS modules (its experts are the fused gate_up_proj / down_proj "
+    "parameters, gate and up rows interleaved) and vLLM serves GPT-OSS expert LoRA in that fused layout "
+    "(is_3d_moe_weight); export with expert_layout='fused' (or 'auto')",
+)
+"""GPT-OSS: attention with biases and sinks (neither carries LoRA), experts fused in every transformers version:
+`mlp.experts.gate_up_proj` [experts, hidden, 2 * ffn] (applied as x @ W[e]; gate = [..., ::2], up = [..., 1::2]),
+`mlp.experts.down_proj` [experts, ffn, hidden], and the router `mlp.router` (weight and bias, not an nn.Linear).
+Megatron's expert linear_fc1 is [gate; up] (per TP rank [gate_t; up_t]); the planner splits it into the per-expert
+gate and up it names here, and the fused layout interleaves their rows (`FusedExperts.rows`)."""
+
+
+ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL, NEMOTRON_H, QWEN3_NEXT, GPT_OSS)
 
 
 NON_GATED: tuple[str, ...] = tuple(

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import ShapeMismatchError
+from ..errors import ShapeMismatchError, UnsupportedModelError
 from .archs import ArchMap
 from .peft_names import PEFT_PREFIX, hf_key
 from .plan import AdapterPlan
@@ -67,41 +67,56 @@ def fuse_experts(
             if missing is not None:
                 raise ShapeMismatchError(
                     f"the fused expert layout needs every expert adapted; {missing} has no adapter. "
-                    "Export with expert_layout='per_expert'"
+                    + _per_expert_advice(arch)
                 )
             a = [[out.pop(hf_key(m, "lora_A")) for m in per_expert] for per_expert in modules]  # [expert][HF module]
             b = [[out.pop(hf_key(m, "lora_B")) for m in per_expert] for per_expert in modules]
             for per_expert in modules:
                 replaced[fused.parameter] += per_expert
-            _check_stackable(a, b, modules, f"{layer}.{fused.parameter}")
+            _check_stackable(a, b, modules, f"{layer}.{fused.parameter}", arch)
             module = f"{layer}.{prefixes[fused.parameter]}"
-            out[hf_key(module, "lora_A")], out[hf_key(module, "lora_B")] = stack_experts([x[0] for x in a], b)
+            out[hf_key(module, "lora_A")], out[hf_key(module, "lora_B")] = stack_experts(
+                [x[0] for x in a], b, fused.rows
+            )
     return out, {p: sorted(replaced[p]) for p in targeted}
 
 
-def _check_stackable(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]], modules: list[list[str]], where: str):
+def refuse_missing_layout(option: str, arch: ArchMap) -> bool:
+    """Whether the family has only the fused layout (then `auto` means fused); refuses `per_expert` for such a family
+    with its reason. The export calls this right after planning, before any byte moves."""
+    if arch.per_expert and option == "per_expert":
+        raise UnsupportedModelError(f"expert_layout='per_expert' is not available for {arch.name}: {arch.per_expert}")
+    return bool(arch.per_expert)
+
+
+def _per_expert_advice(arch: ArchMap) -> str:
+    if arch.per_expert:
+        return f"The {arch.name} family has no per-expert layout to fall back to: adapt every expert alike"
+    return "Export with expert_layout='per_expert'"
+
+
+def _check_stackable(
+    a: list[list[torch.Tensor]], b: list[list[torch.Tensor]], modules: list[list[str]], where: str, arch: ArchMap
+):
     """One fused parameter takes one rank and one lora_A per expert (gate and up of one fc1 share it), and lora_B of
     the same shape for every expert."""
+    advice = _per_expert_advice(arch)
     ranks = sorted({per_expert[0].shape[0] for per_expert in a})
     first = torch.cat([per_expert[0] for per_expert in a])  # compared for all experts at once
     for j in range(1, len(a[0])):
         if not torch.equal(first, torch.cat([per_expert[j] for per_expert in a])):
             e = next(e for e, per_expert in enumerate(a) if not torch.equal(per_expert[0], per_expert[j]))
             raise ShapeMismatchError(
-                f"{modules[e]}: one fused parameter needs one lora_A, found different ones; export with "
-                f"expert_layout='per_expert'"
+                f"{modules[e]}: one fused parameter needs one lora_A, found different ones. {advice}"
             )
     if len(ranks) != 1:
-        raise ShapeMismatchError(
-            f"{where}: experts have different ranks {ranks}; export with expert_layout='per_expert'"
-        )
+        raise ShapeMismatchError(f"{where}: experts have different ranks {ranks}. {advice}")
     rows = [t.shape[0] for t in b[0]]
     for per_expert in b:
         for j, t in enumerate(per_expert):
             if t.shape != (rows[j], ranks[0]):
                 raise ShapeMismatchError(
-                    f"experts disagree on the shape of lora_B ({list(t.shape)} vs {[rows[j], ranks[0]]}); export with "
-                    f"expert_layout='per_expert'"
+                    f"experts disagree on the shape of lora_B ({list(t.shape)} vs {[rows[j], ranks[0]]}). {advice}"
                 )
 
 
@@ -152,7 +167,7 @@ def unfuse_experts(
                 f"the Megatron model has {num_experts} experts; load it into a model with the expert count of the "
                 f"adapter's base model"
             )
-        for e, (a_e, b_e) in enumerate(unstack_experts(a, b, r, len(fused.per_expert))):
+        for e, (a_e, b_e) in enumerate(unstack_experts(a, b, r, len(fused.per_expert), fused.rows)):
             modules = [f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert]
             for module, b_rows in zip(modules, b_e):
                 out[hf_key(module, "lora_A")] = a_e

@@ -25,6 +25,13 @@ _HF_LAYER_TYPES = {
     "mlp": "-",
     "moe": "E",
 }
+_ATTENTION = ("attention_sinks", "window_layers")
+"""Attention facts that leave the adapter's shapes alone but make an HF model of another family compute something
+else; None: not known (not compared)."""
+
+
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_SIZE
 
 
 def _valid(name: str, value: Any) -> bool:
@@ -34,6 +41,8 @@ def _valid(name: str, value: Any) -> bool:
         return value is None or (
             isinstance(value, str) and 0 < len(value) <= MAX_SIZE and set(value) <= set(LAYER_SYMBOLS)
         )
+    if name in _ATTENTION:
+        return value is None or isinstance(value, bool) or (isinstance(value, tuple) and all(_index(v) for v in value))
     if value is None:
         return name in _OPTIONAL or name in HYBRID_FIELDS or name in GDN_FIELDS
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
@@ -82,6 +91,11 @@ class ModelGeometry:
     linear_value_head_dim: int | None = None
     attention_output_gate: bool = False
     """Attention's linear_qkv also yields a sigmoid output gate per query head (Qwen3-Next; HF q_proj doubled)."""
+    attention_sinks: bool | None = None
+    """A learned per-head sink in the attention softmax (megatron softmax_type "learnable"; HF GPT-OSS `sinks`)."""
+    window_layers: tuple[int, ...] | None = None
+    """The layers (0-based) with sliding-window attention (megatron window_size / window_attn_skip_freq; HF
+    layer_types). The window's length is not compared: converters differ by one on its left edge."""
 
     def __post_init__(self) -> None:
         wrong = [
@@ -133,6 +147,8 @@ class ModelGeometry:
             moe_ffn_hidden_size=getattr(config, "moe_ffn_hidden_size", None),
             moe_shared_expert_intermediate_size=getattr(config, "moe_shared_expert_intermediate_size", None) or None,
             **hybrid,
+            attention_sinks=getattr(config, "softmax_type", "vanilla") == "learnable",
+            window_layers=_megatron_window_layers(config),
         )
 
     @classmethod
@@ -168,6 +184,8 @@ class ModelGeometry:
             if experts
             else None,
             **hybrid,
+            attention_sinks=text.get("model_type", config.get("model_type")) == "gpt_oss",
+            window_layers=_hf_window_layers(text),
         )
 
     def check_matches(self, hf: ModelGeometry, source: str) -> None:
@@ -177,8 +195,9 @@ class ModelGeometry:
             skip.add("layer_pattern")
         if self.num_experts:  # MoE families here have no dense MLP; HF's intermediate_size may name the expert width
             skip.add("ffn_hidden_size")
+        skip.update(name for name in _ATTENTION if getattr(self, name) is None or getattr(hf, name) is None)
         diffs = [
-            f"{f.name}: Megatron model has {getattr(self, f.name)}, {source} has {getattr(hf, f.name)}"
+            f"{f.name}: Megatron model has {_shown(getattr(self, f.name))}, {source} has {_shown(getattr(hf, f.name))}"
             for f in fields(self)
             if f.name not in skip and getattr(self, f.name) != getattr(hf, f.name)
         ]
@@ -258,3 +277,32 @@ def _hf_hybrid(text: Mapping[str, Any]) -> dict[str, Any]:
         mamba_state_dim=text["ssm_state_size"],
         layer_pattern=pattern,
     )
+
+
+def _shown(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _megatron_window_layers(config: Any) -> tuple[int, ...] | None:
+    """megatron-core's rule (transformer/utils.py is_layer_window_attention, 1-based layer numbers): no window_size,
+    none; window_attn_skip_freq None, every layer; an int n, every layer whose number n does not divide; a list,
+    the layers it marks."""
+    window, skip = getattr(config, "window_size", None), getattr(config, "window_attn_skip_freq", None)
+    layers = range(config.num_layers)
+    if not window:
+        return ()
+    if skip is None:
+        return tuple(layers)
+    if isinstance(skip, int):
+        return tuple(i for i in layers if (i + 1) % skip)
+    if isinstance(skip, (list, tuple)):
+        return tuple(i for i in layers if i < len(skip) and skip[i])
+    return None
+
+
+def _hf_window_layers(text: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """From HF `layer_types` ("sliding_attention" layers); None when the config has no layer_types."""
+    types = text.get("layer_types")
+    if not isinstance(types, list):
+        return None
+    return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")

@@ -10,7 +10,9 @@
 - The rows of a tensor as torch_dist stored it at TP > 1 (`stored_row_pieces`, `store_rows`; core/registry.py
   says which tensors are stored which way).
 - Experts stacked into transformers v5's fused parameters as peft targets them (`stack_experts`,
-  `unstack_experts`): lora_A expert-major rows, lora_B rank-major columns.
+  `unstack_experts`): lora_A expert-major rows, lora_B rank-major columns; the rows of the HF modules one fused
+  parameter stands for either follow each other (`[gate; up]`) or alternate (GPT-OSS: gate row j at 2j, up row j at
+  2j+1), `join_rows` / `part_rows`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .archs import Layout
+    from .archs import Layout, RowOrder
     from .geometry import ModelGeometry
     from .registry import StoredRows
 
@@ -173,16 +175,39 @@ def store_rows(layout: StoredRows, shards: Sequence[torch.Tensor]) -> torch.Tens
     return torch.cat(list(shards))
 
 
-def stack_experts(a: Sequence[torch.Tensor], b: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def join_rows(parts: Sequence[torch.Tensor], order: RowOrder) -> torch.Tensor:
+    """The rows of the HF modules one fused parameter stands for, in its order (the inverse of `part_rows`).
+
+    `blocks`: each module's rows after the previous one's; `interleaved`: row j of module k at j * len(parts) + k
+    (all modules have the same rows)."""
+    if order == "interleaved":
+        return torch.stack(list(parts), dim=1).flatten(0, 1)
+    return torch.cat(list(parts))
+
+
+def part_rows(joined: torch.Tensor, modules: int, order: RowOrder) -> list[torch.Tensor]:
+    """A fused parameter's rows -> one tensor per HF module it stands for (the inverse of `join_rows`)."""
+    if order == "interleaved":
+        return [joined[k::modules].contiguous() for k in range(modules)]
+    return [rows.contiguous() for rows in joined.chunk(modules)]
+
+
+def stack_experts(
+    a: Sequence[torch.Tensor], b: Sequence[Sequence[torch.Tensor]], order: RowOrder = "blocks"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert: one lora_A [r, in] and the lora_B [rows, r] of each HF module it feeds (in order) -> peft's fused
     lora_A [experts * r, in] (expert e's rows at e*r...) and lora_B [sum(rows), r * experts] (column j*experts + e is
-    expert e's column j), filled in place."""
+    expert e's column j; its rows the modules' rows joined in `order`, `join_rows`), filled in place."""
     rows = [t.shape[0] for t in b[0]]
     r = a[0].shape[0]
     first = b[0][0]
     fused = torch.empty((sum(rows), r, len(b)), dtype=first.dtype, device=first.device)
     dst, src = [], []
     for e, per_expert in enumerate(b):
+        if order == "interleaved":
+            dst += [fused[k :: len(per_expert), :, e] for k in range(len(per_expert))]
+            src += list(per_expert)
+            continue
         start = 0
         for j, t in enumerate(per_expert):
             dst.append(fused[start : start + rows[j], :, e])
@@ -193,11 +218,9 @@ def stack_experts(a: Sequence[torch.Tensor], b: Sequence[Sequence[torch.Tensor]]
 
 
 def unstack_experts(
-    a: torch.Tensor, b: torch.Tensor, r: int, modules: int
+    a: torch.Tensor, b: torch.Tensor, r: int, modules: int, order: RowOrder = "blocks"
 ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     """The inverse of `stack_experts`: per expert, its lora_A and the lora_B of each of its `modules` HF modules."""
     count = a.shape[0] // r
     b_by_expert = b.unflatten(1, (r, count))  # rank-major columns: [out, r, experts]
-    return [
-        (a_e, [rows.contiguous() for rows in b_by_expert[..., e].chunk(modules)]) for e, a_e in enumerate(a.split(r))
-    ]
+    return [(a_e, part_rows(b_by_expert[..., e], modules, order)) for e, a_e in enumerate(a.split(r))]

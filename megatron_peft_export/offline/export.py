@@ -24,7 +24,7 @@ from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
 from ..dialects import name_modules, raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError
-from ..export import ExportOptions, naming, stage_adapter
+from ..export import ExportOptions, fused_layout, naming, stage_adapter
 from ..io import safetensors_out
 from ..io.atomic_dir import check_output, discard, publish, staging_dir
 from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dirs
@@ -171,7 +171,9 @@ def _flag(name: str) -> str:
 
 
 def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
-    geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
+    # attention sinks and window layers are not in Megatron-LM's args: unknown offline (not compared)
+    unrecorded = ("vocab_size", "attention_sinks", "window_layers")
+    geometry_fields = [f.name for f in fields(ModelGeometry) if f.name not in unrecorded]
     optional = {
         "num_experts",
         "moe_ffn_hidden_size",
@@ -420,6 +422,7 @@ def _export_checkpoint(
         directory, read_hf_config(options.base_model_name_or_path), options, facts
     )
     plan = plan_adapter([s.spec for s in shards], names.geometry, names.arch, vocab)
+    fused_layout(options.expert_layout, names.arch)
     by_key: dict[str, list[int]] = defaultdict(list)
     for n, shard in enumerate(shards):
         by_key[shard.key].append(n)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from megatron_peft_export.cli import main
 from megatron_peft_export.compat import check_adapter, check_dir
@@ -368,6 +368,22 @@ def test_export_logs_what_vllm_makes_of_the_family_s_expert_layout(tmp_path, cap
         "warning [engine-flags]" in logs["qwen3_moe", "fused"] and "applied-nowhere" not in logs["qwen3_moe", "fused"]
     )
     assert logs["mixtral", "per_expert"] == logs["qwen3_moe", "per_expert"] == ""
+
+
+def test_gpt_oss_takes_the_fused_expert_layout_itself_and_needs_both_expert_parameters(tmp_path, capsys):
+    """vLLM's GPT-OSS (is_3d_moe_weight) loads peft's fused layout without engine flags, and asserts that both
+    gate_up_proj and down_proj carry LoRA."""
+    both, base = _fused_experts(tmp_path, "gpt_oss", "gpt_oss")
+    status, out, _ = run_check(capsys, both, "--base", base)
+    assert status == 0 and "engine-flags" not in out and "one-expert-parameter" not in out, out
+    config = json.loads((both / "adapter_config.json").read_text())
+    config["target_parameters"] = ["mlp.experts.gate_up_proj"]
+    tensors = {k: torch.zeros(v.shape) for k, v in load_file(both / "adapter_model.safetensors").items()}
+    tensors = {k: v for k, v in tensors.items() if "experts.lora_" not in k}  # down_proj's (outermost) LoRA gone
+    tensors = {k.replace("experts.base_layer.", "experts."): v for k, v in tensors.items()}
+    lone = write_adapter(tmp_path / "gpt_oss_gate_up_only", config, tensors)
+    status, out, _ = run_check(capsys, lone, "--base", base)
+    assert status == 1 and "[one-expert-parameter]" in out and "gate_up_proj and down_proj" in out, out
 
 
 def test_a_python_without_vllm_leaves_the_verdict_to_the_rules_with_a_note(tmp_path, capsys):
