@@ -42,8 +42,11 @@ from ..core.peft_names import (
     hf_key,
 )
 from ..errors import AdapterFileError, ExportError, NonFiniteError, OutputError
-from . import safetensors_out
-from .atomic_dir import discard, fsync, is_published_adapter, write_failure
+from . import (
+    atomic_dir,  # by module: its fsync is what the crash tests replace
+    safetensors_out,
+)
+from .atomic_dir import is_published_adapter
 from .safe_read import open_regular
 
 __all__ = ["ADAPTER_BIN", "FILES", "MAX_CARD_BYTES", "PEFT_PREFIX", "hf_key", "is_published_adapter"]
@@ -453,11 +456,11 @@ def write_staging(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         for name in (ADAPTER_WEIGHTS, *files):
-            fsync(tmp / name)
-        fsync(tmp)
+            atomic_dir.fsync(tmp / name)
+        atomic_dir.fsync(tmp)
     except BaseException as exc:
-        discard(tmp)
+        atomic_dir.discard(tmp)
         if isinstance(exc, (OSError, SafetensorError)):
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(len(d) for d in files.values())
-            raise OutputError(write_failure(exc, tmp.parent, nbytes)) from exc
+            raise OutputError(atomic_dir.write_failure(exc, tmp.parent, nbytes)) from exc
         raise
