@@ -11,12 +11,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..core.geometry import MAX_SIZE, ModelGeometry
+from ..core.geometry import FAMILY_FIELDS, MAX_SIZE, OPTIONAL, ModelGeometry
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
 from ..dialects import raise_refusals
@@ -111,6 +112,9 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
                 + ("true or false" if name == "gated_linear_unit" else f"an integer from 1 to {MAX_SIZE}")
                 + f". Pass {_flag(name)}"
             )
+    values.update(_family_values(settings, model, hf))
+    if values["kv_lora_rank"] is not None and values["qk_head_dim"] and values["qk_pos_emb_head_dim"]:
+        values["head_dim"] = values["qk_head_dim"] + values["qk_pos_emb_head_dim"]  # MLA: kv_channels is unused
     if values["num_query_groups"] is None:
         values["num_query_groups"] = values["num_attention_heads"]
     if values["head_dim"] is None and values["hidden_size"] and values["num_attention_heads"]:
@@ -118,6 +122,22 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
     if values["gated_linear_unit"] is None and hf_config is not None:
         values["gated_linear_unit"] = True  # the Llama-family name maps are gated
     return values
+
+
+def _family_values(settings, model: dict, hf: dict) -> dict[str, Any]:
+    """The family-only sizes (MLA ranks, MoE layers: core/geometry.py's FAMILY_FIELDS) as the checkpoint records them
+    (Megatron-LM's args, else Bridge's run_config model section, read like a TransformerConfig), else as the HF config
+    gives them."""
+    args = settings.args
+    if args is not None:
+        config = SimpleNamespace(**{**vars(args), "num_moe_experts": getattr(args, "num_experts", None)})
+    elif model.get("num_layers") is not None:
+        config = SimpleNamespace(**model)
+    else:
+        return {f.name: hf.get(f.name) for f in FAMILY_FIELDS}
+    if getattr(config, "num_layers", None) is None:
+        return {f.name: hf.get(f.name) for f in FAMILY_FIELDS}
+    return {f.name: f.megatron(config) for f in FAMILY_FIELDS}
 
 
 def _plausible(name: str, value: Any) -> bool:
@@ -140,7 +160,7 @@ def _flag(name: str) -> str:
 
 def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     geometry_fields = [f.name for f in fields(ModelGeometry) if f.name != "vocab_size"]
-    optional = {"num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"}  # dense models have none
+    optional = OPTIONAL  # dense models have no expert sizes, GQA models no MLA sizes
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(

@@ -35,6 +35,10 @@ TINY = ModelGeometry(
     moe_ffn_hidden_size=32,
     moe_shared_expert_intermediate_size=48,
 )
+MLA = dataclasses.replace(
+    TINY, head_dim=12, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6
+)
+"""tests/support/tiny_deepseek.py's attention sizes (a q/k head is nope 8 + rope 4 wide)."""
 LAYER, EXPERT = 3, 2
 
 
@@ -55,6 +59,8 @@ def _entries():
 def test_live_name_to_checkpoint_key_and_back(dialect, arch, module, parts):
     geometry = TINY if arch.fused_experts or arch.name == "qwen2_moe" else dataclasses.replace(TINY, num_experts=None)
     geometry = dataclasses.replace(geometry, gated_linear_unit=arch.name != "nemotron")
+    if arch.name == "deepseek_v3":
+        geometry = MLA
     for decl, leaf, part in dialect.leaves("sft"):
         if part is not None and part not in parts:
             continue
