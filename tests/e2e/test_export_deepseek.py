@@ -229,3 +229,42 @@ def test_glm4_moe_ep2_export_and_import(tmp_path):
     assert result["diff"] <= 1e-5
     imported = run_ranks(_import, 2, str(tmp_path), "GLM_LIKE", ep=2, timeout=400)[0]
     assert (imported - result["logits"]).abs().max().item() <= 1e-5
+
+
+def _export_against(rank, world, tmp, name, base_name):
+    """Export a `name` model against the HF config of `base_name`, live and offline: the error, and what was
+    written."""
+    from megatron_peft_export import export_adapter
+    from megatron_peft_export.errors import ShapeMismatchError
+    from megatron_peft_export.export import ExportOptions
+    from megatron_peft_export.offline.export import export_checkpoint
+    from tests.support import tiny_deepseek
+
+    cfg, model = _build(name, 1, 1, seed=31)
+    base = Path(tmp) / "base"
+    tiny_deepseek.hf_config(_config(base_name)).save_pretrained(base)
+    _save(rank, model, cfg, Path(tmp) / "save", 1)
+    messages = []
+    with pytest.raises(ShapeMismatchError) as live:
+        export_adapter(model, Path(tmp) / "live", base_model_name_or_path=str(base))
+    messages.append(str(live.value))
+    with pytest.raises(ShapeMismatchError) as offline:
+        options = ExportOptions(base_model_name_or_path=str(base))
+        export_checkpoint(str(Path(tmp) / "save"), str(Path(tmp) / "offline"), options=options, quiet=True)
+    messages.append(str(offline.value))
+    return messages, sorted(p.name for p in Path(tmp).iterdir())
+
+
+@pytest.mark.family("deepseek_v3", path="export", layout="HF config of glm4_moe", check="refused")
+@pytest.mark.family("deepseek_v3", path="offline", layout="HF config of glm4_moe", check="refused")
+@pytest.mark.family("glm4_moe", path="export", layout="HF config of deepseek_v3", check="refused")
+@pytest.mark.family("glm4_moe", path="offline", layout="HF config of deepseek_v3", check="refused")
+@pytest.mark.parametrize("name,base_name", [("DEEPSEEK_LIKE", "GLM_LIKE"), ("GLM_LIKE", "DEEPSEEK_LIKE")])
+def test_an_hf_config_of_the_other_family_is_one_error_before_anything_is_written(tmp_path, name, base_name):
+    messages, files = run_ranks(_export_against, 1, str(tmp_path), name, base_name, timeout=300)[0]
+    assert files == ["base", "save"]  # no adapter directory, no staging left behind
+    assert "num_query_groups: Megatron model has" in messages[0]  # offline: the checkpoint's args do not say
+    for message in messages:
+        assert message.startswith("the HF config does not describe the Megatron model")
+        assert "kv_lora_rank: Megatron model has" in message
+        assert message.endswith("Pass the base model the adapter was trained on (base_model_name_or_path).")
