@@ -34,23 +34,32 @@ def _targets(name, tp):
     return attention + DENSE_AND_SHARED + (ROUTED if tp == 1 else ())
 
 
-def _build(name, tp, ep, seed):
-    from tests.support import tiny_deepseek
+BRIDGE_MLA = ["linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]
+
+
+def _build(name, tp, ep, seed, variant="modelopt"):
+    from tests.support import real_bridge, tiny_deepseek
     from tests.support.tiny_gpt import apply_modelopt_lora, fill_lora_random
 
     cfg = _config(name)
     tiny_deepseek.init_parallel(tp=tp, ep=ep)
-    model = apply_modelopt_lora(tiny_deepseek.build(cfg, sequence_parallel=tp > 1), targets=_targets(name, tp))
+    model = tiny_deepseek.build(cfg, sequence_parallel=tp > 1)
+    if variant == "modelopt":
+        model = apply_modelopt_lora(model, targets=_targets(name, tp))
+    else:  # Bridge's LoRA on MLA's linears and the MLPs' (dense, shared and routed experts) fc1, and fc2 at TP1
+        # (Bridge's LoRA on expert fc2 at expert TP 2 is refused, see dialects/bridge.py)
+        mlp = ["linear_fc1", "linear_fc2"] if tp == 1 else ["linear_fc1"]
+        model = real_bridge.apply(model, variant, dim=8, alpha=16, target_modules=BRIDGE_MLA + mlp)
     fill_lora_random(model, seed=seed)
     return cfg, model
 
 
-def _export(rank, world, tmp, name, tp=1, ep=1, save=False):
+def _export(rank, world, tmp, name, tp=1, ep=1, save=False, variant="modelopt"):
     from megatron_peft_export import export_adapter
     from tests.support import tiny_deepseek, tiny_moe
     from tests.support.tiny_gpt import compare_peft, sample_tokens
 
-    cfg, model = _build(name, tp, ep, seed=31)
+    cfg, model = _build(name, tp, ep, seed=31, variant=variant)
     tokens = sample_tokens(cfg)
     logits = tiny_moe.megatron_moe_logits(model, tokens)
     base = Path(tmp) / "base"
@@ -268,3 +277,12 @@ def test_an_hf_config_of_the_other_family_is_one_error_before_anything_is_writte
         assert message.startswith("the HF config does not describe the Megatron model")
         assert "kv_lora_rank: Megatron model has" in message
         assert message.endswith("Pass the base model the adapter was trained on (base_model_name_or_path).")
+
+
+@pytest.mark.family("deepseek_v3", path="export", layout="Bridge LoRA TP1, EP2, TP2 SP", check="logits")
+@pytest.mark.parametrize("world,layout", [(1, {}), (2, {"ep": 2}), (2, {"tp": 2})], ids=["tp1", "ep2", "tp2-sp"])
+def test_deepseek_v3_bridge_lora(real_bridge, tmp_path, world, layout):
+    """Megatron-Bridge's LoRA wrapping MLA's linears by name, with the dense, shared and routed experts' fc1/fc2."""
+    result = run_ranks(_export, world, str(tmp_path), "DEEPSEEK_LIKE", variant="lora", timeout=400, **layout)[0]
+    assert result["diff"] <= 1e-5
+    assert result["config"]["target_modules"] == MLA_MODULES
