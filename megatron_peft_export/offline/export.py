@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..core.geometry import FAMILY_FIELDS, MAX_SIZE, OPTIONAL, ModelGeometry
+from ..core.geometry import FAMILY_FIELDS, MAX_SIZE, OPTIONAL, ModelGeometry, valid
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
 from ..dialects import raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
-from ..errors import DialectError, NoAdaptersError
+from ..errors import DialectError, NoAdaptersError, ShapeMismatchError
 from ..export import ExportOptions, naming, stage_adapter
 from ..io import safetensors_out
 from ..io.atomic_dir import check_output, discard, publish, staging_dir
@@ -124,20 +124,43 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
     return values
 
 
+_FAMILY_CONFIG = (
+    "num_layers",
+    "num_moe_experts",
+    "moe_layer_freq",
+    "multi_latent_attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+)
+
+
 def _family_values(settings, model: dict, hf: dict) -> dict[str, Any]:
     """The family-only sizes (MLA ranks, MoE layers: core/geometry.py's FAMILY_FIELDS) as the checkpoint records them
     (Megatron-LM's args, else Bridge's run_config model section, read like a TransformerConfig), else as the HF config
     gives them."""
     args = settings.args
     if args is not None:
-        config = SimpleNamespace(**{**vars(args), "num_moe_experts": getattr(args, "num_experts", None)})
-    elif model.get("num_layers") is not None:
-        config = SimpleNamespace(**model)
+        found = {n: getattr(args, n, None) for n in _FAMILY_CONFIG}
+        found["num_moe_experts"] = getattr(args, "num_experts", None)
     else:
+        found = {n: model.get(n) for n in _FAMILY_CONFIG}
+    if not _plausible("num_layers", found["num_layers"]):
         return {f.name: hf.get(f.name) for f in FAMILY_FIELDS}
-    if getattr(config, "num_layers", None) is None:
-        return {f.name: hf.get(f.name) for f in FAMILY_FIELDS}
-    return {f.name: f.megatron(config) for f in FAMILY_FIELDS}
+    found["moe_layer_freq"] = 1 if found["moe_layer_freq"] is None else found["moe_layer_freq"]
+    try:
+        values = {f.name: f.megatron(SimpleNamespace(**found)) for f in FAMILY_FIELDS}
+    except (TypeError, ValueError, ShapeMismatchError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's recorded MoE / multi-latent attention settings are malformed ({exc}); expected "
+            "megatron's moe_layer_freq and MLA sizes. Pass --base-model with the HF base model's directory"
+        ) from None
+    bad = [f"{n}={v!r:.40}" for n, v in values.items() if not valid(n, v)]
+    if bad:
+        raise CheckpointError(f"the checkpoint records {', '.join(bad)}; expected positive sizes. Pass --base-model")
+    return values
 
 
 def _plausible(name: str, value: Any) -> bool:
