@@ -54,3 +54,19 @@ def hub(token, monkeypatch):
         # user-agent header) go to the fake too, so no request leaves 127.0.0.1
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
         yield server
+
+
+def pytest_collection_modifyitems(config, items):
+    """A `family` marker (docs/families.md is generated from them) must name a family, a path and a check kind the
+    table knows; a wrong one fails the collection instead of silently dropping a row."""
+    from tests.support.families_table import CHECKS, PATHS
+
+    for item in items:
+        for mark in item.iter_markers("family"):
+            name = mark.args[0] if mark.args else mark.kwargs.get("name")
+            path, check = mark.kwargs.get("path"), mark.kwargs.get("check")
+            if not name or path not in PATHS or check not in CHECKS:
+                raise pytest.UsageError(
+                    f"{item.nodeid}: family marker {mark.args} {mark.kwargs}: expected a family name, path in {PATHS} "
+                    f"and check in {CHECKS}"
+                )

@@ -258,13 +258,101 @@ Megatron's expert linear_fc1 is [gate; up] (per TP rank [gate_t; up_t]); the pla
 gate and up it names here, and the fused layout interleaves their rows (`FusedExperts.rows`)."""
 
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, NEMOTRON, QWEN_MOE, QWEN2_MOE, MIXTRAL, NEMOTRON_H, QWEN3_NEXT, GPT_OSS)
+_DENSE_MLP = (
+    ModuleMap("mlp.linear_fc1", ("mlp.gate_proj", "mlp.up_proj"), "gate_up", ("gate", "up")),
+    _FC2,
+)
+_DEEPSEEK_MOE = (
+    ModuleMap(
+        _EXPERT_FC1, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "gate_up", ("gate", "up"), _EXPERT
+    ),
+    ModuleMap(_EXPERT_FC2, ("mlp.experts.{e}.down_proj",), "plain", width=_EXPERT),
+    ModuleMap(_ROUTER, ("mlp.gate",), "plain"),
+    ModuleMap(
+        "mlp.shared_experts.linear_fc1",
+        ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+        "gate_up",
+        ("gate", "up"),
+        _SHARED,
+    ),
+    ModuleMap("mlp.shared_experts.linear_fc2", ("mlp.shared_experts.down_proj",), "plain", width=_SHARED),
+)
+"""DeepSeek-style MoE layers (DeepSeek-V3, Kimi-K2, GLM-4.5): routed experts, the router (sigmoid scores; its expert
+bias, HF `e_score_correction_bias`, is a buffer no adapter touches) and the ungated shared experts; the first layers
+have a dense MLP (`_DENSE_MLP`)."""
 
+_AS_PARAMETERS = tuple(
+    FusedExperts(f"{m}.weight", (m,))
+    for m in (
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "mlp.shared_experts.gate_proj",
+        "mlp.shared_experts.up_proj",
+        "mlp.shared_experts.down_proj",
+    )
+)
+"""The dense MLP's and the shared experts' linears as 2-D target parameters (same tensor keys as target_modules). Under
+transformers 5, peft (0.21) rewrites any target_modules entry named gate_proj / up_proj / down_proj of these families
+(transformers' qwen2_moe conversion pattern) into the fused routed experts' parameters, doubling the rank, so the
+adapter would load onto the wrong weights; target_parameters are left alone."""
+
+_MLA = (
+    ModuleMap("self_attention.linear_q_proj", ("self_attn.q_proj",), "plain"),
+    ModuleMap("self_attention.linear_q_down_proj", ("self_attn.q_a_proj",), "plain"),
+    ModuleMap("self_attention.linear_q_up_proj", ("self_attn.q_b_proj",), "plain"),
+    ModuleMap("self_attention.linear_kv_down_proj", ("self_attn.kv_a_proj_with_mqa",), "plain"),
+    ModuleMap("self_attention.linear_kv_up_proj", ("self_attn.kv_b_proj",), "plain"),
+    _PROJ,
+)
+"""megatron's MLASelfAttention. Each linear feeds one HF module with the same output rows in the same order:
+q_up / q_proj per head [nope; rope], kv_down [kv latent; rope], kv_up per head [k nope; v], heads (and the down
+projections' rows, when column-parallel) split over TP in contiguous blocks. The rope channels are laid out alike on
+both sides: megatron's MLA rope and HF's `rope_interleave` both take channels 0::2 then 1::2 at run time, so no row of
+the base weights, nor of an adapter, is permuted."""
+
+DEEPSEEK_V3 = ArchMap(
+    name="deepseek_v3",
+    model_types=("deepseek_v3", "kimi_k2"),
+    modules=_MLA + _DENSE_MLP + _DEEPSEEK_MOE,
+    fused_experts=QWEN_MOE.fused_experts + _AS_PARAMETERS,
+)
+"""DeepSeek-V3 and Kimi-K2 (whose Hub config says model_type `kimi_k2` with DeepSeek-V3's modules; transformers loads
+it as `deepseek_v3`)."""
+
+GLM4_MOE = ArchMap(
+    name="glm4_moe",
+    model_types=("glm4_moe",),
+    modules=(_QKV, _PROJ) + _DENSE_MLP + _DEEPSEEK_MOE,
+    fused_experts=QWEN_MOE.fused_experts + _AS_PARAMETERS,
+)
+"""GLM-4.5 / GLM-4.6: GQA attention (q/k/v biases live in the base model; LoRA has none) and DeepSeek-style MoE."""
+
+ARCHS: tuple[ArchMap, ...] = (
+    LLAMA,
+    NEMOTRON,
+    QWEN_MOE,
+    QWEN2_MOE,
+    MIXTRAL,
+    NEMOTRON_H,
+    QWEN3_NEXT,
+    GPT_OSS,
+    DEEPSEEK_V3,
+    GLM4_MOE,
+)
 
 NON_GATED: tuple[str, ...] = tuple(
     t for arch in ARCHS if not any(m.layout == "gate_up" for m in arch.modules) for t in arch.model_types
 )
 """The model types whose name map has a non-gated MLP (up_proj, down_proj)."""
+
+REFUSED: dict[str, str] = {
+    "kimi_k25": (
+        "Kimi-K2.5 (kimi_k25) is a vision-language model whose text model sits under model.language_model; no tested "
+        "name map covers that prefix yet. Kimi-K2 (text only) is supported as deepseek_v3 / kimi_k2"
+    ),
+}
+"""Model types refused by name, with what is missing."""
 
 
 def supported_model_types() -> list[str]:
@@ -275,6 +363,8 @@ def arch_for_model_type(model_type: str) -> ArchMap:
     for arch in ARCHS:
         if model_type in arch.model_types:
             return arch
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"refused model_type {model_type!r}: {REFUSED[model_type]}")
     raise UnsupportedModelError(
         f"expected an HF model_type with a name map ({', '.join(supported_model_types())}), "
         f"found {model_type!r}. Pass model_type= for a supported family with the same module names, "

@@ -58,6 +58,16 @@ class AdapterPlan:
     """A prefix of the HF names that transformers 5 renames when loading (ArchMap.renamed_prefix)."""
 
 
+_MLA_SHAPES = {
+    "linear_q_proj": lambda g: (g.hidden_size, (g.num_attention_heads * g.head_dim,)),
+    "linear_q_down_proj": lambda g: (g.hidden_size, (g.q_lora_rank,)),
+    "linear_q_up_proj": lambda g: (g.q_lora_rank, (g.num_attention_heads * g.head_dim,)),
+    "linear_kv_down_proj": lambda g: (g.hidden_size, (g.kv_lora_rank + g.qk_pos_emb_head_dim,)),
+    "linear_kv_up_proj": lambda g: (g.kv_lora_rank, (g.num_attention_heads * (g.qk_head_dim + g.v_head_dim),)),
+}
+"""(in_features, out_features) of multi-latent attention's linears; a q/k head is `head_dim` = nope + rope wide."""
+
+
 def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tuple[int, ...]]:
     g = geometry
     kind = module.megatron.rsplit(".", 1)[-1]
@@ -68,6 +78,18 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
             f"that kind "
             f"(num_experts {g.num_experts}, {module.width} {ffn}); pass the MoE base model's config or these sizes"
         )
+    if kind in _MLA_SHAPES:
+        if not g.mla:
+            raise ShapeMismatchError(
+                f"found adapters on multi-latent attention ({module.megatron}), but the model geometry has no MLA "
+                "sizes (kv_lora_rank...); pass the base model's config (deepseek_v3) or a model built with MLA"
+            )
+        if kind in ("linear_q_down_proj", "linear_q_up_proj") and g.q_lora_rank is None:
+            raise ShapeMismatchError(
+                f"found adapters on {module.megatron}, but the model geometry has no query latent (q_lora_rank is "
+                "unset); pass the base model's config"
+            )
+        return _MLA_SHAPES[kind](g)
     if kind == "linear_qkv":
         if (module.layout == "qkv_gated") != g.attention_output_gate:
             raise ShapeMismatchError(
@@ -82,7 +104,7 @@ def _linear_shapes(module: ModuleMap, geometry: ModelGeometry) -> tuple[int, tup
             g.num_query_groups * g.head_dim,
         )
     if kind == "linear_proj":
-        return g.num_attention_heads * g.head_dim, (g.hidden_size,)
+        return g.num_attention_heads * (g.v_head_dim if g.mla else g.head_dim), (g.hidden_size,)
     if kind == "linear_fc1":
         if (module.layout == "gate_up") != g.gated_linear_unit:
             want = "a gated (SwiGLU)" if module.layout == "gate_up" else "a non-gated"

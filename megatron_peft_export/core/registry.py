@@ -27,8 +27,20 @@ StoredRows = Literal["whole", "rank_blocks", "rank_halves"]
 another (`[s0; s1; ...]`, e.g. `[g0; u0; g1; u1]` for a gate/up linear_fc1); or each shard's first halves, then
 their second halves (`[s0 first half; s1 first half; ...; s0 second half; ...]`)."""
 
-COLUMN_PARALLEL = ("linear_qkv", "linear_fc1", "output_layer", "in_proj")
-"""megatron's column-parallel linears (output rows split over TP), by module name (`in_proj`: Mamba mixers)."""
+COLUMN_PARALLEL = (
+    "linear_qkv",
+    "linear_fc1",
+    "output_layer",
+    "in_proj",
+    "linear_q_proj",
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+)
+"""megatron's column-parallel linears (output rows split over TP), by module name (`in_proj`: Mamba mixers and gated
+delta-nets). MLA's down projections are column-parallel in megatron's local spec; Transformer Engine's spec builds
+them duplicated (TELinear, not split), which the live export reads from the weight's own TP attributes."""
 ROW_PARALLEL = ("linear_proj", "linear_fc2", "out_proj")
 """megatron's row-parallel linears (input columns split over TP), by module name."""
 RANK_BLOCK_FUSED = ("mixer.in_proj", "self_attention.in_proj")

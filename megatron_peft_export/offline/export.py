@@ -12,18 +12,28 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from ..core.archs import NON_GATED
-from ..core.geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, MAX_SIZE, ModelGeometry
+from ..core.geometry import (
+    FAMILY_FIELDS,
+    GDN_FIELDS,
+    HYBRID_FIELDS,
+    LAYER_SYMBOLS,
+    MAX_SIZE,
+    OPTIONAL,
+    ModelGeometry,
+    valid,
+)
 from ..core.plan import BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
 from ..dialects import name_modules, raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
-from ..errors import DialectError, NoAdaptersError
+from ..errors import DialectError, NoAdaptersError, ShapeMismatchError
 from ..export import ExportOptions, fused_layout, naming, stage_adapter
 from ..io import safetensors_out
 from ..io.atomic_dir import check_output, discard, publish, staging_dir
@@ -123,6 +133,9 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
                 + f". Pass {_flag(name)}"
             )
     _hybrid_values(values, args, hf)
+    values.update(_family_values(settings, model, hf))
+    if values["kv_lora_rank"] is not None and values["qk_head_dim"] and values["qk_pos_emb_head_dim"]:
+        values["head_dim"] = values["qk_head_dim"] + values["qk_pos_emb_head_dim"]  # MLA: kv_channels is unused
     if values["num_query_groups"] is None:
         values["num_query_groups"] = values["num_attention_heads"]
     if values["head_dim"] is None and values["hidden_size"] and values["num_attention_heads"]:
@@ -150,6 +163,45 @@ def _hybrid_values(values: dict[str, Any], args: Any, hf: dict[str, Any]) -> Non
     values["attention_output_gate"] = bool(values["attention_output_gate"])
 
 
+_FAMILY_CONFIG = (
+    "num_layers",
+    "num_moe_experts",
+    "moe_layer_freq",
+    "multi_latent_attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+)
+
+
+def _family_values(settings, model: dict, hf: dict) -> dict[str, Any]:
+    """The family-only sizes (MLA ranks, MoE layers: core/geometry.py's FAMILY_FIELDS) as the checkpoint records them
+    (Megatron-LM's args, else Bridge's run_config model section, read like a TransformerConfig), else as the HF config
+    gives them."""
+    args = settings.args
+    if args is not None:
+        found = {n: getattr(args, n, None) for n in _FAMILY_CONFIG}
+        found["num_moe_experts"] = getattr(args, "num_experts", None)
+    else:
+        found = {n: model.get(n) for n in _FAMILY_CONFIG}
+    if not _plausible("num_layers", found["num_layers"]):
+        return {f.name: hf.get(f.name) for f in FAMILY_FIELDS}
+    found["moe_layer_freq"] = 1 if found["moe_layer_freq"] is None else found["moe_layer_freq"]
+    try:
+        values = {f.name: f.megatron(SimpleNamespace(**found)) for f in FAMILY_FIELDS}
+    except (TypeError, ValueError, ShapeMismatchError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's recorded MoE / multi-latent attention settings are malformed ({exc}); expected "
+            "megatron's moe_layer_freq and MLA sizes. Pass --base-model with the HF base model's directory"
+        ) from None
+    bad = [f"{n}={v!r:.40}" for n, v in values.items() if not valid(n, v)]
+    if bad:
+        raise CheckpointError(f"the checkpoint records {', '.join(bad)}; expected positive sizes. Pass --base-model")
+    return values
+
+
 def _plausible(name: str, value: Any) -> bool:
     if name in ("gated_linear_unit", "attention_output_gate"):
         return isinstance(value, bool)
@@ -174,14 +226,8 @@ def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     # attention sinks and window layers are not in Megatron-LM's args: unknown offline (not compared)
     unrecorded = ("vocab_size", "attention_sinks", "window_layers")
     geometry_fields = [f.name for f in fields(ModelGeometry) if f.name not in unrecorded]
-    optional = {
-        "num_experts",
-        "moe_ffn_hidden_size",
-        "moe_shared_expert_intermediate_size",
-        *HYBRID_FIELDS,
-        *GDN_FIELDS,
-    }
-    optional.add("layer_pattern")  # dense models have no experts, non-hybrid ones no Mamba sizes or layer pattern
+    # dense models have no expert sizes, GQA models no MLA sizes, non-hybrid ones no Mamba sizes or layer pattern
+    optional = OPTIONAL | {"layer_pattern"}
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(

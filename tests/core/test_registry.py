@@ -36,6 +36,10 @@ TINY = ModelGeometry(
     moe_ffn_hidden_size=32,
     moe_shared_expert_intermediate_size=48,
 )
+MLA = dataclasses.replace(
+    TINY, head_dim=12, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6
+)
+"""tests/support/tiny_deepseek.py's attention sizes (a q/k head is nope 8 + rope 4 wide)."""
 LAYER, EXPERT = 3, 2
 HYBRID = dict(mamba_num_heads=8, mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=4)
 """tests/support/tiny_hybrid.py's Mamba sizes."""
@@ -64,6 +68,8 @@ def test_live_name_to_checkpoint_key_and_back(dialect, arch, module, parts):
         geometry = dataclasses.replace(geometry, **HYBRID)
     if arch.name == "qwen3_next":
         geometry = dataclasses.replace(geometry, **GDN, attention_output_gate=True)
+    if arch.name == "deepseek_v3":
+        geometry = MLA
     for decl, leaf, part in dialect.leaves("sft"):
         if part is not None and part not in parts:
             continue

@@ -59,6 +59,9 @@ ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_pro
 LAYOUTS = [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)]
 
 
+@pytest.mark.family(
+    "llama", path="export", layout="Bridge LoRA, CanonicalLoRA, DoRA at TP1, TP2, PP2, TP2xPP2, TP2 SP", check="logits"
+)
 @pytest.mark.parametrize("tp,pp,sp", LAYOUTS, ids=["tp1", "tp2", "pp2", "tp2xpp2", "tp2-sp"])
 @pytest.mark.parametrize("variant", ["lora", "canonical", "dora"])
 def test_bridge_export_matches_megatron_logits(tmp_path, variant, tp, pp, sp):

@@ -94,6 +94,7 @@ def _check(result, target_modules, target_parameters):
     assert result["config"]["target_parameters"] == target_parameters
 
 
+@pytest.mark.family("mixtral", path="export", layout="Bridge grouped experts EP1, EP2", check="logits")
 @pytest.mark.parametrize("expert_adapters", ["shared", "per_expert", "shared_outer"])
 @pytest.mark.parametrize("world,layout", [(1, {}), (2, {"ep": 2})], ids=["ep1", "ep2"])
 def test_grouped_expert_adapters_match_megatron_logits(real_bridge, tmp_path, expert_adapters, world, layout):
@@ -155,6 +156,8 @@ def test_expert_tp2_gated_fc1(real_bridge, tmp_path, expert_adapters, world, lay
     _check(result, ["k_proj", "q_proj", "v_proj"], ["mlp.experts.gate_up_proj"])
 
 
+@pytest.mark.family("mixtral", path="export", layout="Bridge router EP1", check="logits")
+@pytest.mark.family("qwen3_moe", path="export", layout="Bridge router TP2", check="logits")
 @pytest.mark.parametrize(
     "family,world,layout", [("mixtral", 1, {}), ("qwen3_moe", 2, {"tp": 2})], ids=["mixtral-ep1", "qwen3-tp2"]
 )

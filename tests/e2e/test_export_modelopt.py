@@ -49,6 +49,7 @@ def _export_and_compare(
     }
 
 
+@pytest.mark.family("llama", path="export", layout="ModelOpt TP1, TP2, PP2, TP2xPP2, VPP2, DP2, TP2 SP", check="logits")
 @pytest.mark.parametrize(
     "world,layout",
     [

@@ -43,6 +43,8 @@ def _moe_export(rank, world, tmp, tp, ep, family, sp=False, etp=None, expert_lay
     return result
 
 
+@pytest.mark.family("mixtral", path="export", layout="ModelOpt EP1, EP2, EP4", check="logits")
+@pytest.mark.family("qwen3_moe", path="export", layout="ModelOpt EP1, EP2, EP4", check="logits")
 @pytest.mark.parametrize(
     "world,layout",
     [
@@ -60,6 +62,8 @@ def test_moe_export_matches_megatron_logits(tmp_path, world, layout, family):
     assert result["config"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
+@pytest.mark.family("mixtral", path="export", layout="ModelOpt TP2xEP2 SP (attention)", check="logits")
+@pytest.mark.family("qwen3_moe", path="export", layout="ModelOpt TP2xEP2 SP (attention)", check="logits")
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_tp2_ep2_sequence_parallel_attention_lora_on_a_moe_model(tmp_path, family):
     """ModelOpt 0.47's LoRA on expert linears does not run under sequence parallelism (its LoRA B gathers the
@@ -69,6 +73,7 @@ def test_tp2_ep2_sequence_parallel_attention_lora_on_a_moe_model(tmp_path, famil
     assert "target_parameters" not in result["config"]
 
 
+@pytest.mark.family("qwen2_moe", path="export", layout="ModelOpt EP1, EP2", check="logits")
 @pytest.mark.parametrize("world,layout", [(1, {"tp": 1, "ep": 1}), (2, {"tp": 1, "ep": 2})], ids=["ep1", "ep2"])
 def test_qwen2_moe_shared_expert_lora_with_routed_experts(tmp_path, world, layout):
     """The shared expert's fused fc1 becomes shared_expert.{gate,up}_proj next to the fused routed experts."""
@@ -86,6 +91,7 @@ def test_qwen2_moe_shared_expert_lora_with_routed_experts(tmp_path, world, layou
     ]
 
 
+@pytest.mark.family("qwen2_moe", path="export", layout="ModelOpt TP2 SP, TP2xEP2 SP (shared expert)", check="logits")
 @pytest.mark.parametrize("world,layout", [(2, {"tp": 2, "ep": 1}), (4, {"tp": 2, "ep": 2})], ids=["tp2", "tp2xep2"])
 def test_qwen2_moe_shared_expert_lora_under_tensor_and_sequence_parallelism(tmp_path, world, layout):
     """The shared expert is split over TP like a dense MLP ([gate_t; up_t] per rank) and, unlike ModelOpt's
@@ -210,10 +216,12 @@ def _offline_equals_live(tmp_path, world, family, **layout) -> set[str]:
     return set(live)
 
 
+@pytest.mark.family("qwen3_moe", path="offline", layout="ModelOpt EP2", check="logits")
 def test_offline_export_of_an_ep2_checkpoint_equals_the_live_export(tmp_path):
     _offline_equals_live(tmp_path, 2, "qwen3_moe", ep=2)
 
 
+@pytest.mark.family("qwen2_moe", path="offline", layout="ModelOpt EP2; TP2xEP2 ETP1 SP", check="logits")
 @pytest.mark.parametrize(
     "world,layout",
     [

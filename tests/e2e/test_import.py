@@ -70,6 +70,7 @@ def _same_files(a: Path, b: Path):
     assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
 
 
+@pytest.mark.family("llama", path="import", layout="ModelOpt, Bridge LoRA, DoRA: TP2 to TP1, PP2", check="logits")
 @pytest.mark.parametrize("variant", ["modelopt", "lora", "dora"])
 def test_round_trip_tp2_to_tp1_and_pp2(request, tmp_path, variant):
     import torch
@@ -217,6 +218,7 @@ def _moe_import_at(rank, world, tmp, source, tp=1, routed=True):
     return logits, sorted(original), [k for k in original if not torch.equal(loaded[k], original[k])]
 
 
+@pytest.mark.family("qwen2_moe", path="import", layout="ModelOpt EP2 to EP1, EP2", check="logits")
 @pytest.mark.parametrize("expert_layout", ["fused", "per_expert"])
 def test_moe_round_trip_ep2_to_ep1_and_ep2(tmp_path, expert_layout):
     """Routed experts (global numbering, either HF layout), shared expert and attention come back bit for bit."""
@@ -231,6 +233,7 @@ def test_moe_round_trip_ep2_to_ep1_and_ep2(tmp_path, expert_layout):
         assert (imported[0][0] - logits).abs().max().item() <= 1e-5
 
 
+@pytest.mark.family("qwen2_moe", path="import", layout="ModelOpt TP1 to TP2 SP", check="logits")
 def test_shared_expert_round_trip_tp1_to_tp2_with_sequence_parallelism(tmp_path):
     """The shared expert's fc1 comes back [gate_t; up_t] per TP rank; attention and shared expert only (see
     _moe_model)."""

@@ -137,6 +137,12 @@ def _same_adapter(a: Path, b: Path):
     assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
 
 
+@pytest.mark.family(
+    "llama",
+    path="offline",
+    layout="ModelOpt TP1, TP2, PP2, TP2xPP2; Bridge LoRA, CanonicalLoRA, DoRA at TP2",
+    check="logits",
+)
 @pytest.mark.parametrize(
     "variant,tp,pp",
     [
