@@ -95,6 +95,11 @@ def megatron_moe_layers(config: Any) -> tuple[int, ...] | None:
 def hf_moe_layers(text: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The indices of MoE layers an HF config describes (DeepSeek/GLM `first_k_dense_replace` [+ `moe_layer_freq`],
     Qwen `decoder_sparse_step` and `mlp_only_layers`, else every layer); None without experts."""
+    if "mamba_num_heads" in text:  # Nemotron-H: its MoE layers are the pattern's E (it names n_routed_experts always)
+        pattern = text.get("hybrid_override_pattern") or "".join(
+            "E" if t == "moe" else "-" for t in text.get("layers_block_type") or ()
+        )
+        return tuple(i for i, symbol in enumerate(pattern) if symbol == "E") or None
     if not (text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts")):
         return None
     layers = text["num_hidden_layers"]
@@ -297,6 +302,8 @@ class ModelGeometry:
         experts = text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts")
         family = {f.name: f.hf(text) for f in FAMILY_FIELDS}
         hybrid = _hf_hybrid(text)
+        if "mamba_num_heads" in text and not family["moe_layers"]:
+            experts = None  # a Nemotron-H config without MoE layers still names its expert counts
         head_dim = text.get("head_dim") or text["hidden_size"] // heads
         if family["kv_lora_rank"] is not None:  # HF's head_dim is the rope part there
             head_dim = family["qk_head_dim"] + family["qk_pos_emb_head_dim"]
@@ -339,7 +346,7 @@ class ModelGeometry:
         ]
         if diffs:
             raise ShapeMismatchError(
-                "the HF config does not describe the Megatron model (another family or other sizes): "
+                "the HF config does not describe the Megatron model: "
                 + "; ".join(diffs)
                 + ". Pass the base model the adapter was trained on (base_model_name_or_path)."
             )
