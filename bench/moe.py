@@ -29,6 +29,15 @@ is taken between them); the last: real bytes (a 235 MB float32 adapter on 1.6 GB
 QUICK_SHAPES = {"4x16": (4, 16, 8, 2), "8x16": (8, 16, 8, 2)}
 
 
+def select(shapes: dict, names: str | None) -> dict:
+    """The shapes named in `names` (comma-separated, from SHAPES or QUICK_SHAPES, spaces as _), or `shapes` when
+    None."""
+    if not names:
+        return shapes
+    known = {name.replace(" ", "_"): (name, shape) for name, shape in {**SHAPES, **QUICK_SHAPES}.items()}
+    return dict(known[name] for name in names.split(","))
+
+
 def _config(layers: int, experts: int, hidden: int = 8):
     from tests.support.tiny_moe import TinyMoEConfig
 
