@@ -107,11 +107,16 @@ class _Scratch:
         return self.scratch / f"out_{self.count}"
 
 
-def _hook_save(hook, model, fresh) -> float:
-    """The training thread's time in one `on_checkpoint_saved`; the export is then waited for, untimed."""
+def _hook_save(hook, model, fresh, cpu: list | None = None) -> float:
+    """The training thread's time in one `on_checkpoint_saved` (its CPU time appended to `cpu`); the export is then
+    waited for, untimed."""
+    from .common import timed_both
+
     directory = fresh()
     directory.mkdir()
-    seconds, _ = timed(hook.on_checkpoint_saved, fresh.count, directory, model)
+    seconds, thread_cpu, _ = timed_both(hook.on_checkpoint_saved, fresh.count, directory, model)
+    if cpu is not None:
+        cpu.append(thread_cpu)
     hook.finalize()
     shutil.rmtree(directory)
     return seconds
@@ -123,22 +128,26 @@ def _measure_hook(model, scratch: Path, reps: int) -> dict:
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
 
-    from .common import adapter_parameters
+    from .common import adapter_parameters, timed_both
 
     params = adapter_parameters(model)
     fresh = _Scratch(scratch)
     out = {"adapter_params": len(params), "hf_tensors": len(params)}
+    cpu = {"hook_first_prepared": [], "hook_first": [], "hook": [], "floor_copy": []}
     prepared = AdapterExportHook(HookConfig(model_type="mixtral"))
     out["prepare"], _ = timed(prepared.prepare, model)  # the walk, before training
-    out["hook_first_prepared"] = _hook_save(prepared, model, fresh)
+    out["hook_first_prepared"] = _hook_save(prepared, model, fresh, cpu["hook_first_prepared"])
     del prepared
     hook = AdapterExportHook(HookConfig(model_type="mixtral"))
-    out["hook_first"] = _hook_save(hook, model, fresh)
+    out["hook_first"] = _hook_save(hook, model, fresh, cpu["hook_first"])
     samples = {"floor_copy": [], "hook": []}
     for _ in range(reps):
-        samples["floor_copy"].append(timed(lambda: [p.detach().to("cpu", copy=True) for p in params])[0])
-        samples["hook"].append(_hook_save(hook, model, fresh))
+        wall, thread_cpu, _ = timed_both(lambda: [p.detach().to("cpu", copy=True) for p in params])
+        samples["floor_copy"].append(wall)
+        cpu["floor_copy"].append(thread_cpu)
+        samples["hook"].append(_hook_save(hook, model, fresh, cpu["hook"]))
     out.update({k: median(v) for k, v in samples.items()})
+    out["cpu"] = {k: median(v) for k, v in cpu.items()}
     out["samples"] = samples
     out["walks"] = hook._snapshots.walks  # 1: the later saves found the model unchanged
     return out

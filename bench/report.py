@@ -175,6 +175,22 @@ def _moe_hook(result: dict) -> list[str]:
             f"| {r['shape']} | {r['adapter_params']} | {seconds(r['hook_first'])} | {r['hook_first'] / c:.2f}x "
             f"({seconds(r['hook_first'] - c)} above) | {prepared} | {r['hook'] / c:.2f}x | {seconds(c)} |"
         )
+    if all("cpu" in r for r in rows):
+        out += [
+            "",
+            "The training thread's CPU time (`time.thread_time`: what the call cost, whatever else ran):",
+            "",
+            "| layers x experts | first save / copy floor | first save after `prepare` / copy floor "
+            "| stall / copy floor | copy floor |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            cpu = r["cpu"]
+            c = cpu["floor_copy"]
+            out.append(
+                f"| {r['shape']} | {cpu['hook_first'] / c:.2f}x | {cpu['hook_first_prepared'] / c:.2f}x "
+                f"| {cpu['hook'] / c:.2f}x | {seconds(c)} |"
+            )
     if result.get("growth_exponent"):
         out += [
             "",

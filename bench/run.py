@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--shapes",
-        help="moe, moe_hook, moe_offline: comma-separated shapes of bench/moe.py (spaces as _; default: all of the mode)",
+        help="moe, moe_hook, moe_offline: comma-separated shapes of bench/moe.py (spaces as _; default: all)",
     )
     parser.add_argument(
         "--json", type=Path, help="result file (default: bench/results/latest.json, quick.json with --quick)"

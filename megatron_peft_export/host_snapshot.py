@@ -3,12 +3,16 @@
 One adapter is the case of a list of one: a snapshot holds every selected adapter (`AdapterSnapshots`), found by
 one walk of the model and copied by one bulk copy.
 
-- The walk (`take_snapshots` without copying) runs at the first save (or earlier, at `prepare`), and again only
-  when a cheap check says the model changed: whether any module or parameter was registered in the
+- The walk (`take_snapshots` without copying) runs at `prepare`, or in the background for a save that finds no
+  current walk: that save copies every trainable parameter (one bulk copy) and notes the others' version counters,
+  and the background walks, then takes each adapter tensor's values from those copies (`Deferred`). A cheap check on
+  the training thread says whether the cached walk is current: whether any module or parameter was registered in the
   process since (adding an adapter adds modules; one integer compare), on the modules that carry an adapter what
   the dialect reports (or its own summary of what it reads: ModelOpt's adapter entries), and each adapter tensor's
-  storage, shape and dtype. All of it runs on the training thread, with the cyclic garbage collector off: the
-  background never touches the model (ModelOpt's modules are not safe to read from another thread).
+  storage, shape and dtype. The walk reads registered children, parameters and plain attributes from the modules'
+  own dictionaries (`dialects.base.attribute`), not through ModelOpt's `__getattr__` (which can add entries to a
+  module's dictionary while it runs), so the background only reads the modules the training thread uses. The cyclic
+  garbage collector is off while either walks or copies.
 - The copy is one `torch._foreach_copy_` into the buffers of an export that has finished: views of one flat
   tensor per dtype. On a GPU the buffers are pinned and the copy (a fused gather into one flat device buffer per
   dtype, then one transfer each) is queued on a side stream after the work already queued on the training stream,
@@ -20,12 +24,9 @@ one walk of the model and copied by one bulk copy.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import operator
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from . import distributed as coll
 from .dialects import LocalShard
 from .dialects.base import Refusal
 from .errors import ExportError
-from .export import ExportOptions, Snapshot, model_chunks
+from .export import ExportOptions, Snapshot, _Report, model_chunks, paused_collection
 from .multi_adapter import AdapterSnapshots, Selection, check_selection, take_snapshots
 
 _registrations = itertools.count(1)
@@ -261,7 +262,7 @@ class HostSnapshots:
 
     def prepare(self, model: Any, layout: coll.RankLayout) -> None:
         """Walk the model and allocate (and touch) host buffers now, before training, so the first save only copies."""
-        with _no_collection():
+        with paused_collection():
             walk = self._walk_model(model, _key(model, layout), _modules_registered(), layout)
         if walk.generation is not None:
             self._keep_buffers(walk)
@@ -271,7 +272,7 @@ class HostSnapshots:
 
         When the model is not walked yet (or changed since its walk), every trainable parameter is copied instead and
         the walk is left to the background (`resolve`): the training thread never walks the model at a save."""
-        with _no_collection():
+        with paused_collection():
             key, registered = _key(model, layout), _modules_registered()
             walk = self._walk
             if walk is None or not walk.current(key, registered):
@@ -288,9 +289,17 @@ class HostSnapshots:
         if not isinstance(taken, Deferred):
             taken.wait()  # the asynchronous copy to host memory (GPU) is complete
             return taken
+        try:
+            return self._walked(taken)
+        except Exception as exc:  # every rank must reach the export's first agreement, which raises it everywhere
+            error = exc if isinstance(exc, ExportError) else ExportError(f"walking the model failed: {exc!r}")
+            failed = Snapshot(_Report(error=error), [])
+            return AdapterSnapshots(self._selection, {self._options.adapter_name: failed}, failed)
+
+    def _walked(self, taken: Deferred) -> AdapterSnapshots:
         if taken.copied is not None:
             taken.copied.synchronize()
-        with _no_collection():
+        with paused_collection():
             walk = self._walk
             if walk is None or not walk.current(taken.key, taken.registered):
                 walk = self._walk_model(taken.model, taken.key, taken.registered, taken.layout)
@@ -363,30 +372,6 @@ def _flat_buffers(
         for i, view in zip(indices, torch._C._nn.unflatten_dense_tensors(flat, group)):
             views[i] = view
     return _Flat(flats, views)
-
-
-_COLLECTION = {"paused": 0, "was_enabled": False}
-_COLLECTION_LOCK = threading.Lock()
-
-
-@contextmanager
-def _no_collection() -> Iterator[None]:
-    """Python's cyclic garbage collector off while the training thread walks or snapshots, or the background walks:
-    the walk allocates ~10 objects per adapter tensor, and every few hundred allocations the collector would traverse
-    the whole model's objects (millions at MoE scale), which made the walk grow quadratically. What they leave is
-    collected later. Counted, so a walk in the background and a save on the training thread overlap safely."""
-    with _COLLECTION_LOCK:
-        if not _COLLECTION["paused"]:
-            _COLLECTION["was_enabled"] = gc.isenabled()
-            gc.disable()
-        _COLLECTION["paused"] += 1
-    try:
-        yield
-    finally:
-        with _COLLECTION_LOCK:
-            _COLLECTION["paused"] -= 1
-            if not _COLLECTION["paused"] and _COLLECTION["was_enabled"]:
-                gc.enable()
 
 
 _SIDE_STREAMS: dict[Any, Any] = {}

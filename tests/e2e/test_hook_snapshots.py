@@ -214,3 +214,38 @@ def test_a_first_save_without_prepare_exports_the_values_at_the_save(tmp_path):
     assert not (tmp_path / "iter_0000002" / "hf_adapter").exists()
     assert any("written after the save" in m and "hook.prepare(model)" in m for m in messages), messages
     _same_adapters(tmp_path / "iter_0000003" / "hf_adapter", tmp_path / "reference_3")
+
+
+def _walk_fails_run(rank, world, save):
+    from megatron_peft_export import host_snapshot as hs
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.hook_loop import LogRecords, lora_model
+
+    model = lora_model(world)
+    walk = hs.take_snapshots
+
+    def failing_walk(*args, **kwargs):
+        if rank == 1:
+            raise RuntimeError("a module that cannot be read")
+        return walk(*args, **kwargs)
+
+    hs.take_snapshots = failing_walk
+    hook = AdapterExportHook(HookConfig(collective_timeout=60))
+    with LogRecords() as records:
+        hook.on_checkpoint_saved(1, checkpoint_dir(save, 1), model)
+        hook.finalize()
+    hs.take_snapshots = walk
+    hook.on_checkpoint_saved(2, checkpoint_dir(save, 2), model)
+    hook.finalize()
+    return [Path(p).parent.name for p in hook.published], records.messages
+
+
+def test_a_walk_that_fails_in_the_background_fails_that_export_on_every_rank(tmp_path):
+    """An unexpected error while one rank walks in the background reaches every rank at the export's first agreement
+    (no rank waits for the collective's timeout, the group stays usable): that export is skipped, the next is made."""
+    (published, messages), _ = run_ranks(_walk_fails_run, 2, str(tmp_path))
+    assert published == ["iter_0000002"]
+    assert any("rank 1: walking the model failed" in m and "a module that cannot be read" in m for m in messages), (
+        messages
+    )
