@@ -221,19 +221,19 @@ def _same_view(source: torch.Tensor, owner: torch.Tensor, copy: torch.Tensor) ->
 
 def _parameters(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(trainable, other) parameters of every chunk, each once: one pass over the modules' own dictionaries."""
-    seen: set[int] = set()
-    trainable, other = [], []
-    stack = list(reversed(model_chunks(model)))
+    stack: list[Any] = list(model_chunks(model))
+    found: list[Any] = []
+    pop, push, keep = stack.pop, stack.extend, found.extend
     while stack:
-        module = stack.pop()
+        module = pop()
+        if module is None:
+            continue
         own = module.__dict__
         parameters, children = own.get("_parameters"), own.get("_modules")
-        for p in (module._parameters if parameters is None else parameters).values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                (trainable if p.requires_grad else other).append(p)
-        stack.extend(m for m in reversed((module._modules if children is None else children).values()) if m is not None)
-    return trainable, other
+        keep((module._parameters if parameters is None else parameters).values())
+        push((module._modules if children is None else children).values())
+    unique = list({id(p): p for p in found if p is not None}.values())
+    return [p for p in unique if p.requires_grad], [p for p in unique if not p.requires_grad]
 
 
 def _defer(model: Any, layout: coll.RankLayout, key: tuple, registered: int) -> Deferred:
