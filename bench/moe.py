@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 from .common import median, timed
@@ -27,6 +28,15 @@ SHAPES = {"48x128": (48, 128, 8, 2), "61x256": (61, 256, 8, 2), "4x64 h1024 r64"
 """layers, experts, hidden size (= expert ffn size), LoRA rank. The first two: real tensor counts (the growth exponent
 is taken between them); the last: real bytes (a 235 MB float32 adapter on 1.6 GB of expert weights)."""
 QUICK_SHAPES = {"4x16": (4, 16, 8, 2), "8x16": (8, 16, 8, 2)}
+
+
+def select(shapes: dict, names: str | None) -> dict:
+    """The shapes named in `names` (comma-separated, from SHAPES or QUICK_SHAPES, spaces as _), or `shapes` when
+    None."""
+    if not names:
+        return shapes
+    known = {name.replace(" ", "_"): (name, shape) for name, shape in {**SHAPES, **QUICK_SHAPES}.items()}
+    return dict(known[name] for name in names.split(","))
 
 
 def _config(layers: int, experts: int, hidden: int = 8):
@@ -98,11 +108,16 @@ class _Scratch:
         return self.scratch / f"out_{self.count}"
 
 
-def _hook_save(hook, model, fresh) -> float:
-    """The training thread's time in one `on_checkpoint_saved`; the export is then waited for, untimed."""
+def _hook_save(hook, model, fresh, cpu: list | None = None) -> float:
+    """The training thread's time in one `on_checkpoint_saved` (its CPU time appended to `cpu`); the export is then
+    waited for, untimed."""
+    from .common import timed_both
+
     directory = fresh()
     directory.mkdir()
-    seconds, _ = timed(hook.on_checkpoint_saved, fresh.count, directory, model)
+    seconds, thread_cpu, _ = timed_both(hook.on_checkpoint_saved, fresh.count, directory, model)
+    if cpu is not None:
+        cpu.append(thread_cpu)
     hook.finalize()
     shutil.rmtree(directory)
     return seconds
@@ -114,22 +129,26 @@ def _measure_hook(model, scratch: Path, reps: int) -> dict:
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
 
-    from .common import adapter_parameters
+    from .common import adapter_parameters, timed_both
 
     params = adapter_parameters(model)
     fresh = _Scratch(scratch)
     out = {"adapter_params": len(params), "hf_tensors": len(params)}
+    cpu = {"hook_first_prepared": [], "hook_first": [], "hook": [], "floor_copy": []}
     prepared = AdapterExportHook(HookConfig(model_type="mixtral"))
     out["prepare"], _ = timed(prepared.prepare, model)  # the walk, before training
-    out["hook_first_prepared"] = _hook_save(prepared, model, fresh)
+    out["hook_first_prepared"] = _hook_save(prepared, model, fresh, cpu["hook_first_prepared"])
     del prepared
     hook = AdapterExportHook(HookConfig(model_type="mixtral"))
-    out["hook_first"] = _hook_save(hook, model, fresh)
+    out["hook_first"] = _hook_save(hook, model, fresh, cpu["hook_first"])
     samples = {"floor_copy": [], "hook": []}
     for _ in range(reps):
-        samples["floor_copy"].append(timed(lambda: [p.detach().to("cpu", copy=True) for p in params])[0])
-        samples["hook"].append(_hook_save(hook, model, fresh))
+        wall, thread_cpu, _ = timed_both(lambda: [p.detach().to("cpu", copy=True) for p in params])
+        samples["floor_copy"].append(wall)
+        cpu["floor_copy"].append(thread_cpu)
+        samples["hook"].append(_hook_save(hook, model, fresh, cpu["hook"]))
     out.update({k: median(v) for k, v in samples.items()})
+    out["cpu"] = {k: median(v) for k, v in cpu.items()}
     out["samples"] = samples
     out["walks"] = hook._snapshots.walks  # 1: the later saves found the model unchanged
     return out
@@ -176,14 +195,22 @@ def _measure(model, scratch: Path, reps: int) -> dict:
 
     out["hook_first"] = hook_save()
     samples = {k: [] for k in ("floor_write", "per_expert", "floor_write_fused", "fused", "floor_copy", "hook")}
+    cpu = {k: [] for k in ("floor_write", "per_expert", "floor_write_fused", "fused")}
+
+    def both(key, fn, *args):  # wall time, and the process's CPU time (what the call cost on a shared machine)
+        started = time.process_time()
+        samples[key].append(timed(fn, *args)[0])
+        cpu[key].append(time.process_time() - started)
+
     for _ in range(reps):
-        samples["floor_write"].append(timed(floor_write)[0])
-        samples["per_expert"].append(timed(warm, "per_expert")[0])
-        samples["floor_write_fused"].append(timed(floor_write, "fused")[0])
-        samples["fused"].append(timed(warm, "fused")[0])
+        both("floor_write", floor_write)
+        both("per_expert", warm, "per_expert")
+        both("floor_write_fused", floor_write, "fused")
+        both("fused", warm, "fused")
         samples["floor_copy"].append(timed(lambda: [p.detach().to("cpu", copy=True) for p in params])[0])
         samples["hook"].append(hook_save())
     out.update({k: median(v) for k, v in samples.items()})
+    out["cpu"] = {k: median(v) for k, v in cpu.items()}
     out["samples"] = samples
     return out
 

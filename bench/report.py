@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -144,6 +145,27 @@ def _moe(result: dict) -> list[str]:
             else "- | - | - | - | -"
         )
         out.append(f"| {r['shape']} | {r['ep2_over_ep1']:.2f}x | {offline} |")
+    if all("cpu" in r for r in rows):
+        out += [
+            "",
+            "The process's CPU time (`time.process_time`: what the call cost, whatever else ran):",
+            "",
+            "| layers x experts | warm per_expert / write floor | warm fused / its write floor | per_expert | fused "
+            "| write floor |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            cpu = r["cpu"]
+            out.append(
+                f"| {r['shape']} | {cpu['per_expert'] / cpu['floor_write']:.2f}x "
+                f"| {cpu['fused'] / cpu['floor_write_fused']:.2f}x | {seconds(cpu['per_expert'])} "
+                f"| {seconds(cpu['fused'])} | {seconds(cpu['floor_write'])} |"
+            )
+        if len(rows) >= 2:
+            a, b = rows[0], rows[-1]
+            span = math.log(b["hf_tensors"] / a["hf_tensors"])
+            slopes = {k: math.log(b["cpu"][k] / a["cpu"][k]) / span for k in a["cpu"]}
+            out += ["", "CPU-time growth exponent: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items())]
     if result.get("growth_exponent"):
         out += [
             "",
@@ -175,6 +197,22 @@ def _moe_hook(result: dict) -> list[str]:
             f"| {r['shape']} | {r['adapter_params']} | {seconds(r['hook_first'])} | {r['hook_first'] / c:.2f}x "
             f"({seconds(r['hook_first'] - c)} above) | {prepared} | {r['hook'] / c:.2f}x | {seconds(c)} |"
         )
+    if all("cpu" in r for r in rows):
+        out += [
+            "",
+            "The training thread's CPU time (`time.thread_time`: what the call cost, whatever else ran):",
+            "",
+            "| layers x experts | first save / copy floor | first save after `prepare` / copy floor "
+            "| stall / copy floor | copy floor |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            cpu = r["cpu"]
+            c = cpu["floor_copy"]
+            out.append(
+                f"| {r['shape']} | {cpu['hook_first'] / c:.2f}x | {cpu['hook_first_prepared'] / c:.2f}x "
+                f"| {cpu['hook'] / c:.2f}x | {seconds(c)} |"
+            )
     if result.get("growth_exponent"):
         out += [
             "",

@@ -72,18 +72,27 @@ def main(argv=None) -> int:
         help="repetitions of every benchmark (default: stall 15/9/5 by size, offline 5, scaling 3; quick 3/1/1)",
     )
     parser.add_argument(
+        "--live-only", action="store_true", help="moe: the live paths only (not the offline export of each shape)"
+    )
+    parser.add_argument(
         "--scratch",
         type=Path,
         default=Path(__file__).resolve().parent / ".scratch",
         help="where checkpoints and adapters are written, then removed (default: %(default)s)",
     )
     parser.add_argument(
-        "--shapes", help="moe_offline: comma-separated shapes of bench/moe.py's SHAPES (spaces as _; default: all)"
+        "--shapes",
+        help="moe, moe_hook, moe_offline: comma-separated shapes of bench/moe.py (spaces as _; default: all)",
     )
     parser.add_argument(
         "--json", type=Path, help="result file (default: bench/results/latest.json, quick.json with --quick)"
     )
     args = parser.parse_args(argv)
+    if args.shapes:
+        known = [name.replace(" ", "_") for name in {**moe.SHAPES, **moe.QUICK_SHAPES}]
+        unknown_shapes = sorted(set(args.shapes.split(",")) - set(known))
+        if unknown_shapes:
+            parser.error(f"--shapes: unknown {', '.join(unknown_shapes)}; expected some of {', '.join(known)}")
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -121,10 +130,13 @@ def main(argv=None) -> int:
             result["scaling"] = scaling.run(args.reps or reps, worlds, scratch, log, geometry=adapter)
         if "moe" in only:
             reps, shapes = plan["moe"]
-            result["moe"] = moe.run(args.reps or reps, scratch, log, shapes=shapes)
+            shapes = moe.select(shapes, args.shapes)
+            result["moe"] = moe.run(args.reps or reps, scratch, log, shapes=shapes, offline=not args.live_only)
         if "moe_hook" in only:
             reps, shapes = plan["moe_hook"]
-            result["moe_hook"] = moe.run(args.reps or reps, scratch, log, shapes=shapes, hook_only=True)
+            result["moe_hook"] = moe.run(
+                args.reps or reps, scratch, log, shapes=moe.select(shapes, args.shapes), hook_only=True
+            )
         if "moe_offline" in only:
             reps, shapes = plan["moe_offline"]
             if args.shapes:

@@ -7,9 +7,12 @@ and runs the rest in the background on its own process group.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import torch
 from . import distributed as coll
 from .compat import log_findings
 from .core.archs import ArchMap
-from .core.experts import fuse_experts, refuse_missing_layout
+from .core.experts import fuse_experts, fused_layout, refuse_missing_layout
 from .core.geometry import ModelGeometry
 from .core.options import check_fields, check_value, config_class, find_option
 from .core.peft_format import adapter_config, model_card
@@ -81,6 +84,31 @@ class Snapshot:
     """(module, dialect) of every module carrying an adapter (from the walk; the hook's change check reads them)."""
 
 
+_COLLECTION = {"paused": 0, "was_enabled": False}
+_COLLECTION_LOCK = threading.Lock()
+
+
+@contextmanager
+def paused_collection() -> Iterator[None]:
+    """Python's cyclic garbage collector off while an export walks, plans or writes (and while the hook's training
+    thread snapshots): they allocate ~10 objects per adapter tensor, and every few hundred allocations the collector
+    would traverse the whole model's objects (millions at MoE scale), which made the walk grow quadratically. What
+    they leave is collected later. Counted, so overlapping users (the hook's background export and a save on the
+    training thread) restore it once, at the end of the last."""
+    with _COLLECTION_LOCK:
+        if not _COLLECTION["paused"]:
+            _COLLECTION["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _COLLECTION["paused"] += 1
+    try:
+        yield
+    finally:
+        with _COLLECTION_LOCK:
+            _COLLECTION["paused"] -= 1
+            if not _COLLECTION["paused"] and _COLLECTION["was_enabled"]:
+                gc.enable()
+
+
 def model_chunks(model: Any) -> list[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
@@ -104,6 +132,7 @@ def model_geometry(chunk: torch.nn.Module) -> tuple[ModelGeometry, int | None]:
     return ModelGeometry.from_megatron(config, layer_pattern=pattern if isinstance(pattern, str) else None), vocab
 
 
+@paused_collection()
 def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *, copy: bool) -> Snapshot:
     """This rank's shards of the adapter (copied to host memory when `copy`); errors go into the report."""
     report = _Report()
@@ -160,7 +189,7 @@ def _plan(
     first = reports[WRITER]
     names = naming(options.model_type, first.hf_config, first.geometry)
     plan = plan_adapter([spec for _, _, spec in ordered], names.geometry, names.arch, first.megatron_vocab)
-    fused_layout(options.expert_layout, names.arch)
+    writes_fused(options.expert_layout, names.arch)
     return plan, dialects.pop(), ordered, names
 
 
@@ -183,7 +212,7 @@ def naming(model_type: str | None, hf_config: dict[str, Any] | None, geometry: M
     return Naming(arch, dataclasses.replace(geometry, vocab_size=hf.vocab_size))
 
 
-def fused_layout(option: str, arch: ArchMap) -> bool:
+def writes_fused(option: str, arch: ArchMap) -> bool:
     """Whether MoE experts are written in transformers v5's fused layout; refuses a per-expert layout the family has
     not (before any byte moves: the planners call this right after planning)."""
     if refuse_missing_layout(option, arch):
@@ -206,18 +235,18 @@ def stage_adapter(
     source: str,
     extra_files: dict[str, bytes] | None = None,
     quantization: str | None = None,
+    fused: dict[str, list[str]] | None = None,
 ) -> None:
     """Write config, card and weights into the staging directory (MoE experts in the chosen layout, ranks padded when
-    asked).
+    asked). `fused` (from `allocate_adapter`): `tensors` are in the fused layout already.
 
     Logs what vLLM would refuse, serve wrong or need engine flags for in the result (`compat`, for the name map's
     family);
     `quantization` describes the base for the card.
     """
-    if options.pad_rank_to is not None:
+    if fused is None and options.pad_rank_to is not None:
         plan, tensors = pad_ranks(plan, tensors, options.pad_rank_to)
-    fused: dict[str, list[str]] = {}
-    if names.arch.fused_experts and names.geometry.num_experts and fused_layout(options.expert_layout, names.arch):
+    if fused is None and _fuses(options, names):
         tensors, fused = fuse_experts(
             plan, tensors, names.arch, names.geometry.num_experts
         )  # what vLLM makes of it: log_findings below
@@ -232,6 +261,86 @@ def stage_adapter(
     write_staging(tmp, tensors=tensors, config=config, card=card, extra_files=extra_files)
 
 
+def _gather(
+    snapshot: Snapshot,
+    ordered: list[tuple[int, int, ShardSpec]],
+    plan: AdapterPlan,
+    allocated: Allocated | None,
+    group: Any,
+    failure: Exception | None,
+) -> Exception | None:
+    """The writer: receive every other rank's shards (one message per bucket) and place every shard into the HF
+    tensors (queued views, copied in bulk). Every send is received, even after a failure, so no sender hangs; the
+    first failure is returned."""
+    copies = BulkCopy()
+    by_rank: dict[int, list[int]] = {}  # rank -> positions in `ordered` of its specs, in its order
+    for n, (rank, _, _) in enumerate(ordered):
+        by_rank.setdefault(rank, []).append(n)
+    for rank, positions in by_rank.items():
+        mine = rank == WRITER
+        for bucket in (
+            [range(len(positions))]
+            if mine
+            else coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions])
+        ):
+            specs = [ordered[positions[k]][2] for k in bucket]
+            data = (
+                [None] * len(specs)
+                if mine
+                else coll.receive_bucket([spec.shape for spec in specs], getattr(torch, specs[0].dtype), rank, group)
+            )
+            if failure is not None:
+                continue
+            try:
+                for k, shard in zip(bucket, data):
+                    n = positions[k]
+                    if shard is None:  # this rank's own shard: read in place when it is in host memory already
+                        shard = snapshot.shards[ordered[n][1]].tensor.detach()
+                        shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
+                    apply_placements(allocated.targets, plan.placements[n], shard, copies)  # copied every 64 MiB
+            except Exception as exc:
+                failure = exc
+    if failure is None:
+        try:
+            copies.flush()
+        except Exception as exc:
+            failure = exc
+    return failure
+
+
+@dataclass
+class Allocated:
+    """The writer's HF tensors: `written` (views of one buffer laid out as the file's payload) and `targets`, what the
+    plan's placements fill: the same tensors, or (fused experts) views of the fused ones in `written`."""
+
+    targets: dict[str, torch.Tensor]
+    written: dict[str, torch.Tensor]
+    fused: dict[str, list[str]] | None
+    """Per fused parameter, the per-expert modules it replaces, when `written` is in the fused layout already."""
+
+
+def _fuses(options: ExportOptions, names: Naming) -> bool:
+    return bool(
+        names.arch.fused_experts and names.geometry.num_experts and writes_fused(options.expert_layout, names.arch)
+    )
+
+
+def allocate_adapter(plan: AdapterPlan, options: ExportOptions, names: Naming, dtype: torch.dtype | None) -> Allocated:
+    """The HF tensors of `plan` (each in its source dtype unless `dtype`). In the fused layout the fused tensors are
+    allocated and the per-expert ones are views of them (experts stacked by placement), unless ranks are padded or
+    the plan is not the plain case (`fused_layout`): then `stage_adapter` fuses the per-expert tensors."""
+    if options.pad_rank_to is None and _fuses(options, names):
+        layout = fused_layout(plan, names.arch, names.geometry.num_experts)
+        if layout is not None:
+            written = safetensors_out.allocate(
+                {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
+            )
+            return Allocated(layout.targets(written), written, layout.replaced)
+    tensors = safetensors_out.allocate_plan(plan, dtype)
+    return Allocated(tensors, tensors, None)
+
+
+@paused_collection()
 def run_export(
     snapshot: Snapshot,
     output_dir: str | os.PathLike,
@@ -268,47 +377,15 @@ def run_export(
     try:  # a collective failure (a rank died or timed out) leaves no staging behind
         failure: Exception | None = None
         try:
-            tensors = safetensors_out.allocate_plan(plan, out_dtype)
+            allocated = allocate_adapter(plan, options, names, out_dtype)
         except Exception as exc:
-            failure = exc
-        copies = BulkCopy()
-        by_rank: dict[int, list[int]] = {}  # rank -> positions in `ordered` of its specs, in its order
-        for n, (rank, _, _) in enumerate(ordered):
-            by_rank.setdefault(rank, []).append(n)
-        for rank, positions in by_rank.items():  # every send is received, even after a failure, so no sender hangs
-            for bucket in (
-                coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions])
-                if rank != WRITER
-                else [range(len(positions))]
-            ):
-                specs = [ordered[positions[k]][2] for k in bucket]
-                data = (
-                    [None] * len(specs)
-                    if rank == WRITER
-                    else coll.receive_bucket(
-                        [spec.shape for spec in specs], getattr(torch, specs[0].dtype), rank, group
-                    )
-                )
-                if failure is not None:
-                    continue
-                try:
-                    for k, shard in zip(bucket, data):
-                        n = positions[k]
-                        if shard is None:  # this rank's own shard: read in place when it is in host memory already
-                            shard = snapshot.shards[ordered[n][1]].tensor.detach()
-                            shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
-                        apply_placements(tensors, plan.placements[n], shard, copies)  # queued; copied at every 64 MiB
-                except Exception as exc:
-                    failure = exc
-        if failure is None:
-            try:
-                copies.flush()
-            except Exception as exc:
-                failure = exc
+            allocated, failure = None, exc
+        failure = _gather(snapshot, ordered, plan, allocated, group, failure)
         coll.agree(failure, group)
     except BaseException:
         discard(tmp)
         raise
+    tensors = allocated.written
 
     def convert_and_write() -> Path | None:
         try:
@@ -323,6 +400,7 @@ def run_export(
                 source=source,
                 extra_files=extra_files,
                 quantization=quantization_summary(r.quantization for r in reports),
+                fused=allocated.fused,
             )
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)

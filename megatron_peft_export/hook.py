@@ -26,7 +26,7 @@ from . import distributed as coll
 from .config import HookConfig
 from .errors import CollectiveError, ExportError
 from .export import WRITER, ExportOptions
-from .host_snapshot import HostSnapshots
+from .host_snapshot import Deferred, HostSnapshots
 from .io.atomic_dir import abandon_all, clean_stale, discard, publish
 from .io.checkpoints import ITERATION_GLOB, tracker_iteration
 from .multi_adapter import AdapterSnapshots
@@ -286,17 +286,17 @@ class AdapterExportHook:
         )
         return True
 
-    def _export_snapshots(self, snapshots: AdapterSnapshots, *args) -> None:
+    def _export_snapshots(self, taken: AdapterSnapshots | Deferred, *args) -> None:
         """Background: export the snapshots, then hand their host buffers to a later save."""
         try:
-            self._export(snapshots, *args)
+            self._export(taken, *args)
         finally:
-            self._snapshots.release(snapshots)
+            self._snapshots.release(taken)
 
-    def _export(self, snapshots, layout, iteration: int, checkpoint_dir: Path, finalized: bool, extra_files) -> None:
+    def _export(self, taken, layout, iteration: int, checkpoint_dir: Path, finalized: bool, extra_files) -> None:
         output = checkpoint_dir / self.config.subdir
         try:
-            snapshots.wait()  # the asynchronous copy to host memory (GPU) is complete
+            snapshots = self._snapshots.resolve(taken)  # the copy is complete; the model walked if it was not yet
             if layout.rank == WRITER and not self._swept:
                 self._swept = True
                 _clean_leftovers(checkpoint_dir.parent, self.config.subdir)

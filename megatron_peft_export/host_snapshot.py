@@ -3,12 +3,16 @@
 One adapter is the case of a list of one: a snapshot holds every selected adapter (`AdapterSnapshots`), found by
 one walk of the model and copied by one bulk copy.
 
-- The walk (`take_snapshots` without copying) runs at the first save (or earlier, at `prepare`), and again only
-  when a cheap check says the model changed: whether any module or parameter was registered in the
+- The walk (`take_snapshots` without copying) runs at `prepare`, or in the background for a save that finds no
+  current walk: that save copies every trainable parameter (one bulk copy) and notes the others' version counters,
+  and the background walks, then takes each adapter tensor's values from those copies (`Deferred`). A cheap check on
+  the training thread says whether the cached walk is current: whether any module or parameter was registered in the
   process since (adding an adapter adds modules; one integer compare), on the modules that carry an adapter what
   the dialect reports (or its own summary of what it reads: ModelOpt's adapter entries), and each adapter tensor's
-  storage, shape and dtype. All of it runs on the training thread, with the cyclic garbage collector off: the
-  background never touches the model (ModelOpt's modules are not safe to read from another thread).
+  storage, shape and dtype. The walk reads registered children, parameters and plain attributes from the modules'
+  own dictionaries (`dialects.base.attribute`), not through ModelOpt's `__getattr__` (which can add entries to a
+  module's dictionary while it runs), so the background only reads the modules the training thread uses. The cyclic
+  garbage collector is off while either walks or copies.
 - The copy is one `torch._foreach_copy_` into the buffers of an export that has finished: views of one flat
   tensor per dtype. On a GPU the buffers are pinned and the copy (a fused gather into one flat device buffer per
   dtype, then one transfer each) is queued on a side stream after the work already queued on the training stream,
@@ -20,11 +24,9 @@ one walk of the model and copied by one bulk copy.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
+import operator
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,8 @@ import torch
 from . import distributed as coll
 from .dialects import LocalShard
 from .dialects.base import Refusal
-from .export import ExportOptions, Snapshot, model_chunks
+from .errors import ExportError
+from .export import ExportOptions, Snapshot, _Report, model_chunks, paused_collection
 from .multi_adapter import AdapterSnapshots, Selection, check_selection, take_snapshots
 
 _registrations = itertools.count(1)
@@ -81,12 +84,11 @@ def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], names: list[str]
     state: list = []
     append = state.append
     for module, dialect in carriers:
-        append(id(module))
         summary = getattr(dialect, "state", None)
+        if summary is not None:
+            state.extend(summary(module, name) for name in names)
+            continue
         for name in names:
-            if summary is not None:
-                append(summary(module, name))
-                continue
             for t in dialect.find(module, name) or ():
                 if type(t) is Refusal:
                     append(t.reason)
@@ -101,9 +103,13 @@ def _tensor(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.shape, tensor.dtype
 
 
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+
+
 def _tensors_state(tensors: list[torch.Tensor]) -> list:
-    """Storage, shape and dtype of each tensor: a `param.data = ...` since the walk shows here."""
-    return [(t.data_ptr(), t.shape, t.dtype) for t in tensors]
+    """Storage, shapes and dtypes of the tensors (three lists, each made by one `map`): a `param.data = ...` since the
+    walk shows here."""
+    return [list(map(torch.Tensor.data_ptr, tensors)), list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors))]
 
 
 @dataclass
@@ -147,6 +153,98 @@ class _Walk:
         first = next(iter(snapshots.values()))
         return AdapterSnapshots(self.found.selection, snapshots, first, copied)
 
+    def failed(self, error: ExportError) -> AdapterSnapshots:
+        """Snapshots that carry `error` and no shards: every rank raises it at the export's first agreement."""
+        snapshots = {
+            name: Snapshot(dataclasses.replace(s.report, error=error, specs=[]), [])
+            for name, s in self.found.snapshots.items()
+        }
+        return AdapterSnapshots(self.found.selection, snapshots, next(iter(snapshots.values())))
+
+
+def _key(model: Any, layout: coll.RankLayout) -> tuple:
+    return tuple(id(c) for c in model_chunks(model)), layout
+
+
+@dataclass
+class Deferred:
+    """A save taken before the model was walked (or after it changed): every trainable parameter copied at the save,
+    the others' version counters and storage noted; the background walks the model, then takes each adapter tensor
+    from those copies (`HostSnapshots.resolve`)."""
+
+    model: Any
+    layout: coll.RankLayout
+    key: tuple
+    registered: int
+    """`_modules_registered()` at the save: a module or parameter registered after it shows at the next save."""
+    params: list[torch.Tensor]
+    host: _Flat
+    """Copies of `params`, made at the save."""
+    frozen: dict[int, tuple[torch.Tensor, int, int]]
+    """id -> (parameter, version counter, storage address) of every parameter not copied, at the save."""
+    copied: Any = None
+    staging: _Flat | None = None
+
+    def values_of(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The values at the save of each of the walk's `sources`: a copy made then, a view into one, or (a
+        parameter not trained) the tensor itself if it has provably not been written since."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        values = []
+        for source in sources:
+            owner = source if source._base is None else source._base
+            i = index.get(id(owner))
+            copy = None if i is None else self.host.views[i]
+            if copy is not None and (copy.shape, copy.dtype) == (owner.shape, owner.dtype) and owner.is_contiguous():
+                values.append(copy if owner is source else _same_view(source, owner, copy))
+            else:
+                values.append(self._unwritten(source, owner))
+        return values
+
+    def _unwritten(self, source: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        noted = self.frozen.get(id(owner))
+        unchanged = noted is not None and (owner._version, owner.data_ptr()) == noted[1:]
+        value = source.detach().to("cpu", copy=True) if unchanged else None
+        if value is None or (owner._version, owner.data_ptr()) != noted[1:]:
+            raise ExportError(
+                f"expected the adapter tensor of shape {tuple(source.shape)} as it was at this save, found it "
+                "written after the save, before the model's first walk had found it (it is not trained, so it "
+                "was not copied at the save); call hook.prepare(model) once before training: later saves copy it"
+            )
+        return value
+
+
+def _same_view(source: torch.Tensor, owner: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """The view of `copy` that `source` is of `owner` (a contiguous tensor of the same shape as `copy`)."""
+    offset = source.storage_offset() - owner.storage_offset()
+    return copy.as_strided(source.shape, source.stride(), copy.storage_offset() + offset)
+
+
+def _parameters(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(trainable, other) parameters of every chunk, each once: one pass over the modules' own dictionaries."""
+    stack: list[Any] = list(model_chunks(model))
+    found: list[Any] = []
+    pop, push, keep = stack.pop, stack.extend, found.extend
+    while stack:
+        module = pop()
+        if module is None:
+            continue
+        own = module.__dict__
+        parameters, children = own.get("_parameters"), own.get("_modules")
+        keep((module._parameters if parameters is None else parameters).values())
+        push((module._modules if children is None else children).values())
+    unique = list({id(p): p for p in found if p is not None}.values())
+    return [p for p in unique if p.requires_grad], [p for p in unique if not p.requires_grad]
+
+
+def _defer(model: Any, layout: coll.RankLayout, key: tuple, registered: int) -> Deferred:
+    """On the training thread: copy every trainable parameter (one bulk copy) and note the others."""
+    trainable, other = _parameters(model)
+    host = _flat_buffers(trainable, pinned=any(t.is_cuda for t in trainable))
+    frozen = {id(p): (p, p._version, p.data_ptr()) for p in other}
+    deferred = Deferred(model, layout, key, registered, trainable, host, frozen)
+    deferred.copied = _bulk_copy(host, trainable, deferred)
+    return deferred
+
 
 class HostSnapshots:
     """The snapshots of one hook: `take` on the training thread, `release` once the export of a snapshot is over."""
@@ -164,37 +262,63 @@ class HostSnapshots:
 
     def prepare(self, model: Any, layout: coll.RankLayout) -> None:
         """Walk the model and allocate (and touch) host buffers now, before training, so the first save only copies."""
-        with _no_collection():
-            walk = self._current(model, layout)
+        with paused_collection():
+            walk = self._walk_model(model, _key(model, layout), _modules_registered(), layout)
         if walk.generation is not None:
-            buffers = self._buffers(walk, touch=True)
-            with self._lock:
-                self._free.append((walk.generation, buffers))
+            self._keep_buffers(walk)
 
-    def take(self, model: Any, layout: coll.RankLayout) -> AdapterSnapshots:
-        """This rank's shards of every selected adapter, copied to host memory (one bulk copy into reused buffers)."""
-        with _no_collection():
-            walk = self._current(model, layout)
+    def take(self, model: Any, layout: coll.RankLayout) -> AdapterSnapshots | Deferred:
+        """This rank's shards of every selected adapter, copied to host memory (one bulk copy into reused buffers).
+
+        When the model is not walked yet (or changed since its walk), every trainable parameter is copied instead and
+        the walk is left to the background (`resolve`): the training thread never walks the model at a save."""
+        with paused_collection():
+            key, registered = _key(model, layout), _modules_registered()
+            walk = self._walk
+            if walk is None or not walk.current(key, registered):
+                return _defer(model, layout, key, registered)
             buffers = self._buffers(walk)
-            snapshots = walk.over(buffers.views, _bulk_copy(buffers, walk))
+            snapshots = walk.over(buffers.views, _bulk_copy(buffers, walk.sources, walk))
         with self._lock:
             self._in_use[id(snapshots)] = (walk.generation, buffers)
         return snapshots
 
-    def release(self, snapshots: AdapterSnapshots) -> None:
+    def resolve(self, taken: AdapterSnapshots | Deferred) -> AdapterSnapshots:
+        """Background: the snapshots of what `take` returned, once its copy is complete. A deferred save is walked
+        here (the walk is cached for later saves) and takes each adapter tensor from the copies made at the save."""
+        if not isinstance(taken, Deferred):
+            taken.wait()  # the asynchronous copy to host memory (GPU) is complete
+            return taken
+        try:
+            return self._walked(taken)
+        except Exception as exc:  # every rank must reach the export's first agreement, which raises it everywhere
+            error = exc if isinstance(exc, ExportError) else ExportError(f"walking the model failed: {exc!r}")
+            failed = Snapshot(_Report(error=error), [])
+            return AdapterSnapshots(self._selection, {self._options.adapter_name: failed}, failed)
+
+    def _walked(self, taken: Deferred) -> AdapterSnapshots:
+        if taken.copied is not None:
+            taken.copied.synchronize()
+        with paused_collection():
+            walk = self._walk
+            if walk is None or not walk.current(taken.key, taken.registered):
+                walk = self._walk_model(taken.model, taken.key, taken.registered, taken.layout)
+                if walk.generation is not None:
+                    self._keep_buffers(walk)  # the next save copies into touched buffers
+            try:
+                return walk.over(taken.values_of(walk.sources), None)
+            except ExportError as exc:
+                return walk.failed(exc)
+
+    def release(self, snapshots: AdapterSnapshots | Deferred) -> None:
         """The export of `snapshots` is over (any thread): its buffers serve a later save."""
         with self._lock:
             generation, buffers = self._in_use.pop(id(snapshots), (None, None))
             if buffers is not None and self._walk is not None and generation == self._walk.generation:
                 self._free.append((generation, buffers))
 
-    def _current(self, model: Any, layout: coll.RankLayout) -> _Walk:
-        """The cached walk when the model still holds what it found, else a new walk (cached unless it failed)."""
-        key = (tuple(id(c) for c in model_chunks(model)), layout)
-        registered = _modules_registered()
-        walk = self._walk
-        if walk is not None and walk.current(key, registered):
-            return walk
+    def _walk_model(self, model: Any, key: tuple, registered: int, layout: coll.RankLayout) -> _Walk:
+        """A full walk of the model (cached unless it found an error: the next save walks again)."""
         self.walks += 1
         found = take_snapshots(model, layout, self._options, self._selection, copy=False)
         carriers = found.first.carriers
@@ -210,6 +334,11 @@ class HostSnapshots:
                 self._walk = walk
                 self._free.clear()
         return walk
+
+    def _keep_buffers(self, walk: _Walk) -> None:
+        buffers = _flat_buffers(walk.sources, pinned=any(t.is_cuda for t in walk.sources), touch=True)
+        with self._lock:
+            self._free.append((walk.generation, buffers))
 
     def _buffers(self, walk: _Walk, touch: bool = False) -> _Flat:
         with self._lock:
@@ -245,25 +374,12 @@ def _flat_buffers(
     return _Flat(flats, views)
 
 
-@contextmanager
-def _no_collection() -> Iterator[None]:
-    """Python's cyclic garbage collector off while the training thread walks or snapshots: the walk allocates ~10
-    objects per adapter tensor, and every few hundred allocations the collector would traverse the whole model's
-    objects (millions at MoE scale), which made the walk grow quadratically. What they leave is collected later."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 _SIDE_STREAMS: dict[Any, Any] = {}
 
 
-def _bulk_copy(host: _Flat, walk: _Walk) -> Any:
-    """Copy the walk's sources into `host`. On one CUDA device: asynchronously, returning the event to wait for;
+def _bulk_copy(host: _Flat, sources: list[torch.Tensor], holder: Any) -> Any:
+    """Copy `sources` into `host` (`holder.staging`: the device buffer they are gathered into, made at first use).
+    On one CUDA device: asynchronously, returning the event to wait for;
     otherwise synchronously (one `_foreach_copy_`), returning None.
 
     On the GPU the sources are gathered into one flat device buffer per dtype (fused multi-tensor copies: a few
@@ -273,7 +389,6 @@ def _bulk_copy(host: _Flat, walk: _Walk) -> Any:
     later in-place update (the optimizer step) overwrites a parameter before it has been read. Untested here (no GPU
     in CI); the CPU tests run `_gather_copy`, the same copies without streams.
     """
-    sources = walk.sources
     if not sources:
         return None
     device = sources[0].device
@@ -287,9 +402,9 @@ def _bulk_copy(host: _Flat, walk: _Walk) -> Any:
         side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     side.wait_stream(training)
     with torch.no_grad(), torch.cuda.stream(side):
-        if walk.staging is None:  # allocated on the side stream, which alone uses it (successive saves in its order)
-            walk.staging = _flat_buffers(sources, device=device)
-        _gather_copy(host, walk.staging, sources)
+        if holder.staging is None:  # allocated on the side stream, which alone uses it (successive saves in its order)
+            holder.staging = _flat_buffers(sources, device=device)
+        _gather_copy(host, holder.staging, sources)
         copied = torch.cuda.Event()
         copied.record(side)
     training.wait_stream(side)

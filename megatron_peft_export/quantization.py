@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .dialects.base import attribute
+
 
 def _format(quantizer: torch.nn.Module) -> str:
     bits = getattr(quantizer, "num_bits", None)
@@ -45,10 +47,10 @@ def describe(chunks: Iterable[torch.nn.Module]) -> set[str]:
     found: set[str] = set()
     for chunk in chunks:
         for name, module in chunk.named_modules():
-            weight = getattr(module, "weight_quantizer", None)
+            weight = attribute(module, "weight_quantizer")
             if not isinstance(weight, torch.nn.Module) or not _enabled(weight) or ".lora_" in f".{name}":
                 continue
-            inputs = getattr(module, "input_quantizer", None)
+            inputs = attribute(module, "input_quantizer")
             text = f"ModelOpt fake quantization: weights {_format(weight)}"
             text += f", activations {_format(inputs)}" if _enabled(inputs) else ", activations unquantized"
             found.add(text)

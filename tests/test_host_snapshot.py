@@ -39,7 +39,7 @@ def test_buffers_are_views_of_one_flat_tensor_per_dtype():
 def test_the_synchronous_copy_and_the_gather_then_transfer_copy_every_tensor():
     sources = _sources()
     host = _flat_buffers(sources)
-    assert _bulk_copy(host, SimpleNamespace(sources=sources, staging=None)) is None
+    assert _bulk_copy(host, sources, SimpleNamespace(staging=None)) is None
     _assert_copies(host.views, sources)
     host, staging = _flat_buffers(sources), _flat_buffers(sources)
     _gather_copy(host, staging, sources)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -48,13 +49,7 @@ def fuse_experts(
     """
     out = dict(tensors)
     replaced: dict[str, list[str]] = defaultdict(list)
-    layers: dict[str, set[str]] = defaultdict(set)  # layer prefix -> fused parameters with tensors
-    for fused in arch.fused_experts:
-        first = fused.per_expert[0].replace("{e}", "0")
-        for module in plan.modules:
-            match = _LAYER.match(module)
-            if match and match.group(2) == first:
-                layers[match.group(1)].add(fused.parameter)
+    layers = _fused_layers(plan, arch)
     targeted = sorted(
         {p for params in layers.values() for p in params}, key=[f.parameter for f in arch.fused_experts].index
     )
@@ -184,3 +179,116 @@ def expert_of(arch: ArchMap, key: str) -> int | None:
                 if match:
                     return int(match.group(1))
     return None
+
+
+@dataclass
+class FusedLayout:
+    """`fuse_experts`' result planned from the per-expert plan's shapes alone: the final tensors' shapes and dtypes (in
+    `fuse_experts`' key order), the per-expert modules each fused parameter replaces, and where each per-expert
+    tensor's values go in the final tensors. Filling views of the final tensors (`targets`) fills the file's payload
+    directly: no per-expert tensors are made and nothing is stacked afterwards."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    replaced: dict[str, list[str]]
+    views: dict[str, tuple[str, int, int, int]]
+    """Per-expert key -> (fused key, expert, first row, rows): a lora_A is its expert's rows of the fused lora_A (a
+    shared one, gate and up: one view twice), a lora_B its rows of the expert's columns of the fused lora_B."""
+    experts: dict[str, int]
+    """Fused key -> its expert count."""
+
+    def targets(self, written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-expert plan's tensors as views of the final `written` ones (every plan key, nothing copied)."""
+        out = {key: t for key, t in written.items() if key not in self.experts}
+        for key, (fused, e, start, rows) in self.views.items():
+            tensor, count = written[fused], self.experts[fused]
+            if key.endswith(".lora_A.weight"):
+                out[key] = tensor[e * rows : (e + 1) * rows]
+            else:
+                out[key] = tensor.view(tensor.shape[0], -1, count)[start : start + rows, :, e]
+        return out
+
+
+def _fused_layers(plan: AdapterPlan, arch: ArchMap) -> dict[str, set[str]]:
+    """Layer prefix -> the fused parameters whose first per-expert module has an adapter there."""
+    layers: dict[str, set[str]] = defaultdict(set)
+    for fused in arch.fused_experts:
+        first = fused.per_expert[0].replace("{e}", "0")
+        for module in plan.modules:
+            match = _LAYER.match(module)
+            if match and match.group(2) == first:
+                layers[match.group(1)].add(fused.parameter)
+    return layers
+
+
+def _sources(plan: AdapterPlan) -> dict[str, tuple]:
+    """HF key -> the shard slices that fill it (spec index, dim, destination, source, length), sorted."""
+    found: dict[str, list] = defaultdict(list)
+    for n, placements in enumerate(plan.placements):
+        for p in placements:
+            found[p.key].append((n, p.dim, p.dst_start, p.src_start, p.length))
+    return {key: tuple(sorted(slices)) for key, slices in found.items()}
+
+
+def fused_layout(plan: AdapterPlan, arch: ArchMap, num_experts: int) -> FusedLayout | None:
+    """The fused layout of `plan` by placement, or None when it is not the plain case (interleaved gate/up rows, an
+    expert without adapter, ranks or lora_B shapes that differ between experts, a fused parameter's modules whose
+    lora_A are not one shard slice, mixed dtypes): `fuse_experts` on the per-expert tensors then decides, and names
+    what is wrong."""
+    layers = _fused_layers(plan, arch)
+    targeted = sorted({p for ps in layers.values() for p in ps}, key=[f.parameter for f in arch.fused_experts].index)
+    prefixes, sources = fused_prefixes(arch, targeted), _sources(plan)
+    shapes, dtypes = dict(plan.shapes), dict(plan.dtypes)
+    layout = FusedLayout(shapes, dtypes, {p: [] for p in targeted}, {}, {})
+    for layer, params in layers.items():
+        for fused in (f for f in arch.fused_experts if f.parameter in params):
+            if fused.rows != "blocks":  # interleaved rows (GPT-OSS): fuse_experts places them row by row
+                return None
+            count = num_experts if "{e}" in fused.per_expert[0] else 1  # a 2-D parameter is one "expert" to peft
+            modules = [[f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert] for e in range(count)]
+            if any(m not in plan.modules for per_expert in modules for m in per_expert):
+                return None
+            a = [[hf_key(m, "lora_A") for m in per_expert] for per_expert in modules]
+            b = [[hf_key(m, "lora_B") for m in per_expert] for per_expert in modules]
+            if not _stackable(plan, sources, a, b):
+                return None
+            for per_expert in modules:
+                layout.replaced[fused.parameter] += per_expert
+            _place(layout, f"{layer}.{prefixes[fused.parameter]}", a, b)
+    layout.replaced = {p: sorted(layout.replaced[p]) for p in targeted}
+    return layout
+
+
+def _stackable(plan: AdapterPlan, sources: dict[str, tuple], a: list[list[str]], b: list[list[str]]) -> bool:
+    """One rank and one lora_A shard slice per expert (shared by its modules), lora_B of one shape per module, one
+    dtype: what `_check_stackable` accepts, decided from the plan."""
+    keys = [k for per_expert in a + b for k in per_expert]
+    if any(k not in plan.shapes for k in keys) or len({plan.dtypes[k] for k in keys}) != 1:
+        return False
+    if len({plan.shapes[k] for per_expert in a for k in per_expert}) != 1:
+        return False
+    r = plan.shapes[a[0][0]][0]
+    rows = [plan.shapes[k][0] for k in b[0]]
+    if any(plan.shapes[k] != (rows[j], r) for per_expert in b for j, k in enumerate(per_expert)):
+        return False
+    return all(len({sources.get(k) for k in per_expert}) == 1 for per_expert in a)
+
+
+def _place(layout: FusedLayout, module: str, a: list[list[str]], b: list[list[str]]) -> None:
+    """Replace the per-expert keys `a`, `b` ([expert][HF module]) by the fused lora_A and lora_B of `module`."""
+    shapes, dtypes = layout.shapes, layout.dtypes
+    (r, features), rows = shapes[a[0][0]], [shapes[k][0] for k in b[0]]
+    dtype, count = dtypes[a[0][0]], len(a)
+    for key in (k for per_expert in a + b for k in per_expert):
+        shapes.pop(key), dtypes.pop(key)
+    fused_a, fused_b = hf_key(module, "lora_A"), hf_key(module, "lora_B")
+    shapes[fused_a], shapes[fused_b] = (count * r, features), (sum(rows), r * count)
+    dtypes[fused_a] = dtypes[fused_b] = dtype
+    layout.experts[fused_a] = layout.experts[fused_b] = count
+    for e, (per_a, per_b) in enumerate(zip(a, b)):
+        for key in per_a:
+            layout.views[key] = (fused_a, e, 0, r)
+        start = 0
+        for key, n in zip(per_b, rows):
+            layout.views[key] = (fused_b, e, start, n)
+            start += n

@@ -432,6 +432,8 @@ class PatternSet(Generic[V]):
 
     def get(self, name: str, default: V) -> V:
         """The value of the first key matching `name`, else `default` (peft's rule)."""
+        if not self.keys:  # the usual rank_pattern / alpha_pattern: none (one lookup per module of a MoE adapter)
+            return default
         found = self.index(name)
         return default if found is None else self.values[found]
 

@@ -18,7 +18,7 @@ from ..core.plan import OUTPUT_LAYER
 from ..core.shards import ShardSpec
 from ..errors import DialectError
 from . import bridge, modelopt
-from .base import FoundTensor, Refusal
+from .base import FoundTensor, Refusal, attribute
 
 
 class Dialect(Protocol):
@@ -90,16 +90,16 @@ def _experts(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -
     """
     found = {}
     for name, module in named:
-        if not all(hasattr(module, a) for a in ("num_local_experts", "ep_group", "tp_group")):
+        if any(attribute(module, a) is None for a in ("num_local_experts", "ep_group", "tp_group")):
             continue
         offset = module.ep_group.rank() * module.num_local_experts
         tp = (module.tp_group.rank(), module.tp_group.size())
-        dp_group = getattr(module, "dp_group", None)
+        dp_group = attribute(module, "dp_group")
         source = expert_dp_source if dp_group is None else dp_group.rank() == 0
-        if hasattr(module, "local_experts"):
+        if attribute(module, "local_experts") is not None:
             for k in range(module.num_local_experts):
                 found[f"{name}.local_experts.{k}"] = _Where(f"local_experts.{offset + k}", tp, source)
-        elif hasattr(module, "linear_fc1"):  # not the MoE layer itself, which has these groups too
+        elif attribute(module, "linear_fc1") is not None:  # not the MoE layer itself, which has these groups too
             found[name] = _Where("local_experts.{e}", tp, source, offset)
     return found
 
@@ -145,7 +145,12 @@ def _global_paths(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bo
     layer_of = {}
     for name, module in named:
         split = parts.get(name)
-        if split is not None and not split[2] and split[1] != OUTPUT_LAYER and hasattr(module, "layer_number"):
+        if (
+            split is not None
+            and not split[2]
+            and split[1] != OUTPUT_LAYER
+            and attribute(module, "layer_number") is not None
+        ):
             layer_of[name] = f"decoder.layers.{module.layer_number - 1}"
     experts = _experts(named, expert_dp_source)
     paths = {}

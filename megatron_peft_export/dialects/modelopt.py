@@ -11,13 +11,13 @@ from collections.abc import Iterator
 import torch
 
 from ..core.registry import MODELOPT
-from .base import FoundTensor, at_path, leaf_owner, owner_group, tp_split_dim
+from .base import FoundTensor, at_path, attribute, leaf_owner, owner_group, tp_split_dim
 
 NAME = MODELOPT.family
 
 
 def _adapters(module: torch.nn.Module) -> dict | None:
-    adapters = getattr(module, "_lora_adapters", None)
+    adapters = attribute(module, "_lora_adapters")
     return adapters if isinstance(adapters, dict) else None
 
 

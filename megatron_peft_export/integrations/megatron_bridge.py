@@ -5,7 +5,8 @@
 
     pretrain(cfg, forward_step, callbacks=[HFAdapterExportCallback(HookConfig.from_yaml("train.yaml"))])
 
-Bridge fires `on_checkpoint_save(context)` on every rank after a save, with a context that carries
+Bridge fires `on_train_start(context)` on every rank before the first step (the callback walks the model then:
+`AdapterExportHook.prepare`) and `on_checkpoint_save(context)` on every rank after a save, with a context that carries
 `state` (cfg.checkpoint.save, cfg.checkpoint.async_save, train_state.step) and `model` (the chunks).
 The adapter goes to `<cfg.checkpoint.save>/iter_<step>/<subdir>`. That event exists from Bridge 0.5 on;
 on an older Bridge this callback would never export, so constructing it raises instead.
@@ -74,6 +75,10 @@ class HFAdapterExportCallback:
         self._warned_async = False
         self._unfinalized = False
         atexit.register(self._finalize_at_exit)
+
+    def on_train_start(self, context: Any) -> None:
+        """Walk the model once before training (`AdapterExportHook.prepare`), so no save pays the walk."""
+        self.hook.prepare(context.model)
 
     def on_checkpoint_save(self, context: Any) -> None:
         checkpoint = context.state.cfg.checkpoint

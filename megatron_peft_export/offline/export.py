@@ -34,7 +34,7 @@ from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
 from ..dialects import name_modules, raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError, ShapeMismatchError
-from ..export import ExportOptions, fused_layout, naming, stage_adapter
+from ..export import ExportOptions, naming, stage_adapter, writes_fused
 from ..io import safetensors_out
 from ..io.atomic_dir import check_output, discard, publish, staging_dir
 from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dirs
@@ -468,7 +468,7 @@ def _export_checkpoint(
         directory, read_hf_config(options.base_model_name_or_path), options, facts
     )
     plan = plan_adapter([s.spec for s in shards], names.geometry, names.arch, vocab)
-    fused_layout(options.expert_layout, names.arch)
+    writes_fused(options.expert_layout, names.arch)
     by_key: dict[str, list[int]] = defaultdict(list)
     for n, shard in enumerate(shards):
         by_key[shard.key].append(n)

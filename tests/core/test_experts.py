@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import save_file
 
 from megatron_peft_export.core.archs import QWEN_MOE
-from megatron_peft_export.core.experts import expert_of, fuse_experts, unfuse_experts
+from megatron_peft_export.core.experts import expert_of, fuse_experts, fused_layout, unfuse_experts
 from megatron_peft_export.core.geometry import ModelGeometry
 from megatron_peft_export.core.peft_format import adapter_config
 from megatron_peft_export.core.plan import allocate, apply_placements, plan_adapter
@@ -58,18 +58,21 @@ def _expert_loras(skip=None):
     return loras
 
 
+GEOMETRY = ModelGeometry(
+    num_layers=LAYERS,
+    hidden_size=H,
+    num_attention_heads=2,
+    num_query_groups=1,
+    head_dim=8,
+    ffn_hidden_size=24,
+    gated_linear_unit=True,
+    num_experts=E,
+    moe_ffn_hidden_size=I,
+)
+
+
 def _convert(loras):
-    geo = ModelGeometry(
-        num_layers=LAYERS,
-        hidden_size=H,
-        num_attention_heads=2,
-        num_query_groups=1,
-        head_dim=8,
-        ffn_hidden_size=24,
-        gated_linear_unit=True,
-        num_experts=E,
-        moe_ffn_hidden_size=I,
-    )
+    geo = GEOMETRY
     pairs = []
     for module, (a, b) in loras.items():
         for role, t in (("lora_A", a), ("lora_B", b)):
@@ -126,6 +129,52 @@ def test_fused_expert_adapter_loads_into_transformers_v5_and_matches_merged_weig
         diff = (model(input_ids=tokens).logits - merged(input_ids=tokens).logits).abs().max().item()
         effect = (merged(input_ids=tokens).logits - _hf()(input_ids=tokens).logits).abs().max().item()
     assert diff < 1e-5 and effect > 1e-2, (diff, effect)
+
+
+def _placed(loras):
+    """The fused tensors filled through `fused_layout`'s views: the plan's placements write straight into them."""
+    plan, _ = _convert(loras)
+    layout = fused_layout(plan, QWEN_MOE, E)
+    written = {key: torch.full(shape, float("nan")) for key, shape in layout.shapes.items()}
+    targets = layout.targets(written)
+    assert targets.keys() == plan.shapes.keys()
+    pairs = [t for a_b in loras.values() for t in a_b]
+    for placements, t in zip(plan.placements, pairs):
+        apply_placements(targets, placements, t)
+    return layout, written
+
+
+def test_stacking_by_placement_gives_what_fusing_the_per_expert_tensors_gives():
+    """Placed into views of the fused tensors, the shards give fuse_experts' tensors and modules, in its key order,
+    every value written (the fused tensors start as NaN)."""
+    plan, tensors = _convert(_expert_loras())
+    expected, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
+    layout, written = _placed(_expert_loras())
+    assert list(written) == list(expected) and layout.replaced == replaced
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+def test_stacking_by_placement_leaves_the_uncommon_cases_to_fuse_experts():
+    """An expert without adapter, or gate and up with lora_A from different shards: no layout, so fuse_experts runs
+    (and refuses, naming the problem)."""
+    plan, _ = _convert(_expert_loras(skip=(1, 2)))
+    assert fused_layout(plan, QWEN_MOE, E) is None
+    loras = _expert_loras()
+    first = "decoder.layers.0.mlp.experts.local_experts.0"
+    canonical = [(f"{first}.linear_fc1", part) for part in ("gate", "up")]
+    specs = [
+        ShardSpec(module=m, role=role, shape=shape, split_dim=None, tp_rank=0, tp_size=1, alpha=SCALE * R, part=part)
+        for m, part in canonical
+        for role, shape in (("lora_A", (R, H)), ("lora_B", (I, R)))
+    ]
+    specs += [
+        ShardSpec(module=m, role=role, shape=tuple(t.shape), split_dim=None, tp_rank=0, tp_size=1, alpha=SCALE * R)
+        for m, (a, b) in loras.items()
+        if m != f"{first}.linear_fc1"
+        for role, t in (("lora_A", a), ("lora_B", b))
+    ]
+    plan = plan_adapter(specs, GEOMETRY, QWEN_MOE)
+    assert fused_layout(plan, QWEN_MOE, E) is None
 
 
 def test_fused_layout_needs_every_expert():

@@ -41,6 +41,8 @@ def _bridge_run(rank, world, save, async_save):
     callback = HFAdapterExportCallback(HookConfig())
     manager = callbacks.normalize_callbacks([callback])  # what Bridge's pretrain() does with callbacks=[...]
     checkpoint = SimpleNamespace(save=save, async_save=async_save)
+    manager.fire("on_train_start", callbacks.CallbackContext(state=None, model=[model], user_state=manager.user_state))
+    walks = [callback.hook._snapshots.walks]
     for step in (5, 10):
         if rank == 0 and step == 5:  # step 10 is a non-persistent save: no iter_ directory under save
             (Path(save) / f"iter_{step:07d}").mkdir(parents=True)
@@ -50,21 +52,24 @@ def _bridge_run(rank, world, save, async_save):
             "on_checkpoint_save", callbacks.CallbackContext(state=state, model=[model], user_state=manager.user_state)
         )
     manager.fire("on_train_end", callbacks.CallbackContext(state=None, model=[model], user_state=manager.user_state))
+    walks.append(callback.hook._snapshots.walks)
     published = [str(p) for p in callback.hook.published]
     tokens = sample_tokens(cfg)
     logits = megatron_logits(model, tokens)
     diff = compare_peft(published[0], cfg, tokens, logits) if published else None
-    return published, diff
+    return published, diff, walks
 
 
 def test_bridge_callback_exports_persistent_synchronous_saves(tmp_path):
-    (published, diff), (others, _) = run_ranks(_bridge_run, 2, str(tmp_path), False)
+    """The model is walked at on_train_start (prepare), and not again at the saves."""
+    (published, diff, walks), (others, _, _) = run_ranks(_bridge_run, 2, str(tmp_path), False)
     assert published == [str(tmp_path / "iter_0000005" / "hf_adapter")] and others == []
     assert diff <= 1e-5
+    assert walks == [1, 1]
 
 
 def test_bridge_callback_skips_async_saves(tmp_path):
-    assert [published for published, _ in run_ranks(_bridge_run, 2, str(tmp_path), True)] == [[], []]
+    assert [published for published, _, _ in run_ranks(_bridge_run, 2, str(tmp_path), True)] == [[], []]
     assert not list(tmp_path.glob("iter_*/hf_adapter"))
 
 
@@ -87,7 +92,11 @@ def test_the_callback_cannot_be_made_for_a_bridge_without_on_checkpoint_save():
     method."""
     from tests.support import real_bridge
 
-    assert run_ranks(_construct, 1, real_bridge.CALLBACKS_VERSION)[0] == ["on_checkpoint_save", "on_train_end"]
+    assert run_ranks(_construct, 1, real_bridge.CALLBACKS_VERSION)[0] == [
+        "on_checkpoint_save",
+        "on_train_end",
+        "on_train_start",
+    ]
     message = run_ranks(_construct, 1, real_bridge.PEFT_VERSION)[0]
     assert message.startswith(
         "ExportError: the installed Megatron-Bridge has no on_checkpoint_save callback event (it came in 0.5), "

@@ -19,6 +19,7 @@ def _run(rank, world, save):
     from megatron_peft_export import export_adapter
     from megatron_peft_export.config import HookConfig
     from megatron_peft_export.hook import AdapterExportHook
+    from megatron_peft_export.host_snapshot import Deferred
     from tests.support.tiny_gpt import TinyGPTConfig, apply_modelopt_lora, build_gpt, fill_lora_random, init_parallel
 
     init_parallel(world)
@@ -29,9 +30,8 @@ def _run(rank, world, save):
     take, walks, buffers = snapshots.take, [], []
 
     def recording_take(*args):
-        snapshot = take(*args)
-        walks.append(snapshots.walks)
-        buffers.append([s.tensor.data_ptr() for s in snapshot.shards])
+        snapshot = take(*args)  # a save that has to walk copies every trainable parameter and walks in the background
+        buffers.append(None if isinstance(snapshot, Deferred) else [s.tensor.data_ptr() for s in snapshot.shards])
         return snapshot
 
     snapshots.take = recording_take
@@ -53,6 +53,8 @@ def _run(rank, world, save):
         directory = checkpoint_dir(save, iteration)
         export_adapter(model, Path(save) / f"reference_{iteration}")
         hook.on_checkpoint_saved(iteration, directory, model)
+        hook._pending[-1].result()
+        walks.append(snapshots.walks)
     hook.finalize()
     return {"published": [Path(p).parent.name for p in hook.published], "walks": walks, "buffers": buffers}
 
@@ -67,7 +69,8 @@ def test_walks_only_when_the_model_changed_reuses_buffers_and_exports_every_chan
             "full walks at saves 1, 4 (re-scaled), 6 (replaced) and 7 (new modules)"
         )
         ptrs = result["buffers"]
-        assert ptrs[0] == ptrs[1] == ptrs[2] and ptrs[4] == ptrs[3], "saves reuse the buffers of the previous export"
+        assert [i + 1 for i, p in enumerate(ptrs) if p is None] == [1, 4, 6, 7], "the saves that walk do it later"
+        assert ptrs[1] == ptrs[2], "saves reuse the buffers of the previous export"
     for iteration in range(1, 9):
         ours, reference = (tmp_path / f"iter_{iteration:07d}" / "hf_adapter"), tmp_path / f"reference_{iteration}"
         a, b = load_file(ours / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
@@ -149,3 +152,100 @@ def test_adapters_added_and_removed_between_saves_are_noticed(tmp_path):
         _same_adapters(directory / "every", tmp_path / f"reference_every_{iteration}")
     assert (tmp_path / "iter_0000002" / "every" / "other").is_dir()
     assert not (tmp_path / "iter_0000005" / "every" / "other").exists()
+
+
+def _first_save_run(rank, world, save):
+    """A hook never prepared: its first save copies the trainable parameters and walks later. The walk is held until
+    the training thread has stepped past the save, so the export can only be right if it took the save's values."""
+    import threading
+
+    import torch
+
+    from megatron_peft_export import export_adapters
+    from megatron_peft_export import host_snapshot as hs
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.hook_loop import LogRecords, lora_model
+    from tests.support.tiny_gpt import apply_modelopt_lora, fill_lora_random
+
+    model = lora_model(world)
+    fill_lora_random(apply_modelopt_lora(model, adapter_name="other", rank=4), seed=7)
+    other = [p for name, p in model.named_parameters() if "lora_" in name and "_other" in name]
+    for p in other:  # a frozen adapter: not copied at a deferred save, read later if provably unwritten
+        p.requires_grad_(False)
+    stepped, walk = threading.Event(), hs.take_snapshots
+
+    def held_walk(*args, **kwargs):
+        assert stepped.wait(60)
+        return walk(*args, **kwargs)
+
+    hs.take_snapshots = held_walk
+    hook = AdapterExportHook(HookConfig(adapter_names="all"))
+    outcomes = []
+    with LogRecords() as records:
+        for iteration, write_frozen in ((1, False), (2, True), (3, True)):
+            export_adapters(model, Path(save) / f"reference_{iteration}")
+            if iteration == 2:  # the next save walks again (a registration), and is held again
+                model.decoder.layers[0].register_parameter("probe", torch.nn.Parameter(torch.zeros(1), False))
+                stepped.clear()
+            hook.on_checkpoint_saved(iteration, checkpoint_dir(save, iteration), model)
+            with torch.no_grad():  # the optimizer step right after the save, before the walk
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.01 * iteration)
+            if write_frozen:
+                with torch.no_grad():
+                    other[0].add_(1.0)
+            stepped.set()
+            hook._pending[-1].result()
+            outcomes.append(len(hook.published) if rank == 0 else None)
+    hook.finalize()
+    return outcomes, hook._snapshots.walks, records.messages
+
+
+def test_a_first_save_without_prepare_exports_the_values_at_the_save(tmp_path):
+    """The walk of a save that has to walk runs in the background; the adapter is the one of the save (its trainable
+    tensors copied then), byte for byte; a frozen adapter tensor written after such a save fails that export, named,
+    and never exports a value from after the save. A save with the model walked already copies what the walk found."""
+    results = run_ranks(_first_save_run, 2, str(tmp_path))
+    (outcomes, walks, messages), _ = results
+    assert walks == 2 and outcomes == [1, 1, 2], "save 2 walked again and failed; save 3 used that walk"
+    _same_adapters(tmp_path / "iter_0000001" / "hf_adapter", tmp_path / "reference_1")
+    assert not (tmp_path / "iter_0000002" / "hf_adapter").exists()
+    assert any("written after the save" in m and "hook.prepare(model)" in m for m in messages), messages
+    _same_adapters(tmp_path / "iter_0000003" / "hf_adapter", tmp_path / "reference_3")
+
+
+def _walk_fails_run(rank, world, save):
+    from megatron_peft_export import host_snapshot as hs
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.hook_loop import LogRecords, lora_model
+
+    model = lora_model(world)
+    walk = hs.take_snapshots
+
+    def failing_walk(*args, **kwargs):
+        if rank == 1:
+            raise RuntimeError("a module that cannot be read")
+        return walk(*args, **kwargs)
+
+    hs.take_snapshots = failing_walk
+    hook = AdapterExportHook(HookConfig(collective_timeout=60))
+    with LogRecords() as records:
+        hook.on_checkpoint_saved(1, checkpoint_dir(save, 1), model)
+        hook.finalize()
+    hs.take_snapshots = walk
+    hook.on_checkpoint_saved(2, checkpoint_dir(save, 2), model)
+    hook.finalize()
+    return [Path(p).parent.name for p in hook.published], records.messages
+
+
+def test_a_walk_that_fails_in_the_background_fails_that_export_on_every_rank(tmp_path):
+    """An unexpected error while one rank walks in the background reaches every rank at the export's first agreement
+    (no rank waits for the collective's timeout, the group stays usable): that export is skipped, the next is made."""
+    (published, messages), _ = run_ranks(_walk_fails_run, 2, str(tmp_path))
+    assert published == ["iter_0000002"]
+    assert any("rank 1: walking the model failed" in m and "a module that cannot be read" in m for m in messages), (
+        messages
+    )

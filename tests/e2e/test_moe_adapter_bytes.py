@@ -1,0 +1,95 @@
+"""The live MoE paths against an adapter written by safetensors from values computed here: `export_adapter` and the
+training hook (its first save with and without `prepare`), per-expert and fused layouts, EP=1 and EP=2, each give the
+very bytes `safetensors.torch.save_file` writes for the expected HF tensors. The expected tensors come from the seeded
+global LoRA values (tiny_gpt.fill_lora_random's rule) and peft's layouts, not from the package."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.multiprocess import run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+SEED, RANK, FAMILY = 17, 2, "qwen3_moe"
+LAYOUTS = ("per_expert", "fused")
+
+
+def _expected(cfg, layout: str) -> dict:
+    """The HF tensors of ModelOpt LoRA on every routed expert's fc1 (gate and up rows) and fc2."""
+    import torch
+
+    from tests.support.tiny_gpt import _seeded
+
+    h, f, r, experts = cfg.hidden_size, cfg.moe_ffn_hidden_size, RANK, cfg.num_experts
+
+    def lora(layer, e, linear, role, shape):
+        name = f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{linear}.lora_{role}_default.weight"
+        return _seeded(f"{SEED}|{name}|{shape}", shape, 0.05)
+
+    out = {}
+    for i in range(cfg.num_layers):
+        prefix = f"base_model.model.model.layers.{i}.mlp.experts"
+        a1 = [lora(i, e, "linear_fc1", "a", (r, h)) for e in range(experts)]
+        b1 = [lora(i, e, "linear_fc1", "b", (2 * f, r)) for e in range(experts)]
+        a2 = [lora(i, e, "linear_fc2", "a", (r, f)) for e in range(experts)]
+        b2 = [lora(i, e, "linear_fc2", "b", (h, r)) for e in range(experts)]
+        if layout == "fused":  # peft: lora_A expert-major rows, lora_B rank-major columns (j * experts + e)
+            out[f"{prefix}.base_layer.lora_A.weight"] = torch.cat(a1)
+            out[f"{prefix}.base_layer.lora_B.weight"] = torch.stack(b1, 2).reshape(2 * f, r * experts)
+            out[f"{prefix}.lora_A.weight"] = torch.cat(a2)
+            out[f"{prefix}.lora_B.weight"] = torch.stack(b2, 2).reshape(h, r * experts)
+            continue
+        for e in range(experts):
+            modules = {"gate_proj": (a1[e], b1[e][:f]), "up_proj": (a1[e], b1[e][f:]), "down_proj": (a2[e], b2[e])}
+            for module, (a, b) in modules.items():
+                out[f"{prefix}.{e}.{module}.lora_A.weight"] = a.clone()
+                out[f"{prefix}.{e}.{module}.lora_B.weight"] = b.clone()
+    return out
+
+
+def _exports(rank, world, tmp):
+    """export_adapter in both layouts, then one hook per layout (per_expert never prepared, fused prepared), each
+    followed by a training step right after its save; all at EP = world."""
+    import torch
+
+    from megatron_peft_export import export_adapter
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support import tiny_moe
+    from tests.support.hook_loop import checkpoint_dir
+    from tests.support.tiny_gpt import apply_modelopt_lora
+
+    tiny_moe.init_moe_parallel(ep=world)
+    model = apply_modelopt_lora(
+        tiny_moe.build_moe_gpt(tiny_moe.QWEN3_MOE_LIKE), rank=RANK, targets=tiny_moe.ROUTED_EXPERT_TARGETS
+    )
+    tiny_moe.fill_moe_lora_random(model, seed=SEED)
+    tmp = Path(tmp)
+    for layout in LAYOUTS:
+        export_adapter(model, tmp / f"export_{layout}", model_type=FAMILY, expert_layout=layout)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    values = [p.detach().clone() for p in trained]
+    for layout in LAYOUTS:
+        hook = AdapterExportHook(HookConfig(model_type=FAMILY, expert_layout=layout, subdir=f"hook_{layout}"))
+        if layout == "fused":
+            hook.prepare(model)
+        hook.on_checkpoint_saved(1, checkpoint_dir(tmp / "save", 1), model)
+        with torch.no_grad():
+            torch._foreach_add_(trained, 1.0)  # the next step, while the export runs
+        hook.finalize()
+        with torch.no_grad():
+            torch._foreach_copy_(trained, values)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
+def test_live_moe_adapters_are_the_bytes_of_the_expected_tensors(tmp_path, world):
+    from safetensors.torch import save_file
+
+    from tests.support.tiny_moe import QWEN3_MOE_LIKE
+
+    run_ranks(_exports, world, str(tmp_path))
+    for layout in LAYOUTS:
+        reference = tmp_path / f"reference_{layout}.safetensors"
+        save_file(_expected(QWEN3_MOE_LIKE, layout), str(reference), metadata={"format": "pt"})
+        for written in (tmp_path / f"export_{layout}", tmp_path / "save" / "iter_0000001" / f"hook_{layout}"):
+            assert (written / "adapter_model.safetensors").read_bytes() == reference.read_bytes(), written
