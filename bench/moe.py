@@ -253,12 +253,12 @@ def _slopes(rows: list[dict]) -> dict:
     return slopes
 
 
-def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline: bool = True, hook_only: bool = False) -> dict:
+def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline=None, hook_only: bool = False) -> dict:
+    """`--only moe`: the live paths per shape; `offline(label, shape, reps, scratch, log)` (moe_offline.run_shape,
+    passed in by run.py: that module builds its checkpoints with this one's models) adds the offline export."""
     if hook_only:
         return _run_hook(reps, scratch, log, shapes)
     from tests.support.multiprocess import run_ranks
-
-    from . import moe_offline
 
     rows = []
     for label, shape in shapes.items():
@@ -278,8 +278,8 @@ def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline: bool = Tr
             f"{row['hook_first']:.2f} s, "
             f"stall {row['hook']:.3f} s, copy floor {row['floor_copy']:.3f} s"
         )
-        if offline:
-            row["offline"] = moe_offline.run_shape(label.replace(" ", "_"), shape, reps, scratch, log)
+        if offline is not None:
+            row["offline"] = offline(label.replace(" ", "_"), shape, reps, scratch, log)
         rows.append(row)
     return {"rows": rows, "growth_exponent": _slopes(rows)}
 

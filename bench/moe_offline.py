@@ -6,9 +6,10 @@ in a fresh process with the page cache evicted, against the read floor (the adap
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
+
+from tests.support.checkpoint_args import recorded_args
 
 from .common import evict_page_cache, peak_rss, return_freed_memory, timed
 
@@ -29,18 +30,10 @@ def write_checkpoint(rank, world, layers: int, experts: int, save_dir: str, hidd
     return_freed_memory()
     cfg = _config(layers, experts, hidden)
     model = build(layers, experts, ep=world, hidden=hidden, rank=rank_r)
-    args = argparse.Namespace(
+    args = recorded_args(
+        cfg,
         tensor_model_parallel_size=1,
         expert_tensor_parallel_size=1,
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=True,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        swiglu=True,
-        padded_vocab_size=cfg.vocab_size,
         num_experts=cfg.num_experts,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
     )

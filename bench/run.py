@@ -131,7 +131,13 @@ def main(argv=None) -> int:
         if "moe" in only:
             reps, shapes = plan["moe"]
             shapes = moe.select(shapes, args.shapes)
-            result["moe"] = moe.run(args.reps or reps, scratch, log, shapes=shapes, offline=not args.live_only)
+            result["moe"] = moe.run(
+                args.reps or reps,
+                scratch,
+                log,
+                shapes=shapes,
+                offline=None if args.live_only else moe_offline.run_shape,
+            )
         if "moe_hook" in only:
             reps, shapes = plan["moe_hook"]
             result["moe_hook"] = moe.run(
@@ -139,9 +145,7 @@ def main(argv=None) -> int:
             )
         if "moe_offline" in only:
             reps, shapes = plan["moe_offline"]
-            if args.shapes:
-                shapes = {k: v for k, v in moe.SHAPES.items() if k.replace(" ", "_") in args.shapes.split(",")}
-            result["moe_offline"] = moe_offline.run(args.reps or reps, scratch, log, shapes)
+            result["moe_offline"] = moe_offline.run(args.reps or reps, scratch, log, moe.select(shapes, args.shapes))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["seconds"] = time.perf_counter() - PROCESS_STARTED

@@ -13,6 +13,7 @@ import pytest
 
 from megatron_peft_export.cli import main
 from tests.e2e.test_offline_export import ITERATION, _offline, _train_save_and_export_live
+from tests.support.checkpoint_args import recorded_args
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -233,7 +234,6 @@ def _metadata_outside(iteration: Path, marker: Path):
 def _save_legacy(rank, world, save, poison):
     """A Megatron-LM legacy checkpoint (mp_rank_00/model_optim_rng.pt) of the tiny model, one LoRA value set to
     `poison`."""
-    import argparse
 
     import modelopt.torch.opt as mto
     import torch
@@ -247,18 +247,10 @@ def _save_legacy(rank, world, save, poison):
     if poison is not None:
         with torch.no_grad():
             next(p for n, p in model.named_parameters() if "lora_b" in n)[0, 0] = poison
-    args = argparse.Namespace(
+    args = recorded_args(
+        cfg,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=True,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        swiglu=True,
-        padded_vocab_size=cfg.vocab_size,
     )
     path = Path(save) / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
     path.parent.mkdir(parents=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.checkpoint_args import recorded_args
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -146,7 +147,6 @@ def test_per_expert_layout_holds_the_same_values_as_the_fused_one(tmp_path):
 
 
 def _save_moe_and_export_live(rank, world, tmp, family, tp=1, ep=1, etp=None, sp=False, routed=True, shared=False):
-    import argparse
 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -166,18 +166,10 @@ def _save_moe_and_export_live(rank, world, tmp, family, tp=1, ep=1, etp=None, sp
     export_adapter(model, Path(tmp) / "live", model_type=family)
     directory = iteration_dir(Path(tmp) / "save", 3)
     directory.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(
+    args = recorded_args(
+        cfg,
         tensor_model_parallel_size=tp,
         expert_tensor_parallel_size=etp or tp,
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=True,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        swiglu=True,
-        padded_vocab_size=cfg.vocab_size,
         num_experts=cfg.num_experts,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None,

@@ -1,13 +1,13 @@
 """Offline export of checkpoints written by real dist_checkpointing.save: identical to the live export,
 reads no base-weight bytes, and rejects bad input with exit status 2 and nothing written."""
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.checkpoint_args import recorded_args
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,18 +44,10 @@ def _train_save_and_export_live(rank, world, tmp, tp, pp, variant, targets=None,
     directory.mkdir(parents=True, exist_ok=True)
     state = {"model": model.sharded_state_dict(), "iteration": ITERATION}
     if variant == "modelopt":  # Megatron-LM records its args in common.pt
-        state["args"] = argparse.Namespace(
+        state["args"] = recorded_args(
+            cfg,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            ffn_hidden_size=cfg.ffn_hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            group_query_attention=True,
-            num_query_groups=cfg.num_query_groups,
-            kv_channels=cfg.kv_channels,
-            swiglu=True,
-            padded_vocab_size=cfg.vocab_size,
         )
     _in_process_write_results()
     with _may_fork():
@@ -324,18 +316,10 @@ def _save_legacy_and_export_live(rank, world, tmp, tp, pp):
     )
     path = iteration_dir(Path(tmp) / "save", ITERATION) / name / "model_optim_rng.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(
+    args = recorded_args(
+        cfg,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=True,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        swiglu=True,
-        padded_vocab_size=cfg.vocab_size,
     )
     torch.save(
         {

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import tiny_gpt  # noqa: F401  (imported before forking, see tests/support/multiprocess.py)
+from tests.support.checkpoint_args import recorded_args
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(600)
@@ -81,8 +82,6 @@ def _model(tp, ep, seed, experts=True):
 def _save_and_export_live(rank, world, tmp, tp=1, ep=1, experts=True):
     """Export live and save a Megatron-LM-style torch_dist checkpoint (args, iteration, ModelOpt state) of one model;
     returns the model's logits."""
-    import argparse
-
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
@@ -101,18 +100,10 @@ def _save_and_export_live(rank, world, tmp, tp=1, ep=1, experts=True):
     export_adapter(model, Path(tmp) / "live", base_model_name_or_path=str(Path(tmp) / "base"))
     directory = iteration_dir(Path(tmp) / "save", 3)
     directory.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(
+    args = recorded_args(
+        cfg,
         tensor_model_parallel_size=tp,
         expert_tensor_parallel_size=1,
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=True,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        swiglu=True,
-        padded_vocab_size=cfg.vocab_size,
         num_experts=cfg.num_experts,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
     )

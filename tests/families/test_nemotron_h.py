@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.checkpoint_args import recorded_args
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -103,8 +104,6 @@ def test_hf_config_of_another_geometry_is_one_error_before_writing(tmp_path):
 
 def _save_torch_dist(rank, world, tmp):
     """The live export's model, saved as Megatron-LM saves it (torch_dist, args in common.pt, modelopt_state/)."""
-    import argparse
-
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
@@ -120,17 +119,11 @@ def _save_torch_dist(rank, world, tmp):
     th.fill_lora_dyadic(model, seed=5)  # the same values as _live_export's
     directory = iteration_dir(Path(tmp) / "save", 5)
     directory.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(
+    args = recorded_args(
+        cfg,
         tensor_model_parallel_size=world,
         num_layers=len(cfg.pattern),
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=True,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
         swiglu=False,
-        padded_vocab_size=cfg.vocab_size,
         is_hybrid_model=True,
         hybrid_override_pattern=cfg.pattern,
         mamba_num_heads=cfg.mamba_num_heads,

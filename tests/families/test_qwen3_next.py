@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.families.test_nemotron_h import _offline_cli
+from tests.support.checkpoint_args import recorded_args
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -65,7 +66,6 @@ def test_live_export_weight_deltas(tmp_path, tp):
 def _save_torch_dist(rank, world, tmp):
     """The live export's model saved as Megatron-LM saves it (torch_dist, args without the layer pattern, which the
     base model's config gives; modelopt_state/)."""
-    import argparse
 
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
@@ -79,17 +79,10 @@ def _save_torch_dist(rank, world, tmp):
     tn.init_parallel(world)
     model = apply_modelopt_lora(tn.build_next(cfg), rank=4, scale=2.0, targets=tn.LORA_TARGETS)
     th.fill_lora_dyadic(model, seed=7)  # the same values as _live_export's
-    args = argparse.Namespace(
+    args = recorded_args(
+        cfg,
         tensor_model_parallel_size=world,
         num_layers=len(cfg.pattern),
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=True,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        swiglu=True,
-        padded_vocab_size=cfg.vocab_size,
         experimental_attention_variant="gated_delta_net",
         attention_output_gate=True,
         linear_num_key_heads=cfg.linear_num_key_heads,
