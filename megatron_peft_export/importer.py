@@ -99,10 +99,12 @@ def load_hf_adapter(
     same error on every rank, before any parameter is written. The keyword options are the schema's
     (`core/options.py`, surface `load_hf_adapter`), checked here before anything is read.
     """
-    given = {"adapter_name": adapter_name, "model_type": model_type, "allow_nonfinite": allow_nonfinite}
-    given["base_model_name_or_path"] = base_model_name_or_path
-    for option in options.options(surface=options.IMPORT):
-        options.check_value(option, given[option.name])
+    _check_options(
+        adapter_name=adapter_name,
+        model_type=model_type,
+        base_model_name_or_path=base_model_name_or_path,
+        allow_nonfinite=allow_nonfinite,
+    )
     adapter_dir = Path(adapter_dir)
     layout = coll.RankLayout.from_megatron()
     group = group if group is not None else coll.export_group()
@@ -140,23 +142,7 @@ def load_hf_adapter(
     _check_against_file(plan, config, shapes, adapter_dir, names)
     error, values = None, []
     try:
-        with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name, safe_open(name, "pt") as f:
-            read = (
-                (lambda key, index: unfused[key][index])
-                if unfused is not None
-                else (lambda key, index: f.get_slice(key)[index])
-            )
-            values = [
-                _read_shard(
-                    read,
-                    spec,
-                    tensor,
-                    plan_shard(
-                        spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry
-                    ),
-                )
-                for spec, tensor in local
-            ]
+        values = _read_values(adapter_dir, local, unfused, names, vocab)
         check_finite(
             ((f"{spec.module} {spec.role}", value) for (spec, _), value in zip(local, values)),
             allow=allow_nonfinite,
@@ -169,6 +155,32 @@ def load_hf_adapter(
     with torch.no_grad():
         for (_, tensor), value in zip(local, values):
             tensor.copy_(value)
+
+
+def _read_values(adapter_dir: Path, local: list, unfused: dict | None, names: Naming, vocab: int | None) -> list:
+    """This rank's value of each of its LoRA tensors, read from the file (or the unfused experts) by its plan."""
+    with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name, safe_open(name, "pt") as f:
+        read = (
+            (lambda key, index: unfused[key][index])
+            if unfused is not None
+            else (lambda key, index: f.get_slice(key)[index])
+        )
+        return [
+            _read_shard(
+                read,
+                spec,
+                tensor,
+                plan_shard(
+                    spec, resolve_target(spec.module, spec.part, names.geometry, names.arch, vocab), names.geometry
+                ),
+            )
+            for spec, tensor in local
+        ]
+
+
+def _check_options(**given: Any) -> None:
+    for option in options.options(surface=options.IMPORT):
+        options.check_value(option, given[option.name])
 
 
 def _check_shared(local: list, values: list[torch.Tensor]) -> None:
