@@ -82,7 +82,8 @@ def test_unsupported_model_type_names_it(tmp_path):
         results,
         "UnsupportedModelError",
         "'gpt2'",
-        "deepseek_v3, glm4_moe, kimi_k2, llama, mistral, mixtral, nemotron, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe",
+        "deepseek_v3, glm4_moe, gpt_oss, kimi_k2, llama, mistral, mixtral, nemotron, nemotron_h, olmoe, qwen2, "
+        "qwen2_moe, qwen3, qwen3_moe, qwen3_next",
     )
 
 
