@@ -188,20 +188,43 @@ NEMOTRON_H = ArchMap(
         ModuleMap(_PROJ.megatron, ("mixer.o_proj",), "plain", layer_symbol="*"),
         ModuleMap("mlp.linear_fc1", ("mixer.up_proj",), "plain", layer_symbol="-"),
         ModuleMap(_FC2.megatron, ("mixer.down_proj",), "plain", layer_symbol="-"),
+        ModuleMap(_EXPERT_FC1, ("mixer.experts.{e}.up_proj",), "plain", width=_EXPERT, layer_symbol="E"),
+        ModuleMap(_EXPERT_FC2, ("mixer.experts.{e}.down_proj",), "plain", width=_EXPERT, layer_symbol="E"),
+        ModuleMap(_ROUTER, ("mixer.gate",), "plain", layer_symbol="E"),
+        ModuleMap(
+            "mlp.shared_experts.linear_fc1", ("mixer.shared_experts.up_proj",), "plain", width=_SHARED, layer_symbol="E"
+        ),
+        ModuleMap(
+            "mlp.shared_experts.linear_fc2",
+            ("mixer.shared_experts.down_proj",),
+            "plain",
+            width=_SHARED,
+            layer_symbol="E",
+        ),
     ),
     layer_prefix="backbone.layers.{i}",
     renamed_prefix="backbone.",
+    fused_experts=(
+        FusedExperts("mixer.experts.up_proj", ("mixer.experts.{e}.up_proj",)),
+        FusedExperts("mixer.experts.down_proj", ("mixer.experts.{e}.down_proj",)),
+        FusedExperts("mixer.gate.weight", ("mixer.gate",)),
+    ),
 )
 """Nemotron-H (megatron's MambaModel): one HF block per hybrid-pattern layer, numbered alike, its one mixer being a
-Mamba2 mixer (M), attention (*) or a non-gated squared-ReLU MLP (-). HF checkpoints name the blocks
-`backbone.layers.{i}` (transformers 5 renames `backbone.` to `model.` when loading, for adapters too). MoE layers (E)
-have no name map yet."""
+Mamba2 mixer (M), attention (*), a non-gated squared-ReLU MLP (-) or a MoE layer (E: Nemotron-3 Nano). HF checkpoints
+name the blocks `backbone.layers.{i}` (transformers 5 renames `backbone.` to `model.` when loading, for adapters too).
+A MoE layer's routed experts are non-gated (megatron's expert linear_fc1 is HF's up_proj alone); transformers 5 keeps
+them fused in `mixer.experts.up_proj` [experts, ffn, in] and `mixer.experts.down_proj` [experts, in, ffn] (blocks, one
+module each), its router `mixer.gate` is a weight parameter (sigmoid scores; the expert bias
+`e_score_correction_bias` is a buffer no adapter touches), its shared experts a plain non-gated MLP. A latent MoE
+(`moe_latent_size`: fc1/fc2_latent_proj) has no name map: the geometry compares the latent size, and LoRA on the latent
+projections is refused as an unmapped module."""
 
 _QWEN3_NEXT_MLP = (
-    "qwen3_next: found LoRA on a dense MLP or the shared expert (mlp.linear_fc1/fc2, mlp.shared_experts.*), which peft "
-    "does not load onto this family: with transformers 5, peft retargets every gate_proj, up_proj and down_proj of a "
-    "qwen3_next model to the fused routed experts, so these adapters would be dropped without a word. Expected LoRA on "
-    "the gated delta-net, attention and routed-expert linears only"
+    "qwen3_next: found LoRA on a dense MLP (mlp.linear_fc1/fc2), which peft does not load onto this family: with "
+    "transformers 5, peft retargets every gate_proj, up_proj and down_proj module of a qwen3_next model to the fused "
+    "routed experts, so these adapters would be dropped without a word. Expected LoRA on the gated delta-net, "
+    "attention, routed-expert and shared-expert linears only"
 )
 
 QWEN3_NEXT = ArchMap(
@@ -221,12 +244,21 @@ QWEN3_NEXT = ArchMap(
         dataclasses.replace(_FC2, refused=_QWEN3_NEXT_MLP),
     )
     + QWEN_MOE.modules[2:]
-    + tuple(dataclasses.replace(m, refused=_QWEN3_NEXT_MLP) for m in QWEN2_MOE.modules[len(QWEN_MOE.modules) :]),
-    fused_experts=QWEN_MOE.fused_experts,
+    + QWEN2_MOE.modules[len(QWEN_MOE.modules) :],
+    fused_experts=QWEN_MOE.fused_experts
+    + tuple(
+        FusedExperts(f"{m}.weight", (m,))
+        for m in ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+    ),
 )
 """Qwen3-Next: gated delta-net layers (G: megatron's GatedDeltaNet under self_attention, HF `linear_attn`) and gated
-attention layers (*: linear_qkv yields a sigmoid gate per query head, HF's q_proj is doubled), with a dense SwiGLU MLP
-or Qwen2-MoE style experts, shared expert and router. CanonicalLoRA's q/k/v parts do not fit the gated linear_qkv."""
+attention layers (*: linear_qkv yields a sigmoid gate per query head, HF's q_proj is doubled), with Qwen2-MoE style
+routed experts (softmax top-k), router and shared expert (its sigmoid `shared_expert_gate` is megatron's bare
+`gate_weight` parameter, which no adapter dialect adapts) in every layer. CanonicalLoRA's q/k/v parts do not fit the
+gated linear_qkv. Under transformers 5, peft retargets any gate_proj / up_proj / down_proj target module of a
+qwen3_next model to the fused routed experts, so the shared expert's linears are written as 2-D target parameters
+(`mlp.shared_expert.gate_proj.weight`, ...: the same tensor keys), which peft leaves alone; the dense MLP of
+`mlp_only_layers` would need the same but is untested, so it stays refused."""
 
 GPT_OSS = ArchMap(
     name="gpt_oss",

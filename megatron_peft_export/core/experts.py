@@ -24,7 +24,8 @@ from .peft_names import PEFT_PREFIX, hf_key
 from .plan import AdapterPlan
 from .splits import stack_experts, unstack_experts
 
-_LAYER = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
+_LAYER = re.compile(r"^((?:model|backbone)\.layers\.\d+)\.(.+)$")
+"""An HF module path: its layer's prefix (`backbone.layers.{i}`: Nemotron-H's checkpoints) and the path inside it."""
 
 
 def fused_prefixes(arch: ArchMap, targeted: list[str]) -> dict[str, str]:

@@ -5,7 +5,7 @@ Sizes every decoder has are read by `from_megatron` / `from_hf_config` directly;
 config and HF's config.json keep each. Both constructors fill them from that table and `check_matches` compares them
 with the others, so an HF config of another family (or another size) is one error before anything is written.
 The hybrid families' sizes and layer pattern (Mamba, gated delta-net) and the attention facts (sinks, sliding-window
-layers) are read together by `_megatron_hybrid` / `_hf_hybrid` and the window helpers, and compared the same way.
+layers) are rows of the same table; the offline export reads a checkpoint's recorded args through it too.
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ OPTIONAL = {
     "moe_layers",
 }
 """Fields a model may lack (None): a dense model has no expert sizes, a GQA model no MLA ranks."""
-HYBRID_FIELDS = ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim")
-"""Mamba mixer sizes (hybrid models only; None elsewhere)."""
-GDN_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
-"""Gated delta-net sizes (Qwen3-Next's linear-attention layers; the same names in megatron and HF; None elsewhere)."""
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "G": "gated delta-net"}
 """megatron's hybrid layer pattern symbols (`hybrid_override_pattern`), as HF's Nemotron-H `layers_block_type` names
 them in `_HF_LAYER_TYPES`."""
@@ -48,7 +44,6 @@ _HF_LAYER_TYPES = {
 _ATTENTION = ("attention_sinks", "window_layers")
 """Attention facts that leave the adapter's shapes alone but make an HF model of another family compute something
 else; None: not known (not compared)."""
-OPTIONAL |= set(HYBRID_FIELDS) | set(GDN_FIELDS)
 
 
 def valid(name: str, value: Any) -> bool:
@@ -78,9 +73,12 @@ def _is_int(value: Any) -> bool:
 
 def megatron_moe_layers(config: Any) -> tuple[int, ...] | None:
     """The indices of MoE layers from megatron's `moe_layer_freq` (an int k: every k-th layer from 0; a list: 1 per
-    MoE layer); None for a dense model."""
+    MoE layer), or a Mamba-hybrid model's E layers; None for a dense model."""
     if not getattr(config, "num_moe_experts", None):
         return None
+    pattern = getattr(config, "hybrid_override_pattern", None)
+    if isinstance(pattern, str) and not _gdn(config):  # a Mamba-hybrid model: its pattern's E layers
+        return tuple(i for i, symbol in enumerate(pattern) if symbol == "E") or None
     freq, layers = getattr(config, "moe_layer_freq", 1), config.num_layers
     if _is_int(freq) and freq >= 1:
         return tuple(i for i in range(layers) if i % freq == 0)
@@ -95,7 +93,7 @@ def megatron_moe_layers(config: Any) -> tuple[int, ...] | None:
 def hf_moe_layers(text: Mapping[str, Any]) -> tuple[int, ...] | None:
     """The indices of MoE layers an HF config describes (DeepSeek/GLM `first_k_dense_replace` [+ `moe_layer_freq`],
     Qwen `decoder_sparse_step` and `mlp_only_layers`, else every layer); None without experts."""
-    if "mamba_num_heads" in text:  # Nemotron-H: its MoE layers are the pattern's E (it names n_routed_experts always)
+    if MAMBA in text:  # Nemotron-H: its MoE layers are the pattern's E (it names n_routed_experts always)
         pattern = text.get("hybrid_override_pattern") or "".join(
             "E" if t == "moe" else "-" for t in text.get("layers_block_type") or ()
         )
@@ -119,24 +117,217 @@ def _hf_mla(key: str) -> Callable[[Mapping[str, Any]], Any]:
     return lambda text: text.get(key) if text.get("kv_lora_rank") else None
 
 
+def _gdn(config: Any) -> bool:
+    """A megatron config of a gated delta-net model (Qwen3-Next; megatron sets the delta-net defaults everywhere)."""
+    return getattr(config, "experimental_attention_variant", None) == "gated_delta_net"
+
+
+def _mamba(config: Any) -> bool:
+    """A megatron config of a Mamba-hybrid model (megatron sets the Mamba defaults on every config)."""
+    hybrid = getattr(config, "is_hybrid_model", False) or getattr(config, "hybrid_override_pattern", None)
+    return bool(hybrid) and not _gdn(config)
+
+
+def _of(test: Callable[[Any], bool], name: str) -> Callable[[Any], Any]:
+    return lambda config: getattr(config, name, None) if test(config) else None
+
+
+def _mamba_heads(config: Any) -> int | None:
+    """MambaMixer's default: hidden_size * 2 (its expand) // mamba_head_dim."""
+    if not _mamba(config):
+        return None
+    return config.mamba_num_heads or config.hidden_size * 2 // config.mamba_head_dim
+
+
+def _megatron_pattern(config: Any) -> str | None:
+    """Mamba-hybrid: hybrid_override_pattern; gated delta-net: megatron's linear_attention_freq as a pattern (an int N
+    makes every N-th layer attention, a list has 1 for gated delta-net and 0 for attention:
+    experimental_attention_variant_module_specs.get_linear_attention_pattern)."""
+    if _mamba(config):
+        return getattr(config, "hybrid_override_pattern", None)
+    freq, layers = getattr(config, "linear_attention_freq", None), config.num_layers
+    if not _gdn(config):
+        return None
+    if _is_int(freq) and freq > 0 and _is_int(layers):
+        return "".join("*" if (i + 1) % freq == 0 else "G" for i in range(layers))
+    if isinstance(freq, (list, tuple)) and set(freq) <= {0, 1}:
+        return "".join("G" if f else "*" for f in freq)
+    return None
+
+
+def _hf_key(test: str, key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda text: text.get(key) if test in text else None
+
+
+def _hf_pattern(text: Mapping[str, Any]) -> str | None:
+    """Qwen3-Next: its token mixers (`layer_types`); Nemotron-H: `hybrid_override_pattern`, or transformers 5's
+    `layers_block_type` list; None for other configs."""
+    if "linear_num_key_heads" in text:
+        types, names = text.get("layer_types"), {"linear_attention": "G", "full_attention": "*"}
+        if not isinstance(types, list) or not set(types) <= set(names):
+            raise ShapeMismatchError(
+                f"the base model's config.json has layer_types {types!r:.80}; expected a list of linear_attention and "
+                "full_attention"
+            )
+        return "".join(names[t] for t in types)
+    if "mamba_num_heads" not in text:
+        return None
+    types, pattern = text.get("layers_block_type") or text.get("layer_types"), text.get("hybrid_override_pattern")
+    if pattern is None and types is not None:
+        unknown = sorted({t for t in types if t not in _HF_LAYER_TYPES})
+        if unknown:
+            raise ShapeMismatchError(
+                f"the base model's config.json has layer types {unknown}; expected {', '.join(sorted(_HF_LAYER_TYPES))}"
+            )
+        pattern = "".join(_HF_LAYER_TYPES[t] for t in types)
+    return pattern
+
+
+def _megatron_window_layers(config: Any) -> tuple[int, ...] | None:
+    """megatron-core's rule (transformer/utils.py is_layer_window_attention, 1-based layer numbers): no window_size,
+    none; window_attn_skip_freq None, every layer; an int n, every layer whose number n does not divide; a list,
+    the layers it marks."""
+    window, skip = getattr(config, "window_size", None), getattr(config, "window_attn_skip_freq", None)
+    layers = range(config.num_layers)
+    if not window:
+        return ()
+    if skip is None:
+        return tuple(layers)
+    if isinstance(skip, int):
+        return tuple(i for i in layers if (i + 1) % skip)
+    if isinstance(skip, (list, tuple)):
+        return tuple(i for i in layers if i < len(skip) and skip[i])
+    return None
+
+
+def _hf_window_layers(text: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """From HF `layer_types` ("sliding_attention" layers); None when the config has no layer_types."""
+    types = text.get("layer_types")
+    if not isinstance(types, list):
+        return None
+    return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+
+
 @dataclass(frozen=True)
 class FamilyField:
-    """A size only some families have, declared once: where megatron's TransformerConfig and HF's config.json keep
-    it. A family that brings a new size adds its field to ModelGeometry and a line to FAMILY_FIELDS."""
+    """A size or fact only some families have, declared once: how to read it from megatron's TransformerConfig (a
+    checkpoint's recorded args are read like one: `reads` names the attributes the reader looks at) and from HF's
+    config.json. A family that brings a new size adds its field to ModelGeometry and a row to FAMILY_FIELDS."""
 
     name: str
     megatron: Callable[[Any], Any]
     hf: Callable[[Mapping[str, Any]], Any]
+    reads: tuple[str, ...]
+    """The TransformerConfig attributes `megatron` reads (what the offline export gathers from a checkpoint)."""
+    recorded: bool = True
+    """Whether Megatron-LM's args record it; if not, it is unknown offline (not compared)."""
+    fallback: bool = False
+    """Offline: when the checkpoint's args do not give it, the base model's config.json does (the hybrid sizes, which
+    Megatron-LM records only in part: a gated delta-net's layer pattern is its linear_attention_freq)."""
 
+
+_HYBRID = ("is_hybrid_model", "hybrid_override_pattern", "experimental_attention_variant")
+_GDN_READS = (*_HYBRID, "linear_attention_freq", "num_layers")
+MAMBA = "mamba_num_heads"
+"""The key that marks a Mamba-hybrid HF config (Nemotron-H)."""
+GDN = "linear_num_key_heads"
+"""The key that marks a gated delta-net HF config (Qwen3-Next)."""
 
 FAMILY_FIELDS: tuple[FamilyField, ...] = (
-    FamilyField("q_lora_rank", _mla("q_lora_rank"), _hf_mla("q_lora_rank")),
-    FamilyField("kv_lora_rank", _mla("kv_lora_rank"), _hf_mla("kv_lora_rank")),
-    FamilyField("qk_head_dim", _mla("qk_head_dim"), _hf_mla("qk_nope_head_dim")),
-    FamilyField("qk_pos_emb_head_dim", _mla("qk_pos_emb_head_dim"), _hf_mla("qk_rope_head_dim")),
-    FamilyField("v_head_dim", _mla("v_head_dim"), _hf_mla("v_head_dim")),
-    FamilyField("moe_layers", megatron_moe_layers, hf_moe_layers),
+    FamilyField("q_lora_rank", _mla("q_lora_rank"), _hf_mla("q_lora_rank"), ("multi_latent_attention", "q_lora_rank")),
+    *(
+        FamilyField(name, _mla(name), _hf_mla(key), ("multi_latent_attention", name))
+        for name, key in (
+            ("kv_lora_rank", "kv_lora_rank"),
+            ("qk_head_dim", "qk_nope_head_dim"),
+            ("qk_pos_emb_head_dim", "qk_rope_head_dim"),
+            ("v_head_dim", "v_head_dim"),
+        )
+    ),
+    FamilyField(
+        "moe_layers",
+        lambda c: megatron_moe_layers(c),
+        lambda t: hf_moe_layers(t),
+        _GDN_READS[:2] + ("num_moe_experts", "moe_layer_freq", "num_layers"),
+    ),
+    FamilyField(
+        "moe_latent_size",
+        lambda c: getattr(c, "moe_latent_size", None) if getattr(c, "num_moe_experts", None) else None,
+        lambda t: t.get("moe_latent_size"),
+        ("num_moe_experts", "moe_latent_size"),
+    ),
+    FamilyField(
+        "mamba_num_heads",
+        _mamba_heads,
+        _hf_key(MAMBA, "mamba_num_heads"),
+        (*_HYBRID, "mamba_num_heads", "mamba_head_dim", "hidden_size"),
+        fallback=True,
+    ),
+    FamilyField(
+        "mamba_head_dim",
+        _of(_mamba, "mamba_head_dim"),
+        _hf_key(MAMBA, "mamba_head_dim"),
+        (*_HYBRID, "mamba_head_dim"),
+        fallback=True,
+    ),
+    FamilyField(
+        "mamba_num_groups",
+        _of(_mamba, "mamba_num_groups"),
+        lambda t: (t.get("n_groups") or t.get("mamba_n_groups")) if MAMBA in t else None,
+        (*_HYBRID, "mamba_num_groups"),
+        fallback=True,
+    ),
+    FamilyField(
+        "mamba_state_dim",
+        _of(_mamba, "mamba_state_dim"),
+        _hf_key(MAMBA, "ssm_state_size"),
+        (*_HYBRID, "mamba_state_dim"),
+        fallback=True,
+    ),
+    FamilyField("layer_pattern", _megatron_pattern, _hf_pattern, _GDN_READS, fallback=True),
+    *(
+        FamilyField(name, _of(_gdn, name), _hf_key(GDN, name), (*_HYBRID, name), fallback=True)
+        for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+    ),
+    FamilyField(
+        "attention_output_gate",
+        lambda c: bool(getattr(c, "attention_output_gate", False)),
+        lambda t: GDN in t,  # Qwen3-Next's attention is always gated
+        ("attention_output_gate",),
+    ),
+    FamilyField(
+        "attention_sinks",
+        lambda c: getattr(c, "softmax_type", "vanilla") == "learnable",
+        lambda t: t.get("model_type") == "gpt_oss",
+        ("softmax_type",),
+        recorded=False,
+    ),
+    FamilyField(
+        "window_layers",
+        _megatron_window_layers,
+        _hf_window_layers,
+        ("window_size", "window_attn_skip_freq", "num_layers"),
+        recorded=False,
+    ),
 )
+"""Every family-only field of ModelGeometry (MLA ranks, MoE layers, Mamba and gated delta-net sizes, the hybrid layer
+pattern, the attention facts), in one table."""
+HYBRID_FIELDS = ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim")
+"""Mamba mixer sizes (hybrid models only; None elsewhere)."""
+GDN_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
+"""Gated delta-net sizes (Qwen3-Next's linear-attention layers; the same names in megatron and HF; None elsewhere)."""
+OPTIONAL |= {f.name for f in FAMILY_FIELDS}
+
+
+class _Config:
+    """A megatron config seen with a few attributes set (a hybrid model's pattern, which MambaModel holds)."""
+
+    def __init__(self, config: Any, **extra: Any) -> None:
+        self._config, self._extra = config, extra
+
+    def __getattr__(self, name: str) -> Any:
+        extra = self.__dict__["_extra"]
+        return extra[name] if name in extra else getattr(self.__dict__["_config"], name)
 
 
 def _layers_text(value: Any) -> str:
@@ -190,6 +381,8 @@ class ModelGeometry:
     """MLA: the rope part of a query/key head (HF qk_rope_head_dim)."""
     v_head_dim: int | None = None
     """MLA: a value head's width."""
+    moe_latent_size: int | None = None
+    """Latent MoE (Nemotron-3 Super style): the width routed experts work in (megatron and HF moe_latent_size)."""
     mamba_num_heads: int | None = None
     """Hybrid models: Mamba heads per mixer (HF mamba_num_heads); d_inner = heads * mamba_head_dim."""
     mamba_head_dim: int | None = None
@@ -260,8 +453,8 @@ class ModelGeometry:
         """From a megatron-core TransformerConfig (duck-typed: only attributes are read); `layer_pattern`: a hybrid
         model's (MambaModel.hybrid_override_pattern), which makes the Mamba sizes part of the geometry."""
         heads = config.num_attention_heads
-        hybrid = _megatron_hybrid(config, layer_pattern)
-        family = {f.name: f.megatron(config) for f in FAMILY_FIELDS}
+        view = _Config(config, hybrid_override_pattern=layer_pattern) if layer_pattern is not None else config
+        family = {f.name: f.megatron(view) for f in FAMILY_FIELDS}
         head_dim = config.kv_channels or config.hidden_size // heads
         if family["kv_lora_rank"] is not None:  # a q/k head is nope + rope wide (kv_channels is unused)
             head_dim = family["qk_head_dim"] + family["qk_pos_emb_head_dim"]
@@ -278,9 +471,6 @@ class ModelGeometry:
             num_experts=getattr(config, "num_moe_experts", None),
             moe_ffn_hidden_size=getattr(config, "moe_ffn_hidden_size", None),
             moe_shared_expert_intermediate_size=getattr(config, "moe_shared_expert_intermediate_size", None) or None,
-            **hybrid,
-            attention_sinks=getattr(config, "softmax_type", "vanilla") == "learnable",
-            window_layers=_megatron_window_layers(config),
         )
 
     @classmethod
@@ -298,22 +488,25 @@ class ModelGeometry:
     @classmethod
     def _from_hf_config(cls, config: Mapping[str, Any], gated_linear_unit: bool) -> ModelGeometry:
         text = config.get("text_config") or config
+        if "model_type" not in text and "model_type" in config:
+            text = {**text, "model_type": config["model_type"]}
         heads = text["num_attention_heads"]
         experts = text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts")
         family = {f.name: f.hf(text) for f in FAMILY_FIELDS}
-        hybrid = _hf_hybrid(text)
-        if "mamba_num_heads" in text and not family["moe_layers"]:
+        if MAMBA in text and not family["moe_layers"]:
             experts = None  # a Nemotron-H config without MoE layers still names its expert counts
         head_dim = text.get("head_dim") or text["hidden_size"] // heads
         if family["kv_lora_rank"] is not None:  # HF's head_dim is the rope part there
             head_dim = family["qk_head_dim"] + family["qk_pos_emb_head_dim"]
         expert_width = (text.get("moe_intermediate_size") or text["intermediate_size"]) if experts else None
-        shared = text.get("shared_expert_intermediate_size") or None  # Qwen2-MoE; DeepSeek/GLM: n_shared_experts
+        # Qwen2-MoE / Qwen3-Next: shared_expert_intermediate_size; Nemotron-H: moe_shared_expert_intermediate_size;
+        # DeepSeek/GLM: n_shared_experts experts of the routed width
+        shared = text.get("shared_expert_intermediate_size") or text.get("moe_shared_expert_intermediate_size") or None
         if experts and shared is None and text.get("n_shared_experts"):
             shared = text["n_shared_experts"] * expert_width
         return cls(
             **family,
-            num_layers=len(hybrid["layer_pattern"]) if hybrid.get("layer_pattern") else text["num_hidden_layers"],
+            num_layers=len(family["layer_pattern"]) if family["layer_pattern"] else text["num_hidden_layers"],
             hidden_size=text["hidden_size"],
             num_attention_heads=heads,
             num_query_groups=text.get("num_key_value_heads") or heads,
@@ -324,9 +517,6 @@ class ModelGeometry:
             num_experts=experts,
             moe_ffn_hidden_size=expert_width,
             moe_shared_expert_intermediate_size=shared if experts else None,
-            **hybrid,
-            attention_sinks=text.get("model_type", config.get("model_type")) == "gpt_oss",
-            window_layers=_hf_window_layers(text),
         )
 
     def check_matches(self, hf: ModelGeometry, source: str) -> None:
@@ -365,100 +555,5 @@ class ModelGeometry:
         return mine != theirs
 
 
-def _megatron_hybrid(config: Any, layer_pattern: str | None) -> dict[str, Any]:
-    """The Mamba or gated delta-net sizes and layer pattern of a megatron config (megatron sets defaults for both on
-    every config: they count only for a hybrid model, or one whose attention variant is gated_delta_net)."""
-    hybrid: dict[str, Any] = {"attention_output_gate": bool(getattr(config, "attention_output_gate", False))}
-    if getattr(config, "experimental_attention_variant", None) == "gated_delta_net":
-        hybrid.update({name: getattr(config, name) for name in GDN_FIELDS})
-        hybrid["layer_pattern"] = _gdn_pattern(config.linear_attention_freq, config.num_layers)
-    elif layer_pattern is not None or getattr(config, "is_hybrid_model", False):
-        head_dim = config.mamba_head_dim
-        hybrid.update(
-            mamba_num_heads=config.mamba_num_heads or config.hidden_size * 2 // head_dim,  # MambaMixer's expand=2
-            mamba_head_dim=head_dim,
-            mamba_num_groups=config.mamba_num_groups,
-            mamba_state_dim=config.mamba_state_dim,
-            layer_pattern=layer_pattern,
-        )
-    return hybrid
-
-
-def _gdn_pattern(freq: Any, num_layers: int) -> str | None:
-    """megatron's linear_attention_freq as a layer pattern: an int N makes every N-th layer attention, a list has 1 for
-    gated delta-net and 0 for attention (experimental_attention_variant_module_specs.get_linear_attention_pattern)."""
-    if isinstance(freq, int) and not isinstance(freq, bool) and freq > 0:
-        return "".join("*" if (i + 1) % freq == 0 else "G" for i in range(num_layers))
-    if isinstance(freq, (list, tuple)) and set(freq) <= {0, 1}:
-        return "".join("G" if f else "*" for f in freq)
-    return None
-
-
-def _hf_gdn(text: Mapping[str, Any]) -> dict[str, Any]:
-    """Qwen3-Next's gated delta-net sizes and token-mixer pattern (`layer_types`); its attention is always gated."""
-    types = text.get("layer_types")
-    names = {"linear_attention": "G", "full_attention": "*"}
-    if not isinstance(types, list) or not set(types) <= set(names):
-        raise ShapeMismatchError(
-            f"the base model's config.json has layer_types {types!r:.80}; expected a list of linear_attention and "
-            "full_attention"
-        )
-    return {
-        **{name: text[name] for name in GDN_FIELDS},
-        "layer_pattern": "".join(names[t] for t in types),
-        "attention_output_gate": True,
-    }
-
-
-def _hf_hybrid(text: Mapping[str, Any]) -> dict[str, Any]:
-    """A hybrid HF config's Mamba sizes and layer pattern (Nemotron-H: `hybrid_override_pattern`, or transformers 5's
-    `layers_block_type` list); {} for other configs."""
-    if "linear_num_key_heads" in text:
-        return _hf_gdn(text)
-    if "mamba_num_heads" not in text:
-        return {}
-    types = text.get("layers_block_type") or text.get("layer_types")
-    pattern = text.get("hybrid_override_pattern")
-    if pattern is None and types is not None:
-        unknown = sorted({t for t in types if t not in _HF_LAYER_TYPES})
-        if unknown:
-            raise ShapeMismatchError(
-                f"the base model's config.json has layer types {unknown}; expected {', '.join(sorted(_HF_LAYER_TYPES))}"
-            )
-        pattern = "".join(_HF_LAYER_TYPES[t] for t in types)
-    return dict(
-        mamba_num_heads=text["mamba_num_heads"],
-        mamba_head_dim=text["mamba_head_dim"],
-        mamba_num_groups=text.get("n_groups") or text.get("mamba_n_groups"),
-        mamba_state_dim=text["ssm_state_size"],
-        layer_pattern=pattern,
-    )
-
-
 def _shown(value: Any) -> str:
     return str(list(value) if isinstance(value, tuple) else value)
-
-
-def _megatron_window_layers(config: Any) -> tuple[int, ...] | None:
-    """megatron-core's rule (transformer/utils.py is_layer_window_attention, 1-based layer numbers): no window_size,
-    none; window_attn_skip_freq None, every layer; an int n, every layer whose number n does not divide; a list,
-    the layers it marks."""
-    window, skip = getattr(config, "window_size", None), getattr(config, "window_attn_skip_freq", None)
-    layers = range(config.num_layers)
-    if not window:
-        return ()
-    if skip is None:
-        return tuple(layers)
-    if isinstance(skip, int):
-        return tuple(i for i in layers if (i + 1) % skip)
-    if isinstance(skip, (list, tuple)):
-        return tuple(i for i in layers if i < len(skip) and skip[i])
-    return None
-
-
-def _hf_window_layers(text: Mapping[str, Any]) -> tuple[int, ...] | None:
-    """From HF `layer_types` ("sliding_attention" layers); None when the config has no layer_types."""
-    types = text.get("layer_types")
-    if not isinstance(types, list):
-        return None
-    return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")

@@ -364,12 +364,11 @@ def _layers_of(arch: ArchMap, geometry: ModelGeometry) -> dict[str, frozenset[in
     pattern = geometry.layer_pattern
     if pattern is None:
         return {}
-    return {
-        hf.rsplit(".", 1)[-1]: frozenset(i for i, symbol in enumerate(pattern) if symbol == module.layer_symbol)
-        for module in arch.modules
-        if module.layer_symbol
-        for hf in module.hf
-    }
+    layers: dict[str, set[int]] = defaultdict(set)
+    for module in arch.modules:  # a short name of several kinds of layer (Nemotron-H's up_proj: MLP and MoE) is all
+        for hf in module.hf if module.layer_symbol else ():
+            layers[hf.rsplit(".", 1)[-1]].update(i for i, symbol in enumerate(pattern) if symbol == module.layer_symbol)
+    return {name: frozenset(found) for name, found in layers.items()}
 
 
 def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[float]]) -> dict[str, LoraSettings]:

@@ -21,9 +21,6 @@ from tqdm import tqdm
 from ..core.archs import NON_GATED
 from ..core.geometry import (
     FAMILY_FIELDS,
-    GDN_FIELDS,
-    HYBRID_FIELDS,
-    LAYER_SYMBOLS,
     MAX_SIZE,
     OPTIONAL,
     ModelGeometry,
@@ -95,13 +92,6 @@ _RECORDED = {
         "moe_shared_expert_intermediate_size",
         "moe_shared_expert_intermediate_size",
     ),
-    "mamba_num_heads": ("mamba_num_heads", "mamba_num_heads"),
-    "mamba_head_dim": ("mamba_head_dim", "mamba_head_dim"),
-    "mamba_num_groups": ("mamba_num_groups", "mamba_num_groups"),
-    "mamba_state_dim": ("mamba_state_dim", "mamba_state_dim"),
-    "layer_pattern": ("hybrid_override_pattern", "hybrid_override_pattern"),
-    **{name: (name, name) for name in GDN_FIELDS},
-    "attention_output_gate": ("attention_output_gate", "attention_output_gate"),
     "tp_size": ("tensor_model_parallel_size", "tensor_model_parallel_size"),
     "etp_size": ("expert_tensor_parallel_size", "expert_tensor_parallel_size"),
 }
@@ -118,7 +108,7 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
         if name == "num_query_groups" and args is not None and not getattr(args, "group_query_attention", True):
             from_args = None
         candidates = (
-            (_flag(name), getattr(facts, name, None)),  # the hybrid sizes have no flags
+            (_flag(name), getattr(facts, name, None)),
             (f"the checkpoint's args.{arg_name}", from_args),
             (f"run_config.yaml's model.{bridge_name}", model.get(bridge_name)),
             ("the base model's config.json", hf.get(name) if name != "gated_linear_unit" else None),
@@ -127,12 +117,9 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
         if values[name] is not None and not _plausible(name, values[name]):
             raise CheckpointError(
                 f"{source} gives {name} = {values[name]!r:.40}; expected "
-                + {"gated_linear_unit": "true or false", "layer_pattern": "a string of M * - E"}.get(
-                    name, f"an integer from 1 to {MAX_SIZE}"
-                )
+                + ("true or false" if name == "gated_linear_unit" else f"an integer from 1 to {MAX_SIZE}")
                 + f". Pass {_flag(name)}"
             )
-    _hybrid_values(values, args, hf)
     values.update(_family_values(settings, model, hf))
     if values["kv_lora_rank"] is not None and values["qk_head_dim"] and values["qk_pos_emb_head_dim"]:
         values["head_dim"] = values["qk_head_dim"] + values["qk_pos_emb_head_dim"]  # MLA: kv_channels is unused
@@ -145,57 +132,34 @@ def _recorded(settings, hf_config: dict | None, facts: CheckpointFacts) -> dict[
     return values
 
 
-def _hybrid_values(values: dict[str, Any], args: Any, hf: dict[str, Any]) -> None:
-    """Mamba sizes only for a hybrid model (Megatron-LM records its Mamba defaults in every checkpoint's args); a
-    hybrid model without mamba_num_heads has MambaMixer's hidden_size * 2 // mamba_head_dim."""
-    gdn = getattr(args, "experimental_attention_variant", None) == "gated_delta_net" or hf.get("linear_num_key_heads")
-    if gdn and values["layer_pattern"] is None:
-        values["layer_pattern"] = hf.get("layer_pattern")  # Megatron-LM records linear_attention_freq, not a pattern
-    if not gdn:
-        values.update(dict.fromkeys(GDN_FIELDS))
-    hybrid = values["layer_pattern"] or getattr(args, "is_hybrid_model", False) or hf.get("mamba_num_heads")
-    if not hybrid or gdn:
-        values.update(dict.fromkeys(HYBRID_FIELDS))
-    if not hybrid:
-        values["layer_pattern"] = None
-    elif values["mamba_num_heads"] is None and values["hidden_size"] and values["mamba_head_dim"] and not gdn:
-        values["mamba_num_heads"] = values["hidden_size"] * 2 // values["mamba_head_dim"]
-    values["attention_output_gate"] = bool(values["attention_output_gate"])
-
-
-_FAMILY_CONFIG = (
-    "num_layers",
-    "num_moe_experts",
-    "moe_layer_freq",
-    "multi_latent_attention",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_head_dim",
-    "qk_pos_emb_head_dim",
-    "v_head_dim",
-)
+_ARG_NAMES = {"num_moe_experts": "num_experts"}
+"""TransformerConfig names that Megatron-LM's args spell otherwise (the family readers read a TransformerConfig)."""
 
 
 def _family_values(settings, model: dict, hf: dict) -> dict[str, Any]:
-    """The family-only sizes (MLA ranks, MoE layers: core/geometry.py's FAMILY_FIELDS) as the checkpoint records them
-    (Megatron-LM's args, else Bridge's run_config model section, read like a TransformerConfig), else as the HF config
-    gives them."""
-    args = settings.args
+    """The family-only sizes (core/geometry.py's FAMILY_FIELDS) as the checkpoint records them (Megatron-LM's args,
+    else Bridge's run_config model section, read like a TransformerConfig), each `fallback` one the HF config's where
+    the checkpoint does not give it; all the HF config's when the checkpoint records no layer count."""
+    args, recorded = settings.args, [f for f in FAMILY_FIELDS if f.recorded]
+    names = {n for f in recorded for n in f.reads}
     if args is not None:
-        found = {n: getattr(args, n, None) for n in _FAMILY_CONFIG}
-        found["num_moe_experts"] = getattr(args, "num_experts", None)
+        found = {n: getattr(args, _ARG_NAMES.get(n, n), None) for n in names}
     else:
-        found = {n: model.get(n) for n in _FAMILY_CONFIG}
+        found = {n: model.get(n) for n in names}
     if not _plausible("num_layers", found["num_layers"]):
-        return {f.name: hf.get(f.name) for f in FAMILY_FIELDS}
+        return {f.name: hf.get(f.name) for f in recorded}
     found["moe_layer_freq"] = 1 if found["moe_layer_freq"] is None else found["moe_layer_freq"]
     try:
-        values = {f.name: f.megatron(SimpleNamespace(**found)) for f in FAMILY_FIELDS}
-    except (TypeError, ValueError, ShapeMismatchError) as exc:
+        values = {f.name: f.megatron(SimpleNamespace(**found)) for f in recorded}
+    except (TypeError, ValueError, ZeroDivisionError, ShapeMismatchError) as exc:
         raise CheckpointError(
-            f"the checkpoint's recorded MoE / multi-latent attention settings are malformed ({exc}); expected "
-            "megatron's moe_layer_freq and MLA sizes. Pass --base-model with the HF base model's directory"
+            f"the checkpoint's recorded family settings (MoE layers, multi-latent attention, hybrid sizes) are "
+            f"malformed ({exc}); expected megatron's moe_layer_freq, MLA and hybrid sizes. Pass --base-model with the "
+            "HF base model's directory"
         ) from None
+    for f in recorded:
+        if f.fallback and values[f.name] is None:
+            values[f.name] = hf.get(f.name)
     bad = [f"{n}={v!r:.40}" for n, v in values.items() if not valid(n, v)]
     if bad:
         raise CheckpointError(f"the checkpoint records {', '.join(bad)}; expected positive sizes. Pass --base-model")
@@ -203,10 +167,8 @@ def _family_values(settings, model: dict, hf: dict) -> dict[str, Any]:
 
 
 def _plausible(name: str, value: Any) -> bool:
-    if name in ("gated_linear_unit", "attention_output_gate"):
+    if name == "gated_linear_unit":
         return isinstance(value, bool)
-    if name == "layer_pattern":
-        return isinstance(value, str) and 0 < len(value) <= MAX_SIZE and set(value) <= set(LAYER_SYMBOLS)
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
 
 
@@ -227,7 +189,7 @@ def _geometry(values: dict[str, Any], vocab: int | None) -> ModelGeometry:
     unrecorded = ("vocab_size", "attention_sinks", "window_layers")
     geometry_fields = [f.name for f in fields(ModelGeometry) if f.name not in unrecorded]
     # dense models have no expert sizes, GQA models no MLA sizes, non-hybrid ones no Mamba sizes or layer pattern
-    optional = OPTIONAL | {"layer_pattern"}
+    optional = OPTIONAL
     missing = [n for n in geometry_fields if values.get(n) is None and n not in optional]
     if missing:
         raise CheckpointError(

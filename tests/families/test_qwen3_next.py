@@ -188,7 +188,7 @@ def test_dense_mlp_lora_is_refused_by_name(tmp_path):
     """peft (with transformers 5) retargets a qwen3_next model's gate/up/down_proj to the fused experts."""
     errors = run_ranks(_refused, 2, str(tmp_path), ("*linear_qkv*", "*linear_fc1*", "*linear_fc2*"))
     assert errors[0] == errors[1] and errors[0].startswith("DialectError: ")
-    assert errors[0].count("qwen3_next: found LoRA on a dense MLP or the shared expert") == 1
+    assert errors[0].count("qwen3_next: found LoRA on a dense MLP (mlp.linear_fc1/fc2)") == 1
     assert not (tmp_path / "adapter").exists()
 
 

@@ -22,6 +22,7 @@ Call these from ranks started by `multiprocess.run_ranks`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import zlib
@@ -80,17 +81,58 @@ class TinyHybridConfig:
     mamba_state_dim: int = 4
     vocab_size: int = 64
     seq_length: int = 8
+    num_experts: int = 4
+    """Routed experts of each MoE (E) layer: non-gated squared-ReLU, sigmoid routing with expert bias (Nemotron-3)."""
+    moe_ffn_hidden_size: int = 16
+    moe_shared_expert_intermediate_size: int = 24
 
 
-def init_parallel(tp: int = 1) -> None:
-    from .tiny_gpt import init_parallel as init
+MOE_LIKE = TinyHybridConfig(pattern="M*ME")
+"""Nemotron-3 Nano style: Mamba, attention and MoE layers."""
+
+
+def init_parallel(tp: int = 1, ep: int = 1) -> None:
+    """Megatron's groups (TP, and EP for MoE layers) with the CPU, Mamba and gated delta-net shims installed."""
+    from . import tiny_qwen3_next
+    from .tiny_moe import init_moe_parallel
 
     install_cpu_shims()
     install_mamba_shim()
-    init(tp)
+    tiny_qwen3_next.install_fla_shim()
+    init_moe_parallel(tp=tp, ep=ep)
 
 
-def transformer_config(cfg: TinyHybridConfig):
+def moe_settings(cfg, *, shared_gate: bool, sigmoid: bool) -> dict:
+    """The TransformerConfig fields of a tiny hybrid's MoE layers (`cfg.num_experts` routed experts, a shared expert
+    when `cfg.moe_shared_expert_intermediate_size`), at the current EP layout; {} without experts."""
+    from megatron.core import parallel_state as ps
+
+    if not cfg.num_experts:
+        return {}
+    routing = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True) if sigmoid else {}
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None,
+        moe_shared_expert_gate=shared_gate,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+        **routing,
+    )
+
+
+def transformer_config(cfg, *, gated: bool = False, **extra):
+    """tiny_gpt's CPU-safe TransformerConfig of a tiny hybrid (this one or tiny_qwen3_next's): its sizes, one layer
+    per pattern symbol, sequence parallelism when TP > 1 (megatron asks for it with MoE), plus `extra`."""
+    from megatron.core import parallel_state as ps
+
     from .tiny_gpt import TinyGPTConfig
     from .tiny_gpt import transformer_config as gpt_config
 
@@ -101,19 +143,32 @@ def transformer_config(cfg: TinyHybridConfig):
         num_query_groups=cfg.num_query_groups,
         kv_channels=cfg.kv_channels,
         ffn_hidden_size=cfg.ffn_hidden_size,
-        gated_linear_unit=False,
+        gated_linear_unit=gated,
     )
-    return gpt_config(
-        gpt,
+    sequence_parallel = ps.get_tensor_model_parallel_world_size() > 1 and "num_moe_experts" in extra
+    return gpt_config(gpt, sequence_parallel=sequence_parallel, **extra)
+
+
+def mamba_config(cfg: TinyHybridConfig):
+    return transformer_config(
+        cfg,
         is_hybrid_model=True,
         mamba_num_heads=cfg.mamba_num_heads,
         mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups,
         mamba_state_dim=cfg.mamba_state_dim,
+        **(moe_settings(cfg, shared_gate=False, sigmoid=True) if "E" in cfg.pattern else {}),
     )
 
 
-def _stack_spec():
+def moe_layer_mlp(num_experts: int):
+    """megatron's MoE layer spec (router, SequentialMLP experts, shared experts) with its local linears."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    return get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+
+
+def _stack_spec(num_experts: int):
     """megatron's mamba_stack_spec with megatron's own local (non-TE) linears and norms."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -127,7 +182,11 @@ def _stack_spec():
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+    from megatron.core.transformer.transformer_layer import (
+        MoETransformerLayer,
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
 
     mixer = MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)
     attention = SelfAttentionSubmodules(
@@ -168,6 +227,12 @@ def _stack_spec():
                     mlp_bda=get_bias_dropout_add,
                 ),
             ),
+            moe_layer=ModuleSpec(
+                module=MoETransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=WrappedTorchNorm, mlp=moe_layer_mlp(num_experts), mlp_bda=get_bias_dropout_add
+                ),
+            ),
         ),
     )
 
@@ -177,8 +242,8 @@ def build_hybrid(cfg: TinyHybridConfig):
     from megatron.core.models.mamba.mamba_model import MambaModel
 
     return MambaModel(
-        transformer_config(cfg),
-        _stack_spec(),
+        mamba_config(cfg),
+        _stack_spec(cfg.num_experts),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         hybrid_override_pattern=cfg.pattern,
@@ -195,7 +260,11 @@ HF_NAMES = {
     "self_attention.linear_proj": "mixer.o_proj",
     "mlp.linear_fc1": "mixer.up_proj",
     "mlp.linear_fc2": "mixer.down_proj",
+    "mlp.shared_experts.linear_fc1": "mixer.shared_experts.up_proj",
+    "mlp.shared_experts.linear_fc2": "mixer.shared_experts.down_proj",
 }
+HF_EXPERTS = {"fc1": "up_proj", "fc2": "down_proj"}
+"""transformers 5's fused Nemotron-H expert parameters, by megatron expert linear."""
 
 
 def fill_lora_dyadic(model, seed: int) -> None:
@@ -203,9 +272,14 @@ def fill_lora_dyadic(model, seed: int) -> None:
     weights rounded to 1/1024) are exact in float32, so the weight-delta comparison can ask for equality."""
     from megatron.core import parallel_state as ps
 
+    from .tiny_gpt import _global_name
+
     for name, param in model.named_parameters():
         if "lora" in name or ".adapter." in name:  # a replicated tensor is the same on every TP rank
-            rank = ps.get_tensor_model_parallel_rank() if getattr(param, "tensor_model_parallel", False) else 0
+            expert = ".local_experts." in name  # each expert its own values, by its global index
+            tp = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+            rank = tp if getattr(param, "tensor_model_parallel", False) else 0
+            name = _global_name(model, name)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}|{name}|{rank}".encode()))
             with torch.no_grad():
                 param.copy_(torch.randint(-4, 5, param.shape, generator=gen).float() / 8)
@@ -220,6 +294,60 @@ def modelopt_local_deltas(model, adapter: str = "default") -> dict[str, torch.Te
             a, b = entry["lora_a"].weight, entry["lora_b"].weight
             deltas[name] = (entry["scale"] * (b @ a)).detach().clone()
     return deltas
+
+
+def local_deltas_by_tp(model) -> dict[str, tuple[int, torch.Tensor]]:
+    """This rank's ModelOpt LoRA deltas by global module path (layer and expert index at PP = EP = 1), each with the
+    (expert) TP rank that holds it: gather them from every rank and pass them to `tp_shards`."""
+    from megatron.core import parallel_state as ps
+
+    from .tiny_gpt import _global_name
+
+    out = {}
+    for name, delta in modelopt_local_deltas(model).items():
+        expert = ".local_experts." in name
+        rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+        out[_global_name(model, name)] = (rank, delta)
+    return out
+
+
+def tp_shards(gathered: list[dict[str, tuple[int, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+    """Every rank's `local_deltas_by_tp` as one dict per TP rank (replicas over DP / EP dropped): the input of the
+    `megatron_to_hf_deltas` functions."""
+    size = 1 + max(t for found in gathered for t, _ in found.values())
+    per_tp = [{} for _ in range(size)]
+    for found in gathered:
+        for path, (t, delta) in found.items():
+            per_tp[t][path] = delta
+    return per_tp
+
+
+_EXPERT_PATH = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])$")
+
+
+def expert_deltas(per_rank: list[dict[str, torch.Tensor]], gated: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Routed experts' whole deltas, stacked per layer as transformers 5 fuses them: `{"decoder.layers.{i}": {"fc1":
+    [experts, rows, hidden], "fc2": [experts, hidden, ffn]}}`; fc1 rows are [gate; up] when `gated` (each TP rank
+    holds [gate_t; up_t]), and pop them from `per_rank`."""
+    found: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for path in sorted({p for deltas in per_rank for p in deltas}):
+        layer, rest = path.split(".mlp.", 1)[0], "mlp." + path.split(".mlp.", 1)[-1]
+        match = _EXPERT_PATH.match(rest)
+        if not match:
+            continue
+        shards = [deltas.pop(path) for deltas in per_rank if path in deltas]
+        if match.group(2) == "linear_fc2":
+            whole = torch.cat(shards, dim=1)
+        elif gated:
+            halves = [s.chunk(2) for s in shards]
+            whole = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            whole = torch.cat(shards)
+        found.setdefault(layer, {}).setdefault(match.group(2)[-3:], {})[int(match.group(1))] = whole
+    return {
+        layer: {kind: torch.stack([by_expert[e] for e in sorted(by_expert)]) for kind, by_expert in kinds.items()}
+        for layer, kinds in found.items()
+    }
 
 
 def bridge_local_tensors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -258,7 +386,13 @@ def bridge_deltas(per_rank: list[dict]) -> list[dict[str, torch.Tensor]]:
 def megatron_to_hf_deltas(per_rank: list[dict[str, torch.Tensor]], cfg: TinyHybridConfig) -> dict[str, torch.Tensor]:
     """The whole-model delta of each HF module (transformers' `model.layers.{i}...` names) from every TP rank's local
     deltas, by megatron's row layout (module docstring)."""
-    tp, out = len(per_rank), {}
+    per_rank = [dict(deltas) for deltas in per_rank]
+    out = {
+        f"model.layers.{layer.rsplit('.', 1)[-1]}.mixer.experts.{HF_EXPERTS[kind]}": stacked
+        for layer, kinds in expert_deltas(per_rank, gated=False).items()
+        for kind, stacked in kinds.items()
+    }
+    tp = len(per_rank)
     for path in per_rank[0]:
         layer, rest = path.removeprefix("decoder.layers.").split(".", 1)
         prefix = f"model.layers.{layer}."
@@ -297,6 +431,13 @@ def hf_config(cfg: TinyHybridConfig):
         n_groups=cfg.mamba_num_groups,
         ssm_state_size=cfg.mamba_state_dim,
         max_position_embeddings=cfg.seq_length,
+        n_routed_experts=cfg.num_experts,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        n_shared_experts=1,
     )
 
 
@@ -322,7 +463,7 @@ def peft_merged_deltas(base_dir, adapter_dir, model_class=None) -> dict[str, tor
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     deltas = {}
-    for name, p in merged.named_parameters():
-        if name.endswith(".weight") and not torch.equal(p, before[name]):
+    for name, p in merged.named_parameters():  # fused experts are parameters without `.weight`
+        if p.dim() >= 2 and not torch.equal(p, before[name]):
             deltas[name.removesuffix(".weight")] = p.detach() - before[name]
     return deltas

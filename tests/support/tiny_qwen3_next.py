@@ -25,7 +25,6 @@ import types
 import torch
 
 from . import tiny_hybrid as th
-from .cpu_shims import install_cpu_shims
 
 
 def install_fla_shim() -> None:
@@ -69,31 +68,21 @@ class TinyNextConfig:
     linear_value_head_dim: int = 6
     vocab_size: int = 64
     seq_length: int = 8
+    num_experts: int = 0
+    """Routed experts of every layer's MoE (softmax top-2, a shared expert with a sigmoid gate); 0: a dense MLP."""
+    moe_ffn_hidden_size: int = 16
+    moe_shared_expert_intermediate_size: int = 24
 
 
-def init_parallel(tp: int = 1) -> None:
-    from .tiny_gpt import init_parallel as init
-
-    install_cpu_shims()
-    install_fla_shim()
-    init(tp)
+MOE_LIKE = TinyNextConfig(num_experts=4)
+"""The real Qwen3-Next's layout: MoE in every layer."""
+init_parallel = th.init_parallel
 
 
 def transformer_config(cfg: TinyNextConfig):
-    from .tiny_gpt import TinyGPTConfig
-    from .tiny_gpt import transformer_config as gpt_config
-
-    gpt = TinyGPTConfig(
-        num_layers=len(cfg.pattern),
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        gated_linear_unit=True,
-    )
-    return gpt_config(
-        gpt,
+    return th.transformer_config(
+        cfg,
+        gated=True,
         experimental_attention_variant="gated_delta_net",
         linear_attention_freq=[1 if s == "G" else 0 for s in cfg.pattern],
         linear_conv_kernel_dim=4,
@@ -102,10 +91,11 @@ def transformer_config(cfg: TinyNextConfig):
         linear_num_key_heads=cfg.linear_num_key_heads,
         linear_num_value_heads=cfg.linear_num_value_heads,
         attention_output_gate=True,
+        **th.moe_settings(cfg, shared_gate=True, sigmoid=False),
     )
 
 
-def _layer_spec(symbol: str):
+def _layer_spec(symbol: str, num_experts: int):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -135,6 +125,8 @@ def _layer_spec(symbol: str):
     mlp = ModuleSpec(
         module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     )
+    if num_experts:
+        mlp = th.moe_layer_mlp(num_experts)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -153,7 +145,9 @@ def build_next(cfg: TinyNextConfig):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    spec = TransformerBlockSubmodules([_layer_spec(s) for s in cfg.pattern], layer_norm=WrappedTorchNorm)
+    spec = TransformerBlockSubmodules(
+        [_layer_spec(s, cfg.num_experts) for s in cfg.pattern], layer_norm=WrappedTorchNorm
+    )
     return GPTModel(
         transformer_config(cfg),
         spec,
@@ -170,15 +164,21 @@ LORA_TARGETS = ("*in_proj*", "*out_proj*", "*linear_qkv*", "*linear_proj*")
 def megatron_to_hf_deltas(per_rank: list[dict[str, torch.Tensor]], cfg: TinyNextConfig) -> dict[str, torch.Tensor]:
     """The whole-model delta of each HF module (`model.layers.{i}...`) from every TP rank's local deltas, by megatron's
     row layout (module docstring)."""
-    out = {}
+    per_rank = [dict(deltas) for deltas in per_rank]
+    out = {
+        f"model.layers.{layer.rsplit('.', 1)[-1]}.mlp.experts.{'gate_up_proj' if kind == 'fc1' else 'down_proj'}": t
+        for layer, kinds in th.expert_deltas(per_rank, gated=True).items()
+        for kind, t in kinds.items()
+    }
     for path in per_rank[0]:
         layer, rest = path.removeprefix("decoder.layers.").split(".", 1)
         prefix = f"model.layers.{layer}."
         shards = [deltas[path] for deltas in per_rank]
         width = shards[0].shape[-1]
-        if rest in ("self_attention.out_proj", "self_attention.linear_proj", "mlp.linear_fc2"):
+        mlp = "mlp.shared_expert." if rest.startswith("mlp.shared_experts.") else "mlp."
+        if rest in ("self_attention.out_proj", "self_attention.linear_proj") or rest.endswith("linear_fc2"):
             name = {"self_attention.out_proj": "linear_attn.out_proj", "self_attention.linear_proj": "self_attn.o_proj"}
-            out[prefix + name.get(rest, "mlp.down_proj")] = torch.cat(shards, dim=1)
+            out[prefix + name.get(rest, mlp + "down_proj")] = torch.cat(shards, dim=1)
         elif rest == "self_attention.in_proj":
             out.update(_gdn_in(shards, cfg, prefix + "linear_attn."))
         elif rest == "self_attention.linear_qkv":
@@ -191,8 +191,8 @@ def megatron_to_hf_deltas(per_rank: list[dict[str, torch.Tensor]], cfg: TinyNext
             out[prefix + "self_attn.v_proj"] = groups[:, (2 * per_group + 1) * d :].reshape(-1, width)
         else:  # gated linear_fc1: each rank [gate_t; up_t]
             halves = [s.chunk(2) for s in shards]
-            out[prefix + "mlp.gate_proj"] = torch.cat([h[0] for h in halves])
-            out[prefix + "mlp.up_proj"] = torch.cat([h[1] for h in halves])
+            out[prefix + mlp + "gate_proj"] = torch.cat([h[0] for h in halves])
+            out[prefix + mlp + "up_proj"] = torch.cat([h[1] for h in halves])
     return out
 
 
@@ -225,7 +225,12 @@ def hf_config(cfg: TinyNextConfig):
         linear_num_value_heads=cfg.linear_num_value_heads,
         linear_key_head_dim=cfg.linear_key_head_dim,
         linear_value_head_dim=cfg.linear_value_head_dim,
-        num_experts=0,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=2,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size,
+        shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
         max_position_embeddings=cfg.seq_length,
     )
 
