@@ -296,3 +296,91 @@ def test_offline_export_of_bridge_lora_on_mamba_in_proj_is_refused_by_name(real_
     )
     assert "decoder.layers.{0,2}.mixer.in_proj" in lines[0], lines[0]
     assert not (tmp_path / "offline").exists()
+
+
+# ------------------------------------------------------------------ MoE layers (Nemotron-3 Nano's E layers)
+
+MOE_TARGETS = ("*in_proj*", "*linear_qkv*", "*linear_proj*", "*linear_fc1*", "*linear_fc2*")
+MOE_MODULES = 2 + 4 + 2 + 2
+"""Two Mamba in_proj, attention q/k/v/o, the fused routed experts' up/down, the shared experts' up/down."""
+
+
+@pytest.mark.parametrize(
+    ("world", "layout"),
+    [
+        pytest.param(
+            1, {}, id="EP1", marks=pytest.mark.family("nemotron_h", path="export", layout="MoE EP1", check="deltas")
+        ),
+        pytest.param(
+            2,
+            {"ep": 2},
+            id="EP2",
+            marks=pytest.mark.family("nemotron_h", path="export", layout="MoE EP2", check="deltas"),
+        ),
+        pytest.param(
+            2,
+            {"tp": 2},
+            id="TP2",
+            marks=pytest.mark.family("nemotron_h", path="export", layout="MoE TP2", check="deltas"),
+        ),
+    ],
+)
+def test_moe_live_export_weight_deltas(tmp_path, world, layout):
+    """Routed experts (non-gated, fused in transformers 5 as mixer.experts.up_proj / down_proj) and shared experts."""
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_hybrid as th
+
+    expected = run_ranks(hfam.live_export, world, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, **layout)[0]
+    assert isinstance(expected, dict), expected
+    hfam.assert_deltas_equal("nemotron_h", tmp_path, expected, MOE_MODULES)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mixer.experts.down_proj", "mixer.experts.up_proj"]
+
+
+@pytest.mark.family("nemotron_h", path="offline", layout="MoE EP2", check="deltas")
+def test_moe_offline_export_of_an_ep2_torch_dist_save_equals_the_live_export(tmp_path):
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_hybrid as th
+
+    cfg = th.MOE_LIKE
+    expected = run_ranks(hfam.live_export, 2, str(tmp_path), "nemotron_h", cfg, MOE_TARGETS, ep=2)[0]
+    mamba = dict(
+        swiglu=False,
+        is_hybrid_model=True,
+        hybrid_override_pattern=cfg.pattern,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+        mamba_state_dim=cfg.mamba_state_dim,
+    )
+    run_ranks(
+        hfam.save_torch_dist, 2, str(tmp_path), "nemotron_h", cfg, MOE_TARGETS, ep=2, **mamba, **hfam.moe_args(cfg)
+    )
+    hfam.offline_export(tmp_path)
+    hfam.assert_deltas_equal("nemotron_h", tmp_path, expected, MOE_MODULES)
+
+
+@pytest.mark.family("nemotron_h", path="import", layout="MoE EP2 -> EP1, TP2", check="deltas")
+def test_moe_import_back_at_another_layout_gives_the_adapters_deltas(tmp_path):
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_hybrid as th
+
+    run_ranks(hfam.live_export, 2, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, ep=2)
+    for world, layout in ((1, {}), (2, {"tp": 2})):
+        imported = run_ranks(hfam.import_back, world, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, **layout)
+        hfam.assert_deltas_equal("nemotron_h", tmp_path, imported[0], MOE_MODULES)
+
+
+@pytest.mark.family("nemotron_h", path="export", layout="MoE, mismatched HF config", check="refused")
+def test_moe_hf_config_of_other_expert_sizes_is_one_error_before_writing(tmp_path):
+    import dataclasses
+
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_hybrid as th
+
+    hf = dataclasses.replace(th.MOE_LIKE, num_experts=8, moe_ffn_hidden_size=32, pattern="M*EE")
+    error = run_ranks(hfam.live_export, 1, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, hf=hf)[0]
+    assert error.startswith("ShapeMismatchError: the HF config does not describe the Megatron model: ")
+    for field in ("num_experts: Megatron model has 4", "moe_ffn_hidden_size: Megatron model has 16", "moe_layers"):
+        assert field in error, error
+    assert not (tmp_path / "adapter").exists()

@@ -200,3 +200,94 @@ def test_hf_config_of_other_delta_net_sizes_is_one_error_before_writing(tmp_path
     for field in ("linear_num_value_heads: Megatron model has 4", "linear_value_head_dim", "layer_pattern: Megatron"):
         assert field in error
     assert not (tmp_path / "adapter").exists()
+
+
+# ------------------------------------------------------------------ MoE in every layer (the real Qwen3-Next)
+
+MOE_TARGETS = ("*in_proj*", "*out_proj*", "*linear_qkv*", "*linear_proj*", "*experts*")
+MOE_MODULES = 2 * 3 + 2 * 4 + 4 * (2 + 3)
+"""Delta-net qkvz/ba/out and attention q/k/v/o, and in each of the four MoE layers the fused routed experts'
+gate_up/down and the shared expert's gate/up/down."""
+
+
+@pytest.mark.parametrize(
+    ("world", "layout"),
+    [
+        pytest.param(
+            1, {}, id="EP1", marks=pytest.mark.family("qwen3_next", path="export", layout="MoE EP1", check="deltas")
+        ),
+        pytest.param(
+            2,
+            {"ep": 2},
+            id="EP2",
+            marks=pytest.mark.family("qwen3_next", path="export", layout="MoE EP2", check="deltas"),
+        ),
+        pytest.param(
+            2,
+            {"tp": 2},
+            id="TP2",
+            marks=pytest.mark.family("qwen3_next", path="export", layout="MoE TP2", check="deltas"),
+        ),
+    ],
+)
+def test_moe_live_export_weight_deltas(tmp_path, world, layout):
+    """Routed experts (fused gate_up_proj / down_proj) and the shared expert (2-D target parameters)."""
+    import json
+
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_qwen3_next as tn
+
+    expected = run_ranks(hfam.live_export, world, str(tmp_path), "qwen3_next", tn.MOE_LIKE, MOE_TARGETS, **layout)[0]
+    assert isinstance(expected, dict), expected
+    hfam.assert_deltas_equal("qwen3_next", tmp_path, expected, MOE_MODULES)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (
+        "gate_proj" not in config["target_modules"]
+        and "mlp.shared_expert.gate_proj.weight" in config["target_parameters"]
+    )
+
+
+@pytest.mark.family("qwen3_next", path="offline", layout="MoE EP2", check="deltas")
+def test_moe_offline_export_of_an_ep2_torch_dist_save_equals_the_live_export(tmp_path):
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_qwen3_next as tn
+
+    cfg = tn.MOE_LIKE
+    expected = run_ranks(hfam.live_export, 2, str(tmp_path), "qwen3_next", cfg, MOE_TARGETS, ep=2)[0]
+    gdn = dict(
+        experimental_attention_variant="gated_delta_net",
+        attention_output_gate=True,
+        linear_num_key_heads=cfg.linear_num_key_heads,
+        linear_num_value_heads=cfg.linear_num_value_heads,
+        linear_key_head_dim=cfg.linear_key_head_dim,
+        linear_value_head_dim=cfg.linear_value_head_dim,
+    )
+    run_ranks(hfam.save_torch_dist, 2, str(tmp_path), "qwen3_next", cfg, MOE_TARGETS, ep=2, **gdn, **hfam.moe_args(cfg))
+    hfam.offline_export(tmp_path)
+    hfam.assert_deltas_equal("qwen3_next", tmp_path, expected, MOE_MODULES)
+
+
+@pytest.mark.family("qwen3_next", path="import", layout="MoE EP2 -> EP1, TP2", check="deltas")
+def test_moe_import_back_at_another_layout_gives_the_adapters_deltas(tmp_path):
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_qwen3_next as tn
+
+    run_ranks(hfam.live_export, 2, str(tmp_path), "qwen3_next", tn.MOE_LIKE, MOE_TARGETS, ep=2)
+    for world, layout in ((1, {}), (2, {"tp": 2})):
+        imported = run_ranks(hfam.import_back, world, str(tmp_path), "qwen3_next", tn.MOE_LIKE, MOE_TARGETS, **layout)
+        hfam.assert_deltas_equal("qwen3_next", tmp_path, imported[0], MOE_MODULES)
+
+
+@pytest.mark.family("qwen3_next", path="export", layout="MoE, mismatched HF config", check="refused")
+def test_moe_hf_config_of_other_expert_sizes_is_one_error_before_writing(tmp_path):
+    import dataclasses
+
+    from tests.support import hybrid_family as hfam
+    from tests.support import tiny_qwen3_next as tn
+
+    hf = dataclasses.replace(tn.MOE_LIKE, num_experts=8, moe_shared_expert_intermediate_size=16)
+    error = run_ranks(hfam.live_export, 1, str(tmp_path), "qwen3_next", tn.MOE_LIKE, MOE_TARGETS, hf=hf)[0]
+    assert error.startswith("ShapeMismatchError: the HF config does not describe the Megatron model: ")
+    for field in ("num_experts: Megatron model has 4", "moe_shared_expert_intermediate_size: Megatron model has 24"):
+        assert field in error, error
+    assert not (tmp_path / "adapter").exists()

@@ -181,12 +181,13 @@ def _stack_spec(num_experts: int):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import (
         MoETransformerLayer,
         TransformerLayer,
         TransformerLayerSubmodules,
     )
+
+    from .tiny_gpt import _SequenceParallelRMSNorm
 
     mixer = MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)
     attention = SelfAttentionSubmodules(
@@ -199,7 +200,7 @@ def _stack_spec(num_experts: int):
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
-                    norm=WrappedTorchNorm,
+                    norm=_SequenceParallelRMSNorm,
                     mixer=ModuleSpec(module=MambaMixer, submodules=mixer),
                     mamba_bda=get_bias_dropout_add,
                 ),
@@ -207,7 +208,7 @@ def _stack_spec(num_experts: int):
             attention_layer=ModuleSpec(
                 module=TransformerLayer,
                 submodules=TransformerLayerSubmodules(
-                    input_layernorm=WrappedTorchNorm,
+                    input_layernorm=_SequenceParallelRMSNorm,
                     self_attention=ModuleSpec(
                         module=SelfAttention,
                         params={"attn_mask_type": AttnMaskType.causal},
@@ -219,7 +220,7 @@ def _stack_spec(num_experts: int):
             mlp_layer=ModuleSpec(
                 module=MLPLayer,
                 submodules=TransformerLayerSubmodules(
-                    pre_mlp_layernorm=WrappedTorchNorm,
+                    pre_mlp_layernorm=_SequenceParallelRMSNorm,
                     mlp=ModuleSpec(
                         module=MLP,
                         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -230,7 +231,9 @@ def _stack_spec(num_experts: int):
             moe_layer=ModuleSpec(
                 module=MoETransformerLayer,
                 submodules=TransformerLayerSubmodules(
-                    pre_mlp_layernorm=WrappedTorchNorm, mlp=moe_layer_mlp(num_experts), mlp_bda=get_bias_dropout_add
+                    pre_mlp_layernorm=_SequenceParallelRMSNorm,
+                    mlp=moe_layer_mlp(num_experts),
+                    mlp_bda=get_bias_dropout_add,
                 ),
             ),
         ),

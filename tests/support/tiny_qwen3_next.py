@@ -104,14 +104,15 @@ def _layer_spec(symbol: str, num_experts: int):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from .tiny_gpt import _SequenceParallelRMSNorm
 
     if symbol == "G":
         mixer = ModuleSpec(
             module=GatedDeltaNet,
             submodules=GatedDeltaNetSubmodules(
-                in_proj=ColumnParallelLinear, out_norm=WrappedTorchNorm, out_proj=RowParallelLinear
+                in_proj=ColumnParallelLinear, out_norm=_SequenceParallelRMSNorm, out_proj=RowParallelLinear
             ),
         )
     else:
@@ -130,10 +131,10 @@ def _layer_spec(symbol: str, num_experts: int):
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=_SequenceParallelRMSNorm,
             self_attention=mixer,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=_SequenceParallelRMSNorm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -142,11 +143,12 @@ def _layer_spec(symbol: str, num_experts: int):
 
 def build_next(cfg: TinyNextConfig):
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    from .tiny_gpt import _SequenceParallelRMSNorm
+
     spec = TransformerBlockSubmodules(
-        [_layer_spec(s, cfg.num_experts) for s in cfg.pattern], layer_norm=WrappedTorchNorm
+        [_layer_spec(s, cfg.num_experts) for s in cfg.pattern], layer_norm=_SequenceParallelRMSNorm
     )
     return GPTModel(
         transformer_config(cfg),
