@@ -5,6 +5,7 @@ HF module, peft's merged weight minus the base weight equals the Megatron adapte
 each TP rank, put together by megatron's row layout in tests/support/tiny_hybrid.py), exactly (the values are dyadic
 so that float32 sums are exact)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,44 +13,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.checkpoint_args import recorded_args
+from tests.support import hybrid_family as hfam
+from tests.support import tiny_hybrid as th
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _live_export(rank, world, tmp, pattern="M*M-", targets=None, hf=None):
-    import torch.distributed as dist
+DENSE = th.TinyHybridConfig()
+"""Mamba, attention and MLP layers (`M*M-`)."""
 
-    from megatron_peft_export import export_adapter
-    from tests.support import tiny_hybrid as th
-    from tests.support.tiny_gpt import apply_modelopt_lora
 
-    cfg = th.TinyHybridConfig(pattern=pattern)
-    th.init_parallel(world)
-    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=targets or th.LORA_TARGETS)
-    th.fill_lora_dyadic(model, seed=5)
-    if rank == 0:
-        th.save_hf_base(th.TinyHybridConfig(**(hf or {})), Path(tmp) / "base")
-    dist.barrier()
-    try:
-        export_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(Path(tmp) / "base"))
-    except Exception as exc:  # the same error on every rank
-        return f"{type(exc).__name__}: {exc}"
-    local = th.modelopt_local_deltas(model)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, local)
-    return th.megatron_to_hf_deltas(gathered, cfg) if rank == 0 else None
+def _live_export(rank, world, tmp, targets=th.LORA_TARGETS, hf=None):
+    hf = dataclasses.replace(DENSE, **hf) if hf else None
+    return hfam.live_export(rank, world, tmp, "nemotron_h", DENSE, targets, tp=world, hf=hf)
 
 
 def _assert_deltas_equal(tmp: Path, expected: dict[str, torch.Tensor]) -> None:
-    from tests.support import tiny_hybrid as th
-
-    found = th.peft_merged_deltas(tmp / "base", tmp / "adapter")
-    assert sorted(found) == sorted(expected)
-    assert len(expected) == 2 + 4 + 2  # two Mamba layers (in_proj), attention (q, k, v, o), MLP (up, down)
-    for name, delta in expected.items():
-        assert torch.equal(found[name], delta), name
+    # two Mamba layers (in_proj), attention (q, k, v, o), MLP (up, down)
+    hfam.assert_deltas_equal("nemotron_h", tmp, expected, 2 + 4 + 2)
 
 
 @pytest.mark.family("nemotron_h", path="export", layout="TP1", check="deltas")
@@ -102,54 +84,16 @@ def test_hf_config_of_another_geometry_is_one_error_before_writing(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
-def _save_torch_dist(rank, world, tmp):
-    """The live export's model, saved as Megatron-LM saves it (torch_dist, args in common.pt, modelopt_state/)."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
-
-    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
-    from tests.support import tiny_hybrid as th
-    from tests.support.tiny_gpt import apply_modelopt_lora
-    from tests.support.training import _in_process_write_results, _may_fork
-
-    cfg = th.TinyHybridConfig()
-    th.init_parallel(world)
-    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=th.LORA_TARGETS)
-    th.fill_lora_dyadic(model, seed=5)  # the same values as _live_export's
-    directory = iteration_dir(Path(tmp) / "save", 5)
-    directory.mkdir(parents=True, exist_ok=True)
-    args = recorded_args(
-        cfg,
-        tensor_model_parallel_size=world,
-        num_layers=len(cfg.pattern),
-        swiglu=False,
-        is_hybrid_model=True,
-        hybrid_override_pattern=cfg.pattern,
-        mamba_num_heads=cfg.mamba_num_heads,
-        mamba_head_dim=cfg.mamba_head_dim,
-        mamba_num_groups=cfg.mamba_num_groups,
-        mamba_state_dim=cfg.mamba_state_dim,
-    )
-    _in_process_write_results()
-    with _may_fork():
-        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 5, "args": args}, str(directory))
-        save_sharded_modelopt_state([model], str(directory))
-    if rank == 0:
-        (Path(tmp) / "save" / TRACKER).write_text("5")
-    dist.barrier()
-
-
-def _offline_cli(rank, world, argv):
-    import contextlib
-    import io
-
-    from megatron_peft_export.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = main([*argv, "--quiet"])
-    return status, err.getvalue()
+MAMBA_ARGS = dict(
+    swiglu=False,
+    is_hybrid_model=True,
+    hybrid_override_pattern=DENSE.pattern,
+    mamba_num_heads=DENSE.mamba_num_heads,
+    mamba_head_dim=DENSE.mamba_head_dim,
+    mamba_num_groups=DENSE.mamba_num_groups,
+    mamba_state_dim=DENSE.mamba_state_dim,
+)
+"""What Megatron-LM records of the hybrid model in a checkpoint's args."""
 
 
 @pytest.mark.parametrize(
@@ -161,43 +105,9 @@ def _offline_cli(rank, world, argv):
 )
 def test_offline_export_of_a_torch_dist_save_equals_the_live_export(tmp_path, tp):
     expected = run_ranks(_live_export, tp, str(tmp_path))[0]
-    run_ranks(_save_torch_dist, tp, str(tmp_path))
-    argv = [
-        "export",
-        str(tmp_path / "save"),
-        "--output",
-        str(tmp_path / "offline"),
-        "--base-model",
-        str(tmp_path / "base"),
-    ]
-    status, err = run_ranks(_offline_cli, 1, argv)[0]
-    assert status == 0, err
-    live, offline = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("adapter", "offline"))
-    assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
-    (tmp_path / "adapter").rename(tmp_path / "live")
-    (tmp_path / "offline").rename(tmp_path / "adapter")
+    run_ranks(hfam.save_torch_dist, tp, str(tmp_path), "nemotron_h", DENSE, th.LORA_TARGETS, tp=tp, **MAMBA_ARGS)
+    hfam.offline_export(tmp_path)
     _assert_deltas_equal(tmp_path, expected)
-
-
-def _import(rank, world, tmp):
-    """A fresh model at TP `world` with zero adapters, filled from the HF adapter: its effective deltas."""
-    import torch.distributed as dist
-
-    from megatron_peft_export import load_hf_adapter
-    from tests.support import tiny_hybrid as th
-    from tests.support.tiny_gpt import apply_modelopt_lora
-
-    cfg = th.TinyHybridConfig()
-    th.init_parallel(world)
-    model = apply_modelopt_lora(th.build_hybrid(cfg), rank=4, scale=2.0, targets=th.LORA_TARGETS)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora" in name:
-                param.zero_()
-    load_hf_adapter(model, Path(tmp) / "adapter", base_model_name_or_path=str(Path(tmp) / "base"))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, th.modelopt_local_deltas(model))
-    return th.megatron_to_hf_deltas(gathered, cfg) if rank == 0 else None
 
 
 @pytest.mark.parametrize(
@@ -220,8 +130,8 @@ def _import(rank, world, tmp):
 def test_import_back_gives_the_megatron_model_the_adapters_deltas(tmp_path, export_tp, import_tp):
     """Exported at one TP size, imported at another: the Megatron model's effective deltas are peft's merged ones."""
     run_ranks(_live_export, export_tp, str(tmp_path))
-    imported = run_ranks(_import, import_tp, str(tmp_path))[0]
-    _assert_deltas_equal(tmp_path, imported)
+    imported = run_ranks(hfam.import_back, import_tp, str(tmp_path), "nemotron_h", DENSE, th.LORA_TARGETS, tp=import_tp)
+    _assert_deltas_equal(tmp_path, imported[0])
 
 
 def _bridge_export(rank, world, tmp, save=False):
@@ -287,7 +197,7 @@ def test_offline_export_of_bridge_lora_on_mamba_in_proj_is_refused_by_name(real_
         "--base-model",
         str(tmp_path / "base"),
     ]
-    status, err = run_ranks(_offline_cli, 1, argv)[0]
+    status, err = run_ranks(hfam.offline_cli, 1, argv)[0]
     assert status == 2, err
     lines = err.strip().splitlines()
     assert (
@@ -327,9 +237,6 @@ MOE_MODULES = 2 + 4 + 2 + 2
 )
 def test_moe_live_export_weight_deltas(tmp_path, world, layout):
     """Routed experts (non-gated, fused in transformers 5 as mixer.experts.up_proj / down_proj) and shared experts."""
-    from tests.support import hybrid_family as hfam
-    from tests.support import tiny_hybrid as th
-
     expected = run_ranks(hfam.live_export, world, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, **layout)[0]
     assert isinstance(expected, dict), expected
     hfam.assert_deltas_equal("nemotron_h", tmp_path, expected, MOE_MODULES)
@@ -339,9 +246,6 @@ def test_moe_live_export_weight_deltas(tmp_path, world, layout):
 
 @pytest.mark.family("nemotron_h", path="offline", layout="MoE EP2", check="deltas")
 def test_moe_offline_export_of_an_ep2_torch_dist_save_equals_the_live_export(tmp_path):
-    from tests.support import hybrid_family as hfam
-    from tests.support import tiny_hybrid as th
-
     cfg = th.MOE_LIKE
     expected = run_ranks(hfam.live_export, 2, str(tmp_path), "nemotron_h", cfg, MOE_TARGETS, ep=2)[0]
     mamba = dict(
@@ -362,9 +266,6 @@ def test_moe_offline_export_of_an_ep2_torch_dist_save_equals_the_live_export(tmp
 
 @pytest.mark.family("nemotron_h", path="import", layout="MoE EP2 -> EP1, TP2", check="deltas")
 def test_moe_import_back_at_another_layout_gives_the_adapters_deltas(tmp_path):
-    from tests.support import hybrid_family as hfam
-    from tests.support import tiny_hybrid as th
-
     run_ranks(hfam.live_export, 2, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, ep=2)
     for world, layout in ((1, {}), (2, {"tp": 2})):
         imported = run_ranks(hfam.import_back, world, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, **layout)
@@ -373,11 +274,6 @@ def test_moe_import_back_at_another_layout_gives_the_adapters_deltas(tmp_path):
 
 @pytest.mark.family("nemotron_h", path="export", layout="MoE, mismatched HF config", check="refused")
 def test_moe_hf_config_of_other_expert_sizes_is_one_error_before_writing(tmp_path):
-    import dataclasses
-
-    from tests.support import hybrid_family as hfam
-    from tests.support import tiny_hybrid as th
-
     hf = dataclasses.replace(th.MOE_LIKE, num_experts=8, moe_ffn_hidden_size=32, pattern="M*EE")
     error = run_ranks(hfam.live_export, 1, str(tmp_path), "nemotron_h", th.MOE_LIKE, MOE_TARGETS, hf=hf)[0]
     assert error.startswith("ShapeMismatchError: the HF config does not describe the Megatron model: ")
