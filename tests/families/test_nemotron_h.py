@@ -262,6 +262,23 @@ def test_moe_offline_export_of_an_ep2_torch_dist_save_equals_the_live_export(tmp
     )
     hfam.offline_export(tmp_path)
     hfam.assert_deltas_equal("nemotron_h", tmp_path, expected, MOE_MODULES)
+    # against a base model of other expert counts: exit 2, one error line, nothing written
+    other = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**other, "n_routed_experts": 8}))
+    argv = [
+        "export",
+        str(tmp_path / "save"),
+        "--output",
+        str(tmp_path / "out"),
+        "--base-model",
+        str(tmp_path / "other"),
+    ]
+    status, err = run_ranks(hfam.offline_cli, 1, argv)[0]
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "num_experts: Megatron model has 4" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*out*"))
 
 
 @pytest.mark.family("nemotron_h", path="import", layout="MoE EP2 -> EP1, TP2", check="deltas")
