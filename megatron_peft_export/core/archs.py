@@ -178,6 +178,13 @@ _MAMBA_OUT_PROJ = (
     "out_proj (ModelOpt/Bridge target patterns)"
 )
 
+_LATENT_MOE = (
+    "nemotron_h: found LoRA on a latent MoE's projection (mlp.fc1_latent_proj / fc2_latent_proj), which has no tested "
+    "name map: megatron-core builds these projections only with Transformer Engine, so no CPU test checks their HF "
+    "counterparts (mixer.fc1_latent_proj / fc2_latent_proj). Expected LoRA on the Mamba in_proj, attention, MLP and "
+    "expert linears only"
+)
+
 NEMOTRON_H = ArchMap(
     name="nemotron_h",
     model_types=("nemotron_h",),
@@ -200,6 +207,10 @@ NEMOTRON_H = ArchMap(
             "plain",
             width=_SHARED,
             layer_symbol="E",
+        ),
+        *(
+            ModuleMap(f"mlp.{name}", (f"mixer.{name}",), "plain", layer_symbol="E", refused=_LATENT_MOE)
+            for name in ("fc1_latent_proj", "fc2_latent_proj")
         ),
     ),
     layer_prefix="backbone.layers.{i}",

@@ -191,3 +191,12 @@ def test_megatron_s_moe_layers_of_a_hybrid_model_are_its_pattern_s_e_layers():
     )
     expected = dataclasses.replace(MOE, attention_sinks=False, window_layers=())
     assert ModelGeometry.from_megatron(config, layer_pattern="M-ME") == expected
+
+
+def test_lora_on_a_latent_moe_projection_is_refused_naming_the_family_and_what_is_missing():
+    from megatron_peft_export.errors import DialectError
+
+    latent = dataclasses.replace(MOE, moe_latent_size=16)
+    for name in ("fc1_latent_proj", "fc2_latent_proj"):
+        with pytest.raises(DialectError, match=r"^nemotron_h: found LoRA on a latent MoE's projection .*Transformer"):
+            resolve_target(f"decoder.layers.3.mlp.{name}", None, latent, NEMOTRON_H)
