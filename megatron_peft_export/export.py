@@ -250,7 +250,9 @@ def stage_adapter(
         tensors, fused = fuse_experts(
             plan, tensors, names.arch, names.geometry.num_experts
         )  # what vLLM makes of it: log_findings below
-    config = adapter_config(plan, options.base_model_name_or_path, fused_experts=fused or None)
+    config = adapter_config(
+        plan, options.base_model_name_or_path, fused_experts=fused or None, model_type=names.arch.name
+    )
     log_findings(
         config,
         {k: tuple(t.shape) for k, t in tensors.items()},

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ShapeMismatchError
+from ..errors import DialectError, ShapeMismatchError
 from .plan import AdapterPlan
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -41,15 +41,27 @@ def target_modules(plan: AdapterPlan, skip: frozenset[str] = frozenset()) -> lis
 
 
 def adapter_config(
-    plan: AdapterPlan, base_model_name_or_path: str | None, *, fused_experts: Mapping[str, list[str]] | None = None
+    plan: AdapterPlan,
+    base_model_name_or_path: str | None,
+    *,
+    fused_experts: Mapping[str, list[str]] | None = None,
+    model_type: str | None = None,
 ) -> dict[str, Any]:
     """A complete LoraConfig dict: peft fills missing fields with defaults silently, so every field is written.
 
     `fused_experts` maps each targeted fused expert parameter to the per-expert modules it replaces;
-    those go to `target_parameters` (they must share the adapter's r and alpha, which peft applies to them).
+    those go to `target_parameters` (they must share the adapter's r and alpha, which peft applies to them; and peft
+    has no DoRA on target parameters, so DoRA there is refused, naming `model_type`).
     """
     r, alpha = Counter((s.r, s.alpha) for s in plan.modules.values()).most_common(1)[0][0]
     fused = frozenset(m for modules in (fused_experts or {}).values() for m in modules)
+    if plan.use_dora and fused_experts:
+        raise DialectError(
+            f"{model_type or 'this model'}: found DoRA on linears that a peft adapter of this model holds as "
+            f"target_parameters ({', '.join(sorted(fused_experts)[:3])}{', ...' if len(fused_experts) > 3 else ''}), "
+            f"and peft has no DoRA on target_parameters (it refuses to load them); expected DoRA on the attention "
+            f"linears only, or LoRA on these"
+        )
     odd = sorted(m for m in fused if (plan.modules[m].r, plan.modules[m].alpha) != (r, alpha))
     if odd:
         raise ShapeMismatchError(

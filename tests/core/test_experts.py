@@ -2,6 +2,7 @@
 transformers v5 Qwen3-MoE, against the same deltas merged into the expert weights by hand."""
 
 import copy
+import dataclasses
 import json
 
 import peft
@@ -16,7 +17,7 @@ from megatron_peft_export.core.geometry import ModelGeometry
 from megatron_peft_export.core.peft_format import adapter_config
 from megatron_peft_export.core.plan import allocate, apply_placements, plan_adapter
 from megatron_peft_export.core.shards import ShardSpec
-from megatron_peft_export.errors import ShapeMismatchError
+from megatron_peft_export.errors import DialectError, ShapeMismatchError
 
 E, R, H, I, LAYERS = 4, 2, 16, 8, 2  # noqa: E741 (the ffn size, as in the formulas)
 SCALE = 1.5
@@ -95,6 +96,15 @@ def _convert(loras):
     for placements, (_, t) in zip(plan.placements, pairs):
         apply_placements(tensors, placements, t)
     return plan, tensors
+
+
+def test_dora_on_fused_target_parameters_is_refused_by_name():
+    """peft has no DoRA on target_parameters (it refuses to load such an adapter): the config is never written."""
+    plan, tensors = _convert(_expert_loras())
+    _, replaced = fuse_experts(plan, tensors, QWEN_MOE, E)
+    with pytest.raises(DialectError, match=r"^qwen2_moe: found DoRA on linears .*mlp\.experts\.down_proj"):
+        adapter_config(dataclasses.replace(plan, use_dora=True), None, fused_experts=replaced, model_type="qwen2_moe")
+    assert adapter_config(dataclasses.replace(plan, use_dora=True), None)["use_dora"] is True  # per-expert modules
 
 
 def test_fused_expert_adapter_loads_into_transformers_v5_and_matches_merged_weights(tmp_path):

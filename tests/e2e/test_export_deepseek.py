@@ -37,7 +37,7 @@ def _targets(name, tp):
 BRIDGE_MLA = ["linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]
 
 
-def _build(name, tp, ep, seed, variant="modelopt"):
+def _build(name, tp, ep, seed, variant="modelopt", bridge_targets=None):
     from tests.support import real_bridge, tiny_deepseek
     from tests.support.tiny_gpt import apply_modelopt_lora, fill_lora_random
 
@@ -49,17 +49,18 @@ def _build(name, tp, ep, seed, variant="modelopt"):
     else:  # Bridge's LoRA on MLA's linears and the MLPs' (dense, shared and routed experts) fc1, and fc2 at TP1
         # (Bridge's LoRA on expert fc2 at expert TP 2 is refused, see dialects/bridge.py)
         mlp = ["linear_fc1", "linear_fc2"] if tp == 1 else ["linear_fc1"]
-        model = real_bridge.apply(model, variant, dim=8, alpha=16, target_modules=BRIDGE_MLA + mlp)
+        targets = BRIDGE_MLA + mlp if bridge_targets is None else list(bridge_targets)
+        model = real_bridge.apply(model, variant, dim=8, alpha=16, target_modules=targets)
     fill_lora_random(model, seed=seed)
     return cfg, model
 
 
-def _export(rank, world, tmp, name, tp=1, ep=1, save=False, variant="modelopt"):
+def _export(rank, world, tmp, name, tp=1, ep=1, save=False, variant="modelopt", bridge_targets=None):
     from megatron_peft_export import export_adapter
     from tests.support import tiny_deepseek, tiny_moe
     from tests.support.tiny_gpt import compare_peft, sample_tokens
 
-    cfg, model = _build(name, tp, ep, seed=31, variant=variant)
+    cfg, model = _build(name, tp, ep, seed=31, variant=variant, bridge_targets=bridge_targets)
     tokens = sample_tokens(cfg)
     logits = tiny_moe.megatron_moe_logits(model, tokens)
     base = Path(tmp) / "base"
@@ -286,3 +287,80 @@ def test_deepseek_v3_bridge_lora(real_bridge, tmp_path, world, layout):
     result = run_ranks(_export, world, str(tmp_path), "DEEPSEEK_LIKE", variant="lora", timeout=400, **layout)[0]
     assert result["diff"] <= 1e-5
     assert result["config"]["target_modules"] == MLA_MODULES
+
+
+DENSE_AND_SHARED_PARAMETERS = sorted(
+    f"mlp.{shared}{proj}.weight" for shared in ("", "shared_experts.") for proj in ("down_proj", "gate_proj", "up_proj")
+)
+CANONICAL_MLP = [
+    f"*{mlp}.{linear}"
+    for mlp in ("mlp", "shared_experts")
+    for linear in ("linear_fc1_up", "linear_fc1_gate", "linear_fc2")
+]
+"""CanonicalLoRA's split adapters on the dense MLP's and the shared experts' linear_fc1 (up, gate) and their fc2."""
+
+
+@pytest.mark.family("deepseek_v3", path="export", layout="Bridge CanonicalLoRA TP1, TP2 SP", check="logits")
+@pytest.mark.parametrize("world", [1, 2], ids=["tp1", "tp2-sp"])
+def test_deepseek_v3_bridge_canonical_lora(real_bridge, tmp_path, world):
+    """Megatron-Bridge's CanonicalLoRA on MLA: MLA has no fused linear_qkv, so its linears get CanonicalLoRA's plain
+    adapters (one per linear, like LoRA's); the dense MLP's and the shared experts' linear_fc1 get the split up / gate
+    adapters."""
+    targets = BRIDGE_MLA + CANONICAL_MLP
+    result = run_ranks(
+        _export, world, str(tmp_path), "DEEPSEEK_LIKE", tp=world, variant="canonical", bridge_targets=targets
+    )[0]
+    assert result["diff"] <= 1e-5
+    assert result["config"]["target_modules"] == MLA_MODULES
+    assert result["config"]["target_parameters"] == DENSE_AND_SHARED_PARAMETERS
+
+
+@pytest.mark.family("deepseek_v3", path="export", layout="Bridge DoRA TP1; TP2 SP (no linear_proj)", check="logits")
+@pytest.mark.parametrize("world", [1, 2], ids=["tp1", "tp2-sp"])
+def test_deepseek_v3_bridge_dora_on_mla(real_bridge, tmp_path, world):
+    """Megatron-Bridge's DoRA on MLA's linears: peft's DoRA (use_dora) on q_a/q_b/kv_a/kv_b(/o)_proj gives Megatron's
+    logits. At TP2 the row-parallel linear_proj is left out (Bridge's DoRA norm there is per TP shard: refused, see
+    dialects/bridge.py)."""
+    targets = BRIDGE_MLA if world == 1 else [m for m in BRIDGE_MLA if m != "linear_proj"]
+    result = run_ranks(
+        _export, world, str(tmp_path), "DEEPSEEK_LIKE", tp=world, variant="dora", bridge_targets=targets
+    )[0]
+    assert result["diff"] <= 1e-5
+    assert result["config"]["use_dora"] is True
+    assert result["config"]["target_modules"] == sorted(m for m in MLA_MODULES if world == 1 or m != "o_proj")
+
+
+def _refused(rank, world, tmp, variant, targets):
+    """The export's error (the same on every rank) and what the output's parent holds after it."""
+    from megatron_peft_export import export_adapter
+    from tests.support import tiny_deepseek
+
+    cfg, model = _build("DEEPSEEK_LIKE", 1, 1, seed=31, variant=variant, bridge_targets=targets)
+    base = Path(tmp) / "base"
+    tiny_deepseek.hf_config(cfg).save_pretrained(base)
+    try:
+        export_adapter(model, Path(tmp) / "live", base_model_name_or_path=str(base))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", sorted(p.name for p in Path(tmp).iterdir())
+    return None, sorted(p.name for p in Path(tmp).iterdir())
+
+
+@pytest.mark.family("deepseek_v3", path="export", layout="Bridge DoRA on dense MLP, shared experts", check="refused")
+def test_bridge_dora_on_the_dense_mlp_and_shared_experts_is_refused(real_bridge, tmp_path):
+    """transformers 5 models of this family take the dense MLP and the shared experts as peft target_parameters, on
+    which peft has no DoRA: refused by name, nothing written."""
+    targets = [f"*{mlp}.{linear}" for mlp in ("mlp", "shared_experts") for linear in ("linear_fc1", "linear_fc2")]
+    error, files = run_ranks(_refused, 1, str(tmp_path), "dora", BRIDGE_MLA + targets)[0]
+    assert files == ["base"]
+    assert error.startswith("DialectError: deepseek_v3: found DoRA on linears that a peft adapter of this model holds")
+    assert "mlp.gate_proj.weight" in error and "peft has no DoRA on target_parameters" in error
+
+
+@pytest.mark.family("deepseek_v3", path="export", layout="Bridge CanonicalLoRA on routed experts", check="refused")
+def test_bridge_canonical_lora_on_routed_experts_is_refused_in_the_fused_layout(real_bridge, tmp_path):
+    """CanonicalLoRA's separate gate and up adapters on a routed expert cannot be one peft adapter of transformers 5's
+    fused gate_up_proj (one lora_A for both): refused, naming the modules, nothing written."""
+    error, files = run_ranks(_refused, 1, str(tmp_path), "canonical", ["linear_fc1_up", "linear_fc1_gate"])[0]
+    assert files == ["base"]
+    assert error.startswith("ShapeMismatchError: ")
+    assert "mlp.experts.0.gate_proj" in error and "one fused parameter needs one lora_A" in error

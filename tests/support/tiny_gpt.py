@@ -527,8 +527,13 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits.float()
 
 
-def compare_peft(adapter_dir, cfg, tokens, megatron_logits, atol=1e-5, adapter_name=None, base=None) -> float:
+def compare_peft(
+    adapter_dir, cfg, tokens, megatron_logits, atol=1e-5, adapter_name=None, base=None, renames=()
+) -> float:
     """Load ``adapter_dir`` with peft on the HF twin (or on ``base``, an HF model) and check it against Megatron.
+
+    ``renames``: (old, new) prefixes of the file's keys that peft renames when it loads them (Nemotron-H's
+    ``backbone.`` is transformers 5's ``model.``).
 
     Fails if the file's keys differ from what peft's model holds (peft ignores
     unknown keys silently), if any loaded tensor differs from the file, if the
@@ -540,6 +545,8 @@ def compare_peft(adapter_dir, cfg, tokens, megatron_logits, atol=1e-5, adapter_n
     base_logits = hf_logits(base, tokens)
     model = peft.PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name).eval()
     on_disk = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    for old, new in renames:
+        on_disk = {k.replace(old, new, 1): v for k, v in on_disk.items()}
     loaded = peft.get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     missing, unused = sorted(set(loaded) - set(on_disk)), sorted(set(on_disk) - set(loaded))
     assert not missing and not unused, (
