@@ -4,7 +4,8 @@ One adapter is the case of a list of one: a snapshot holds every selected adapte
 one walk of the model and copied by one bulk copy.
 
 - The walk (`take_snapshots` without copying) runs at `prepare`, or in the background for a save that finds no
-  current walk: that save copies every trainable parameter (one bulk copy) and notes the others' version counters,
+  current walk: that save copies every trainable parameter (one concatenation per dtype in host memory, no buffer view
+  per parameter) and notes the others' version counters,
   and the background walks, then takes each adapter tensor's values from those copies (`Deferred`). A cheap check on
   the training thread says whether the cached walk is current: whether any module or parameter was registered in the
   process since (adding an adapter adds modules; one integer compare), on the modules that carry an adapter what
@@ -178,8 +179,9 @@ class Deferred:
     registered: int
     """`_modules_registered()` at the save: a module or parameter registered after it shows at the next save."""
     params: list[torch.Tensor]
-    host: _Flat
-    """Copies of `params`, made at the save."""
+    host: _Flat | _Packed
+    """Copies of `params`, made at the save: views of flat buffers (GPU), or the flat buffers alone (`_Packed`, CPU),
+    viewed per parameter in the background."""
     frozen: dict[int, tuple[torch.Tensor, int, int]]
     """id -> (parameter, version counter, storage address) of every parameter not copied, at the save."""
     copied: Any = None
@@ -189,11 +191,12 @@ class Deferred:
         """The values at the save of each of the walk's `sources`: a copy made then, a view into one, or (a
         parameter not trained) the tensor itself if it has provably not been written since."""
         index = {id(p): i for i, p in enumerate(self.params)}
+        copies = self.host.views
         values = []
         for source in sources:
             owner = source if source._base is None else source._base
             i = index.get(id(owner))
-            copy = None if i is None else self.host.views[i]
+            copy = None if i is None else copies[i]
             if copy is not None and (copy.shape, copy.dtype) == (owner.shape, owner.dtype) and owner.is_contiguous():
                 values.append(copy if owner is source else _same_view(source, owner, copy))
             else:
@@ -237,10 +240,14 @@ def _parameters(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def _defer(model: Any, layout: coll.RankLayout, key: tuple, registered: int) -> Deferred:
-    """On the training thread: copy every trainable parameter (one bulk copy) and note the others."""
+    """On the training thread: copy every trainable parameter and note the others. In host memory the copy is one
+    concatenation per dtype (`_Packed`: no buffer view per parameter is made here, the background makes them); on a
+    GPU, one bulk copy into views of pinned buffers (`_bulk_copy`)."""
     trainable, other = _parameters(model)
-    host = _flat_buffers(trainable, pinned=any(t.is_cuda for t in trainable))
     frozen = {id(p): (p, p._version, p.data_ptr()) for p in other}
+    if not any(t.is_cuda for t in trainable):
+        return Deferred(model, layout, key, registered, trainable, _Packed.of(trainable), frozen)
+    host = _flat_buffers(trainable, pinned=True)
     deferred = Deferred(model, layout, key, registered, trainable, host, frozen)
     deferred.copied = _bulk_copy(host, trainable, deferred)
     return deferred
@@ -353,6 +360,50 @@ class _Flat:
 
     flats: list[torch.Tensor]
     views: list[torch.Tensor]
+
+
+@dataclass
+class _Packed:
+    """Copies of a list of tensors as one flat tensor per dtype (each the concatenation of that dtype's tensors, in
+    order) and the shapes they had; `views` (made at first use, in the background) are the copies in the tensors'
+    shapes."""
+
+    flats: list[torch.Tensor]
+    members: list[list[int]]
+    """Per flat tensor, the indices of the tensors it holds, in order."""
+    shapes: list[torch.Size]
+    _views: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor]) -> _Packed:
+        """Copy `tensors` (host memory): one C++ concatenation per dtype, no Python work per tensor beyond its
+        shape and dtype."""
+        dtypes = list(map(_DTYPE, tensors))
+        if len(set(dtypes)) <= 1:
+            members = [list(range(len(tensors)))] if tensors else []
+        else:
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, dtype in enumerate(dtypes):
+                by_dtype.setdefault(dtype, []).append(i)
+            members = list(by_dtype.values())
+        with torch.no_grad():
+            flats = [
+                torch._C._nn.flatten_dense_tensors(tensors if len(members) == 1 else [tensors[i] for i in indices])
+                for indices in members
+            ]
+        return cls(flats, members, list(map(_SHAPE, tensors)))
+
+    @property
+    def views(self) -> list[torch.Tensor]:
+        if self._views is None:
+            views: list[Any] = [None] * len(self.shapes)
+            for flat, indices in zip(self.flats, self.members):
+                shapes = [self.shapes[i] for i in indices]
+                parts = flat.split([shape.numel() for shape in shapes])
+                for i, part, shape in zip(indices, parts, shapes):
+                    views[i] = part.view(shape)
+            self._views = views
+        return self._views
 
 
 def _flat_buffers(
