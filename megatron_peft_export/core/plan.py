@@ -15,7 +15,7 @@ import torch
 from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
-from .peft_names import hf_key
+from .peft_names import PEFT_PREFIX, hf_key
 from .shards import Placement, ShardSpec
 from .splits import mamba_in_parts, row_blocks
 
@@ -188,6 +188,56 @@ def _match_module(arch: ArchMap, suffix: str) -> tuple[ModuleMap, int | None] | 
     return None
 
 
+def _no_hf_name(module_path: str, arch: ArchMap) -> ShapeMismatchError:
+    """The adapter does not fit the model the name map is for."""
+    return ShapeMismatchError(
+        f"no HF name for Megatron module {module_path!r} in the {arch.name} name map "
+        f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
+    )
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a module path inside a layer maps to, whatever the layer: the HF names inside the layer and the shapes."""
+
+    module: ModuleMap
+    names: tuple[str, ...]
+    layout: Layout
+    in_features: int
+    out_features: tuple[int, ...]
+    megatron_out: int
+
+
+def _layer_kind(suffix: str, part: str | None, module_path: str, geometry: ModelGeometry, arch: ArchMap) -> _Kind:
+    """The part of `resolve_target` that depends on the path inside the layer (and the expert) alone."""
+    found = _match_module(arch, suffix)
+    if found is None:
+        raise _no_hf_name(module_path, arch)
+    module, expert = found
+    if module.refused:
+        raise DialectError(module.refused)
+    in_features, outs = _linear_shapes(module, geometry)
+    if expert is not None and expert >= geometry.num_experts:
+        raise ShapeMismatchError(f"{module_path}: expert {expert} is past the model's {geometry.num_experts} experts")
+    names = tuple(name.replace("{e}", str(expert)) for name in module.hf)
+    if part is None:
+        return _Kind(module, names, module.layout, in_features, outs, sum(outs))
+    if part not in module.parts:
+        raise DialectError(f"{module_path}: unknown sub-adapter {part!r}; expected one of {module.parts}")
+    i = module.parts.index(part)
+    return _Kind(module, (names[i],), "plain", in_features, (outs[i],), outs[i])
+
+
+def _in_layer(kind: _Kind, layer: int, module_path: str, geometry: ModelGeometry, arch: ArchMap) -> Target:
+    """`kind` in layer `layer` (checked against the model's layers and, hybrid models, the layer's kind)."""
+    if layer >= geometry.num_layers:
+        raise ShapeMismatchError(f"{module_path}: layer {layer} is past the model's {geometry.num_layers} layers")
+    _check_layer_kind(module_path, layer, kind.module, geometry)
+    prefix = arch.layer_prefix.format(i=layer)
+    names = tuple(f"{prefix}.{name}" for name in kind.names)
+    return Target(names, kind.layout, kind.in_features, kind.out_features, kind.megatron_out)
+
+
 def resolve_target(
     module_path: str, part: str | None, geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None
 ) -> Target:
@@ -199,30 +249,10 @@ def resolve_target(
             raise DialectError(f"cannot map {module_path} (part {part}); the output layer has one plain adapter")
         return Target((arch.output_layer,), "plain", geometry.hidden_size, (vocab,), padded)
     match = _LAYER_RE.match(module_path)
-    found = _match_module(arch, match.group(2)) if match else None
-    if found is None:  # the adapter does not fit the model the name map is for
-        raise ShapeMismatchError(
-            f"no HF name for Megatron module {module_path!r} in the {arch.name} name map "
-            f"(known: {', '.join(m.megatron for m in arch.modules)}, {OUTPUT_LAYER})"
-        )
-    module, expert = found
-    if module.refused:
-        raise DialectError(module.refused)
-    layer = int(match.group(1))
-    if layer >= geometry.num_layers:
-        raise ShapeMismatchError(f"{module_path}: layer {layer} is past the model's {geometry.num_layers} layers")
-    _check_layer_kind(module_path, layer, module, geometry)
-    prefix = arch.layer_prefix.format(i=layer)
-    in_features, outs = _linear_shapes(module, geometry)
-    if expert is not None and expert >= geometry.num_experts:
-        raise ShapeMismatchError(f"{module_path}: expert {expert} is past the model's {geometry.num_experts} experts")
-    names = tuple(f"{prefix}.{name}".replace("{e}", str(expert)) for name in module.hf)
-    if part is None:
-        return Target(names, module.layout, in_features, outs, sum(outs))
-    if part not in module.parts:
-        raise DialectError(f"{module_path}: unknown sub-adapter {part!r}; expected one of {module.parts}")
-    i = module.parts.index(part)
-    return Target((names[i],), "plain", in_features, (outs[i],), outs[i])
+    if match is None:
+        raise _no_hf_name(module_path, arch)
+    kind = _layer_kind(match.group(2), part, module_path, geometry, arch)
+    return _in_layer(kind, int(match.group(1)), module_path, geometry, arch)
 
 
 def _check_divides(spec: ShardSpec, target: Target, geometry: ModelGeometry, tp_size: int) -> None:
@@ -277,10 +307,61 @@ def plan_shard(spec: ShardSpec, target: Target, geometry: ModelGeometry) -> list
     ]
 
 
+class _Planner:
+    """`resolve_target` then `plan_shard` for many shards: what depends on the module kind, the expert and the shard's
+    shape and TP coordinates is computed once per distinct combination (a few hundred at 10^5 MoE shards, which
+    differ only in layer and expert), then each shard's placements are stamped out with its own HF names. Errors are
+    never cached: a shard that does not fit raises from the full computation, naming it."""
+
+    def __init__(self, geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None) -> None:
+        self._geometry, self._arch, self._vocab = geometry, arch, megatron_vocab
+        self._kinds: dict[tuple[str, str | None], _Kind] = {}
+        self._targets: dict[tuple[str, str | None], Target] = {}
+        """The last few shards' targets by path and part (a module's lora_A and lora_B come one after the other)."""
+        self._slices: dict[tuple, list[tuple[int, tuple[int, ...], int, int, int, int]]] = {}
+
+    def _target(self, spec: ShardSpec) -> tuple[Target, str]:
+        """The shard's Target and the layer-independent part of its path (`output_layer` for the output layer)."""
+        match = _LAYER_RE.match(spec.module)
+        if match is None:
+            return resolve_target(spec.module, spec.part, self._geometry, self._arch, self._vocab), spec.module
+        suffix = match.group(2)
+        target = self._targets.get((spec.module, spec.part))
+        if target is None:
+            kind = self._kinds.get((suffix, spec.part))
+            if kind is None:
+                kind = self._kinds[suffix, spec.part] = _layer_kind(
+                    suffix, spec.part, spec.module, self._geometry, self._arch
+                )
+            target = _in_layer(kind, int(match.group(1)), spec.module, self._geometry, self._arch)
+            if len(self._targets) > 64:
+                self._targets.clear()
+            self._targets[spec.module, spec.part] = target
+        return target, suffix
+
+    def plan(self, spec: ShardSpec) -> tuple[Target, list[Placement]]:
+        target, where = self._target(spec)
+        key = (where, spec.part, spec.role, spec.shape, spec.split_dim, spec.tp_rank, spec.tp_size)
+        slices = self._slices.get(key)
+        if slices is None:
+            planned = plan_shard(spec, target, self._geometry)
+            index = {hf_key(m, spec.role): i for i, m in enumerate(target.hf_modules)}
+            slices = [(index[p.key], p.shape, p.dim, p.dst_start, p.src_start, p.length) for p in planned]
+            self._slices[key] = slices
+            return target, planned
+        names, role = target.hf_modules, spec.role
+        return target, [Placement(hf_key(names[i], role), *rest) for i, *rest in slices]
+
+
 def _check_coverage(shapes: dict[str, tuple[int, ...]], by_key: dict[str, list[Placement]]) -> None:
     problems = []
     for key, shape in shapes.items():
-        placements = sorted(by_key[key], key=lambda p: p.dst_start)
+        placements = by_key[key]
+        if len(placements) == 1:  # the common case: one shard fills the tensor
+            p = placements[0]
+            if p.dst_start == 0 and p.length == shape[p.dim]:
+                continue
+        placements = sorted(placements, key=lambda p: p.dst_start)
         dims = {p.dim for p in placements}
         if len(dims) != 1:
             problems.append(f"{key}: shards split along different dims {sorted(dims)}")
@@ -315,10 +396,10 @@ def plan_adapter(
     dtypes: dict[str, str] = {}
     by_key: dict[str, list[Placement]] = defaultdict(list)
     alphas: dict[str, set[float]] = defaultdict(set)
+    planner = _Planner(geometry, arch, megatron_vocab)
     for spec in specs:
         try:
-            target = resolve_target(spec.module, spec.part, geometry, arch, megatron_vocab)
-            planned = plan_shard(spec, target, geometry)
+            target, planned = planner.plan(spec)
         # collected, so one error names every tensor that does not fit
         except (ShapeMismatchError, DialectError) as exc:
             kind = ShapeMismatchError if isinstance(exc, ShapeMismatchError) else kind
@@ -375,7 +456,7 @@ def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[f
     modules: dict[str, LoraSettings] = {}
     problems = []
     for module in sorted(alphas):
-        a, b = shapes.get(hf_key(module, "lora_A")), shapes.get(hf_key(module, "lora_B"))
+        a, b = shapes.get(f"{PEFT_PREFIX}{module}.lora_A.weight"), shapes.get(f"{PEFT_PREFIX}{module}.lora_B.weight")
         if a is None or b is None:
             problems.append(
                 f"{module}: has {'lora_B' if a is None else 'lora_A'} but no {'lora_A' if a is None else 'lora_B'}"
