@@ -14,18 +14,20 @@ SEED, RANK, FAMILY = 17, 2, "qwen3_moe"
 LAYOUTS = ("per_expert", "fused")
 
 
-def _expected(cfg, layout: str) -> dict:
-    """The HF tensors of ModelOpt LoRA on every routed expert's fc1 (gate and up rows) and fc2."""
-    import torch
-
+def _seeded_lora(layer, e, linear, role, shape):
+    """ModelOpt's global LoRA value of one expert linear, as tiny_gpt.fill_lora_random seeds it."""
     from tests.support.tiny_gpt import _seeded
 
+    name = f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{linear}.lora_{role}_default.weight"
+    return _seeded(f"{SEED}|{name}|{shape}", shape, 0.05)
+
+
+def _expected(cfg, layout: str, lora=_seeded_lora) -> dict:
+    """The HF tensors of LoRA on every routed expert's fc1 (gate and up rows) and fc2; `lora(layer, expert, linear,
+    "a" or "b", global shape)` gives each expert's values."""
+    import torch
+
     h, f, r, experts = cfg.hidden_size, cfg.moe_ffn_hidden_size, RANK, cfg.num_experts
-
-    def lora(layer, e, linear, role, shape):
-        name = f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{linear}.lora_{role}_default.weight"
-        return _seeded(f"{SEED}|{name}|{shape}", shape, 0.05)
-
     out = {}
     for i in range(cfg.num_layers):
         prefix = f"base_model.model.model.layers.{i}.mlp.experts"
@@ -93,3 +95,58 @@ def test_live_moe_adapters_are_the_bytes_of_the_expected_tensors(tmp_path, world
         save_file(_expected(QWEN3_MOE_LIKE, layout), str(reference), metadata={"format": "pt"})
         for written in (tmp_path / f"export_{layout}", tmp_path / "save" / "iter_0000001" / f"hook_{layout}"):
             assert (written / "adapter_model.safetensors").read_bytes() == reference.read_bytes(), written
+
+
+def _grouped_exports(rank, world, tmp):
+    """Megatron-Bridge per-expert LoRA on grouped experts (TEGroupedMLP: one 3-D A and B per linear, local experts on
+    the first axis), exported in both layouts at EP = world; returns every rank's expert values by global index."""
+    import torch.distributed as dist
+
+    from megatron_peft_export import export_adapter
+    from tests.support import tiny_moe
+    from tests.support.bridge_grouped_experts import apply_grouped_expert_lora
+
+    tiny_moe.init_moe_parallel(ep=world)
+    model = apply_grouped_expert_lora(
+        tiny_moe.build_moe_gpt(tiny_moe.QWEN3_MOE_LIKE, grouped_experts=True),
+        dim=RANK,
+        alpha=4,
+        expert_adapters="per_expert",
+    )
+    tiny_moe.fill_moe_lora_random(model, seed=SEED)
+    for layout in LAYOUTS:
+        export_adapter(model, Path(tmp) / f"export_{layout}", model_type=FAMILY, expert_layout=layout)
+    local = tiny_moe.QWEN3_MOE_LIKE.num_experts // world
+    values = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")  # decoder.layers.<i>.mlp.experts.linear_fc<k>.adapter.linear_<in|out>.weight
+        if ".adapter.linear_" in name:
+            for e, value in enumerate(p.detach()):
+                key = (int(parts[2]), dist.get_rank() * local + e, parts[5], "a" if parts[7] == "linear_in" else "b")
+                values[key] = value.clone()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, values)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
+def test_grouped_expert_adapters_are_the_bytes_of_the_expected_tensors(tmp_path, world):
+    """The other expert form: the planner places each local expert's slice of a 3-D grouped adapter, per expert and
+    stacked into the fused tensors; the expected tensors are stacked here from the model's own parameters."""
+    from safetensors.torch import save_file
+
+    from tests.support.tiny_moe import QWEN3_MOE_LIKE
+
+    values = run_ranks(_grouped_exports, world, str(tmp_path))[0]
+    assert len(values) == QWEN3_MOE_LIKE.num_layers * QWEN3_MOE_LIKE.num_experts * 4
+
+    def lora(layer, e, linear, role, shape):
+        value = values[layer, e, linear, role]
+        assert tuple(value.shape) == shape, (layer, e, linear, role, value.shape, shape)
+        return value
+
+    for layout in LAYOUTS:
+        reference = tmp_path / f"reference_{layout}.safetensors"
+        save_file(_expected(QWEN3_MOE_LIKE, layout, lora), str(reference), metadata={"format": "pt"})
+        written = tmp_path / f"export_{layout}" / "adapter_model.safetensors"
+        assert written.read_bytes() == reference.read_bytes(), layout
