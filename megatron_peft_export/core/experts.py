@@ -201,12 +201,17 @@ class FusedLayout:
     def targets(self, written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The per-expert plan's tensors as views of the final `written` ones (every plan key, nothing copied)."""
         out = {key: t for key, t in written.items() if key not in self.experts}
+        by_expert = {}  # a fused lora_B as [out, r, experts] (expert e: [..., e]), a lora_A as [experts, r, in]
+        for fused, count in self.experts.items():
+            tensor = written[fused]
+            by_expert[fused] = (
+                tensor.view(count, -1, tensor.shape[1])
+                if fused.endswith(".lora_A.weight")
+                else tensor.view(tensor.shape[0], -1, count)
+            )
         for key, (fused, e, start, rows) in self.views.items():
-            tensor, count = written[fused], self.experts[fused]
-            if key.endswith(".lora_A.weight"):
-                out[key] = tensor[e * rows : (e + 1) * rows]
-            else:
-                out[key] = tensor.view(tensor.shape[0], -1, count)[start : start + rows, :, e]
+            tensor = by_expert[fused]
+            out[key] = tensor[e] if key.endswith(".lora_A.weight") else tensor[start : start + rows, :, e]
         return out
 
 
@@ -222,13 +227,23 @@ def _fused_layers(plan: AdapterPlan, arch: ArchMap) -> dict[str, set[str]]:
     return layers
 
 
-def _sources(plan: AdapterPlan) -> dict[str, tuple]:
-    """HF key -> the shard slices that fill it (spec index, dim, destination, source, length), sorted."""
+def _sources(plan: AdapterPlan, keys: set[str]) -> dict[str, tuple]:
+    """HF key (of `keys`) -> the shard slices that fill it (spec index, dim, destination, source, length), sorted."""
     found: dict[str, list] = defaultdict(list)
     for n, placements in enumerate(plan.placements):
         for p in placements:
-            found[p.key].append((n, p.dim, p.dst_start, p.src_start, p.length))
+            if p.key in keys:
+                found[p.key].append((n, p.dim, p.dst_start, p.src_start, p.length))
     return {key: tuple(sorted(slices)) for key, slices in found.items()}
+
+
+def _shared_a_keys(plan: AdapterPlan, arch: ArchMap) -> set[str]:
+    """The lora_A keys of per-expert modules that share one fused parameter with another module (gate and up)."""
+    names = [m for f in arch.fused_experts if len(f.per_expert) > 1 for m in f.per_expert]
+    if not names:
+        return set()
+    suffixes = tuple("." + name.split("{e}")[-1].lstrip(".") + ".lora_A.weight" for name in names)
+    return {key for key in plan.shapes if key.endswith(suffixes)}
 
 
 def fused_layout(plan: AdapterPlan, arch: ArchMap, num_experts: int) -> FusedLayout | None:
@@ -238,7 +253,7 @@ def fused_layout(plan: AdapterPlan, arch: ArchMap, num_experts: int) -> FusedLay
     what is wrong."""
     layers = _fused_layers(plan, arch)
     targeted = sorted({p for ps in layers.values() for p in ps}, key=[f.parameter for f in arch.fused_experts].index)
-    prefixes, sources = fused_prefixes(arch, targeted), _sources(plan)
+    prefixes, sources = fused_prefixes(arch, targeted), _sources(plan, _shared_a_keys(plan, arch))
     shapes, dtypes = dict(plan.shapes), dict(plan.dtypes)
     layout = FusedLayout(shapes, dtypes, {p: [] for p in targeted}, {}, {})
     for layer, params in layers.items():
