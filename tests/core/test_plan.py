@@ -279,3 +279,33 @@ def test_planning_errors_keep_their_type():
     )
     with pytest.raises(ShapeMismatchError, match="layer 5 is past the model's 2 layers"):
         plan_adapter([sub, past], geo, LLAMA)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_many_experts_and_layers_of_one_kind_each_land_in_their_own_module(tp):
+    """The planner computes a module kind's placements once and stamps them out per shard: every layer's and expert's
+    shards (fc1 B's TP shards [gate_t; up_t], fc2 A split on its input dim) must still fill that layer's and expert's
+    HF tensors, compared with the global tensors split here."""
+    layers, experts, ffn = 3, 4, 6
+    geo = dataclasses.replace(geometry(layers=layers), num_experts=experts, moe_ffn_hidden_size=ffn)
+    pairs, expected = [], {}
+    for i in range(layers):
+        for e in range(experts):
+            module = f"decoder.layers.{i}.mlp.experts.local_experts.{e}"
+            a1, gate, up = rand(R, 16) + 100 * i + e, rand(ffn, R) - e, rand(ffn, R) + 10 * i
+            a2, b2 = rand(R, ffn) * (e + 1), rand(16, R) - 7 * i
+            local = [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp))]
+            pairs += shards_of(f"{module}.linear_fc1", "lora_A", a1, None, tp)
+            pairs += [
+                (spec, local[t])
+                for t, (spec, _) in enumerate(shards_of(f"{module}.linear_fc1", "lora_B", gate.repeat(2, 1), 0, tp))
+            ]
+            pairs += shards_of(f"{module}.linear_fc2", "lora_A", a2, 1, tp)
+            pairs += shards_of(f"{module}.linear_fc2", "lora_B", b2, None, tp)
+            hf = f"model.layers.{i}.mlp.experts.{e}"
+            for name, a, b in (("gate_proj", a1, gate), ("up_proj", a1, up), ("down_proj", a2, b2)):
+                expected[key(f"{hf}.{name}", "lora_A")], expected[key(f"{hf}.{name}", "lora_B")] = a, b
+    _, out = export(pairs, geo, QWEN_MOE)
+    assert out.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(out[name], tensor), name
