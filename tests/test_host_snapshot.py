@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megatron_peft_export.host_snapshot import _bulk_copy, _flat_buffers, _gather_copy
+from megatron_peft_export.host_snapshot import _bulk_copy, _flat_buffers, _gather_copy, _Packed
 
 
 def _sources() -> list[torch.Tensor]:
@@ -44,3 +44,17 @@ def test_the_synchronous_copy_and_the_gather_then_transfer_copy_every_tensor():
     host, staging = _flat_buffers(sources), _flat_buffers(sources)
     _gather_copy(host, staging, sources)
     _assert_copies(host.views, sources)
+
+
+def test_the_packed_copy_of_a_save_before_the_walk_keeps_the_values_and_shapes_of_the_save():
+    """A save before the model's walk copies as one concatenation per dtype and views the copies later: the views
+    hold the values and shapes the tensors had at the copy, whatever happens to the tensors after it."""
+    sources = _sources()
+    expected = [s.clone() for s in sources]
+    packed = _Packed.of(sources)
+    assert [(f.dtype, f.numel()) for f in packed.flats] == [(torch.float32, 12 + 24 + 8), (torch.bfloat16, 5 + 21)]
+    for s in sources:
+        s.add_(1)
+    sources[0].data = torch.zeros(9)  # replaced after the save
+    _assert_copies(packed.views, expected)
+    assert _Packed.of([]).views == []
