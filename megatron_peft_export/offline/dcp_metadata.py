@@ -25,32 +25,19 @@ import torch
 from ..io.torch_save import check_pickle
 
 _DCP = "torch.distributed.checkpoint."
-_RECORDED = (
-    {
-        (_DCP + "metadata", name)
-        for name in (
-            "Metadata",
-            "TensorStorageMetadata",
-            "BytesStorageMetadata",
-            "ChunkStorageMetadata",
-            "TensorProperties",
-            "_MEM_FORMAT_ENCODING",
-            "MetadataIndex",
-            "StorageMeta",
-        )
-    }
-    | {(_DCP + "filesystem", "_StorageInfo")}
-    | {
-        (_DCP + "planner", name)
-        for name in (
-            "SavePlan",
-            "WriteItem",
-            "WriteItemType",
-            "TensorWriteData",
-            "BytesIOWriteData",
-        )  # Megatron's cached plans, unused
-    }
-)
+_RECORDED = {
+    (_DCP + "metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+        "MetadataIndex",
+        "StorageMeta",
+    )
+} | {(_DCP + "filesystem", "_StorageInfo")}
 _FIELDS = {
     "Metadata": {
         "state_dict_metadata",
@@ -109,7 +96,7 @@ class StateRecord(Record):
         self.__dict__["__state__"] = state
 
 
-_CALLED = {"_MEM_FORMAT_ENCODING", "WriteItemType"}
+_CALLED = {"_MEM_FORMAT_ENCODING"}
 _RECORD_TYPES = {
     key: type(
         key[1],
@@ -121,10 +108,33 @@ _RECORD_TYPES = {
 _BY_NAME = {name: cls for (_, name), cls in _RECORD_TYPES.items()}
 
 
+class Dropped:
+    """An object of Megatron's cached save plans (the planner's classes): the pickle builds and sets it like any
+    other, but nothing of it is kept (every one is this one instance, its state discarded), as nothing of it is
+    used. It holds no record, so it cannot change one."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Dropped:
+        return _DROPPED
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_DROPPED = object.__new__(Dropped)
+_PLANNER = {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData"}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _RECORD_TYPES:
             return _RECORD_TYPES[(module, name)]
+        if module == _DCP + "planner" and name in _PLANNER:
+            return Dropped
         if module == "torch" and (
             name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
         ):
