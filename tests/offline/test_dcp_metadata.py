@@ -270,3 +270,11 @@ def test_a_key_named_like_the_cached_plans_is_read_as_a_key(metadata):
     parsed = parse_metadata(pickle.dumps(metadata))
     assert parsed.byte_keys == {"all_local_plans", "blob.not"}
     assert parsed.tensors.keys() == {k for k, v in metadata.state_dict_metadata.items() if k not in parsed.byte_keys}
+
+
+def test_a_planner_object_where_a_record_belongs_is_refused(metadata):
+    """The planner's objects are read as one inert instance: one placed as a stored item is refused, not read."""
+    index = next(k for k in metadata.storage_data if k.fqn == "a")
+    metadata.storage_data[index] = WriteItem(index=index, type=WriteItemType.TENSOR)
+    with pytest.raises(MetadataError, match="stored item of a: expected a _StorageInfo, found Dropped"):
+        parse_metadata(pickle.dumps(metadata))
