@@ -7,6 +7,7 @@ in a fresh process with the page cache evicted, against the read floor (the adap
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from tests.support.checkpoint_args import recorded_args
@@ -60,7 +61,9 @@ def measure(variant: str, directory: str, output: str) -> dict:
     if variant != "export":
         from .offline import _measure
 
-        return _measure(variant, directory, output)
+        cpu = time.process_time()
+        result = _measure(variant, directory, output)
+        return dict(result, cpu_seconds=result.get("cpu_seconds", time.process_time() - cpu))
     from megatron_peft_export.export import ExportOptions
     from megatron_peft_export.offline.export import export_checkpoint
 
@@ -70,10 +73,12 @@ def measure(variant: str, directory: str, output: str) -> dict:
     options = ExportOptions(model_type="mixtral", expert_layout="per_expert")
     evict_page_cache(directory)
     with peak_rss() as peak:
+        cpu = time.process_time()
         seconds, summary = timed(export_checkpoint, directory, output, options=options, quiet=True)
+        cpu = time.process_time() - cpu
     digest = hashlib.sha256((output / "adapter_model.safetensors").read_bytes()).hexdigest()
     shutil.rmtree(output)
-    return {"seconds": seconds, "peak_rss": peak[0], "bytes": summary.bytes, "sha256": digest}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak[0], "bytes": summary.bytes, "sha256": digest}
 
 
 VARIANTS = ("export", "raw_read", "read_write_floor")
@@ -107,11 +112,15 @@ def run_shape(label: str, shape: tuple, reps: int, scratch: Path, log) -> dict:
         row[variant] = median([r["seconds"] for r in results])
         row[f"{variant}_samples"] = [r["seconds"] for r in results]
         row[f"{variant}_peak_rss"] = median([r["peak_rss"] for r in results])
+        row[f"{variant}_cpu"] = median([r["cpu_seconds"] for r in results])
+        row[f"{variant}_cpu_samples"] = [r["cpu_seconds"] for r in results]
+        row[f"{variant}_sha256"] = sorted({r["sha256"] for r in results if "sha256" in r})
     row["export_over_read_write_floor"] = row["export"] / row["read_write_floor"]
     row["peak_rss_over_adapter_bytes"] = row["export_peak_rss"] / row["adapter_bytes"]
     log(
         f"  export {row['export']:.2f} s, raw read {row['raw_read']:.3f} s, read+write floor "
-        f"{row['read_write_floor']:.3f} s ({row['export_over_read_write_floor']:.1f}x), peak RSS "
+        f"{row['read_write_floor']:.3f} s ({row['export_over_read_write_floor']:.1f}x), export CPU "
+        f"{row['export_cpu']:.2f} s, floor CPU {row['read_write_floor_cpu']:.2f} s, peak RSS "
         f"{row['export_peak_rss'] / 1e6:.0f} MB for {row['adapter_bytes'] / 1e6:.0f} MB of adapter"
     )
     return row
@@ -131,6 +140,6 @@ def run(reps: int, scratch: Path, log, shapes: dict) -> dict:
     if len(counted) >= 2:
         a, b = counted[0], counted[-1]
         span = math.log(b["stored_items"] / a["stored_items"])
-        for key in ("export", "read_write_floor", "export_peak_rss"):
+        for key in ("export", "export_cpu", "read_write_floor", "export_peak_rss"):
             slopes[key] = math.log(b[key] / a[key]) / span
     return {"rows": rows, "growth_exponent": slopes}

@@ -183,9 +183,17 @@ def _measure(variant: str, directory: str, output: str):
 
     output.mkdir(parents=True, exist_ok=True)
     with peak_rss() as peak:
+        cpu = time.process_time()
         seconds, buffers = timed(read_ranges if variant == "raw_read" else read_and_write)
+        cpu = time.process_time() - cpu
     shutil.rmtree(output)
-    return {"seconds": seconds, "peak_rss": peak[0], "bytes": sum(len(b) for b in buffers), "phases": phases}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss": peak[0],
+        "bytes": sum(len(b) for b in buffers),
+        "phases": phases,
+    }
 
 
 def run(reps: int, ratios: list[int], scratch: Path, log, adapter: Geometry = ADAPTER) -> list[dict]:

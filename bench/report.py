@@ -229,13 +229,18 @@ def _moe_offline(result: dict) -> list[str]:
         f"{len(rows[0]['export_samples'])})",
         "",
         "| layers x experts | stored items | export | raw read | read+write floor | export / read+write floor "
-        "| peak RSS | peak RSS / adapter bytes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| export CPU | read+write floor CPU | peak RSS | peak RSS / adapter bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        cpu = (
+            f"{seconds(r['export_cpu'])} | {seconds(r['read_write_floor_cpu'])}"
+            if "export_cpu" in r
+            else "- | -"  # runs before the CPU columns
+        )
         out.append(
             f"| {r['shape']} | {r['stored_items']} | {seconds(r['export'])} | {seconds(r['raw_read'])} | "
-            f"{seconds(r['read_write_floor'])} | {r['export_over_read_write_floor']:.2f}x | "
+            f"{seconds(r['read_write_floor'])} | {r['export_over_read_write_floor']:.2f}x | {cpu} | "
             f"{size(r['export_peak_rss'])} | {r['peak_rss_over_adapter_bytes']:.2f}x ({size(r['adapter_bytes'])}) |"
         )
     if result.get("growth_exponent"):

@@ -268,20 +268,17 @@ class TorchDistReader:
         return [(chunk, self._metadata.items.get((key, chunk.offsets))) for chunk in entry.chunks]
 
     def check_stored(self, keys: list[str]) -> None:
-        """Refuse keys whose stored data cannot be what the metadata says, before anything is allocated for them."""
+        """Refuse keys whose stored data cannot be what the metadata says, before anything is allocated for them.
+
+        Per tensor: its chunks cover its shape exactly once. Per stored item, on arrays of all of them at once: it
+        exists, is plain, holds its chunk's bytes, lies inside its file and overlaps no other (sorted by file and
+        offset once)."""
         where = self.directory / ".metadata"
-        by_file: dict[str, list[tuple[int, int, str]]] = {}
+        paths, starts, lengths, needed, owners = [], [], [], [], []
         for key in keys:
             entry = self._metadata.tensors[key]
-            if len(entry.chunks) > MAX_CHUNKS:
-                raise CheckpointError(
-                    f"{where}: {key} is stored in {len(entry.chunks)} chunks; expected at most {MAX_CHUNKS}"
-                )
-            if sum(chunk.numel for chunk in entry.chunks) != math.prod(entry.size) or _overlapping(entry):
-                raise CheckpointError(
-                    f"{self.directory}: {key} is not fully stored (its chunks do not cover {list(entry.size)} "
-                    f"exactly once); is the checkpoint complete?"
-                )
+            self._check_chunks(key, entry)
+            itemsize = entry.dtype.itemsize
             for chunk, item in self._items(key):
                 if item is None:
                     raise CheckpointError(
@@ -293,24 +290,58 @@ class TorchDistReader:
                         f"{self.directory}: {key} is stored transformed ({', '.join(item.transforms)}); only plain "
                         f"items are read"
                     )
-                if item.length < chunk.numel * entry.dtype.itemsize:
-                    raise CheckpointError(
-                        f"{where}: {key} claims {chunk.numel * entry.dtype.itemsize} bytes of {entry.dtype} data "
-                        f"in a stored item of {item.length} bytes"
-                    )
-                by_file.setdefault(item.relative_path, []).append((item.offset, item.length, key))
-        for relative_path, ranges in by_file.items():
-            with open_regular(
-                self.directory / relative_path, within=self.directory, error=CheckpointError, what="a .distcp data file"
-            ) as f:
-                ranges.sort()
-                for n, (offset, length, key) in enumerate(ranges):
-                    f.check_range(offset, length, f"the stored item of {key}")
-                    if n and offset < ranges[n - 1][0] + ranges[n - 1][1]:
-                        raise CheckpointError(
-                            f"{where}: the stored items of {ranges[n - 1][2]} and {key} overlap in {relative_path}"
-                        )
+                paths.append(item.relative_path)
+                starts.append(item.offset)
+                lengths.append(item.length)
+                needed.append(chunk.numel * itemsize)
+                owners.append(key)
+        lengths_ = np.array(lengths, dtype=np.int64)
+        short = np.flatnonzero(lengths_ < np.array(needed, dtype=np.int64))
+        if len(short):
+            n, key = int(short[0]), owners[int(short[0])]
+            raise CheckpointError(
+                f"{where}: {key} claims {needed[n]} bytes of {self._metadata.tensors[key].dtype} data in a stored "
+                f"item of {lengths[n]} bytes"
+            )
+        names = sorted(set(paths))
+        position = {name: n for n, name in enumerate(names)}
+        files = np.array([position[path] for path in paths], dtype=np.int64)
+        self._check_ranges(names, files, np.array(starts, dtype=np.int64), lengths_, owners)
         self._checked.update(keys)
+
+    def _check_chunks(self, key: str, entry: TensorEntry) -> None:
+        if len(entry.chunks) > MAX_CHUNKS:
+            raise CheckpointError(
+                f"{self.directory / '.metadata'}: {key} is stored in {len(entry.chunks)} chunks; expected at most "
+                f"{MAX_CHUNKS}"
+            )
+        if sum(chunk.numel for chunk in entry.chunks) != math.prod(entry.size) or _overlapping(entry):
+            raise CheckpointError(
+                f"{self.directory}: {key} is not fully stored (its chunks do not cover {list(entry.size)} "
+                f"exactly once); is the checkpoint complete?"
+            )
+
+    def _check_ranges(self, names: list[str], files, starts, lengths, owners: list[str]) -> None:
+        """Stored items (file index, start, length, owning key) inside their files and not overlapping: sorted by
+        file and offset once, checked on the arrays."""
+        order = np.lexsort((lengths, starts, files))
+        files, starts, ends = files[order], starts[order], starts[order] + lengths[order]
+        for index, name in enumerate(names):
+            lo, hi = np.searchsorted(files, [index, index + 1])
+            with open_regular(
+                self.directory / name, within=self.directory, error=CheckpointError, what="a .distcp data file"
+            ) as f:
+                outside = np.flatnonzero(ends[lo:hi] > f.size)
+                if len(outside):
+                    n = lo + int(outside[0])
+                    f.check_range(int(starts[n]), int(ends[n] - starts[n]), f"the stored item of {owners[order[n]]}")
+            overlap = np.flatnonzero(starts[lo + 1 : hi] < ends[lo : hi - 1])
+            if len(overlap):
+                n = lo + int(overlap[0])
+                raise CheckpointError(
+                    f"{self.directory / '.metadata'}: the stored items of {owners[order[n]]} and "
+                    f"{owners[order[n + 1]]} overlap in {name}"
+                )
 
     def load(self, key: str) -> torch.Tensor:
         return next(self.load_many([key]))[1]

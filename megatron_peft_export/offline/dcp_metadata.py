@@ -6,7 +6,8 @@ each it builds an inert Record (the fields, or the arguments of an enum, the pic
 runs), and anything else it refuses, except torch.Size, dtypes, layouts and OrderedDict. The records are then
 checked field by field (exact class names, no unknown attributes, integer sizes, chunks inside the global shape,
 plain data file names, non-negative offsets and lengths) and turned into this module's own plain types. Nothing
-else of the pickle (the planner's data, Megatron's cached save plans) is used.
+else of the pickle (the planner's data, Megatron's cached save plans) is used, but all of it is read, as torch reads
+it: a part left unread could change what was read before it.
 """
 
 from __future__ import annotations
@@ -24,32 +25,19 @@ import torch
 from ..io.torch_save import check_pickle
 
 _DCP = "torch.distributed.checkpoint."
-_RECORDED = (
-    {
-        (_DCP + "metadata", name)
-        for name in (
-            "Metadata",
-            "TensorStorageMetadata",
-            "BytesStorageMetadata",
-            "ChunkStorageMetadata",
-            "TensorProperties",
-            "_MEM_FORMAT_ENCODING",
-            "MetadataIndex",
-            "StorageMeta",
-        )
-    }
-    | {(_DCP + "filesystem", "_StorageInfo")}
-    | {
-        (_DCP + "planner", name)
-        for name in (
-            "SavePlan",
-            "WriteItem",
-            "WriteItemType",
-            "TensorWriteData",
-            "BytesIOWriteData",
-        )  # Megatron's cached plans, unused
-    }
-)
+_RECORDED = {
+    (_DCP + "metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+        "MetadataIndex",
+        "StorageMeta",
+    )
+} | {(_DCP + "filesystem", "_StorageInfo")}
 _FIELDS = {
     "Metadata": {
         "state_dict_metadata",
@@ -108,7 +96,7 @@ class StateRecord(Record):
         self.__dict__["__state__"] = state
 
 
-_CALLED = {"_MEM_FORMAT_ENCODING", "WriteItemType"}
+_CALLED = {"_MEM_FORMAT_ENCODING"}
 _RECORD_TYPES = {
     key: type(
         key[1],
@@ -120,10 +108,33 @@ _RECORD_TYPES = {
 _BY_NAME = {name: cls for (_, name), cls in _RECORD_TYPES.items()}
 
 
+class Dropped:
+    """An object of Megatron's cached save plans (the planner's classes): the pickle builds and sets it like any
+    other, but nothing of it is kept (every one is this one instance, its state discarded), as nothing of it is
+    used. It holds no record, so it cannot change one."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Dropped:
+        return _DROPPED
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_DROPPED = object.__new__(Dropped)
+_PLANNER = {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData"}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _RECORD_TYPES:
             return _RECORD_TYPES[(module, name)]
+        if module == _DCP + "planner" and name in _PLANNER:
+            return Dropped
         if module == "torch" and (
             name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
         ):
@@ -321,32 +332,15 @@ def _items(storage: dict) -> dict[tuple[str, tuple[int, ...] | None], StoredItem
     return items
 
 
-_PLANS = b"all_local_plans"
-_CLOSE = b"ub."
-"""SETITEMS, BUILD, STOP: what closes Metadata's state after its last field."""
-
-
 def _unpickle(data: bytes) -> Any:
-    """The metadata's records, without Megatron's cached save plans when they come last, as Megatron saves them.
+    """The metadata's records: the whole pickle checked (torch_save.check_pickle), then read by the restricted
+    unpickler, Megatron's cached save plans (`all_local_plans`) included.
 
-    Those plans (`all_local_plans`, about half of the pickle: a write item per stored item) are never used. When
-    the pickle names that field, only the bytes before it are checked and unpickled: its first 3 bytes are replaced
-    by SETITEMS, BUILD, STOP, which close Metadata's state there (the same restricted unpickler; what follows STOP
-    is neither checked nor run, only buffered when the protocol-4 frame holding the cut extends past it). Should
-    that not read back as metadata with both mappings (the field elsewhere, the text inside something else), the
-    whole pickle is checked and read."""
+    The plans are never used, but they are read all the same: a pickle can change what was read before (a memo
+    reference to a record, then BUILD or SETITEMS on it; the same field set again), so only the whole pickle is
+    what torch reads."""
     try:
-        cut = check_pickle(data, stop_at=_PLANS)
-        if cut is not None:
-            try:
-                root = _MetadataUnpickler(io.BytesIO(data[:cut] + _CLOSE + data[cut + len(_CLOSE) :])).load()
-                _sections(root)
-                return root
-            except RefusedGlobal:
-                raise  # the whole pickle names it too
-            except (MetadataError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError):
-                pass
-            check_pickle(data)
+        check_pickle(data)
     except ValueError as exc:
         raise MetadataError(f"cannot be read (not a valid pickle: {exc}); is the checkpoint truncated?") from None
     return _MetadataUnpickler(io.BytesIO(data)).load()

@@ -1,6 +1,8 @@
 """.metadata parsed into inert records and checked (offline/dcp_metadata.py): the same facts torch's own reading gives,
 and refusal of every class, function and attribute torch does not write."""
 
+import dataclasses
+import io
 import os
 import pickle
 import warnings
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from megatron_peft_export.offline.dcp_metadata import MetadataError, RefusedGlobal, parse_metadata
 from tests.offline.test_batched_read import SHAPES, _Writer
@@ -142,16 +145,111 @@ def _facts(parsed):
     return parsed.tensors, parsed.byte_keys, parsed.items
 
 
+def _with_plans(metadata, protocol=2):
+    """The metadata pickled as Megatron saves it (its cached save plans set last) by the pure-Python pickler (protocol
+    2 by default: no frames, so opcodes can be added), and
+    the memo index that pickler gave each object it wrote (id -> index)."""
+    plan = SavePlan(
+        [
+            WriteItem(index=index, type=WriteItemType.TENSOR if index.offset is not None else WriteItemType.BYTE_IO)
+            for index in metadata.storage_data
+        ]
+    )
+    metadata.all_local_plans = [plan]
+    buffer = io.BytesIO()
+    pickler = pickle._Pickler(buffer, protocol=protocol)
+    pickler.dump(metadata)
+    return buffer.getvalue(), {key: index for key, (index, _) in pickler.memo.items()}
+
+
+def _after_plans(data: bytes, opcodes: bytes) -> bytes:
+    """`opcodes` run after the cached plans, before Metadata's state is closed (SETITEMS, BUILD, STOP)."""
+    assert data.endswith(b"ub.")
+    return data[:-3] + opcodes + b"ub."
+
+
+def _get(index: int) -> bytes:
+    return b"j" + index.to_bytes(4, "little")
+
+
+def _torch_facts(data: bytes):
+    found = pickle.loads(data)  # the test's own crafted pickle: what torch's plain pickle.load reads
+    return {
+        (index.fqn, None if index.offset is None else tuple(index.offset)): (info.relative_path, info.offset)
+        for index, info in found.storage_data.items()
+    }
+
+
+def _facts_read(data: bytes):
+    return {key: (item.relative_path, item.offset) for key, item in parse_metadata(data).items.items()}
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
-def test_megatrons_cached_plans_saved_last_are_not_unpickled(metadata, tmp_path, protocol):
-    """Megatron sets Metadata.all_local_plans after torch built it (so it is pickled last): the reader stops before
-    it. A call planted there is never unpickled (neither run nor refused), and the facts are those of the pickle
-    without it, whatever the pickle protocol (2: no frames; 4 and 5: the cut inside a frame)."""
+def test_megatrons_cached_plans_are_read_with_the_rest(metadata, protocol):
+    """Megatron sets Metadata.all_local_plans after torch built it (so it is pickled last): read like the rest, the
+    facts are those of the pickle without it, whatever the pickle protocol."""
     plain = parse_metadata(pickle.dumps(metadata, protocol=protocol))
+    data, _ = _with_plans(metadata, protocol)
+    assert _facts(parse_metadata(data)) == _facts(plain)
+
+
+def test_a_field_set_again_after_the_plans_is_what_is_read(metadata):
+    """storage_data set a second time after the plans (torch keeps the last): the reader reads that one, not the
+    first (a reader that stops at the plans would read items torch never reads)."""
+    data, _ = _with_plans(metadata)
+    moved = {
+        index: dataclasses.replace(info, offset=info.offset + 4096 * (index.fqn == "a"))
+        for index, info in metadata.storage_data.items()
+    }
+    buffer = io.BytesIO()
+    pickler = pickle._Pickler(buffer, protocol=2)
+    pickler.fast = True  # no memo: the mapping's opcodes stand on their own inside the other pickle
+    pickler.dump(moved)
+    data = _after_plans(data, b"X\x0c\x00\x00\x00storage_data" + buffer.getvalue()[2:-1])
+    assert _torch_facts(data)[("a", (0, 0))] != _torch_facts(pickle.dumps(metadata))[("a", (0, 0))]
+    assert _facts_read(data) == _torch_facts(data)
+
+
+def test_a_record_changed_after_the_plans_is_read_changed(metadata):
+    """A memo reference to a stored item's record after the plans, then BUILD on it (a new offset): torch reads the
+    changed offset, and so does the reader."""
+    data, memo = _with_plans(metadata)
+    info = next(v for k, v in metadata.storage_data.items() if k.fqn == "a")
+    changed = _get(memo[id(info)]) + b"}(\x8c\x06offsetJ" + (4096).to_bytes(4, "little") + b"ub0"
+    data = _after_plans(data, changed)
+    assert _torch_facts(data)[("a", (0, 0))][1] == 4096
+    assert _facts_read(data) == _torch_facts(data)
+
+
+def test_an_item_set_after_the_plans_is_read(metadata):
+    """SETITEM into storage_data (a memo reference) after the plans, giving a's chunk b's stored item: torch reads
+    a from b's bytes, and so does the reader."""
+    data, memo = _with_plans(metadata)
+    index = next(k for k in metadata.storage_data if k.fqn == "a")
+    other = next(v for k, v in metadata.storage_data.items() if k.fqn == "b")
+    data = _after_plans(
+        data, _get(memo[id(metadata.storage_data)]) + _get(memo[id(index)]) + _get(memo[id(other)]) + b"s0"
+    )
+    assert _torch_facts(data)[("a", (0, 0))] == (other.relative_path, other.offset)
+    assert _facts_read(data) == _torch_facts(data)
+
+
+def test_a_call_in_the_plans_is_refused_and_never_run(metadata, tmp_path):
+    """A call planted among the cached plans is refused by name, and nothing runs."""
     marker = tmp_path / "ran"
-    metadata.all_local_plans = [Call(os.system, f"touch {marker}")] + [f"item {n}" for n in range(20_000)]
-    parsed = parse_metadata(pickle.dumps(metadata, protocol=protocol))
-    assert _facts(parsed) == _facts(plain) and not marker.exists()
+    metadata.all_local_plans = [Call(os.system, f"touch {marker}")]
+    with pytest.raises(RefusedGlobal, match="posix.system is not allowed"):
+        parse_metadata(pickle.dumps(metadata))
+    assert not marker.exists()
+
+
+def test_a_length_past_the_data_in_the_plans_is_refused(metadata):
+    """A BYTEARRAY8 among the plans that declares 2**40 bytes (the unpickler would allocate them before reading):
+    refused before anything is unpickled."""
+    data, _ = _with_plans(metadata)
+    data = _after_plans(data, b"\x96" + (1 << 40).to_bytes(8, "little") + b"0")
+    with pytest.raises(MetadataError, match="declares 1099511627776 bytes"):
+        parse_metadata(data)
 
 
 def test_cached_plans_anywhere_else_are_read_with_the_rest(metadata):
@@ -167,9 +265,16 @@ def test_cached_plans_anywhere_else_are_read_with_the_rest(metadata):
 
 
 def test_a_key_named_like_the_cached_plans_is_read_as_a_key(metadata):
-    """The text `all_local_plans` first met as a key of state_dict_metadata (not Metadata's field): the prefix does
-    not read back as metadata, so the whole pickle is read and the key is there."""
+    """The text `all_local_plans` as a key of state_dict_metadata (not Metadata's field) is a key like any other."""
     metadata.state_dict_metadata = {"all_local_plans": BytesStorageMetadata(), **metadata.state_dict_metadata}
     parsed = parse_metadata(pickle.dumps(metadata))
     assert parsed.byte_keys == {"all_local_plans", "blob.not"}
     assert parsed.tensors.keys() == {k for k, v in metadata.state_dict_metadata.items() if k not in parsed.byte_keys}
+
+
+def test_a_planner_object_where_a_record_belongs_is_refused(metadata):
+    """The planner's objects are read as one inert instance: one placed as a stored item is refused, not read."""
+    index = next(k for k in metadata.storage_data if k.fqn == "a")
+    metadata.storage_data[index] = WriteItem(index=index, type=WriteItemType.TENSOR)
+    with pytest.raises(MetadataError, match="stored item of a: expected a _StorageInfo, found Dropped"):
+        parse_metadata(pickle.dumps(metadata))
