@@ -94,11 +94,11 @@ def build_nemotron_h(cfg: th.TinyHybridConfig, hf_state: dict[str, torch.Tensor]
     from megatron.core.models.mamba.mamba_model import MambaModel
 
     cpu_kernels.install_mamba_kernels()
-    spec = th._stack_spec()
+    spec = th._stack_spec(cfg.num_experts)
     spec.params = {**spec.params, "post_layer_norm": True}
     with _torch_final_norm():
         model = MambaModel(
-            th.transformer_config(cfg),
+            th.mamba_config(cfg),
             spec,
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.seq_length,
@@ -167,7 +167,7 @@ def _next_spec(cfg: tn.TinyNextConfig):
 
     layers = []
     for symbol in cfg.pattern:
-        spec = tn._layer_spec(symbol)
+        spec = tn._layer_spec(symbol, cfg.num_experts)
         if symbol != "G":
             spec.submodules.self_attention.submodules.q_layernorm = WrappedTorchNorm
             spec.submodules.self_attention.submodules.k_layernorm = WrappedTorchNorm
