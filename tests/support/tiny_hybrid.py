@@ -4,8 +4,9 @@ megatron-core's MambaMixer refuses to be built without `mamba_ssm` (its construc
 its forward needs the CUDA/triton kernels of `mamba_ssm` and `causal_conv1d`. Neither installs on a CPU machine, so
 `install_mamba_shim` puts a stand-in `mamba_ssm` into `sys.modules` before megatron imports it: the gated RMSNorm
 class (a module with a weight, which is all the constructor builds) and kernel functions that raise when called.
-The model is therefore built exactly as megatron builds it (same modules, names, shapes, TP splits, layer numbers)
-but never run: the family tests compare weight deltas, not logits.
+The model is therefore built exactly as megatron builds it (same modules, names, shapes, TP splits, layer numbers);
+the tests that use it compare weight deltas. The logits tests (tests/families/test_hybrid_logits.py) replace the
+raising kernels with pure-torch ones (tests/support/cpu_kernels.py) and run the forward.
 
 The layout facts the tests use to compute Megatron's effective delta independently of the package under test are
 written out below (`megatron_to_hf_rows`), from megatron-core 0.16.1:
