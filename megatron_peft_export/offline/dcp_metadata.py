@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..core.brief import brief
 from ..io.torch_save import check_pickle
 
 _DCP = "torch.distributed.checkpoint."
@@ -136,9 +137,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == _DCP + "planner" and name in _PLANNER:
             return Dropped
         if module == "torch" and (
-            name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+            name == "Size" or isinstance(torch.__dict__.get(name), (torch.dtype, torch.layout, torch.memory_format))
         ):
-            return getattr(torch, name)
+            return torch.__dict__[name]  # never getattr: torch's module __getattr__ imports and calls
         if (module, name) == ("torch.serialization", "_get_layout"):
             return torch.serialization._get_layout
         if (module, name) == ("collections", "OrderedDict"):
@@ -194,7 +195,7 @@ def _state(record: Any, cls: type) -> dict[str, Any]:
         raise MetadataError(f"expected a {cls.class_name}, found {_describe(record)}")
     state = record.__dict__
     if not state.keys() <= _FIELDS[cls.class_name]:
-        extra = sorted(str(k) for k in state.keys() - _FIELDS[cls.class_name])
+        extra = sorted(k if type(k) is str else brief(k, 40) for k in state.keys() - _FIELDS[cls.class_name])
         raise MetadataError(f"a {cls.class_name} with attributes it does not have ({', '.join(extra[:4])})")
     return state
 
@@ -213,12 +214,12 @@ def _ints(value: Any) -> tuple[int, ...]:
         and all(type(v) is int and 0 <= v <= MAX_EXTENT for v in value)
     ):
         return tuple(value)
-    raise MetadataError(f"expected up to {MAX_DIMS} integers from 0 to {MAX_EXTENT}, found {value!r:.80}")
+    raise MetadataError(f"expected up to {MAX_DIMS} integers from 0 to {MAX_EXTENT}, found {brief(value, 80)}")
 
 
 def _int(value: Any, what: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_EXTENT:
-        raise MetadataError(f"{what}: expected an integer from 0 to {MAX_EXTENT}, found {value!r:.40}")
+        raise MetadataError(f"{what}: expected an integer from 0 to {MAX_EXTENT}, found {brief(value, 40)}")
     return value
 
 
@@ -244,7 +245,7 @@ def _dtype(properties: Any) -> torch.dtype:
     else:
         raise MetadataError(f"properties: expected TensorProperties' fields, found {_describe(state)}")
     if not isinstance(dtype, torch.dtype):
-        raise MetadataError(f"properties.dtype: expected a torch dtype, found {dtype!r:.40}")
+        raise MetadataError(f"properties.dtype: expected a torch dtype, found {brief(dtype, 40)}")
     return dtype
 
 
@@ -278,7 +279,7 @@ def _item(index: Any, info: Any) -> tuple[tuple[str, tuple[int, ...] | None], St
     fields = _state(index, _INDEX)
     fqn = fields.get("fqn")
     if type(fqn) is not str:
-        raise MetadataError(f"a storage index names {fqn!r:.40}, expected a key")
+        raise MetadataError(f"a storage index names {brief(fqn, 40)}, expected a key")
     try:
         offset = fields.get("offset")
         offset = None if offset is None else _ints(offset)
@@ -287,12 +288,11 @@ def _item(index: Any, info: Any) -> tuple[tuple[str, tuple[int, ...] | None], St
         stored = _state(info, _INFO)
         path = stored.get("relative_path")
         if not plain_file_name(path):
-            raise MetadataError(
-                f"refused, it names data files outside the checkpoint directory ({str(path)[:80]}, for {fqn})"
-            )
+            named = path[:80] if type(path) is str else brief(path, 80)
+            raise MetadataError(f"refused, it names data files outside the checkpoint directory ({named}, for {fqn})")
         transforms = stored.get("transform_descriptors") or ()
         if type(transforms) not in (list, tuple) or not all(type(t) is str for t in transforms):
-            raise MetadataError(f"expected transform names, found {transforms!r:.60}")
+            raise MetadataError(f"expected transform names, found {brief(transforms, 60)}")
         item = StoredItem(
             path, _int(stored.get("offset"), "offset"), _int(stored.get("length"), "length"), tuple(transforms)
         )
@@ -367,7 +367,7 @@ def parse_metadata(data: bytes) -> CheckpointMetadata:
     tensors, byte_keys = {}, set()
     for key, entry in entries.items():
         if type(key) is not str:
-            raise MetadataError(f"a key {key!r:.40}, expected a string")
+            raise MetadataError(f"a key {brief(key, 40)}, expected a string")
         try:
             if type(entry) is _BYTES:
                 _state(entry, _BYTES)
