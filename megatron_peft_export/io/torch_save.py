@@ -317,6 +317,7 @@ def check_pickle(data: bytes) -> None:
             raise ValueError(f"unknown pickle opcode {op:#x} at byte {at}")
         kind, at = _VARIABLE[op], at + 1
         if kind == "STOP":
+            check_hashing(data)
             return
         if kind == "LONG_BINPUT":
             if at + 4 > end or int.from_bytes(data[at : at + 4], "little") > end:
@@ -339,6 +340,205 @@ def check_pickle(data: bytes) -> None:
                     raise ValueError(f"a bad memo index at byte {at - 1}")
                 at = newline + 1
     raise ValueError("the pickle ends before its STOP opcode")
+
+
+def check_hashing(data: bytes) -> None:
+    """Refuse a pickle that builds what hashing cannot finish, before an unpickler hashes it (check_pickle calls it).
+
+    CPython's unpickler hashes every dict key and set item as it builds them, and hashing a tuple walks it with no
+    depth limit: a tuple nested a million deep crashes the process (a C stack overflow), and a tuple holding one
+    memoized tuple 32 times, 12 levels deep (800 bytes), takes 32^12 steps. So this walk follows the unpickler's
+    stack as what hashing each item would cost (`_step`), every opcode in turn (~0.4 us each). Raises ValueError.
+    """
+    end, at, fixed, rule = len(data), 0, _FIXED, _RULE
+    stack: list[int] = []  # per item: what hashing it walks, as steps << 8 | tuple depth (1 << 8 for all but tuples)
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+    budget = [4 * end + (1 << 16), end + 1024]  # steps hashed in all; steps of one tuple
+    while at < end:
+        op = data[at]
+        n = fixed[op]
+        if n >= 0:
+            r = rule[op]
+            try:
+                if r == 0:  # pushes one item that hashes in one step
+                    stack.append(256)
+                elif r == 2:  # MEMOIZE
+                    memo[len(memo)] = stack[-1]
+                elif r == 3:  # BINGET, LONG_BINGET
+                    stack.append(memo.get(int.from_bytes(data[at + 1 : at + 1 + n], "little"), 256))
+                elif r == 1:  # takes one, leaves one such item
+                    stack[-1] = 256
+                elif r == 5:  # MARK
+                    marks.append(len(stack))
+                elif r == 11:  # REDUCE, NEWOBJ, BUILD: the arguments (or state) may be hashed; leaves one item
+                    budget[0] -= stack.pop() >> 8
+                    stack[-1] = 256
+                    if budget[0] < 0:
+                        _overspent(at)
+                elif r == 13:  # SETITEMS: hashes the keys
+                    mark = marks.pop()
+                    budget[0] -= sum(stack[mark::2]) >> 8
+                    del stack[mark:]
+                    if budget[0] < 0:
+                        _overspent(at)
+                elif r == 14:  # APPENDS
+                    del stack[marks.pop() :]
+                elif r == 8:  # EMPTY_TUPLE
+                    stack.append(257)
+                elif r == 9:  # TUPLE1
+                    stack[-1] = _tuple(stack[-1] + 257, budget, at)
+                elif r == 10:  # TUPLE2
+                    second = stack.pop()
+                    stack[-1] = _tuple(stack[-1] + second - (min(stack[-1] & 255, second & 255)) + 257, budget, at)
+                elif r == 4:  # BINPUT
+                    memo[data[at + 1]] = stack[-1]
+                elif r != 7:  # anything else that touches the stack (nothing: 7): see _step
+                    _step(op, at, stack, marks, budget)
+            except IndexError:
+                raise ValueError(f"an opcode at byte {at} takes more items than the stack holds") from None
+            at += 1 + n
+            continue
+        if n == -2:
+            raise ValueError(f"unknown pickle opcode {op:#x} at byte {at}")
+        kind, at = _VARIABLE[op], at + 1
+        if kind == "STOP":
+            return None
+        if kind == "LONG_BINPUT":
+            index = int.from_bytes(data[at : at + 4], "little")
+            if index > end:
+                raise ValueError(f"a memo index past the pickle's size at byte {at - 1}")
+            if stack:
+                memo[index] = stack[-1]
+            at += 4
+        elif type(kind) is tuple:
+            width, signed = kind
+            length = int.from_bytes(data[at : at + width], "little", signed=signed)
+            if at + width > end or length < 0 or at + width + length > end:
+                raise ValueError(
+                    f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow"
+                )
+            stack.append(256)
+            at += width + length
+        else:
+            line = at
+            for _ in range(2 if kind == "lines2" else 1):
+                newline = data.find(b"\n", at)
+                if newline < 0:
+                    raise ValueError(f"an unterminated line at byte {at}")
+                at = newline + 1
+            if op == _PUT or op == _GET:
+                text = data[line : at - 1]
+                if not (text.strip().isdigit() and int(text) <= end):
+                    raise ValueError(f"a bad memo index at byte {line - 1}")
+                if op == _GET:
+                    stack.append(memo.get(int(text), 256))
+                elif stack:
+                    memo[int(text)] = stack[-1]
+            else:
+                _step(op, line - 1, stack, marks, budget)
+    raise ValueError("the pickle ends before its STOP opcode")
+
+
+MAX_TUPLE_DEPTH = 100
+"""Tuples nested deeper than this are refused (what torch.save and torch.distributed.checkpoint write nests a few)."""
+_GET = ord("g")
+
+
+def _effects() -> dict[int, tuple[bool, int, int]]:
+    """Opcode byte -> (whether it takes the items above the mark (and the mark), how many items it takes besides
+    (below the mark, for those that take one), how many it leaves: 0 or 1)."""
+    effects = {}
+    for op in pickletools.opcodes:
+        before = op.stack_before
+        marked = pickletools.markobject in before
+        below = before.index(pickletools.markobject) if marked else len(before)
+        effects[ord(op.code)] = (marked, below, len(op.stack_after))
+    return effects
+
+
+_EFFECTS = _effects()
+_TUPLES = {ord("t"): -1, 0x29: 0, 0x85: 1, 0x86: 2, 0x87: 3}  # TUPLE, EMPTY_TUPLE, TUPLE1..3: items taken
+_HASHED_KEYS = {ord(c) for c in "ud"}  # SETITEMS, DICT: every second item from the first is a key
+_HASHING = {0x90, 0x91} | {ord(c) for c in "Rb"} | {0x81, 0x92}
+"""ADDITEMS, FROZENSET hash every item; REDUCE, BUILD, NEWOBJ, NEWOBJ_EX may hash their arguments' items."""
+
+
+def _rules() -> list[int]:
+    """check_pickle's cases per opcode byte (see there); 6: `_step`; 7: nothing on the stack."""
+    rules = [6] * 256
+    for code, (marked, below, leaves) in _EFFECTS.items():
+        if code in _TUPLES or code in _HASHING or code in _HASHED_KEYS or code == ord("s") or marked:
+            continue
+        if (below, leaves) == (0, 1):
+            rules[code] = 0
+        elif (below, leaves) == (1, 1):
+            rules[code] = 1
+        elif (below, leaves) == (0, 0):
+            rules[code] = 7
+    rules[0x94], rules[0x68], rules[0x6A], rules[0x71], rules[0x28] = 2, 3, 3, 4, 5
+    rules[ord("R")] = rules[0x81] = rules[ord("b")] = 11
+    rules[ord("u")], rules[ord("e")], rules[0x29], rules[0x85], rules[0x86] = 13, 14, 8, 9, 10
+    rules[0x30] = rules[0x32] = 6  # POP (of an item or a mark), DUP
+    return rules
+
+
+_RULE = _rules()
+
+
+def _overspent(at: int) -> None:
+    raise ValueError(f"the pickle hashes far more items than it holds (shared tuples), at byte {at}")
+
+
+def _tuple(item: int, budget: list[int], at: int) -> int:
+    """A new tuple's item (steps << 8 | depth), refused when too deep or of more steps than the pickle has bytes."""
+    depth = item & 255
+    if depth > MAX_TUPLE_DEPTH or item >> 8 > budget[1]:
+        what = (
+            f"a tuple nested {depth} deep (at most {MAX_TUPLE_DEPTH})"
+            if depth > MAX_TUPLE_DEPTH
+            else "a tuple of shared tuples holding more items than the pickle has bytes"
+        )
+        raise ValueError(f"{what}, at byte {at}")
+    return item
+
+
+def _step(op: int, at: int, stack: list[int], marks: list[int], budget: list[int]) -> None:
+    """An opcode's effect on check_pickle's stack: what hashing each item walks (steps << 8 | tuple depth). Only
+    tuples are hashed through (a list or dict stops a hash at once; the classes the unpicklers build hash by
+    identity), so an item is one step, but a tuple: one more than its items' steps, one deeper than the deepest.
+    A tuple deeper than MAX_TUPLE_DEPTH or of more steps than the pickle has bytes (only shared tuples make that)
+    is refused, and so is hashing more steps in all than a few times the pickle's size."""
+    if op == 0x32:  # DUP
+        stack.append(stack[-1] if stack else 256)
+        return
+    if op == 0x30 and marks and marks[-1] == len(stack):  # POP of a mark
+        marks.pop()
+        return
+    if op in _TUPLES:
+        marked, below, leaves = _TUPLES[op] < 0, max(_TUPLES[op], 0), 1
+    else:
+        marked, below, leaves = _EFFECTS.get(op, (False, 0, 0))
+    taken: list[int] = []
+    if marked:
+        mark = marks.pop() if marks else 0
+        taken, stack[mark:] = stack[mark:], []
+    if below > len(stack):
+        raise ValueError(f"an opcode at byte {at} takes more items than the stack holds")
+    if below:
+        dropped, stack[len(stack) - below :] = stack[len(stack) - below :], []
+        taken = taken if marked else dropped
+    if op in _TUPLES:
+        steps, depth = 1 + sum(t >> 8 for t in taken), 1 + max((t & 255 for t in taken), default=0)
+        stack.append(_tuple(steps << 8 | min(depth, 255), budget, at))
+        return
+    hashed = taken[1:2] if op == 0x73 else taken[0::2] if op in _HASHED_KEYS else taken if op in _HASHING else ()
+    if hashed:
+        budget[0] -= sum(t >> 8 for t in hashed)
+        if budget[0] < 0:
+            _overspent(at)
+    if leaves:
+        stack.append(256)
 
 
 # ------------------------------------------------------------------------------------------ torch.save files on disk
