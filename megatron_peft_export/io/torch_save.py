@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..core.brief import brief
 from .safe_read import RegularFile
 
 
@@ -69,12 +70,12 @@ class _TensorPickle(pickle.Unpickler):
         raise NotPlainTensor(f"data.pkl names {module}.{name}")
 
     def persistent_load(self, pid: Any) -> tuple[str, torch.dtype, int]:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise NotPlainTensor(f"unexpected storage reference {pid!r}")
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str):
+            raise NotPlainTensor(f"unexpected storage reference {brief(pid)}")
         _, dtype, key, _location, numel = pid
-        if not isinstance(dtype, torch.dtype):
-            raise NotPlainTensor(f"unexpected storage type {dtype!r}")
-        return str(key), dtype, int(numel)
+        if not isinstance(dtype, torch.dtype) or type(numel) is not int:
+            raise NotPlainTensor(f"unexpected storage type or size {brief(dtype)}, {brief(numel)}")
+        return key, dtype, numel
 
 
 _EOCD = struct.Struct("<4s4H2LH")
@@ -119,8 +120,8 @@ def _members(blob: memoryview, read: list[tuple[int, int]] | None = None) -> dic
         if read is not None:  # all but the CRC (bytes 16 to 20) of the central entry; the local header but its CRC
             read += [(p, p + 16), (p + 20, p + _CENTRAL.size + name_len), (local, local + 14), (local + 18, local + 30)]
         p += _CENTRAL.size + name_len + extra_len + comment_len
-        if header[0] != b"PK\x03\x04" or method != 0 or size == 0xFFFFFFFF:
-            raise NotPlainTensor(f"zip member {name} is compressed or zip64")
+        if header[0] != b"PK\x03\x04" or method != 0 or size == 0xFFFFFFFF or fields[3] & 1:
+            raise NotPlainTensor(f"zip member {name} is compressed, encrypted or zip64")
         start = local + _LOCAL.size + header[9] + header[10]
         if start + size > len(blob):
             raise NotPlainTensor(f"zip member {name} runs past the blob")
@@ -564,7 +565,8 @@ _OPAQUE_NAMES = {
     ("pathlib", "PurePosixPath"),
     ("signal", "Signals"),
 }
-_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytearray": bytearray}
+_MAX_OPAQUE = 1024
+"""Distinct class names one torch.save file may name (each becomes a class of its own)."""
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -601,7 +603,7 @@ class Opaque:
         return f"<{self.qualified_name}, not loaded>"
 
 
-@functools.cache
+@functools.lru_cache(maxsize=_MAX_OPAQUE)
 def _opaque(module: str, name: str) -> type:
     return type(name, (Opaque,), {"qualified_name": f"{module}.{name}"})
 
@@ -612,13 +614,13 @@ def _sizes(value: Any, what: str) -> tuple[int, ...]:
         or len(value) > _MAX_DIMS
         or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_EXTENT for v in value)
     ):
-        raise ValueError(f"{what}: expected up to {_MAX_DIMS} non-negative integers, found {value!r:.80}")
+        raise ValueError(f"{what}: expected up to {_MAX_DIMS} non-negative integers, found {brief(value, 80)}")
     return tuple(value)
 
 
 def _count(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _MAX_EXTENT:
-        raise ValueError(f"{what}: expected a non-negative integer, found {value!r:.40}")
+        raise ValueError(f"{what}: expected a non-negative integer, found {brief(value, 40)}")
     return value
 
 
@@ -674,7 +676,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtyp
         raise ValueError(f"a tensor over {type(storage).__name__}, not a stored storage")
     dtype = dtype or storage.dtype
     if not isinstance(dtype, torch.dtype) or storage.nbytes % dtype.itemsize:
-        raise ValueError(f"a tensor of {dtype!r:.40} over a storage of {storage.nbytes} bytes")
+        raise ValueError(f"a tensor of {brief(dtype, 40)} over a storage of {storage.nbytes} bytes")
     tensor = StoredTensor(
         storage, dtype, _count(offset, "storage offset"), _sizes(size, "size"), _sizes(stride, "stride")
     )
@@ -703,11 +705,25 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None) -> Any:
 
 
 def _codecs_encode(text: Any, encoding: Any = "latin1") -> bytes:  # how protocol 2 pickles bytes
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise ValueError(f"_codecs.encode of {type(text).__name__} as {encoding!r:.20}")
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise ValueError(f"_codecs.encode of {type(text).__name__} as {brief(encoding, 20)}")
     return text.encode("latin1")
 
 
+def _bytearray(value: Any = b"", encoding: Any = None) -> bytearray:
+    """bytearray of the bytes or text the pickle holds; never of a number (bytearray(10**12) zero-fills 1 TB)."""
+    if type(value) in (bytes, bytearray) and encoding is None:
+        return bytearray(value)
+    if type(value) is str and encoding in ("latin1", "latin-1"):
+        return bytearray(value, "latin1")
+    raise ValueError(f"bytearray of {type(value).__name__}; expected the bytes it holds")
+
+
+def _size(value: Any = ()) -> torch.Size:
+    return torch.Size(_sizes(value, "torch.Size"))
+
+
+_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytearray": _bytearray}
 _FUNCTIONS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
@@ -717,7 +733,7 @@ _FUNCTIONS = {
     ("argparse", "Namespace"): argparse.Namespace,
     ("types", "SimpleNamespace"): types.SimpleNamespace,
     ("_codecs", "encode"): _codecs_encode,
-    ("torch", "Size"): torch.Size,
+    ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
     ("torch.storage", "UntypedStorage"): torch.uint8,
     ("torch", "UntypedStorage"): torch.uint8,
@@ -730,6 +746,7 @@ class _FilePickle(pickle.Unpickler):
     def __init__(self, data: bytes, members: dict[str, Member], prefix: str) -> None:
         super().__init__(io.BytesIO(data))
         self._members, self._prefix, self._storages = members, prefix, {}
+        self._opaque_names: set[tuple[str, str]] = set()
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2's name for builtins
@@ -739,26 +756,39 @@ class _FilePickle(pickle.Unpickler):
             return found
         if module == "builtins" and name in _BUILTINS:
             return _BUILTINS[name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):  # never getattr: torch's
+            return torch.__dict__[name]  # module __getattr__ imports modules and calls functions
         if module == "torch" and name in _storage_dtypes():
             return _storage_dtypes()[name]
         if (module, name) in _OPAQUE_NAMES or module == "numpy" or module.startswith(_OPAQUE_MODULES):
+            self._opaque_names.add((module, name))
+            if len(self._opaque_names) > _MAX_OPAQUE:
+                raise ValueError(f"more than {_MAX_OPAQUE} class names")
             return _opaque(module, name)
-        raise RefusedGlobal(f"{module}.{name}")
+        raise RefusedGlobal(f"{module[:80]}.{name[:80]}")
 
     def persistent_load(self, pid: Any) -> Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
-            raise ValueError(f"unexpected storage reference {pid!r:.80}")
+        if not (
+            type(pid) is tuple
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], torch.dtype)
+            and type(pid[2]) is str
+        ):
+            raise ValueError(f"unexpected storage reference {brief(pid, 80)}")
         _, dtype, key, _location, numel = pid
         member = self._members.get(f"{self._prefix}data/{key}")
         nbytes = _count(numel, "storage size") * dtype.itemsize
         if member is None or member.size < nbytes:
             raise ValueError(
-                f"storage {key!r:.40} of {nbytes} bytes is "
+                f"storage {brief(key, 40)} of {nbytes} bytes is "
                 f"{'missing' if member is None else f'a member of {member.size} bytes'}"
             )
-        return self._storages.setdefault(str(key), Storage(member, dtype, nbytes))
+        return self._storages.setdefault(key, Storage(member, dtype, nbytes))
+
+
+MAX_ZIP_DIRECTORY = 64 << 20
+"""The zip directory is read whole (torch.save writes ~100 bytes per tensor)."""
 
 
 def zip_members(f: RegularFile) -> dict[str, Member]:
@@ -782,6 +812,8 @@ def zip_members(f: RegularFile) -> dict[str, Member]:
         if len(record) != _ZIP64_END.size or record[:4] != b"PK\x06\x06":
             raise ValueError("a zip64 end record is missing")
         *_, count, directory_size, directory_offset = _ZIP64_END.unpack(record)
+    if directory_size > MAX_ZIP_DIRECTORY:
+        raise ValueError(f"a zip directory of {directory_size} bytes; expected at most {MAX_ZIP_DIRECTORY}")
     if directory_offset + directory_size > f.size or count * _CENTRAL.size > directory_size:
         raise ValueError(
             f"the zip directory ({count} members, {directory_size} bytes at {directory_offset}) lies outside the "
@@ -792,7 +824,8 @@ def zip_members(f: RegularFile) -> dict[str, Member]:
         if p + _CENTRAL.size > len(directory) or directory[p : p + 4] != b"PK\x01\x02":
             raise ValueError("a bad zip directory entry")
         fields = _CENTRAL.unpack_from(directory, p)
-        method, compressed, size, name_len, extra_len, comment_len, local = (
+        flags, method, compressed, size, name_len, extra_len, comment_len, local = (
+            fields[3],
             fields[4],
             fields[8],
             fields[9],
@@ -818,6 +851,8 @@ def zip_members(f: RegularFile) -> dict[str, Member]:
             )
         if method != 0 or compressed != size:
             raise ValueError(f"zip member {name} is compressed")
+        if flags & 1:
+            raise ValueError(f"zip member {name} is encrypted")
         found.append((local, size, name))
     found.sort()
     members = {}
@@ -860,4 +895,38 @@ def load_torch_file(f: RegularFile) -> Any:
         raise ValueError(f"data.pkl of {data_pkl.size} bytes; expected at most {MAX_DATA_PKL}")
     data = f.read(member_start(f, data_pkl), data_pkl.size)
     check_pickle(data)
-    return _FilePickle(data, members, prefix).load()
+    found = _FilePickle(data, members, prefix).load()
+    check_tree(found, 4 * len(data) + (1 << 16))
+    return found
+
+
+MAX_DEPTH = 100
+MAX_INT_BITS = 1024
+_WALKED = (list, tuple, dict, OrderedDict, set, frozenset)
+
+
+def check_tree(root: Any, max_items: int) -> None:
+    """Refuse what the readers of a loaded file cannot walk at a bounded cost: nesting past MAX_DEPTH, more than
+    `max_items` items counted through shared references (a list holding one list 32 times, 12 levels deep, is 800
+    bytes of pickle and 32^12 items to anything that walks it), integers of more than MAX_INT_BITS bits (which
+    str() refuses). Walks without recursion; argument namespaces are walked, tensors and opaque objects are not."""
+    pending, items = [(root, 0)], 0
+    while pending:
+        value, depth = pending.pop()
+        kind = type(value)
+        if kind is int and value.bit_length() > MAX_INT_BITS:
+            raise ValueError(f"an integer of {value.bit_length()} bits (at most {MAX_INT_BITS})")
+        if kind in (argparse.Namespace, types.SimpleNamespace):
+            value, kind = vars(value), dict
+        if kind not in _WALKED:
+            continue
+        items += len(value)
+        if depth >= MAX_DEPTH or items > max_items:
+            raise ValueError(
+                f"nested deeper than {MAX_DEPTH} levels"
+                if depth >= MAX_DEPTH
+                else f"more than {max_items} items counted through shared references"
+            )
+        children = value.items() if kind in (dict, OrderedDict) else value
+        for child in children:
+            pending.append((child, depth + 1))
