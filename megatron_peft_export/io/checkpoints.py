@@ -22,6 +22,8 @@ ITERATION_GLOB = "iter_*"
 ITERATION_PLACEHOLDER = "iter_XXXXXXX"
 """How messages and help texts name an iteration directory."""
 _ITERATION_NAME = re.compile(r"iter_(\d+)")
+MAX_ITERATION_DIGITS = 18
+"""A tracker's number longer than this names no directory (a file name has at most 255 bytes)."""
 
 
 def iteration_name(iteration: int) -> str:
@@ -73,8 +75,12 @@ def read_tracker(save_dir: str | Path, *, error: type[ExportError] = ExportError
     text = read_text(
         tracker, limit=TRACKER_LIMIT, within=save_dir, error=error, what="Megatron's tracker file (an iteration number)"
     ).strip()
-    if not (text.isascii() and text.isdigit()):
-        raise error(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_ITERATION_DIGITS:
+        long = f" ({len(text)} characters; at most {MAX_ITERATION_DIGITS} digits)" if len(text) > 18 else ""
+        raise error(
+            f"{tracker}: expected an iteration number, found {text[:40]!r}{long}; pass the {ITERATION_PLACEHOLDER} "
+            "directory to read instead"
+        )
     return int(text)
 
 
