@@ -5,6 +5,7 @@ used to escape as tracebacks. Every case: exit status 2 (or an ExportError from 
 line, no marker, nothing written, the input unchanged."""
 
 import hashlib
+import io
 import os
 import pickle
 import shutil
@@ -14,6 +15,7 @@ import pytest
 
 from tests.e2e.test_offline_export import ITERATION, _train_save_and_export_live
 from tests.e2e.test_verify import _hook_run
+from tests.support import hostile_pickles as hp
 from tests.support.multiprocess import run_alone, run_ranks
 
 pytestmark = pytest.mark.timeout(600)
@@ -559,3 +561,169 @@ def test_a_malformed_reference_is_one_error_line(world, tmp_path, edit, fragment
         fragment,
         adapter,
     )
+
+
+# ------------------------------------------------------- pickles that attack the unpickler's resources, not code
+# Each once crashed (SIGSEGV), hung or imported code; the bytes are in tests/support/hostile_pickles.py.
+
+
+def _metadata_bytes(data: bytes):
+    return lambda iteration: (iteration / ".metadata").write_bytes(data)
+
+
+def _metadata_edit(edit):
+    return lambda iteration: _edit_metadata(iteration, edit)
+
+
+def _common_pt(data_pkl: bytes):
+    return lambda iteration: (iteration / "common.pt").write_bytes(hp.with_data_pkl(data_pkl))
+
+
+def _size(value):
+    def edit(metadata):
+        metadata.state_dict_metadata[LORA_A].size = value
+
+    return edit
+
+
+def _bomb_storage_key(iteration: Path) -> None:
+    """A .distcp item whose data.pkl names its storage by a list of shared lists (str() of it never ends)."""
+    import torch
+
+    class Tensor:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (storage, 0, (4,), (1,), False, {}))
+
+    storage = object()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, hp.shared_lists(), "cpu", 4) if obj is storage else None
+
+    data = io.BytesIO()
+    Pickler(data, protocol=2).dump(Tensor())
+    blob = hp.with_data_pkl(data.getvalue(), storages={"0": b"\0" * 16, "padding": b"\0" * 4096})  # item's size
+    offset = _append(iteration / "__0_0.distcp", blob)
+
+    def edit(metadata):
+        info = next(v for k, v in metadata.storage_data.items() if k.fqn == LORA_A)
+        info.relative_path, info.offset, info.length = "__0_0.distcp", offset, len(blob)
+
+    _edit_metadata(iteration, edit)
+
+
+def _encrypted(data: bytes) -> bytes:
+    """The zip with every member flagged as encrypted (general purpose bit 0, local and central headers)."""
+    data = bytearray(data)
+    for signature, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = data.find(signature)
+        while start >= 0:
+            data[start + at] |= 1
+            start = data.find(signature, start + 4)
+    return bytes(data)
+
+
+RESOURCE_ATTACKS = {  # case: (plant it in a copy of the checkpoint, what the one error line says)
+    ".metadata: shared lists as a tensor's size (a repr that never ends)": (
+        _metadata_edit(_size(hp.shared_lists())),
+        f"tensor {LORA_A}: size: expected up to 64 integers from 0 to 281474976710656, found [[[<list of 32>",
+    ),
+    ".metadata: a shared-tuple dict key (hashing never ends)": (
+        _metadata_bytes(hp.tuple_bomb_key()),
+        "a tuple of shared tuples holding more items than the pickle has bytes",
+    ),
+    ".metadata: a dict key nested 200000 tuples deep (SIGSEGV)": (
+        _metadata_bytes(hp.deep_tuple_key()),
+        "a tuple nested 101 deep (at most 100)",
+    ),
+    ".metadata: a huge integer as a tensor's size": (
+        _metadata_edit(_size([1 << 40000, 4])),
+        "found [<an integer of 40001 bits>, 4]",
+    ),
+    ".distcp: shared lists as a storage key": (
+        _bomb_storage_key,
+        "unexpected storage reference ('storage', <dtype>, [[<list of 32>",
+    ),
+    "common.pt: shared lists in the args (every walk of them never ends)": (
+        _common_pt(hp.in_a_dict("args", hp.opcodes(hp.shared_lists()))),
+        "items counted through shared references",
+    ),
+    "common.pt: a shared-tuple dict key": (_common_pt(hp.tuple_bomb_key()), "a tuple of shared tuples"),
+    "common.pt: a dict key nested 200000 tuples deep": (_common_pt(hp.deep_tuple_key()), "a tuple nested 101 deep"),
+    "common.pt: an integer of 40000 bits (str() refuses it)": (
+        _common_pt(hp.in_a_dict("args", hp.huge_int())),
+        "an integer of 40001 bits (at most 1024)",
+    ),
+    "common.pt: 5000 distinct class names (a class object each)": (
+        _common_pt(hp.many_classes(5000)),
+        "more than 1024 class names",
+    ),
+    "common.pt: an encrypted member": (
+        lambda it: (it / "common.pt").write_bytes(_encrypted(hp.with_data_pkl(pickle.dumps({"args": None})))),
+        "common.pt: cannot be read (ValueError: zip member archive/data.pkl is encrypted)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESOURCE_ATTACKS))
+def test_a_pickle_attacking_the_unpickler_is_refused_in_one_line(world, tmp_path, case):
+    iteration = _checkpoint(world, tmp_path)
+    plant, fragment = RESOURCE_ATTACKS[case]
+    plant(iteration)
+    _refused(tmp_path, _export(tmp_path, iteration), fragment, tmp_path / "save", memory_limit=LIMIT)
+
+
+def test_bytearray_of_a_number_is_refused_before_allocating(tmp_path):
+    """bytearray(8 GiB) as a legacy rank file's value: zero-filled memory for 60 bytes of pickle."""
+    iteration = tmp_path / "save" / ITER
+    (iteration / "mp_rank_00").mkdir(parents=True)
+    eight_gib = b"\x8a\x05" + (8 * GiB).to_bytes(5, "little")  # LONG1
+    data_pkl = hp.in_a_dict("model", b"c__builtin__\nbytearray\n" + eight_gib + b"\x85R")
+    (iteration / "mp_rank_00" / "model_optim_rng.pt").write_bytes(hp.with_data_pkl(data_pkl))
+    _refused(
+        tmp_path,
+        _export(tmp_path, iteration),
+        "bytearray of int; expected the bytes it holds",
+        tmp_path / "save",
+        memory_limit=LIMIT,
+    )
+
+
+def _export_recording_torch_lookups(argv):
+    """The CLI with torch's module __getattr__ (which imports torch._dynamo, _inductor, onnx and calls
+    torch.backends.*.is_built for the names it knows) recording the names it is asked for."""
+    import contextlib
+
+    import torch
+
+    from megatron_peft_export.cli import main
+
+    asked, original = [], torch.__dict__["__getattr__"]
+
+    def recording(name):
+        asked.append(name)
+        return original(name)
+
+    torch.__getattr__ = recording
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main([*argv, "--quiet"])
+    return status, err.getvalue(), asked
+
+
+@pytest.mark.parametrize("where", [".metadata", "common.pt"])
+def test_a_torch_name_in_a_pickle_never_reaches_torchs_lazy_lookup(world, tmp_path, where):
+    iteration = _checkpoint(world, tmp_path)
+    data = hp.global_pickle("torch", "has_mps")
+    (iteration / where).write_bytes(data if where == ".metadata" else hp.with_data_pkl(data))
+    status, err, asked = run_alone(_export_recording_torch_lookups, _export(tmp_path, iteration), timeout=HANG_S)
+    assert status == 2 and "torch.has_mps" in err and len(err.strip().splitlines()) == 1, err
+    assert "has_mps" not in asked, "reading the pickle called torch's module __getattr__"
+
+
+def test_a_tracker_number_too_long_for_a_directory_name_is_one_line(tmp_path):
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt").write_text("9" * 1000)
+    line = _refused(tmp_path, _export(tmp_path, save), "(1000 characters; at most 18 digits)", save)
+    assert len(line) < 400, line

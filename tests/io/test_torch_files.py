@@ -11,6 +11,7 @@ import torch
 
 from megatron_peft_export.io.safe_read import open_regular
 from megatron_peft_export.io.torch_save import Opaque, RefusedGlobal, StoredTensor, check_pickle, load_torch_file
+from tests.support import hostile_pickles as hp
 from tests.support.gadgets import Call
 
 
@@ -159,3 +160,91 @@ def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_pas
     for data, message in bombs.items():
         with pytest.raises(ValueError, match=message):
             check_pickle(data)
+
+
+def test_check_pickle_follows_tuples_through_the_memo_as_hashing_would():
+    """Tuples the unpickler would hash (dict keys, set items) are followed through shared references and nesting:
+    what torch writes (Size arguments, shared stride tuples, tuple keys) passes; a shared-tuple key (32^12 hash
+    steps, 800 bytes) and a key nested 200000 deep (SIGSEGV in CPython's tuple hash) are refused before unpickling."""
+    stride = (64, 1)
+    for obj in [
+        {(1, 2): 3, (1, (2, (3,))): 4},
+        [(stride, stride)] * 1000,
+        {"a": (torch.Size([1, 2]), stride), "b": frozenset({(1, 2), (3, 4)})},
+        {hp.shared_tuples(depth=2, width=8): 1},
+    ]:
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            check_pickle(pickle.dumps(obj, protocol=protocol))
+    nested = b"K\x00" + b"\x85" * 100  # 100 levels pass, 101 do not
+    check_pickle(hp.dict_keyed_by(nested))
+    for data, message in [
+        (hp.tuple_bomb_key(), "a tuple of shared tuples holding more items than the pickle has bytes"),
+        (hp.deep_tuple_key(), "a tuple nested 101 deep"),
+        (hp.dict_keyed_by(b"K\x00" + b"\x85" * 101), "a tuple nested 101 deep"),
+        (b"\x80\x04\x8f(" + _doubled(20) + b"\x90.", "a tuple of shared tuples"),  # a set item
+        (b"\x80\x02s.", "takes more items than the stack holds"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_pickle(data)
+
+
+def _doubled(times: int) -> bytes:
+    """Opcodes leaving t on the stack, for t = (); t = (t, t) `times` times, through the memo (t memoized as
+    `times`)."""
+    return b")\x94" + b"".join(b"0h" + bytes([n]) + b"h" + bytes([n]) + b"\x86\x94" for n in range(times))
+
+
+def test_the_cut_at_a_text_charges_what_closing_there_would_hash():
+    """.metadata is read up to the field it does not use, and closed there by SETITEMS: the keys still open are
+    hashed then. A hundred keys that are one tuple of 1023 hash steps (each below the limit of one tuple) are
+    refused at the cut, as they are by a SETITEMS."""
+    key = _doubled(9)  # 2^10 - 1 steps
+    keys = key + b"K\x01" + b"h\x09K\x01" * 99
+    text = b"all_local_plans"
+    check_pickle(b"\x80\x04}(" + key + b"K\x01\x8c" + bytes([len(text)]) + text + b"u.", stop_at=text)
+    for tail in [b"\x8c" + bytes([len(text)]) + text + b"K\x01u.", b"u."]:
+        with pytest.raises(ValueError, match="hashes far more items than it holds"):
+            check_pickle(b"\x80\x04}(" + keys + tail, stop_at=text)
+
+
+def _zip_with(tmp_path, data_pkl: bytes, name="f.pt"):
+    path = tmp_path / name
+    path.write_bytes(hp.with_data_pkl(data_pkl))
+    return path
+
+
+@pytest.mark.parametrize(
+    "data_pkl,message",
+    [
+        (hp.in_a_dict("args", hp.opcodes(hp.shared_lists())), "items counted through shared references"),
+        (hp.in_a_dict("args", hp.opcodes(hp.shared_lists(depth=200, width=1))), "nested deeper than 100 levels"),
+        (hp.in_a_dict("seed", hp.huge_int()), "an integer of 40001 bits"),
+        (hp.many_classes(1025), "more than 1024 class names"),
+        (hp.call_pickle("__builtin__", "bytearray", b"J\x00\x00\x00\x40"), "bytearray of int"),
+        (hp.call_pickle("torch", "Size", hp.opcodes(list(range(65)))), "torch.Size: expected up to 64"),
+        (hp.global_pickle("torch", "has_cuda"), "torch.has_cuda"),
+    ],
+    ids=["shared lists", "deep lists", "huge int", "many classes", "bytearray(1 GiB)", "torch.Size of 65", "has_cuda"],
+)
+def test_load_torch_file_refuses_what_its_readers_could_not_walk(tmp_path, data_pkl, message):
+    with open_regular(_zip_with(tmp_path, data_pkl)) as f, pytest.raises((ValueError, RefusedGlobal), match=message):
+        load_torch_file(f)
+
+
+def test_what_torch_save_writes_of_plain_data_still_loads(tmp_path):
+    state = {"args": argparse.Namespace(a=[1, 2], b=(3, (4, 5)), c={"x": None}), "rng": (3, tuple(range(625)), None)}
+    torch.save(state, tmp_path / "f.pt")
+    found, _ = _load(tmp_path / "f.pt")
+    assert vars(found["args"]) == vars(state["args"]) and found["rng"] == state["rng"]
+    data = pickle.dumps([bytearray(b"abc"), torch.Size([2, 3])], protocol=2)
+    with open_regular(_zip_with(tmp_path, data, "g.pt")) as f:
+        assert load_torch_file(f) == [bytearray(b"abc"), torch.Size([2, 3])]
+
+
+def test_an_adapter_bin_with_a_shared_tuple_key_is_one_error(tmp_path):
+    from megatron_peft_export.errors import AdapterFileError
+    from megatron_peft_export.io.peft_dir import read_bin_header
+
+    _zip_with(tmp_path, hp.tuple_bomb_key(), "adapter_model.bin")
+    with pytest.raises(AdapterFileError, match="a tuple of shared tuples"):
+        read_bin_header(tmp_path / "adapter_model.bin")
