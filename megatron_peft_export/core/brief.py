@@ -1,4 +1,5 @@
-"""A short description of a value that came from someone else's file, for error messages, at a bounded cost.
+"""Values that came from someone else's file: described for error messages at a bounded cost (`brief`), and
+refused when walking them would not end (`check_tree`).
 
 `f"{value!r:.40}"` builds the whole repr before cutting it: for a pickled list that holds the same list 32 times,
 32 levels deep (800 bytes of pickle), that is 32^12 items and never ends; a deeply nested one raises RecursionError,
@@ -9,6 +10,9 @@ numbers before converting them, so its cost is bounded whatever the value is.
 
 from __future__ import annotations
 
+import argparse
+import types
+from collections import OrderedDict
 from typing import Any
 
 DEPTH = 3
@@ -50,3 +54,36 @@ def brief(value: Any, limit: int = 60) -> str:
     """At most `limit` characters describing `value` (a repr for small plain data)."""
     text = _short(value, 0)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+MAX_DEPTH = 100
+"""Nesting of a loaded file's data (lists, dicts, tuples, sets, argument namespaces)."""
+MAX_INT_BITS = 1024
+_WALKED = (list, tuple, dict, OrderedDict, set, frozenset)
+
+
+def check_tree(root: Any, max_items: int) -> None:
+    """Refuse what the readers of a loaded file cannot walk at a bounded cost: nesting past MAX_DEPTH, more than
+    `max_items` items counted through shared references (a list holding one list 32 times, 12 levels deep, is 800
+    bytes of pickle and 32^12 items to anything that walks it), integers of more than MAX_INT_BITS bits (which
+    str() refuses). Walks without recursion; argument namespaces are walked, tensors and opaque objects are not."""
+    pending, items = [(root, 0)], 0
+    while pending:
+        value, depth = pending.pop()
+        kind = type(value)
+        if kind is int and value.bit_length() > MAX_INT_BITS:
+            raise ValueError(f"an integer of {value.bit_length()} bits (at most {MAX_INT_BITS})")
+        if kind in (argparse.Namespace, types.SimpleNamespace):
+            value, kind = vars(value), dict
+        if kind not in _WALKED:
+            continue
+        items += len(value)
+        if depth >= MAX_DEPTH or items > max_items:
+            raise ValueError(
+                f"nested deeper than {MAX_DEPTH} levels"
+                if depth >= MAX_DEPTH
+                else f"more than {max_items} items counted through shared references"
+            )
+        children = value.items() if kind in (dict, OrderedDict) else value
+        for child in children:
+            pending.append((child, depth + 1))

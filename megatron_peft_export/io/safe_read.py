@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..core.brief import check_tree
 from ..errors import ExportError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -205,7 +206,9 @@ def read_yaml(
 
     text = read_text(path, limit=limit, within=within, error=error, what=what)
     try:
-        return yaml.safe_load(text)
+        document = yaml.safe_load(text)
+        check_tree(document, 4 * len(text) + (1 << 16))  # aliases share nodes: `[*a, *a, ...]` nested, walked
+        return document
     except RecursionError:
         raise error(f"{path}: not readable YAML (nested too deeply); expected {what}") from None
     except (yaml.YAMLError, ValueError, OverflowError) as exc:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..core.brief import brief
+from ..core.brief import brief, check_tree
 from .safe_read import RegularFile
 
 
@@ -898,35 +898,3 @@ def load_torch_file(f: RegularFile) -> Any:
     found = _FilePickle(data, members, prefix).load()
     check_tree(found, 4 * len(data) + (1 << 16))
     return found
-
-
-MAX_DEPTH = 100
-MAX_INT_BITS = 1024
-_WALKED = (list, tuple, dict, OrderedDict, set, frozenset)
-
-
-def check_tree(root: Any, max_items: int) -> None:
-    """Refuse what the readers of a loaded file cannot walk at a bounded cost: nesting past MAX_DEPTH, more than
-    `max_items` items counted through shared references (a list holding one list 32 times, 12 levels deep, is 800
-    bytes of pickle and 32^12 items to anything that walks it), integers of more than MAX_INT_BITS bits (which
-    str() refuses). Walks without recursion; argument namespaces are walked, tensors and opaque objects are not."""
-    pending, items = [(root, 0)], 0
-    while pending:
-        value, depth = pending.pop()
-        kind = type(value)
-        if kind is int and value.bit_length() > MAX_INT_BITS:
-            raise ValueError(f"an integer of {value.bit_length()} bits (at most {MAX_INT_BITS})")
-        if kind in (argparse.Namespace, types.SimpleNamespace):
-            value, kind = vars(value), dict
-        if kind not in _WALKED:
-            continue
-        items += len(value)
-        if depth >= MAX_DEPTH or items > max_items:
-            raise ValueError(
-                f"nested deeper than {MAX_DEPTH} levels"
-                if depth >= MAX_DEPTH
-                else f"more than {max_items} items counted through shared references"
-            )
-        children = value.items() if kind in (dict, OrderedDict) else value
-        for child in children:
-            pending.append((child, depth + 1))

@@ -623,6 +623,13 @@ def _encrypted(data: bytes) -> bytes:
     return bytes(data)
 
 
+def _yaml_laughs() -> str:
+    """Nine levels of ten aliases of the level below: 400 bytes of YAML, 10^9 items to anything that walks it."""
+    levels = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 9)]
+    return "\n".join([*levels, "model: {num_layers: *l8, hidden_size: *l8}"]) + "\n"
+
+
 RESOURCE_ATTACKS = {  # case: (plant it in a copy of the checkpoint, what the one error line says)
     ".metadata: shared lists as a tensor's size (a repr that never ends)": (
         _metadata_edit(_size(hp.shared_lists())),
@@ -657,6 +664,10 @@ RESOURCE_ATTACKS = {  # case: (plant it in a copy of the checkpoint, what the on
     "common.pt: 5000 distinct class names (a class object each)": (
         _common_pt(hp.many_classes(5000)),
         "more than 1024 class names",
+    ),
+    "run_config.yaml: aliases of aliases (10^9 items to walk)": (
+        lambda it: (it / "run_config.yaml").write_text(_yaml_laughs()),
+        "run_config.yaml: not readable YAML (more than",
     ),
     "common.pt: an encrypted member": (
         lambda it: (it / "common.pt").write_bytes(_encrypted(hp.with_data_pkl(pickle.dumps({"args": None})))),
