@@ -1,9 +1,10 @@
 """Nemotron-H (megatron MambaModel: Mamba, attention and MLP layers): export live, offline and import back.
 
 These paths are checked by weight deltas (the logits of the live export and import are checked in
-tests/families/test_hybrid_logits.py, with CPU stand-ins for the mamba_ssm kernels): for every HF module, peft's merged weight minus the base weight equals the Megatron adapter's effective delta (scale * B @ A of
-each TP rank, put together by megatron's row layout in tests/support/tiny_hybrid.py), exactly (the values are dyadic
-so that float32 sums are exact)."""
+tests/families/test_hybrid_logits.py, with CPU stand-ins for the mamba_ssm kernels): for every HF module, peft's
+merged weight minus the base weight equals the Megatron adapter's effective delta (scale * B @ A of each TP rank, put
+together by megatron's row layout in tests/support/tiny_hybrid.py), exactly (the values are dyadic so that float32
+sums are exact)."""
 
 import dataclasses
 import json
