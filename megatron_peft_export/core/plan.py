@@ -15,7 +15,7 @@ import torch
 from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
-from .peft_names import PEFT_PREFIX, hf_key
+from .peft_names import hf_key
 from .shards import Placement, ShardSpec
 from .splits import mamba_in_parts, row_blocks
 
@@ -456,7 +456,7 @@ def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[f
     modules: dict[str, LoraSettings] = {}
     problems = []
     for module in sorted(alphas):
-        a, b = shapes.get(f"{PEFT_PREFIX}{module}.lora_A.weight"), shapes.get(f"{PEFT_PREFIX}{module}.lora_B.weight")
+        a, b = shapes.get(hf_key(module, "lora_A")), shapes.get(hf_key(module, "lora_B"))
         if a is None or b is None:
             problems.append(
                 f"{module}: has {'lora_B' if a is None else 'lora_A'} but no {'lora_A' if a is None else 'lora_B'}"
