@@ -391,6 +391,8 @@ class _Packed:
                 torch._C._nn.flatten_dense_tensors(tensors if len(members) == 1 else [tensors[i] for i in indices])
                 for indices in members
             ]
+            # a dtype's lone contiguous tensor comes back as a view of itself, not a copy: copy it
+            flats = [f.clone() if len(i) == 1 else f for f, i in zip(flats, members)]
         return cls(flats, members, list(map(_SHAPE, tensors)))
 
     @property

@@ -58,3 +58,14 @@ def test_the_packed_copy_of_a_save_before_the_walk_keeps_the_values_and_shapes_o
     sources[0].data = torch.zeros(9)  # replaced after the save
     _assert_copies(packed.views, expected)
     assert _Packed.of([]).views == []
+
+
+def test_the_packed_copy_of_a_dtype_s_lone_tensor_is_a_copy():
+    """torch's flatten of one contiguous tensor is a view of it: the save's copy must not follow the training step."""
+    lone, pair = torch.ones(3, dtype=torch.float64), [torch.ones(2, 2), torch.ones(4)]
+    for sources in ([lone], [pair[0], lone, pair[1]]):
+        packed = _Packed.of(sources)
+        expected = [s.clone() for s in sources]
+        for s in sources:
+            s.add_(1)
+        _assert_copies(packed.views, expected)
