@@ -26,18 +26,18 @@ def _config(name):
     return getattr(tiny_deepseek, name)
 
 
-def _targets(name, tp):
+def _targets(name, tp, routed=None):
     cfg = _config(name)
     attention = GQA if cfg.attention == "gqa" else MLA
     if cfg.attention == "mla" and cfg.q_lora_rank is None:
         attention = ("*linear_q_proj",) + attention[2:]
-    return attention + DENSE_AND_SHARED + (ROUTED if tp == 1 else ())
+    return attention + DENSE_AND_SHARED + (ROUTED if (tp == 1 if routed is None else routed) else ())
 
 
 BRIDGE_MLA = ["linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]
 
 
-def _build(name, tp, ep, seed, variant="modelopt", bridge_targets=None):
+def _build(name, tp, ep, seed, variant="modelopt", bridge_targets=None, routed=None):
     from tests.support import real_bridge, tiny_deepseek
     from tests.support.tiny_gpt import apply_modelopt_lora, fill_lora_random
 
@@ -45,7 +45,7 @@ def _build(name, tp, ep, seed, variant="modelopt", bridge_targets=None):
     tiny_deepseek.init_parallel(tp=tp, ep=ep)
     model = tiny_deepseek.build(cfg, sequence_parallel=tp > 1)
     if variant == "modelopt":
-        model = apply_modelopt_lora(model, targets=_targets(name, tp))
+        model = apply_modelopt_lora(model, targets=_targets(name, tp, routed))
     else:  # Bridge's LoRA on MLA's linears and the MLPs' (dense, shared and routed experts) fc1, and fc2 at TP1
         # (Bridge's LoRA on expert fc2 at expert TP 2 is refused, see dialects/bridge.py)
         mlp = ["linear_fc1", "linear_fc2"] if tp == 1 else ["linear_fc1"]
@@ -136,12 +136,12 @@ def _offline(rank, world, tmp):
     export_checkpoint(str(Path(tmp) / "save"), str(Path(tmp) / "offline"), options=options, quiet=True)
 
 
-def _import(rank, world, tmp, name, tp=1, ep=1):
+def _import(rank, world, tmp, name, tp=1, ep=1, routed=None):
     from megatron_peft_export import load_hf_adapter
     from tests.support import tiny_moe
     from tests.support.tiny_gpt import sample_tokens
 
-    cfg, model = _build(name, tp, ep, seed=99)  # other values: the import must overwrite every one
+    cfg, model = _build(name, tp, ep, seed=99, routed=routed)  # other values: the import must overwrite every one
     load_hf_adapter(model, Path(tmp) / "live", base_model_name_or_path=str(Path(tmp) / "base"))
     logits = tiny_moe.megatron_moe_logits(model, sample_tokens(cfg))  # collective
     return logits if rank == 0 else None
@@ -181,7 +181,8 @@ def test_deepseek_v3_tp1_export_offline_and_import(tmp_path):
 
 @pytest.mark.family("deepseek_v3", path="export", layout="ModelOpt TP2 SP", check="logits")
 @pytest.mark.family("deepseek_v3", path="offline", layout="ModelOpt TP2 SP", check="logits")
-def test_deepseek_v3_tp2_sequence_parallel_export_and_offline(tmp_path):
+@pytest.mark.family("deepseek_v3", path="import", layout="ModelOpt TP2 SP -> TP1, TP2 SP", check="logits")
+def test_deepseek_v3_tp2_sequence_parallel_export_offline_and_import(tmp_path):
     """MLA's column-parallel down projections (rows split over TP, gathered before the latent norms) and up
     projections (heads split over TP)."""
     result = run_ranks(_export, 2, str(tmp_path), "DEEPSEEK_LIKE", tp=2, save=True, timeout=400)[0]
@@ -189,6 +190,9 @@ def test_deepseek_v3_tp2_sequence_parallel_export_and_offline(tmp_path):
     assert result["config"]["target_parameters"] == sorted(AS_PARAMETERS)
     run_ranks(_offline, 1, str(tmp_path), timeout=300)
     _same_files(tmp_path / "live", tmp_path / "offline")
+    for tp in (1, 2):  # at TP1 without routed-expert LoRA, which the TP2 model does not have
+        imported = run_ranks(_import, tp, str(tmp_path), "DEEPSEEK_LIKE", tp=tp, routed=False, timeout=400)[0]
+        assert (imported - result["logits"]).abs().max().item() <= 1e-5
 
 
 @pytest.mark.family("deepseek_v3", path="export", layout="ModelOpt EP2", check="logits")
@@ -225,11 +229,15 @@ def test_glm4_moe_tp1_export_offline_and_import(tmp_path):
 
 @pytest.mark.family("glm4_moe", path="export", layout="ModelOpt TP2 SP", check="logits")
 @pytest.mark.family("glm4_moe", path="offline", layout="ModelOpt TP2 SP", check="logits")
-def test_glm4_moe_tp2_sequence_parallel_export_and_offline(tmp_path):
+@pytest.mark.family("glm4_moe", path="import", layout="ModelOpt TP2 SP -> TP1, TP2 SP", check="logits")
+def test_glm4_moe_tp2_sequence_parallel_export_offline_and_import(tmp_path):
     result = run_ranks(_export, 2, str(tmp_path), "GLM_LIKE", tp=2, save=True, timeout=400)[0]
     assert result["diff"] <= 1e-5
     run_ranks(_offline, 1, str(tmp_path), timeout=300)
     _same_files(tmp_path / "live", tmp_path / "offline")
+    for tp in (1, 2):  # at TP1 without routed-expert LoRA, which the TP2 model does not have
+        imported = run_ranks(_import, tp, str(tmp_path), "GLM_LIKE", tp=tp, routed=False, timeout=400)[0]
+        assert (imported - result["logits"]).abs().max().item() <= 1e-5
 
 
 @pytest.mark.family("glm4_moe", path="export", layout="ModelOpt EP2", check="logits")

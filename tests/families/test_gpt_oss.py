@@ -79,18 +79,14 @@ def _model(tp, ep, seed, experts=True):
     return model
 
 
-def _save_and_export_live(rank, world, tmp, tp=1, ep=1, experts=True):
-    """Export live and save a Megatron-LM-style torch_dist checkpoint (args, iteration, ModelOpt state) of one model;
-    returns the model's logits."""
+def _save_and_export_live(rank, world, tmp, tp=1, ep=1, experts=True, save=True):
+    """Export live and (with `save`) save a Megatron-LM-style torch_dist checkpoint (args, iteration, ModelOpt state)
+    of one model; returns the model's logits."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
     from megatron_peft_export import export_adapter
-    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
     from tests.support import tiny_gpt_oss as oss
     from tests.support.tiny_gpt import sample_tokens
-    from tests.support.training import _in_process_write_results, _may_fork
 
     cfg = oss.TINY
     model = _model(tp, ep, seed=41, experts=experts)
@@ -98,6 +94,21 @@ def _save_and_export_live(rank, world, tmp, tp=1, ep=1, experts=True):
         oss.hf_config(cfg).save_pretrained(Path(tmp) / "base")
     dist.barrier()
     export_adapter(model, Path(tmp) / "live", base_model_name_or_path=str(Path(tmp) / "base"))
+    if save:
+        _save(rank, model, tmp, tp)
+    return oss.megatron_logits(model, sample_tokens(cfg))
+
+
+def _save(rank, model, tmp, tp):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
+
+    from megatron_peft_export.io.checkpoints import TRACKER, iteration_dir
+    from tests.support import tiny_gpt_oss as oss
+    from tests.support.training import _in_process_write_results, _may_fork
+
+    cfg = oss.TINY
     directory = iteration_dir(Path(tmp) / "save", 3)
     directory.mkdir(parents=True, exist_ok=True)
     args = recorded_args(
@@ -114,7 +125,6 @@ def _save_and_export_live(rank, world, tmp, tp=1, ep=1, experts=True):
     if rank == 0:
         (Path(tmp) / "save" / TRACKER).write_text("3")
     dist.barrier()
-    return oss.megatron_logits(model, sample_tokens(cfg))
 
 
 def _offline(rank, world, tmp):
@@ -160,7 +170,7 @@ def test_gpt_oss_offline_export_equals_live_and_matches_megatron_logits(tmp_path
 # ------------------------------------------------------------------ import back into Megatron
 
 
-def _import_at(rank, world, tmp, ep):
+def _import_at(rank, world, tmp, ep=1, tp=1, experts=True):
     """Logits after importing the live export into a model whose LoRA starts elsewhere, and the names of this rank's
     LoRA tensors that differ from the exported model's (refilled from its seed: the harness draws each global tensor
     from the seed, whatever the layout)."""
@@ -171,7 +181,7 @@ def _import_at(rank, world, tmp, ep):
     from tests.support import tiny_moe
     from tests.support.tiny_gpt import _global_name, sample_tokens
 
-    model = _model(1, ep, seed=99)
+    model = _model(tp, ep, seed=99, experts=experts)
     load_hf_adapter(model, Path(tmp) / "live", model_type="gpt_oss")
     logits = oss.megatron_logits(model, sample_tokens(oss.TINY))
 
@@ -189,10 +199,27 @@ def test_gpt_oss_round_trip_ep2_to_ep1_and_ep2(tmp_path):
     """The interleaved gate_up_proj LoRA comes back as each expert's [gate; up] fc1 LoRA, bit for bit."""
     logits = run_ranks(_save_and_export_live, 2, str(tmp_path), ep=2, timeout=300)[0]
     for ep in (1, 2):
-        imported = run_ranks(_import_at, ep, str(tmp_path), ep, timeout=300)
+        imported = run_ranks(_import_at, ep, str(tmp_path), ep=ep, timeout=300)
         names = {k for _, rank_names, _ in imported for k in rank_names}
         assert sum(".local_experts." in k and ".linear_fc1." in k for k in names) == 4 * 4 * 2
         assert [differ for _, _, differ in imported] == [[]] * ep
+        assert (imported[0][0] - logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.family("gpt_oss", path="import", layout="TP2 SP (attention LoRA) -> TP1, TP2 SP", check="logits")
+def test_gpt_oss_round_trip_tp2_attention_to_tp1_and_tp2(tmp_path):
+    """q/k/v/o LoRA exported at TP2 with sequence parallelism comes back whole at TP1 and split again at TP2, bit for
+    bit beside the sinks and biases."""
+    from tests.support import tiny_gpt_oss as oss
+
+    logits = run_ranks(_save_and_export_live, 2, str(tmp_path), tp=2, experts=False, save=False, timeout=300)[0]
+    for tp in (1, 2):
+        imported = run_ranks(_import_at, tp, str(tmp_path), tp=tp, experts=False, timeout=300)
+        names = {k for _, rank_names, _ in imported for k in rank_names}
+        assert sum(".linear_qkv." in k for k in names) == 2 * oss.TINY.num_layers and not any(
+            ".local_experts." in k for k in names
+        )
+        assert [differ for _, _, differ in imported] == [[]] * tp
         assert (imported[0][0] - logits).abs().max().item() <= 1e-5
 
 
