@@ -195,17 +195,7 @@ def test_fused_layout_needs_every_expert():
 
 def test_expert_fc1_at_etp2_is_deinterleaved_per_expert():
     """Expert tensor parallelism shards each expert's fc1 like a dense fc1: a rank holds [gate_t; up_t]."""
-    geo = ModelGeometry(
-        num_layers=1,
-        hidden_size=H,
-        num_attention_heads=2,
-        num_query_groups=1,
-        head_dim=8,
-        ffn_hidden_size=24,
-        gated_linear_unit=True,
-        num_experts=E,
-        moe_ffn_hidden_size=I,
-    )
+    geo = dataclasses.replace(GEOMETRY, num_layers=1)
     g = torch.Generator().manual_seed(5)
     gate, up, a = torch.randn(I, R, generator=g), torch.randn(I, R, generator=g), torch.randn(R, H, generator=g)
     module = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1"
