@@ -88,6 +88,14 @@ def header(
 def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
     """Empty tensors (key -> dtype, shape) that are views of one flat buffer laid out as a safetensors payload: once
     filled, `save_file` writes them with one system call."""
+    return allocate_payload(entries)[0]
+
+
+def allocate_payload(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
+    """`allocate`, with the flat buffer as a writable memoryview and each tensor's (start, end) byte span in it:
+    bytes written into the buffer are the tensors' values."""
     where = spans(entries)
     flat = torch.empty(max((end for _, end in where.values()), default=0), dtype=torch.uint8)
     typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype: dtypes come widest first, so aligned
@@ -100,7 +108,7 @@ def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict
         if dtype not in typed:
             typed[dtype] = flat[start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize].view(dtype)
         tensors[key] = typed[dtype].as_strided(shape, _strides(shape), start // dtype.itemsize)
-    return {key: tensors[key] for key in entries}
+    return {key: tensors[key] for key in entries}, memoryview(flat.numpy()), where
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -113,7 +121,16 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def allocate_plan(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """`allocate` for a plan's HF tensors, each in its source dtype unless `dtype` overrides it."""
-    return allocate({key: (dtype or getattr(torch, plan.dtypes[key]), shape) for key, shape in plan.shapes.items()})
+    return allocate_plan_payload(plan, dtype)[0]
+
+
+def allocate_plan_payload(
+    plan: AdapterPlan, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
+    """`allocate_payload` for a plan's HF tensors (as `allocate_plan`)."""
+    return allocate_payload(
+        {key: (dtype or getattr(torch, plan.dtypes[key]), shape) for key, shape in plan.shapes.items()}
+    )
 
 
 def _payload(tensors: Mapping[str, torch.Tensor], where: dict[str, tuple[int, int]]) -> memoryview | None:

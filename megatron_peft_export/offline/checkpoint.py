@@ -15,7 +15,7 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -260,6 +260,10 @@ class TorchDistReader:
         """Keys stored as pickled bytes (BytesStorageMetadata): never read."""
         return self._metadata.byte_keys
 
+    def entry(self, key: str) -> TensorEntry:
+        """What the metadata says of a tensor: dtype, size, chunks."""
+        return self._metadata.tensors[key]
+
     def dtype(self, key: str) -> str:
         return str(self._metadata.tensors[key].dtype).removeprefix("torch.")
 
@@ -346,11 +350,22 @@ class TorchDistReader:
     def load(self, key: str) -> torch.Tensor:
         return next(self.load_many([key]))[1]
 
-    def load_many(self, keys: list[str], budget: int = READ_BATCH_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    def load_many(
+        self,
+        keys: list[str],
+        budget: int = READ_BATCH_BYTES,
+        *,
+        direct: Mapping[str, Mapping[tuple[int, ...], list[Segment]]] | None = None,
+        payload: memoryview | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor | None]]:
         """(key, tensor) for each key in order, read in batches of up to `budget` bytes (a larger tensor is read alone).
 
         Each stored item is read with one positional read of its byte range, in file order, and decoded in memory
         (io/torch_save.py); an item that decoder does not take is refused. The budget bounds what is read ahead.
+
+        `direct` (key -> chunk offsets -> segments) names keys whose values go straight into `payload`: each segment
+        (start in the chunk's bytes, start in `payload`, length) is copied from the decoded chunk's bytes, in C
+        order, with no tensor built; such keys are yielded as (key, None) once copied.
         """
         unchecked = [key for key in keys if key not in self._checked]
         if unchecked:
@@ -360,16 +375,16 @@ class TorchDistReader:
         for key in keys:
             nbytes = self._metadata.tensors[key].nbytes
             if batch and size + nbytes > budget:
-                yield from self._load_batch(batch)
+                yield from self._load_batch(batch, direct or {}, payload)
                 batch, size = [], 0
             batch.append(key)
             size += nbytes
         if batch:
-            yield from self._load_batch(batch)
+            yield from self._load_batch(batch, direct or {}, payload)
 
-    def _load_batch(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _load_batch(self, keys: list[str], direct, payload) -> Iterator[tuple[str, torch.Tensor | None]]:
         try:
-            tensors = self._read_items(keys)
+            tensors = self._read_items(keys, direct, payload)
         except CheckpointError:
             raise
         except NotPlainTensor as exc:
@@ -385,9 +400,9 @@ class TorchDistReader:
                 f"missing?"
             ) from None
         for key in keys:
-            yield key, tensors.pop(key)
+            yield key, (None if key in direct else tensors.pop(key))
 
-    def _read_items(self, keys: list[str]) -> dict[str, torch.Tensor]:
+    def _read_items(self, keys: list[str], direct=None, payload=None) -> dict[str, torch.Tensor]:
         """The keys' stored items, read in runs of adjacent items (one positional read per run, in file order) and
         decoded in memory: blobs laid out as one already decoded (the same bytes wherever decode looks) are taken
         together, any other blob is decoded on its own."""
@@ -400,6 +415,7 @@ class TorchDistReader:
             key=lambda item: item[:2],
         )
         tensors: dict[str, torch.Tensor] = {}
+        scratch = np.empty(0, dtype=np.uint8)  # reused: nothing read into it outlives its run (decoding copies)
         with contextlib.ExitStack() as files:
             opened: dict[str, RegularFile] = {}
             for run in _runs(items):
@@ -416,15 +432,49 @@ class TorchDistReader:
                 f = opened[relative_path]
                 size = run[-1][1] + run[-1][2] - start
                 f.check_range(start, size, f"the stored items of {run[0][3]}" + (" and others" if len(run) > 1 else ""))
-                buffer = bytearray(size)
+                if len(scratch) < size:
+                    scratch = np.empty(size, dtype=np.uint8)  # not zero-filled: the read below fills all of it
+                buffer = scratch[:size]
                 f.readinto(buffer, start)
                 for group in _same_layout(
                     buffer, [(offset - start, length, key, chunk) for _, offset, length, key, chunk in run]
                 ):
-                    self._place(tensors, buffer, group)
+                    if direct:
+                        group = self._copy_direct(buffer, group, direct, payload)
+                    if group[1]:
+                        self._place(tensors, buffer, group)
         return tensors
 
-    def _place(self, tensors: dict[str, torch.Tensor], buffer: bytearray, group) -> None:
+    def _copy_direct(self, buffer: np.ndarray, group, direct, payload: memoryview) -> tuple:
+        """Copy the blobs of `direct` keys in a group into the payload by their segments; the group of the others.
+
+        A blob laid out as one whole tensor is copied from where its data lies in the buffer; any other is decoded
+        alone (and made contiguous) first. Either way its dtype and shape are the metadata's, or it is refused as
+        `_put` refuses it."""
+        layout, blobs = group
+        rest = []
+        source = memoryview(buffer)
+        for blob in blobs:
+            at, length, key, chunk = blob
+            segments = direct.get(key)
+            if segments is None:
+                rest.append(blob)
+                continue
+            entry = self._metadata.tensors[key]
+            if layout is not None and layout.whole:
+                _check_part(key, entry, chunk, layout.dtype, layout.size)
+                data, base = source, at + layout.data_offset
+            else:
+                part = _decode_one(buffer, at, length, key)
+                _check_part(key, entry, chunk, part.dtype, tuple(part.shape))
+                data, base = _bytes(part), 0
+            for src, dst, n in segments[chunk.offsets]:
+                payload[dst : dst + n] = data[base + src : base + src + n]
+        if rest and len(rest) < len(blobs) and layout is not None:  # the others need not lie one after another
+            return None, rest
+        return layout, rest
+
+    def _place(self, tensors: dict[str, torch.Tensor], buffer, group) -> None:
         """Put a group of blobs (the layout they share, or None: each decoded alone) into the keys' tensors."""
         layout, blobs = group
         if layout is None or not layout.whole:
@@ -454,10 +504,7 @@ class TorchDistReader:
 
     def _put(self, tensors: dict[str, torch.Tensor], key: str, chunk: Chunk, part: torch.Tensor) -> None:
         entry = self._metadata.tensors[key]
-        if part.shape != chunk.sizes or part.dtype != entry.dtype:
-            raise NotPlainTensor(
-                f"{key}: stored {part.dtype} {list(part.shape)}, metadata says {entry.dtype} {list(chunk.sizes)}"
-            )
+        _check_part(key, entry, chunk, part.dtype, part.shape)
         if chunk.sizes == entry.size:
             tensors[key] = part
             return
@@ -533,7 +580,22 @@ def _layout_indices(buffer: bytearray, starts: np.ndarray, known: dict[int, list
     return np.where(which < 0, -1, which)
 
 
-def _decode_one(buffer: bytearray, at: int, length: int, key: str) -> torch.Tensor:
+Segment = tuple[int, int, int]
+"""(start in a stored chunk's bytes in C order, start in the payload, length in bytes)."""
+
+
+def _check_part(key: str, entry: TensorEntry, chunk: Chunk, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """A decoded chunk is what the metadata says it is (dtype and shape), else it is refused."""
+    if tuple(shape) != chunk.sizes or dtype != entry.dtype:
+        raise NotPlainTensor(f"{key}: stored {dtype} {list(shape)}, metadata says {entry.dtype} {list(chunk.sizes)}")
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's values in C order as bytes."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _decode_one(buffer, at: int, length: int, key: str) -> torch.Tensor:
     try:
         return decode(bytearray(memoryview(buffer)[at : at + length]))
     except NotPlainTensor as exc:

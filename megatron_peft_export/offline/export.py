@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import gc
@@ -26,8 +27,9 @@ from ..core.geometry import (
     ModelGeometry,
     valid,
 )
-from ..core.plan import BulkCopy, apply_placements, plan_adapter
+from ..core.plan import AdapterPlan, BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
+from ..core.shards import Placement
 from ..dialects import name_modules, raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError, ShapeMismatchError
@@ -36,9 +38,18 @@ from ..io import safetensors_out
 from ..io.atomic_dir import check_output, discard, publish, staging_dir
 from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dirs
 from ..io.hf_config import parse_dtype, read_hf_config
-from ..io.peft_dir import check_finite
-from .checkpoint import CheckpointError, TorchDistReader, checkpoint_format, locate, modelopt_alpha, read_settings
-from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards
+from ..io.peft_dir import check_finite, nonfinite
+from .checkpoint import (
+    CheckpointError,
+    Segment,
+    TorchDistReader,
+    checkpoint_format,
+    locate,
+    modelopt_alpha,
+    read_settings,
+)
+from .dcp_metadata import TensorEntry
+from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards, stored_per_rank
 from .legacy import LegacyReader, legacy_shard
 
 log = logging.getLogger("megatron_peft_export")
@@ -273,19 +284,7 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
     values = _recorded(settings, hf_config, facts)
     names = naming(options.model_type, hf_config, _geometry(values, None))
     experts = names.geometry.num_experts
-    needs_tp = any(
-        s.spec.split_dim is not None
-        for k in keys
-        for s in offline_shards(
-            k,
-            shapes[k.key],
-            alpha=0.0,
-            tp_save=1,
-            gated=names.geometry.gated_linear_unit,
-            dtype="float32",
-            num_experts=experts,
-        )
-    )
+    needs_tp = any(stored_per_rank(k, names.geometry.gated_linear_unit) for k in keys)
     needs_tp = needs_tp or any(_row_parallel_dora(k) for k in keys)  # exportable from a TP 1 save only
     if needs_tp and values["tp_size"] is None:
         raise CheckpointError(
@@ -434,21 +433,26 @@ def _export_checkpoint(
     by_key: dict[str, list[int]] = defaultdict(list)
     for n, shard in enumerate(shards):
         by_key[shard.key].append(n)
-    tensors = safetensors_out.allocate_plan(plan, parse_dtype(options.dtype))
+    tensors, buffer, where = safetensors_out.allocate_plan_payload(plan, parse_dtype(options.dtype))
+    torch_dist = isinstance(reader, TorchDistReader)
+    direct = _direct_segments(reader, by_key, shards, plan, tensors, where) if torch_dist else {}
     read_bytes = 0
     copies = BulkCopy(16 << 20)  # queued copies, done together by torch._foreach_copy_ (at every 16 MiB, at the end)
     for key, data in tqdm(
-        reader.load_many(list(by_key)),
+        reader.load_many(list(by_key), direct=direct, payload=buffer) if direct else reader.load_many(list(by_key)),
         total=len(by_key),
         desc=f"reading adapter tensors of {directory.name}",
         unit="tensor",
         disable=quiet,
     ):
+        if data is None:  # copied into the payload by the reader
+            read_bytes += reader.entry(key).nbytes
+            continue
         read_bytes += data.numel() * data.element_size()
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]), copies)
     copies.flush()
-    check_finite(tensors, allow=options.allow_nonfinite)
+    _check_finite(tensors, buffer, where, options.allow_nonfinite)
     tmp = staging_dir(output_dir, options.overwrite, reading=reading, checkpoint=directory)
     try:
         stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=f"checkpoint {directory}")
@@ -457,6 +461,92 @@ def _export_checkpoint(
         discard(tmp)
         raise
     return ExportSummary(path, len(tensors), read_bytes, time.perf_counter() - started)
+
+
+def _direct_segments(
+    reader: TorchDistReader,
+    by_key: dict[str, list[int]],
+    shards: list[OfflineShard],
+    plan: AdapterPlan,
+    tensors: dict[str, torch.Tensor],
+    where: dict[str, tuple[int, int]],
+) -> dict[str, dict[tuple[int, ...], list[Segment]]]:
+    """Keys whose placements are byte ranges: key -> its chunks' segments (start in the chunk's bytes, start in the
+    payload, length), for the reader to copy straight into the payload (no tensor per key, shard or placement).
+
+    A key qualifies when its chunks are slabs along its first dimension (each a run of its bytes in C order), every
+    placement of its shards is along dim 0 of an HF tensor of its dtype (rows of the same width), so each placement is
+    one run of the key's bytes into one run of the payload. The segments are the placements' own copies, so the plan's
+    coverage check (every HF row filled exactly once) is what proves every payload byte written. Other keys (a dtype
+    cast, chunks split across columns) are placed by `apply_placements` as before."""
+    direct = {}
+    for key, positions in by_key.items():
+        segments = _key_segments(
+            reader.entry(key), [(shards[n], plan.placements[n]) for n in positions], tensors, where
+        )
+        if segments is not None:
+            direct[key] = segments
+    return direct
+
+
+def _key_segments(
+    entry: TensorEntry, placed: list[tuple[OfflineShard, list[Placement]]], tensors, where
+) -> dict[tuple[int, ...], list[Segment]] | None:
+    """One key's segments by chunk (`_direct_segments`), or None when a placement is not a run of its bytes."""
+    size, itemsize = entry.size, entry.dtype.itemsize
+    if not size or any(chunk.sizes[1:] != size[1:] for chunk in entry.chunks):
+        return None
+    chunks = sorted(entry.chunks, key=lambda chunk: chunk.offsets[0])
+    row_bytes = math.prod(size[1:]) * itemsize
+    starts = [chunk.offsets[0] * row_bytes for chunk in chunks]
+    ends = [start + chunk.sizes[0] * row_bytes for start, chunk in zip(starts, chunks)]
+    out: dict[tuple[int, ...], list[Segment]] = {chunk.offsets: [] for chunk in chunks}
+    strides = [math.prod(size[d + 1 :]) for d in range(len(size))]
+    for shard, placements in placed:
+        base = sum(i * stride for i, stride in zip(shard.index, strides)) * itemsize
+        local = size[len(shard.index) :]
+        width = math.prod(local[1:])
+        pieces = shard.rows or ((0, local[0]),)
+        for p in placements:
+            if p.dim != 0 or tensors[p.key].dtype != entry.dtype or math.prod(p.shape[1:]) != width:
+                return None
+            dst, first, count = where[p.key][0] + p.dst_start * width * itemsize, p.src_start, p.length
+            at = 0  # shard row where the piece starts
+            for start, length in pieces:
+                lo, hi = max(first, at), min(first + count, at + length)
+                if lo < hi:
+                    src = base + (start + lo - at) * width * itemsize
+                    n = (hi - lo) * width * itemsize
+                    _split(src, dst + (lo - first) * width * itemsize, n, starts, ends, chunks, out)
+                at += length
+    return out
+
+
+def _split(src: int, dst: int, n: int, starts: list[int], ends: list[int], chunks, out) -> None:
+    """A run of a key's bytes cut at its chunks' bounds, each part added to its chunk's segments."""
+    k = bisect.bisect_right(starts, src) - 1
+    while n > 0:
+        take = min(n, ends[k] - src)
+        if take > 0:
+            out[chunks[k].offsets].append((src - starts[k], dst, take))
+            src, dst, n = src + take, dst + take, n - take
+        k += 1
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], buffer: memoryview, where, allow: bool) -> None:
+    """`check_finite` of the export's tensors (views of one payload `buffer`, at `where`): one check per dtype's part
+    of the payload first (the tensors lie back to back in it, by dtype), tensor by tensor only to name what is not
+    finite."""
+    if allow:
+        return
+    parts: dict[torch.dtype, tuple[int, int]] = {}
+    for key, (start, end) in where.items():
+        dtype = tensors[key].dtype
+        lo, hi = parts.get(dtype, (start, end))
+        parts[dtype] = (min(lo, start), max(hi, end))
+    views = [(str(dtype), torch.frombuffer(buffer[lo:hi], dtype=dtype)) for dtype, (lo, hi) in parts.items() if hi > lo]
+    if nonfinite(views):
+        check_finite(tensors, allow=allow)
 
 
 def _shard_data(data: torch.Tensor, shard: OfflineShard) -> torch.Tensor:

@@ -123,6 +123,12 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
     return out
 
 
+def stored_per_rank(found: AdapterKey, gated: bool) -> bool:
+    """Whether the tensor's rows are stored per TP rank of the save (undone with its TP size: `offline_shards` splits
+    it), from the dialect's declaration alone. The layer and expert in a module path never change it."""
+    return found.tensor.stored(found.module, found.part, gated) != "whole"
+
+
 def offline_shards(
     found: AdapterKey,
     shape: tuple[int, ...],

@@ -75,7 +75,9 @@ def test_batches_stay_within_the_budget(checkpoint, monkeypatch):
     batches = []
     read_items = TorchDistReader._read_items
     monkeypatch.setattr(
-        TorchDistReader, "_read_items", lambda self, keys: batches.append(list(keys)) or read_items(self, keys)
+        TorchDistReader,
+        "_read_items",
+        lambda self, keys, *rest: batches.append(list(keys)) or read_items(self, keys, *rest),
     )
     got = dict(TorchDistReader(directory).load_many(["a", "c", "b", "d"], budget=1024))
     assert all(torch.equal(got[k], tensors[k]) for k in "abcd")

@@ -109,8 +109,8 @@ def test_what_is_read_ahead_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(
         TorchDistReader,
         "_read_items",
-        lambda self, keys: (
-            batches.append(sum(self._metadata.tensors[k].nbytes for k in keys)) or read_items(self, keys)
+        lambda self, keys, *rest: (
+            batches.append(sum(self._metadata.tensors[k].nbytes for k in keys)) or read_items(self, keys, *rest)
         ),
     )
     reader = TorchDistReader(tmp_path)
@@ -122,3 +122,39 @@ def test_what_is_read_ahead_is_bounded(tmp_path, monkeypatch):
     assert all(torch.equal(got[key], tensor) and got[key].dtype == tensor.dtype for key, tensor in tensors.items())
     assert reads and max(reads) <= max(1024, largest_item)
     assert len(batches) > 10 and max(batches) <= max(budget, largest_tensor)
+
+
+def test_direct_keys_are_copied_into_the_payload_by_their_segments(tmp_path):
+    """Keys read straight into a payload: the bytes at each segment are the saved tensor's C-order bytes (computed here
+    from what was saved), segments in any order; the other keys come as before. Blobs laid out alike next to other
+    keys' blobs (a mixed run), a bfloat16 one and a strided one (decoded alone) are all copied."""
+    tensors = _save(tmp_path)
+    reader = TorchDistReader(tmp_path)
+    chosen = ["t000", "t050", "t051", "half", "strided"]
+    payload, expected, direct, at = bytearray(4096), bytearray(4096), {}, 8
+    for key in chosen:
+        raw = tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        (chunk,) = reader.entry(key).chunks
+        half = len(raw) // 2  # the second half first, then the first half
+        direct[key] = {chunk.offsets: [(half, at, len(raw) - half), (0, at + len(raw) - half, half)]}
+        expected[at : at + len(raw)] = raw[half:] + raw[:half]
+        at += len(raw) + 8
+    got = dict(reader.load_many(sorted(tensors), direct=direct, payload=memoryview(payload)))
+    assert payload == expected
+    assert got.keys() == tensors.keys() and all(got[key] is None for key in chosen)
+    assert all(torch.equal(got[key], tensor) for key, tensor in tensors.items() if key not in direct)
+
+
+def test_a_direct_key_whose_blob_is_not_what_the_metadata_says_is_refused(tmp_path):
+    """The direct copy checks each blob's dtype and shape against the metadata as the tensor path does."""
+    tensors = _save(tmp_path)
+    reader = TorchDistReader(tmp_path)
+    entry = reader.entry("t000")
+    reader._metadata.tensors["t000"] = entry._replace(dtype=torch.float64)  # as a crafted .metadata would say
+    (chunk,) = entry.chunks
+    with pytest.raises(CheckpointError, match="metadata says torch.float64"):
+        dict(
+            reader.load_many(
+                sorted(tensors), direct={"t000": {chunk.offsets: [(0, 0, 8)]}}, payload=memoryview(bytearray(64))
+            )
+        )
