@@ -128,7 +128,7 @@ def test_malformed_archives_are_refused(tmp_path):
             load_torch_file(f)
 
 
-def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_past_the_data():
+def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_past_the_data(walk):
     for obj in [
         1,
         "x",
@@ -162,7 +162,7 @@ def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_pas
             check_pickle(data)
 
 
-def test_check_pickle_follows_tuples_through_the_memo_as_hashing_would():
+def test_check_pickle_follows_tuples_through_the_memo_as_hashing_would(walk):
     """Tuples the unpickler would hash (dict keys, set items) are followed through shared references and nesting:
     what torch writes (Size arguments, shared stride tuples, tuple keys) passes; a shared-tuple key (32^12 hash
     steps, 800 bytes) and a key nested 200000 deep (SIGSEGV in CPython's tuple hash) are refused before unpickling."""
