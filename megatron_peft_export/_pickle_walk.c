@@ -109,7 +109,7 @@ static int new_tuple(Walk *w, int64_t item, Py_ssize_t at) {
 static int step(Walk *w, int op, Py_ssize_t at) {
     Vec *s = &w->stack, *m = &w->marks;
     const unsigned char *t = w->table + 8 * op;
-    int marked = t[3], below = t[4], leaves = t[5], tuple = t[6], hashed = t[7];
+    int marked = t[3], below = t[4], leaves = t[5], built = t[6], hashed = t[7];
     if (op == 0x32) /* DUP */
         return push(s, s->n ? s->v[s->n - 1] : 256) < 0 ? NO_MEMORY : OK;
     if (op == 0x30 && m->n && m->v[m->n - 1] == s->n) { /* POP of a mark */
@@ -133,7 +133,7 @@ static int step(Walk *w, int op, Py_ssize_t at) {
             last = s->n + below;
         }
     }
-    if (tuple) {
+    if (built == 1) {
         int64_t steps = 1, depth = 0;
         for (Py_ssize_t i = first; i < last; i++) {
             if (steps <= w->tuple_budget) steps += s->v[i] >> 8;
@@ -145,6 +145,19 @@ static int step(Walk *w, int op, Py_ssize_t at) {
         int r = new_tuple(w, item, at);
         if (r != OK) return r;
         return push(s, item) < 0 ? NO_MEMORY : OK;
+    }
+    int64_t result = 256;
+    if (built == 2) { /* a call (OBJ, INST, NEWOBJ_EX): what it was given (NEWOBJ_EX: but the class) */
+        int64_t steps = 0, depth = 0;
+        for (Py_ssize_t i = first + (op == 0x92); i < last; i++) {
+            if (steps <= w->tuple_budget) steps += s->v[i] >> 8;
+            if ((s->v[i] & 255) > depth) depth = s->v[i] & 255;
+        }
+        if (steps < 1) steps = 1;
+        if (steps > w->tuple_budget + 1) steps = w->tuple_budget + 1;
+        result = steps << 8 | (depth < 255 ? depth : 255);
+        int r = new_tuple(w, result, at);
+        if (r != OK) return r;
     }
     if (hashed) {
         Py_ssize_t from = first, by = 1, to = last;
@@ -161,7 +174,7 @@ static int step(Walk *w, int op, Py_ssize_t at) {
         }
         w->budget -= spent;
     }
-    if (leaves) return push(s, 256) < 0 ? NO_MEMORY : OK;
+    if (leaves) return push(s, result) < 0 ? NO_MEMORY : OK;
     return OK;
 }
 
@@ -215,10 +228,15 @@ static int run(Walk *w) {
                 case 5: /* MARK */
                     if (push(m, s->n) < 0) return NO_MEMORY;
                     break;
-                case 11: /* REDUCE, NEWOBJ, BUILD */
+                case 11: /* REDUCE, NEWOBJ: the result may be a tuple of the arguments */
                     if (s->n < 2) UNDER;
                     w->budget -= s->v[--s->n] >> 8;
-                    TOP = 256;
+                    TOP = s->v[s->n];
+                    if (w->budget < 0) return refuse(w, 7, at, 0, 0);
+                    break;
+                case 12: /* BUILD: the object stays what it was */
+                    if (s->n < 2) UNDER;
+                    w->budget -= s->v[--s->n] >> 8;
                     if (w->budget < 0) return refuse(w, 7, at, 0, 0);
                     break;
                 case 13: { /* SETITEMS: the keys, summed as items then shifted, as in Python */

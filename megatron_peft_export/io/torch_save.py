@@ -300,12 +300,16 @@ def check_pickle(data: bytes) -> None:
     dict refuses hashing at once, a frozenset's hash is of its items' hashes, already paid when it was built (as
     FROZENSET or a call's argument), the classes the unpicklers build hash by identity; so every other item is one
     step. A tuple is one more step than its items and one deeper than the deepest: exact for the opcodes that build
-    tuples (TUPLE, EMPTY_TUPLE, TUPLE1..3), and any other way to reach a tuple (a call, a GET) comes from a slot
-    whose bound was already counted. An opcode that takes items and hashes some (keys, set items, a call's
-    arguments) spends their bounds from a budget of 4x the pickle's size plus 64 Ki steps; a tuple deeper than
-    MAX_TUPLE_DEPTH or of more steps than the pickle has bytes (only shared tuples make one) is refused. The memo is
-    followed as the unpickler keeps it (MEMOIZE stores at the count of distinct indices stored so far; a GET of an
-    index never stored is one step, the unpickler refuses it anyway).
+    tuples (TUPLE, EMPTY_TUPLE, TUPLE1..3). A call's result (REDUCE, NEWOBJ(_EX), OBJ, INST) may be a tuple made of
+    what it was given (torch.Size(t) is a tuple; the records the unpicklers return are of bounded size), so it is
+    bounded by what it was given; BUILD leaves its object's bound as it was; a GET is the bound stored. An opcode
+    that takes items and hashes some (keys, set items, a call's arguments) spends their bounds from a budget of 4x
+    the pickle's size plus 64 Ki steps; a tuple deeper than MAX_TUPLE_DEPTH or of more steps than the pickle has
+    bytes (only shared tuples make one) is refused. The memo is followed as the unpickler keeps it (MEMOIZE stores
+    at the count of distinct indices stored so far; a GET of an index never stored is one step, the unpickler
+    refuses it anyway). Not covered: what a call hashes inside a list it is given (set(list) hashes the list's
+    items, counted here as the list's one step); of the classes our unpicklers build only load_torch_file's set and
+    frozenset do that.
     """
     walk = _accelerated()
     found = walk(data, _TABLES) if walk is not None else walk_pickle(data)
@@ -376,9 +380,16 @@ def _walk(data: bytes) -> None:
                     stack[-1] = 256
                 elif r == 5:  # MARK
                     marks.append(len(stack))
-                elif r == 11:  # REDUCE, NEWOBJ, BUILD: the arguments (or state) may be hashed; leaves one item
+                elif r == 11:  # REDUCE, NEWOBJ: the arguments may be hashed; the result may be a tuple of them
+                    arguments = stack.pop()
+                    budget[0] -= arguments >> 8
+                    stack[-1] = arguments
+                    if budget[0] < 0:
+                        raise _Refusal((7, at, 0, 0))
+                elif r == 12:  # BUILD: the state may be hashed; the object stays what it was
+                    if len(stack) < 2:
+                        raise IndexError
                     budget[0] -= stack.pop() >> 8
-                    stack[-1] = 256
                     if budget[0] < 0:
                         raise _Refusal((7, at, 0, 0))
                 elif r == 13:  # SETITEMS: hashes the keys
@@ -457,6 +468,7 @@ def _effects() -> dict[int, tuple[bool, int, int]]:
 
 _EFFECTS = _effects()
 _TUPLES = {ord("t"): -1, 0x29: 0, 0x85: 1, 0x86: 2, 0x87: 3}  # TUPLE, EMPTY_TUPLE, TUPLE1..3: items taken
+_CALLS = {ord("o"), ord("i"), 0x92}  # OBJ, INST, NEWOBJ_EX (REDUCE and NEWOBJ: rule 11)
 _HASHED_KEYS = {ord(c) for c in "ud"}  # SETITEMS, DICT: every second item from the first is a key
 _HASHING = {0x90, 0x91} | {ord(c) for c in "Rb"} | {0x81, 0x92}
 """ADDITEMS, FROZENSET hash every item; REDUCE, BUILD, NEWOBJ, NEWOBJ_EX may hash their arguments' items."""
@@ -475,7 +487,8 @@ def _rules() -> list[int]:
         elif (below, leaves) == (0, 0):
             rules[code] = 7
     rules[0x94], rules[0x68], rules[0x6A], rules[0x71], rules[0x28] = 2, 3, 3, 4, 5
-    rules[ord("R")] = rules[0x81] = rules[ord("b")] = 11
+    rules[ord("R")] = rules[0x81] = 11
+    rules[ord("b")] = 12
     rules[ord("u")], rules[ord("e")], rules[0x29], rules[0x85], rules[0x86] = 13, 14, 8, 9, 10
     rules[_POP] = rules[_DUP] = 6  # POP (of an item or a mark), DUP
     return rules
@@ -488,8 +501,8 @@ def _tables() -> bytes:
     """The walk's tables for the C walk, 8 bytes per opcode byte: the fixed argument's size + 2 (0: no such opcode,
     1: a variable argument), the `_rules` case, the variable argument's kind (1 STOP, 2 LONG_BINPUT, 3 a line,
     4 two lines, 5 to 8 a length of 1 unsigned, 4 signed, 4 unsigned, 8 unsigned bytes), and `_step`'s effect:
-    marked, below, leaves, whether it builds a tuple, which items it hashes (1 the second, 2 every second from the
-    first, 3 all). Python computes them once, so both walks read the same opcode facts."""
+    marked, below, leaves, what it builds (1 a tuple, 2 a call's result: `_CALLS`), which items it hashes (1 the
+    second, 2 every second from the first, 3 all). Python computes them once: both walks read the same facts."""
     kinds = {"STOP": 1, "LONG_BINPUT": 2, "line": 3, "lines2": 4, (1, False): 5, (4, True): 6, (4, False): 7}
     kinds[(8, False)] = 8
     table = bytearray(256 * 8)
@@ -500,7 +513,8 @@ def _tables() -> bytes:
             marked, below, leaves = _EFFECTS.get(code, (False, 0, 0))
         hashed = 1 if code == 0x73 else 2 if code in _HASHED_KEYS else 3 if code in _HASHING else 0
         kind = kinds[_VARIABLE[code]] if code in _VARIABLE else 0
-        row = (_FIXED[code] + 2, _RULE[code], kind, marked, below, leaves, code in _TUPLES, hashed)
+        built = 1 if code in _TUPLES else 2 if code in _CALLS else 0
+        row = (_FIXED[code] + 2, _RULE[code], kind, marked, below, leaves, built, hashed)
         table[code * 8 : code * 8 + 8] = bytes(int(v) for v in row)
     return bytes(table)
 
@@ -547,13 +561,18 @@ def _step(op: int, at: int, stack: list[int], marks: list[int], budget: list[int
         steps, depth = 1 + sum(t >> 8 for t in taken), 1 + max((t & 255 for t in taken), default=0)
         stack.append(_tuple(steps << 8 | min(depth, 255), budget, at))
         return
+    result = 256
+    if op in _CALLS:  # the result may be a tuple of what the call was given (torch.Size(t) is a tuple)
+        given = taken[1:] if op == 0x92 else taken
+        steps, depth = max(1, sum(t >> 8 for t in given)), max((t & 255 for t in given), default=0)
+        result = _tuple(steps << 8 | min(depth, 255), budget, at)
     hashed = taken[1:2] if op == 0x73 else taken[0::2] if op in _HASHED_KEYS else taken if op in _HASHING else ()
     if hashed:
         budget[0] -= sum(t >> 8 for t in hashed)
         if budget[0] < 0:
             raise _Refusal((7, at, 0, 0))
     if leaves:
-        stack.append(256)
+        stack.append(result)
 
 
 # ------------------------------------------------------------------------------------------ torch.save files on disk

@@ -40,6 +40,12 @@ def _doubled(times: int) -> bytes:
     return b")\x94" + b"".join(b"0h" + bytes([n]) + b"h" + bytes([n]) + b"\x86\x94" for n in range(times))
 
 
+def _one_size_as_many_keys(size: bytes = b"ctorch\nSize\n(" + b"K\x01" * 2000 + b"t\x85R") -> bytes:
+    """{torch.Size([1] * 2000): 1} with that key 4000 times: torch.Size is a tuple (its hash walks its items), made by
+    a call; 24 KB that hash 8 million items (quadratic in the pickle's size)."""
+    return b"\x80\x02" + size + b"\x94" + b"0}(" + b"h\x00K\x01" * 4000 + b"u."
+
+
 HOSTILE = {
     "shared-tuple key": hp.tuple_bomb_key(),
     "deep key": hp.deep_tuple_key(2000),
@@ -55,6 +61,8 @@ HOSTILE = {
     + b"".join(b"g%d\ng%d\n\x86p%d\n0" % (n, n, n + 1) for n in range(20))
     + b"g20\nK\x01s.",
     "SETITEM on nothing": b"\x80\x02s.",
+    "one torch.Size as many keys": _one_size_as_many_keys(),
+    "one torch.Size as many keys, OBJ": _one_size_as_many_keys(b"(ctorch\nSize\n(" + b"K\x01" * 2000 + b"to"),
     "LONG_BINPUT past the size": b"\x80\x02]r\xff\xff\xff\x7f.",
     "PUT past the size": b"]p99999999999\n.",
     "PUT of 19 digits": b"]p0000000000000000001\n.",
@@ -192,6 +200,7 @@ def test_check_pickle_refuses_the_corpus_in_words_through_either_walk(walk):
         (HOSTILE["BINUNICODE8 past int64"], f"an opcode at byte 2 declares {1 << 63} bytes, 1 follow"),
         (HOSTILE["BINSTRING negative"], "an opcode at byte 0 declares -1 bytes, 1 follow"),
         (HOSTILE["shared set item"], "a tuple of shared tuples"),
+        (HOSTILE["one torch.Size as many keys"], "the pickle hashes far more items than it holds"),
         (b"\x80\x02s.", "an opcode at byte 2 takes more items than the stack holds"),
         (HOSTILE["PUT of 19 digits"], "a bad memo index at byte 1"),
         (HOSTILE["unknown opcode"], "unknown pickle opcode 0xff at byte 0"),
