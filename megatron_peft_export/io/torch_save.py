@@ -307,9 +307,9 @@ def check_pickle(data: bytes) -> None:
     the pickle's size plus 64 Ki steps; a tuple deeper than MAX_TUPLE_DEPTH or of more steps than the pickle has
     bytes (only shared tuples make one) is refused. The memo is followed as the unpickler keeps it (MEMOIZE stores
     at the count of distinct indices stored so far; a GET of an index never stored is one step, the unpickler
-    refuses it anyway). Not covered: what a call hashes inside a list it is given (set(list) hashes the list's
-    items, counted here as the list's one step); of the classes our unpicklers build only load_torch_file's set and
-    frozenset do that.
+    refuses it anyway). Not counted here: what a call hashes inside a list it is given (set(list) hashes the list's
+    items, counted here as the list's one step); of what our unpicklers call only load_torch_file's set and frozenset
+    do that, and they count it themselves (`_FilePickle._hashed_set`).
     """
     walk = _accelerated()
     found = walk(data, _TABLES) if walk is not None else walk_pickle(data)
@@ -780,6 +780,7 @@ class _FilePickle(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._members, self._prefix, self._storages = members, prefix, {}
         self._opaque_names: set[tuple[str, str]] = set()
+        self._hash_budget = 4 * len(data) + (1 << 16)
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2's name for builtins
@@ -787,6 +788,8 @@ class _FilePickle(pickle.Unpickler):
         found = _FUNCTIONS.get((module, name))
         if found is not None:
             return found
+        if module == "builtins" and name in ("set", "frozenset"):
+            return functools.partial(self._hashed_set, _BUILTINS[name])
         if module == "builtins" and name in _BUILTINS:
             return _BUILTINS[name]
         if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):  # never getattr: torch's
@@ -799,6 +802,24 @@ class _FilePickle(pickle.Unpickler):
                 raise ValueError(f"more than {_MAX_OPAQUE} class names")
             return _opaque(module, name)
         raise RefusedGlobal(f"{module[:80]}.{name[:80]}")
+
+    def _hashed_set(self, kind: type, items: Any = ()) -> Any:
+        """set(items) or frozenset(items), as torch.save's protocol 2 writes a set (a call given a list), after
+        counting what hashing the items walks (tuples through, shared ones each time) against one budget per file:
+        check_pickle counts the list as one step, and a list holding one shared tuple of a pickle's size many times
+        would hash for hours."""
+        budget, pending = self._hash_budget, list(items) if type(items) in (list, tuple) else None
+        if pending is None:
+            raise ValueError(f"{kind.__name__} of {type(items).__name__}; expected a list")
+        while pending:
+            item = pending.pop()
+            budget -= 1
+            if budget < 0:
+                raise ValueError(f"a {kind.__name__} whose items hash far more than the pickle holds (shared tuples)")
+            if isinstance(item, tuple):
+                pending.extend(item)
+        self._hash_budget = budget
+        return kind(items)
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (
