@@ -7,7 +7,8 @@
   (uncompressed) zip whose ``data.pkl`` rebuilds one dense tensor from one typed storage, little-endian.
   Anything else raises NotPlainTensor.
 - `load_torch_file`: a whole torch.save file on disk (common.pt, legacy checkpoints), tensors left unread.
-- `check_pickle`: the declared lengths of any pickle checked against its size before an unpickler sees it.
+- `check_pickle`: any pickle's declared lengths, memo indices and what its dict keys and set items would cost to hash,
+  checked before an unpickler sees it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import io
 import math
 import pickle
 import pickletools
-import re
 import struct
 import types
 import warnings
@@ -274,83 +274,91 @@ def _argument_encodings() -> tuple[list[int], dict[int, Any]]:
 
 
 _FIXED, _VARIABLE = _argument_encodings()
-_PUT = ord("p")
-
-
-def _fixed_run() -> re.Pattern:
-    """A run of opcodes whose arguments have a fixed size and declare nothing (all but the variable ones, STOP and
-    LONG_BINPUT): skipped at the regex engine's speed, one opcode after the other (their first bytes differ, so the
-    run ends on an opcode boundary)."""
-    by_size: dict[int, list[int]] = {}
-    for code, size in enumerate(_FIXED):
-        if size >= 0:
-            by_size.setdefault(size, []).append(code)
-    forms = [
-        b"[" + b"".join(re.escape(bytes([code])) for code in codes) + b"]" + (b"[\\s\\S]{%d}" % size if size else b"")
-        for size, codes in sorted(by_size.items())
-    ]
-    return re.compile(b"(?:" + b"|".join(forms) + b")++")
-
-
-_FIXED_RUN = _fixed_run()
+_PUT, _GET, _POP, _DUP = ord("p"), ord("g"), 0x30, 0x32
+MAX_TUPLE_DEPTH = 100
+"""Tuples nested deeper than this are refused (what torch.save and torch.distributed.checkpoint write nests a few)."""
+_MAX_INDEX_DIGITS = 18
+"""A text memo index (PUT, GET: protocol 0) has at most this many digits (and names at most the pickle's size)."""
 
 
 def check_pickle(data: bytes) -> None:
-    """Refuse a pickle whose opcodes declare more than the data holds, before an unpickler allocates for them.
+    """Refuse, before an unpickler sees it, a pickle whose opcodes declare more than the data holds, or that builds
+    what hashing cannot finish. Raises ValueError. One walk over the opcodes, following the unpickler's stack and memo:
+    in C (`_pickle_walk`, built with the package) when it is there, else `walk_pickle` (the reference: the C walk is
+    the same algorithm, and tests/io/test_pickle_walk.py pins that both give the same answer on every pickle).
 
-    CPython's unpickler sizes buffers from declared lengths (BYTEARRAY8 allocates first, then reads) and grows its
-    memo table to twice any index a PUT names (zero-filled: gigabytes for a 4-byte index); here every declared
-    length must fit in what follows and every memo index must be below the pickle's size. Raises ValueError.
-    One pass over the opcodes: runs of fixed-size ones skipped by one regex match, the others checked one by one.
+    Lengths: CPython's unpickler sizes buffers from declared lengths (BYTEARRAY8 allocates first, then reads) and
+    grows its memo table to twice any index a PUT names (zero-filled: gigabytes for a 4-byte index); here every
+    declared length must fit in what follows and every memo index must be below the pickle's size.
+
+    Hashing: the unpickler hashes every dict key and set item as it builds them (SETITEM(S), DICT, ADDITEMS,
+    FROZENSET; REDUCE, NEWOBJ(_EX) and BUILD may hash what they are given), and hashing a tuple walks it with no depth
+    limit: a tuple nested a million deep crashes the process (a C stack overflow), and a tuple holding one memoized
+    tuple 32 times, 12 levels deep (800 bytes), takes 32^12 steps. Why following the stack is sound: an unpickler
+    builds objects only from what its stack and memo hold, and the walk holds, for every stack slot and memo entry,
+    a bound of what hashing that object walks (steps << 8 | tuple depth). Only tuples are hashed through: a list or
+    dict refuses hashing at once, a frozenset's hash is of its items' hashes, already paid when it was built (as
+    FROZENSET or a call's argument), the classes the unpicklers build hash by identity; so every other item is one
+    step. A tuple is one more step than its items and one deeper than the deepest: exact for the opcodes that build
+    tuples (TUPLE, EMPTY_TUPLE, TUPLE1..3). A call's result (REDUCE, NEWOBJ(_EX), OBJ, INST) may be a tuple made of
+    what it was given (torch.Size(t) is a tuple; the records the unpicklers return are of bounded size), so it is
+    bounded by what it was given; BUILD leaves its object's bound as it was; a GET is the bound stored. An opcode
+    that takes items and hashes some (keys, set items, a call's arguments) spends their bounds from a budget of 4x
+    the pickle's size plus 64 Ki steps; a tuple deeper than MAX_TUPLE_DEPTH or of more steps than the pickle has
+    bytes (only shared tuples make one) is refused. The memo is followed as the unpickler keeps it (MEMOIZE stores
+    at the count of distinct indices stored so far; a GET of an index never stored is one step, the unpickler
+    refuses it anyway). Not counted here: what a call hashes inside a list it is given (set(list) hashes the list's
+    items, counted here as the list's one step); of what our unpicklers call only load_torch_file's set and frozenset
+    do that, and they count it themselves (`_FilePickle._hashed_set`).
     """
-    end, at, skip = len(data), 0, _FIXED_RUN.match
-    while at < end:
-        run = skip(data, at)
-        if run is not None:
-            at = run.end()
-            if at >= end:
-                break
-        op = data[at]
-        size = _FIXED[op]
-        if size >= 0:  # a fixed-size opcode cut short by the end of the data
-            break
-        if size == -2:
-            raise ValueError(f"unknown pickle opcode {op:#x} at byte {at}")
-        kind, at = _VARIABLE[op], at + 1
-        if kind == "STOP":
-            check_hashing(data)
-            return
-        if kind == "LONG_BINPUT":
-            if at + 4 > end or int.from_bytes(data[at : at + 4], "little") > end:
-                raise ValueError(f"a memo index past the pickle's size at byte {at - 1}")
-            at += 4
-        elif type(kind) is tuple:
-            width, signed = kind
-            length = int.from_bytes(data[at : at + width], "little", signed=signed)
-            if at + width > end or length < 0 or at + width + length > end:
-                raise ValueError(
-                    f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow"
-                )
-            at += width + length
-        else:
-            for _ in range(2 if kind == "lines2" else 1):
-                newline = data.find(b"\n", at)
-                if newline < 0:
-                    raise ValueError(f"an unterminated line at byte {at}")
-                if op == _PUT and not (data[at:newline].strip().isdigit() and int(data[at:newline]) <= end):
-                    raise ValueError(f"a bad memo index at byte {at - 1}")
-                at = newline + 1
-    raise ValueError("the pickle ends before its STOP opcode")
+    walk = _accelerated()
+    found = walk(data, _TABLES) if walk is not None else walk_pickle(data)
+    if found is not None:
+        raise ValueError(_message(*found))
 
 
-def check_hashing(data: bytes) -> None:
-    """Refuse a pickle that builds what hashing cannot finish, before an unpickler hashes it (check_pickle calls it).
+def _message(code: int, at: int, a: int = 0, b: int = 0) -> str:
+    """The refusal a walk reports as (code, byte, value, value): the one wording of both walks."""
+    return {
+        1: lambda: f"unknown pickle opcode {a:#x} at byte {at}",
+        2: lambda: f"a memo index past the pickle's size at byte {at}",
+        3: lambda: f"an opcode at byte {at} declares {a} bytes, {b} follow",
+        4: lambda: f"an unterminated line at byte {at}",
+        5: lambda: f"a bad memo index at byte {at}",
+        6: lambda: f"an opcode at byte {at} takes more items than the stack holds",
+        7: lambda: f"the pickle hashes far more items than it holds (shared tuples), at byte {at}",
+        8: lambda: f"a tuple nested {a} deep (at most {MAX_TUPLE_DEPTH}), at byte {at}",
+        9: lambda: f"a tuple of shared tuples holding more items than the pickle has bytes, at byte {at}",
+        10: lambda: "the pickle ends before its STOP opcode",
+    }[code]()
 
-    CPython's unpickler hashes every dict key and set item as it builds them, and hashing a tuple walks it with no
-    depth limit: a tuple nested a million deep crashes the process (a C stack overflow), and a tuple holding one
-    memoized tuple 32 times, 12 levels deep (800 bytes), takes 32^12 steps. So this walk follows the unpickler's
-    stack as what hashing each item would cost (`_step`), every opcode in turn (~0.4 us each). Raises ValueError.
-    """
+
+class _Refusal(Exception):
+    """A refusal found inside the walk's helpers: (code, byte, value, value) as `_message` reads it."""
+
+
+@functools.cache
+def _accelerated() -> Any:
+    """The C walk (`megatron_peft_export._pickle_walk`, built by `pip install -e .`), or None when it was not built
+    (then check_pickle runs the same walk in Python)."""
+    try:
+        from .._pickle_walk import walk
+    except ImportError:
+        return None
+    return walk
+
+
+def walk_pickle(data: bytes) -> tuple[int, int, int, int] | None:
+    """check_pickle's walk in Python (the reference; see there): None if the pickle passes, else the refusal as
+    (code, byte, value, value) (`_message`). ~0.4 us per opcode; the C walk, ~100 times less."""
+    try:
+        _walk(data)
+    except _Refusal as refusal:
+        return refusal.args[0]
+    return None
+
+
+def _walk(data: bytes) -> None:
     end, at, fixed, rule = len(data), 0, _FIXED, _RULE
     stack: list[int] = []  # per item: what hashing it walks, as steps << 8 | tuple depth (1 << 8 for all but tuples)
     marks: list[int] = []
@@ -372,17 +380,24 @@ def check_hashing(data: bytes) -> None:
                     stack[-1] = 256
                 elif r == 5:  # MARK
                     marks.append(len(stack))
-                elif r == 11:  # REDUCE, NEWOBJ, BUILD: the arguments (or state) may be hashed; leaves one item
-                    budget[0] -= stack.pop() >> 8
-                    stack[-1] = 256
+                elif r == 11:  # REDUCE, NEWOBJ: the arguments may be hashed; the result may be a tuple of them
+                    arguments = stack.pop()
+                    budget[0] -= arguments >> 8
+                    stack[-1] = arguments
                     if budget[0] < 0:
-                        _overspent(at)
+                        raise _Refusal((7, at, 0, 0))
+                elif r == 12:  # BUILD: the state may be hashed; the object stays what it was
+                    if len(stack) < 2:
+                        raise IndexError
+                    budget[0] -= stack.pop() >> 8
+                    if budget[0] < 0:
+                        raise _Refusal((7, at, 0, 0))
                 elif r == 13:  # SETITEMS: hashes the keys
                     mark = marks.pop()
                     budget[0] -= sum(stack[mark::2]) >> 8
                     del stack[mark:]
                     if budget[0] < 0:
-                        _overspent(at)
+                        raise _Refusal((7, at, 0, 0))
                 elif r == 14:  # APPENDS
                     del stack[marks.pop() :]
                 elif r == 8:  # EMPTY_TUPLE
@@ -397,18 +412,18 @@ def check_hashing(data: bytes) -> None:
                 elif r != 7:  # anything else that touches the stack (nothing: 7): see _step
                     _step(op, at, stack, marks, budget)
             except IndexError:
-                raise ValueError(f"an opcode at byte {at} takes more items than the stack holds") from None
+                raise _Refusal((6, at, 0, 0)) from None
             at += 1 + n
             continue
         if n == -2:
-            raise ValueError(f"unknown pickle opcode {op:#x} at byte {at}")
+            raise _Refusal((1, at, op, 0))
         kind, at = _VARIABLE[op], at + 1
         if kind == "STOP":
-            return None
+            return
         if kind == "LONG_BINPUT":
             index = int.from_bytes(data[at : at + 4], "little")
             if index > end:
-                raise ValueError(f"a memo index past the pickle's size at byte {at - 1}")
+                raise _Refusal((2, at - 1, 0, 0))
             if stack:
                 memo[index] = stack[-1]
             at += 4
@@ -416,9 +431,7 @@ def check_hashing(data: bytes) -> None:
             width, signed = kind
             length = int.from_bytes(data[at : at + width], "little", signed=signed)
             if at + width > end or length < 0 or at + width + length > end:
-                raise ValueError(
-                    f"an opcode at byte {at - 1} declares {length} bytes, {max(0, end - at - width)} follow"
-                )
+                raise _Refusal((3, at - 1, length, max(0, end - at - width)))
             stack.append(256)
             at += width + length
         else:
@@ -426,24 +439,19 @@ def check_hashing(data: bytes) -> None:
             for _ in range(2 if kind == "lines2" else 1):
                 newline = data.find(b"\n", at)
                 if newline < 0:
-                    raise ValueError(f"an unterminated line at byte {at}")
+                    raise _Refusal((4, at, 0, 0))
                 at = newline + 1
             if op == _PUT or op == _GET:
-                text = data[line : at - 1]
-                if not (text.strip().isdigit() and int(text) <= end):
-                    raise ValueError(f"a bad memo index at byte {line - 1}")
+                digits = data[line : at - 1].strip()
+                if not (digits.isdigit() and len(digits) <= _MAX_INDEX_DIGITS and int(digits) <= end):
+                    raise _Refusal((5, line - 1, 0, 0))
                 if op == _GET:
-                    stack.append(memo.get(int(text), 256))
+                    stack.append(memo.get(int(digits), 256))
                 elif stack:
-                    memo[int(text)] = stack[-1]
+                    memo[int(digits)] = stack[-1]
             else:
                 _step(op, line - 1, stack, marks, budget)
-    raise ValueError("the pickle ends before its STOP opcode")
-
-
-MAX_TUPLE_DEPTH = 100
-"""Tuples nested deeper than this are refused (what torch.save and torch.distributed.checkpoint write nests a few)."""
-_GET = ord("g")
+    raise _Refusal((10, end, 0, 0))
 
 
 def _effects() -> dict[int, tuple[bool, int, int]]:
@@ -460,13 +468,14 @@ def _effects() -> dict[int, tuple[bool, int, int]]:
 
 _EFFECTS = _effects()
 _TUPLES = {ord("t"): -1, 0x29: 0, 0x85: 1, 0x86: 2, 0x87: 3}  # TUPLE, EMPTY_TUPLE, TUPLE1..3: items taken
+_CALLS = {ord("o"), ord("i"), 0x92}  # OBJ, INST, NEWOBJ_EX (REDUCE and NEWOBJ: rule 11)
 _HASHED_KEYS = {ord(c) for c in "ud"}  # SETITEMS, DICT: every second item from the first is a key
 _HASHING = {0x90, 0x91} | {ord(c) for c in "Rb"} | {0x81, 0x92}
 """ADDITEMS, FROZENSET hash every item; REDUCE, BUILD, NEWOBJ, NEWOBJ_EX may hash their arguments' items."""
 
 
 def _rules() -> list[int]:
-    """check_pickle's cases per opcode byte (see there); 6: `_step`; 7: nothing on the stack."""
+    """The walk's cases per opcode byte (see `_walk`); 6: `_step`; 7: nothing on the stack."""
     rules = [6] * 256
     for code, (marked, below, leaves) in _EFFECTS.items():
         if code in _TUPLES or code in _HASHING or code in _HASHED_KEYS or code == ord("s") or marked:
@@ -478,42 +487,61 @@ def _rules() -> list[int]:
         elif (below, leaves) == (0, 0):
             rules[code] = 7
     rules[0x94], rules[0x68], rules[0x6A], rules[0x71], rules[0x28] = 2, 3, 3, 4, 5
-    rules[ord("R")] = rules[0x81] = rules[ord("b")] = 11
+    rules[ord("R")] = rules[0x81] = 11
+    rules[ord("b")] = 12
     rules[ord("u")], rules[ord("e")], rules[0x29], rules[0x85], rules[0x86] = 13, 14, 8, 9, 10
-    rules[0x30] = rules[0x32] = 6  # POP (of an item or a mark), DUP
+    rules[_POP] = rules[_DUP] = 6  # POP (of an item or a mark), DUP
     return rules
 
 
 _RULE = _rules()
 
 
-def _overspent(at: int) -> None:
-    raise ValueError(f"the pickle hashes far more items than it holds (shared tuples), at byte {at}")
+def _tables() -> bytes:
+    """The walk's tables for the C walk, 8 bytes per opcode byte: the fixed argument's size + 2 (0: no such opcode,
+    1: a variable argument), the `_rules` case, the variable argument's kind (1 STOP, 2 LONG_BINPUT, 3 a line,
+    4 two lines, 5 to 8 a length of 1 unsigned, 4 signed, 4 unsigned, 8 unsigned bytes), and `_step`'s effect:
+    marked, below, leaves, what it builds (1 a tuple, 2 a call's result: `_CALLS`), which items it hashes (1 the
+    second, 2 every second from the first, 3 all). Python computes them once: both walks read the same facts."""
+    kinds = {"STOP": 1, "LONG_BINPUT": 2, "line": 3, "lines2": 4, (1, False): 5, (4, True): 6, (4, False): 7}
+    kinds[(8, False)] = 8
+    table = bytearray(256 * 8)
+    for code in range(256):
+        if code in _TUPLES:
+            marked, below, leaves = _TUPLES[code] < 0, max(_TUPLES[code], 0), 1
+        else:
+            marked, below, leaves = _EFFECTS.get(code, (False, 0, 0))
+        hashed = 1 if code == 0x73 else 2 if code in _HASHED_KEYS else 3 if code in _HASHING else 0
+        kind = kinds[_VARIABLE[code]] if code in _VARIABLE else 0
+        built = 1 if code in _TUPLES else 2 if code in _CALLS else 0
+        row = (_FIXED[code] + 2, _RULE[code], kind, marked, below, leaves, built, hashed)
+        table[code * 8 : code * 8 + 8] = bytes(int(v) for v in row)
+    return bytes(table)
+
+
+_TABLES = _tables()
 
 
 def _tuple(item: int, budget: list[int], at: int) -> int:
     """A new tuple's item (steps << 8 | depth), refused when too deep or of more steps than the pickle has bytes."""
     depth = item & 255
-    if depth > MAX_TUPLE_DEPTH or item >> 8 > budget[1]:
-        what = (
-            f"a tuple nested {depth} deep (at most {MAX_TUPLE_DEPTH})"
-            if depth > MAX_TUPLE_DEPTH
-            else "a tuple of shared tuples holding more items than the pickle has bytes"
-        )
-        raise ValueError(f"{what}, at byte {at}")
+    if depth > MAX_TUPLE_DEPTH:
+        raise _Refusal((8, at, depth, 0))
+    if item >> 8 > budget[1]:
+        raise _Refusal((9, at, 0, 0))
     return item
 
 
 def _step(op: int, at: int, stack: list[int], marks: list[int], budget: list[int]) -> None:
-    """An opcode's effect on check_pickle's stack: what hashing each item walks (steps << 8 | tuple depth). Only
+    """An opcode's effect on the walk's stack: what hashing each item walks (steps << 8 | tuple depth). Only
     tuples are hashed through (a list or dict stops a hash at once; the classes the unpicklers build hash by
     identity), so an item is one step, but a tuple: one more than its items' steps, one deeper than the deepest.
     A tuple deeper than MAX_TUPLE_DEPTH or of more steps than the pickle has bytes (only shared tuples make that)
     is refused, and so is hashing more steps in all than a few times the pickle's size."""
-    if op == 0x32:  # DUP
+    if op == _DUP:
         stack.append(stack[-1] if stack else 256)
         return
-    if op == 0x30 and marks and marks[-1] == len(stack):  # POP of a mark
+    if op == _POP and marks and marks[-1] == len(stack):  # POP of a mark
         marks.pop()
         return
     if op in _TUPLES:
@@ -525,7 +553,7 @@ def _step(op: int, at: int, stack: list[int], marks: list[int], budget: list[int
         mark = marks.pop() if marks else 0
         taken, stack[mark:] = stack[mark:], []
     if below > len(stack):
-        raise ValueError(f"an opcode at byte {at} takes more items than the stack holds")
+        raise _Refusal((6, at, 0, 0))
     if below:
         dropped, stack[len(stack) - below :] = stack[len(stack) - below :], []
         taken = taken if marked else dropped
@@ -533,13 +561,18 @@ def _step(op: int, at: int, stack: list[int], marks: list[int], budget: list[int
         steps, depth = 1 + sum(t >> 8 for t in taken), 1 + max((t & 255 for t in taken), default=0)
         stack.append(_tuple(steps << 8 | min(depth, 255), budget, at))
         return
+    result = 256
+    if op in _CALLS:  # the result may be a tuple of what the call was given (torch.Size(t) is a tuple)
+        given = taken[1:] if op == 0x92 else taken
+        steps, depth = max(1, sum(t >> 8 for t in given)), max((t & 255 for t in given), default=0)
+        result = _tuple(steps << 8 | min(depth, 255), budget, at)
     hashed = taken[1:2] if op == 0x73 else taken[0::2] if op in _HASHED_KEYS else taken if op in _HASHING else ()
     if hashed:
         budget[0] -= sum(t >> 8 for t in hashed)
         if budget[0] < 0:
-            _overspent(at)
+            raise _Refusal((7, at, 0, 0))
     if leaves:
-        stack.append(256)
+        stack.append(result)
 
 
 # ------------------------------------------------------------------------------------------ torch.save files on disk
@@ -747,6 +780,7 @@ class _FilePickle(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._members, self._prefix, self._storages = members, prefix, {}
         self._opaque_names: set[tuple[str, str]] = set()
+        self._hash_budget = 4 * len(data) + (1 << 16)
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2's name for builtins
@@ -754,6 +788,8 @@ class _FilePickle(pickle.Unpickler):
         found = _FUNCTIONS.get((module, name))
         if found is not None:
             return found
+        if module == "builtins" and name in ("set", "frozenset"):
+            return functools.partial(self._hashed_set, _BUILTINS[name])
         if module == "builtins" and name in _BUILTINS:
             return _BUILTINS[name]
         if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):  # never getattr: torch's
@@ -766,6 +802,24 @@ class _FilePickle(pickle.Unpickler):
                 raise ValueError(f"more than {_MAX_OPAQUE} class names")
             return _opaque(module, name)
         raise RefusedGlobal(f"{module[:80]}.{name[:80]}")
+
+    def _hashed_set(self, kind: type, items: Any = ()) -> Any:
+        """set(items) or frozenset(items), as torch.save's protocol 2 writes a set (a call given a list), after
+        counting what hashing the items walks (tuples through, shared ones each time) against one budget per file:
+        check_pickle counts the list as one step, and a list holding one shared tuple of a pickle's size many times
+        would hash for hours."""
+        budget, pending = self._hash_budget, list(items) if type(items) in (list, tuple) else None
+        if pending is None:
+            raise ValueError(f"{kind.__name__} of {type(items).__name__}; expected a list")
+        while pending:
+            item = pending.pop()
+            budget -= 1
+            if budget < 0:
+                raise ValueError(f"a {kind.__name__} whose items hash far more than the pickle holds (shared tuples)")
+            if isinstance(item, tuple):
+                pending.extend(item)
+        self._hash_budget = budget
+        return kind(items)
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (

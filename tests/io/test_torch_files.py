@@ -128,7 +128,7 @@ def test_malformed_archives_are_refused(tmp_path):
             load_torch_file(f)
 
 
-def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_past_the_data():
+def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_past_the_data(walk):
     for obj in [
         1,
         "x",
@@ -162,7 +162,7 @@ def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_pas
             check_pickle(data)
 
 
-def test_check_pickle_follows_tuples_through_the_memo_as_hashing_would():
+def test_check_pickle_follows_tuples_through_the_memo_as_hashing_would(walk):
     """Tuples the unpickler would hash (dict keys, set items) are followed through shared references and nesting:
     what torch writes (Size arguments, shared stride tuples, tuple keys) passes; a shared-tuple key (32^12 hash
     steps, 800 bytes) and a key nested 200000 deep (SIGSEGV in CPython's tuple hash) are refused before unpickling."""
@@ -218,11 +218,26 @@ def test_load_torch_file_refuses_what_its_readers_could_not_walk(tmp_path, data_
         load_torch_file(f)
 
 
+def test_a_set_of_one_shared_tuple_many_times_is_refused(tmp_path):
+    """set(list) as protocol 2 writes a set: the list holds one shared tuple (~8400 items hashed) 4000 times, 34
+    million hash steps from 20 KB; check_pickle counts the list as one item, the set's builder counts the items."""
+    shared = hp.opcodes(hp.shared_tuples(depth=3, width=20))
+    index = (1000).to_bytes(4, "little")
+    data = b"\x80\x02c__builtin__\nset\n(" + shared + b"r" + index + (b"j" + index) * 3999 + b"l\x85R."
+    with open_regular(_zip_with(tmp_path, data)) as f, pytest.raises(ValueError, match="a set whose items hash far"):
+        load_torch_file(f)
+
+
 def test_what_torch_save_writes_of_plain_data_still_loads(tmp_path):
-    state = {"args": argparse.Namespace(a=[1, 2], b=(3, (4, 5)), c={"x": None}), "rng": (3, tuple(range(625)), None)}
+    state = {
+        "args": argparse.Namespace(a=[1, 2], b=(3, (4, 5)), c={"x": None}, d={(1, 2), (3, (4,))}),
+        "rng": (3, tuple(range(625)), None),
+        "names": frozenset({"a", "b"}),
+    }
     torch.save(state, tmp_path / "f.pt")
     found, _ = _load(tmp_path / "f.pt")
     assert vars(found["args"]) == vars(state["args"]) and found["rng"] == state["rng"]
+    assert found["names"] == state["names"]
     data = pickle.dumps([bytearray(b"abc"), torch.Size([2, 3])], protocol=2)
     with open_regular(_zip_with(tmp_path, data, "g.pt")) as f:
         assert load_torch_file(f) == [bytearray(b"abc"), torch.Size([2, 3])]

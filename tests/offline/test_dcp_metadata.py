@@ -278,3 +278,21 @@ def test_a_planner_object_where_a_record_belongs_is_refused(metadata):
     metadata.storage_data[index] = WriteItem(index=index, type=WriteItemType.TENSOR)
     with pytest.raises(MetadataError, match="stored item of a: expected a _StorageInfo, found Dropped"):
         parse_metadata(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was(metadata, enabled):
+    """parse_metadata pauses the cyclic garbage collector while it unpickles: after it, and after a refusal, the
+    collector is as it was."""
+    import gc
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        parse_metadata(pickle.dumps(metadata))
+        assert gc.isenabled() == enabled
+        with pytest.raises(RefusedGlobal):
+            parse_metadata(pickle.dumps(Call(eval, "1")))
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
