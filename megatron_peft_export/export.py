@@ -35,7 +35,7 @@ from .io import safetensors_out
 from .io.atomic_dir import discard, publish, staging_dir
 from .io.hf_config import choose_arch, parse_dtype, read_hf_config
 from .io.peft_dir import check_finite, write_staging
-from .quantization import describe as describe_quantization
+from .quantization import Described
 from .quantization import summary as quantization_summary
 
 log = logging.getLogger("megatron_peft_export")
@@ -141,7 +141,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     try:
         chunks = model_chunks(model)
         report.geometry, report.megatron_vocab = model_geometry(chunks[0])
-        report.quantization = describe_quantization(chunks)
+        quantized = Described()  # rides along the one walk of the modules
         found = collect(
             chunks,
             options.adapter_name,
@@ -149,7 +149,9 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
             layout.tp_size,
             layout.is_data_parallel_source,
             layout.is_expert_data_parallel_source,
+            visit=quantized,
         )
+        report.quantization = quantized.found
         report.dialects, report.adapter_names, report.refused = found.dialects, found.adapter_names, found.refused
         carriers = found.carriers
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
