@@ -169,7 +169,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
 def _plan(
     reports: list[_Report], options: ExportOptions
 ) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]], Naming]:
-    """Identical on every rank (same inputs, pure code), so every rank raises the same error."""
+    """On the writer, from every rank's report (`run_export` broadcasts its outcome: every rank raises its error)."""
     dialects = set().union(*(r.dialects for r in reports))
     if not dialects:
         raise NoAdaptersError(
@@ -363,12 +363,16 @@ def run_export(
     raises on every rank. Returns finish's result on the writer, None elsewhere.
     """
     out_dtype = parse_dtype(options.dtype)
-    reports = coll.all_gather(snapshot.report, group)
+    reports = coll.gather(snapshot.report, WRITER, group)
     coll.agree(snapshot.report.error, group)
-    plan, dialect, ordered, names = _plan(reports, options)
-    tmp = coll.broadcast_outcome(
-        lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group
-    )
+
+    def plan_and_stage() -> tuple:
+        """The writer alone plans (the other ranks only send their shards) and, if the plan holds, makes the staging
+        directory; a failure of either raises on every rank."""
+        planned = _plan(reports, options)
+        return planned, staging_dir(output_dir, options.overwrite, reading=options.inputs())
+
+    outcome = coll.broadcast_outcome(plan_and_stage, WRITER, group)
     if layout.rank != WRITER:
         failure = None
         for bucket in coll.buckets([(s.spec.shape, s.spec.dtype) for s in snapshot.shards]):
@@ -378,6 +382,7 @@ def run_export(
         coll.broadcast_outcome(lambda: None, WRITER, group)
         return None
 
+    (plan, dialect, ordered, names), tmp = outcome
     try:  # a collective failure (a rank died or timed out) leaves no staging behind
         failure: Exception | None = None
         try:
