@@ -1,4 +1,5 @@
-"""The collective export: every rank snapshots and plans, the writer gathers bytes, converts and publishes.
+"""The collective export: every rank snapshots; the writer plans (every rank raises a plan's error), gathers bytes,
+converts and publishes.
 
 `export_adapter` runs it synchronously; the training hook takes the snapshot on the training thread
 and runs the rest in the background on its own process group.
