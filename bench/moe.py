@@ -226,15 +226,17 @@ def _ep2_worker(rank, world, shape: tuple, reps: int, scratch: str):
     return_freed_memory()
     layers, experts, hidden, lora_rank = shape
     model = build(layers, experts, ep=world, hidden=hidden, rank=lora_rank)
-    samples = []
+    samples, cpu = [], []
     with _pop_mode_temporarily():
         for n in range(reps + 1):
             out = Path(scratch) / f"ep_{n}"
+            started = time.process_time()
             seconds, _ = timed(export_adapter, model, out, model_type="mixtral", expert_layout="per_expert")
+            cpu.append(time.process_time() - started)
             samples.append(seconds)
             if rank == 0:
                 shutil.rmtree(out)
-    return {"first": samples[0], "warm": median(samples[1:]), "samples": samples}
+    return {"first": samples[0], "warm": median(samples[1:]), "samples": samples, "cpu": median(cpu[1:])}
 
 
 def _slopes(rows: list[dict]) -> dict:
@@ -267,13 +269,19 @@ def run(reps: int, scratch: Path, log, shapes: dict = SHAPES, offline=None, hook
         directory.mkdir(parents=True)
         log(f"moe {label}: {shape[0]} layers x {shape[1]} experts, hidden {shape[2]}, rank {shape[3]}, {reps} reps")
         (row,) = run_ranks(_worker, 1, shape, reps, str(directory), timeout=7200)
-        ep2 = run_ranks(_ep2_worker, 2, shape, reps, str(directory), timeout=7200)[0]
+        ranks = run_ranks(_ep2_worker, 2, shape, reps, str(directory), timeout=7200)
+        ep2 = ranks[0]
         shutil.rmtree(directory, ignore_errors=True)
         row.update(shape=label, ep2=ep2["warm"], ep2_first=ep2["first"], ep2_samples=ep2["samples"])
         row["ep2_over_ep1"] = row["ep2"] / row["per_expert"]
+        # CPU time (warm, median) of each EP=2 rank's export: its busiest rank and both together against EP=1's
+        row["ep2_cpu_per_rank"] = [r["cpu"] for r in ranks]
+        row["ep2_cpu_max_over_ep1"] = max(row["ep2_cpu_per_rank"]) / row["cpu"]["per_expert"]
+        row["ep2_cpu_total_over_ep1"] = sum(row["ep2_cpu_per_rank"]) / row["cpu"]["per_expert"]
         log(
             f"  {row['hf_tensors']} HF tensors: export first {row['export_first']:.2f} s, per_expert "
-            f"{row['per_expert']:.2f} s (EP=2: {row['ep2']:.2f} s), "
+            f"{row['per_expert']:.2f} s (EP=2: {row['ep2']:.2f} s; CPU per rank "
+            f"{', '.join(f'{c:.2f}' for c in row['ep2_cpu_per_rank'])} s, EP=1 {row['cpu']['per_expert']:.2f} s), "
             f"fused {row['fused']:.2f} s, write floor {row['floor_write']:.2f} s; hook first "
             f"{row['hook_first']:.2f} s, "
             f"stall {row['hook']:.3f} s, copy floor {row['floor_copy']:.3f} s"

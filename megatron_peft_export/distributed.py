@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -107,6 +108,14 @@ def all_gather(obj: Any, group: Any) -> list[Any]:
     return out
 
 
+def gather(obj: Any, dst: int, group: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank `dst` (in rank order); None on the other ranks, which unpickle nothing."""
+    out: list[Any] | None = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    with _collective(group, "exchanging export metadata"):
+        dist.gather_object(obj, out, dst=dst, group=group)
+    return out
+
+
 def _as_export_error(exc: BaseException) -> ExportError:
     return exc if isinstance(exc, ExportError) else ExportError(f"{type(exc).__name__}: {exc}")
 
@@ -183,8 +192,10 @@ def buckets(items: list[tuple[tuple[int, ...], str]], max_bytes: int = BUCKET_BY
     one item alone is larger. Sender and receiver compute it from the same specs, so they agree without a message."""
     out: list[list[int]] = []
     held, dtype = 0, None
+    sizes: dict[str, int] = {}  # element size per dtype name, asked of torch once
     for i, (shape, name) in enumerate(items):
-        size = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, name)).element_size()
+        element = sizes.get(name) or sizes.setdefault(name, torch.empty((), dtype=getattr(torch, name)).element_size())
+        size = math.prod(shape) * element
         if not out or name != dtype or held + size > max_bytes:
             out.append([])
             held, dtype = 0, name
@@ -199,16 +210,27 @@ def send_bucket(tensors: list[torch.Tensor], dst: int, group: Any) -> ExportErro
     if len(tensors) == 1:
         return send(tensors[0], dst, group)
     failure = None
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
-    start = 0
-    for t in tensors:
-        part = flat[start : start + t.numel()].view(t.shape)
-        try:
-            part.copy_(host_copy(t))
-        except Exception as exc:  # e.g. a device error: report it after the data phase, on every rank
-            failure = failure or _as_export_error(exc)
-            part.zero_()
-        start += t.numel()
+    if all(t.device.type == "cpu" for t in tensors):  # `host_copy` is the tensor itself: one C++ concatenation
+        parts = []
+        for t in tensors:
+            try:
+                parts.append(host_copy(t))
+            except Exception as exc:
+                failure = failure or _as_export_error(exc)
+                parts.append(torch.zeros(tuple(t.shape), dtype=t.dtype))
+        with torch.no_grad():
+            flat = torch._C._nn.flatten_dense_tensors(parts)
+    else:  # one tensor off the device at a time, into its place in the flat buffer
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+        start = 0
+        for t in tensors:
+            part = flat[start : start + t.numel()].view(t.shape)
+            try:
+                part.copy_(host_copy(t))
+            except Exception as exc:  # e.g. a device error: report it after the data phase, on every rank
+                failure = failure or _as_export_error(exc)
+                part.zero_()
+            start += t.numel()
     with _collective(group, f"sending adapter shards to rank {dst}"):
         dist.send(flat, dst=dst, group=group)
     return failure

@@ -1,4 +1,5 @@
-"""The collective export: every rank snapshots and plans, the writer gathers bytes, converts and publishes.
+"""The collective export: every rank snapshots; the writer plans (every rank raises a plan's error), gathers bytes,
+converts and publishes.
 
 `export_adapter` runs it synchronously; the training hook takes the snapshot on the training thread
 and runs the rest in the background on its own process group.
@@ -35,7 +36,7 @@ from .io import safetensors_out
 from .io.atomic_dir import discard, publish, staging_dir
 from .io.hf_config import choose_arch, parse_dtype, read_hf_config
 from .io.peft_dir import check_finite, write_staging
-from .quantization import describe as describe_quantization
+from .quantization import Described
 from .quantization import summary as quantization_summary
 
 log = logging.getLogger("megatron_peft_export")
@@ -141,7 +142,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     try:
         chunks = model_chunks(model)
         report.geometry, report.megatron_vocab = model_geometry(chunks[0])
-        report.quantization = describe_quantization(chunks)
+        quantized = Described()  # rides along the one walk of the modules
         found = collect(
             chunks,
             options.adapter_name,
@@ -149,7 +150,9 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
             layout.tp_size,
             layout.is_data_parallel_source,
             layout.is_expert_data_parallel_source,
+            visit=quantized,
         )
+        report.quantization = quantized.found
         report.dialects, report.adapter_names, report.refused = found.dialects, found.adapter_names, found.refused
         carriers = found.carriers
         shards = [s for s in found.shards if s.source and not s.spec.is_replica]  # replicas are never sent
@@ -167,7 +170,7 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
 def _plan(
     reports: list[_Report], options: ExportOptions
 ) -> tuple[AdapterPlan, str, list[tuple[int, int, ShardSpec]], Naming]:
-    """Identical on every rank (same inputs, pure code), so every rank raises the same error."""
+    """On the writer, from every rank's report (`run_export` broadcasts its outcome: every rank raises its error)."""
     dialects = set().union(*(r.dialects for r in reports))
     if not dialects:
         raise NoAdaptersError(
@@ -361,12 +364,16 @@ def run_export(
     raises on every rank. Returns finish's result on the writer, None elsewhere.
     """
     out_dtype = parse_dtype(options.dtype)
-    reports = coll.all_gather(snapshot.report, group)
+    reports = coll.gather(snapshot.report, WRITER, group)
     coll.agree(snapshot.report.error, group)
-    plan, dialect, ordered, names = _plan(reports, options)
-    tmp = coll.broadcast_outcome(
-        lambda: staging_dir(output_dir, options.overwrite, reading=options.inputs()), WRITER, group
-    )
+
+    def plan_and_stage() -> tuple:
+        """The writer alone plans (the other ranks only send their shards) and, if the plan holds, makes the staging
+        directory; a failure of either raises on every rank."""
+        planned = _plan(reports, options)
+        return planned, staging_dir(output_dir, options.overwrite, reading=options.inputs())
+
+    outcome = coll.broadcast_outcome(plan_and_stage, WRITER, group)
     if layout.rank != WRITER:
         failure = None
         for bucket in coll.buckets([(s.spec.shape, s.spec.dtype) for s in snapshot.shards]):
@@ -376,6 +383,7 @@ def run_export(
         coll.broadcast_outcome(lambda: None, WRITER, group)
         return None
 
+    (plan, dialect, ordered, names), tmp = outcome
     try:  # a collective failure (a rank died or timed out) leaves no staging behind
         failure: Exception | None = None
         try:

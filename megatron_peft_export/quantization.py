@@ -8,7 +8,8 @@ quantized, for the model card: read from the quantizers by duck typing, so model
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -39,22 +40,22 @@ def _enabled(quantizer: torch.nn.Module | None) -> bool:
     return quantizer is not None and bool(getattr(quantizer, "is_enabled", False))
 
 
-def describe(chunks: Iterable[torch.nn.Module]) -> set[str]:
-    """One description per distinct scheme among this rank's quantized linears (empty: not quantized).
+class Described:
+    """One description per distinct scheme among the quantized linears of a walk (empty: not quantized), e.g.
+    "ModelOpt fake quantization: weights int8 per-channel, activations int8 per-tensor". Called on every module of
+    the export's one walk (`dialects.collect`'s `visit`, with its attribute reader); `found` after it."""
 
-    E.g. "ModelOpt fake quantization: weights int8 per-channel, activations int8 per-tensor".
-    """
-    found: set[str] = set()
-    for chunk in chunks:
-        for name, module in chunk.named_modules():
-            weight = attribute(module, "weight_quantizer")
-            if not isinstance(weight, torch.nn.Module) or not _enabled(weight) or ".lora_" in f".{name}":
-                continue
-            inputs = attribute(module, "input_quantizer")
-            text = f"ModelOpt fake quantization: weights {_format(weight)}"
-            text += f", activations {_format(inputs)}" if _enabled(inputs) else ", activations unquantized"
-            found.add(text)
-    return found
+    def __init__(self) -> None:
+        self.found: set[str] = set()
+
+    def __call__(self, name: str, module: torch.nn.Module, read: Callable[[Any, str], Any] = attribute) -> None:
+        weight = read(module, "weight_quantizer")
+        if not isinstance(weight, torch.nn.Module) or not _enabled(weight) or ".lora_" in f".{name}":
+            return
+        inputs = read(module, "input_quantizer")
+        text = f"ModelOpt fake quantization: weights {_format(weight)}"
+        text += f", activations {_format(inputs)}" if _enabled(inputs) else ", activations unquantized"
+        self.found.add(text)
 
 
 def summary(descriptions: Iterable[set[str] | None]) -> str | None:

@@ -69,3 +69,22 @@ def test_the_packed_copy_of_a_dtype_s_lone_tensor_is_a_copy():
         for s in sources:
             s.add_(1)
         _assert_copies(packed.views, expected)
+
+
+def test_the_parameters_listed_at_a_save_before_the_walk_are_torch_s_each_once_split_by_requires_grad():
+    from megatron_peft_export.host_snapshot import _parameters
+
+    shared = torch.nn.Linear(2, 3)
+    root = torch.nn.Module()
+    root.a = torch.nn.Sequential(torch.nn.Linear(3, 4), shared, torch.nn.Sequential())
+    root.b = shared  # a module registered twice: its parameters once
+    root.register_module("gone", None)  # a child set to None
+    root.register_parameter("unset", None)
+    root.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    root.a[0].weight.requires_grad_(False)
+    chunks = [root, torch.nn.Linear(1, 1)]  # virtual-pipeline chunks
+    trainable, other = _parameters(chunks)
+    every = [p for chunk in chunks for p in chunk.parameters()]
+    assert sorted(map(id, trainable)) == sorted(id(p) for p in every if p.requires_grad)
+    assert sorted(map(id, other)) == sorted(id(p) for p in every if not p.requires_grad)
+    assert len(trainable) + len(other) == len(every) == 7

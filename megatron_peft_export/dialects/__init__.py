@@ -8,9 +8,9 @@ tensors with their role. Sharding comes from megatron's own parameter attributes
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -18,13 +18,16 @@ from ..core.plan import OUTPUT_LAYER
 from ..core.shards import ShardSpec
 from ..errors import DialectError
 from . import bridge, modelopt
-from .base import FoundTensor, Refusal, attribute
+from .base import FoundTensor, Reader, Refusal, attribute
+
+Read = Callable[[Any, str], Any]
+"""`getattr(obj, name, None)` as `dialects.base.attribute` answers it (that function, or a walk's `Reader`)."""
 
 
 class Dialect(Protocol):
     NAME: str
 
-    def find(self, module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor] | None:
+    def find(self, module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> Iterator[FoundTensor] | None:
         """None when the module carries no adapter of this dialect; else its tensors for `adapter_name`."""
 
     def adapter_names(self, module: torch.nn.Module) -> set[str]:
@@ -80,7 +83,7 @@ class _Where:
         )
 
 
-def _experts(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -> dict[str, _Where]:
+def _experts(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool, read: Read) -> dict[str, _Where]:
     """Where the experts of each MoE layer go, from megatron's expert modules (EP, expert-TP and expert-DP groups).
 
     SequentialMLP: `<experts>.local_experts.<k>` -> global expert `ep_rank * num_local_experts + k`. Grouped experts
@@ -90,16 +93,16 @@ def _experts(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -
     """
     found = {}
     for name, module in named:
-        if any(attribute(module, a) is None for a in ("num_local_experts", "ep_group", "tp_group")):
+        if read(module, "num_local_experts") is None or any(read(module, a) is None for a in ("ep_group", "tp_group")):
             continue
         offset = module.ep_group.rank() * module.num_local_experts
         tp = (module.tp_group.rank(), module.tp_group.size())
-        dp_group = attribute(module, "dp_group")
+        dp_group = read(module, "dp_group")
         source = expert_dp_source if dp_group is None else dp_group.rank() == 0
-        if attribute(module, "local_experts") is not None:
+        if read(module, "local_experts") is not None:
             for k in range(module.num_local_experts):
                 found[f"{name}.local_experts.{k}"] = _Where(f"local_experts.{offset + k}", tp, source)
-        elif attribute(module, "linear_fc1") is not None:  # not the MoE layer itself, which has these groups too
+        elif read(module, "linear_fc1") is not None:  # not the MoE layer itself, which has these groups too
             found[name] = _Where("local_experts.{e}", tp, source, offset)
     return found
 
@@ -135,7 +138,9 @@ def _path_parts(named: list[tuple[str, torch.nn.Module]]) -> dict[str, tuple[str
     return parts
 
 
-def _global_paths(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool) -> dict[str, _Where]:
+def _global_paths(
+    named: list[tuple[str, torch.nn.Module]], expert_dp_source: bool, read: Read = attribute
+) -> dict[str, _Where]:
     """Module name -> Megatron path with global layer (`layer_number` is 1-based and global) and expert indices.
 
     `named` is the chunk's `named_modules()`, listed once by the caller and read here in linear passes, never rescanned
@@ -145,14 +150,9 @@ def _global_paths(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bo
     layer_of = {}
     for name, module in named:
         split = parts.get(name)
-        if (
-            split is not None
-            and not split[2]
-            and split[1] != OUTPUT_LAYER
-            and attribute(module, "layer_number") is not None
-        ):
+        if split is not None and not split[2] and split[1] != OUTPUT_LAYER and read(module, "layer_number") is not None:
             layer_of[name] = f"decoder.layers.{module.layer_number - 1}"
-    experts = _experts(named, expert_dp_source)
+    experts = _experts(named, expert_dp_source, read)
     paths = {}
     for name, (head, anchor, rest) in parts.items():
         if anchor == OUTPUT_LAYER:
@@ -170,6 +170,32 @@ def _global_paths(named: list[tuple[str, torch.nn.Module]], expert_dp_source: bo
     return paths
 
 
+def named_modules(chunk: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """`list(chunk.named_modules())`: the same modules, names and order (depth first, children in registration order,
+    each module once), listed with one stack instead of a generator per level (whose yields pass up through every
+    level above: ~10 per module in a MoE model). A model whose classes define their own `named_modules` is listed
+    by it."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    memo: set[torch.nn.Module] = set()
+    classes: set[type] = set()
+    stack = [("", chunk)]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        name, module = pop()
+        if module in memo:
+            continue
+        memo.add(module)
+        classes.add(type(module))
+        found.append((name, module))
+        children = module._modules
+        if children:
+            prefix = name + "." if name else ""
+            push(reversed([(prefix + key, child) for key, child in children.items() if child is not None]))
+    if any(cls.named_modules is not torch.nn.Module.named_modules for cls in classes):
+        return list(chunk.named_modules())
+    return found
+
+
 def collect(
     chunks: Iterable[torch.nn.Module],
     adapter_name: str,
@@ -177,6 +203,7 @@ def collect(
     tp_size: int,
     dp_source: bool = True,
     expert_dp_source: bool = True,
+    visit: Callable[[str, torch.nn.Module, Read], None] | None = None,
 ) -> Collected:
     """Walk model chunks (VPP or one) and collect this rank's tensors of `adapter_name`, with global paths.
 
@@ -185,21 +212,28 @@ def collect(
     replicated over the expert data-parallel group (SequentialMLP's, else `expert_dp_source`), everything
     else over data parallelism (`dp_source`). A grouped-experts adapter yields its tensors per local
     expert; each becomes that global expert's (a shared tensor: every local expert's).
+
+    One walk: each chunk's modules are listed once (`named_modules`) and read through one `Reader`; `visit(name,
+    module, read)`, when given, sees every module of that walk (the export's quantization scan).
     """
     found = Collected(set(), set(), [])
+    read = Reader()
+    dtypes: dict[torch.dtype, str] = {}
     for chunk in chunks:
-        named = list(chunk.named_modules())
+        named = named_modules(chunk)
         paths = None  # computed at the first module that carries an adapter
         for name, module in named:
+            if visit is not None:
+                visit(name, module, read)
             for dialect in LIVE_DIALECTS:
-                tensors = dialect.find(module, adapter_name)
+                tensors = dialect.find(module, adapter_name, read)
                 if tensors is None:
                     continue
                 found.carriers.append((module, dialect))
                 found.dialects.add(dialect.NAME)
                 found.adapter_names |= dialect.adapter_names(module)
                 if paths is None:
-                    paths = _global_paths(named, expert_dp_source)
+                    paths = _global_paths(named, expert_dp_source, read)
                 if name not in paths:
                     raise DialectError(
                         f"found {dialect.NAME} adapter on module {name!r}, which is not under decoder.layers.<i> or "
@@ -215,6 +249,7 @@ def collect(
                         if t.tp_group is not None
                         else where.expert_tp or (tp_rank, tp_size)
                     )
+                    dtype = t.tensor.dtype
                     spec = ShardSpec(
                         module=where.tensor_path(t.expert, name, dialect.NAME),
                         role=t.role,
@@ -224,7 +259,7 @@ def collect(
                         tp_rank=rank,
                         tp_size=size,
                         alpha=float(t.alpha),
-                        dtype=str(t.tensor.dtype).removeprefix("torch."),
+                        dtype=dtypes.get(dtype) or dtypes.setdefault(dtype, str(dtype).removeprefix("torch.")),
                     )
                     source = dp_source if where.expert_dp_source is None else where.expert_dp_source
                     found.shards.append(LocalShard(spec, t.tensor, source))

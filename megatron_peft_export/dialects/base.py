@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,15 +84,57 @@ def attribute(obj: Any, name: str) -> Any:
     return None
 
 
-def at_path(module: Any, path: str) -> Any:
-    """The attribute at a dotted path under `module` (a declared leaf, core/registry.py), or None where it stops."""
+class Reader:
+    """`attribute` for the modules of one walk, the same answers with the repeated questions asked once: whether a
+    class answers a name itself (`hasattr(cls, name)`, or a `__getattr__` `attribute` does not read through) once per
+    class and name, a ModelOpt dynamic module's hparam and dynamic-attribute names once per module (building them is
+    most of a lookup on such a module). Made for one walk, dropped after it: nothing it caches outlives the walk."""
+
+    __slots__ = ("_on_class", "_dynamic")
+
+    def __init__(self) -> None:
+        self._on_class: dict[tuple[type, str], bool] = {}
+        self._dynamic: dict[int, tuple[Any, set[str]]] = {}
+        """id(module) -> (module, its dynamic names): the module is held so its id stays its own."""
+
+    def __call__(self, obj: Any, name: str) -> Any:
+        own = getattr(obj, "__dict__", None)
+        if own is None or name in own:
+            return getattr(obj, name, None)
+        cls = type(obj)
+        on_class = self._on_class.get((cls, name))
+        if on_class is None:
+            on_class = self._on_class[cls, name] = hasattr(cls, name) or not _plain(cls)
+        if on_class:
+            return getattr(obj, name, None)
+        manager = own.get("_dm_attribute_manager")
+        if manager is not None and name in self._dynamic_names(obj, manager):
+            return getattr(obj, name, None)
+        for store in _STORES:
+            table = own.get(store)
+            if table is None:
+                return getattr(obj, name, None)
+            if name in table:
+                return table[name]
+        return None
+
+    def _dynamic_names(self, module: Any, manager: Any) -> set[str]:
+        held = self._dynamic.get(id(module))
+        if held is None:
+            held = self._dynamic[id(module)] = (module, manager.da_keys() | manager.hp_keys())
+        return held[1]
+
+
+def at_path(module: Any, path: str, read: Callable[[Any, str], Any] = attribute) -> Any:
+    """The attribute at a dotted path under `module` (a declared leaf, core/registry.py), or None where it stops;
+    `read` is `attribute` or a walk's `Reader`."""
     for name in path.split("."):
-        module = attribute(module, name)
+        module = read(module, name)
         if module is None:
             return None
     return module
 
 
-def leaf_owner(module: Any, leaf: str) -> Any:
+def leaf_owner(module: Any, leaf: str, read: Callable[[Any, str], Any] = attribute) -> Any:
     """The module that holds a declared leaf's tensor (its linear)."""
-    return at_path(module, leaf.rsplit(".", 1)[0])
+    return at_path(module, leaf.rsplit(".", 1)[0], read)

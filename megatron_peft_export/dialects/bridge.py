@@ -17,6 +17,7 @@ caller reduces their partial sums, router LoRA under sequence parallelism), the 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -40,7 +41,8 @@ def adapter_names(module: torch.nn.Module) -> set[str]:
     return {"(unnamed Megatron-Bridge adapter)"} if _wrapped_adapter(module) is not None else set()
 
 
-def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor | Refusal] | None:
+def find(module: torch.nn.Module, adapter_name: str, read: Any = None) -> Iterator[FoundTensor | Refusal] | None:
+    """`read` (the walk's attribute reader) is not needed: the wrapper's children are read from `_modules`."""
     adapter = _wrapped_adapter(module)
     if adapter is None:
         return None

@@ -6,18 +6,22 @@ named adapters; disabled ones do not act on the training model's output and are 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from ..core.registry import MODELOPT
-from .base import FoundTensor, at_path, attribute, leaf_owner, owner_group, tp_split_dim
+from .base import FoundTensor, at_path, attribute, tp_split_dim
 
 NAME = MODELOPT.family
 
 
-def _adapters(module: torch.nn.Module) -> dict | None:
-    adapters = attribute(module, "_lora_adapters")
+Read = Callable[[Any, str], Any]
+
+
+def _adapters(module: torch.nn.Module, read: Read = attribute) -> dict | None:
+    adapters = read(module, "_lora_adapters")
     return adapters if isinstance(adapters, dict) else None
 
 
@@ -25,11 +29,12 @@ def adapter_names(module: torch.nn.Module) -> set[str]:
     return set(_adapters(module) or ())
 
 
-def find(module: torch.nn.Module, adapter_name: str) -> Iterator[FoundTensor] | None:
-    adapters = _adapters(module)
+def find(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> Iterator[FoundTensor] | None:
+    """`read`: `dialects.base.attribute`, or the walk's `Reader` (the same answers)."""
+    adapters = _adapters(module, read)
     if adapters is None:
         return None
-    return _tensors(module, adapter_name, adapters.get(adapter_name))
+    return _tensors(module, adapter_name, adapters.get(adapter_name), read)
 
 
 def state(module: torch.nn.Module, adapter_name: str) -> tuple | None:
@@ -50,13 +55,14 @@ def state(module: torch.nn.Module, adapter_name: str) -> tuple | None:
     )
 
 
-def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None) -> Iterator[FoundTensor]:
-    """The declared tensors (`lora_a_<name>.weight`, `lora_b_<name>.weight`) of an enabled adapter."""
+def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None, read: Read) -> Iterator[FoundTensor]:
+    """The declared tensors (`lora_a_<name>.weight`, `lora_b_<name>.weight`) of an enabled adapter. Each leaf's
+    owner (its linear) is read once: the tensor is its last component, the TP group the owner's (`owner_group`)."""
     if adapter is None or not adapter.get("enable", True):
         return
     alpha = adapter["scale"] * adapter["rank"]
     for decl, leaf, _ in MODELOPT.leaves(adapter_name):
-        weight = at_path(module, leaf)
-        yield FoundTensor(
-            decl.role, weight, alpha, tp_split_dim(weight), tp_group=owner_group(leaf_owner(module, leaf))
-        )
+        path, _, last = leaf.rpartition(".")
+        owner = at_path(module, path, read)
+        weight = None if owner is None else read(owner, last)
+        yield FoundTensor(decl.role, weight, alpha, tp_split_dim(weight), tp_group=read(owner, "tp_group"))
