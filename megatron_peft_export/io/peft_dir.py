@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ..core.patterns import PatternSet, check_pattern
 from ..core.peft_names import (
@@ -48,6 +48,7 @@ from . import (
 )
 from .atomic_dir import is_published_adapter
 from .safe_read import open_regular
+from .safetensors_in import SafetensorsFile, open_safetensors
 
 __all__ = ["ADAPTER_BIN", "FILES", "MAX_CARD_BYTES", "PEFT_PREFIX", "hf_key", "is_published_adapter"]
 
@@ -134,28 +135,25 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def weights_file(path: str | Path) -> Iterator[str]:
-    """A name safetensors can open that names exactly the checked file: a regular file inside its directory."""
+def weights_file(path: str | Path) -> Iterator[SafetensorsFile]:
+    """The adapter weights, opened and their header checked (`safetensors_in`): a regular file inside its directory,
+    read from its descriptor, never mapped into memory (a file cut by another process while mapped kills the reader
+    with SIGBUS)."""
     path = Path(path)
     if not os.path.lexists(path):
         raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_WEIGHTS})")
-    with open_regular(
+    with open_safetensors(
         path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_WEIGHTS})"
     ) as f:
-        yield f.name
+        yield f
 
 
 def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key -> (dtype, shape) of a safetensors file, from its header; safetensors checks that the header is
-    consistent with the file (offsets inside it, contiguous, sizes matching shapes and dtypes)."""
+    """key -> (dtype, shape) of a safetensors file, from its header, checked against the file (`safetensors_in`:
+    offsets inside it, back to back, sizes matching shapes and dtypes); only floating-point tensors."""
     path = Path(path)
-    try:
-        with weights_file(path) as name, safe_open(name, "pt") as f:
-            found = {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
-        raise AdapterFileError(
-            f"{path}: not a valid safetensors file ({' '.join(str(exc).split())[:200]}); is it truncated or corrupt?"
-        ) from None
+    with weights_file(path) as f:
+        found = {key: (entry.dtype, entry.shape) for key, entry in f.entries.items()}
     odd = sorted(f"{key} ({dtype})" for key, (dtype, _) in found.items() if dtype not in FLOAT_DTYPES)
     if odd:
         raise AdapterFileError(
@@ -341,12 +339,9 @@ def check_finite(
 
 def file_tensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
     """(key, tensor) of a safetensors file whose header was checked, one tensor in memory at a time."""
-    try:
-        with weights_file(path) as name, safe_open(name, "pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{path}: reading a tensor failed ({' '.join(str(exc).split())[:200]})") from None
+    with weights_file(path) as f:
+        for key in f.keys():
+            yield key, f.tensor(key)
 
 
 def read_adapter(
