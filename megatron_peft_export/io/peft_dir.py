@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from ..core.brief import brief
 from ..core.patterns import PatternSet, check_pattern
 from ..core.peft_names import (
     ADAPTER_BIN,
@@ -85,7 +86,7 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         problems.append(f"base_model_name_or_path: expected a string, found {type(base).__name__}")
-    for name in ("target_modules", "target_parameters"):
+    for name in ("target_modules", "target_parameters", "exclude_modules"):
         value = config.get(name)
         if (
             value is not None
@@ -100,13 +101,36 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
         value = config.get(name)
         if value is not None and not (isinstance(value, dict) and all(valid(v) for v in value.values())):
             problems.append(f"{name}: expected a mapping of module patterns to {expected}, found {value!r:.60}")
+    problems += _check_peft_regex_fields(config)
     if problems:
         raise AdapterFileError(f"{where}: {'; '.join(problems)}")
-    if isinstance(config.get("target_modules"), str):
-        check_pattern(config["target_modules"], f"{where}: target_modules")
+    for name in ("target_modules", "exclude_modules"):  # peft fullmatches a string against every module name
+        if isinstance(config.get(name), str):
+            check_pattern(config[name], f"{where}: {name}")
+    for name in ("modules_to_save", "layers_pattern"):  # peft puts each inside a regular expression of its own
+        value = config.get(name)
+        for pattern in [value] if isinstance(value, str) else value or []:
+            check_pattern(pattern, f"{where}: {name}", repeats=1)
     for name in ("rank_pattern", "alpha_pattern"):
         for key in config.get(name) or {}:
             check_pattern(key, f"{where}: {name}")
+
+
+def _check_peft_regex_fields(config: dict[str, Any]) -> list[str]:
+    """Types of the fields peft turns into regular expressions or layer filters (their patterns: `_check_fields`)."""
+    problems = []
+    for name in ("modules_to_save", "layers_pattern"):
+        value = config.get(name)
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            problems.append(f"{name}: expected a list of module names or one pattern, found {brief(value)}")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not _is_int(layers) and not (isinstance(layers, list) and all(map(_is_int, layers))):
+        problems.append(f"layers_to_transform: expected a layer index or a list of them, found {brief(layers)}")
+    return problems
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
