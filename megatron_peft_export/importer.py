@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from . import distributed as coll
 from .core import options
@@ -159,12 +158,8 @@ def load_hf_adapter(
 
 def _read_values(adapter_dir: Path, local: list, unfused: dict | None, names: Naming, vocab: int | None) -> list:
     """This rank's value of each of its LoRA tensors, read from the file (or the unfused experts) by its plan."""
-    with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name, safe_open(name, "pt") as f:
-        read = (
-            (lambda key, index: unfused[key][index])
-            if unfused is not None
-            else (lambda key, index: f.get_slice(key)[index])
-        )
+    with weights_file(adapter_dir / ADAPTER_WEIGHTS) as f:
+        read = (lambda key, index: unfused[key][index]) if unfused is not None else f.get_slice
         return [
             _read_shard(
                 read,

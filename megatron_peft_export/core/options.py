@@ -136,7 +136,10 @@ def _model_type(v: Any) -> bool:
     return True
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+"""Matched in full (`$` also matches before a final newline: `org/name\n` passed into requests and log lines)."""
+_BRANCH = re.compile(r"(?!.*\.\.)(?!.*//)[A-Za-z0-9][\w./-]{0,199}(?<![./])", re.ASCII)
+"""A git branch name without `..`, `//`, control characters or a trailing `/` or `.` (matched in full)."""
 
 
 def check_selection(selection: Any) -> Any:
@@ -657,7 +660,7 @@ _PUSH_OPTIONS = [
         REQUIRED,
         "Hub model repository, OWNER/NAME; created when missing.",
         "OWNER/NAME (e.g. my-org/llama-lora)",
-        lambda v: isinstance(v, str) and bool(_REPO_ID.match(v)),
+        lambda v: isinstance(v, str) and bool(_REPO_ID.fullmatch(v)),
         surfaces=(PUSH,),
         flags={
             MLM: Flag(
@@ -705,8 +708,8 @@ _PUSH_OPTIONS = [
         "str",
         None,
         "Branch to push to (created from main when missing); default main.",
-        "a branch name",
-        _str,
+        "a branch name (letters, digits, _ . - /; no ..)",
+        lambda v: isinstance(v, str) and bool(_BRANCH.fullmatch(v)),
         surfaces=(PUSH,),
         flags={MLM: Flag("--hf-adapter-push-revision"), "cli:push": Flag("--revision")},
     ),

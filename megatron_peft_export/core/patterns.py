@@ -260,7 +260,9 @@ def _key_nodes(parsed: list[tuple[Any, Any]]) -> list[tuple[Any, Any]] | None:
     return None
 
 
-def _check(pattern: Any, where: str, budget: _Budget) -> list[tuple[Any, Any, Callable[[str], bool]]] | None:
+def _check(
+    pattern: Any, where: str, budget: _Budget, repeats: int = 3
+) -> list[tuple[Any, Any, Callable[[str], bool]]] | None:
     """check_pattern's work; returns the fixed-width tests of the key, None when it needs the automaton."""
     if not isinstance(pattern, str) or not pattern:
         raise AdapterFileError(
@@ -277,10 +279,9 @@ def _check(pattern: Any, where: str, budget: _Budget) -> list[tuple[Any, Any, Ca
         fixed = _fixed(key) if key is not None else None
         if fixed is None:
             _size(parsed)
-            if _backtracking(key if key is not None else parsed) > MAX_UNBOUNDED_REPEATS:
+            if _backtracking(key if key is not None else parsed) > repeats:
                 raise _Refused(
-                    f"more than {MAX_UNBOUNDED_REPEATS} unbounded repeats can backtrack for long in peft's and "
-                    f"vLLM's regex engine"
+                    f"more than {repeats} unbounded repeats can backtrack for long in peft's and vLLM's regex engine"
                 )
         return fixed
     except _Refused as exc:
@@ -321,11 +322,14 @@ def _size(nodes: list[tuple[Any, Any]], depth: int = 0) -> int:
 
 
 MAX_UNBOUNDED_REPEATS = 3
+MAX_ALTERNATIVES = 1024
+"""Combinations of an alternation's branches a bounded repeat may make (`(a|aa){30}` makes 2^30: peft hangs)."""
 _REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT)
 
 
-def _backtracking(nodes: list[tuple[Any, Any]], inside: bool = False) -> int:
-    """Unbounded repeats in `nodes`; raises on what makes a backtracking engine take exponential time."""
+def _backtracking(nodes: list[tuple[Any, Any]], inside: bool = False, copies: int = 1) -> int:
+    """Unbounded repeats in `nodes` as a backtracking engine meets them (a bounded repeat's body counts once per copy:
+    `(.*a){20}` is twenty `.*`); raises on what makes it take exponential time."""
     count = 0
     for op, av in nodes:
         if op in _REPEATS:
@@ -333,15 +337,22 @@ def _backtracking(nodes: list[tuple[Any, Any]], inside: bool = False) -> int:
             unbounded = high == _c.MAXREPEAT or high > 100
             if inside and high > 1:
                 raise _Refused("a repeat inside a repeat can backtrack exponentially in peft's and vLLM's regex engine")
-            count += unbounded + _backtracking(list(sub.data), inside or unbounded)
+            count += unbounded * copies + _backtracking(
+                list(sub.data), inside or unbounded, copies * (1 if unbounded else high)
+            )
         elif op is _c.BRANCH:
             if inside:
                 raise _Refused(
                     "an alternation inside a repeat can backtrack exponentially in peft's and vLLM's regex engine"
                 )
-            count += sum(_backtracking(list(alt.data), inside) for alt in av[1])
+            if copies > 1 and len(av[1]) ** min(copies, 64) > MAX_ALTERNATIVES:
+                raise _Refused(
+                    f"an alternation repeated {copies} times can backtrack exponentially in peft's and vLLM's regex "
+                    "engine"
+                )
+            count += sum(_backtracking(list(alt.data), inside, copies) for alt in av[1])
         elif op is _c.SUBPATTERN:
-            count += _backtracking(list(av[3].data), inside)
+            count += _backtracking(list(av[3].data), inside, copies)
     return count
 
 
@@ -349,10 +360,11 @@ def _peft_key(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
-def check_pattern(pattern: Any, where: str) -> str:
+def check_pattern(pattern: Any, where: str, repeats: int = 3) -> str:
     """A module-name pattern, refused (AdapterFileError) unless it is a non-empty string of at most
-    MAX_PATTERN_LENGTH characters in the regular subset matched here."""
-    _check(pattern, where, _Budget())
+    MAX_PATTERN_LENGTH characters in the regular subset matched here, with at most `repeats` unbounded repeats
+    (peft puts `modules_to_save` and `layers_pattern` inside patterns of its own with two more: 1 for those)."""
+    _check(pattern, where, _Budget(), repeats)
     return pattern
 
 

@@ -15,6 +15,16 @@ from .plan import AdapterPlan
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _TAGS = ("lora", "megatron", "megatron-peft-export")
+_TAG = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
+"""A dialect tag read back from a card (a card is anyone's text: a tag with a newline would add front matter)."""
+_CELL_UNSAFE = str.maketrans({"|": "\\|", "<": "&lt;", ">": "&gt;", "`": "\\`"})
+
+
+def _cell(value: Any) -> str:
+    """Text from a config or an old card as one markdown table cell: one line (control characters as spaces), `|`
+    escaped, no HTML, at most 200 characters."""
+    text = "".join(c if c.isprintable() else " " for c in str(value)[:200])
+    return text.translate(_CELL_UNSAFE)
 
 
 def _number(x: float) -> int | float:
@@ -130,15 +140,15 @@ def model_card(
         "",
         "| setting | value |",
         "| --- | --- |",
-        f"| base model | {base or 'not recorded'} |",
+        f"| base model | {_cell(base) if base else 'not recorded'} |",
         *([f"| training iteration | {iteration} |"] if iteration is not None else []),
         f"| r | {config['r']} |",
         f"| lora_alpha | {config['lora_alpha']} |",
-        f"| target modules | {', '.join(config['target_modules'])} |",
+        f"| target modules | {_cell(_targets(config['target_modules']))} |",
         f"| per-module rank/alpha overrides | {patterns} |",
         f"| DoRA | {'yes' if config['use_dora'] else 'no'} |",
         f"| tensors | {num_tensors} |",
-        *([f"| base quantization | {quantization} |"] if quantization else []),
+        *([f"| base quantization | {_cell(quantization)} |"] if quantization else []),
         "",
         *_quantization_note(quantization),
         *_verification_section(verification),
@@ -152,6 +162,11 @@ def model_card(
         "",
     ]
     return "\n".join(front + body)
+
+
+def _targets(value: Any) -> str:
+    """target_modules as the card shows it: names joined, or the one pattern peft matches."""
+    return value if isinstance(value, str) else ", ".join(map(str, value or []))
 
 
 def _quantization_note(quantization: str | None) -> list[str]:
@@ -200,7 +215,7 @@ def _front_matter(card: str) -> dict[str, Any]:
         return {}
     try:
         found = yaml.safe_load(card[4:].split("\n---\n", 1)[0])
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # a card is anyone's text: `tags: [[[[...` nested past the stack
         return {}
     return found if isinstance(found, dict) else {}
 
@@ -212,5 +227,6 @@ def is_ours(card: str) -> bool:
 
 def card_dialect(card: str) -> str | None:
     """The dialect model_card recorded in the tags, the inverse of what it writes."""
-    extra = [t for t in _front_matter(card).get("tags") or [] if t not in _TAGS and t != "dora"]
-    return extra[0] if extra else None
+    tags = _front_matter(card).get("tags")
+    extra = [t for t in tags if t not in _TAGS and t != "dora"] if isinstance(tags, list) else []
+    return extra[0] if extra and isinstance(extra[0], str) and _TAG.fullmatch(extra[0]) else None

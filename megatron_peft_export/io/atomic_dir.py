@@ -42,6 +42,28 @@ _CREATED: dict[Path, list[Path]] = {}
 published."""
 
 
+def _dir_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+_DIR_MODE = _dir_mode()
+"""What a directory this process makes gets (the umask at import): the staging directory has 0o700 until it is
+published, so a user of the same group (a umask of 002 on a shared cluster) cannot put a link to one of our files
+into it between its creation and our write of that file (the write would follow it)."""
+
+
+def _open_up(tmp: Path) -> None:
+    """Give the staging directory (made 0o700) the mode of a directory made under the umask, before it is published;
+    through a descriptor that refuses a link in its place."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, _DIR_MODE)
+    finally:
+        os.close(fd)
+
+
 def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -253,7 +275,7 @@ def staging_dir(
     created = [p for p in (out.parent, *out.parent.parents) if not os.path.lexists(p)]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)  # nobody else can plant a link in it to make a write land elsewhere; see publish
     except OSError as exc:
         for path in created:
             _rmdir(path)
@@ -353,6 +375,7 @@ def publish(tmp: Path, output_dir: str | os.PathLike, overwrite: bool) -> Path:
         try:
             if _LIVE.get(tmp):
                 raise OutputError(f"the export to {out} was abandoned at shutdown; nothing was published")
+            _open_up(tmp)
             if os.path.lexists(out):
                 if not overwrite:
                     raise OutputError(f"{out} appeared while the adapter was being written; nothing was replaced")

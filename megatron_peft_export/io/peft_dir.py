@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
+from ..core.brief import brief
 from ..core.patterns import PatternSet, check_pattern
 from ..core.peft_names import (
     ADAPTER_BIN,
@@ -48,6 +49,7 @@ from . import (
 )
 from .atomic_dir import is_published_adapter
 from .safe_read import open_regular
+from .safetensors_in import SafetensorsFile, open_safetensors
 
 __all__ = ["ADAPTER_BIN", "FILES", "MAX_CARD_BYTES", "PEFT_PREFIX", "hf_key", "is_published_adapter"]
 
@@ -84,7 +86,7 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         problems.append(f"base_model_name_or_path: expected a string, found {type(base).__name__}")
-    for name in ("target_modules", "target_parameters"):
+    for name in ("target_modules", "target_parameters", "exclude_modules"):
         value = config.get(name)
         if (
             value is not None
@@ -99,13 +101,36 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
         value = config.get(name)
         if value is not None and not (isinstance(value, dict) and all(valid(v) for v in value.values())):
             problems.append(f"{name}: expected a mapping of module patterns to {expected}, found {value!r:.60}")
+    problems += _check_peft_regex_fields(config)
     if problems:
         raise AdapterFileError(f"{where}: {'; '.join(problems)}")
-    if isinstance(config.get("target_modules"), str):
-        check_pattern(config["target_modules"], f"{where}: target_modules")
+    for name in ("target_modules", "exclude_modules"):  # peft fullmatches a string against every module name
+        if isinstance(config.get(name), str):
+            check_pattern(config[name], f"{where}: {name}")
+    for name in ("modules_to_save", "layers_pattern"):  # peft puts each inside a regular expression of its own
+        value = config.get(name)
+        for pattern in [value] if isinstance(value, str) else value or []:
+            check_pattern(pattern, f"{where}: {name}", repeats=1)
     for name in ("rank_pattern", "alpha_pattern"):
         for key in config.get(name) or {}:
             check_pattern(key, f"{where}: {name}")
+
+
+def _check_peft_regex_fields(config: dict[str, Any]) -> list[str]:
+    """Types of the fields peft turns into regular expressions or layer filters (their patterns: `_check_fields`)."""
+    problems = []
+    for name in ("modules_to_save", "layers_pattern"):
+        value = config.get(name)
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            problems.append(f"{name}: expected a list of module names or one pattern, found {brief(value)}")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not _is_int(layers) and not (isinstance(layers, list) and all(map(_is_int, layers))):
+        problems.append(f"layers_to_transform: expected a layer index or a list of them, found {brief(layers)}")
+    return problems
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -134,28 +159,25 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def weights_file(path: str | Path) -> Iterator[str]:
-    """A name safetensors can open that names exactly the checked file: a regular file inside its directory."""
+def weights_file(path: str | Path) -> Iterator[SafetensorsFile]:
+    """The adapter weights, opened and their header checked (`safetensors_in`): a regular file inside its directory,
+    read from its descriptor, never mapped into memory (a file cut by another process while mapped kills the reader
+    with SIGBUS)."""
     path = Path(path)
     if not os.path.lexists(path):
         raise AdapterFileError(f"{path}: missing; expected the adapter weights ({ADAPTER_WEIGHTS})")
-    with open_regular(
+    with open_safetensors(
         path, within=path.parent, error=AdapterFileError, what=f"the adapter weights ({ADAPTER_WEIGHTS})"
     ) as f:
-        yield f.name
+        yield f
 
 
 def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key -> (dtype, shape) of a safetensors file, from its header; safetensors checks that the header is
-    consistent with the file (offsets inside it, contiguous, sizes matching shapes and dtypes)."""
+    """key -> (dtype, shape) of a safetensors file, from its header, checked against the file (`safetensors_in`:
+    offsets inside it, back to back, sizes matching shapes and dtypes); only floating-point tensors."""
     path = Path(path)
-    try:
-        with weights_file(path) as name, safe_open(name, "pt") as f:
-            found = {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
-        raise AdapterFileError(
-            f"{path}: not a valid safetensors file ({' '.join(str(exc).split())[:200]}); is it truncated or corrupt?"
-        ) from None
+    with weights_file(path) as f:
+        found = {key: (entry.dtype, entry.shape) for key, entry in f.entries.items()}
     odd = sorted(f"{key} ({dtype})" for key, (dtype, _) in found.items() if dtype not in FLOAT_DTYPES)
     if odd:
         raise AdapterFileError(
@@ -341,12 +363,9 @@ def check_finite(
 
 def file_tensors(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
     """(key, tensor) of a safetensors file whose header was checked, one tensor in memory at a time."""
-    try:
-        with weights_file(path) as name, safe_open(name, "pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{path}: reading a tensor failed ({' '.join(str(exc).split())[:200]})") from None
+    with weights_file(path) as f:
+        for key in f.keys():
+            yield key, f.tensor(key)
 
 
 def read_adapter(

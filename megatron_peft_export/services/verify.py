@@ -27,7 +27,7 @@ import torch
 
 from ..config import VerifyConfig
 from ..errors import ExportError, VerificationInputError
-from ..io.safe_read import open_regular
+from ..io.safetensors_in import open_safetensors
 
 log = logging.getLogger("megatron_peft_export")
 REFERENCE_FILE = "verification/reference.safetensors"
@@ -141,23 +141,15 @@ def load_reference(path: str | Path, *, within: str | Path | None = None) -> Ref
 
 
 def _read_reference(path: Path, within: str | Path | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
     if not os.path.lexists(path):
         raise VerificationInputError(
             f"no reference logits at {path}; expected {REFERENCE_FILE} inside the adapter (written at save time by "
             f"the hook's verify option) or --reference FILE"
         )
-    try:
-        with (
-            open_regular(
-                path, within=within, error=VerificationInputError, what="reference logits (safetensors)"
-            ) as file,
-            safe_open(file.name, "pt") as f,
-        ):
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
-        raise VerificationInputError(f"cannot read the reference {path}: {' '.join(str(exc).split())[:200]}") from None
+    with open_safetensors(
+        path, within=within, error=VerificationInputError, what="reference logits (safetensors)"
+    ) as f:
+        return {k: f.tensor(k) for k in f.keys()}, dict(f.metadata)
 
 
 def _check_probe(path: Path, logits: torch.Tensor, ids: torch.Tensor, metadata: dict[str, str]) -> None:
@@ -629,12 +621,10 @@ def _probe_within(reference: Reference, reference_path: Path, vocab: int) -> tup
 def _check_loaded_tensors(model: Any, adapter_dir: Path, result: VerificationResult) -> None:
     """What peft loaded against the file: keys it ignored or missed, tensors changed by loading."""
     import peft
-    from safetensors.torch import load_file
 
-    from ..io.peft_dir import ADAPTER_WEIGHTS, weights_file
+    from ..io.peft_dir import ADAPTER_WEIGHTS, file_tensors
 
-    with weights_file(adapter_dir / ADAPTER_WEIGHTS) as name:
-        on_disk = load_file(name)
+    on_disk = dict(file_tensors(adapter_dir / ADAPTER_WEIGHTS))
     loaded = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
     result.failures += key_failures(set(on_disk), set(loaded))
     result.keys = {

@@ -76,3 +76,51 @@ def test_the_base_quantization_is_a_row_and_reads_back():
     card = model_card(CONFIG, dialect="modelopt", source="iteration 3", num_tensors=8, quantization=text)
     assert f"| base quantization | {text} |" in card and "QLoRA-style" in card and card_quantization(card) == text
     assert card_quantization(model_card(CONFIG, dialect="modelopt", source="x", num_tensors=8)) is None
+
+
+def _alias_bomb_tags() -> str:
+    """Front matter whose second tag is a list of ten lists, nine levels deep, through YAML aliases: 10^9 items."""
+    lines = ["---", "tags:", "- megatron-peft-export", "- &a [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(8):
+        ref = f"*{chr(97 + level)}"
+        lines.append(f"- &{chr(98 + level)} [{', '.join([ref] * 10)}]")
+    return "\n".join([*lines, "---", ""])
+
+
+def test_a_card_read_back_never_injects_front_matter_or_hangs():
+    """push reads the dialect back from the adapter's card (anyone's text) and writes it into the new front matter."""
+    import time
+
+    newline = '---\ntags:\n- megatron-peft-export\n- "x\\nlicense: evil"\n---\n'
+    assert card_dialect(newline) is None
+    start = time.process_time()
+    assert card_dialect(_alias_bomb_tags()) is None  # its str() walked 10^9 items
+    assert card_dialect("---\ntags: megatron-peft-export\n---\n") is None
+    deep = "---\ntags: " + "[" * 50_000 + "\n---\n"
+    assert not is_ours(deep) and card_dialect(deep) is None  # RecursionError out of yaml before
+    assert time.process_time() - start < 5
+
+
+def test_config_values_in_the_card_stay_in_their_table_cell():
+    """A base model name or patterns from an adapter's config (push fills the card from it) can neither end the table,
+    add HTML nor front matter; a string target_modules is shown as the pattern, not split into characters."""
+    hostile = "x |\n---\nlicense: evil\n<img src=x onerror=alert(1)>"
+    card = model_card(
+        {**CONFIG, "base_model_name_or_path": hostile, "target_modules": ".*\\.(q|v)_proj"},
+        dialect=None,
+        source="a Megatron adapter directory",
+        num_tensors=2,
+        quantization="fp8 | <b>",
+    )
+    assert _front(card) == {
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "tags": ["lora", "megatron", "megatron-peft-export", "dora"],
+    }
+    prose, code = card.split("```python\n")
+    assert "<img" not in prose and "<b>" not in prose and "license: evil\n" not in card
+    assert code.count("\n") == 6  # inside the code block as one JSON string (newlines escaped): inert
+    row = next(line for line in card.splitlines() if line.startswith("| base model |"))
+    assert row == "| base model | x \\| --- license: evil &lt;img src=x onerror=alert(1)&gt; |"
+    assert "| target modules | .*\\.(q\\|v)_proj |" in card
+    assert "| base quantization | fp8 \\| &lt;b&gt; |" in card

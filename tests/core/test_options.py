@@ -306,3 +306,29 @@ def test_an_option_error_keeps_its_data_across_pickling():
     error = pickle.loads(pickle.dumps(OptionError(option="dtype", expected="bf16", found="x")))
     assert isinstance(error, ExportError) and (error.option, error.expected, error.found) == ("dtype", "bf16", "x")
     assert str(error) == "dtype: expected bf16, found 'x'"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("repo_id", "org/name\n"),  # `$` matched before a final newline
+        ("repo_id", "org/name\nX-Injected: 1"),
+        ("repo_id", "org/a/b"),
+        ("repo_id", "org/.."),
+        ("revision", "../main"),
+        ("revision", "dev\n"),
+        ("revision", "dev\x1b[2J"),
+        ("revision", "a..b"),
+        ("revision", "/abs"),
+        ("revision", "x/"),
+    ],
+)
+def test_hub_names_with_control_characters_or_traversal_are_refused(field, value):
+    from megatron_peft_export.errors import OptionError
+
+    with pytest.raises(OptionError):
+        PushConfig(**{"repo_id": "me/tiny-lora", field: value})
+
+
+def test_plain_hub_names_pass():
+    assert PushConfig(repo_id="my-org/llama.lora_3", revision="runs/v1.0").revision == "runs/v1.0"

@@ -227,7 +227,7 @@ def test_a_payload_as_the_verification_reference_never_runs(world, tmp_path):
     _refused(
         tmp_path,
         ["verify", str(adapter), "--base-model", str(world / "verified" / "base")],
-        "cannot read the reference",
+        "reference.safetensors: not a valid safetensors file",
         adapter,
         marker,
     )

@@ -4,6 +4,7 @@ succeeds with consistent values or raises an ExportError with a message, never a
 
 import json
 import math
+import re
 import shutil
 import struct
 import tempfile
@@ -309,3 +310,37 @@ def test_nonfinite_over_an_exports_payload_names_exactly_the_bad_tensors_without
     shuffled = list(tensors.items())[::-1]
     expected = [key for key, t in shuffled if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     assert [item.split(" ")[0] for item in af.nonfinite(shuffled)] == expected == ["t399", "t201", "t200", "t3"]
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"alpha_pattern": {"(.*a){20}": 2}}, "more than 3 unbounded repeats"),  # twenty `.*`: peft hung on it
+        ({"rank_pattern": {"(a|aa){30}": 2}}, "an alternation repeated 30 times"),  # 2^30 ways: peft hung on it
+        ({"target_modules": "(?:.*q){12}"}, "more than 3 unbounded repeats"),
+        ({"exclude_modules": "(a+)+$"}, "exclude_modules: pattern"),  # peft fullmatches it against every module
+        ({"exclude_modules": 5}, "exclude_modules: expected"),
+        ({"modules_to_save": ["(a+)+"]}, "modules_to_save: pattern"),  # peft puts it inside rf"(^|.*\.){m}($|\..*)"
+        ({"modules_to_save": [".*x.*"]}, "more than 1 unbounded repeats"),
+        ({"modules_to_save": "lm_head"}, None),
+        ({"modules_to_save": [["lm_head"]]}, "modules_to_save: expected"),
+        ({"layers_pattern": "(l+)+", "layers_to_transform": [0]}, "layers_pattern: pattern"),
+        ({"layers_pattern": ["layers", "h"], "layers_to_transform": [0, 1]}, None),
+        ({"layers_to_transform": "0"}, "layers_to_transform: expected"),
+        ({"layers_to_transform": [[0]]}, "layers_to_transform: expected"),
+        ({"layers_to_transform": [True]}, "layers_to_transform: expected"),
+    ],
+)
+def test_fields_peft_turns_into_regular_expressions_are_checked(tmp_path, change, words):
+    """Each of these hangs peft's backtracking matcher (verify loads the adapter with peft) or is a wrong type."""
+    import time
+
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**GOOD_CONFIG, **change}))
+    start = time.process_time()
+    if words is None:
+        assert read_config(path)["peft_type"] == "LORA"
+        return
+    with pytest.raises(AdapterFileError, match=re.escape(words)):
+        read_config(path)
+    assert time.process_time() - start < 5
