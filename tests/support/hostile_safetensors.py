@@ -57,6 +57,10 @@ ATTACKS: dict[str, tuple[bytes, str]] = {
     "__metadata__ a list of numbers": (raw(two(entry(), extra='"__metadata__":[1],')), "__metadata__ is not"),
     "NaN": (raw(two(entry(shape="[NaN]"))), "a list holds something other than integers"),
     "NaN as a field": (raw(two(entry().replace('"F32"', "NaN"))), "NaN is not valid JSON"),
+    # an unclosed text of escaped quotes: a text pattern that must find the closing quote rescans the rest from
+    # every later quote (quadratic: hours for this 2 MB header)
+    "an unclosed text of escaped quotes": (raw('{"x":"' + '\\"' * 1_000_000), "Unterminated string"),
+    "quotes and backslashes": (raw('{"x":' + '"\\' * 1_000_000), "Unterminated string"),
     "a list of texts": (raw('{"x":[' + '"ab",' * 2_000_000 + '"ab"]}'), "a list holds something other than"),
     "objects": (raw('{"x":{' + '"a":{},' * 400_000 + '"a":{}}}'), "objects and"),
     "texts": (raw('{"x":{' + '"a":"",' * 400_000 + '"a":""}}'), "texts in"),
