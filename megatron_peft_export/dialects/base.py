@@ -68,20 +68,7 @@ def attribute(obj: Any, name: str) -> Any:
     """`getattr(obj, name, None)`, the same answer, read from a module's own dictionaries where `getattr` would
     reach them through `__getattr__` (ModelOpt's dynamic modules pay a context manager per lookup there: ~100 us,
     seconds over the ~10^5 modules of a large MoE model). Anything else still goes through `getattr`."""
-    own = getattr(obj, "__dict__", None)
-    cls = type(obj)
-    if own is None or name in own or hasattr(cls, name) or not _plain(cls):
-        return getattr(obj, name, None)
-    manager = own.get("_dm_attribute_manager")  # a dynamic module answers its hparams and dynamic attributes first
-    if manager is not None and (name in manager.da_keys() or name in manager.hp_keys()):
-        return getattr(obj, name, None)
-    for store in _STORES:
-        table = own.get(store)
-        if table is None:  # a dynamic module that manages this store itself
-            return getattr(obj, name, None)
-        if name in table:
-            return table[name]
-    return None
+    return Reader()(obj, name)
 
 
 class Reader:
