@@ -86,14 +86,6 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         problems.append(f"base_model_name_or_path: expected a string, found {type(base).__name__}")
-    for name in ("target_modules", "target_parameters", "exclude_modules"):
-        value = config.get(name)
-        if (
-            value is not None
-            and not isinstance(value, str)
-            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        ):
-            problems.append(f"{name}: expected a list of module names or one pattern, found {value!r:.60}")
     for name, valid, expected in (
         ("rank_pattern", lambda v: _is_int(v) and 1 <= v <= MAX_RANK, "ranks"),
         ("alpha_pattern", _is_real, "finite numbers"),
@@ -117,9 +109,10 @@ def _check_fields(config: dict[str, Any], where: str) -> None:
 
 
 def _check_peft_regex_fields(config: dict[str, Any]) -> list[str]:
-    """Types of the fields peft turns into regular expressions or layer filters (their patterns: `_check_fields`)."""
+    """Types of the fields peft matches against module names, turns into regular expressions or layer filters (their
+    patterns: `_check_fields`)."""
     problems = []
-    for name in ("modules_to_save", "layers_pattern"):
+    for name in ("target_modules", "target_parameters", "exclude_modules", "modules_to_save", "layers_pattern"):
         value = config.get(name)
         if (
             value is not None
