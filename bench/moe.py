@@ -123,6 +123,15 @@ def _hook_save(hook, model, fresh, cpu: list | None = None) -> float:
     return seconds
 
 
+def _copy_floor(params) -> list:
+    """The host-copy floor: a copy of every adapter parameter, with Python's cyclic collector paused as the hook's
+    training-thread save pauses it (the copies are 10^5 new objects: collections over the model's would be timed)."""
+    from megatron_peft_export.export import paused_collection
+
+    with paused_collection():
+        return [p.detach().to("cpu", copy=True) for p in params]
+
+
 def _measure_hook(model, scratch: Path, reps: int) -> dict:
     """The hook alone: its first save (after `prepare`, and without), and its later saves' stall, against the host-copy
     floor."""
@@ -143,7 +152,7 @@ def _measure_hook(model, scratch: Path, reps: int) -> dict:
     out["hook_first"] = _hook_save(hook, model, fresh, cpu["hook_first"])
     samples = {"floor_copy": [], "hook": []}
     for _ in range(reps):
-        wall, thread_cpu, _ = timed_both(lambda: [p.detach().to("cpu", copy=True) for p in params])
+        wall, thread_cpu, _ = timed_both(_copy_floor, params)
         samples["floor_copy"].append(wall)
         cpu["floor_copy"].append(thread_cpu)
         samples["hook"].append(_hook_save(hook, model, fresh, cpu["hook"]))
@@ -207,7 +216,7 @@ def _measure(model, scratch: Path, reps: int) -> dict:
         both("per_expert", warm, "per_expert")
         both("floor_write_fused", floor_write, "fused")
         both("fused", warm, "fused")
-        samples["floor_copy"].append(timed(lambda: [p.detach().to("cpu", copy=True) for p in params])[0])
+        samples["floor_copy"].append(timed(_copy_floor, params)[0])
         samples["hook"].append(hook_save())
     out.update({k: median(v) for k, v in samples.items()})
     out["cpu"] = {k: median(v) for k, v in cpu.items()}

@@ -12,8 +12,6 @@ it: a part left unread could change what was read before it.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import io
 import math
 import pickle
@@ -25,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..core.brief import brief
+from ..export import paused_collection
 from ..io.torch_save import check_pickle
 
 _DCP = "torch.distributed.checkpoint."
@@ -363,24 +362,9 @@ def _sections(root: Any) -> tuple[dict, dict]:
     return entries, storage
 
 
-@contextlib.contextmanager
-def _without_cyclic_gc():
-    """Python's cyclic garbage collector paused (then restored as it was). Unpickling `.metadata` allocates millions
-    of containers, all alive until the unpickler returns; each 700 of them trigger a collection, and the older
-    generations are rescanned as they grow: 2.1 s of CPU of the 2.8 s unpickling the 19 MB `.metadata` at 48x128
-    took (same process). Nothing here makes cyclic garbage, and what the pause delays elsewhere is collected after."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def parse_metadata(data: bytes) -> CheckpointMetadata:
     """`.metadata`'s bytes -> CheckpointMetadata. Raises RefusedGlobal, MetadataError, or the unpickler's errors."""
-    with _without_cyclic_gc():
+    with paused_collection():
         return _parse(data)
 
 
