@@ -33,10 +33,11 @@ from .safe_read import RegularFile, open_regular
 MAX_HEADER_BYTES = 100_000_000
 """safetensors' own cap on the JSON header."""
 MAX_DIMS = 64
-_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 """A JSON text, or from a quote to the end of the text when it is not closed (invalid JSON, refused by the parser
-after this): possessive, so every byte is looked at once. A pattern that must find the closing quote rescans the
-rest of the header from every later quote when there is none: quadratic, hours for a header of escaped quotes."""
+after this). The pattern cannot fail once it starts at a quote (the closing quote is optional), so the engine never
+backtracks and every byte is looked at once. A pattern that must find the closing quote rescans the rest of the
+header from every later quote when there is none: quadratic, hours for a header of escaped quotes."""
 _SPACE = str.maketrans("", "", " \t\r\n")
 _NUMBERS = str.maketrans("", "", "-0123456789,:")
 DTYPES = {
