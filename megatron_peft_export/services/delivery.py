@@ -29,6 +29,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -65,6 +66,7 @@ class _NoAnswer(Exception):
 ANSWER_LIMIT = 1 << 20
 """Bytes of an answer read at most (vLLM's answers are a few kB); the rest is never read."""
 ERROR_LIMIT = 1 << 16
+_LATE = "no whole answer within serve.timeout"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -72,22 +74,67 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises the 3xx as an HTTPError
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+class _Deadline:
+    """One request's opener (no redirects) whose sockets are shut when `seconds` have passed: a server dripping its
+    status line, headers or body a byte at a time (each read within the socket's timeout) cannot hold a request."""
+
+    def __init__(self, seconds: float) -> None:
+        self.sockets: list[Any] = []
+        self.expired = False
+        self.opener = urllib.request.build_opener(
+            _NoRedirect, self._watching(urllib.request.HTTPHandler), self._watching(urllib.request.HTTPSHandler)
+        )
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _watching(self, base: type) -> Any:
+        sockets = self.sockets
+
+        class Watching(base):  # type: ignore[misc,valid-type]
+            def do_open(self, http_class: Any, req: Any, **kw: Any) -> Any:
+                def connection(host: str, **args: Any) -> Any:
+                    conn = http_class(host, **args)
+                    connect = conn.connect
+
+                    def watched() -> None:
+                        connect()
+                        sockets.append(conn.sock)
+
+                    conn.connect = watched
+                    return conn
+
+                return super().do_open(connection, req, **kw)
+
+        return Watching()
+
+    def _expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._timer.cancel()
 
 
-def _read(response: Any, limit: int, deadline: float) -> str:
-    """Up to `limit` bytes of `response` as text, in chunks, until `deadline` (each chunk waits at most the socket's
-    timeout: a server dripping a byte at a time cannot hold a request beyond its timeout)."""
+def _read(response: Any, limit: int, deadline: _Deadline) -> str:
+    """Up to `limit` bytes of `response` as text (the rest is never read); the deadline's expiry ends it."""
     chunks, size = [], 0
     read = getattr(response, "read1", None) or response.read
     while size < limit:
-        if time.monotonic() > deadline:
-            raise _NoAnswer("the answer took longer than the timeout")
         chunk = read(min(1 << 16, limit - size))
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
+    if deadline.expired:
+        raise _NoAnswer(_LATE)
     return b"".join(chunks).decode("utf-8", "replace")
 
 
@@ -118,24 +165,26 @@ class VllmServer:
         key = os.environ.get(self.config.api_key_env, "").strip()
         if key:
             request.add_header("Authorization", f"Bearer {key}")
-        deadline = time.monotonic() + self.config.timeout
-        try:
-            with _OPENER.open(request, timeout=self.config.timeout) as response:
-                return response.status, _read(response, ANSWER_LIMIT, deadline)
-        except urllib.error.HTTPError as exc:
-            if 300 <= exc.code < 400:
-                raise DeliveryError(
-                    f"{self.config.url}{path} answered HTTP {exc.code}, a redirect to {exc.headers.get('Location')!r}; "
-                    "expected the vLLM server itself: give its own URL (a redirect is not followed, the API key "
-                    "would go with it)"
-                ) from None
-            text = _read(exc, ERROR_LIMIT, deadline)
-            if exc.code >= 500 and "load" not in path:
-                raise _NoAnswer(f"HTTP {exc.code}") from None
-            return exc.code, text
-        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _NoAnswer(str(reason) or type(reason).__name__) from None
+        with _Deadline(self.config.timeout) as deadline:
+            try:
+                with deadline.opener.open(request, timeout=self.config.timeout) as response:
+                    return response.status, _read(response, ANSWER_LIMIT, deadline)
+            except urllib.error.HTTPError as exc:
+                if 300 <= exc.code < 400:
+                    raise DeliveryError(
+                        f"{self.config.url}{path} answered HTTP {exc.code}, a redirect to "
+                        f"{exc.headers.get('Location')!r}; expected the vLLM server itself: give its own URL (a "
+                        "redirect is not followed, the API key would go with it)"
+                    ) from None
+                text = _read(exc, ERROR_LIMIT, deadline)
+                if exc.code >= 500 and "load" not in path:
+                    raise _NoAnswer(f"HTTP {exc.code}") from None
+                return exc.code, text
+            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
+                if deadline.expired:
+                    raise _NoAnswer(_LATE) from None
+                reason = getattr(exc, "reason", exc)
+                raise _NoAnswer(str(reason) or type(reason).__name__) from None
 
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> tuple[int, str]:
         """(status, text) of one request, retried with backoff while the server does not answer."""

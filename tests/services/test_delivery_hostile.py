@@ -191,3 +191,19 @@ def test_a_server_url_with_credentials_is_refused_without_echoing_them(url):
         ServeConfig(url=url.format(password))
     message = str(caught.value)
     assert password not in message and message.startswith("serve.url: expected") and "***@" in message, message
+
+
+def test_a_slow_drip_of_the_headers_ends_within_the_timeout(tmp_path):
+    def drip(h):  # the status line, then one header byte every 0.1 s, forever
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(600):
+            h.wfile.write(b"a")
+            h.wfile.flush()
+            time.sleep(0.1)
+
+    with _Server(drip) as server:
+        start = time.monotonic()
+        record = deliver(_adapter(tmp_path), 1, _config(server.url, timeout=1.0))
+        took = time.monotonic() - start
+    assert took < 5.0, f"a 1.0 s timeout took {took:.1f} s"
+    assert record.status == "refused" and "no whole answer within serve.timeout" in record.message, record
