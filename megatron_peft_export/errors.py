@@ -9,7 +9,16 @@ unpickled keeps its type; the fields travel in the instance's `__dict__`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,30}://)[^/?#@\s]{1,1000}@")
+
+
+def mask_url_credentials(text: str) -> str:
+    """`text` with the user info of every URL (`https://user:password@host`) replaced by ***: here, the bottom
+    layer, so that an option's error message never echoes it; `redact.redact` masks the known secrets besides."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class ExportError(Exception):
@@ -77,7 +86,8 @@ class OptionError(ExportError):
         hint: str | None = None,
     ) -> None:
         if message is None:
-            message = f"{option}: expected {expected}, found {found!r:.80}" + (f"; {hint}" if hint else "")
+            message = f"{option}: expected {expected}, found {mask_url_credentials(repr(found)):.80}"
+            message += f"; {hint}" if hint else ""
         super().__init__(message, expected=expected, found=found, hint=hint)
         self.option = option
 

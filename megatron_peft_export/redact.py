@@ -1,8 +1,10 @@
-"""Secrets (Hub tokens, W&B API keys) never reach our logs or error lines: every known secret value is masked.
+"""Secrets (Hub tokens, W&B API keys, the vLLM server's API key, passwords in URLs) never reach our logs, error
+lines or files we write about services: every known secret value is masked.
 
-The values come from the environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, WANDB_API_KEY) and, when
-huggingface_hub is already imported, from its stored login. They are read when a message is masked,
-never stored or written anywhere.
+The values come from the environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, WANDB_API_KEY, VLLM_API_KEY and each
+variable a configuration names with `secret_variable`) and, when huggingface_hub is already imported, from its
+stored login. They are read when a message is masked, never stored or written anywhere. The user-info part of a
+URL (`https://user:password@host`) is masked whatever it holds.
 """
 
 from __future__ import annotations
@@ -11,14 +13,23 @@ import logging
 import os
 import sys
 
-SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+from .errors import mask_url_credentials
+
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "VLLM_API_KEY")
+_named: set[str] = set()
+"""Further variables configurations named as holding a secret (serve.api_key_env)."""
 MASK = "***"
 _MIN_LENGTH = 8
 """Shorter values are not masked (masking `1` everywhere would garble messages, and such values are no credentials)."""
 
 
+def secret_variable(name: str) -> None:
+    """Mask the value of environment variable `name` from now on (read when masking, as the others)."""
+    _named.add(name)
+
+
 def secrets() -> list[str]:
-    found = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+    found = [os.environ.get(name, "") for name in (*SECRET_VARIABLES, *sorted(_named))]
     hub = sys.modules.get("huggingface_hub")
     if hub is not None:
         try:
@@ -29,10 +40,10 @@ def secrets() -> list[str]:
 
 
 def redact(text: str) -> str:
-    """`text` with every known secret replaced by ***."""
+    """`text` with every known secret, and the user info of every URL, replaced by ***."""
     for value in secrets():
         text = text.replace(value, MASK)
-    return text
+    return mask_url_credentials(text)
 
 
 class RedactingFilter(logging.Filter):
@@ -40,14 +51,13 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         values = secrets()
-        if not values:
-            return True
         message = record.getMessage()
+        if not values and "@" not in message and not record.exc_info:
+            return True
         if record.exc_info:
             message += "\n" + logging.Formatter().formatException(record.exc_info)
             record.exc_info, record.exc_text = None, None
-        if any(value in message for value in values):
-            message = redact(message)
+        message = redact(message)
         record.msg, record.args = message, None
         return True
 

@@ -773,7 +773,9 @@ _PUSH_OPTIONS = [
 
 def _url(v: Any) -> bool:
     parsed = urllib.parse.urlparse(v) if isinstance(v, str) else None
-    return parsed is not None and parsed.scheme in ("http", "https") and bool(parsed.netloc)
+    return (
+        parsed is not None and parsed.scheme in ("http", "https") and bool(parsed.hostname) and "@" not in parsed.netloc
+    )
 
 
 def _served_name(v: Any) -> bool:
@@ -793,7 +795,7 @@ _SERVE_OPTIONS = [
         REQUIRED,
         "The vLLM server's base URL (`http://host:port`); its runtime LoRA API must be on "
         "(`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, `--enable-lora`).",
-        "http(s)://host:port (the vLLM server's base URL)",
+        "http(s)://host:port (the vLLM server's base URL; no user:password@, the key goes in api_key_env's variable)",
         _url,
         surfaces=_SERVE,
         flags={

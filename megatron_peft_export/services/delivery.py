@@ -18,14 +18,18 @@ backoff a bounded number of times; then the delivery is given up with one warnin
 afresh. In the training hook this runs on a thread of its own behind a queue of one: while a delivery is in flight,
 a newer adapter replaces an older one that waits (only the newest matters to a server), so a slow or dead server
 never holds training up. The API key comes from the environment variable the configuration names and is sent only
-in the Authorization header; it is never written to a file or a log line.
+in the Authorization header, never after a redirect (none is followed); it is masked (`redact`) in every log line
+and in serving.json, should a server echo it. Each request takes at most `timeout` seconds in all and reads at most
+ANSWER_LIMIT bytes; a malformed answer is a refusal, never a raw exception.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -42,6 +46,7 @@ from ..errors import DeliveryError, ExportError
 from ..io import checkpoints
 from ..io.atomic_dir import write_file
 from ..io.peft_dir import adapter_dirs, read_adapter
+from ..redact import redact, secret_variable
 
 log = logging.getLogger("megatron_peft_export")
 
@@ -58,6 +63,89 @@ class _NoAnswer(Exception):
     """The server did not answer (worth retrying)."""
 
 
+ANSWER_LIMIT = 1 << 20
+"""Bytes of an answer read at most (vLLM's answers are a few kB); the rest is never read."""
+ERROR_LIMIT = 1 << 16
+_LATE = "no whole answer within serve.timeout"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+class _Deadline:
+    """One request's opener (no redirects) whose sockets are shut when `seconds` have passed: a server dripping its
+    status line, headers or body a byte at a time (each read within the socket's timeout) cannot hold a request."""
+
+    def __init__(self, seconds: float) -> None:
+        self.sockets: list[Any] = []
+        self.expired = False
+        self.opener = urllib.request.build_opener(
+            _NoRedirect, self._watching(urllib.request.HTTPHandler), self._watching(urllib.request.HTTPSHandler)
+        )
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _watching(self, base: type) -> Any:
+        sockets = self.sockets
+
+        class Watching(base):  # type: ignore[misc,valid-type]
+            def do_open(self, http_class: Any, req: Any, **kw: Any) -> Any:
+                def connection(host: str, **args: Any) -> Any:
+                    conn = http_class(host, **args)
+                    connect = conn.connect
+
+                    def watched() -> None:
+                        connect()
+                        sockets.append(conn.sock)
+
+                    conn.connect = watched
+                    return conn
+
+                return super().do_open(connection, req, **kw)
+
+        return Watching()
+
+    def _expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._timer.cancel()
+
+
+def _read(response: Any, limit: int, deadline: _Deadline) -> str:
+    """Up to `limit` bytes of `response` as text (the rest is never read); the deadline's expiry ends it."""
+    chunks, size = [], 0
+    read = getattr(response, "read1", None) or response.read
+    while size < limit:
+        chunk = read(min(1 << 16, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if deadline.expired:
+        raise _NoAnswer(_LATE)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _json(text: str) -> Any:
+    """The JSON document `text` is, or None for anything else (malformed, nested too deeply, NaN literals)."""
+    try:
+        return json.loads(text, parse_constant=lambda name: None)
+    except (ValueError, RecursionError):
+        return None
+
+
 @dataclass
 class VllmServer:
     """The few requests of vLLM's OpenAI-compatible server this module makes, with retries for missing answers."""
@@ -65,24 +153,38 @@ class VllmServer:
     config: ServeConfig
     sleep: Callable[[float], None] = time.sleep
 
+    def __post_init__(self) -> None:
+        secret_variable(self.config.api_key_env)  # masked wherever a server or proxy echoes it
+
     def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> tuple[int, str]:
+        """(status, text) of one request, within `timeout` seconds in all (a slow drip of bytes included), the
+        answer read up to ANSWER_LIMIT bytes; a redirect is not followed (the API key would go with it)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.config.url.rstrip("/") + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
         key = os.environ.get(self.config.api_key_env, "").strip()
         if key:
             request.add_header("Authorization", f"Bearer {key}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-                return response.status, response.read(1 << 20).decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            text = exc.read(1 << 16).decode("utf-8", "replace")
-            if exc.code >= 500 and "load" not in path:
-                raise _NoAnswer(f"HTTP {exc.code}") from None
-            return exc.code, text
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _NoAnswer(str(reason) or type(reason).__name__) from None
+        with _Deadline(self.config.timeout) as deadline:
+            try:
+                with deadline.opener.open(request, timeout=self.config.timeout) as response:
+                    return response.status, _read(response, ANSWER_LIMIT, deadline)
+            except urllib.error.HTTPError as exc:
+                if 300 <= exc.code < 400:
+                    raise DeliveryError(
+                        f"{self.config.url}{path} answered HTTP {exc.code}, a redirect to "
+                        f"{exc.headers.get('Location')!r}; expected the vLLM server itself: give its own URL (a "
+                        "redirect is not followed, the API key would go with it)"
+                    ) from None
+                text = _read(exc, ERROR_LIMIT, deadline)
+                if exc.code >= 500 and "load" not in path:
+                    raise _NoAnswer(f"HTTP {exc.code}") from None
+                return exc.code, text
+            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
+                if deadline.expired:
+                    raise _NoAnswer(_LATE) from None
+                reason = getattr(exc, "reason", exc)
+                raise _NoAnswer(str(reason) or type(reason).__name__) from None
 
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> tuple[int, str]:
         """(status, text) of one request, retried with backoff while the server does not answer."""
@@ -103,11 +205,9 @@ class VllmServer:
 
     def version(self) -> str:
         status, text = self.request("GET", "/version")
-        try:
-            version = json.loads(text)["version"] if status == 200 else None
-        except (ValueError, KeyError, TypeError):
-            version = None
-        if not isinstance(version, str):
+        answer = _json(text) if status == 200 else None
+        version = answer.get("version") if isinstance(answer, dict) else None
+        if not isinstance(version, str) or not 0 < len(version) <= 100:
             raise DeliveryError(
                 f"{self.config.url}/version answered HTTP {status} without a version; expected a vLLM server"
             )
@@ -117,9 +217,11 @@ class VllmServer:
         """max_lora_rank and max_cpu_loras where the server reports them (development endpoints), else {}."""
         try:
             status, text = self.request("GET", "/server_info?config_format=json")
-            lora = json.loads(text)["vllm_config"]["lora_config"] if status == 200 else None
-        except (DeliveryError, ValueError, KeyError, TypeError):
+        except DeliveryError:
             return {}
+        answer = _json(text) if status == 200 else None
+        vllm = answer.get("vllm_config") if isinstance(answer, dict) else None
+        lora = vllm.get("lora_config") if isinstance(vllm, dict) else None
         if not isinstance(lora, Mapping):
             return {}
         return {k: lora[k] for k in ("max_lora_rank", "max_cpu_loras", "max_loras") if isinstance(lora.get(k), int)}
@@ -127,11 +229,13 @@ class VllmServer:
     def loaded(self) -> dict[str, str]:
         """{served name: adapter path} of the LoRA adapters the server holds (`GET /v1/models`)."""
         status, text = self.request("GET", "/v1/models")
-        try:
-            cards = json.loads(text)["data"] if status == 200 else []
-        except (ValueError, KeyError, TypeError):
-            cards = []
-        return {c["id"]: c.get("root", "") for c in cards if isinstance(c, Mapping) and c.get("parent")}
+        answer = _json(text) if status == 200 else None
+        cards = answer.get("data") if isinstance(answer, dict) else None
+        return {
+            c["id"]: c.get("root", "")
+            for c in (cards if isinstance(cards, list) else [])
+            if isinstance(c, dict) and c.get("parent") and isinstance(c.get("id"), str)
+        }
 
     def load(self, name: str, path: Path, *, in_place: bool = False) -> None:
         body = {"lora_name": name, "lora_path": str(path), "load_inplace": in_place}
@@ -146,12 +250,10 @@ class VllmServer:
 
 
 def _message(text: str) -> str:
-    try:
-        body = json.loads(text)
+    body = _json(text)
+    if body is not None:
         found = body.get("error", body) if isinstance(body, dict) else body
         text = found.get("message", text) if isinstance(found, dict) else str(found)
-    except ValueError:
-        pass
     return " ".join(str(text).split())[:400]
 
 
@@ -250,7 +352,9 @@ def _unload_old(server: VllmServer, config: ServeConfig, keep_from: int) -> list
 
 
 def _finish(path: Path, record: Delivery, status: str, message: str) -> Delivery:
-    record.status, record.message, record.finished = status, message, time.time()
+    """Log the outcome and write serving.json, every text the server or the configuration gave masked (`redact`)."""
+    record.status, record.message, record.finished = status, redact(message), time.time()
+    record.server, record.vllm = redact(record.server), record.vllm and redact(record.vllm)
     if status != "loaded":
         log.warning("adapter %s not loaded into %s (%s): %s", path, record.server, status, message)
     else:

@@ -213,7 +213,12 @@ def test_verify_and_push_sections_refuse_a_bad_value_with_expected_and_found(cls
 @pytest.mark.parametrize(
     "option,value,expected",
     [
-        ("url", "localhost:8000", "http(s)://host:port (the vLLM server's base URL)"),
+        (
+            "url",
+            "localhost:8000",
+            "http(s)://host:port (the vLLM server's base URL; no user:password@, the key goes in api_key_env's "
+            "variable)",
+        ),
         ("name", "a/b", "a plain non-empty name (no '/', no surrounding spaces)"),
         ("keep", 0, "an integer >= 1"),
         ("retries", 1.0, "an integer >= 1"),
