@@ -92,22 +92,36 @@ def test_a_redirect_to_another_host_gets_neither_the_key_nor_any_request(tmp_pat
     assert record.status == "refused" and "redirect" in record.message and target in record.message, record
 
 
-def test_a_slow_drip_answer_ends_within_the_timeout(tmp_path):
-    def drip(h):  # announces a large body, then one byte every 0.1 s: each read succeeds within the timeout
-        h.send_response(200)
-        h.send_header("Content-Length", str(1 << 20))
-        h.end_headers()
-        for _ in range(600):
-            h.wfile.write(b" ")
-            h.wfile.flush()
-            time.sleep(0.1)
+def _drip_body(h):  # announces a large body, then one byte every 0.1 s: each read succeeds within the timeout
+    h.send_response(200)
+    h.send_header("Content-Length", str(1 << 20))
+    h.end_headers()
+    for _ in range(600):
+        h.wfile.write(b" ")
+        h.wfile.flush()
+        time.sleep(0.1)
 
+
+def _drip_headers(h):  # the status line, then one header byte every 0.1 s
+    h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    for _ in range(600):
+        h.wfile.write(b"a")
+        h.wfile.flush()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "drip, words", [(_drip_body, "did not answer"), (_drip_headers, "no whole answer within serve.timeout")]
+)
+def test_a_slow_drip_ends_within_the_timeout(tmp_path, drip, words):
+    """The drip lasts 60 s and each of its reads succeeds within the 1 s socket timeout: a request bounded per read,
+    not in all, takes the whole drip (the bound below is half of it: a loaded machine's delays, not a benchmark)."""
     with _Server(drip) as server:
         start = time.monotonic()
         record = deliver(_adapter(tmp_path), 1, _config(server.url, timeout=1.0))
         took = time.monotonic() - start
-    assert took < 5.0, f"a 1.0 s timeout took {took:.1f} s"
-    assert record.status == "refused" and "did not answer" in record.message, record
+    assert took < 30.0, f"a 1.0 s timeout took {took:.1f} s"
+    assert record.status == "refused" and words in record.message, record
 
 
 def test_a_never_ending_or_huge_body_is_read_only_up_to_the_limit(tmp_path):
@@ -191,19 +205,3 @@ def test_a_server_url_with_credentials_is_refused_without_echoing_them(url):
         ServeConfig(url=url.format(password))
     message = str(caught.value)
     assert password not in message and message.startswith("serve.url: expected") and "***@" in message, message
-
-
-def test_a_slow_drip_of_the_headers_ends_within_the_timeout(tmp_path):
-    def drip(h):  # the status line, then one header byte every 0.1 s, forever
-        h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-        for _ in range(600):
-            h.wfile.write(b"a")
-            h.wfile.flush()
-            time.sleep(0.1)
-
-    with _Server(drip) as server:
-        start = time.monotonic()
-        record = deliver(_adapter(tmp_path), 1, _config(server.url, timeout=1.0))
-        took = time.monotonic() - start
-    assert took < 5.0, f"a 1.0 s timeout took {took:.1f} s"
-    assert record.status == "refused" and "no whole answer within serve.timeout" in record.message, record
