@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
     import sre_parse as _p  # type: ignore[no-redef]
 
 MAX_PATTERN_LENGTH = 256
+MAX_UNBOUNDED_REPEATS = 3
 MAX_STATES = 4096
 """Automaton states per key (a bounded repeat such as `a{1000}` expands into copies)."""
 MAX_WORK = 5_000_000
@@ -261,7 +262,7 @@ def _key_nodes(parsed: list[tuple[Any, Any]]) -> list[tuple[Any, Any]] | None:
 
 
 def _check(
-    pattern: Any, where: str, budget: _Budget, repeats: int = 3
+    pattern: Any, where: str, budget: _Budget, repeats: int = MAX_UNBOUNDED_REPEATS
 ) -> list[tuple[Any, Any, Callable[[str], bool]]] | None:
     """check_pattern's work; returns the fixed-width tests of the key, None when it needs the automaton."""
     if not isinstance(pattern, str) or not pattern:
@@ -321,7 +322,6 @@ def _size(nodes: list[tuple[Any, Any]], depth: int = 0) -> int:
     return total
 
 
-MAX_UNBOUNDED_REPEATS = 3
 MAX_ALTERNATIVES = 1024
 """Combinations of an alternation's branches a bounded repeat may make (`(a|aa){30}` makes 2^30: peft hangs)."""
 _REPEATS = (_c.MAX_REPEAT, _c.MIN_REPEAT)
@@ -360,7 +360,7 @@ def _peft_key(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
-def check_pattern(pattern: Any, where: str, repeats: int = 3) -> str:
+def check_pattern(pattern: Any, where: str, repeats: int = MAX_UNBOUNDED_REPEATS) -> str:
     """A module-name pattern, refused (AdapterFileError) unless it is a non-empty string of at most
     MAX_PATTERN_LENGTH characters in the regular subset matched here, with at most `repeats` unbounded repeats
     (peft puts `modules_to_save` and `layers_pattern` inside patterns of its own with two more: 1 for those)."""
