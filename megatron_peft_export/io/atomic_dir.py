@@ -43,15 +43,21 @@ published."""
 
 
 def _dir_mode() -> int:
+    """What a directory this process makes now gets (0o777 less the umask, read at each publish, so a umask set after
+    import counts). The staging directory has 0o700 until it is published, so a user of the same group (a umask of
+    002 on a shared cluster) cannot put a link to one of our files into it between its creation and our write of
+    that file (the write would follow it). Linux reports the umask in /proc/self/status without changing it;
+    elsewhere it is read by setting it and back (briefly process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o777 & ~mask
-
-
-_DIR_MODE = _dir_mode()
-"""What a directory this process makes gets (the umask at import): the staging directory has 0o700 until it is
-published, so a user of the same group (a umask of 002 on a shared cluster) cannot put a link to one of our files
-into it between its creation and our write of that file (the write would follow it)."""
 
 
 def _open_up(tmp: Path) -> None:
@@ -59,7 +65,7 @@ def _open_up(tmp: Path) -> None:
     through a descriptor that refuses a link in its place."""
     fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        os.fchmod(fd, _DIR_MODE)
+        os.fchmod(fd, _dir_mode())
     finally:
         os.close(fd)
 

@@ -16,13 +16,10 @@ CARD = "---\ntags:\n- megatron-peft-export\n---\n# adapter\n"
 
 @pytest.fixture
 def group_umask():
-    """A shared cluster's umask: the group may write what this user creates."""
+    """A shared cluster's umask, set after the package was imported: the group may write what this user creates."""
     before = os.umask(0o002)
-    old_mode = atomic_dir._DIR_MODE
-    atomic_dir._DIR_MODE = atomic_dir._dir_mode()
     yield
     os.umask(before)
-    atomic_dir._DIR_MODE = old_mode
 
 
 def _mode(path):
@@ -38,6 +35,16 @@ def test_the_staging_directory_is_private_until_published(tmp_path, group_umask)
     write_staging(tmp, tensors={}, config={"peft_type": "LORA"}, card=CARD)
     assert atomic_dir.publish(tmp, out, False) == out
     assert _mode(out) == 0o775  # what mkdir gives under the umask, as before
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o022, 0o077])
+def test_the_umask_is_read_when_publishing_without_changing_it(mask):
+    before = os.umask(mask)
+    try:
+        assert atomic_dir._dir_mode() == 0o777 & ~mask
+        assert os.umask(mask) == mask  # still the caller's
+    finally:
+        os.umask(before)
 
 
 def test_a_link_swapped_in_for_the_staging_directory_is_not_followed(tmp_path):
