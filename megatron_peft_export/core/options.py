@@ -652,6 +652,13 @@ _VERIFY_OPTIONS = [
 ]
 
 
+def _url(v: Any) -> bool:
+    parsed = urllib.parse.urlparse(v) if isinstance(v, str) else None
+    return (
+        parsed is not None and parsed.scheme in ("http", "https") and bool(parsed.hostname) and "@" not in parsed.netloc
+    )
+
+
 _PUSH_OPTIONS = [
     _o(
         "push",
@@ -742,8 +749,8 @@ _PUSH_OPTIONS = [
         "str",
         None,
         "Hub address (default: HF_ENDPOINT, else https://huggingface.co).",
-        "a URL",
-        _str,
+        "http(s)://host[:port] (the Hub's address; no user:password@, the token goes in HF_TOKEN or the login)",
+        _url,
         surfaces=(PUSH,),
         flags={"cli:push": Flag("--endpoint")},
     ),
@@ -769,13 +776,6 @@ _PUSH_OPTIONS = [
         surfaces=(PUSH,),
     ),
 ]
-
-
-def _url(v: Any) -> bool:
-    parsed = urllib.parse.urlparse(v) if isinstance(v, str) else None
-    return (
-        parsed is not None and parsed.scheme in ("http", "https") and bool(parsed.hostname) and "@" not in parsed.netloc
-    )
 
 
 def _served_name(v: Any) -> bool:

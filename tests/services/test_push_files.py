@@ -102,3 +102,15 @@ def test_a_link_named_as_the_adapter_directory_is_followed_since_the_user_named_
     (tmp_path / "alias").symlink_to(adapter)
     assert _push(tmp_path / "alias", hub) == 0
     assert _uploaded(hub)["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["https://me:hf_secretvalue@hub.example", "ftp://hub.example", "hub.example", "https://"]
+)
+def test_an_endpoint_that_is_no_plain_http_url_is_refused_before_any_request(tmp_path, capsys, endpoint):
+    """Credentials in the endpoint would ride along in every log line and error; the token goes in HF_TOKEN."""
+    adapter = write_adapter(tmp_path / "adapter")
+    assert main(["push", str(adapter), "--repo-id", "me/run", "--endpoint", endpoint, "--retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "endpoint" in err and "http(s)://host" in err and "hf_secretvalue" not in err
+    assert len(err.strip().splitlines()) == 1
