@@ -5,6 +5,7 @@ import dataclasses
 import io
 import os
 import pickle
+import re
 import warnings
 
 import pytest
@@ -136,8 +137,58 @@ def _index_fqn(metadata):
     ],
 )
 def test_fields_are_checked(metadata, edit, message):
+    """Refused when parsed (keys, kinds, sizes, the Metadata) or when the key is read (chunks, stored items)."""
     edit(metadata)
     with pytest.raises(MetadataError, match=message):
+        _read_all(parse_metadata(pickle.dumps(metadata)))
+
+
+def _read_all(parsed):
+    """Every tensor and stored item read (each is checked and converted when first read)."""
+    return dict(parsed.tensors), dict(parsed.items)
+
+
+@pytest.mark.parametrize(
+    "edit,read",
+    [
+        (_retype, lambda parsed: parsed.tensors["a"]),
+        (_extra("chunk"), lambda parsed: parsed.tensors["a"]),
+        (_negative, lambda parsed: parsed.items[("a", (0, 0))]),
+        (_extra("item"), lambda parsed: parsed.items[("a", (0, 0))]),
+    ],
+    ids=["chunk outside", "extra on a chunk", "negative offset", "extra on an item"],
+)
+def test_a_bad_chunk_or_item_is_refused_when_its_key_is_read(metadata, edit, read):
+    """A bad chunk or stored item of a: the other keys read as without it; a refused each time it is read, with the
+    message reading every key gives."""
+    plain = parse_metadata(pickle.dumps(metadata))
+    edit(metadata)
+    parsed = parse_metadata(pickle.dumps(metadata))
+    assert "a" in parsed.tensors and parsed.sizes["a"] == plain.sizes["a"] == (8, 16)
+    others = [key for key in plain.tensors if key != "a"]
+    assert others and {k: parsed.tensors[k] for k in others} == {k: plain.tensors[k] for k in others}
+    stored = [(k, c.offsets) for k in others for c in plain.tensors[k].chunks]
+    assert [parsed.items[s] for s in stored] == [plain.items[s] for s in stored]
+    with pytest.raises(MetadataError) as refused:
+        read(parsed)
+    for _ in range(2):
+        with pytest.raises(MetadataError, match=re.escape(str(refused.value))):
+            read(parsed)
+    with pytest.raises(MetadataError, match=re.escape(str(refused.value))):
+        _read_all(parsed)
+
+
+@pytest.mark.parametrize(
+    "path,named",
+    [("../a.distcp", "../a.distcp"), ("", ""), ({"a": 1}, "{'a': 1}"), (None, "None")],
+    ids=["outside", "empty", "a mapping", "none"],
+)
+def test_a_data_file_name_not_plain_is_refused_when_parsed(metadata, path, named):
+    """Whatever key the stored item is of (read or not), a data file name that is not a plain name in the checkpoint
+    directory refuses the whole file when parsed."""
+    index = next(iter(metadata.storage_data))
+    metadata.storage_data[index].relative_path = path
+    with pytest.raises(MetadataError, match=re.escape(f"data files outside the checkpoint directory ({named}, for ")):
         parse_metadata(pickle.dumps(metadata))
 
 
@@ -277,7 +328,7 @@ def test_a_planner_object_where_a_record_belongs_is_refused(metadata):
     index = next(k for k in metadata.storage_data if k.fqn == "a")
     metadata.storage_data[index] = WriteItem(index=index, type=WriteItemType.TENSOR)
     with pytest.raises(MetadataError, match="stored item of a: expected a _StorageInfo, found Dropped"):
-        parse_metadata(pickle.dumps(metadata))
+        _read_all(parse_metadata(pickle.dumps(metadata)))
 
 
 @pytest.mark.parametrize("enabled", [True, False])
