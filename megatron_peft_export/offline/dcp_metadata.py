@@ -30,7 +30,7 @@ import torch
 
 from ..core.brief import brief
 from ..export import paused_collection
-from ..io.torch_save import check_pickle
+from ..io.torch_save import LAYOUT, Sealed, check_pickle
 
 _DCP = "torch.distributed.checkpoint."
 _RECORDED = {
@@ -74,9 +74,10 @@ class MetadataError(ValueError):
     """The metadata is not what torch.distributed.checkpoint writes."""
 
 
-class Record:
+class Record(metaclass=Sealed):
     """An object of an allowed class as the pickle describes it, nothing of the class built or run: the pickle's
-    BUILD puts the fields straight into the record's __dict__ (in C, as fast as torch's own classes load)."""
+    BUILD puts the fields straight into the record's __dict__ (in C, as fast as torch's own classes load). The
+    record classes, like every class the unpickler hands out, are Sealed: the pickle cannot set their attributes."""
 
     class_name = "?"
 
@@ -106,7 +107,7 @@ class StateRecord(Record):
 
 _CALLED = {"_MEM_FORMAT_ENCODING"}
 _RECORD_TYPES = {
-    key: type(
+    key: Sealed(
         key[1],
         (CalledRecord if key[1] in _CALLED else StateRecord if key[1] == "TensorProperties" else Record,),
         {"class_name": key[1]},
@@ -116,7 +117,7 @@ _RECORD_TYPES = {
 _BY_NAME = {name: cls for (_, name), cls in _RECORD_TYPES.items()}
 
 
-class Dropped:
+class Dropped(metaclass=Sealed):
     """An object of Megatron's cached save plans (the planner's classes): the pickle builds and sets it like any
     other, but nothing of it is kept (every one is this one instance, its state discarded), as nothing of it is
     used. It holds no record, so it cannot change one."""
@@ -148,7 +149,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         ):
             return torch.__dict__[name]  # never getattr: torch's module __getattr__ imports and calls
         if (module, name) == ("torch.serialization", "_get_layout"):
-            return torch.serialization._get_layout
+            return LAYOUT
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         raise RefusedGlobal(f"{module}.{name} is not allowed in checkpoint metadata")

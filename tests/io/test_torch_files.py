@@ -250,3 +250,48 @@ def test_an_adapter_bin_with_a_shared_tuple_key_is_one_error(tmp_path):
     _zip_with(tmp_path, hp.tuple_bomb_key(), "adapter_model.bin")
     with pytest.raises(AdapterFileError, match="a tuple of shared tuples"):
         read_bin_header(tmp_path / "adapter_model.bin")
+
+
+_HANDED_OUT = [
+    ("argparse", "Namespace"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("_codecs", "encode"),
+    ("__builtin__", "bytearray"),
+    ("__builtin__", "set"),
+    ("megatron.core.enums", "ModelType"),
+]
+
+
+@pytest.mark.parametrize("module,name", _HANDED_OUT, ids=[f"{m}.{n}" for m, n in _HANDED_OUT])
+@pytest.mark.parametrize("state", [b"N}X\x05\x00\x00\x00probeK\x01s\x86", b"}X\x05\x00\x00\x00probeK\x01s"])
+def test_a_build_on_what_find_class_gives_is_refused_and_changes_nothing(tmp_path, module, name, state):
+    """BUILD given a class or function itself (a GLOBAL) with a slot state or a dict sets its attributes, shared by
+    the whole process (argparse.Namespace, torch's layout cache, this reader's functions and its inert classes):
+    refused, nothing set."""
+    from megatron_peft_export.io import torch_save
+
+    shared = [
+        argparse.Namespace,
+        torch.serialization._get_layout,
+        torch_save._rebuild_tensor_v2,
+        torch_save._rebuild_v2,
+        torch_save._size,
+        torch_save._codecs_encode,
+        torch_save._bytearray,
+        torch_save._opaque("megatron.core.enums", "ModelType"),
+    ]
+    cache = dict(torch.serialization._get_layout.cache)
+    data = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + state + b"b."
+    with open_regular(_zip_with(tmp_path, data)) as f, pytest.raises(Exception):  # noqa: B017 (refused somehow)
+        load_torch_file(f)
+    assert not any(hasattr(thing, "probe") for thing in shared)
+    assert torch.serialization._get_layout.cache == cache
+    found, _ = _load(_saved_namespace(tmp_path))
+    assert type(found["args"]) is argparse.Namespace and vars(found["args"]) == {"a": 1}
+
+
+def _saved_namespace(tmp_path):
+    torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "n.pt")
+    return tmp_path / "n.pt"

@@ -315,6 +315,43 @@ def test_cached_plans_anywhere_else_are_read_with_the_rest(metadata):
         parse_metadata(pickle.dumps(metadata))
 
 
+_CHUNK_CLASS = b"ctorch.distributed.checkpoint.metadata\nChunkStorageMetadata\n"
+_PLAN_CLASS = b"ctorch.distributed.checkpoint.planner\nWriteItem\n"
+_GET_LAYOUT = b"ctorch.serialization\n_get_layout\n"
+
+
+@pytest.mark.parametrize(
+    "target,state,message",
+    [
+        (_CHUNK_CLASS, b"N}X\x0a\x00\x00\x00class_nameX\x01\x00\x00\x00xs\x86", "sets attributes of the class"),
+        (_CHUNK_CLASS, b"}X\x0a\x00\x00\x00class_nameX\x01\x00\x00\x00xs", "mappingproxy"),
+        (_PLAN_CLASS, b"N}X\x0c\x00\x00\x00__setstate__" + _GET_LAYOUT + b"s\x86", "missing 1 required positional"),
+        (
+            _GET_LAYOUT,
+            b"}X\x05\x00\x00\x00cache}X\x0d\x00\x00\x00torch.stridedctorch\nfloat32\nss",
+            "no attribute '__dict__'",
+        ),
+    ],
+    ids=["a record class, slot state", "a record class, its dict", "a planner class", "torch's _get_layout"],
+)
+def test_a_build_on_a_class_or_function_is_refused_and_changes_nothing(metadata, target, state, message):
+    """BUILD on what a GLOBAL gives (a record class, a planner class, the layout function) would set its attributes
+    for the whole process (a record's name or __setstate__, the layout cache torch.load reads): refused, nothing
+    changed, and a plain metadata reads as before."""
+    before = parse_metadata(pickle.dumps(metadata))
+    cache = dict(torch.serialization._get_layout.cache)
+    with pytest.raises(Exception, match=message):
+        parse_metadata(b"\x80\x02" + target + state + b"b.")
+    assert torch.serialization._get_layout.cache == cache
+    assert torch.serialization._get_layout("torch.strided") is torch.strided
+    after = parse_metadata(pickle.dumps(metadata))
+    assert _read_all(after) == _read_all(before)
+    with pytest.raises(MetadataError, match="stored item of a: expected a _StorageInfo, found Dropped"):
+        index = next(k for k in metadata.storage_data if k.fqn == "a")
+        metadata.storage_data[index] = WriteItem(index=index, type=WriteItemType.TENSOR)
+        _read_all(parse_metadata(pickle.dumps(metadata)))
+
+
 def test_a_key_named_like_the_cached_plans_is_read_as_a_key(metadata):
     """The text `all_local_plans` as a key of state_dict_metadata (not Metadata's field) is a key like any other."""
     metadata.state_dict_metadata = {"all_local_plans": BytesStorageMetadata(), **metadata.state_dict_metadata}
