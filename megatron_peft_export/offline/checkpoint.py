@@ -467,13 +467,15 @@ class TorchDistReader:
         layout, blobs = group
         rest = []
         source = memoryview(buffer)
+        last = None  # a group's blobs are mostly of one key: its entry and segments looked up once
         for blob in blobs:
             at, length, key, chunk = blob
-            segments = direct.get(key)
+            if key != last:
+                last, segments = key, direct.get(key)
+                entry = None if segments is None else self.entry(key)
             if segments is None:
                 rest.append(blob)
                 continue
-            entry = self.entry(key)
             if layout is not None and layout.whole:
                 _check_part(key, entry, chunk, layout.dtype, layout.size)
                 data, base = source, at + layout.data_offset

@@ -295,3 +295,35 @@ def test_a_build_on_what_find_class_gives_is_refused_and_changes_nothing(tmp_pat
 def _saved_namespace(tmp_path):
     torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "n.pt")
     return tmp_path / "n.pt"
+
+
+def test_matching_evenly_spaced_blobs_answers_as_gathering_their_bytes_does():
+    """matching's strided path (blobs one step apart) against its gathering path, on random bytes, positions in runs
+    and alone, blobs equal to the layout's values or differing in one byte, steps 0 and up, and starts that are not
+    evenly spaced or reach past the buffer (the gathering path then)."""
+    import numpy as np
+
+    from megatron_peft_export.io.torch_save import Layout, _matching_gathered, matching
+
+    rng = np.random.default_rng(3)
+    evenly = 0
+    for _ in range(300):
+        length = int(rng.integers(1, 64))
+        positions = np.unique(rng.integers(0, length, size=int(rng.integers(1, length + 1))))
+        count, step = int(rng.integers(1, 40)), int(rng.integers(0, 2 * length))
+        data = rng.integers(0, 4, size=count * max(step, 1) + length + 8, dtype=np.uint8)
+        values = data[positions].copy()
+        for n in range(1, count):
+            if rng.random() < 0.7:  # a blob with the layout's values, except sometimes one byte
+                data[n * step + positions] = values
+                if rng.random() < 0.2:
+                    data[n * step + positions[int(rng.integers(len(positions)))]] ^= 1
+        starts = np.arange(count, dtype=np.int64) * step
+        if rng.random() < 0.2 and count > 2:
+            starts[-1] += 1  # not evenly spaced
+        layout = Layout(length, positions, values, 0, torch.uint8, 0, (), (), 0)
+        buffer = bytearray(data.tobytes())
+        expected = _matching_gathered(np.frombuffer(buffer, dtype=np.uint8), starts, layout)
+        assert (matching(buffer, starts, layout) == expected).all()
+        evenly += count > 1 and (np.diff(starts) == step).all()
+    assert evenly > 150
