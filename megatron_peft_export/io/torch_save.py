@@ -31,6 +31,27 @@ from ..core.brief import brief, check_tree
 from .safe_read import RegularFile
 
 
+class Sealed(type):
+    """The class of the classes an unpickler here hands out: none of their attributes can be set.
+
+    What an unpickler's find_class returns is shared by the whole process, and the pickle's BUILD can be given it
+    (a GLOBAL) with a slot state, which sets its attributes: on an open class or a Python function that would change
+    every later reading (a class's methods, a function's defaults). So find_class returns only built-in objects
+    (types, dtypes, built-in methods, a Python function's `__call__` method-wrapper: none has attributes to set) and
+    classes of this metaclass."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise TypeError(f"refused, it sets attributes of the class {cls.__name__} (only objects' fields are set)")
+
+    def __delattr__(cls, name: str) -> None:
+        raise TypeError(f"refused, it deletes attributes of the class {cls.__name__}")
+
+
+LAYOUT = {str(v): v for v in torch.__dict__.values() if isinstance(v, torch.layout)}.__getitem__
+"""torch.serialization._get_layout as a pickle calls it (a layout's name -> the layout), not torch's own function:
+BUILD on that function would set its `cache`, which torch.load reads, for the whole process."""
+
+
 class NotPlainTensor(ValueError):
     """The blob is not a plain torch.save'd dense tensor this decoder reads."""
 
@@ -62,7 +83,7 @@ class _TensorPickle(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor_v2
+            return _rebuild_tensor_v2.__call__
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if module == "torch" and name in _storage_dtypes():
@@ -224,14 +245,48 @@ def layout_of(blob: memoryview) -> Layout:
 
 def matching(buffer: Any, starts: Any, layout: Layout, rows: int = 1024) -> Any:
     """For blobs of `layout.length` bytes at `starts` (a numpy array) in `buffer`: whether each has the layout's
-    values at its positions, i.e. decodes as the layout says. Checked `rows` blobs at a time."""
+    values at its positions, i.e. decodes as the layout says. Checked `rows` blobs at a time; blobs evenly spaced (one
+    run of a file) through a strided view of them, one slice per run of consecutive positions, with no copy."""
     import numpy as np
 
     data = np.frombuffer(buffer, dtype=np.uint8)
+    if (
+        len(starts) > 1
+        and layout.positions.size
+        and 0 <= starts[0] <= starts[1]
+        and starts[-1] + layout.positions[-1] < len(data)
+        and (np.diff(starts) == starts[1] - starts[0]).all()
+    ):
+        return _matching_evenly(data, starts, layout)
+    return _matching_gathered(data, starts, layout, rows)
+
+
+def _matching_gathered(data: Any, starts: Any, layout: Layout, rows: int = 1024) -> Any:
+    """`matching` of blobs anywhere: their bytes at the layout's positions gathered, `rows` blobs at a time."""
+    import numpy as np
+
     found = np.empty(len(starts), dtype=bool)
     for n in range(0, len(starts), rows):
         picked = data[starts[n : n + rows, None] + layout.positions[None, :]]
         found[n : n + rows] = (picked == layout.values[None, :]).all(axis=1)
+    return found
+
+
+def _matching_evenly(data: Any, starts: Any, layout: Layout) -> Any:
+    """`matching` of blobs `starts[1] - starts[0]` bytes apart (a step of 0 or more, every blob's positions inside
+    `data`: checked by the caller)."""
+    import numpy as np
+
+    positions, values = layout.positions, layout.values
+    first, step, last = int(starts[0]), int(starts[1] - starts[0]), int(positions[-1])
+    blobs = np.lib.stride_tricks.as_strided(
+        data[first:], shape=(len(starts), last + 1), strides=(step, 1), writeable=False
+    )
+    cuts = np.flatnonzero(np.diff(positions) != 1) + 1
+    found = np.ones(len(starts), dtype=bool)
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(positions)], strict=True):
+        a = int(positions[lo])
+        found &= (blobs[:, a : a + hi - lo] == values[None, lo:hi]).all(axis=1)
     return found
 
 
@@ -638,7 +693,7 @@ class Opaque:
 
 @functools.lru_cache(maxsize=_MAX_OPAQUE)
 def _opaque(module: str, name: str) -> type:
-    return type(name, (Opaque,), {"qualified_name": f"{module}.{name}"})
+    return Sealed(name, (Opaque,), {"qualified_name": f"{module}.{name}"})
 
 
 def _sizes(value: Any, what: str) -> tuple[int, ...]:
@@ -756,18 +811,28 @@ def _size(value: Any = ()) -> torch.Size:
     return torch.Size(_sizes(value, "torch.Size"))
 
 
-_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytearray": _bytearray}
+class _Namespace(metaclass=Sealed):
+    """argparse.Namespace as the pickle builds it (NEWOBJ with no arguments): a plain argparse.Namespace, from a class
+    whose attributes cannot be set (BUILD on argparse.Namespace itself would change the class for the process)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> argparse.Namespace:
+        if args or kwargs:
+            raise TypeError("argparse.Namespace is built with no arguments")
+        return object.__new__(argparse.Namespace)
+
+
+_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex, "bytearray": _bytearray.__call__}
 _FUNCTIONS = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2.__call__,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3.__call__,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter.__call__,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter.__call__,
     ("collections", "OrderedDict"): OrderedDict,
-    ("argparse", "Namespace"): argparse.Namespace,
+    ("argparse", "Namespace"): _Namespace,
     ("types", "SimpleNamespace"): types.SimpleNamespace,
-    ("_codecs", "encode"): _codecs_encode,
-    ("torch", "Size"): _size,
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("_codecs", "encode"): _codecs_encode.__call__,
+    ("torch", "Size"): _size.__call__,
+    ("torch.serialization", "_get_layout"): LAYOUT,
     ("torch.storage", "UntypedStorage"): torch.uint8,
     ("torch", "UntypedStorage"): torch.uint8,
 }
@@ -789,7 +854,7 @@ class _FilePickle(pickle.Unpickler):
         if found is not None:
             return found
         if module == "builtins" and name in ("set", "frozenset"):
-            return functools.partial(self._hashed_set, _BUILTINS[name])
+            return functools.partial(self._hashed_set, _BUILTINS[name]).__call__
         if module == "builtins" and name in _BUILTINS:
             return _BUILTINS[name]
         if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):  # never getattr: torch's

@@ -243,17 +243,22 @@ class TorchDistReader:
                 f"{path}: refused, it needs unsafe unpickling ({str(exc).splitlines()[0]}); only torch's "
                 f"checkpoint metadata classes are loaded"
             ) from None
-        except MetadataError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
         except Exception as exc:
-            raise CheckpointError(
-                f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the "
-                f"checkpoint truncated?"
-            ) from None
+            raise self._unreadable(exc) from None
         self._checked: set[str] = set()
 
+    def _unreadable(self, exc: Exception) -> CheckpointError:
+        """The error for a metadata that fails its checks (when parsed, or when a key's entries are first read)."""
+        path = self.directory / ".metadata"
+        if isinstance(exc, MetadataError):
+            return CheckpointError(f"{path}: {exc}")
+        return CheckpointError(
+            f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); is the "
+            f"checkpoint truncated?"
+        )
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: entry.size for key, entry in self._metadata.tensors.items()}
+        return dict(self._metadata.sizes)
 
     @property
     def byte_keys(self) -> frozenset[str]:
@@ -261,15 +266,23 @@ class TorchDistReader:
         return self._metadata.byte_keys
 
     def entry(self, key: str) -> TensorEntry:
-        """What the metadata says of a tensor: dtype, size, chunks."""
-        return self._metadata.tensors[key]
+        """What the metadata says of a tensor: dtype, size, chunks (checked when first asked for)."""
+        if key not in self._metadata.tensors:
+            raise KeyError(key)
+        try:
+            return self._metadata.tensors[key]
+        except Exception as exc:
+            raise self._unreadable(exc) from None
 
     def dtype(self, key: str) -> str:
-        return str(self._metadata.tensors[key].dtype).removeprefix("torch.")
+        return str(self.entry(key).dtype).removeprefix("torch.")
 
     def _items(self, key: str) -> list[tuple[Any, StoredItem]]:
-        entry = self._metadata.tensors[key]
-        return [(chunk, self._metadata.items.get((key, chunk.offsets))) for chunk in entry.chunks]
+        entry = self.entry(key)
+        try:
+            return [(chunk, self._metadata.items.get((key, chunk.offsets))) for chunk in entry.chunks]
+        except Exception as exc:
+            raise self._unreadable(exc) from None
 
     def check_stored(self, keys: list[str]) -> None:
         """Refuse keys whose stored data cannot be what the metadata says, before anything is allocated for them.
@@ -280,7 +293,7 @@ class TorchDistReader:
         where = self.directory / ".metadata"
         paths, starts, lengths, needed, owners = [], [], [], [], []
         for key in keys:
-            entry = self._metadata.tensors[key]
+            entry = self.entry(key)
             self._check_chunks(key, entry)
             itemsize = entry.dtype.itemsize
             for chunk, item in self._items(key):
@@ -304,7 +317,7 @@ class TorchDistReader:
         if len(short):
             n, key = int(short[0]), owners[int(short[0])]
             raise CheckpointError(
-                f"{where}: {key} claims {needed[n]} bytes of {self._metadata.tensors[key].dtype} data in a stored "
+                f"{where}: {key} claims {needed[n]} bytes of {self.entry(key).dtype} data in a stored "
                 f"item of {lengths[n]} bytes"
             )
         names = sorted(set(paths))
@@ -373,7 +386,7 @@ class TorchDistReader:
         batch: list[str] = []
         size = 0
         for key in keys:
-            nbytes = self._metadata.tensors[key].nbytes
+            nbytes = self.entry(key).nbytes
             if batch and size + nbytes > budget:
                 yield from self._load_batch(batch, direct or {}, payload)
                 batch, size = [], 0
@@ -454,13 +467,15 @@ class TorchDistReader:
         layout, blobs = group
         rest = []
         source = memoryview(buffer)
+        last = None  # a group's blobs are mostly of one key: its entry and segments looked up once
         for blob in blobs:
             at, length, key, chunk = blob
-            segments = direct.get(key)
+            if key != last:
+                last, segments = key, direct.get(key)
+                entry = None if segments is None else self.entry(key)
             if segments is None:
                 rest.append(blob)
                 continue
-            entry = self._metadata.tensors[key]
             if layout is not None and layout.whole:
                 _check_part(key, entry, chunk, layout.dtype, layout.size)
                 data, base = source, at + layout.data_offset
@@ -483,7 +498,7 @@ class TorchDistReader:
             return
         stacked = gather(buffer, blobs[0][0], len(blobs), layout.length, layout)
         key, first = blobs[0][2], blobs[0][3]
-        entry = self._metadata.tensors[key]
+        entry = self.entry(key)
         rows = layout.size[0] if layout.size else 0
         if (
             layout.size
@@ -503,7 +518,7 @@ class TorchDistReader:
             self._put(tensors, key, chunk, stacked[n])
 
     def _put(self, tensors: dict[str, torch.Tensor], key: str, chunk: Chunk, part: torch.Tensor) -> None:
-        entry = self._metadata.tensors[key]
+        entry = self.entry(key)
         _check_part(key, entry, chunk, part.dtype, part.shape)
         if chunk.sizes == entry.size:
             tensors[key] = part
@@ -603,10 +618,24 @@ def _decode_one(buffer, at: int, length: int, key: str) -> torch.Tensor:
 
 
 def _overlapping(entry: TensorEntry) -> bool:
-    """Whether two chunks of a tensor overlap (as boxes of offsets and sizes; empty chunks overlap nothing)."""
+    """Whether two chunks of a tensor overlap (as boxes of offsets and sizes; empty chunks overlap nothing).
+
+    Chunks of one size whose offsets are multiples of it (a tensor split evenly, as TP, EP and PP shards are) lie on
+    that size's grid, where two boxes either coincide or do not meet: they overlap if and only if two offsets are
+    equal. Any other chunks are compared pairwise."""
     chunks = [c for c in entry.chunks if c.numel]
     if len(chunks) < 2:
         return False
+    sizes = chunks[0].sizes
+    if all(c.sizes == sizes for c in chunks) and all(
+        o % s == 0 for c in chunks for o, s in zip(c.offsets, sizes, strict=True)
+    ):
+        return len({c.offsets for c in chunks}) < len(chunks)
+    return _overlapping_pairs(chunks)
+
+
+def _overlapping_pairs(chunks: list[Chunk]) -> bool:
+    """Whether two of these non-empty chunks overlap, every pair compared."""
     starts = torch.tensor([c.offsets for c in chunks], dtype=torch.int64)
     ends = starts + torch.tensor([c.sizes for c in chunks], dtype=torch.int64)
     meet = ((starts[:, None, :] < ends[None, :, :]) & (starts[None, :, :] < ends[:, None, :])).all(-1)

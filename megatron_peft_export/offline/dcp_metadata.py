@@ -8,6 +8,11 @@ checked field by field (exact class names, no unknown attributes, integer sizes,
 plain data file names, non-negative offsets and lengths) and turned into this module's own plain types. Nothing
 else of the pickle (the planner's data, Megatron's cached save plans) is used, but all of it is read, as torch reads
 it: a part left unread could change what was read before it.
+
+Every key, its kind (tensor or bytes) and every tensor's size are checked when the metadata is parsed; a tensor's
+chunks and dtype, and the stored items of a key, are checked and converted when first asked for (an export reads
+the adapter's keys only: a large MoE model's metadata has ~10^5 chunks and stored items of other tensors). What is
+asked for is refused with the same message either way.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import io
 import math
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import add, le
 from typing import Any, NamedTuple
@@ -24,7 +30,7 @@ import torch
 
 from ..core.brief import brief
 from ..export import paused_collection
-from ..io.torch_save import check_pickle
+from ..io.torch_save import LAYOUT, Sealed, check_pickle
 
 _DCP = "torch.distributed.checkpoint."
 _RECORDED = {
@@ -68,9 +74,10 @@ class MetadataError(ValueError):
     """The metadata is not what torch.distributed.checkpoint writes."""
 
 
-class Record:
+class Record(metaclass=Sealed):
     """An object of an allowed class as the pickle describes it, nothing of the class built or run: the pickle's
-    BUILD puts the fields straight into the record's __dict__ (in C, as fast as torch's own classes load)."""
+    BUILD puts the fields straight into the record's __dict__ (in C, as fast as torch's own classes load). The
+    record classes, like every class the unpickler hands out, are Sealed: the pickle cannot set their attributes."""
 
     class_name = "?"
 
@@ -100,7 +107,7 @@ class StateRecord(Record):
 
 _CALLED = {"_MEM_FORMAT_ENCODING"}
 _RECORD_TYPES = {
-    key: type(
+    key: Sealed(
         key[1],
         (CalledRecord if key[1] in _CALLED else StateRecord if key[1] == "TensorProperties" else Record,),
         {"class_name": key[1]},
@@ -110,7 +117,7 @@ _RECORD_TYPES = {
 _BY_NAME = {name: cls for (_, name), cls in _RECORD_TYPES.items()}
 
 
-class Dropped:
+class Dropped(metaclass=Sealed):
     """An object of Megatron's cached save plans (the planner's classes): the pickle builds and sets it like any
     other, but nothing of it is kept (every one is this one instance, its state discarded), as nothing of it is
     used. It holds no record, so it cannot change one."""
@@ -142,7 +149,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         ):
             return torch.__dict__[name]  # never getattr: torch's module __getattr__ imports and calls
         if (module, name) == ("torch.serialization", "_get_layout"):
-            return torch.serialization._get_layout
+            return LAYOUT
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         raise RefusedGlobal(f"{module}.{name} is not allowed in checkpoint metadata")
@@ -178,13 +185,50 @@ class TensorEntry(NamedTuple):
         return math.prod(self.size) * self.dtype.itemsize
 
 
+class Converted(Mapping):
+    """A mapping whose values are checked and converted from the pickle's records when first read, then kept.
+    Membership, iteration and length need no conversion; a value that fails its checks raises MetadataError each
+    time it is asked for."""
+
+    def __init__(self, raw: Mapping, convert: Callable[[Any, Any], Any]) -> None:
+        self._raw, self._convert, self._done = raw, convert, {}
+
+    def __getitem__(self, key: Any) -> Any:
+        done = self._done.get(key, _MISSING)
+        if done is _MISSING:
+            done = self._done[key] = self._convert(key, self._raw[key])
+        return done
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """Replace a converted value (tests simulating what a crafted file would say)."""
+        if key not in self._raw:
+            raise KeyError(key)
+        self._done[key] = value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw
+
+    def __iter__(self) -> Iterator:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+_MISSING = object()
+
+
 @dataclass(frozen=True)
 class CheckpointMetadata:
-    tensors: dict[str, TensorEntry]
+    tensors: Mapping[str, TensorEntry]
+    """Converted when first read (Converted)."""
+    sizes: dict[str, tuple[int, ...]]
+    """Every tensor's global size, checked when parsed."""
     byte_keys: frozenset[str]
     """Entries torch stores as pickled bytes (BytesStorageMetadata): never read here."""
-    items: dict[tuple[str, tuple[int, ...] | None], StoredItem]
-    """(key, chunk offsets) -> stored item; offsets None for a byte entry."""
+    items: Mapping[tuple[str, tuple[int, ...] | None], StoredItem]
+    """(key, chunk offsets) -> stored item; offsets None for a byte entry. A key's items are converted when one of
+    them is first read (StoredItems)."""
 
 
 # The checks below run over every entry of a large model's metadata (hundreds of thousands of records): each
@@ -250,14 +294,20 @@ def _dtype(properties: Any) -> torch.dtype:
     return dtype
 
 
-def _tensor(record: Any) -> TensorEntry:
+def _size(record: Any) -> tuple[int, ...]:
+    """A TensorStorageMetadata's fields and size checked: its size."""
     state = _state(record, _TENSOR)
     if len(state) != 3:
         raise MetadataError(f"expected properties, size and chunks, found {sorted(state)}")
     try:
-        size = _ints(state["size"])
+        return _ints(state["size"])
     except MetadataError as exc:
         raise MetadataError(f"size: {exc}") from None
+
+
+def _tensor(record: Any) -> TensorEntry:
+    size = _size(record)
+    state = record.__dict__
     chunks = state["chunks"]
     if type(chunks) is not list or len(chunks) > 1 << 20:
         raise MetadataError(f"chunks: expected a list, found {_describe(chunks)}")
@@ -302,12 +352,13 @@ def _item(index: Any, info: Any) -> tuple[tuple[str, tuple[int, ...] | None], St
     return (fqn, offset), item
 
 
-def _items(storage: dict) -> dict[tuple[str, tuple[int, ...] | None], StoredItem]:
-    """`_item` of every entry of storage_data; the common case (plain fields, a data file name seen before) is checked
-    inline, anything else goes through `_item`, which accepts or refuses it with its reason."""
-    items, names = {}, set()
+def _items(pairs: list[tuple[Any, Any]], names: set[str]) -> dict[tuple[int, ...] | None, StoredItem]:
+    """`_item` of one key's entries of storage_data (chunk offsets -> stored item, the last one given for equal
+    offsets, as torch's dict keeps); the common case (plain fields, a data file name of `names`, already checked) is
+    checked inline, anything else goes through `_item`, which accepts or refuses it with its reason."""
+    items = {}
     index_fields, info_fields = _FIELDS["MetadataIndex"], _FIELDS["_StorageInfo"]
-    for index, info in storage.items():
+    for index, info in pairs:
         if type(index) is _INDEX and type(info) is _INFO:
             fields, stored = index.__dict__, info.__dict__
             fqn, offsets, path = fields.get("fqn"), fields.get("offset"), stored.get("relative_path")
@@ -316,7 +367,8 @@ def _items(storage: dict) -> dict[tuple[str, tuple[int, ...] | None], StoredItem
                 fields.keys() <= index_fields
                 and stored.keys() <= info_fields
                 and type(fqn) is str
-                and type(offsets) is torch.Size
+                and (offsets is None or type(offsets) is torch.Size)
+                and type(path) is str
                 and path in names
                 and type(start) is int
                 and type(length) is int
@@ -325,12 +377,48 @@ def _items(storage: dict) -> dict[tuple[str, tuple[int, ...] | None], StoredItem
                 and (position is None or (type(position) is int and 0 <= position <= MAX_EXTENT))
                 and not stored.get("transform_descriptors")
             ):
-                items[(fqn, _ints(offsets))] = StoredItem(path, start, length)
+                items[None if offsets is None else _ints(offsets)] = StoredItem(path, start, length)
                 continue
         key, item = _item(index, info)
-        items[key] = item
-        names.add(item.relative_path)
+        items[key[1]] = item
     return items
+
+
+class StoredItems(Mapping):
+    """storage_data as (key, chunk offsets) -> StoredItem: its entries grouped by key when parsed, a key's group
+    converted by `_items` when one of its items is first read.
+
+    When parsed, every entry's index must name a key and every data file name must be plain (refused then, as a
+    hostile file is refused whatever key it is stored for): the first entry naming each file is checked whole by
+    `_item`."""
+
+    def __init__(self, storage: dict) -> None:
+        groups: dict[str, list[tuple[Any, Any]]] = {}
+        names: set[str] = set()
+        for index, info in storage.items():
+            fqn = index.__dict__.get("fqn") if type(index) is _INDEX else None
+            path = info.__dict__.get("relative_path") if type(info) is _INFO else None
+            if type(fqn) is not str or type(path) is not str or path not in names:
+                _, item = _item(index, info)  # refuses it, saying why
+                names.add(item.relative_path)
+            group = groups.get(fqn)
+            if group is None:
+                groups[fqn] = [(index, info)]
+            else:
+                group.append((index, info))
+        self._keys = Converted(groups, lambda key, pairs: _items(pairs, names))
+
+    def __getitem__(self, key: tuple[str, tuple[int, ...] | None]) -> StoredItem:
+        fqn, offsets = key
+        if fqn not in self._keys:
+            raise KeyError(key)
+        return self._keys[fqn][offsets]
+
+    def __iter__(self) -> Iterator[tuple[str, tuple[int, ...] | None]]:
+        return ((fqn, offsets) for fqn in self._keys for offsets in self._keys[fqn])
+
+    def __len__(self) -> int:
+        return sum(len(self._keys[fqn]) for fqn in self._keys)
 
 
 def _unpickle(data: bytes) -> Any:
@@ -370,7 +458,7 @@ def parse_metadata(data: bytes) -> CheckpointMetadata:
 
 def _parse(data: bytes) -> CheckpointMetadata:
     entries, storage = _sections(_unpickle(data))
-    tensors, byte_keys = {}, set()
+    tensors, sizes, byte_keys = {}, {}, set()
     for key, entry in entries.items():
         if type(key) is not str:
             raise MetadataError(f"a key {brief(key, 40)}, expected a string")
@@ -379,8 +467,15 @@ def _parse(data: bytes) -> CheckpointMetadata:
                 _state(entry, _BYTES)
                 byte_keys.add(key)
             else:
-                tensors[key] = _tensor(entry)
+                sizes[key] = _size(entry)
+                tensors[key] = entry
         except MetadataError as exc:
             raise MetadataError(f"{'entry' if type(entry) is _BYTES else 'tensor'} {key}: {exc}") from None
-    items = _items(storage)
-    return CheckpointMetadata(tensors, frozenset(byte_keys), items)
+    return CheckpointMetadata(Converted(tensors, _converted_tensor), sizes, frozenset(byte_keys), StoredItems(storage))
+
+
+def _converted_tensor(key: str, record: Any) -> TensorEntry:
+    try:
+        return _tensor(record)
+    except MetadataError as exc:
+        raise MetadataError(f"tensor {key}: {exc}") from None

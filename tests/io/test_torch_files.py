@@ -250,3 +250,80 @@ def test_an_adapter_bin_with_a_shared_tuple_key_is_one_error(tmp_path):
     _zip_with(tmp_path, hp.tuple_bomb_key(), "adapter_model.bin")
     with pytest.raises(AdapterFileError, match="a tuple of shared tuples"):
         read_bin_header(tmp_path / "adapter_model.bin")
+
+
+_HANDED_OUT = [
+    ("argparse", "Namespace"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("_codecs", "encode"),
+    ("__builtin__", "bytearray"),
+    ("__builtin__", "set"),
+    ("megatron.core.enums", "ModelType"),
+]
+
+
+@pytest.mark.parametrize("module,name", _HANDED_OUT, ids=[f"{m}.{n}" for m, n in _HANDED_OUT])
+@pytest.mark.parametrize("state", [b"N}X\x05\x00\x00\x00probeK\x01s\x86", b"}X\x05\x00\x00\x00probeK\x01s"])
+def test_a_build_on_what_find_class_gives_is_refused_and_changes_nothing(tmp_path, module, name, state):
+    """BUILD given a class or function itself (a GLOBAL) with a slot state or a dict sets its attributes, shared by
+    the whole process (argparse.Namespace, torch's layout cache, this reader's functions and its inert classes):
+    refused, nothing set."""
+    from megatron_peft_export.io import torch_save
+
+    shared = [
+        argparse.Namespace,
+        torch.serialization._get_layout,
+        torch_save._rebuild_tensor_v2,
+        torch_save._rebuild_v2,
+        torch_save._size,
+        torch_save._codecs_encode,
+        torch_save._bytearray,
+        torch_save._opaque("megatron.core.enums", "ModelType"),
+    ]
+    cache = dict(torch.serialization._get_layout.cache)
+    data = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + state + b"b."
+    with open_regular(_zip_with(tmp_path, data)) as f, pytest.raises(Exception):  # noqa: B017 (refused somehow)
+        load_torch_file(f)
+    assert not any(hasattr(thing, "probe") for thing in shared)
+    assert torch.serialization._get_layout.cache == cache
+    found, _ = _load(_saved_namespace(tmp_path))
+    assert type(found["args"]) is argparse.Namespace and vars(found["args"]) == {"a": 1}
+
+
+def _saved_namespace(tmp_path):
+    torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "n.pt")
+    return tmp_path / "n.pt"
+
+
+def test_matching_evenly_spaced_blobs_answers_as_gathering_their_bytes_does():
+    """matching's strided path (blobs one step apart) against its gathering path, on random bytes, positions in runs
+    and alone, blobs equal to the layout's values or differing in one byte, steps 0 and up, and starts that are not
+    evenly spaced or reach past the buffer (the gathering path then)."""
+    import numpy as np
+
+    from megatron_peft_export.io.torch_save import Layout, _matching_gathered, matching
+
+    rng = np.random.default_rng(3)
+    evenly = 0
+    for _ in range(300):
+        length = int(rng.integers(1, 64))
+        positions = np.unique(rng.integers(0, length, size=int(rng.integers(1, length + 1))))
+        count, step = int(rng.integers(1, 40)), int(rng.integers(0, 2 * length))
+        data = rng.integers(0, 4, size=count * max(step, 1) + length + 8, dtype=np.uint8)
+        values = data[positions].copy()
+        for n in range(1, count):
+            if rng.random() < 0.7:  # a blob with the layout's values, except sometimes one byte
+                data[n * step + positions] = values
+                if rng.random() < 0.2:
+                    data[n * step + positions[int(rng.integers(len(positions)))]] ^= 1
+        starts = np.arange(count, dtype=np.int64) * step
+        if rng.random() < 0.2 and count > 2:
+            starts[-1] += 1  # not evenly spaced
+        layout = Layout(length, positions, values, 0, torch.uint8, 0, (), (), 0)
+        buffer = bytearray(data.tobytes())
+        expected = _matching_gathered(np.frombuffer(buffer, dtype=np.uint8), starts, layout)
+        assert (matching(buffer, starts, layout) == expected).all()
+        evenly += count > 1 and (np.diff(starts) == step).all()
+    assert evenly > 150

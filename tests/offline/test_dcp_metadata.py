@@ -5,6 +5,7 @@ import dataclasses
 import io
 import os
 import pickle
+import re
 import warnings
 
 import pytest
@@ -136,8 +137,58 @@ def _index_fqn(metadata):
     ],
 )
 def test_fields_are_checked(metadata, edit, message):
+    """Refused when parsed (keys, kinds, sizes, the Metadata) or when the key is read (chunks, stored items)."""
     edit(metadata)
     with pytest.raises(MetadataError, match=message):
+        _read_all(parse_metadata(pickle.dumps(metadata)))
+
+
+def _read_all(parsed):
+    """Every tensor and stored item read (each is checked and converted when first read)."""
+    return dict(parsed.tensors), dict(parsed.items)
+
+
+@pytest.mark.parametrize(
+    "edit,read",
+    [
+        (_retype, lambda parsed: parsed.tensors["a"]),
+        (_extra("chunk"), lambda parsed: parsed.tensors["a"]),
+        (_negative, lambda parsed: parsed.items[("a", (0, 0))]),
+        (_extra("item"), lambda parsed: parsed.items[("a", (0, 0))]),
+    ],
+    ids=["chunk outside", "extra on a chunk", "negative offset", "extra on an item"],
+)
+def test_a_bad_chunk_or_item_is_refused_when_its_key_is_read(metadata, edit, read):
+    """A bad chunk or stored item of a: the other keys read as without it; a refused each time it is read, with the
+    message reading every key gives."""
+    plain = parse_metadata(pickle.dumps(metadata))
+    edit(metadata)
+    parsed = parse_metadata(pickle.dumps(metadata))
+    assert "a" in parsed.tensors and parsed.sizes["a"] == plain.sizes["a"] == (8, 16)
+    others = [key for key in plain.tensors if key != "a"]
+    assert others and {k: parsed.tensors[k] for k in others} == {k: plain.tensors[k] for k in others}
+    stored = [(k, c.offsets) for k in others for c in plain.tensors[k].chunks]
+    assert [parsed.items[s] for s in stored] == [plain.items[s] for s in stored]
+    with pytest.raises(MetadataError) as refused:
+        read(parsed)
+    for _ in range(2):
+        with pytest.raises(MetadataError, match=re.escape(str(refused.value))):
+            read(parsed)
+    with pytest.raises(MetadataError, match=re.escape(str(refused.value))):
+        _read_all(parsed)
+
+
+@pytest.mark.parametrize(
+    "path,named",
+    [("../a.distcp", "../a.distcp"), ("", ""), ({"a": 1}, "{'a': 1}"), (None, "None")],
+    ids=["outside", "empty", "a mapping", "none"],
+)
+def test_a_data_file_name_not_plain_is_refused_when_parsed(metadata, path, named):
+    """Whatever key the stored item is of (read or not), a data file name that is not a plain name in the checkpoint
+    directory refuses the whole file when parsed."""
+    index = next(iter(metadata.storage_data))
+    metadata.storage_data[index].relative_path = path
+    with pytest.raises(MetadataError, match=re.escape(f"data files outside the checkpoint directory ({named}, for ")):
         parse_metadata(pickle.dumps(metadata))
 
 
@@ -264,6 +315,43 @@ def test_cached_plans_anywhere_else_are_read_with_the_rest(metadata):
         parse_metadata(pickle.dumps(metadata))
 
 
+_CHUNK_CLASS = b"ctorch.distributed.checkpoint.metadata\nChunkStorageMetadata\n"
+_PLAN_CLASS = b"ctorch.distributed.checkpoint.planner\nWriteItem\n"
+_GET_LAYOUT = b"ctorch.serialization\n_get_layout\n"
+
+
+@pytest.mark.parametrize(
+    "target,state,message",
+    [
+        (_CHUNK_CLASS, b"N}X\x0a\x00\x00\x00class_nameX\x01\x00\x00\x00xs\x86", "sets attributes of the class"),
+        (_CHUNK_CLASS, b"}X\x0a\x00\x00\x00class_nameX\x01\x00\x00\x00xs", "mappingproxy"),
+        (_PLAN_CLASS, b"N}X\x0c\x00\x00\x00__setstate__" + _GET_LAYOUT + b"s\x86", "missing 1 required positional"),
+        (
+            _GET_LAYOUT,
+            b"}X\x05\x00\x00\x00cache}X\x0d\x00\x00\x00torch.stridedctorch\nfloat32\nss",
+            "no attribute '__dict__'",
+        ),
+    ],
+    ids=["a record class, slot state", "a record class, its dict", "a planner class", "torch's _get_layout"],
+)
+def test_a_build_on_a_class_or_function_is_refused_and_changes_nothing(metadata, target, state, message):
+    """BUILD on what a GLOBAL gives (a record class, a planner class, the layout function) would set its attributes
+    for the whole process (a record's name or __setstate__, the layout cache torch.load reads): refused, nothing
+    changed, and a plain metadata reads as before."""
+    before = parse_metadata(pickle.dumps(metadata))
+    cache = dict(torch.serialization._get_layout.cache)
+    with pytest.raises(Exception, match=message):
+        parse_metadata(b"\x80\x02" + target + state + b"b.")
+    assert torch.serialization._get_layout.cache == cache
+    assert torch.serialization._get_layout("torch.strided") is torch.strided
+    after = parse_metadata(pickle.dumps(metadata))
+    assert _read_all(after) == _read_all(before)
+    with pytest.raises(MetadataError, match="stored item of a: expected a _StorageInfo, found Dropped"):
+        index = next(k for k in metadata.storage_data if k.fqn == "a")
+        metadata.storage_data[index] = WriteItem(index=index, type=WriteItemType.TENSOR)
+        _read_all(parse_metadata(pickle.dumps(metadata)))
+
+
 def test_a_key_named_like_the_cached_plans_is_read_as_a_key(metadata):
     """The text `all_local_plans` as a key of state_dict_metadata (not Metadata's field) is a key like any other."""
     metadata.state_dict_metadata = {"all_local_plans": BytesStorageMetadata(), **metadata.state_dict_metadata}
@@ -277,7 +365,7 @@ def test_a_planner_object_where_a_record_belongs_is_refused(metadata):
     index = next(k for k in metadata.storage_data if k.fqn == "a")
     metadata.storage_data[index] = WriteItem(index=index, type=WriteItemType.TENSOR)
     with pytest.raises(MetadataError, match="stored item of a: expected a _StorageInfo, found Dropped"):
-        parse_metadata(pickle.dumps(metadata))
+        _read_all(parse_metadata(pickle.dumps(metadata)))
 
 
 @pytest.mark.parametrize("enabled", [True, False])
