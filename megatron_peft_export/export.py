@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -365,12 +366,15 @@ def _gather(
     return failure
 
 
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
 def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], targets: dict[str, torch.Tensor]) -> bool:
     """The writer's own shards into the HF tensors, when all are in host memory (else False: the caller copies them
     shard by shard, each off the device in turn): every placement's views (`placement_views`' copies) made in one
     loop over the slices of the plan listed once (`_Planned.own`), then one bulk copy."""
     shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
-    if any(t.device.type != "cpu" for t in shards):
+    if not all(map(_IS_CPU, shards)):
         return False
     if planned.own is None:
         planned.own = [

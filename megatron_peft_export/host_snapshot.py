@@ -220,14 +220,18 @@ def live_snapshots(
     selection = check_selection(selection)
     which = (options.adapter_name, selection if not isinstance(selection, list) else tuple(selection))
     with paused_collection():
-        chunk = model_chunks(model)[0]
+        chunks = model_chunks(model)
         key, registered = _key(model, layout), _modules_registered()
-        with _LIVE_LOCK:
-            walk = _LIVE.get(chunk, {}).get(which)
+        try:  # not a module (refused by the walk, named): nothing to cache
+            with _LIVE_LOCK:
+                walk = _LIVE.get(chunks[0], {}).get(which)
+        except (IndexError, TypeError):
+            return _walk_model(model, key, registered, layout, options, selection).found
         if walk is None or not walk.current(key, registered):
             walk = _walk_model(model, key, registered, layout, options, selection)
             if walk.generation is None:
                 return walk.found
+            chunk = chunks[0]
             with _LIVE_LOCK:
                 walks = _LIVE.setdefault(chunk, {})
                 walks.pop(which, None)

@@ -156,7 +156,7 @@ def _options_run(rank, world, out):
 
     import torch.distributed as dist
 
-    from megatron_peft_export import ShapeMismatchError, export_adapter
+    from megatron_peft_export import ExportError, ShapeMismatchError, export_adapter
     from megatron_peft_export import distributed as coll
     from megatron_peft_export import host_snapshot as hs
     from megatron_peft_export.export import ExportOptions
@@ -187,6 +187,10 @@ def _options_run(rank, world, out):
     made["mismatch"] = counts.take()
     _, made["llama_names"] = _compared(rank, out, counts, export_adapter, model, "llama_names", model_type="llama")
     _, made["qwen2_names"] = _compared(rank, out, counts, export_adapter, model, "qwen2_names", model_type="qwen2")
+
+    with pytest.raises(ExportError, match="expected a megatron-core model"):  # nothing to cache a walk of
+        export_adapter(object(), out / "not_a_model")
+    counts.take()
 
     layout = coll.RankLayout.from_megatron()  # another parallel layout (as after a re-initialization): walked again
     options = ExportOptions()
