@@ -186,9 +186,8 @@ class _Planned:
     names: Naming
     fused: Any = None
     """`fused_layout` of the plan, once `allocate_adapter` has asked for it (False: not the plain case)."""
-    own: list | None = None
-    """The writer's own placements, each (its shard's position among the writer's shards, HF key, dim, destination
-    start, source start, length, whole destination, whole source), once `_copy_own` has listed them."""
+    own: tuple | None = None
+    """The writer's own placements (`_own_slices`), once `_copy_own` has listed them."""
 
 
 _PLANS_KEPT = 8
@@ -371,34 +370,44 @@ _IS_CPU = operator.attrgetter("is_cpu")
 
 def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], targets: dict[str, torch.Tensor]) -> bool:
     """The writer's own shards into the HF tensors, when all are in host memory (else False: the caller copies them
-    shard by shard, each off the device in turn): every placement's views (`placement_views`' copies) made in one
-    loop over the slices of the plan listed once (`_Planned.own`), then one bulk copy."""
+    shard by shard, each off the device in turn): every placement's views (`placement_views`' copies) made from the
+    slices of the plan listed once (`_Planned.own`: the whole-shard-to-whole-tensor ones looked up by C-level maps,
+    the others narrowed in one loop), then one bulk copy."""
     shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
     if not all(map(_IS_CPU, shards)):
         return False
     if planned.own is None:
-        planned.own = [
-            (
-                k,
-                p.key,
-                p.dim,
-                p.dst_start,
-                p.src_start,
-                p.length,
-                p.dst_start == 0 and p.length == planned.plan.shapes[p.key][p.dim],
-                p.src_start == 0 and p.length == planned.ordered[n][2].shape[p.dim],
-            )
-            for k, n in enumerate(positions)
-            for p in planned.plan.placements[n]
-        ]
-    dst, src = [], []
+        planned.own = _own_slices(planned, positions)
+    whole_keys, whole_shards, partial = planned.own
+    dst, src = list(map(targets.__getitem__, whole_keys)), list(map(shards.__getitem__, whole_shards))
     with torch.no_grad():
-        for k, key, dim, dst_start, src_start, length, whole_dst, whole_src in planned.own:
+        for k, key, dim, dst_start, src_start, length, whole_dst, whole_src in partial:
             target, shard = targets[key], shards[k]
             dst.append(target if whole_dst else target.narrow(dim, dst_start, length))
             src.append(shard if whole_src else shard.narrow(dim, src_start, length))
         torch._foreach_copy_(dst, src)
     return True
+
+
+def _own_slices(planned: _Planned, positions: list[int]) -> tuple[list[str], list[int], list[tuple]]:
+    """The writer's placements: (HF keys, shard positions) of those that copy a whole shard into a whole HF tensor,
+    and each other one as (shard position among the writer's shards, HF key, dim, destination start, source start,
+    length, whole destination, whole source)."""
+    whole_keys: list[str] = []
+    whole_shards: list[int] = []
+    partial: list[tuple] = []
+    shapes = planned.plan.shapes
+    for k, n in enumerate(positions):
+        spec = planned.ordered[n][2]
+        for p in planned.plan.placements[n]:
+            whole_dst = p.dst_start == 0 and p.length == shapes[p.key][p.dim]
+            whole_src = p.src_start == 0 and p.length == spec.shape[p.dim]
+            if whole_dst and whole_src:
+                whole_keys.append(p.key)
+                whole_shards.append(k)
+            else:
+                partial.append((k, p.key, p.dim, p.dst_start, p.src_start, p.length, whole_dst, whole_src))
+    return whole_keys, whole_shards, partial
 
 
 @dataclass
