@@ -1,9 +1,8 @@
 """Export Megatron LoRA/DoRA adapters to Hugging Face PEFT while training runs."""
 
 from .errors import DialectError, ExportError, NoAdaptersError, OutputError, ShapeMismatchError, UnsupportedModelError
-from .export import export_adapter
 from .importer import load_hf_adapter
-from .multi_adapter import export_adapters
+from .live import export_adapter, export_adapters
 from .redact import install as _mask_secrets_in_logs
 
 _mask_secrets_in_logs()

@@ -109,10 +109,14 @@ def all_gather(obj: Any, group: Any) -> list[Any]:
 
 
 def gather(obj: Any, dst: int, group: Any) -> list[Any] | None:
-    """Every rank's `obj` on rank `dst` (in rank order); None on the other ranks, which unpickle nothing."""
-    out: list[Any] | None = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    """Every rank's `obj` on rank `dst` (in rank order); None on the other ranks, which unpickle nothing. `dst`'s own
+    `obj` is not pickled: its place holds `obj` itself (not a copy)."""
+    mine = dist.get_rank() == dst
+    out: list[Any] | None = [None] * dist.get_world_size(group) if mine else None
     with _collective(group, "exchanging export metadata"):
-        dist.gather_object(obj, out, dst=dst, group=group)
+        dist.gather_object(None if mine else obj, out, dst=dst, group=group)
+    if out is not None:
+        out[dist.get_rank(group)] = obj
     return out
 
 

@@ -1,7 +1,7 @@
 """The collective export: every rank snapshots; the writer plans (every rank raises a plan's error), gathers bytes,
 converts and publishes.
 
-`export_adapter` runs it synchronously; the training hook takes the snapshot on the training thread
+`export_adapter` (live.py) runs it synchronously; the training hook takes the snapshot on the training thread
 and runs the rest in the background on its own process group.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import operator
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from .compat import log_findings
 from .core.archs import ArchMap
 from .core.experts import fuse_experts, fused_layout, refuse_missing_layout
 from .core.geometry import ModelGeometry
-from .core.options import check_fields, check_value, config_class, find_option
+from .core.options import check_fields, config_class
 from .core.peft_format import adapter_config, model_card
 from .core.plan import AdapterPlan, BulkCopy, apply_placements, plan_adapter
 from .core.rank_padding import pad_ranks
@@ -33,7 +34,7 @@ from .core.shards import ShardSpec
 from .dialects import LocalShard, collect, raise_refusals
 from .errors import DialectError, ExportError, NoAdaptersError
 from .io import safetensors_out
-from .io.atomic_dir import discard, publish, staging_dir
+from .io.atomic_dir import discard, staging_dir
 from .io.hf_config import choose_arch, parse_dtype, read_hf_config
 from .io.peft_dir import check_finite, write_staging
 from .quantization import Described
@@ -73,6 +74,10 @@ class _Report:
     hf_config: dict[str, Any] | None = None
     quantization: set[str] = field(default_factory=set)
     """How this rank's base linears are quantized (QLoRA-style training), for the model card."""
+    walk: int | None = None
+    """The cached walk this report comes from (host_snapshot.py; unique in the process), None when not cached: two
+    reports of one walk are the same report (but `hf_config`, which `export_adapter` reads again at every export), so
+    the writer reuses its plan of the same walks (`_planned`)."""
 
 
 @dataclass
@@ -83,6 +88,9 @@ class Snapshot:
     shards: list[LocalShard]
     carriers: list = dataclasses.field(default_factory=list)
     """(module, dialect) of every module carrying an adapter (from the walk; the hook's change check reads them)."""
+    plans: dict | None = None
+    """The writer's plans of reports of the cached walk this snapshot comes from (`_planned`); None: not cached. Held
+    by the walk, so they go with it."""
 
 
 _COLLECTION = {"paused": 0, "was_enabled": False}
@@ -165,6 +173,47 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
         report.error = exc
         shards = []
     return Snapshot(report, shards, carriers)
+
+
+@dataclass
+class _Planned:
+    """The writer's plan of one export, and what depends on it alone (reused while the reports stay those of the same
+    walks: `_planned`)."""
+
+    plan: AdapterPlan
+    dialect: str
+    ordered: list[tuple[int, int, ShardSpec]]
+    names: Naming
+    fused: Any = None
+    """`fused_layout` of the plan, once `allocate_adapter` has asked for it (False: not the plain case)."""
+    own: tuple | None = None
+    """The writer's own placements (`_own_slices`), once `_copy_own` has listed them."""
+
+
+_PLANS_KEPT = 8
+"""Plans a walk keeps (one per adapter, options and other ranks' walks; the oldest goes first)."""
+
+
+def _planned(reports: list[_Report], options: ExportOptions, plans: dict | None) -> _Planned:
+    """`_plan`, or its plan of the same reports: every rank's report comes from the same cached walk as then (each
+    walk is one report: `_Report.walk`), with the same options `_plan` reads and the same base model config. A failed
+    plan is never kept (it raises again)."""
+    walks = tuple(r.walk for r in reports)
+    key = (
+        None
+        if plans is None or None in walks
+        else (walks, options.adapter_name, options.model_type, options.expert_layout)
+    )
+    hf_config = reports[WRITER].hf_config
+    if key is not None and key in plans and plans[key][0] == hf_config:
+        return plans[key][1]
+    planned = _Planned(*_plan(reports, options))
+    if key is not None:
+        plans.pop(key, None)
+        while len(plans) >= _PLANS_KEPT:
+            plans.pop(next(iter(plans)))
+        plans[key] = (hf_config, planned)
+    return planned
 
 
 def _plan(
@@ -267,22 +316,25 @@ def stage_adapter(
 
 
 def _gather(
-    snapshot: Snapshot,
-    ordered: list[tuple[int, int, ShardSpec]],
-    plan: AdapterPlan,
-    allocated: Allocated | None,
-    group: Any,
-    failure: Exception | None,
+    snapshot: Snapshot, planned: _Planned, allocated: Allocated | None, group: Any, failure: Exception | None
 ) -> Exception | None:
     """The writer: receive every other rank's shards (one message per bucket) and place every shard into the HF
-    tensors (queued views, copied in bulk). Every send is received, even after a failure, so no sender hangs; the
-    first failure is returned."""
+    tensors (queued views, copied in bulk; its own shards in host memory by `_copy_own`). Every send is received,
+    even after a failure, so no sender hangs; the first failure is returned."""
+    ordered, plan = planned.ordered, planned.plan
     copies = BulkCopy()
     by_rank: dict[int, list[int]] = {}  # rank -> positions in `ordered` of its specs, in its order
     for n, (rank, _, _) in enumerate(ordered):
         by_rank.setdefault(rank, []).append(n)
     for rank, positions in by_rank.items():
         mine = rank == WRITER
+        if mine and failure is None:
+            try:
+                if _copy_own(snapshot, planned, positions, allocated.targets):
+                    continue
+            except Exception as exc:
+                failure = exc
+                continue
         for bucket in (
             [range(len(positions))]
             if mine
@@ -313,6 +365,51 @@ def _gather(
     return failure
 
 
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
+def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], targets: dict[str, torch.Tensor]) -> bool:
+    """The writer's own shards into the HF tensors, when all are in host memory (else False: the caller copies them
+    shard by shard, each off the device in turn): every placement's views (`placement_views`' copies) made from the
+    slices of the plan listed once (`_Planned.own`: the whole-shard-to-whole-tensor ones looked up by C-level maps,
+    the others narrowed in one loop), then one bulk copy."""
+    shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
+    if not all(map(_IS_CPU, shards)):
+        return False
+    if planned.own is None:
+        planned.own = _own_slices(planned, positions)
+    whole_keys, whole_shards, partial = planned.own
+    dst, src = list(map(targets.__getitem__, whole_keys)), list(map(shards.__getitem__, whole_shards))
+    with torch.no_grad():
+        for k, key, dim, dst_start, src_start, length, whole_dst, whole_src in partial:
+            target, shard = targets[key], shards[k]
+            dst.append(target if whole_dst else target.narrow(dim, dst_start, length))
+            src.append(shard if whole_src else shard.narrow(dim, src_start, length))
+        torch._foreach_copy_(dst, src)
+    return True
+
+
+def _own_slices(planned: _Planned, positions: list[int]) -> tuple[list[str], list[int], list[tuple]]:
+    """The writer's placements: (HF keys, shard positions) of those that copy a whole shard into a whole HF tensor,
+    and each other one as (shard position among the writer's shards, HF key, dim, destination start, source start,
+    length, whole destination, whole source)."""
+    whole_keys: list[str] = []
+    whole_shards: list[int] = []
+    partial: list[tuple] = []
+    shapes = planned.plan.shapes
+    for k, n in enumerate(positions):
+        spec = planned.ordered[n][2]
+        for p in planned.plan.placements[n]:
+            whole_dst = p.dst_start == 0 and p.length == shapes[p.key][p.dim]
+            whole_src = p.src_start == 0 and p.length == spec.shape[p.dim]
+            if whole_dst and whole_src:
+                whole_keys.append(p.key)
+                whole_shards.append(k)
+            else:
+                partial.append((k, p.key, p.dim, p.dst_start, p.src_start, p.length, whole_dst, whole_src))
+    return whole_keys, whole_shards, partial
+
+
 @dataclass
 class Allocated:
     """The writer's HF tensors: `written` (views of one buffer laid out as the file's payload) and `targets`, what the
@@ -330,13 +427,17 @@ def _fuses(options: ExportOptions, names: Naming) -> bool:
     )
 
 
-def allocate_adapter(plan: AdapterPlan, options: ExportOptions, names: Naming, dtype: torch.dtype | None) -> Allocated:
-    """The HF tensors of `plan` (each in its source dtype unless `dtype`). In the fused layout the fused tensors are
+def allocate_adapter(planned: _Planned, options: ExportOptions, dtype: torch.dtype | None) -> Allocated:
+    """The HF tensors of the plan (each in its source dtype unless `dtype`). In the fused layout the fused tensors are
     allocated and the per-expert ones are views of them (experts stacked by placement), unless ranks are padded or
-    the plan is not the plain case (`fused_layout`): then `stage_adapter` fuses the per-expert tensors."""
+    the plan is not the plain case (`fused_layout`, kept with the plan): then `stage_adapter` fuses the per-expert
+    tensors."""
+    plan, names = planned.plan, planned.names
     if options.pad_rank_to is None and _fuses(options, names):
-        layout = fused_layout(plan, names.arch, names.geometry.num_experts)
-        if layout is not None:
+        if planned.fused is None:
+            planned.fused = fused_layout(plan, names.arch, names.geometry.num_experts) or False
+        layout = planned.fused
+        if layout:
             written = safetensors_out.allocate(
                 {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
             )
@@ -370,7 +471,7 @@ def run_export(
     def plan_and_stage() -> tuple:
         """The writer alone plans (the other ranks only send their shards) and, if the plan holds, makes the staging
         directory; a failure of either raises on every rank."""
-        planned = _plan(reports, options)
+        planned = _planned(reports, options, snapshot.plans)
         return planned, staging_dir(output_dir, options.overwrite, reading=options.inputs())
 
     outcome = coll.broadcast_outcome(plan_and_stage, WRITER, group)
@@ -383,14 +484,15 @@ def run_export(
         coll.broadcast_outcome(lambda: None, WRITER, group)
         return None
 
-    (plan, dialect, ordered, names), tmp = outcome
+    planned, tmp = outcome
+    plan, dialect, names = planned.plan, planned.dialect, planned.names
     try:  # a collective failure (a rank died or timed out) leaves no staging behind
         failure: Exception | None = None
         try:
-            allocated = allocate_adapter(plan, options, names, out_dtype)
+            allocated = allocate_adapter(planned, options, out_dtype)
         except Exception as exc:
             allocated, failure = None, exc
-        failure = _gather(snapshot, ordered, plan, allocated, group, failure)
+        failure = _gather(snapshot, planned, allocated, group, failure)
         coll.agree(failure, group)
     except BaseException:
         discard(tmp)
@@ -419,56 +521,3 @@ def run_export(
             raise
 
     return coll.broadcast_outcome(convert_and_write, WRITER, group)
-
-
-def export_adapter(
-    model: torch.nn.Module | Sequence[torch.nn.Module],
-    output_dir: str | os.PathLike,
-    *,
-    base_model_name_or_path: str | None = None,
-    adapter_name: str = "default",
-    dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
-    model_type: str | None = None,
-    group: Any = None,
-    allow_nonfinite: bool = False,
-    collective_timeout: float | None = None,
-    expert_layout: str = "auto",
-    pad_rank_to: int | None = None,
-) -> Path | None:
-    """Write `model`'s adapter as an HF PEFT directory. Collective: call it on every rank.
-
-    `model` is this rank's megatron-core model, a wrapped one (DDP, Float16Module), or its list of
-    virtual-pipeline chunks. Rank 0 writes; it returns the directory there and None elsewhere.
-    `model_type` picks the HF name map when `base_model_name_or_path` is not a local directory.
-    A failure on any rank raises the same ExportError on every rank. `expert_layout` writes MoE experts
-    per expert (transformers v4, vLLM) or fused (v5); see ExportOptions. NaN or Inf in the adapter is an
-    error (NonFiniteError) unless `allow_nonfinite`. `collective_timeout` (seconds) bounds every wait of the
-    gloo group made when the default group is not gloo (a gloo default group keeps its own timeout).
-    `pad_rank_to` pads every module to that rank (same outputs, see core/rank_padding); several named
-    adapters at once: `export_adapters`.
-    """
-    if collective_timeout is not None:
-        check_value(find_option("collective_timeout"), collective_timeout)
-    options = ExportOptions(
-        base_model_name_or_path=base_model_name_or_path,
-        adapter_name=adapter_name,
-        dtype=dtype,
-        overwrite=overwrite,
-        model_type=model_type,
-        expert_layout=expert_layout,
-        allow_nonfinite=allow_nonfinite,
-        pad_rank_to=pad_rank_to,
-    )
-    layout = coll.RankLayout.from_megatron()
-    group = group if group is not None else coll.export_group(collective_timeout)
-    snapshot = take_snapshot(model, layout, options, copy=False)
-    return run_export(
-        snapshot,
-        output_dir,
-        options,
-        layout,
-        group,
-        finish=lambda tmp: publish(tmp, output_dir, overwrite),
-        source="a live Megatron model",
-    )

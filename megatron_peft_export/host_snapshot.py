@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import operator
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,8 @@ from . import distributed as coll
 from .dialects import LocalShard
 from .dialects.base import Refusal
 from .errors import ExportError
-from .export import ExportOptions, Snapshot, _Report, model_chunks, paused_collection
+from .export import WRITER, ExportOptions, Snapshot, _Report, model_chunks, paused_collection
+from .io.hf_config import read_hf_config
 from .multi_adapter import AdapterSnapshots, Selection, check_selection, take_snapshots
 
 _registrations = itertools.count(1)
@@ -127,12 +129,15 @@ class _Walk:
     state: list
     """`_adapter_state` of the carriers, then `_tensors_state` of the sources, when the walk was made."""
     generation: int | None
-    """None when the walk found an error: it is used once, never cached."""
+    """Unique in the process (every report of the walk names it: `_Report.walk`); None when the walk found an error:
+    it is used once, never cached."""
     sources: list[torch.Tensor]
     """The live tensors of every adapter's shards, in order (not detached views: those would miss a `param.data =
     ...`)."""
     staging: _Flat | None = None
     """On a GPU: one flat device buffer per dtype the sources are gathered into before one transfer to the host."""
+    plans: dict = dataclasses.field(default_factory=dict)
+    """The writer's plans of this walk's reports (`export._planned`), held as long as the walk."""
 
     def current(self, key: tuple, registered: int) -> bool:
         """The model still holds what this walk found (the cheap check, on the training thread)."""
@@ -147,7 +152,9 @@ class _Walk:
         held = iter(buffers)
         snapshots = {
             name: Snapshot(
-                dataclasses.replace(s.report), [LocalShard(shard.spec, next(held), shard.source) for shard in s.shards]
+                dataclasses.replace(s.report),
+                [LocalShard(shard.spec, next(held), shard.source) for shard in s.shards],
+                plans=s.plans,
             )
             for name, s in self.found.snapshots.items()
         }
@@ -165,6 +172,82 @@ class _Walk:
 
 def _key(model: Any, layout: coll.RankLayout) -> tuple:
     return tuple(id(c) for c in model_chunks(model)), layout
+
+
+_generations = itertools.count()
+
+
+def _walk_model(
+    model: Any,
+    key: tuple,
+    registered: int,
+    layout: coll.RankLayout,
+    options: ExportOptions,
+    selection: Selection | None,
+) -> _Walk:
+    """A full walk of the model: the live shards of each selected adapter, and what the cheap check compares. A walk
+    that found an error has no generation (it is never cached)."""
+    found = take_snapshots(model, layout, options, selection, copy=False)
+    carriers = found.first.carriers
+    failed = any(s.report.error is not None for s in found.snapshots.values())
+    generation = None if failed else next(_generations)
+    plans: dict = {}
+    for name, snapshot in found.snapshots.items():
+        report = dataclasses.replace(snapshot.report, walk=generation)
+        found.snapshots[name] = dataclasses.replace(
+            snapshot, report=report, carriers=[], plans=None if failed else plans
+        )
+    found.first = next(iter(found.snapshots.values()))
+    sources = [s.tensor for s in found.shards]
+    state = _adapter_state(carriers, list(found.snapshots)) + _tensors_state(sources)
+    return _Walk(key, registered, found, carriers, state, generation, sources, plans=plans)
+
+
+_LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""First model chunk -> {(adapter name, selection): its current walk} for `live_snapshots` (the model held weakly:
+a model no one else holds goes, with its walks)."""
+_LIVE_LOCK = threading.Lock()
+_LIVE_KEPT = 4
+"""Walks kept per model (adapter names and selections; the oldest goes first)."""
+
+
+def live_snapshots(
+    model: Any, layout: coll.RankLayout, options: ExportOptions, selection: Selection | None = None
+) -> AdapterSnapshots:
+    """`take_snapshots(..., copy=False)` for `export_adapter` and `export_adapters`: the live shards of the model's
+    cached walk when the hook's cheap check (`_Walk.current`) says the model still holds what it found, else a new
+    walk (kept if it found no error). The base model's config is read again at every call, as a walk reads it."""
+    selection = check_selection(selection)
+    which = (options.adapter_name, selection if not isinstance(selection, list) else tuple(selection))
+    with paused_collection():
+        chunks = model_chunks(model)
+        key, registered = _key(model, layout), _modules_registered()
+        try:  # not a module (refused by the walk, named): nothing to cache
+            with _LIVE_LOCK:
+                walk = _LIVE.get(chunks[0], {}).get(which)
+        except (IndexError, TypeError):
+            return _walk_model(model, key, registered, layout, options, selection).found
+        if walk is None or not walk.current(key, registered):
+            walk = _walk_model(model, key, registered, layout, options, selection)
+            if walk.generation is None:
+                return walk.found
+            chunk = chunks[0]
+            with _LIVE_LOCK:
+                walks = _LIVE.setdefault(chunk, {})
+                walks.pop(which, None)
+                while len(walks) >= _LIVE_KEPT:
+                    walks.pop(next(iter(walks)))
+                walks[which] = walk
+            return walk.found
+        try:
+            hf_config = read_hf_config(options.base_model_name_or_path) if layout.rank == WRITER else None
+        except ExportError as exc:
+            return walk.failed(exc)
+    snapshots = {
+        name: dataclasses.replace(s, report=dataclasses.replace(s.report, hf_config=hf_config))
+        for name, s in walk.found.snapshots.items()
+    }
+    return AdapterSnapshots(walk.found.selection, snapshots, next(iter(snapshots.values())))
 
 
 @dataclass
@@ -262,7 +345,6 @@ class HostSnapshots:
         self._walk: _Walk | None = None
         self._free: list[tuple[int, _Flat]] = []
         self._in_use: dict[int, tuple[int | None, _Flat]] = {}
-        self._generations = itertools.count()
         self._lock = threading.Lock()
         self.walks = 0
         """Full walks of the model so far (the first save, and each save after the model changed)."""
@@ -327,16 +409,8 @@ class HostSnapshots:
     def _walk_model(self, model: Any, key: tuple, registered: int, layout: coll.RankLayout) -> _Walk:
         """A full walk of the model (cached unless it found an error: the next save walks again)."""
         self.walks += 1
-        found = take_snapshots(model, layout, self._options, self._selection, copy=False)
-        carriers = found.first.carriers
-        failed = any(s.report.error is not None for s in found.snapshots.values())
-        for name, snapshot in found.snapshots.items():
-            found.snapshots[name] = dataclasses.replace(snapshot, carriers=[])
-        found.first = next(iter(found.snapshots.values()))
-        sources = [s.tensor for s in found.shards]
-        state = _adapter_state(carriers, list(found.snapshots)) + _tensors_state(sources)
-        walk = _Walk(key, registered, found, carriers, state, None if failed else next(self._generations), sources)
-        if not failed:  # an error reaches every rank in the export; the next save walks again
+        walk = _walk_model(model, key, registered, layout, self._options, self._selection)
+        if walk.generation is not None:  # an error reaches every rank in the export; the next save walks again
             with self._lock:
                 self._walk = walk
                 self._free.clear()

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from . import distributed as coll
 from .core.names import RULE, is_name
 from .core.options import check_selection
@@ -231,45 +229,3 @@ def run_multi_export(
             raise
 
     return coll.broadcast_outcome(publish_tree, WRITER, group)
-
-
-def export_adapters(
-    model: torch.nn.Module | Sequence[torch.nn.Module],
-    output_dir: str | os.PathLike,
-    *,
-    adapter_names: Selection = ALL,
-    base_model_name_or_path: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
-    model_type: str | None = None,
-    pad_rank_to: int | None = None,
-    group: Any = None,
-    **options: Any,
-) -> Path | None:
-    """Write several named adapters of `model` in peft's multi-adapter layout. Collective: call it on every rank.
-
-    `adapter_names`: "all" (every enabled adapter; disabled ones are skipped with a warning) or a list.
-    The adapter named "default" (else the first listed) goes to the root of `output_dir`, each other one
-    to `output_dir/<name>/`, all published at once. Rank 0 returns the directory, the others None.
-    The other arguments are `export_adapter`'s; further keyword arguments are ExportOptions fields.
-    """
-    opts = ExportOptions(
-        base_model_name_or_path=base_model_name_or_path,
-        dtype=dtype,
-        overwrite=overwrite,
-        model_type=model_type,
-        pad_rank_to=pad_rank_to,
-        **options,
-    )
-    layout = coll.RankLayout.from_megatron()
-    group = group if group is not None else coll.export_group()
-    snapshots = take_snapshots(model, layout, opts, adapter_names, copy=False)
-    return run_multi_export(
-        snapshots,
-        output_dir,
-        opts,
-        layout,
-        group,
-        finish=lambda tmp: publish(tmp, output_dir, overwrite),
-        source="a live Megatron model",
-    )

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("core",),
     ("io",),
     ("config", "redact", "distributed", "dialects", "targets", "quantization", "compat"),
-    ("export", "multi_adapter", "host_snapshot", "importer"),
+    ("export", "multi_adapter", "host_snapshot", "importer", "live"),
     ("offline",),
     ("services",),
     ("hook",),

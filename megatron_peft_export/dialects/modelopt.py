@@ -41,8 +41,9 @@ def state(module: torch.nn.Module, adapter_name: str) -> tuple | None:
     """What `find` reads on `module` that can change without a module or parameter being registered: the adapter's
     entry (which dictionary, enabled, scale, rank, its A and B modules). Equal states, no registration since and the
     same tensor storage, shape and dtype mean `find` reports the same (the training hook's check between saves)."""
-    adapters = _adapters(module)
-    adapter = None if adapters is None else adapters.get(adapter_name)
+    own = module.__dict__  # where `attribute` finds it (its answer without making a reader per module)
+    adapters = own["_lora_adapters"] if "_lora_adapters" in own else _adapters(module)
+    adapter = adapters.get(adapter_name) if isinstance(adapters, dict) else None
     if adapter is None:
         return None
     return (

@@ -175,8 +175,8 @@ def _first_save_run(rank, world, save):
         p.requires_grad_(False)
     stepped, walk = threading.Event(), hs.take_snapshots
 
-    def held_walk(*args, **kwargs):
-        assert stepped.wait(60)
+    def held_walk(*args, **kwargs):  # the hook's walk, in the background (not export_adapters' on this thread)
+        assert threading.current_thread() is threading.main_thread() or stepped.wait(60)
         return walk(*args, **kwargs)
 
     hs.take_snapshots = held_walk
