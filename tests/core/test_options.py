@@ -175,6 +175,7 @@ def test_hook_config_refuses_a_bad_value_with_expected_and_found(option, value, 
         assert str(error).startswith(f"{option}: expected {expected}, found {value!r:.80}")
 
 
+_HUB_URL = "http(s)://host[:port] (the Hub's address; no user:password@, the token goes in HF_TOKEN or the login)"
 NESTED_BAD = [
     (VerifyConfig, "verify", "dtype", "float16", "one of float32, bfloat16"),
     (VerifyConfig, "verify", "probe_batch", 0, "an integer >= 1"),
@@ -190,7 +191,8 @@ NESTED_BAD = [
     (PushConfig, "push", "retries", "3", "an integer >= 0"),
     (PushConfig, "push", "retry_wait", -0.5, "seconds >= 0"),
     (PushConfig, "push", "private", "true", "true or false"),
-    (PushConfig, "push", "endpoint", "", "a URL"),
+    (PushConfig, "push", "endpoint", "", _HUB_URL),
+    (PushConfig, "push", "endpoint", "https://me:hf_x@hub.example", _HUB_URL),
 ]
 
 
