@@ -43,20 +43,31 @@ _IOV_MAX = 1024
 
 
 def _order(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
-    unknown = sorted(str(dtype) for dtype, _ in entries.values() if dtype not in _RANK)
+    """The keys in payload order: by dtype (`DTYPE_NAMES` order), then by name."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, (dtype, _) in entries.items():  # one pass, then one C sort of names per dtype
+        keys = by_dtype.get(dtype)
+        if keys is None:
+            keys = by_dtype[dtype] = []
+        keys.append(key)
+    unknown = sorted(str(dtype) for dtype in by_dtype if dtype not in _RANK)
     if unknown:
         raise ValueError(f"safetensors cannot hold {', '.join(unknown[:3])}; expected one of {list(DTYPE_NAMES)}")
-    return sorted(entries, key=lambda key: (_RANK[entries[key][0]], key))
+    return [key for dtype in sorted(by_dtype, key=_RANK.__getitem__) for key in sorted(by_dtype[dtype])]
 
 
 def spans(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
     """key -> (start, end) of its bytes in the payload, in payload order, for tensors given as key -> (dtype, shape)."""
     found: dict[str, tuple[int, int]] = {}
+    sizes: dict[tuple[torch.dtype, tuple[int, ...]], int] = {}  # a few distinct (dtype, shape) among 10^5 tensors
     at = 0
     for key in _order(entries):
-        dtype, shape = entries[key]
-        found[key] = (at, at + math.prod(shape) * dtype.itemsize)
-        at = found[key][1]
+        entry = entries[key]
+        size = sizes.get(entry)
+        if size is None:
+            size = sizes[entry] = math.prod(entry[1]) * entry[0].itemsize
+        found[key] = (at, at + size)
+        at += size
     return found
 
 
@@ -68,47 +79,107 @@ def header(
     """The file's first bytes: the header's length (8 bytes, little-endian), then the JSON header padded to 8.
 
     The JSON is what ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)`` gives for the header's mapping,
-    formatted entry by entry (no dict per tensor: MoE adapters have 10^5 of them); keys escaped by json's own
-    string encoder."""
+    formatted entry by entry (no dict per tensor: MoE adapters have 10^5 of them, of a few distinct dtypes and shapes,
+    whose text is formatted once each); keys escaped by json's own string encoder."""
     parts = (
         ['"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)] if metadata else []
     )
     quote = encode_basestring
+    middles: dict[tuple[torch.dtype, tuple[int, ...]], str] = {}
     for key, (start, end) in where.items():
-        dtype, shape = entries[key]
-        parts.append(
-            f'{quote(key)}:{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],'
-            f'"data_offsets":[{start},{end}]}}'
-        )
+        entry = entries[key]
+        middle = middles.get(entry)
+        if middle is None:
+            dtype, shape = entry
+            middle = middles[entry] = (
+                f'{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],"data_offsets":['
+            )
+        parts.append(f"{quote(key)}:{middle}{start},{end}]}}")
     text = ("{" + ",".join(parts) + "}").encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
 
 
-def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+class Payload(Mapping[str, torch.Tensor]):
+    """Empty tensors (key -> dtype, shape, in the order given) that are views of one flat buffer laid out as a
+    safetensors payload, each made when first asked for (an offline MoE export fills 10^5 of them through the buffer
+    and never needs most views). `save_file` writes it from `entries`, `where` and the buffer: the header from names,
+    dtypes and shapes, the payload with one system call."""
+
+    def __init__(self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.entries = dict(entries)
+        self.where = spans(self.entries)
+        """key -> (start, end) of its bytes in `flat`, in payload order."""
+        self.flat = torch.empty(max((end for _, end in self.where.values()), default=0), dtype=torch.uint8)
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype
+        self._views: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        view = self._views.get(key)
+        if view is None:
+            dtype, shape = self.entries[key]
+            start, end = self.where[key]
+            if end == start:
+                view = torch.empty(shape, dtype=dtype)
+            else:
+                typed = self._typed.get(dtype)
+                if typed is None:
+                    flat = self.flat
+                    typed = self._typed[dtype] = flat[
+                        start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize
+                    ].view(dtype)  # any tensor's start is aligned to its dtype: dtypes are laid out widest first
+                view = typed.as_strided(shape, _strides(shape), start // dtype.itemsize)  # offset in the storage
+            self._views[key] = view
+        return view
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def buffer(self) -> memoryview:
+        """The payload as a writable memoryview: bytes written into it are the tensors' values."""
+        return memoryview(self.flat.numpy())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: shape for key, (_, shape) in self.entries.items()}
+
+    def parts(self) -> list[torch.Tensor]:
+        """The payload's part of each dtype as one 1-D tensor of that dtype (the tensors of a dtype lie back to
+        back), in payload order."""
+        bounds: dict[torch.dtype, tuple[int, int]] = {}
+        entries = self.entries
+        for key, (start, end) in self.where.items():
+            dtype = entries[key][0]
+            lo, hi = bounds.get(dtype, (start, end))
+            bounds[dtype] = (min(lo, start), max(hi, end))
+        return [self.flat[lo:hi].view(dtype) for dtype, (lo, hi) in bounds.items() if hi > lo]
+
+
+def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> Payload:
     """Empty tensors (key -> dtype, shape) that are views of one flat buffer laid out as a safetensors payload: once
     filled, `save_file` writes them with one system call."""
-    return allocate_payload(entries)[0]
+    return Payload(entries)
 
 
 def allocate_payload(
     entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
+) -> tuple[Payload, memoryview, dict[str, tuple[int, int]]]:
     """`allocate`, with the flat buffer as a writable memoryview and each tensor's (start, end) byte span in it:
     bytes written into the buffer are the tensors' values."""
-    where = spans(entries)
-    flat = torch.empty(max((end for _, end in where.values()), default=0), dtype=torch.uint8)
-    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype: dtypes come widest first, so aligned
-    tensors = {}
-    for key, (start, end) in where.items():
-        dtype, shape = entries[key]
-        if end == start:
-            tensors[key] = torch.empty(shape, dtype=dtype)
-            continue
-        if dtype not in typed:
-            typed[dtype] = flat[start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize].view(dtype)
-        tensors[key] = typed[dtype].as_strided(shape, _strides(shape), start // dtype.itemsize)
-    return {key: tensors[key] for key in entries}, memoryview(flat.numpy()), where
+    payload = Payload(entries)
+    return payload, payload.buffer(), payload.where
+
+
+def shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """key -> shape of tensors (of a `Payload` without making its views)."""
+    if isinstance(tensors, Payload):
+        return tensors.shapes()
+    return {key: tuple(t.shape) for key, t in tensors.items()}
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -128,9 +199,8 @@ def allocate_plan_payload(
     plan: AdapterPlan, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
     """`allocate_payload` for a plan's HF tensors (as `allocate_plan`)."""
-    return allocate_payload(
-        {key: (dtype or getattr(torch, plan.dtypes[key]), shape) for key, shape in plan.shapes.items()}
-    )
+    dtypes = {name: dtype or getattr(torch, name) for name in set(plan.dtypes.values())}
+    return allocate_payload({key: (dtypes[plan.dtypes[key]], shape) for key, shape in plan.shapes.items()})
 
 
 def _payload(tensors: Mapping[str, torch.Tensor], where: dict[str, tuple[int, int]]) -> memoryview | None:
@@ -179,11 +249,15 @@ def save_file(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write `tensors` as a safetensors file at `path` (created or truncated; not fsynced: the caller decides); called
-    as ``safetensors.torch.save_file`` is."""
-    entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
-    where = spans(entries)
+    as ``safetensors.torch.save_file`` is. A `Payload` is written from its buffer, without making its views."""
+    if isinstance(tensors, Payload):
+        entries, where = tensors.entries, tensors.where
+        payload: memoryview | None = tensors.buffer()
+    else:
+        entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
+        where = spans(entries)
+        payload = _payload(tensors, where)
     head = header(entries, where, metadata)
-    payload = _payload(tensors, where)
     fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         if payload is not None:

@@ -36,7 +36,7 @@ from ..io import safetensors_out
 from ..io.atomic_dir import check_output, discard, publish, staging_dir
 from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dirs
 from ..io.hf_config import parse_dtype, read_hf_config
-from ..io.peft_dir import check_finite, nonfinite
+from ..io.peft_dir import check_finite
 from .checkpoint import (
     CheckpointError,
     Segment,
@@ -433,7 +433,7 @@ def _export_checkpoint(
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]), copies)
     copies.flush()
-    _check_finite(tensors, buffer, where, options.allow_nonfinite)
+    check_finite(tensors, allow=options.allow_nonfinite)
     tmp = staging_dir(output_dir, options.overwrite, reading=reading, checkpoint=directory)
     try:
         stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=f"checkpoint {directory}")
@@ -449,7 +449,7 @@ def _direct_segments(
     by_key: dict[str, list[int]],
     shards: list[OfflineShard],
     plan: AdapterPlan,
-    tensors: dict[str, torch.Tensor],
+    tensors: safetensors_out.Payload,
     where: dict[str, tuple[int, int]],
 ) -> dict[str, dict[tuple[int, ...], list[Segment]]]:
     """Keys whose placements are byte ranges: key -> its chunks' segments (start in the chunk's bytes, start in the
@@ -463,7 +463,7 @@ def _direct_segments(
     direct = {}
     for key, positions in by_key.items():
         segments = _key_segments(
-            reader.entry(key), [(shards[n], plan.placements[n]) for n in positions], tensors, where
+            reader.entry(key), [(shards[n], plan.placements[n]) for n in positions], tensors.entries, where
         )
         if segments is not None:
             direct[key] = segments
@@ -471,7 +471,7 @@ def _direct_segments(
 
 
 def _key_segments(
-    entry: TensorEntry, placed: list[tuple[OfflineShard, list[Placement]]], tensors, where
+    entry: TensorEntry, placed: list[tuple[OfflineShard, list[Placement]]], entries, where
 ) -> dict[tuple[int, ...], list[Segment]] | None:
     """One key's segments by chunk (`_direct_segments`), or None when a placement is not a run of its bytes."""
     size, itemsize = entry.size, entry.dtype.itemsize
@@ -489,7 +489,7 @@ def _key_segments(
         width = math.prod(local[1:])
         pieces = shard.rows or ((0, local[0]),)
         for p in placements:
-            if p.dim != 0 or tensors[p.key].dtype != entry.dtype or math.prod(p.shape[1:]) != width:
+            if p.dim != 0 or entries[p.key][0] != entry.dtype or math.prod(p.shape[1:]) != width:
                 return None
             dst, first, count = where[p.key][0] + p.dst_start * width * itemsize, p.src_start, p.length
             at = 0  # shard row where the piece starts
@@ -512,22 +512,6 @@ def _split(src: int, dst: int, n: int, starts: list[int], ends: list[int], chunk
             out[chunks[k].offsets].append((src - starts[k], dst, take))
             src, dst, n = src + take, dst + take, n - take
         k += 1
-
-
-def _check_finite(tensors: dict[str, torch.Tensor], buffer: memoryview, where, allow: bool) -> None:
-    """`check_finite` of the export's tensors (views of one payload `buffer`, at `where`): one check per dtype's part
-    of the payload first (the tensors lie back to back in it, by dtype), tensor by tensor only to name what is not
-    finite."""
-    if allow:
-        return
-    parts: dict[torch.dtype, tuple[int, int]] = {}
-    for key, (start, end) in where.items():
-        dtype = tensors[key].dtype
-        lo, hi = parts.get(dtype, (start, end))
-        parts[dtype] = (min(lo, start), max(hi, end))
-    views = [(str(dtype), torch.frombuffer(buffer[lo:hi], dtype=dtype)) for dtype, (lo, hi) in parts.items() if hi > lo]
-    if nonfinite(views):
-        check_finite(tensors, allow=allow)
 
 
 def _shard_data(data: torch.Tensor, shard: OfflineShard) -> torch.Tensor:
