@@ -483,24 +483,55 @@ def _key_segments(
     ends = [start + chunk.sizes[0] * row_bytes for start, chunk in zip(starts, chunks)]
     out: dict[tuple[int, ...], list[Segment]] = {chunk.offsets: [] for chunk in chunks}
     strides = [math.prod(size[d + 1 :]) for d in range(len(size))]
+    runs: dict[tuple, list[Segment] | None] = {}
+    """Per form of placement (the shard's axes and rows, the placement but its key): its runs of bytes as offsets
+    from the shard's first byte and the HF tensor's, computed once (10^5 MoE placements have a few dozen forms)."""
+    lists = [out[chunk.offsets] for chunk in chunks]
     for shard, placements in placed:
         base = sum(i * stride for i, stride in zip(shard.index, strides)) * itemsize
-        local = size[len(shard.index) :]
-        width = math.prod(local[1:])
-        pieces = shard.rows or ((0, local[0]),)
         for p in placements:
-            if p.dim != 0 or entries[p.key][0] != entry.dtype or math.prod(p.shape[1:]) != width:
+            if entries[p.key][0] != entry.dtype:
                 return None
-            dst, first, count = where[p.key][0] + p.dst_start * width * itemsize, p.src_start, p.length
-            at = 0  # shard row where the piece starts
-            for start, length in pieces:
-                lo, hi = max(first, at), min(first + count, at + length)
-                if lo < hi:
-                    src = base + (start + lo - at) * width * itemsize
-                    n = (hi - lo) * width * itemsize
-                    _split(src, dst + (lo - first) * width * itemsize, n, starts, ends, chunks, out)
-                at += length
+            form = (len(shard.index), shard.rows, p[1:])
+            found = runs.get(form, False)
+            if found is False:
+                found = runs[form] = _runs(size[len(shard.index) :], shard.rows, p, itemsize)
+            if found is None:
+                return None
+            at = where[p.key][0]
+            for src, dst, n in found:
+                src += base
+                k = bisect.bisect_right(starts, src) - 1
+                if k >= 0 and 0 < n <= ends[k] - src:  # what `_split` does with a run inside one chunk
+                    lists[k].append((src - starts[k], at + dst, n))
+                else:
+                    _split(src, at + dst, n, starts, ends, chunks, out)
     return out
+
+
+def _runs(
+    local: tuple[int, ...], rows: tuple[tuple[int, int], ...] | None, p: Placement, itemsize: int
+) -> list[Segment] | None:
+    """A placement's runs of bytes (offset in the shard, offset in the HF tensor, length), None when it is not rows of
+    the shard's width along dim 0; `local` is the shard's shape, `rows` its row ranges (OfflineShard.rows)."""
+    width = math.prod(local[1:])
+    if p.dim != 0 or math.prod(p.shape[1:]) != width:
+        return None
+    found = []
+    dst, first, count = p.dst_start * width * itemsize, p.src_start, p.length
+    at = 0  # shard row where the piece starts
+    for start, length in rows or ((0, local[0]),):
+        lo, hi = max(first, at), min(first + count, at + length)
+        if lo < hi:
+            found.append(
+                (
+                    (start + lo - at) * width * itemsize,
+                    dst + (lo - first) * width * itemsize,
+                    (hi - lo) * width * itemsize,
+                )
+            )
+        at += length
+    return found
 
 
 def _split(src: int, dst: int, n: int, starts: list[int], ends: list[int], chunks, out) -> None:
