@@ -15,7 +15,9 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from itertools import accumulate, islice
 from json.encoder import encode_basestring
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -42,33 +44,44 @@ _IOV_MAX = 1024
 """Buffers per vectored write (Linux's IOV_MAX)."""
 
 
-def _order(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
-    """The keys in payload order: by dtype (`DTYPE_NAMES` order), then by name."""
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for key, (dtype, _) in entries.items():  # one pass, then one C sort of names per dtype
-        keys = by_dtype.get(dtype)
-        if keys is None:
-            keys = by_dtype[dtype] = []
-        keys.append(key)
-    unknown = sorted(str(dtype) for dtype in by_dtype if dtype not in _RANK)
+def _groups(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[tuple[torch.dtype, list[str]]]:
+    """The keys in payload order, by dtype: dtypes in `DTYPE_NAMES` order, names sorted within each."""
+    dtypes = set(map(itemgetter(0), entries.values()))
+    unknown = sorted(str(dtype) for dtype in dtypes if dtype not in _RANK)
     if unknown:
         raise ValueError(f"safetensors cannot hold {', '.join(unknown[:3])}; expected one of {list(DTYPE_NAMES)}")
-    return [key for dtype in sorted(by_dtype, key=_RANK.__getitem__) for key in sorted(by_dtype[dtype])]
+    if len(dtypes) == 1:  # an export's usual case: one sort of every name
+        return [(next(iter(dtypes)), sorted(entries))]
+    by_dtype: dict[torch.dtype, list[str]] = {dtype: [] for dtype in dtypes}
+    for key, (dtype, _) in entries.items():
+        by_dtype[dtype].append(key)
+    return [(dtype, sorted(by_dtype[dtype])) for dtype in sorted(dtypes, key=_RANK.__getitem__)]
+
+
+def _layout(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+) -> tuple[dict[str, tuple[int, int]], dict[torch.dtype, tuple[int, int]]]:
+    """`spans`, and each dtype's (start, end) in the payload (its tensors lie back to back)."""
+    found: dict[str, tuple[int, int]] = {}
+    bounds: dict[torch.dtype, tuple[int, int]] = {}
+    at = 0
+    for dtype, keys in _groups(entries):
+        shapes = list(map(itemgetter(1), map(entries.__getitem__, keys)))
+        sizes = {shape: math.prod(shape) * dtype.itemsize for shape in set(shapes)}  # a few among 10^5 tensors
+        ends = list(accumulate(map(sizes.__getitem__, shapes), initial=at))
+        found.update(zip(keys, zip(ends, islice(ends, 1, None))))
+        bounds[dtype] = (at, ends[-1])
+        at = ends[-1]
+    return found, bounds
 
 
 def spans(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
     """key -> (start, end) of its bytes in the payload, in payload order, for tensors given as key -> (dtype, shape)."""
-    found: dict[str, tuple[int, int]] = {}
-    sizes: dict[tuple[torch.dtype, tuple[int, ...]], int] = {}  # a few distinct (dtype, shape) among 10^5 tensors
-    at = 0
-    for key in _order(entries):
-        entry = entries[key]
-        size = sizes.get(entry)
-        if size is None:
-            size = sizes[entry] = math.prod(entry[1]) * entry[0].itemsize
-        found[key] = (at, at + size)
-        at += size
-    return found
+    return _layout(entries)[0]
+
+
+_ENTRY = "{}:{}{},{}]}}".format
+"""One tensor's header entry: its quoted key, its dtype's and shape's text, its start and end."""
 
 
 def header(
@@ -84,17 +97,21 @@ def header(
     parts = (
         ['"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)] if metadata else []
     )
-    quote = encode_basestring
-    middles: dict[tuple[torch.dtype, tuple[int, ...]], str] = {}
-    for key, (start, end) in where.items():
-        entry = entries[key]
-        middle = middles.get(entry)
-        if middle is None:
-            dtype, shape = entry
-            middle = middles[entry] = (
-                f'{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],"data_offsets":['
-            )
-        parts.append(f"{quote(key)}:{middle}{start},{end}]}}")
+    keys = list(where)
+    found = list(map(entries.__getitem__, keys))
+    middles = {
+        (dtype, shape): f'{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],'
+        '"data_offsets":['
+        for dtype, shape in set(found)
+    }
+    offsets = where.values()
+    parts += map(
+        _ENTRY,
+        map(encode_basestring, keys),
+        map(middles.__getitem__, found),
+        map(itemgetter(0), offsets),
+        map(itemgetter(1), offsets),
+    )
     text = ("{" + ",".join(parts) + "}").encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
@@ -108,7 +125,7 @@ class Payload(Mapping[str, torch.Tensor]):
 
     def __init__(self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
         self.entries = dict(entries)
-        self.where = spans(self.entries)
+        self.where, self._bounds = _layout(self.entries)
         """key -> (start, end) of its bytes in `flat`, in payload order."""
         self.flat = torch.empty(max((end for _, end in self.where.values()), default=0), dtype=torch.uint8)
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype
@@ -151,13 +168,7 @@ class Payload(Mapping[str, torch.Tensor]):
     def parts(self) -> list[torch.Tensor]:
         """The payload's part of each dtype as one 1-D tensor of that dtype (the tensors of a dtype lie back to
         back), in payload order."""
-        bounds: dict[torch.dtype, tuple[int, int]] = {}
-        entries = self.entries
-        for key, (start, end) in self.where.items():
-            dtype = entries[key][0]
-            lo, hi = bounds.get(dtype, (start, end))
-            bounds[dtype] = (min(lo, start), max(hi, end))
-        return [self.flat[lo:hi].view(dtype) for dtype, (lo, hi) in bounds.items() if hi > lo]
+        return [self.flat[lo:hi].view(dtype) for dtype, (lo, hi) in self._bounds.items() if hi > lo]
 
 
 def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> Payload:
@@ -200,7 +211,10 @@ def allocate_plan_payload(
 ) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
     """`allocate_payload` for a plan's HF tensors (as `allocate_plan`)."""
     dtypes = {name: dtype or getattr(torch, name) for name in set(plan.dtypes.values())}
-    return allocate_payload({key: (dtypes[plan.dtypes[key]], shape) for key, shape in plan.shapes.items()})
+    keys = plan.shapes.keys()
+    return allocate_payload(
+        dict(zip(keys, zip(map(dtypes.__getitem__, map(plan.dtypes.__getitem__, keys)), plan.shapes.values())))
+    )
 
 
 def _payload(tensors: Mapping[str, torch.Tensor], where: dict[str, tuple[int, int]]) -> memoryview | None:
