@@ -323,53 +323,63 @@ class _Planner:
         self._heads: dict[int, str] = {}
         """Layer -> its HF prefix and a dot (`model.layers.3.`)."""
 
-    def _head(self, layer: int) -> str:
-        head = self._heads.get(layer)
-        if head is None:
-            head = self._heads[layer] = self._arch.layer_prefix.format(i=layer) + "."
-        return head
-
-    def _fits(self, layer: int, symbol: str | None) -> bool:
-        """What `_in_layer` checks of a layer: inside the model and, on a hybrid model, of the kind's symbol."""
-        pattern = self._geometry.layer_pattern
-        return layer < self._geometry.num_layers and (pattern is None or not symbol or pattern[layer] == symbol)
-
     def plan(self, spec: ShardSpec) -> tuple[tuple[str, ...], list[Placement]]:
         """The HF modules the shard feeds, and its placements."""
         match = _LAYER_RE.match(spec.module)
         if match is None:
             target = resolve_target(spec.module, spec.part, self._geometry, self._arch, self._vocab)
             return target.hf_modules, plan_shard(spec, target, self._geometry)
-        suffix, layer = match.group(2), int(match.group(1))
+        at, suffix = match.groups()
+        layer = int(at)
         key = (suffix, spec.part, spec.role, spec.shape, spec.split_dim, spec.tp_rank, spec.tp_size)
         stamp = self._stamps.get(key)
-        if stamp is None or not self._fits(layer, stamp[0]):
-            kind = self._kinds.get((suffix, spec.part))
-            if kind is None:
-                kind = self._kinds[suffix, spec.part] = _layer_kind(
-                    suffix, spec.part, spec.module, self._geometry, self._arch
-                )
-            target = _in_layer(kind, layer, spec.module, self._geometry, self._arch)
-            planned = plan_shard(spec, target, self._geometry)
-            if stamp is None:
-                index = {hf_key(m, spec.role): i for i, m in enumerate(target.hf_modules)}
-                tail = [hf_key(name, spec.role).removeprefix(PEFT_PREFIX) for name in kind.names]
-                slices = [(tail[index[p.key]], p.shape, p.dim, p.dst_start, p.src_start, p.length) for p in planned]
-                self._stamps[key] = (kind.module.layer_symbol, kind.names, slices)
-            return target.hf_modules, planned
-        head = self._head(layer)
+        pattern = self._geometry.layer_pattern
+        if (
+            stamp is None
+            or layer >= self._geometry.num_layers  # what `_in_layer` checks of a layer: re-planned, to raise
+            or not (pattern is None or not stamp[0] or pattern[layer] == stamp[0])
+        ):
+            return self._plan(spec, suffix, layer, key if stamp is None else None)
+        head = self._heads.get(layer)
+        if head is None:
+            head = self._heads[layer] = self._arch.layer_prefix.format(i=layer) + "."
         key_head = PEFT_PREFIX + head
-        return tuple(head + name for name in stamp[1]), [Placement(key_head + tail, *rest) for tail, *rest in stamp[2]]
+        return tuple([head + name for name in stamp[1]]), [
+            Placement(key_head + tail, *rest) for tail, *rest in stamp[2]
+        ]
+
+    def _plan(
+        self, spec: ShardSpec, suffix: str, layer: int, key: tuple | None
+    ) -> tuple[tuple[str, ...], list[Placement]]:
+        """`resolve_target` and `plan_shard` of a shard in a layer (its kind computed once); with `key`, stamp its
+        combination."""
+        kind = self._kinds.get((suffix, spec.part))
+        if kind is None:
+            kind = self._kinds[suffix, spec.part] = _layer_kind(
+                suffix, spec.part, spec.module, self._geometry, self._arch
+            )
+        target = _in_layer(kind, layer, spec.module, self._geometry, self._arch)
+        planned = plan_shard(spec, target, self._geometry)
+        if key is not None:
+            index = {hf_key(m, spec.role): i for i, m in enumerate(target.hf_modules)}
+            tail = [hf_key(name, spec.role).removeprefix(PEFT_PREFIX) for name in kind.names]
+            slices = [(tail[index[p.key]], p.shape, p.dim, p.dst_start, p.src_start, p.length) for p in planned]
+            self._stamps[key] = (kind.module.layer_symbol, kind.names, slices)
+        return target.hf_modules, planned
 
 
-def _check_coverage(shapes: dict[str, tuple[int, ...]], by_key: dict[str, list[Placement]]) -> None:
+def _check_coverage(
+    shapes: dict[str, tuple[int, ...]], first: dict[str, Placement], more: dict[str, list[Placement]]
+) -> None:
+    """Every HF tensor filled exactly once by its placements: `first[key]`, or all of them `more[key]` when several."""
     problems = []
     for key, shape in shapes.items():
-        placements = by_key[key]
-        if len(placements) == 1:  # the common case: one shard fills the tensor
-            p = placements[0]
+        placements = more.get(key)
+        if placements is None:  # the common case: one shard fills the tensor
+            p = first[key]
             if p.dst_start == 0 and p.length == shape[p.dim]:
                 continue
+            placements = [p]
         placements = sorted(placements, key=lambda p: p.dst_start)
         dims = {p.dim for p in placements}
         if len(dims) != 1:
@@ -403,7 +413,8 @@ def plan_adapter(
     placements: list[list[Placement]] = []
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
-    by_key: dict[str, list[Placement]] = defaultdict(list)
+    first: dict[str, Placement] = {}  # each key's first placement; all of them in `more` when it has several
+    more: dict[str, list[Placement]] = {}
     alphas: dict[str, set[float]] = defaultdict(set)
     planner = _Planner(geometry, arch, megatron_vocab)
     for spec in specs:
@@ -422,12 +433,15 @@ def plan_adapter(
                 kind = ShapeMismatchError
                 errors.append(f"{p.key}: shards disagree on the global shape ({shapes[p.key]} vs {p.shape})")
             dtypes.setdefault(p.key, spec.dtype)
-            by_key[p.key].append(p)
+            if p.key in first:
+                more.setdefault(p.key, [first[p.key]]).append(p)
+            else:
+                first[p.key] = p
         for m in hf_modules:
             alphas[m].add(spec.alpha)
     if errors:
         raise kind(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]), found=errors)
-    _check_coverage(shapes, by_key)
+    _check_coverage(shapes, first, more)
     modules = _module_settings(shapes, alphas)
     use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)
     if use_dora:

@@ -104,3 +104,13 @@ def test_stamped_placements_are_each_shards_own(name):
     assert plan.placements == [[] if spec.is_replica else placed for spec, placed in zip(specs, alone)]
     if name == "moe tp1":
         assert len({tuple(p) for placed in plan.placements for p in placed}) == sum(map(len, plan.placements))
+
+
+def test_a_tensor_filled_twice_or_partly_is_refused_by_name():
+    """Coverage keeps a key's first placement alone and lists the rest only when there are more: a shard given twice
+    overlaps, a TP shard missing leaves rows unfilled."""
+    specs = _moe_specs(range(2), range(2), 2)
+    with pytest.raises(ShapeMismatchError, match=r"experts\.1\.down_proj\.lora_B\.weight: overlap at index 0 of dim 0"):
+        plan_adapter([*specs, specs[-2]], MOE, QWEN_MOE)
+    with pytest.raises(ShapeMismatchError, match=r"experts\.1\.down_proj\.lora_A\.weight: filled 3 of 6 along dim 1"):
+        plan_adapter([s for s in specs if s != specs[-3]], MOE, QWEN_MOE)
