@@ -47,7 +47,15 @@ from .checkpoint import (
     read_settings,
 )
 from .dcp_metadata import TensorEntry
-from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards, stored_per_rank
+from .keys import (
+    AdapterKey,
+    OfflineShard,
+    check_shape,
+    classify,
+    may_classify,
+    offline_shards,
+    stored_per_rank,
+)
 from .legacy import LegacyReader, legacy_shard
 
 log = logging.getLogger("megatron_peft_export")
@@ -268,7 +276,7 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
 def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
     reader = TorchDistReader(directory)
     shapes = reader.tensor_shapes()
-    as_bytes = sorted(key for key in reader.byte_keys if classify(key) is not None)
+    as_bytes = sorted(key for key in reader.byte_keys if may_classify(key) and classify(key) is not None)
     if as_bytes:
         raise CheckpointError(
             f"{directory / '.metadata'}: refused, adapter tensor {as_bytes[0]} is declared as pickled bytes "
