@@ -127,8 +127,9 @@ class Payload(Mapping[str, torch.Tensor]):
         self.entries = dict(entries)
         self.where, self._bounds = _layout(self.entries)
         """key -> (start, end) of its bytes in `flat`, in payload order."""
-        self.flat = torch.empty(max((end for _, end in self.where.values()), default=0), dtype=torch.uint8)
+        self.flat = torch.empty(max((end for _, end in self._bounds.values()), default=0), dtype=torch.uint8)
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype
+        self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}  # per shape (a few among 10^5 tensors)
         self._views: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -145,7 +146,10 @@ class Payload(Mapping[str, torch.Tensor]):
                     typed = self._typed[dtype] = flat[
                         start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize
                     ].view(dtype)  # any tensor's start is aligned to its dtype: dtypes are laid out widest first
-                view = typed.as_strided(shape, _strides(shape), start // dtype.itemsize)  # offset in the storage
+                strides = self._strides.get(shape)
+                if strides is None:
+                    strides = self._strides[shape] = _strides(shape)
+                view = typed.as_strided(shape, strides, start // dtype.itemsize)  # offset in the storage
             self._views[key] = view
         return view
 
