@@ -484,7 +484,7 @@ def append_card(directory: str | Path, text: str) -> None:
 def write_staging(
     tmp: Path,
     *,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     config: dict[str, Any],
     card: str,
     extra_files: dict[str, bytes] | None = None,
