@@ -30,12 +30,13 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .core.patterns import PatternSet
 from .errors import AdapterFileError, ExportError
-from .io.peft_dir import ADAPTER_CONFIG, PEFT_PREFIX, check_shapes, read_adapters
+from .io.peft_dir import ADAPTER_CONFIG, PEFT_PREFIX, check_ranks, read_adapters
 
 log = logging.getLogger("megatron_peft_export")
 Severity = Literal["error", "warning", "info"]
@@ -114,8 +115,7 @@ def _span(low: str | None, high: str | None) -> str:
     return f"vLLM >= {low}" if low else f"vLLM <= {high}"
 
 
-@dataclass(frozen=True)
-class _Module:
+class _Module(NamedTuple):
     name: str
     rank: int | None
     """As peft reads it: lora_A rows, or rows / experts for a fused expert parameter (None without lora_A)."""
@@ -136,6 +136,12 @@ def _is_fused(module: str, parents: tuple[str, ...]) -> bool:
     return any(module == p or module.endswith("." + p) for p in parents)
 
 
+_PLAIN_SUFFIXES = frozenset((".lora_A.weight", ".lora_B.weight"))
+"""The last 14 characters of nearly every key: `<module>.lora_A.weight` (or B) is what _LORA_KEY matches with that
+module (its `.+` is greedy: the longest module, and no shorter suffix ends in `.weight`) when the module is not empty
+and no key holds a newline (`.` stops at one, `$` matches before one), so those keys skip the regular expression."""
+
+
 def _modules(
     config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[dict[str, _Module], dict[str, list[str]]]:
@@ -143,14 +149,21 @@ def _modules(
     kinds: dict[str, list[str]] = {"lora": [], "magnitude": [], "bias": [], "other": []}
     rows: dict[str, int] = {}
     names: set[str] = set()
+    lora, plain = kinds["lora"], "\n" not in "".join(shapes)
     for key, shape in shapes.items():
-        if match := _LORA_KEY.match(key):
+        if plain and key[-14:] in _PLAIN_SUFFIXES and len(key) > 14:
+            module = key[:-14].removeprefix(PEFT_PREFIX)
+            names.add(module)
+            lora.append(key)
+            if key[-8] == "A" and len(shape) >= 1:
+                rows[module] = shape[0]
+        elif match := _LORA_KEY.match(key):
             module = match["module"].removeprefix(PEFT_PREFIX)
             names.add(module)
             if match["param"] == "bias":
                 kinds["bias"].append(key)
                 continue
-            kinds["lora"].append(key)
+            lora.append(key)
             if match["kind"] in ("lora_A", "lora_embedding_A") and len(shape) >= 1:
                 rows[module] = shape[0]
         elif match := _MAGNITUDE_KEY.match(key):
@@ -163,19 +176,27 @@ def _modules(
         PatternSet(config.get("rank_pattern"), "rank_pattern"),
         PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
     )
+    patterns = bool(ranks.keys or alphas.keys)  # without any, every module has r and lora_alpha: one scale
     parents = _fused_parents(config)
     modules = {}
+    m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
     for name in sorted(names):
-        m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
-        scale = None
-        if _real(m_r) and _real(m_alpha) and m_r > 0:
-            scale = m_alpha / (math.sqrt(m_r) if config.get("use_rslora") else m_r)
-        fused = _is_fused(name, parents)
+        if patterns:
+            m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
+            scale = _scale(config, m_r, m_alpha)
+        fused = _is_fused(name, parents) if parents else False
         rank = rows.get(name)
         if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
             rank = m_r  # [experts * r, in]: the rank is r
         modules[name] = _Module(name, rank, scale, fused)
     return modules, kinds
+
+
+def _scale(config: Mapping[str, Any], r: Any, alpha: Any) -> float | None:
+    """alpha / r (/ sqrt(r) with rsLoRA) as peft computes a module's scale; None where r or alpha is not a number."""
+    if _real(r) and _real(alpha) and r > 0:
+        return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    return None
 
 
 def _real(x: Any) -> bool:
@@ -262,7 +283,10 @@ def _common_rules(
             "the adapter would change nothing",
             "export the adapter again; check that it was applied",
         )
-    megatron = sorted(k for k in shapes if _MEGATRON_NAME.search(k) or not k.startswith(PEFT_PREFIX))
+    megatron = []
+    joined = "\n".join(shapes)  # no Megatron name holds a newline: one found in the joined keys is inside one key
+    if any(name in joined for name in _MEGATRON_NAMES) or not all(map(str.startswith, shapes, repeat(PEFT_PREFIX))):
+        megatron = sorted(k for k in shapes if _MEGATRON_NAME.search(k) or not k.startswith(PEFT_PREFIX))
     if megatron:
         add(
             "megatron-names",
@@ -276,7 +300,7 @@ def _common_rules(
         )
     if not missing and isinstance(config.get("r"), int):
         try:
-            check_shapes(dict(config), {k: ("F32", s) for k, s in shapes.items()}, "the adapter")
+            check_ranks(dict(config), shapes, "the adapter")
         except AdapterFileError as exc:
             add(
                 "rank-mismatch",

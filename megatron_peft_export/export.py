@@ -307,7 +307,7 @@ def stage_adapter(
     )
     log_findings(
         config,
-        {k: tuple(t.shape) for k, t in tensors.items()},
+        safetensors_out.shapes(tensors),
         f"the adapter from {source}",
         model_type=names.arch.name,
     )

@@ -17,6 +17,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _TAGS = ("lora", "megatron", "megatron-peft-export")
 _TAG = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 """A dialect tag read back from a card (a card is anyone's text: a tag with a newline would add front matter)."""
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+"""A module's layer index (compiled once: target_modules reads it for each of 10^5 modules)."""
 _CELL_UNSAFE = str.maketrans({"|": "\\|", "<": "&lt;", ">": "&gt;", "`": "\\`"})
 
 
@@ -37,7 +39,7 @@ def target_modules(plan: AdapterPlan, skip: frozenset[str] = frozenset()) -> lis
     modules = [m for m in plan.modules if m not in skip]
     layers: dict[str, set[int]] = defaultdict(set)
     for module in modules:
-        match = re.search(r"layers\.(\d+)\.", module)
+        match = _LAYER_INDEX.search(module)
         layers[module.rsplit(".", 1)[-1]].add(int(match.group(1)) if match else -1)
     every = set(range(plan.num_layers))
     everywhere = {name for name, found in layers.items() if found == plan.layers_of.get(name, every) or found == {-1}}

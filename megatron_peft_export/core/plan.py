@@ -15,7 +15,7 @@ import torch
 from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
-from .peft_names import hf_key
+from .peft_names import PEFT_PREFIX, hf_key
 from .shards import Placement, ShardSpec
 from .splits import mamba_in_parts, row_blocks
 
@@ -310,57 +310,76 @@ def plan_shard(spec: ShardSpec, target: Target, geometry: ModelGeometry) -> list
 class _Planner:
     """`resolve_target` then `plan_shard` for many shards: what depends on the module kind, the expert and the shard's
     shape and TP coordinates is computed once per distinct combination (a few hundred at 10^5 MoE shards, which
-    differ only in layer and expert), then each shard's placements are stamped out with its own HF names. Errors are
-    never cached: a shard that does not fit raises from the full computation, naming it."""
+    differ only in layer and expert), then each shard's placements are stamped out with its layer's HF prefix. A
+    shard whose layer does not fit (past the model's layers, or of another kind in a hybrid pattern) and every
+    first shard of a combination take the full computation, so errors are never cached: they name the shard."""
 
     def __init__(self, geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None) -> None:
         self._geometry, self._arch, self._vocab = geometry, arch, megatron_vocab
         self._kinds: dict[tuple[str, str | None], _Kind] = {}
-        self._targets: dict[tuple[str, str | None], Target] = {}
-        """The last few shards' targets by path and part (a module's lora_A and lora_B come one after the other)."""
-        self._slices: dict[tuple, list[tuple[int, tuple[int, ...], int, int, int, int]]] = {}
+        self._stamps: dict[tuple, tuple[str | None, tuple[str, ...], list[tuple]]] = {}
+        """Per combination: the kind's layer symbol, its HF names inside the layer, and its placements with each key
+        after the layer's prefix (`lora_A.weight` of `mlp.gate_proj`: `mlp.gate_proj.lora_A.weight`)."""
+        self._heads: dict[int, str] = {}
+        """Layer -> its HF prefix and a dot (`model.layers.3.`)."""
 
-    def _target(self, spec: ShardSpec) -> tuple[Target, str]:
-        """The shard's Target and the layer-independent part of its path (`output_layer` for the output layer)."""
+    def plan(self, spec: ShardSpec) -> tuple[tuple[str, ...], list[Placement]]:
+        """The HF modules the shard feeds, and its placements."""
         match = _LAYER_RE.match(spec.module)
         if match is None:
-            return resolve_target(spec.module, spec.part, self._geometry, self._arch, self._vocab), spec.module
-        suffix = match.group(2)
-        target = self._targets.get((spec.module, spec.part))
-        if target is None:
-            kind = self._kinds.get((suffix, spec.part))
-            if kind is None:
-                kind = self._kinds[suffix, spec.part] = _layer_kind(
-                    suffix, spec.part, spec.module, self._geometry, self._arch
-                )
-            target = _in_layer(kind, int(match.group(1)), spec.module, self._geometry, self._arch)
-            if len(self._targets) > 64:
-                self._targets.clear()
-            self._targets[spec.module, spec.part] = target
-        return target, suffix
+            target = resolve_target(spec.module, spec.part, self._geometry, self._arch, self._vocab)
+            return target.hf_modules, plan_shard(spec, target, self._geometry)
+        at, suffix = match.groups()
+        layer = int(at)
+        key = (suffix, spec.part, spec.role, spec.shape, spec.split_dim, spec.tp_rank, spec.tp_size)
+        stamp = self._stamps.get(key)
+        pattern = self._geometry.layer_pattern
+        if (
+            stamp is None
+            or layer >= self._geometry.num_layers  # what `_in_layer` checks of a layer: re-planned, to raise
+            or not (pattern is None or not stamp[0] or pattern[layer] == stamp[0])
+        ):
+            return self._plan(spec, suffix, layer, key if stamp is None else None)
+        head = self._heads.get(layer)
+        if head is None:
+            head = self._heads[layer] = self._arch.layer_prefix.format(i=layer) + "."
+        key_head = PEFT_PREFIX + head
+        return tuple([head + name for name in stamp[1]]), [
+            Placement(key_head + tail, *rest) for tail, *rest in stamp[2]
+        ]
 
-    def plan(self, spec: ShardSpec) -> tuple[Target, list[Placement]]:
-        target, where = self._target(spec)
-        key = (where, spec.part, spec.role, spec.shape, spec.split_dim, spec.tp_rank, spec.tp_size)
-        slices = self._slices.get(key)
-        if slices is None:
-            planned = plan_shard(spec, target, self._geometry)
+    def _plan(
+        self, spec: ShardSpec, suffix: str, layer: int, key: tuple | None
+    ) -> tuple[tuple[str, ...], list[Placement]]:
+        """`resolve_target` and `plan_shard` of a shard in a layer (its kind computed once); with `key`, stamp its
+        combination."""
+        kind = self._kinds.get((suffix, spec.part))
+        if kind is None:
+            kind = self._kinds[suffix, spec.part] = _layer_kind(
+                suffix, spec.part, spec.module, self._geometry, self._arch
+            )
+        target = _in_layer(kind, layer, spec.module, self._geometry, self._arch)
+        planned = plan_shard(spec, target, self._geometry)
+        if key is not None:
             index = {hf_key(m, spec.role): i for i, m in enumerate(target.hf_modules)}
-            slices = [(index[p.key], p.shape, p.dim, p.dst_start, p.src_start, p.length) for p in planned]
-            self._slices[key] = slices
-            return target, planned
-        names, role = target.hf_modules, spec.role
-        return target, [Placement(hf_key(names[i], role), *rest) for i, *rest in slices]
+            tail = [hf_key(name, spec.role).removeprefix(PEFT_PREFIX) for name in kind.names]
+            slices = [(tail[index[p.key]], p.shape, p.dim, p.dst_start, p.src_start, p.length) for p in planned]
+            self._stamps[key] = (kind.module.layer_symbol, kind.names, slices)
+        return target.hf_modules, planned
 
 
-def _check_coverage(shapes: dict[str, tuple[int, ...]], by_key: dict[str, list[Placement]]) -> None:
+def _check_coverage(
+    shapes: dict[str, tuple[int, ...]], first: dict[str, Placement], more: dict[str, list[Placement]]
+) -> None:
+    """Every HF tensor filled exactly once by its placements: `first[key]`, or all of them `more[key]` when several."""
     problems = []
     for key, shape in shapes.items():
-        placements = by_key[key]
-        if len(placements) == 1:  # the common case: one shard fills the tensor
-            p = placements[0]
+        placements = more.get(key)
+        if placements is None:  # the common case: one shard fills the tensor
+            p = first[key]
             if p.dst_start == 0 and p.length == shape[p.dim]:
                 continue
+            placements = [p]
         placements = sorted(placements, key=lambda p: p.dst_start)
         dims = {p.dim for p in placements}
         if len(dims) != 1:
@@ -394,12 +413,13 @@ def plan_adapter(
     placements: list[list[Placement]] = []
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
-    by_key: dict[str, list[Placement]] = defaultdict(list)
+    first: dict[str, Placement] = {}  # each key's first placement; all of them in `more` when it has several
+    more: dict[str, list[Placement]] = {}
     alphas: dict[str, set[float]] = defaultdict(set)
     planner = _Planner(geometry, arch, megatron_vocab)
     for spec in specs:
         try:
-            target, planned = planner.plan(spec)
+            hf_modules, planned = planner.plan(spec)
         # collected, so one error names every tensor that does not fit
         except (ShapeMismatchError, DialectError) as exc:
             kind = ShapeMismatchError if isinstance(exc, ShapeMismatchError) else kind
@@ -413,12 +433,15 @@ def plan_adapter(
                 kind = ShapeMismatchError
                 errors.append(f"{p.key}: shards disagree on the global shape ({shapes[p.key]} vs {p.shape})")
             dtypes.setdefault(p.key, spec.dtype)
-            by_key[p.key].append(p)
-        for m in target.hf_modules:
+            if p.key in first:
+                more.setdefault(p.key, [first[p.key]]).append(p)
+            else:
+                first[p.key] = p
+        for m in hf_modules:
             alphas[m].add(spec.alpha)
     if errors:
         raise kind(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]), found=errors)
-    _check_coverage(shapes, by_key)
+    _check_coverage(shapes, first, more)
     modules = _module_settings(shapes, alphas)
     use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)
     if use_dora:
@@ -454,6 +477,8 @@ def _layers_of(arch: ArchMap, geometry: ModelGeometry) -> dict[str, frozenset[in
 
 def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[float]]) -> dict[str, LoraSettings]:
     modules: dict[str, LoraSettings] = {}
+    settings: dict[tuple[int, int], LoraSettings] = {}  # one (immutable) LoraSettings per r and alpha object (by id:
+    # 8 and 8.0, or 0.0 and -0.0, are equal but not the same value; each object lives on in its settings)
     problems = []
     for module in sorted(alphas):
         a, b = shapes.get(hf_key(module, "lora_A")), shapes.get(hf_key(module, "lora_B"))
@@ -466,7 +491,11 @@ def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[f
         elif len(alphas[module]) != 1:
             problems.append(f"{module}: several scales {sorted(alphas[module])}")
         else:
-            modules[module] = LoraSettings(a[0], next(iter(alphas[module])))
+            alpha = next(iter(alphas[module]))
+            found = settings.get((a[0], id(alpha)))
+            if found is None:
+                found = settings[a[0], id(alpha)] = LoraSettings(a[0], alpha)
+            modules[module] = found
     if problems:
         raise ShapeMismatchError("inconsistent adapter: " + "; ".join(problems[:10]))
     return modules

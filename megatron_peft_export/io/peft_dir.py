@@ -217,9 +217,37 @@ def read_bin_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
     """LoRA shapes against the config: A [r, in], B [out, r] with the module's r, DoRA magnitudes [out] only with
-    use_dora."""
+    use_dora (`check_ranks` of a safetensors header)."""
+    check_ranks(config, {key: shape for key, (_, shape) in header.items()}, where)
+
+
+_A_KEY, _B_KEY = ".lora_A.weight", ".lora_B.weight"
+
+
+def _ranks_agree(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """A sufficient condition for `check_ranks` to find nothing, checked on the distinct shapes (an MoE adapter has
+    10^5 keys and a few shapes): no rank_pattern, no DoRA magnitude, no newline in a key (so every key `_ROLE` gives a
+    role ends in its suffix), and every lora_A-suffixed key [r, in], every lora_B one [out, r] with the config's r;
+    then each module's A and B have rank r, so they agree. False means: check module by module."""
+    keys = "\n".join(shapes)
+    if (
+        config.get("rank_pattern") not in (None, {})
+        or "lora_magnitude_vector" in keys
+        or keys.count("\n") >= len(shapes)
+    ):
+        return False
+    a_shapes = {shape for key, shape in shapes.items() if key.endswith(_A_KEY)}
+    b_shapes = {shape for key, shape in shapes.items() if key.endswith(_B_KEY)}
+    r = config.get("r")
+    return all(len(a) == 2 and a[0] == r for a in a_shapes) and all(len(b) == 2 and b[1] == r for b in b_shapes)
+
+
+def check_ranks(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """`check_shapes` of key -> shape."""
+    if _ranks_agree(config, shapes):
+        return
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, (_, shape) in header.items():
+    for key, shape in shapes.items():
         match = _ROLE.match(key)
         if match:
             modules.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["role"]] = shape
@@ -342,8 +370,13 @@ def check_finite(
     allow: bool = False,
     remedy: str = "pass allow_nonfinite=True (--allow-nonfinite) to write it anyway",
 ) -> None:
-    """Raise NonFiniteError naming every tensor with NaN or Inf, unless `allow`."""
+    """Raise NonFiniteError naming every tensor with NaN or Inf, unless `allow`. A `safetensors_out.Payload` is
+    checked one dtype's part of its buffer at a time, tensor by tensor only to name what is not finite."""
     if allow:
+        return
+    if isinstance(tensors, safetensors_out.Payload) and not any(
+        not _all_finite(part) for part in tensors.parts() if part.is_floating_point()
+    ):
         return
     found = nonfinite(tensors.items() if isinstance(tensors, Mapping) else tensors)
     if found:
@@ -451,7 +484,7 @@ def append_card(directory: str | Path, text: str) -> None:
 def write_staging(
     tmp: Path,
     *,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     config: dict[str, Any],
     card: str,
     extra_files: dict[str, bytes] | None = None,

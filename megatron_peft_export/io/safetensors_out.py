@@ -15,7 +15,9 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from itertools import accumulate, islice
 from json.encoder import encode_basestring
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -42,22 +44,44 @@ _IOV_MAX = 1024
 """Buffers per vectored write (Linux's IOV_MAX)."""
 
 
-def _order(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
-    unknown = sorted(str(dtype) for dtype, _ in entries.values() if dtype not in _RANK)
+def _groups(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[tuple[torch.dtype, list[str]]]:
+    """The keys in payload order, by dtype: dtypes in `DTYPE_NAMES` order, names sorted within each."""
+    dtypes = set(map(itemgetter(0), entries.values()))
+    unknown = sorted(str(dtype) for dtype in dtypes if dtype not in _RANK)
     if unknown:
         raise ValueError(f"safetensors cannot hold {', '.join(unknown[:3])}; expected one of {list(DTYPE_NAMES)}")
-    return sorted(entries, key=lambda key: (_RANK[entries[key][0]], key))
+    if len(dtypes) == 1:  # an export's usual case: one sort of every name
+        return [(next(iter(dtypes)), sorted(entries))]
+    by_dtype: dict[torch.dtype, list[str]] = {dtype: [] for dtype in dtypes}
+    for key, (dtype, _) in entries.items():
+        by_dtype[dtype].append(key)
+    return [(dtype, sorted(by_dtype[dtype])) for dtype in sorted(dtypes, key=_RANK.__getitem__)]
+
+
+def _layout(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+) -> tuple[dict[str, tuple[int, int]], dict[torch.dtype, tuple[int, int]]]:
+    """`spans`, and each dtype's (start, end) in the payload (its tensors lie back to back)."""
+    found: dict[str, tuple[int, int]] = {}
+    bounds: dict[torch.dtype, tuple[int, int]] = {}
+    at = 0
+    for dtype, keys in _groups(entries):
+        shapes = list(map(itemgetter(1), map(entries.__getitem__, keys)))
+        sizes = {shape: math.prod(shape) * dtype.itemsize for shape in set(shapes)}  # a few among 10^5 tensors
+        ends = list(accumulate(map(sizes.__getitem__, shapes), initial=at))
+        found.update(zip(keys, zip(ends, islice(ends, 1, None))))
+        bounds[dtype] = (at, ends[-1])
+        at = ends[-1]
+    return found, bounds
 
 
 def spans(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
     """key -> (start, end) of its bytes in the payload, in payload order, for tensors given as key -> (dtype, shape)."""
-    found: dict[str, tuple[int, int]] = {}
-    at = 0
-    for key in _order(entries):
-        dtype, shape = entries[key]
-        found[key] = (at, at + math.prod(shape) * dtype.itemsize)
-        at = found[key][1]
-    return found
+    return _layout(entries)[0]
+
+
+_ENTRY = "{}:{}{},{}]}}".format
+"""One tensor's header entry: its quoted key, its dtype's and shape's text, its start and end."""
 
 
 def header(
@@ -68,47 +92,109 @@ def header(
     """The file's first bytes: the header's length (8 bytes, little-endian), then the JSON header padded to 8.
 
     The JSON is what ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)`` gives for the header's mapping,
-    formatted entry by entry (no dict per tensor: MoE adapters have 10^5 of them); keys escaped by json's own
-    string encoder."""
+    formatted entry by entry (no dict per tensor: MoE adapters have 10^5 of them, of a few distinct dtypes and shapes,
+    whose text is formatted once each); keys escaped by json's own string encoder."""
     parts = (
         ['"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)] if metadata else []
     )
-    quote = encode_basestring
-    for key, (start, end) in where.items():
-        dtype, shape = entries[key]
-        parts.append(
-            f'{quote(key)}:{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],'
-            f'"data_offsets":[{start},{end}]}}'
-        )
+    keys = list(where)
+    found = list(map(entries.__getitem__, keys))
+    middles = {
+        (dtype, shape): f'{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],'
+        '"data_offsets":['
+        for dtype, shape in set(found)
+    }
+    offsets = where.values()
+    parts += map(
+        _ENTRY,
+        map(encode_basestring, keys),
+        map(middles.__getitem__, found),
+        map(itemgetter(0), offsets),
+        map(itemgetter(1), offsets),
+    )
     text = ("{" + ",".join(parts) + "}").encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
 
 
-def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+class Payload(Mapping[str, torch.Tensor]):
+    """Empty tensors (key -> dtype, shape, in the order given) that are views of one flat buffer laid out as a
+    safetensors payload, each made when first asked for (an offline MoE export fills 10^5 of them through the buffer
+    and never needs most views). `save_file` writes it from `entries`, `where` and the buffer: the header from names,
+    dtypes and shapes, the payload with one system call."""
+
+    def __init__(self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.entries = dict(entries)
+        self.where, self._bounds = _layout(self.entries)
+        """key -> (start, end) of its bytes in `flat`, in payload order."""
+        self.flat = torch.empty(max((end for _, end in self._bounds.values()), default=0), dtype=torch.uint8)
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype
+        self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}  # per shape (a few among 10^5 tensors)
+        self._views: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        view = self._views.get(key)
+        if view is None:
+            dtype, shape = self.entries[key]
+            start, end = self.where[key]
+            if end == start:
+                view = torch.empty(shape, dtype=dtype)
+            else:
+                typed = self._typed.get(dtype)
+                if typed is None:
+                    flat = self.flat
+                    typed = self._typed[dtype] = flat[
+                        start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize
+                    ].view(dtype)  # any tensor's start is aligned to its dtype: dtypes are laid out widest first
+                strides = self._strides.get(shape)
+                if strides is None:
+                    strides = self._strides[shape] = _strides(shape)
+                view = typed.as_strided(shape, strides, start // dtype.itemsize)  # offset in the storage
+            self._views[key] = view
+        return view
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def buffer(self) -> memoryview:
+        """The payload as a writable memoryview: bytes written into it are the tensors' values."""
+        return memoryview(self.flat.numpy())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: shape for key, (_, shape) in self.entries.items()}
+
+    def parts(self) -> list[torch.Tensor]:
+        """The payload's part of each dtype as one 1-D tensor of that dtype (the tensors of a dtype lie back to
+        back), in payload order."""
+        return [self.flat[lo:hi].view(dtype) for dtype, (lo, hi) in self._bounds.items() if hi > lo]
+
+
+def allocate(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> Payload:
     """Empty tensors (key -> dtype, shape) that are views of one flat buffer laid out as a safetensors payload: once
     filled, `save_file` writes them with one system call."""
-    return allocate_payload(entries)[0]
+    return Payload(entries)
 
 
 def allocate_payload(
     entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
+) -> tuple[Payload, memoryview, dict[str, tuple[int, int]]]:
     """`allocate`, with the flat buffer as a writable memoryview and each tensor's (start, end) byte span in it:
     bytes written into the buffer are the tensors' values."""
-    where = spans(entries)
-    flat = torch.empty(max((end for _, end in where.values()), default=0), dtype=torch.uint8)
-    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype: dtypes come widest first, so aligned
-    tensors = {}
-    for key, (start, end) in where.items():
-        dtype, shape = entries[key]
-        if end == start:
-            tensors[key] = torch.empty(shape, dtype=dtype)
-            continue
-        if dtype not in typed:
-            typed[dtype] = flat[start : start + (len(flat) - start) // dtype.itemsize * dtype.itemsize].view(dtype)
-        tensors[key] = typed[dtype].as_strided(shape, _strides(shape), start // dtype.itemsize)
-    return {key: tensors[key] for key in entries}, memoryview(flat.numpy()), where
+    payload = Payload(entries)
+    return payload, payload.buffer(), payload.where
+
+
+def shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """key -> shape of tensors (of a `Payload` without making its views)."""
+    if isinstance(tensors, Payload):
+        return tensors.shapes()
+    return {key: tuple(t.shape) for key, t in tensors.items()}
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -128,8 +214,10 @@ def allocate_plan_payload(
     plan: AdapterPlan, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
     """`allocate_payload` for a plan's HF tensors (as `allocate_plan`)."""
+    dtypes = {name: dtype or getattr(torch, name) for name in set(plan.dtypes.values())}
+    keys = plan.shapes.keys()
     return allocate_payload(
-        {key: (dtype or getattr(torch, plan.dtypes[key]), shape) for key, shape in plan.shapes.items()}
+        dict(zip(keys, zip(map(dtypes.__getitem__, map(plan.dtypes.__getitem__, keys)), plan.shapes.values())))
     )
 
 
@@ -179,11 +267,15 @@ def save_file(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write `tensors` as a safetensors file at `path` (created or truncated; not fsynced: the caller decides); called
-    as ``safetensors.torch.save_file`` is."""
-    entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
-    where = spans(entries)
+    as ``safetensors.torch.save_file`` is. A `Payload` is written from its buffer, without making its views."""
+    if isinstance(tensors, Payload):
+        entries, where = tensors.entries, tensors.where
+        payload: memoryview | None = tensors.buffer()
+    else:
+        entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
+        where = spans(entries)
+        payload = _payload(tensors, where)
     head = header(entries, where, metadata)
-    payload = _payload(tensors, where)
     fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         if payload is not None:

@@ -36,7 +36,7 @@ from ..io import safetensors_out
 from ..io.atomic_dir import check_output, discard, publish, staging_dir
 from ..io.checkpoints import ITERATION_PLACEHOLDER, iteration_dirs
 from ..io.hf_config import parse_dtype, read_hf_config
-from ..io.peft_dir import check_finite, nonfinite
+from ..io.peft_dir import check_finite
 from .checkpoint import (
     CheckpointError,
     Segment,
@@ -47,7 +47,15 @@ from .checkpoint import (
     read_settings,
 )
 from .dcp_metadata import TensorEntry
-from .keys import AdapterKey, OfflineShard, check_shape, classify, offline_shards, stored_per_rank
+from .keys import (
+    AdapterKey,
+    OfflineShard,
+    check_shape,
+    classify,
+    may_classify,
+    offline_shards,
+    stored_per_rank,
+)
 from .legacy import LegacyReader, legacy_shard
 
 log = logging.getLogger("megatron_peft_export")
@@ -268,7 +276,7 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
 def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
     reader = TorchDistReader(directory)
     shapes = reader.tensor_shapes()
-    as_bytes = sorted(key for key in reader.byte_keys if classify(key) is not None)
+    as_bytes = sorted(key for key in reader.byte_keys if may_classify(key) and classify(key) is not None)
     if as_bytes:
         raise CheckpointError(
             f"{directory / '.metadata'}: refused, adapter tensor {as_bytes[0]} is declared as pickled bytes "
@@ -433,7 +441,7 @@ def _export_checkpoint(
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]), copies)
     copies.flush()
-    _check_finite(tensors, buffer, where, options.allow_nonfinite)
+    check_finite(tensors, allow=options.allow_nonfinite)
     tmp = staging_dir(output_dir, options.overwrite, reading=reading, checkpoint=directory)
     try:
         stage_adapter(tmp, plan, tensors, options, names, dialect=dialect, source=f"checkpoint {directory}")
@@ -449,7 +457,7 @@ def _direct_segments(
     by_key: dict[str, list[int]],
     shards: list[OfflineShard],
     plan: AdapterPlan,
-    tensors: dict[str, torch.Tensor],
+    tensors: safetensors_out.Payload,
     where: dict[str, tuple[int, int]],
 ) -> dict[str, dict[tuple[int, ...], list[Segment]]]:
     """Keys whose placements are byte ranges: key -> its chunks' segments (start in the chunk's bytes, start in the
@@ -463,7 +471,7 @@ def _direct_segments(
     direct = {}
     for key, positions in by_key.items():
         segments = _key_segments(
-            reader.entry(key), [(shards[n], plan.placements[n]) for n in positions], tensors, where
+            reader.entry(key), [(shards[n], plan.placements[n]) for n in positions], tensors.entries, where
         )
         if segments is not None:
             direct[key] = segments
@@ -471,7 +479,7 @@ def _direct_segments(
 
 
 def _key_segments(
-    entry: TensorEntry, placed: list[tuple[OfflineShard, list[Placement]]], tensors, where
+    entry: TensorEntry, placed: list[tuple[OfflineShard, list[Placement]]], entries, where
 ) -> dict[tuple[int, ...], list[Segment]] | None:
     """One key's segments by chunk (`_direct_segments`), or None when a placement is not a run of its bytes."""
     size, itemsize = entry.size, entry.dtype.itemsize
@@ -483,24 +491,55 @@ def _key_segments(
     ends = [start + chunk.sizes[0] * row_bytes for start, chunk in zip(starts, chunks)]
     out: dict[tuple[int, ...], list[Segment]] = {chunk.offsets: [] for chunk in chunks}
     strides = [math.prod(size[d + 1 :]) for d in range(len(size))]
+    runs: dict[tuple, list[Segment] | None] = {}
+    """Per form of placement (the shard's axes and rows, the placement but its key): its runs of bytes as offsets
+    from the shard's first byte and the HF tensor's, computed once (10^5 MoE placements have a few dozen forms)."""
+    lists = [out[chunk.offsets] for chunk in chunks]
     for shard, placements in placed:
         base = sum(i * stride for i, stride in zip(shard.index, strides)) * itemsize
-        local = size[len(shard.index) :]
-        width = math.prod(local[1:])
-        pieces = shard.rows or ((0, local[0]),)
         for p in placements:
-            if p.dim != 0 or tensors[p.key].dtype != entry.dtype or math.prod(p.shape[1:]) != width:
+            if entries[p.key][0] != entry.dtype:
                 return None
-            dst, first, count = where[p.key][0] + p.dst_start * width * itemsize, p.src_start, p.length
-            at = 0  # shard row where the piece starts
-            for start, length in pieces:
-                lo, hi = max(first, at), min(first + count, at + length)
-                if lo < hi:
-                    src = base + (start + lo - at) * width * itemsize
-                    n = (hi - lo) * width * itemsize
-                    _split(src, dst + (lo - first) * width * itemsize, n, starts, ends, chunks, out)
-                at += length
+            form = (len(shard.index), shard.rows, p[1:])
+            found = runs.get(form, False)
+            if found is False:
+                found = runs[form] = _runs(size[len(shard.index) :], shard.rows, p, itemsize)
+            if found is None:
+                return None
+            at = where[p.key][0]
+            for src, dst, n in found:
+                src += base
+                k = bisect.bisect_right(starts, src) - 1
+                if k >= 0 and 0 < n <= ends[k] - src:  # what `_split` does with a run inside one chunk
+                    lists[k].append((src - starts[k], at + dst, n))
+                else:
+                    _split(src, at + dst, n, starts, ends, chunks, out)
     return out
+
+
+def _runs(
+    local: tuple[int, ...], rows: tuple[tuple[int, int], ...] | None, p: Placement, itemsize: int
+) -> list[Segment] | None:
+    """A placement's runs of bytes (offset in the shard, offset in the HF tensor, length), None when it is not rows of
+    the shard's width along dim 0; `local` is the shard's shape, `rows` its row ranges (OfflineShard.rows)."""
+    width = math.prod(local[1:])
+    if p.dim != 0 or math.prod(p.shape[1:]) != width:
+        return None
+    found = []
+    dst, first, count = p.dst_start * width * itemsize, p.src_start, p.length
+    at = 0  # shard row where the piece starts
+    for start, length in rows or ((0, local[0]),):
+        lo, hi = max(first, at), min(first + count, at + length)
+        if lo < hi:
+            found.append(
+                (
+                    (start + lo - at) * width * itemsize,
+                    dst + (lo - first) * width * itemsize,
+                    (hi - lo) * width * itemsize,
+                )
+            )
+        at += length
+    return found
 
 
 def _split(src: int, dst: int, n: int, starts: list[int], ends: list[int], chunks, out) -> None:
@@ -512,22 +551,6 @@ def _split(src: int, dst: int, n: int, starts: list[int], ends: list[int], chunk
             out[chunks[k].offsets].append((src - starts[k], dst, take))
             src, dst, n = src + take, dst + take, n - take
         k += 1
-
-
-def _check_finite(tensors: dict[str, torch.Tensor], buffer: memoryview, where, allow: bool) -> None:
-    """`check_finite` of the export's tensors (views of one payload `buffer`, at `where`): one check per dtype's part
-    of the payload first (the tensors lie back to back in it, by dtype), tensor by tensor only to name what is not
-    finite."""
-    if allow:
-        return
-    parts: dict[torch.dtype, tuple[int, int]] = {}
-    for key, (start, end) in where.items():
-        dtype = tensors[key].dtype
-        lo, hi = parts.get(dtype, (start, end))
-        parts[dtype] = (min(lo, start), max(hi, end))
-    views = [(str(dtype), torch.frombuffer(buffer[lo:hi], dtype=dtype)) for dtype, (lo, hi) in parts.items() if hi > lo]
-    if nonfinite(views):
-        check_finite(tensors, allow=allow)
 
 
 def _shard_data(data: torch.Tensor, shard: OfflineShard) -> torch.Tensor:

@@ -553,7 +553,7 @@ def _sigterm_during_export(rank, world, save, scenario):
             if scenario == "stalled":
                 from safetensors.torch import save_file
 
-                save_file(kwargs["tensors"], str(tmp / "adapter_model.safetensors"))
+                save_file(dict(kwargs["tensors"]), str(tmp / "adapter_model.safetensors"))  # a Payload: a mapping
             entered.set()
             release.wait(120)
             return original(tmp, **kwargs)

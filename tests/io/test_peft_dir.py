@@ -344,3 +344,22 @@ def test_fields_peft_turns_into_regular_expressions_are_checked(tmp_path, change
     with pytest.raises(AdapterFileError, match=re.escape(words)):
         read_config(path)
     assert time.process_time() - start < 5
+
+
+def test_check_finite_of_a_payload_checks_its_buffer_and_names_the_bad_tensors():
+    """A Payload (an export's tensors) passes through one check per dtype's part of its buffer, making no views; a
+    bad value is named as the per-tensor check names it."""
+    from megatron_peft_export.errors import NonFiniteError
+    from megatron_peft_export.io import safetensors_out
+    from megatron_peft_export.io.peft_dir import check_finite
+
+    entries = {f"t{i}": ((torch.float32, torch.bfloat16)[i % 2], (3, 1 + i % 3)) for i in range(50)}
+    entries["ints"] = (torch.int64, (4,))
+    payload = safetensors_out.allocate(entries)
+    payload.buffer()[:] = bytes(len(payload.buffer()))
+    check_finite(payload)
+    assert not payload._views
+    payload["t17"][1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"1 adapter tensor\(s\) hold NaN or Inf values: t17 \(1 NaN, 0 Inf\)"):
+        check_finite(payload)
+    check_finite(payload, allow=True)

@@ -91,3 +91,54 @@ def test_keys_needing_escapes_give_the_same_bytes_as_save_file(tmp_path):
     save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
     safetensors_out.save_file(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_a_payload_is_written_from_its_buffer_without_making_its_views(tmp_path):
+    """The header from names, dtypes and shapes, the payload from the buffer: the bytes safetensors writes for the
+    same tensors, with views made only for the tensors asked for."""
+    tensors = _tensors(500, DTYPES, seed=2)
+    payload = safetensors_out.allocate({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+    buffer = payload.buffer()
+    keys = list(tensors)
+    for key in keys[::2]:  # half filled through their views, half as bytes straight into the buffer
+        payload[key].copy_(tensors[key])
+    for key in keys[1::2]:
+        start, end = payload.where[key]
+        buffer[start:end] = tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    assert len(payload._views) == len(keys[::2])
+    assert payload[keys[0]] is payload[keys[0]] and keys[1] in payload and "nothing" not in payload
+    path = tmp_path / "written.safetensors"
+    safetensors_out.save_file(payload, path, {"format": "pt"})
+    assert len(payload._views) == len(keys[::2])
+    assert path.read_bytes() == _reference(tmp_path, tensors, {"format": "pt"})
+    assert safetensors_out.shapes(payload) == {k: tuple(t.shape) for k, t in tensors.items()}
+    assert list(payload) == keys and len(payload) == len(keys)
+    for key in keys:  # every view reads the bytes written
+        assert torch.equal(payload[key], tensors[key])
+
+
+def test_header_and_spans_match_a_plain_formatting_of_every_entry():
+    """The formatted-once text per (dtype, shape) and the payload order against a direct json.dumps of the header
+    (the independent rule: safetensors' order is dtype rank, then name)."""
+    import json
+
+    tensors = _tensors(300, DTYPES, seed=3)
+    tensors['odd "key"\\ é\n'] = torch.zeros(2, 2)
+    entries = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    where = safetensors_out.spans(entries)
+    ranks = list(safetensors_out.DTYPE_NAMES)
+    assert list(where) == sorted(entries, key=lambda k: (ranks.index(entries[k][0]), k))
+    expected, at = {"__metadata__": {"format": "pt"}}, 0
+    for key in where:
+        dtype, shape = entries[key]
+        size = torch.Size(shape).numel() * dtype.itemsize
+        expected[key] = {
+            "dtype": safetensors_out.DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [at, at + size],
+        }
+        at += size
+    head = safetensors_out.header(entries, where, {"format": "pt"})
+    text = json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    assert head == len(text).to_bytes(8, "little") + text

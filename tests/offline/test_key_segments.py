@@ -1,0 +1,77 @@
+"""The payload segments of a checkpoint key (`offline.export._key_segments`, computed once per form of placement and
+stamped out per shard) copy exactly the bytes `apply_placements` copies: both are applied here, to random data, and
+the payloads compared, for stacked and unstacked keys, row ranges, and chunks whose bounds cut through placements."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_peft_export.core.plan import apply_placements
+from megatron_peft_export.core.shards import Placement, ShardSpec
+from megatron_peft_export.io import safetensors_out
+from megatron_peft_export.offline.dcp_metadata import Chunk, TensorEntry
+from megatron_peft_export.offline.export import _key_segments, _shard_data
+from megatron_peft_export.offline.keys import OfflineShard
+
+
+def _shard(key, index, rows, shape):
+    spec = ShardSpec(module="m", role="lora_B", shape=shape, split_dim=None, tp_rank=0, tp_size=1, alpha=1.0)
+    return OfflineShard(spec, key, index, rows)
+
+
+def _case(stacked: bool, cuts: list[int]):
+    """A key [experts, 6, 3] (or [12, 3]) and its shards' placements into HF tensors [4, 3] and [8, 3] (rows taken
+    in two pieces, the second half first, as a de-interleave does)."""
+    size = (5, 6, 3) if stacked else (12, 3)
+    bounds = [0, *cuts, size[0]]
+    chunks = tuple(
+        Chunk((lo,) + (0,) * (len(size) - 1), (hi - lo, *size[1:])) for lo, hi in zip(bounds, bounds[1:]) if hi > lo
+    )
+    entry = TensorEntry(torch.float32, size, chunks)
+    placed, entries = [], {}
+    for n in range(size[0] if stacked else 1):
+        index = (n,) if stacked else ()
+        rows = ((3, 3), (0, 3)) if stacked else ((6, 6), (0, 6))
+        local = 6 if stacked else 12
+        a, b = f"e{n}.a", f"e{n}.b"
+        entries[a], entries[b] = (torch.float32, (local // 3, 3)), (torch.float32, (2 * local // 3, 3))
+        placements = [
+            Placement(a, (local // 3, 3), 0, 0, 0, local // 3),
+            Placement(b, (2 * local // 3, 3), 0, 0, local // 3, 2 * local // 3),
+        ]
+        placed.append((_shard("k", index, rows, (local, 3)), placements))
+    return entry, placed, entries
+
+
+@pytest.mark.parametrize(
+    "stacked, cuts", [(True, []), (True, [2]), (True, [1, 4]), (False, []), (False, [5]), (False, [2, 7, 8])]
+)
+def test_segments_copy_what_apply_placements_copies(stacked, cuts):
+    entry, placed, entries = _case(stacked, cuts)
+    data = torch.randn(entry.size)
+    expected = safetensors_out.allocate(entries)
+    for shard, placements in placed:
+        apply_placements(expected, placements, _shard_data(data, shard))
+    got = safetensors_out.allocate(entries)
+    segments = _key_segments(entry, placed, got.entries, got.where)
+    assert segments is not None and set(segments) == {chunk.offsets for chunk in entry.chunks}
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()
+    row = math.prod(entry.size[1:]) * 4
+    buffer = got.buffer()
+    for chunk in entry.chunks:
+        start = chunk.offsets[0] * row
+        for src, dst, n in segments[chunk.offsets]:
+            assert 0 <= src and src + n <= chunk.sizes[0] * row  # inside its chunk
+            buffer[dst : dst + n] = raw[start + src : start + src + n]
+    assert bytes(got.buffer()) == bytes(expected.buffer())
+
+
+def test_a_placement_that_is_not_a_run_of_rows_leaves_the_key_to_apply_placements():
+    entry, placed, entries = _case(True, [2])
+    shard, placements = placed[3]
+    placed[3] = (shard, [placements[0]._replace(dim=1), placements[1]])
+    assert _key_segments(entry, placed, entries, safetensors_out.spans(entries)) is None
+    entry, placed, entries = _case(True, [2])
+    entries["e4.b"] = (torch.bfloat16, entries["e4.b"][1])  # a dtype cast
+    assert _key_segments(entry, placed, entries, safetensors_out.spans(entries)) is None
