@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import logging
 import math
 import pickle
 import pickletools
@@ -29,6 +30,8 @@ import torch
 
 from ..core.brief import brief, check_tree
 from .safe_read import RegularFile
+
+log = logging.getLogger("megatron_peft_export")
 
 
 class Sealed(type):
@@ -398,7 +401,12 @@ def _accelerated() -> Any:
     (then check_pickle runs the same walk in Python)."""
     try:
         from .._pickle_walk import walk
-    except ImportError:
+    except ImportError as exc:
+        log.warning(
+            "checking pickles in Python, ~100x slower than the C walk, which was not built (%s): reinstall with a C "
+            "compiler (pip install -e . or the wheel) to read large checkpoints' metadata fast",
+            exc,
+        )
         return None
     return walk
 

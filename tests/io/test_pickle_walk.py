@@ -3,9 +3,11 @@
 pickles generated opcode by opcode, mutated ones, every prefix of the hostile corpus. The answer compared is the
 refusal itself (code, byte, values), so both refuse the same pickles at the same opcode with the same limits."""
 
+import logging
 import os
 import pickle
 import pickletools
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +28,20 @@ def test_the_c_walk_is_built_where_ci_runs():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+def test_without_the_c_walk_one_warning_says_how_to_get_it(monkeypatch, caplog):
+    """A user without a compiler gets a working check that is ~100x slower: the log says so once, and what to do."""
+    monkeypatch.setitem(sys.modules, "megatron_peft_export._pickle_walk", None)  # its import raises ImportError
+    torch_save._accelerated.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="megatron_peft_export"):
+            assert check_pickle(pickle.dumps({"a": [1, 2]})) is None
+            assert check_pickle(pickle.dumps([3])) is None
+    finally:
+        torch_save._accelerated.cache_clear()
+    warned = [r.getMessage() for r in caplog.records if "C walk" in r.getMessage()]
+    assert len(warned) == 1 and "pip install -e ." in warned[0], warned
 
 
 def _same(data: bytes):
