@@ -1,4 +1,4 @@
-"""Nemotron-H and Qwen3-Next: peft on the transformers model gives the Megatron model's logits (<= 1e-5, float32).
+"""Nemotron-H and Qwen3-Next: peft on the transformers model gives the Megatron model's logits (<= ATOL, float32).
 
 megatron-core's own `MambaModel` / `GatedDeltaNet` GPT run their forward on CPU with pure-torch stand-ins for the
 triton/CUDA kernels only (tests/support/cpu_kernels.py: the scan, the gated norm, the delta rule); everything the
@@ -15,6 +15,12 @@ import pytest
 from tests.support.multiprocess import run_ranks
 
 pytestmark = pytest.mark.timeout(400)
+
+ATOL = 2e-5
+"""float32 roundoff of these recurrent forwards, not a bound on the export: the base models alone (no adapter) differ
+by up to 4.2e-6 and Qwen3-Next with Bridge's LoRA at TP2 by 1.0e-5 on some CPUs (the delta rule's accumulation order
+follows the CPU's kernels), while the adapters move the logits by more than 1 (a scale off by 1e-4 would show as
+1e-4)."""
 
 
 def _build(family: str, tp: int):
@@ -70,7 +76,7 @@ def _export_and_compare(rank, world, tmp, family, dialect="modelopt"):
     if rank != 0:
         return None
     renames = [("base_model.model.backbone.", "base_model.model.model.")]  # HF's Nemotron-H names, transformers 5's
-    diff = compare_peft(out, cfg, tokens, logits, base=hf, renames=renames if family == "nemotron_h" else ())
+    diff = compare_peft(out, cfg, tokens, logits, atol=ATOL, base=hf, renames=renames if family == "nemotron_h" else ())
     return {"base": base_diff, "adapter": diff, "logits": logits}
 
 
@@ -107,8 +113,8 @@ def test_live_export_matches_megatron_logits(tmp_path, family, tp):
     """The base models agree, and peft with the exported adapter gives the adapted Megatron model's logits (compare_peft
     also checks that the adapter moves the logits and that peft loads every tensor of the file)."""
     result = run_ranks(_export_and_compare, tp, str(tmp_path), family, timeout=360)[0]
-    assert result["base"] <= 1e-5
-    assert result["adapter"] <= 1e-5
+    assert result["base"] <= ATOL
+    assert result["adapter"] <= ATOL
 
 
 @pytest.mark.parametrize(
@@ -127,7 +133,7 @@ def test_live_export_matches_megatron_logits(tmp_path, family, tp):
 def test_megatron_bridge_lora_export_matches_megatron_logits(real_bridge, tmp_path, family):
     """Megatron-Bridge's own LoRA (wrapping in_proj, attention and MLP linears by name) at TP2."""
     result = run_ranks(_export_and_compare, 2, str(tmp_path), family, dialect="bridge", timeout=360)[0]
-    assert result["adapter"] <= 1e-5
+    assert result["adapter"] <= ATOL
 
 
 def _import_logits(rank, world, tmp, family):
@@ -181,4 +187,4 @@ def test_import_back_gives_the_exporting_models_logits(tmp_path, family, export_
     exporting model's (the export's compare_peft asserts the adapter moves them by more than 1e-3 from the base's)."""
     exported = run_ranks(_export_and_compare, export_tp, str(tmp_path), family, timeout=360)[0]
     imported = run_ranks(_import_logits, import_tp, str(tmp_path), family, timeout=360)[0]
-    assert (imported - exported["logits"]).abs().max().item() <= 1e-5
+    assert (imported - exported["logits"]).abs().max().item() <= ATOL

@@ -27,7 +27,8 @@ INTRO = """What the test suite checks per model family: each row is one or more 
 `@pytest.mark.family(name, path=..., layout=..., check=...)`.
 
 - **check** `logits`: peft on the transformers model (a tiny config of the family) gives the Megatron model's
-  logits within 1e-5 in float32; for `offline`, the offline export of the checkpoint is, file for file, the live
+  logits within 1e-5 in float32 (2e-5 for the recurrent Nemotron-H and Qwen3-Next: their float32 roundoff alone
+  reaches 1e-5 on some CPUs); for `offline`, the offline export of the checkpoint is, file for file, the live
   export that passes this check; for `import`, the Megatron model that loaded the adapter gives the exporting
   model's logits. `deltas`: for every HF module, peft's merged weight delta equals the Megatron one exactly.
   `refused`: the combination is refused with a message naming the family and what is missing.
