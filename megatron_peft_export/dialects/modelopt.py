@@ -37,23 +37,24 @@ def find(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> 
     return _tensors(module, adapter_name, adapters.get(adapter_name), read)
 
 
-def state(module: torch.nn.Module, adapter_name: str) -> tuple | None:
+def state(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> tuple | None:
     """What `find` reads on `module` that can change without a module or parameter being registered: the adapter's
-    entry (which dictionary, enabled, scale, rank, its A and B modules). Equal states, no registration since and the
-    same tensor storage, shape and dtype mean `find` reports the same (the training hook's check between saves)."""
+    entry (which dictionary, enabled, scale, rank, its A and B modules) and what `find` reports for each of its
+    tensors (which tensor, its split and TP group: a child or parameter set in `_modules`/`_parameters` directly, or
+    a changed `tensor_model_parallel`, registers nothing). Equal states, no registration since and the same tensor
+    storage, shape and dtype mean `find` reports the same (the training hook's check between saves). `read`: as
+    `find`'s (one `Reader` for all carriers of one check)."""
     own = module.__dict__  # where `attribute` finds it (its answer without making a reader per module)
     adapters = own["_lora_adapters"] if "_lora_adapters" in own else _adapters(module)
     adapter = adapters.get(adapter_name) if isinstance(adapters, dict) else None
     if adapter is None:
         return None
-    return (
-        id(adapter),
-        adapter.get("enable", True),
-        adapter["scale"],
-        adapter["rank"],
-        id(adapter["lora_a"]),
-        id(adapter["lora_b"]),
+    found = tuple(
+        (t.role, t.alpha, t.split_dim, id(t.tp_group), id(t.tensor))
+        for t in _tensors(module, adapter_name, adapter, read)
     )
+    entry = (id(adapter), adapter.get("enable", True), adapter["scale"], adapter["rank"])
+    return (*entry, id(adapter.get("lora_a")), id(adapter.get("lora_b")), found)
 
 
 def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None, read: Read) -> Iterator[FoundTensor]:
