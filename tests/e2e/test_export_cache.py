@@ -449,3 +449,70 @@ def test_children_and_parameters_replaced_without_registration_are_noticed(tmp_p
         "tensor_parallel_again",
     ]
     assert "do not fit the model" in writer["not_tensor_parallel"][0]
+
+
+def _bridge_changes_run(rank, world, out, variant):
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.layers import copy_tensor_model_parallel_attributes
+
+    from megatron_peft_export import export_adapter
+    from tests.support import real_bridge
+    from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, fill_lora_random, init_parallel
+
+    out = Path(out) / variant
+    init_parallel(tp=world, pp=1)
+    model = real_bridge.apply(build_gpt(TinyGPTConfig()), variant, dim=8, alpha=16)
+    fill_lora_random(model, seed=3)
+    layers = model.decoder.layers
+    qkv, fc1, fc2 = layers[0].self_attention.linear_qkv, layers[0].mlp.linear_fc1, layers[1].mlp.linear_fc2
+    results = {}
+
+    def step(name, **kwargs):
+        cached = _outcome(export_adapter, model, out / name, **kwargs)
+        fresh = _outcome(_uncached, export_adapter, model, out / f"{name}_reference", **kwargs)
+        dist.barrier()
+        same = cached == fresh == "ok" and (rank != 0 or _files(out / name) == _files(out / f"{name}_reference"))
+        results[name] = (cached, fresh, same)
+
+    def replaced(weight, delta):
+        new = torch.nn.Parameter(weight.detach().clone() + delta)
+        copy_tensor_model_parallel_attributes(new, weight)
+        return new
+
+    step("first")
+    qkv.adapter.alpha = 32  # a plain attribute
+    step("alpha")
+    linear_in = qkv.adapter.linear_in
+    child = type(linear_in).__new__(type(linear_in))
+    child.__dict__.update(linear_in.__dict__)
+    child.__dict__["_parameters"] = {**linear_in._parameters, "weight": replaced(linear_in.weight, 1.0)}
+    qkv.adapter._modules["linear_in"] = child  # no registration hook runs
+    step("child_in_modules")
+    fc2.adapter.linear_out._parameters["weight"] = replaced(fc2.adapter.linear_out.weight, 2.0)
+    step("parameter_in_parameters")
+    if world > 1:
+        fc1.adapter.linear_out.weight.tensor_model_parallel = False
+        step("not_tensor_parallel")
+        fc1.adapter.linear_out.weight.tensor_model_parallel = True
+        step("tensor_parallel_again")
+    if variant == "dora":
+        magnitude = qkv.adapter.weight_magnitude
+        qkv.adapter._parameters["weight_magnitude"] = torch.nn.Parameter(magnitude.detach().clone() * 3)
+        step("magnitude_in_parameters")
+    step("padded", pad_rank_to=16)
+    step("bf16", dtype="bfloat16")
+    return results
+
+
+@pytest.mark.usefixtures("real_bridge")
+@pytest.mark.parametrize("variant, world", [("lora", 2), ("dora", 1)])
+def test_bridge_adapters_changed_without_registration_are_noticed(tmp_path, variant, world):
+    """Megatron-Bridge LoRA (TP2) and DoRA (TP1, its only exported layout here): alpha set as an attribute, a child
+    set in `_modules` directly, a weight or the DoRA magnitude set in `_parameters` directly, a tensor-parallel mark
+    changed, other output options: each cached export equals (or fails as) an export made from scratch."""
+    writer = run_ranks(_bridge_changes_run, world, str(tmp_path), variant)[0]
+    for name, (cached, fresh, same) in writer.items():
+        assert cached == fresh, name
+        assert same or name == "not_tensor_parallel", name
+    assert "do not fit the model" in writer.get("not_tensor_parallel", ("do not fit the model",))[0]
