@@ -6,13 +6,14 @@ named adapters; disabled ones do not act on the training model's output and are 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from ..core.registry import MODELOPT
-from .base import FoundTensor, at_path, attribute, tp_split_dim
+from .base import _STORES, FoundTensor, at_path, attribute, tp_split_dim
 
 NAME = MODELOPT.family
 
@@ -37,23 +38,56 @@ def find(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> 
     return _tensors(module, adapter_name, adapters.get(adapter_name), read)
 
 
-def state(module: torch.nn.Module, adapter_name: str) -> tuple | None:
+def state(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> tuple | None:
     """What `find` reads on `module` that can change without a module or parameter being registered: the adapter's
-    entry (which dictionary, enabled, scale, rank, its A and B modules). Equal states, no registration since and the
-    same tensor storage, shape and dtype mean `find` reports the same (the training hook's check between saves)."""
+    entry (which dictionary, enabled, scale, rank, its A and B modules) and, for each of its tensors, what `find`
+    reads (which tensor, its tensor-parallel mark, its owner's TP group: a child or parameter set in
+    `_modules`/`_parameters` directly, a deleted child or a changed `tensor_model_parallel` registers nothing).
+    Equal states, no registration since and the same tensor storage, shape and dtype mean `find` reports the same
+    (the training hook's check between saves). `read`: as `find`'s (one `Reader` for all carriers of one check)."""
     own = module.__dict__  # where `attribute` finds it (its answer without making a reader per module)
     adapters = own["_lora_adapters"] if "_lora_adapters" in own else _adapters(module)
     adapter = adapters.get(adapter_name) if isinstance(adapters, dict) else None
     if adapter is None:
         return None
-    return (
-        id(adapter),
-        adapter.get("enable", True),
-        adapter["scale"],
-        adapter["rank"],
-        id(adapter["lora_a"]),
-        id(adapter["lora_b"]),
-    )
+    enabled = adapter.get("enable", True)
+    found = []
+    for _, path, last in _leaves(adapter_name) if enabled else ():
+        owner = module
+        for name in path:
+            owner = None if owner is None else _stored(owner, name, read)
+        weight = None if owner is None else _stored(owner, last, read)
+        found.append(
+            (id(weight), tp_split_dim(weight), id(None if owner is None else _stored(owner, "tp_group", read)))
+        )
+    entry = (id(adapter), enabled, adapter["scale"], adapter["rank"], id(adapter.get("lora_a")))
+    return (*entry, id(adapter.get("lora_b")), tuple(found))
+
+
+def _stored(obj: Any, name: str, read: Read) -> Any:
+    """`read(obj, name)` looked up first where a module keeps it, its own dictionary or its registered children and
+    parameters and buffers (what ModelOpt's LoRA registers: its A and B modules, their weights and TP groups), without a
+    reader's class and dynamic-attribute checks; elsewhere `read`. The change check's reads: the same answers on the
+    same modules at the walk and at each check (a ModelOpt dynamic attribute named like a LoRA child or weight
+    would be missed; ModelOpt's LoRA has none)."""
+    own = getattr(obj, "__dict__", None)
+    if own is None:
+        return read(obj, name)
+    if name in own:
+        return own[name]
+    for store in _STORES:
+        table = own.get(store)
+        if table is not None and name in table:
+            return table[name]
+    return read(obj, name)
+
+
+@functools.lru_cache(maxsize=64)
+def _leaves(adapter_name: str) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """(role, path to the owner, the tensor's name on it) of each declared tensor of the adapter named
+    `adapter_name`."""
+    leaves = ((decl.role, leaf.rpartition(".")) for decl, leaf, _ in MODELOPT.leaves(adapter_name))
+    return tuple((role, tuple(path.split(".")), last) for role, (path, _, last) in leaves)
 
 
 def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None, read: Read) -> Iterator[FoundTensor]:
@@ -62,8 +96,7 @@ def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None, r
     if adapter is None or not adapter.get("enable", True):
         return
     alpha = adapter["scale"] * adapter["rank"]
-    for decl, leaf, _ in MODELOPT.leaves(adapter_name):
-        path, _, last = leaf.rpartition(".")
-        owner = at_path(module, path, read)
+    for role, path, last in _leaves(adapter_name):
+        owner = at_path(module, ".".join(path), read)
         weight = None if owner is None else read(owner, last)
-        yield FoundTensor(decl.role, weight, alpha, tp_split_dim(weight), tp_group=read(owner, "tp_group"))
+        yield FoundTensor(role, weight, alpha, tp_split_dim(weight), tp_group=read(owner, "tp_group"))

@@ -375,3 +375,144 @@ def test_the_writers_own_shards_are_placed_as_placement_by_placement(tmp_path):
     assert [build for build, _, _ in results] == ["gpt", "moe"]
     for build, same, narrowed in results:
         assert same and narrowed, build
+
+
+def _outcome(export, *args, **kwargs) -> str:
+    """'ok', or the error's type and message."""
+    try:
+        export(*args, **kwargs)
+        return "ok"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _unregistered_changes_run(rank, world, out):
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.layers import copy_tensor_model_parallel_attributes
+
+    from megatron_peft_export import export_adapter
+    from tests.support.hook_loop import lora_model
+
+    out = Path(out)
+    model = lora_model(world)
+    layers = model.decoder.layers
+    qkv, fc1, fc2, proj = (
+        layers[0].self_attention.linear_qkv,
+        layers[0].mlp.linear_fc1,
+        layers[1].mlp.linear_fc2,
+        layers[1].self_attention.linear_proj,
+    )
+    results = {}
+
+    def step(name):
+        cached = _outcome(export_adapter, model, out / name)
+        fresh = _outcome(_uncached, export_adapter, model, out / f"{name}_reference")
+        dist.barrier()
+        same = cached == fresh == "ok" and (rank != 0 or _files(out / name) == _files(out / f"{name}_reference"))
+        results[name] = (cached, fresh, same)
+
+    step("first")
+    child = copy.deepcopy(qkv.lora_a_default)
+    with torch.no_grad():
+        child.weight.add_(1.0)
+    qkv._modules["lora_a_default"] = child  # no registration hook runs; the adapter entry still names the old one
+    step("child_in_modules")
+    weight = fc2.lora_b_default.weight
+    new = torch.nn.Parameter(weight.detach().clone() + 2.0)
+    copy_tensor_model_parallel_attributes(new, weight)
+    fc2.lora_b_default._parameters["weight"] = new  # no registration hook runs; the old tensor is unchanged
+    step("parameter_in_parameters")
+    fc1.lora_b_default.weight.tensor_model_parallel = False  # the split is gone: refused from scratch
+    step("not_tensor_parallel")
+    fc1.lora_b_default.weight.tensor_model_parallel = True
+    step("tensor_parallel_again")
+    del proj.lora_a_default  # __delattr__ registers nothing
+    step("child_deleted")
+    return results
+
+
+def test_children_and_parameters_replaced_without_registration_are_noticed(tmp_path):
+    """A ModelOpt LoRA child set in `_modules` directly, a parameter set in `_parameters` directly, a tensor-parallel
+    mark changed and a child deleted register nothing: the cached walk is still found stale, and each export equals
+    (or fails as) an export made from scratch (before: the first two wrote the old weights, the third and fourth were
+    exported where an export from scratch refuses)."""
+    writer, _ = run_ranks(_unregistered_changes_run, 2, str(tmp_path))
+    for name, (cached, fresh, _) in writer.items():
+        assert cached == fresh, name
+    assert [name for name, (_, _, same) in writer.items() if same] == [
+        "first",
+        "child_in_modules",
+        "parameter_in_parameters",
+        "tensor_parallel_again",
+    ]
+    assert "do not fit the model" in writer["not_tensor_parallel"][0]
+
+
+def _bridge_changes_run(rank, world, out, variant):
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.layers import copy_tensor_model_parallel_attributes
+
+    from megatron_peft_export import export_adapter
+    from tests.support import real_bridge
+    from tests.support.tiny_gpt import TinyGPTConfig, build_gpt, fill_lora_random, init_parallel
+
+    out = Path(out) / variant
+    init_parallel(tp=world, pp=1)
+    model = real_bridge.apply(build_gpt(TinyGPTConfig()), variant, dim=8, alpha=16)
+    fill_lora_random(model, seed=3)
+    layers = model.decoder.layers
+    qkv, fc1, fc2 = layers[0].self_attention.linear_qkv, layers[0].mlp.linear_fc1, layers[1].mlp.linear_fc2
+    results = {}
+
+    def step(name, **kwargs):
+        cached = _outcome(export_adapter, model, out / name, **kwargs)
+        fresh = _outcome(_uncached, export_adapter, model, out / f"{name}_reference", **kwargs)
+        dist.barrier()
+        same = cached == fresh == "ok" and (rank != 0 or _files(out / name) == _files(out / f"{name}_reference"))
+        results[name] = (cached, fresh, same)
+
+    def replaced(weight, delta):
+        new = torch.nn.Parameter(weight.detach().clone() + delta)
+        copy_tensor_model_parallel_attributes(new, weight)
+        return new
+
+    step("first")
+    qkv.adapter.alpha = 32  # a plain attribute
+    step("alpha")
+    linear_in = qkv.adapter.linear_in
+    child = type(linear_in).__new__(type(linear_in))
+    child.__dict__.update(linear_in.__dict__)
+    child.__dict__["_parameters"] = {**linear_in._parameters, "weight": replaced(linear_in.weight, 1.0)}
+    qkv.adapter._modules["linear_in"] = child  # no registration hook runs
+    step("child_in_modules")
+    fc2.adapter.linear_out._parameters["weight"] = replaced(fc2.adapter.linear_out.weight, 2.0)
+    step("parameter_in_parameters")
+    if world > 1:
+        fc1.adapter.linear_out.weight.tensor_model_parallel = False
+        step("not_tensor_parallel")
+        fc1.adapter.linear_out.weight.tensor_model_parallel = True
+        step("tensor_parallel_again")
+    if variant == "dora":
+        magnitude = qkv.adapter.weight_magnitude
+        qkv.adapter._parameters["weight_magnitude"] = torch.nn.Parameter(magnitude.detach().clone() * 3)
+        step("magnitude_in_parameters")
+    step("padded", pad_rank_to=16)
+    step("bf16", dtype="bfloat16")
+    return results
+
+
+@pytest.mark.usefixtures("real_bridge")
+@pytest.mark.parametrize("variant, world", [("lora", 2), ("dora", 1)])
+def test_bridge_adapters_changed_without_registration_are_noticed(tmp_path, variant, world):
+    """Megatron-Bridge LoRA (TP2) and DoRA (TP1, its only exported layout here): alpha set as an attribute, a child
+    set in `_modules` directly, a weight or the DoRA magnitude set in `_parameters` directly, a tensor-parallel mark
+    changed, other output options: each cached export equals (or fails as) an export made from scratch."""
+    writer = run_ranks(_bridge_changes_run, world, str(tmp_path), variant)[0]
+    for name, (cached, fresh, same) in writer.items():
+        assert cached == fresh, name
+        assert same or name == "not_tensor_parallel", name
+    assert "do not fit the model" in writer.get("not_tensor_parallel", ("do not fit the model",))[0]

@@ -363,3 +363,45 @@ def test_check_finite_of_a_payload_checks_its_buffer_and_names_the_bad_tensors()
     with pytest.raises(NonFiniteError, match=r"1 adapter tensor\(s\) hold NaN or Inf values: t17 \(1 NaN, 0 Inf\)"):
         check_finite(payload)
     check_finite(payload, allow=True)
+
+
+_BIG = torch.full((64,), 3e38)
+_INF, _NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize(
+    "tensors, named",
+    [
+        ({"a": _BIG, "b": torch.ones(3)}, []),  # the float32 sum overflows, every value is finite
+        ({"a": _BIG.bfloat16(), "b": torch.ones(3, dtype=torch.bfloat16)}, []),
+        ({"a": torch.full((4,), 1.7e308, dtype=torch.float64)}, []),
+        ({"a": torch.tensor([-0.0, 1e-45, -1e-45]), "h": torch.tensor([6e-8, -0.0], dtype=torch.float16)}, []),
+        ({"a": torch.ones(5), "z": torch.tensor([1.0, _INF], dtype=torch.bfloat16)}, ["z"]),
+        ({"a": torch.ones(5), "z": torch.tensor([1.0, -_INF], dtype=torch.float16)}, ["z"]),
+        ({"x": torch.tensor([_INF]), "y": torch.tensor([-_INF])}, ["x", "y"]),  # a sum of inf and -inf is NaN
+        ({"a": _BIG, "n": torch.tensor([_NAN])}, ["n"]),  # NaN behind an overflowing part
+        ({"a": _BIG, "n": torch.tensor([_INF, 1.0])}, ["n"]),
+        ({"i": torch.arange(4), "n": torch.tensor([_NAN], dtype=torch.float16)}, ["n"]),
+        ({**{f"t{i}": torch.ones(1000) for i in range(50)}, "t50": torch.tensor([1.0, _NAN])}, ["t50"]),
+    ],
+    ids=lambda v: "" if isinstance(v, list) else None,
+)
+def test_check_finite_of_a_payload_refuses_and_names_exactly_what_isfinite_finds(tensors, named):
+    """An export's payload (one sum per dtype) is refused, naming the tensors, exactly when one of them holds NaN or
+    Inf: an overflowing sum of finite values, -0.0 and denormals pass; bf16 and fp16 infinities are named. The same
+    answer as for a plain dict of the same tensors."""
+    from megatron_peft_export.io import safetensors_out
+    from megatron_peft_export.io.peft_dir import check_finite
+
+    payload = safetensors_out.allocate({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+    for key, t in tensors.items():
+        payload[key].copy_(t)
+    assert named == [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    for given_ in (payload, dict(tensors)):
+        if not named:
+            check_finite(given_)
+            continue
+        with pytest.raises(NonFiniteError) as refused:
+            check_finite(given_)
+        assert re.findall(r"(\S+) \(\d+ NaN, \d+ Inf\)", str(refused.value)) == named
+        check_finite(given_, allow=True)

@@ -95,6 +95,22 @@ def _negative(metadata):
     next(v for k, v in metadata.storage_data.items() if k.fqn == "a").offset = -1
 
 
+def _bool_offset(metadata):
+    next(v for k, v in metadata.storage_data.items() if k.fqn == "a").offset = True
+
+
+def _huge_length(metadata):
+    next(v for k, v in metadata.storage_data.items() if k.fqn == "a").length = 1 << 62
+
+
+def _index(value):
+    def edit(metadata):
+        key = next(k for k in metadata.storage_data if k.fqn == "a")
+        metadata.storage_data[MetadataIndex(fqn="a", offset=key.offset, index=value)] = metadata.storage_data.pop(key)
+
+    return edit
+
+
 def _size_not_int(metadata):
     metadata.state_dict_metadata["a"].size = (8.0, 16)
 
@@ -155,8 +171,21 @@ def _read_all(parsed):
         (_extra("chunk"), lambda parsed: parsed.tensors["a"]),
         (_negative, lambda parsed: parsed.items[("a", (0, 0))]),
         (_extra("item"), lambda parsed: parsed.items[("a", (0, 0))]),
+        (_bool_offset, lambda parsed: parsed.items[("a", (0, 0))]),
+        (_huge_length, lambda parsed: parsed.items[("a", (0, 0))]),
+        (_index("x"), lambda parsed: parsed.items[("a", (0, 0))]),
+        (_index(-1), lambda parsed: parsed.items[("a", (0, 0))]),
     ],
-    ids=["chunk outside", "extra on a chunk", "negative offset", "extra on an item"],
+    ids=[
+        "chunk outside",
+        "extra on a chunk",
+        "negative offset",
+        "extra on an item",
+        "bool offset",
+        "huge length",
+        "index not int",
+        "negative index",
+    ],
 )
 def test_a_bad_chunk_or_item_is_refused_when_its_key_is_read(metadata, edit, read):
     """A bad chunk or stored item of a: the other keys read as without it; a refused each time it is read, with the
@@ -384,3 +413,21 @@ def test_the_garbage_collector_is_left_as_it_was(metadata, enabled):
         assert gc.isenabled() == enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_items_of_one_key_with_and_without_offsets_are_both_kept(metadata):
+    """One key stored with chunk offsets and again without (as a byte entry is): both items are read, each as given;
+    an item of a key no tensor entry names is read as given too (the reader refuses what it does not expect)."""
+    key = next(k for k in metadata.storage_data if k.fqn == "a")
+    with_offsets = metadata.storage_data[key]
+    without = dataclasses.replace(with_offsets, offset=with_offsets.offset + 4)
+    metadata.storage_data[MetadataIndex(fqn="a", offset=None)] = without
+    metadata.storage_data[MetadataIndex(fqn="zz", offset=torch.Size([0, 0]))] = with_offsets
+    parsed = parse_metadata(pickle.dumps(metadata))
+    expected = {
+        ("a", (0, 0)): (with_offsets.relative_path, with_offsets.offset, with_offsets.length),
+        ("a", None): (without.relative_path, without.offset, without.length),
+        ("zz", (0, 0)): (with_offsets.relative_path, with_offsets.offset, with_offsets.length),
+    }
+    assert {k: tuple(parsed.items[k])[:3] for k in expected} == expected
+    assert {k for k in parsed.items if k[0] in ("a", "zz")} == set(expected)
