@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..core.registry import MODELOPT
-from .base import _STORES, FoundTensor, at_path, attribute, tp_split_dim
+from .base import _STORES, FoundTensor, Refusal, at_path, attribute, tp_split_dim
 
 NAME = MODELOPT.family
 
@@ -30,7 +30,7 @@ def adapter_names(module: torch.nn.Module) -> set[str]:
     return set(_adapters(module) or ())
 
 
-def find(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> Iterator[FoundTensor] | None:
+def find(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> Iterator[FoundTensor | Refusal] | None:
     """`read`: `dialects.base.attribute`, or the walk's `Reader` (the same answers)."""
     adapters = _adapters(module, read)
     if adapters is None:
@@ -90,13 +90,23 @@ def _leaves(adapter_name: str) -> tuple[tuple[str, tuple[str, ...], str], ...]:
     return tuple((role, tuple(path.split(".")), last) for role, (path, _, last) in leaves)
 
 
-def _tensors(module: torch.nn.Module, adapter_name: str, adapter: dict | None, read: Read) -> Iterator[FoundTensor]:
+def _tensors(
+    module: torch.nn.Module, adapter_name: str, adapter: dict | None, read: Read
+) -> Iterator[FoundTensor | Refusal]:
     """The declared tensors (`lora_a_<name>.weight`, `lora_b_<name>.weight`) of an enabled adapter. Each leaf's
-    owner (its linear) is read once: the tensor is its last component, the TP group the owner's (`owner_group`)."""
+    owner (its linear) is read once: the tensor is its last component, the TP group the owner's (`owner_group`).
+    An enabled adapter missing one of them (a child deleted) is refused, naming it."""
     if adapter is None or not adapter.get("enable", True):
         return
     alpha = adapter["scale"] * adapter["rank"]
     for role, path, last in _leaves(adapter_name):
-        owner = at_path(module, ".".join(path), read)
+        leaf = ".".join(path)
+        owner = at_path(module, leaf, read)
         weight = None if owner is None else read(owner, last)
+        if not isinstance(weight, torch.Tensor):
+            yield Refusal(
+                f"ModelOpt LoRA adapter {adapter_name!r} is enabled on {{modules}} but its {leaf}.{last} is missing "
+                "(deleted, or never made): expected a tensor there; disable the adapter or add it again"
+            )
+            return
         yield FoundTensor(role, weight, alpha, tp_split_dim(weight), tp_group=read(owner, "tp_group"))

@@ -449,6 +449,9 @@ def test_children_and_parameters_replaced_without_registration_are_noticed(tmp_p
         "tensor_parallel_again",
     ]
     assert "do not fit the model" in writer["not_tensor_parallel"][0]
+    deleted = writer["child_deleted"][0]  # named, not an AttributeError from inside the walk
+    assert deleted.startswith("DialectError") and "lora_a_default.weight is missing" in deleted, deleted
+    assert "decoder.layers.1.self_attention.linear_proj" in deleted, deleted
 
 
 def _bridge_changes_run(rank, world, out, variant):
