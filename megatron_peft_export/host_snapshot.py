@@ -104,6 +104,46 @@ def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], names: list[str]
     return state
 
 
+class _Probes:
+    """The dictionary lookups of the carriers whose dialect gives them (`probes`): the check repeats each lookup with
+    C-level maps, the found objects compared by identity (held here: no id is reused while they are), the plain
+    values by type, then `==`."""
+
+    def __init__(self) -> None:
+        self.same: tuple[list, list, list] = ([], [], [])
+        self.equal: tuple[list, list, list] = ([], [], [])
+
+    def add(self, probes: list[tuple[dict, str, Any, bool]]) -> None:
+        for table, key, value, by_identity in probes:
+            for column, item in zip(self.same if by_identity else self.equal, (table, key, value), strict=True):
+                column.append(item)
+
+    def hold(self) -> bool:
+        get = dict.get
+        tables, keys, objects = self.same
+        if not all(map(operator.is_, map(get, tables, keys), objects)):
+            return False
+        tables, keys, values = self.equal
+        now = list(map(get, tables, keys))
+        return list(map(type, now)) == list(map(type, values)) and now == values
+
+
+def _split_carriers(
+    carriers: list[tuple[torch.nn.Module, Any]], names: list[str]
+) -> tuple[_Probes, list[tuple[torch.nn.Module, Any]]]:
+    """The carriers' probes, and the carriers whose dialect gives none (compared by `_adapter_state`)."""
+    probed, rest = _Probes(), []
+    for module, dialect in carriers:
+        make = getattr(dialect, "probes", None)
+        found = [make(module, name) for name in names] if make is not None else [None]
+        if any(f is None for f in found):
+            rest.append((module, dialect))
+            continue
+        for f in found:
+            probed.add(f)
+    return probed, rest
+
+
 def _tensor(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.shape, tensor.dtype
 
@@ -127,7 +167,8 @@ class _Walk:
     found: AdapterSnapshots
     """The live shards (not copies) of each adapter, without carriers."""
     carriers: list[tuple[torch.nn.Module, Any]]
-    """(module, dialect) for every module that carries an adapter (held: their ids stay theirs while cached)."""
+    """(module, dialect) for every module that carries an adapter and whose dialect gives no probes (held: their ids
+    stay theirs while cached)."""
     state: list
     """`_adapter_state` of the carriers, then `_tensors_state` of the sources, when the walk was made."""
     generation: int | None
@@ -140,12 +181,15 @@ class _Walk:
     """On a GPU: one flat device buffer per dtype the sources are gathered into before one transfer to the host."""
     plans: dict = dataclasses.field(default_factory=dict)
     """The writer's plans of this walk's reports (`export._planned`), held as long as the walk."""
+    probes: _Probes = dataclasses.field(default_factory=_Probes)
+    """The lookups that pin what the dialects report on the probed carriers (the others: `carriers` in `state`)."""
 
     def current(self, key: tuple, registered: int) -> bool:
         """The model still holds what this walk found (the cheap check, on the training thread)."""
         return (
             self.key == key
             and self.registered == registered
+            and self.probes.hold()
             and _adapter_state(self.carriers, list(self.found.snapshots)) + _tensors_state(self.sources) == self.state
         )
 
@@ -201,8 +245,9 @@ def _walk_model(
         )
     found.first = next(iter(found.snapshots.values()))
     sources = [s.tensor for s in found.shards]
+    probes, carriers = _split_carriers(carriers, list(found.snapshots))
     state = _adapter_state(carriers, list(found.snapshots)) + _tensors_state(sources)
-    return _Walk(key, registered, found, carriers, state, generation, sources, plans=plans)
+    return _Walk(key, registered, found, carriers, state, generation, sources, plans=plans, probes=probes)
 
 
 _LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -64,6 +64,76 @@ def state(module: torch.nn.Module, adapter_name: str, read: Read = attribute) ->
     return (*entry, id(adapter.get("lora_b")), tuple(found))
 
 
+_PLAIN = (bool, int, float, str, type(None))
+"""Values a probe compares with `==` (their type first): nothing whose `==` is elementwise."""
+
+
+def probes(module: torch.nn.Module, adapter_name: str) -> list[tuple[dict, str, Any, bool]] | None:
+    """`state` as dictionary lookups the check repeats at C speed: (dictionary, key, value found, compared by
+    identity (else by type and ==)) for every read `state` makes, each dictionary pinned by a probe of the one that
+    holds it; None when a read is not such a lookup (then `state` is compared). A child, parameter or attribute set
+    in a module's stores or dictionary directly changes a probed entry; what a class defines (a ModelOpt dynamic
+    attribute, a class-level `tp_group`) is code and is taken as the walk found it."""
+    found: list[tuple[dict, str, Any, bool]] = []
+    own = module.__dict__
+    adapters = own.get("_lora_adapters")
+    if type(adapters) is not dict:
+        return None
+    adapter = adapters.get(adapter_name)
+    found += [(own, "_lora_adapters", adapters, True), (adapters, adapter_name, adapter, True)]
+    if adapter is None:
+        return found
+    if type(adapter) is not dict:
+        return None
+    for field in ("enable", "scale", "rank"):
+        value = adapter.get(field)
+        if type(value) not in _PLAIN:
+            return None
+        found.append((adapter, field, value, False))
+    found += [(adapter, "lora_a", adapter.get("lora_a"), True), (adapter, "lora_b", adapter.get("lora_b"), True)]
+    if not adapter.get("enable", True):
+        return found
+    for _, path, last in _leaves(adapter_name):
+        owner = module
+        for name in (*path, last):
+            owner = _probed(owner, name, found)
+            if owner is None:
+                return None
+        weight_dict = getattr(owner, "__dict__", None)
+        if type(weight_dict) is not dict:
+            return None
+        for field in ("tensor_model_parallel", "partition_dim"):
+            value = weight_dict.get(field)
+            if type(value) not in _PLAIN:
+                return None
+            found.append((weight_dict, field, value, False))
+    for _, path, _ in _leaves(adapter_name):
+        owner = module
+        for name in path:
+            owner = _probed(owner, name, found)
+        _probed(owner, "tp_group", found)  # where it is registered or set; absent there: the class's (code)
+    return found
+
+
+def _probed(obj: Any, name: str, found: list) -> Any:
+    """`_stored(obj, name)` when a module's own dictionary or stores hold it, with the probes that pin that answer
+    (absent from the dictionary and the stores before the one holding it; that store's entry); None when none does."""
+    own = getattr(obj, "__dict__", None)
+    if type(own) is not dict:
+        return None
+    found.append((own, name, own.get(name), True))
+    if name in own:
+        return own[name]
+    for store in _STORES:
+        table = own.get(store)
+        found.append((own, store, table, True))
+        if type(table) is dict:
+            found.append((table, name, table.get(name), True))
+            if name in table:
+                return table[name]
+    return None
+
+
 def _stored(obj: Any, name: str, read: Read) -> Any:
     """`read(obj, name)` looked up first where a module keeps it, its own dictionary or its registered children and
     parameters and buffers (what ModelOpt's LoRA registers: its A and B modules, their weights and TP groups), without a

@@ -415,6 +415,10 @@ def _unregistered_changes_run(rank, world, out):
         results[name] = (cached, fresh, same)
 
     step("first")
+    from megatron_peft_export.host_snapshot import _LIVE
+
+    (walk,) = _LIVE[model].values()
+    results["probed"] = (len(walk.carriers), len(walk.probes.same[0]), len(walk.probes.equal[0]))
     child = copy.deepcopy(qkv.lora_a_default)
     with torch.no_grad():
         child.weight.add_(1.0)
@@ -440,6 +444,8 @@ def test_children_and_parameters_replaced_without_registration_are_noticed(tmp_p
     (or fails as) an export made from scratch (before: the first two wrote the old weights, the third and fourth were
     exported where an export from scratch refuses)."""
     writer, _ = run_ranks(_unregistered_changes_run, 2, str(tmp_path))
+    unprobed, same, equal = writer.pop("probed")
+    assert unprobed == 0 and same > 0 and equal > 0, "every ModelOpt carrier is checked by its probes"
     for name, (cached, fresh, _) in writer.items():
         assert cached == fresh, name
     assert [name for name, (_, _, same) in writer.items() if same] == [
