@@ -64,6 +64,10 @@ def state(module: torch.nn.Module, adapter_name: str, read: Read = attribute) ->
     return (*entry, id(adapter.get("lora_b")), tuple(found))
 
 
+_ENTRY = {"lora_A": "lora_a", "lora_B": "lora_b"}
+"""The adapter entry's field holding the module ModelOpt's forward computes with, per role: the registered child
+`lora_a_<name>`/`lora_b_<name>` the export reads must be that module."""
+
 _PLAIN = (bool, int, float, str, type(None))
 """Values a probe compares with `==` (their type first): nothing whose `==` is elementwise."""
 
@@ -177,6 +181,14 @@ def _tensors(
             yield Refusal(
                 f"ModelOpt LoRA adapter {adapter_name!r} is enabled on {{modules}} but its {leaf}.{last} is missing "
                 "(deleted, or never made): expected a tensor there; disable the adapter or add it again"
+            )
+            return
+        used = adapter.get(_ENTRY[role])
+        if used is not None and used is not owner:
+            yield Refusal(
+                f"ModelOpt LoRA adapter {adapter_name!r} on {{modules}} computes with a {_ENTRY[role]} module other "
+                f"than its registered {leaf} (one was replaced without the other): the export would write weights "
+                "the model does not use; replace both, or add the adapter again"
             )
             return
         yield FoundTensor(role, weight, alpha, tp_split_dim(weight), tp_group=read(owner, "tp_group"))

@@ -423,7 +423,9 @@ def _unregistered_changes_run(rank, world, out):
     with torch.no_grad():
         child.weight.add_(1.0)
     qkv._modules["lora_a_default"] = child  # no registration hook runs; the adapter entry still names the old one
-    step("child_in_modules")
+    step("child_in_modules")  # the forward computes with the entry's module: refused, not exported from either
+    qkv._lora_adapters["default"]["lora_a"] = child  # the entry too, in place: the model computes with `child`
+    step("child_and_entry")
     weight = fc2.lora_b_default.weight
     new = torch.nn.Parameter(weight.detach().clone() + 2.0)
     copy_tensor_model_parallel_attributes(new, weight)
@@ -439,7 +441,8 @@ def _unregistered_changes_run(rank, world, out):
 
 
 def test_children_and_parameters_replaced_without_registration_are_noticed(tmp_path):
-    """A ModelOpt LoRA child set in `_modules` directly, a parameter set in `_parameters` directly, a tensor-parallel
+    """A ModelOpt LoRA child set in `_modules` directly (alone: refused, as the forward computes with the adapter
+    entry's module; then with the entry), a parameter set in `_parameters` directly, a tensor-parallel
     mark changed and a child deleted register nothing: the cached walk is still found stale, and each export equals
     (or fails as) an export made from scratch (before: the first two wrote the old weights, the third and fourth were
     exported where an export from scratch refuses)."""
@@ -450,10 +453,11 @@ def test_children_and_parameters_replaced_without_registration_are_noticed(tmp_p
         assert cached == fresh, name
     assert [name for name, (_, _, same) in writer.items() if same] == [
         "first",
-        "child_in_modules",
+        "child_and_entry",
         "parameter_in_parameters",
         "tensor_parallel_again",
     ]
+    assert "computes with a lora_a module other than its registered lora_a_default" in writer["child_in_modules"][0]
     assert "do not fit the model" in writer["not_tensor_parallel"][0]
     deleted = writer["child_deleted"][0]  # named, not an AttributeError from inside the walk
     assert deleted.startswith("DialectError") and "lora_a_default.weight is missing" in deleted, deleted
