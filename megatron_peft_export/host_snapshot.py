@@ -36,7 +36,7 @@ import torch
 
 from . import distributed as coll
 from .dialects import LocalShard
-from .dialects.base import Reader, Refusal
+from .dialects.base import Refusal
 from .errors import ExportError
 from .export import WRITER, ExportOptions, Snapshot, _Report, model_chunks, paused_collection
 from .io.hf_config import read_hf_config
@@ -79,20 +79,13 @@ def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], names: list[str]
     one `==`). A module gaining an adapter (of any dialect, or another named one) gains modules, which
     `_modules_registered` shows.
 
-    A dialect with a `state(module, adapter_name, read)` function says itself what `find` reads that can change
-    without a registration (ModelOpt: the adapter's entry and what `find` reports of each of its tensors, read with
-    one `Reader` for the whole check), and the tensors are compared on their own (`_tensors_state`);
-    otherwise what `find` reports is compared, each tensor by identity (a view by its storage: a dialect may hand out
-    a fresh view of a parameter each time), storage, shape and dtype.
+    What `find` reports is compared, each tensor by identity (a view by its storage: a dialect may hand out a fresh
+    view of a parameter each time), storage, shape and dtype. (Carriers whose dialect gives `probes`, ModelOpt's, are
+    checked by those instead: `_Probes`.)
     """
     state: list = []
     append = state.append
-    read = Reader()  # one for the whole check (dropped after it)
     for module, dialect in carriers:
-        summary = getattr(dialect, "state", None)
-        if summary is not None:
-            state.extend(summary(module, name, read) for name in names)
-            continue
         for name in names:
             for t in dialect.find(module, name) or ():
                 if type(t) is Refusal:

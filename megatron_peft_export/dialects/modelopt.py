@@ -38,32 +38,6 @@ def find(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> 
     return _tensors(module, adapter_name, adapters.get(adapter_name), read)
 
 
-def state(module: torch.nn.Module, adapter_name: str, read: Read = attribute) -> tuple | None:
-    """What `find` reads on `module` that can change without a module or parameter being registered: the adapter's
-    entry (which dictionary, enabled, scale, rank, its A and B modules) and, for each of its tensors, what `find`
-    reads (which tensor, its tensor-parallel mark, its owner's TP group: a child or parameter set in
-    `_modules`/`_parameters` directly, a deleted child or a changed `tensor_model_parallel` registers nothing).
-    Equal states, no registration since and the same tensor storage, shape and dtype mean `find` reports the same
-    (the training hook's check between saves). `read`: as `find`'s (one `Reader` for all carriers of one check)."""
-    own = module.__dict__  # where `attribute` finds it (its answer without making a reader per module)
-    adapters = own["_lora_adapters"] if "_lora_adapters" in own else _adapters(module)
-    adapter = adapters.get(adapter_name) if isinstance(adapters, dict) else None
-    if adapter is None:
-        return None
-    enabled = adapter.get("enable", True)
-    found = []
-    for _, path, last in _leaves(adapter_name) if enabled else ():
-        owner = module
-        for name in path:
-            owner = None if owner is None else _stored(owner, name, read)
-        weight = None if owner is None else _stored(owner, last, read)
-        found.append(
-            (id(weight), tp_split_dim(weight), id(None if owner is None else _stored(owner, "tp_group", read)))
-        )
-    entry = (id(adapter), enabled, adapter["scale"], adapter["rank"], id(adapter.get("lora_a")))
-    return (*entry, id(adapter.get("lora_b")), tuple(found))
-
-
 _ENTRY = {"lora_A": "lora_a", "lora_B": "lora_b"}
 """The adapter entry's field holding the module ModelOpt's forward computes with, per role: the registered child
 `lora_a_<name>`/`lora_b_<name>` the export reads must be that module."""
@@ -73,11 +47,13 @@ _PLAIN = (bool, int, float, str, type(None))
 
 
 def probes(module: torch.nn.Module, adapter_name: str) -> list[tuple[dict, str, Any, bool]] | None:
-    """`state` as dictionary lookups the check repeats at C speed: (dictionary, key, value found, compared by
-    identity (else by type and ==)) for every read `state` makes, each dictionary pinned by a probe of the one that
-    holds it; None when a read is not such a lookup (then `state` is compared). A child, parameter or attribute set
-    in a module's stores or dictionary directly changes a probed entry; what a class defines (a ModelOpt dynamic
-    attribute, a class-level `tp_group`) is code and is taken as the walk found it."""
+    """What `find` reads on `module` that can change without a module or parameter being registered (the adapter's
+    entry: which dictionary, enabled, scale, rank, its A and B modules; each tensor, its tensor-parallel marks, its
+    owner's TP group), as dictionary lookups the check repeats at C speed: (dictionary, key, value found, compared
+    by identity (else by type and ==)), each dictionary pinned by a probe of the one that holds it; None when a read
+    is not such a lookup (then what `find` reports is compared, host_snapshot._adapter_state). A child, parameter or
+    attribute set in a module's stores or dictionary directly changes a probed entry; what a class defines (a
+    ModelOpt dynamic attribute, a class-level `tp_group`) is code and is taken as the walk found it."""
     found: list[tuple[dict, str, Any, bool]] = []
     own = module.__dict__
     adapters = own.get("_lora_adapters")
@@ -120,7 +96,7 @@ def probes(module: torch.nn.Module, adapter_name: str) -> list[tuple[dict, str, 
 
 
 def _probed(obj: Any, name: str, found: list) -> Any:
-    """`_stored(obj, name)` when a module's own dictionary or stores hold it, with the probes that pin that answer
+    """`obj.name` when a module's own dictionary or stores hold it, with the probes that pin that answer
     (absent from the dictionary and the stores before the one holding it; that store's entry); None when none does."""
     own = getattr(obj, "__dict__", None)
     if type(own) is not dict:
@@ -136,24 +112,6 @@ def _probed(obj: Any, name: str, found: list) -> Any:
             if name in table:
                 return table[name]
     return None
-
-
-def _stored(obj: Any, name: str, read: Read) -> Any:
-    """`read(obj, name)` looked up first where a module keeps it, its own dictionary or its registered children and
-    parameters and buffers (what ModelOpt's LoRA registers: its A and B modules, their weights and TP groups), without a
-    reader's class and dynamic-attribute checks; elsewhere `read`. The change check's reads: the same answers on the
-    same modules at the walk and at each check (a ModelOpt dynamic attribute named like a LoRA child or weight
-    would be missed; ModelOpt's LoRA has none)."""
-    own = getattr(obj, "__dict__", None)
-    if own is None:
-        return read(obj, name)
-    if name in own:
-        return own[name]
-    for store in _STORES:
-        table = own.get(store)
-        if table is not None and name in table:
-            return table[name]
-    return read(obj, name)
 
 
 @functools.lru_cache(maxsize=64)
