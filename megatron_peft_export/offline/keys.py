@@ -17,9 +17,9 @@ The key names, each tensor's role and how torch_dist stores its rows are the dia
 from __future__ import annotations
 
 import functools
-import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..core.registry import DIALECTS, MODELOPT, TensorDecl, match_key
 from ..core.shards import Role, ShardSpec
@@ -52,9 +52,9 @@ class AdapterKey:
         return "e" in self.axes
 
 
-@dataclass(frozen=True)
-class OfflineShard:
-    """A shard spec and where its data is in a checkpoint tensor: an index into its leading axes and row ranges."""
+class OfflineShard(NamedTuple):
+    """A shard spec and where its data is in a checkpoint tensor: an index into its leading axes and row ranges (a
+    named tuple: an MoE checkpoint makes 10^5 of them)."""
 
     spec: ShardSpec
     key: str
@@ -117,7 +117,8 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
     """(index into the stored tensor, module path) for each matrix (or magnitude vector) one checkpoint tensor holds.
 
     Each stacked axis gives one per entry; a Bridge expert tensor without its expert axis (shared-outer's shared
-    side, one tensor for all experts) is every expert's, which needs `num_experts`.
+    side, one tensor for all experts) is every expert's, which needs `num_experts`. The module path is the key's
+    with `{i}` and `{e}` replaced by the layer and expert (`None` for an axis the key does not have).
     """
     axes, matrix_dims = found.axes, 1 if found.role == "magnitude" else 2
     shared = "e" in axes and len(shape) == len(axes) - 1 + matrix_dims
@@ -128,12 +129,15 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
                 f"--num-experts"
             )
         axes = axes.replace("e", "")
-    out = []
-    for index in itertools.product(*(range(n) for n in shape[: len(axes)])):
-        at = dict(zip(axes, index))
-        for expert in range(num_experts) if shared else [at.get("e")]:
-            module = found.module.replace("{i}", str(at.get("i"))).replace("{e}", str(expert))
-            out.append((index, module))
+    out: list[tuple[tuple[int, ...], str]] = [((), found.module)]
+    for axis, count in zip(axes, shape):  # in itertools.product's order: the first axis outermost
+        mark = "{" + axis + "}"
+        out = [(index + (n,), module.replace(mark, str(n))) for index, module in out for n in range(count)]
+    for axis in "ie":
+        if axis not in axes and not (shared and axis == "e"):
+            out = [(index, module.replace("{" + axis + "}", "None")) for index, module in out]
+    if shared:
+        out = [(index, module.replace("{e}", str(e))) for index, module in out for e in range(num_experts)]
     return out
 
 
@@ -156,25 +160,46 @@ def offline_shards(
     """Shard specs for one checkpoint tensor (every layer or expert of a stacked one), with the save-time layouts
     undone.
 
-    `tp_save` is the tensor-parallel size the tensor was saved at (expert tensor parallelism for experts)."""
-    out = []
-    for index, module in _matrices(found, shape, num_experts):
-        local = shape[len(index) :]
-        layout = found.tensor.stored(module, found.part, gated)
-        pieces = [None] if layout == "whole" else stored_row_pieces(layout, local[0], tp_save)
-        for t, rows in enumerate(pieces):
-            split = rows is not None
-            shard_shape = (sum(n for _, n in rows), *local[1:]) if split else tuple(local)
-            spec = ShardSpec(
-                module=module,
-                role=found.role,
-                part=found.part,
-                shape=shard_shape,
-                split_dim=0 if split else None,
-                tp_rank=t if split else 0,
-                tp_size=tp_save if split else 1,
-                alpha=alpha,
-                dtype=dtype,
-            )
-            out.append(OfflineShard(spec, found.key, index, rows))
-    return out
+    `tp_save` is the tensor-parallel size the tensor was saved at (expert tensor parallelism for experts). Every
+    matrix of the tensor has the same shape and stored layout (`stored_per_rank`): the specs of one are made once,
+    and each matrix's are copies with its module path."""
+    matrices = _matrices(found, shape, num_experts)
+    if not matrices:
+        return []
+    local = shape[len(matrices[0][0]) :]
+    layout = found.tensor.stored(found.module, found.part, gated)
+    pieces = [None] if layout == "whole" else stored_row_pieces(layout, local[0], tp_save)
+    templates = []
+    for t, rows in enumerate(pieces):
+        split = rows is not None
+        spec = ShardSpec(
+            module=found.module,
+            role=found.role,
+            part=found.part,
+            shape=(sum(n for _, n in rows), *local[1:]) if split else tuple(local),
+            split_dim=0 if split else None,
+            tp_rank=t if split else 0,
+            tp_size=tp_save if split else 1,
+            alpha=alpha,
+            dtype=dtype,
+        )
+        templates.append((spec, rows))
+    key = found.key
+    return [
+        OfflineShard(_with_module(spec, module), key, index, rows)
+        for index, module in matrices
+        for spec, rows in templates
+    ]
+
+
+def _with_module(spec: ShardSpec, module: str) -> ShardSpec:
+    """`spec` on another module: equal to `dataclasses.replace(spec, module=module)`, made without running its
+    __init__ (10^5 specs of an MoE checkpoint; a spec has no __post_init__ to run)."""
+    if _PLAIN_SPEC:
+        copy = object.__new__(ShardSpec)
+        copy.__dict__.update(spec.__dict__, module=module)
+        return copy
+    return replace(spec, module=module)
+
+
+_PLAIN_SPEC = not hasattr(ShardSpec, "__post_init__") and not hasattr(ShardSpec, "__slots__")

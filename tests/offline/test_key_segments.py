@@ -54,16 +54,15 @@ def test_segments_copy_what_apply_placements_copies(stacked, cuts):
     for shard, placements in placed:
         apply_placements(expected, placements, _shard_data(data, shard))
     got = safetensors_out.allocate(entries)
-    segments = _key_segments(entry, placed, got.entries, got.where)
-    assert segments is not None and set(segments) == {chunk.offsets for chunk in entry.chunks}
+    segments = _key_segments(entry, *map(list, zip(*placed)), got.entries, got.where)
+    assert segments is not None and set(segments.chunk.tolist()) == set(range(len(entry.chunks)))
     raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()
     row = math.prod(entry.size[1:]) * 4
     buffer = got.buffer()
-    for chunk in entry.chunks:
-        start = chunk.offsets[0] * row
-        for src, dst, n in segments[chunk.offsets]:
-            assert 0 <= src and src + n <= chunk.sizes[0] * row  # inside its chunk
-            buffer[dst : dst + n] = raw[start + src : start + src + n]
+    for chunk, src, dst, n in zip(*(column.tolist() for column in segments)):
+        start, rows = entry.chunks[chunk].offsets[0] * row, entry.chunks[chunk].sizes[0]
+        assert 0 <= src and src + n <= rows * row  # inside its chunk
+        buffer[dst : dst + n] = raw[start + src : start + src + n]
     assert bytes(got.buffer()) == bytes(expected.buffer())
 
 
@@ -71,7 +70,7 @@ def test_a_placement_that_is_not_a_run_of_rows_leaves_the_key_to_apply_placement
     entry, placed, entries = _case(True, [2])
     shard, placements = placed[3]
     placed[3] = (shard, [placements[0]._replace(dim=1), placements[1]])
-    assert _key_segments(entry, placed, entries, safetensors_out.spans(entries)) is None
+    assert _key_segments(entry, *map(list, zip(*placed)), entries, safetensors_out.spans(entries)) is None
     entry, placed, entries = _case(True, [2])
     entries["e4.b"] = (torch.bfloat16, entries["e4.b"][1])  # a dtype cast
-    assert _key_segments(entry, placed, entries, safetensors_out.spans(entries)) is None
+    assert _key_segments(entry, *map(list, zip(*placed)), entries, safetensors_out.spans(entries)) is None
