@@ -250,6 +250,8 @@ class TorchDistReader:
         """The keys checked by `check_stored`, with their stored items as arrays."""
         self._file_ids: dict[str, int] = {}
         """Data file name -> its number in the arrays of `_stored`."""
+        self._covering: set[tuple[tuple[int, ...], bytes]] = set()
+        """Chunkings (a tensor's size, its `_chunk_table` as bytes) found to cover their tensor exactly once."""
 
     def _unreadable(self, exc: Exception) -> CheckpointError:
         """The error for a metadata that fails its checks (when parsed, or when a key's entries are first read)."""
@@ -372,8 +374,11 @@ class TorchDistReader:
             )
         if table is None:
             covered = sum(chunk.numel for chunk in entry.chunks) == math.prod(entry.size) and not _overlapping(entry)
-        else:
-            covered = _covers(table, entry.size)
+        else:  # once per chunking: the layers of a model are chunked alike
+            chunking = (entry.size, table.tobytes())
+            covered = chunking in self._covering or _covers(table, entry.size)
+            if covered:
+                self._covering.add(chunking)
         if not covered:
             raise CheckpointError(
                 f"{self.directory}: {key} is not fully stored (its chunks do not cover {list(entry.size)} "

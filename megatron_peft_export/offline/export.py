@@ -53,7 +53,7 @@ from .keys import (
     OfflineShard,
     check_shape,
     classify,
-    may_classify,
+    may_classify_all,
     offline_shards,
     stored_per_rank,
 )
@@ -277,7 +277,7 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
 def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
     reader = TorchDistReader(directory)
     shapes = reader.tensor_shapes()
-    as_bytes = sorted(key for key in reader.byte_keys if may_classify(key) and classify(key) is not None)
+    as_bytes = sorted(key for key in may_classify_all(reader.byte_keys) if classify(key) is not None)
     if as_bytes:
         raise CheckpointError(
             f"{directory / '.metadata'}: refused, adapter tensor {as_bytes[0]} is declared as pickled bytes "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -71,10 +72,16 @@ def _leaf_ends() -> tuple[str, ...]:
 
 
 def may_classify(key: str) -> bool:
-    """False only for a key `classify` returns None for without raising, tested without a regular expression (a large
-    MoE checkpoint has 10^5 keys of extra state): an adapter key ends in its leaf's fixed end (or holds a newline,
-    before which `$` matches too), and classify raises only for keys holding `.lora_A.` or `.lora_B.`."""
-    return key.endswith(_leaf_ends()) or "\n" in key or ".lora_A." in key or ".lora_B." in key
+    """False only for a key `classify` returns None for without raising (`may_classify_all`)."""
+    return bool(may_classify_all([key]))
+
+
+def may_classify_all(keys: Iterable[str]) -> list[str]:
+    """The keys `classify` may return an AdapterKey for or raise on, tested without a regular expression (a large MoE
+    checkpoint has 10^5 keys of extra state): an adapter key ends in its leaf's fixed end (or holds a newline, before
+    which `$` matches too), and classify raises only for keys holding `.lora_A.` or `.lora_B.`."""
+    ends = _leaf_ends()
+    return [key for key in keys if key.endswith(ends) or "\n" in key or ".lora_A." in key or ".lora_B." in key]
 
 
 def classify(key: str) -> AdapterKey | None:
