@@ -308,3 +308,23 @@ def test_copies_into_the_payload_write_the_bytes_tensor_placements_write(tmp_pat
     assert files == sorted(p.name for p in (tmp_path / "copied").iterdir()) and "adapter_model.safetensors" in files
     for name in files:
         assert (tmp_path / "copied" / name).read_bytes() == (tmp_path / "placed" / name).read_bytes(), name
+
+
+def test_a_short_positional_read_is_finished_and_a_file_shrunk_while_read_refused(tmp_path, monkeypatch):
+    """RegularFile.read takes one positional read's bytes; when it comes back short the rest is read after it, and
+    a file that ends before the size it had when opened is refused."""
+    import os
+
+    from megatron_peft_export.io import safe_read
+    from megatron_peft_export.io.safe_read import open_regular
+
+    data = bytes(range(256)) * 40
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    pread = os.pread
+    monkeypatch.setattr(safe_read.os, "pread", lambda fd, n, at: pread(fd, min(n, 1000), at))
+    with open_regular(path, error=CheckpointError) as f:
+        assert f.read() == data and f.read(300, 5000) == data[300:5300]
+        path.write_bytes(data[:3000])  # shrinks the open file
+        with pytest.raises(CheckpointError, match="ends at byte 3000, expected at least 10240"):
+            f.read()
