@@ -141,7 +141,7 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
         mark = "{" + axis + "}"
         out = [(index + (n,), module.replace(mark, str(n))) for index, module in out for n in range(count)]
     for axis in "ie":
-        if axis not in axes and not (shared and axis == "e"):
+        if axis not in axes and not (shared and axis == "e") and "{" + axis + "}" in found.module:
             out = [(index, module.replace("{" + axis + "}", "None")) for index, module in out]
     if shared:
         out = [(index, module.replace("{e}", str(e))) for index, module in out for e in range(num_experts)]

@@ -1,6 +1,7 @@
-"""The payload segments of a checkpoint key (`offline.export._key_segments`, computed once per form of placement and
-stamped out per shard) copy exactly the bytes `apply_placements` copies: both are applied here, to random data, and
-the payloads compared, for stacked and unstacked keys, row ranges, and chunks whose bounds cut through placements."""
+"""The payload segments of a checkpoint key (`offline.export._key_segments`, computed on arrays per form of shard)
+copy exactly the bytes `apply_placements` copies: both are applied here, to random data, and the payloads compared,
+for stacked and unstacked keys, row ranges, shards of several forms, chunks listed in any order and chunks whose bounds
+cut through placements."""
 
 import math
 
@@ -20,7 +21,7 @@ def _shard(key, index, rows, shape):
     return OfflineShard(spec, key, index, rows)
 
 
-def _case(stacked: bool, cuts: list[int]):
+def _case(stacked: bool, cuts: list[int], shuffled: bool = False, mixed: bool = False):
     """A key [experts, 6, 3] (or [12, 3]) and its shards' placements into HF tensors [4, 3] and [8, 3] (rows taken
     in two pieces, the second half first, as a de-interleave does)."""
     size = (5, 6, 3) if stacked else (12, 3)
@@ -28,11 +29,12 @@ def _case(stacked: bool, cuts: list[int]):
     chunks = tuple(
         Chunk((lo,) + (0,) * (len(size) - 1), (hi - lo, *size[1:])) for lo, hi in zip(bounds, bounds[1:]) if hi > lo
     )
-    entry = TensorEntry(torch.float32, size, chunks)
+    entry = TensorEntry(torch.float32, size, tuple(reversed(chunks)) if shuffled else chunks)
     placed, entries = [], {}
     for n in range(size[0] if stacked else 1):
         index = (n,) if stacked else ()
         rows = ((3, 3), (0, 3)) if stacked else ((6, 6), (0, 6))
+        rows = None if mixed and n % 2 else rows  # shards of two forms
         local = 6 if stacked else 12
         a, b = f"e{n}.a", f"e{n}.b"
         entries[a], entries[b] = (torch.float32, (local // 3, 3)), (torch.float32, (2 * local // 3, 3))
@@ -47,8 +49,9 @@ def _case(stacked: bool, cuts: list[int]):
 @pytest.mark.parametrize(
     "stacked, cuts", [(True, []), (True, [2]), (True, [1, 4]), (False, []), (False, [5]), (False, [2, 7, 8])]
 )
-def test_segments_copy_what_apply_placements_copies(stacked, cuts):
-    entry, placed, entries = _case(stacked, cuts)
+@pytest.mark.parametrize("shuffled, mixed", [(False, False), (True, False), (True, True)])
+def test_segments_copy_what_apply_placements_copies(stacked, cuts, shuffled, mixed):
+    entry, placed, entries = _case(stacked, cuts, shuffled, mixed)
     data = torch.randn(entry.size)
     expected = safetensors_out.allocate(entries)
     for shard, placements in placed:
