@@ -213,13 +213,16 @@ static Seq *seq_new(R *r, Seq **seqs, size_t *n, size_t *cap, uint32_t *id) {
     return s;
 }
 
-/* room for one more entry of `width` words at the end of a sequence of the pool (moved to the pool's end when full) */
-static int seq_room(R *r, Vals *pool, Seq *s, size_t width) {
+/* room for `more` entries of `width` words at the end of a sequence of the pool: grown in place at the pool's end,
+ * else moved to the pool's end; to exactly what is asked the first time (a dict filled by one SETITEMS), else to
+ * twice its capacity or more */
+static int seq_room(R *r, Vals *pool, Seq *s, size_t width, size_t more) {
     uint32_t cap = s->cap & ~DICT_FLAGS, flags = s->cap & DICT_FLAGS;
-    if (s->len < cap) return 0;
-    size_t ncap = cap ? (size_t)cap * 2 : 4;
+    if ((size_t)s->len + more <= cap) return 0;
+    size_t ncap = cap ? (size_t)cap * 2 : 0;
+    if (ncap < (size_t)s->len + more) ncap = (size_t)s->len + more;
     if (ncap > MAX_SPAN_LEN) return DECLINE(r, "a container too large");
-    if (s->start + (size_t)cap * width == pool->n && cap) { /* at the pool's end: grow in place */
+    if (cap && s->start + (size_t)cap * width == pool->n) { /* at the pool's end: grown in place */
         if (grow((void **)&pool->v, &pool->cap, pool->n + (ncap - cap) * width, sizeof(V)) < 0)
             return DECLINE(r, "out of memory");
         pool->n += (ncap - cap) * width;
@@ -289,7 +292,7 @@ static int dict_set(R *r, uint32_t id, V key, V value) {
                 return 0;
             }
     }
-    if (seq_room(r, &r->dict_pool, s, 2) < 0) return -1;
+    if (seq_room(r, &r->dict_pool, s, 2, 1) < 0) return -1;
     e = r->dict_pool.v + s->start;
     e[2 * s->len] = key;
     e[2 * s->len + 1] = value;
@@ -485,6 +488,7 @@ static int setitems(R *r, size_t x) { /* do_setitems: the pairs above x into the
     if (TAG(target) != T_DICT) return DECLINE(r, "SETITEMS on something not a dict");
     uint32_t id = (uint32_t)PAY(target);
     if (r->dicts[id].cap & DICT_LENT) return DECLINE(r, "SETITEMS on a dict a BUILD read");
+    if (seq_room(r, &r->dict_pool, &r->dicts[id], 2, (len - x) / 2) < 0) return -1;
     for (size_t i = x; i < len; i += 2)
         if (dict_set(r, id, r->stack.v[i], r->stack.v[i + 1]) < 0) return -1;
     r->stack.n = x;
@@ -499,7 +503,7 @@ static int appends(R *r, size_t x) { /* do_append */
     if (TAG(target) != T_LIST) return DECLINE(r, "APPENDS on something not a list");
     Seq *s = &r->lists[PAY(target)];
     for (size_t i = x; i < len; i++) {
-        if (seq_room(r, &r->list_pool, s, 1) < 0) return -1;
+        if (seq_room(r, &r->list_pool, s, 1, len - i) < 0) return -1;
         r->list_pool.v[s->start + s->len++] = r->stack.v[i];
     }
     r->stack.n = x;
@@ -1190,6 +1194,8 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
         status = DECLINE(&r, "the data too large");
     else {
         status = run(&r);
+        free(r.memo.v); /* what extract reads is reachable from the root */
+        r.memo.v = NULL;
         if (status == 0) status = extract(&r, &o);
     }
     /* the graph is not needed past here: what is kept is in `o`, strings as offsets into the data */

@@ -402,7 +402,7 @@ class StoredItems(Mapping):
     `_compact_groups` of the C reader's arrays."""
 
     def __init__(self, keys: Converted) -> None:
-        self._keys = keys
+        self._keys, self._done = keys, keys._done
 
     def __getitem__(self, key: tuple[str, tuple[int, ...] | None]) -> StoredItem:
         fqn, offsets = key
@@ -411,10 +411,14 @@ class StoredItems(Mapping):
         return self._keys[fqn][offsets]
 
     def get(self, key: tuple[str, tuple[int, ...] | None], default: Any = None) -> Any:
+        """As Mapping.get (a key's items refused raise, as when read), one lookup once its items are converted."""
         fqn, offsets = key
-        if fqn not in self._keys:
-            return default
-        return self._keys[fqn].get(offsets, default)
+        group = self._done.get(fqn)
+        if group is None:
+            if fqn not in self._keys:
+                return default
+            group = self._keys[fqn]
+        return group.get(offsets, default)
 
     def __iter__(self) -> Iterator[tuple[str, tuple[int, ...] | None]]:
         return ((fqn, offsets) for fqn in self._keys for offsets in self._keys[fqn])
