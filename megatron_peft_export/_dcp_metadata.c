@@ -35,7 +35,8 @@ enum {
 #define MAX_START 0xffffffffu
 #define INT_LIMIT ((int64_t)1 << 59) /* ints held are in [-INT_LIMIT, INT_LIMIT) */
 
-/* globals, records (the order Python gives them in) */
+/* what a global is, the record classes read, how a record takes its state: numbered as dcp_metadata.py's
+ * _GLOBAL_KINDS, _READ_KINDS and _BEHAVIOURS */
 enum { G_RECORD, G_DROPPED, G_SIZE, G_DTYPE, G_OPAQUE, G_GET_LAYOUT, G_OTHER };
 enum { K_METADATA, K_TENSOR, K_BYTES, K_CHUNK, K_PROPERTIES, K_INDEX, K_INFO, K_COUNT_READ };
 enum { B_PLAIN, B_STATE, B_CALLED };

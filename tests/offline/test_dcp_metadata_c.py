@@ -375,7 +375,7 @@ def test_the_c_reader_knows_only_the_globals_find_class_allows():
     unpickler = dcp_metadata._MetadataUnpickler(io.BytesIO(b""))
     for module, name, kind, arg in tables[0]:
         found = unpickler.find_class(module.decode(), name.decode())
-        if kind == 3:
+        if kind == dcp_metadata._GLOBAL_KINDS.index("dtype"):
             assert found is dtypes[arg]
     assert torch.bfloat16 in dtypes and torch.float32 in dtypes
     names = {(m.decode(), n.decode()) for m, n, *_ in tables[0]}
