@@ -1,8 +1,12 @@
-"""The optional C walk of check_pickle (megatron_peft_export/_pickle_walk.c): built by `pip install -e .` when a C
-compiler and Python's headers are there; without it check_pickle runs the same walk in Python (slower)."""
+"""The optional C parts (built by `pip install -e .` when a C compiler and Python's headers are there; without them the
+same work runs in Python, slower): check_pickle's walk (megatron_peft_export/_pickle_walk.c) and the `.metadata`
+reader (megatron_peft_export/_dcp_metadata.c)."""
 
 from setuptools import Extension, setup
 
 setup(
-    ext_modules=[Extension("megatron_peft_export._pickle_walk", ["megatron_peft_export/_pickle_walk.c"], optional=True)]
+    ext_modules=[
+        Extension("megatron_peft_export._pickle_walk", ["megatron_peft_export/_pickle_walk.c"], optional=True),
+        Extension("megatron_peft_export._dcp_metadata", ["megatron_peft_export/_dcp_metadata.c"], optional=True),
+    ]
 )

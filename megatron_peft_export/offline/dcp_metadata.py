@@ -17,7 +17,10 @@ asked for is refused with the same message either way.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
+import logging
 import math
 import pickle
 from collections import OrderedDict
@@ -32,6 +35,7 @@ from ..core.brief import brief
 from ..export import paused_collection
 from ..io.torch_save import LAYOUT, Sealed, check_pickle
 
+log = logging.getLogger("megatron_peft_export")
 _DCP = "torch.distributed.checkpoint."
 _RECORDED = {
     (_DCP + "metadata", name)
@@ -46,24 +50,29 @@ _RECORDED = {
         "StorageMeta",
     )
 } | {(_DCP + "filesystem", "_StorageInfo")}
-_FIELDS = {
-    "Metadata": {
+_FIELD_ORDER = {
+    "Metadata": (
         "state_dict_metadata",
-        "planner_data",
         "storage_data",
+        "planner_data",
         "storage_meta",
         "version",
-        "all_local_plans",
-    },  # the last: Megatron's
-    "TensorStorageMetadata": {"properties", "size", "chunks"},
-    "BytesStorageMetadata": set(),
-    "ChunkStorageMetadata": {"offsets", "sizes"},
-    "TensorProperties": {"dtype", "layout", "requires_grad", "memory_format", "pin_memory"},
-    "MetadataIndex": {"fqn", "offset", "index"},
-    "_StorageInfo": {"relative_path", "offset", "length", "transform_descriptors"},
+        "all_local_plans",  # Megatron's
+    ),
+    "TensorStorageMetadata": ("properties", "size", "chunks"),
+    "BytesStorageMetadata": (),
+    "ChunkStorageMetadata": ("offsets", "sizes"),
+    # torch's __getstate__ gives them as a tuple in this order
+    "TensorProperties": ("dtype", "layout", "requires_grad", "memory_format", "pin_memory"),
+    "MetadataIndex": ("fqn", "offset", "index"),
+    "_StorageInfo": ("relative_path", "offset", "length", "transform_descriptors"),
 }
+"""The fields each record class may have (the C reader takes them in this order: what it reads first)."""
+_FIELDS = {name: set(fields) for name, fields in _FIELD_ORDER.items()}
 MAX_DIMS = 64
 MAX_EXTENT = 1 << 48
+MAX_CHUNK_LIST = 1 << 20
+"""Chunks one tensor entry may list."""
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -278,13 +287,16 @@ _TENSOR, _BYTES, _CHUNK, _PROPERTIES = (
 _INDEX, _INFO, _METADATA = _BY_NAME["MetadataIndex"], _BY_NAME["_StorageInfo"], _BY_NAME["Metadata"]
 
 
+_PROPERTIES_FIELDS = _FIELD_ORDER["TensorProperties"]
+
+
 def _dtype(properties: Any) -> torch.dtype:
     if type(properties) is not _PROPERTIES or properties.__dict__.keys() != {"__state__"}:
         raise MetadataError(f"properties: expected TensorProperties, found {_describe(properties)}")
     state = properties.__state__
-    # torch's __getstate__: (dtype, layout, requires_grad, memory format, pin_memory)
-    if type(state) is tuple and len(state) == 5:
-        dtype = state[0]
+    # torch's __getstate__: the fields as a tuple, in _FIELD_ORDER's order
+    if type(state) is tuple and len(state) == len(_PROPERTIES_FIELDS):
+        dtype = state[_PROPERTIES_FIELDS.index("dtype")]
     elif type(state) is dict and state.keys() <= _FIELDS["TensorProperties"]:
         dtype = state.get("dtype")
     else:
@@ -309,7 +321,7 @@ def _tensor(record: Any) -> TensorEntry:
     size = _size(record)
     state = record.__dict__
     chunks = state["chunks"]
-    if type(chunks) is not list or len(chunks) > 1 << 20:
+    if type(chunks) is not list or len(chunks) > MAX_CHUNK_LIST:
         raise MetadataError(f"chunks: expected a list, found {_describe(chunks)}")
     parsed = []
     for n, chunk in enumerate(chunks):
@@ -386,33 +398,27 @@ def _items(pairs: list[tuple[Any, Any]], names: set[str]) -> dict[tuple[int, ...
 
 class StoredItems(Mapping):
     """storage_data as (key, chunk offsets) -> StoredItem: its entries grouped by key when parsed, a key's group
-    converted by `_items` when one of its items is first read.
+    converted (to chunk offsets -> StoredItem) when one of its items is first read: `_groups` of the records, or
+    `_compact_groups` of the C reader's arrays."""
 
-    When parsed, every entry's index must name a key and every data file name must be plain (refused then, as a
-    hostile file is refused whatever key it is stored for): the first entry naming each file is checked whole by
-    `_item`."""
-
-    def __init__(self, storage: dict) -> None:
-        groups: dict[str, list[tuple[Any, Any]]] = {}
-        names: set[str] = set()
-        for index, info in storage.items():
-            fqn = index.__dict__.get("fqn") if type(index) is _INDEX else None
-            path = info.__dict__.get("relative_path") if type(info) is _INFO else None
-            if type(fqn) is not str or type(path) is not str or path not in names:
-                _, item = _item(index, info)  # refuses it, saying why
-                names.add(item.relative_path)
-            group = groups.get(fqn)
-            if group is None:
-                groups[fqn] = [(index, info)]
-            else:
-                group.append((index, info))
-        self._keys = Converted(groups, lambda key, pairs: _items(pairs, names))
+    def __init__(self, keys: Converted) -> None:
+        self._keys, self._done = keys, keys._done
 
     def __getitem__(self, key: tuple[str, tuple[int, ...] | None]) -> StoredItem:
         fqn, offsets = key
         if fqn not in self._keys:
             raise KeyError(key)
         return self._keys[fqn][offsets]
+
+    def get(self, key: tuple[str, tuple[int, ...] | None], default: Any = None) -> Any:
+        """As Mapping.get (a key's items refused raise, as when read), one lookup once its items are converted."""
+        fqn, offsets = key
+        group = self._done.get(fqn)
+        if group is None:
+            if fqn not in self._keys:
+                return default
+            group = self._keys[fqn]
+        return group.get(offsets, default)
 
     def __iter__(self) -> Iterator[tuple[str, tuple[int, ...] | None]]:
         return ((fqn, offsets) for fqn in self._keys for offsets in self._keys[fqn])
@@ -421,17 +427,44 @@ class StoredItems(Mapping):
         return sum(len(self._keys[fqn]) for fqn in self._keys)
 
 
-def _unpickle(data: bytes) -> Any:
-    """The metadata's records: the whole pickle checked (torch_save.check_pickle), then read by the restricted
-    unpickler, Megatron's cached save plans (`all_local_plans`) included.
+def _groups(storage: dict) -> Converted:
+    """storage_data's records grouped by key, each group converted by `_items` when first read.
 
-    The plans are never used, but they are read all the same: a pickle can change what was read before (a memo
-    reference to a record, then BUILD or SETITEMS on it; the same field set again), so only the whole pickle is
-    what torch reads."""
+    When parsed, every entry's index must name a key and every data file name must be plain (refused then, as a
+    hostile file is refused whatever key it is stored for): the first entry naming each file is checked whole by
+    `_item`."""
+    groups: dict[str, list[tuple[Any, Any]]] = {}
+    names: set[str] = set()
+    for index, info in storage.items():
+        fqn = index.__dict__.get("fqn") if type(index) is _INDEX else None
+        path = info.__dict__.get("relative_path") if type(info) is _INFO else None
+        if type(fqn) is not str or type(path) is not str or path not in names:
+            _, item = _item(index, info)  # refuses it, saying why
+            names.add(item.relative_path)
+        group = groups.get(fqn)
+        if group is None:
+            groups[fqn] = [(index, info)]
+        else:
+            group.append((index, info))
+    return Converted(groups, lambda key, pairs: _items(pairs, names))
+
+
+def _checked(data: bytes) -> None:
+    """The whole pickle checked (torch_save.check_pickle) before either reader reads it."""
     try:
         check_pickle(data)
     except ValueError as exc:
         raise MetadataError(f"cannot be read (not a valid pickle: {exc}); is the checkpoint truncated?") from None
+
+
+def _unpickle(data: bytes) -> Any:
+    """The metadata's records: the whole pickle checked (_checked), then read by the restricted unpickler,
+    Megatron's cached save plans (`all_local_plans`) included.
+
+    The plans are never used, but they are read all the same: a pickle can change what was read before (a memo
+    reference to a record, then BUILD or SETITEMS on it; the same field set again), so only the whole pickle is
+    what torch reads."""
+    _checked(data)
     return _MetadataUnpickler(io.BytesIO(data)).load()
 
 
@@ -451,13 +484,26 @@ def _sections(root: Any) -> tuple[dict, dict]:
 
 
 def parse_metadata(data: bytes) -> CheckpointMetadata:
-    """`.metadata`'s bytes -> CheckpointMetadata. Raises RefusedGlobal, MetadataError, or the unpickler's errors."""
+    """`.metadata`'s bytes -> CheckpointMetadata. Raises RefusedGlobal, MetadataError, or the unpickler's errors.
+
+    The pickle is checked (_checked), then read by the C reader (`_dcp_metadata`, built with the package) when it is
+    there and reads it, else by the restricted unpickler and the checks here (the reference: the C reader reads only
+    what those accept, the same facts, and declines anything else)."""
     with paused_collection():
-        return _parse(data)
+        _checked(data)
+        parsed = _read_compact(data)
+        if parsed is None:
+            parsed = _parse_records(_MetadataUnpickler(io.BytesIO(data)).load())
+        return parsed
 
 
 def _parse(data: bytes) -> CheckpointMetadata:
-    entries, storage = _sections(_unpickle(data))
+    """The reference: the pickle checked and read by the restricted unpickler and the checks here."""
+    return _parse_records(_unpickle(data))
+
+
+def _parse_records(root: Any) -> CheckpointMetadata:
+    entries, storage = _sections(root)
     tensors, sizes, byte_keys = {}, {}, set()
     for key, entry in entries.items():
         if type(key) is not str:
@@ -471,7 +517,9 @@ def _parse(data: bytes) -> CheckpointMetadata:
                 tensors[key] = entry
         except MetadataError as exc:
             raise MetadataError(f"{'entry' if type(entry) is _BYTES else 'tensor'} {key}: {exc}") from None
-    return CheckpointMetadata(Converted(tensors, _converted_tensor), sizes, frozenset(byte_keys), StoredItems(storage))
+    return CheckpointMetadata(
+        Converted(tensors, _converted_tensor), sizes, frozenset(byte_keys), StoredItems(_groups(storage))
+    )
 
 
 def _converted_tensor(key: str, record: Any) -> TensorEntry:
@@ -479,3 +527,136 @@ def _converted_tensor(key: str, record: Any) -> TensorEntry:
         return _tensor(record)
     except MetadataError as exc:
         raise MetadataError(f"tensor {key}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------------- the C reader
+# megatron_peft_export/_dcp_metadata.c reads the whole pickle as the unpickler above does into a compact graph and
+# gives back arrays of what CheckpointMetadata holds; it reads only pickles every check here accepts (every key's
+# chunks and stored items included) and declines anything else, and then the Python path reads it. Its facts are
+# the tables below, derived from find_class and the field lists.
+
+_READ_KINDS = (
+    "Metadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "MetadataIndex",
+    "_StorageInfo",
+)
+"""The record classes the C reader reads fields of, in the order it knows them; the others follow."""
+_BEHAVIOURS = ("plain", "state", "called")
+"""How a record class takes its state (a BUILD's dict, __setstate__, call arguments), numbered as the C reader's B_."""
+_GLOBAL_KINDS = ("record", "dropped", "size", "dtype", "opaque", "get_layout", "other")
+"""What an allowed global is, numbered as the C reader's G_ (opaque: a layout or memory format, never called; other:
+a class it does not model, declined when called)."""
+
+
+@functools.cache
+def _reader() -> Any:
+    """The C reader's module (`megatron_peft_export._dcp_metadata`, built by `pip install -e .`), or None when it was
+    not built (then the Python path reads every metadata)."""
+    try:
+        reader = importlib.import_module("megatron_peft_export._dcp_metadata")
+    except ImportError as exc:
+        log.warning(
+            "reading checkpoint metadata in Python, ~3x the time and memory of the C reader, which was not "
+            "built (%s): reinstall with a C compiler (pip install -e . or the wheel) to read large checkpoints fast",
+            exc,
+        )
+        return None
+    return reader
+
+
+@functools.cache
+def _reader_tables() -> tuple[tuple, tuple[torch.dtype, ...]]:
+    """The C reader's tables (see _dcp_metadata.c's load_tables) and its dtypes by number. The allowed globals are
+    those find_class gives (every name it could allow is asked), each said what it is."""
+    kinds = _READ_KINDS + tuple(sorted(set(_BY_NAME) - set(_READ_KINDS)))
+    behaviours = tuple(
+        _BEHAVIOURS.index(
+            "called"
+            if issubclass(_BY_NAME[k], CalledRecord)
+            else "state"
+            if issubclass(_BY_NAME[k], StateRecord)
+            else "plain"
+        )
+        for k in kinds
+    )
+    fields = tuple(tuple(name.encode() for name in _FIELD_ORDER.get(k, ())) for k in kinds)
+    candidates = [
+        *sorted(_RECORDED),
+        *((_DCP + "planner", name) for name in sorted(_PLANNER)),
+        *(("torch", name) for name in list(torch.__dict__) if type(name) is str),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+    ]
+    unpickler = _MetadataUnpickler(io.BytesIO(b""))
+    found_globals, dtypes = [], []
+    for module, name in candidates:
+        try:
+            found = unpickler.find_class(module, name)
+        except RefusedGlobal:
+            continue
+        arg = 0
+        if isinstance(found, type) and issubclass(found, Record):
+            kind, arg = "record", kinds.index(found.class_name)
+        elif found is Dropped:
+            kind = "dropped"
+        elif found is torch.Size:
+            kind = "size"
+        elif isinstance(found, torch.dtype):
+            kind, arg = "dtype", len(dtypes)
+            dtypes.append(found)
+        elif isinstance(found, (torch.layout, torch.memory_format)):
+            kind = "opaque"
+        elif found is LAYOUT:
+            kind = "get_layout"
+        else:
+            kind = "other"  # OrderedDict
+        found_globals.append((module.encode(), name.encode(), _GLOBAL_KINDS.index(kind), arg))
+    limits = (
+        MAX_DIMS,
+        MAX_EXTENT,
+        MAX_CHUNK_LIST,
+        pickle.HIGHEST_PROTOCOL,
+        len(_PROPERTIES_FIELDS),
+        _PROPERTIES_FIELDS.index("dtype"),
+    )
+    layouts = tuple(name.encode() for name in LAYOUT.__self__)
+    return (tuple(found_globals), behaviours, fields, layouts, limits), tuple(dtypes)
+
+
+def _read_compact(data: bytes) -> CheckpointMetadata | None:
+    """The C reader's CheckpointMetadata of an already checked pickle, or None when it declines (or is not built)."""
+    reader = _reader()
+    if reader is None:
+        return None
+    tables, dtypes = _reader_tables()
+    found = reader.read(data, tables)
+    if type(found) is str:
+        log.debug("checkpoint metadata read in Python: the C reader declined it (%s)", found)
+        return None
+    keys, tensors, chunks, groups, items, offsets, paths = found
+    if not all(plain_file_name(path) for path in paths):
+        return None  # the Python path refuses it, saying why
+    sizes, raw = {}, {}
+    for at, (dtype, size, first, count) in tensors.items():
+        key = keys[at]
+        sizes[key] = size
+        raw[key] = (dtypes[dtype], size, first, count)
+    byte_keys = frozenset(key for at, key in enumerate(keys) if at not in tensors)
+
+    def tensor(key: str, row: tuple) -> TensorEntry:
+        dtype, size, first, count = row
+        return TensorEntry(dtype, size, reader.chunks(chunks, first, count, len(size), Chunk))
+
+    def stored(fqn: str, span: tuple[int, int]) -> dict:
+        return reader.items(items, offsets, *span, paths, StoredItem)
+
+    return CheckpointMetadata(
+        Converted(raw, tensor),
+        sizes,
+        byte_keys,
+        StoredItems(Converted({fqn: (first, count) for fqn, first, count in groups}, stored)),
+    )
