@@ -321,16 +321,14 @@ class TorchDistReader:
         `_refuse_items`, which names the first."""
         table = _chunk_table(entry)
         self._check_chunks(key, entry, table)
-        items = self._metadata.items
+        get = self._metadata.items.get
         try:
-            found = [items[key, offsets] for offsets, _ in entry.chunks]
-        except KeyError:
-            found = None
+            found = [get((key, offsets)) for offsets, _ in entry.chunks]
         except Exception as exc:
             raise self._unreadable(exc) from None
+        if None in found:
+            self._refuse_items(key)
         if not found:
-            if found is None:
-                self._refuse_items(key)
             empty = np.empty(0, dtype=np.int64)
             return _Stored(empty, empty, empty, empty, None), empty
         paths, starts, lengths, transforms = zip(*found)
