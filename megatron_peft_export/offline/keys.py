@@ -191,22 +191,33 @@ def offline_shards(
             dtype=dtype,
         )
         templates.append((spec, rows))
-    key = found.key
-    return [
-        OfflineShard(_with_module(spec, module), key, index, rows)
-        for index, module in matrices
-        for spec, rows in templates
-    ]
+    return _shards_like(templates, matrices, found.key)
 
 
-def _with_module(spec: ShardSpec, module: str) -> ShardSpec:
-    """`spec` on another module: equal to `dataclasses.replace(spec, module=module)`, made without running its
-    __init__ (10^5 specs of an MoE checkpoint; a spec has no __post_init__ to run)."""
-    if _PLAIN_SPEC:
-        copy = object.__new__(ShardSpec)
-        copy.__dict__.update(spec.__dict__, module=module)
-        return copy
-    return replace(spec, module=module)
+def _shards_like(
+    templates: list[tuple[ShardSpec, tuple[tuple[int, int], ...] | None]],
+    matrices: list[tuple[tuple[int, ...], str]],
+    key: str,
+) -> list[OfflineShard]:
+    """Each matrix's shards: the templates' specs on its module, each equal to `dataclasses.replace(spec,
+    module=module)`, made without running ShardSpec's __init__ (10^5 specs of an MoE checkpoint; a spec has no
+    __post_init__ to run) and OfflineShard's Python __new__."""
+    if not _PLAIN_SPEC:
+        return [
+            OfflineShard(replace(spec, module=module), key, index, rows)
+            for index, module in matrices
+            for spec, rows in templates
+        ]
+    new, make = object.__new__, tuple.__new__
+    out = []
+    for index, module in matrices:
+        for spec, rows in templates:
+            copy = new(ShardSpec)
+            state = copy.__dict__
+            state.update(spec.__dict__)
+            state["module"] = module
+            out.append(make(OfflineShard, (copy, key, index, rows)))
+    return out
 
 
 _PLAIN_SPEC = not hasattr(ShardSpec, "__post_init__") and not hasattr(ShardSpec, "__slots__")
