@@ -24,7 +24,7 @@ import torch
 from . import distributed as coll
 from .compat import log_findings
 from .core.archs import ArchMap
-from .core.experts import fuse_experts, fused_layout, refuse_missing_layout
+from .core.experts import FusedLayout, fuse_experts, fused_layout, refuse_missing_layout
 from .core.geometry import ModelGeometry
 from .core.options import check_fields, config_class
 from .core.peft_format import adapter_config, model_card
@@ -187,7 +187,8 @@ class _Planned:
     fused: Any = None
     """`fused_layout` of the plan, once `allocate_adapter` has asked for it (False: not the plain case)."""
     own: tuple | None = None
-    """The writer's own placements (`_own_slices`), once `_copy_own` has listed them."""
+    """(whether the fused tensors were stacked, the writer's own placements: `_own_slices`), once `_copy_own` has
+    listed them."""
 
 
 _PLANS_KEPT = 8
@@ -330,7 +331,7 @@ def _gather(
         mine = rank == WRITER
         if mine and failure is None:
             try:
-                if _copy_own(snapshot, planned, positions, allocated.targets):
+                if _copy_own(snapshot, planned, positions, allocated):
                     continue
             except Exception as exc:
                 failure = exc
@@ -368,57 +369,141 @@ def _gather(
 _IS_CPU = operator.attrgetter("is_cpu")
 
 
-def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], targets: dict[str, torch.Tensor]) -> bool:
+def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], allocated: Allocated) -> bool:
     """The writer's own shards into the HF tensors, when all are in host memory (else False: the caller copies them
-    shard by shard, each off the device in turn): every placement's views (`placement_views`' copies) made from the
-    slices of the plan listed once (`_Planned.own`: the whole-shard-to-whole-tensor ones looked up by C-level maps,
-    the others narrowed in one loop), then one bulk copy."""
+    shard by shard, each off the device in turn), from the slices of the plan listed once (`_Planned.own`,
+    `_own_slices`): each fused expert tensor whose experts are all whole shards of this rank stacked into its place
+    in the file's payload (one `torch.stack` per fused tensor, no per-expert view); the whole-shard-to-whole-tensor
+    placements looked up by C-level maps, the others narrowed in one loop, then one bulk copy."""
     shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
     if not all(map(_IS_CPU, shards)):
         return False
-    if planned.own is None:
-        planned.own = _own_slices(planned, positions)
-    whole_keys, whole_shards, partial = planned.own
+    stacking = allocated.layout is not None
+    if planned.own is None or planned.own[0] != stacking:
+        planned.own = (stacking, _own_slices(planned, positions, allocated.layout))
+    stacks, whole_keys, whole_shards, partial, per_expert_views = planned.own[1]
+    targets = allocated.targets if per_expert_views else allocated.written  # the same tensors for every plain key
+    written = allocated.written
     dst, src = list(map(targets.__getitem__, whole_keys)), list(map(shards.__getitem__, whole_shards))
     with torch.no_grad():
+        for key, shape, dim, members in stacks:
+            out, stacked = written[key].view(shape), list(map(shards.__getitem__, members))
+            if out.dtype == stacked[0].dtype:
+                torch.stack(stacked, dim, out=out)
+            else:  # converted as every other copy converts
+                out.copy_(torch.stack(stacked, dim))
         for k, key, dim, dst_start, src_start, length, whole_dst, whole_src in partial:
             target, shard = targets[key], shards[k]
             dst.append(target if whole_dst else target.narrow(dim, dst_start, length))
             src.append(shard if whole_src else shard.narrow(dim, src_start, length))
-        torch._foreach_copy_(dst, src)
+        if dst:  # none when every placement was stacked
+            torch._foreach_copy_(dst, src)
     return True
 
 
-def _own_slices(planned: _Planned, positions: list[int]) -> tuple[list[str], list[int], list[tuple]]:
-    """The writer's placements: (HF keys, shard positions) of those that copy a whole shard into a whole HF tensor,
-    and each other one as (shard position among the writer's shards, HF key, dim, destination start, source start,
-    length, whole destination, whole source)."""
-    whole_keys: list[str] = []
-    whole_shards: list[int] = []
-    partial: list[tuple] = []
+def _own_slices(planned: _Planned, positions: list[int], layout: FusedLayout | None) -> tuple:
+    """The writer's placements, listed for `_copy_own`: (stacks, HF keys, shard positions, partial, per-expert views)
+    where `stacks` are the fused tensors of `layout` filled by stacking whole shards (`_stacks`: fused key, the shape it
+    is viewed as, the stacking dim, the shard positions in expert order), (HF keys, shard positions) the other
+    placements that copy a whole shard into a whole HF tensor, `partial` each remaining one as (shard position among
+    the writer's shards, HF key, dim, destination start, source start, length, whole destination, whole source), and
+    whether any of those fills a per-expert view of a fused tensor (then `Allocated.targets` makes them)."""
+    views = layout.views if layout is not None else {}
     shapes = planned.plan.shapes
+    by_fused: dict[str, list] = {}
+    rest: list[tuple[int, Any, tuple]] = []
     for k, n in enumerate(positions):
         spec = planned.ordered[n][2]
         for p in planned.plan.placements[n]:
-            whole_dst = p.dst_start == 0 and p.length == shapes[p.key][p.dim]
-            whole_src = p.src_start == 0 and p.length == spec.shape[p.dim]
-            if whole_dst and whole_src:
-                whole_keys.append(p.key)
-                whole_shards.append(k)
+            view = views.get(p.key)
+            if view is None:
+                rest.append((k, p, spec.shape))
             else:
-                partial.append((k, p.key, p.dim, p.dst_start, p.src_start, p.length, whole_dst, whole_src))
-    return whole_keys, whole_shards, partial
+                by_fused.setdefault(view[0], []).append((view, k, p, spec.shape))
+    stacks = []
+    for key, entries in by_fused.items():
+        stack = _stacks(key, entries, layout, shapes)
+        if stack is None:
+            rest += [(k, p, shape) for _, k, p, shape in entries]
+        else:
+            stacks.append(stack)
+    whole_keys: list[str] = []
+    whole_shards: list[int] = []
+    partial: list[tuple] = []
+    for k, p, shard_shape in rest:
+        whole_dst = p.dst_start == 0 and p.length == shapes[p.key][p.dim]
+        whole_src = p.src_start == 0 and p.length == shard_shape[p.dim]
+        if whole_dst and whole_src:
+            whole_keys.append(p.key)
+            whole_shards.append(k)
+        else:
+            partial.append((k, p.key, p.dim, p.dst_start, p.src_start, p.length, whole_dst, whole_src))
+    per_expert_views = any(key in views for key in whole_keys) or any(item[1] in views for item in partial)
+    return stacks, whole_keys, whole_shards, partial, per_expert_views
+
+
+def _stacks(key: str, entries: list[tuple], layout: FusedLayout, shapes: dict) -> tuple | None:
+    """How the fused tensor `key` is filled by stacking one whole shard per expert: (key, the shape it is viewed as,
+    the stacking dim, the shard position of each expert), or None when its placements are not that (an expert held by
+    another rank, a per-expert tensor filled from several shards or from a shard's slice it does not tile).
+
+    `entries`: (its `FusedLayout.views` entry, shard position, placement, shard shape) of every placement into one of
+    its per-expert views. peft's layout (core/experts.py): a fused lora_A [experts * r, in] is expert-major, the
+    experts' [r, in] stacked on a new first dim; a fused lora_B [out, r * experts] is rank-major, the experts'
+    [out, r] stacked on a new last dim, each expert's per-expert lora_B its consecutive row blocks."""
+    count, fused_shape = layout.experts[key], layout.shapes[key]
+    if key.endswith(".lora_A.weight"):
+        shape, dim = (count, fused_shape[0] // count, fused_shape[1]), 0
+        member = (shape[1], shape[2])
+    else:
+        shape, dim = (fused_shape[0], fused_shape[1] // count, count), 2
+        member = (shape[0], shape[1])
+    sources: list[Any] = [None] * count
+    rows: list[set] = [set() for _ in range(count)]
+    for (_, e, start, length), k, p, shard_shape in entries:
+        per_expert = shapes[p.key]
+        if p.dst_start != 0 or p.length != per_expert[p.dim] or tuple(shard_shape) != member:
+            return None
+        if p.dim == 0:
+            src_start = p.src_start
+        elif p.src_start == 0 and p.length == shard_shape[p.dim] and tuple(per_expert) == member:
+            src_start = 0  # the whole shard along another dim: its rows all
+        else:
+            return None
+        if src_start != start or tuple(per_expert) != (length, member[1]) or sources[e] not in (None, k):
+            return None
+        sources[e] = k
+        rows[e].add((start, length))
+    for e in range(count):
+        if sources[e] is None:
+            return None
+        ends = 0
+        for start, length in sorted(rows[e]):
+            if start != ends:
+                return None
+            ends = start + length
+        if ends != member[0]:
+            return None
+    return key, shape, dim, sources
 
 
 @dataclass
 class Allocated:
     """The writer's HF tensors: `written` (views of one buffer laid out as the file's payload) and `targets`, what the
-    plan's placements fill: the same tensors, or (fused experts) views of the fused ones in `written`."""
+    plan's placements fill: the same tensors, or (fused experts, `layout`) views of the fused ones in `written`, made
+    at first use (`_copy_own` stacks whole expert shards into the fused tensors without them)."""
 
-    targets: dict[str, torch.Tensor]
     written: dict[str, torch.Tensor]
     fused: dict[str, list[str]] | None
     """Per fused parameter, the per-expert modules it replaces, when `written` is in the fused layout already."""
+    layout: FusedLayout | None = None
+    _targets: dict[str, torch.Tensor] | None = None
+
+    @property
+    def targets(self) -> dict[str, torch.Tensor]:
+        if self._targets is None:
+            self._targets = self.written if self.layout is None else self.layout.targets(self.written)
+        return self._targets
 
 
 def _fuses(options: ExportOptions, names: Naming) -> bool:
@@ -441,9 +526,9 @@ def allocate_adapter(planned: _Planned, options: ExportOptions, dtype: torch.dty
             written = safetensors_out.allocate(
                 {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
             )
-            return Allocated(layout.targets(written), written, layout.replaced)
+            return Allocated(written, layout.replaced, layout)
     tensors = safetensors_out.allocate_plan(plan, dtype)
-    return Allocated(tensors, tensors, None)
+    return Allocated(tensors, None)
 
 
 @paused_collection()

@@ -356,12 +356,12 @@ def _own_copies_run(rank, world):
         fast, simple = (ex.allocate_adapter(planned, options, None) for _ in range(2))
         for t in (*fast.written.values(), *simple.written.values()):
             t.fill_(-7.0)  # what the other rank fills stays -7 in both
-        assert ex._copy_own(snapshot, planned, positions, fast.targets)
+        assert ex._copy_own(snapshot, planned, positions, fast)
         for n in positions:  # the simple path: each shard's placements, one by one
             apply_placements(
                 simple.targets, planned.plan.placements[n], snapshot.shards[planned.ordered[n][1]].tensor.detach()
             )
-        narrowed = len(planned.own[2])  # placements that copy a slice
+        narrowed = len(planned.own[1][3])  # placements that copy a slice
         same = all(torch.equal(fast.written[k], simple.written[k]) for k in simple.written)
         results.append((build, same, narrowed))
     dist.barrier()
