@@ -7,6 +7,7 @@ and runs the rest in the background on its own process group.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
@@ -186,9 +187,13 @@ class _Planned:
     names: Naming
     fused: Any = None
     """`fused_layout` of the plan, once `allocate_adapter` has asked for it (False: not the plain case)."""
-    own: tuple | None = None
-    """(whether the fused tensors were stacked, the writer's own placements: `_own_slices`), once `_copy_own` has
-    listed them."""
+    configs: dict = field(default_factory=dict)
+    """The adapter configs of the plan (`stage_adapter`)."""
+    ranks: dict | None = None
+    """Each rank's positions in `ordered` and transfers (`_ranks`), once `_gather` has listed them."""
+    own: dict = field(default_factory=dict)
+    """((rank, transfer), whether fused tensors are stacked) -> those shards' placements (`_own_slices`), once `_place`
+    has listed them."""
 
 
 _PLANS_KEPT = 8
@@ -289,23 +294,33 @@ def stage_adapter(
     extra_files: dict[str, bytes] | None = None,
     quantization: str | None = None,
     fused: dict[str, list[str]] | None = None,
+    configs: dict | None = None,
 ) -> None:
     """Write config, card and weights into the staging directory (MoE experts in the chosen layout, ranks padded when
-    asked). `fused` (from `allocate_adapter`): `tensors` are in the fused layout already.
+    asked). `fused` (from `allocate_adapter`): `tensors` are in the fused layout already. `configs` (held with the
+    plan, `_Planned.configs`): the adapter configs made of this very plan, reused (a copy) while it is not padded or
+    fused here.
 
     Logs what vLLM would refuse, serve wrong or need engine flags for in the result (`compat`, for the name map's
     family);
     `quantization` describes the base for the card.
     """
+    key = (options.base_model_name_or_path, names.arch.name, fused is not None)
     if fused is None and options.pad_rank_to is not None:
-        plan, tensors = pad_ranks(plan, tensors, options.pad_rank_to)
+        plan, tensors, configs = *pad_ranks(plan, tensors, options.pad_rank_to), None
     if fused is None and _fuses(options, names):
         tensors, fused = fuse_experts(
             plan, tensors, names.arch, names.geometry.num_experts
         )  # what vLLM makes of it: log_findings below
-    config = adapter_config(
-        plan, options.base_model_name_or_path, fused_experts=fused or None, model_type=names.arch.name
-    )
+        configs = None
+    config = None if configs is None else configs.get(key)
+    if config is None:
+        config = adapter_config(
+            plan, options.base_model_name_or_path, fused_experts=fused or None, model_type=names.arch.name
+        )
+        if configs is not None:
+            configs[key] = config
+    config = copy.deepcopy(config)
     log_findings(
         config,
         safetensors_out.shapes(tensors),
@@ -320,27 +335,25 @@ def _gather(
     snapshot: Snapshot, planned: _Planned, allocated: Allocated | None, group: Any, failure: Exception | None
 ) -> Exception | None:
     """The writer: receive every other rank's shards (one message per bucket) and place every shard into the HF
-    tensors (queued views, copied in bulk; its own shards in host memory by `_copy_own`). Every send is received,
-    even after a failure, so no sender hangs; the first failure is returned."""
+    tensors (`_place`: its own shards at once when they are in host memory, another rank's bucket by bucket as each
+    arrives; else queued views, copied in bulk). Every send is received, even after a failure, so no sender hangs; the
+    first failure is returned."""
     ordered, plan = planned.ordered, planned.plan
     copies = BulkCopy()
-    by_rank: dict[int, list[int]] = {}  # rank -> positions in `ordered` of its specs, in its order
-    for n, (rank, _, _) in enumerate(ordered):
-        by_rank.setdefault(rank, []).append(n)
-    for rank, positions in by_rank.items():
+    if planned.ranks is None:
+        planned.ranks = _ranks(ordered)
+    for rank, (positions, indices, buckets) in planned.ranks.items():
         mine = rank == WRITER
         if mine and failure is None:
             try:
-                if _copy_own(snapshot, planned, positions, allocated):
+                shards = list(map(_TENSOR, map(snapshot.shards.__getitem__, indices)))
+                if all(map(_IS_CPU, shards)):
+                    _place(shards, planned, (rank, None), positions, allocated)
                     continue
             except Exception as exc:
                 failure = exc
                 continue
-        for bucket in (
-            [range(len(positions))]
-            if mine
-            else coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions])
-        ):
+        for b, bucket in enumerate([range(len(positions))] if mine else buckets):
             specs = [ordered[positions[k]][2] for k in bucket]
             data = (
                 [None] * len(specs)
@@ -350,12 +363,13 @@ def _gather(
             if failure is not None:
                 continue
             try:
-                for k, shard in zip(bucket, data):
-                    n = positions[k]
-                    if shard is None:  # this rank's own shard: read in place when it is in host memory already
-                        shard = snapshot.shards[ordered[n][1]].tensor.detach()
-                        shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
-                    apply_placements(allocated.targets, plan.placements[n], shard, copies)  # copied every 64 MiB
+                if not mine:  # in host memory: placed as the writer's own shards are
+                    _place(data, planned, (rank, b), [positions[k] for k in bucket], allocated)
+                    continue
+                for k in bucket:  # the writer's own shards, each off the device in turn
+                    shard = snapshot.shards[indices[k]].tensor.detach()
+                    shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
+                    apply_placements(allocated.targets, plan.placements[positions[k]], shard, copies)
             except Exception as exc:
                 failure = exc
     if failure is None:
@@ -366,22 +380,40 @@ def _gather(
     return failure
 
 
-_IS_CPU = operator.attrgetter("is_cpu")
+def _ranks(ordered: list[tuple[int, int, ShardSpec]]) -> dict[int, tuple[list[int], list[int], list[list[int]]]]:
+    """rank -> (positions in `ordered` of its specs, their indices among its shards, its transfers: `coll.buckets` of
+    its specs, as it sends them), listed once per plan (`_Planned.ranks`)."""
+    by_rank: dict[int, tuple[list[int], list[int]]] = {}
+    for n, (rank, i, _) in enumerate(ordered):
+        positions, indices = by_rank.setdefault(rank, ([], []))
+        positions.append(n)
+        indices.append(i)
+    return {
+        rank: (
+            positions,
+            indices,
+            [] if rank == WRITER else coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions]),
+        )
+        for rank, (positions, indices) in by_rank.items()
+    }
 
 
-def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], allocated: Allocated) -> bool:
-    """The writer's own shards into the HF tensors, when all are in host memory (else False: the caller copies them
-    shard by shard, each off the device in turn), from the slices of the plan listed once (`_Planned.own`,
-    `_own_slices`): each fused expert tensor whose experts are all whole shards of this rank stacked into its place
-    in the file's payload (one `torch.stack` per fused tensor, no per-expert view); the whole-shard-to-whole-tensor
-    placements looked up by C-level maps, the others narrowed in one loop, then one bulk copy."""
-    shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
-    if not all(map(_IS_CPU, shards)):
-        return False
+_IS_CPU, _TENSOR = operator.attrgetter("is_cpu"), operator.attrgetter("tensor")
+
+
+def _place(
+    shards: list[torch.Tensor], planned: _Planned, which: tuple, positions: list[int], allocated: Allocated
+) -> None:
+    """Shards in host memory (`positions` in `ordered`) into the HF tensors, from their slices of the plan listed once
+    (`_Planned.own[which]`, `_own_slices`): each fused expert tensor whose experts are all whole shards among them
+    stacked into its place in the file's payload (one `torch.stack` per fused tensor, no per-expert view); the
+    whole-shard-to-whole-tensor placements looked up by C-level maps, the others narrowed in one loop, then one bulk
+    copy."""
     stacking = allocated.layout is not None
-    if planned.own is None or planned.own[0] != stacking:
-        planned.own = (stacking, _own_slices(planned, positions, allocated.layout))
-    stacks, whole_keys, whole_shards, partial, per_expert_views = planned.own[1]
+    listed = planned.own.get((which, stacking))
+    if listed is None:
+        listed = planned.own[(which, stacking)] = _own_slices(planned, positions, allocated.layout)
+    stacks, whole_keys, whole_shards, partial, per_expert_views = listed
     targets = allocated.targets if per_expert_views else allocated.written  # the same tensors for every plain key
     written = allocated.written
     dst, src = list(map(targets.__getitem__, whole_keys)), list(map(shards.__getitem__, whole_shards))
@@ -398,16 +430,15 @@ def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], alloc
             src.append(shard if whole_src else shard.narrow(dim, src_start, length))
         if dst:  # none when every placement was stacked
             torch._foreach_copy_(dst, src)
-    return True
 
 
 def _own_slices(planned: _Planned, positions: list[int], layout: FusedLayout | None) -> tuple:
-    """The writer's placements, listed for `_copy_own`: (stacks, HF keys, shard positions, partial, per-expert views)
-    where `stacks` are the fused tensors of `layout` filled by stacking whole shards (`_stacks`: fused key, the shape it
-    is viewed as, the stacking dim, the shard positions in expert order), (HF keys, shard positions) the other
-    placements that copy a whole shard into a whole HF tensor, `partial` each remaining one as (shard position among
-    the writer's shards, HF key, dim, destination start, source start, length, whole destination, whole source), and
-    whether any of those fills a per-expert view of a fused tensor (then `Allocated.targets` makes them)."""
+    """The placements of the shards at `positions`, listed for `_place`: (stacks, HF keys, shard positions, partial,
+    per-expert views) where `stacks` are the fused tensors of `layout` filled by stacking whole shards (`_stacks`:
+    fused key, the shape it is viewed as, the stacking dim, the shard positions in expert order), (HF keys, shard
+    positions) the other placements that copy a whole shard into a whole HF tensor, `partial` each remaining one as
+    (shard position among those shards, HF key, dim, destination start, source start, length, whole destination, whole
+    source), and whether any of those fills a per-expert view of a fused tensor (`Allocated.targets` makes those)."""
     views = layout.views if layout is not None else {}
     shapes = planned.plan.shapes
     by_fused: dict[str, list] = {}
@@ -491,7 +522,7 @@ def _stacks(key: str, entries: list[tuple], layout: FusedLayout, shapes: dict) -
 class Allocated:
     """The writer's HF tensors: `written` (views of one buffer laid out as the file's payload) and `targets`, what the
     plan's placements fill: the same tensors, or (fused experts, `layout`) views of the fused ones in `written`, made
-    at first use (`_copy_own` stacks whole expert shards into the fused tensors without them)."""
+    at first use (`_place` stacks whole expert shards into the fused tensors without them)."""
 
     written: dict[str, torch.Tensor]
     fused: dict[str, list[str]] | None
@@ -598,6 +629,7 @@ def run_export(
                 extra_files=extra_files,
                 quantization=quantization_summary(r.quantization for r in reports),
                 fused=allocated.fused,
+                configs=planned.configs,
             )
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)

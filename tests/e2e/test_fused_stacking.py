@@ -1,5 +1,5 @@
 """The writer's fused expert tensors filled by stacking its whole expert shards into the file's payload
-(`export._copy_own`, one `torch.stack` per fused tensor), against the per-expert tensors the same model exports, fused
+(`export._place`, one `torch.stack` per fused tensor), against the per-expert tensors the same model exports, fused
 here by peft's layout (lora_A expert-major rows, lora_B rank-major columns), and against placing every shard's slices
 one by one into the per-expert views of the fused tensors."""
 
@@ -82,12 +82,13 @@ def _stacked_run(rank, world, tmp):
         fast, simple = (ex.allocate_adapter(planned, options, out_dtype) for _ in range(2))
         for t in (*fast.written.values(), *simple.written.values()):
             t.fill_(-7.0)
-        assert ex._copy_own(snapshot, planned, positions, fast)
+        shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
+        ex._place(shards, planned, (0, None), positions, fast)
         assert fast._targets is None  # no per-expert view was made: every fused tensor was stacked
         for n in positions:
             shard = snapshot.shards[planned.ordered[n][1]].tensor.detach()
             apply_placements(simple.targets, planned.plan.placements[n], shard)
-        stacks = planned.own[1][0]
+        stacks = planned.own[((0, None), True)][0]
         results[f"stacked {label}"] = (
             sorted(key for key, *_ in stacks) == sorted(fast.layout.experts)
             and all(torch.equal(fast.written[k], simple.written[k]) for k in simple.written)
