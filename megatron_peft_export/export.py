@@ -189,6 +189,8 @@ class _Planned:
     """`fused_layout` of the plan, once `allocate_adapter` has asked for it (False: not the plain case)."""
     configs: dict = field(default_factory=dict)
     """The adapter configs of the plan (`stage_adapter`)."""
+    runs: dict = field(default_factory=dict)
+    """((rank, transfer), whether fused tensors are stacked, output dtype) -> `_runs` of those shards' placements."""
     ranks: dict | None = None
     """Each rank's positions in `ordered` and transfers (`_ranks`), once `_gather` has listed them."""
     own: dict = field(default_factory=dict)
@@ -414,8 +416,15 @@ def _place(
     if listed is None:
         listed = planned.own[(which, stacking)] = _own_slices(planned, positions, allocated.layout)
     stacks, whole_keys, whole_shards, partial, per_expert_views = listed
-    targets = allocated.targets if per_expert_views else allocated.written  # the same tensors for every plain key
     written = allocated.written
+    runs = None
+    if isinstance(written, safetensors_out.Payload):  # its byte layout depends on the output dtype
+        spans = (which, stacking, allocated.dtype)
+        runs = planned.runs.get(spans)
+        if runs is None:
+            runs = planned.runs[spans] = _runs(whole_keys, whole_shards, written)
+        runs, whole_keys, whole_shards = runs
+    targets = allocated.targets if per_expert_views else written  # the same tensors for every plain key
     dst, src = list(map(targets.__getitem__, whole_keys)), list(map(shards.__getitem__, whole_shards))
     with torch.no_grad():
         for key, shape, dim, members in stacks:
@@ -424,12 +433,47 @@ def _place(
                 torch.stack(stacked, dim, out=out)
             else:  # converted as every other copy converts
                 out.copy_(torch.stack(stacked, dim))
+        for dtype, start, end, members in runs or ():
+            dst.append(written.flat[start:end].view(dtype))
+            src.append(torch._C._nn.flatten_dense_tensors(list(map(shards.__getitem__, members))))
         for k, key, dim, dst_start, src_start, length, whole_dst, whole_src in partial:
             target, shard = targets[key], shards[k]
             dst.append(target if whole_dst else target.narrow(dim, dst_start, length))
             src.append(shard if whole_src else shard.narrow(dim, src_start, length))
         if dst:  # none when every placement was stacked
             torch._foreach_copy_(dst, src)
+
+
+_SMALL = 1 << 16
+"""Whole shards of at most this many bytes are copied a run at a time (`_runs`)."""
+
+
+def _runs(whole_keys: list[str], whole_shards: list[int], written: safetensors_out.Payload) -> tuple:
+    """The whole-shard-to-whole-tensor placements into small tensors of the payload that lie back to back, as runs:
+    (dtype, first byte, end byte, shard positions in payload order), each copied from its shards flattened into one
+    (no view of the payload per tensor); the other placements' (HF keys, shard positions) as they were."""
+    where, entries = written.where, written.entries
+    small, keys, shards = [], [], []
+    for key, k in zip(whole_keys, whole_shards):
+        start, end = where.get(key, (0, 0))  # absent: a per-expert view of a fused tensor
+        if 0 < end - start <= _SMALL:
+            small.append((start, end, entries[key][0], k, key))
+        else:
+            keys.append(key)
+            shards.append(k)
+    small.sort(key=operator.itemgetter(0))
+    runs: list[list] = []
+    for start, end, dtype, k, key in small:
+        if runs and runs[-1][0] == dtype and runs[-1][2] == start:
+            runs[-1][2] = end
+            runs[-1][3].append(k)
+        else:
+            runs.append([dtype, start, end, [k], key])
+    for run in runs:
+        if len(run[3]) == 1:  # a tensor alone: its view, as before
+            keys.append(run[4])
+            shards.append(run[3][0])
+    return [tuple(run[:4]) for run in runs if len(run[3]) > 1], keys, shards
 
 
 def _own_slices(planned: _Planned, positions: list[int], layout: FusedLayout | None) -> tuple:
@@ -528,6 +572,8 @@ class Allocated:
     fused: dict[str, list[str]] | None
     """Per fused parameter, the per-expert modules it replaces, when `written` is in the fused layout already."""
     layout: FusedLayout | None = None
+    dtype: torch.dtype | None = None
+    """The output dtype asked for (None: each tensor's source dtype)."""
     _targets: dict[str, torch.Tensor] | None = None
 
     @property
@@ -557,9 +603,9 @@ def allocate_adapter(planned: _Planned, options: ExportOptions, dtype: torch.dty
             written = safetensors_out.allocate(
                 {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
             )
-            return Allocated(written, layout.replaced, layout)
+            return Allocated(written, layout.replaced, layout, dtype)
     tensors = safetensors_out.allocate_plan(plan, dtype)
-    return Allocated(tensors, None)
+    return Allocated(tensors, None, None, dtype)
 
 
 @paused_collection()

@@ -103,3 +103,50 @@ def test_the_fused_layout_is_the_per_expert_tensors_stacked(tmp_path):
     into per-expert views gives; with other adapted modules (copied as before) or none."""
     (results,) = run_ranks(_stacked_run, 1, str(tmp_path))
     assert results == {key: True for key in results} and len(results) == 6, results
+
+
+def _runs_run(rank, world):
+    import torch
+
+    from megatron_peft_export import distributed as coll
+    from megatron_peft_export import export as ex
+    from megatron_peft_export.core.plan import apply_placements
+    from megatron_peft_export.host_snapshot import live_snapshots
+    from tests.support import tiny_moe
+    from tests.support.tiny_gpt import apply_modelopt_lora
+
+    tiny_moe.init_moe_parallel()
+    model = apply_modelopt_lora(tiny_moe.build_moe_gpt(tiny_moe.MIXTRAL_LIKE), targets=tiny_moe.EXPERT_LORA_TARGETS)
+    tiny_moe.fill_moe_lora_random(model, seed=43)
+    results = {}
+    for dtype in (None, "bfloat16"):
+        options = ex.ExportOptions(model_type="mixtral", expert_layout="per_expert", dtype=dtype)
+        snapshot = live_snapshots(model, coll.RankLayout.from_megatron(), options).first
+        planned = ex._planned([snapshot.report], options, None)
+        positions = list(range(len(planned.ordered)))
+        out_dtype = getattr(torch, dtype) if dtype else None
+        fast, simple = (ex.allocate_adapter(planned, options, out_dtype) for _ in range(2))
+        fast.written.flat.fill_(255)  # every byte is written: none keeps this
+        simple.written.flat.fill_(255)
+        shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
+        ex._place(shards, planned, (0, None), positions, fast)
+        for n in positions:
+            shard = snapshot.shards[planned.ordered[n][1]].tensor.detach()
+            apply_placements(simple.targets, planned.plan.placements[n], shard)
+        runs, _, _ = planned.runs[((0, None), False, out_dtype)]
+        results[dtype] = (
+            sum(len(members) for *_, members in runs),
+            torch.equal(fast.written.flat, simple.written.flat),
+        )
+    return results, len(planned.ordered)
+
+
+def test_small_tensors_lying_back_to_back_are_copied_a_run_at_a_time():
+    """Per expert: the whole shards into small HF tensors that lie back to back in the payload are copied a run at a
+    time from the shards flattened; the payload's bytes equal placing every shard's slices one by one (also converted
+    to bfloat16)."""
+    (results,) = run_ranks(_runs_run, 1)
+    results, shards = results
+    for dtype, (in_runs, same) in results.items():
+        assert same, dtype
+        assert in_runs > shards // 2, (dtype, in_runs, shards)
