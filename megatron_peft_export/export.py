@@ -422,8 +422,8 @@ def _place(
         spans = (which, stacking, allocated.dtype)
         runs = planned.runs.get(spans)
         if runs is None:
-            runs = planned.runs[spans] = _runs(whole_keys, whole_shards, written)
-        runs, whole_keys, whole_shards = runs
+            runs = planned.runs[spans] = _runs(whole_keys, whole_shards, partial, written)
+        runs, whole_keys, whole_shards, partial = runs
     targets = allocated.targets if per_expert_views else written  # the same tensors for every plain key
     dst, src = list(map(targets.__getitem__, whole_keys)), list(map(shards.__getitem__, whole_shards))
     with torch.no_grad():
@@ -433,9 +433,14 @@ def _place(
                 torch.stack(stacked, dim, out=out)
             else:  # converted as every other copy converts
                 out.copy_(torch.stack(stacked, dim))
-        for dtype, start, end, members in runs or ():
+        for dtype, start, end, whole, members in runs or ():
             dst.append(written.flat[start:end].view(dtype))
-            src.append(torch._C._nn.flatten_dense_tensors(list(map(shards.__getitem__, members))))
+            parts = (
+                list(map(shards.__getitem__, whole))
+                if members is None
+                else [shards[k] if first is None else shards[k].narrow(0, first, rows) for k, first, rows in members]
+            )
+            src.append(torch._C._nn.flatten_dense_tensors(parts))
         for k, key, dim, dst_start, src_start, length, whole_dst, whole_src in partial:
             target, shard = targets[key], shards[k]
             dst.append(target if whole_dst else target.narrow(dim, dst_start, length))
@@ -445,35 +450,54 @@ def _place(
 
 
 _SMALL = 1 << 16
-"""Whole shards of at most this many bytes are copied a run at a time (`_runs`)."""
+"""HF tensors of at most this many bytes are filled a run at a time (`_runs`)."""
 
 
-def _runs(whole_keys: list[str], whole_shards: list[int], written: safetensors_out.Payload) -> tuple:
-    """The whole-shard-to-whole-tensor placements into small tensors of the payload that lie back to back, as runs:
-    (dtype, first byte, end byte, shard positions in payload order), each copied from its shards flattened into one
-    (no view of the payload per tensor); the other placements' (HF keys, shard positions) as they were."""
+def _runs(
+    whole_keys: list[str], whole_shards: list[int], partial: list[tuple], written: safetensors_out.Payload
+) -> tuple:
+    """The placements that fill a whole small tensor of the payload (from a whole shard, or rows of one) and lie back to
+    back, as runs: (dtype, first byte, end byte, shard positions in payload order, or None when every member is a
+    whole shard, else each member's (shard position, first row, rows; first row None: the whole shard)), each copied
+    from its members flattened into one (no view of the payload per tensor); the other placements as they were
+    ((HF keys, shard positions), partial)."""
     where, entries = written.where, written.entries
-    small, keys, shards = [], [], []
+    small, keys, shards, rest = [], [], [], []
     for key, k in zip(whole_keys, whole_shards):
         start, end = where.get(key, (0, 0))  # absent: a per-expert view of a fused tensor
         if 0 < end - start <= _SMALL:
-            small.append((start, end, entries[key][0], k, key))
+            small.append((start, end, entries[key][0], (k, None, None), (key, k)))
         else:
             keys.append(key)
             shards.append(k)
+    for item in partial:
+        k, key, dim, _, src_start, length, whole_dst, _ = item
+        start, end = where.get(key, (0, 0))
+        if whole_dst and dim == 0 and 0 < end - start <= _SMALL:
+            small.append((start, end, entries[key][0], (k, src_start, length), item))
+        else:
+            rest.append(item)
     small.sort(key=operator.itemgetter(0))
     runs: list[list] = []
-    for start, end, dtype, k, key in small:
+    for start, end, dtype, member, item in small:
         if runs and runs[-1][0] == dtype and runs[-1][2] == start:
             runs[-1][2] = end
-            runs[-1][3].append(k)
+            runs[-1][3].append(member)
         else:
-            runs.append([dtype, start, end, [k], key])
-    for run in runs:
-        if len(run[3]) == 1:  # a tensor alone: its view, as before
-            keys.append(run[4])
-            shards.append(run[3][0])
-    return [tuple(run[:4]) for run in runs if len(run[3]) > 1], keys, shards
+            runs.append([dtype, start, end, [member], item])
+    out = []
+    for dtype, start, end, members, item in runs:
+        if len(members) == 1:  # a tensor alone: its view, as before
+            if len(item) == 2:
+                keys.append(item[0])
+                shards.append(item[1])
+            else:
+                rest.append(item)
+        elif all(first is None for _, first, _ in members):
+            out.append((dtype, start, end, [k for k, _, _ in members], None))
+        else:
+            out.append((dtype, start, end, None, members))
+    return out, keys, shards, rest
 
 
 def _own_slices(planned: _Planned, positions: list[int], layout: FusedLayout | None) -> tuple:
