@@ -25,7 +25,6 @@ one walk of the model and copied by one bulk copy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import operator
 import threading
@@ -364,25 +363,21 @@ def _same_view(source: torch.Tensor, owner: torch.Tensor, copy: torch.Tensor) ->
     return copy.as_strided(source.shape, source.stride(), copy.storage_offset() + offset)
 
 
-_PARAMETERS, _CHILDREN, _VALUES = operator.attrgetter("_parameters"), operator.attrgetter("_modules"), dict.values
-_REQUIRES_GRAD, _IS_CUDA = operator.attrgetter("requires_grad"), operator.attrgetter("is_cuda")
-_VERSION = operator.attrgetter("_version")
-_chain = itertools.chain.from_iterable
-_not_none = functools.partial(operator.is_not, None)
-
-
 def _parameters(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(trainable, other) parameters of every chunk, each once: one pass over the modules' parameter and child
-    dictionaries, a level of the module tree at a time by C-level maps (no Python code per module or parameter)."""
-    level: list[Any] = [m for m in model_chunks(model) if m is not None]
+    """(trainable, other) parameters of every chunk, each once: one pass over the modules' own dictionaries."""
+    stack: list[Any] = list(model_chunks(model))
     found: list[Any] = []
-    while level:
-        found.extend(_chain(map(_VALUES, map(_PARAMETERS, level))))
-        level = list(filter(_not_none, _chain(map(_VALUES, map(_CHILDREN, level)))))
-    found = list(filter(_not_none, found))
-    unique = list(dict(zip(map(id, found), found)).values())
-    trainable = list(map(_REQUIRES_GRAD, unique))
-    return list(itertools.compress(unique, trainable)), [p for p, t in zip(unique, trainable) if not t]
+    pop, push, keep = stack.pop, stack.extend, found.extend
+    while stack:
+        module = pop()
+        if module is None:
+            continue
+        own = module.__dict__
+        parameters, children = own.get("_parameters"), own.get("_modules")
+        keep((module._parameters if parameters is None else parameters).values())
+        push((module._modules if children is None else children).values())
+    unique = list({id(p): p for p in found if p is not None}.values())
+    return [p for p in unique if p.requires_grad], [p for p in unique if not p.requires_grad]
 
 
 def _defer(model: Any, layout: coll.RankLayout, key: tuple, registered: int) -> Deferred:
@@ -390,8 +385,8 @@ def _defer(model: Any, layout: coll.RankLayout, key: tuple, registered: int) -> 
     concatenation per dtype (`_Packed`: no buffer view per parameter is made here, the background makes them); on a
     GPU, one bulk copy into views of pinned buffers (`_bulk_copy`)."""
     trainable, other = _parameters(model)
-    frozen = dict(zip(map(id, other), zip(other, map(_VERSION, other), map(torch.Tensor.data_ptr, other))))
-    if not any(map(_IS_CUDA, trainable)):
+    frozen = {id(p): (p, p._version, p.data_ptr()) for p in other}
+    if not any(t.is_cuda for t in trainable):
         return Deferred(model, layout, key, registered, trainable, _Packed.of(trainable), frozen)
     host = _flat_buffers(trainable, pinned=True)
     deferred = Deferred(model, layout, key, registered, trainable, host, frozen)
