@@ -516,9 +516,11 @@ def _plan_in_bulk(
     named: dict[tuple[str, ...], list[int]] = {}  # HF names in a layer -> the layers of the last shards naming them
     pattern, num_layers = geometry.layer_pattern, geometry.num_layers
     dora = False
+    forms: set[tuple] = set()  # every placement but its key (shape, dim, destination, source, length)
     try:
         for n in singles:
             hf_modules[n], placements[n] = planner.plan(specs[n])
+            forms.update(p[1:] for p in placements[n])
             first_alpha.update(dict.fromkeys(hf_modules[n], one_alpha))
             dora = dora or any(p.key.endswith("lora_magnitude_vector") for p in placements[n])
         for key, positions in groups.items():
@@ -536,6 +538,7 @@ def _plan_in_bulk(
             module_heads = list(map(heads.__getitem__, layers))
             key_heads = list(map(add, repeat(PEFT_PREFIX), module_heads))
             dora = dora or any(tail.endswith("lora_magnitude_vector") for tail, *_ in slices)
+            forms.update(tuple(rest) for _, *rest in slices)
             if len(slices) == 1:
                 ((tail, *rest),) = slices
                 made = map(tuple.__new__, repeat(Placement), zip(map(add, key_heads, repeat(tail)), *map(repeat, rest)))
@@ -566,10 +569,7 @@ def _plan_in_bulk(
     else:
         dtypes = dict(zip(keys, chain.from_iterable(map(repeat, spec_dtypes, map(len, placements)))))
     if len(shapes) == len(flat):  # each tensor filled by one placement: it must be the whole tensor
-        if not all(
-            dst == 0 and length == shape[dim]
-            for shape, dim, dst, _, length in set(map(itemgetter(slice(1, None)), flat))
-        ):
+        if not all(dst == 0 and length == shape[dim] for shape, dim, dst, _, length in forms):
             return None
     elif not _tiles(flat, keys, chain.from_iterable(map(repeat, spec_dtypes, map(len, placements)))):
         return None

@@ -135,6 +135,12 @@ HOSTILE = {
         QWEN_MOE,
         r"down_proj\.lora_A\.weight: filled 3 of 6 along dim 1",
     ),
+    "one TP rank's shards alone": (
+        [s for s in MOE_SPECS if s.tp_rank == 0],
+        MOE,
+        QWEN_MOE,
+        r"the adapter shards do not tile the HF tensors exactly once: .* \(shards missing\)",
+    ),
     "a layer past the model": (_moe_specs([0, 1, 5], range(2), 1), MOE, QWEN_MOE, "layer 5 is past the model's 3"),
     "an expert past the model": (_moe_specs([0], [0, 9], 1), MOE, QWEN_MOE, "expert 9 is past the model's 4 experts"),
     "a layer of another kind": (mamba_specs([0, 2, 1]), HYBRID, NEMOTRON_H, r"layer 1 of the hybrid pattern"),
