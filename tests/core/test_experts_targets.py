@@ -41,3 +41,38 @@ def test_unbound_views_are_the_indexed_ones():
         assert targets.keys() == expected.keys() == plan.shapes.keys()
         assert all(_same_view(targets[key], expected[key]) for key in expected)
     assert any(rows != layout.shapes[fused][0] for fused, _, _, rows in layout.views.values())  # gate/up narrowed
+
+
+def test_layout_views_are_each_expert_rows_of_its_fused_tensors():
+    """Per layer and fused parameter (Qwen-MoE: gate_up_proj of gate and up, down_proj of down), each per-expert key's
+    place as the peft layout puts it, written out here: lora_A expert e's rows, lora_B its columns at the module's
+    rows in [gate; up]."""
+    plan, _ = _convert(_expert_loras())
+    layout = fused_layout(plan, QWEN_MOE, E)
+    p = "base_model.model.model.layers"
+    expected = {}
+    for layer in range(2):
+        for e in range(E):
+            for fused, modules in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+                module = f"{p}.{layer}.mlp.experts" + (".base_layer" if fused == "gate_up_proj" else "")
+                for j, name in enumerate(modules):
+                    rows = 8 if name != "down_proj" else 16
+                    key = f"{p}.{layer}.mlp.experts.{e}.{name}"
+                    expected[f"{key}.lora_A.weight"] = (f"{module}.lora_A.weight", e, 0, 2)
+                    expected[f"{key}.lora_B.weight"] = (f"{module}.lora_B.weight", e, j * rows, rows)
+    assert layout.views == expected
+    assert layout.experts == {fused: E for fused, *_ in expected.values()}
+
+
+def test_uncommon_plans_have_no_layout():
+    """A rank that differs for one expert, or a dtype that differs for one key: `fuse_experts` decides."""
+    loras = _expert_loras()
+    module = "decoder.layers.1.mlp.experts.local_experts.2.linear_fc2"
+    a, b = loras[module]
+    loras[module] = (torch.cat([a, a[:1]]), torch.cat([b, b[:, :1]], dim=1))
+    plan, _ = _convert(loras)
+    assert fused_layout(plan, QWEN_MOE, E) is None
+    plan, _ = _convert(_expert_loras())
+    assert fused_layout(plan, QWEN_MOE, E) is not None
+    plan.dtypes["base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_B.weight"] = "bfloat16"
+    assert fused_layout(plan, QWEN_MOE, E) is None
