@@ -419,8 +419,8 @@ def plan_adapter(
         placements, shapes, dtypes, alphas = _plan_each(specs, geometry, arch, megatron_vocab)
         modules = _module_settings(shapes, alphas)
     else:
-        placements, shapes, dtypes, first_alpha, use_dora = bulk
-        modules = _module_settings_in_bulk(shapes, first_alpha)
+        placements, shapes, dtypes, first_alpha, use_dora, ranks = bulk
+        modules = _one_setting(first_alpha, ranks) or _module_settings_in_bulk(shapes, first_alpha)
     use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes) if bulk is None else use_dora
     if use_dora:
         missing = [m for m in modules if hf_key(m, "magnitude") not in shapes]
@@ -489,7 +489,7 @@ _SPEC_COLUMNS = attrgetter("module", "part", "role", "shape", "split_dim", "tp_r
 
 def _plan_in_bulk(
     specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None
-) -> tuple[list[list[Placement]], dict[str, tuple[int, ...]], dict[str, str], dict[str, float], bool] | None:
+) -> tuple[list[list[Placement]], dict[str, tuple[int, ...]], dict[str, str], dict[str, float], bool, dict] | None:
     """`_plan_each`'s placements, shapes and dtypes and each HF module's one alpha (and whether DoRA magnitudes are
     there), computed per combination (`_Planner`: module kind, part, role, shard shape, TP coordinates; a few hundred
     for 10^5 MoE shards) and stamped out per layer on arrays of keys. None, for `_plan_each` to name the problem, when
@@ -517,10 +517,12 @@ def _plan_in_bulk(
     pattern, num_layers = geometry.layer_pattern, geometry.num_layers
     dora = False
     forms: set[tuple] = set()  # every placement but its key (shape, dim, destination, source, length)
+    ranks: dict[str, list] = {"lora_A": [set(), 0], "lora_B": [set(), 0]}  # per role: the ranks, the placements
     try:
         for n in singles:
             hf_modules[n], placements[n] = planner.plan(specs[n])
             forms.update(p[1:] for p in placements[n])
+            _count_ranks(ranks, specs[n].role, [p.shape for p in placements[n]], 1)
             first_alpha.update(dict.fromkeys(hf_modules[n], one_alpha))
             dora = dora or any(p.key.endswith("lora_magnitude_vector") for p in placements[n])
         for key, positions in groups.items():
@@ -539,6 +541,7 @@ def _plan_in_bulk(
             key_heads = list(map(add, repeat(PEFT_PREFIX), module_heads))
             dora = dora or any(tail.endswith("lora_magnitude_vector") for tail, *_ in slices)
             forms.update(tuple(rest) for _, *rest in slices)
+            _count_ranks(ranks, key[2], [shape for _, shape, *_ in slices], len(positions))
             if len(slices) == 1:
                 ((tail, *rest),) = slices
                 made = map(tuple.__new__, repeat(Placement), zip(map(add, key_heads, repeat(tail)), *map(repeat, rest)))
@@ -577,7 +580,29 @@ def _plan_in_bulk(
         first_alpha = _first_alphas(alphas, hf_modules)
         if first_alpha is None:
             return None
-    return placements, shapes, dtypes, first_alpha, dora
+    if len(shapes) != len(flat):
+        ranks = {}  # several placements per key: counting placements is not counting keys
+    return placements, shapes, dtypes, first_alpha, dora, ranks
+
+
+def _count_ranks(ranks: dict[str, list], role: str, shapes: list[tuple[int, ...]], times: int) -> None:
+    """Add the ranks of placements of `role` (lora_A [r, in], lora_B [out, r]) and their number, `times` each."""
+    found = ranks.get(role)
+    if found is not None:
+        found[0].update(shape[0 if role == "lora_A" else 1] for shape in shapes)
+        found[1] += len(shapes) * times
+
+
+def _one_setting(alphas: dict[str, float], ranks: dict[str, list]) -> dict[str, LoraSettings] | None:
+    """`_module_settings` when it has nothing to look up: every lora_A and lora_B of one rank, one alpha, and as many
+    lora_A and lora_B tensors (one placement each) as modules, so each module has both (a module's keys are its
+    own). Else None."""
+    if not ranks or len(set(map(id, alphas.values()))) > 1:
+        return None
+    (a_ranks, a_count), (b_ranks, b_count) = ranks["lora_A"], ranks["lora_B"]
+    if len(a_ranks) != 1 or a_ranks != b_ranks or not a_count == b_count == len(alphas):
+        return None
+    return dict.fromkeys(sorted(alphas), LoraSettings(next(iter(a_ranks)), next(iter(alphas.values()))))
 
 
 def _one_alpha(alphas: list[float]) -> float | None:

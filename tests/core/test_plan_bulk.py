@@ -73,6 +73,17 @@ CLEAN = {
         QWEN_MOE,
         None,
     ),
+    "moe two ranks": (
+        [
+            dataclasses.replace(s, shape=(2, s.shape[1]) if s.role == "lora_A" else (s.shape[0], 2))
+            if "fc2" in s.module
+            else s
+            for s in _moe_specs(range(2), range(2), 1)
+        ],
+        MOE,
+        QWEN_MOE,
+        None,
+    ),
     "moe bf16": (_with(_moe_specs(range(2), range(2), 1), dtype="bfloat16"), MOE, QWEN_MOE, None),
     "dense gqa tp1": (_dense_gqa(range(2), 1), geometry(), LLAMA, None),
     "dense gqa tp2": (_dense_gqa(range(2), 2), geometry(), LLAMA, None),
@@ -212,3 +223,20 @@ def test_dora_magnitudes_everywhere_or_refused():
         DialectError, match=r"DoRA magnitude found for some modules but not for .*experts\.0\.gate_proj"
     ):
         plan_adapter([*specs, magnitudes[1]], MOE, QWEN_MOE)
+
+
+def test_one_rank_and_alpha_needs_no_lookup_per_module():
+    """One rank, one alpha, a lora_A and a lora_B per module: the modules share one LoraSettings, no lookup; a lora_B
+    of another rank, or a module without lora_B, is looked up (and refused by name)."""
+    from megatron_peft_export.core.plan import _one_setting
+
+    specs = [s for s in _moe_specs(range(2), range(2), 1) if "experts" in s.module]  # one placement per key
+    *_, alphas, _, ranks = _plan_in_bulk(specs, MOE, QWEN_MOE, None)
+    modules = _one_setting(alphas, ranks)
+    assert modules is not None and len({id(s) for s in modules.values()}) == 1
+    assert modules == _reference(specs, MOE, QWEN_MOE)[3]
+    no_b = [s for s in specs if not (s.role == "lora_B" and s.module.endswith("experts.1.linear_fc2"))]
+    *_, alphas, _, ranks = _plan_in_bulk(no_b, MOE, QWEN_MOE, None)
+    assert _one_setting(alphas, ranks) is None
+    with pytest.raises(ShapeMismatchError, match=r"experts\.1\.down_proj: has lora_A but no lora_B"):
+        plan_adapter(no_b, MOE, QWEN_MOE)
