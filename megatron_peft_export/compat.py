@@ -30,8 +30,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import eq, itemgetter
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -147,59 +146,6 @@ def _modules(
     config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[dict[str, _Module], dict[str, list[str]]]:
     """Per-module ranks and scales, and the keys by kind (lora, magnitude, bias, other)."""
-    found = _plain_modules(shapes)
-    if found is not None:
-        kinds, rows, names = found
-    else:
-        kinds, rows, names = _classified(shapes)
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    ranks, alphas = (
-        PatternSet(config.get("rank_pattern"), "rank_pattern"),
-        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
-    )
-    patterns = bool(ranks.keys or alphas.keys)  # without any, every module has r and lora_alpha: one scale
-    parents = _fused_parents(config)
-    ordered = sorted(names)
-    if not patterns and not parents:  # one scale, nothing fused: each module's rank is its lora_A rows
-        scale = _scale(config, r, alpha)
-        made = map(tuple.__new__, repeat(_Module), zip(ordered, map(rows.get, ordered), repeat(scale), repeat(False)))
-        return dict(zip(ordered, made)), kinds
-    modules = {}
-    m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
-    for name in ordered:
-        if patterns:
-            m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
-            scale = _scale(config, m_r, m_alpha)
-        fused = _is_fused(name, parents) if parents else False
-        rank = rows.get(name)
-        if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
-            rank = m_r  # [experts * r, in]: the rank is r
-        modules[name] = _Module(name, rank, scale, fused)
-    return modules, kinds
-
-
-def _plain_modules(
-    shapes: Mapping[str, tuple[int, ...]],
-) -> tuple[dict[str, list[str]], dict[str, int], set[str]] | None:
-    """`_classified` on arrays when every key is `<module>.lora_A.weight` or `.lora_B.weight` (`_PLAIN_SUFFIXES`) of a
-    non-empty module, no key holds a newline and every lora_A has a shape; else None."""
-    keys = list(shapes)
-    if not keys or min(map(len, keys)) <= 14 or not set(map(itemgetter(slice(-14, None)), keys)) <= _PLAIN_SUFFIXES:
-        return None
-    if "\n" in "".join(keys):
-        return None
-    a_keys = list(compress(keys, map(eq, map(itemgetter(-8), keys), repeat("A"))))
-    a_shapes = list(map(shapes.__getitem__, a_keys))
-    if not all(a_shapes):  # a lora_A without dimensions: `_classified` skips its rank
-        return None
-    modules = map(str.removeprefix, map(itemgetter(slice(None, -14)), keys), repeat(PEFT_PREFIX))
-    a_modules = map(str.removeprefix, map(itemgetter(slice(None, -14)), a_keys), repeat(PEFT_PREFIX))
-    rows = dict(zip(a_modules, map(itemgetter(0), a_shapes)))
-    return {"lora": keys, "magnitude": [], "bias": [], "other": []}, rows, set(modules)
-
-
-def _classified(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, list[str]], dict[str, int], set[str]]:
-    """The keys by kind (lora, magnitude, bias, other), each module's lora_A rows, and the module names."""
     kinds: dict[str, list[str]] = {"lora": [], "magnitude": [], "bias": [], "other": []}
     rows: dict[str, int] = {}
     names: set[str] = set()
@@ -225,7 +171,25 @@ def _classified(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, list[s
             kinds["magnitude"].append(key)
         else:
             kinds["other"].append(key)
-    return kinds, rows, names
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    ranks, alphas = (
+        PatternSet(config.get("rank_pattern"), "rank_pattern"),
+        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
+    )
+    patterns = bool(ranks.keys or alphas.keys)  # without any, every module has r and lora_alpha: one scale
+    parents = _fused_parents(config)
+    modules = {}
+    m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
+    for name in sorted(names):
+        if patterns:
+            m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
+            scale = _scale(config, m_r, m_alpha)
+        fused = _is_fused(name, parents) if parents else False
+        rank = rows.get(name)
+        if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
+            rank = m_r  # [experts * r, in]: the rank is r
+        modules[name] = _Module(name, rank, scale, fused)
+    return modules, kinds
 
 
 def _scale(config: Mapping[str, Any], r: Any, alpha: Any) -> float | None:
