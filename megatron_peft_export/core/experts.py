@@ -16,8 +16,6 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import accumulate, chain, compress, repeat
-from operator import add, eq, itemgetter
 
 import torch
 
@@ -229,23 +227,22 @@ class FusedLayout:
 def _fused_layers(plan: AdapterPlan, arch: ArchMap) -> dict[str, set[str]]:
     """Layer prefix -> the fused parameters whose first per-expert module has an adapter there."""
     layers: dict[str, set[str]] = defaultdict(set)
-    matches = list(map(_LAYER.match, plan.modules))  # once per module, whatever the fused parameters
-    found = [(match.group(1), match.group(2)) for match in matches if match]
-    inside = list(map(itemgetter(1), found))
     for fused in arch.fused_experts:
         first = fused.per_expert[0].replace("{e}", "0")
-        for layer in compress(map(itemgetter(0), found), map(eq, inside, repeat(first))):
-            layers[layer].add(fused.parameter)
+        for module in plan.modules:
+            match = _LAYER.match(module)
+            if match and match.group(2) == first:
+                layers[match.group(1)].add(fused.parameter)
     return layers
 
 
 def _sources(plan: AdapterPlan, keys: set[str]) -> dict[str, tuple]:
     """HF key (of `keys`) -> the shard slices that fill it (spec index, dim, destination, source, length), sorted."""
     found: dict[str, list] = defaultdict(list)
-    flat = list(chain.from_iterable(plan.placements))
-    owners = chain.from_iterable(map(repeat, range(len(plan.placements)), map(len, plan.placements)))  # spec index
-    for n, p in compress(zip(owners, flat), map(keys.__contains__, map(itemgetter(0), flat))):
-        found[p.key].append((n, p.dim, p.dst_start, p.src_start, p.length))
+    for n, placements in enumerate(plan.placements):
+        for p in placements:
+            if p.key in keys:
+                found[p.key].append((n, p.dim, p.dst_start, p.src_start, p.length))
     return {key: tuple(sorted(slices)) for key, slices in found.items()}
 
 
@@ -255,97 +252,68 @@ def _shared_a_keys(plan: AdapterPlan, arch: ArchMap) -> set[str]:
     if not names:
         return set()
     suffixes = tuple("." + name.split("{e}")[-1].lstrip(".") + ".lora_A.weight" for name in names)
-    keys = list(plan.shapes)
-    return set(compress(keys, map(str.endswith, keys, repeat(suffixes))))
-
-
-@dataclass(frozen=True)
-class _Experts:
-    """One fused parameter's per-expert HF modules inside a layer, expert-major (expert e's modules at e * modules
-    ...), as names and lora_A / lora_B key tails, made once for every layer."""
-
-    count: int
-    modules: int
-    names: list[str]
-    a_tails: list[str]
-    b_tails: list[str]
-    experts: list[int]
-    """Each name's expert."""
-
-    @staticmethod
-    def of(fused, num_experts: int) -> _Experts:
-        count = num_experts if "{e}" in fused.per_expert[0] else 1  # a 2-D parameter is one "expert" to peft
-        names = [m.replace("{e}", str(e)) for e in range(count) for m in fused.per_expert]
-        return _Experts(
-            count,
-            len(fused.per_expert),
-            names,
-            [f"{name}.lora_A.weight" for name in names],
-            [f"{name}.lora_B.weight" for name in names],
-            [e for e in range(count) for _ in fused.per_expert],
-        )
+    return {key for key in plan.shapes if key.endswith(suffixes)}
 
 
 def fused_layout(plan: AdapterPlan, arch: ArchMap, num_experts: int) -> FusedLayout | None:
     """The fused layout of `plan` by placement, or None when it is not the plain case (interleaved gate/up rows, an
     expert without adapter, ranks or lora_B shapes that differ between experts, a fused parameter's modules whose
     lora_A are not one shard slice, mixed dtypes): `fuse_experts` on the per-expert tensors then decides, and names
-    what is wrong. Each fused parameter's per-expert names are made once (`_Experts`) and checked per layer on
-    arrays of keys."""
+    what is wrong."""
     layers = _fused_layers(plan, arch)
     targeted = sorted({p for ps in layers.values() for p in ps}, key=[f.parameter for f in arch.fused_experts].index)
     prefixes, sources = fused_prefixes(arch, targeted), _sources(plan, _shared_a_keys(plan, arch))
     shapes, dtypes = dict(plan.shapes), dict(plan.dtypes)
     layout = FusedLayout(shapes, dtypes, {p: [] for p in targeted}, {}, {})
-    per_fused: dict[str, _Experts] = {}
     for layer, params in layers.items():
         for fused in (f for f in arch.fused_experts if f.parameter in params):
             if fused.rows != "blocks":  # interleaved rows (GPT-OSS): fuse_experts places them row by row
                 return None
-            experts = per_fused.get(fused.parameter)
-            if experts is None:
-                experts = per_fused[fused.parameter] = _Experts.of(fused, num_experts)
-            head = layer + "."
-            modules = list(map(add, repeat(head), experts.names))
-            if not all(map(plan.modules.__contains__, modules)):
+            count = num_experts if "{e}" in fused.per_expert[0] else 1  # a 2-D parameter is one "expert" to peft
+            modules = [[f"{layer}.{m.replace('{e}', str(e))}" for m in fused.per_expert] for e in range(count)]
+            if any(m not in plan.modules for per_expert in modules for m in per_expert):
                 return None
-            a = list(map(add, repeat(PEFT_PREFIX + head), experts.a_tails))
-            b = list(map(add, repeat(PEFT_PREFIX + head), experts.b_tails))
-            if not _stackable(plan, sources, a, b, experts.modules):
+            a = [[hf_key(m, "lora_A") for m in per_expert] for per_expert in modules]
+            b = [[hf_key(m, "lora_B") for m in per_expert] for per_expert in modules]
+            if not _stackable(plan, sources, a, b):
                 return None
-            layout.replaced[fused.parameter] += modules
-            _place(layout, f"{layer}.{prefixes[fused.parameter]}", a, b, experts)
+            for per_expert in modules:
+                layout.replaced[fused.parameter] += per_expert
+            _place(layout, f"{layer}.{prefixes[fused.parameter]}", a, b)
     layout.replaced = {p: sorted(layout.replaced[p]) for p in targeted}
     return layout
 
 
-def _stackable(plan: AdapterPlan, sources: dict[str, tuple], a: list[str], b: list[str], modules: int) -> bool:
-    """One rank and one lora_A shard slice per expert (shared by its `modules` modules), lora_B of one shape per
-    module, one dtype: what `_check_stackable` accepts, decided from the plan (`a`, `b`: keys, expert-major)."""
-    a_shapes, b_shapes = list(map(plan.shapes.get, a)), list(map(plan.shapes.get, b))
-    if None in a_shapes or None in b_shapes or len(set(map(plan.dtypes.__getitem__, chain(a, b)))) != 1:
+def _stackable(plan: AdapterPlan, sources: dict[str, tuple], a: list[list[str]], b: list[list[str]]) -> bool:
+    """One rank and one lora_A shard slice per expert (shared by its modules), lora_B of one shape per module, one
+    dtype: what `_check_stackable` accepts, decided from the plan."""
+    keys = [k for per_expert in a + b for k in per_expert]
+    if any(k not in plan.shapes for k in keys) or len({plan.dtypes[k] for k in keys}) != 1:
         return False
-    if len(set(a_shapes)) != 1:
+    if len({plan.shapes[k] for per_expert in a for k in per_expert}) != 1:
         return False
-    r = a_shapes[0][0]
-    rows = [shape[0] for shape in b_shapes[:modules]]
-    if b_shapes != [(n, r) for n in rows] * (len(b) // modules):
+    r = plan.shapes[a[0][0]][0]
+    rows = [plan.shapes[k][0] for k in b[0]]
+    if any(plan.shapes[k] != (rows[j], r) for per_expert in b for j, k in enumerate(per_expert)):
         return False
-    found = list(map(sources.get, a))
-    return all(found[j::modules] == found[::modules] for j in range(1, modules))
+    return all(len({sources.get(k) for k in per_expert}) == 1 for per_expert in a)
 
 
-def _place(layout: FusedLayout, module: str, a: list[str], b: list[str], experts: _Experts) -> None:
-    """Replace the per-expert keys `a`, `b` (expert-major, `experts`) by the fused lora_A and lora_B of `module`."""
+def _place(layout: FusedLayout, module: str, a: list[list[str]], b: list[list[str]]) -> None:
+    """Replace the per-expert keys `a`, `b` ([expert][HF module]) by the fused lora_A and lora_B of `module`."""
     shapes, dtypes = layout.shapes, layout.dtypes
-    (r, features), rows = shapes[a[0]], [shapes[k][0] for k in b[: experts.modules]]
-    dtype, count = dtypes[a[0]], experts.count
-    for key in chain(a, b):
+    (r, features), rows = shapes[a[0][0]], [shapes[k][0] for k in b[0]]
+    dtype, count = dtypes[a[0][0]], len(a)
+    for key in (k for per_expert in a + b for k in per_expert):
         shapes.pop(key), dtypes.pop(key)
     fused_a, fused_b = hf_key(module, "lora_A"), hf_key(module, "lora_B")
     shapes[fused_a], shapes[fused_b] = (count * r, features), (sum(rows), r * count)
     dtypes[fused_a] = dtypes[fused_b] = dtype
     layout.experts[fused_a] = layout.experts[fused_b] = count
-    starts = list(accumulate(rows, initial=0))[:-1]
-    layout.views.update(zip(a, zip(repeat(fused_a), experts.experts, repeat(0), repeat(r))))
-    layout.views.update(zip(b, zip(repeat(fused_b), experts.experts, starts * count, rows * count)))
+    for e, (per_a, per_b) in enumerate(zip(a, b)):
+        for key in per_a:
+            layout.views[key] = (fused_a, e, 0, r)
+        start = 0
+        for key, n in zip(per_b, rows):
+            layout.views[key] = (fused_b, e, start, n)
+            start += n
