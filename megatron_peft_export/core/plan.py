@@ -6,10 +6,10 @@ import dataclasses
 import functools
 import math
 import re
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain, islice, repeat
 from operator import add, attrgetter, itemgetter
 
 import torch
@@ -509,22 +509,26 @@ def _plan_in_bulk(
     singles = [n for key in list(groups) if key[0] is None for n in groups.pop(key)]  # outside the layers
     alphas = list(map(attrgetter("alpha"), specs))
     one_alpha = _one_alpha(alphas)
-    placements: list = [None] * len(specs)
     hf_modules: list = [None] * len(specs)  # each shard's HF modules, when alphas differ (`_first_alphas`)
     first_alpha: dict[str, float] = {}  # each HF module's alpha, when there is one (`one_alpha`)
-    heads: dict[int, str] = {}
+    heads = {layer: arch.layer_prefix.format(i=layer) + "." for layer in set(layer_of.values())}
+    key_heads = {module: PEFT_PREFIX + heads[layer] for module, layer in layer_of.items()}
     named: dict[tuple[str, ...], list[int]] = {}  # HF names in a layer -> the layers of the last shards naming them
     pattern, num_layers = geometry.layer_pattern, geometry.num_layers
     dora = False
     forms: set[tuple] = set()  # every placement but its key (shape, dim, destination, source, length)
     ranks: dict[str, list] = {"lora_A": [set(), 0], "lora_B": [set(), 0]}  # per role: the ranks, the placements
+    tails: list[list[str]] = []  # per combination: its placements' keys after the layer's (a shard alone: whole keys)
+    rests: list[list[tuple]] = []  # per combination: its placements but their keys
+    combination_of: list = [None] * len(specs)  # each shard's index in `tails` and `rests`
     try:
         for n in singles:
-            hf_modules[n], placements[n] = planner.plan(specs[n])
-            forms.update(p[1:] for p in placements[n])
-            _count_ranks(ranks, specs[n].role, [p.shape for p in placements[n]], 1)
+            hf_modules[n], placed = planner.plan(specs[n])
+            combination_of[n] = len(tails)
+            tails.append([p.key for p in placed])
+            rests.append([p[1:] for p in placed])
+            _count_ranks(ranks, specs[n].role, [p.shape for p in placed], 1)
             first_alpha.update(dict.fromkeys(hf_modules[n], one_alpha))
-            dora = dora or any(p.key.endswith("lora_magnitude_vector") for p in placements[n])
         for key, positions in groups.items():
             planner.plan(specs[positions[0]])  # the full computation, stamping the combination
             symbol, names, slices = planner._stamps[key]
@@ -534,26 +538,11 @@ def _plan_in_bulk(
                 pattern is not None and symbol and any(pattern[layer] != symbol for layer in found)
             ):
                 return None  # `_in_layer` refuses one of them, by name
-            for layer in found:
-                if layer not in heads:
-                    heads[layer] = arch.layer_prefix.format(i=layer) + "."
-            module_heads = list(map(heads.__getitem__, layers))
-            key_heads = list(map(add, repeat(PEFT_PREFIX), module_heads))
-            dora = dora or any(tail.endswith("lora_magnitude_vector") for tail, *_ in slices)
-            forms.update(tuple(rest) for _, *rest in slices)
+            deque(map(combination_of.__setitem__, positions, repeat(len(tails))), 0)
+            tails.append([tail for tail, *_ in slices])
+            rests.append([tuple(rest) for _, *rest in slices])
             _count_ranks(ranks, key[2], [shape for _, shape, *_ in slices], len(positions))
-            if len(slices) == 1:
-                ((tail, *rest),) = slices
-                made = map(tuple.__new__, repeat(Placement), zip(map(add, key_heads, repeat(tail)), *map(repeat, rest)))
-                for n, placement in zip(positions, made):
-                    placements[n] = [placement]
-            else:
-                made = [
-                    map(tuple.__new__, repeat(Placement), zip(map(add, key_heads, repeat(tail)), *map(repeat, rest)))
-                    for tail, *rest in slices
-                ]
-                for n, *placed in zip(positions, *made) if made else zip(positions):
-                    placements[n] = placed
+            module_heads = list(map(heads.__getitem__, layers))
             if one_alpha is None:
                 for n, found_modules in zip(positions, zip(*[map(add, module_heads, repeat(name)) for name in names])):
                     hf_modules[n] = found_modules
@@ -563,8 +552,23 @@ def _plan_in_bulk(
                     first_alpha.update(dict.fromkeys(map(add, module_heads, repeat(name)), one_alpha))
     except (ShapeMismatchError, DialectError):
         return None
-    flat = list(chain.from_iterable(placements))
-    keys = list(map(itemgetter(0), flat))
+    for found in rests:
+        forms.update(found)
+    dora = any(tail.endswith("lora_magnitude_vector") for found in tails for tail in found)
+    # every key and placement made in the shards' order (the order the writer reads them in)
+    counts = list(map(len, map(tails.__getitem__, combination_of)))
+    spec_heads = map(key_heads.get, modules, repeat(""))  # a shard alone: its keys are whole
+    keys = list(
+        map(
+            add,
+            chain.from_iterable(map(repeat, spec_heads, counts)),
+            chain.from_iterable(map(tails.__getitem__, combination_of)),
+        )
+    )
+    made = map(add, zip(keys), chain.from_iterable(map(rests.__getitem__, combination_of)))
+    flat = list(map(tuple.__new__, repeat(Placement), made))
+    placed = iter(flat)
+    placements = list(map(list, map(islice, repeat(placed), counts)))
     shapes = dict(zip(keys, map(itemgetter(1), flat)))
     spec_dtypes = list(map(attrgetter("dtype"), specs))
     if len(set(spec_dtypes)) == 1:
