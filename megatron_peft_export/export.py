@@ -7,6 +7,7 @@ and runs the rest in the background on its own process group.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
@@ -24,7 +25,7 @@ import torch
 from . import distributed as coll
 from .compat import log_findings
 from .core.archs import ArchMap
-from .core.experts import fuse_experts, fused_layout, refuse_missing_layout
+from .core.experts import FusedLayout, fuse_experts, fused_layout, refuse_missing_layout
 from .core.geometry import ModelGeometry
 from .core.options import check_fields, config_class
 from .core.peft_format import adapter_config, model_card
@@ -186,8 +187,15 @@ class _Planned:
     names: Naming
     fused: Any = None
     """`fused_layout` of the plan, once `allocate_adapter` has asked for it (False: not the plain case)."""
-    own: tuple | None = None
-    """The writer's own placements (`_own_slices`), once `_copy_own` has listed them."""
+    configs: dict = field(default_factory=dict)
+    """The adapter configs of the plan (`stage_adapter`)."""
+    runs: dict = field(default_factory=dict)
+    """((rank, transfer), whether fused tensors are stacked, output dtype) -> `_runs` of those shards' placements."""
+    ranks: dict | None = None
+    """Each rank's positions in `ordered` and transfers (`_ranks`), once `_gather` has listed them."""
+    own: dict = field(default_factory=dict)
+    """((rank, transfer), whether fused tensors are stacked) -> those shards' placements (`_own_slices`), once `_place`
+    has listed them."""
 
 
 _PLANS_KEPT = 8
@@ -288,23 +296,33 @@ def stage_adapter(
     extra_files: dict[str, bytes] | None = None,
     quantization: str | None = None,
     fused: dict[str, list[str]] | None = None,
+    configs: dict | None = None,
 ) -> None:
     """Write config, card and weights into the staging directory (MoE experts in the chosen layout, ranks padded when
-    asked). `fused` (from `allocate_adapter`): `tensors` are in the fused layout already.
+    asked). `fused` (from `allocate_adapter`): `tensors` are in the fused layout already. `configs` (held with the
+    plan, `_Planned.configs`): the adapter configs made of this very plan, reused (a copy) while it is not padded or
+    fused here.
 
     Logs what vLLM would refuse, serve wrong or need engine flags for in the result (`compat`, for the name map's
     family);
     `quantization` describes the base for the card.
     """
+    key = (options.base_model_name_or_path, names.arch.name, fused is not None)
     if fused is None and options.pad_rank_to is not None:
-        plan, tensors = pad_ranks(plan, tensors, options.pad_rank_to)
+        plan, tensors, configs = *pad_ranks(plan, tensors, options.pad_rank_to), None
     if fused is None and _fuses(options, names):
         tensors, fused = fuse_experts(
             plan, tensors, names.arch, names.geometry.num_experts
         )  # what vLLM makes of it: log_findings below
-    config = adapter_config(
-        plan, options.base_model_name_or_path, fused_experts=fused or None, model_type=names.arch.name
-    )
+        configs = None
+    config = None if configs is None else configs.get(key)
+    if config is None:
+        config = adapter_config(
+            plan, options.base_model_name_or_path, fused_experts=fused or None, model_type=names.arch.name
+        )
+        if configs is not None:
+            configs[key] = config
+    config = copy.deepcopy(config)
     log_findings(
         config,
         safetensors_out.shapes(tensors),
@@ -319,27 +337,25 @@ def _gather(
     snapshot: Snapshot, planned: _Planned, allocated: Allocated | None, group: Any, failure: Exception | None
 ) -> Exception | None:
     """The writer: receive every other rank's shards (one message per bucket) and place every shard into the HF
-    tensors (queued views, copied in bulk; its own shards in host memory by `_copy_own`). Every send is received,
-    even after a failure, so no sender hangs; the first failure is returned."""
+    tensors (`_place`: its own shards at once when they are in host memory, another rank's bucket by bucket as each
+    arrives; else queued views, copied in bulk). Every send is received, even after a failure, so no sender hangs; the
+    first failure is returned."""
     ordered, plan = planned.ordered, planned.plan
     copies = BulkCopy()
-    by_rank: dict[int, list[int]] = {}  # rank -> positions in `ordered` of its specs, in its order
-    for n, (rank, _, _) in enumerate(ordered):
-        by_rank.setdefault(rank, []).append(n)
-    for rank, positions in by_rank.items():
+    if planned.ranks is None:
+        planned.ranks = _ranks(ordered)
+    for rank, (positions, indices, buckets) in planned.ranks.items():
         mine = rank == WRITER
         if mine and failure is None:
             try:
-                if _copy_own(snapshot, planned, positions, allocated.targets):
+                shards = list(map(_TENSOR, map(snapshot.shards.__getitem__, indices)))
+                if all(map(_IS_CPU, shards)):
+                    _place(shards, planned, (rank, None), positions, allocated)
                     continue
             except Exception as exc:
                 failure = exc
                 continue
-        for bucket in (
-            [range(len(positions))]
-            if mine
-            else coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions])
-        ):
+        for b, bucket in enumerate([range(len(positions))] if mine else buckets):
             specs = [ordered[positions[k]][2] for k in bucket]
             data = (
                 [None] * len(specs)
@@ -349,12 +365,13 @@ def _gather(
             if failure is not None:
                 continue
             try:
-                for k, shard in zip(bucket, data):
-                    n = positions[k]
-                    if shard is None:  # this rank's own shard: read in place when it is in host memory already
-                        shard = snapshot.shards[ordered[n][1]].tensor.detach()
-                        shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
-                    apply_placements(allocated.targets, plan.placements[n], shard, copies)  # copied every 64 MiB
+                if not mine:  # in host memory: placed as the writer's own shards are
+                    _place(data, planned, (rank, b), [positions[k] for k in bucket], allocated)
+                    continue
+                for k in bucket:  # the writer's own shards, each off the device in turn
+                    shard = snapshot.shards[indices[k]].tensor.detach()
+                    shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
+                    apply_placements(allocated.targets, plan.placements[positions[k]], shard, copies)
             except Exception as exc:
                 failure = exc
     if failure is None:
@@ -365,60 +382,229 @@ def _gather(
     return failure
 
 
-_IS_CPU = operator.attrgetter("is_cpu")
+def _ranks(ordered: list[tuple[int, int, ShardSpec]]) -> dict[int, tuple[list[int], list[int], list[list[int]]]]:
+    """rank -> (positions in `ordered` of its specs, their indices among its shards, its transfers: `coll.buckets` of
+    its specs, as it sends them), listed once per plan (`_Planned.ranks`)."""
+    by_rank: dict[int, tuple[list[int], list[int]]] = {}
+    for n, (rank, i, _) in enumerate(ordered):
+        positions, indices = by_rank.setdefault(rank, ([], []))
+        positions.append(n)
+        indices.append(i)
+    return {
+        rank: (
+            positions,
+            indices,
+            [] if rank == WRITER else coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions]),
+        )
+        for rank, (positions, indices) in by_rank.items()
+    }
 
 
-def _copy_own(snapshot: Snapshot, planned: _Planned, positions: list[int], targets: dict[str, torch.Tensor]) -> bool:
-    """The writer's own shards into the HF tensors, when all are in host memory (else False: the caller copies them
-    shard by shard, each off the device in turn): every placement's views (`placement_views`' copies) made from the
-    slices of the plan listed once (`_Planned.own`: the whole-shard-to-whole-tensor ones looked up by C-level maps,
-    the others narrowed in one loop), then one bulk copy."""
-    shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
-    if not all(map(_IS_CPU, shards)):
-        return False
-    if planned.own is None:
-        planned.own = _own_slices(planned, positions)
-    whole_keys, whole_shards, partial = planned.own
+_IS_CPU, _TENSOR = operator.attrgetter("is_cpu"), operator.attrgetter("tensor")
+
+
+def _place(
+    shards: list[torch.Tensor], planned: _Planned, which: tuple, positions: list[int], allocated: Allocated
+) -> None:
+    """Shards in host memory (`positions` in `ordered`) into the HF tensors, from their slices of the plan listed once
+    (`_Planned.own[which]`, `_own_slices`): each fused expert tensor whose experts are all whole shards among them
+    stacked into its place in the file's payload (one `torch.stack` per fused tensor, no per-expert view); the
+    whole-shard-to-whole-tensor placements looked up by C-level maps, the others narrowed in one loop, then one bulk
+    copy."""
+    stacking = allocated.layout is not None
+    listed = planned.own.get((which, stacking))
+    if listed is None:
+        listed = planned.own[(which, stacking)] = _own_slices(planned, positions, allocated.layout)
+    stacks, whole_keys, whole_shards, partial, per_expert_views = listed
+    written = allocated.written
+    runs = None
+    if isinstance(written, safetensors_out.Payload):  # its byte layout depends on the output dtype
+        spans = (which, stacking, allocated.dtype)
+        runs = planned.runs.get(spans)
+        if runs is None:
+            runs = planned.runs[spans] = _runs(whole_keys, whole_shards, partial, written)
+        runs, whole_keys, whole_shards, partial = runs
+    targets = allocated.targets if per_expert_views else written  # the same tensors for every plain key
     dst, src = list(map(targets.__getitem__, whole_keys)), list(map(shards.__getitem__, whole_shards))
     with torch.no_grad():
+        for key, shape, dim, members in stacks:
+            out, stacked = written[key].view(shape), list(map(shards.__getitem__, members))
+            if out.dtype == stacked[0].dtype:
+                torch.stack(stacked, dim, out=out)
+            else:  # converted as every other copy converts
+                out.copy_(torch.stack(stacked, dim))
+        for dtype, start, end, whole, members in runs or ():
+            dst.append(written.flat[start:end].view(dtype))
+            parts = (
+                list(map(shards.__getitem__, whole))
+                if members is None
+                else [shards[k] if first is None else shards[k].narrow(0, first, rows) for k, first, rows in members]
+            )
+            src.append(torch._C._nn.flatten_dense_tensors(parts))
         for k, key, dim, dst_start, src_start, length, whole_dst, whole_src in partial:
             target, shard = targets[key], shards[k]
             dst.append(target if whole_dst else target.narrow(dim, dst_start, length))
             src.append(shard if whole_src else shard.narrow(dim, src_start, length))
-        torch._foreach_copy_(dst, src)
-    return True
+        if dst:  # none when every placement was stacked
+            torch._foreach_copy_(dst, src)
 
 
-def _own_slices(planned: _Planned, positions: list[int]) -> tuple[list[str], list[int], list[tuple]]:
-    """The writer's placements: (HF keys, shard positions) of those that copy a whole shard into a whole HF tensor,
-    and each other one as (shard position among the writer's shards, HF key, dim, destination start, source start,
-    length, whole destination, whole source)."""
-    whole_keys: list[str] = []
-    whole_shards: list[int] = []
-    partial: list[tuple] = []
+_SMALL = 1 << 16
+"""HF tensors of at most this many bytes are filled a run at a time (`_runs`)."""
+
+
+def _runs(
+    whole_keys: list[str], whole_shards: list[int], partial: list[tuple], written: safetensors_out.Payload
+) -> tuple:
+    """The placements that fill a whole small tensor of the payload (from a whole shard, or rows of one) and lie back to
+    back, as runs: (dtype, first byte, end byte, shard positions in payload order, or None when every member is a
+    whole shard, else each member's (shard position, first row, rows; first row None: the whole shard)), each copied
+    from its members flattened into one (no view of the payload per tensor); the other placements as they were
+    ((HF keys, shard positions), partial)."""
+    where, entries = written.where, written.entries
+    small, keys, shards, rest = [], [], [], []
+    for key, k in zip(whole_keys, whole_shards):
+        start, end = where.get(key, (0, 0))  # absent: a per-expert view of a fused tensor
+        if 0 < end - start <= _SMALL:
+            small.append((start, end, entries[key][0], (k, None, None), (key, k)))
+        else:
+            keys.append(key)
+            shards.append(k)
+    for item in partial:
+        k, key, dim, _, src_start, length, whole_dst, _ = item
+        start, end = where.get(key, (0, 0))
+        if whole_dst and dim == 0 and 0 < end - start <= _SMALL:
+            small.append((start, end, entries[key][0], (k, src_start, length), item))
+        else:
+            rest.append(item)
+    small.sort(key=operator.itemgetter(0))
+    runs: list[list] = []
+    for start, end, dtype, member, item in small:
+        if runs and runs[-1][0] == dtype and runs[-1][2] == start:
+            runs[-1][2] = end
+            runs[-1][3].append(member)
+        else:
+            runs.append([dtype, start, end, [member], item])
+    out = []
+    for dtype, start, end, members, item in runs:
+        if len(members) == 1:  # a tensor alone: its view, as before
+            if len(item) == 2:
+                keys.append(item[0])
+                shards.append(item[1])
+            else:
+                rest.append(item)
+        elif all(first is None for _, first, _ in members):
+            out.append((dtype, start, end, [k for k, _, _ in members], None))
+        else:
+            out.append((dtype, start, end, None, members))
+    return out, keys, shards, rest
+
+
+def _own_slices(planned: _Planned, positions: list[int], layout: FusedLayout | None) -> tuple:
+    """The placements of the shards at `positions`, listed for `_place`: (stacks, HF keys, shard positions, partial,
+    per-expert views) where `stacks` are the fused tensors of `layout` filled by stacking whole shards (`_stacks`:
+    fused key, the shape it is viewed as, the stacking dim, the shard positions in expert order), (HF keys, shard
+    positions) the other placements that copy a whole shard into a whole HF tensor, `partial` each remaining one as
+    (shard position among those shards, HF key, dim, destination start, source start, length, whole destination, whole
+    source), and whether any of those fills a per-expert view of a fused tensor (`Allocated.targets` makes those)."""
+    views = layout.views if layout is not None else {}
     shapes = planned.plan.shapes
+    by_fused: dict[str, list] = {}
+    rest: list[tuple[int, Any, tuple]] = []
     for k, n in enumerate(positions):
         spec = planned.ordered[n][2]
         for p in planned.plan.placements[n]:
-            whole_dst = p.dst_start == 0 and p.length == shapes[p.key][p.dim]
-            whole_src = p.src_start == 0 and p.length == spec.shape[p.dim]
-            if whole_dst and whole_src:
-                whole_keys.append(p.key)
-                whole_shards.append(k)
+            view = views.get(p.key)
+            if view is None:
+                rest.append((k, p, spec.shape))
             else:
-                partial.append((k, p.key, p.dim, p.dst_start, p.src_start, p.length, whole_dst, whole_src))
-    return whole_keys, whole_shards, partial
+                by_fused.setdefault(view[0], []).append((view, k, p, spec.shape))
+    stacks = []
+    for key, entries in by_fused.items():
+        stack = _stacks(key, entries, layout, shapes)
+        if stack is None:
+            rest += [(k, p, shape) for _, k, p, shape in entries]
+        else:
+            stacks.append(stack)
+    whole_keys: list[str] = []
+    whole_shards: list[int] = []
+    partial: list[tuple] = []
+    for k, p, shard_shape in rest:
+        whole_dst = p.dst_start == 0 and p.length == shapes[p.key][p.dim]
+        whole_src = p.src_start == 0 and p.length == shard_shape[p.dim]
+        if whole_dst and whole_src:
+            whole_keys.append(p.key)
+            whole_shards.append(k)
+        else:
+            partial.append((k, p.key, p.dim, p.dst_start, p.src_start, p.length, whole_dst, whole_src))
+    per_expert_views = any(key in views for key in whole_keys) or any(item[1] in views for item in partial)
+    return stacks, whole_keys, whole_shards, partial, per_expert_views
+
+
+def _stacks(key: str, entries: list[tuple], layout: FusedLayout, shapes: dict) -> tuple | None:
+    """How the fused tensor `key` is filled by stacking one whole shard per expert: (key, the shape it is viewed as,
+    the stacking dim, the shard position of each expert), or None when its placements are not that (an expert held by
+    another rank, a per-expert tensor filled from several shards or from a shard's slice it does not tile).
+
+    `entries`: (its `FusedLayout.views` entry, shard position, placement, shard shape) of every placement into one of
+    its per-expert views. peft's layout (core/experts.py): a fused lora_A [experts * r, in] is expert-major, the
+    experts' [r, in] stacked on a new first dim; a fused lora_B [out, r * experts] is rank-major, the experts'
+    [out, r] stacked on a new last dim, each expert's per-expert lora_B its consecutive row blocks."""
+    count, fused_shape = layout.experts[key], layout.shapes[key]
+    if key.endswith(".lora_A.weight"):
+        shape, dim = (count, fused_shape[0] // count, fused_shape[1]), 0
+        member = (shape[1], shape[2])
+    else:
+        shape, dim = (fused_shape[0], fused_shape[1] // count, count), 2
+        member = (shape[0], shape[1])
+    sources: list[Any] = [None] * count
+    rows: list[set] = [set() for _ in range(count)]
+    for (_, e, start, length), k, p, shard_shape in entries:
+        per_expert = shapes[p.key]
+        if p.dst_start != 0 or p.length != per_expert[p.dim] or tuple(shard_shape) != member:
+            return None
+        if p.dim == 0:
+            src_start = p.src_start
+        elif p.src_start == 0 and p.length == shard_shape[p.dim] and tuple(per_expert) == member:
+            src_start = 0  # the whole shard along another dim: its rows all
+        else:
+            return None
+        if src_start != start or tuple(per_expert) != (length, member[1]) or sources[e] not in (None, k):
+            return None
+        sources[e] = k
+        rows[e].add((start, length))
+    for e in range(count):
+        if sources[e] is None:
+            return None
+        ends = 0
+        for start, length in sorted(rows[e]):
+            if start != ends:
+                return None
+            ends = start + length
+        if ends != member[0]:
+            return None
+    return key, shape, dim, sources
 
 
 @dataclass
 class Allocated:
     """The writer's HF tensors: `written` (views of one buffer laid out as the file's payload) and `targets`, what the
-    plan's placements fill: the same tensors, or (fused experts) views of the fused ones in `written`."""
+    plan's placements fill: the same tensors, or (fused experts, `layout`) views of the fused ones in `written`, made
+    at first use (`_place` stacks whole expert shards into the fused tensors without them)."""
 
-    targets: dict[str, torch.Tensor]
     written: dict[str, torch.Tensor]
     fused: dict[str, list[str]] | None
     """Per fused parameter, the per-expert modules it replaces, when `written` is in the fused layout already."""
+    layout: FusedLayout | None = None
+    dtype: torch.dtype | None = None
+    """The output dtype asked for (None: each tensor's source dtype)."""
+    _targets: dict[str, torch.Tensor] | None = None
+
+    @property
+    def targets(self) -> dict[str, torch.Tensor]:
+        if self._targets is None:
+            self._targets = self.written if self.layout is None else self.layout.targets(self.written)
+        return self._targets
 
 
 def _fuses(options: ExportOptions, names: Naming) -> bool:
@@ -441,9 +627,9 @@ def allocate_adapter(planned: _Planned, options: ExportOptions, dtype: torch.dty
             written = safetensors_out.allocate(
                 {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
             )
-            return Allocated(layout.targets(written), written, layout.replaced)
+            return Allocated(written, layout.replaced, layout, dtype)
     tensors = safetensors_out.allocate_plan(plan, dtype)
-    return Allocated(tensors, tensors, None)
+    return Allocated(tensors, None, None, dtype)
 
 
 @paused_collection()
@@ -513,6 +699,7 @@ def run_export(
                 extra_files=extra_files,
                 quantization=quantization_summary(r.quantization for r in reports),
                 fused=allocated.fused,
+                configs=planned.configs,
             )
             log.info("converted %d %s adapter tensors for %s", len(tensors), dialect, output_dir)
             return finish(tmp)

@@ -26,10 +26,9 @@ from . import distributed as coll
 from .config import HookConfig
 from .errors import CollectiveError, ExportError
 from .export import WRITER, ExportOptions
-from .host_snapshot import Deferred, HostSnapshots
+from .host_snapshot import HostSnapshots
 from .io.atomic_dir import abandon_all, clean_stale, discard, publish
 from .io.checkpoints import ITERATION_GLOB, tracker_iteration
-from .multi_adapter import AdapterSnapshots
 from .multi_adapter import run_multi_export as run_export  # the one export path: one adapter is a list of one
 from .services.verify_hook import extensions as verification_steps
 
@@ -286,7 +285,7 @@ class AdapterExportHook:
         )
         return True
 
-    def _export_snapshots(self, taken: AdapterSnapshots | Deferred, *args) -> None:
+    def _export_snapshots(self, taken: Any, *args) -> None:
         """Background: export the snapshots, then hand their host buffers to a later save."""
         try:
             self._export(taken, *args)

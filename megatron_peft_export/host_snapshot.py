@@ -100,14 +100,21 @@ def _adapter_state(carriers: list[tuple[torch.nn.Module, Any]], names: list[str]
 class _Probes:
     """The dictionary lookups of the carriers whose dialect gives them (`probes`): the check repeats each lookup with
     C-level maps, the found objects compared by identity (held here: no id is reused while they are), the plain
-    values by type, then `==`."""
+    values by type, then `==`. A lookup a dialect lists again (the same dictionary and key: a path read for a tensor,
+    then for its owner's group) is kept once; it found the same value (the walk reads the model at one time)."""
 
     def __init__(self) -> None:
         self.same: tuple[list, list, list] = ([], [], [])
         self.equal: tuple[list, list, list] = ([], [], [])
+        self._listed: set[tuple[int, str]] = set()
 
     def add(self, probes: list[tuple[dict, str, Any, bool]]) -> None:
+        listed = self._listed
         for table, key, value, by_identity in probes:
+            lookup = (id(table), key)  # the table is held in a column: its id stays its own
+            if lookup in listed:
+                continue
+            listed.add(lookup)
             for column, item in zip(self.same if by_identity else self.equal, (table, key, value), strict=True):
                 column.append(item)
 
@@ -142,12 +149,13 @@ def _tensor(tensor: torch.Tensor) -> tuple:
 
 
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+_SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")
 
 
 def _tensors_state(tensors: list[torch.Tensor]) -> list:
-    """Storage, shapes and dtypes of the tensors (three lists, each made by one `map`): a `param.data = ...` since the
-    walk shows here."""
-    return [list(map(torch.Tensor.data_ptr, tensors)), list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors))]
+    """Storage, and shape and dtype, of the tensors (two lists, each made by one `map`: each tensor is read twice, not
+    three times): a `param.data = ...` since the walk shows here."""
+    return [list(map(torch.Tensor.data_ptr, tensors)), list(map(_SHAPE_AND_DTYPE, tensors))]
 
 
 @dataclass
@@ -291,6 +299,16 @@ def live_snapshots(
 
 
 @dataclass
+class _Taken:
+    """A save of the current walk: its sources copied into `buffers` (on a GPU asynchronously, `copied` recording its
+    completion); `HostSnapshots.resolve` makes the snapshots from them, in the background."""
+
+    walk: _Walk
+    buffers: _Flat
+    copied: Any
+
+
+@dataclass
 class Deferred:
     """A save taken before the model was walked (or after it changed): every trainable parameter copied at the save,
     the others' version counters and storage noted; the background walks the model, then takes each adapter tensor
@@ -396,28 +414,30 @@ class HostSnapshots:
         if walk.generation is not None:
             self._keep_buffers(walk)
 
-    def take(self, model: Any, layout: coll.RankLayout) -> AdapterSnapshots | Deferred:
+    def take(self, model: Any, layout: coll.RankLayout) -> _Taken | Deferred:
         """This rank's shards of every selected adapter, copied to host memory (one bulk copy into reused buffers).
 
         When the model is not walked yet (or changed since its walk), every trainable parameter is copied instead and
-        the walk is left to the background (`resolve`): the training thread never walks the model at a save."""
+        the walk is left to the background (`resolve`): the training thread never walks the model at a save. The
+        snapshots are made from the copies in the background too (`resolve`)."""
         with paused_collection():
             key, registered = _key(model, layout), _modules_registered()
             walk = self._walk
             if walk is None or not walk.current(key, registered):
                 return _defer(model, layout, key, registered)
             buffers = self._buffers(walk)
-            snapshots = walk.over(buffers.views, _bulk_copy(buffers, walk.sources, walk))
+            taken = _Taken(walk, buffers, _bulk_copy(buffers, walk.sources, walk))
         with self._lock:
-            self._in_use[id(snapshots)] = (walk.generation, buffers)
-        return snapshots
+            self._in_use[id(taken)] = (walk.generation, buffers)
+        return taken
 
-    def resolve(self, taken: AdapterSnapshots | Deferred) -> AdapterSnapshots:
+    def resolve(self, taken: _Taken | Deferred) -> AdapterSnapshots:
         """Background: the snapshots of what `take` returned, once its copy is complete. A deferred save is walked
         here (the walk is cached for later saves) and takes each adapter tensor from the copies made at the save."""
-        if not isinstance(taken, Deferred):
-            taken.wait()  # the asynchronous copy to host memory (GPU) is complete
-            return taken
+        if isinstance(taken, _Taken):
+            if taken.copied is not None:
+                taken.copied.synchronize()  # the asynchronous copy to host memory (GPU) is complete
+            return taken.walk.over(taken.buffers.views, None)
         try:
             return self._walked(taken)
         except Exception as exc:  # every rank must reach the export's first agreement, which raises it everywhere
@@ -439,7 +459,7 @@ class HostSnapshots:
             except ExportError as exc:
                 return walk.failed(exc)
 
-    def release(self, snapshots: AdapterSnapshots | Deferred) -> None:
+    def release(self, snapshots: _Taken | Deferred) -> None:
         """The export of `snapshots` is over (any thread): its buffers serve a later save."""
         with self._lock:
             generation, buffers = self._in_use.pop(id(snapshots), (None, None))

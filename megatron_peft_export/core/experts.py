@@ -11,6 +11,7 @@ re-keys its result into the fused one, and back for import.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -198,20 +199,28 @@ class FusedLayout:
     experts: dict[str, int]
     """Fused key -> its expert count."""
 
+    _runs: list | None = dataclasses.field(default=None, repr=False, compare=False)
+    """`views` grouped per fused key and rows (the per-expert keys and their experts), made by the first `targets`."""
+
     def targets(self, written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The per-expert plan's tensors as views of the final `written` ones (every plan key, nothing copied)."""
+        """The per-expert plan's tensors as views of the final `written` ones (every plan key, nothing copied): per
+        fused tensor and rows, every expert's view is made by one `unbind` (a lora_A as [experts, r, in], expert e's
+        rows at [e]; a lora_B's rows as [experts, rows, r], expert e's columns at [e])."""
+        if self._runs is None:
+            runs: dict[tuple[str, int, int], tuple[list[str], list[int]]] = {}
+            for key, (fused, e, start, rows) in self.views.items():
+                keys, experts = runs.setdefault((fused, start, rows), ([], []))
+                keys.append(key)
+                experts.append(e)
+            self._runs = [(*form, keys, experts) for form, (keys, experts) in runs.items()]
         out = {key: t for key, t in written.items() if key not in self.experts}
-        by_expert = {}  # a fused lora_B as [out, r, experts] (expert e: [..., e]), a lora_A as [experts, r, in]
-        for fused, count in self.experts.items():
-            tensor = written[fused]
-            by_expert[fused] = (
-                tensor.view(count, -1, tensor.shape[1])
-                if fused.endswith(".lora_A.weight")
-                else tensor.view(tensor.shape[0], -1, count)
-            )
-        for key, (fused, e, start, rows) in self.views.items():
-            tensor = by_expert[fused]
-            out[key] = tensor[e] if key.endswith(".lora_A.weight") else tensor[start : start + rows, :, e]
+        for fused, start, rows, keys, experts in self._runs:
+            tensor, count = written[fused], self.experts[fused]
+            if fused.endswith(".lora_A.weight"):
+                views = tensor.view(count, -1, tensor.shape[1]).unbind(0)
+            else:  # [out, r * experts], rank-major columns: expert e's [rows, r] at [e] of [experts, out, r]
+                views = tensor.view(tensor.shape[0], -1, count)[start : start + rows].permute(2, 0, 1).unbind(0)
+            out.update(zip(keys, map(views.__getitem__, experts)))
         return out
 
 

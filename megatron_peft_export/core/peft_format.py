@@ -6,6 +6,8 @@ import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import yaml
@@ -36,18 +38,22 @@ def _number(x: float) -> int | float:
 def target_modules(plan: AdapterPlan, skip: frozenset[str] = frozenset()) -> list[str]:
     """Short names for modules adapted in every layer that has them, full paths for the rest (without a prefix that
     transformers renames on load, which peft matches as a suffix): exactly the modules with tensors."""
-    modules = [m for m in plan.modules if m not in skip]
+    modules = [m for m in plan.modules if m not in skip] if skip else list(plan.modules)
+    shorts = list(map(itemgetter(-1), map(str.rsplit, modules, repeat("."), repeat(1))))
+    matches = list(map(_LAYER_INDEX.search, modules))
     layers: dict[str, set[int]] = defaultdict(set)
-    for module in modules:
-        match = _LAYER_INDEX.search(module)
-        layers[module.rsplit(".", 1)[-1]].add(int(match.group(1)) if match else -1)
+    # each distinct (short name, layer) once: 10^5 expert modules have a few short names in a few dozen layers
+    for short, layer in set(zip(shorts, (match.group(1) if match else None for match in matches))):
+        layers[short].add(-1 if layer is None else int(layer))
     every = set(range(plan.num_layers))
     everywhere = {name for name, found in layers.items() if found == plan.layers_of.get(name, every) or found == {-1}}
+    if everywhere.issuperset(layers):
+        return sorted(layers)
     renamed = plan.renamed_prefix
     return sorted(
         {
-            m.rsplit(".", 1)[-1] if m.rsplit(".", 1)[-1] in everywhere else m.removeprefix(renamed) if renamed else m
-            for m in modules
+            short if short in everywhere else module.removeprefix(renamed) if renamed else module
+            for short, module in zip(shorts, modules)
         }
     )
 
@@ -65,7 +71,13 @@ def adapter_config(
     those go to `target_parameters` (they must share the adapter's r and alpha, which peft applies to them; and peft
     has no DoRA on target parameters, so DoRA there is refused, naming `model_type`).
     """
-    r, alpha = Counter((s.r, s.alpha) for s in plan.modules.values()).most_common(1)[0][0]
+    settings = list(plan.modules.values())
+    # the usual adapter: every module has the one (r, alpha) object (a NaN alpha differs even from itself)
+    one = bool(settings) and len(set(map(id, settings))) == 1 and settings[0].alpha == settings[0].alpha
+    if one:
+        r, alpha = settings[0].r, settings[0].alpha
+    else:
+        r, alpha = Counter((s.r, s.alpha) for s in settings).most_common(1)[0][0]
     fused = frozenset(m for modules in (fused_experts or {}).values() for m in modules)
     if plan.use_dora and fused_experts:
         raise DialectError(
@@ -74,7 +86,7 @@ def adapter_config(
             f"and peft has no DoRA on target_parameters (it refuses to load them); expected DoRA on the attention "
             f"linears only, or LoRA on these"
         )
-    odd = sorted(m for m in fused if (plan.modules[m].r, plan.modules[m].alpha) != (r, alpha))
+    odd = [] if one else sorted(m for m in fused if (plan.modules[m].r, plan.modules[m].alpha) != (r, alpha))
     if odd:
         raise ShapeMismatchError(
             f"fused expert parameters take the adapter's one r and lora_alpha, but {odd[0]} differs; export with "
@@ -88,8 +100,10 @@ def adapter_config(
         "r": r,
         "lora_alpha": _number(alpha),
         "target_modules": target_modules(plan, fused),
-        "rank_pattern": {m: s.r for m, s in sorted(plan.modules.items()) if s.r != r},
-        "alpha_pattern": {m: _number(s.alpha) for m, s in sorted(plan.modules.items()) if s.alpha != alpha},
+        "rank_pattern": {} if one else {m: s.r for m, s in sorted(plan.modules.items()) if s.r != r},
+        "alpha_pattern": {}
+        if one
+        else {m: _number(s.alpha) for m, s in sorted(plan.modules.items()) if s.alpha != alpha},
         "lora_dropout": 0.0,
         "bias": "none",
         "use_dora": plan.use_dora,

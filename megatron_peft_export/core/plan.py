@@ -6,9 +6,11 @@ import dataclasses
 import functools
 import math
 import re
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain, islice, repeat
+from operator import add, attrgetter, itemgetter
 
 import torch
 
@@ -407,7 +409,43 @@ def _check_coverage(
 def plan_adapter(
     specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None
 ) -> AdapterPlan:
-    """Plan every shard of every rank, then check the whole: coverage, ranks, alphas, DoRA everywhere or nowhere."""
+    """Plan every shard of every rank, then check the whole: coverage, ranks, alphas, DoRA everywhere or nowhere.
+
+    Planned in bulk (`_plan_in_bulk`: per combination of module kind and shard shape, then arrays of keys); whatever
+    that path does not accept as whole and consistent is planned shard by shard (`_plan_each`), which names what is
+    wrong."""
+    bulk = _plan_in_bulk(specs, geometry, arch, megatron_vocab)
+    if bulk is None:
+        placements, shapes, dtypes, alphas = _plan_each(specs, geometry, arch, megatron_vocab)
+        modules = _module_settings(shapes, alphas)
+    else:
+        placements, shapes, dtypes, first_alpha, use_dora, ranks = bulk
+        modules = _one_setting(first_alpha, ranks) or _module_settings_in_bulk(shapes, first_alpha)
+    use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes) if bulk is None else use_dora
+    if use_dora:
+        missing = [m for m in modules if hf_key(m, "magnitude") not in shapes]
+        if missing:
+            raise DialectError(
+                f"DoRA magnitude found for some modules but not for {', '.join(missing[:5])}; expected it on every "
+                f"adapted module"
+            )
+    return AdapterPlan(
+        shapes,
+        dtypes,
+        placements,
+        modules,
+        use_dora,
+        geometry.num_layers,
+        _layers_of(arch, geometry),
+        arch.renamed_prefix,
+    )
+
+
+def _plan_each(
+    specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None
+) -> tuple[list[list[Placement]], dict[str, tuple[int, ...]], dict[str, str], dict[str, set[float]]]:
+    """Shard by shard: the placements, shapes, dtypes and each HF module's alphas, raising every shard that does not
+    fit and every tensor not filled exactly once."""
     errors: list[str] = []
     kind: type[ExportError] = DialectError  # ShapeMismatchError once any error is one
     placements: list[list[Placement]] = []
@@ -442,25 +480,170 @@ def plan_adapter(
     if errors:
         raise kind(f"{len(errors)} adapter tensor(s) do not fit the model: " + " | ".join(errors[:10]), found=errors)
     _check_coverage(shapes, first, more)
-    modules = _module_settings(shapes, alphas)
-    use_dora = any(k.endswith("lora_magnitude_vector") for k in shapes)
-    if use_dora:
-        missing = [m for m in modules if hf_key(m, "magnitude") not in shapes]
-        if missing:
-            raise DialectError(
-                f"DoRA magnitude found for some modules but not for {', '.join(missing[:5])}; expected it on every "
-                f"adapted module"
-            )
-    return AdapterPlan(
-        shapes,
-        dtypes,
-        placements,
-        modules,
-        use_dora,
-        geometry.num_layers,
-        _layers_of(arch, geometry),
-        arch.renamed_prefix,
+    return placements, shapes, dtypes, alphas
+
+
+_SPEC_COLUMNS = attrgetter("module", "part", "role", "shape", "split_dim", "tp_rank", "tp_size")
+"""What a shard's placements depend on (with the module's layer taken out: `_Planner`'s combination)."""
+
+
+def _plan_in_bulk(
+    specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None
+) -> tuple[list[list[Placement]], dict[str, tuple[int, ...]], dict[str, str], dict[str, float], bool, dict] | None:
+    """`_plan_each`'s placements, shapes and dtypes and each HF module's one alpha (and whether DoRA magnitudes are
+    there), computed per combination (`_Planner`: module kind, part, role, shard shape, TP coordinates; a few hundred
+    for 10^5 MoE shards) and stamped out per layer on arrays of keys. None, for `_plan_each` to name the problem, when
+    a shard does not fit (a combination's first shard raises, or a layer is past the model's or of another kind), a
+    tensor is not filled exactly once, its shards disagree on shape or dtype, or a module has several alphas; the
+    checks are `_plan_each`'s, done once per distinct form."""
+    planner = _Planner(geometry, arch, megatron_vocab)
+    columns = list(map(_SPEC_COLUMNS, specs))
+    modules = list(map(itemgetter(0), columns))
+    matches = dict(zip(modules, map(_LAYER_RE.match, modules)))  # one per module (lora_A and lora_B share it)
+    layer_of = {m: int(found.group(1)) for m, found in matches.items() if found is not None}
+    suffix_of = {m: found.group(2) for m, found in matches.items() if found is not None}
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    combinations = map(add, zip(map(suffix_of.get, modules)), map(itemgetter(slice(1, None)), columns))
+    for n, combination in enumerate(combinations):
+        groups[combination].append(n)
+    singles = [n for key in list(groups) if key[0] is None for n in groups.pop(key)]  # outside the layers
+    alphas = list(map(attrgetter("alpha"), specs))
+    one_alpha = _one_alpha(alphas)
+    hf_modules: list = [None] * len(specs)  # each shard's HF modules, when alphas differ (`_first_alphas`)
+    first_alpha: dict[str, float] = {}  # each HF module's alpha, when there is one (`one_alpha`)
+    heads = {layer: arch.layer_prefix.format(i=layer) + "." for layer in set(layer_of.values())}
+    key_heads = {module: PEFT_PREFIX + heads[layer] for module, layer in layer_of.items()}
+    named: dict[tuple[str, ...], list[int]] = {}  # HF names in a layer -> the layers of the last shards naming them
+    pattern, num_layers = geometry.layer_pattern, geometry.num_layers
+    dora = False
+    forms: set[tuple] = set()  # every placement but its key (shape, dim, destination, source, length)
+    ranks: dict[str, list] = {"lora_A": [set(), 0], "lora_B": [set(), 0]}  # per role: the ranks, the placements
+    tails: list[list[str]] = []  # per combination: its placements' keys after the layer's (a shard alone: whole keys)
+    rests: list[list[tuple]] = []  # per combination: its placements but their keys
+    combination_of: list = [None] * len(specs)  # each shard's index in `tails` and `rests`
+    try:
+        for n in singles:
+            hf_modules[n], placed = planner.plan(specs[n])
+            combination_of[n] = len(tails)
+            tails.append([p.key for p in placed])
+            rests.append([p[1:] for p in placed])
+            _count_ranks(ranks, specs[n].role, [p.shape for p in placed], 1)
+            first_alpha.update(dict.fromkeys(hf_modules[n], one_alpha))
+        for key, positions in groups.items():
+            planner.plan(specs[positions[0]])  # the full computation, stamping the combination
+            symbol, names, slices = planner._stamps[key]
+            layers = list(map(layer_of.__getitem__, map(modules.__getitem__, positions)))
+            found = set(layers)
+            if max(found) >= num_layers or (
+                pattern is not None and symbol and any(pattern[layer] != symbol for layer in found)
+            ):
+                return None  # `_in_layer` refuses one of them, by name
+            deque(map(combination_of.__setitem__, positions, repeat(len(tails))), 0)
+            tails.append([tail for tail, *_ in slices])
+            rests.append([tuple(rest) for _, *rest in slices])
+            _count_ranks(ranks, key[2], [shape for _, shape, *_ in slices], len(positions))
+            module_heads = list(map(heads.__getitem__, layers))
+            if one_alpha is None:
+                for n, found_modules in zip(positions, zip(*[map(add, module_heads, repeat(name)) for name in names])):
+                    hf_modules[n] = found_modules
+            elif named.get(names) != layers:  # lora_A's and lora_B's combinations name the same modules
+                named[names] = layers
+                for name in names:
+                    first_alpha.update(dict.fromkeys(map(add, module_heads, repeat(name)), one_alpha))
+    except (ShapeMismatchError, DialectError):
+        return None
+    for found in rests:
+        forms.update(found)
+    dora = any(tail.endswith("lora_magnitude_vector") for found in tails for tail in found)
+    # every key and placement made in the shards' order (the order the writer reads them in)
+    counts = list(map(len, map(tails.__getitem__, combination_of)))
+    spec_heads = map(key_heads.get, modules, repeat(""))  # a shard alone: its keys are whole
+    keys = list(
+        map(
+            add,
+            chain.from_iterable(map(repeat, spec_heads, counts)),
+            chain.from_iterable(map(tails.__getitem__, combination_of)),
+        )
     )
+    made = map(add, zip(keys), chain.from_iterable(map(rests.__getitem__, combination_of)))
+    flat = list(map(tuple.__new__, repeat(Placement), made))
+    placed = iter(flat)
+    placements = list(map(list, map(islice, repeat(placed), counts)))
+    shapes = dict(zip(keys, map(itemgetter(1), flat)))
+    spec_dtypes = list(map(attrgetter("dtype"), specs))
+    if len(set(spec_dtypes)) == 1:
+        dtypes = dict.fromkeys(shapes, spec_dtypes[0])
+    else:
+        dtypes = dict(zip(keys, chain.from_iterable(map(repeat, spec_dtypes, map(len, placements)))))
+    if len(shapes) == len(flat):  # each tensor filled by one placement: it must be the whole tensor
+        if not all(dst == 0 and length == shape[dim] for shape, dim, dst, _, length in forms):
+            return None
+    elif not _tiles(flat, keys, chain.from_iterable(map(repeat, spec_dtypes, map(len, placements)))):
+        return None
+    if one_alpha is None:
+        first_alpha = _first_alphas(alphas, hf_modules)
+        if first_alpha is None:
+            return None
+    if len(shapes) != len(flat):
+        ranks = {}  # several placements per key: counting placements is not counting keys
+    return placements, shapes, dtypes, first_alpha, dora, ranks
+
+
+def _count_ranks(ranks: dict[str, list], role: str, shapes: list[tuple[int, ...]], times: int) -> None:
+    """Add the ranks of placements of `role` (lora_A [r, in], lora_B [out, r]) and their number, `times` each."""
+    found = ranks.get(role)
+    if found is not None:
+        found[0].update(shape[0 if role == "lora_A" else 1] for shape in shapes)
+        found[1] += len(shapes) * times
+
+
+def _one_setting(alphas: dict[str, float], ranks: dict[str, list]) -> dict[str, LoraSettings] | None:
+    """`_module_settings` when it has nothing to look up: every lora_A and lora_B of one rank, one alpha, and as many
+    lora_A and lora_B tensors (one placement each) as modules, so each module has both (a module's keys are its
+    own). Else None."""
+    if not ranks or len(set(map(id, alphas.values()))) > 1:
+        return None
+    (a_ranks, a_count), (b_ranks, b_count) = ranks["lora_A"], ranks["lora_B"]
+    if len(a_ranks) != 1 or a_ranks != b_ranks or not a_count == b_count == len(alphas):
+        return None
+    return dict.fromkeys(sorted(alphas), LoraSettings(next(iter(a_ranks)), next(iter(alphas.values()))))
+
+
+def _one_alpha(alphas: list[float]) -> float | None:
+    """The shards' one alpha, when all are equal, of one type and not zero (then which of their objects a module keeps
+    makes no difference: `_plan_each` keeps the first shard's)."""
+    if alphas and len(set(alphas)) == 1 and len(set(map(type, alphas))) == 1 and alphas[0] != 0:
+        return alphas[0]
+    return None
+
+
+def _tiles(flat: list[Placement], keys: list[str], dtypes: Iterable[str]) -> bool:
+    """Whether every key's placements agree on shape and dtype and fill its tensor exactly once (`_check_coverage`'s
+    rule), checked once per distinct set of placement forms."""
+    by_key: dict[str, list[tuple]] = defaultdict(list)
+    for key, dtype, p in zip(keys, dtypes, flat):
+        by_key[key].append((dtype, *p[1:]))
+    for forms in set(map(tuple, by_key.values())):
+        if len({(dtype, shape) for dtype, shape, *_ in forms}) != 1 or len({dim for _, _, dim, *_ in forms}) != 1:
+            return False
+        covered = 0
+        for _, _, _, dst, _, length in sorted(forms, key=itemgetter(3)):
+            if dst != covered:
+                return False
+            covered += length
+        if covered != forms[0][1][forms[0][2]]:
+            return False
+    return True
+
+
+def _first_alphas(alphas: list[float], hf_modules: list[tuple[str, ...]]) -> dict[str, float] | None:
+    """Each HF module's alpha (the object of the first shard naming it, as `_plan_each`'s sets keep it), or None when
+    a module has several."""
+    pairs = list(zip(chain.from_iterable(hf_modules), chain.from_iterable(map(repeat, alphas, map(len, hf_modules)))))
+    first = dict(reversed(pairs))
+    if len(set(pairs)) != len(first):
+        return None
+    return first
 
 
 def _layers_of(arch: ArchMap, geometry: ModelGeometry) -> dict[str, frozenset[int]]:
@@ -499,6 +682,22 @@ def _module_settings(shapes: dict[str, tuple[int, ...]], alphas: dict[str, set[f
     if problems:
         raise ShapeMismatchError("inconsistent adapter: " + "; ".join(problems[:10]))
     return modules
+
+
+def _module_settings_in_bulk(shapes: dict[str, tuple[int, ...]], alphas: dict[str, float]) -> dict[str, LoraSettings]:
+    """`_module_settings` of modules with one alpha each, on arrays: each module's lora_A and lora_B looked up and
+    their ranks compared in one pass; `_module_settings` names any problem."""
+    names = sorted(alphas)
+    a = list(map(shapes.get, map(add, map(add, repeat(PEFT_PREFIX), names), repeat(".lora_A.weight"))))
+    b = list(map(shapes.get, map(add, map(add, repeat(PEFT_PREFIX), names), repeat(".lora_B.weight"))))
+    ranks = list(map(itemgetter(0), a)) if None not in a else None
+    if ranks is None or None in b or ranks != list(map(itemgetter(1), b)):
+        return _module_settings(shapes, {m: {alpha} for m, alpha in alphas.items()})
+    objects = list(map(alphas.__getitem__, names))
+    forms = list(zip(ranks, map(id, objects)))  # one (immutable) LoraSettings per r and alpha object, as there
+    distinct = dict(zip(forms, zip(ranks, objects)))  # a few forms among 10^5 modules
+    settings = {form: LoraSettings(r, alpha) for form, (r, alpha) in distinct.items()}
+    return dict(zip(names, map(settings.__getitem__, forms)))
 
 
 def allocate(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

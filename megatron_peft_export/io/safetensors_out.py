@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
-from itertools import accumulate, islice
+from collections.abc import Iterable, Mapping
+from itertools import accumulate, chain, groupby, islice, repeat
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -58,12 +59,21 @@ def _groups(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[
     return [(dtype, sorted(by_dtype[dtype])) for dtype in sorted(dtypes, key=_RANK.__getitem__)]
 
 
-def _layout(
-    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-) -> tuple[dict[str, tuple[int, int]], dict[torch.dtype, tuple[int, int]]]:
-    """`spans`, and each dtype's (start, end) in the payload (its tensors lie back to back)."""
+class _Layout(NamedTuple):
+    """A payload's layout: `where` (key -> (start, end) of its bytes, in payload order), each dtype's (start, end),
+    and per dtype its keys in order, their shapes and their offsets (`offsets[i]`, `offsets[i + 1]`: key i's bytes),
+    from which the header is formatted without a lookup per tensor."""
+
+    where: dict[str, tuple[int, int]]
+    bounds: dict[torch.dtype, tuple[int, int]]
+    runs: list[tuple[torch.dtype, list[str], list[tuple[int, ...]], list[int]]]
+
+
+def _layout(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> _Layout:
+    """The payload's layout: dtypes in `DTYPE_NAMES` order, names sorted within each, tensors back to back."""
     found: dict[str, tuple[int, int]] = {}
     bounds: dict[torch.dtype, tuple[int, int]] = {}
+    runs = []
     at = 0
     for dtype, keys in _groups(entries):
         shapes = list(map(itemgetter(1), map(entries.__getitem__, keys)))
@@ -71,17 +81,14 @@ def _layout(
         ends = list(accumulate(map(sizes.__getitem__, shapes), initial=at))
         found.update(zip(keys, zip(ends, islice(ends, 1, None))))
         bounds[dtype] = (at, ends[-1])
+        runs.append((dtype, keys, shapes, ends))
         at = ends[-1]
-    return found, bounds
+    return _Layout(found, bounds, runs)
 
 
 def spans(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
     """key -> (start, end) of its bytes in the payload, in payload order, for tensors given as key -> (dtype, shape)."""
-    return _layout(entries)[0]
-
-
-_ENTRY = "{}:{}{},{}]}}".format
-"""One tensor's header entry: its quoted key, its dtype's and shape's text, its start and end."""
+    return _layout(entries).where
 
 
 def header(
@@ -92,29 +99,64 @@ def header(
     """The file's first bytes: the header's length (8 bytes, little-endian), then the JSON header padded to 8.
 
     The JSON is what ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)`` gives for the header's mapping,
-    formatted entry by entry (no dict per tensor: MoE adapters have 10^5 of them, of a few distinct dtypes and shapes,
-    whose text is formatted once each); keys escaped by json's own string encoder."""
-    parts = (
-        ['"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)] if metadata else []
+    entries in `where`'s order."""
+    runs = []
+    for dtype, keys in groupby(where, key=lambda key: entries[key][0]):
+        keys = list(keys)
+        offsets = list(map(where.__getitem__, keys))
+        starts, ends = map(str, map(itemgetter(0), offsets)), map(str, map(itemgetter(1), offsets))
+        runs.append((dtype, keys, [entries[key][1] for key in keys], starts, ends))
+    return _header(runs, metadata)
+
+
+_UNESCAPED = bytes(c for c in range(0x20, 0x80) if c not in b'"\\')
+"""The ASCII characters json writes as they are (`encode_basestring` escapes the others below 0x80)."""
+
+
+def _header(
+    runs: Iterable[tuple[torch.dtype, list[str], list[tuple[int, ...]], Iterable[str], Iterable[str]]],
+    metadata: Mapping[str, str] | None,
+) -> bytes:
+    """`header` of runs of tensors of one dtype (its keys, shapes, and starts and ends as text), each tensor's entry
+    as pieces joined once: no dict and no formatting per tensor (MoE adapters have 10^5 tensors of a few distinct
+    dtypes and shapes, whose text is formatted once each). Keys are escaped by json's own string encoder, unless
+    none of them has a character it escapes."""
+    pieces = (
+        ["{", '"__metadata__":', json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False), ',"']
+        if metadata
+        else ["{", '"']
     )
-    keys = list(where)
-    found = list(map(entries.__getitem__, keys))
-    middles = {
-        (dtype, shape): f'{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],'
-        '"data_offsets":['
-        for dtype, shape in set(found)
-    }
-    offsets = where.values()
-    parts += map(
-        _ENTRY,
-        map(encode_basestring, keys),
-        map(middles.__getitem__, found),
-        map(itemgetter(0), offsets),
-        map(itemgetter(1), offsets),
-    )
-    text = ("{" + ",".join(parts) + "}").encode()
+    for dtype, keys, shapes, starts, ends in runs:
+        middles = {
+            shape: f'":{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{",".join(map(str, map(int, shape)))}],'
+            '"data_offsets":['
+            for shape in set(shapes)
+        }
+        text = "".join(keys)
+        plain = text.isascii() and not text.encode().translate(None, _UNESCAPED)
+        pieces += chain.from_iterable(
+            zip(
+                keys if plain else map(itemgetter(slice(1, -1)), map(encode_basestring, keys)),
+                map(middles.__getitem__, shapes),
+                starts,
+                repeat(","),
+                ends,
+                repeat(']},"'),
+            )
+        )
+    pieces[-1] = pieces[-1][:-2] + "}"  # no comma nor quote after the last entry
+    text = "".join(pieces).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
+
+
+def _layout_header(layout: _Layout, metadata: Mapping[str, str] | None) -> bytes:
+    """`header` of a payload's layout: each key's start is the previous one's end."""
+    runs = []
+    for dtype, keys, shapes, ends in layout.runs:
+        offsets = list(map(str, ends))
+        runs.append((dtype, keys, shapes, offsets[:-1], islice(offsets, 1, None)))
+    return _header(runs, metadata)
 
 
 class Payload(Mapping[str, torch.Tensor]):
@@ -125,7 +167,8 @@ class Payload(Mapping[str, torch.Tensor]):
 
     def __init__(self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
         self.entries = dict(entries)
-        self.where, self._bounds = _layout(self.entries)
+        self.layout = _layout(self.entries)
+        self.where, self._bounds = self.layout.where, self.layout.bounds
         """key -> (start, end) of its bytes in `flat`, in payload order."""
         self.flat = torch.empty(max((end for _, end in self._bounds.values()), default=0), dtype=torch.uint8)
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype
@@ -269,13 +312,13 @@ def save_file(
     """Write `tensors` as a safetensors file at `path` (created or truncated; not fsynced: the caller decides); called
     as ``safetensors.torch.save_file`` is. A `Payload` is written from its buffer, without making its views."""
     if isinstance(tensors, Payload):
-        entries, where = tensors.entries, tensors.where
+        layout = tensors.layout
         payload: memoryview | None = tensors.buffer()
     else:
-        entries = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
-        where = spans(entries)
-        payload = _payload(tensors, where)
-    head = header(entries, where, metadata)
+        layout = _layout({key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()})
+        payload = _payload(tensors, layout.where)
+    where = layout.where
+    head = _layout_header(layout, metadata)
     fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         if payload is not None:

@@ -356,12 +356,13 @@ def _own_copies_run(rank, world):
         fast, simple = (ex.allocate_adapter(planned, options, None) for _ in range(2))
         for t in (*fast.written.values(), *simple.written.values()):
             t.fill_(-7.0)  # what the other rank fills stays -7 in both
-        assert ex._copy_own(snapshot, planned, positions, fast.targets)
+        shards = [snapshot.shards[planned.ordered[n][1]].tensor for n in positions]
+        ex._place(shards, planned, (0, None), positions, fast)
         for n in positions:  # the simple path: each shard's placements, one by one
             apply_placements(
                 simple.targets, planned.plan.placements[n], snapshot.shards[planned.ordered[n][1]].tensor.detach()
             )
-        narrowed = len(planned.own[2])  # placements that copy a slice
+        narrowed = len(planned.own[((0, None), fast.layout is not None)][3])  # placements that copy a slice
         same = all(torch.equal(fast.written[k], simple.written[k]) for k in simple.written)
         results.append((build, same, narrowed))
     dist.barrier()
@@ -369,7 +370,7 @@ def _own_copies_run(rank, world):
 
 
 def test_the_writers_own_shards_are_placed_as_placement_by_placement(tmp_path):
-    """`_copy_own` (every placement's views listed once, one bulk copy) fills the HF tensors as copying each shard's
+    """`_place` (every placement's views listed once, one bulk copy) fills the HF tensors as copying each shard's
     placements one by one does, at TP2 (slices of shards and of HF tensors), dense and MoE in the fused layout."""
     results, _ = run_ranks(_own_copies_run, 2)
     assert [build for build, _, _ in results] == ["gpt", "moe"]

@@ -31,7 +31,7 @@ def _run(rank, world, save):
 
     def recording_take(*args):
         snapshot = take(*args)  # a save that has to walk copies every trainable parameter and walks in the background
-        buffers.append(None if isinstance(snapshot, Deferred) else [s.tensor.data_ptr() for s in snapshot.shards])
+        buffers.append(None if isinstance(snapshot, Deferred) else [t.data_ptr() for t in snapshot.buffers.views])
         return snapshot
 
     snapshots.take = recording_take

@@ -410,15 +410,15 @@ def _export_with_a_fault(rank, world, tmp, fault):
 
     model = _model(world)
     calls = [0]
-    module, name, victim = (
-        (coll_module, "host_copy", 1) if fault == "sender" else (export_module, "apply_placements", 0)
+    module, name, victim, fail_at = (  # the writer: placing the other rank's first transfer (its own came first)
+        (coll_module, "host_copy", 1, 3) if fault == "sender" else (export_module, "_place", 0, 2)
     )
     if rank == victim:
         original = getattr(module, name)
 
         def failing(*args):
             calls[0] += 1
-            if calls[0] == 3:
+            if calls[0] == fail_at:
                 raise RuntimeError(f"simulated {'device' if fault == 'sender' else 'conversion'} error")
             return original(*args)
 
@@ -461,7 +461,7 @@ def _peer_dies(rank, world, save, victim, how, on_error, timeout):
     directory = checkpoint_dir(save, 1)
     hook = _hook(collective_timeout=timeout, on_error=on_error)
     if rank == victim:
-        module, name = (export_module, "apply_placements") if victim == 0 else (coll_module, "host_copy")
+        module, name = (export_module, "_place") if victim == 0 else (coll_module, "host_copy")
         original, calls = getattr(module, name), [0]
 
         def dying(*args):
