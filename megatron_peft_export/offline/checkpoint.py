@@ -10,6 +10,7 @@ unpickle entries the metadata declares as bytes, so it is never called).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -245,7 +246,12 @@ class TorchDistReader:
             ) from None
         except Exception as exc:
             raise self._unreadable(exc) from None
-        self._checked: set[str] = set()
+        self._stored: dict[str, _Stored] = {}
+        """The keys checked by `check_stored`, with their stored items as arrays."""
+        self._file_ids: dict[str, int] = {}
+        """Data file name -> its number in the arrays of `_stored`."""
+        self._covering: set[tuple[tuple[int, ...], bytes]] = set()
+        """Chunkings (a tensor's size, its `_chunk_table` as bytes) found to cover their tensor exactly once."""
 
     def _unreadable(self, exc: Exception) -> CheckpointError:
         """The error for a metadata that fails its checks (when parsed, or when a key's entries are first read)."""
@@ -287,78 +293,127 @@ class TorchDistReader:
     def check_stored(self, keys: list[str]) -> None:
         """Refuse keys whose stored data cannot be what the metadata says, before anything is allocated for them.
 
-        Per tensor: its chunks cover its shape exactly once. Per stored item, on arrays of all of them at once: it
-        exists, is plain, holds its chunk's bytes, lies inside its file and overlaps no other (sorted by file and
-        offset once)."""
-        where = self.directory / ".metadata"
-        paths, starts, lengths, needed, owners = [], [], [], [], []
-        for key in keys:
-            entry = self.entry(key)
-            self._check_chunks(key, entry)
-            itemsize = entry.dtype.itemsize
-            for chunk, item in self._items(key):
-                if item is None:
-                    raise CheckpointError(
-                        f"{where}: {key} has no stored item for its chunk at {list(chunk.offsets)}; is the "
-                        f"checkpoint complete?"
-                    )
-                if item.transforms:
-                    raise CheckpointError(
-                        f"{self.directory}: {key} is stored transformed ({', '.join(item.transforms)}); only plain "
-                        f"items are read"
-                    )
-                paths.append(item.relative_path)
-                starts.append(item.offset)
-                lengths.append(item.length)
-                needed.append(chunk.numel * itemsize)
-                owners.append(key)
-        lengths_ = np.array(lengths, dtype=np.int64)
-        short = np.flatnonzero(lengths_ < np.array(needed, dtype=np.int64))
+        Per tensor, on an array of its chunks: its chunks cover its shape exactly once. Per stored item, on arrays of
+        all of them at once: it exists, is plain, holds its chunk's bytes, lies inside its file and overlaps no other
+        (sorted by file and offset once). The checked items are kept, as arrays, for reading."""
+        found = [self._stored_items(key, self.entry(key)) for key in keys]
+        if not found:
+            return
+        lengths = np.concatenate([stored.lengths for stored, _ in found])
+        needed = np.concatenate([need for _, need in found])
+        counts = np.cumsum([len(stored.lengths) for stored, _ in found])
+        short = np.flatnonzero(lengths < needed)
         if len(short):
-            n, key = int(short[0]), owners[int(short[0])]
+            n = int(short[0])
+            key = keys[int(np.searchsorted(counts, n, side="right"))]
             raise CheckpointError(
-                f"{where}: {key} claims {needed[n]} bytes of {self.entry(key).dtype} data in a stored "
-                f"item of {lengths[n]} bytes"
+                f"{self.directory / '.metadata'}: {key} claims {int(needed[n])} bytes of {self.entry(key).dtype} data "
+                f"in a stored item of {int(lengths[n])} bytes"
             )
-        names = sorted(set(paths))
-        position = {name: n for n, name in enumerate(names)}
-        files = np.array([position[path] for path in paths], dtype=np.int64)
-        self._check_ranges(names, files, np.array(starts, dtype=np.int64), lengths_, owners)
-        self._checked.update(keys)
+        files = np.concatenate([stored.files for stored, _ in found])
+        starts = np.concatenate([stored.starts for stored, _ in found])
+        self._check_ranges(files, starts, lengths, lambda n: keys[int(np.searchsorted(counts, n, side="right"))])
+        self._stored.update(zip(keys, (stored for stored, _ in found)))
 
-    def _check_chunks(self, key: str, entry: TensorEntry) -> None:
+    def _stored_items(self, key: str, entry: TensorEntry) -> tuple[_Stored, np.ndarray]:
+        """A key's chunks checked (`_check_chunks`) and its stored items looked up and checked to exist and be plain:
+        the items as arrays, and the bytes each must hold. Any item missing or transformed is refused by
+        `_refuse_items`, which names the first."""
+        table = _chunk_table(entry)
+        self._check_chunks(key, entry, table)
+        get = self._metadata.items.get
+        try:
+            found = [get((key, offsets)) for offsets, _ in entry.chunks]
+        except Exception as exc:
+            raise self._unreadable(exc) from None
+        if None in found:
+            self._refuse_items(key)
+        if not found:
+            empty = np.empty(0, dtype=np.int64)
+            return _Stored(empty, empty, empty, empty, None), empty
+        paths, starts, lengths, transforms = zip(*found)
+        if any(transforms):
+            self._refuse_items(key)
+        ids = self._file_ids
+        files = np.array([ids.setdefault(path, len(ids)) for path in paths], dtype=np.int64)
+        if table is None:  # 2^62 bytes or more, which no stored item holds (at most 2^48 bytes each)
+            needed = np.array([min(chunk.numel * entry.dtype.itemsize, 1 << 62) for chunk in entry.chunks])
+            common = None
+        else:
+            sizes = table[:, 1]
+            needed = sizes.prod(axis=1) * entry.dtype.itemsize
+            common = entry.chunks[0].sizes if (sizes == sizes[0]).all() else None
+        needed = needed.astype(np.int64)
+        stored = _Stored(files, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64), needed, common)
+        return stored, needed
+
+    def _refuse_items(self, key: str) -> None:
+        """Refuse a key's first chunk (in its entry's order) that has no stored item or a transformed one."""
+        for chunk, item in self._items(key):
+            if item is None:
+                raise CheckpointError(
+                    f"{self.directory / '.metadata'}: {key} has no stored item for its chunk at "
+                    f"{list(chunk.offsets)}; is the checkpoint complete?"
+                )
+            if item.transforms:
+                raise CheckpointError(
+                    f"{self.directory}: {key} is stored transformed ({', '.join(item.transforms)}); only plain "
+                    f"items are read"
+                )
+        raise AssertionError(f"{key}: its stored items were refused, but none is missing or transformed")
+
+    def _check_chunks(self, key: str, entry: TensorEntry, table: np.ndarray | None) -> None:
+        """A tensor's chunks cover its shape exactly once (on `_chunk_table`'s array; with Python's integers when
+        there is none)."""
         if len(entry.chunks) > MAX_CHUNKS:
             raise CheckpointError(
                 f"{self.directory / '.metadata'}: {key} is stored in {len(entry.chunks)} chunks; expected at most "
                 f"{MAX_CHUNKS}"
             )
-        if sum(chunk.numel for chunk in entry.chunks) != math.prod(entry.size) or _overlapping(entry):
+        if table is None:
+            covered = sum(chunk.numel for chunk in entry.chunks) == math.prod(entry.size) and not _overlapping(entry)
+        else:  # once per chunking: the layers of a model are chunked alike
+            chunking = (entry.size, table.tobytes())
+            covered = chunking in self._covering or _covers(table, entry.size)
+            if covered:
+                self._covering.add(chunking)
+        if not covered:
             raise CheckpointError(
                 f"{self.directory}: {key} is not fully stored (its chunks do not cover {list(entry.size)} "
                 f"exactly once); is the checkpoint complete?"
             )
 
-    def _check_ranges(self, names: list[str], files, starts, lengths, owners: list[str]) -> None:
-        """Stored items (file index, start, length, owning key) inside their files and not overlapping: sorted by
-        file and offset once, checked on the arrays."""
-        order = np.lexsort((lengths, starts, files))
-        files, starts, ends = files[order], starts[order], starts[order] + lengths[order]
-        for index, name in enumerate(names):
-            lo, hi = np.searchsorted(files, [index, index + 1])
+    def _check_ranges(self, files, starts, lengths, owner) -> None:
+        """Stored items (file number, start, length; `owner(n)` the key of item n) inside their files and not
+        overlapping: sorted by file name and offset once, checked on the arrays."""
+        names = sorted(self._file_ids)
+        rank = self._file_ranks(names)
+        order = np.lexsort((lengths, starts, rank[files]))
+        ranks, starts, ends = rank[files][order], starts[order], starts[order] + lengths[order]
+        for index in np.unique(ranks).tolist():
+            name = names[index]
+            lo, hi = np.searchsorted(ranks, [index, index + 1])
             with open_regular(
                 self.directory / name, within=self.directory, error=CheckpointError, what="a .distcp data file"
             ) as f:
                 outside = np.flatnonzero(ends[lo:hi] > f.size)
                 if len(outside):
                     n = lo + int(outside[0])
-                    f.check_range(int(starts[n]), int(ends[n] - starts[n]), f"the stored item of {owners[order[n]]}")
+                    f.check_range(int(starts[n]), int(ends[n] - starts[n]), f"the stored item of {owner(order[n])}")
             overlap = np.flatnonzero(starts[lo + 1 : hi] < ends[lo : hi - 1])
             if len(overlap):
                 n = lo + int(overlap[0])
                 raise CheckpointError(
-                    f"{self.directory / '.metadata'}: the stored items of {owners[order[n]]} and "
-                    f"{owners[order[n + 1]]} overlap in {name}"
+                    f"{self.directory / '.metadata'}: the stored items of {owner(order[n])} and "
+                    f"{owner(order[n + 1])} overlap in {name}"
                 )
+
+    def _file_ranks(self, names: list[str]) -> np.ndarray:
+        """File number -> the rank of its name among `names` (the data files sorted by name)."""
+        rank = np.empty(len(self._file_ids), dtype=np.int64)
+        for n, name in enumerate(names):
+            rank[self._file_ids[name]] = n
+        return rank
 
     def load(self, key: str) -> torch.Tensor:
         return next(self.load_many([key]))[1]
@@ -368,7 +423,7 @@ class TorchDistReader:
         keys: list[str],
         budget: int = READ_BATCH_BYTES,
         *,
-        direct: Mapping[str, Mapping[tuple[int, ...], list[Segment]]] | None = None,
+        direct: Mapping[str, Segments] | None = None,
         payload: memoryview | None = None,
     ) -> Iterator[tuple[str, torch.Tensor | None]]:
         """(key, tensor) for each key in order, read in batches of up to `budget` bytes (a larger tensor is read alone).
@@ -376,11 +431,11 @@ class TorchDistReader:
         Each stored item is read with one positional read of its byte range, in file order, and decoded in memory
         (io/torch_save.py); an item that decoder does not take is refused. The budget bounds what is read ahead.
 
-        `direct` (key -> chunk offsets -> segments) names keys whose values go straight into `payload`: each segment
-        (start in the chunk's bytes, start in `payload`, length) is copied from the decoded chunk's bytes, in C
-        order, with no tensor built; such keys are yielded as (key, None) once copied.
+        `direct` (key -> its Segments) names keys whose values go straight into `payload`: each segment (a chunk,
+        start in the chunk's bytes, start in `payload`, length) is copied from the decoded chunk's bytes, in C order,
+        with no tensor built; such keys are yielded as (key, None) once copied.
         """
-        unchecked = [key for key in keys if key not in self._checked]
+        unchecked = [key for key in keys if key not in self._stored]
         if unchecked:
             self.check_stored(unchecked)
         batch: list[str] = []
@@ -417,77 +472,133 @@ class TorchDistReader:
 
     def _read_items(self, keys: list[str], direct=None, payload=None) -> dict[str, torch.Tensor]:
         """The keys' stored items, read in runs of adjacent items (one positional read per run, in file order) and
-        decoded in memory: blobs laid out as one already decoded (the same bytes wherever decode looks) are taken
-        together, any other blob is decoded on its own."""
-        items = sorted(
-            (
-                (item.relative_path, item.offset, item.length, key, chunk)
-                for key in keys
-                for chunk, item in self._items(key)
-            ),
-            key=lambda item: item[:2],
-        )
-        tensors: dict[str, torch.Tensor] = {}
-        scratch = np.empty(0, dtype=np.uint8)  # reused: nothing read into it outlives its run (decoding copies)
-        with contextlib.ExitStack() as files:
-            opened: dict[str, RegularFile] = {}
-            for run in _runs(items):
-                relative_path, start = run[0][0], run[0][1]
-                if relative_path not in opened:
-                    opened[relative_path] = files.enter_context(
+        decoded in memory: the keys of `direct` copied into `payload` (`_copy_items`), the others' tensors returned
+        (`_read_tensors`)."""
+        direct = direct or {}
+        copied = [key for key in keys if key in direct]
+        if copied:
+            self._copy_items(copied, [direct[key] for key in copied], payload)
+        rest = [key for key in keys if key not in direct]
+        return self._read_tensors(rest) if rest else {}
+
+    def _runs(self, keys: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """The keys' stored items read in runs (`_run_bounds`, in file order): per run, the buffer read and its items'
+        numbers (the keys' items numbered in order, each key's in its entry's chunk order), starts in the buffer and
+        lengths. The buffer is reused: nothing read into it outlives its run."""
+        stored = [self._stored[key] for key in keys]
+        files = np.concatenate([s.files for s in stored])
+        starts = np.concatenate([s.starts for s in stored])
+        lengths = np.concatenate([s.lengths for s in stored])
+        names = sorted(self._file_ids)
+        ranks = self._file_ranks(names)[files]
+        order = np.lexsort((starts, ranks))
+        ranks, starts, lengths = ranks[order], starts[order], lengths[order]
+        ends = np.cumsum([len(s.starts) for s in stored])
+        scratch = np.empty(0, dtype=np.uint8)
+        with contextlib.ExitStack() as opened:
+            f, open_rank = None, -1
+            for lo, hi in _run_bounds(ranks, starts, lengths):
+                if ranks[lo] != open_rank:
+                    open_rank = int(ranks[lo])
+                    f = opened.enter_context(
                         open_regular(
-                            self.directory / relative_path,
+                            self.directory / names[open_rank],
                             within=self.directory,
                             error=CheckpointError,
                             what="a .distcp data file",
                         )
                     )
-                f = opened[relative_path]
-                size = run[-1][1] + run[-1][2] - start
-                f.check_range(start, size, f"the stored items of {run[0][3]}" + (" and others" if len(run) > 1 else ""))
+                start = int(starts[lo])
+                size = int(starts[hi - 1] + lengths[hi - 1]) - start
+                owner = keys[int(np.searchsorted(ends, order[lo], side="right"))]
+                f.check_range(start, size, f"the stored items of {owner}" + (" and others" if hi - lo > 1 else ""))
                 if len(scratch) < size:
                     scratch = np.empty(size, dtype=np.uint8)  # not zero-filled: the read below fills all of it
                 buffer = scratch[:size]
                 f.readinto(buffer, start)
-                for group in _same_layout(
-                    buffer, [(offset - start, length, key, chunk) for _, offset, length, key, chunk in run]
-                ):
-                    if direct:
-                        group = self._copy_direct(buffer, group, direct, payload)
-                    if group[1]:
-                        self._place(tensors, buffer, group)
+                yield buffer, order[lo:hi], starts[lo:hi] - start, lengths[lo:hi]
+
+    def _read_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The keys' tensors: blobs laid out as one already decoded (the same bytes wherever decode looks) are taken
+        together, any other blob is decoded on its own."""
+        chunks = [(key, chunk) for key in keys for chunk in self.entry(key).chunks]
+        tensors: dict[str, torch.Tensor] = {}
+        for buffer, items, ats, lengths in self._runs(keys):
+            blobs = [(at, length, *chunks[n]) for at, length, n in zip(ats.tolist(), lengths.tolist(), items.tolist())]
+            for group in _same_layout(buffer, blobs):
+                self._place(tensors, buffer, group)
         return tensors
 
-    def _copy_direct(self, buffer: np.ndarray, group, direct, payload: memoryview) -> tuple:
-        """Copy the blobs of `direct` keys in a group into the payload by their segments; the group of the others.
+    def _copy_items(self, keys: list[str], segments: list[Segments], payload: memoryview) -> None:
+        """Copy the keys' stored chunks into `payload` by their segments.
 
-        A blob laid out as one whole tensor is copied from where its data lies in the buffer; any other is decoded
-        alone (and made contiguous) first. Either way its dtype and shape are the metadata's, or it is refused as
-        `_put` refuses it."""
-        layout, blobs = group
-        rest = []
-        source = memoryview(buffer)
-        last = None  # a group's blobs are mostly of one key: its entry and segments looked up once
-        for blob in blobs:
-            at, length, key, chunk = blob
-            if key != last:
-                last, segments = key, direct.get(key)
-                entry = None if segments is None else self.entry(key)
-            if segments is None:
-                rest.append(blob)
-                continue
-            if layout is not None and layout.whole:
-                _check_part(key, entry, chunk, layout.dtype, layout.size)
-                data, base = source, at + layout.data_offset
-            else:
-                part = _decode_one(buffer, at, length, key)
-                _check_part(key, entry, chunk, part.dtype, tuple(part.shape))
-                data, base = _bytes(part), 0
-            for src, dst, n in segments[chunk.offsets]:
-                payload[dst : dst + n] = data[base + src : base + src + n]
-        if rest and len(rest) < len(blobs) and layout is not None:  # the others need not lie one after another
-            return None, rest
-        return layout, rest
+        A blob laid out as a known whole tensor (the same bytes wherever decode looks as a blob already read) is
+        checked against the metadata (dtype and shape, on arrays per run) and copied from where its data lies in the
+        buffer; any other is decoded alone, checked and copied from its contiguous values. A blob that is not what
+        the metadata says is refused as `_put` refuses it, in file order."""
+        entries = [self.entry(key) for key in keys]
+        stored = [self._stored[key] for key in keys]
+        counts = [len(s.starts) for s in stored]
+        first = np.cumsum([0, *counts])
+        nbytes = np.concatenate([s.nbytes for s in stored])
+        for seg, count in zip(segments, counts):
+            chunk = np.asarray(seg.chunk)
+            if len(chunk) and (chunk.min() < 0 or chunk.max() >= count):
+                raise ValueError("a segment of a chunk the key does not have")
+        item = np.concatenate([first[k] + np.asarray(seg.chunk, dtype=np.int64) for k, seg in enumerate(segments)])
+        src, dst, length = (
+            np.concatenate([np.asarray(getattr(seg, name), dtype=np.int64) for seg in segments])
+            for name in ("src", "dst", "length")
+        )
+        if ((src < 0) | (length < 0) | (src + length > nbytes[item])).any():
+            raise ValueError("a segment outside its chunk's bytes")
+        by_item = np.argsort(item, kind="stable")
+        item, src, dst, length = item[by_item], src[by_item], dst[by_item], length[by_item]
+        bounds = np.searchsorted(item, np.arange(first[-1] + 1))
+        key_of = np.repeat(np.arange(len(keys)), counts)
+        sizes: dict[tuple[int, ...], int] = {}
+        size_of = np.concatenate(
+            [
+                np.full(n, sizes.setdefault(s.sizes, len(sizes)), dtype=np.int64)
+                if s.sizes is not None
+                else np.array([sizes.setdefault(c.sizes, len(sizes)) for c in e.chunks], dtype=np.int64)
+                for s, e, n in zip(stored, entries, counts)
+            ]
+        )
+        dtypes: dict[torch.dtype, int] = {}
+        dtype_of = np.array([dtypes.setdefault(e.dtype, len(dtypes)) for e in entries], dtype=np.int64)[key_of]
+        learnt = _Layouts()
+        for buffer, items, ats, lengths in self._runs(keys):
+            view = memoryview(buffer)
+            which = learnt.find(buffer, ats, lengths)
+            table = learnt.table(sizes, dtypes)  # per layout: whole, dtype, size, data offset; a last row for none
+            whole = table[which, 0] == 1
+            fits = whole & (table[which, 1] == dtype_of[items]) & (table[which, 2] == size_of[items])
+            bad = np.flatnonzero(whole & ~fits)
+            alone = np.flatnonzero(~whole)
+            stop = int(bad[0]) if len(bad) else len(items)
+            for n in alone[alone < stop].tolist():
+                k, chunk = int(key_of[items[n]]), int(items[n] - first[key_of[items[n]]])
+                part = _decode_one(buffer, int(ats[n]), int(lengths[n]), keys[k])
+                _check_part(keys[k], entries[k], entries[k].chunks[chunk], part.dtype, tuple(part.shape))
+                data = _bytes(part)
+                lo, hi = bounds[items[n]], bounds[items[n] + 1]
+                for s, d, m in zip(src[lo:hi].tolist(), dst[lo:hi].tolist(), length[lo:hi].tolist()):
+                    payload[d : d + m] = data[s : s + m]
+            if len(bad):
+                n = int(bad[0])
+                k, chunk = int(key_of[items[n]]), int(items[n] - first[key_of[items[n]]])
+                layout = learnt.layouts[which[n]]
+                _check_part(keys[k], entries[k], entries[k].chunks[chunk], layout.dtype, layout.size)
+                raise AssertionError("a blob failed its check but was not refused")
+            picked = np.flatnonzero(fits)
+            at = ats[picked] + table[which[picked], 3]
+            picked = items[picked]
+            lo, count = bounds[picked], bounds[picked + 1] - bounds[picked]
+            index = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
+            starts = np.repeat(at, count) + src[index]
+            for s, d, m in zip(starts.tolist(), dst[index].tolist(), length[index].tolist()):
+                payload[d : d + m] = view[s : s + m]
 
     def _place(self, tensors: dict[str, torch.Tensor], buffer, group) -> None:
         """Put a group of blobs (the layout they share, or None: each decoded alone) into the keys' tensors."""
@@ -532,19 +643,18 @@ RUN_BYTES = 16 * 2**20
 """At most this many bytes of adjacent stored items are read by one read (a larger item is read alone)."""
 
 
-def _runs(items: list[tuple]) -> Iterator[list[tuple]]:
-    """Sorted (file, offset, length, ...) items cut into runs of adjacent items (each starts where the last ended, in
-    one file), of up to RUN_BYTES. Nothing between items is read."""
-    run: list[tuple] = []
-    for item in items:
-        if run and (
-            item[0] != run[-1][0] or item[1] != run[-1][1] + run[-1][2] or item[1] + item[2] - run[0][1] > RUN_BYTES
-        ):
-            yield run
-            run = []
-        run.append(item)
-    if run:
-        yield run
+def _run_bounds(files: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Items sorted by file and offset cut into runs of adjacent items (each starts where the last ended, in one
+    file), of up to RUN_BYTES (a larger item alone): (first, end) index pairs. Nothing between items is read."""
+    ends = starts + lengths
+    cuts = (np.flatnonzero((files[1:] != files[:-1]) | (starts[1:] != ends[:-1])) + 1).tolist()
+    bounds = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(starts)]):
+        while lo < hi:  # items are added while the run's end is at most RUN_BYTES past its start
+            stop = lo + 1 + int(np.searchsorted(ends[lo + 1 : hi], starts[lo] + RUN_BYTES, side="right"))
+            bounds.append((lo, stop))
+            lo = stop
+    return bounds
 
 
 MAX_LAYOUTS = 64
@@ -595,8 +705,44 @@ def _layout_indices(buffer: bytearray, starts: np.ndarray, known: dict[int, list
     return np.where(which < 0, -1, which)
 
 
-Segment = tuple[int, int, int]
-"""(start in a stored chunk's bytes in C order, start in the payload, length in bytes)."""
+class _Layouts:
+    """Layouts learnt from blobs while reading (up to MAX_LAYOUTS per blob length), numbered in the order learnt."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, list[Layout]] = {}
+        self.layouts: list[Layout] = []
+        self._numbers: dict[int, list[int]] = {}
+
+    def find(self, buffer: np.ndarray, ats: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Per blob (adjacent blobs: starts in `buffer`, lengths): the number of its layout, learnt as needed; -1 for
+        a blob to decode alone."""
+        out = np.empty(len(ats), dtype=np.int64)
+        cuts = (np.flatnonzero(lengths[1:] != lengths[:-1]) + 1).tolist()
+        for lo, hi in zip([0, *cuts], [*cuts, len(ats)]):
+            length = int(lengths[lo])
+            which = _layout_indices(buffer, ats[lo:hi], self.known, length)
+            numbers = self._numbers.setdefault(length, [])
+            for layout in self.known[length][len(numbers) :]:
+                numbers.append(len(self.layouts))
+                self.layouts.append(layout)
+            out[lo:hi] = np.array([*numbers, -1], dtype=np.int64)[which]
+        return out
+
+    def table(self, sizes: dict[tuple[int, ...], int], dtypes: dict[torch.dtype, int]) -> np.ndarray:
+        """Per layout, then a last row for none (-1): whether it is a whole tensor, its dtype's and size's numbers
+        (-1 when neither is in `dtypes`, `sizes`), where its data starts in a blob."""
+        rows = [(int(t.whole), dtypes.get(t.dtype, -1), sizes.get(t.size, -1), t.data_offset) for t in self.layouts]
+        return np.array([*rows, (0, -1, -1, 0)], dtype=np.int64)
+
+
+class Segments(NamedTuple):
+    """A key's copies into a payload, one per segment (arrays): its chunk (index in the key's entry's chunks), start in
+    that chunk's bytes in C order, start in the payload, length in bytes."""
+
+    chunk: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    length: np.ndarray
 
 
 def _check_part(key: str, entry: TensorEntry, chunk: Chunk, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -617,21 +763,68 @@ def _decode_one(buffer, at: int, length: int, key: str) -> torch.Tensor:
         raise NotPlainTensor(f"{key}: {exc}") from None
 
 
+class _Stored(NamedTuple):
+    """A checked key's stored items (`TorchDistReader.check_stored`), in the order of its entry's chunks."""
+
+    files: np.ndarray
+    """The reader's number of each item's data file."""
+    starts: np.ndarray
+    lengths: np.ndarray
+    nbytes: np.ndarray
+    """Each chunk's bytes (in C order)."""
+    sizes: tuple[int, ...] | None
+    """The size every chunk has, None when they differ."""
+
+
+def _chunk_table(entry: TensorEntry) -> np.ndarray | None:
+    """A tensor's chunks as one array [chunks, 2, dims] (offsets, sizes), None for a tensor of 2^62 bytes or more
+    (whose products would not fit int64; checked with Python's integers instead). A chunk of other dimensions than
+    the tensor's (the metadata's parser refuses it) makes the array cover nothing (`_covers` refuses it)."""
+    size, chunks = entry.size, entry.chunks
+    if math.prod(size) * entry.dtype.itemsize >= 1 << 62:
+        return None
+    dims = len(size)
+    if sum(map(len, itertools.chain.from_iterable(chunks))) != 2 * dims * len(chunks):
+        return np.full((1, 2, dims), -1, dtype=np.int64)
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(chunks))
+    return np.fromiter(flat, dtype=np.int64, count=2 * dims * len(chunks)).reshape(len(chunks), 2, dims)
+
+
+def _covers(table: np.ndarray, size: tuple[int, ...]) -> bool:
+    """Whether chunks (`_chunk_table`'s array of a tensor under 2^62 bytes) cover `size` exactly once: each inside
+    it, their elements adding up to its, none overlapping. Each chunk's element count fits int64: its sizes are at
+    most the tensor's."""
+    offsets, sizes = table[:, 0], table[:, 1]
+    limit = np.array(size, dtype=np.int64)
+    if (offsets < 0).any() or (sizes < 0).any() or (offsets + sizes > limit).any():
+        return False
+    return sum(sizes.prod(axis=1).tolist()) == math.prod(size) and not _overlapping_boxes(offsets, sizes)
+
+
 def _overlapping(entry: TensorEntry) -> bool:
-    """Whether two chunks of a tensor overlap (as boxes of offsets and sizes; empty chunks overlap nothing).
+    """Whether two chunks of a tensor overlap (as boxes of offsets and sizes; empty chunks overlap nothing). Offsets and
+    sizes fit int64 (the metadata's parser bounds them); nothing here multiplies them."""
+    dims = len(entry.size)
+    table = np.array([c.offsets + c.sizes for c in entry.chunks], dtype=np.int64).reshape(len(entry.chunks), 2, dims)
+    return _overlapping_boxes(table[:, 0], table[:, 1])
+
+
+def _overlapping_boxes(offsets: np.ndarray, sizes: np.ndarray) -> bool:
+    """Whether two chunks (offsets and sizes [chunks, dims]) overlap; empty chunks overlap nothing.
 
     Chunks of one size whose offsets are multiples of it (a tensor split evenly, as TP, EP and PP shards are) lie on
     that size's grid, where two boxes either coincide or do not meet: they overlap if and only if two offsets are
     equal. Any other chunks are compared pairwise."""
-    chunks = [c for c in entry.chunks if c.numel]
-    if len(chunks) < 2:
+    nonempty = (sizes > 0).all(axis=1)
+    offsets, sizes = offsets[nonempty], sizes[nonempty]
+    if len(offsets) < 2:
         return False
-    sizes = chunks[0].sizes
-    if all(c.sizes == sizes for c in chunks) and all(
-        o % s == 0 for c in chunks for o, s in zip(c.offsets, sizes, strict=True)
-    ):
-        return len({c.offsets for c in chunks}) < len(chunks)
-    return _overlapping_pairs(chunks)
+    if not offsets.shape[1]:
+        return True  # two non-empty chunks of a scalar
+    if (sizes == sizes[0]).all() and not (offsets % sizes[0]).any():
+        ordered = offsets[np.lexsort(offsets.T[::-1])]
+        return bool((ordered[1:] == ordered[:-1]).all(axis=1).any())
+    return _overlapping_pairs([Chunk(tuple(o), tuple(s)) for o, s in zip(offsets.tolist(), sizes.tolist())])
 
 
 def _overlapping_pairs(chunks: list[Chunk]) -> bool:

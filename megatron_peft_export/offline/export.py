@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
+import itertools
 import logging
 import math
+import operator
 import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -39,7 +40,7 @@ from ..io.hf_config import parse_dtype, read_hf_config
 from ..io.peft_dir import check_finite
 from .checkpoint import (
     CheckpointError,
-    Segment,
+    Segments,
     TorchDistReader,
     checkpoint_format,
     locate,
@@ -52,7 +53,7 @@ from .keys import (
     OfflineShard,
     check_shape,
     classify,
-    may_classify,
+    may_classify_all,
     offline_shards,
     stored_per_rank,
 )
@@ -276,7 +277,7 @@ def _alpha(key: AdapterKey, shapes, settings, facts: CheckpointFacts, adapter_na
 def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
     reader = TorchDistReader(directory)
     shapes = reader.tensor_shapes()
-    as_bytes = sorted(key for key in reader.byte_keys if may_classify(key) and classify(key) is not None)
+    as_bytes = sorted(key for key in may_classify_all(reader.byte_keys) if classify(key) is not None)
     if as_bytes:
         raise CheckpointError(
             f"{directory / '.metadata'}: refused, adapter tensor {as_bytes[0]} is declared as pickled bytes "
@@ -419,9 +420,7 @@ def _export_checkpoint(
     )
     plan = plan_adapter([s.spec for s in shards], names.geometry, names.arch, vocab)
     writes_fused(options.expert_layout, names.arch)
-    by_key: dict[str, list[int]] = defaultdict(list)
-    for n, shard in enumerate(shards):
-        by_key[shard.key].append(n)
+    by_key = _by_key(shards)
     tensors, buffer, where = safetensors_out.allocate_plan_payload(plan, parse_dtype(options.dtype))
     torch_dist = isinstance(reader, TorchDistReader)
     direct = _direct_segments(reader, by_key, shards, plan, tensors, where) if torch_dist else {}
@@ -454,13 +453,13 @@ def _export_checkpoint(
 
 def _direct_segments(
     reader: TorchDistReader,
-    by_key: dict[str, list[int]],
+    by_key: dict[str, range | list[int]],
     shards: list[OfflineShard],
     plan: AdapterPlan,
     tensors: safetensors_out.Payload,
     where: dict[str, tuple[int, int]],
-) -> dict[str, dict[tuple[int, ...], list[Segment]]]:
-    """Keys whose placements are byte ranges: key -> its chunks' segments (start in the chunk's bytes, start in the
+) -> dict[str, Segments]:
+    """Keys whose placements are byte ranges: key -> its Segments (a chunk, start in the chunk's bytes, start in the
     payload, length), for the reader to copy straight into the payload (no tensor per key, shard or placement).
 
     A key qualifies when its chunks are slabs along its first dimension (each a run of its bytes in C order), every
@@ -469,88 +468,146 @@ def _direct_segments(
     coverage check (every HF row filled exactly once) is what proves every payload byte written. Other keys (a dtype
     cast, chunks split across columns) are placed by `apply_placements` as before."""
     direct = {}
+    placements, entries = plan.placements, tensors.entries
+    dtypes = set(map(_FIRST, entries.values()))
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
     for key, positions in by_key.items():
-        segments = _key_segments(
-            reader.entry(key), [(shards[n], plan.placements[n]) for n in positions], tensors.entries, where
-        )
+        if isinstance(positions, range):
+            mine, placed = shards[positions.start : positions.stop], placements[positions.start : positions.stop]
+        else:
+            mine, placed = [shards[n] for n in positions], [placements[n] for n in positions]
+        segments = _key_segments(reader.entry(key), mine, placed, entries, where, dtype)
         if segments is not None:
             direct[key] = segments
     return direct
 
 
+def _by_key(shards: list[OfflineShard]) -> dict[str, range | list[int]]:
+    """Each key's shards' positions in `shards`: a range when they are one run of it (as `offline_shards` adds them)."""
+    keys = [shard.key for shard in shards]
+    cuts = [0, *(n for n in range(1, len(keys)) if keys[n] != keys[n - 1]), len(keys)]
+    by_key: dict[str, range | list[int]] = {}
+    for lo, hi in zip(cuts, cuts[1:]):
+        if hi > lo:
+            earlier = by_key.get(keys[lo])
+            by_key[keys[lo]] = range(lo, hi) if earlier is None else [*earlier, *range(lo, hi)]
+    return by_key
+
+
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_INDEX, _ROWS = operator.attrgetter("index"), operator.attrgetter("rows")
+
+
 def _key_segments(
-    entry: TensorEntry, placed: list[tuple[OfflineShard, list[Placement]]], entries, where
-) -> dict[tuple[int, ...], list[Segment]] | None:
-    """One key's segments by chunk (`_direct_segments`), or None when a placement is not a run of its bytes."""
+    entry: TensorEntry,
+    shards: list[OfflineShard],
+    placements: list[list[Placement]],
+    entries,
+    where,
+    dtype: torch.dtype | None = None,
+) -> Segments | None:
+    """One key's segments (`_direct_segments`) from its shards and their placements, or None when a placement is not
+    a run of its bytes. `entries` are the HF tensors' (dtype, shape), `where` their spans in the payload; `dtype` the
+    dtype every HF tensor has, when they share one (else each placement's is looked up).
+
+    Computed on arrays per form of shard (its stacked axes and row ranges: one or a few per key): every placement's
+    runs of the key's bytes (`_form_runs`), then each run's chunk found by its start; a run crossing a chunk's end
+    (chunks cut through a shard) is cut at the chunks' bounds."""
     size, itemsize = entry.size, entry.dtype.itemsize
-    if not size or any(chunk.sizes[1:] != size[1:] for chunk in entry.chunks):
+    chunks = entry.chunks
+    if not size or entry.nbytes >= 1 << 62 or any(s[1:] != size[1:] for s in set(map(_SECOND, chunks))):
         return None
-    chunks = sorted(entry.chunks, key=lambda chunk: chunk.offsets[0])
     row_bytes = math.prod(size[1:]) * itemsize
-    starts = [chunk.offsets[0] * row_bytes for chunk in chunks]
-    ends = [start + chunk.sizes[0] * row_bytes for start, chunk in zip(starts, chunks)]
-    out: dict[tuple[int, ...], list[Segment]] = {chunk.offsets: [] for chunk in chunks}
-    strides = [math.prod(size[d + 1 :]) for d in range(len(size))]
-    runs: dict[tuple, list[Segment] | None] = {}
-    """Per form of placement (the shard's axes and rows, the placement but its key): its runs of bytes as offsets
-    from the shard's first byte and the HF tensor's, computed once (10^5 MoE placements have a few dozen forms)."""
-    lists = [out[chunk.offsets] for chunk in chunks]
-    for shard, placements in placed:
-        base = sum(i * stride for i, stride in zip(shard.index, strides)) * itemsize
-        for p in placements:
-            if entries[p.key][0] != entry.dtype:
-                return None
-            form = (len(shard.index), shard.rows, p[1:])
-            found = runs.get(form, False)
-            if found is False:
-                found = runs[form] = _runs(size[len(shard.index) :], shard.rows, p, itemsize)
-            if found is None:
-                return None
-            at = where[p.key][0]
-            for src, dst, n in found:
-                src += base
-                k = bisect.bisect_right(starts, src) - 1
-                if k >= 0 and 0 < n <= ends[k] - src:  # what `_split` does with a run inside one chunk
-                    lists[k].append((src - starts[k], at + dst, n))
-                else:
-                    _split(src, at + dst, n, starts, ends, chunks, out)
-    return out
-
-
-def _runs(
-    local: tuple[int, ...], rows: tuple[tuple[int, int], ...] | None, p: Placement, itemsize: int
-) -> list[Segment] | None:
-    """A placement's runs of bytes (offset in the shard, offset in the HF tensor, length), None when it is not rows of
-    the shard's width along dim 0; `local` is the shard's shape, `rows` its row ranges (OfflineShard.rows)."""
-    width = math.prod(local[1:])
-    if p.dim != 0 or math.prod(p.shape[1:]) != width:
+    firsts = np.fromiter(map(_FIRST, map(_FIRST, chunks)), dtype=np.int64, count=len(chunks))
+    order = np.argsort(firsts, kind="stable")
+    starts = firsts[order] * row_bytes
+    ends = starts + np.array([c.sizes[0] for c in chunks], dtype=np.int64)[order] * row_bytes
+    forms = list(zip(map(len, map(_INDEX, shards)), map(_ROWS, shards)))
+    if len(set(forms)) == 1:
+        groups = {forms[0]: (shards, placements)}
+    else:
+        groups = {}
+        for form, shard, placed in zip(forms, shards, placements):
+            group = groups.setdefault(form, ([], []))
+            group[0].append(shard)
+            group[1].append(placed)
+    found = [_form_runs(entry, *form, *group, entries, where, dtype) for form, group in groups.items()]
+    if any(runs is None for runs in found):
         return None
-    found = []
-    dst, first, count = p.dst_start * width * itemsize, p.src_start, p.length
-    at = 0  # shard row where the piece starts
-    for start, length in rows or ((0, local[0]),):
-        lo, hi = max(first, at), min(first + count, at + length)
-        if lo < hi:
-            found.append(
-                (
-                    (start + lo - at) * width * itemsize,
-                    dst + (lo - first) * width * itemsize,
-                    (hi - lo) * width * itemsize,
-                )
-            )
-        at += length
-    return found
+    src, dst, length = (np.concatenate([runs[n] for runs in found] or [np.empty(0, np.int64)]) for n in range(3))
+    k = np.searchsorted(starts, src, side="right") - 1
+    if len(k) and k.min() < 0:
+        return None  # before the first chunk (chunks cover the key: checked when read)
+    inside = length <= ends[k] - src
+    segments = [(k[inside], src[inside] - starts[k[inside]], dst[inside], length[inside])]
+    for at, to, n, first in zip(*(a[~inside].tolist() for a in (src, dst, length, k))):
+        cut = _split(at, to, n, first, starts, ends)
+        if cut is None:
+            return None
+        segments.append(tuple(np.array(column, dtype=np.int64) for column in zip(*cut)))
+    chunk, src, dst, length = (np.concatenate([part[n] for part in segments]) for n in range(4))
+    return Segments(order[chunk], src, dst, length)
 
 
-def _split(src: int, dst: int, n: int, starts: list[int], ends: list[int], chunks, out) -> None:
-    """A run of a key's bytes cut at its chunks' bounds, each part added to its chunk's segments."""
-    k = bisect.bisect_right(starts, src) - 1
+def _form_runs(
+    entry: TensorEntry,
+    axes: int,
+    rows: tuple[tuple[int, int], ...] | None,
+    shards: list[OfflineShard],
+    placements: list[list[Placement]],
+    entries,
+    where,
+    dtype: torch.dtype | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The runs of bytes (start in the key's bytes, start in the payload, length) of the placements of shards of one
+    form (`axes` stacked axes indexed, `rows` their row ranges, OfflineShard.rows), None when a placement is not rows
+    of the shard's width along dim 0 of an HF tensor of the key's dtype."""
+    size, itemsize = entry.size, entry.dtype.itemsize
+    local = size[axes:]
+    if not local:
+        return None
+    flat = list(itertools.chain.from_iterable(placements))
+    if not flat:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    keys, shapes, dims, dst_starts, src_starts, lengths = zip(*flat)
+    width = math.prod(local[1:])
+    if any(dims) or any(math.prod(shape[1:]) != width for shape in set(shapes)):
+        return None
+    if dtype != entry.dtype if dtype is not None else set(map(_FIRST, map(entries.__getitem__, keys))) != {entry.dtype}:
+        return None  # a dtype cast
+    row = width * itemsize
+    at = np.fromiter(map(_FIRST, map(where.__getitem__, keys)), dtype=np.int64, count=len(keys))
+    strides = np.array([math.prod(size[d + 1 :]) for d in range(axes)], dtype=np.int64)
+    index = np.fromiter(
+        itertools.chain.from_iterable(map(_INDEX, shards)), dtype=np.int64, count=len(shards) * axes
+    ).reshape(len(shards), axes)
+    base = np.repeat(index @ strides * itemsize, list(map(len, placements)))
+    pieces = np.array(rows or ((0, local[0]),), dtype=np.int64)  # (start, length) of the shard's rows
+    piece_at = np.cumsum(pieces[:, 1]) - pieces[:, 1]  # shard row where each piece starts
+    first = np.array(src_starts, dtype=np.int64)[:, None]
+    lo = np.maximum(first, piece_at)
+    hi = np.minimum(first + np.array(lengths, dtype=np.int64)[:, None], piece_at + pieces[:, 1])
+    keep = lo < hi
+    src = base[:, None] + (pieces[:, 0] + lo - piece_at) * row
+    dst = (at + np.array(dst_starts, dtype=np.int64) * row)[:, None] + (lo - first) * row
+    return src[keep], dst[keep], ((hi - lo) * row)[keep]
+
+
+def _split(
+    src: int, dst: int, n: int, k: int, starts: np.ndarray, ends: np.ndarray
+) -> list[tuple[int, int, int, int]] | None:
+    """A run of a key's bytes from chunk k (in order of the chunks' starts) on, cut at the chunks' bounds: (chunk k,
+    start in it, start in the payload, length) per part; None when it runs past the last chunk."""
+    parts = []
     while n > 0:
-        take = min(n, ends[k] - src)
+        if k >= len(starts):
+            return None
+        take = min(n, int(ends[k]) - src)
         if take > 0:
-            out[chunks[k].offsets].append((src - starts[k], dst, take))
+            parts.append((k, src - int(starts[k]), dst, take))
             src, dst, n = src + take, dst + take, n - take
         k += 1
+    return parts
 
 
 def _shard_data(data: torch.Tensor, shard: OfflineShard) -> torch.Tensor:

@@ -17,9 +17,10 @@ The key names, each tensor's role and how torch_dist stores its rows are the dia
 from __future__ import annotations
 
 import functools
-import itertools
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..core.registry import DIALECTS, MODELOPT, TensorDecl, match_key
 from ..core.shards import Role, ShardSpec
@@ -52,9 +53,9 @@ class AdapterKey:
         return "e" in self.axes
 
 
-@dataclass(frozen=True)
-class OfflineShard:
-    """A shard spec and where its data is in a checkpoint tensor: an index into its leading axes and row ranges."""
+class OfflineShard(NamedTuple):
+    """A shard spec and where its data is in a checkpoint tensor: an index into its leading axes and row ranges (a
+    named tuple: an MoE checkpoint makes 10^5 of them)."""
 
     spec: ShardSpec
     key: str
@@ -71,10 +72,16 @@ def _leaf_ends() -> tuple[str, ...]:
 
 
 def may_classify(key: str) -> bool:
-    """False only for a key `classify` returns None for without raising, tested without a regular expression (a large
-    MoE checkpoint has 10^5 keys of extra state): an adapter key ends in its leaf's fixed end (or holds a newline,
-    before which `$` matches too), and classify raises only for keys holding `.lora_A.` or `.lora_B.`."""
-    return key.endswith(_leaf_ends()) or "\n" in key or ".lora_A." in key or ".lora_B." in key
+    """False only for a key `classify` returns None for without raising (`may_classify_all`)."""
+    return bool(may_classify_all([key]))
+
+
+def may_classify_all(keys: Iterable[str]) -> list[str]:
+    """The keys `classify` may return an AdapterKey for or raise on, tested without a regular expression (a large MoE
+    checkpoint has 10^5 keys of extra state): an adapter key ends in its leaf's fixed end (or holds a newline, before
+    which `$` matches too), and classify raises only for keys holding `.lora_A.` or `.lora_B.`."""
+    ends = _leaf_ends()
+    return [key for key in keys if key.endswith(ends) or "\n" in key or ".lora_A." in key or ".lora_B." in key]
 
 
 def classify(key: str) -> AdapterKey | None:
@@ -117,7 +124,8 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
     """(index into the stored tensor, module path) for each matrix (or magnitude vector) one checkpoint tensor holds.
 
     Each stacked axis gives one per entry; a Bridge expert tensor without its expert axis (shared-outer's shared
-    side, one tensor for all experts) is every expert's, which needs `num_experts`.
+    side, one tensor for all experts) is every expert's, which needs `num_experts`. The module path is the key's
+    with `{i}` and `{e}` replaced by the layer and expert (`None` for an axis the key does not have).
     """
     axes, matrix_dims = found.axes, 1 if found.role == "magnitude" else 2
     shared = "e" in axes and len(shape) == len(axes) - 1 + matrix_dims
@@ -128,12 +136,15 @@ def _matrices(found: AdapterKey, shape: tuple[int, ...], num_experts: int | None
                 f"--num-experts"
             )
         axes = axes.replace("e", "")
-    out = []
-    for index in itertools.product(*(range(n) for n in shape[: len(axes)])):
-        at = dict(zip(axes, index))
-        for expert in range(num_experts) if shared else [at.get("e")]:
-            module = found.module.replace("{i}", str(at.get("i"))).replace("{e}", str(expert))
-            out.append((index, module))
+    out: list[tuple[tuple[int, ...], str]] = [((), found.module)]
+    for axis, count in zip(axes, shape):  # in itertools.product's order: the first axis outermost
+        mark = "{" + axis + "}"
+        out = [(index + (n,), module.replace(mark, str(n))) for index, module in out for n in range(count)]
+    for axis in "ie":
+        if axis not in axes and not (shared and axis == "e") and "{" + axis + "}" in found.module:
+            out = [(index, module.replace("{" + axis + "}", "None")) for index, module in out]
+    if shared:
+        out = [(index, module.replace("{e}", str(e))) for index, module in out for e in range(num_experts)]
     return out
 
 
@@ -156,25 +167,57 @@ def offline_shards(
     """Shard specs for one checkpoint tensor (every layer or expert of a stacked one), with the save-time layouts
     undone.
 
-    `tp_save` is the tensor-parallel size the tensor was saved at (expert tensor parallelism for experts)."""
+    `tp_save` is the tensor-parallel size the tensor was saved at (expert tensor parallelism for experts). Every
+    matrix of the tensor has the same shape and stored layout (`stored_per_rank`): the specs of one are made once,
+    and each matrix's are copies with its module path."""
+    matrices = _matrices(found, shape, num_experts)
+    if not matrices:
+        return []
+    local = shape[len(matrices[0][0]) :]
+    layout = found.tensor.stored(found.module, found.part, gated)
+    pieces = [None] if layout == "whole" else stored_row_pieces(layout, local[0], tp_save)
+    templates = []
+    for t, rows in enumerate(pieces):
+        split = rows is not None
+        spec = ShardSpec(
+            module=found.module,
+            role=found.role,
+            part=found.part,
+            shape=(sum(n for _, n in rows), *local[1:]) if split else tuple(local),
+            split_dim=0 if split else None,
+            tp_rank=t if split else 0,
+            tp_size=tp_save if split else 1,
+            alpha=alpha,
+            dtype=dtype,
+        )
+        templates.append((spec, rows))
+    return _shards_like(templates, matrices, found.key)
+
+
+def _shards_like(
+    templates: list[tuple[ShardSpec, tuple[tuple[int, int], ...] | None]],
+    matrices: list[tuple[tuple[int, ...], str]],
+    key: str,
+) -> list[OfflineShard]:
+    """Each matrix's shards: the templates' specs on its module, each equal to `dataclasses.replace(spec,
+    module=module)`, made without running ShardSpec's __init__ (10^5 specs of an MoE checkpoint; a spec has no
+    __post_init__ to run) and OfflineShard's Python __new__."""
+    if not _PLAIN_SPEC:
+        return [
+            OfflineShard(replace(spec, module=module), key, index, rows)
+            for index, module in matrices
+            for spec, rows in templates
+        ]
+    new, make = object.__new__, tuple.__new__
     out = []
-    for index, module in _matrices(found, shape, num_experts):
-        local = shape[len(index) :]
-        layout = found.tensor.stored(module, found.part, gated)
-        pieces = [None] if layout == "whole" else stored_row_pieces(layout, local[0], tp_save)
-        for t, rows in enumerate(pieces):
-            split = rows is not None
-            shard_shape = (sum(n for _, n in rows), *local[1:]) if split else tuple(local)
-            spec = ShardSpec(
-                module=module,
-                role=found.role,
-                part=found.part,
-                shape=shard_shape,
-                split_dim=0 if split else None,
-                tp_rank=t if split else 0,
-                tp_size=tp_save if split else 1,
-                alpha=alpha,
-                dtype=dtype,
-            )
-            out.append(OfflineShard(spec, found.key, index, rows))
+    for index, module in matrices:
+        for spec, rows in templates:
+            copy = new(ShardSpec)
+            state = copy.__dict__
+            state.update(spec.__dict__)
+            state["module"] = module
+            out.append(make(OfflineShard, (copy, key, index, rows)))
     return out
+
+
+_PLAIN_SPEC = not hasattr(ShardSpec, "__post_init__") and not hasattr(ShardSpec, "__slots__")

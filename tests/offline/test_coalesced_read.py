@@ -4,12 +4,13 @@ a plain tensor blob is refused even in the middle of a run of good ones."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 from megatron_peft_export.offline import checkpoint as offline_checkpoint
-from megatron_peft_export.offline.checkpoint import CheckpointError, TorchDistReader
+from megatron_peft_export.offline.checkpoint import CheckpointError, Segments, TorchDistReader
 from tests.offline.test_batched_read import _Writer
 
 SHAPES = [(2, 8), (8, 2), (16,), (4, 4), (3, 5), (1, 2, 8)]
@@ -25,6 +26,11 @@ def _save(directory, count: int = 120) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")
         dcp.save(tensors, storage_writer=_Writer(str(directory), thread_count=1), no_dist=True)
     return tensors
+
+
+def _segments(*segments: tuple[int, int, int, int]) -> Segments:
+    """Segments from (chunk, start in the chunk's bytes, start in the payload, length) tuples."""
+    return Segments(*(np.array(column, dtype=np.int64) for column in zip(*segments)))
 
 
 def _items(reader: TorchDistReader, key: str):
@@ -134,9 +140,9 @@ def test_direct_keys_are_copied_into_the_payload_by_their_segments(tmp_path):
     payload, expected, direct, at = bytearray(4096), bytearray(4096), {}, 8
     for key in chosen:
         raw = tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        (chunk,) = reader.entry(key).chunks
+        assert len(reader.entry(key).chunks) == 1
         half = len(raw) // 2  # the second half first, then the first half
-        direct[key] = {chunk.offsets: [(half, at, len(raw) - half), (0, at + len(raw) - half, half)]}
+        direct[key] = _segments((0, half, at, len(raw) - half), (0, 0, at + len(raw) - half, half))
         expected[at : at + len(raw)] = raw[half:] + raw[:half]
         at += len(raw) + 8
     got = dict(reader.load_many(sorted(tensors), direct=direct, payload=memoryview(payload)))
@@ -151,10 +157,9 @@ def test_a_direct_key_whose_blob_is_not_what_the_metadata_says_is_refused(tmp_pa
     reader = TorchDistReader(tmp_path)
     entry = reader.entry("t000")
     reader._metadata.tensors["t000"] = entry._replace(dtype=torch.float64)  # as a crafted .metadata would say
-    (chunk,) = entry.chunks
     with pytest.raises(CheckpointError, match="metadata says torch.float64"):
         dict(
             reader.load_many(
-                sorted(tensors), direct={"t000": {chunk.offsets: [(0, 0, 8)]}}, payload=memoryview(bytearray(64))
+                sorted(tensors), direct={"t000": _segments((0, 0, 0, 8))}, payload=memoryview(bytearray(64))
             )
         )

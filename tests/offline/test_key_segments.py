@@ -1,6 +1,7 @@
-"""The payload segments of a checkpoint key (`offline.export._key_segments`, computed once per form of placement and
-stamped out per shard) copy exactly the bytes `apply_placements` copies: both are applied here, to random data, and
-the payloads compared, for stacked and unstacked keys, row ranges, and chunks whose bounds cut through placements."""
+"""The payload segments of a checkpoint key (`offline.export._key_segments`, computed on arrays per form of shard)
+copy exactly the bytes `apply_placements` copies: both are applied here, to random data, and the payloads compared,
+for stacked and unstacked keys, row ranges, shards of several forms, chunks listed in any order and chunks whose bounds
+cut through placements."""
 
 import math
 
@@ -20,7 +21,7 @@ def _shard(key, index, rows, shape):
     return OfflineShard(spec, key, index, rows)
 
 
-def _case(stacked: bool, cuts: list[int]):
+def _case(stacked: bool, cuts: list[int], shuffled: bool = False, mixed: bool = False):
     """A key [experts, 6, 3] (or [12, 3]) and its shards' placements into HF tensors [4, 3] and [8, 3] (rows taken
     in two pieces, the second half first, as a de-interleave does)."""
     size = (5, 6, 3) if stacked else (12, 3)
@@ -28,11 +29,12 @@ def _case(stacked: bool, cuts: list[int]):
     chunks = tuple(
         Chunk((lo,) + (0,) * (len(size) - 1), (hi - lo, *size[1:])) for lo, hi in zip(bounds, bounds[1:]) if hi > lo
     )
-    entry = TensorEntry(torch.float32, size, chunks)
+    entry = TensorEntry(torch.float32, size, tuple(reversed(chunks)) if shuffled else chunks)
     placed, entries = [], {}
     for n in range(size[0] if stacked else 1):
         index = (n,) if stacked else ()
         rows = ((3, 3), (0, 3)) if stacked else ((6, 6), (0, 6))
+        rows = None if mixed and n % 2 else rows  # shards of two forms
         local = 6 if stacked else 12
         a, b = f"e{n}.a", f"e{n}.b"
         entries[a], entries[b] = (torch.float32, (local // 3, 3)), (torch.float32, (2 * local // 3, 3))
@@ -47,23 +49,23 @@ def _case(stacked: bool, cuts: list[int]):
 @pytest.mark.parametrize(
     "stacked, cuts", [(True, []), (True, [2]), (True, [1, 4]), (False, []), (False, [5]), (False, [2, 7, 8])]
 )
-def test_segments_copy_what_apply_placements_copies(stacked, cuts):
-    entry, placed, entries = _case(stacked, cuts)
+@pytest.mark.parametrize("shuffled, mixed", [(False, False), (True, False), (True, True)])
+def test_segments_copy_what_apply_placements_copies(stacked, cuts, shuffled, mixed):
+    entry, placed, entries = _case(stacked, cuts, shuffled, mixed)
     data = torch.randn(entry.size)
     expected = safetensors_out.allocate(entries)
     for shard, placements in placed:
         apply_placements(expected, placements, _shard_data(data, shard))
     got = safetensors_out.allocate(entries)
-    segments = _key_segments(entry, placed, got.entries, got.where)
-    assert segments is not None and set(segments) == {chunk.offsets for chunk in entry.chunks}
+    segments = _key_segments(entry, *map(list, zip(*placed)), got.entries, got.where)
+    assert segments is not None and set(segments.chunk.tolist()) == set(range(len(entry.chunks)))
     raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()
     row = math.prod(entry.size[1:]) * 4
     buffer = got.buffer()
-    for chunk in entry.chunks:
-        start = chunk.offsets[0] * row
-        for src, dst, n in segments[chunk.offsets]:
-            assert 0 <= src and src + n <= chunk.sizes[0] * row  # inside its chunk
-            buffer[dst : dst + n] = raw[start + src : start + src + n]
+    for chunk, src, dst, n in zip(*(column.tolist() for column in segments)):
+        start, rows = entry.chunks[chunk].offsets[0] * row, entry.chunks[chunk].sizes[0]
+        assert 0 <= src and src + n <= rows * row  # inside its chunk
+        buffer[dst : dst + n] = raw[start + src : start + src + n]
     assert bytes(got.buffer()) == bytes(expected.buffer())
 
 
@@ -71,7 +73,7 @@ def test_a_placement_that_is_not_a_run_of_rows_leaves_the_key_to_apply_placement
     entry, placed, entries = _case(True, [2])
     shard, placements = placed[3]
     placed[3] = (shard, [placements[0]._replace(dim=1), placements[1]])
-    assert _key_segments(entry, placed, entries, safetensors_out.spans(entries)) is None
+    assert _key_segments(entry, *map(list, zip(*placed)), entries, safetensors_out.spans(entries)) is None
     entry, placed, entries = _case(True, [2])
     entries["e4.b"] = (torch.bfloat16, entries["e4.b"][1])  # a dtype cast
-    assert _key_segments(entry, placed, entries, safetensors_out.spans(entries)) is None
+    assert _key_segments(entry, *map(list, zip(*placed)), entries, safetensors_out.spans(entries)) is None
