@@ -24,7 +24,7 @@ import logging
 import math
 import pickle
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import add, le
 from typing import Any, NamedTuple
@@ -214,6 +214,12 @@ class Converted(Mapping):
             raise KeyError(key)
         self._done[key] = value
 
+    def forget(self, keys: Iterable) -> None:
+        """Drop the converted values of `keys` (converted again if asked for): for a caller that keeps them in another
+        form."""
+        for key in keys:
+            self._done.pop(key, None)
+
     def __contains__(self, key: object) -> bool:
         return key in self._raw
 
@@ -238,6 +244,12 @@ class CheckpointMetadata:
     items: Mapping[tuple[str, tuple[int, ...] | None], StoredItem]
     """(key, chunk offsets) -> stored item; offsets None for a byte entry. A key's items are converted when one of
     them is first read (StoredItems)."""
+
+    def forget_items(self, keys: Iterable[str]) -> None:
+        """Drop the converted stored items of `keys`, for a caller that keeps them in another form (read again if asked
+        for; a plain mapping given as `items`, as tests simulate a crafted file, keeps its own)."""
+        if isinstance(self.items, StoredItems):
+            self.items.forget(keys)
 
 
 # The checks below run over every entry of a large model's metadata (hundreds of thousands of records): each
@@ -419,6 +431,10 @@ class StoredItems(Mapping):
                 return default
             group = self._keys[fqn]
         return group.get(offsets, default)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop the converted items of these keys (`Converted.forget`)."""
+        self._keys.forget(keys)
 
     def __iter__(self) -> Iterator[tuple[str, tuple[int, ...] | None]]:
         return ((fqn, offsets) for fqn in self._keys for offsets in self._keys[fqn])

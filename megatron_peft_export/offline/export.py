@@ -440,6 +440,9 @@ def _export_checkpoint(
         for n in by_key[key]:
             apply_placements(tensors, plan.placements[n], _shard_data(data, shards[n]), copies)
     copies.flush()
+    # The checkpoint's metadata and shard records are not needed past here: released before the file is written,
+    # so the peak memory is the payload and the plan, not those as well (~100 MB at 61x256 experts).
+    del reader, shards, by_key, direct
     check_finite(tensors, allow=options.allow_nonfinite)
     tmp = staging_dir(output_dir, options.overwrite, reading=reading, checkpoint=directory)
     try:
