@@ -35,7 +35,8 @@ enum {
 #define MAX_START 0xffffffffu
 #define INT_LIMIT ((int64_t)1 << 59) /* ints held are in [-INT_LIMIT, INT_LIMIT) */
 
-/* globals, records (the order Python gives them in) */
+/* what a global is, the record classes read, how a record takes its state: numbered as dcp_metadata.py's
+ * _GLOBAL_KINDS, _READ_KINDS and _BEHAVIOURS */
 enum { G_RECORD, G_DROPPED, G_SIZE, G_DTYPE, G_OPAQUE, G_GET_LAYOUT, G_OTHER };
 enum { K_METADATA, K_TENSOR, K_BYTES, K_CHUNK, K_PROPERTIES, K_INDEX, K_INFO, K_COUNT_READ };
 enum { B_PLAIN, B_STATE, B_CALLED };
@@ -1091,6 +1092,10 @@ static PyObject *result(R *r, Out *o) {
     PyObject *keys = NULL, *tensors = NULL, *chunks = NULL, *groups = NULL, *items = NULL, *offsets = NULL;
     PyObject *paths = NULL, *out = NULL;
     uint32_t *first = NULL, *count = NULL;
+    uint32_t *entry_of = NULL;
+    V *names = NULL;
+    size_t n_names = 0, cap_names = 0;
+    StrMap by_name = {NULL, 0};
     size_t n_offsets = 0;
     keys = PyList_New((Py_ssize_t)o->n_entries);
     tensors = PyDict_New();
@@ -1131,10 +1136,31 @@ static PyObject *result(R *r, Out *o) {
         count[o->items[i].group]++;
         if (o->items[i].offsets != ABSENT) n_offsets += LEN(o->items[i].offsets);
     }
+    /* a group's key is the entry's key string when there is one (one str object for both) */
+    entry_of = malloc((o->n_entries + 1) * sizeof(uint32_t));
+    if (entry_of == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t i = 0; i < o->n_entries; i++) {
+        uint32_t found;
+        int added = strmap_find(r, &by_name, names, n_names, o->entries[i].key, &found, &names, &cap_names);
+        if (added < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if (added) entry_of[n_names++] = (uint32_t)i;
+    }
     for (size_t g = 0, at = 0; g < o->n_groups; g++) {
         first[g] = (uint32_t)at;
         at += count[g];
-        PyObject *fqn = str_of(r, o->groups[g]), *row;
+        uint32_t key = UINT32_MAX;
+        if (strmap_find(r, &by_name, names, n_names, o->groups[g], &key, NULL, NULL) < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        PyObject *fqn, *row;
+        fqn = key != UINT32_MAX ? Py_NewRef(PyList_GET_ITEM(keys, entry_of[key])) : str_of(r, o->groups[g]);
         row = fqn ? Py_BuildValue("(NKK)", fqn, (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
         if (row == NULL) goto done;
         PyList_SET_ITEM(groups, (Py_ssize_t)g, row);
@@ -1159,6 +1185,9 @@ static PyObject *result(R *r, Out *o) {
 done:
     free(first);
     free(count);
+    free(entry_of);
+    free(names);
+    free(by_name.slots);
     Py_XDECREF(keys);
     Py_XDECREF(tensors);
     Py_XDECREF(chunks);

@@ -545,6 +545,11 @@ _READ_KINDS = (
     "_StorageInfo",
 )
 """The record classes the C reader reads fields of, in the order it knows them; the others follow."""
+_BEHAVIOURS = ("plain", "state", "called")
+"""How a record class takes its state (a BUILD's dict, __setstate__, call arguments), numbered as the C reader's B_."""
+_GLOBAL_KINDS = ("record", "dropped", "size", "dtype", "opaque", "get_layout", "other")
+"""What an allowed global is, numbered as the C reader's G_ (opaque: a layout or memory format, never called; other:
+a class it does not model, declined when called)."""
 
 
 @functools.cache
@@ -555,7 +560,7 @@ def _reader() -> Any:
         reader = importlib.import_module("megatron_peft_export._dcp_metadata")
     except ImportError as exc:
         log.warning(
-            "reading checkpoint metadata in Python, ~5x slower and ~10x the memory of the C reader, which was not "
+            "reading checkpoint metadata in Python, ~3x the time and memory of the C reader, which was not "
             "built (%s): reinstall with a C compiler (pip install -e . or the wheel) to read large checkpoints fast",
             exc,
         )
@@ -569,7 +574,14 @@ def _reader_tables() -> tuple[tuple, tuple[torch.dtype, ...]]:
     those find_class gives (every name it could allow is asked), each said what it is."""
     kinds = _READ_KINDS + tuple(sorted(set(_BY_NAME) - set(_READ_KINDS)))
     behaviours = tuple(
-        2 if issubclass(_BY_NAME[k], CalledRecord) else 1 if issubclass(_BY_NAME[k], StateRecord) else 0 for k in kinds
+        _BEHAVIOURS.index(
+            "called"
+            if issubclass(_BY_NAME[k], CalledRecord)
+            else "state"
+            if issubclass(_BY_NAME[k], StateRecord)
+            else "plain"
+        )
+        for k in kinds
     )
     fields = tuple(tuple(name.encode() for name in _FIELD_ORDER.get(k, ())) for k in kinds)
     candidates = [
@@ -586,21 +598,23 @@ def _reader_tables() -> tuple[tuple, tuple[torch.dtype, ...]]:
             found = unpickler.find_class(module, name)
         except RefusedGlobal:
             continue
+        arg = 0
         if isinstance(found, type) and issubclass(found, Record):
-            row = (0, kinds.index(found.class_name))
+            kind, arg = "record", kinds.index(found.class_name)
         elif found is Dropped:
-            row = (1, 0)
+            kind = "dropped"
         elif found is torch.Size:
-            row = (2, 0)
+            kind = "size"
         elif isinstance(found, torch.dtype):
-            row, _ = (3, len(dtypes)), dtypes.append(found)
+            kind, arg = "dtype", len(dtypes)
+            dtypes.append(found)
         elif isinstance(found, (torch.layout, torch.memory_format)):
-            row = (4, 0)
+            kind = "opaque"
         elif found is LAYOUT:
-            row = (5, 0)
+            kind = "get_layout"
         else:
-            row = (6, 0)  # a class it does not model (OrderedDict): declined when called
-        found_globals.append((module.encode(), name.encode(), *row))
+            kind = "other"  # OrderedDict
+        found_globals.append((module.encode(), name.encode(), _GLOBAL_KINDS.index(kind), arg))
     limits = (
         MAX_DIMS,
         MAX_EXTENT,

@@ -375,7 +375,7 @@ def test_the_c_reader_knows_only_the_globals_find_class_allows():
     unpickler = dcp_metadata._MetadataUnpickler(io.BytesIO(b""))
     for module, name, kind, arg in tables[0]:
         found = unpickler.find_class(module.decode(), name.decode())
-        if kind == 3:
+        if kind == dcp_metadata._GLOBAL_KINDS.index("dtype"):
             assert found is dtypes[arg]
     assert torch.bfloat16 in dtypes and torch.float32 in dtypes
     names = {(m.decode(), n.decode()) for m, n, *_ in tables[0]}
@@ -398,3 +398,38 @@ def test_without_the_c_reader_the_python_path_reads_and_warns_once(written, monk
         monkeypatch.undo()
         dcp_metadata._reader.cache_clear()
     assert dcp_metadata._reader() is not None
+
+
+@needs_c
+def test_keys_set_again_in_large_mappings_read_the_same(written, monkeypatch):
+    """A key of state_dict_metadata and a stored item's index set again after the plans, in mappings large enough
+    that the reader finds keys through its hash index: replaced where they were, as a dict does."""
+    metadata = pickle.loads(written[0])
+    info = _item_of(metadata, "a")
+    for n in range(40):
+        metadata.state_dict_metadata[f"extra.{n}"] = BytesStorageMetadata()
+        metadata.storage_data[MetadataIndex(fqn=f"extra.{n}")] = dataclasses.replace(info, offset=n)
+    data, memo = _with_plans(metadata)
+    index = next(k for k in metadata.storage_data if k.fqn == "extra.7")
+    other = _item_of(metadata, "b")
+    data = _after_plans(
+        data,
+        _get(memo[id(metadata.state_dict_metadata)])
+        + b"\x8c\x01a"
+        + _get(memo[id(metadata.state_dict_metadata["extra.3"])])
+        + b"s0"
+        + _get(memo[id(metadata.storage_data)])
+        + _get(memo[id(index)])
+        + _get(memo[id(other)])
+        + b"s0",
+    )
+    assert _same(data, monkeypatch)
+    parsed = _c(data)
+    assert "a" in parsed.byte_keys and "a" not in parsed.tensors and list(parsed.sizes) == ["b", "c", "d", "base"]
+    assert parsed.items[("extra.7", None)] == parsed.items[("b", (0, 0))]
+    assert list(parsed.items).index(("extra.7", None)) == list(_facts_items(metadata)).index(("extra.7", None))
+
+
+def _facts_items(metadata):
+    """The (key, offsets) of storage_data in order, as torch reads them."""
+    return [(k.fqn, None if k.offset is None else tuple(k.offset)) for k in metadata.storage_data]
