@@ -1519,3 +1519,33 @@ def test_generated_pickles_are_read_as_the_python_path_reads_them_or_declined():
     for _ in range(1500):
         outcomes[compare(_Generator(rng).metadata())] += 1
     assert outcomes["read"] >= 150 and outcomes["declined"] >= 150, outcomes
+
+
+def _long_fqn_many_items(length: int, items: int) -> bytes:
+    """`items` stored items, each its own MetadataIndex record (NEWOBJ, BUILD) of one memoized state dict whose fqn
+    is one long string: ~9 bytes per item."""
+    state = dct((s("fqn"), s("k" * length)), (s("offset"), N)) + put(240)
+    first = cls("MetadataIndex") + put(241) + b")\x81" + state + b"b" + info() + put(242)
+    more = (get(241) + b")\x81" + get(240) + b"b" + get(242)) * (items - 1)
+    return _with_a(tensor([4, 2]), b"}(" + first + more + b"u")
+
+
+@needs_c
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: extract() hashes every stored item's fqn and path bytes (strmap_find -> hash_bytes): items sharing "
+    "one long fqn string cost items x its length (170 KB: ~0.4-0.8 s of CPU; a 16 MB fqn and 10^6 items: hours), "
+    "the Python path groups them in ms (str hashes cached). CPU time (process_time), not wall clock, 10x margin",
+)
+def test_stored_items_sharing_a_long_key_take_time_linear_in_the_file():
+    data = _long_fqn_many_items(200_000, 8_000)
+    dcp_metadata._checked(data)
+    tables, _ = dcp_metadata._reader_tables()
+    start = time.process_time()
+    python = _python(data)
+    python_cpu = time.process_time() - start
+    start = time.process_time()
+    assert type(C_READER.read(data, tables)) is tuple  # read, not declined
+    c_cpu = time.process_time() - start
+    assert python[0] == [("a", (4, 2))]
+    assert c_cpu < max(0.1, 10 * python_cpu), f"C reader {c_cpu:.3f} s of CPU, the Python path {python_cpu:.3f} s"
