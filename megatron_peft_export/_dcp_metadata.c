@@ -66,6 +66,7 @@ typedef struct {
     Name *layouts;
     Py_ssize_t n_layouts;
     int64_t max_dims, max_extent, max_chunks, highest_protocol, properties_len, properties_dtype;
+    int64_t values_per_byte, values_base; /* the output's bound: dcp_metadata.C_READER_VALUES */
 } Tables;
 
 typedef struct {
@@ -752,7 +753,16 @@ typedef struct {
     size_t n_items, cap_items;
     V *groups, *paths; /* the first fqn of each group, each distinct path */
     size_t n_groups, cap_groups, n_paths, cap_paths;
+    uint64_t values_left; /* chunk values and item offsets it may still make (dcp_metadata.C_READER_VALUES) */
 } Out;
+
+/* `n` more values in the output arrays, or declined: the output is bounded by the file's size (a chunk or offsets
+ * tuple referenced many times is read once per reference, where the Python path converts a key's when it is read) */
+static int spend(R *r, Out *o, uint64_t n) {
+    if (n > o->values_left) return DECLINE(r, "more chunk and offset values than the file's size allows");
+    o->values_left -= n;
+    return 0;
+}
 
 /* a record's fields, each at its place in the kind's field list (ABSENT when not set); declined when its dict has a
  * key that is not one of them */
@@ -831,6 +841,7 @@ static int tensor(R *r, Out *o, Entry *entry, V record) {
     entry->chunk_count = chunks->len;
     size_t ndim = LEN(f[1]);
     const V *size = items_of(r, f[1]);
+    TRY(spend(r, o, (uint64_t)chunks->len * 2 * ndim));
     for (uint32_t i = 0; i < chunks->len; i++) {
         V c[MAX_FIELDS]; /* offsets, sizes */
         TRY(fields(r, r->list_pool.v[chunks->start + i], K_CHUNK, c));
@@ -944,6 +955,7 @@ static int extract(R *r, Out *o) {
         Item *item = &o->items[o->n_items++];
         item->fqn = x[0];
         item->offsets = x[1] == ABSENT || TAG(x[1]) == T_NONE ? ABSENT : x[1];
+        if (item->offsets != ABSENT && spend(r, o, LEN(item->offsets)) < 0) break;
         item->path = s[0];
         item->offset = INTV(s[1]);
         item->length = INTV(s[2]);
@@ -973,9 +985,10 @@ static int load_name(PyObject *o, Name *out) {
 static int load_tables(PyObject *tables, Tables *t) {
     PyObject *globals, *behaviours, *fields, *layouts;
     memset(t, 0, sizeof(*t));
-    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
+    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
                           &PyTuple_Type, &fields, &PyTuple_Type, &layouts, &t->max_dims, &t->max_extent,
-                          &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype))
+                          &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype,
+                          &t->values_per_byte, &t->values_base))
         return -1;
     t->n_kinds = (int)PyTuple_GET_SIZE(behaviours);
     if (t->n_kinds < K_COUNT_READ || t->n_kinds > MAX_KINDS || PyTuple_GET_SIZE(fields) != t->n_kinds) {
@@ -1002,7 +1015,8 @@ static int load_tables(PyObject *tables, Tables *t) {
     if (t->n_fields[K_METADATA] < 2 || t->n_fields[K_TENSOR] != 3 || t->n_fields[K_CHUNK] != 2 ||
         t->n_fields[K_INDEX] != 3 || t->n_fields[K_INFO] != 4 || t->properties_dtype < 0 ||
         t->properties_dtype >= t->n_fields[K_PROPERTIES] || t->properties_dtype >= t->properties_len ||
-        t->max_extent >= INT_LIMIT) {
+        t->max_extent >= INT_LIMIT || t->values_per_byte < 0 || t->values_per_byte > 1024 || t->values_base < 0 ||
+        t->values_base > ((int64_t)1 << 40)) {
         PyErr_SetString(PyExc_ValueError, "the tables do not fit the reader");
         return -1;
     }
@@ -1216,6 +1230,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     r.d = data.buf;
     r.end = (size_t)data.len;
     r.t = &t;
+    o.values_left = (uint64_t)t.values_per_byte * (uint64_t)data.len + (uint64_t)t.values_base;
     r.seed = mix((uint64_t)(uintptr_t)&r ^ (uint64_t)(uintptr_t)data.buf ^ (uint64_t)data.len);
     int status;
     Py_BEGIN_ALLOW_THREADS
