@@ -1265,30 +1265,18 @@ def test_a_frame_lie_the_two_unpicklers_read_differently():
     with io.BufferedReader(io.BytesIO(data)) as file:  # a file as torch opens it (has peek)
         assert pickle.load(file).storage_data.popitem()[1].offset == contiguous
     assert pickle.load(io.BytesIO(data)).storage_data.popitem()[1].offset == dropped
-    assert _stored_offset(data, c=True) == contiguous  # the C reader ignores frame boundaries, as torch reads them
 
 
 @needs_c
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a FRAME whose end falls inside an opcode is read differently with the C reader on (reads on, as "
-    "torch's pickle.load of the file does) and off (the Python path's _MetadataUnpickler(io.BytesIO(data)) drops "
-    "the frame's tail): parse_metadata gives offset 16 or 810,418,176 for the same bytes. Neither refuses it",
-)
 def test_a_frame_lie_reads_the_same_with_the_c_reader_on_and_off():
     data, _, _ = _frame_lie()
-    assert _stored_offset(data, c=True) == _stored_offset(data, c=False)
+    assert _stored_offset(data, c=True) == _stored_offset(data, c=False) == "MetadataError"  # check_pickle refuses
 
 
 @needs_c
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a FRAME whose end falls inside an opcode is read by the C reader (not declined) and by "
-    "check_pickle (not refused), though the Python path (the reference) reads other values",
-)
 def test_a_frame_lie_is_declined_or_read_as_the_python_path_reads_it():
     data, _, _ = _frame_lie()
-    compare(data)
+    assert compare(data) == "refused"
 
 
 def _shared_chunks(chunks: int, entries: int, ndim: int = 64) -> bytes:
