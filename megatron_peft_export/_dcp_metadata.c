@@ -66,6 +66,7 @@ typedef struct {
     Name *layouts;
     Py_ssize_t n_layouts;
     int64_t max_dims, max_extent, max_chunks, highest_protocol, properties_len, properties_dtype;
+    int64_t values_per_byte, values_base; /* the output's bound: dcp_metadata.C_READER_VALUES */
 } Tables;
 
 typedef struct {
@@ -82,6 +83,13 @@ typedef struct {
     size_t n, cap;
 } Vals;
 
+/* a string longer than SHORT_STR, hashed once when read: its hash, and the start of the first string read of the same
+ * bytes (equal strings: equal `canon`) */
+typedef struct {
+    uint32_t start, len, canon;
+    uint64_t hash;
+} Long;
+
 typedef struct {
     const unsigned char *d;
     size_t end;
@@ -97,6 +105,10 @@ typedef struct {
     int proto;
     uint64_t seed;
     V root;
+    Long *longs; /* the strings longer than SHORT_STR, as read */
+    size_t n_longs, cap_longs;
+    uint32_t *by_start, *by_hash; /* 1 + a Long's number, 0 empty: by its start; by its hash, the first of its bytes */
+    size_t cap_slots;
 } R;
 
 static int decline(R *r, const char *why) {
@@ -162,8 +174,20 @@ static int utf8_ok(const unsigned char *s, size_t n) {
 
 static const unsigned char *str_bytes(const R *r, V v) { return r->d + START(v); }
 
+/* Strings are hashed and compared where used as keys (dict_set, extract's and result's maps): one long string
+ * memoized and used as a key many times (a 2-byte memo reference each) must not cost its length each time, or a 1 MB
+ * file takes seconds (Python caches a str's hash). So a string longer than SHORT_STR is hashed once, when its opcode
+ * is read (its bytes are in the file once per opcode), and given the start of the first string of the same bytes:
+ * equal long strings are equal `canon`s. A shorter one costs at most SHORT_STR bytes per use: linear in the file. */
+#define SHORT_STR 128
+
+static const Long *long_of(const R *r, V s);
+
 static int str_eq(const R *r, V a, V b) {
-    return a == b || (LEN(a) == LEN(b) && memcmp(str_bytes(r, a), str_bytes(r, b), LEN(a)) == 0);
+    if (a == b) return 1;
+    if (LEN(a) != LEN(b)) return 0;
+    if (LEN(a) <= SHORT_STR) return memcmp(str_bytes(r, a), str_bytes(r, b), LEN(a)) == 0;
+    return long_of(r, a)->canon == long_of(r, b)->canon;
 }
 
 static int str_is(const R *r, V v, const Name *name) {
@@ -192,10 +216,66 @@ static uint64_t hash_bytes(uint64_t seed, const unsigned char *s, size_t n) {
     return mix(h ^ w ^ 0x5bd1e995);
 }
 
-/* a dict key: a string (by value) or a record (by identity), as the Python path's dicts compare them */
-static uint64_t key_hash(const R *r, V k) {
-    return TAG(k) == T_STR ? hash_bytes(r->seed, str_bytes(r, k), LEN(k)) : mix(k ^ r->seed);
+
+static const Long *long_of(const R *r, V s) { /* a string longer than SHORT_STR: always there */
+    size_t mask = r->cap_slots - 1, j = (size_t)mix(START(s)) & mask;
+    while (r->longs[r->by_start[j] - 1].start != START(s)) j = (j + 1) & mask;
+    return &r->longs[r->by_start[j] - 1];
 }
+
+static void long_index(R *r, uint32_t number, int by_hash) {
+    const Long *l = &r->longs[number];
+    size_t mask = r->cap_slots - 1;
+    uint32_t *slots = by_hash ? r->by_hash : r->by_start;
+    size_t j = (size_t)(by_hash ? l->hash : mix(l->start)) & mask;
+    while (slots[j]) j = (j + 1) & mask;
+    slots[j] = number + 1;
+}
+
+static int long_add(R *r, size_t start, size_t n) { /* the string of n bytes at `start`, just read */
+    if ((r->n_longs + 1) * 2 > r->cap_slots) {
+        size_t cap = r->cap_slots ? r->cap_slots * 2 : 1024;
+        uint32_t *by_start = calloc(cap, sizeof(uint32_t)), *by_hash = calloc(cap, sizeof(uint32_t));
+        if (by_start == NULL || by_hash == NULL) {
+            free(by_start);
+            free(by_hash);
+            return DECLINE(r, "out of memory");
+        }
+        free(r->by_start);
+        free(r->by_hash);
+        r->by_start = by_start;
+        r->by_hash = by_hash;
+        r->cap_slots = cap;
+        for (size_t i = 0; i < r->n_longs; i++) {
+            long_index(r, (uint32_t)i, 0);
+            if (r->longs[i].canon == r->longs[i].start) long_index(r, (uint32_t)i, 1);
+        }
+    }
+    if (r->n_longs == r->cap_longs && grow((void **)&r->longs, &r->cap_longs, r->n_longs + 1, sizeof(Long)) < 0)
+        return DECLINE(r, "out of memory");
+    Long *l = &r->longs[r->n_longs];
+    l->start = l->canon = (uint32_t)start;
+    l->len = (uint32_t)n;
+    l->hash = hash_bytes(r->seed, r->d + start, n);
+    size_t mask = r->cap_slots - 1, j = (size_t)l->hash & mask;
+    for (; r->by_hash[j]; j = (j + 1) & mask) {
+        const Long *o = &r->longs[r->by_hash[j] - 1];
+        if (o->hash == l->hash && o->len == l->len && memcmp(r->d + o->start, r->d + start, n) == 0) {
+            l->canon = o->start;
+            break;
+        }
+    }
+    if (l->canon == l->start) r->by_hash[j] = (uint32_t)r->n_longs + 1;
+    long_index(r, (uint32_t)r->n_longs++, 0);
+    return 0;
+}
+
+static uint64_t str_hash(const R *r, V s) {
+    return LEN(s) <= SHORT_STR ? hash_bytes(r->seed, str_bytes(r, s), LEN(s)) : long_of(r, s)->hash;
+}
+
+/* a dict key: a string (by value) or a record (by identity), as the Python path's dicts compare them */
+static uint64_t key_hash(const R *r, V k) { return TAG(k) == T_STR ? str_hash(r, k) : mix(k ^ r->seed); }
 
 static int key_eq(const R *r, V a, V b) {
     if (TAG(a) != TAG(b)) return 0;
@@ -621,6 +701,7 @@ static int run(R *r) {
                 if (n > end - at) return DECLINE(r, "a string past the data");
                 if (n > MAX_SPAN_LEN || at > MAX_START) return DECLINE(r, "a string too large");
                 if (!utf8_ok(d + at, (size_t)n)) return DECLINE(r, "a string not strict UTF-8");
+                if (n > SHORT_STR) TRY(long_add(r, at, (size_t)n));
                 TRY(vals_push(r, &r->stack, MK(T_STR, SPAN(at, n))));
                 at += (size_t)n;
                 break;
@@ -752,7 +833,16 @@ typedef struct {
     size_t n_items, cap_items;
     V *groups, *paths; /* the first fqn of each group, each distinct path */
     size_t n_groups, cap_groups, n_paths, cap_paths;
+    uint64_t values_left; /* chunk values and item offsets it may still make (dcp_metadata.C_READER_VALUES) */
 } Out;
+
+/* `n` more values in the output arrays, or declined: the output is bounded by the file's size (a chunk or offsets
+ * tuple referenced many times is read once per reference, where the Python path converts a key's when it is read) */
+static int spend(R *r, Out *o, uint64_t n) {
+    if (n > o->values_left) return DECLINE(r, "more chunk and offset values than the file's size allows");
+    o->values_left -= n;
+    return 0;
+}
 
 /* a record's fields, each at its place in the kind's field list (ABSENT when not set); declined when its dict has a
  * key that is not one of them */
@@ -831,6 +921,7 @@ static int tensor(R *r, Out *o, Entry *entry, V record) {
     entry->chunk_count = chunks->len;
     size_t ndim = LEN(f[1]);
     const V *size = items_of(r, f[1]);
+    TRY(spend(r, o, (uint64_t)chunks->len * 2 * ndim));
     for (uint32_t i = 0; i < chunks->len; i++) {
         V c[MAX_FIELDS]; /* offsets, sizes */
         TRY(fields(r, r->list_pool.v[chunks->start + i], K_CHUNK, c));
@@ -859,7 +950,7 @@ static int strmap_find(R *r, StrMap *m, const V *names, size_t n, V s, uint32_t 
         uint32_t *slots = calloc(cap, sizeof(uint32_t));
         if (slots == NULL) return DECLINE(r, "out of memory");
         for (size_t i = 0; i < n; i++) {
-            size_t j = hash_bytes(r->seed, str_bytes(r, names[i]), LEN(names[i])) & (cap - 1);
+            size_t j = str_hash(r, names[i]) & (cap - 1);
             while (slots[j]) j = (j + 1) & (cap - 1);
             slots[j] = (uint32_t)i + 1;
         }
@@ -867,7 +958,7 @@ static int strmap_find(R *r, StrMap *m, const V *names, size_t n, V s, uint32_t 
         m->slots = slots;
         m->cap = cap;
     }
-    size_t j = hash_bytes(r->seed, str_bytes(r, s), LEN(s)) & (m->cap - 1);
+    size_t j = str_hash(r, s) & (m->cap - 1);
     for (; m->slots[j]; j = (j + 1) & (m->cap - 1))
         if (str_eq(r, names[m->slots[j] - 1], s)) {
             *found = m->slots[j] - 1;
@@ -944,6 +1035,7 @@ static int extract(R *r, Out *o) {
         Item *item = &o->items[o->n_items++];
         item->fqn = x[0];
         item->offsets = x[1] == ABSENT || TAG(x[1]) == T_NONE ? ABSENT : x[1];
+        if (item->offsets != ABSENT && spend(r, o, LEN(item->offsets)) < 0) break;
         item->path = s[0];
         item->offset = INTV(s[1]);
         item->length = INTV(s[2]);
@@ -973,9 +1065,10 @@ static int load_name(PyObject *o, Name *out) {
 static int load_tables(PyObject *tables, Tables *t) {
     PyObject *globals, *behaviours, *fields, *layouts;
     memset(t, 0, sizeof(*t));
-    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
+    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
                           &PyTuple_Type, &fields, &PyTuple_Type, &layouts, &t->max_dims, &t->max_extent,
-                          &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype))
+                          &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype,
+                          &t->values_per_byte, &t->values_base))
         return -1;
     t->n_kinds = (int)PyTuple_GET_SIZE(behaviours);
     if (t->n_kinds < K_COUNT_READ || t->n_kinds > MAX_KINDS || PyTuple_GET_SIZE(fields) != t->n_kinds) {
@@ -1002,7 +1095,8 @@ static int load_tables(PyObject *tables, Tables *t) {
     if (t->n_fields[K_METADATA] < 2 || t->n_fields[K_TENSOR] != 3 || t->n_fields[K_CHUNK] != 2 ||
         t->n_fields[K_INDEX] != 3 || t->n_fields[K_INFO] != 4 || t->properties_dtype < 0 ||
         t->properties_dtype >= t->n_fields[K_PROPERTIES] || t->properties_dtype >= t->properties_len ||
-        t->max_extent >= INT_LIMIT) {
+        t->max_extent >= INT_LIMIT || t->values_per_byte < 0 || t->values_per_byte > 1024 || t->values_base < 0 ||
+        t->values_base > ((int64_t)1 << 40)) {
         PyErr_SetString(PyExc_ValueError, "the tables do not fit the reader");
         return -1;
     }
@@ -1036,9 +1130,14 @@ static int load_tables(PyObject *tables, Tables *t) {
 
 static void free_graph(R *r, int keep_tuples) {
     free(r->stack.v);
-    if (!keep_tuples) {
+    if (!keep_tuples) { /* and the strings' hashes, which result's maps use */
         free(r->tuples.v);
         r->tuples.v = NULL;
+        free(r->longs);
+        free(r->by_start);
+        free(r->by_hash);
+        r->longs = NULL;
+        r->by_start = r->by_hash = NULL;
     }
     free(r->dict_pool.v);
     free(r->list_pool.v);
@@ -1216,6 +1315,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     r.d = data.buf;
     r.end = (size_t)data.len;
     r.t = &t;
+    o.values_left = (uint64_t)t.values_per_byte * (uint64_t)data.len + (uint64_t)t.values_base;
     r.seed = mix((uint64_t)(uintptr_t)&r ^ (uint64_t)(uintptr_t)data.buf ^ (uint64_t)data.len);
     int status;
     Py_BEGIN_ALLOW_THREADS

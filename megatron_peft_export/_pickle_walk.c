@@ -203,9 +203,10 @@ static int64_t memo_index(const unsigned char *d, Py_ssize_t from, Py_ssize_t to
 
 static int run(Walk *w) {
     const unsigned char *d = w->d, *table = w->table;
-    Py_ssize_t end = w->end, at = 0;
+    Py_ssize_t end = w->end, at = 0, frame = -1, limit = end; /* as in Python: the current frame, where it ends */
     Vec *s = &w->stack, *m = &w->marks;
-    while (at < end) {
+next_frame:
+    while (at < limit) {
         int op = d[at];
         const unsigned char *t = table + 8 * op;
         if (t[0] >= 2) {
@@ -296,6 +297,19 @@ static int run(Walk *w) {
             if (index > (uint64_t)end) return refuse(w, 2, at - 1, 0, 0);
             if (s->n && memo_set(&w->memo, index, TOP) < 0) return NO_MEMORY;
             at += 4;
+        } else if (kind == 9) { /* FRAME: the opcodes of its length follow, and it ends where one ends */
+            at += 8;
+            if (at <= limit) { /* else its length crosses the frame it is in (or the data's end): below */
+                if (frame >= 0 && at != limit) return refuse(w, 12, at - 9, limit, 0);
+                uint64_t length = read_le(d, at - 8, 8, end, NULL);
+                if (length > (uint64_t)(end - at)) {
+                    refuse(w, 3, at - 9, (int64_t)length, end - at);
+                    w->out->a_unsigned = 1;
+                    return REFUSED;
+                }
+                frame = at - 9;
+                limit = at + (Py_ssize_t)length;
+            }
         } else if (kind >= 5) { /* a declared length, then that many bytes */
             int width = kind == 5 ? 1 : kind == 8 ? 8 : 4, got;
             uint64_t raw = read_le(d, at, width, end, &got);
@@ -334,7 +348,11 @@ static int run(Walk *w) {
             }
         }
     }
-    return refuse(w, 10, end, 0, 0);
+    if (frame >= 0 && at > limit) return refuse(w, 11, frame, limit, at);
+    if (at >= end) return refuse(w, 10, end, 0, 0);
+    frame = -1;
+    limit = end;
+    goto next_frame;
 }
 
 static PyObject *walk(PyObject *self, PyObject *args) {

@@ -330,21 +330,24 @@ def gather(buffer: Any, first: int, count: int, step: int, layout: Layout) -> to
 
 
 # ---------------------------------------------------------------------------------------------------- any pickle
+_OWN_CASE = ("STOP", "LONG_BINPUT", "FRAME")
+
+
 def _argument_encodings() -> tuple[list[int], dict[int, Any]]:
     """Per opcode byte: the size of a fixed argument (-1: variable, -2: no such opcode), and for the variable ones
     "line" or "lines2" (newline-terminated, one or two lines) or (width, signed): a little-endian length of `width`
-    bytes followed by that many bytes."""
+    bytes followed by that many bytes (STOP, LONG_BINPUT and FRAME: their own case)."""
     lengths = {-2: (1, False), -3: (4, True), -4: (4, False), -5: (8, False)}
     fixed, variable = [-2] * 256, {}
     for op in pickletools.opcodes:
         code, n = ord(op.code), op.arg.n if op.arg is not None else 0
-        if n >= 0 and op.name not in ("STOP", "LONG_BINPUT"):
+        if n >= 0 and op.name not in _OWN_CASE:
             fixed[code] = n
         else:
             fixed[code] = -1
             variable[code] = (
                 op.name
-                if op.name in ("STOP", "LONG_BINPUT")
+                if op.name in _OWN_CASE
                 else "lines2"
                 if op.arg.name == "stringnl_noescape_pair"
                 else "line"
@@ -363,8 +366,9 @@ _MAX_INDEX_DIGITS = 18
 
 
 def check_pickle(data: bytes) -> None:
-    """Refuse, before an unpickler sees it, a pickle whose opcodes declare more than the data holds, or that builds
-    what hashing cannot finish. Raises ValueError. One walk over the opcodes, following the unpickler's stack and memo:
+    """Refuse, before an unpickler sees it, a pickle whose opcodes declare more than the data holds, whose frames do
+    not end where an opcode ends (unpicklers read those differently: see `_walk`), or that builds what hashing cannot
+    finish. Raises ValueError. One walk over the opcodes, following the unpickler's stack and memo:
     in C (`_pickle_walk`, built with the package) when it is there, else `walk_pickle` (the reference: the C walk is
     the same algorithm, and tests/io/test_pickle_walk.py pins that both give the same answer on every pickle).
 
@@ -411,6 +415,14 @@ def _message(code: int, at: int, a: int = 0, b: int = 0) -> str:
         8: lambda: f"a tuple nested {a} deep (at most {MAX_TUPLE_DEPTH}), at byte {at}",
         9: lambda: f"a tuple of shared tuples holding more items than the pickle has bytes, at byte {at}",
         10: lambda: "the pickle ends before its STOP opcode",
+        11: lambda: (
+            f"the frame of the FRAME at byte {at} ends at byte {a}, inside an opcode that ends at byte {b} "
+            "(a frame ends where an opcode ends)"
+        ),
+        12: lambda: (
+            f"a FRAME at byte {at} begins a frame inside the frame that ends at byte {a} (a frame begins "
+            "where the one before ends)"
+        ),
     }[code]()
 
 
@@ -450,94 +462,113 @@ def _walk(data: bytes) -> None:
     marks: list[int] = []
     memo: dict[int, int] = {}
     budget = [4 * end + (1 << 16), end + 1024]  # steps hashed in all; steps of one tuple
-    while at < end:
-        op = data[at]
-        n = fixed[op]
-        if n >= 0:
-            r = rule[op]
-            try:
-                if r == 0:  # pushes one item that hashes in one step
-                    stack.append(256)
-                elif r == 2:  # MEMOIZE
-                    memo[len(memo)] = stack[-1]
-                elif r == 3:  # BINGET, LONG_BINGET
-                    stack.append(memo.get(int.from_bytes(data[at + 1 : at + 1 + n], "little"), 256))
-                elif r == 1:  # takes one, leaves one such item
-                    stack[-1] = 256
-                elif r == 5:  # MARK
-                    marks.append(len(stack))
-                elif r == 11:  # REDUCE, NEWOBJ: the arguments may be hashed; the result may be a tuple of them
-                    arguments = stack.pop()
-                    budget[0] -= arguments >> 8
-                    stack[-1] = arguments
-                    if budget[0] < 0:
-                        raise _Refusal((7, at, 0, 0))
-                elif r == 12:  # BUILD: the state may be hashed; the object stays what it was
-                    if len(stack) < 2:
-                        raise IndexError
-                    budget[0] -= stack.pop() >> 8
-                    if budget[0] < 0:
-                        raise _Refusal((7, at, 0, 0))
-                elif r == 13:  # SETITEMS: hashes the keys
-                    mark = marks.pop()
-                    budget[0] -= sum(stack[mark::2]) >> 8
-                    del stack[mark:]
-                    if budget[0] < 0:
-                        raise _Refusal((7, at, 0, 0))
-                elif r == 14:  # APPENDS
-                    del stack[marks.pop() :]
-                elif r == 8:  # EMPTY_TUPLE
-                    stack.append(257)
-                elif r == 9:  # TUPLE1
-                    stack[-1] = _tuple(stack[-1] + 257, budget, at)
-                elif r == 10:  # TUPLE2
-                    second = stack.pop()
-                    stack[-1] = _tuple(stack[-1] + second - (min(stack[-1] & 255, second & 255)) + 257, budget, at)
-                elif r == 4:  # BINPUT
-                    memo[data[at + 1]] = stack[-1]
-                elif r != 7:  # anything else that touches the stack (nothing: 7): see _step
-                    _step(op, at, stack, marks, budget)
-            except IndexError:
-                raise _Refusal((6, at, 0, 0)) from None
-            at += 1 + n
-            continue
-        if n == -2:
-            raise _Refusal((1, at, op, 0))
-        kind, at = _VARIABLE[op], at + 1
-        if kind == "STOP":
-            return
-        if kind == "LONG_BINPUT":
-            index = int.from_bytes(data[at : at + 4], "little")
-            if index > end:
-                raise _Refusal((2, at - 1, 0, 0))
-            if stack:
-                memo[index] = stack[-1]
-            at += 4
-        elif type(kind) is tuple:
-            width, signed = kind
-            length = int.from_bytes(data[at : at + width], "little", signed=signed)
-            if at + width > end or length < 0 or at + width + length > end:
-                raise _Refusal((3, at - 1, length, max(0, end - at - width)))
-            stack.append(256)
-            at += width + length
-        else:
-            line = at
-            for _ in range(2 if kind == "lines2" else 1):
-                newline = data.find(b"\n", at)
-                if newline < 0:
-                    raise _Refusal((4, at, 0, 0))
-                at = newline + 1
-            if op == _PUT or op == _GET:
-                digits = data[line : at - 1].strip()
-                if not (digits.isdigit() and len(digits) <= _MAX_INDEX_DIGITS and int(digits) <= end):
-                    raise _Refusal((5, line - 1, 0, 0))
-                if op == _GET:
-                    stack.append(memo.get(int(digits), 256))
-                elif stack:
-                    memo[int(digits)] = stack[-1]
+    # Frames (protocol 4): how an unpickler reads a frame that ends inside an opcode depends on how it reads its input
+    # (pickle.loads, or a file that has peek: on past the frame's end; io.BytesIO: the rest of the frame dropped;
+    # pickle.py's unpickler refuses it), so such a frame is refused, as pickle.py refuses it and a FRAME that begins
+    # inside a frame. What picklers write ends every frame where an opcode ends.
+    frame, limit = -1, end  # the current frame's FRAME byte (-1: none) and where it ends (else the data's end)
+    while True:
+        while at < limit:
+            op = data[at]
+            n = fixed[op]
+            if n >= 0:
+                r = rule[op]
+                try:
+                    if r == 0:  # pushes one item that hashes in one step
+                        stack.append(256)
+                    elif r == 2:  # MEMOIZE
+                        memo[len(memo)] = stack[-1]
+                    elif r == 3:  # BINGET, LONG_BINGET
+                        stack.append(memo.get(int.from_bytes(data[at + 1 : at + 1 + n], "little"), 256))
+                    elif r == 1:  # takes one, leaves one such item
+                        stack[-1] = 256
+                    elif r == 5:  # MARK
+                        marks.append(len(stack))
+                    elif r == 11:  # REDUCE, NEWOBJ: the arguments may be hashed; the result may be a tuple of them
+                        arguments = stack.pop()
+                        budget[0] -= arguments >> 8
+                        stack[-1] = arguments
+                        if budget[0] < 0:
+                            raise _Refusal((7, at, 0, 0))
+                    elif r == 12:  # BUILD: the state may be hashed; the object stays what it was
+                        if len(stack) < 2:
+                            raise IndexError
+                        budget[0] -= stack.pop() >> 8
+                        if budget[0] < 0:
+                            raise _Refusal((7, at, 0, 0))
+                    elif r == 13:  # SETITEMS: hashes the keys
+                        mark = marks.pop()
+                        budget[0] -= sum(stack[mark::2]) >> 8
+                        del stack[mark:]
+                        if budget[0] < 0:
+                            raise _Refusal((7, at, 0, 0))
+                    elif r == 14:  # APPENDS
+                        del stack[marks.pop() :]
+                    elif r == 8:  # EMPTY_TUPLE
+                        stack.append(257)
+                    elif r == 9:  # TUPLE1
+                        stack[-1] = _tuple(stack[-1] + 257, budget, at)
+                    elif r == 10:  # TUPLE2
+                        second = stack.pop()
+                        stack[-1] = _tuple(stack[-1] + second - (min(stack[-1] & 255, second & 255)) + 257, budget, at)
+                    elif r == 4:  # BINPUT
+                        memo[data[at + 1]] = stack[-1]
+                    elif r != 7:  # anything else that touches the stack (nothing: 7): see _step
+                        _step(op, at, stack, marks, budget)
+                except IndexError:
+                    raise _Refusal((6, at, 0, 0)) from None
+                at += 1 + n
+                continue
+            if n == -2:
+                raise _Refusal((1, at, op, 0))
+            kind, at = _VARIABLE[op], at + 1
+            if kind == "STOP":
+                return
+            if kind == "LONG_BINPUT":
+                index = int.from_bytes(data[at : at + 4], "little")
+                if index > end:
+                    raise _Refusal((2, at - 1, 0, 0))
+                if stack:
+                    memo[index] = stack[-1]
+                at += 4
+            elif type(kind) is tuple:
+                width, signed = kind
+                length = int.from_bytes(data[at : at + width], "little", signed=signed)
+                if at + width > end or length < 0 or at + width + length > end:
+                    raise _Refusal((3, at - 1, length, max(0, end - at - width)))
+                stack.append(256)
+                at += width + length
+            elif kind == "FRAME":  # the opcodes of its length follow, and it ends where one ends
+                at += 8
+                if at <= limit:  # else its length crosses the frame it is in (or the data's end): below
+                    if frame >= 0 and at != limit:
+                        raise _Refusal((12, at - 9, limit, 0))
+                    length = int.from_bytes(data[at - 8 : at], "little")
+                    if length > end - at:
+                        raise _Refusal((3, at - 9, length, end - at))
+                    frame, limit = at - 9, at + length
             else:
-                _step(op, line - 1, stack, marks, budget)
-    raise _Refusal((10, end, 0, 0))
+                line = at
+                for _ in range(2 if kind == "lines2" else 1):
+                    newline = data.find(b"\n", at)
+                    if newline < 0:
+                        raise _Refusal((4, at, 0, 0))
+                    at = newline + 1
+                if op == _PUT or op == _GET:
+                    digits = data[line : at - 1].strip()
+                    if not (digits.isdigit() and len(digits) <= _MAX_INDEX_DIGITS and int(digits) <= end):
+                        raise _Refusal((5, line - 1, 0, 0))
+                    if op == _GET:
+                        stack.append(memo.get(int(digits), 256))
+                    elif stack:
+                        memo[int(digits)] = stack[-1]
+                else:
+                    _step(op, line - 1, stack, marks, budget)
+        if frame >= 0 and at > limit:
+            raise _Refusal((11, frame, limit, at))
+        if at >= end:
+            raise _Refusal((10, end, 0, 0))
+        frame, limit = -1, end
 
 
 def _effects() -> dict[int, tuple[bool, int, int]]:
@@ -586,11 +617,11 @@ _RULE = _rules()
 def _tables() -> bytes:
     """The walk's tables for the C walk, 8 bytes per opcode byte: the fixed argument's size + 2 (0: no such opcode,
     1: a variable argument), the `_rules` case, the variable argument's kind (1 STOP, 2 LONG_BINPUT, 3 a line,
-    4 two lines, 5 to 8 a length of 1 unsigned, 4 signed, 4 unsigned, 8 unsigned bytes), and `_step`'s effect:
+    4 two lines, 5 to 8 a length of 1 unsigned, 4 signed, 4 unsigned, 8 unsigned bytes, 9 FRAME), and `_step`'s effect:
     marked, below, leaves, what it builds (1 a tuple, 2 a call's result: `_CALLS`), which items it hashes (1 the
     second, 2 every second from the first, 3 all). Python computes them once: both walks read the same facts."""
     kinds = {"STOP": 1, "LONG_BINPUT": 2, "line": 3, "lines2": 4, (1, False): 5, (4, True): 6, (4, False): 7}
-    kinds[(8, False)] = 8
+    kinds[(8, False)], kinds["FRAME"] = 8, 9
     table = bytearray(256 * 8)
     for code in range(256):
         if code in _TUPLES:

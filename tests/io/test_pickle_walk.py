@@ -62,6 +62,10 @@ def _one_size_as_many_keys(size: bytes = b"ctorch\nSize\n(" + b"K\x01" * 2000 + 
     return b"\x80\x02" + size + b"\x94" + b"0}(" + b"h\x00K\x01" * 4000 + b"u."
 
 
+def _frame(length: int) -> bytes:
+    return b"\x95" + length.to_bytes(8, "little")
+
+
 HOSTILE = {
     "shared-tuple key": hp.tuple_bomb_key(),
     "deep key": hp.deep_tuple_key(2000),
@@ -98,6 +102,14 @@ HOSTILE = {
     "POP of a mark": b"(0)\x85.",
     "marked op below the mark": b"K\x01(b.",
     "DUP on nothing": b"2t.",
+    "frame ending inside an opcode": b"\x80\x04" + _frame(5) + b"K\x01J\x10\x00\x00\x00.",
+    "frame ending at an opcode's end": b"\x80\x04" + _frame(2) + b"K\x01J\x10\x00\x00\x00.",
+    "frame longer than the data": b"\x80\x04" + _frame(1 << 40) + b"K\x01.",
+    "frame of the whole pickle": b"\x80\x04" + _frame(3) + b"K\x01.",
+    "empty frame": b"\x80\x04" + _frame(0) + b"K\x01.",
+    "FRAME inside a frame": b"\x80\x04" + _frame(13) + b"K\x01" + _frame(2) + b"K\x01\x86.",
+    "FRAME ending a frame": b"\x80\x04" + _frame(11) + b"K\x01" + _frame(3) + b"K\x01\x86.",
+    "FRAME crossing a frame's end": b"\x80\x04" + _frame(5) + b"K\x01" + _frame(3) + b"K\x01\x86.",
 }
 
 
@@ -111,6 +123,7 @@ def test_both_walks_answer_the_same_on_the_hostile_corpus_and_its_prefixes(name)
 def test_the_hostile_corpus_is_refused_by_both():
     accepted = {"100 deep", "shared lists", "many classes", "bytearray call", "huge int"}
     accepted |= {"MEMOIZE after PUTs", "POP of a mark", "DUP on nothing"}  # the unpickler refuses the last
+    accepted |= {"frame ending at an opcode's end", "frame of the whole pickle", "empty frame", "FRAME ending a frame"}
     for name, data in HOSTILE.items():
         assert (_same(data) is None) == (name in accepted), name
 
@@ -121,6 +134,23 @@ def test_both_walks_pass_what_the_pickler_and_torch_write(metadata, protocol):  
     assert _same(data) is None
     assert _same(pickle.dumps(metadata, protocol=protocol)) is None
     assert _same(pickle.dumps({"a": ((2, 3), (64, 1)), "b": frozenset({(1, 2)}), (1, (2,)): 3}, protocol)) is None
+    # protocol 4 on: large strings and bytes written between frames, the opcodes around them in frames
+    large = {"a": b"x" * (1 << 17), "b": "y" * (1 << 17), "c": list(range(20000)), "d": bytearray(1 << 17)}
+    assert _same(pickle.dumps(large, protocol)) is None
+    assert _same(pickle._dumps(large, protocol)) is None  # the pure-Python pickler frames as the C one
+
+
+def test_a_frame_is_refused_where_the_pure_python_unpickler_refuses_it():
+    """pickle.py's unpickler reads frames strictly (an opcode crossing a frame's end, a FRAME inside a frame), the C
+    one reads on: the walks refuse what pickle.py refuses, so every unpickler reads the same or nothing."""
+    for name, data in HOSTILE.items():
+        if name.startswith(("frame", "FRAME", "empty frame")) and name != "frame longer than the data":
+            try:
+                pickle._loads(data)
+            except pickle.UnpicklingError:
+                assert _same(data) is not None, name
+            else:
+                assert _same(data) is None, name
 
 
 _ATOMS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=5), st.binary(max_size=5))
@@ -221,6 +251,17 @@ def test_check_pickle_refuses_the_corpus_in_words_through_either_walk(walk):
         (HOSTILE["PUT of 19 digits"], "a bad memo index at byte 1"),
         (HOSTILE["unknown opcode"], "unknown pickle opcode 0xff at byte 0"),
         (b"N", "the pickle ends before its STOP opcode"),
+        (
+            HOSTILE["frame ending inside an opcode"],
+            "the frame of the FRAME at byte 2 ends at byte 16, inside an opcode that ends at byte 18 (a frame ends "
+            "where an opcode ends)",
+        ),
+        (
+            HOSTILE["FRAME inside a frame"],
+            "a FRAME at byte 13 begins a frame inside the frame that ends at byte 24 (a frame begins where the one "
+            "before ends)",
+        ),
+        (HOSTILE["frame longer than the data"], "an opcode at byte 2 declares 1099511627776 bytes, 3 follow"),
     ]:
         with pytest.raises(ValueError) as refused:
             check_pickle(data)

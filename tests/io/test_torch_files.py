@@ -153,7 +153,8 @@ def test_check_pickle_accepts_every_protocol_and_refuses_what_would_allocate_pas
         + (1 << 40).to_bytes(8, "little")
         + b".": "declares 1099511627776 bytes",  # BYTEARRAY8: allocated before it is read
         b"\x80\x04\x8d" + (1 << 40).to_bytes(8, "little") + b".": "declares 1099511627776 bytes",  # BINUNICODE8
-        pickle.dumps(b"x" * 10)[:-3]: "declares 10 bytes",
+        pickle.dumps(b"x" * 10, protocol=3)[:-6]: "declares 10 bytes, 7 follow",
+        pickle.dumps(b"x" * 10)[:-3]: "at byte 2 declares 14 bytes, 11 follow",  # protocol 4 on: its FRAME
         b"N": "ends before its STOP opcode",
         b"\xff.": "unknown pickle opcode 0xff",
     }
