@@ -139,11 +139,19 @@ QWEN2_MOE = dataclasses.replace(
         ),
         ModuleMap("mlp.shared_experts.linear_fc2", ("mlp.shared_expert.down_proj",), "plain", width=_SHARED),
     ),
+    fused_experts=QWEN_MOE.fused_experts
+    + tuple(
+        FusedExperts(f"{m}.weight", (m,))
+        for m in ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+    ),
 )
 """Qwen2-MoE: Qwen-style experts plus one shared expert, megatron's SharedExpertMLP (a dense SwiGLU MLP, split over TP).
 
 Its sigmoid gate (megatron `shared_experts.gate_weight`, HF `mlp.shared_expert_gate`) is a bare parameter in
-megatron, not a linear, so no adapter dialect puts LoRA on it."""
+megatron, not a linear, so no adapter dialect puts LoRA on it. Under transformers 5, peft (from 0.22) maps a
+gate_proj / up_proj / down_proj target module of a qwen2_moe model onto the fused routed experts too (doubling
+gate_up_proj's rank), so in the fused layout the shared expert's linears are written as 2-D target parameters
+(`mlp.shared_expert.gate_proj.weight`, ...: the same tensor keys), which peft leaves alone."""
 
 MIXTRAL = ArchMap(
     name="mixtral",
@@ -256,11 +264,7 @@ QWEN3_NEXT = ArchMap(
     )
     + QWEN_MOE.modules[2:]
     + QWEN2_MOE.modules[len(QWEN_MOE.modules) :],
-    fused_experts=QWEN_MOE.fused_experts
-    + tuple(
-        FusedExperts(f"{m}.weight", (m,))
-        for m in ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
-    ),
+    fused_experts=QWEN2_MOE.fused_experts,
 )
 """Qwen3-Next: gated delta-net layers (G: megatron's GatedDeltaNet under self_attention, HF `linear_attn`) and gated
 attention layers (*: linear_qkv yields a sigmoid gate per query head, HF's q_proj is doubled), with Qwen2-MoE style

@@ -172,11 +172,22 @@ def test_router_lora_matches_megatron_logits(real_bridge, tmp_path, family, worl
 )
 def test_shared_expert_lora_with_grouped_expert_lora(real_bridge, tmp_path, world, layout):
     """Qwen2-MoE: Bridge LoRA on the shared expert (a dense MLP over TP) next to per-expert LoRA on the grouped
-    experts."""
+    experts; the shared expert's linears as 2-D target parameters in the fused layout (peft 0.22 maps gate_proj /
+    up_proj / down_proj target modules of qwen2_moe onto the fused routed experts)."""
     result = run_ranks(
         _export, world, str(tmp_path), "per_expert", family="qwen2_moe", targets=("linear_fc1", "linear_fc2"), **layout
     )[0]
-    _check(result, ["down_proj", "gate_proj", "up_proj"], ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+    _check(
+        result,
+        [],
+        [
+            "mlp.experts.down_proj",
+            "mlp.experts.gate_up_proj",
+            "mlp.shared_expert.down_proj.weight",
+            "mlp.shared_expert.gate_proj.weight",
+            "mlp.shared_expert.up_proj.weight",
+        ],
+    )
 
 
 def test_router_and_per_expert_lora_together(real_bridge, tmp_path):

@@ -77,19 +77,20 @@ def test_tp2_ep2_sequence_parallel_attention_lora_on_a_moe_model(tmp_path, famil
 @pytest.mark.family("qwen2_moe", path="export", layout="ModelOpt EP1, EP2", check="logits")
 @pytest.mark.parametrize("world,layout", [(1, {"tp": 1, "ep": 1}), (2, {"tp": 1, "ep": 2})], ids=["ep1", "ep2"])
 def test_qwen2_moe_shared_expert_lora_with_routed_experts(tmp_path, world, layout):
-    """The shared expert's fused fc1 becomes shared_expert.{gate,up}_proj next to the fused routed experts."""
+    """The shared expert's fused fc1 becomes shared_expert.{gate,up}_proj next to the fused routed experts, written
+    as 2-D target parameters: peft 0.22 maps gate_proj / up_proj / down_proj target modules of a qwen2_moe model onto
+    the fused routed experts as well (doubling gate_up_proj's rank), so listed as modules the adapter would not
+    load."""
     result = run_ranks(_moe_export, world, str(tmp_path), family="qwen2_moe", shared=True, **layout)[0]
     assert result["diff"] <= 1e-5
-    assert result["config"]["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    assert result["config"]["target_modules"] == [
-        "down_proj",
-        "gate_proj",
-        "k_proj",
-        "o_proj",
-        "q_proj",
-        "up_proj",
-        "v_proj",
+    assert result["config"]["target_parameters"] == [
+        "mlp.experts.down_proj",
+        "mlp.experts.gate_up_proj",
+        "mlp.shared_expert.down_proj.weight",
+        "mlp.shared_expert.gate_proj.weight",
+        "mlp.shared_expert.up_proj.weight",
     ]
+    assert result["config"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
 @pytest.mark.family("qwen2_moe", path="export", layout="ModelOpt TP2 SP, TP2xEP2 SP (shared expert)", check="logits")
@@ -102,16 +103,14 @@ def test_qwen2_moe_shared_expert_lora_under_tensor_and_sequence_parallelism(tmp_
         _moe_export, world, str(tmp_path), family="qwen2_moe", sp=True, routed=False, shared=True, **layout
     )[0]
     assert result["diff"] <= 1e-5
-    assert "target_parameters" not in result["config"]
-    assert result["config"]["target_modules"] == [
-        "down_proj",
-        "gate_proj",
-        "k_proj",
-        "o_proj",
-        "q_proj",
-        "up_proj",
-        "v_proj",
+    # 2-D target parameters, not gate_proj / up_proj / down_proj modules, which peft 0.22 also maps onto the routed
+    # experts (see test_qwen2_moe_shared_expert_lora_with_routed_experts)
+    assert result["config"]["target_parameters"] == [
+        "mlp.shared_expert.down_proj.weight",
+        "mlp.shared_expert.gate_proj.weight",
+        "mlp.shared_expert.up_proj.weight",
     ]
+    assert result["config"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
 def test_per_expert_layout_holds_the_same_values_as_the_fused_one(tmp_path):
