@@ -19,17 +19,21 @@ from tests.offline.test_batched_read import SHAPES, _Writer
 from tests.support.gadgets import Call
 
 
-@pytest.fixture
-def metadata(tmp_path):
+def torch_written(directory) -> bytes:
+    """The `.metadata` torch.distributed.checkpoint writes for a few tensors and a non-tensor entry."""
     tensors = {
         key: torch.randn(shape, generator=torch.Generator().manual_seed(n))
         for n, (key, shape) in enumerate(SHAPES.items())
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({**tensors, "blob": {"not": "a tensor"}}, storage_writer=_Writer(str(tmp_path)), no_dist=True)
-    with open(tmp_path / ".metadata", "rb") as f:
-        return pickle.load(f)  # the test's own file
+        dcp.save({**tensors, "blob": {"not": "a tensor"}}, storage_writer=_Writer(str(directory)), no_dist=True)
+    return (directory / ".metadata").read_bytes()
+
+
+@pytest.fixture
+def metadata(tmp_path):
+    return pickle.loads(torch_written(tmp_path))  # the test's own file
 
 
 def test_the_facts_are_those_torch_reads(metadata):

@@ -10,16 +10,13 @@ import os
 import pickle
 import random
 import sys
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from megatron_peft_export.offline import dcp_metadata
 from megatron_peft_export.offline.dcp_metadata import parse_metadata
-from tests.offline.test_batched_read import SHAPES, _Writer
 from tests.offline.test_dcp_metadata import (
     _after_plans,
     _bool_offset,
@@ -34,6 +31,7 @@ from tests.offline.test_dcp_metadata import (
     _retype,
     _size_not_int,
     _with_plans,
+    torch_written,
 )
 
 C_READER = dcp_metadata._reader()
@@ -54,14 +52,7 @@ needs_c = pytest.mark.skipif(C_READER is None, reason="the C reader was not buil
 @pytest.fixture
 def written(tmp_path):
     """A .metadata as torch.distributed.checkpoint writes it (bytes), and what torch reads of it."""
-    tensors = {
-        key: torch.randn(shape, generator=torch.Generator().manual_seed(n))
-        for n, (key, shape) in enumerate(SHAPES.items())
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save({**tensors, "blob": {"not": "a tensor"}}, storage_writer=_Writer(str(tmp_path)), no_dist=True)
-    data = (tmp_path / ".metadata").read_bytes()
+    data = torch_written(tmp_path)
     return data, pickle.loads(data)  # the test's own file
 
 

@@ -18,6 +18,8 @@ import time
 
 import pytest
 import torch
+import torch.distributed.checkpoint.metadata as dcp_meta
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from megatron_peft_export.offline import dcp_metadata
 from megatron_peft_export.offline.dcp_metadata import MetadataError
@@ -28,18 +30,20 @@ needs_c = pytest.mark.skipif(C_READER is None, reason="the C reader was not buil
 # ------------------------------------------------------------------------------------------------ a pickle writer
 _DCP = "torch.distributed.checkpoint."
 _MODULE = {
-    name: _DCP + "metadata"
-    for name in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "_MEM_FORMAT_ENCODING",
-        "StorageMeta",
+    cls.__name__: cls.__module__
+    for cls in (
+        dcp_meta.Metadata,
+        dcp_meta.TensorStorageMetadata,
+        dcp_meta.BytesStorageMetadata,
+        dcp_meta.ChunkStorageMetadata,
+        dcp_meta.TensorProperties,
+        dcp_meta.MetadataIndex,
+        dcp_meta._MEM_FORMAT_ENCODING,
+        dcp_meta.StorageMeta,
+        _StorageInfo,
     )
-} | {"_StorageInfo": _DCP + "filesystem"}
+}
+"""Where torch defines each class the pickles name (asked of torch, not of the reader's tables)."""
 N, TRUE, FALSE = b"N", b"\x88", b"\x89"
 
 
