@@ -547,16 +547,11 @@ def _stacks(key: str, entries: list[tuple], layout: FusedLayout, shapes: dict) -
     another rank, a per-expert tensor filled from several shards or from a shard's slice it does not tile).
 
     `entries`: (its `FusedLayout.views` entry, shard position, placement, shard shape) of every placement into one of
-    its per-expert views. peft's layout (core/experts.py): a fused lora_A [experts * r, in] is expert-major, the
-    experts' [r, in] stacked on a new first dim; a fused lora_B [out, r * experts] is rank-major, the experts'
-    [out, r] stacked on a new last dim, each expert's per-expert lora_B its consecutive row blocks."""
-    count, fused_shape = layout.experts[key], layout.shapes[key]
-    if key.endswith(".lora_A.weight"):
-        shape, dim = (count, fused_shape[0] // count, fused_shape[1]), 0
-        member = (shape[1], shape[2])
-    else:
-        shape, dim = (fused_shape[0], fused_shape[1] // count, count), 2
-        member = (shape[0], shape[1])
+    its per-expert views. The stacking is peft's layout (`FusedLayout.stacking`); each expert's per-expert lora_B is
+    its consecutive row blocks."""
+    count = layout.experts[key]
+    shape, dim = layout.stacking(key)
+    member = shape[:dim] + shape[dim + 1 :]
     sources: list[Any] = [None] * count
     rows: list[set] = [set() for _ in range(count)]
     for (_, e, start, length), k, p, shard_shape in entries:

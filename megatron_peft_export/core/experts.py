@@ -215,13 +215,23 @@ class FusedLayout:
             self._runs = [(*form, keys, experts) for form, (keys, experts) in runs.items()]
         out = {key: t for key, t in written.items() if key not in self.experts}
         for fused, start, rows, keys, experts in self._runs:
-            tensor, count = written[fused], self.experts[fused]
-            if fused.endswith(".lora_A.weight"):
-                views = tensor.view(count, -1, tensor.shape[1]).unbind(0)
-            else:  # [out, r * experts], rank-major columns: expert e's [rows, r] at [e] of [experts, out, r]
-                views = tensor.view(tensor.shape[0], -1, count)[start : start + rows].permute(2, 0, 1).unbind(0)
+            shape, dim = self.stacking(fused)
+            stacked = written[fused].view(shape)
+            if dim == 0:
+                views = stacked.unbind(0)
+            else:  # rank-major columns: expert e's [rows, r] at [e] of [experts, out, r]
+                views = stacked[start : start + rows].permute(2, 0, 1).unbind(0)
             out.update(zip(keys, map(views.__getitem__, experts)))
         return out
+
+    def stacking(self, key: str) -> tuple[tuple[int, int, int], int]:
+        """The fused tensor `key` as its experts' per-expert tensors stacked (peft's layout): the 3-D shape it is
+        viewed as and the expert dim. A lora_A [experts * r, in] is expert-major, [experts, r, in] (dim 0); a lora_B
+        [out, r * experts] is rank-major, [out, r, experts] (dim 2)."""
+        count, (rows, cols) = self.experts[key], self.shapes[key]
+        if key.endswith(".lora_A.weight"):
+            return (count, rows // count, cols), 0
+        return (rows, cols // count, count), 2
 
 
 def _fused_layers(plan: AdapterPlan, arch: ArchMap) -> dict[str, set[str]]:
