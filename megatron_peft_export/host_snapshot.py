@@ -4,9 +4,10 @@ One adapter is the case of a list of one: a snapshot holds every selected adapte
 one walk of the model and copied by one bulk copy.
 
 - The walk (`take_snapshots` without copying) runs at `prepare`, or in the background for a save that finds no
-  current walk: that save copies every trainable parameter (one concatenation per dtype in host memory, no buffer view
-  per parameter) and notes the others' version counters,
-  and the background walks, then takes each adapter tensor's values from those copies (`Deferred`). A cheap check on
+  current walk: that save lists the parameters from the modules' dictionaries alone (no dialect, no names), copies
+  every trainable one (one `torch.stack` per shape and dtype in host memory, no buffer view per parameter) and notes
+  the others' version counters, and the background walks, then takes each adapter tensor's values from those copies
+  (`Deferred`). A cheap check on
   the training thread says whether the cached walk is current: whether any module or parameter was registered in the
   process since (adding an adapter adds modules; one integer compare), on the modules that carry an adapter what
   the dialect reports (or its own summary of what it reads: ModelOpt's adapter entries), and each adapter tensor's
@@ -25,6 +26,7 @@ one walk of the model and copied by one bulk copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import operator
 import threading
@@ -320,11 +322,11 @@ class Deferred:
     registered: int
     """`_modules_registered()` at the save: a module or parameter registered after it shows at the next save."""
     params: list[torch.Tensor]
-    host: _Flat | _Packed
-    """Copies of `params`, made at the save: views of flat buffers (GPU), or the flat buffers alone (`_Packed`, CPU),
-    viewed per parameter in the background."""
-    frozen: dict[int, tuple[torch.Tensor, int, int]]
-    """id -> (parameter, version counter, storage address) of every parameter not copied, at the save."""
+    host: _Flat | _Stacked
+    """Copies of `params`, made at the save: views of flat buffers (GPU), or one stacked copy per shape and dtype
+    (`_Stacked`, CPU), viewed per parameter in the background."""
+    frozen: _Noted
+    """Every parameter not copied, with its version counter and storage address at the save."""
     copied: Any = None
     staging: _Flat | None = None
 
@@ -345,7 +347,7 @@ class Deferred:
         return values
 
     def _unwritten(self, source: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        noted = self.frozen.get(id(owner))
+        noted = self.frozen.by_id.get(id(owner))
         unchanged = noted is not None and (owner._version, owner.data_ptr()) == noted[1:]
         value = source.detach().to("cpu", copy=True) if unchanged else None
         if value is None or (owner._version, owner.data_ptr()) != noted[1:]:
@@ -364,7 +366,12 @@ def _same_view(source: torch.Tensor, owner: torch.Tensor, copy: torch.Tensor) ->
 
 
 def _parameters(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(trainable, other) parameters of every chunk, each once: one pass over the modules' own dictionaries."""
+    """(trainable, other) parameters of every chunk: one pass over the modules' own dictionaries. A parameter of a
+    module registered twice is listed twice (copied twice: harmless, and cheaper than making them unique here).
+
+    This runs on the training thread at a save before the walk, over every module (~10^5 at MoE scale): its cost is
+    reading memory (each module's dictionaries, each parameter), so the loop reads each object once and the rest
+    (dropping unset parameters, reading `requires_grad`) runs in C-level `map`s."""
     stack: list[Any] = list(model_chunks(model))
     found: list[Any] = []
     pop, push, keep = stack.pop, stack.extend, found.extend
@@ -376,18 +383,44 @@ def _parameters(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         parameters, children = own.get("_parameters"), own.get("_modules")
         keep((module._parameters if parameters is None else parameters).values())
         push((module._modules if children is None else children).values())
-    unique = list({id(p): p for p in found if p is not None}.values())
-    return [p for p in unique if p.requires_grad], [p for p in unique if not p.requires_grad]
+    params = list(filter(_IS_SET, found))
+    trainable = list(map(_REQUIRES_GRAD, params))
+    return list(itertools.compress(params, trainable)), list(itertools.compress(params, map(operator.not_, trainable)))
+
+
+_REQUIRES_GRAD, _VERSION = operator.attrgetter("requires_grad"), operator.attrgetter("_version")
+_IS_SET = functools.partial(operator.is_not, None)
+
+
+@dataclass
+class _Noted:
+    """Parameters not copied at a save, with their version counters and storage addresses then (read by C-level
+    `map`s on the training thread); `by_id` (id -> (parameter, version, address)) is made in the background."""
+
+    params: list[torch.Tensor]
+    versions: list[int]
+    addresses: list[int]
+    _by_id: dict | None = None
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor]) -> _Noted:
+        return cls(params, list(map(_VERSION, params)), list(map(torch.Tensor.data_ptr, params)))
+
+    @property
+    def by_id(self) -> dict[int, tuple[torch.Tensor, int, int]]:
+        if self._by_id is None:
+            self._by_id = dict(zip(map(id, self.params), zip(self.params, self.versions, self.addresses)))
+        return self._by_id
 
 
 def _defer(model: Any, layout: coll.RankLayout, key: tuple, registered: int) -> Deferred:
     """On the training thread: copy every trainable parameter and note the others. In host memory the copy is one
-    concatenation per dtype (`_Packed`: no buffer view per parameter is made here, the background makes them); on a
-    GPU, one bulk copy into views of pinned buffers (`_bulk_copy`)."""
+    `torch.stack` per shape and dtype (`_Stacked`: no buffer view per parameter is made here, the background makes
+    them); on a GPU, one bulk copy into views of pinned buffers (`_bulk_copy`)."""
     trainable, other = _parameters(model)
-    frozen = {id(p): (p, p._version, p.data_ptr()) for p in other}
+    frozen = _Noted.of(other)
     if not any(t.is_cuda for t in trainable):
-        return Deferred(model, layout, key, registered, trainable, _Packed.of(trainable), frozen)
+        return Deferred(model, layout, key, registered, trainable, _Stacked.of(trainable), frozen)
     host = _flat_buffers(trainable, pinned=True)
     deferred = Deferred(model, layout, key, registered, trainable, host, frozen)
     deferred.copied = _bulk_copy(host, trainable, deferred)
@@ -497,49 +530,42 @@ class _Flat:
 
 
 @dataclass
-class _Packed:
-    """Copies of a list of tensors as one flat tensor per dtype (each the concatenation of that dtype's tensors, in
-    order) and the shapes they had; `views` (made at first use, in the background) are the copies in the tensors'
-    shapes."""
+class _Stacked:
+    """Copies of a list of tensors: one `torch.stack` per distinct (shape, dtype), its tensors in order, made on the
+    training thread (one C++ call per group: no tensor object per copy, no Python work per tensor beyond its shape,
+    dtype and group); `views` (made at first use, in the background) are the copies in the tensors' order."""
 
-    flats: list[torch.Tensor]
-    members: list[list[int]]
-    """Per flat tensor, the indices of the tensors it holds, in order."""
-    shapes: list[torch.Size]
+    stacks: list[torch.Tensor]
+    keys: list[tuple]
+    """(shape, dtype) of each tensor at the copy, in order: the groups, in order of first appearance, are
+    `_groups(keys)`."""
     _views: list[torch.Tensor] | None = None
 
     @classmethod
-    def of(cls, tensors: list[torch.Tensor]) -> _Packed:
-        """Copy `tensors` (host memory): one C++ concatenation per dtype, no Python work per tensor beyond its
-        shape and dtype."""
-        dtypes = list(map(_DTYPE, tensors))
-        if len(set(dtypes)) <= 1:
-            members = [list(range(len(tensors)))] if tensors else []
-        else:
-            by_dtype: dict[torch.dtype, list[int]] = {}
-            for i, dtype in enumerate(dtypes):
-                by_dtype.setdefault(dtype, []).append(i)
-            members = list(by_dtype.values())
-        with torch.no_grad():
-            flats = [
-                torch._C._nn.flatten_dense_tensors(tensors if len(members) == 1 else [tensors[i] for i in indices])
-                for indices in members
-            ]
-            # a dtype's lone contiguous tensor comes back as a view of itself, not a copy: copy it
-            flats = [f.clone() if len(i) == 1 else f for f, i in zip(flats, members)]
-        return cls(flats, members, list(map(_SHAPE, tensors)))
+    def of(cls, tensors: list[torch.Tensor]) -> _Stacked:
+        keys = list(map(_SHAPE_AND_DTYPE, tensors))
+        take = tensors.__getitem__
+        with torch.no_grad():  # a stack is a new tensor, never a view of its inputs, even for a group of one
+            stacks = [torch.stack(list(map(take, indices))) for indices in _groups(keys).values()]
+        return cls(stacks, keys)
 
     @property
     def views(self) -> list[torch.Tensor]:
         if self._views is None:
-            views: list[Any] = [None] * len(self.shapes)
-            for flat, indices in zip(self.flats, self.members):
-                shapes = [self.shapes[i] for i in indices]
-                parts = flat.split([shape.numel() for shape in shapes])
-                for i, part, shape in zip(indices, parts, shapes):
-                    views[i] = part.view(shape)
+            views: list[Any] = [None] * len(self.keys)
+            for stack, indices in zip(self.stacks, _groups(self.keys).values()):
+                for i, view in zip(indices, stack.unbind(0), strict=True):
+                    views[i] = view
             self._views = views
         return self._views
+
+
+def _groups(keys: list[tuple]) -> dict[tuple, list[int]]:
+    """The indices of each distinct key, in order of first appearance (the order `_Stacked.of` stacks in)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
 
 
 def _flat_buffers(

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megatron_peft_export.host_snapshot import _bulk_copy, _flat_buffers, _gather_copy, _Packed
+from megatron_peft_export.host_snapshot import _bulk_copy, _flat_buffers, _gather_copy, _Stacked
 
 
 def _sources() -> list[torch.Tensor]:
@@ -46,38 +46,48 @@ def test_the_synchronous_copy_and_the_gather_then_transfer_copy_every_tensor():
     _assert_copies(host.views, sources)
 
 
-def test_the_packed_copy_of_a_save_before_the_walk_keeps_the_values_and_shapes_of_the_save():
-    """A save before the model's walk copies as one concatenation per dtype and views the copies later: the views
-    hold the values and shapes the tensors had at the copy, whatever happens to the tensors after it."""
+def test_the_stacked_copy_of_a_save_before_the_walk_keeps_the_values_and_shapes_of_the_save():
+    """A save before the model's walk copies as one stack per shape and dtype and views the copies later: the views
+    hold the values and shapes the tensors had at the copy, in the tensors' order, whatever happens to the tensors
+    after it."""
     sources = _sources()
+    sources.insert(2, torch.randn(4, 3))  # a second tensor of the first one's shape and dtype, not next to it
+    sources.append(torch.tensor(2.5))  # a scalar
     expected = [s.clone() for s in sources]
-    packed = _Packed.of(sources)
-    assert [(f.dtype, f.numel()) for f in packed.flats] == [(torch.float32, 12 + 24 + 8), (torch.bfloat16, 5 + 21)]
+    stacked = _Stacked.of(sources)
+    assert [(tuple(s.shape), s.dtype) for s in stacked.stacks] == [
+        ((2, 4, 3), torch.float32),
+        ((1, 5), torch.bfloat16),
+        ((1, 6, 4), torch.float32),
+        ((1, 2, 2, 2), torch.float32),
+        ((1, 3, 7), torch.bfloat16),
+        ((1,), torch.float32),
+    ]
     for s in sources:
         s.add_(1)
     sources[0].data = torch.zeros(9)  # replaced after the save
-    _assert_copies(packed.views, expected)
-    assert _Packed.of([]).views == []
+    _assert_copies(stacked.views, expected)
+    assert _Stacked.of([]).views == []
 
 
-def test_the_packed_copy_of_a_dtype_s_lone_tensor_is_a_copy():
-    """torch's flatten of one contiguous tensor is a view of it: the save's copy must not follow the training step."""
+def test_the_stacked_copy_of_a_lone_tensor_is_a_copy():
+    """A group of one is copied too: the save's copy must not follow the training step."""
     lone, pair = torch.ones(3, dtype=torch.float64), [torch.ones(2, 2), torch.ones(4)]
     for sources in ([lone], [pair[0], lone, pair[1]]):
-        packed = _Packed.of(sources)
+        stacked = _Stacked.of(sources)
         expected = [s.clone() for s in sources]
         for s in sources:
             s.add_(1)
-        _assert_copies(packed.views, expected)
+        _assert_copies(stacked.views, expected)
 
 
-def test_the_parameters_listed_at_a_save_before_the_walk_are_torch_s_each_once_split_by_requires_grad():
+def test_the_parameters_listed_at_a_save_before_the_walk_are_torch_s_split_by_requires_grad():
     from megatron_peft_export.host_snapshot import _parameters
 
     shared = torch.nn.Linear(2, 3)
     root = torch.nn.Module()
     root.a = torch.nn.Sequential(torch.nn.Linear(3, 4), shared, torch.nn.Sequential())
-    root.b = shared  # a module registered twice: its parameters once
+    root.b = shared  # a module registered twice: its parameters listed (and copied) twice, harmless
     root.register_module("gone", None)  # a child set to None
     root.register_parameter("unset", None)
     root.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
@@ -85,6 +95,6 @@ def test_the_parameters_listed_at_a_save_before_the_walk_are_torch_s_each_once_s
     chunks = [root, torch.nn.Linear(1, 1)]  # virtual-pipeline chunks
     trainable, other = _parameters(chunks)
     every = [p for chunk in chunks for p in chunk.parameters()]
-    assert sorted(map(id, trainable)) == sorted(id(p) for p in every if p.requires_grad)
-    assert sorted(map(id, other)) == sorted(id(p) for p in every if not p.requires_grad)
-    assert len(trainable) + len(other) == len(every) == 7
+    assert set(map(id, trainable)) == {id(p) for p in every if p.requires_grad}
+    assert set(map(id, other)) == {id(p) for p in every if not p.requires_grad}
+    assert len(every) == 7 and len(trainable) + len(other) == 7 + 2  # shared's weight and bias, twice

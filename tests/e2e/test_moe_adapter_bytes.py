@@ -52,13 +52,8 @@ def _expected(cfg, layout: str, lora=_seeded_lora) -> dict:
 def _exports(rank, world, tmp):
     """export_adapter in both layouts, then one hook per layout (per_expert never prepared, fused prepared), each
     followed by a training step right after its save; all at EP = world."""
-    import torch
-
     from megatron_peft_export import export_adapter
-    from megatron_peft_export.config import HookConfig
-    from megatron_peft_export.hook import AdapterExportHook
     from tests.support import tiny_moe
-    from tests.support.hook_loop import checkpoint_dir
     from tests.support.tiny_gpt import apply_modelopt_lora
 
     tiny_moe.init_moe_parallel(ep=world)
@@ -69,11 +64,23 @@ def _exports(rank, world, tmp):
     tmp = Path(tmp)
     for layout in LAYOUTS:
         export_adapter(model, tmp / f"export_{layout}", model_type=FAMILY, expert_layout=layout)
+    _hook_saves(model, tmp, prepared=("fused",))
+
+
+def _hook_saves(model, tmp: Path, prepared: tuple[str, ...]) -> None:
+    """One hook per layout (prepared or not), each followed by a training step right after its save (every trainable
+    parameter changed in place while the export runs), the values put back after each export."""
+    import torch
+
+    from megatron_peft_export.config import HookConfig
+    from megatron_peft_export.hook import AdapterExportHook
+    from tests.support.hook_loop import checkpoint_dir
+
     trained = [p for p in model.parameters() if p.requires_grad]
     values = [p.detach().clone() for p in trained]
     for layout in LAYOUTS:
         hook = AdapterExportHook(HookConfig(model_type=FAMILY, expert_layout=layout, subdir=f"hook_{layout}"))
-        if layout == "fused":
+        if layout in prepared:
             hook.prepare(model)
         hook.on_checkpoint_saved(1, checkpoint_dir(tmp / "save", 1), model)
         with torch.no_grad():
@@ -116,6 +123,8 @@ def _grouped_exports(rank, world, tmp):
     tiny_moe.fill_moe_lora_random(model, seed=SEED)
     for layout in LAYOUTS:
         export_adapter(model, Path(tmp) / f"export_{layout}", model_type=FAMILY, expert_layout=layout)
+    _hook_saves(model, Path(tmp), prepared=())  # first saves without a walk: the 3-D adapters copied whole, then
+    # each expert's slice taken from the copy in the background
     local = tiny_moe.QWEN3_MOE_LIKE.num_experts // world
     values = {}
     for name, p in model.named_parameters():
@@ -132,7 +141,8 @@ def _grouped_exports(rank, world, tmp):
 @pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
 def test_grouped_expert_adapters_are_the_bytes_of_the_expected_tensors(tmp_path, world):
     """The other expert form: the planner places each local expert's slice of a 3-D grouped adapter, per expert and
-    stacked into the fused tensors; the expected tensors are stacked here from the model's own parameters."""
+    stacked into the fused tensors (export_adapter, and the hook's first save without `prepare`); the expected tensors
+    are stacked here from the model's own parameters."""
     from safetensors.torch import save_file
 
     from tests.support.tiny_moe import QWEN3_MOE_LIKE
@@ -148,5 +158,5 @@ def test_grouped_expert_adapters_are_the_bytes_of_the_expected_tensors(tmp_path,
     for layout in LAYOUTS:
         reference = tmp_path / f"reference_{layout}.safetensors"
         save_file(_expected(QWEN3_MOE_LIKE, layout, lora), str(reference), metadata={"format": "pt"})
-        written = tmp_path / f"export_{layout}" / "adapter_model.safetensors"
-        assert written.read_bytes() == reference.read_bytes(), layout
+        for written in (tmp_path / f"export_{layout}", tmp_path / "save" / "iter_0000001" / f"hook_{layout}"):
+            assert (written / "adapter_model.safetensors").read_bytes() == reference.read_bytes(), written
