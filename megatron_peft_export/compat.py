@@ -30,7 +30,8 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -146,6 +147,40 @@ def _modules(
     config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[dict[str, _Module], dict[str, list[str]]]:
     """Per-module ranks and scales, and the keys by kind (lora, magnitude, bias, other)."""
+    found = _plain_keys(shapes)
+    if found is None:
+        names, rows, kinds = _keys_each(shapes)
+    else:
+        names, rows = found
+        kinds = {"lora": list(shapes), "magnitude": [], "bias": [], "other": []}
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    ranks, alphas = (
+        PatternSet(config.get("rank_pattern"), "rank_pattern"),
+        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
+    )
+    patterns = bool(ranks.keys or alphas.keys)  # without any, every module has r and lora_alpha: one scale
+    parents = _fused_parents(config)
+    ordered = sorted(names)
+    m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
+    if not patterns and not parents:  # every module alike but for its rank: made in one pass (10^5 MoE modules)
+        made = zip(ordered, map(rows.get, ordered), repeat(scale), repeat(False))
+        return dict(zip(ordered, map(tuple.__new__, repeat(_Module), made))), kinds
+    modules = {}
+    for name in ordered:
+        if patterns:
+            m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
+            scale = _scale(config, m_r, m_alpha)
+        fused = _is_fused(name, parents) if parents else False
+        rank = rows.get(name)
+        if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
+            rank = m_r  # [experts * r, in]: the rank is r
+        modules[name] = _Module(name, rank, scale, fused)
+    return modules, kinds
+
+
+def _keys_each(shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict[str, int], dict[str, list[str]]]:
+    """Key by key: the module names, each module's lora_A rows, and the keys by kind (lora, magnitude, bias,
+    other)."""
     kinds: dict[str, list[str]] = {"lora": [], "magnitude": [], "bias": [], "other": []}
     rows: dict[str, int] = {}
     names: set[str] = set()
@@ -171,25 +206,26 @@ def _modules(
             kinds["magnitude"].append(key)
         else:
             kinds["other"].append(key)
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    ranks, alphas = (
-        PatternSet(config.get("rank_pattern"), "rank_pattern"),
-        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
-    )
-    patterns = bool(ranks.keys or alphas.keys)  # without any, every module has r and lora_alpha: one scale
-    parents = _fused_parents(config)
-    modules = {}
-    m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
-    for name in sorted(names):
-        if patterns:
-            m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
-            scale = _scale(config, m_r, m_alpha)
-        fused = _is_fused(name, parents) if parents else False
-        rank = rows.get(name)
-        if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
-            rank = m_r  # [experts * r, in]: the rank is r
-        modules[name] = _Module(name, rank, scale, fused)
-    return modules, kinds
+    return names, rows, kinds
+
+
+_A_SUFFIX = ".lora_A.weight"
+
+
+def _plain_keys(shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict[str, int]] | None:
+    """`_keys_each`'s module names and lora_A rows when every key takes its first branch (no newline in any key,
+    each longer than and ending in one of `_PLAIN_SUFFIXES`: all of them lora keys), computed on the list of keys in
+    one pass each; else None."""
+    keys = list(shapes)
+    ends = list(map(itemgetter(slice(-14, None)), keys))
+    if not _PLAIN_SUFFIXES.issuperset(ends) or min(map(len, keys), default=15) <= 14 or "\n" in "".join(keys):
+        return None
+    modules = list(map(str.removeprefix, map(itemgetter(slice(None, -14)), keys), repeat(PEFT_PREFIX)))
+    is_a = list(map(_A_SUFFIX.__eq__, ends))
+    a_shapes = list(compress(shapes.values(), is_a))
+    # rows of each lora_A with at least one dimension (`_keys_each`'s `len(shape) >= 1`), in key order
+    rows = dict(zip(compress(compress(modules, is_a), a_shapes), map(itemgetter(0), filter(None, a_shapes))))
+    return set(modules), rows
 
 
 def _scale(config: Mapping[str, Any], r: Any, alpha: Any) -> float | None:
@@ -322,7 +358,7 @@ def _feature_rules(
     add: Callable[..., None],
 ) -> None:
     """The adapter features vLLM refuses or ignores; `new`: the version refuses what 0.31 ignored (>= 0.32)."""
-    fused = sorted({m.rsplit(".", 1)[-1] for m in modules if m.rsplit(".", 1)[-1] in _FUSED_NAMES})
+    fused = sorted(set(map(itemgetter(2), map(str.rpartition, modules, repeat(".")))).intersection(_FUSED_NAMES))
     if fused:
         parts = "; ".join(f"{f} -> {_FUSED_NAMES[f]}" for f in fused)
         add(

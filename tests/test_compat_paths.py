@@ -121,5 +121,18 @@ def test_the_quick_paths_are_taken_on_an_ordinary_moe_adapter(monkeypatch):
     monkeypatch.setattr(compat, "_LORA_KEY", None)
     monkeypatch.setattr(compat, "_MEGATRON_NAME", None)
     monkeypatch.setattr(peft_dir, "_ROLE", None)
+    monkeypatch.setattr(compat, "_keys_each", None)  # the keys listed in one pass each, not key by key
     findings = compat.check_adapter({**CONFIG, "r": 4}, _moe(), model_type="mixtral")
     assert [f.code for f in findings] == ["rank-size"]
+
+
+ALIKE = [c for c in CASES if not {"rank_pattern", "alpha_pattern", "target_parameters"} & c[1].keys()]
+
+
+@pytest.mark.parametrize("name, config, shapes", ALIKE, ids=[c[0] for c in ALIKE])
+def test_modules_alike_made_at_once_are_the_modules_made_one_by_one(name, config, shapes):
+    """Without rank or alpha patterns and fused parameters `_modules` makes every module in one pass; with a pattern
+    that matches no module (so the same ranks and scales) each is made alone: the same modules."""
+    at_once = _outcome(lambda: compat._modules(config, shapes))
+    one_by_one = _outcome(lambda: compat._modules({**config, "alpha_pattern": {"^no module has this name$": 1}}, shapes))
+    assert at_once == one_by_one
