@@ -130,9 +130,19 @@ ALIKE = [c for c in CASES if not {"rank_pattern", "alpha_pattern", "target_param
 
 
 @pytest.mark.parametrize("name, config, shapes", ALIKE, ids=[c[0] for c in ALIKE])
-def test_modules_alike_made_at_once_are_the_modules_made_one_by_one(name, config, shapes):
-    """Without rank or alpha patterns and fused parameters `_modules` makes every module in one pass; with a pattern
-    that matches no module (so the same ranks and scales) each is made alone: the same modules."""
-    at_once = _outcome(lambda: compat._modules(config, shapes))
-    one_by_one = _outcome(lambda: compat._modules({**config, "alpha_pattern": {"^no module has this name$": 1}}, shapes))
-    assert at_once == one_by_one
+def test_modules_alike_held_at_once_are_the_modules_made_one_by_one(name, config, shapes):
+    """Without rank or alpha patterns and fused parameters `_modules` holds the modules at once (`_Alike`); with a
+    pattern that matches no module (so the same ranks and scales) each is made alone: the same modules, and the same
+    ranks, scales and fused modules for the rules."""
+
+    def facts(config):
+        modules, kinds = compat._modules(config, shapes)
+        answers = (compat._ranks(modules), compat._scales(modules), compat._fused(modules))
+        return type(modules), dict(modules.items()), list(modules), kinds, answers
+
+    at_once = _outcome(lambda: facts(config))
+    one_by_one = _outcome(lambda: facts({**config, "alpha_pattern": {"^no module has this name$": 1}}))
+    assert at_once[0] == one_by_one[0]
+    if at_once[0] == "ok":
+        assert (at_once[1][0], one_by_one[1][0]) == (compat._Alike, dict)
+        assert at_once[1][1:] == one_by_one[1][1:]
