@@ -331,7 +331,7 @@ class TorchDistReader:
             self._refuse_items(key)
         if not found:
             empty = np.empty(0, dtype=np.int64)
-            return _Stored(empty, empty, empty, empty, None), empty
+            return _Stored(empty, empty, empty, empty, None, table), empty
         paths, starts, lengths, transforms = zip(*found)
         if any(transforms):
             self._refuse_items(key)
@@ -345,8 +345,13 @@ class TorchDistReader:
             needed = sizes.prod(axis=1) * entry.dtype.itemsize
             common = entry.chunks[0].sizes if (sizes == sizes[0]).all() else None
         needed = needed.astype(np.int64)
-        stored = _Stored(files, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64), needed, common)
+        starts, lengths = np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64)
+        stored = _Stored(files, starts, lengths, needed, common, table)
         return stored, needed
+
+    def chunk_table(self, key: str) -> np.ndarray | None:
+        """A key checked by `check_stored`: its chunks as `_chunk_table`'s array, found to cover it exactly once."""
+        return self._stored[key].table
 
     def _refuse_items(self, key: str) -> None:
         """Refuse a key's first chunk (in its entry's order) that has no stored item or a transformed one."""
@@ -776,6 +781,8 @@ class _Stored(NamedTuple):
     """Each chunk's bytes (in C order)."""
     sizes: tuple[int, ...] | None
     """The size every chunk has, None when they differ."""
+    table: np.ndarray | None
+    """The chunks checked to cover the key, as `_chunk_table`'s array (None for 2^62 bytes or more)."""
 
 
 def _chunk_table(entry: TensorEntry) -> np.ndarray | None:
