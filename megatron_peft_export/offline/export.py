@@ -40,9 +40,9 @@ from ..io.hf_config import parse_dtype, read_hf_config
 from ..io.peft_dir import check_finite
 from .checkpoint import (
     CheckpointError,
-    _chunk_table,
     Segments,
     TorchDistReader,
+    _chunk_table,
     checkpoint_format,
     locate,
     modelopt_alpha,
