@@ -28,9 +28,10 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -144,8 +145,83 @@ and no key holds a newline (`.` stops at one, `$` matches before one), so those 
 
 def _modules(
     config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
-) -> tuple[dict[str, _Module], dict[str, list[str]]]:
-    """Per-module ranks and scales, and the keys by kind (lora, magnitude, bias, other)."""
+) -> tuple[Mapping[str, _Module], dict[str, list[str]]]:
+    """Per-module ranks and scales (`_Alike` when they differ in rank only), and the keys by kind (lora, magnitude,
+    bias, other)."""
+    found = _plain_keys(shapes)
+    if found is None:
+        names, rows, kinds = _keys_each(shapes)
+    else:
+        names, rows = found
+        kinds = {"lora": list(shapes), "magnitude": [], "bias": [], "other": []}
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    ranks, alphas = (
+        PatternSet(config.get("rank_pattern"), "rank_pattern"),
+        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
+    )
+    patterns = bool(ranks.keys or alphas.keys)  # without any, every module has r and lora_alpha: one scale
+    parents = _fused_parents(config)
+    m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
+    if not patterns and not parents:
+        return _Alike(names, rows, scale), kinds
+    modules = {}
+    for name in sorted(names):
+        if patterns:
+            m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
+            scale = _scale(config, m_r, m_alpha)
+        fused = _is_fused(name, parents) if parents else False
+        rank = rows.get(name)
+        if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
+            rank = m_r  # [experts * r, in]: the rank is r
+        modules[name] = _Module(name, rank, scale, fused)
+    return modules, kinds
+
+
+class _Alike(Mapping):
+    """`_modules`' modules when they differ only in rank (no rank or alpha pattern, no fused parameter: one scale,
+    none fused), held as their names and lora_A rows: the rules ask for the set of ranks, the scales and the fused
+    modules (`_ranks`, `_scales`, `_fused`), answered without a _Module per module (10^5 MoE modules). Read as a
+    mapping, it is the dict `_modules` makes module by module."""
+
+    def __init__(self, names: set[str], rows: dict[str, int], scale: float | None) -> None:
+        self.names, self.rows, self.scale = names, rows, scale
+
+    def __getitem__(self, name: str) -> _Module:
+        if name not in self.names:
+            raise KeyError(name)
+        return _Module(name, self.rows.get(name), self.scale, False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _ranks(modules: Mapping[str, _Module]) -> set[int]:
+    """The modules' ranks (those with a lora_A)."""
+    if isinstance(modules, _Alike):
+        return set(modules.rows.values())
+    return {m.rank for m in modules.values() if m.rank is not None}
+
+
+def _scales(modules: Mapping[str, _Module]) -> dict[str, float]:
+    """Each module's scale, for those with a rank and a scale."""
+    if isinstance(modules, _Alike):
+        return {} if modules.scale is None else dict.fromkeys(modules.rows, modules.scale)
+    return {m.name: m.scale for m in modules.values() if m.scale is not None and m.rank is not None}
+
+
+def _fused(modules: Mapping[str, _Module]) -> list[str]:
+    """The modules holding peft's fused parameters, sorted."""
+    if isinstance(modules, _Alike):
+        return []
+    return sorted(m for m, info in modules.items() if info.fused)
+
+
+def _keys_each(shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict[str, int], dict[str, list[str]]]:
+    """Key by key: the module names, each module's lora_A rows, and the keys by kind (lora, magnitude, bias,
+    other)."""
     kinds: dict[str, list[str]] = {"lora": [], "magnitude": [], "bias": [], "other": []}
     rows: dict[str, int] = {}
     names: set[str] = set()
@@ -171,25 +247,26 @@ def _modules(
             kinds["magnitude"].append(key)
         else:
             kinds["other"].append(key)
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    ranks, alphas = (
-        PatternSet(config.get("rank_pattern"), "rank_pattern"),
-        PatternSet(config.get("alpha_pattern"), "alpha_pattern"),
-    )
-    patterns = bool(ranks.keys or alphas.keys)  # without any, every module has r and lora_alpha: one scale
-    parents = _fused_parents(config)
-    modules = {}
-    m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
-    for name in sorted(names):
-        if patterns:
-            m_r, m_alpha = ranks.get(name, r), alphas.get(name, alpha)
-            scale = _scale(config, m_r, m_alpha)
-        fused = _is_fused(name, parents) if parents else False
-        rank = rows.get(name)
-        if fused and rank is not None and isinstance(m_r, int) and m_r > 0 and rank % m_r == 0:
-            rank = m_r  # [experts * r, in]: the rank is r
-        modules[name] = _Module(name, rank, scale, fused)
-    return modules, kinds
+    return names, rows, kinds
+
+
+_A_SUFFIX = ".lora_A.weight"
+
+
+def _plain_keys(shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict[str, int]] | None:
+    """`_keys_each`'s module names and lora_A rows when every key takes its first branch (no newline in any key,
+    each longer than and ending in one of `_PLAIN_SUFFIXES`: all of them lora keys), computed on the list of keys in
+    one pass each; else None."""
+    keys = list(shapes)
+    ends = list(map(itemgetter(slice(-14, None)), keys))
+    if not _PLAIN_SUFFIXES.issuperset(ends) or min(map(len, keys), default=15) <= 14 or "\n" in "".join(keys):
+        return None
+    modules = list(map(str.removeprefix, map(itemgetter(slice(None, -14)), keys), repeat(PEFT_PREFIX)))
+    is_a = list(map(_A_SUFFIX.__eq__, ends))
+    a_shapes = list(compress(shapes.values(), is_a))
+    # rows of each lora_A with at least one dimension (`_keys_each`'s `len(shape) >= 1`), in key order
+    rows = dict(zip(compress(compress(modules, is_a), a_shapes), map(itemgetter(0), filter(None, a_shapes))))
+    return set(modules), rows
 
 
 def _scale(config: Mapping[str, Any], r: Any, alpha: Any) -> float | None:
@@ -322,7 +399,8 @@ def _feature_rules(
     add: Callable[..., None],
 ) -> None:
     """The adapter features vLLM refuses or ignores; `new`: the version refuses what 0.31 ignored (>= 0.32)."""
-    fused = sorted({m.rsplit(".", 1)[-1] for m in modules if m.rsplit(".", 1)[-1] in _FUSED_NAMES})
+    names = modules.names if isinstance(modules, _Alike) else modules  # in any order: the short names are sorted
+    fused = sorted(set(map(itemgetter(2), map(str.rpartition, names, repeat(".")))).intersection(_FUSED_NAMES))
     if fused:
         parts = "; ".join(f"{f} -> {_FUSED_NAMES[f]}" for f in fused)
         add(
@@ -396,7 +474,7 @@ def _unserved_rules(config: Mapping[str, Any], new: bool, add: Callable[..., Non
 
 def _rank_rules(config: Mapping[str, Any], modules: Mapping[str, _Module], new: bool, add: Callable[..., None]) -> None:
     """Ranks and scales: per-module ones before 0.32, and the --max-lora-rank sizes."""
-    ranks = sorted({m.rank for m in modules.values() if m.rank is not None})
+    ranks = sorted(_ranks(modules))
     if not new:
         _per_module_rules(config, modules, ranks, add)
     if not ranks:
@@ -437,7 +515,7 @@ def _per_module_rules(
         return
     old_span = _span(None, VLLM_VERSIONS[0])
     top = top_alpha / (math.sqrt(top_r) if config.get("use_rslora") else top_r)
-    scales = {m.name: m.scale for m in modules.values() if m.scale is not None and m.rank is not None}
+    scales = _scales(modules)
     off = sorted(name for name, s in scales.items() if not math.isclose(s, top, rel_tol=1e-6))
     if off:
         add(
@@ -466,7 +544,7 @@ def _per_module_rules(
 
 def _expert_rules(modules: Mapping[str, _Module], model_type: str | None, add: Callable[..., None]) -> None:
     """Where vLLM applies expert and router LoRA, and the engine flags peft's fused expert layout needs."""
-    fused = sorted(m for m, info in modules.items() if info.fused)
+    fused = _fused(modules)
     if not fused:
         return
     if model_type in VLLM_3D_MOE:

@@ -121,5 +121,28 @@ def test_the_quick_paths_are_taken_on_an_ordinary_moe_adapter(monkeypatch):
     monkeypatch.setattr(compat, "_LORA_KEY", None)
     monkeypatch.setattr(compat, "_MEGATRON_NAME", None)
     monkeypatch.setattr(peft_dir, "_ROLE", None)
+    monkeypatch.setattr(compat, "_keys_each", None)  # the keys listed in one pass each, not key by key
     findings = compat.check_adapter({**CONFIG, "r": 4}, _moe(), model_type="mixtral")
     assert [f.code for f in findings] == ["rank-size"]
+
+
+ALIKE = [c for c in CASES if not {"rank_pattern", "alpha_pattern", "target_parameters"} & c[1].keys()]
+
+
+@pytest.mark.parametrize("name, config, shapes", ALIKE, ids=[c[0] for c in ALIKE])
+def test_modules_alike_held_at_once_are_the_modules_made_one_by_one(name, config, shapes):
+    """Without rank or alpha patterns and fused parameters `_modules` holds the modules at once (`_Alike`); with a
+    pattern that matches no module (so the same ranks and scales) each is made alone: the same modules, and the same
+    ranks, scales and fused modules for the rules."""
+
+    def facts(config):
+        modules, kinds = compat._modules(config, shapes)
+        answers = (compat._ranks(modules), compat._scales(modules), compat._fused(modules))
+        return type(modules), dict(modules.items()), list(modules), kinds, answers
+
+    at_once = _outcome(lambda: facts(config))
+    one_by_one = _outcome(lambda: facts({**config, "alpha_pattern": {"^no module has this name$": 1}}))
+    assert at_once[0] == one_by_one[0]
+    if at_once[0] == "ok":
+        assert (at_once[1][0], one_by_one[1][0]) == (compat._Alike, dict)
+        assert at_once[1][1:] == one_by_one[1][1:]

@@ -483,8 +483,8 @@ def _plan_each(
     return placements, shapes, dtypes, alphas
 
 
-_SPEC_COLUMNS = attrgetter("module", "part", "role", "shape", "split_dim", "tp_rank", "tp_size")
-"""What a shard's placements depend on (with the module's layer taken out: `_Planner`'s combination)."""
+_SPEC_COLUMNS = ("part", "role", "shape", "split_dim", "tp_rank", "tp_size")
+"""What a shard's placements depend on besides its module (whose layer is taken out: `_Planner`'s combination)."""
 
 
 def _plan_in_bulk(
@@ -497,13 +497,14 @@ def _plan_in_bulk(
     tensor is not filled exactly once, its shards disagree on shape or dtype, or a module has several alphas; the
     checks are `_plan_each`'s, done once per distinct form."""
     planner = _Planner(geometry, arch, megatron_vocab)
-    columns = list(map(_SPEC_COLUMNS, specs))
-    modules = list(map(itemgetter(0), columns))
-    matches = dict(zip(modules, map(_LAYER_RE.match, modules)))  # one per module (lora_A and lora_B share it)
+    modules = list(map(attrgetter("module"), specs))
+    distinct = list(dict.fromkeys(modules))  # each module once (lora_A and lora_B share it)
+    matches = dict(zip(distinct, map(_LAYER_RE.match, distinct)))
     layer_of = {m: int(found.group(1)) for m, found in matches.items() if found is not None}
     suffix_of = {m: found.group(2) for m, found in matches.items() if found is not None}
     groups: dict[tuple, list[int]] = defaultdict(list)
-    combinations = map(add, zip(map(suffix_of.get, modules)), map(itemgetter(slice(1, None)), columns))
+    # each shard's combination as `_Planner` keys it, made as one tuple per shard from a pass per column
+    combinations = zip(map(suffix_of.get, modules), *(map(attrgetter(name), specs) for name in _SPEC_COLUMNS))
     for n, combination in enumerate(combinations):
         groups[combination].append(n)
     singles = [n for key in list(groups) if key[0] is None for n in groups.pop(key)]  # outside the layers

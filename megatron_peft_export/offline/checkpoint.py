@@ -331,7 +331,7 @@ class TorchDistReader:
             self._refuse_items(key)
         if not found:
             empty = np.empty(0, dtype=np.int64)
-            return _Stored(empty, empty, empty, empty, None), empty
+            return _Stored(empty, empty, empty, empty, None, row_slabs(entry, table)), empty
         paths, starts, lengths, transforms = zip(*found)
         if any(transforms):
             self._refuse_items(key)
@@ -345,8 +345,13 @@ class TorchDistReader:
             needed = sizes.prod(axis=1) * entry.dtype.itemsize
             common = entry.chunks[0].sizes if (sizes == sizes[0]).all() else None
         needed = needed.astype(np.int64)
-        stored = _Stored(files, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64), needed, common)
+        starts, lengths = np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64)
+        stored = _Stored(files, starts, lengths, needed, common, row_slabs(entry, table))
         return stored, needed
+
+    def slabs(self, key: str) -> np.ndarray | None:
+        """A key checked by `check_stored` (its chunks cover it exactly once): `row_slabs` of its chunks."""
+        return self._stored[key].slabs
 
     def _refuse_items(self, key: str) -> None:
         """Refuse a key's first chunk (in its entry's order) that has no stored item or a transformed one."""
@@ -776,6 +781,8 @@ class _Stored(NamedTuple):
     """Each chunk's bytes (in C order)."""
     sizes: tuple[int, ...] | None
     """The size every chunk has, None when they differ."""
+    slabs: np.ndarray | None
+    """`row_slabs` of the key's chunks (kept for the payload segments; 16 bytes a chunk)."""
 
 
 def _chunk_table(entry: TensorEntry) -> np.ndarray | None:
@@ -790,6 +797,15 @@ def _chunk_table(entry: TensorEntry) -> np.ndarray | None:
         return np.full((1, 2, dims), -1, dtype=np.int64)
     flat = itertools.chain.from_iterable(itertools.chain.from_iterable(chunks))
     return np.fromiter(flat, dtype=np.int64, count=2 * dims * len(chunks)).reshape(len(chunks), 2, dims)
+
+
+def row_slabs(entry: TensorEntry, table: np.ndarray | None = None) -> np.ndarray | None:
+    """A tensor's chunks as (first row, rows) [chunks, 2] when each is a slab of whole rows along dim 0 (its other
+    dimensions the tensor's), else None (also for 2^62 bytes or more); from `_chunk_table`'s array when given."""
+    table = _chunk_table(entry) if table is None else table
+    if not entry.size or table is None or (table < 0).any() or (table[:, 1, 1:] != entry.size[1:]).any():
+        return None
+    return table[:, :, 0].copy()  # not a view: the whole table is not kept with it
 
 
 def _covers(table: np.ndarray, size: tuple[int, ...]) -> bool:

@@ -46,6 +46,7 @@ from .checkpoint import (
     locate,
     modelopt_alpha,
     read_settings,
+    row_slabs,
 )
 from .dcp_metadata import TensorEntry
 from .keys import (
@@ -479,7 +480,10 @@ def _direct_segments(
             mine, placed = shards[positions.start : positions.stop], placements[positions.start : positions.stop]
         else:
             mine, placed = [shards[n] for n in positions], [placements[n] for n in positions]
-        segments = _key_segments(reader.entry(key), mine, placed, entries, where, dtype)
+        slabs = reader.slabs(key)
+        segments = (
+            None if slabs is None else _key_segments(reader.entry(key), mine, placed, entries, where, dtype, slabs)
+        )
         if segments is not None:
             direct[key] = segments
     return direct
@@ -497,7 +501,7 @@ def _by_key(shards: list[OfflineShard]) -> dict[str, range | list[int]]:
     return by_key
 
 
-_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_FIRST = operator.itemgetter(0)
 _INDEX, _ROWS = operator.attrgetter("index"), operator.attrgetter("rows")
 
 
@@ -508,23 +512,25 @@ def _key_segments(
     entries,
     where,
     dtype: torch.dtype | None = None,
+    slabs: np.ndarray | None = None,
 ) -> Segments | None:
     """One key's segments (`_direct_segments`) from its shards and their placements, or None when a placement is not
     a run of its bytes. `entries` are the HF tensors' (dtype, shape), `where` their spans in the payload; `dtype` the
-    dtype every HF tensor has, when they share one (else each placement's is looked up).
+    dtype every HF tensor has, when they share one (else each placement's is looked up); `slabs` the key's chunks as
+    `row_slabs` gives them, when the reader has them (`TorchDistReader.slabs`).
 
     Computed on arrays per form of shard (its stacked axes and row ranges: one or a few per key): every placement's
     runs of the key's bytes (`_form_runs`), then each run's chunk found by its start; a run crossing a chunk's end
     (chunks cut through a shard) is cut at the chunks' bounds."""
     size, itemsize = entry.size, entry.dtype.itemsize
-    chunks = entry.chunks
-    if not size or entry.nbytes >= 1 << 62 or any(s[1:] != size[1:] for s in set(map(_SECOND, chunks))):
-        return None
+    slabs = row_slabs(entry) if slabs is None else slabs
+    if slabs is None:
+        return None  # chunks that are not slabs along dim 0
     row_bytes = math.prod(size[1:]) * itemsize
-    firsts = np.fromiter(map(_FIRST, map(_FIRST, chunks)), dtype=np.int64, count=len(chunks))
+    firsts = slabs[:, 0]
     order = np.argsort(firsts, kind="stable")
     starts = firsts[order] * row_bytes
-    ends = starts + np.array([c.sizes[0] for c in chunks], dtype=np.int64)[order] * row_bytes
+    ends = starts + slabs[order, 1] * row_bytes
     forms = list(zip(map(len, map(_INDEX, shards)), map(_ROWS, shards)))
     if len(set(forms)) == 1:
         groups = {forms[0]: (shards, placements)}

@@ -20,7 +20,7 @@ from megatron_peft_export.core.splits import stored_row_pieces
 from megatron_peft_export.io.torch_save import Layout, _matching_gathered, matching
 from megatron_peft_export.offline.checkpoint import CheckpointError, Segments, TorchDistReader
 from megatron_peft_export.offline.dcp_metadata import Chunk, StoredItem, TensorEntry
-from megatron_peft_export.offline.keys import classify, offline_shards
+from megatron_peft_export.offline.keys import OfflineShard, classify, offline_shards
 from tests.offline.test_batched_read import _Writer
 
 ROWS, COLS = 8, 4
@@ -283,6 +283,7 @@ def test_offline_shards_equal_specs_built_per_matrix(key, shape, tp_save):
     expected = _offline_shards_per_matrix(found, shape, **settings)
     assert [tuple(s) for s in got] == expected
     assert all(s.spec == e[0] and hash(s.spec) == hash(e[0]) for s, e in zip(got, expected))
+    assert all(type(s) is OfflineShard and type(s.spec) is ShardSpec for s in got)
 
 
 @pytest.mark.parametrize("ep", [1, 2])
