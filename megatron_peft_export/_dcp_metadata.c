@@ -11,13 +11,22 @@
  * accepts or refuses as it always did. What it accepts, every check the Python path makes when parsing or when a
  * key is first read has passed. The facts (allowed globals and what each is, record classes and their fields, the
  * limits) are given by Python (dcp_metadata._reader_tables), as _pickle_walk.c takes its tables from Python.
- * check_pickle runs first (the lengths, the hashing bound); every read here is bounds-checked again all the same.
- * The GIL is released while interpreting. read(data, tables) -> the arrays, or a str: why it declined. */
+ *
+ * check_pickle's walk (_pickle_walk.h, the same code check_pickle runs) takes its step on every opcode before the
+ * reader interprets it, in the same pass: a pickle read here has passed every rule of check_pickle (lengths, memo
+ * indices, frames, the hashing bounds), as check_pickle(data) would have walked it, opcode for opcode to the same
+ * STOP; a pickle the walk refuses is refused with the walk's answer, which Python words as check_pickle does. (A
+ * pickle declined before the walk refuses goes to the Python path, whose check_pickle refuses it the same way.)
+ * Every read here is bounds-checked all the same.
+ * The GIL is released while interpreting. read(data, tables) -> the arrays (a 7-tuple), or (code, byte, value,
+ * value): check_pickle's walk refused it, or a str: why it declined. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "_pickle_walk.h"
 
 typedef uint64_t V;
 enum {
@@ -67,6 +76,7 @@ typedef struct {
     Py_ssize_t n_layouts;
     int64_t max_dims, max_extent, max_chunks, highest_protocol, properties_len, properties_dtype;
     int64_t values_per_byte, values_base; /* the output's bound: dcp_metadata.C_READER_VALUES */
+    const unsigned char *walk_tables;     /* check_pickle's (torch_save.walk_tables()), WALK_TABLES_LEN bytes */
 } Tables;
 
 typedef struct {
@@ -109,6 +119,9 @@ typedef struct {
     size_t n_longs, cap_longs;
     uint32_t *by_start, *by_hash; /* 1 + a Long's number, 0 empty: by its start; by its hash, the first of its bytes */
     size_t cap_slots;
+    Walk walk; /* check_pickle's walk, one step per opcode read */
+    WalkRefusal refusal;
+    int refused; /* declined because the walk refused: `refusal` says how */
 } R;
 
 static int decline(R *r, const char *why) {
@@ -605,75 +618,105 @@ enum {
 #define TRY(x) \
     if ((x) < 0) return -1
 
+/* check_pickle's rules for the opcode about to be read: the walk's step (_pickle_walk.h), inlined in each case of
+ * the reader's switch, where the walk's own dispatch always takes the same rule. A refusal is the walk's answer. */
+#define WALKED                                                                 \
+    do {                                                                       \
+        walked = walk_step(&r->walk);                                          \
+        if (walked == WALK_REFUSED) {                                          \
+            r->refused = 1;                                                    \
+            return DECLINE(r, "check_pickle's walk refused it");               \
+        }                                                                      \
+        if (walked == WALK_NO_MEMORY) return DECLINE(r, "out of memory");      \
+        if (walked == WALK_DONE && op != STOP) return DECLINE(r, "a STOP");     \
+    } while (0)
+
 static int run(R *r) {
     const unsigned char *d = r->d;
     size_t end = r->end, at = 0;
     V a, b, c;
     while (at < end) {
-        int op = d[at++];
+        /* every opcode read was walked (WALKED), and the walk stands where the reader does */
+        if (r->walk.at != (Py_ssize_t)at) return DECLINE(r, "the walk and the reader read different opcodes");
+        int walked = -1, op = d[at++];
         switch (op) {
             case PROTO:
+                WALKED;
                 NEED(1);
                 if (d[at] > r->t->highest_protocol) return DECLINE(r, "an unsupported protocol");
                 r->proto = d[at++];
                 break;
             case FRAME: {
+                WALKED;
                 NEED(8);
                 uint64_t n = le(d + at, 8);
                 at += 8;
                 if (n > end - at) return DECLINE(r, "a frame past the data");
                 break;
             }
-            case STOP:
+            case STOP: /* the walk's STOP too: it has passed the whole pickle */
+                WALKED;
+                if (walked != WALK_DONE) return DECLINE(r, "the walk and the reader read different opcodes");
                 TRY(pop(r, &r->root));
                 return 0;
             case MARK:
+                WALKED;
                 if (r->n_marks == r->cap_marks &&
                     grow((void **)&r->marks, &r->cap_marks, r->n_marks + 1, sizeof(size_t)) < 0)
                     return DECLINE(r, "out of memory");
                 r->marks[r->n_marks++] = r->stack.n;
                 break;
             case POP:
+                WALKED;
                 if (r->n_marks && r->marks[r->n_marks - 1] == r->stack.n)
                     r->n_marks--;
                 else
                     TRY(pop(r, &a));
                 break;
             case POP_MARK: {
+                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 r->stack.n = mark;
                 break;
             }
             case DUP:
+                WALKED;
                 if (r->stack.n <= fence(r)) return DECLINE(r, "stack underflow");
                 TRY(vals_push(r, &r->stack, r->stack.v[r->stack.n - 1]));
                 break;
             case NONE:
+                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_NONE, 0)));
                 break;
             case NEWTRUE:
+                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_TRUE, 0)));
                 break;
             case NEWFALSE:
+                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_FALSE, 0)));
                 break;
             case BININT:
+                WALKED;
                 NEED(4);
                 TRY(vals_push(r, &r->stack, MK(T_INT, (V)(int64_t)(int32_t)(uint32_t)le(d + at, 4))));
                 at += 4;
                 break;
             case BININT1:
+                WALKED;
                 NEED(1);
                 TRY(vals_push(r, &r->stack, MK(T_INT, d[at])));
                 at += 1;
                 break;
             case BININT2:
+                WALKED;
                 NEED(2);
                 TRY(vals_push(r, &r->stack, MK(T_INT, le(d + at, 2))));
                 at += 2;
                 break;
             case LONG1: {
+                WALKED;
                 NEED(1);
                 int n = d[at++];
                 if (n > 8) return DECLINE(r, "an int of more than 8 bytes");
@@ -687,6 +730,7 @@ static int run(R *r) {
                 break;
             }
             case BINFLOAT:
+                WALKED;
                 NEED(8);
                 at += 8;
                 TRY(vals_push(r, &r->stack, MK(T_OPAQUE, 0)));
@@ -694,6 +738,7 @@ static int run(R *r) {
             case SHORT_BINUNICODE:
             case BINUNICODE:
             case BINUNICODE8: {
+                WALKED;
                 int width = op == SHORT_BINUNICODE ? 1 : op == BINUNICODE ? 4 : 8;
                 NEED(width);
                 uint64_t n = le(d + at, width);
@@ -707,6 +752,7 @@ static int run(R *r) {
                 break;
             }
             case GLOBAL: {
+                WALKED;
                 const unsigned char *m = d + at, *nl = memchr(m, '\n', end - at);
                 if (nl == NULL) return DECLINE(r, "an unterminated line");
                 const unsigned char *n = nl + 1, *nl2 = memchr(n, '\n', (size_t)(d + end - n));
@@ -716,17 +762,20 @@ static int run(R *r) {
                 break;
             }
             case STACK_GLOBAL:
+                WALKED;
                 TRY(pop(r, &b));
                 TRY(pop(r, &a));
                 if (TAG(a) != T_STR || TAG(b) != T_STR) return DECLINE(r, "STACK_GLOBAL not of strings");
                 TRY(push_global(r, str_bytes(r, a), LEN(a), str_bytes(r, b), LEN(b)));
                 break;
             case EMPTY_TUPLE:
+                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_TUPLE, 0)));
                 break;
             case TUPLE1:
             case TUPLE2:
             case TUPLE3: {
+                WALKED;
                 size_t n = (size_t)(op - TUPLE1 + 1);
                 if (r->stack.n < n || r->stack.n - n < fence(r)) return DECLINE(r, "stack underflow");
                 TRY(tuple_from(r, r->stack.n - n, &a));
@@ -734,6 +783,7 @@ static int run(R *r) {
                 break;
             }
             case TUPLE: {
+                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 TRY(tuple_from(r, mark, &a));
@@ -741,70 +791,84 @@ static int run(R *r) {
                 break;
             }
             case EMPTY_LIST: {
+                WALKED;
                 uint32_t id;
                 if (seq_new(r, &r->lists, &r->n_lists, &r->cap_lists, &id) == NULL) return -1;
                 TRY(vals_push(r, &r->stack, MK(T_LIST, id)));
                 break;
             }
             case EMPTY_DICT:
+                WALKED;
                 TRY(dict_new(r, &a));
                 TRY(vals_push(r, &r->stack, a));
                 break;
             case APPEND:
+                WALKED;
                 TRY(appends(r, r->stack.n - (r->stack.n > 0)));
                 break;
             case APPENDS: {
+                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 TRY(appends(r, mark));
                 break;
             }
             case SETITEM:
+                WALKED;
                 if (r->stack.n < 2) return DECLINE(r, "stack underflow");
                 TRY(setitems(r, r->stack.n - 2));
                 break;
             case SETITEMS: {
+                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 TRY(setitems(r, mark));
                 break;
             }
             case MEMOIZE:
+                WALKED;
                 TRY(memo_put(r, r->memo_len));
                 break;
             case BINPUT:
+                WALKED;
                 NEED(1);
                 TRY(memo_put(r, d[at]));
                 at += 1;
                 break;
             case LONG_BINPUT:
+                WALKED;
                 NEED(4);
                 TRY(memo_put(r, le(d + at, 4)));
                 at += 4;
                 break;
             case BINGET:
+                WALKED;
                 NEED(1);
                 TRY(memo_get(r, d[at]));
                 at += 1;
                 break;
             case LONG_BINGET:
+                WALKED;
                 NEED(4);
                 TRY(memo_get(r, le(d + at, 4)));
                 at += 4;
                 break;
             case NEWOBJ:
             case REDUCE:
+                WALKED;
                 TRY(pop(r, &b));
                 TRY(pop(r, &a));
                 TRY(call(r, a, b, op == NEWOBJ, &c));
                 TRY(vals_push(r, &r->stack, c));
                 break;
             case BUILD:
+                WALKED;
                 TRY(pop(r, &b));
                 if (r->stack.n <= fence(r)) return DECLINE(r, "stack underflow");
                 TRY(build(r, r->stack.v[r->stack.n - 1], b));
                 break;
             default:
+                WALKED;
                 return DECLINE(r, "an opcode it does not read");
         }
     }
@@ -1061,15 +1125,21 @@ static int load_name(PyObject *o, Name *out) {
 
 /* tables: (globals: ((module, name, kind, arg), ...), behaviours: (int per record kind), fields: ((names...) per
  * record kind), layouts: (names...), limits: (max_dims, max_extent, max_chunks, highest_protocol, properties_len,
- * properties_dtype)); all names bytes. The objects stay referenced by the caller during the call. */
+ * properties_dtype, values_per_byte, values_base), walk tables: check_pickle's (bytes)); all names bytes. The objects
+ * stay referenced by the caller during the call. */
 static int load_tables(PyObject *tables, Tables *t) {
-    PyObject *globals, *behaviours, *fields, *layouts;
+    PyObject *globals, *behaviours, *fields, *layouts, *walk_tables;
     memset(t, 0, sizeof(*t));
-    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
+    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLL)S:tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
                           &PyTuple_Type, &fields, &PyTuple_Type, &layouts, &t->max_dims, &t->max_extent,
                           &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype,
-                          &t->values_per_byte, &t->values_base))
+                          &t->values_per_byte, &t->values_base, &walk_tables))
         return -1;
+    if (PyBytes_GET_SIZE(walk_tables) != WALK_TABLES_LEN) {
+        PyErr_SetString(PyExc_ValueError, "check_pickle's walk tables have 2048 bytes");
+        return -1;
+    }
+    t->walk_tables = (const unsigned char *)PyBytes_AS_STRING(walk_tables);
     t->n_kinds = (int)PyTuple_GET_SIZE(behaviours);
     if (t->n_kinds < K_COUNT_READ || t->n_kinds > MAX_KINDS || PyTuple_GET_SIZE(fields) != t->n_kinds) {
         PyErr_SetString(PyExc_ValueError, "record kinds");
@@ -1316,6 +1386,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     r.end = (size_t)data.len;
     r.t = &t;
     o.values_left = (uint64_t)t.values_per_byte * (uint64_t)data.len + (uint64_t)t.values_base;
+    walk_begin(&r.walk, r.d, data.len, t.walk_tables, &r.refusal);
     r.seed = mix((uint64_t)(uintptr_t)&r ^ (uint64_t)(uintptr_t)data.buf ^ (uint64_t)data.len);
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -1323,6 +1394,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
         status = DECLINE(&r, "the data too large");
     else {
         status = run(&r);
+        walk_free(&r.walk);
         free(r.memo.v); /* what extract reads is reachable from the root */
         r.memo.v = NULL;
         if (status == 0) status = extract(&r, &o);
@@ -1333,7 +1405,9 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     if (status == 0) {
         free_graph(&r, 1); /* all but the tuple pool, which holds the sizes and offsets `o` names */
         out = result(&r, &o);
-    } else
+    } else if (r.refused)
+        out = walk_refusal_tuple(&r.refusal);
+    else
         out = PyUnicode_FromString(r.why ? r.why : "declined");
     free_graph(&r, 0);
     free_out(&o);
