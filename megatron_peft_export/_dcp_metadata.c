@@ -1252,14 +1252,16 @@ static PyObject *ints_of(const R *r, V size) {
     return t;
 }
 
-/* the Python result: (keys, tensors, chunks, groups, items, offsets, paths):
- *   keys: [str] in the metadata's order; tensors: {index in keys: (dtype number, size, where its chunks start in
- *   `chunks`, chunks)}; chunks: int64s, per chunk its offsets then its sizes; groups: [(fqn, first item, items)] in
- *   order of first appearance, items grouped so; items: int64s, 5 per item: path number, offset, length, dimensions
- *   of its offsets (-1: None), where its offsets start in `offsets` (int64s); paths: [str]. */
+/* the Python result: (byte_keys, tensors, chunks, groups, items, offsets, paths), in the shapes CheckpointMetadata
+ * takes them (no Python loop over the keys after it):
+ *   byte_keys: [str] of the BytesStorageMetadata entries; tensors: [(key, dtype number, size, where its chunks start
+ *   in `chunks`, chunks)] in the metadata's order; chunks: int64s, per chunk its offsets then its sizes; groups:
+ *   {fqn: (first item, items)} in order of first appearance, items grouped so; items: int64s, 5 per item: path
+ *   number, offset, length, dimensions of its offsets (-1: None), where its offsets start in `offsets` (int64s);
+ *   paths: [str]. A key's str is one object wherever it appears. */
 static PyObject *result(R *r, Out *o) {
     PyObject *keys = NULL, *tensors = NULL, *chunks = NULL, *groups = NULL, *items = NULL, *offsets = NULL;
-    PyObject *paths = NULL, *out = NULL;
+    PyObject *paths = NULL, *byte_keys = NULL, *out = NULL;
     uint32_t *first = NULL, *count = NULL;
     uint32_t *entry_of = NULL;
     V *names = NULL;
@@ -1267,28 +1269,30 @@ static PyObject *result(R *r, Out *o) {
     StrMap by_name = {NULL, 0};
     size_t n_offsets = 0;
     keys = PyList_New((Py_ssize_t)o->n_entries);
-    tensors = PyDict_New();
-    groups = PyList_New((Py_ssize_t)o->n_groups);
+    tensors = PyList_New(0);
+    byte_keys = PyList_New(0);
+    groups = PyDict_New();
     paths = PyList_New((Py_ssize_t)o->n_paths);
     chunks = PyBytes_FromStringAndSize((const char *)o->chunks, (Py_ssize_t)(o->n_chunks * 8));
-    if (!keys || !tensors || !groups || !paths || !chunks) goto done;
+    if (!keys || !tensors || !byte_keys || !groups || !paths || !chunks) goto done;
     for (size_t i = 0; i < o->n_entries; i++) {
         const Entry *e = &o->entries[i];
         PyObject *key = str_of(r, e->key);
         if (key == NULL) goto done;
         PyList_SET_ITEM(keys, (Py_ssize_t)i, key);
-        if (e->dtype < 0) continue;
-        PyObject *size = ints_of(r, e->size), *at = PyLong_FromSize_t(i), *row;
-        row = size ? Py_BuildValue("(LNKK)", (long long)e->dtype, size, (unsigned long long)e->chunk_start,
+        if (e->dtype < 0) {
+            if (PyList_Append(byte_keys, key) < 0) goto done;
+            continue;
+        }
+        PyObject *size = ints_of(r, e->size), *row;
+        row = size ? Py_BuildValue("(OLNKK)", key, (long long)e->dtype, size, (unsigned long long)e->chunk_start,
                                    (unsigned long long)e->chunk_count)
                    : NULL;
-        if (row == NULL || at == NULL || PyDict_SetItem(tensors, at, row) < 0) {
+        if (row == NULL || PyList_Append(tensors, row) < 0) {
             Py_XDECREF(row);
-            Py_XDECREF(at);
             goto done;
         }
         Py_DECREF(row);
-        Py_DECREF(at);
     }
     for (size_t i = 0; i < o->n_paths; i++) {
         PyObject *p = str_of(r, o->paths[i]);
@@ -1330,9 +1334,11 @@ static PyObject *result(R *r, Out *o) {
         }
         PyObject *fqn, *row;
         fqn = key != UINT32_MAX ? Py_NewRef(PyList_GET_ITEM(keys, entry_of[key])) : str_of(r, o->groups[g]);
-        row = fqn ? Py_BuildValue("(NKK)", fqn, (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
-        if (row == NULL) goto done;
-        PyList_SET_ITEM(groups, (Py_ssize_t)g, row);
+        row = fqn ? Py_BuildValue("(KK)", (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
+        int set = row ? PyDict_SetItem(groups, fqn, row) : -1;
+        Py_XDECREF(fqn);
+        Py_XDECREF(row);
+        if (set < 0) goto done;
     }
     items = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(o->n_items * 5 * 8));
     offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_offsets * 8));
@@ -1350,7 +1356,7 @@ static PyObject *result(R *r, Out *o) {
         if (it->offsets != ABSENT)
             for (size_t j = 0; j < LEN(it->offsets); j++) offs[at_offsets++] = INTV(items_of(r, it->offsets)[j]);
     }
-    out = PyTuple_Pack(7, keys, tensors, chunks, groups, items, offsets, paths);
+    out = PyTuple_Pack(7, byte_keys, tensors, chunks, groups, items, offsets, paths);
 done:
     free(first);
     free(count);
@@ -1358,6 +1364,7 @@ done:
     free(names);
     free(by_name.slots);
     Py_XDECREF(keys);
+    Py_XDECREF(byte_keys);
     Py_XDECREF(tensors);
     Py_XDECREF(chunks);
     Py_XDECREF(groups);

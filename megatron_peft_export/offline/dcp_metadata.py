@@ -668,15 +668,13 @@ def _read_compact(data: bytes) -> CheckpointMetadata | None:
         return None
     if len(found) == 4:  # check_pickle's walk refused it: (code, byte, value, value)
         _refusing(refuse_walked, found)
-    keys, tensors, chunks, groups, items, offsets, paths = found
+    byte_keys, tensors, chunks, groups, items, offsets, paths = found
     if not all(plain_file_name(path) for path in paths):
         return None  # the Python path refuses it, saying why
     sizes, raw = {}, {}
-    for at, (dtype, size, first, count) in tensors.items():
-        key = keys[at]
+    for key, dtype, size, first, count in tensors:
         sizes[key] = size
         raw[key] = (dtypes[dtype], size, first, count)
-    byte_keys = frozenset(key for at, key in enumerate(keys) if at not in tensors)
 
     def tensor(key: str, row: tuple) -> TensorEntry:
         dtype, size, first, count = row
@@ -685,9 +683,4 @@ def _read_compact(data: bytes) -> CheckpointMetadata | None:
     def stored(fqn: str, span: tuple[int, int]) -> dict:
         return reader.items(items, offsets, *span, paths, StoredItem)
 
-    return CheckpointMetadata(
-        Converted(raw, tensor),
-        sizes,
-        byte_keys,
-        StoredItems(Converted({fqn: (first, count) for fqn, first, count in groups}, stored)),
-    )
+    return CheckpointMetadata(Converted(raw, tensor), sizes, frozenset(byte_keys), StoredItems(Converted(groups, stored)))
