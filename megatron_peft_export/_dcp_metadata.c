@@ -618,36 +618,28 @@ enum {
 #define TRY(x) \
     if ((x) < 0) return -1
 
-/* check_pickle's rules for the opcode about to be read: the walk's step (_pickle_walk.h), inlined in each case of
- * the reader's switch, where the walk's own dispatch always takes the same rule. A refusal is the walk's answer. */
-#define WALKED                                                                 \
-    do {                                                                       \
-        walked = walk_step(&r->walk);                                          \
-        if (walked == WALK_REFUSED) {                                          \
-            r->refused = 1;                                                    \
-            return DECLINE(r, "check_pickle's walk refused it");               \
-        }                                                                      \
-        if (walked == WALK_NO_MEMORY) return DECLINE(r, "out of memory");      \
-        if (walked == WALK_DONE && op != STOP) return DECLINE(r, "a STOP");     \
-    } while (0)
-
 static int run(R *r) {
     const unsigned char *d = r->d;
     size_t end = r->end, at = 0;
     V a, b, c;
     while (at < end) {
-        /* every opcode read was walked (WALKED), and the walk stands where the reader does */
+        /* check_pickle's rules for the opcode about to be read first (the walk's step, _pickle_walk.h): every opcode
+         * is walked before it is read, the walk standing where the reader does; a refusal is the walk's answer */
         if (r->walk.at != (Py_ssize_t)at) return DECLINE(r, "the walk and the reader read different opcodes");
-        int walked = -1, op = d[at++];
+        int walked = walk_step(&r->walk), op = d[at++];
+        if (walked == WALK_REFUSED) {
+            r->refused = 1;
+            return DECLINE(r, "check_pickle's walk refused it");
+        }
+        if (walked == WALK_NO_MEMORY) return DECLINE(r, "out of memory");
+        if (walked == WALK_DONE && op != STOP) return DECLINE(r, "the walk and the reader read different opcodes");
         switch (op) {
             case PROTO:
-                WALKED;
                 NEED(1);
                 if (d[at] > r->t->highest_protocol) return DECLINE(r, "an unsupported protocol");
                 r->proto = d[at++];
                 break;
             case FRAME: {
-                WALKED;
                 NEED(8);
                 uint64_t n = le(d + at, 8);
                 at += 8;
@@ -655,68 +647,56 @@ static int run(R *r) {
                 break;
             }
             case STOP: /* the walk's STOP too: it has passed the whole pickle */
-                WALKED;
                 if (walked != WALK_DONE) return DECLINE(r, "the walk and the reader read different opcodes");
                 TRY(pop(r, &r->root));
                 return 0;
             case MARK:
-                WALKED;
                 if (r->n_marks == r->cap_marks &&
                     grow((void **)&r->marks, &r->cap_marks, r->n_marks + 1, sizeof(size_t)) < 0)
                     return DECLINE(r, "out of memory");
                 r->marks[r->n_marks++] = r->stack.n;
                 break;
             case POP:
-                WALKED;
                 if (r->n_marks && r->marks[r->n_marks - 1] == r->stack.n)
                     r->n_marks--;
                 else
                     TRY(pop(r, &a));
                 break;
             case POP_MARK: {
-                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 r->stack.n = mark;
                 break;
             }
             case DUP:
-                WALKED;
                 if (r->stack.n <= fence(r)) return DECLINE(r, "stack underflow");
                 TRY(vals_push(r, &r->stack, r->stack.v[r->stack.n - 1]));
                 break;
             case NONE:
-                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_NONE, 0)));
                 break;
             case NEWTRUE:
-                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_TRUE, 0)));
                 break;
             case NEWFALSE:
-                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_FALSE, 0)));
                 break;
             case BININT:
-                WALKED;
                 NEED(4);
                 TRY(vals_push(r, &r->stack, MK(T_INT, (V)(int64_t)(int32_t)(uint32_t)le(d + at, 4))));
                 at += 4;
                 break;
             case BININT1:
-                WALKED;
                 NEED(1);
                 TRY(vals_push(r, &r->stack, MK(T_INT, d[at])));
                 at += 1;
                 break;
             case BININT2:
-                WALKED;
                 NEED(2);
                 TRY(vals_push(r, &r->stack, MK(T_INT, le(d + at, 2))));
                 at += 2;
                 break;
             case LONG1: {
-                WALKED;
                 NEED(1);
                 int n = d[at++];
                 if (n > 8) return DECLINE(r, "an int of more than 8 bytes");
@@ -730,7 +710,6 @@ static int run(R *r) {
                 break;
             }
             case BINFLOAT:
-                WALKED;
                 NEED(8);
                 at += 8;
                 TRY(vals_push(r, &r->stack, MK(T_OPAQUE, 0)));
@@ -738,7 +717,6 @@ static int run(R *r) {
             case SHORT_BINUNICODE:
             case BINUNICODE:
             case BINUNICODE8: {
-                WALKED;
                 int width = op == SHORT_BINUNICODE ? 1 : op == BINUNICODE ? 4 : 8;
                 NEED(width);
                 uint64_t n = le(d + at, width);
@@ -752,7 +730,6 @@ static int run(R *r) {
                 break;
             }
             case GLOBAL: {
-                WALKED;
                 const unsigned char *m = d + at, *nl = memchr(m, '\n', end - at);
                 if (nl == NULL) return DECLINE(r, "an unterminated line");
                 const unsigned char *n = nl + 1, *nl2 = memchr(n, '\n', (size_t)(d + end - n));
@@ -762,20 +739,17 @@ static int run(R *r) {
                 break;
             }
             case STACK_GLOBAL:
-                WALKED;
                 TRY(pop(r, &b));
                 TRY(pop(r, &a));
                 if (TAG(a) != T_STR || TAG(b) != T_STR) return DECLINE(r, "STACK_GLOBAL not of strings");
                 TRY(push_global(r, str_bytes(r, a), LEN(a), str_bytes(r, b), LEN(b)));
                 break;
             case EMPTY_TUPLE:
-                WALKED;
                 TRY(vals_push(r, &r->stack, MK(T_TUPLE, 0)));
                 break;
             case TUPLE1:
             case TUPLE2:
             case TUPLE3: {
-                WALKED;
                 size_t n = (size_t)(op - TUPLE1 + 1);
                 if (r->stack.n < n || r->stack.n - n < fence(r)) return DECLINE(r, "stack underflow");
                 TRY(tuple_from(r, r->stack.n - n, &a));
@@ -783,7 +757,6 @@ static int run(R *r) {
                 break;
             }
             case TUPLE: {
-                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 TRY(tuple_from(r, mark, &a));
@@ -791,84 +764,70 @@ static int run(R *r) {
                 break;
             }
             case EMPTY_LIST: {
-                WALKED;
                 uint32_t id;
                 if (seq_new(r, &r->lists, &r->n_lists, &r->cap_lists, &id) == NULL) return -1;
                 TRY(vals_push(r, &r->stack, MK(T_LIST, id)));
                 break;
             }
             case EMPTY_DICT:
-                WALKED;
                 TRY(dict_new(r, &a));
                 TRY(vals_push(r, &r->stack, a));
                 break;
             case APPEND:
-                WALKED;
                 TRY(appends(r, r->stack.n - (r->stack.n > 0)));
                 break;
             case APPENDS: {
-                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 TRY(appends(r, mark));
                 break;
             }
             case SETITEM:
-                WALKED;
                 if (r->stack.n < 2) return DECLINE(r, "stack underflow");
                 TRY(setitems(r, r->stack.n - 2));
                 break;
             case SETITEMS: {
-                WALKED;
                 size_t mark;
                 TRY(marker(r, &mark));
                 TRY(setitems(r, mark));
                 break;
             }
             case MEMOIZE:
-                WALKED;
                 TRY(memo_put(r, r->memo_len));
                 break;
             case BINPUT:
-                WALKED;
                 NEED(1);
                 TRY(memo_put(r, d[at]));
                 at += 1;
                 break;
             case LONG_BINPUT:
-                WALKED;
                 NEED(4);
                 TRY(memo_put(r, le(d + at, 4)));
                 at += 4;
                 break;
             case BINGET:
-                WALKED;
                 NEED(1);
                 TRY(memo_get(r, d[at]));
                 at += 1;
                 break;
             case LONG_BINGET:
-                WALKED;
                 NEED(4);
                 TRY(memo_get(r, le(d + at, 4)));
                 at += 4;
                 break;
             case NEWOBJ:
             case REDUCE:
-                WALKED;
                 TRY(pop(r, &b));
                 TRY(pop(r, &a));
                 TRY(call(r, a, b, op == NEWOBJ, &c));
                 TRY(vals_push(r, &r->stack, c));
                 break;
             case BUILD:
-                WALKED;
                 TRY(pop(r, &b));
                 if (r->stack.n <= fence(r)) return DECLINE(r, "stack underflow");
                 TRY(build(r, r->stack.v[r->stack.n - 1], b));
                 break;
             default:
-                WALKED;
                 return DECLINE(r, "an opcode it does not read");
         }
     }

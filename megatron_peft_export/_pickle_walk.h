@@ -325,8 +325,8 @@ static int walk_variable(Walk *w, int op, int kind) {
 }
 
 /* One step of the walk: at a frame's end, the frame's rules; then the opcode at w->at, w->at moved past it. WALK_OK:
- * go on; WALK_DONE: the opcode was STOP. Inlined where it is called: the C reader calls it in each case of its own
- * switch, where the rule an opcode takes (this switch) is always the same and its jump predicted. */
+ * go on; WALK_DONE: the opcode was STOP. Inlined where it is called (once per user: check_pickle's loop, the C
+ * reader's loop before its own switch); the rare opcodes of a variable argument and the frame ends are calls. */
 WALK_INLINE int walk_step(Walk *w) {
     if (w->at >= w->limit) {
         int r = walk_frame_end(w);

@@ -683,4 +683,5 @@ def _read_compact(data: bytes) -> CheckpointMetadata | None:
     def stored(fqn: str, span: tuple[int, int]) -> dict:
         return reader.items(items, offsets, *span, paths, StoredItem)
 
-    return CheckpointMetadata(Converted(raw, tensor), sizes, frozenset(byte_keys), StoredItems(Converted(groups, stored)))
+    items_by_key = StoredItems(Converted(groups, stored))
+    return CheckpointMetadata(Converted(raw, tensor), sizes, frozenset(byte_keys), items_by_key)
