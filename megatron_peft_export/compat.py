@@ -141,6 +141,7 @@ _PLAIN_SUFFIXES = frozenset((".lora_A.weight", ".lora_B.weight"))
 """The last 14 characters of nearly every key: `<module>.lora_A.weight` (or B) is what _LORA_KEY matches with that
 module (its `.+` is greedy: the longest module, and no shorter suffix ends in `.weight`) when the module is not empty
 and no key holds a newline (`.` stops at one, `$` matches before one), so those keys skip the regular expression."""
+_SUFFIX = len(".lora_A.weight")  # both suffixes' length
 
 
 def _modules(
@@ -227,8 +228,8 @@ def _keys_each(shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict[st
     names: set[str] = set()
     lora, plain = kinds["lora"], "\n" not in "".join(shapes)
     for key, shape in shapes.items():
-        if plain and key[-14:] in _PLAIN_SUFFIXES and len(key) > 14:
-            module = key[:-14].removeprefix(PEFT_PREFIX)
+        if plain and key[-_SUFFIX:] in _PLAIN_SUFFIXES and len(key) > _SUFFIX:
+            module = key[:-_SUFFIX].removeprefix(PEFT_PREFIX)
             names.add(module)
             lora.append(key)
             if key[-8] == "A" and len(shape) >= 1:
@@ -258,10 +259,10 @@ def _plain_keys(shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict[s
     each longer than and ending in one of `_PLAIN_SUFFIXES`: all of them lora keys), computed on the list of keys in
     one pass each; else None."""
     keys = list(shapes)
-    ends = list(map(itemgetter(slice(-14, None)), keys))
-    if not _PLAIN_SUFFIXES.issuperset(ends) or min(map(len, keys), default=15) <= 14 or "\n" in "".join(keys):
+    ends = list(map(itemgetter(slice(-_SUFFIX, None)), keys))
+    if not _PLAIN_SUFFIXES.issuperset(ends) or min(map(len, keys), default=_SUFFIX + 1) <= _SUFFIX or "\n" in "".join(keys):
         return None
-    modules = list(map(str.removeprefix, map(itemgetter(slice(None, -14)), keys), repeat(PEFT_PREFIX)))
+    modules = list(map(str.removeprefix, map(itemgetter(slice(None, -_SUFFIX)), keys), repeat(PEFT_PREFIX)))
     is_a = list(map(_A_SUFFIX.__eq__, ends))
     a_shapes = list(compress(shapes.values(), is_a))
     # rows of each lora_A with at least one dimension (`_keys_each`'s `len(shape) >= 1`), in key order
