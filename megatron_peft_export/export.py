@@ -203,6 +203,9 @@ class _Planned:
     """((rank, transfer), whether fused tensors are stacked, output dtype) -> `_runs` of those shards' placements."""
     ranks: dict | None = None
     """Each rank's positions in `ordered` and transfers (`_ranks`), once `_gather` has listed them."""
+    payloads: dict = field(default_factory=dict)
+    """(fused layout, output dtype) -> the entries and layout of this plan's `safetensors_out.Payload`, which
+    `allocate_adapter` reuses."""
     received: dict = field(default_factory=dict)
     """((rank, transfer), whether fused tensors are stacked, output dtype) -> `_byte_copies` of that transfer (None:
     placed by `_place`), once `_place_received` has listed them."""
@@ -703,12 +706,27 @@ def allocate_adapter(planned: _Planned, options: ExportOptions, dtype: torch.dty
             planned.fused = fused_layout(plan, names.arch, names.geometry.num_experts) or False
         layout = planned.fused
         if layout:
-            written = safetensors_out.allocate(
-                {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
+            written = _allocate(
+                planned,
+                (True, dtype),
+                lambda: safetensors_out.allocate(
+                    {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
+                ),
             )
             return Allocated(written, layout.replaced, layout, dtype)
-    tensors = safetensors_out.allocate_plan(plan, dtype)
+    tensors = _allocate(planned, (False, dtype), lambda: safetensors_out.allocate_plan(plan, dtype))
     return Allocated(tensors, None, None, dtype)
+
+
+def _allocate(planned: _Planned, key: tuple, allocate: Callable[[], safetensors_out.Payload]) -> safetensors_out.Payload:
+    """`allocate()`, or a new payload of the layout it gave for this plan before (`_Planned.payloads`: the layout of
+    10^5 tensors is made once per plan, each export only a new buffer)."""
+    held = planned.payloads.get(key)
+    if held is not None:
+        return safetensors_out.Payload(*held)
+    payload = allocate()
+    planned.payloads[key] = (payload.entries, payload.layout)  # not the payload: its buffer goes with the export
+    return payload
 
 
 @paused_collection()
