@@ -718,7 +718,9 @@ def allocate_adapter(planned: _Planned, options: ExportOptions, dtype: torch.dty
     return Allocated(tensors, None, None, dtype)
 
 
-def _allocate(planned: _Planned, key: tuple, allocate: Callable[[], safetensors_out.Payload]) -> safetensors_out.Payload:
+def _allocate(
+    planned: _Planned, key: tuple, allocate: Callable[[], safetensors_out.Payload]
+) -> safetensors_out.Payload:
     """`allocate()`, or a new payload of the layout it gave for this plan before (`_Planned.payloads`: the layout of
     10^5 tensors is made once per plan, each export only a new buffer)."""
     held = planned.payloads.get(key)

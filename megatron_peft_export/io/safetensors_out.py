@@ -165,7 +165,9 @@ class Payload(Mapping[str, torch.Tensor]):
     and never needs most views). `save_file` writes it from `entries`, `where` and the buffer: the header from names,
     dtypes and shapes, the payload with one system call."""
 
-    def __init__(self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], layout: _Layout | None = None) -> None:
+    def __init__(
+        self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], layout: _Layout | None = None
+    ) -> None:
         """`layout`: the `layout` of an earlier payload of these very `entries` (that payload's own dict), reused with
         them: neither changes."""
         self.entries = dict(entries) if layout is None else entries
