@@ -9,9 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import accumulate, groupby, islice
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import torch
@@ -99,6 +103,7 @@ def close_group(group: Any) -> None:
     except Exception as exc:  # already gone, or a torch without per-group destroy: the timeout still bounds the others
         log.debug("closing the failed export group: %s", exc)
     _TIMEOUTS.pop(id(group), None)
+    _HELD.pop(id(group), None)
 
 
 def all_gather(obj: Any, group: Any) -> list[Any]:
@@ -117,6 +122,49 @@ def gather(obj: Any, dst: int, group: Any) -> list[Any] | None:
         dist.gather_object(None if mine else obj, out, dst=dst, group=group)
     if out is not None:
         out[dist.get_rank(group)] = obj
+    return out
+
+
+_HELD: dict[int, tuple[Any, OrderedDict]] = {}
+"""id(group) -> (the group, {(sending rank, key): object}): what `gather_held` received, on the receiving rank."""
+HELD_KEPT = 16
+"""Objects `gather_held` keeps per group (the oldest goes first)."""
+
+
+def gather_held(obj: Any, key: Hashable | None, dst: int, group: Any) -> list[Any] | None:
+    """`gather`, but a rank whose `key` (not None) names an object `dst` received from it before sends the key alone:
+    `dst` answers which ranks' objects it lacks, and only those are sent (three collectives, two of them tiny). For
+    large objects that are often the same (a rank's report of the walk it has cached): a key must name one object
+    for as long as its rank lives (its group's ranks are fixed processes)."""
+    keys = gather(key, dst, group)
+    held = None
+    if keys is not None:
+        entry = _HELD.get(id(group))
+        if entry is None or entry[0] is not group:  # a group made after another with its id
+            entry = _HELD[id(group)] = (group, OrderedDict())
+        held = entry[1]
+        me = dist.get_rank(group)
+        lacking = [rank for rank, k in enumerate(keys) if rank != me and (k is None or (rank, k) not in held)]
+    box = [lacking if held is not None else None]
+    with _collective(group, "exchanging export metadata"):
+        dist.broadcast_object_list(box, src=dst, group=group)
+    lacking = box[0]
+    sent = gather(obj if dist.get_rank(group) in lacking else None, dst, group) if lacking else None
+    if held is None:
+        return None
+    out = []
+    for rank, k in enumerate(keys):
+        if rank == dist.get_rank(group):
+            out.append(obj)
+        elif rank in lacking:
+            out.append(sent[rank])
+            if k is not None:
+                held[(rank, k)] = sent[rank]
+                while len(held) > HELD_KEPT:
+                    held.popitem(last=False)
+        else:
+            held.move_to_end((rank, k))
+            out.append(held[(rank, k)])
     return out
 
 
@@ -193,19 +241,33 @@ BUCKET_BYTES = 64 << 20
 
 def buckets(items: list[tuple[tuple[int, ...], str]], max_bytes: int = BUCKET_BYTES) -> list[list[int]]:
     """Consecutive indices of (shape, dtype) items grouped into transfers: one dtype each, at most `max_bytes` unless
-    one item alone is larger. Sender and receiver compute it from the same specs, so they agree without a message."""
+    one item alone is larger. Sender and receiver compute it from the same specs, so they agree without a message.
+
+    Each run of one dtype is cut where its running byte count passes `max_bytes` past the last cut (bisected on the
+    running sums: no Python step per item, a sender lists 10^5 shards at every export)."""
     out: list[list[int]] = []
-    held, dtype = 0, None
-    sizes: dict[str, int] = {}  # element size per dtype name, asked of torch once
-    for i, (shape, name) in enumerate(items):
-        element = sizes.get(name) or sizes.setdefault(name, torch.empty((), dtype=getattr(torch, name)).element_size())
-        size = math.prod(shape) * element
-        if not out or name != dtype or held + size > max_bytes:
-            out.append([])
-            held, dtype = 0, name
-        out[-1].append(i)
-        held += size
+    start = 0
+    for name, run in groupby(map(itemgetter(1), items)):
+        count = sum(1 for _ in run)
+        element = torch.empty((), dtype=getattr(torch, name)).element_size()
+        ends = list(accumulate(map(math.prod, map(itemgetter(0), islice(items, start, start + count)))))
+        first, base = 0, 0
+        while first < count:
+            last = max(bisect_right(ends, base + max_bytes // element, first), first + 1)  # one item at least
+            out.append(list(range(start + first, start + last)))
+            first, base = last, ends[last - 1]
+        start += count
     return out
+
+
+_IS_CPU = attrgetter("is_cpu")
+
+
+def _flat_on_host(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors already in host memory, concatenated into one flat buffer by one C++ call (no Python step per
+    tensor)."""
+    with torch.no_grad():
+        return torch._C._nn.flatten_dense_tensors(tensors)
 
 
 def send_bucket(tensors: list[torch.Tensor], dst: int, group: Any) -> ExportError | None:
@@ -213,18 +275,13 @@ def send_bucket(tensors: list[torch.Tensor], dst: int, group: Any) -> ExportErro
     that fails to copy goes as zeros, and the failure is returned)."""
     if len(tensors) == 1:
         return send(tensors[0], dst, group)
-    failure = None
-    if all(t.device.type == "cpu" for t in tensors):  # `host_copy` is the tensor itself: one C++ concatenation
-        parts = []
-        for t in tensors:
-            try:
-                parts.append(host_copy(t))
-            except Exception as exc:
-                failure = failure or _as_export_error(exc)
-                parts.append(torch.zeros(tuple(t.shape), dtype=t.dtype))
-        with torch.no_grad():
-            flat = torch._C._nn.flatten_dense_tensors(parts)
-    else:  # one tensor off the device at a time, into its place in the flat buffer
+    failure, flat = None, None
+    if all(map(_IS_CPU, tensors)):
+        try:
+            flat = _flat_on_host(tensors)
+        except Exception as exc:  # reported after the data phase, on every rank; the copy below zeroes what fails
+            failure = _as_export_error(exc)
+    if flat is None:  # one tensor off the device at a time, into its place in the flat buffer
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
         start = 0
         for t in tensors:
@@ -240,10 +297,18 @@ def send_bucket(tensors: list[torch.Tensor], dst: int, group: Any) -> ExportErro
     return failure
 
 
+def receive_flat(shapes: list[tuple[int, ...]], dtype: torch.dtype, src: int, group: Any) -> torch.Tensor:
+    """What `send_bucket` sent, as the one flat buffer it was sent as (the tensors back to back)."""
+    return receive((sum(map(math.prod, shapes)),), dtype, src, group)
+
+
+def split_flat(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """`receive_flat`'s buffer as views of the given shapes."""
+    if len(shapes) == 1:
+        return [flat.view(shapes[0])]
+    return [part.view(shape) for part, shape in zip(flat.split(list(map(math.prod, shapes))), shapes)]
+
+
 def receive_bucket(shapes: list[tuple[int, ...]], dtype: torch.dtype, src: int, group: Any) -> list[torch.Tensor]:
     """What `send_bucket` sent: one message, split into views of the given shapes."""
-    if len(shapes) == 1:
-        return [receive(shapes[0], dtype, src, group)]
-    sizes = [torch.Size(shape).numel() for shape in shapes]
-    flat = receive((sum(sizes),), dtype, src, group)
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    return split_flat(receive_flat(shapes, dtype, src, group), shapes)

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import logging
+import math
 import operator
 import os
 import threading
@@ -176,6 +177,15 @@ def take_snapshot(model: Any, layout: coll.RankLayout, options: ExportOptions, *
     return Snapshot(report, shards, carriers)
 
 
+def _report_key(report: _Report, options: ExportOptions) -> tuple | None:
+    """What names `report` on the writer once it has it (`coll.gather_held`): its walk and adapter (a walk reports each
+    of its adapters), None when it is not of a cached walk or carries an error. The writer reads no other rank's
+    `hf_config`, the one field two reports of one walk may differ in."""
+    if report.walk is None or report.error is not None:
+        return None
+    return report.walk, options.adapter_name
+
+
 @dataclass
 class _Planned:
     """The writer's plan of one export, and what depends on it alone (reused while the reports stay those of the same
@@ -193,6 +203,12 @@ class _Planned:
     """((rank, transfer), whether fused tensors are stacked, output dtype) -> `_runs` of those shards' placements."""
     ranks: dict | None = None
     """Each rank's positions in `ordered` and transfers (`_ranks`), once `_gather` has listed them."""
+    payloads: dict = field(default_factory=dict)
+    """(fused layout, output dtype) -> the entries and layout of this plan's `safetensors_out.Payload`, which
+    `allocate_adapter` reuses."""
+    received: dict = field(default_factory=dict)
+    """((rank, transfer), whether fused tensors are stacked, output dtype) -> `_byte_copies` of that transfer (None:
+    placed by `_place`), once `_place_received` has listed them."""
     own: dict = field(default_factory=dict)
     """((rank, transfer), whether fused tensors are stacked) -> those shards' placements (`_own_slices`), once `_place`
     has listed them."""
@@ -337,9 +353,9 @@ def _gather(
     snapshot: Snapshot, planned: _Planned, allocated: Allocated | None, group: Any, failure: Exception | None
 ) -> Exception | None:
     """The writer: receive every other rank's shards (one message per bucket) and place every shard into the HF
-    tensors (`_place`: its own shards at once when they are in host memory, another rank's bucket by bucket as each
-    arrives; else queued views, copied in bulk). Every send is received, even after a failure, so no sender hangs; the
-    first failure is returned."""
+    tensors (its own shards at once when they are in host memory, by `_place`, else queued views, copied in bulk;
+    another rank's bucket by bucket as each arrives, by `_place_received`). Every send is received, even after a
+    failure, so no sender hangs; the first failure is returned."""
     ordered, plan = planned.ordered, planned.plan
     copies = BulkCopy()
     if planned.ranks is None:
@@ -356,18 +372,19 @@ def _gather(
                 failure = exc
                 continue
         for b, bucket in enumerate([range(len(positions))] if mine else buckets):
-            specs = [ordered[positions[k]][2] for k in bucket]
-            data = (
-                [None] * len(specs)
-                if mine
-                else coll.receive_bucket([spec.shape for spec in specs], getattr(torch, specs[0].dtype), rank, group)
-            )
+            if not mine:
+                shapes = [ordered[positions[k]][2].shape for k in bucket]
+                dtype = getattr(torch, ordered[positions[bucket[0]]][2].dtype)
+                flat = coll.receive_flat(shapes, dtype, rank, group)  # every send is received, even after a failure
+                if failure is None:
+                    try:
+                        _place_received(flat, shapes, planned, (rank, b), [positions[k] for k in bucket], allocated)
+                    except Exception as exc:
+                        failure = exc
+                continue
             if failure is not None:
                 continue
             try:
-                if not mine:  # in host memory: placed as the writer's own shards are
-                    _place(data, planned, (rank, b), [positions[k] for k in bucket], allocated)
-                    continue
                 for k in bucket:  # the writer's own shards, each off the device in turn
                     shard = snapshot.shards[indices[k]].tensor.detach()
                     shard = shard if shard.device.type == "cpu" else coll.host_copy(shard)
@@ -380,6 +397,75 @@ def _gather(
         except Exception as exc:
             failure = exc
     return failure
+
+
+def _place_received(
+    flat: torch.Tensor,
+    shapes: list[tuple[int, ...]],
+    planned: _Planned,
+    which: tuple,
+    positions: list[int],
+    allocated: Allocated,
+) -> None:
+    """Another rank's transfer (`flat`: its shards at `positions` in `ordered`, back to back) into the HF tensors: by
+    its byte copies into the file's payload (`_byte_copies`, listed once per plan and output layout; no tensor made
+    per shard), else as views placed as the writer's own shards are (`_place`)."""
+    key = (which, allocated.layout is not None, allocated.dtype)
+    copies = planned.received.get(key, _UNLISTED)
+    if copies is _UNLISTED:
+        copies = planned.received[key] = _byte_copies(planned, positions, shapes, flat.dtype, allocated.written)
+    if copies is None:
+        _place(coll.split_flat(flat, shapes), planned, which, positions, allocated)
+        return
+    source, payload = memoryview(flat.view(torch.uint8).numpy()), allocated.written.buffer()
+    for start, at, size in copies:
+        payload[at : at + size] = source[start : start + size]
+
+
+_UNLISTED = object()
+
+
+def _byte_copies(
+    planned: _Planned,
+    positions: list[int],
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    written: Any,
+) -> list[tuple[int, int, int]] | None:
+    """The placements of shards laid back to back (`shapes`, of `dtype`; at `positions` in `ordered`) as byte copies
+    into the payload `written`: (first byte in the shards, first byte in the payload, bytes), in payload order, each
+    merged with the next when both continue it. None when some placement is not a plain byte copy: into a view of a
+    fused tensor (not in the payload by name), into another dtype (a conversion), between shapes that differ off the
+    placement's dim (a broadcast)."""
+    if not isinstance(written, safetensors_out.Payload):
+        return None
+    where, entries, placements = written.where, written.entries, planned.plan.placements
+    size = dtype.itemsize
+    copies = []
+    at = 0
+    for n, shape in zip(positions, shapes):
+        for p in placements[n]:
+            span, entry = where.get(p.key), entries.get(p.key)
+            if span is None or entry[0] != dtype or len(entry[1]) != len(shape):
+                return None
+            full, dim = entry[1], p.dim
+            if any(a != b for i, (a, b) in enumerate(zip(shape, full)) if i != dim):
+                return None
+            inner = math.prod(shape[dim + 1 :]) * size  # bytes per index along `dim`
+            src, dst, length = at + p.src_start * inner, span[0] + p.dst_start * inner, p.length * inner
+            for _ in range(math.prod(shape[:dim])):  # one copy per index before `dim` (none when dim is 0)
+                if length:
+                    copies.append((src, dst, length))
+                src, dst = src + shape[dim] * inner, dst + full[dim] * inner
+        at += math.prod(shape) * size
+    copies.sort(key=operator.itemgetter(1))
+    merged: list[list[int]] = []
+    for src, dst, length in copies:
+        if merged and merged[-1][0] + merged[-1][2] == src and merged[-1][1] + merged[-1][2] == dst:
+            merged[-1][2] += length
+        else:
+            merged.append([src, dst, length])
+    return list(map(tuple, merged))
 
 
 def _ranks(ordered: list[tuple[int, int, ShardSpec]]) -> dict[int, tuple[list[int], list[int], list[list[int]]]]:
@@ -401,6 +487,7 @@ def _ranks(ordered: list[tuple[int, int, ShardSpec]]) -> dict[int, tuple[list[in
 
 
 _IS_CPU, _TENSOR = operator.attrgetter("is_cpu"), operator.attrgetter("tensor")
+_SPEC, _SHAPE, _DTYPE = operator.attrgetter("spec"), operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 def _place(
@@ -619,12 +706,29 @@ def allocate_adapter(planned: _Planned, options: ExportOptions, dtype: torch.dty
             planned.fused = fused_layout(plan, names.arch, names.geometry.num_experts) or False
         layout = planned.fused
         if layout:
-            written = safetensors_out.allocate(
-                {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
+            written = _allocate(
+                planned,
+                (True, dtype),
+                lambda: safetensors_out.allocate(
+                    {key: (dtype or getattr(torch, layout.dtypes[key]), shape) for key, shape in layout.shapes.items()}
+                ),
             )
             return Allocated(written, layout.replaced, layout, dtype)
-    tensors = safetensors_out.allocate_plan(plan, dtype)
+    tensors = _allocate(planned, (False, dtype), lambda: safetensors_out.allocate_plan(plan, dtype))
     return Allocated(tensors, None, None, dtype)
+
+
+def _allocate(
+    planned: _Planned, key: tuple, allocate: Callable[[], safetensors_out.Payload]
+) -> safetensors_out.Payload:
+    """`allocate()`, or a new payload of the layout it gave for this plan before (`_Planned.payloads`: the layout of
+    10^5 tensors is made once per plan, each export only a new buffer)."""
+    held = planned.payloads.get(key)
+    if held is not None:
+        return safetensors_out.Payload(*held)
+    payload = allocate()
+    planned.payloads[key] = (payload.entries, payload.layout)  # not the payload: its buffer goes with the export
+    return payload
 
 
 @paused_collection()
@@ -646,7 +750,7 @@ def run_export(
     raises on every rank. Returns finish's result on the writer, None elsewhere.
     """
     out_dtype = parse_dtype(options.dtype)
-    reports = coll.gather(snapshot.report, WRITER, group)
+    reports = coll.gather_held(snapshot.report, _report_key(snapshot.report, options), WRITER, group)
     coll.agree(snapshot.report.error, group)
 
     def plan_and_stage() -> tuple:
@@ -658,9 +762,10 @@ def run_export(
     outcome = coll.broadcast_outcome(plan_and_stage, WRITER, group)
     if layout.rank != WRITER:
         failure = None
-        for bucket in coll.buckets([(s.spec.shape, s.spec.dtype) for s in snapshot.shards]):
+        tensors, specs = list(map(_TENSOR, snapshot.shards)), list(map(_SPEC, snapshot.shards))
+        for bucket in coll.buckets(list(zip(map(_SHAPE, specs), map(_DTYPE, specs)))):
             # a local failure is sent as zeros and agreed on below, so the writer never waits
-            failure = coll.send_bucket([snapshot.shards[i].tensor for i in bucket], WRITER, group) or failure
+            failure = coll.send_bucket(list(map(tensors.__getitem__, bucket)), WRITER, group) or failure
         coll.agree(failure, group)
         coll.broadcast_outcome(lambda: None, WRITER, group)
         return None

@@ -165,9 +165,13 @@ class Payload(Mapping[str, torch.Tensor]):
     and never needs most views). `save_file` writes it from `entries`, `where` and the buffer: the header from names,
     dtypes and shapes, the payload with one system call."""
 
-    def __init__(self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
-        self.entries = dict(entries)
-        self.layout = _layout(self.entries)
+    def __init__(
+        self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], layout: _Layout | None = None
+    ) -> None:
+        """`layout`: the `layout` of an earlier payload of these very `entries` (that payload's own dict), reused with
+        them: neither changes."""
+        self.entries = dict(entries) if layout is None else entries
+        self.layout = _layout(self.entries) if layout is None else layout
         self.where, self._bounds = self.layout.where, self.layout.bounds
         """key -> (start, end) of its bytes in `flat`, in payload order."""
         self.flat = torch.empty(max((end for _, end in self._bounds.values()), default=0), dtype=torch.uint8)

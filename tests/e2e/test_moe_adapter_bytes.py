@@ -160,3 +160,61 @@ def test_grouped_expert_adapters_are_the_bytes_of_the_expected_tensors(tmp_path,
         save_file(_expected(QWEN3_MOE_LIKE, layout, lora), str(reference), metadata={"format": "pt"})
         for written in (tmp_path / f"export_{layout}", tmp_path / "save" / "iter_0000001" / f"hook_{layout}"):
             assert (written / "adapter_model.safetensors").read_bytes() == reference.read_bytes(), written
+
+
+def _warm_exports(rank, world, tmp):
+    """At EP = world, per_expert: a first export, a warm one (the other rank's report held by the writer, its
+    transfer placed by byte copies listed then), one after a step changed every value in place (same walk, new bytes),
+    one converted to bfloat16 (placed as views: a conversion is no byte copy), and one after the sender alone walked
+    anew (its new report sent again: the writer lacks it)."""
+    import torch
+
+    from megatron_peft_export import export_adapter
+    from tests.support import tiny_moe
+    from tests.support.tiny_gpt import apply_modelopt_lora
+
+    tiny_moe.init_moe_parallel(ep=world)
+    model = apply_modelopt_lora(
+        tiny_moe.build_moe_gpt(tiny_moe.QWEN3_MOE_LIKE), rank=RANK, targets=tiny_moe.ROUTED_EXPERT_TARGETS
+    )
+    tiny_moe.fill_moe_lora_random(model, seed=SEED)
+    tmp = Path(tmp)
+
+    def export(name, **options):
+        export_adapter(model, tmp / name, model_type=FAMILY, expert_layout="per_expert", **options)
+
+    export("first")
+    export("warm")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        torch._foreach_add_(trained, 1.0)
+    export("stepped")
+    export("bf16", dtype="bfloat16")
+    if rank == world - 1:  # new storage: this rank's cached walk is stale, the others' still current
+        trained[0].data = trained[0].data.clone()
+    export("rewalked")
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
+def test_warm_live_moe_exports_are_the_bytes_of_the_expected_tensors(tmp_path, world):
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.support.tiny_moe import QWEN3_MOE_LIKE
+
+    run_ranks(_warm_exports, world, str(tmp_path))
+
+    def stepped(*args):
+        return _seeded_lora(*args) + 1.0
+
+    expected = {
+        "first": _expected(QWEN3_MOE_LIKE, "per_expert"),
+        "stepped": _expected(QWEN3_MOE_LIKE, "per_expert", stepped),
+    }
+    expected["warm"] = expected["first"]
+    expected["rewalked"] = expected["stepped"]
+    expected["bf16"] = {k: v.to(torch.bfloat16) for k, v in expected["stepped"].items()}
+    for name, tensors in expected.items():
+        reference = tmp_path / f"reference_{name}.safetensors"
+        save_file(tensors, str(reference), metadata={"format": "pt"})
+        assert (tmp_path / name / "adapter_model.safetensors").read_bytes() == reference.read_bytes(), name

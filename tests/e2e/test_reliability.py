@@ -410,8 +410,8 @@ def _export_with_a_fault(rank, world, tmp, fault):
 
     model = _model(world)
     calls = [0]
-    module, name, victim, fail_at = (  # the writer: placing the other rank's first transfer (its own came first)
-        (coll_module, "host_copy", 1, 3) if fault == "sender" else (export_module, "_place", 0, 2)
+    module, name, victim, fail_at = (  # the sender: making its first transfer; the writer: placing it
+        (coll_module, "_flat_on_host", 1, 1) if fault == "sender" else (export_module, "_place_received", 0, 1)
     )
     if rank == victim:
         original = getattr(module, name)
@@ -461,12 +461,13 @@ def _peer_dies(rank, world, save, victim, how, on_error, timeout):
     directory = checkpoint_dir(save, 1)
     hook = _hook(collective_timeout=timeout, on_error=on_error)
     if rank == victim:
-        module, name = (export_module, "_place") if victim == 0 else (coll_module, "host_copy")
+        # the writer: placing another rank's transfer; a sender: making its transfer
+        module, name = (export_module, "_place_received") if victim == 0 else (coll_module, "_flat_on_host")
         original, calls = getattr(module, name), [0]
 
         def dying(*args):
             calls[0] += 1
-            if calls[0] == 2:
+            if calls[0] == 1:
                 (Path(save) / "victim").write_text(f"{os.getpid()} {time.time()}")
                 os.kill(os.getpid(), signal.SIGKILL if how == "killed" else signal.SIGSTOP)
             return original(*args)
