@@ -11,22 +11,13 @@
  * accepts or refuses as it always did. What it accepts, every check the Python path makes when parsing or when a
  * key is first read has passed. The facts (allowed globals and what each is, record classes and their fields, the
  * limits) are given by Python (dcp_metadata._reader_tables), as _pickle_walk.c takes its tables from Python.
- *
- * check_pickle's walk (_pickle_walk.h, the same code check_pickle runs) takes its step on every opcode before the
- * reader interprets it, in the same pass: a pickle read here has passed every rule of check_pickle (lengths, memo
- * indices, frames, the hashing bounds), as check_pickle(data) would have walked it, opcode for opcode to the same
- * STOP; a pickle the walk refuses is refused with the walk's answer, which Python words as check_pickle does. (A
- * pickle declined before the walk refuses goes to the Python path, whose check_pickle refuses it the same way.)
- * Every read here is bounds-checked all the same.
- * The GIL is released while interpreting. read(data, tables) -> the arrays (a 7-tuple), or (code, byte, value,
- * value): check_pickle's walk refused it, or a str: why it declined. */
+ * check_pickle runs first (the lengths, the hashing bound); every read here is bounds-checked again all the same.
+ * The GIL is released while interpreting. read(data, tables) -> the arrays, or a str: why it declined. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "_pickle_walk.h"
 
 typedef uint64_t V;
 enum {
@@ -76,7 +67,6 @@ typedef struct {
     Py_ssize_t n_layouts;
     int64_t max_dims, max_extent, max_chunks, highest_protocol, properties_len, properties_dtype;
     int64_t values_per_byte, values_base; /* the output's bound: dcp_metadata.C_READER_VALUES */
-    const unsigned char *walk_tables;     /* check_pickle's (torch_save.walk_tables()), WALK_TABLES_LEN bytes */
 } Tables;
 
 typedef struct {
@@ -119,9 +109,6 @@ typedef struct {
     size_t n_longs, cap_longs;
     uint32_t *by_start, *by_hash; /* 1 + a Long's number, 0 empty: by its start; by its hash, the first of its bytes */
     size_t cap_slots;
-    Walk walk; /* check_pickle's walk, one step per opcode read */
-    WalkRefusal refusal;
-    int refused; /* declined because the walk refused: `refusal` says how */
 } R;
 
 static int decline(R *r, const char *why) {
@@ -623,16 +610,7 @@ static int run(R *r) {
     size_t end = r->end, at = 0;
     V a, b, c;
     while (at < end) {
-        /* check_pickle's rules for the opcode about to be read first (the walk's step, _pickle_walk.h): every opcode
-         * is walked before it is read, the walk standing where the reader does; a refusal is the walk's answer */
-        if (r->walk.at != (Py_ssize_t)at) return DECLINE(r, "the walk and the reader read different opcodes");
-        int walked = walk_step(&r->walk), op = d[at++];
-        if (walked == WALK_REFUSED) {
-            r->refused = 1;
-            return DECLINE(r, "check_pickle's walk refused it");
-        }
-        if (walked == WALK_NO_MEMORY) return DECLINE(r, "out of memory");
-        if (walked == WALK_DONE && op != STOP) return DECLINE(r, "the walk and the reader read different opcodes");
+        int op = d[at++];
         switch (op) {
             case PROTO:
                 NEED(1);
@@ -646,8 +624,7 @@ static int run(R *r) {
                 if (n > end - at) return DECLINE(r, "a frame past the data");
                 break;
             }
-            case STOP: /* the walk's STOP too: it has passed the whole pickle */
-                if (walked != WALK_DONE) return DECLINE(r, "the walk and the reader read different opcodes");
+            case STOP:
                 TRY(pop(r, &r->root));
                 return 0;
             case MARK:
@@ -1084,21 +1061,15 @@ static int load_name(PyObject *o, Name *out) {
 
 /* tables: (globals: ((module, name, kind, arg), ...), behaviours: (int per record kind), fields: ((names...) per
  * record kind), layouts: (names...), limits: (max_dims, max_extent, max_chunks, highest_protocol, properties_len,
- * properties_dtype, values_per_byte, values_base), walk tables: check_pickle's (bytes)); all names bytes. The objects
- * stay referenced by the caller during the call. */
+ * properties_dtype)); all names bytes. The objects stay referenced by the caller during the call. */
 static int load_tables(PyObject *tables, Tables *t) {
-    PyObject *globals, *behaviours, *fields, *layouts, *walk_tables;
+    PyObject *globals, *behaviours, *fields, *layouts;
     memset(t, 0, sizeof(*t));
-    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLL)S:tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
+    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
                           &PyTuple_Type, &fields, &PyTuple_Type, &layouts, &t->max_dims, &t->max_extent,
                           &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype,
-                          &t->values_per_byte, &t->values_base, &walk_tables))
+                          &t->values_per_byte, &t->values_base))
         return -1;
-    if (PyBytes_GET_SIZE(walk_tables) != WALK_TABLES_LEN) {
-        PyErr_SetString(PyExc_ValueError, "check_pickle's walk tables have 2048 bytes");
-        return -1;
-    }
-    t->walk_tables = (const unsigned char *)PyBytes_AS_STRING(walk_tables);
     t->n_kinds = (int)PyTuple_GET_SIZE(behaviours);
     if (t->n_kinds < K_COUNT_READ || t->n_kinds > MAX_KINDS || PyTuple_GET_SIZE(fields) != t->n_kinds) {
         PyErr_SetString(PyExc_ValueError, "record kinds");
@@ -1211,16 +1182,14 @@ static PyObject *ints_of(const R *r, V size) {
     return t;
 }
 
-/* the Python result: (byte_keys, tensors, chunks, groups, items, offsets, paths), in the shapes CheckpointMetadata
- * takes them (no Python loop over the keys after it):
- *   byte_keys: [str] of the BytesStorageMetadata entries; tensors: [(key, dtype number, size, where its chunks start
- *   in `chunks`, chunks)] in the metadata's order; chunks: int64s, per chunk its offsets then its sizes; groups:
- *   {fqn: (first item, items)} in order of first appearance, items grouped so; items: int64s, 5 per item: path
- *   number, offset, length, dimensions of its offsets (-1: None), where its offsets start in `offsets` (int64s);
- *   paths: [str]. A key's str is one object wherever it appears. */
+/* the Python result: (keys, tensors, chunks, groups, items, offsets, paths):
+ *   keys: [str] in the metadata's order; tensors: {index in keys: (dtype number, size, where its chunks start in
+ *   `chunks`, chunks)}; chunks: int64s, per chunk its offsets then its sizes; groups: [(fqn, first item, items)] in
+ *   order of first appearance, items grouped so; items: int64s, 5 per item: path number, offset, length, dimensions
+ *   of its offsets (-1: None), where its offsets start in `offsets` (int64s); paths: [str]. */
 static PyObject *result(R *r, Out *o) {
     PyObject *keys = NULL, *tensors = NULL, *chunks = NULL, *groups = NULL, *items = NULL, *offsets = NULL;
-    PyObject *paths = NULL, *byte_keys = NULL, *out = NULL;
+    PyObject *paths = NULL, *out = NULL;
     uint32_t *first = NULL, *count = NULL;
     uint32_t *entry_of = NULL;
     V *names = NULL;
@@ -1228,30 +1197,28 @@ static PyObject *result(R *r, Out *o) {
     StrMap by_name = {NULL, 0};
     size_t n_offsets = 0;
     keys = PyList_New((Py_ssize_t)o->n_entries);
-    tensors = PyList_New(0);
-    byte_keys = PyList_New(0);
-    groups = PyDict_New();
+    tensors = PyDict_New();
+    groups = PyList_New((Py_ssize_t)o->n_groups);
     paths = PyList_New((Py_ssize_t)o->n_paths);
     chunks = PyBytes_FromStringAndSize((const char *)o->chunks, (Py_ssize_t)(o->n_chunks * 8));
-    if (!keys || !tensors || !byte_keys || !groups || !paths || !chunks) goto done;
+    if (!keys || !tensors || !groups || !paths || !chunks) goto done;
     for (size_t i = 0; i < o->n_entries; i++) {
         const Entry *e = &o->entries[i];
         PyObject *key = str_of(r, e->key);
         if (key == NULL) goto done;
         PyList_SET_ITEM(keys, (Py_ssize_t)i, key);
-        if (e->dtype < 0) {
-            if (PyList_Append(byte_keys, key) < 0) goto done;
-            continue;
-        }
-        PyObject *size = ints_of(r, e->size), *row;
-        row = size ? Py_BuildValue("(OLNKK)", key, (long long)e->dtype, size, (unsigned long long)e->chunk_start,
+        if (e->dtype < 0) continue;
+        PyObject *size = ints_of(r, e->size), *at = PyLong_FromSize_t(i), *row;
+        row = size ? Py_BuildValue("(LNKK)", (long long)e->dtype, size, (unsigned long long)e->chunk_start,
                                    (unsigned long long)e->chunk_count)
                    : NULL;
-        if (row == NULL || PyList_Append(tensors, row) < 0) {
+        if (row == NULL || at == NULL || PyDict_SetItem(tensors, at, row) < 0) {
             Py_XDECREF(row);
+            Py_XDECREF(at);
             goto done;
         }
         Py_DECREF(row);
+        Py_DECREF(at);
     }
     for (size_t i = 0; i < o->n_paths; i++) {
         PyObject *p = str_of(r, o->paths[i]);
@@ -1293,11 +1260,9 @@ static PyObject *result(R *r, Out *o) {
         }
         PyObject *fqn, *row;
         fqn = key != UINT32_MAX ? Py_NewRef(PyList_GET_ITEM(keys, entry_of[key])) : str_of(r, o->groups[g]);
-        row = fqn ? Py_BuildValue("(KK)", (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
-        int set = row ? PyDict_SetItem(groups, fqn, row) : -1;
-        Py_XDECREF(fqn);
-        Py_XDECREF(row);
-        if (set < 0) goto done;
+        row = fqn ? Py_BuildValue("(NKK)", fqn, (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
+        if (row == NULL) goto done;
+        PyList_SET_ITEM(groups, (Py_ssize_t)g, row);
     }
     items = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(o->n_items * 5 * 8));
     offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_offsets * 8));
@@ -1315,7 +1280,7 @@ static PyObject *result(R *r, Out *o) {
         if (it->offsets != ABSENT)
             for (size_t j = 0; j < LEN(it->offsets); j++) offs[at_offsets++] = INTV(items_of(r, it->offsets)[j]);
     }
-    out = PyTuple_Pack(7, byte_keys, tensors, chunks, groups, items, offsets, paths);
+    out = PyTuple_Pack(7, keys, tensors, chunks, groups, items, offsets, paths);
 done:
     free(first);
     free(count);
@@ -1323,7 +1288,6 @@ done:
     free(names);
     free(by_name.slots);
     Py_XDECREF(keys);
-    Py_XDECREF(byte_keys);
     Py_XDECREF(tensors);
     Py_XDECREF(chunks);
     Py_XDECREF(groups);
@@ -1352,7 +1316,6 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     r.end = (size_t)data.len;
     r.t = &t;
     o.values_left = (uint64_t)t.values_per_byte * (uint64_t)data.len + (uint64_t)t.values_base;
-    walk_begin(&r.walk, r.d, data.len, t.walk_tables, &r.refusal);
     r.seed = mix((uint64_t)(uintptr_t)&r ^ (uint64_t)(uintptr_t)data.buf ^ (uint64_t)data.len);
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -1360,7 +1323,6 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
         status = DECLINE(&r, "the data too large");
     else {
         status = run(&r);
-        walk_free(&r.walk);
         free(r.memo.v); /* what extract reads is reachable from the root */
         r.memo.v = NULL;
         if (status == 0) status = extract(&r, &o);
@@ -1371,9 +1333,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     if (status == 0) {
         free_graph(&r, 1); /* all but the tuple pool, which holds the sizes and offsets `o` names */
         out = result(&r, &o);
-    } else if (r.refused)
-        out = walk_refusal_tuple(&r.refusal);
-    else
+    } else
         out = PyUnicode_FromString(r.why ? r.why : "declined");
     free_graph(&r, 0);
     free_out(&o);

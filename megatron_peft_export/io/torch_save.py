@@ -397,19 +397,9 @@ def check_pickle(data: bytes) -> None:
     do that, and they count it themselves (`_FilePickle._hashed_set`).
     """
     walk = _accelerated()
-    refuse_walked(walk(data, _TABLES) if walk is not None else walk_pickle(data))
-
-
-def refuse_walked(found: tuple[int, int, int, int] | None) -> None:
-    """check_pickle's answer to a walk's result: nothing when it passed (None), else ValueError in the walk's words.
-    For a reader that runs the C walk in its own pass (the `.metadata` reader, offline/dcp_metadata.py)."""
+    found = walk(data, _TABLES) if walk is not None else walk_pickle(data)
     if found is not None:
         raise ValueError(_message(*found))
-
-
-def walk_tables() -> bytes:
-    """The C walk's opcode tables (`_tables`), for a C reader that walks in its own pass (_pickle_walk.h)."""
-    return _TABLES
 
 
 def _message(code: int, at: int, a: int = 0, b: int = 0) -> str:

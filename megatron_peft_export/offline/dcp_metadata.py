@@ -33,7 +33,7 @@ import torch
 
 from ..core.brief import brief
 from ..export import paused_collection
-from ..io.torch_save import LAYOUT, Sealed, check_pickle, refuse_walked, walk_tables
+from ..io.torch_save import LAYOUT, Sealed, check_pickle
 
 log = logging.getLogger("megatron_peft_export")
 _DCP = "torch.distributed.checkpoint."
@@ -472,15 +472,9 @@ def _groups(storage: dict) -> Converted:
 
 
 def _checked(data: bytes) -> None:
-    """The whole pickle checked (torch_save.check_pickle) before the restricted unpickler reads it (the C reader
-    walks check_pickle's walk in its own pass: `_read_compact`)."""
-    _refusing(check_pickle, data)
-
-
-def _refusing(check: Callable[[Any], None], arg: Any) -> None:
-    """check(arg), its refusal (ValueError: the pickle fails check_pickle) raised as the metadata's refusal."""
+    """The whole pickle checked (torch_save.check_pickle) before either reader reads it."""
     try:
-        check(arg)
+        check_pickle(data)
     except ValueError as exc:
         raise MetadataError(f"cannot be read (not a valid pickle: {exc}); is the checkpoint truncated?") from None
 
@@ -514,13 +508,15 @@ def _sections(root: Any) -> tuple[dict, dict]:
 def parse_metadata(data: bytes) -> CheckpointMetadata:
     """`.metadata`'s bytes -> CheckpointMetadata. Raises RefusedGlobal, MetadataError, or the unpickler's errors.
 
-    Read by the C reader (`_dcp_metadata`, built with the package) when it is there and reads it, in one pass with
-    check_pickle's walk; else (it declines, or is not built) checked (_checked) and read by the restricted unpickler
-    and the checks here (`_parse`, the reference: the C reader reads only what those accept, the same facts, refuses
-    what check_pickle refuses as it does, and declines anything else)."""
+    The pickle is checked (_checked), then read by the C reader (`_dcp_metadata`, built with the package) when it is
+    there and reads it, else by the restricted unpickler and the checks here (the reference: the C reader reads only
+    what those accept, the same facts, and declines anything else)."""
     with paused_collection():
+        _checked(data)
         parsed = _read_compact(data)
-        return parsed if parsed is not None else _parse(data)
+        if parsed is None:
+            parsed = _parse_records(_MetadataUnpickler(io.BytesIO(data)).load())
+        return parsed
 
 
 def _parse(data: bytes) -> CheckpointMetadata:
@@ -651,13 +647,11 @@ def _reader_tables() -> tuple[tuple, tuple[torch.dtype, ...]]:
         *C_READER_VALUES,
     )
     layouts = tuple(name.encode() for name in LAYOUT.__self__)
-    return (tuple(found_globals), behaviours, fields, layouts, limits, walk_tables()), tuple(dtypes)
+    return (tuple(found_globals), behaviours, fields, layouts, limits), tuple(dtypes)
 
 
 def _read_compact(data: bytes) -> CheckpointMetadata | None:
-    """The C reader's CheckpointMetadata, or None when it declines (or is not built). It walks check_pickle's walk
-    in the same pass: a pickle check_pickle refuses raises MetadataError as `_checked` raises it (or is declined
-    before the walk reaches what it refuses, and then `_checked` refuses it)."""
+    """The C reader's CheckpointMetadata of an already checked pickle, or None when it declines (or is not built)."""
     reader = _reader()
     if reader is None:
         return None
@@ -666,15 +660,15 @@ def _read_compact(data: bytes) -> CheckpointMetadata | None:
     if type(found) is str:
         log.debug("checkpoint metadata read in Python: the C reader declined it (%s)", found)
         return None
-    if len(found) == 4:  # check_pickle's walk refused it: (code, byte, value, value)
-        _refusing(refuse_walked, found)
-    byte_keys, tensors, chunks, groups, items, offsets, paths = found
+    keys, tensors, chunks, groups, items, offsets, paths = found
     if not all(plain_file_name(path) for path in paths):
         return None  # the Python path refuses it, saying why
     sizes, raw = {}, {}
-    for key, dtype, size, first, count in tensors:
+    for at, (dtype, size, first, count) in tensors.items():
+        key = keys[at]
         sizes[key] = size
         raw[key] = (dtypes[dtype], size, first, count)
+    byte_keys = frozenset(key for at, key in enumerate(keys) if at not in tensors)
 
     def tensor(key: str, row: tuple) -> TensorEntry:
         dtype, size, first, count = row
@@ -683,5 +677,9 @@ def _read_compact(data: bytes) -> CheckpointMetadata | None:
     def stored(fqn: str, span: tuple[int, int]) -> dict:
         return reader.items(items, offsets, *span, paths, StoredItem)
 
-    items_by_key = StoredItems(Converted(groups, stored))
-    return CheckpointMetadata(Converted(raw, tensor), sizes, frozenset(byte_keys), items_by_key)
+    return CheckpointMetadata(
+        Converted(raw, tensor),
+        sizes,
+        byte_keys,
+        StoredItems(Converted({fqn: (first, count) for fqn, first, count in groups}, stored)),
+    )
