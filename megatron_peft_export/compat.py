@@ -260,7 +260,11 @@ def _plain_keys(shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict[s
     one pass each; else None."""
     keys = list(shapes)
     ends = list(map(itemgetter(slice(-_SUFFIX, None)), keys))
-    if not _PLAIN_SUFFIXES.issuperset(ends) or min(map(len, keys), default=_SUFFIX + 1) <= _SUFFIX or "\n" in "".join(keys):
+    if (
+        not _PLAIN_SUFFIXES.issuperset(ends)
+        or min(map(len, keys), default=_SUFFIX + 1) <= _SUFFIX
+        or "\n" in "".join(keys)
+    ):
         return None
     modules = list(map(str.removeprefix, map(itemgetter(slice(None, -_SUFFIX)), keys), repeat(PEFT_PREFIX)))
     is_a = list(map(_A_SUFFIX.__eq__, ends))
