@@ -307,8 +307,3 @@ def split_flat(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.
     if len(shapes) == 1:
         return [flat.view(shapes[0])]
     return [part.view(shape) for part, shape in zip(flat.split(list(map(math.prod, shapes))), shapes)]
-
-
-def receive_bucket(shapes: list[tuple[int, ...]], dtype: torch.dtype, src: int, group: Any) -> list[torch.Tensor]:
-    """What `send_bucket` sent: one message, split into views of the given shapes."""
-    return split_flat(receive_flat(shapes, dtype, src, group), shapes)
