@@ -241,6 +241,31 @@ def _index_memo(memo: int, fqn: str = "a", offsets=(0, 0)) -> bytes:
     return new("MetadataIndex") + put(memo) + dct((s("fqn"), s(fqn)), (s("offset"), size(*offsets))) + b"b"
 
 
+_INFO_STATE = dct((s("relative_path"), s("f")), (s("offset"), i(1)), (s("length"), i(2)))
+"""The state of the crafted cases' own stored item (file f, offset 1, length 2), set by BUILD."""
+
+
+def _info_memo(memo: int) -> bytes:
+    """A _StorageInfo memoized before its state is set (a later `get(memo)` can change it)."""
+    return new("_StorageInfo") + put(memo) + _INFO_STATE + b"b"
+
+
+def _sized_tensor(size_args: bytes) -> bytes:
+    """A tensor without chunks whose size is torch.Size called with the pickled arguments `size_args`."""
+    return rec(
+        "TensorStorageMetadata",
+        ("properties", props()),
+        ("size", glob("torch", "Size") + size_args + b"R"),
+        ("chunks", b"]"),
+    )
+
+
+def _metadata_memo(fields: bytes) -> bytes:
+    """A Metadata memoized as _MEMO_X before its state dict (`fields`: its keys and values, and any opcodes among
+    them) is set: the opcodes in `fields` can reach it."""
+    return b"\x80\x04" + new("Metadata") + put(_MEMO_X) + b"}(" + fields + b"ub."
+
+
 def _mem_format(args: bytes, op: bytes = b"R") -> bytes:
     return glob(_MODULE["_MEM_FORMAT_ENCODING"], "_MEM_FORMAT_ENCODING") + args + op
 
@@ -509,30 +534,9 @@ CASES = {
     ),
     "memory format enum as an entry": lambda: metadata(dct((s("a"), _mem_format(tup(i(1))))), _STORAGE_A),
     # --- torch.Size
-    "size of floats": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(b"G" + struct.pack(">d", 4.0), i(2))) + b"R"),
-            ("chunks", b"]"),
-        )
-    ),
-    "size of bools": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(TRUE, i(2))) + b"R"),
-            ("chunks", b"]"),
-        )
-    ),
-    "size of a string": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(s("4"))) + b"R"),
-            ("chunks", b"]"),
-        )
-    ),
+    "size of floats": lambda: _with_a(_sized_tensor(tup(tup(b"G" + struct.pack(">d", 4.0), i(2))))),
+    "size of bools": lambda: _with_a(_sized_tensor(tup(tup(TRUE, i(2))))),
+    "size of a string": lambda: _with_a(_sized_tensor(tup(tup(s("4"))))),
     "size of a list": lambda: _with_a(
         rec(
             "TensorStorageMetadata",
@@ -541,14 +545,7 @@ CASES = {
             ("chunks", b"]"),
         )
     ),
-    "size of two arguments": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(i(4)), tup(i(2))) + b"R"),
-            ("chunks", b"]"),
-        )
-    ),
+    "size of two arguments": lambda: _with_a(_sized_tensor(tup(tup(i(4)), tup(i(2))))),
     "size of nothing": lambda: _with_a(
         rec("TensorStorageMetadata", ("properties", props()), ("size", glob("torch", "Size") + b")R"), ("chunks", b"]"))
     ),
@@ -572,38 +569,12 @@ CASES = {
         rec("TensorStorageMetadata", ("properties", props()), ("size", lst(i(4), i(2))), ("chunks", b"]"))
     ),
     "size of a huge int": lambda: _with_a(tensor([(1 << 62)], chunks=[])),
-    "size of a 9-byte int": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(b"\x8a\x09" + (4).to_bytes(9, "little"))) + b"R"),
-            ("chunks", b"]"),
-        )
-    ),
-    "size of a LONG1 zero": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(b"\x8a\x00")) + b"R"),
-            ("chunks", b"]"),
-        )
-    ),
+    "size of a 9-byte int": lambda: _with_a(_sized_tensor(tup(tup(b"\x8a\x09" + (4).to_bytes(9, "little"))))),
+    "size of a LONG1 zero": lambda: _with_a(_sized_tensor(tup(tup(b"\x8a\x00")))),
     "size of a LONG1 negative zero width 8": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(b"\x8a\x08" + b"\x00" * 7 + b"\x80")) + b"R"),
-            ("chunks", b"]"),
-        )
+        _sized_tensor(tup(tup(b"\x8a\x08" + b"\x00" * 7 + b"\x80")))
     ),
-    "size of a BININT -1": lambda: _with_a(
-        rec(
-            "TensorStorageMetadata",
-            ("properties", props()),
-            ("size", glob("torch", "Size") + tup(tup(b"J\xff\xff\xff\xff")) + b"R"),
-            ("chunks", b"]"),
-        )
-    ),
+    "size of a BININT -1": lambda: _with_a(_sized_tensor(tup(tup(b"J\xff\xff\xff\xff")))),
     "chunk offsets a plain tuple": lambda: _with_a(
         tensor([4, 2], chunks=[rec("ChunkStorageMetadata", ("offsets", tup(i(0), i(0))), ("sizes", size(4, 2)))])
     ),
@@ -664,28 +635,12 @@ CASES = {
     ),
     "an info changed after the plans": lambda: _with_a(
         tensor([4, 2]),
-        dct(
-            (
-                index("a", [0, 0]),
-                new("_StorageInfo")
-                + put(_MEMO_X)
-                + dct((s("relative_path"), s("f")), (s("offset"), i(1)), (s("length"), i(2)))
-                + b"b",
-            )
-        ),
+        dct((index("a", [0, 0]), _info_memo(_MEMO_X))),
         after=get(_MEMO_X) + dct((s("relative_path"), s("g"))) + b"b0",
     ),
     "an info path changed to leave the directory after the plans": lambda: _with_a(
         tensor([4, 2]),
-        dct(
-            (
-                index("a", [0, 0]),
-                new("_StorageInfo")
-                + put(_MEMO_X)
-                + dct((s("relative_path"), s("f")), (s("offset"), i(1)), (s("length"), i(2)))
-                + b"b",
-            )
-        ),
+        dct((index("a", [0, 0]), _info_memo(_MEMO_X))),
         after=get(_MEMO_X) + dct((s("relative_path"), s("../f"))) + b"b0",
     ),
     "an info's state dict changed after its BUILD": lambda: _with_a(
@@ -713,10 +668,7 @@ CASES = {
         dct(
             (
                 index("a", [0, 0]),
-                new("_StorageInfo")
-                + dct((s("relative_path"), s("f")), (s("offset"), i(1)), (s("length"), i(2)))
-                + put(_MEMO_X)
-                + b"b",
+                new("_StorageInfo") + _INFO_STATE + put(_MEMO_X) + b"b",
             ),
             (index("a", [2, 0]), new("_StorageInfo") + get(_MEMO_X) + b"b"),
         ),
@@ -726,12 +678,7 @@ CASES = {
         dct(
             (
                 index("a", [0, 0]),
-                new("_StorageInfo")
-                + dct((s("relative_path"), s("f")), (s("offset"), i(1)), (s("length"), i(2)))
-                + put(_MEMO_X)
-                + b"b"
-                + dct((s("offset"), i(5)))
-                + b"b",
+                new("_StorageInfo") + _INFO_STATE + put(_MEMO_X) + b"b" + dct((s("offset"), i(5))) + b"b",
             ),
             (index("a", [2, 0]), new("_StorageInfo") + get(_MEMO_X) + b"b"),
         ),
@@ -780,18 +727,8 @@ CASES = {
     "entries dict holding itself": lambda: metadata(
         b"}" + put(_MEMO_ENTRIES) + b"(" + s("a") + tensor([4, 2]) + s("me") + get(_MEMO_ENTRIES) + b"u", _STORAGE_A
     ),
-    "Metadata holding itself": lambda: (
-        b"\x80\x04"
-        + new("Metadata")
-        + put(_MEMO_X)
-        + b"}("
-        + s("state_dict_metadata")
-        + _ENTRIES_A
-        + s("storage_data")
-        + _STORAGE_A
-        + s("planner_data")
-        + get(_MEMO_X)
-        + b"ub."
+    "Metadata holding itself": lambda: _metadata_memo(
+        s("state_dict_metadata") + _ENTRIES_A + s("storage_data") + _STORAGE_A + s("planner_data") + get(_MEMO_X)
     ),
     "transforms list of names": lambda: _with_a(
         tensor([4, 2]), dct((index("a", [0, 0]), info(transform_descriptors=lst(s("zstd")))))
@@ -930,33 +867,23 @@ CASES = {
         + b"b"
         + b"ub.",
     ),
-    "Metadata built from inside its own state": lambda: (
-        b"\x80\x04"
-        + new("Metadata")
-        + put(_MEMO_X)
-        + b"}("
-        + s("state_dict_metadata")
+    "Metadata built from inside its own state": lambda: _metadata_memo(
+        s("state_dict_metadata")
         + get(_MEMO_X)
         + dct((s("state_dict_metadata"), dct((s("z"), tensor([3])))), (s("storage_data"), b"}"))
         + b"b0"
         + _ENTRIES_A
         + s("storage_data")
         + _STORAGE_A
-        + b"ub."
     ),
-    "Metadata built from inside, its later field kept": lambda: (
-        b"\x80\x04"
-        + new("Metadata")
-        + put(_MEMO_X)
-        + b"}("
-        + s("state_dict_metadata")
+    "Metadata built from inside, its later field kept": lambda: _metadata_memo(
+        s("state_dict_metadata")
         + _ENTRIES_A
         + s("storage_data")
         + _STORAGE_A
         + get(_MEMO_X)
         + dct((s("planner_data"), N), (s("storage_data"), dct((index("a", [0, 0]), info(offset=5)))))
         + b"b0"
-        + b"ub."
     ),
     "planner objects built, called, appended": lambda: plain().replace(
         b"ub.",
