@@ -469,7 +469,7 @@ def _byte_copies(
 
 
 def _ranks(ordered: list[tuple[int, int, ShardSpec]]) -> dict[int, tuple[list[int], list[int], list[list[int]]]]:
-    """rank -> (positions in `ordered` of its specs, their indices among its shards, its transfers: `coll.buckets` of
+    """rank -> (positions in `ordered` of its specs, their indices among its shards, its transfers: `_transfers` of
     its specs, as it sends them), listed once per plan (`_Planned.ranks`)."""
     by_rank: dict[int, tuple[list[int], list[int]]] = {}
     for n, (rank, i, _) in enumerate(ordered):
@@ -480,14 +480,20 @@ def _ranks(ordered: list[tuple[int, int, ShardSpec]]) -> dict[int, tuple[list[in
         rank: (
             positions,
             indices,
-            [] if rank == WRITER else coll.buckets([(ordered[n][2].shape, ordered[n][2].dtype) for n in positions]),
+            [] if rank == WRITER else _transfers([ordered[n][2] for n in positions]),
         )
         for rank, (positions, indices) in by_rank.items()
     }
 
 
 _IS_CPU, _TENSOR = operator.attrgetter("is_cpu"), operator.attrgetter("tensor")
-_SPEC, _SHAPE, _DTYPE = operator.attrgetter("spec"), operator.attrgetter("shape"), operator.attrgetter("dtype")
+_SPEC, _SHAPE_AND_DTYPE = operator.attrgetter("spec"), operator.attrgetter("shape", "dtype")
+
+
+def _transfers(specs: list[ShardSpec]) -> list[list[int]]:
+    """A rank's transfers (`coll.buckets`) of its shards' specs, in the order it sends them: the sender and the writer
+    list them by this one function, so they agree without a message."""
+    return coll.buckets(list(map(_SHAPE_AND_DTYPE, specs)))
 
 
 def _place(
@@ -763,7 +769,7 @@ def run_export(
     if layout.rank != WRITER:
         failure = None
         tensors, specs = list(map(_TENSOR, snapshot.shards)), list(map(_SPEC, snapshot.shards))
-        for bucket in coll.buckets(list(zip(map(_SHAPE, specs), map(_DTYPE, specs)))):
+        for bucket in _transfers(specs):
             # a local failure is sent as zeros and agreed on below, so the writer never waits
             failure = coll.send_bucket(list(map(tensors.__getitem__, bucket)), WRITER, group) or failure
         coll.agree(failure, group)

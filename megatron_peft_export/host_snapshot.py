@@ -150,7 +150,6 @@ def _tensor(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.shape, tensor.dtype
 
 
-_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 _SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")
 
 
