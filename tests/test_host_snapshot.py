@@ -2,11 +2,24 @@
 synchronous copy and the gather-then-transfer copy the GPU path runs (here without streams) give every tensor bit for
 bit."""
 
+import collections.abc
+import functools
+import os
+import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from megatron_peft_export.host_snapshot import _bulk_copy, _flat_buffers, _gather_copy, _Stacked
+from megatron_peft_export import host_snapshot
+from megatron_peft_export.host_snapshot import (
+    _accelerated_listing,
+    _bulk_copy,
+    _flat_buffers,
+    _gather_copy,
+    _listed_parameters,
+    _Stacked,
+)
 
 
 def _sources() -> list[torch.Tensor]:
@@ -81,20 +94,103 @@ def test_the_stacked_copy_of_a_lone_tensor_is_a_copy():
         _assert_copies(stacked.views, expected)
 
 
-def test_the_parameters_listed_at_a_save_before_the_walk_are_torch_s_split_by_requires_grad():
-    from megatron_peft_export.host_snapshot import _parameters
-
+def _odd_tree() -> list[torch.nn.Module]:
+    """Virtual-pipeline chunks with what the listing must get right: a module registered twice, a cycle, unset
+    children and parameters, frozen parameters, a parameter shared by two modules, a `_parameters` that is a mapping
+    but not a dict."""
     shared = torch.nn.Linear(2, 3)
     root = torch.nn.Module()
     root.a = torch.nn.Sequential(torch.nn.Linear(3, 4), shared, torch.nn.Sequential())
-    root.b = shared  # a module registered twice: its parameters listed (and copied) twice, harmless
+    root.b = shared  # a module registered twice: listed once
+    root.a[2].up = root  # a cycle: its modules listed once, and the listing ends
     root.register_module("gone", None)  # a child set to None
     root.register_parameter("unset", None)
     root.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
     root.a[0].weight.requires_grad_(False)
-    chunks = [root, torch.nn.Linear(1, 1)]  # virtual-pipeline chunks
-    trainable, other = _parameters(chunks)
-    every = [p for chunk in chunks for p in chunk.parameters()]
+    tied = torch.nn.Linear(4, 4)
+    tied.weight = root.a[0].bias  # one parameter held by two modules: listed twice (the copies are looked up by id)
+    root.tied = tied
+    odd = torch.nn.Linear(2, 2)
+    odd._parameters = _Mapping(odd._parameters)
+    root.odd = odd
+    return [root, torch.nn.Linear(1, 1)]
+
+
+class _Mapping(collections.abc.Mapping):
+    def __init__(self, table: dict) -> None:
+        self._table = table
+
+    def __getitem__(self, key):
+        return self._table[key]
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def _random_tree(seed: int) -> list[torch.nn.Module]:
+    """~2000 modules wired at random: children shared, cycles, None children and parameters, frozen parameters."""
+    rng = random.Random(seed)
+    modules = [torch.nn.Module() for _ in range(2000)]
+    for i, module in enumerate(modules):
+        for k in range(rng.randrange(3)):
+            size = rng.randrange(1, 4)
+            param = (
+                None if rng.random() < 0.1 else torch.nn.Parameter(torch.zeros(size), requires_grad=rng.random() < 0.6)
+            )
+            module.register_parameter(f"p{k}", param)
+        for k in range(rng.randrange(4)):
+            j = rng.randrange(len(modules)) if rng.random() < 0.05 else min(len(modules) - 1, i + 1 + rng.randrange(50))
+            module.register_module(f"m{k}", None if rng.random() < 0.05 else modules[j])
+    return [modules[0], modules[rng.randrange(len(modules))]]
+
+
+def _listed(chunks: list[torch.nn.Module], walk) -> tuple[list[int], list[int]]:
+    trainable, other = walk(chunks)
+    return list(map(id, trainable)), list(map(id, other))
+
+
+def test_the_c_listing_is_built_where_ci_runs():
+    """CI installs with `pip install -e .`, which builds the C listing of parameters: missing there is a failure."""
+    if _accelerated_listing() is None:
+        message = "the C listing of parameters (megatron_peft_export._module_walk) is not built: pip install -e ."
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.mark.parametrize("tree", [_odd_tree, *(functools.partial(_random_tree, seed) for seed in range(5))])
+def test_the_c_listing_gives_the_python_listing_s_lists(tree):
+    """The C listing and the Python reference list the same parameters in the same order, whatever the tree."""
+    listing = _accelerated_listing()
+    if listing is None:
+        pytest.skip("the C listing is not built")
+    chunks = tree()
+    assert _listed(chunks, listing) == _listed(chunks, _listed_parameters)
+
+
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_the_parameters_listed_at_a_save_before_the_walk_are_torch_s_split_by_requires_grad(accelerated, monkeypatch):
+    if not accelerated:
+        monkeypatch.setattr(host_snapshot, "_accelerated_listing", lambda: None)
+    elif _accelerated_listing() is None:
+        pytest.skip("the C listing is not built")
+    chunks = _odd_tree()
+    trainable, other = host_snapshot._parameters(chunks)
+    every = [p for chunk in chunks for p in chunk.parameters()]  # each module once, each parameter once
     assert set(map(id, trainable)) == {id(p) for p in every if p.requires_grad}
     assert set(map(id, other)) == {id(p) for p in every if not p.requires_grad}
-    assert len(every) == 7 and len(trainable) + len(other) == 7 + 2  # shared's weight and bias, twice
+    # the tied parameter (a bias of a frozen weight's module, trainable) twice, the odd mapping's two once each
+    assert len(every) == 10 and len(trainable) + len(other) == 10 + 1
+
+
+def test_a_listing_that_fails_raises_in_both_listings():
+    """A `_parameters` whose values cannot be listed raises its error from either listing (the save reports it)."""
+    broken = torch.nn.Linear(2, 2)
+    broken._parameters = object()  # neither a dict nor a mapping
+    walks = [_listed_parameters] + ([_accelerated_listing()] if _accelerated_listing() else [])
+    for walk in walks:
+        with pytest.raises(AttributeError, match="values"):
+            walk([broken])
