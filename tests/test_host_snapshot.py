@@ -13,8 +13,9 @@ import torch
 
 from megatron_peft_export import host_snapshot
 from megatron_peft_export.host_snapshot import (
-    _accelerated_listing,
+    _accelerated,
     _bulk_copy,
+    _entries_hold,
     _flat_buffers,
     _gather_copy,
     _listed_parameters,
@@ -152,10 +153,10 @@ def _listed(chunks: list[torch.nn.Module], walk) -> tuple[list[int], list[int]]:
     return list(map(id, trainable)), list(map(id, other))
 
 
-def test_the_c_listing_is_built_where_ci_runs():
-    """CI installs with `pip install -e .`, which builds the C listing of parameters: missing there is a failure."""
-    if _accelerated_listing() is None:
-        message = "the C listing of parameters (megatron_peft_export._module_walk) is not built: pip install -e ."
+def test_the_c_reads_are_built_where_ci_runs():
+    """CI installs with `pip install -e .`, which builds the hook's C reads: missing there is a failure."""
+    if _accelerated() is None:
+        message = "the hook's C reads (megatron_peft_export._hook_reads) are not built: pip install -e ."
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -164,19 +165,18 @@ def test_the_c_listing_is_built_where_ci_runs():
 @pytest.mark.parametrize("tree", [_odd_tree, *(functools.partial(_random_tree, seed) for seed in range(5))])
 def test_the_c_listing_gives_the_python_listing_s_lists(tree):
     """The C listing and the Python reference list the same parameters in the same order, whatever the tree."""
-    listing = _accelerated_listing()
-    if listing is None:
-        pytest.skip("the C listing is not built")
+    if _accelerated() is None:
+        pytest.skip("the C reads are not built")
     chunks = tree()
-    assert _listed(chunks, listing) == _listed(chunks, _listed_parameters)
+    assert _listed(chunks, _accelerated().parameters) == _listed(chunks, _listed_parameters)
 
 
 @pytest.mark.parametrize("accelerated", [True, False])
 def test_the_parameters_listed_at_a_save_before_the_walk_are_torch_s_split_by_requires_grad(accelerated, monkeypatch):
     if not accelerated:
-        monkeypatch.setattr(host_snapshot, "_accelerated_listing", lambda: None)
-    elif _accelerated_listing() is None:
-        pytest.skip("the C listing is not built")
+        monkeypatch.setattr(host_snapshot, "_accelerated", lambda: None)
+    elif _accelerated() is None:
+        pytest.skip("the C reads are not built")
     chunks = _odd_tree()
     trainable, other = host_snapshot._parameters(chunks)
     every = [p for chunk in chunks for p in chunk.parameters()]  # each module once, each parameter once
@@ -190,7 +190,81 @@ def test_a_listing_that_fails_raises_in_both_listings():
     """A `_parameters` whose values cannot be listed raises its error from either listing (the save reports it)."""
     broken = torch.nn.Linear(2, 2)
     broken._parameters = object()  # neither a dict nor a mapping
-    walks = [_listed_parameters] + ([_accelerated_listing()] if _accelerated_listing() else [])
+    walks = [_listed_parameters] + ([_accelerated().parameters] if _accelerated() else [])
     for walk in walks:
         with pytest.raises(AttributeError, match="values"):
             walk([broken])
+
+
+def _probes(seed: int) -> tuple[list, ...]:
+    """Lookups as a walk records them (`_Probes` columns): identity probes of objects, equality probes of plain
+    values, over a few shared tables."""
+    rng = random.Random(seed)
+    tables = [{} for _ in range(20)]
+    objects = [object() for _ in range(30)]
+    plain = [0, 1, True, False, 1.0, 0.5, float("nan"), "", "x", None, 2**70]
+    same: tuple[list, list, list] = ([], [], [])
+    equal: tuple[list, list, list] = ([], [], [])
+    for i in range(300):
+        table, key = rng.choice(tables), f"k{i}"
+        by_identity = rng.random() < 0.6
+        value = (rng.choice(objects) if by_identity else rng.choice(plain)) if rng.random() < 0.9 else None
+        if value is not None or rng.random() < 0.5:
+            table[key] = value  # else absent: found as None
+        for column, item in zip(same if by_identity else equal, (table, key, value), strict=True):
+            column.append(item)
+    return (*same, *equal)
+
+
+def _changed(columns: tuple[list, ...], seed: int) -> None:
+    """One change a save's check must see, or one it must not (an equal value of the same type, a new key)."""
+    rng = random.Random(seed)
+    tables, keys, objects, equal_tables, equal_keys, values = columns
+    kind = rng.randrange(7)
+    i, j = rng.randrange(len(keys)), rng.randrange(len(equal_keys))
+    if kind == 0:
+        tables[i][keys[i]] = object()  # another object
+    elif kind == 1:
+        tables[i].pop(keys[i], None)  # removed (None unless it was None)
+    elif kind == 2:
+        value = values[j]
+        equal_tables[j][equal_keys[j]] = {int: float, bool: int}.get(type(value), str)(value or 0)
+    elif kind == 3:
+        equal_tables[j][equal_keys[j]] = "changed"
+    elif kind == 4 and type(values[j]) is int:
+        equal_tables[j][equal_keys[j]] = values[j] + 10**30 - 10**30  # equal, of the same type: holds
+    elif kind == 5:
+        tables[i]["unrelated"] = object()  # a new key: holds
+    else:
+        equal_tables[j].pop(equal_keys[j], None)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_c_check_of_the_probes_answers_as_the_python_one(seed):
+    """The cached walk's lookups (`_Probes.hold`): the C check and the Python reference agree on lookups that still
+    hold and on every kind of change (another object, a removed key, a value of another type or another value)."""
+    if _accelerated() is None:
+        pytest.skip("the C reads are not built")
+    columns = _probes(seed)
+    assert _accelerated().entries_hold(*columns) is True and _entries_hold(*columns) is True
+    _changed(columns, seed)
+    assert _accelerated().entries_hold(*columns) is _entries_hold(*columns)
+
+
+def test_the_probes_check_sees_a_changed_object_and_a_changed_type():
+    if _accelerated() is None:
+        pytest.skip("the C reads are not built")
+    table = {"a": object(), "n": 1}
+    columns = ([table], ["a"], [table["a"]], [table], ["n"], [1])
+    for hold in (_accelerated().entries_hold, _entries_hold):
+        assert hold(*columns)
+        table["n"] = True  # == 1, but a bool: another type
+        assert not hold(*columns)
+        table["n"] = 1
+        table["a"] = object()
+        assert not hold(*columns)
+        table["a"] = columns[2][0]
+    with pytest.raises(TypeError, match="not a dict"):
+        _accelerated().entries_hold([[]], ["a"], [None], [], [], [])
+    with pytest.raises(ValueError, match="changed"):
+        _accelerated().entries_hold([table], [], [None], [], [], [])

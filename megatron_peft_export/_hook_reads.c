@@ -1,13 +1,17 @@
-/* The hook's listing of a model's parameters in C: host_snapshot's `_listed_parameters` (the reference, whose
- * docstring says why it exists), step for step. parameters(roots) -> (trainable, other): every module reachable from
+/* The hook's reads on the training thread at a save, in C; each is a function of host_snapshot.py (the reference,
+ * whose docstring says why it exists), step for step, and tests/test_host_snapshot.py pins that both answer the same.
+ *
+ * parameters(roots) -> (trainable, other), `_listed_parameters`: every module reachable from
  * `roots` through `_modules`, each once (by identity), is read from its own dictionary (`_parameters`, `_modules`;
  * the attribute when the dictionary lacks the key); unset (None) parameters and children are skipped; a parameter is
  * trainable when its `requires_grad` is true. The order is the reference's: a stack of modules, the last pushed read
- * first, children pushed in their dictionary's order. tests/test_host_snapshot.py pins that both listings give the
- * same lists.
+ * first, children pushed in their dictionary's order. No Python code runs while a dictionary is iterated (its values
+ * are appended to lists first); `requires_grad` is read after the walk.
  *
- * No Python code runs while a dictionary is iterated (its values are appended to lists first); `requires_grad` is
- * read after the walk. */
+ * entries_hold(tables, keys, objects, equal_tables, equal_keys, values) -> bool, `_entries_hold`: the cached walk's
+ * dictionary lookups (`_Probes`) still find the same objects, and the plain values the same types, then equal
+ * values. Each table and key is held while it is looked up (a key's __eq__ is Python code that could change the
+ * lists), and every index is checked against the lists' lengths then. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -145,15 +149,79 @@ fail:
     return NULL;
 }
 
+/* table.get(key) as `dict.get` answers it (None when absent): a new reference, NULL on error. */
+static PyObject *entry(PyObject *tables, PyObject *keys, Py_ssize_t i) {
+    if (i >= PyList_GET_SIZE(tables) || i >= PyList_GET_SIZE(keys)) {
+        PyErr_SetString(PyExc_ValueError, "the probes' lists changed while they were read");
+        return NULL;
+    }
+    PyObject *table = PyList_GET_ITEM(tables, i), *key = PyList_GET_ITEM(keys, i);
+    if (!PyDict_Check(table)) {
+        PyErr_Format(PyExc_TypeError, "a probed table is a %.100s, not a dict", Py_TYPE(table)->tp_name);
+        return NULL;
+    }
+    Py_INCREF(table);
+    Py_INCREF(key);
+    PyObject *found = PyDict_GetItemWithError(table, key);
+    Py_XINCREF(found);
+    Py_DECREF(key);
+    Py_DECREF(table);
+    if (found == NULL && !PyErr_Occurred()) {
+        Py_INCREF(Py_None);
+        found = Py_None;
+    }
+    return found;
+}
+
+/* The item of `list` at `i`, or NULL with an error when the list is shorter now: a borrowed reference. */
+static PyObject *item(PyObject *list, Py_ssize_t i) {
+    if (i < PyList_GET_SIZE(list)) return PyList_GET_ITEM(list, i);
+    PyErr_SetString(PyExc_ValueError, "the probes' lists changed while they were read");
+    return NULL;
+}
+
+static PyObject *entries_hold(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *tables, *keys, *objects, *equal_tables, *equal_keys, *values;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!:entries_hold", &PyList_Type, &tables, &PyList_Type, &keys, &PyList_Type,
+                          &objects, &PyList_Type, &equal_tables, &PyList_Type, &equal_keys, &PyList_Type, &values))
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(objects); i++) {
+        PyObject *found = entry(tables, keys, i);
+        if (found == NULL) return NULL;
+        PyObject *object = item(objects, i);
+        Py_DECREF(found); /* compared by address only: the tables hold it, or it was never the object */
+        if (object == NULL) return NULL;
+        if (found != object) Py_RETURN_FALSE;
+    }
+    /* As the reference: every type first, then the values (plain types: their == runs no Python code) */
+    for (int pass = 0; pass < 2; pass++) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {
+            PyObject *found = entry(equal_tables, equal_keys, i), *value = item(values, i);
+            if (found == NULL || value == NULL) {
+                Py_XDECREF(found);
+                return NULL;
+            }
+            int same = Py_TYPE(found) == Py_TYPE(value);
+            if (same && pass == 1) same = PyObject_RichCompareBool(found, value, Py_EQ);
+            Py_DECREF(found);
+            if (same < 0) return NULL;
+            if (!same) Py_RETURN_FALSE;
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"parameters", parameters, METH_O,
      "parameters(roots) -> (trainable, other): the parameters of every module reachable from roots"},
+    {"entries_hold", entries_hold, METH_VARARGS,
+     "entries_hold(tables, keys, objects, equal_tables, equal_keys, values) -> bool: the probed lookups still hold"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_module_walk", NULL, -1, methods, NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hook_reads", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__module_walk(void) {
+PyMODINIT_FUNC PyInit__hook_reads(void) {
     str_parameters = PyUnicode_InternFromString("_parameters");
     str_modules = PyUnicode_InternFromString("_modules");
     str_values = PyUnicode_InternFromString("values");
