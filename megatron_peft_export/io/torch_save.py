@@ -234,6 +234,18 @@ def _view(buffer: Any, at: int, layout: Layout) -> torch.Tensor:
     return storage.as_strided(layout.size, layout.stride, layout.offset)
 
 
+def sorted_distinct(values: Any) -> Any:
+    """`np.unique` of a 1-D integer array (its distinct values, sorted), without np.unique's check for a masked
+    array, whose first call imports numpy.ma (~10 ms, once per process: an offline export from the command line paid
+    it)."""
+    import numpy as np
+
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+
+
 def layout_of(blob: memoryview) -> Layout:
     """`decode`'s reading of a blob, with the bytes it depends on (NotPlainTensor as decode raises it, or when the
     blob's zip end record is not last)."""
@@ -241,7 +253,7 @@ def layout_of(blob: memoryview) -> Layout:
 
     read: list[tuple[int, int]] = []
     found = _read(blob, read)
-    positions = np.unique(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in read]))
+    positions = sorted_distinct(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in read]))
     values = np.frombuffer(blob, dtype=np.uint8)[positions]
     return found._replace(positions=positions, values=values)
 

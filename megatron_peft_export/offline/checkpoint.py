@@ -38,6 +38,7 @@ from ..io.torch_save import (
     layout_of,
     load_torch_file,
     matching,
+    sorted_distinct,
 )
 from .dcp_metadata import (
     CheckpointMetadata,
@@ -402,7 +403,7 @@ class TorchDistReader:
         rank = self._file_ranks(names)
         order = np.lexsort((lengths, starts, rank[files]))
         ranks, starts, ends = rank[files][order], starts[order], starts[order] + lengths[order]
-        for index in np.unique(ranks).tolist():
+        for index in sorted_distinct(ranks).tolist():
             name = names[index]
             lo, hi = np.searchsorted(ranks, [index, index + 1])
             with open_regular(
@@ -767,7 +768,7 @@ def copy_segments(
             out[d : d + m] = buffer[s : s + m]
         short = ~long & (lengths > 0)
         starts, dsts, lengths = starts[short], dsts[short], lengths[short]
-    found = np.unique(lengths).tolist()
+    found = sorted_distinct(lengths).tolist()
     for m in found:
         if m == 0:
             continue

@@ -367,3 +367,18 @@ def test_matching_evenly_with_runs_joined_and_apart_answers_as_gathering_does():
         assert (matching(buffer, starts, layout) == expected).all()
         matched, unmatched = matched + int(expected.sum()), unmatched + int((~expected).sum())
     assert min(gaps.values()) > 100 and min(matched, unmatched) > 1000
+
+
+def test_sorted_distinct_is_numpy_unique():
+    """`sorted_distinct` (np.unique without its masked-array check) gives np.unique's values and dtype: empty, one
+    value, all equal, repeated and negative values, sorted or not."""
+    import numpy as np
+
+    from megatron_peft_export.io.torch_save import sorted_distinct
+
+    rng = np.random.default_rng(2)
+    arrays = [np.empty(0, dtype=np.int64), np.array([5]), np.full(7, 3), np.arange(9), np.arange(9)[::-1].copy()]
+    arrays += [rng.integers(-20, 20, size=int(rng.integers(0, 60))) for _ in range(200)]
+    for values in arrays:
+        found, expected = sorted_distinct(values), np.unique(values)
+        assert found.dtype == expected.dtype and found.tolist() == expected.tolist()
