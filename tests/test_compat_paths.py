@@ -146,3 +146,19 @@ def test_modules_alike_held_at_once_are_the_modules_made_one_by_one(name, config
     if at_once[0] == "ok":
         assert (at_once[1][0], one_by_one[1][0]) == (compat._Alike, dict)
         assert at_once[1][1:] == one_by_one[1][1:]
+
+
+def test_holds_any_is_any_name_in_the_text():
+    """`_holds_any` (names searched only when each of their characters is in the text) answers as a search of each
+    name: on random texts and names of a small alphabet (characters present and absent, names empty, repeated, longer
+    than the text) and on the MoE keys with and without a Megatron name among them."""
+    rng = random.Random(3)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab.\nq_") for _ in range(rng.randint(0, 12)))
+        names = ["".join(rng.choice("ab.q_xv") for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(0, 4))]
+        assert compat._holds_any(text, names) == any(name in text for name in names), (text, names)
+    keys = "\n".join(_moe())
+    for extra in ("", "\nx.linear_fc1.lora_A.weight", "\nx.adapter.linear_out.weight", "\nqkv.to_wrap.x"):
+        text = keys + extra
+        expected = any(name in text for name in compat._MEGATRON_NAMES)
+        assert compat._holds_any(text, compat._MEGATRON_NAMES) == expected == bool(extra)

@@ -38,12 +38,14 @@ from ..io.torch_save import (
     layout_of,
     load_torch_file,
     matching,
+    sorted_distinct,
 )
 from .dcp_metadata import (
     CheckpointMetadata,
     Chunk,
     MetadataError,
     StoredItem,
+    StoredItems,
     TensorEntry,
     parse_metadata,
 )
@@ -322,9 +324,12 @@ class TorchDistReader:
         `_refuse_items`, which names the first."""
         table = _chunk_table(entry)
         self._check_chunks(key, entry, table)
-        get = self._metadata.items.get
+        items = self._metadata.items
         try:
-            found = [get((key, offsets)) for offsets, _ in entry.chunks]
+            if isinstance(items, StoredItems):
+                found = items.get_many(key, [offsets for offsets, _ in entry.chunks])
+            else:  # a plain mapping (tests simulating a crafted file)
+                found = [items.get((key, offsets)) for offsets, _ in entry.chunks]
         except Exception as exc:
             raise self._unreadable(exc) from None
         if None in found:
@@ -336,7 +341,9 @@ class TorchDistReader:
         if any(transforms):
             self._refuse_items(key)
         ids = self._file_ids
-        files = np.array([ids.setdefault(path, len(ids)) for path in paths], dtype=np.int64)
+        for path in dict.fromkeys(paths):  # numbered in the order first named
+            ids.setdefault(path, len(ids))
+        files = np.fromiter(map(ids.__getitem__, paths), dtype=np.int64, count=len(paths))
         if table is None:  # 2^62 bytes or more, which no stored item holds (at most 2^48 bytes each)
             needed = np.array([min(chunk.numel * entry.dtype.itemsize, 1 << 62) for chunk in entry.chunks])
             common = None
@@ -396,7 +403,7 @@ class TorchDistReader:
         rank = self._file_ranks(names)
         order = np.lexsort((lengths, starts, rank[files]))
         ranks, starts, ends = rank[files][order], starts[order], starts[order] + lengths[order]
-        for index in np.unique(ranks).tolist():
+        for index in sorted_distinct(ranks).tolist():
             name = names[index]
             lo, hi = np.searchsorted(ranks, [index, index + 1])
             with open_regular(
@@ -575,7 +582,6 @@ class TorchDistReader:
         dtype_of = np.array([dtypes.setdefault(e.dtype, len(dtypes)) for e in entries], dtype=np.int64)[key_of]
         learnt = _Layouts()
         for buffer, items, ats, lengths in self._runs(keys):
-            view = memoryview(buffer)
             which = learnt.find(buffer, ats, lengths)
             table = learnt.table(sizes, dtypes)  # per layout: whole, dtype, size, data offset; a last row for none
             whole = table[which, 0] == 1
@@ -602,9 +608,7 @@ class TorchDistReader:
             picked = items[picked]
             lo, count = bounds[picked], bounds[picked + 1] - bounds[picked]
             index = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
-            starts = np.repeat(at, count) + src[index]
-            for s, d, m in zip(starts.tolist(), dst[index].tolist(), length[index].tolist()):
-                payload[d : d + m] = view[s : s + m]
+            copy_segments(payload, buffer, np.repeat(at, count) + src[index], dst[index], length[index])
 
     def _place(self, tensors: dict[str, torch.Tensor], buffer, group) -> None:
         """Put a group of blobs (the layout they share, or None: each decoded alone) into the keys' tensors."""
@@ -740,6 +744,41 @@ class _Layouts:
         (-1 when neither is in `dtypes`, `sizes`), where its data starts in a blob."""
         rows = [(int(t.whole), dtypes.get(t.dtype, -1), sizes.get(t.size, -1), t.data_offset) for t in self.layouts]
         return np.array([*rows, (0, -1, -1, 0)], dtype=np.int64)
+
+
+SEGMENT_BATCH_BYTES = 2**20
+"""`copy_segments` copies segments of one length this many bytes at a time (its temporary)."""
+LONG_SEGMENT = 2**16
+"""Segments of at least this many bytes are copied one by one (a copy's own time is then most of it)."""
+
+
+def copy_segments(
+    payload: memoryview, buffer: np.ndarray, starts: np.ndarray, dsts: np.ndarray, lengths: np.ndarray
+) -> None:
+    """`payload[d : d + m] = buffer[s : s + m]` for each segment (s, d, m), every one inside both (checked by the
+    caller).
+
+    Short segments (an MoE adapter's chunks are 10^5 of a few dozen bytes each) are copied per length, as items of a
+    void dtype that wide on views of both buffers with a step of one byte: one gather and one scatter per batch of
+    SEGMENT_BATCH_BYTES, not a slice assignment each."""
+    out = np.frombuffer(payload, dtype=np.uint8)
+    long = lengths >= LONG_SEGMENT
+    if long.any():
+        for s, d, m in zip(starts[long].tolist(), dsts[long].tolist(), lengths[long].tolist()):
+            out[d : d + m] = buffer[s : s + m]
+        short = ~long & (lengths > 0)
+        starts, dsts, lengths = starts[short], dsts[short], lengths[short]
+    found = sorted_distinct(lengths).tolist()
+    for m in found:
+        if m == 0:
+            continue
+        src_at, dst_at = (starts, dsts) if len(found) == 1 else (starts[lengths == m], dsts[lengths == m])
+        item = np.dtype((np.void, m))
+        source = np.ndarray(shape=(len(buffer) - m + 1,), dtype=item, buffer=buffer, strides=(1,))
+        target = np.ndarray(shape=(len(out) - m + 1,), dtype=item, buffer=out, strides=(1,))
+        step = max(1, SEGMENT_BATCH_BYTES // m)
+        for n in range(0, len(src_at), step):
+            target[dst_at[n : n + step]] = source[src_at[n : n + step]]
 
 
 class Segments(NamedTuple):

@@ -438,6 +438,16 @@ class StoredItems(Mapping):
             group = self._keys[fqn]
         return group.get(offsets, default)
 
+    def get_many(self, fqn: str, offsets: list[tuple[int, ...] | None]) -> list[StoredItem | None]:
+        """`[self.get((fqn, o)) for o in offsets]`, the key's group looked up once (an MoE expert tensor has hundreds
+        of chunks)."""
+        group = self._done.get(fqn)
+        if group is None:
+            if fqn not in self._keys:
+                return [None] * len(offsets)
+            group = self._keys[fqn]
+        return list(map(group.get, offsets))
+
     def forget(self, keys: Iterable[str]) -> None:
         """Drop the converted items of these keys (`Converted.forget`)."""
         self._keys.forget(keys)

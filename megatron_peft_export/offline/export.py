@@ -427,13 +427,10 @@ def _export_checkpoint(
     direct = _direct_segments(reader, by_key, shards, plan, tensors, where) if torch_dist else {}
     read_bytes = 0
     copies = BulkCopy(16 << 20)  # queued copies, done together by torch._foreach_copy_ (at every 16 MiB, at the end)
-    for key, data in tqdm(
-        reader.load_many(list(by_key), direct=direct, payload=buffer) if direct else reader.load_many(list(by_key)),
-        total=len(by_key),
-        desc=f"reading adapter tensors of {directory.name}",
-        unit="tensor",
-        disable=quiet,
-    ):
+    loaded = reader.load_many(list(by_key), direct=direct, payload=buffer) if direct else reader.load_many(list(by_key))
+    if not quiet:  # no bar at all when quiet: a disabled one still makes tqdm's lock (~6 ms, once per process)
+        loaded = tqdm(loaded, total=len(by_key), desc=f"reading adapter tensors of {directory.name}", unit="tensor")
+    for key, data in loaded:
         if data is None:  # copied into the payload by the reader
             read_bytes += reader.entry(key).nbytes
             continue

@@ -328,3 +328,57 @@ def test_matching_evenly_spaced_blobs_answers_as_gathering_their_bytes_does():
         assert (matching(buffer, starts, layout) == expected).all()
         evenly += count > 1 and (np.diff(starts) == step).all()
     assert evenly > 150
+
+
+def test_matching_evenly_with_runs_joined_and_apart_answers_as_gathering_does():
+    """Blobs of up to 3 KB whose positions lie in clusters some words apart (fewer and more than `_GAP_WORDS`, so
+    runs of words are joined across small gaps and kept apart across large ones), one byte changed in some blobs
+    inside a cluster: the strided path against the gathering path."""
+    import numpy as np
+
+    from megatron_peft_export.io import torch_save
+    from megatron_peft_export.io.torch_save import Layout, _matching_gathered, matching
+
+    rng = np.random.default_rng(11)
+    gaps = {"joined": 0, "apart": 0}
+    matched = unmatched = 0
+    for _ in range(200):
+        clusters, at = [], int(rng.integers(0, 16))
+        for _ in range(int(rng.integers(1, 8))):
+            width = int(rng.integers(1, 40))
+            clusters.append(np.arange(at, at + width))
+            gap = int(rng.integers(0, 2 * torch_save._GAP_WORDS + 8)) * 8
+            gaps["joined" if gap <= 8 * torch_save._GAP_WORDS else "apart"] += 1
+            at += width + gap
+        positions = np.unique(np.concatenate(clusters))
+        length = int(positions[-1]) + 1 + int(rng.integers(0, 16))
+        count, step = int(rng.integers(2, 700)), length + int(rng.integers(0, 24))
+        data = rng.integers(0, 256, size=count * step + 16, dtype=np.uint8)
+        values = data[positions].copy()
+        for n in range(1, count):
+            if rng.random() < 0.8:
+                data[n * step + positions] = values
+                if rng.random() < 0.2:
+                    data[n * step + positions[int(rng.integers(len(positions)))]] ^= 1
+        starts = np.arange(count, dtype=np.int64) * step
+        layout = Layout(length, positions, values, 0, torch.uint8, 0, (), (), 0)
+        buffer = bytearray(data.tobytes())
+        expected = _matching_gathered(np.frombuffer(buffer, dtype=np.uint8), starts, layout)
+        assert (matching(buffer, starts, layout) == expected).all()
+        matched, unmatched = matched + int(expected.sum()), unmatched + int((~expected).sum())
+    assert min(gaps.values()) > 100 and min(matched, unmatched) > 1000
+
+
+def test_sorted_distinct_is_numpy_unique():
+    """`sorted_distinct` (np.unique without its masked-array check) gives np.unique's values and dtype: empty, one
+    value, all equal, repeated and negative values, sorted or not."""
+    import numpy as np
+
+    from megatron_peft_export.io.torch_save import sorted_distinct
+
+    rng = np.random.default_rng(2)
+    arrays = [np.empty(0, dtype=np.int64), np.array([5]), np.full(7, 3), np.arange(9), np.arange(9)[::-1].copy()]
+    arrays += [rng.integers(-20, 20, size=int(rng.integers(0, 60))) for _ in range(200)]
+    for values in arrays:
+        found, expected = sorted_distinct(values), np.unique(values)
+        assert found.dtype == expected.dtype and found.tolist() == expected.tolist()

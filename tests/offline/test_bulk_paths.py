@@ -291,7 +291,8 @@ def test_offline_shards_equal_specs_built_per_matrix(key, shape, tp_save):
 def test_copies_into_the_payload_write_the_bytes_tensor_placements_write(tmp_path, monkeypatch, ep, layout):
     """A small MoE checkpoint saved by megatron (at EP 1, or EP 2: each key's chunks in two files) exported twice: its
     keys copied into the payload by their segments, and every key read as a tensor and placed by apply_placements
-    (segments refused); every output file is the same bytes."""
+    (segments refused); every output file is the same bytes. The first export is quiet (no progress bar is made), the
+    second reads through its bar."""
     from bench.moe_offline import write_checkpoint
     from megatron_peft_export.export import ExportOptions
     from megatron_peft_export.offline import export as offline_export
@@ -301,10 +302,14 @@ def test_copies_into_the_payload_write_the_bytes_tensor_placements_write(tmp_pat
     options = ExportOptions(model_type="mixtral", expert_layout=layout)
     key_segments, found = offline_export._key_segments, []
     monkeypatch.setattr(offline_export, "_key_segments", lambda *args: found.append(key_segments(*args)) or found[-1])
+    bars = []
+    monkeypatch.setattr(offline_export, "tqdm", lambda loaded, **kwargs: bars.append(kwargs) or loaded)
     offline_export.export_checkpoint(tmp_path / "save", tmp_path / "copied", options=options, quiet=True)
     assert found and all(segments is not None for segments in found), "every key copied by its segments"
+    assert not bars
     monkeypatch.setattr(offline_export, "_key_segments", lambda *args: None)
-    offline_export.export_checkpoint(tmp_path / "save", tmp_path / "placed", options=options, quiet=True)
+    offline_export.export_checkpoint(tmp_path / "save", tmp_path / "placed", options=options, quiet=False)
+    assert len(bars) == 1 and bars[0]["unit"] == "tensor"
     files = sorted(p.name for p in (tmp_path / "placed").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "copied").iterdir()) and "adapter_model.safetensors" in files
     for name in files:

@@ -30,3 +30,23 @@ def test_forgotten_items_are_read_again_as_torch_wrote_them(metadata, c_reader, 
     assert not any(key in items._keys._done for key in keys)  # dropped, not kept twice
     again = {key: (items.get(key).relative_path, items.get(key).offset, items.get(key).length) for key in stored}
     assert first == again == stored
+
+
+@pytest.mark.parametrize("c_reader", [True, False], ids=["c-reader", "python-path"])
+def test_get_many_is_get_of_each(metadata, c_reader, monkeypatch):  # noqa: F811
+    """`StoredItems.get_many` (the reader's look-up of a key's chunks) answers as `get` does per offsets: items, None
+    for offsets or keys not stored, before and after the key's items are converted and after they are forgotten."""
+    if not c_reader:
+        monkeypatch.setattr(dcp_metadata, "_read_compact", lambda data: None)
+    items = parse_metadata(pickle.dumps(metadata)).items
+    asked: dict[str, list] = {}
+    for fqn, offsets in items:
+        asked.setdefault(fqn, []).append(offsets)
+    asked = {fqn: [*offsets, (999,) * 2, None] for fqn, offsets in asked.items()}
+    asked["not.a.key"] = [(0, 0), None]
+    for when in ("first read", "converted", "forgotten"):
+        if when == "forgotten":
+            items.forget(list(asked))
+        for fqn, offsets in asked.items():
+            assert items.get_many(fqn, offsets) == [items.get((fqn, o)) for o in offsets], (when, fqn)
+    assert any(item is not None for fqn, offsets in asked.items() for item in items.get_many(fqn, offsets))
