@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import itertools
 import operator
 import threading
@@ -391,10 +392,9 @@ def _accelerated() -> Any:
     """The C reads (`megatron_peft_export._hook_reads`, built by `pip install -e .`), or None when they were not built
     (then their Python references run, slower)."""
     try:
-        from . import _hook_reads
+        return importlib.import_module("megatron_peft_export._hook_reads")
     except ImportError:
         return None
-    return _hook_reads
 
 
 def _listed_parameters(roots: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
