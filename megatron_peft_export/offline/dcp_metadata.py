@@ -431,22 +431,24 @@ class StoredItems(Mapping):
     def get(self, key: tuple[str, tuple[int, ...] | None], default: Any = None) -> Any:
         """As Mapping.get (a key's items refused raise, as when read), one lookup once its items are converted."""
         fqn, offsets = key
-        group = self._done.get(fqn)
-        if group is None:
-            if fqn not in self._keys:
-                return default
-            group = self._keys[fqn]
-        return group.get(offsets, default)
+        group = self._group(fqn)
+        return default if group is None else group.get(offsets, default)
 
     def get_many(self, fqn: str, offsets: list[tuple[int, ...] | None]) -> list[StoredItem | None]:
         """`[self.get((fqn, o)) for o in offsets]`, the key's group looked up once (an MoE expert tensor has hundreds
         of chunks)."""
+        group = self._group(fqn)
+        return [None] * len(offsets) if group is None else list(map(group.get, offsets))
+
+    def _group(self, fqn: str) -> Mapping | None:
+        """A key's items by offsets (converted when first asked for: refused items raise then), None for a key with
+        none."""
         group = self._done.get(fqn)
         if group is None:
             if fqn not in self._keys:
-                return [None] * len(offsets)
+                return None
             group = self._keys[fqn]
-        return list(map(group.get, offsets))
+        return group
 
     def forget(self, keys: Iterable[str]) -> None:
         """Drop the converted items of these keys (`Converted.forget`)."""
