@@ -417,9 +417,7 @@ def _place_received(
     if copies is None:
         _place(coll.split_flat(flat, shapes), planned, which, positions, allocated)
         return
-    source, payload = memoryview(flat.view(torch.uint8).numpy()), allocated.written.buffer()
-    for start, at, size in copies:
-        payload[at : at + size] = source[start : start + size]
+    safetensors_out.copy_segments(allocated.written.buffer(), flat.view(torch.uint8).numpy(), *copies)
 
 
 _UNLISTED = object()
@@ -431,12 +429,12 @@ def _byte_copies(
     shapes: list[tuple[int, ...]],
     dtype: torch.dtype,
     written: Any,
-) -> list[tuple[int, int, int]] | None:
+) -> tuple[Any, Any, Any] | None:
     """The placements of shards laid back to back (`shapes`, of `dtype`; at `positions` in `ordered`) as byte copies
-    into the payload `written`: (first byte in the shards, first byte in the payload, bytes), in payload order, each
-    merged with the next when both continue it. None when some placement is not a plain byte copy: into a view of a
-    fused tensor (not in the payload by name), into another dtype (a conversion), between shapes that differ off the
-    placement's dim (a broadcast)."""
+    into the payload `written`, as `safetensors_out.copy_segments`' arrays (first byte in the shards, first byte in
+    the payload, bytes), in payload order, each merged with the next when both continue it. None when some placement
+    is not a plain byte copy: into a view of a fused tensor (not in the payload by name), into another dtype (a
+    conversion), between shapes that differ off the placement's dim (a broadcast)."""
     if not isinstance(written, safetensors_out.Payload):
         return None
     where, entries, placements = written.where, written.entries, planned.plan.placements
@@ -465,7 +463,10 @@ def _byte_copies(
             merged[-1][2] += length
         else:
             merged.append([src, dst, length])
-    return list(map(tuple, merged))
+    import numpy as np
+
+    starts, dsts, lengths = np.array(merged, dtype=np.int64).reshape(-1, 3).T
+    return starts, dsts, lengths
 
 
 def _ranks(ordered: list[tuple[int, int, ShardSpec]]) -> dict[int, tuple[list[int], list[int], list[list[int]]]]:

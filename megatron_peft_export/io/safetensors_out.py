@@ -19,7 +19,7 @@ from itertools import accumulate, chain, groupby, islice, repeat
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -341,3 +341,41 @@ def save_file(
         _write_all(fd, batch, start)
     finally:
         os.close(fd)
+
+
+SEGMENT_BATCH_BYTES = 2**20
+"""`copy_segments` copies segments of one length this many bytes at a time (its temporary)."""
+LONG_SEGMENT = 2**16
+"""Segments of at least this many bytes are copied one by one (a copy's own time is then most of it)."""
+
+
+def copy_segments(payload: memoryview, buffer: Any, starts: Any, dsts: Any, lengths: Any) -> None:
+    """`payload[d : d + m] = buffer[s : s + m]` for each segment (s, d, m), every one inside both (checked by the
+    caller): bytes written into a payload by offset, out of the offline reader's read buffer or another rank's
+    transfer.
+
+    Short segments (an MoE adapter's chunks and shards are 10^5 of a few dozen bytes each) are copied per length, as
+    items of a void dtype that wide on views of both buffers with a step of one byte: one gather and one scatter per
+    batch of SEGMENT_BATCH_BYTES, not a slice assignment each."""
+    import numpy as np
+
+    from .torch_save import sorted_distinct
+
+    out = np.frombuffer(payload, dtype=np.uint8)
+    long = lengths >= LONG_SEGMENT
+    if long.any():
+        for s, d, m in zip(starts[long].tolist(), dsts[long].tolist(), lengths[long].tolist()):
+            out[d : d + m] = buffer[s : s + m]
+        short = ~long & (lengths > 0)
+        starts, dsts, lengths = starts[short], dsts[short], lengths[short]
+    found = sorted_distinct(lengths).tolist()
+    for m in found:
+        if m == 0:
+            continue
+        src_at, dst_at = (starts, dsts) if len(found) == 1 else (starts[lengths == m], dsts[lengths == m])
+        item = np.dtype((np.void, m))
+        source = np.ndarray(shape=(len(buffer) - m + 1,), dtype=item, buffer=buffer, strides=(1,))
+        target = np.ndarray(shape=(len(out) - m + 1,), dtype=item, buffer=out, strides=(1,))
+        step = max(1, SEGMENT_BATCH_BYTES // m)
+        for n in range(0, len(src_at), step):
+            target[dst_at[n : n + step]] = source[src_at[n : n + step]]

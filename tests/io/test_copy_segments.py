@@ -1,12 +1,13 @@
-"""`copy_segments` (the offline reader's copy of payload segments out of a read buffer) copies exactly what one slice
+"""`copy_segments` (bytes written into a payload by offset: the offline reader's segments out of a read buffer, another
+rank's transfer on the writer) copies exactly what one slice
 assignment per segment copies: segments of one length and of several, long ones copied one by one, empty ones, and
 more of one length than a batch holds."""
 
 import numpy as np
 import pytest
 
-from megatron_peft_export.offline import checkpoint
-from megatron_peft_export.offline.checkpoint import copy_segments
+from megatron_peft_export.io import safetensors_out
+from megatron_peft_export.io.safetensors_out import copy_segments
 
 
 def _segments(rng, lengths: list[int], buffer_bytes: int):
@@ -29,16 +30,16 @@ def _one_by_one(payload: bytearray, buffer: np.ndarray, starts, dsts, lengths) -
     [
         [64] * 300,
         [8, 64, 3, 64, 8, 0, 1],
-        [checkpoint.LONG_SEGMENT + 5, 16, checkpoint.LONG_SEGMENT, 16],
+        [safetensors_out.LONG_SEGMENT + 5, 16, safetensors_out.LONG_SEGMENT, 16],
         [0, 0],
         [],
     ],
     ids=["one-length", "several-lengths", "long", "empty", "none"],
 )
 def test_copy_segments_is_one_slice_assignment_each(lengths, monkeypatch):
-    monkeypatch.setattr(checkpoint, "SEGMENT_BATCH_BYTES", 1000)  # several batches of the 64-byte segments
+    monkeypatch.setattr(safetensors_out, "SEGMENT_BATCH_BYTES", 1000)  # several batches of the 64-byte segments
     rng = np.random.default_rng(len(lengths))
-    buffer = rng.integers(0, 256, size=3 * checkpoint.LONG_SEGMENT, dtype=np.uint8)
+    buffer = rng.integers(0, 256, size=3 * safetensors_out.LONG_SEGMENT, dtype=np.uint8)
     starts, dsts, lengths, size = _segments(rng, lengths, len(buffer))
     expected = bytearray(rng.integers(0, 256, size=size + 7, dtype=np.uint8).tobytes())
     found = bytearray(expected)
