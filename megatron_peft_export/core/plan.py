@@ -7,10 +7,10 @@ import functools
 import math
 import re
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice, repeat
-from operator import add, attrgetter, itemgetter
+from operator import add, itemgetter
 
 import torch
 
@@ -18,7 +18,7 @@ from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
 from .peft_names import PEFT_PREFIX, hf_key
-from .shards import Placement, ShardSpec
+from .shards import Placement, ShardSpec, spec_column
 from .splits import mamba_in_parts, row_blocks
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -407,7 +407,7 @@ def _check_coverage(
 
 
 def plan_adapter(
-    specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None
+    specs: Sequence[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None = None
 ) -> AdapterPlan:
     """Plan every shard of every rank, then check the whole: coverage, ranks, alphas, DoRA everywhere or nowhere.
 
@@ -442,7 +442,7 @@ def plan_adapter(
 
 
 def _plan_each(
-    specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None
+    specs: Sequence[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None
 ) -> tuple[list[list[Placement]], dict[str, tuple[int, ...]], dict[str, str], dict[str, set[float]]]:
     """Shard by shard: the placements, shapes, dtypes and each HF module's alphas, raising every shard that does not
     fit and every tensor not filled exactly once."""
@@ -488,7 +488,7 @@ _SPEC_COLUMNS = ("part", "role", "shape", "split_dim", "tp_rank", "tp_size")
 
 
 def _plan_in_bulk(
-    specs: list[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None
+    specs: Sequence[ShardSpec], geometry: ModelGeometry, arch: ArchMap, megatron_vocab: int | None
 ) -> tuple[list[list[Placement]], dict[str, tuple[int, ...]], dict[str, str], dict[str, float], bool, dict] | None:
     """`_plan_each`'s placements, shapes and dtypes and each HF module's one alpha (and whether DoRA magnitudes are
     there), computed per combination (`_Planner`: module kind, part, role, shard shape, TP coordinates; a few hundred
@@ -497,18 +497,18 @@ def _plan_in_bulk(
     tensor is not filled exactly once, its shards disagree on shape or dtype, or a module has several alphas; the
     checks are `_plan_each`'s, done once per distinct form."""
     planner = _Planner(geometry, arch, megatron_vocab)
-    modules = list(map(attrgetter("module"), specs))
+    modules = spec_column(specs, "module")
     distinct = list(dict.fromkeys(modules))  # each module once (lora_A and lora_B share it)
     matches = dict(zip(distinct, map(_LAYER_RE.match, distinct)))
     layer_of = {m: int(found.group(1)) for m, found in matches.items() if found is not None}
     suffix_of = {m: found.group(2) for m, found in matches.items() if found is not None}
     groups: dict[tuple, list[int]] = defaultdict(list)
     # each shard's combination as `_Planner` keys it, made as one tuple per shard from a pass per column
-    combinations = zip(map(suffix_of.get, modules), *(map(attrgetter(name), specs) for name in _SPEC_COLUMNS))
+    combinations = zip(map(suffix_of.get, modules), *(spec_column(specs, name) for name in _SPEC_COLUMNS))
     for n, combination in enumerate(combinations):
         groups[combination].append(n)
     singles = [n for key in list(groups) if key[0] is None for n in groups.pop(key)]  # outside the layers
-    alphas = list(map(attrgetter("alpha"), specs))
+    alphas = spec_column(specs, "alpha")
     one_alpha = _one_alpha(alphas)
     hf_modules: list = [None] * len(specs)  # each shard's HF modules, when alphas differ (`_first_alphas`)
     first_alpha: dict[str, float] = {}  # each HF module's alpha, when there is one (`one_alpha`)
@@ -571,7 +571,7 @@ def _plan_in_bulk(
     placed = iter(flat)
     placements = list(map(list, map(islice, repeat(placed), counts)))
     shapes = dict(zip(keys, map(itemgetter(1), flat)))
-    spec_dtypes = list(map(attrgetter("dtype"), specs))
+    spec_dtypes = spec_column(specs, "dtype")
     if len(set(spec_dtypes)) == 1:
         dtypes = dict.fromkeys(shapes, spec_dtypes[0])
     else:

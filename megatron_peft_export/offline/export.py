@@ -56,6 +56,7 @@ from .keys import (
     classify,
     may_classify_all,
     offline_shards,
+    specs_of,
     stored_per_rank,
 )
 from .legacy import LegacyReader, legacy_shard
@@ -321,7 +322,7 @@ def _torch_dist_shards(directory: Path, hf_config, options: ExportOptions, facts
             and (tp_save or 1) > 1
         ):
             refused += [
-                (PARTIAL_OUTPUT.replace("{size}", str(tp_save)), s.spec.module) for s in found
+                (PARTIAL_OUTPUT.replace("{size}", str(tp_save)), s.module) for s in found
             ]  # what the live export refuses
         shards += found
     raise_refusals(refused, prefix=f"{directory}: ")
@@ -350,7 +351,7 @@ def _refused_dora(key: AdapterKey, shards: list[OfflineShard], tp_save: int, set
         reason = DORA_BIAS
     else:
         return []
-    return [(reason, s.spec.module) for s in shards]
+    return [(reason, s.module) for s in shards]
 
 
 def _legacy_shards(directory: Path, hf_config, options: ExportOptions, facts: CheckpointFacts):
@@ -419,7 +420,7 @@ def _export_checkpoint(
     reader, shards, dialect, names, vocab = collect(
         directory, read_hf_config(options.base_model_name_or_path), options, facts
     )
-    plan = plan_adapter([s.spec for s in shards], names.geometry, names.arch, vocab)
+    plan = plan_adapter(specs_of(shards), names.geometry, names.arch, vocab)
     writes_fused(options.expert_layout, names.arch)
     by_key = _by_key(shards)
     tensors, buffer, where = safetensors_out.allocate_plan_payload(plan, parse_dtype(options.dtype))

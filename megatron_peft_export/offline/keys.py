@@ -19,11 +19,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple
 
 from ..core.registry import DIALECTS, MODELOPT, TensorDecl, match_key
-from ..core.shards import Role, ShardSpec
+from ..core.shards import Role, ShardSpec, SpecTable, with_module
 from ..core.splits import stored_row_pieces
 from ..errors import DialectError, ShapeMismatchError
 
@@ -55,14 +56,26 @@ class AdapterKey:
 
 class OfflineShard(NamedTuple):
     """A shard spec and where its data is in a checkpoint tensor: an index into its leading axes and row ranges (a
-    named tuple: an MoE checkpoint makes 10^5 of them)."""
+    named tuple: an MoE checkpoint makes 10^5 of them). The spec is kept as a template shared by the key's shards and
+    the shard's module: `spec` makes it, `specs_of` gives the plan many of them as columns, none made."""
 
-    spec: ShardSpec
+    template: ShardSpec
+    """The spec but its module (which is this shard's `module`)."""
+    module: str
     key: str
     index: tuple[int, ...]
     """Index into the stacked leading axes (empty for an unstacked tensor)."""
     rows: tuple[tuple[int, int], ...] | None
     """(start, length) row ranges of the indexed tensor, concatenated; None for all of it."""
+
+    @property
+    def spec(self) -> ShardSpec:
+        return with_module(self.template, self.module)
+
+
+def specs_of(shards: list[OfflineShard]) -> SpecTable:
+    """The shards' specs, as columns (`SpecTable`)."""
+    return SpecTable(list(map(itemgetter(0), shards)), list(map(itemgetter(1), shards)))
 
 
 @functools.cache
@@ -199,25 +212,9 @@ def _shards_like(
     matrices: list[tuple[tuple[int, ...], str]],
     key: str,
 ) -> list[OfflineShard]:
-    """Each matrix's shards: the templates' specs on its module, each equal to `dataclasses.replace(spec,
-    module=module)`, made without running ShardSpec's __init__ (10^5 specs of an MoE checkpoint; a spec has no
-    __post_init__ to run) and OfflineShard's Python __new__."""
-    if not _PLAIN_SPEC:
-        return [
-            OfflineShard(replace(spec, module=module), key, index, rows)
-            for index, module in matrices
-            for spec, rows in templates
-        ]
-    new, make = object.__new__, tuple.__new__
-    out = []
-    for index, module in matrices:
-        for spec, rows in templates:
-            copy = new(ShardSpec)
-            state = copy.__dict__
-            state.update(spec.__dict__)
-            state["module"] = module
-            out.append(make(OfflineShard, (copy, key, index, rows)))
-    return out
-
-
-_PLAIN_SPEC = not hasattr(ShardSpec, "__post_init__") and not hasattr(ShardSpec, "__slots__")
+    """Each matrix's shards: the templates on its module, made without OfflineShard's Python __new__ (10^5 of them in an
+    MoE checkpoint)."""
+    make = tuple.__new__
+    return [
+        make(OfflineShard, (spec, module, key, index, rows)) for index, module in matrices for spec, rows in templates
+    ]

@@ -146,4 +146,4 @@ def legacy_shard(
         alpha=alpha,
         dtype=dtype,
     )
-    return OfflineShard(spec, found.key, (), None)
+    return OfflineShard(spec, spec.module, found.key, (), None)

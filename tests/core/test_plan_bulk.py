@@ -17,6 +17,7 @@ from megatron_peft_export.core.plan import (
     plan_shard,
     resolve_target,
 )
+from megatron_peft_export.core.shards import SpecTable
 from megatron_peft_export.errors import DialectError, ShapeMismatchError
 
 from .test_hybrid import GEOMETRY as HYBRID
@@ -99,10 +100,17 @@ CLEAN = {
 }
 
 
+def _as_table(specs):
+    """The specs as a SpecTable (what the offline export plans): templates whose own module is none of theirs."""
+    return SpecTable([dataclasses.replace(s, module="template.{e}") for s in specs], [s.module for s in specs])
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["specs", "table"])
 @pytest.mark.parametrize("name", list(CLEAN))
-def test_the_bulk_plan_is_the_shard_by_shard_one(name):
+def test_the_bulk_plan_is_the_shard_by_shard_one(name, table):
     specs, geo, arch, vocab = CLEAN[name]
     placements, shapes, dtypes, modules = _reference(specs, geo, arch, vocab)
+    specs = _as_table(specs) if table else specs
     assert _plan_in_bulk(specs, geo, arch, vocab) is not None  # the bulk path took it
     plan = plan_adapter(specs, geo, arch, vocab)
     assert plan.placements == placements
@@ -198,13 +206,14 @@ HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("table", [False, True], ids=["specs", "table"])
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_shard_sets_are_refused_as_shard_by_shard(name):
+def test_hostile_shard_sets_are_refused_as_shard_by_shard(name, table):
     specs, geo, arch, message = HOSTILE[name]
     expected = _each_error(specs, geo, arch)
     assert expected is not None
     with pytest.raises((ShapeMismatchError, DialectError), match=message) as found:
-        plan_adapter(specs, geo, arch)
+        plan_adapter(_as_table(specs) if table else specs, geo, arch)
     assert (type(found.value), str(found.value)) == expected
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megatron_peft_export.core.shards import ShardSpec
+from megatron_peft_export.core.shards import ShardSpec, spec_column
 from megatron_peft_export.core.splits import stored_row_pieces
 from megatron_peft_export.io.torch_save import Layout, _matching_gathered, matching
 from megatron_peft_export.offline.checkpoint import CheckpointError, Segments, TorchDistReader
 from megatron_peft_export.offline.dcp_metadata import Chunk, StoredItem, TensorEntry
-from megatron_peft_export.offline.keys import OfflineShard, classify, offline_shards
+from megatron_peft_export.offline.keys import OfflineShard, classify, offline_shards, specs_of
 from tests.offline.test_batched_read import _Writer
 
 ROWS, COLS = 8, 4
@@ -281,9 +281,13 @@ def test_offline_shards_equal_specs_built_per_matrix(key, shape, tp_save):
     settings = dict(alpha=8.0, tp_save=tp_save, gated=True, dtype="float32", num_experts=3)
     got = offline_shards(found, shape, **settings)
     expected = _offline_shards_per_matrix(found, shape, **settings)
-    assert [tuple(s) for s in got] == expected
+    assert [(s.spec, s.key, s.index, s.rows) for s in got] == expected
     assert all(s.spec == e[0] and hash(s.spec) == hash(e[0]) for s, e in zip(got, expected))
     assert all(type(s) is OfflineShard and type(s.spec) is ShardSpec for s in got)
+    table = specs_of(got)  # the specs the plan is given: the same, as columns
+    assert list(table) == [e[0] for e in expected] and table[1:3] == [e[0] for e in expected[1:3]]
+    for name in ("module", "role", "shape", "split_dim", "tp_rank", "tp_size", "alpha", "part", "dtype"):
+        assert spec_column(table, name) == [getattr(e[0], name) for e in expected]
 
 
 @pytest.mark.parametrize("ep", [1, 2])

@@ -18,7 +18,7 @@ from megatron_peft_export.offline.keys import OfflineShard
 
 def _shard(key, index, rows, shape):
     spec = ShardSpec(module="m", role="lora_B", shape=shape, split_dim=None, tp_rank=0, tp_size=1, alpha=1.0)
-    return OfflineShard(spec, key, index, rows)
+    return OfflineShard(spec, spec.module, key, index, rows)
 
 
 def _case(stacked: bool, cuts: list[int], shuffled: bool = False, mixed: bool = False):
