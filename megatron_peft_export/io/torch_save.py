@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import io
 import logging
 import math
@@ -301,10 +302,9 @@ def _matching_evenly(data: Any, starts: Any, layout: Layout) -> Any:
     `data`: checked by the caller).
 
     Compared 8 bytes at a time: each blob's words from its first position on, xor the layout's values, masked to the
-    positions, must be all zero; runs of words holding positions (those with at most `_GAP_WORDS` words between them
-    joined, those words masked out) are views of the blobs (no copy), taken `_WORD_ROWS` blobs at a time. A blob
-    whose last word would run past `data` (by up to 7 bytes after its last position) is compared by
-    `_matching_gathered`."""
+    positions, must be all zero, over the runs of words holding positions: in C (`_blob_check`, built with the
+    package) when it is there, else on numpy views (`_words_match`). A blob whose last word would run past `data` (by
+    up to 7 bytes after its last position) is compared by `_matching_gathered`."""
     import numpy as np
 
     positions, values = layout.positions, layout.values
@@ -315,23 +315,51 @@ def _matching_evenly(data: Any, starts: Any, layout: Layout) -> Any:
     expected, mask = expected.view(np.uint64), mask.view(np.uint64)
     room = len(data) - (first + low + span)  # bytes past the first blob's last word
     fit = 0 if room < 0 else len(starts) if step == 0 else min(len(starts), room // step + 1)
-    found = np.ones(len(starts), dtype=bool)
     used = np.flatnonzero(mask)
+    check = _blob_check()
+    if check is not None and fit:
+        cuts = np.flatnonzero(np.diff(used) > 1) + 1  # runs of consecutive words
+        runs = np.stack([used[np.concatenate(([0], cuts))], used[np.concatenate((cuts, [len(used)])) - 1] + 1], 1)
+        found = np.frombuffer(
+            check.words_match(data, first + low, step, fit, expected, mask, runs.astype(np.int64)), dtype=bool
+        )
+        found = np.concatenate((found, np.ones(len(starts) - fit, dtype=bool)))
+    else:
+        found = _words_match(data, first + low, step, fit, len(starts), expected, mask, used)
+    if fit < len(starts):
+        found[fit:] = _matching_gathered(data, starts[fit:], layout)
+    return found
+
+
+def _words_match(data: Any, origin: int, step: int, fit: int, count: int, expected: Any, mask: Any, used: Any) -> Any:
+    """`_matching_evenly`'s comparison on numpy views (the reference of `_blob_check.words_match`): `count` answers,
+    the first `fit` blobs compared (the rest True, for the caller to compare). Runs of words holding positions (those
+    with at most `_GAP_WORDS` words between them joined, those words masked out) are views of the blobs (no copy),
+    taken `_WORD_ROWS` blobs at a time."""
+    import numpy as np
+
+    found = np.ones(count, dtype=bool)
     cuts = (np.flatnonzero(np.diff(used) > _GAP_WORDS + 1) + 1).tolist()
     for lo, hi in zip([0, *cuts], [*cuts, len(used)]) if fit else ():
         a, b = int(used[lo]), int(used[hi - 1]) + 1
-        words = np.ndarray(
-            shape=(fit, b - a), dtype=np.uint64, buffer=data, offset=first + low + 8 * a, strides=(step, 8)
-        )
+        words = np.ndarray(shape=(fit, b - a), dtype=np.uint64, buffer=data, offset=origin + 8 * a, strides=(step, 8))
         scratch = np.empty((min(fit, _WORD_ROWS), b - a), dtype=np.uint64)
         for n in range(0, fit, _WORD_ROWS):
             block = scratch[: min(fit - n, _WORD_ROWS)]
             np.bitwise_xor(words[n : n + _WORD_ROWS], expected[a:b], out=block)
             block &= mask[a:b]
             found[n : n + len(block)] &= ~block.any(axis=1)
-    if fit < len(starts):
-        found[fit:] = _matching_gathered(data, starts[fit:], layout)
     return found
+
+
+@functools.cache
+def _blob_check() -> Any:
+    """The C blob check (`megatron_peft_export._blob_check`, built by `pip install -e .`), or None when it was not
+    built (then `_words_match` compares on numpy views)."""
+    try:
+        return importlib.import_module("megatron_peft_export._blob_check")
+    except ImportError:
+        return None
 
 
 def gather(buffer: Any, first: int, count: int, step: int, layout: Layout) -> torch.Tensor:

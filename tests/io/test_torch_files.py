@@ -298,7 +298,20 @@ def _saved_namespace(tmp_path):
     return tmp_path / "n.pt"
 
 
-def test_matching_evenly_spaced_blobs_answers_as_gathering_their_bytes_does():
+@pytest.fixture(params=["C", "numpy"])
+def blob_check(request, monkeypatch):
+    """`_matching_evenly` through the C blob check (built with the package, as where CI runs) or its numpy
+    reference."""
+    from megatron_peft_export.io import torch_save
+
+    if request.param == "C":
+        assert torch_save._blob_check() is not None, "the C blob check is not built"
+    else:
+        monkeypatch.setattr(torch_save, "_blob_check", lambda: None)
+    return request.param
+
+
+def test_matching_evenly_spaced_blobs_answers_as_gathering_their_bytes_does(blob_check):
     """matching's strided path (blobs one step apart) against its gathering path, on random bytes, positions in runs
     and alone, blobs equal to the layout's values or differing in one byte, steps 0 and up, and starts that are not
     evenly spaced or reach past the buffer (the gathering path then)."""
@@ -330,7 +343,7 @@ def test_matching_evenly_spaced_blobs_answers_as_gathering_their_bytes_does():
     assert evenly > 150
 
 
-def test_matching_evenly_with_runs_joined_and_apart_answers_as_gathering_does():
+def test_matching_evenly_with_runs_joined_and_apart_answers_as_gathering_does(blob_check):
     """Blobs of up to 3 KB whose positions lie in clusters some words apart (fewer and more than `_GAP_WORDS`, so
     runs of words are joined across small gaps and kept apart across large ones), one byte changed in some blobs
     inside a cluster: the strided path against the gathering path."""
@@ -367,6 +380,44 @@ def test_matching_evenly_with_runs_joined_and_apart_answers_as_gathering_does():
         assert (matching(buffer, starts, layout) == expected).all()
         matched, unmatched = matched + int(expected.sum()), unmatched + int((~expected).sum())
     assert min(gaps.values()) > 100 and min(matched, unmatched) > 1000
+
+
+def test_the_c_blob_check_is_used_and_reads_no_word_outside_its_data(monkeypatch):
+    """`_matching_evenly` calls the C check when it is built; the C check refuses, before reading, any blob word past
+    the data (by one byte, or by a count whose last blob overflows), negative sizes, malformed runs and masks."""
+    import numpy as np
+
+    from megatron_peft_export.io import torch_save
+    from megatron_peft_export.io.torch_save import Layout, matching
+
+    check = torch_save._blob_check()
+    assert check is not None, "the C blob check is not built"
+    calls = []
+    monkeypatch.setattr(torch_save, "_blob_check", lambda: calls.append(1) or check)
+    data = bytearray(range(64)) * 4
+    layout = Layout(64, np.arange(0, 20), np.arange(0, 20, dtype=np.uint8), 0, torch.uint8, 0, (), (), 0)
+    assert matching(data, np.array([0, 64, 128]), layout).tolist() == [True, True, True] and calls
+    words = np.zeros(3, dtype=np.uint64)
+    runs = np.array([[0, 3]], dtype=np.int64)
+    assert check.words_match(bytes(24), 0, 0, 5, words, words, runs) == bytearray(b"\x01" * 5)
+    assert check.words_match(bytes(48), 0, 24, 2, words, words, runs) == bytearray(b"\x01\x01")
+    bad = [
+        (bytes(47), 0, 24, 2, words, words, runs),  # the last blob's last word one byte past the data
+        (bytes(48), 1, 24, 2, words, words, runs),
+        (bytes(48), 0, 2**62, 3, words, words, runs),  # (count - 1) * step overflows
+        (bytes(48), -1, 24, 1, words, words, runs),
+        (bytes(48), 0, -24, 1, words, words, runs),
+        (bytes(48), 0, 24, -1, words, words, runs),
+        (bytes(48), 0, 24, 1, words, words, np.array([[0, 4]], dtype=np.int64)),  # past the words
+        (bytes(48), 0, 24, 1, words, words, np.array([[2, 2]], dtype=np.int64)),  # empty
+        (bytes(48), 0, 24, 1, words, words, np.array([[-1, 2]], dtype=np.int64)),
+        (bytes(48), 0, 24, 1, words, words[:2], runs),  # mask and expected differ in length
+        (bytes(48), 0, 24, 1, bytes(7), bytes(7), np.zeros(0, dtype=np.int64)),  # not whole words
+        (bytes(48), 0, 24, 1, words, words, bytes(12)),  # not pairs
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            check.words_match(*args)
 
 
 def test_sorted_distinct_is_numpy_unique():
