@@ -9,7 +9,9 @@ import pytest
 
 from megatron_peft_export.core.archs import LLAMA, NEMOTRON_H, QWEN_MOE
 from megatron_peft_export.core.plan import (
+    _LAYER_RE,
     LoraSettings,
+    _layers_and_suffixes,
     _module_settings,
     _plan_each,
     _plan_in_bulk,
@@ -249,3 +251,26 @@ def test_one_rank_and_alpha_needs_no_lookup_per_module():
     assert _one_setting(alphas, ranks) is None
     with pytest.raises(ShapeMismatchError, match=r"experts\.1\.down_proj: has lora_A but no lora_B"):
         plan_adapter(no_b, MOE, QWEN_MOE)
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ["decoder.layers.3.mlp.linear_fc1", "decoder.layers.12.self_attention.linear_qkv", "output_layer"],
+        ["decoder.layers.0.x", "decoder.layers.1.", "decoder.layers..x", "decoder.layers.01.x", "decoder.layers.1"],
+        ["decoder.layers.\u0663.x", "decoder.layers.2.a.b.c", "xdecoder.layers.2.a", " decoder.layers.2.a"],
+        ["decoder.layers.4.x\n", "decoder.layers.5.y"],  # `$` matches before a last newline: one match per module
+        ["decoder.layers.4.x\ndecoder.layers.6.z", "decoder.layers.5.y"],
+        ["", "decoder.layers.5.y"],
+        ["decoder.layers.7.\r", "decoder.layers.8.\t", "decoder.layers.9.\u2028"],
+        [],
+    ],
+)
+def test_layers_and_suffixes_match_the_layer_pattern_per_module(modules):
+    """One search over the joined modules gives what `_LAYER_RE` gives per module, on odd paths too."""
+    matches = {m: _LAYER_RE.match(m) for m in modules}
+    expected = (
+        {m: int(found.group(1)) for m, found in matches.items() if found},
+        {m: found.group(2) for m, found in matches.items() if found},
+    )
+    assert _layers_and_suffixes(modules) == expected
