@@ -26,6 +26,13 @@ typedef struct {
     size_t mask, used;
 } Seen;
 
+/* An address's first slot: a multiplicative hash whose high bits are folded into the low ones the mask keeps (the
+ * low bits of a product depend only on the low bits of the address). */
+static size_t first_slot(uintptr_t key, size_t mask) {
+    uint64_t h = (uint64_t)(key >> 4) * 0x9E3779B97F4A7C15u;
+    return (size_t)(h ^ (h >> 32)) & mask;
+}
+
 /* 1 if `p` was there, 0 if added now, -1 out of memory. */
 static int seen_add(Seen *s, const void *p) {
     if (2 * (s->used + 1) > s->mask + 1) {
@@ -34,7 +41,7 @@ static int seen_add(Seen *s, const void *p) {
         if (slots == NULL) return -1;
         for (size_t i = 0; s->slots && i <= s->mask; i++) {
             if (!s->slots[i]) continue;
-            size_t j = (size_t)(s->slots[i] >> 4) * 0x9E3779B97F4A7C15u & (size - 1);
+            size_t j = first_slot(s->slots[i], size - 1);
             while (slots[j]) j = (j + 1) & (size - 1);
             slots[j] = s->slots[i];
         }
@@ -43,7 +50,7 @@ static int seen_add(Seen *s, const void *p) {
         s->mask = size - 1;
     }
     uintptr_t key = (uintptr_t)p;
-    size_t j = (size_t)(key >> 4) * 0x9E3779B97F4A7C15u & s->mask;
+    size_t j = first_slot(key, s->mask);
     for (; s->slots[j]; j = (j + 1) & s->mask)
         if (s->slots[j] == key) return 1;
     s->slots[j] = key;
