@@ -18,7 +18,7 @@ from ..errors import DialectError, ExportError, ShapeMismatchError
 from .archs import ArchMap, Layout, ModuleMap
 from .geometry import GDN_FIELDS, HYBRID_FIELDS, LAYER_SYMBOLS, ModelGeometry
 from .peft_names import PEFT_PREFIX, hf_key
-from .shards import Placement, ShardSpec, spec_column
+from .shards import Placement, ShardSpec, SpecTable, StampedPlacements, spec_column
 from .splits import mamba_in_parts, row_blocks
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -49,8 +49,9 @@ class AdapterPlan:
 
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
-    placements: list[list[Placement]]
-    """One list per input spec, in input order; empty for replicas."""
+    placements: Sequence[list[Placement]]
+    """One list per input spec, in input order; empty for replicas (a StampedPlacements, when the specs were given as
+    a SpecTable: each shard's list made when asked for)."""
     modules: dict[str, LoraSettings]
     use_dora: bool
     num_layers: int
@@ -585,26 +586,30 @@ def _plan_in_bulk(
             chain.from_iterable(map(tails.__getitem__, combination_of)),
         )
     )
-    made = map(add, zip(keys), chain.from_iterable(map(rests.__getitem__, combination_of)))
-    flat = list(map(tuple.__new__, repeat(Placement), made))
-    placed = iter(flat)
-    placements = list(map(list, map(islice, repeat(placed), counts)))
-    shapes = dict(zip(keys, map(itemgetter(1), flat)))
+    if isinstance(specs, SpecTable):  # columns in, columns out: Placement objects made where asked for
+        placements: Sequence[list[Placement]] = StampedPlacements(keys, counts, combination_of, rests)
+        rest_shapes = [[rest[0] for rest in found] for found in rests]
+        shapes = dict(zip(keys, chain.from_iterable(map(rest_shapes.__getitem__, combination_of))))
+    else:
+        made = map(add, zip(keys), chain.from_iterable(map(rests.__getitem__, combination_of)))
+        placed = iter(list(map(tuple.__new__, repeat(Placement), made)))
+        placements = list(map(list, map(islice, repeat(placed), counts)))
+        shapes = dict(zip(keys, map(itemgetter(1), chain.from_iterable(placements))))
     spec_dtypes = spec_column(specs, "dtype")
     if len(set(spec_dtypes)) == 1:
         dtypes = dict.fromkeys(shapes, spec_dtypes[0])
     else:
-        dtypes = dict(zip(keys, chain.from_iterable(map(repeat, spec_dtypes, map(len, placements)))))
-    if len(shapes) == len(flat):  # each tensor filled by one placement: it must be the whole tensor
+        dtypes = dict(zip(keys, chain.from_iterable(map(repeat, spec_dtypes, counts))))
+    if len(shapes) == len(keys):  # each tensor filled by one placement: it must be the whole tensor
         if not all(dst == 0 and length == shape[dim] for shape, dim, dst, _, length in forms):
             return None
-    elif not _tiles(flat, keys, chain.from_iterable(map(repeat, spec_dtypes, map(len, placements)))):
+    elif not _tiles(list(chain.from_iterable(placements)), keys, chain.from_iterable(map(repeat, spec_dtypes, counts))):
         return None
     if one_alpha is None:
         first_alpha = _first_alphas(alphas, hf_modules)
         if first_alpha is None:
             return None
-    if len(shapes) != len(flat):
+    if len(shapes) != len(keys):
         ranks = {}  # several placements per key: counting placements is not counting keys
     return placements, shapes, dtypes, first_alpha, dora, ranks
 

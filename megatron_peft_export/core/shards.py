@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from operator import attrgetter
 from typing import Literal, NamedTuple
 
@@ -112,3 +113,37 @@ class Placement(NamedTuple):
     dst_start: int
     src_start: int
     length: int
+
+
+class StampedPlacements(Sequence):
+    """Each shard's placements (`AdapterPlan.placements`) as the bulk planner stamps them out: every placement's key,
+    shards in order (`keys`; shard n's are `keys[firsts[n]:firsts[n + 1]]`), and per combination of shards its
+    placements but their keys (`rests[c]`: shape, dim, destination start, source start, length; shard n's combination
+    is `combination_of[n]`). A plan of SpecTable specs keeps its placements so: an offline MoE export copies 10^5 of
+    them by byte ranges computed from these columns, and `table[n]` makes shard n's Placement objects only where a
+    caller asks for them."""
+
+    __slots__ = ("keys", "firsts", "combination_of", "rests")
+
+    def __init__(self, keys: list[str], counts: list[int], combination_of: list[int], rests: list[list[tuple]]) -> None:
+        self.keys, self.combination_of, self.rests = keys, combination_of, rests
+        self.firsts = list(accumulate(counts, initial=0))
+        if len(self.firsts) != len(combination_of) + 1 or self.firsts[-1] != len(keys):
+            raise ValueError(f"{len(keys)} keys for {sum(counts)} placements of {len(combination_of)} shards")
+
+    def __len__(self) -> int:
+        return len(self.combination_of)
+
+    def __getitem__(self, n):
+        if isinstance(n, slice):
+            return [self[i] for i in range(*n.indices(len(self)))]
+        n = range(len(self))[n]  # negative indices and IndexError as a list's
+        keys = self.keys[self.firsts[n] : self.firsts[n + 1]]
+        return [tuple.__new__(Placement, (key, *rest)) for key, rest in zip(keys, self.rests[self.combination_of[n]])]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, StampedPlacements)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]

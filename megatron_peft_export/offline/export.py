@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ..core.geometry import (
 )
 from ..core.plan import AdapterPlan, BulkCopy, apply_placements, plan_adapter
 from ..core.registry import BRIDGE_LORA, MODELOPT, ROW_PARALLEL
-from ..core.shards import Placement
+from ..core.shards import Placement, StampedPlacements
 from ..dialects import name_modules, raise_refusals
 from ..dialects.bridge import DORA_BIAS, DORA_ROW_PARALLEL, PARTIAL_OUTPUT
 from ..errors import DialectError, NoAdaptersError, ShapeMismatchError
@@ -473,11 +473,18 @@ def _direct_segments(
     placements, entries = plan.placements, tensors.entries
     dtypes = set(map(_FIRST, entries.values()))
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    arrays = _stamped_arrays(placements) if isinstance(placements, StampedPlacements) else None
     for key, positions in by_key.items():
         if isinstance(positions, range):
-            mine, placed = shards[positions.start : positions.stop], placements[positions.start : positions.stop]
+            mine = shards[positions.start : positions.stop]
         else:
-            mine, placed = [shards[n] for n in positions], [placements[n] for n in positions]
+            mine = [shards[n] for n in positions]
+        if arrays is not None:
+            placed: Any = _Stamped(placements, np.asarray(positions, dtype=np.int64), arrays)
+        elif isinstance(positions, range):
+            placed = placements[positions.start : positions.stop]
+        else:
+            placed = [placements[n] for n in positions]
         slabs = reader.slabs(key)
         segments = (
             None if slabs is None else _key_segments(reader.entry(key), mine, placed, entries, where, dtype, slabs)
@@ -485,6 +492,72 @@ def _direct_segments(
         if segments is not None:
             direct[key] = segments
     return direct
+
+
+class _StampedArrays(NamedTuple):
+    """A StampedPlacements' columns as arrays, made once per export: each shard's combination and first key, and
+    every combination's placements but their keys as rows (dim, destination start, source start, length), each
+    combination's first row and count."""
+
+    combination: np.ndarray
+    firsts: np.ndarray
+    rows: np.ndarray
+    first_row: np.ndarray
+    count: np.ndarray
+
+
+def _stamped_arrays(table: StampedPlacements) -> _StampedArrays:
+    count = np.fromiter(map(len, table.rests), dtype=np.int64, count=len(table.rests))
+    rows = [(dim, dst, src, length) for found in table.rests for _, dim, dst, src, length in found]
+    return _StampedArrays(
+        np.array(table.combination_of, dtype=np.int64),
+        np.array(table.firsts, dtype=np.int64),
+        np.array(rows, dtype=np.int64).reshape(len(rows), 4),
+        np.cumsum(count) - count,
+        count,
+    )
+
+
+class _Stamped(NamedTuple):
+    """The placements of the shards at `positions` of a StampedPlacements (`_key_segments` reads their columns with
+    `_columns`, without a Placement object each)."""
+
+    table: StampedPlacements
+    positions: np.ndarray
+    arrays: _StampedArrays
+
+
+def _columns(
+    placements: list[list[Placement]] | _Stamped,
+) -> tuple[list[str], np.ndarray, set[tuple[int, ...]], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shards' placements as columns, in order: their keys, each shard's count of placements, their distinct shapes,
+    and their dims, destination starts, source starts and lengths."""
+    if not isinstance(placements, _Stamped):
+        flat = list(itertools.chain.from_iterable(placements))
+        counts = np.fromiter(map(len, placements), dtype=np.int64, count=len(placements))
+        if not flat:
+            return [], counts, set(), *(np.empty(0, dtype=np.int64) for _ in range(4))
+        keys, shapes, *numbers = zip(*flat)
+        return list(keys), counts, set(shapes), *(np.array(column, dtype=np.int64) for column in numbers)
+    table, positions, arrays = placements
+    combination = arrays.combination[positions]
+    counts = arrays.count[combination]
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    rows = arrays.rows[np.repeat(arrays.first_row[combination], counts) + within]
+    first, last = (int(positions[0]), int(positions[-1])) if len(positions) else (0, -1)
+    if last - first + 1 == len(positions) and (np.diff(positions) == 1).all():  # one run: its keys are one slice
+        keys = table.keys[table.firsts[first] : table.firsts[last + 1]]
+    else:
+        keys = list(map(table.keys.__getitem__, (np.repeat(arrays.firsts[positions], counts) + within).tolist()))
+    shapes = {rest[0] for c in set(combination.tolist()) for rest in table.rests[c]}
+    return keys, counts, shapes, rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+
+
+def _select(placements: list[list[Placement]] | _Stamped, indices: list[int]) -> list[list[Placement]] | _Stamped:
+    """The placements of the shards at `indices` among those given."""
+    if isinstance(placements, _Stamped):
+        return placements._replace(positions=placements.positions[indices])
+    return [placements[n] for n in indices]
 
 
 def _by_key(shards: list[OfflineShard]) -> dict[str, range | list[int]]:
@@ -506,16 +579,17 @@ _INDEX, _ROWS = operator.attrgetter("index"), operator.attrgetter("rows")
 def _key_segments(
     entry: TensorEntry,
     shards: list[OfflineShard],
-    placements: list[list[Placement]],
+    placements: list[list[Placement]] | _Stamped,
     entries,
     where,
     dtype: torch.dtype | None = None,
     slabs: np.ndarray | None = None,
 ) -> Segments | None:
-    """One key's segments (`_direct_segments`) from its shards and their placements, or None when a placement is not
-    a run of its bytes. `entries` are the HF tensors' (dtype, shape), `where` their spans in the payload; `dtype` the
-    dtype every HF tensor has, when they share one (else each placement's is looked up); `slabs` the key's chunks as
-    `row_slabs` gives them, when the reader has them (`TorchDistReader.slabs`).
+    """One key's segments (`_direct_segments`) from its shards and their placements (lists, or a stamped plan's as
+    columns: `_Stamped`), or None when a placement is not a run of its bytes. `entries` are the HF tensors' (dtype,
+    shape), `where` their spans in the payload; `dtype` the dtype every HF tensor has, when they share one (else each
+    placement's is looked up); `slabs` the key's chunks as `row_slabs` gives them, when the reader has them
+    (`TorchDistReader.slabs`).
 
     Computed on arrays per form of shard (its stacked axes and row ranges: one or a few per key): every placement's
     runs of the key's bytes (`_form_runs`), then each run's chunk found by its start; a run crossing a chunk's end
@@ -533,11 +607,10 @@ def _key_segments(
     if len(set(forms)) == 1:
         groups = {forms[0]: (shards, placements)}
     else:
-        groups = {}
-        for form, shard, placed in zip(forms, shards, placements):
-            group = groups.setdefault(form, ([], []))
-            group[0].append(shard)
-            group[1].append(placed)
+        of_form: dict[tuple, list[int]] = {}
+        for n, form in enumerate(forms):
+            of_form.setdefault(form, []).append(n)
+        groups = {form: ([shards[n] for n in found], _select(placements, found)) for form, found in of_form.items()}
     found = [_form_runs(entry, *form, *group, entries, where, dtype) for form, group in groups.items()]
     if any(runs is None for runs in found):
         return None
@@ -561,7 +634,7 @@ def _form_runs(
     axes: int,
     rows: tuple[tuple[int, int], ...] | None,
     shards: list[OfflineShard],
-    placements: list[list[Placement]],
+    placements: list[list[Placement]] | _Stamped,
     entries,
     where,
     dtype: torch.dtype | None,
@@ -573,12 +646,11 @@ def _form_runs(
     local = size[axes:]
     if not local:
         return None
-    flat = list(itertools.chain.from_iterable(placements))
-    if not flat:
+    keys, counts, shapes, dims, dst_starts, src_starts, lengths = _columns(placements)
+    if not keys:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
-    keys, shapes, dims, dst_starts, src_starts, lengths = zip(*flat)
     width = math.prod(local[1:])
-    if any(dims) or any(math.prod(shape[1:]) != width for shape in set(shapes)):
+    if dims.any() or any(math.prod(shape[1:]) != width for shape in shapes):
         return None
     if dtype != entry.dtype if dtype is not None else set(map(_FIRST, map(entries.__getitem__, keys))) != {entry.dtype}:
         return None  # a dtype cast
@@ -588,15 +660,15 @@ def _form_runs(
     index = np.fromiter(
         itertools.chain.from_iterable(map(_INDEX, shards)), dtype=np.int64, count=len(shards) * axes
     ).reshape(len(shards), axes)
-    base = np.repeat(index @ strides * itemsize, list(map(len, placements)))
+    base = np.repeat(index @ strides * itemsize, counts)
     pieces = np.array(rows or ((0, local[0]),), dtype=np.int64)  # (start, length) of the shard's rows
     piece_at = np.cumsum(pieces[:, 1]) - pieces[:, 1]  # shard row where each piece starts
-    first = np.array(src_starts, dtype=np.int64)[:, None]
+    first = src_starts[:, None]
     lo = np.maximum(first, piece_at)
-    hi = np.minimum(first + np.array(lengths, dtype=np.int64)[:, None], piece_at + pieces[:, 1])
+    hi = np.minimum(first + lengths[:, None], piece_at + pieces[:, 1])
     keep = lo < hi
     src = base[:, None] + (pieces[:, 0] + lo - piece_at) * row
-    dst = (at + np.array(dst_starts, dtype=np.int64) * row)[:, None] + (lo - first) * row
+    dst = (at + dst_starts * row)[:, None] + (lo - first) * row
     return src[keep], dst[keep], ((hi - lo) * row)[keep]
 
 

@@ -19,7 +19,7 @@ from megatron_peft_export.core.plan import (
     plan_shard,
     resolve_target,
 )
-from megatron_peft_export.core.shards import SpecTable
+from megatron_peft_export.core.shards import SpecTable, StampedPlacements
 from megatron_peft_export.errors import DialectError, ShapeMismatchError
 
 from .test_hybrid import GEOMETRY as HYBRID
@@ -116,6 +116,11 @@ def test_the_bulk_plan_is_the_shard_by_shard_one(name, table):
     assert _plan_in_bulk(specs, geo, arch, vocab) is not None  # the bulk path took it
     plan = plan_adapter(specs, geo, arch, vocab)
     assert plan.placements == placements
+    assert isinstance(plan.placements, StampedPlacements) == table
+    assert [plan.placements[n] for n in range(-len(placements), len(placements))] == placements + placements
+    assert plan.placements[1:-1:2] == placements[1:-1:2] and plan.placements[::-1] == placements[::-1]
+    with pytest.raises(IndexError):
+        plan.placements[len(placements)]
     assert list(plan.shapes.items()) == list(shapes.items())
     assert list(plan.dtypes.items()) == list(dtypes.items())
     assert list(plan.modules.items()) == list(modules.items())

@@ -77,3 +77,32 @@ def test_a_placement_that_is_not_a_run_of_rows_leaves_the_key_to_apply_placement
     entry, placed, entries = _case(True, [2])
     entries["e4.b"] = (torch.bfloat16, entries["e4.b"][1])  # a dtype cast
     assert _key_segments(entry, *map(list, zip(*placed)), entries, safetensors_out.spans(entries)) is None
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_stamped_columns_are_the_placements_columns(tp):
+    """`_columns` of a stamped plan's shards (arrays of its combinations) gives what it gives of the same shards'
+    Placement lists: in one run of positions, reversed, or scattered, and for one shard or none."""
+    import random
+
+    import numpy as np
+
+    from megatron_peft_export.core.archs import QWEN_MOE
+    from megatron_peft_export.core.plan import plan_adapter
+    from megatron_peft_export.core.shards import SpecTable, StampedPlacements
+    from megatron_peft_export.offline.export import _columns, _Stamped, _stamped_arrays
+    from tests.core.test_plan_stamps import MOE, _moe_specs
+
+    specs = _moe_specs(range(3), range(4), tp)
+    table = plan_adapter(SpecTable(specs, [s.module for s in specs]), MOE, QWEN_MOE).placements
+    assert isinstance(table, StampedPlacements)
+    arrays = _stamped_arrays(table)
+    rng = random.Random(tp)
+    cases = [list(range(len(table))), list(range(5, 17)), list(range(len(table)))[::-1], [3], []]
+    cases += [sorted(rng.sample(range(len(table)), 9)), rng.sample(range(len(table)), 9)]
+    for positions in cases:
+        got = _columns(_Stamped(table, np.array(positions, dtype=np.int64), arrays))
+        expected = _columns([table[n] for n in positions])
+        assert list(got[0]) == list(expected[0]) and got[2] == expected[2]
+        for a, b in zip(got[1:2] + got[3:], expected[1:2] + expected[3:]):
+            assert a.tolist() == b.tolist()
