@@ -67,23 +67,36 @@ class _Layout(NamedTuple):
     where: dict[str, tuple[int, int]]
     bounds: dict[torch.dtype, tuple[int, int]]
     runs: list[tuple[torch.dtype, list[str], list[tuple[int, ...]], list[int]]]
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    """key -> shape of the entries, in their order, when the caller has them so (`allocate_plan_payload`: the plan's,
+    which nothing changes): `Payload.shapes` copies it instead of a pass over the entries."""
 
 
-def _layout(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> _Layout:
-    """The payload's layout: dtypes in `DTYPE_NAMES` order, names sorted within each, tensors back to back."""
+def _layout(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> _Layout:
+    """The payload's layout: dtypes in `DTYPE_NAMES` order, names sorted within each, tensors back to back. `shapes`:
+    `_Layout.shapes`."""
     found: dict[str, tuple[int, int]] = {}
     bounds: dict[torch.dtype, tuple[int, int]] = {}
     runs = []
     at = 0
     for dtype, keys in _groups(entries):
-        shapes = list(map(itemgetter(1), map(entries.__getitem__, keys)))
-        sizes = {shape: math.prod(shape) * dtype.itemsize for shape in set(shapes)}  # a few among 10^5 tensors
-        ends = list(accumulate(map(sizes.__getitem__, shapes), initial=at))
+        if len(keys) == len(entries) and keys == list(entries):  # one dtype, and the entries in payload order
+            ordered = list(map(itemgetter(1), entries.values()))
+        else:
+            ordered = list(map(itemgetter(1), map(entries.__getitem__, keys)))
+        sizes = {shape: math.prod(shape) * dtype.itemsize for shape in set(ordered)}  # a few among 10^5 tensors
+        if len(set(sizes.values())) == 1:  # every tensor of one size (an MoE adapter's lora_A and lora_B often)
+            size = next(iter(sizes.values()))
+            ends = list(range(at, at + size * len(keys) + 1, size)) if size else [at] * (len(keys) + 1)
+        else:
+            ends = list(accumulate(map(sizes.__getitem__, ordered), initial=at))
         found.update(zip(keys, zip(ends, islice(ends, 1, None))))
         bounds[dtype] = (at, ends[-1])
-        runs.append((dtype, keys, shapes, ends))
+        runs.append((dtype, keys, ordered, ends))
         at = ends[-1]
-    return _Layout(found, bounds, runs)
+    return _Layout(found, bounds, runs, shapes)
 
 
 def spans(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
@@ -169,7 +182,7 @@ class Payload(Mapping[str, torch.Tensor]):
         self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], layout: _Layout | None = None
     ) -> None:
         """`layout`: the `layout` of an earlier payload of these very `entries` (that payload's own dict), reused with
-        them: neither changes."""
+        them, or made for them by this module (`allocate_plan_payload`, whose dict they are): neither changes."""
         self.entries = dict(entries) if layout is None else entries
         self.layout = _layout(self.entries) if layout is None else layout
         self.where, self._bounds = self.layout.where, self.layout.bounds
@@ -214,6 +227,8 @@ class Payload(Mapping[str, torch.Tensor]):
         return memoryview(self.flat.numpy())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.layout.shapes is not None:
+            return dict(self.layout.shapes)
         return {key: shape for key, (_, shape) in self.entries.items()}
 
     def parts(self) -> list[torch.Tensor]:
@@ -260,12 +275,20 @@ def allocate_plan(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[s
 def allocate_plan_payload(
     plan: AdapterPlan, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
-    """`allocate_payload` for a plan's HF tensors (as `allocate_plan`)."""
-    dtypes = {name: dtype or getattr(torch, name) for name in set(plan.dtypes.values())}
-    keys = plan.shapes.keys()
-    return allocate_payload(
-        dict(zip(keys, zip(map(dtypes.__getitem__, map(plan.dtypes.__getitem__, keys)), plan.shapes.values())))
-    )
+    """`allocate_payload` for a plan's HF tensors (as `allocate_plan`). Of one dtype (the usual plan), the tensors of
+    a shape share one (dtype, shape) entry: a few distinct ones, not a tuple made per tensor (10^5 of them)."""
+    names = set(plan.dtypes.values())
+    dtypes = {name: dtype or getattr(torch, name) for name in names}
+    shapes = plan.shapes
+    if len(names) == 1:
+        one = dtypes[next(iter(names))]
+        pairs = {shape: (one, shape) for shape in set(shapes.values())}
+        entries = dict(zip(shapes, map(pairs.__getitem__, shapes.values())))
+    else:
+        keys = shapes.keys()
+        entries = dict(zip(keys, zip(map(dtypes.__getitem__, map(plan.dtypes.__getitem__, keys)), shapes.values())))
+    payload = Payload(entries, _layout(entries, shapes))
+    return payload, payload.buffer(), payload.where
 
 
 def _payload(tensors: Mapping[str, torch.Tensor], where: dict[str, tuple[int, int]]) -> memoryview | None:
