@@ -80,7 +80,7 @@ def test_plan_payload_is_the_payload_of_an_entry_per_tensor(name):
     spans, size, head = _reference(entries)
     assert payload.entries == entries and list(payload.entries) == list(entries)
     assert where == spans and list(where) == list(spans) and len(buffer) == size
-    assert safetensors_out._layout_header(payload.layout, {"format": "pt"}) == head
+    assert b"".join(safetensors_out._layout_header(payload.layout, {"format": "pt"})) == head
     general = safetensors_out.allocate_payload(entries)[0]
     assert payload.layout[:3] == general.layout[:3]
     shapes = safetensors_out.shapes(payload)
