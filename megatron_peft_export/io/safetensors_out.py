@@ -82,10 +82,7 @@ def _layout(
     runs = []
     at = 0
     for dtype, keys in _groups(entries):
-        if len(keys) == len(entries) and keys == list(entries):  # one dtype, and the entries in payload order
-            ordered = list(map(itemgetter(1), entries.values()))
-        else:
-            ordered = list(map(itemgetter(1), map(entries.__getitem__, keys)))
+        ordered = list(map(itemgetter(1), map(entries.__getitem__, keys)))
         sizes = {shape: math.prod(shape) * dtype.itemsize for shape in set(ordered)}  # a few among 10^5 tensors
         if len(set(sizes.values())) == 1:  # every tensor of one size (an MoE adapter's lora_A and lora_B often)
             size = next(iter(sizes.values()))
