@@ -30,7 +30,8 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import compress, repeat
+from functools import cached_property
+from itertools import chain, compress, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -144,17 +145,57 @@ and no key holds a newline (`.` stops at one, `$` matches before one), so those 
 _SUFFIX = len(".lora_A.weight")  # both suffixes' length
 
 
+class _Keys:
+    """The keys as one text, each between newlines, asked as a whole (counted and searched in C: MoE adapters have
+    10^5 keys), with what that tells: whether every key is one line (`single`), starts with peft's prefix
+    (`prefixed`), and all of them are plain (`plain`: also each ends in one of `_PLAIN_SUFFIXES`)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+        self.text = "\n".join(chain(("",), shapes, ("",)))
+        count, n = self.text.count, len(shapes)
+        self.single = count("\n") == n + 1
+        # one line each: every "\n<prefix>" starts a key and every "<suffix>\n" ends one, at most once per key
+        self.prefixed = (
+            count("\n" + PEFT_PREFIX) == n if self.single else all(map(str.startswith, shapes, repeat(PEFT_PREFIX)))
+        )
+        self.plain = self.single and self.prefixed and sum(count(s + "\n") for s in _PLAIN_SUFFIXES) == n
+        """Every key `<PEFT_PREFIX><module>.lora_A.weight` (or B), one line: each is what `_plain_keys` reads (longer
+        than its suffix, with the prefix), and the modules of distinct keys of one role are distinct."""
+        self._present: dict[str, bool] = {}
+
+    def holds_any(self, names: Iterable[str]) -> bool:
+        """`_holds_any` of the text: whether a key holds one of `names` (none holding a newline)."""
+        return _holds_any(self.text, names, self._present)
+
+    @cached_property
+    def role_shapes(self) -> tuple[set[tuple[int, ...]], set[tuple[int, ...]]]:
+        """The distinct shapes of the lora_A keys and of the lora_B keys, of plain keys (the role is the 8th character
+        from the end)."""
+        pairs = set(zip(map(itemgetter(-8), self.shapes), self.shapes.values()))
+        return {s for role, s in pairs if role == "A"}, {s for role, s in pairs if role == "B"}
+
+    def ends_in_module(self, name: str) -> bool:
+        """Whether a module's last name is `name` (holding no "."), of plain keys: `.<name><suffix>` ends a key then
+        (the prefix ends in a "." when the module is the name alone). The start of both is searched for first: one
+        search, not two, when it is not there (or a character of it is not)."""
+        return self.holds_any(("." + name + ".lora_",)) and self.holds_any(
+            "." + name + suffix + "\n" for suffix in sorted(_PLAIN_SUFFIXES)
+        )
+
+
 def _modules(
-    config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+    config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], keys: _Keys | None = None
 ) -> tuple[Mapping[str, _Module], dict[str, list[str]]]:
     """Per-module ranks and scales (`_Alike` when they differ in rank only), and the keys by kind (lora, magnitude,
-    bias, other)."""
-    found = _plain_keys(shapes)
-    if found is None:
-        names, rows, kinds = _keys_each(shapes)
-    else:
-        names, rows = found
+    bias, other). `keys`: the `_Keys` of `shapes`, when made already."""
+    keys = _Keys(shapes) if keys is None else keys
+    found = None if keys.plain else _plain_keys(shapes)  # plain keys' names and rows: made when asked for
+    if keys.plain or found is not None:
         kinds = {"lora": list(shapes), "magnitude": [], "bias": [], "other": []}
+    else:
+        names, rows, kinds = _keys_each(shapes)
+        found = names, rows
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     ranks, alphas = (
         PatternSet(config.get("rank_pattern"), "rank_pattern"),
@@ -164,7 +205,8 @@ def _modules(
     parents = _fused_parents(config)
     m_r, m_alpha, scale = r, alpha, _scale(config, r, alpha)
     if not patterns and not parents:
-        return _Alike(names, rows, scale), kinds
+        return _Alike(keys, found, scale), kinds
+    names, rows = found or _plain_keys(shapes)
     modules = {}
     for name in sorted(names):
         if patterns:
@@ -180,12 +222,29 @@ def _modules(
 
 class _Alike(Mapping):
     """`_modules`' modules when they differ only in rank (no rank or alpha pattern, no fused parameter: one scale,
-    none fused), held as their names and lora_A rows: the rules ask for the set of ranks, the scales and the fused
-    modules (`_ranks`, `_scales`, `_fused`), answered without a _Module per module (10^5 MoE modules). Read as a
-    mapping, it is the dict `_modules` makes module by module."""
+    none fused), held as their keys: the rules ask for the set of ranks, the scales and the fused modules (`_ranks`,
+    `_scales`, `_fused`), answered without a _Module per module (10^5 MoE modules), and of plain keys without their
+    names (`names`, `rows`: made when asked for). Read as a mapping, it is the dict `_modules` makes module by
+    module."""
 
-    def __init__(self, names: set[str], rows: dict[str, int], scale: float | None) -> None:
-        self.names, self.rows, self.scale = names, rows, scale
+    def __init__(self, keys: _Keys, found: tuple[set[str], dict[str, int]] | None, scale: float | None) -> None:
+        """`found`: the module names and lora_A rows, when made already (None: plain keys)."""
+        self.keys, self.scale = keys, scale
+        if found is not None:
+            self._found = found
+
+    @cached_property
+    def _found(self) -> tuple[set[str], dict[str, int]]:
+        return _plain_keys(self.keys.shapes)
+
+    @property
+    def names(self) -> set[str]:
+        return self._found[0]
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """Each module's lora_A rows."""
+        return self._found[1]
 
     def __getitem__(self, name: str) -> _Module:
         if name not in self.names:
@@ -202,6 +261,8 @@ class _Alike(Mapping):
 def _ranks(modules: Mapping[str, _Module]) -> set[int]:
     """The modules' ranks (those with a lora_A)."""
     if isinstance(modules, _Alike):
+        if modules.keys.plain:  # one module per lora_A key: its rows
+            return {shape[0] for shape in modules.keys.role_shapes[0] if len(shape) >= 1}
         return set(modules.rows.values())
     return {m.rank for m in modules.values() if m.rank is not None}
 
@@ -327,8 +388,9 @@ def check_adapter(
             "check a LoRA adapter (peft_type LORA)",
         )
         return found
-    modules, kinds = _modules(config, shapes)
-    megatron = _common_rules(config, shapes, kinds, vllm, add)
+    keys = _Keys(shapes)
+    modules, kinds = _modules(config, shapes, keys)
+    megatron = _common_rules(config, keys, kinds, vllm, add)
     if vllm:
         _feature_rules(config, modules, kinds, megatron, new, add)
         _rank_rules(config, modules, new, add)
@@ -339,7 +401,7 @@ def check_adapter(
 
 def _common_rules(
     config: Mapping[str, Any],
-    shapes: Mapping[str, tuple[int, ...]],
+    keys: _Keys,
     kinds: Mapping[str, list[str]],
     vllm: bool,
     add: Callable[..., None],
@@ -366,8 +428,8 @@ def _common_rules(
             "export the adapter again; check that it was applied",
         )
     megatron = []
-    joined = "\n".join(shapes)  # no Megatron name holds a newline: one found in the joined keys is inside one key
-    if _holds_any(joined, _MEGATRON_NAMES) or not all(map(str.startswith, shapes, repeat(PEFT_PREFIX))):
+    shapes = keys.shapes
+    if keys.holds_any(_MEGATRON_NAMES) or not keys.prefixed:
         megatron = sorted(k for k in shapes if _MEGATRON_NAME.search(k) or not k.startswith(PEFT_PREFIX))
     if megatron:
         add(
@@ -382,7 +444,7 @@ def _common_rules(
         )
     if not missing and isinstance(config.get("r"), int):
         try:
-            check_ranks(dict(config), shapes, "the adapter")
+            check_ranks(dict(config), shapes, "the adapter", keys.role_shapes if keys.plain else None)
         except AdapterFileError as exc:
             add(
                 "rank-mismatch",
@@ -395,11 +457,12 @@ def _common_rules(
     return megatron
 
 
-def _holds_any(text: str, names: Iterable[str]) -> bool:
+def _holds_any(text: str, names: Iterable[str], present: dict[str, bool] | None = None) -> bool:
     """Whether `text` holds any of `names`: a name is searched for only when each of its characters is in the text.
     A character's absence is one fast scan of the text, where a name's search is several times slower on keys as
-    alike as an MoE adapter's (10^5 of them, ~7 MB joined), which often lack a letter of each Megatron name."""
-    present: dict[str, bool] = {}
+    alike as an MoE adapter's (10^5 of them, ~7 MB joined), which often lack a letter of each Megatron name.
+    `present`: which characters the text holds, as far as known (filled in)."""
+    present = {} if present is None else present
     for name in names:
         if all(present[c] if c in present else present.setdefault(c, c in text) for c in name) and name in text:
             return True
@@ -415,8 +478,11 @@ def _feature_rules(
     add: Callable[..., None],
 ) -> None:
     """The adapter features vLLM refuses or ignores; `new`: the version refuses what 0.31 ignored (>= 0.32)."""
-    names = modules.names if isinstance(modules, _Alike) else modules  # in any order: the short names are sorted
-    fused = sorted(set(map(itemgetter(2), map(str.rpartition, names, repeat(".")))).intersection(_FUSED_NAMES))
+    if isinstance(modules, _Alike) and modules.keys.plain:  # without the names of 10^5 modules
+        fused = [name for name in sorted(_FUSED_NAMES) if modules.keys.ends_in_module(name)]
+    else:
+        names = modules.names if isinstance(modules, _Alike) else modules  # in any order: the short names are sorted
+        fused = sorted(set(map(itemgetter(2), map(str.rpartition, names, repeat(".")))).intersection(_FUSED_NAMES))
     if fused:
         parts = "; ".join(f"{f} -> {_FUSED_NAMES[f]}" for f in fused)
         add(

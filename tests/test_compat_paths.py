@@ -12,6 +12,7 @@ from megatron_peft_export.errors import AdapterFileError
 from megatron_peft_export.io import peft_dir
 
 P = "base_model.model."
+_B = "lora_B.weight"
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
 
 
@@ -46,6 +47,16 @@ ODD_KEYS = [
     ({f"{P}model.layers.0.mlp.experts.base_layer.lora_A.weight": (8, 16)}, "fused experts, rows of 2 experts"),
     ({f"{P}model.layers.1.mlp.experts.lora_B.weight": (16, 8)}, "fused experts B"),
     ({f"{P}model.layers.0.self_attn.qkv_proj.lora_A.weight": (4, 16)}, "fused name"),
+    ({f"{P}c_attn.lora_B.weight": (8, 4), f"{P}x.Wqkv.lora_A.weight": (4, 16)}, "fused names, one without a parent"),
+    ({f"{P}x.xc_attn.lora_A.weight": (4, 16), f"{P}c_attn.x.lora_B.weight": (8, 4)}, "fused name inside others"),
+    ({f"{P}x.c_attn.lora_A.bias": (4,), f"{P}y.W_pack.lora_A.weight.z": (4, 16)}, "fused names of other keys"),
+    ({f"{P}y.c_attn.lora_B.lora_A.weight": (4, 16), f"{P}x.xc_attn.lora_B.weight": (8, 4)}, "fused name, then not"),
+    ({f"{P}.lora_A.weight": (4, 16), P + _B: (8, 4)}, "empty module"),
+    ({f"junk\n{P}m.lora_A.weight": (4, 16), f"{P}m.lora_B.weight\nx": (8, 4)}, "prefix and suffix on other lines"),
+    ({f"{P}m.lora_A.weight\n{P}n.lora_B.weight": (4, 16), "x": (8, 4)}, "two keys in one"),
+    ({f"{P}m.lora_A.weight": (), f"{P}m.lora_B.weight": (8, 4)}, "no dimension"),
+    ({f"{P}x.lora_magnitude_vector.lora_A.weight": (4, 16), f"{P}y.lora_a_.lora_B.weight": (8, 4)}, "names inside"),
+    ({f"{P}e.lora_embedding_A.weight": (4, 16), f"{P}e.lora_embedding_B.weight": (8, 4)}, "embedding A and B"),
     ({}, "empty"),
 ]
 CONFIGS = [
@@ -105,13 +116,23 @@ def _everything(config, shapes):
     return found
 
 
+class _KeyByKey(compat._Keys):
+    """`compat._Keys` as its definitions read key by key: no key is taken as plain, the prefix looked for in each."""
+
+    def __init__(self, shapes):
+        super().__init__(shapes)
+        self.prefixed = all(key.startswith(P) for key in shapes)
+        self.plain = False
+
+
 @pytest.mark.parametrize("name, config, shapes", CASES, ids=[c[0] for c in CASES])
 def test_quick_paths_decide_what_the_key_by_key_rules_decide(monkeypatch, name, config, shapes):
     quick = _everything(config, shapes)
     with monkeypatch.context() as m:
+        m.setattr(compat, "_Keys", _KeyByKey)  # no key read as a whole
         m.setattr(compat, "_PLAIN_SUFFIXES", frozenset())  # every key through _LORA_KEY
         m.setattr(compat, "_MEGATRON_NAMES", ("",))  # "" is in every text: every key searched alone
-        m.setattr(peft_dir, "_ranks_agree", lambda config, shapes: False)  # every module checked alone
+        m.setattr(peft_dir, "_ranks_agree", lambda *args: False)  # every module checked alone
         slow = _everything(config, shapes)
     assert quick == slow
 
@@ -122,8 +143,32 @@ def test_the_quick_paths_are_taken_on_an_ordinary_moe_adapter(monkeypatch):
     monkeypatch.setattr(compat, "_MEGATRON_NAME", None)
     monkeypatch.setattr(peft_dir, "_ROLE", None)
     monkeypatch.setattr(compat, "_keys_each", None)  # the keys listed in one pass each, not key by key
-    findings = compat.check_adapter({**CONFIG, "r": 4}, _moe(), model_type="mixtral")
-    assert [f.code for f in findings] == ["rank-size"]
+    monkeypatch.setattr(compat, "_plain_keys", None)  # nor their module names made
+    for target in compat.TARGETS:
+        findings = compat.check_adapter({**CONFIG, "r": 4}, _moe(), target, model_type="mixtral")
+        assert [f.code for f in findings] == (["rank-size"] if target == "vllm" else [])
+
+
+def test_keys_read_as_a_whole_are_the_keys_read_one_by_one():
+    """`_Keys`' counts on the joined keys tell what each key tells: one line each, the prefix, all plain (then the
+    shapes of each role and the fused module names), on every key set above and on single odd keys."""
+    singles = [k for odd, _ in ODD_KEYS for k in odd] + [
+        *(P, P[:-1], f"\n{P}", f"{P}\n", f"{P}m.lora_A.weight\n", f"\n{P}m.lora_B.weight", f"{P}lora_A.weight"),
+    ]
+    for shapes in [c[2] for c in CASES] + [{k: (4, 16)} for k in singles] + [{k: (4, 16) for k in singles}]:
+        keys = compat._Keys(shapes)
+        single = not any("\n" in k for k in shapes)
+        prefixed = all(k.startswith(P) for k in shapes)
+        plain = single and prefixed and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in shapes)
+        assert (keys.single, keys.prefixed, keys.plain) == (single, prefixed, plain), shapes
+        if plain:
+            roles = [{s for k, s in shapes.items() if k.endswith(f".lora_{role}.weight")} for role in "AB"]
+            assert list(keys.role_shapes) == roles
+            names, _ = compat._plain_keys(shapes)
+            shorts = {name.rpartition(".")[2] for name in names}
+            assert [n for n in compat._FUSED_NAMES if keys.ends_in_module(n)] == [
+                n for n in compat._FUSED_NAMES if n in shorts
+            ]
 
 
 ALIKE = [c for c in CASES if not {"rank_pattern", "alpha_pattern", "target_parameters"} & c[1].keys()]

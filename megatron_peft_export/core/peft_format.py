@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -20,7 +21,7 @@ _TAGS = ("lora", "megatron", "megatron-peft-export")
 _TAG = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 """A dialect tag read back from a card (a card is anyone's text: a tag with a newline would add front matter)."""
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
-"""A module's layer index (compiled once: target_modules reads it for each of 10^5 modules)."""
+"""A module's layer index (compiled once: target_modules reads it once per run of modules of a layer)."""
 _CELL_UNSAFE = str.maketrans({"|": "\\|", "<": "&lt;", ">": "&gt;", "`": "\\`"})
 
 
@@ -38,24 +39,40 @@ def _number(x: float) -> int | float:
 def target_modules(plan: AdapterPlan, skip: frozenset[str] = frozenset()) -> list[str]:
     """Short names for modules adapted in every layer that has them, full paths for the rest (without a prefix that
     transformers renames on load, which peft matches as a suffix): exactly the modules with tensors."""
-    modules = [m for m in plan.modules if m not in skip] if skip else list(plan.modules)
-    shorts = list(map(itemgetter(-1), map(str.rsplit, modules, repeat("."), repeat(1))))
-    matches = list(map(_LAYER_INDEX.search, modules))
+    modules = sorted(m for m in plan.modules if m not in skip) if skip else sorted(plan.modules)
     layers: dict[str, set[int]] = defaultdict(set)
-    # each distinct (short name, layer) once: 10^5 expert modules have a few short names in a few dozen layers
-    for short, layer in set(zip(shorts, (match.group(1) if match else None for match in matches))):
-        layers[short].add(-1 if layer is None else int(layer))
+    for layer, run in _layer_runs(modules):
+        for short in set(map(itemgetter(2), map(str.rpartition, run, repeat(".")))):
+            layers[short].add(layer)
     every = set(range(plan.num_layers))
     everywhere = {name for name, found in layers.items() if found == plan.layers_of.get(name, every) or found == {-1}}
     if everywhere.issuperset(layers):
         return sorted(layers)
     renamed = plan.renamed_prefix
+    shorts = map(itemgetter(2), map(str.rpartition, modules, repeat(".")))
     return sorted(
         {
             short if short in everywhere else module.removeprefix(renamed) if renamed else module
             for short, module in zip(shorts, modules)
         }
     )
+
+
+def _layer_runs(modules: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """Sorted modules as runs of one layer index (the first `layers.<i>.` in the name; -1 without one), each found by
+    one search and a bisection: the modules after one with that index's text up to its end, `<head>layers.<i>.`, are
+    the run of every module starting with that text (sorted: up to `<head>layers.<i>/`), and each of those has the
+    same first match (`layers.` cannot overlap itself, so no earlier match starts inside the text). 10^5 expert
+    modules are a few dozen runs."""
+    at = 0
+    while at < len(modules):
+        match = _LAYER_INDEX.search(modules[at])
+        if match is None:
+            end, layer = at + 1, -1
+        else:
+            end, layer = bisect_left(modules, modules[at][: match.end() - 1] + "/", at), int(match.group(1))
+        yield layer, modules[at:end]
+        at = end
 
 
 def adapter_config(

@@ -224,27 +224,40 @@ def check_shapes(config: dict[str, Any], header: Mapping[str, tuple[str, tuple[i
 _A_KEY, _B_KEY = ".lora_A.weight", ".lora_B.weight"
 
 
-def _ranks_agree(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+def _ranks_agree(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    roles: tuple[set[tuple[int, ...]], set[tuple[int, ...]]] | None = None,
+) -> bool:
     """A sufficient condition for `check_ranks` to find nothing, checked on the distinct shapes (an MoE adapter has
     10^5 keys and a few shapes): no rank_pattern, no DoRA magnitude, no newline in a key (so every key `_ROLE` gives a
     role ends in its suffix), and every lora_A-suffixed key [r, in], every lora_B one [out, r] with the config's r;
-    then each module's A and B have rank r, so they agree. False means: check module by module."""
-    keys = "\n".join(shapes)
-    if (
-        config.get("rank_pattern") not in (None, {})
-        or "lora_magnitude_vector" in keys
-        or keys.count("\n") >= len(shapes)
-    ):
+    then each module's A and B have rank r, so they agree. False means: check module by module. `roles`: `check_ranks`'
+    (the keys all lora_A or lora_B keys, known without a pass here)."""
+    if config.get("rank_pattern") not in (None, {}):
         return False
-    a_shapes = {shape for key, shape in shapes.items() if key.endswith(_A_KEY)}
-    b_shapes = {shape for key, shape in shapes.items() if key.endswith(_B_KEY)}
+    if roles is not None:
+        a_shapes, b_shapes = roles
+    else:
+        keys = "\n".join(shapes)
+        if "lora_magnitude_vector" in keys or keys.count("\n") >= len(shapes):
+            return False
+        a_shapes = {shape for key, shape in shapes.items() if key.endswith(_A_KEY)}
+        b_shapes = {shape for key, shape in shapes.items() if key.endswith(_B_KEY)}
     r = config.get("r")
     return all(len(a) == 2 and a[0] == r for a in a_shapes) and all(len(b) == 2 and b[1] == r for b in b_shapes)
 
 
-def check_ranks(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """`check_shapes` of key -> shape."""
-    if _ranks_agree(config, shapes):
+def check_ranks(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    where: str,
+    roles: tuple[set[tuple[int, ...]], set[tuple[int, ...]]] | None = None,
+) -> None:
+    """`check_shapes` of key -> shape. `roles`: the distinct shapes of the lora_A keys and of the lora_B keys when
+    every key is one of them (ends in `.lora_A.weight` or `.lora_B.weight`) and holds no newline (so none is a DoRA
+    magnitude), as a caller that has read the keys knows; else None."""
+    if _ranks_agree(config, shapes, roles):
         return
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():

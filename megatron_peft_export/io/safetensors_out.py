@@ -67,23 +67,33 @@ class _Layout(NamedTuple):
     where: dict[str, tuple[int, int]]
     bounds: dict[torch.dtype, tuple[int, int]]
     runs: list[tuple[torch.dtype, list[str], list[tuple[int, ...]], list[int]]]
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    """key -> shape of the entries, in their order, when the caller has them so (`allocate_plan_payload`: the plan's,
+    which nothing changes): `Payload.shapes` copies it instead of a pass over the entries."""
 
 
-def _layout(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> _Layout:
-    """The payload's layout: dtypes in `DTYPE_NAMES` order, names sorted within each, tensors back to back."""
+def _layout(
+    entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> _Layout:
+    """The payload's layout: dtypes in `DTYPE_NAMES` order, names sorted within each, tensors back to back. `shapes`:
+    `_Layout.shapes`."""
     found: dict[str, tuple[int, int]] = {}
     bounds: dict[torch.dtype, tuple[int, int]] = {}
     runs = []
     at = 0
     for dtype, keys in _groups(entries):
-        shapes = list(map(itemgetter(1), map(entries.__getitem__, keys)))
-        sizes = {shape: math.prod(shape) * dtype.itemsize for shape in set(shapes)}  # a few among 10^5 tensors
-        ends = list(accumulate(map(sizes.__getitem__, shapes), initial=at))
+        ordered = list(map(itemgetter(1), map(entries.__getitem__, keys)))
+        sizes = {shape: math.prod(shape) * dtype.itemsize for shape in set(ordered)}  # a few among 10^5 tensors
+        if len(set(sizes.values())) == 1:  # every tensor of one size (an MoE adapter's lora_A and lora_B often)
+            size = next(iter(sizes.values()))
+            ends = list(range(at, at + size * len(keys) + 1, size)) if size else [at] * (len(keys) + 1)
+        else:
+            ends = list(accumulate(map(sizes.__getitem__, ordered), initial=at))
         found.update(zip(keys, zip(ends, islice(ends, 1, None))))
         bounds[dtype] = (at, ends[-1])
-        runs.append((dtype, keys, shapes, ends))
+        runs.append((dtype, keys, ordered, ends))
         at = ends[-1]
-    return _Layout(found, bounds, runs)
+    return _Layout(found, bounds, runs, shapes)
 
 
 def spans(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, tuple[int, int]]:
@@ -106,21 +116,24 @@ def header(
         offsets = list(map(where.__getitem__, keys))
         starts, ends = map(str, map(itemgetter(0), offsets)), map(str, map(itemgetter(1), offsets))
         runs.append((dtype, keys, [entries[key][1] for key in keys], starts, ends))
-    return _header(runs, metadata)
+    return b"".join(_header(runs, metadata))
 
 
-_UNESCAPED = bytes(c for c in range(0x20, 0x80) if c not in b'"\\')
-"""The ASCII characters json writes as they are (`encode_basestring` escapes the others below 0x80)."""
+_ESCAPED = '"\\' + "".join(map(chr, range(0x20)))
+"""The ASCII characters json's `encode_basestring` escapes (the others below 0x80 it writes as they are)."""
 
 
 def _header(
     runs: Iterable[tuple[torch.dtype, list[str], list[tuple[int, ...]], Iterable[str], Iterable[str]]],
     metadata: Mapping[str, str] | None,
-) -> bytes:
+) -> tuple[bytes, bytes, bytes]:
     """`header` of runs of tensors of one dtype (its keys, shapes, and starts and ends as text), each tensor's entry
     as pieces joined once: no dict and no formatting per tensor (MoE adapters have 10^5 tensors of a few distinct
     dtypes and shapes, whose text is formatted once each). Keys are escaped by json's own string encoder, unless
-    none of them has a character it escapes."""
+    none of them has a character it escapes (each looked for in the keys joined, in one fast scan of the text).
+
+    As its three parts: the length, the JSON and the padding, for the writer to write one after the other rather
+    than copy the JSON (~13 MB at 10^5 tensors) into one buffer with them."""
     pieces = (
         ["{", '"__metadata__":', json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False), ',"']
         if metadata
@@ -133,7 +146,7 @@ def _header(
             for shape in set(shapes)
         }
         text = "".join(keys)
-        plain = text.isascii() and not text.encode().translate(None, _UNESCAPED)
+        plain = text.isascii() and not any(map(text.__contains__, _ESCAPED))
         pieces += chain.from_iterable(
             zip(
                 keys if plain else map(itemgetter(slice(1, -1)), map(encode_basestring, keys)),
@@ -146,11 +159,11 @@ def _header(
         )
     pieces[-1] = pieces[-1][:-2] + "}"  # no comma nor quote after the last entry
     text = "".join(pieces).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
+    padding = b" " * (-len(text) % 8)
+    return (len(text) + len(padding)).to_bytes(8, "little"), text, padding
 
 
-def _layout_header(layout: _Layout, metadata: Mapping[str, str] | None) -> bytes:
+def _layout_header(layout: _Layout, metadata: Mapping[str, str] | None) -> tuple[bytes, bytes, bytes]:
     """`header` of a payload's layout: each key's start is the previous one's end."""
     runs = []
     for dtype, keys, shapes, ends in layout.runs:
@@ -169,7 +182,7 @@ class Payload(Mapping[str, torch.Tensor]):
         self, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], layout: _Layout | None = None
     ) -> None:
         """`layout`: the `layout` of an earlier payload of these very `entries` (that payload's own dict), reused with
-        them: neither changes."""
+        them, or made for them by this module (`allocate_plan_payload`, whose dict they are): neither changes."""
         self.entries = dict(entries) if layout is None else entries
         self.layout = _layout(self.entries) if layout is None else layout
         self.where, self._bounds = self.layout.where, self.layout.bounds
@@ -214,6 +227,8 @@ class Payload(Mapping[str, torch.Tensor]):
         return memoryview(self.flat.numpy())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.layout.shapes is not None:
+            return dict(self.layout.shapes)
         return {key: shape for key, (_, shape) in self.entries.items()}
 
     def parts(self) -> list[torch.Tensor]:
@@ -260,12 +275,20 @@ def allocate_plan(plan: AdapterPlan, dtype: torch.dtype | None = None) -> dict[s
 def allocate_plan_payload(
     plan: AdapterPlan, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], memoryview, dict[str, tuple[int, int]]]:
-    """`allocate_payload` for a plan's HF tensors (as `allocate_plan`)."""
-    dtypes = {name: dtype or getattr(torch, name) for name in set(plan.dtypes.values())}
-    keys = plan.shapes.keys()
-    return allocate_payload(
-        dict(zip(keys, zip(map(dtypes.__getitem__, map(plan.dtypes.__getitem__, keys)), plan.shapes.values())))
-    )
+    """`allocate_payload` for a plan's HF tensors (as `allocate_plan`). Of one dtype (the usual plan), the tensors of
+    a shape share one (dtype, shape) entry: a few distinct ones, not a tuple made per tensor (10^5 of them)."""
+    names = set(plan.dtypes.values())
+    dtypes = {name: dtype or getattr(torch, name) for name in names}
+    shapes = plan.shapes
+    if len(names) == 1:
+        one = dtypes[next(iter(names))]
+        pairs = {shape: (one, shape) for shape in set(shapes.values())}
+        entries = dict(zip(shapes, map(pairs.__getitem__, shapes.values())))
+    else:
+        keys = shapes.keys()
+        entries = dict(zip(keys, zip(map(dtypes.__getitem__, map(plan.dtypes.__getitem__, keys)), shapes.values())))
+    payload = Payload(entries, _layout(entries, shapes))
+    return payload, payload.buffer(), payload.where
 
 
 def _payload(tensors: Mapping[str, torch.Tensor], where: dict[str, tuple[int, int]]) -> memoryview | None:
@@ -322,14 +345,15 @@ def save_file(
         layout = _layout({key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()})
         payload = _payload(tensors, layout.where)
     where = layout.where
-    head = _layout_header(layout, metadata)
+    head = list(map(memoryview, _layout_header(layout, metadata)))
     fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         if payload is not None:
-            _write_all(fd, [memoryview(head), payload], 0)
+            _write_all(fd, [*head, payload], 0)
             return
-        _write_all(fd, [memoryview(head)], 0)
-        at, batch, start = len(head), [], len(head)
+        _write_all(fd, head, 0)
+        at = start = sum(map(len, head))
+        batch = []
         for key, (begin, end) in where.items():
             if end == begin:
                 continue

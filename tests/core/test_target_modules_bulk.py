@@ -49,6 +49,31 @@ CASES = {
         None,
     ),
     "skipped": (_plan(EXPERTS), frozenset(m for m in EXPERTS if m.endswith("w2") and ".layers.0." in m)),
+    "unsorted": (_plan(EXPERTS[::-1][:20] + EXPERTS[:-20][::3]), None),
+    "layer prefixes of others": (
+        _plan([f"model.layers.{i}.{m}" for i in (1, 10, 11, 2, 0) for m in ("q", "k", "mlp.layers.7.v")], 12),
+        None,
+    ),
+    "odd layer texts": (
+        _plan(
+            [
+                "model.layers.1",
+                "model.layers.1.",
+                "model.layers.1.q",
+                "model.layers.1/q",
+                "model.layers.x.layers.1.q",
+                "model.layers.x.layers.1.k",
+                "model.layers.1.layers.0.q",
+                "model.layers..q",
+                "layers.1.q",
+                "layers.١.q",
+                "model.layers.0.q",
+                "q",
+            ],
+            2,
+        ),
+        None,
+    ),
     "empty": (_plan([]), None),
 }
 
@@ -76,3 +101,21 @@ def test_one_shared_setting_gives_the_config_of_equal_separate_ones(alpha):
     assert repr(a) == repr(b)
     if alpha == alpha:
         assert a["rank_pattern"] == a["alpha_pattern"] == {}
+
+
+def test_one_search_per_run_of_a_layer(monkeypatch):
+    """The layer index is searched once per run of modules of one layer (and once per module without one), not once
+    per module."""
+    from megatron_peft_export.core import peft_format
+
+    searched = []
+    pattern = peft_format._LAYER_INDEX
+
+    class Counting:
+        def search(self, text):
+            searched.append(text)
+            return pattern.search(text)
+
+    monkeypatch.setattr(peft_format, "_LAYER_INDEX", Counting())
+    assert target_modules(_plan(["lm_head", *EXPERTS])) == ["lm_head", "w1", "w2", "w3"]
+    assert len(searched) == 3 + 1

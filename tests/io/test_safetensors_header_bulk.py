@@ -64,3 +64,11 @@ def test_header_of_any_order_is_the_json_of_its_mapping():
         }
     text = json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode()
     assert head[8 : 8 + size].rstrip(b" ") == text and size % 8 == 0 and len(head) == 8 + size
+
+
+@pytest.mark.parametrize("char", ['"', "\\", *map(chr, range(0x20)), "\x7f", "é"])
+def test_each_character_json_escapes_alone(tmp_path, char):
+    """Keys among which one character json escapes (or one it writes as it is, 0x7f and a non-ASCII one) is the only
+    such: the bytes save_file writes."""
+    tensors = {f"a{char}b.lora_A.weight": torch.zeros(2), "plain.lora_A.weight": torch.ones(2)}
+    assert _ours(tmp_path, tensors, {"format": "pt"}, True) == _reference(tmp_path, tensors, {"format": "pt"})
