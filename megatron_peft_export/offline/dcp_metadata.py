@@ -79,6 +79,10 @@ the Python path converts a key's when it is read: a chunk list shared by many ke
 many times (2 bytes each), would make gigabytes from a small file. So it declines (and the Python path reads the file,
 lazily) past 4 values per byte of the file plus 1 Mi values: real files are far inside (61x256: 48.7 MB, 0.66 M
 chunk values and 0.33 M offsets)."""
+C_READER_OBJECTS = (1 << 28) - 1
+"""The most strings, large ints, records, dicts, lists (each) and tuple items the C reader numbers: its values are 32
+bits, a 28-bit number of what they are. Past it, it declines (and the Python path reads the file); 61x256 holds 1.1 M
+records and 2.3 M tuple items."""
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -657,6 +661,7 @@ def _reader_tables() -> tuple[tuple, tuple[torch.dtype, ...]]:
         len(_PROPERTIES_FIELDS),
         _PROPERTIES_FIELDS.index("dtype"),
         *C_READER_VALUES,
+        C_READER_OBJECTS,
     )
     layouts = tuple(name.encode() for name in LAYOUT.__self__)
     return (tuple(found_globals), behaviours, fields, layouts, limits), tuple(dtypes)
