@@ -71,6 +71,7 @@ typedef struct {
     int64_t max_dims, max_extent, max_chunks, highest_protocol, properties_len, properties_dtype;
     int64_t values_per_byte, values_base; /* the output's bound: dcp_metadata.C_READER_VALUES */
     int64_t max_objects; /* of each table: dcp_metadata.C_READER_OBJECTS, at most MAX_PAYLOAD */
+    PyObject *dtypes;    /* the dtypes by number (G_DTYPE's arg) */
 } Tables;
 
 typedef struct {
@@ -1146,14 +1147,14 @@ static int load_name(PyObject *o, Name *out) {
 
 /* tables: (globals: ((module, name, kind, arg), ...), behaviours: (int per record kind), fields: ((names...) per
  * record kind), layouts: (names...), limits: (max_dims, max_extent, max_chunks, highest_protocol, properties_len,
- * properties_dtype, values_per_byte, values_base, max_objects)); all names bytes. The objects stay referenced by the caller during the call. */
+ * properties_dtype, values_per_byte, values_base, max_objects), dtypes: (torch.dtype by number)); all names bytes. The objects stay referenced by the caller during the call. */
 static int load_tables(PyObject *tables, Tables *t) {
     PyObject *globals, *behaviours, *fields, *layouts;
     memset(t, 0, sizeof(*t));
-    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type,
+    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLLL)O!:tables", &PyTuple_Type, &globals, &PyTuple_Type,
                           &behaviours, &PyTuple_Type, &fields, &PyTuple_Type, &layouts, &t->max_dims, &t->max_extent,
                           &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype,
-                          &t->values_per_byte, &t->values_base, &t->max_objects))
+                          &t->values_per_byte, &t->values_base, &t->max_objects, &PyTuple_Type, &t->dtypes))
         return -1;
     t->n_kinds = (int)PyTuple_GET_SIZE(behaviours);
     if (t->n_kinds < K_COUNT_READ || t->n_kinds > MAX_KINDS || PyTuple_GET_SIZE(fields) != t->n_kinds) {
@@ -1207,6 +1208,10 @@ static int load_tables(PyObject *tables, Tables *t) {
         g->name_len = n.n;
         if (g->kind == G_RECORD && (g->arg < 0 || g->arg >= t->n_kinds)) {
             PyErr_SetString(PyExc_ValueError, "a record kind");
+            return -1;
+        }
+        if (g->kind == G_DTYPE && (g->arg < 0 || g->arg >= PyTuple_GET_SIZE(t->dtypes))) {
+            PyErr_SetString(PyExc_ValueError, "a dtype");
             return -1;
         }
     }
@@ -1275,43 +1280,55 @@ static PyObject *ints_of(const R *r, V size) {
     return t;
 }
 
-/* the Python result: (keys, tensors, chunks, groups, items, offsets, paths):
- *   keys: [str] in the metadata's order; tensors: {index in keys: (dtype number, size, where its chunks start in
- *   `chunks`, chunks)}; chunks: int64s, per chunk its offsets then its sizes; groups: [(fqn, first item, items)] in
- *   order of first appearance, items grouped so; items: int64s, 5 per item: path number, offset, length, dimensions
- *   of its offsets (-1: None), where its offsets start in `offsets` (int64s); paths: [str]. */
-static PyObject *result(R *r, Out *o) {
-    PyObject *keys = NULL, *tensors = NULL, *chunks = NULL, *groups = NULL, *items = NULL, *offsets = NULL;
-    PyObject *paths = NULL, *out = NULL;
+/* the Python result: (sizes, tensors, byte_keys, groups, chunks, items, offsets, paths), what CheckpointMetadata
+ * holds, made here rather than from lists in Python:
+ *   sizes: {key: size} and tensors: {key: (dtype, size, where its chunks start in `chunks`, chunks)}, the tensor
+ *   keys in the metadata's order; byte_keys: frozenset of the others; chunks: int64s, per chunk its offsets then its
+ *   sizes; groups: {fqn: (first item, items)} in order of first appearance, items grouped so; items: int64s, 5 per
+ *   item: path number, offset, length, dimensions of its offsets (-1: None), where its offsets start in `offsets`
+ *   (int64s); paths: [str]. */
+static PyObject *result(R *r, Out *o, const Tables *t) {
+    PyObject *sizes = NULL, *tensors = NULL, *byte_keys = NULL, *chunks = NULL, *groups = NULL, *items = NULL;
+    PyObject *offsets = NULL, *paths = NULL, *out = NULL;
+    PyObject **keys = NULL; /* each entry's key */
+    size_t n_keys = 0;
     uint32_t *first = NULL, *count = NULL;
     uint32_t *entry_of = NULL;
     V *names = NULL;
     size_t n_names = 0, cap_names = 0;
     StrMap by_name = {NULL, 0};
     size_t n_offsets = 0;
-    keys = PyList_New((Py_ssize_t)o->n_entries);
+    sizes = PyDict_New();
     tensors = PyDict_New();
-    groups = PyList_New((Py_ssize_t)o->n_groups);
+    byte_keys = PyFrozenSet_New(NULL); /* filled before anything else sees it */
+    groups = PyDict_New();
     paths = PyList_New((Py_ssize_t)o->n_paths);
     chunks = PyBytes_FromStringAndSize((const char *)o->chunks, (Py_ssize_t)(o->n_chunks * 8));
-    if (!keys || !tensors || !groups || !paths || !chunks) goto done;
+    keys = malloc((o->n_entries + 1) * sizeof(PyObject *));
+    if (!sizes || !tensors || !byte_keys || !groups || !paths || !chunks) goto done;
+    if (keys == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (size_t i = 0; i < o->n_entries; i++) {
         const Entry *e = &o->entries[i];
         PyObject *key = str_of(r, e->key);
         if (key == NULL) goto done;
-        PyList_SET_ITEM(keys, (Py_ssize_t)i, key);
-        if (e->dtype < 0) continue;
-        PyObject *size = ints_of(r, e->size), *at = PyLong_FromSize_t(i), *row;
-        row = size ? Py_BuildValue("(LNKK)", (long long)e->dtype, size, (unsigned long long)e->chunk_start,
-                                   (unsigned long long)e->chunk_count)
-                   : NULL;
-        if (row == NULL || at == NULL || PyDict_SetItem(tensors, at, row) < 0) {
-            Py_XDECREF(row);
-            Py_XDECREF(at);
-            goto done;
+        keys[n_keys++] = key;
+        if (e->dtype < 0) {
+            if (PySet_Add(byte_keys, key) < 0) goto done;
+            continue;
         }
-        Py_DECREF(row);
-        Py_DECREF(at);
+        PyObject *size = ints_of(r, e->size), *row = NULL;
+        if (size != NULL && e->dtype < PyTuple_GET_SIZE(t->dtypes))
+            row = Py_BuildValue("(OOKK)", PyTuple_GET_ITEM(t->dtypes, e->dtype), size,
+                                (unsigned long long)e->chunk_start, (unsigned long long)e->chunk_count);
+        else if (size != NULL)
+            PyErr_SetString(PyExc_ValueError, "a dtype");
+        int failed = row == NULL || PyDict_SetItem(sizes, key, size) < 0 || PyDict_SetItem(tensors, key, row) < 0;
+        Py_XDECREF(row);
+        Py_XDECREF(size);
+        if (failed) goto done;
     }
     for (size_t i = 0; i < o->n_paths; i++) {
         PyObject *p = str_of(r, o->paths[i]);
@@ -1351,11 +1368,13 @@ static PyObject *result(R *r, Out *o) {
             PyErr_NoMemory();
             goto done;
         }
-        PyObject *fqn, *row;
-        fqn = key != UINT32_MAX ? Py_NewRef(PyList_GET_ITEM(keys, entry_of[key])) : str_of(r, o->groups[g]);
-        row = fqn ? Py_BuildValue("(NKK)", fqn, (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
-        if (row == NULL) goto done;
-        PyList_SET_ITEM(groups, (Py_ssize_t)g, row);
+        PyObject *fqn, *span;
+        fqn = key != UINT32_MAX ? Py_NewRef(keys[entry_of[key]]) : str_of(r, o->groups[g]);
+        span = fqn ? Py_BuildValue("(KK)", (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
+        int failed = span == NULL || PyDict_SetItem(groups, fqn, span) < 0;
+        Py_XDECREF(fqn);
+        Py_XDECREF(span);
+        if (failed) goto done;
     }
     items = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(o->n_items * 5 * 8));
     offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_offsets * 8));
@@ -1374,17 +1393,20 @@ static PyObject *result(R *r, Out *o) {
             for (size_t j = 0; j < tuple_len(r, it->offsets); j++)
                 offs[at_offsets++] = int_of(r, items_of(r, it->offsets)[j]);
     }
-    out = PyTuple_Pack(7, keys, tensors, chunks, groups, items, offsets, paths);
+    out = PyTuple_Pack(8, sizes, tensors, byte_keys, groups, chunks, items, offsets, paths);
 done:
+    for (size_t i = 0; i < n_keys; i++) Py_DECREF(keys[i]);
+    free(keys);
     free(first);
     free(count);
     free(entry_of);
     free(names);
     free(by_name.slots);
-    Py_XDECREF(keys);
+    Py_XDECREF(sizes);
     Py_XDECREF(tensors);
-    Py_XDECREF(chunks);
+    Py_XDECREF(byte_keys);
     Py_XDECREF(groups);
+    Py_XDECREF(chunks);
     Py_XDECREF(items);
     Py_XDECREF(offsets);
     Py_XDECREF(paths);
@@ -1425,7 +1447,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     PyObject *out;
     if (status == 0) {
         free_graph(&r, 1); /* all but the tuple pool, which holds the sizes and offsets `o` names */
-        out = result(&r, &o);
+        out = result(&r, &o, &t);
     } else
         out = PyUnicode_FromString(r.why ? r.why : "declined");
     free_graph(&r, 0);
