@@ -16,6 +16,7 @@
  * The GIL is released while interpreting. read(data, tables) -> the arrays, or a str: why it declined. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,6 +173,10 @@ static int utf8_ok(const unsigned char *s, size_t n) {
         unsigned char c = s[i];
         if (c < 0x80) {
             i++;
+            for (uint64_t w; i + 8 <= n; i += 8) { /* ASCII 8 bytes at a time, as keys mostly are */
+                memcpy(&w, s + i, 8);
+                if (w & 0x8080808080808080ULL) break;
+            }
             continue;
         }
         size_t k;
@@ -1280,6 +1285,24 @@ static PyObject *ints_of(const R *r, V size) {
     return t;
 }
 
+/* a tuple of n items (references stolen; NULL if any is, or if it cannot be made) */
+static PyObject *tuple_of(Py_ssize_t n, ...) {
+    PyObject *t = PyTuple_New(n);
+    va_list items;
+    va_start(items, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = va_arg(items, PyObject *);
+        if (t != NULL && x != NULL)
+            PyTuple_SET_ITEM(t, i, x);
+        else {
+            Py_XDECREF(x);
+            Py_CLEAR(t);
+        }
+    }
+    va_end(items);
+    return t;
+}
+
 /* the Python result: (sizes, tensors, byte_keys, groups, chunks, items, offsets, paths), what CheckpointMetadata
  * holds, made here rather than from lists in Python:
  *   sizes: {key: size} and tensors: {key: (dtype, size, where its chunks start in `chunks`, chunks)}, the tensor
@@ -1321,8 +1344,8 @@ static PyObject *result(R *r, Out *o, const Tables *t) {
         }
         PyObject *size = ints_of(r, e->size), *row = NULL;
         if (size != NULL && e->dtype < PyTuple_GET_SIZE(t->dtypes))
-            row = Py_BuildValue("(OOKK)", PyTuple_GET_ITEM(t->dtypes, e->dtype), size,
-                                (unsigned long long)e->chunk_start, (unsigned long long)e->chunk_count);
+            row = tuple_of(4, Py_NewRef(PyTuple_GET_ITEM(t->dtypes, e->dtype)), Py_NewRef(size),
+                           PyLong_FromUnsignedLongLong(e->chunk_start), PyLong_FromUnsignedLongLong(e->chunk_count));
         else if (size != NULL)
             PyErr_SetString(PyExc_ValueError, "a dtype");
         int failed = row == NULL || PyDict_SetItem(sizes, key, size) < 0 || PyDict_SetItem(tensors, key, row) < 0;
@@ -1370,7 +1393,7 @@ static PyObject *result(R *r, Out *o, const Tables *t) {
         }
         PyObject *fqn, *span;
         fqn = key != UINT32_MAX ? Py_NewRef(keys[entry_of[key]]) : str_of(r, o->groups[g]);
-        span = fqn ? Py_BuildValue("(KK)", (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
+        span = fqn ? tuple_of(2, PyLong_FromUnsignedLong(first[g]), PyLong_FromUnsignedLong(count[g])) : NULL;
         int failed = span == NULL || PyDict_SetItem(groups, fqn, span) < 0;
         Py_XDECREF(fqn);
         Py_XDECREF(span);

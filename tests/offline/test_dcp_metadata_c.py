@@ -499,3 +499,14 @@ def test_ints_either_side_of_the_small_ones_read_the_same(written, monkeypatch, 
         item = next(v for (fqn, _), v in parsed.items.items() if fqn == "a")
         assert (item.offset, item.length) == (value, value)
         assert parsed.sizes["a"] == (value, 1) and parsed.tensors["a"].chunks[0].sizes == (value, 1)
+
+
+@needs_c
+@pytest.mark.parametrize("letter", ["é", "\U0001f600", "\udc80"])
+def test_keys_with_a_letter_past_ascii_anywhere_read_the_same(written, monkeypatch, letter):
+    """The reader checks UTF-8 eight ASCII bytes at a time, then byte by byte: a key with a letter past ASCII (or a
+    lone surrogate, which strict UTF-8 refuses) at any place reads as the Python path reads it."""
+    for at in range(19):
+        metadata = pickle.loads(written[0])
+        metadata.state_dict_metadata["k" * at + letter + "z" * (18 - at)] = BytesStorageMetadata()
+        assert _same(pickle.dumps(metadata), monkeypatch) == (letter != "\udc80")
