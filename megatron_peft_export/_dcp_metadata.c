@@ -129,6 +129,7 @@ typedef struct {
     int proto;
     uint64_t seed;
     V root;
+    V field_strs[MAX_KINDS][MAX_FIELDS]; /* per record kind, a string last found to be each field's name */
     Long *longs; /* the strings longer than SHORT_STR, as read */
     size_t n_longs, cap_longs;
     uint32_t *by_start, *by_hash; /* 1 + a Long's number, 0 empty: by its start; by its hash, the first of its bytes */
@@ -311,7 +312,10 @@ static int long_add(R *r, size_t start, size_t n) { /* the string of n bytes at 
  * hashed once */
 static uint64_t str_hash(const R *r, V s) {
     Str *e = &r->strs[PAY(s)];
-    if (!e->hash) e->hash = (e->len <= SHORT_STR ? hash_bytes(r->seed, r->d + e->start, e->len) : long_of(r, s)->hash) | 1;
+    if (!e->hash) {
+        uint64_t h = e->len <= SHORT_STR ? hash_bytes(r->seed, r->d + e->start, e->len) : long_of(r, s)->hash;
+        e->hash = h ? h : 1; /* 0: not yet */
+    }
     return e->hash;
 }
 
@@ -951,8 +955,13 @@ static int fields(R *r, V record, int kind, V *out) {
     for (uint32_t i = 0; i < s->len; i++) {
         int f = 0;
         if (TAG(e[2 * i]) != T_STR) return DECLINE(r, "a field name not a string");
-        while (f < n && !str_is(r, e[2 * i], &r->t->fields[kind][f])) f++;
-        if (f == n) return DECLINE(r, "a field the record does not have");
+        while (f < n && e[2 * i] != r->field_strs[kind][f]) f++; /* a string already found to be the name */
+        if (f == n) {
+            f = 0;
+            while (f < n && !str_is(r, e[2 * i], &r->t->fields[kind][f])) f++;
+            if (f == n) return DECLINE(r, "a field the record does not have");
+            r->field_strs[kind][f] = e[2 * i];
+        }
         out[f] = e[2 * i + 1];
     }
     return 0;

@@ -510,3 +510,27 @@ def test_keys_with_a_letter_past_ascii_anywhere_read_the_same(written, monkeypat
         metadata = pickle.loads(written[0])
         metadata.state_dict_metadata["k" * at + letter + "z" * (18 - at)] = BytesStorageMetadata()
         assert _same(pickle.dumps(metadata), monkeypatch) == (letter != "\udc80")
+
+
+@needs_c
+def test_field_names_written_again_as_other_strings_read_the_same(written, monkeypatch):
+    """The reader matches a record's field names by the string objects it found to be them before, else by their
+    bytes: a stored item whose field names are strings of their own (not memo references to the others') reads
+    the same, before and after the others."""
+    metadata = written[1]
+    for key in ("a", "b"):
+        state = vars(_item_of(metadata, key))
+        fresh = {"".join(list(name)): value for name, value in state.items()}  # equal strings, other objects
+        assert all(a is not b for a, b in zip(fresh, state))
+        state.clear()
+        state.update(fresh)
+    data = pickle.dumps(metadata)
+    assert data.count(b"relative_path") == 3  # the first item's, then a's and b's own
+    assert _same(data, monkeypatch)
+    parsed = _c(data)
+    item = next(v for (fqn, _), v in parsed.items.items() if fqn == "a")
+    assert (item.relative_path, item.offset, item.length) == (
+        _item_of(metadata, "a").relative_path,
+        _item_of(metadata, "a").offset,
+        _item_of(metadata, "a").length,
+    )
