@@ -1,7 +1,8 @@
 /* A torch_dist `.metadata` read in C: the whole pickle interpreted, opcode by opcode, as Python's unpickler with
  * offline/dcp_metadata.py's find_class reads it (the memo, BUILD and SETITEMS changing objects made before, the
- * cached save plans included), into a compact graph (values are 64-bit words: small ints, strings as offsets into
- * the data, tuples as ranges of one pool, records, lists and dicts as indices), never a Python object per record.
+ * cached save plans included), into a compact graph (values are 32-bit words: small ints, and numbers of strings
+ * (offsets into the data), large ints, tuples (in one pool), records, lists and dicts), never a Python object per
+ * record; every object of the file is memoized, so the memo, the pools and the stack are most of its memory.
  * Then only what CheckpointMetadata holds is taken from the graph (keys, kinds, sizes, dtypes, chunks, stored
  * items, as arrays), the graph is freed, and Python gets the arrays.
  *
@@ -15,23 +16,26 @@
  * The GIL is released while interpreting. read(data, tables) -> the arrays, or a str: why it declined. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef uint64_t V;
+typedef uint32_t V;
 enum {
-    T_NONE, T_TRUE, T_FALSE, T_INT, T_OPAQUE, T_STR, T_TUPLE, T_SIZE, T_LIST, T_DICT, T_RECORD, T_DROPPED, T_GLOBAL
+    T_ABSENT, T_NONE, T_TRUE, T_FALSE, T_INT, T_BIG, T_OPAQUE, T_STR, T_TUPLE, T_SIZE, T_LIST, T_DICT, T_RECORD,
+    T_DROPPED, T_GLOBAL
 };
+/* a value: a 4-bit tag and a 28-bit payload: an int itself (T_INT, two's complement) or the number of what it is in
+ * its table (T_BIG: an int of `bigs`; T_STR: a string of `strs`; T_TUPLE and T_SIZE: where the tuple is in `tuples`,
+ * its length then its items; T_RECORD, T_DICT, T_LIST: its number). 0 is no value (ABSENT). */
 #define TAG(v) ((int)((v)&15))
 #define PAY(v) ((v) >> 4)
-#define MK(t, p) ((((V)(p)) << 4) | (V)(t))
-#define INTV(v) (((int64_t)(v)) >> 4)
-#define ABSENT (~(V)0)
-#define SPAN(start, len) ((((V)(start)) << 24) | (V)(len)) /* strings, tuples, sizes: 32-bit start, 24-bit length */
-#define START(v) (PAY(v) >> 24)
-#define LEN(v) (PAY(v) & 0xffffff)
-#define MAX_SPAN_LEN 0xffffffu
+#define MK(t, p) ((V)(((V)(p)) << 4) | (V)(t))
+#define ABSENT ((V)0)
+#define MAX_PAYLOAD ((1u << 28) - 1) /* the most objects of a table, the longest tuple pool */
+#define SMALL_INT ((int64_t)1 << 27) /* ints in [-SMALL_INT, SMALL_INT) are T_INT, others T_BIG */
+#define MAX_SPAN_LEN 0xffffffu /* the longest string, tuple, dict or list */
 #define MAX_START 0xffffffffu
 #define INT_LIMIT ((int64_t)1 << 59) /* ints held are in [-INT_LIMIT, INT_LIMIT) */
 
@@ -67,14 +71,23 @@ typedef struct {
     Py_ssize_t n_layouts;
     int64_t max_dims, max_extent, max_chunks, highest_protocol, properties_len, properties_dtype;
     int64_t values_per_byte, values_base; /* the output's bound: dcp_metadata.C_READER_VALUES */
+    int64_t max_objects; /* of each table: dcp_metadata.C_READER_OBJECTS, at most MAX_PAYLOAD */
+    PyObject *dtypes;    /* the dtypes by number (G_DTYPE's arg) */
 } Tables;
 
 typedef struct {
     uint32_t start, len, cap, hash; /* cap's high bits: DICT_FLAGS; hash: 1 + index of its hash index, or 0 */
 } Seq;
 
+/* a hash table's slot: 0 empty, else the low 32 bits of the key's hash and 1 + the key's position (a probe compares
+ * keys only where the hashes agree: keys are where the data is, rarely in cache) */
+typedef uint64_t Slot;
+#define SLOT(h, position) (((uint64_t)(uint32_t)(h) << 32) | ((uint64_t)(position) + 1))
+#define SLOT_AT(slot) ((uint32_t)(slot)-1)
+#define SLOT_HASH(slot) ((uint32_t)((slot) >> 32))
+
 typedef struct {
-    uint32_t *slots; /* 1 + entry position, 0 empty */
+    Slot *slots;
     uint32_t cap;
 } Index;
 
@@ -82,6 +95,11 @@ typedef struct {
     V *v;
     size_t n, cap;
 } Vals;
+
+typedef struct { /* a string read: where its bytes are; their hash once asked (0: not yet) */
+    uint32_t start, len;
+    uint64_t hash;
+} Str;
 
 /* a string longer than SHORT_STR, hashed once when read: its hash, and the start of the first string read of the same
  * bytes (equal strings: equal `canon`) */
@@ -96,6 +114,12 @@ typedef struct {
     const Tables *t;
     const char *why; /* the reason it declined */
     Vals stack, tuples, dict_pool, list_pool, records, memo;
+    unsigned char *kinds; /* each record's kind */
+    size_t cap_kinds;
+    Str *strs;
+    size_t n_strs, cap_strs;
+    int64_t *bigs;
+    size_t n_bigs, cap_bigs;
     size_t *marks, n_marks, cap_marks;
     Seq *dicts, *lists;
     size_t n_dicts, cap_dicts, n_lists, cap_lists;
@@ -105,6 +129,7 @@ typedef struct {
     int proto;
     uint64_t seed;
     V root;
+    V field_strs[MAX_KINDS][MAX_FIELDS]; /* per record kind, a string last found to be each field's name */
     Long *longs; /* the strings longer than SHORT_STR, as read */
     size_t n_longs, cap_longs;
     uint32_t *by_start, *by_hash; /* 1 + a Long's number, 0 empty: by its start; by its hash, the first of its bytes */
@@ -131,8 +156,12 @@ static int grow(void **p, size_t *cap, size_t need, size_t elem) {
     return 0;
 }
 
-static int vals_push(R *r, Vals *s, V x) {
-    if (s->n == s->cap && grow((void **)&s->v, &s->cap, s->n + 1, sizeof(V)) < 0) return DECLINE(r, "out of memory");
+static int vals_more(R *r, Vals *s) {
+    return grow((void **)&s->v, &s->cap, s->n + 1, sizeof(V)) < 0 ? DECLINE(r, "out of memory") : 0;
+}
+
+static inline int vals_push(R *r, Vals *s, V x) {
+    if (s->n == s->cap && vals_more(r, s) < 0) return -1;
     s->v[s->n++] = x;
     return 0;
 }
@@ -145,6 +174,10 @@ static int utf8_ok(const unsigned char *s, size_t n) {
         unsigned char c = s[i];
         if (c < 0x80) {
             i++;
+            for (uint64_t w; i + 8 <= n; i += 8) { /* ASCII 8 bytes at a time, as keys mostly are */
+                memcpy(&w, s + i, 8);
+                if (w & 0x8080808080808080ULL) break;
+            }
             continue;
         }
         size_t k;
@@ -172,26 +205,30 @@ static int utf8_ok(const unsigned char *s, size_t n) {
     return 1;
 }
 
-static const unsigned char *str_bytes(const R *r, V v) { return r->d + START(v); }
+static const unsigned char *str_bytes(const R *r, V v) { return r->d + r->strs[PAY(v)].start; }
+
+static size_t str_len(const R *r, V v) { return r->strs[PAY(v)].len; }
 
 /* Strings are hashed and compared where used as keys (dict_set, extract's and result's maps): one long string
  * memoized and used as a key many times (a 2-byte memo reference each) must not cost its length each time, or a 1 MB
  * file takes seconds (Python caches a str's hash). So a string longer than SHORT_STR is hashed once, when its opcode
  * is read (its bytes are in the file once per opcode), and given the start of the first string of the same bytes:
- * equal long strings are equal `canon`s. A shorter one costs at most SHORT_STR bytes per use: linear in the file. */
+ * equal long strings are equal `canon`s. A shorter one costs at most SHORT_STR bytes per use: linear in the file.
+ * Either's hash is kept once asked (str_hash). */
 #define SHORT_STR 128
 
 static const Long *long_of(const R *r, V s);
 
 static int str_eq(const R *r, V a, V b) {
     if (a == b) return 1;
-    if (LEN(a) != LEN(b)) return 0;
-    if (LEN(a) <= SHORT_STR) return memcmp(str_bytes(r, a), str_bytes(r, b), LEN(a)) == 0;
+    size_t n = str_len(r, a);
+    if (n != str_len(r, b)) return 0;
+    if (n <= SHORT_STR) return memcmp(str_bytes(r, a), str_bytes(r, b), n) == 0;
     return long_of(r, a)->canon == long_of(r, b)->canon;
 }
 
 static int str_is(const R *r, V v, const Name *name) {
-    return (Py_ssize_t)LEN(v) == name->n && memcmp(str_bytes(r, v), name->s, (size_t)name->n) == 0;
+    return (Py_ssize_t)str_len(r, v) == name->n && memcmp(str_bytes(r, v), name->s, (size_t)name->n) == 0;
 }
 
 static uint64_t mix(uint64_t h) {
@@ -218,8 +255,9 @@ static uint64_t hash_bytes(uint64_t seed, const unsigned char *s, size_t n) {
 
 
 static const Long *long_of(const R *r, V s) { /* a string longer than SHORT_STR: always there */
-    size_t mask = r->cap_slots - 1, j = (size_t)mix(START(s)) & mask;
-    while (r->longs[r->by_start[j] - 1].start != START(s)) j = (j + 1) & mask;
+    uint32_t start = r->strs[PAY(s)].start;
+    size_t mask = r->cap_slots - 1, j = (size_t)mix(start) & mask;
+    while (r->longs[r->by_start[j] - 1].start != start) j = (j + 1) & mask;
     return &r->longs[r->by_start[j] - 1];
 }
 
@@ -270,8 +308,26 @@ static int long_add(R *r, size_t start, size_t n) { /* the string of n bytes at 
     return 0;
 }
 
+/* a string's hash, kept once asked: a string read once and used as a key many times (a memo reference each) is
+ * hashed once */
 static uint64_t str_hash(const R *r, V s) {
-    return LEN(s) <= SHORT_STR ? hash_bytes(r->seed, str_bytes(r, s), LEN(s)) : long_of(r, s)->hash;
+    Str *e = &r->strs[PAY(s)];
+    if (!e->hash) {
+        uint64_t h = e->len <= SHORT_STR ? hash_bytes(r->seed, r->d + e->start, e->len) : long_of(r, s)->hash;
+        e->hash = h ? h : 1; /* 0: not yet */
+    }
+    return e->hash;
+}
+
+/* the string of n bytes at `start`, just read, numbered */
+static int str_new(R *r, size_t start, size_t n, V *out) {
+    if (r->n_strs >= (size_t)r->t->max_objects) return DECLINE(r, "too many strings");
+    if (n > SHORT_STR && long_add(r, start, n) < 0) return -1;
+    if (r->n_strs == r->cap_strs && grow((void **)&r->strs, &r->cap_strs, r->n_strs + 1, sizeof(Str)) < 0)
+        return DECLINE(r, "out of memory");
+    r->strs[r->n_strs] = (Str){(uint32_t)start, (uint32_t)n, 0};
+    *out = MK(T_STR, r->n_strs++);
+    return 0;
 }
 
 /* a dict key: a string (by value) or a record (by identity), as the Python path's dicts compare them */
@@ -284,8 +340,8 @@ static int key_eq(const R *r, V a, V b) {
 
 /* --------------------------------------------------------------------------------------------------------- dicts */
 static Seq *seq_new(R *r, Seq **seqs, size_t *n, size_t *cap, uint32_t *id) {
-    if (*n >= MAX_START || (*n == *cap && grow((void **)seqs, cap, *n + 1, sizeof(Seq)) < 0)) {
-        DECLINE(r, "too many objects");
+    if (*n >= (size_t)r->t->max_objects || (*n == *cap && grow((void **)seqs, cap, *n + 1, sizeof(Seq)) < 0)) {
+        DECLINE(r, "too many dicts and lists");
         return NULL;
     }
     Seq *s = &(*seqs)[*n];
@@ -319,12 +375,19 @@ static int seq_room(R *r, Vals *pool, Seq *s, size_t width, size_t more) {
     return 0;
 }
 
-static int index_insert(R *r, Index *x, uint64_t h, uint32_t position) {
-    (void)r;
-    uint32_t mask = x->cap - 1, i = (uint32_t)h & mask;
-    while (x->slots[i]) i = (i + 1) & mask;
-    x->slots[i] = position + 1;
-    return 0;
+static void slot_put(Slot *slots, size_t cap, uint64_t h, uint32_t position) {
+    size_t mask = cap - 1, i = (uint32_t)h & mask;
+    while (slots[i]) i = (i + 1) & mask;
+    slots[i] = SLOT(h, position);
+}
+
+/* a table's slots, rehashed into `cap` new ones by the hashes they hold */
+static Slot *slots_grown(const Slot *old, size_t old_cap, size_t cap) {
+    Slot *slots = calloc(cap, sizeof(Slot));
+    if (slots != NULL)
+        for (size_t i = 0; i < old_cap; i++)
+            if (old[i]) slot_put(slots, cap, SLOT_HASH(old[i]), SLOT_AT(old[i]));
+    return slots;
 }
 
 /* the dict's hash index, built or grown for its length (dicts of more than SMALL_DICT entries have one) */
@@ -343,13 +406,13 @@ static int index_fit(R *r, Seq *s) {
     if ((uint64_t)s->len * 2 < x->cap) return 0;
     uint32_t cap = 64;
     while ((uint64_t)cap < (uint64_t)s->len * 4) cap *= 2;
-    uint32_t *slots = calloc(cap, sizeof(uint32_t));
+    Slot *slots = slots_grown(x->slots, x->cap, cap); /* all but the entry just appended, when it grows */
     if (slots == NULL) return DECLINE(r, "out of memory");
+    const V *e = r->dict_pool.v + s->start;
+    for (uint32_t i = x->slots ? s->len - 1 : 0; i < s->len; i++) slot_put(slots, cap, key_hash(r, e[2 * i]), i);
     free(x->slots);
     x->slots = slots;
     x->cap = cap;
-    const V *e = r->dict_pool.v + s->start;
-    for (uint32_t i = 0; i < s->len; i++) index_insert(r, x, key_hash(r, e[2 * i]), i);
     return 0;
 }
 
@@ -358,12 +421,14 @@ static int dict_set(R *r, uint32_t id, V key, V value) {
     if (TAG(key) != T_STR && TAG(key) != T_RECORD) return DECLINE(r, "a dict key other than a string or a record");
     Seq *s = &r->dicts[id];
     V *e = r->dict_pool.v + s->start;
+    uint64_t h = 0;
     if (s->hash) {
         Index *x = &r->indexes[s->hash - 1];
-        uint32_t mask = x->cap - 1, i = (uint32_t)key_hash(r, key) & mask;
+        h = key_hash(r, key);
+        uint32_t mask = x->cap - 1, i = (uint32_t)h & mask;
         for (; x->slots[i]; i = (i + 1) & mask)
-            if (key_eq(r, e[2 * (x->slots[i] - 1)], key)) {
-                e[2 * (x->slots[i] - 1) + 1] = value;
+            if (SLOT_HASH(x->slots[i]) == (uint32_t)h && key_eq(r, e[2 * SLOT_AT(x->slots[i])], key)) {
+                e[2 * SLOT_AT(x->slots[i]) + 1] = value;
                 return 0;
             }
     } else {
@@ -379,8 +444,10 @@ static int dict_set(R *r, uint32_t id, V key, V value) {
     e[2 * s->len + 1] = value;
     s->len++;
     if (s->len > SMALL_DICT) {
-        if (s->hash && (uint64_t)s->len * 2 < r->indexes[s->hash - 1].cap)
-            return index_insert(r, &r->indexes[s->hash - 1], key_hash(r, key), s->len - 1);
+        if (s->hash && (uint64_t)s->len * 2 < r->indexes[s->hash - 1].cap) {
+            slot_put(r->indexes[s->hash - 1].slots, r->indexes[s->hash - 1].cap, h, s->len - 1);
+            return 0;
+        }
         return index_fit(r, s);
     }
     return 0;
@@ -410,23 +477,49 @@ static int pop(R *r, V *out) {
     return 0;
 }
 
-static int tuple_from(R *r, size_t from, V *out) { /* the stack's items from `from` popped into a tuple */
+/* the stack's items from `from` popped into a tuple: its length then its items at the tuple pool's end (the empty
+ * tuple: the pool's first word, 0) */
+static int tuple_from(R *r, size_t from, V *out) {
     size_t n = r->stack.n - from;
     if (n == 0) {
         *out = MK(T_TUPLE, 0);
         return 0;
     }
-    if (n > MAX_SPAN_LEN || r->tuples.n + n > MAX_START) return DECLINE(r, "a tuple too large");
-    if (grow((void **)&r->tuples.v, &r->tuples.cap, r->tuples.n + n, sizeof(V)) < 0)
+    if (n > MAX_SPAN_LEN) return DECLINE(r, "a tuple too large");
+    if (r->tuples.n + 1 + n > (size_t)r->t->max_objects) return DECLINE(r, "too many tuple items");
+    if (grow((void **)&r->tuples.v, &r->tuples.cap, r->tuples.n + 1 + n, sizeof(V)) < 0)
         return DECLINE(r, "out of memory");
-    memcpy(r->tuples.v + r->tuples.n, r->stack.v + from, n * sizeof(V));
-    *out = MK(T_TUPLE, SPAN(r->tuples.n, n));
-    r->tuples.n += n;
+    r->tuples.v[r->tuples.n] = (V)n;
+    memcpy(r->tuples.v + r->tuples.n + 1, r->stack.v + from, n * sizeof(V));
+    *out = MK(T_TUPLE, r->tuples.n);
+    r->tuples.n += 1 + n;
     r->stack.n = from;
     return 0;
 }
 
-static const V *items_of(const R *r, V tuple) { return r->tuples.v + START(tuple); }
+static const V *items_of(const R *r, V tuple) { return r->tuples.v + PAY(tuple) + 1; }
+
+static size_t tuple_len(const R *r, V tuple) { return r->tuples.v[PAY(tuple)]; }
+
+/* ints: T_INT holds the small ones, `bigs` the others */
+static int is_int(V v) { return TAG(v) == T_INT || TAG(v) == T_BIG; }
+
+static int64_t int_of(const R *r, V v) {
+    return TAG(v) == T_INT ? (int64_t)(int32_t)v >> 4 : r->bigs[PAY(v)];
+}
+
+static int int_new(R *r, int64_t x, V *out) {
+    if (x >= -SMALL_INT && x < SMALL_INT) {
+        *out = MK(T_INT, (V)x & MAX_PAYLOAD);
+        return 0;
+    }
+    if (r->n_bigs >= (size_t)r->t->max_objects) return DECLINE(r, "too many large ints");
+    if (r->n_bigs == r->cap_bigs && grow((void **)&r->bigs, &r->cap_bigs, r->n_bigs + 1, sizeof(int64_t)) < 0)
+        return DECLINE(r, "out of memory");
+    r->bigs[r->n_bigs] = x;
+    *out = MK(T_BIG, r->n_bigs++);
+    return 0;
+}
 
 /* ------------------------------------------------------------------------------------------------- the opcodes */
 static int memo_put(R *r, uint64_t index) {
@@ -436,7 +529,7 @@ static int memo_put(R *r, uint64_t index) {
         size_t old = r->memo.cap;
         if (grow((void **)&r->memo.v, &r->memo.cap, (size_t)index + 1, sizeof(V)) < 0)
             return DECLINE(r, "out of memory");
-        memset(r->memo.v + old, 0xff, (r->memo.cap - old) * sizeof(V));
+        memset(r->memo.v + old, 0, (r->memo.cap - old) * sizeof(V)); /* ABSENT */
     }
     if (r->memo.v[index] == ABSENT) r->memo_len++;
     r->memo.v[index] = r->stack.v[r->stack.n - 1];
@@ -471,21 +564,23 @@ static int push_global(R *r, const unsigned char *m, size_t mn, const unsigned c
 }
 
 static int new_record(R *r, int kind, V *out) {
-    if (r->records.n >= ((size_t)1 << 40)) return DECLINE(r, "too many records");
+    if (r->records.n >= (size_t)r->t->max_objects) return DECLINE(r, "too many records");
     if (vals_push(r, &r->records, ABSENT) < 0) return -1;
-    *out = MK(T_RECORD, (V)(r->records.n - 1) << 4 | (V)kind);
+    if (grow((void **)&r->kinds, &r->cap_kinds, r->records.n, 1) < 0) return DECLINE(r, "out of memory");
+    r->kinds[r->records.n - 1] = (unsigned char)kind;
+    *out = MK(T_RECORD, r->records.n - 1);
     return 0;
 }
 
-#define REC_INDEX(v) (PAY(v) >> 4)
-#define REC_KIND(v) ((int)(PAY(v) & 15))
+#define REC_INDEX(v) PAY(v)
+#define REC_KIND(r, v) ((int)(r)->kinds[PAY(v)])
 
 /* NEWOBJ (cls.__new__(cls, *args)) and REDUCE (callable(*args)) on what find_class gives */
 static int call(R *r, V callable, V args, int newobj, V *out) {
     if (TAG(args) != T_TUPLE) return DECLINE(r, "arguments not a tuple");
     if (TAG(callable) != T_GLOBAL) return DECLINE(r, "a call of something not a global");
     const Global *g = &r->t->globals[PAY(callable)];
-    size_t n = LEN(args);
+    size_t n = tuple_len(r, args);
     switch (g->kind) {
         case G_RECORD: {
             int behaviour = r->t->behaviour[g->arg];
@@ -500,9 +595,9 @@ static int call(R *r, V callable, V args, int newobj, V *out) {
             V t = items_of(r, args)[0];
             if (TAG(t) != T_TUPLE) return DECLINE(r, "torch.Size not of a tuple");
             const V *x = items_of(r, t);
-            for (size_t i = 0; i < LEN(t); i++)
-                if (TAG(x[i]) != T_INT || INTV(x[i]) < 0) return DECLINE(r, "torch.Size not of non-negative ints");
-            *out = (t & ~(V)15) | T_SIZE; /* the same items */
+            for (size_t i = 0; i < tuple_len(r, t); i++)
+                if (!is_int(x[i]) || int_of(r, x[i]) < 0) return DECLINE(r, "torch.Size not of non-negative ints");
+            *out = MK(T_SIZE, PAY(t)); /* the same items */
             return 0;
         }
         case G_GET_LAYOUT: {
@@ -525,7 +620,7 @@ static int call(R *r, V callable, V args, int newobj, V *out) {
 static int build(R *r, V obj, V state) {
     if (TAG(obj) == T_DROPPED) return 0; /* Dropped.__setstate__ keeps nothing */
     if (TAG(obj) != T_RECORD) return DECLINE(r, "BUILD on something not a record");
-    int behaviour = r->t->behaviour[REC_KIND(obj)];
+    int behaviour = r->t->behaviour[REC_KIND(r, obj)];
     V *slot = &r->records.v[REC_INDEX(obj)];
     if (behaviour == B_STATE) { /* __setstate__: the state kept as it is */
         *slot = state;
@@ -609,6 +704,7 @@ static int run(R *r) {
     const unsigned char *d = r->d;
     size_t end = r->end, at = 0;
     V a, b, c;
+    TRY(vals_push(r, &r->tuples, 0)); /* the empty tuple */
     while (at < end) {
         int op = d[at++];
         switch (op) {
@@ -660,7 +756,8 @@ static int run(R *r) {
                 break;
             case BININT:
                 NEED(4);
-                TRY(vals_push(r, &r->stack, MK(T_INT, (V)(int64_t)(int32_t)(uint32_t)le(d + at, 4))));
+                TRY(int_new(r, (int64_t)(int32_t)(uint32_t)le(d + at, 4), &a));
+                TRY(vals_push(r, &r->stack, a));
                 at += 4;
                 break;
             case BININT1:
@@ -683,7 +780,8 @@ static int run(R *r) {
                 int64_t v = (int64_t)x;
                 if (v < -INT_LIMIT || v >= INT_LIMIT) return DECLINE(r, "an int too large");
                 at += (size_t)n;
-                TRY(vals_push(r, &r->stack, MK(T_INT, (V)v)));
+                TRY(int_new(r, v, &a));
+                TRY(vals_push(r, &r->stack, a));
                 break;
             }
             case BINFLOAT:
@@ -701,8 +799,8 @@ static int run(R *r) {
                 if (n > end - at) return DECLINE(r, "a string past the data");
                 if (n > MAX_SPAN_LEN || at > MAX_START) return DECLINE(r, "a string too large");
                 if (!utf8_ok(d + at, (size_t)n)) return DECLINE(r, "a string not strict UTF-8");
-                if (n > SHORT_STR) TRY(long_add(r, at, (size_t)n));
-                TRY(vals_push(r, &r->stack, MK(T_STR, SPAN(at, n))));
+                TRY(str_new(r, at, (size_t)n, &a));
+                TRY(vals_push(r, &r->stack, a));
                 at += (size_t)n;
                 break;
             }
@@ -719,7 +817,7 @@ static int run(R *r) {
                 TRY(pop(r, &b));
                 TRY(pop(r, &a));
                 if (TAG(a) != T_STR || TAG(b) != T_STR) return DECLINE(r, "STACK_GLOBAL not of strings");
-                TRY(push_global(r, str_bytes(r, a), LEN(a), str_bytes(r, b), LEN(b)));
+                TRY(push_global(r, str_bytes(r, a), str_len(r, a), str_bytes(r, b), str_len(r, b)));
                 break;
             case EMPTY_TUPLE:
                 TRY(vals_push(r, &r->stack, MK(T_TUPLE, 0)));
@@ -847,7 +945,7 @@ static int spend(R *r, Out *o, uint64_t n) {
 /* a record's fields, each at its place in the kind's field list (ABSENT when not set); declined when its dict has a
  * key that is not one of them */
 static int fields(R *r, V record, int kind, V *out) {
-    if (TAG(record) != T_RECORD || REC_KIND(record) != kind) return DECLINE(r, "not the record expected");
+    if (TAG(record) != T_RECORD || REC_KIND(r, record) != kind) return DECLINE(r, "not the record expected");
     int n = r->t->n_fields[kind];
     for (int i = 0; i < n; i++) out[i] = ABSENT;
     V state = r->records.v[REC_INDEX(record)];
@@ -857,19 +955,24 @@ static int fields(R *r, V record, int kind, V *out) {
     for (uint32_t i = 0; i < s->len; i++) {
         int f = 0;
         if (TAG(e[2 * i]) != T_STR) return DECLINE(r, "a field name not a string");
-        while (f < n && !str_is(r, e[2 * i], &r->t->fields[kind][f])) f++;
-        if (f == n) return DECLINE(r, "a field the record does not have");
+        while (f < n && e[2 * i] != r->field_strs[kind][f]) f++; /* a string already found to be the name */
+        if (f == n) {
+            f = 0;
+            while (f < n && !str_is(r, e[2 * i], &r->t->fields[kind][f])) f++;
+            if (f == n) return DECLINE(r, "a field the record does not have");
+            r->field_strs[kind][f] = e[2 * i];
+        }
         out[f] = e[2 * i + 1];
     }
     return 0;
 }
 
-static int extent(const R *r, V v) { return TAG(v) == T_INT && INTV(v) >= 0 && INTV(v) <= r->t->max_extent; }
+static int extent(const R *r, V v) { return is_int(v) && int_of(r, v) >= 0 && int_of(r, v) <= r->t->max_extent; }
 
 static int size_ok(const R *r, V v) { /* _ints of a torch.Size (its items: non-negative ints) */
-    if (TAG(v) != T_SIZE || (int64_t)LEN(v) > r->t->max_dims) return 0;
+    if (TAG(v) != T_SIZE || (int64_t)tuple_len(r, v) > r->t->max_dims) return 0;
     const V *x = items_of(r, v);
-    for (size_t i = 0; i < LEN(v); i++)
+    for (size_t i = 0; i < tuple_len(r, v); i++)
         if (!extent(r, x[i])) return 0;
     return 1;
 }
@@ -882,9 +985,9 @@ static int push_i64(R *r, Out *o, int64_t x) {
 }
 
 static int dtype_of(R *r, V properties, int64_t *dtype) {
-    if (TAG(properties) != T_RECORD || REC_KIND(properties) != K_PROPERTIES) return DECLINE(r, "properties");
+    if (TAG(properties) != T_RECORD || REC_KIND(r, properties) != K_PROPERTIES) return DECLINE(r, "properties");
     V state = r->records.v[REC_INDEX(properties)], found = ABSENT;
-    if (TAG(state) == T_TUPLE && (int64_t)LEN(state) == r->t->properties_len)
+    if (TAG(state) == T_TUPLE && (int64_t)tuple_len(r, state) == r->t->properties_len)
         found = items_of(r, state)[r->t->properties_dtype];
     else if (state != ABSENT && TAG(state) == T_DICT) {
         V f[MAX_FIELDS];
@@ -919,26 +1022,27 @@ static int tensor(R *r, Out *o, Entry *entry, V record) {
     entry->size = f[1];
     entry->chunk_start = o->n_chunks;
     entry->chunk_count = chunks->len;
-    size_t ndim = LEN(f[1]);
+    size_t ndim = tuple_len(r, f[1]);
     const V *size = items_of(r, f[1]);
     TRY(spend(r, o, (uint64_t)chunks->len * 2 * ndim));
     for (uint32_t i = 0; i < chunks->len; i++) {
         V c[MAX_FIELDS]; /* offsets, sizes */
         TRY(fields(r, r->list_pool.v[chunks->start + i], K_CHUNK, c));
         if (c[0] == ABSENT || c[1] == ABSENT || !size_ok(r, c[0]) || !size_ok(r, c[1])) return DECLINE(r, "a chunk");
-        if (LEN(c[0]) != ndim || LEN(c[1]) != ndim) return DECLINE(r, "a chunk's dimensions");
+        if (tuple_len(r, c[0]) != ndim || tuple_len(r, c[1]) != ndim) return DECLINE(r, "a chunk's dimensions");
         const V *offsets = items_of(r, c[0]), *sizes = items_of(r, c[1]);
         for (size_t j = 0; j < ndim; j++)
-            if (INTV(offsets[j]) + INTV(sizes[j]) > INTV(size[j])) return DECLINE(r, "a chunk outside its tensor");
-        for (size_t j = 0; j < ndim; j++) TRY(push_i64(r, o, INTV(offsets[j])));
-        for (size_t j = 0; j < ndim; j++) TRY(push_i64(r, o, INTV(sizes[j])));
+            if (int_of(r, offsets[j]) + int_of(r, sizes[j]) > int_of(r, size[j]))
+                return DECLINE(r, "a chunk outside its tensor");
+        for (size_t j = 0; j < ndim; j++) TRY(push_i64(r, o, int_of(r, offsets[j])));
+        for (size_t j = 0; j < ndim; j++) TRY(push_i64(r, o, int_of(r, sizes[j])));
     }
     return 0;
 }
 
 /* a map of distinct strings (by value) to their number */
 typedef struct {
-    uint32_t *slots; /* 1 + number */
+    Slot *slots;
     size_t cap;
 } StrMap;
 
@@ -947,21 +1051,17 @@ static int strmap_find(R *r, StrMap *m, const V *names, size_t n, V s, uint32_t 
     if ((n + 1) * 2 > m->cap) {
         size_t cap = m->cap ? m->cap * 2 : 256;
         while (cap < (n + 1) * 2) cap *= 2;
-        uint32_t *slots = calloc(cap, sizeof(uint32_t));
+        Slot *slots = slots_grown(m->slots, m->cap, cap);
         if (slots == NULL) return DECLINE(r, "out of memory");
-        for (size_t i = 0; i < n; i++) {
-            size_t j = str_hash(r, names[i]) & (cap - 1);
-            while (slots[j]) j = (j + 1) & (cap - 1);
-            slots[j] = (uint32_t)i + 1;
-        }
         free(m->slots);
         m->slots = slots;
         m->cap = cap;
     }
-    size_t j = str_hash(r, s) & (m->cap - 1);
+    uint64_t h = str_hash(r, s);
+    size_t j = (uint32_t)h & (m->cap - 1);
     for (; m->slots[j]; j = (j + 1) & (m->cap - 1))
-        if (str_eq(r, names[m->slots[j] - 1], s)) {
-            *found = m->slots[j] - 1;
+        if (SLOT_HASH(m->slots[j]) == (uint32_t)h && str_eq(r, names[SLOT_AT(m->slots[j])], s)) {
+            *found = SLOT_AT(m->slots[j]);
             return 0;
         }
     if (grow_names == NULL) {
@@ -971,7 +1071,7 @@ static int strmap_find(R *r, StrMap *m, const V *names, size_t n, V s, uint32_t 
     if (n == *cap_names && grow((void **)grow_names, cap_names, n + 1, sizeof(V)) < 0)
         return DECLINE(r, "out of memory");
     (*grow_names)[n] = s;
-    m->slots[j] = (uint32_t)n + 1;
+    m->slots[j] = SLOT(h, n);
     *found = (uint32_t)n;
     return 1; /* new */
 }
@@ -993,7 +1093,7 @@ static int extract(R *r, Out *o) {
         entry->dtype = -1;
         entry->size = ABSENT;
         entry->chunk_start = entry->chunk_count = 0;
-        if (TAG(value) == T_RECORD && REC_KIND(value) == K_BYTES) {
+        if (TAG(value) == T_RECORD && REC_KIND(r, value) == K_BYTES) {
             V none[MAX_FIELDS];
             TRY(fields(r, value, K_BYTES, none));
         } else
@@ -1024,7 +1124,7 @@ static int extract(R *r, Out *o) {
             break;
         }
         if (s[3] != ABSENT && TAG(s[3]) != T_NONE && !(TAG(s[3]) == T_LIST && r->lists[PAY(s[3])].len == 0) &&
-            !(TAG(s[3]) == T_TUPLE && LEN(s[3]) == 0)) {
+            !(TAG(s[3]) == T_TUPLE && tuple_len(r, s[3]) == 0)) {
             DECLINE(r, "a stored item's transforms");
             break;
         }
@@ -1035,10 +1135,10 @@ static int extract(R *r, Out *o) {
         Item *item = &o->items[o->n_items++];
         item->fqn = x[0];
         item->offsets = x[1] == ABSENT || TAG(x[1]) == T_NONE ? ABSENT : x[1];
-        if (item->offsets != ABSENT && spend(r, o, LEN(item->offsets)) < 0) break;
+        if (item->offsets != ABSENT && spend(r, o, tuple_len(r, item->offsets)) < 0) break;
         item->path = s[0];
-        item->offset = INTV(s[1]);
-        item->length = INTV(s[2]);
+        item->offset = int_of(r, s[1]);
+        item->length = int_of(r, s[2]);
         if (strmap_find(r, &groups, o->groups, o->n_groups, x[0], &item->group, &o->groups, &o->cap_groups) < 0)
             break;
         if (item->group == o->n_groups) o->n_groups++;
@@ -1061,14 +1161,14 @@ static int load_name(PyObject *o, Name *out) {
 
 /* tables: (globals: ((module, name, kind, arg), ...), behaviours: (int per record kind), fields: ((names...) per
  * record kind), layouts: (names...), limits: (max_dims, max_extent, max_chunks, highest_protocol, properties_len,
- * properties_dtype)); all names bytes. The objects stay referenced by the caller during the call. */
+ * properties_dtype, values_per_byte, values_base, max_objects), dtypes: (torch.dtype by number)); all names bytes. The objects stay referenced by the caller during the call. */
 static int load_tables(PyObject *tables, Tables *t) {
     PyObject *globals, *behaviours, *fields, *layouts;
     memset(t, 0, sizeof(*t));
-    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLL):tables", &PyTuple_Type, &globals, &PyTuple_Type, &behaviours,
-                          &PyTuple_Type, &fields, &PyTuple_Type, &layouts, &t->max_dims, &t->max_extent,
+    if (!PyArg_ParseTuple(tables, "O!O!O!O!(LLLLLLLLL)O!:tables", &PyTuple_Type, &globals, &PyTuple_Type,
+                          &behaviours, &PyTuple_Type, &fields, &PyTuple_Type, &layouts, &t->max_dims, &t->max_extent,
                           &t->max_chunks, &t->highest_protocol, &t->properties_len, &t->properties_dtype,
-                          &t->values_per_byte, &t->values_base))
+                          &t->values_per_byte, &t->values_base, &t->max_objects, &PyTuple_Type, &t->dtypes))
         return -1;
     t->n_kinds = (int)PyTuple_GET_SIZE(behaviours);
     if (t->n_kinds < K_COUNT_READ || t->n_kinds > MAX_KINDS || PyTuple_GET_SIZE(fields) != t->n_kinds) {
@@ -1096,7 +1196,7 @@ static int load_tables(PyObject *tables, Tables *t) {
         t->n_fields[K_INDEX] != 3 || t->n_fields[K_INFO] != 4 || t->properties_dtype < 0 ||
         t->properties_dtype >= t->n_fields[K_PROPERTIES] || t->properties_dtype >= t->properties_len ||
         t->max_extent >= INT_LIMIT || t->values_per_byte < 0 || t->values_per_byte > 1024 || t->values_base < 0 ||
-        t->values_base > ((int64_t)1 << 40)) {
+        t->values_base > ((int64_t)1 << 40) || t->max_objects < 1 || t->max_objects > MAX_PAYLOAD) {
         PyErr_SetString(PyExc_ValueError, "the tables do not fit the reader");
         return -1;
     }
@@ -1124,32 +1224,44 @@ static int load_tables(PyObject *tables, Tables *t) {
             PyErr_SetString(PyExc_ValueError, "a record kind");
             return -1;
         }
+        if (g->kind == G_DTYPE && (g->arg < 0 || g->arg >= PyTuple_GET_SIZE(t->dtypes))) {
+            PyErr_SetString(PyExc_ValueError, "a dtype");
+            return -1;
+        }
     }
     return 0;
 }
 
+static void free_vals(Vals *v) {
+    free(v->v);
+    memset(v, 0, sizeof(Vals));
+}
+
 static void free_graph(R *r, int keep_tuples) {
-    free(r->stack.v);
-    if (!keep_tuples) { /* and the strings' hashes, which result's maps use */
-        free(r->tuples.v);
-        r->tuples.v = NULL;
+    free_vals(&r->stack);
+    if (!keep_tuples) { /* and the strings and ints, and the strings' hashes, which result's maps use */
+        free_vals(&r->tuples);
+        free(r->strs);
+        free(r->bigs);
+        r->strs = NULL;
+        r->bigs = NULL;
         free(r->longs);
         free(r->by_start);
         free(r->by_hash);
         r->longs = NULL;
         r->by_start = r->by_hash = NULL;
     }
-    free(r->dict_pool.v);
-    free(r->list_pool.v);
-    free(r->records.v);
-    free(r->memo.v);
+    free_vals(&r->dict_pool);
+    free_vals(&r->list_pool);
+    free_vals(&r->records);
+    free(r->kinds);
+    r->kinds = NULL;
+    free_vals(&r->memo);
     free(r->marks);
     free(r->dicts);
     free(r->lists);
     for (size_t i = 0; i < r->n_indexes; i++) free(r->indexes[i].slots);
     free(r->indexes);
-    memset(&r->stack, 0, sizeof(Vals));
-    r->dict_pool = r->list_pool = r->records = r->memo = r->stack;
     r->marks = NULL;
     r->dicts = r->lists = NULL;
     r->indexes = NULL;
@@ -1165,14 +1277,14 @@ static void free_out(Out *o) {
 }
 
 static PyObject *str_of(const R *r, V s) {
-    return PyUnicode_DecodeUTF8((const char *)str_bytes(r, s), (Py_ssize_t)LEN(s), "strict");
+    return PyUnicode_DecodeUTF8((const char *)str_bytes(r, s), (Py_ssize_t)str_len(r, s), "strict");
 }
 
 static PyObject *ints_of(const R *r, V size) {
-    PyObject *t = PyTuple_New((Py_ssize_t)LEN(size));
+    PyObject *t = PyTuple_New((Py_ssize_t)tuple_len(r, size));
     if (t == NULL) return NULL;
-    for (size_t i = 0; i < LEN(size); i++) {
-        PyObject *x = PyLong_FromLongLong(INTV(items_of(r, size)[i]));
+    for (size_t i = 0; i < tuple_len(r, size); i++) {
+        PyObject *x = PyLong_FromLongLong(int_of(r, items_of(r, size)[i]));
         if (x == NULL) {
             Py_DECREF(t);
             return NULL;
@@ -1182,43 +1294,73 @@ static PyObject *ints_of(const R *r, V size) {
     return t;
 }
 
-/* the Python result: (keys, tensors, chunks, groups, items, offsets, paths):
- *   keys: [str] in the metadata's order; tensors: {index in keys: (dtype number, size, where its chunks start in
- *   `chunks`, chunks)}; chunks: int64s, per chunk its offsets then its sizes; groups: [(fqn, first item, items)] in
- *   order of first appearance, items grouped so; items: int64s, 5 per item: path number, offset, length, dimensions
- *   of its offsets (-1: None), where its offsets start in `offsets` (int64s); paths: [str]. */
-static PyObject *result(R *r, Out *o) {
-    PyObject *keys = NULL, *tensors = NULL, *chunks = NULL, *groups = NULL, *items = NULL, *offsets = NULL;
-    PyObject *paths = NULL, *out = NULL;
+/* a tuple of n items (references stolen; NULL if any is, or if it cannot be made) */
+static PyObject *tuple_of(Py_ssize_t n, ...) {
+    PyObject *t = PyTuple_New(n);
+    va_list items;
+    va_start(items, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = va_arg(items, PyObject *);
+        if (t != NULL && x != NULL)
+            PyTuple_SET_ITEM(t, i, x);
+        else {
+            Py_XDECREF(x);
+            Py_CLEAR(t);
+        }
+    }
+    va_end(items);
+    return t;
+}
+
+/* the Python result: (sizes, tensors, byte_keys, groups, chunks, items, offsets, paths), what CheckpointMetadata
+ * holds, made here rather than from lists in Python:
+ *   sizes: {key: size} and tensors: {key: (dtype, size, where its chunks start in `chunks`, chunks)}, the tensor
+ *   keys in the metadata's order; byte_keys: frozenset of the others; chunks: int64s, per chunk its offsets then its
+ *   sizes; groups: {fqn: (first item, items)} in order of first appearance, items grouped so; items: int64s, 5 per
+ *   item: path number, offset, length, dimensions of its offsets (-1: None), where its offsets start in `offsets`
+ *   (int64s); paths: [str]. */
+static PyObject *result(R *r, Out *o, const Tables *t) {
+    PyObject *sizes = NULL, *tensors = NULL, *byte_keys = NULL, *chunks = NULL, *groups = NULL, *items = NULL;
+    PyObject *offsets = NULL, *paths = NULL, *out = NULL;
+    PyObject **keys = NULL; /* each entry's key */
+    size_t n_keys = 0;
     uint32_t *first = NULL, *count = NULL;
     uint32_t *entry_of = NULL;
     V *names = NULL;
     size_t n_names = 0, cap_names = 0;
     StrMap by_name = {NULL, 0};
     size_t n_offsets = 0;
-    keys = PyList_New((Py_ssize_t)o->n_entries);
+    sizes = PyDict_New();
     tensors = PyDict_New();
-    groups = PyList_New((Py_ssize_t)o->n_groups);
+    byte_keys = PyFrozenSet_New(NULL); /* filled before anything else sees it */
+    groups = PyDict_New();
     paths = PyList_New((Py_ssize_t)o->n_paths);
     chunks = PyBytes_FromStringAndSize((const char *)o->chunks, (Py_ssize_t)(o->n_chunks * 8));
-    if (!keys || !tensors || !groups || !paths || !chunks) goto done;
+    keys = malloc((o->n_entries + 1) * sizeof(PyObject *));
+    if (!sizes || !tensors || !byte_keys || !groups || !paths || !chunks) goto done;
+    if (keys == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (size_t i = 0; i < o->n_entries; i++) {
         const Entry *e = &o->entries[i];
         PyObject *key = str_of(r, e->key);
         if (key == NULL) goto done;
-        PyList_SET_ITEM(keys, (Py_ssize_t)i, key);
-        if (e->dtype < 0) continue;
-        PyObject *size = ints_of(r, e->size), *at = PyLong_FromSize_t(i), *row;
-        row = size ? Py_BuildValue("(LNKK)", (long long)e->dtype, size, (unsigned long long)e->chunk_start,
-                                   (unsigned long long)e->chunk_count)
-                   : NULL;
-        if (row == NULL || at == NULL || PyDict_SetItem(tensors, at, row) < 0) {
-            Py_XDECREF(row);
-            Py_XDECREF(at);
-            goto done;
+        keys[n_keys++] = key;
+        if (e->dtype < 0) {
+            if (PySet_Add(byte_keys, key) < 0) goto done;
+            continue;
         }
-        Py_DECREF(row);
-        Py_DECREF(at);
+        PyObject *size = ints_of(r, e->size), *row = NULL;
+        if (size != NULL && e->dtype < PyTuple_GET_SIZE(t->dtypes))
+            row = tuple_of(4, Py_NewRef(PyTuple_GET_ITEM(t->dtypes, e->dtype)), Py_NewRef(size),
+                           PyLong_FromUnsignedLongLong(e->chunk_start), PyLong_FromUnsignedLongLong(e->chunk_count));
+        else if (size != NULL)
+            PyErr_SetString(PyExc_ValueError, "a dtype");
+        int failed = row == NULL || PyDict_SetItem(sizes, key, size) < 0 || PyDict_SetItem(tensors, key, row) < 0;
+        Py_XDECREF(row);
+        Py_XDECREF(size);
+        if (failed) goto done;
     }
     for (size_t i = 0; i < o->n_paths; i++) {
         PyObject *p = str_of(r, o->paths[i]);
@@ -1233,7 +1375,7 @@ static PyObject *result(R *r, Out *o) {
     }
     for (size_t i = 0; i < o->n_items; i++) {
         count[o->items[i].group]++;
-        if (o->items[i].offsets != ABSENT) n_offsets += LEN(o->items[i].offsets);
+        if (o->items[i].offsets != ABSENT) n_offsets += tuple_len(r, o->items[i].offsets);
     }
     /* a group's key is the entry's key string when there is one (one str object for both) */
     entry_of = malloc((o->n_entries + 1) * sizeof(uint32_t));
@@ -1258,11 +1400,13 @@ static PyObject *result(R *r, Out *o) {
             PyErr_NoMemory();
             goto done;
         }
-        PyObject *fqn, *row;
-        fqn = key != UINT32_MAX ? Py_NewRef(PyList_GET_ITEM(keys, entry_of[key])) : str_of(r, o->groups[g]);
-        row = fqn ? Py_BuildValue("(NKK)", fqn, (unsigned long long)first[g], (unsigned long long)count[g]) : NULL;
-        if (row == NULL) goto done;
-        PyList_SET_ITEM(groups, (Py_ssize_t)g, row);
+        PyObject *fqn, *span;
+        fqn = key != UINT32_MAX ? Py_NewRef(keys[entry_of[key]]) : str_of(r, o->groups[g]);
+        span = fqn ? tuple_of(2, PyLong_FromUnsignedLong(first[g]), PyLong_FromUnsignedLong(count[g])) : NULL;
+        int failed = span == NULL || PyDict_SetItem(groups, fqn, span) < 0;
+        Py_XDECREF(fqn);
+        Py_XDECREF(span);
+        if (failed) goto done;
     }
     items = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(o->n_items * 5 * 8));
     offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n_offsets * 8));
@@ -1275,22 +1419,26 @@ static PyObject *result(R *r, Out *o) {
         row[0] = it->path_id;
         row[1] = it->offset;
         row[2] = it->length;
-        row[3] = it->offsets == ABSENT ? -1 : (int64_t)LEN(it->offsets);
+        row[3] = it->offsets == ABSENT ? -1 : (int64_t)tuple_len(r, it->offsets);
         row[4] = (int64_t)at_offsets;
         if (it->offsets != ABSENT)
-            for (size_t j = 0; j < LEN(it->offsets); j++) offs[at_offsets++] = INTV(items_of(r, it->offsets)[j]);
+            for (size_t j = 0; j < tuple_len(r, it->offsets); j++)
+                offs[at_offsets++] = int_of(r, items_of(r, it->offsets)[j]);
     }
-    out = PyTuple_Pack(7, keys, tensors, chunks, groups, items, offsets, paths);
+    out = PyTuple_Pack(8, sizes, tensors, byte_keys, groups, chunks, items, offsets, paths);
 done:
+    for (size_t i = 0; i < n_keys; i++) Py_DECREF(keys[i]);
+    free(keys);
     free(first);
     free(count);
     free(entry_of);
     free(names);
     free(by_name.slots);
-    Py_XDECREF(keys);
+    Py_XDECREF(sizes);
     Py_XDECREF(tensors);
-    Py_XDECREF(chunks);
+    Py_XDECREF(byte_keys);
     Py_XDECREF(groups);
+    Py_XDECREF(chunks);
     Py_XDECREF(items);
     Py_XDECREF(offsets);
     Py_XDECREF(paths);
@@ -1323,8 +1471,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
         status = DECLINE(&r, "the data too large");
     else {
         status = run(&r);
-        free(r.memo.v); /* what extract reads is reachable from the root */
-        r.memo.v = NULL;
+        free_vals(&r.memo); /* what extract reads is reachable from the root */
         if (status == 0) status = extract(&r, &o);
     }
     /* the graph is not needed past here: what is kept is in `o`, strings as offsets into the data */
@@ -1332,7 +1479,7 @@ static PyObject *read_metadata(PyObject *self, PyObject *args) {
     PyObject *out;
     if (status == 0) {
         free_graph(&r, 1); /* all but the tuple pool, which holds the sizes and offsets `o` names */
-        out = result(&r, &o);
+        out = result(&r, &o, &t);
     } else
         out = PyUnicode_FromString(r.why ? r.why : "declined");
     free_graph(&r, 0);

@@ -79,6 +79,10 @@ the Python path converts a key's when it is read: a chunk list shared by many ke
 many times (2 bytes each), would make gigabytes from a small file. So it declines (and the Python path reads the file,
 lazily) past 4 values per byte of the file plus 1 Mi values: real files are far inside (61x256: 48.7 MB, 0.66 M
 chunk values and 0.33 M offsets)."""
+C_READER_OBJECTS = (1 << 28) - 1
+"""The most strings, large ints, records, dicts, lists (each) and tuple items the C reader numbers: its values are 32
+bits, a 28-bit number of what they are. Past it, it declines (and the Python path reads the file); 61x256 holds 1.1 M
+records and 2.3 M tuple items."""
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -604,8 +608,9 @@ def _reader() -> Any:
 
 @functools.cache
 def _reader_tables() -> tuple[tuple, tuple[torch.dtype, ...]]:
-    """The C reader's tables (see _dcp_metadata.c's load_tables) and its dtypes by number. The allowed globals are
-    those find_class gives (every name it could allow is asked), each said what it is."""
+    """The C reader's tables (see _dcp_metadata.c's load_tables; they end with the dtypes by number, which it puts in
+    its result) and those dtypes. The allowed globals are those find_class gives (every name it could allow is asked),
+    each said what it is."""
     kinds = _READ_KINDS + tuple(sorted(set(_BY_NAME) - set(_READ_KINDS)))
     behaviours = tuple(
         _BEHAVIOURS.index(
@@ -657,9 +662,11 @@ def _reader_tables() -> tuple[tuple, tuple[torch.dtype, ...]]:
         len(_PROPERTIES_FIELDS),
         _PROPERTIES_FIELDS.index("dtype"),
         *C_READER_VALUES,
+        C_READER_OBJECTS,
     )
     layouts = tuple(name.encode() for name in LAYOUT.__self__)
-    return (tuple(found_globals), behaviours, fields, layouts, limits), tuple(dtypes)
+    dtypes = tuple(dtypes)
+    return (tuple(found_globals), behaviours, fields, layouts, limits, dtypes), dtypes
 
 
 def _read_compact(data: bytes) -> CheckpointMetadata | None:
@@ -667,20 +674,13 @@ def _read_compact(data: bytes) -> CheckpointMetadata | None:
     reader = _reader()
     if reader is None:
         return None
-    tables, dtypes = _reader_tables()
-    found = reader.read(data, tables)
+    found = reader.read(data, _reader_tables()[0])
     if type(found) is str:
         log.debug("checkpoint metadata read in Python: the C reader declined it (%s)", found)
         return None
-    keys, tensors, chunks, groups, items, offsets, paths = found
+    sizes, raw, byte_keys, groups, chunks, items, offsets, paths = found
     if not all(plain_file_name(path) for path in paths):
         return None  # the Python path refuses it, saying why
-    sizes, raw = {}, {}
-    for at, (dtype, size, first, count) in tensors.items():
-        key = keys[at]
-        sizes[key] = size
-        raw[key] = (dtypes[dtype], size, first, count)
-    byte_keys = frozenset(key for at, key in enumerate(keys) if at not in tensors)
 
     def tensor(key: str, row: tuple) -> TensorEntry:
         dtype, size, first, count = row
@@ -693,5 +693,5 @@ def _read_compact(data: bytes) -> CheckpointMetadata | None:
         Converted(raw, tensor),
         sizes,
         byte_keys,
-        StoredItems(Converted({fqn: (first, count) for fqn, first, count in groups}, stored)),
+        StoredItems(Converted(groups, stored)),
     )

@@ -424,3 +424,113 @@ def test_keys_set_again_in_large_mappings_read_the_same(written, monkeypatch):
 def _facts_items(metadata):
     """The (key, offsets) of storage_data in order, as torch reads them."""
     return [(k.fqn, None if k.offset is None else tuple(k.offset)) for k in metadata.storage_data]
+
+
+@pytest.fixture
+def objects_limit(monkeypatch):
+    """Sets the C reader's limit of objects per table (dcp_metadata.C_READER_OBJECTS) for a test, tables rebuilt."""
+
+    def set_limit(limit: int) -> None:
+        monkeypatch.setattr(dcp_metadata, "C_READER_OBJECTS", limit)
+        dcp_metadata._reader_tables.cache_clear()
+
+    yield set_limit
+    monkeypatch.undo()
+    dcp_metadata._reader_tables.cache_clear()
+
+
+def _declined_why(data: bytes):
+    """Why the C reader declines the data (a str), or None when it reads it."""
+    found = C_READER.read(data, dcp_metadata._reader_tables()[0])
+    return found if type(found) is str else None
+
+
+_MANY = {  # planner_data of many objects of one table, and why the reader declines it past its limit of objects
+    "strings": (lambda n: [f"s{i}" for i in range(n)], "too many strings"),
+    "large ints": (lambda n: [(1 << 40) + i for i in range(n)], "too many large ints"),
+    "records": (lambda n: [BytesStorageMetadata() for _ in range(n)], "too many records"),
+    "dicts": (lambda n: [{} for _ in range(n)], "too many dicts and lists"),
+    "lists": (lambda n: [[] for _ in range(n)], "too many dicts and lists"),
+    "tuple items": (lambda n: [(i, i) for i in range(n)], "too many tuple items"),
+}
+
+
+@needs_c
+@pytest.mark.parametrize("table", list(_MANY))
+def test_past_its_limit_of_objects_the_c_reader_declines(written, monkeypatch, objects_limit, table):
+    """The reader's values number strings, large ints, records, dicts, lists and tuple items in 28 bits (at most
+    C_READER_OBJECTS of each): one more than the limit and it declines, saying which, and the Python path reads the
+    file the same."""
+    many, why = _MANY[table]
+    metadata = written[1]
+    metadata.planner_data = many(400)
+    data = pickle.dumps(metadata, protocol=4)
+    assert _declined_why(data) is None and _same(data, monkeypatch)
+    low, high = 1, 4000  # the least limit it reads the file at
+    objects_limit(high)
+    assert _declined_why(data) is None
+    while low < high:
+        objects_limit((low + high) // 2)
+        if _declined_why(data) is None:
+            high = (low + high) // 2
+        else:
+            low = (low + high) // 2 + 1
+    assert high >= 400
+    objects_limit(high - 1)
+    assert _declined_why(data) == why
+    assert not _same(data, monkeypatch)
+
+
+@needs_c
+@pytest.mark.parametrize("value", [(1 << 27) - 1, 1 << 27, (1 << 31) - 1, 1 << 31, -(1 << 27), -(1 << 27) - 1])
+def test_ints_either_side_of_the_small_ones_read_the_same(written, monkeypatch, value):
+    """Ints the reader holds in its values and those it keeps apart (past 28 bits), as offsets and lengths of a
+    stored item, chunk sizes and a size: read as the Python path reads them (negative ones refused by both)."""
+    metadata = written[1]
+    info = _item_of(metadata, "a")
+    info.offset, info.length = value, abs(value)
+    entry = metadata.state_dict_metadata["a"]
+    entry.size = torch.Size([value, 1])
+    entry.chunks[0].sizes = torch.Size([value, 1])
+    data = pickle.dumps(metadata)
+    assert _same(data, monkeypatch) == (value >= 0)
+    if value >= 0:
+        parsed = _c(data)
+        item = next(v for (fqn, _), v in parsed.items.items() if fqn == "a")
+        assert (item.offset, item.length) == (value, value)
+        assert parsed.sizes["a"] == (value, 1) and parsed.tensors["a"].chunks[0].sizes == (value, 1)
+
+
+@needs_c
+@pytest.mark.parametrize("letter", ["é", "\U0001f600", "\udc80"])
+def test_keys_with_a_letter_past_ascii_anywhere_read_the_same(written, monkeypatch, letter):
+    """The reader checks UTF-8 eight ASCII bytes at a time, then byte by byte: a key with a letter past ASCII (or a
+    lone surrogate, which strict UTF-8 refuses) at any place reads as the Python path reads it."""
+    for at in range(19):
+        metadata = pickle.loads(written[0])
+        metadata.state_dict_metadata["k" * at + letter + "z" * (18 - at)] = BytesStorageMetadata()
+        assert _same(pickle.dumps(metadata), monkeypatch) == (letter != "\udc80")
+
+
+@needs_c
+def test_field_names_written_again_as_other_strings_read_the_same(written, monkeypatch):
+    """The reader matches a record's field names by the string objects it found to be them before, else by their
+    bytes: a stored item whose field names are strings of their own (not memo references to the others') reads
+    the same, before and after the others."""
+    metadata = written[1]
+    for key in ("a", "b"):
+        state = vars(_item_of(metadata, key))
+        fresh = {"".join(list(name)): value for name, value in state.items()}  # equal strings, other objects
+        assert all(a is not b for a, b in zip(fresh, state))
+        state.clear()
+        state.update(fresh)
+    data = pickle.dumps(metadata)
+    assert data.count(b"relative_path") == 3  # the first item's, then a's and b's own
+    assert _same(data, monkeypatch)
+    parsed = _c(data)
+    item = next(v for (fqn, _), v in parsed.items.items() if fqn == "a")
+    assert (item.relative_path, item.offset, item.length) == (
+        _item_of(metadata, "a").relative_path,
+        _item_of(metadata, "a").offset,
+        _item_of(metadata, "a").length,
+    )
