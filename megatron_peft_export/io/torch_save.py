@@ -320,10 +320,10 @@ def _matching_evenly(data: Any, starts: Any, layout: Layout) -> Any:
     if check is not None and fit:
         cuts = np.flatnonzero(np.diff(used) > 1) + 1  # runs of consecutive words
         runs = np.stack([used[np.concatenate(([0], cuts))], used[np.concatenate((cuts, [len(used)])) - 1] + 1], 1)
-        found = np.frombuffer(
+        found = np.ones(len(starts), dtype=bool)
+        found[:fit] = np.frombuffer(
             check.words_match(data, first + low, step, fit, expected, mask, runs.astype(np.int64)), dtype=bool
         )
-        found = np.concatenate((found, np.ones(len(starts) - fit, dtype=bool)))
     else:
         found = _words_match(data, first + low, step, fit, len(starts), expected, mask, used)
     if fit < len(starts):

@@ -479,12 +479,10 @@ def _direct_segments(
             mine = shards[positions.start : positions.stop]
         else:
             mine = [shards[n] for n in positions]
-        if arrays is not None:
-            placed: Any = _Stamped(placements, np.asarray(positions, dtype=np.int64), arrays)
-        elif isinstance(positions, range):
-            placed = placements[positions.start : positions.stop]
+        if arrays is None:
+            placed: Any = _select(placements, positions)
         else:
-            placed = [placements[n] for n in positions]
+            placed = _Stamped(placements, np.asarray(positions, dtype=np.int64), arrays)
         slabs = reader.slabs(key)
         segments = (
             None if slabs is None else _key_segments(reader.entry(key), mine, placed, entries, where, dtype, slabs)
@@ -553,10 +551,14 @@ def _columns(
     return keys, counts, shapes, rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
 
 
-def _select(placements: list[list[Placement]] | _Stamped, indices: list[int]) -> list[list[Placement]] | _Stamped:
+def _select(
+    placements: list[list[Placement]] | _Stamped, indices: range | list[int]
+) -> list[list[Placement]] | _Stamped:
     """The placements of the shards at `indices` among those given."""
     if isinstance(placements, _Stamped):
         return placements._replace(positions=placements.positions[indices])
+    if isinstance(indices, range):
+        return placements[indices.start : indices.stop]
     return [placements[n] for n in indices]
 
 
